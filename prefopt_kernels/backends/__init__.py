@@ -1,0 +1,80 @@
+"""Backend interface shared by every implementation of the fused token ops.
+
+A backend is a module with
+
+    NAME: str
+    is_available() -> bool
+    supports(device: torch.device) -> bool
+    forward(logits, labels, ref_logits, weight, spec) -> RowStats
+    backward(logits, labels, ref_logits, weight, spec, stats,
+             grad_logp, grad_entropy, grad_div, grad_out) -> None
+
+All tensors reaching a backend are already checked by ``prefopt_kernels.ops``:
+
+* ``logits`` / ``ref_logits``: ``[N, V]``, same dtype (fp32, bf16 or fp16), same device,
+  ``stride(1) == 1``; the row stride is arbitrary (a sliced view is legal) and offsets
+  must be computed in int64.
+* ``labels``: ``[N]`` int64, every entry in ``[0, V)`` or equal to ``spec.ignore_index``.
+* ``weight``: ``[N]`` contiguous fp32 or ``None``.
+* ``grad_*``: ``[N]`` contiguous fp32 or ``None`` (``None`` means zero).
+* ``grad_out``: ``[N, V]`` in the logits' dtype, ``stride(1) == 1``; it may be the logits
+  tensor itself (``inplace_backward``), so a backend reads each element of a row before
+  it writes that element, and writes every element (0 on skipped rows).
+
+Row skipping: a row whose label is ``ignore_index`` is skipped entirely (all outputs 0,
+gradient row 0, no loads of either logits row). With ``weight`` given, a row whose weight is
+0 gets ``div = 0`` and no divergence gradient; when the op has no labels such a row is
+skipped entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Divergence codes, the integer every kernel specialises on. 0 means "no divergence".
+DIVERGENCE_CODES = {
+    "forward_kl": 1,
+    "reverse_kl": 2,
+    "js": 3,
+    "tv": 4,
+    "hellinger": 5,
+    "chi2": 6,
+    "alpha": 7,
+}
+# Divergences that are linear in the logits once both row maxima are known: one sweep.
+SINGLE_SWEEP_DIVERGENCES = frozenset({1, 2})
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one call computes; the same spec is handed to forward and backward."""
+
+    temperature: float = 1.0
+    ignore_index: int = -100
+    divergence: int = 0  # a DIVERGENCE_CODES value, 0 for none
+    beta: float = 0.5  # js mixing weight, in (0, 1)
+    alpha: float = 0.5  # alpha-divergence order, not 0 or 1
+    want_logp: bool = False  # label log-prob under the policy (needs labels)
+    want_ref_logp: bool = False  # label log-prob under the reference (needs labels and ref)
+    want_entropy: bool = False  # entropy of the policy
+
+
+@dataclass
+class RowStats:
+    """Per-row fp32 ``[N]`` results of a forward pass. Fields not asked for are ``None``.
+
+    ``lse`` (policy log-sum-exp of ``logits / T``) is always present; ``ref_lse`` whenever a
+    reference is given; ``div_s`` = ``sum_i p_i f'(t_i)`` whenever a divergence is asked
+    for. Skipped rows hold 0 in every field.
+    """
+
+    lse: torch.Tensor
+    logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    div: Optional[torch.Tensor] = None
+    ref_lse: Optional[torch.Tensor] = None
+    div_s: Optional[torch.Tensor] = None
