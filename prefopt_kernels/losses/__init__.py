@@ -1,0 +1,27 @@
+"""Preference-optimisation losses over per-token or per-sequence tensors.
+
+Every loss returns ``(loss, metrics)``; ``metrics`` holds detached tensors under TRL's names.
+None of them depends on a kernel backend: the fused ops produce their per-token inputs.
+"""
+
+from .dpo import DPO_LOSS_TYPES, F_DIVERGENCES, RunningMean, dpo_loss
+from .fdpg import FDPG_DIVERGENCES, FDPGState, fdpg_loss, fdpg_pseudo_rewards
+from .inpo import inpo_loss
+from .simpo import simpo_loss
+from .sparse_po import sparse_po_loss
+from .tdpo import tdpo_loss
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "FDPG_DIVERGENCES",
+    "FDPGState",
+    "RunningMean",
+    "dpo_loss",
+    "fdpg_loss",
+    "fdpg_pseudo_rewards",
+    "inpo_loss",
+    "simpo_loss",
+    "sparse_po_loss",
+    "tdpo_loss",
+]

@@ -1,0 +1,112 @@
+"""SparsePO: preference optimisation with sparse token masks (Christopoulou et al. 2024)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    check_pair_count,
+    check_positive,
+    check_reduction,
+    compute_dtype,
+    masked_sequence_sum,
+    preference_metrics,
+    reduce,
+    sequence_sum,
+    token_count,
+    token_mask,
+)
+
+
+def _nonneg(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def sparse_po_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    chosen_kl: torch.Tensor,
+    rejected_kl: torch.Tensor,
+    chosen_reward_mask=None,
+    rejected_reward_mask=None,
+    chosen_kl_mask=None,
+    rejected_kl_mask=None,
+    *,
+    chosen_mask=None,
+    rejected_mask=None,
+    beta: float = 0.1,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+    chosen_cu_seqlens=None,
+    rejected_cu_seqlens=None,
+    reduction: str = "mean",
+):
+    r"""SparsePO loss: token-masked rewards and token-masked KL.
+
+    Per token ``t``: ``l_t = log π(y_t|·) - log π_ref(y_t|·)``, ``KL_t = KL(π_ref ‖ π)`` at that
+    position (``pk.token_terms(..., divergence="forward_kl").div``), reward mask ``m_u`` and KL
+    mask ``m_d`` (real, >= 0; learned, activation-based or fixed). Over the valid tokens
+    (``chosen_mask``/``rejected_mask``), ``U(y) = Σ_t m_u l_t`` and ``D(y) = Σ_t m_d KL_t``;
+    the per-pair loss (no length normalisation) is
+
+    .. math::
+        -\log σ\big(β[(U(y_w) - U(y_l)) - (D(y_l) - D(y_w))]\big)
+        + λ_u (‖m_u(y_w)‖_1 + ‖m_u(y_l)‖_1) + λ_d (‖m_d(y_w)‖_1 + ‖m_d(y_l)‖_1)
+
+    with ``λ_u = l1_reward``, ``λ_d = l1_kl`` and the L1 norms over valid tokens. Gradients
+    reach the log-ratios, the KL terms and the masks. A mask given as None is all ones; with
+    unit masks the loss is TDPO1. ``KL_t`` from the fused op is 0 (and carries no gradient) where
+    the KL mask is 0, so the KL mask's gradient there is 0 — exact for ReLU-parametrised and
+    detached masks, which is what SparsePO uses.
+
+    Layouts as in :func:`tdpo_loss`: padded ``[B, T]`` with ``[B, T]`` masks, or packed ``[N]``
+    with ``*_cu_seqlens`` ``[B + 1]`` and ``[N]`` masks. Any float dtype; computed in at least fp32.
+
+    Returns ``(loss, metrics)``: ``rewards/*`` ``β U(y)``; ``kl/chosen``, ``kl/rejected``
+    ``D(y)``; ``mask/density`` the fraction of valid tokens whose reward mask is > 0,
+    ``mask/kl_density`` the same for the KL mask, ``mask/reward_mean`` and ``mask/kl_mean``
+    the mean mask value over valid tokens.
+    """
+    beta = check_positive("beta", beta)
+    l1_reward = _nonneg("l1_reward", l1_reward)
+    l1_kl = _nonneg("l1_kl", l1_kl)
+    check_reduction(reduction)
+    dtype = compute_dtype(chosen_logratios, rejected_logratios, chosen_kl, rejected_kl)
+
+    def side(prefix, logratios, kl, reward_mask, kl_mask, valid, cu):
+        valid_masks = {f"{prefix}_mask": valid}
+        u = masked_sequence_sum(logratios, f"{prefix}_logratios", {**valid_masks, f"{prefix}_reward_mask": reward_mask}, cu, dtype)
+        d = masked_sequence_sum(kl, f"{prefix}_kl", {**valid_masks, f"{prefix}_kl_mask": kl_mask}, cu, dtype)
+        v = token_mask(f"{prefix}_mask", valid, logratios, f"{prefix}_logratios", dtype)
+        ones = torch.ones_like(logratios, dtype=dtype)
+        m_u = ones if reward_mask is None else token_mask(f"{prefix}_reward_mask", reward_mask, logratios, f"{prefix}_logratios", dtype)
+        m_d = ones if kl_mask is None else token_mask(f"{prefix}_kl_mask", kl_mask, logratios, f"{prefix}_logratios", dtype)
+        stats = {
+            "l1_u": sequence_sum(m_u.abs(), v, cu),
+            "l1_d": sequence_sum(m_d.abs(), v, cu),
+            "nz_u": sequence_sum((m_u > 0).to(dtype), v, cu),
+            "nz_d": sequence_sum((m_d > 0).to(dtype), v, cu),
+            "count": token_count(ones, v, cu),
+        }
+        return u, d, stats
+
+    u_w, d_w, s_w = side("chosen", chosen_logratios, chosen_kl, chosen_reward_mask, chosen_kl_mask, chosen_mask, chosen_cu_seqlens)
+    u_l, d_l, s_l = side("rejected", rejected_logratios, rejected_kl, rejected_reward_mask, rejected_kl_mask, rejected_mask, rejected_cu_seqlens)
+    check_pair_count(u_w, u_l)
+    losses = -F.logsigmoid(beta * ((u_w - u_l) - (d_l - d_w)))
+    if l1_reward:
+        losses = losses + l1_reward * (s_w["l1_u"] + s_l["l1_u"])
+    if l1_kl:
+        losses = losses + l1_kl * (s_w["l1_d"] + s_l["l1_d"])
+
+    n_tokens = (s_w["count"].sum() + s_l["count"].sum()).clamp(min=1.0)
+    metrics = preference_metrics(beta * u_w, beta * u_l, kl__chosen=d_w, kl__rejected=d_l)
+    metrics["mask/density"] = ((s_w["nz_u"].sum() + s_l["nz_u"].sum()) / n_tokens).detach()
+    metrics["mask/kl_density"] = ((s_w["nz_d"].sum() + s_l["nz_d"].sum()) / n_tokens).detach()
+    metrics["mask/reward_mean"] = ((s_w["l1_u"].sum() + s_l["l1_u"].sum()) / n_tokens).detach()
+    metrics["mask/kl_mean"] = ((s_w["l1_d"].sum() + s_l["l1_d"].sum()) / n_tokens).detach()
+    return reduce(losses, reduction), metrics
