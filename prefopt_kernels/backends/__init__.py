@@ -11,13 +11,15 @@ A backend is a module with
 
 All tensors reaching a backend are already checked by ``prefopt_kernels.ops``:
 
-* ``logits`` / ``ref_logits``: ``[N, V]``, same dtype (fp32, bf16 or fp16), same device,
-  ``stride(1) == 1``; the row stride is arbitrary (a sliced view is legal) and offsets
-  must be computed in int64.
+* ``logits`` / ``ref_logits``: ``[B, T, V]`` views of the caller's tensors (never copies),
+  same dtype (fp32, bf16 or fp16), same device, ``stride(2) == 1``; ``stride(0)`` and
+  ``stride(1)`` are arbitrary, so a sliced ``logits[:, :-1, :]`` is legal. Token ``n`` of the
+  flat ``N = B * T`` order lives at ``(n // T) * stride(0) + (n % T) * stride(1)``; offsets
+  must be computed in int64. Outputs and the other per-token tensors are flat ``[N]``.
 * ``labels``: ``[N]`` int64, every entry in ``[0, V)`` or equal to ``spec.ignore_index``.
 * ``weight``: ``[N]`` contiguous fp32 or ``None``.
 * ``grad_*``: ``[N]`` contiguous fp32 or ``None`` (``None`` means zero).
-* ``grad_out``: ``[N, V]`` in the logits' dtype, ``stride(1) == 1``; it may be the logits
+* ``grad_out``: ``[B, T, V]`` in the logits' dtype, ``stride(2) == 1``; it may be the logits
   tensor itself (``inplace_backward``), so a backend reads each element of a row before
   it writes that element, and writes every element (0 on skipped rows).
 

@@ -1,0 +1,27 @@
+"""Fused kernels for the token-level terms of LLM preference-optimisation losses.
+
+Each op reads a row of logits once, keeps per-row running statistics only, and never
+writes an ``[N, V]`` softmax; gradients are recomputed from the saved statistics.
+"""
+
+from .divergences import DIVERGENCES
+from .ops import (
+    TokenTerms,
+    available_backends,
+    token_divergence,
+    token_logprobs,
+    token_terms,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIVERGENCES",
+    "TokenTerms",
+    "available_backends",
+    "token_divergence",
+    "token_logprobs",
+    "token_terms",
+    "use_backend",
+]

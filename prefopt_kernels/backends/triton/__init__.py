@@ -1,0 +1,96 @@
+"""Triton backend: launches the kernels of ``kernels.py``, one program per token row.
+
+Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs the same
+kernels on CPU tensors, which is how they are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import OpSpec, RowStats
+from .config import launch_config
+
+NAME = "triton"
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return _interpreted() or torch.cuda.is_available()
+
+
+def supports(device: torch.device) -> bool:
+    return device.type == "cuda" or (_interpreted() and device.type == "cpu")
+
+
+def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
+    from .kernels import token_forward_kernel
+
+    batches, tokens, vocab = logits.shape
+    n = batches * tokens
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, **f32)
+    stats = RowStats(lse=lse)
+    if labels is not None and spec.want_logp:
+        stats.logp = torch.empty(n, **f32)
+    if spec.want_entropy:
+        stats.entropy = torch.empty(n, **f32)
+    if ref_logits is not None:
+        stats.ref_lse = torch.empty(n, **f32)
+        if spec.want_ref_logp:
+            stats.ref_logp = torch.empty(n, **f32)
+        if spec.divergence:
+            stats.div = torch.empty(n, **f32)
+            stats.div_s = torch.empty(n, **f32)
+    ref = ref_logits if ref_logits is not None else logits
+    block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)
+    # Pointers of outputs that a specialisation never touches default to ``lse``.
+    token_forward_kernel[(n,)](
+        logits, ref, labels if labels is not None else lse, weight if weight is not None else lse,
+        lse, _or(stats.logp, lse), _or(stats.entropy, lse), _or(stats.ref_lse, lse),
+        _or(stats.ref_logp, lse), _or(stats.div, lse), _or(stats.div_s, lse),
+        tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
+        vocab, 1.0 / spec.temperature, spec.ignore_index, spec.beta, spec.alpha,
+        HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
+        WANT_ENTROPY=spec.want_entropy, WANT_REF_LOGP=stats.ref_logp is not None,
+        DIVERGENCE=spec.divergence if ref_logits is not None else 0,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return stats
+
+
+def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
+             grad_logp, grad_entropy, grad_div, grad_out) -> None:
+    from .kernels import token_backward_kernel
+
+    batches, tokens, vocab = logits.shape
+    n = batches * tokens
+    has_div = bool(spec.divergence) and grad_div is not None
+    ref = ref_logits if ref_logits is not None else logits
+    lse = stats.lse
+    block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=has_div)
+    token_backward_kernel[(n,)](
+        logits, ref, grad_out, labels if labels is not None else lse, weight if weight is not None else lse,
+        lse, _or(stats.entropy, lse), _or(stats.ref_lse, lse), _or(stats.div_s, lse),
+        _or(grad_logp, lse), _or(grad_entropy, lse), _or(grad_div, lse),
+        tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
+        grad_out.stride(0), grad_out.stride(1),
+        vocab, 1.0 / spec.temperature, spec.ignore_index, spec.beta, spec.alpha,
+        HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None,
+        GRAD_LOGP=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
+        DIVERGENCE=spec.divergence if has_div else 0,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+
+
+def _or(tensor, fallback):
+    return tensor if tensor is not None else fallback

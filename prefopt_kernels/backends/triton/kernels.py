@@ -1,0 +1,280 @@
+"""Triton kernels: one forward and one backward family, specialised by constexpr flags.
+
+One program handles one token row. Logits are scaled by ``1/T`` on load and all arithmetic
+is fp32. Sums run in ``BLOCK_V`` lane accumulators that are reduced by a tree at the end,
+so accuracy does not degrade with V. Running maxima are per row (one block max per
+iteration), so each element costs one ``exp`` per row it belongs to.
+
+The forward keeps, per row and per distribution, a running maximum ``m`` (a ``-inf``-safe
+copy ``m_s`` shifts the exponentials) and lane sums relative to it:
+
+* ``z = sum exp(x - m_s)``;
+* entropy: ``h = sum exp(x - m_s) (x - m_s)``, so ``H = log Z - h / Z``;
+* KL(q||p): ``k = sum exp(y - mb_s) ((y - mb_s) - (x - ma_s))``, so
+  ``KL = k / Z_b - log Z_b + log Z_a`` (reverse KL swaps the roles).
+
+When a maximum grows by ``d``, earlier lane sums are rescaled by ``exp(-d)`` and the
+relative terms shift by ``-d`` times the matching ``z``: one sweep, no second read. The
+non-linear divergences need both log-sum-exps first, so they add a second sweep over the
+same row inside the same program.
+"""
+
+import triton
+import triton.language as tl
+
+FORWARD_KL: tl.constexpr = 1
+REVERSE_KL: tl.constexpr = 2
+JS: tl.constexpr = 3
+TV: tl.constexpr = 4
+HELLINGER: tl.constexpr = 5
+CHI2: tl.constexpr = 6
+ALPHA: tl.constexpr = 7
+
+
+@triton.jit
+def _row_offset(n, tokens_per_batch, stride_batch, stride_token):
+    """Element offset of token ``n`` in a ``[B, T, V]`` view, in int64."""
+    n64 = n.to(tl.int64)
+    return (n64 // tokens_per_batch) * stride_batch + (n64 % tokens_per_batch) * stride_token
+
+
+@triton.jit
+def _generator(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
+    """Elementwise ``(q f(t), p f'(t))`` from ``lp = log p``, ``lq = log q`` (``-inf`` legal)."""
+    has_p = lp > float("-inf")
+    has_q = lq > float("-inf")
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    zero = tl.zeros_like(lp)
+    if DIVERGENCE == FORWARD_KL:
+        value = tl.where(has_q, q * (lq - lp), zero)
+        slope = -q
+    elif DIVERGENCE == REVERSE_KL:
+        value = tl.where(has_p, p * (lp - lq), zero)
+        slope = tl.where(has_p, p * (lp - lq + 1.0), zero)
+    elif DIVERGENCE == JS:
+        u = tl.log(beta) + lq
+        v = tl.log(1.0 - beta) + lp
+        hi = tl.maximum(u, v)
+        lo = tl.minimum(u, v)
+        lm = tl.where(has_p & has_q, hi + tl.log(1.0 + tl.exp(lo - hi)), hi)
+        q_part = tl.where(has_q, q * (lq - lm), zero)
+        p_part = tl.where(has_p, p * (lp - lm), zero)
+        value = beta * q_part + (1.0 - beta) * p_part
+        slope = (1.0 - beta) * p_part
+    elif DIVERGENCE == TV:
+        value = 0.5 * tl.abs(p - q)
+        slope = tl.where(p > q, 0.5 * p, tl.where(p < q, -0.5 * p, zero))
+    elif DIVERGENCE == HELLINGER:
+        sqrt_p = tl.exp(0.5 * lp)
+        sqrt_q = tl.exp(0.5 * lq)
+        diff = sqrt_p - sqrt_q
+        value = diff * diff
+        slope = p - sqrt_p * sqrt_q
+    elif DIVERGENCE == CHI2:
+        t_minus_1 = tl.where(has_q, tl.exp(lp - lq) - 1.0, float("inf"))
+        value = tl.where(has_q, q * t_minus_1 * t_minus_1, tl.where(has_p, float("inf"), zero))
+        slope = tl.where(has_p, 2.0 * p * t_minus_1, zero)
+    else:
+        # Amari alpha; p^a q^(1-a) at the support's edges is 0 unless an exponent blows it up.
+        p_only = tl.where(alpha > 1.0, float("inf"), 0.0)
+        q_only = tl.where(alpha < 0.0, float("inf"), 0.0)
+        mixed = tl.where(
+            has_p & has_q,
+            tl.exp(alpha * lp + (1.0 - alpha) * lq),
+            tl.where(has_p, p_only, tl.where(has_q, q_only, zero)),
+        )
+        value = (mixed - alpha * p - (1.0 - alpha) * q) / (alpha * (alpha - 1.0))
+        slope = (mixed - p) / (alpha - 1.0)
+    return value, slope
+
+
+@triton.jit
+def token_forward_kernel(
+    a_ptr, b_ptr, labels_ptr, weight_ptr,
+    lse_ptr, logp_ptr, entropy_ptr, ref_lse_ptr, ref_logp_ptr, div_ptr, div_s_ptr,
+    tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
+    vocab, inv_temperature, ignore_index, beta, alpha,
+    HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    n = tl.program_id(0)
+    valid = True
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + n)
+        valid = label != ignore_index
+        label = tl.minimum(tl.maximum(label, 0), vocab - 1)
+    div_on = valid
+    if HAS_WEIGHT:
+        div_on = valid & (tl.load(weight_ptr + n) != 0.0)
+    # Without labels the divergence is the only output: a zero weight skips the row.
+    needed = div_on
+    if HAS_LABELS:
+        needed = valid
+
+    lse = 0.0
+    logp = 0.0
+    entropy = 0.0
+    ref_lse = 0.0
+    ref_logp = 0.0
+    div = 0.0
+    div_s = 0.0
+    if needed:
+        a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
+        b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
+        cols = tl.arange(0, BLOCK_V)
+        ma = float("-inf")
+        ma_s = 0.0
+        mb = float("-inf")
+        mb_s = 0.0
+        za = tl.zeros((BLOCK_V,), tl.float32)
+        zb = tl.zeros((BLOCK_V,), tl.float32)
+        h = tl.zeros((BLOCK_V,), tl.float32)
+        k = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            mask = start + cols < vocab
+            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+            ma_new = tl.maximum(ma, tl.max(x, axis=0))
+            ma_new_s = tl.where(ma_new == float("-inf"), 0.0, ma_new)
+            scale_a = tl.exp(ma - ma_new_s)
+            shift_a = tl.where(ma == float("-inf"), 0.0, ma - ma_new_s)
+            ea = tl.exp(x - ma_new_s)
+            x_rel = x - ma_new_s
+            if WANT_ENTROPY:
+                h = scale_a * (h + shift_a * za) + tl.where(x > float("-inf"), ea * x_rel, 0.0)
+            if HAS_REF:
+                y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                mb_new = tl.maximum(mb, tl.max(y, axis=0))
+                mb_new_s = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+                scale_b = tl.exp(mb - mb_new_s)
+                shift_b = tl.where(mb == float("-inf"), 0.0, mb - mb_new_s)
+                eb = tl.exp(y - mb_new_s)
+                y_rel = y - mb_new_s
+                if DIVERGENCE == FORWARD_KL:
+                    k = scale_b * (k + (shift_b - shift_a) * zb) + tl.where(y > float("-inf"), eb * (y_rel - x_rel), 0.0)
+                if DIVERGENCE == REVERSE_KL:
+                    k = scale_a * (k + (shift_a - shift_b) * za) + tl.where(x > float("-inf"), ea * (x_rel - y_rel), 0.0)
+                zb = zb * scale_b + eb
+                mb = mb_new
+                mb_s = mb_new_s
+            za = za * scale_a + ea
+            ma = ma_new
+            ma_s = ma_new_s
+        sum_za = tl.sum(za, axis=0)
+        log_za = tl.log(sum_za)
+        lse = ma_s + log_za
+        if HAS_LABELS:
+            logp = tl.load(a_row + label).to(tl.float32) * inv_temperature - lse
+        if WANT_ENTROPY:
+            entropy = log_za - tl.sum(h, axis=0) / sum_za
+        if HAS_REF:
+            sum_zb = tl.sum(zb, axis=0)
+            log_zb = tl.log(sum_zb)
+            ref_lse = mb_s + log_zb
+            if WANT_REF_LOGP:
+                ref_logp = tl.load(b_row + label).to(tl.float32) * inv_temperature - ref_lse
+            if div_on:
+                if DIVERGENCE == FORWARD_KL:
+                    div = tl.sum(k, axis=0) / sum_zb - log_zb + log_za
+                    div_s = -1.0
+                elif DIVERGENCE == REVERSE_KL:
+                    div = tl.sum(k, axis=0) / sum_za - log_za + log_zb
+                    div_s = div + 1.0
+                elif DIVERGENCE != 0:
+                    values = tl.zeros((BLOCK_V,), tl.float32)
+                    slopes = tl.zeros((BLOCK_V,), tl.float32)
+                    for start in range(0, vocab, BLOCK_V):
+                        mask = start + cols < vocab
+                        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                        y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                        value, slope = _generator(
+                            x * inv_temperature - lse, y * inv_temperature - ref_lse, beta, alpha, DIVERGENCE
+                        )
+                        values += tl.where(mask, value, 0.0)
+                        slopes += tl.where(mask, slope, 0.0)
+                    div = tl.sum(values, axis=0)
+                    div_s = tl.sum(slopes, axis=0)
+    tl.store(lse_ptr + n, lse)
+    if HAS_LABELS:
+        tl.store(logp_ptr + n, logp)
+    if WANT_ENTROPY:
+        tl.store(entropy_ptr + n, entropy)
+    if HAS_REF:
+        tl.store(ref_lse_ptr + n, ref_lse)
+        if WANT_REF_LOGP:
+            tl.store(ref_logp_ptr + n, ref_logp)
+        if DIVERGENCE != 0:
+            tl.store(div_ptr + n, div)
+            tl.store(div_s_ptr + n, div_s)
+
+
+@triton.jit
+def token_backward_kernel(
+    a_ptr, b_ptr, grad_ptr, labels_ptr, weight_ptr,
+    lse_ptr, entropy_ptr, ref_lse_ptr, div_s_ptr,
+    grad_logp_ptr, grad_entropy_ptr, grad_div_ptr,
+    tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt, stride_gb, stride_gt,
+    vocab, inv_temperature, ignore_index, beta, alpha,
+    HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``g_j = (1/T)[g_logp (1[j=y] - p_j) - g_H p_j (log p_j + H) + g_D p_j (f'(t_j) - S)]``.
+
+    ``DIVERGENCE`` is 0 when no divergence gradient is needed. Every element of the row is
+    read before it is written, so ``grad_ptr`` may alias ``a_ptr``.
+    """
+    n = tl.program_id(0)
+    valid = True
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + n)
+        valid = label != ignore_index
+    div_on = valid
+    if HAS_WEIGHT:
+        div_on = valid & (tl.load(weight_ptr + n) != 0.0)
+    # With only a divergence gradient to write, a zero weight skips the row's reads.
+    needed = valid
+    if not (GRAD_LOGP or GRAD_ENTROPY):
+        needed = div_on
+
+    g_logp = 0.0
+    if GRAD_LOGP:
+        g_logp = tl.load(grad_logp_ptr + n)
+    g_entropy = 0.0
+    entropy = 0.0
+    if GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + n)
+        entropy = tl.load(entropy_ptr + n)
+    g_div = 0.0
+    div_s = 0.0
+    ref_lse = 0.0
+    if DIVERGENCE != 0:
+        g_div = tl.where(div_on, tl.load(grad_div_ptr + n), 0.0)
+        div_s = tl.load(div_s_ptr + n)
+        ref_lse = tl.load(ref_lse_ptr + n)
+    lse = tl.load(lse_ptr + n)
+
+    a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
+    b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
+    g_row = grad_ptr + _row_offset(n, tokens_per_batch, stride_gb, stride_gt)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        mask = start + cols < vocab
+        grad = tl.zeros((BLOCK_V,), tl.float32)
+        if needed:
+            lp = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature - lse
+            p = tl.exp(lp)
+            if GRAD_LOGP:
+                grad += g_logp * (tl.where(start + cols == label, 1.0, 0.0) - p)
+            if GRAD_ENTROPY:
+                grad -= g_entropy * tl.where(p > 0.0, p * (lp + entropy), 0.0)
+            if DIVERGENCE != 0:
+                if div_on:
+                    y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    _, slope = _generator(lp, y * inv_temperature - ref_lse, beta, alpha, DIVERGENCE)
+                    grad += g_div * (slope - p * div_s)
+            grad = grad * inv_temperature
+        tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)

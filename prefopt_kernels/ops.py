@@ -1,0 +1,379 @@
+"""Public fused token ops: input checks, backend dispatch and the autograd Function.
+
+Notation for every op: policy logits ``a`` and reference logits ``b`` over V entries,
+temperature ``T``; ``p = softmax(a / T)``, ``q = softmax(b / T)``, label ``y``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import warnings
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from .backends import OpSpec, RowStats
+from .divergences import resolve
+
+BACKEND_NAMES = ("triton", "native", "reference")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_selected = "auto"
+
+
+class TokenTerms(NamedTuple):
+    """Per-token results of :func:`token_terms`, each fp32 with the labels' shape."""
+
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    div: torch.Tensor
+    entropy: Optional[torch.Tensor]
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _backend_module(name: str):
+    return importlib.import_module(f"prefopt_kernels.backends.{name}")
+
+
+def available_backends() -> list:
+    """Names of the backends usable in this process, in dispatch preference order.
+
+    ``triton`` needs Triton and a CUDA device (or ``TRITON_INTERPRET=1``, which runs its
+    kernels on CPU tensors); ``native`` needs the compiled extension; ``reference`` is
+    always there.
+    """
+    names = []
+    for name in BACKEND_NAMES:
+        try:
+            if _backend_module(name).is_available():
+                names.append(name)
+        except ImportError:
+            continue
+    return names
+
+
+class use_backend(contextlib.AbstractContextManager):
+    """Select the backend: ``"auto" | "triton" | "native" | "reference"``.
+
+    Call it to set the process-wide choice, or use it as a context manager to set it for a
+    block (the previous choice is restored on exit). ``"auto"`` sends CUDA tensors to
+    Triton and CPU tensors to the native extension when built, else to the reference; the
+    environment variable ``PREFOPT_BACKEND`` overrides ``"auto"``.
+    """
+
+    def __init__(self, name: str):
+        global _selected
+        _check_backend_name(name, "name")
+        self._previous = _selected
+        _selected = name
+
+    def __exit__(self, *exc_info):
+        global _selected
+        _selected = self._previous
+        return False
+
+
+def _check_backend_name(name, argument: str) -> None:
+    if name not in ("auto",) + BACKEND_NAMES:
+        raise ValueError(f"{argument} must be one of auto, {', '.join(BACKEND_NAMES)}; got {name!r}")
+
+
+def _pick_backend(device: torch.device):
+    name = _selected
+    if name == "auto":
+        name = os.environ.get("PREFOPT_BACKEND", "auto") or "auto"
+        _check_backend_name(name, "PREFOPT_BACKEND")
+    if name != "auto":
+        module = _backend_module(name)
+        if not (module.is_available() and module.supports(device)):
+            raise ValueError(
+                f"backend {name!r} cannot run on {device.type} tensors here "
+                f"(available: {', '.join(available_backends())})"
+            )
+        return module
+    preference = ("triton", "native") if device.type == "cuda" else ("native",)
+    for candidate in preference:
+        try:
+            module = _backend_module(candidate)
+        except ImportError:
+            continue
+        if module.is_available() and module.supports(device):
+            return module
+    return _backend_module("reference")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_logits(x, argument: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{argument} must be float32, bfloat16 or float16; got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{argument} must have shape [..., V] with V >= 1; got {tuple(x.shape)}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{argument} must be on a CPU or CUDA device; got {x.device}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(
+            f"{argument} must have a contiguous vocabulary dimension (stride(-1) == 1); "
+            f"got strides {tuple(x.stride())}"
+        )
+
+
+def _check_same(x: torch.Tensor, logits: torch.Tensor, argument: str, shape) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{argument} must have shape {tuple(shape)}; got {tuple(x.shape)}")
+    if x.device != logits.device:
+        raise ValueError(f"{argument} must be on the logits' device {logits.device}; got {x.device}")
+
+
+def _check_labels(labels, logits: torch.Tensor, ignore_index) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    _check_same(labels, logits, "labels", logits.shape[:-1])
+    vocab = logits.shape[-1]
+    flat = labels.reshape(-1).to(torch.int64)
+    out_of_range = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
+    if flat.numel() and bool(out_of_range.any()):
+        bad = flat[out_of_range][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}"
+        )
+    return flat.contiguous()
+
+
+def _check_weight(weight, logits: torch.Tensor, argument: str) -> Optional[torch.Tensor]:
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor or None; got {type(weight).__name__}")
+    if weight.dtype.is_complex:
+        raise TypeError(f"{argument} must be a real tensor; got {weight.dtype}")
+    _check_same(weight, logits, argument, logits.shape[:-1])
+    return weight.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive number; got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
+    return float(temperature)
+
+
+def _as_rows(*tensors: Optional[torch.Tensor]):
+    """``[B, T, V]`` views of same-shaped ``[..., V]`` tensors, one factorisation for all.
+
+    Leading dimensions laid out one inside the other (in every tensor) merge into one, so a
+    contiguous tensor becomes ``[1, N, V]`` and a sliced ``logits[:, :-1, :]`` stays
+    ``[B, T - 1, V]``: no copy. Layouts that no two-level stride describes are copied.
+    ``None`` entries pass through.
+    """
+    present = [x for x in tensors if x is not None]
+    shape = present[0].shape
+    vocab = shape[-1]
+    groups = []  # [size, stride per tensor]
+    for dim, size in enumerate(shape[:-1]):
+        if size == 1:
+            continue
+        strides = [x.stride(dim) for x in present]
+        if groups and all(g == s * size for g, s in zip(groups[-1][1], strides)):
+            groups[-1] = [groups[-1][0] * size, strides]
+        else:
+            groups.append([size, strides])
+    if len(groups) > 2:
+        present = [x.reshape(-1, vocab) for x in present]
+        groups = [[present[0].shape[0], [x.stride(0) for x in present]]]
+    while len(groups) < 2:
+        groups.insert(0, [1, [0] * len(present)])
+    views = iter(
+        x.as_strided((groups[0][0], groups[1][0], vocab), (groups[0][1][i], groups[1][1][i], 1))
+        for i, x in enumerate(present)
+    )
+    return [next(views) if x is not None else None for x in tensors]
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+_OUTPUTS = ("logp", "ref_logp", "entropy", "div")
+
+
+class _FusedTokenOp(torch.autograd.Function):
+    """One fused read of the policy (and reference) rows; returns the wanted per-token terms.
+
+    Outputs are the fields of ``_OUTPUTS`` that the spec asks for, in that order, each fp32
+    ``[N]``. Gradient flows to ``logits`` only.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, labels, weight, spec, backend, inplace_backward):
+        rows, ref_rows = _as_rows(logits, ref_logits)
+        stats = backend.forward(rows, labels, ref_rows, weight, spec)
+        wanted = [k for k in _OUTPUTS if getattr(stats, k) is not None]
+        ctx.set_materialize_grads(False)
+        ctx.spec, ctx.backend, ctx.inplace, ctx.wanted = spec, backend, inplace_backward, wanted
+        ctx.save_for_backward(
+            logits, ref_logits, labels, weight, stats.lse, stats.ref_lse, stats.div_s, stats.entropy, stats.div
+        )
+        outputs = tuple(getattr(stats, k) for k in wanted)
+        if stats.ref_logp is not None:
+            ctx.mark_non_differentiable(stats.ref_logp)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, ref_logits, labels, weight, lse, ref_lse, div_s, entropy, div = ctx.saved_tensors
+        upstream = dict(zip(ctx.wanted, grads))
+        upstream.pop("ref_logp", None)
+        flat = {k: (g.reshape(-1).to(torch.float32).contiguous() if g is not None else None) for k, g in upstream.items()}
+        if all(g is None for g in flat.values()) or not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        rows, ref_rows = _as_rows(logits, ref_logits)
+        if ctx.inplace and rows.data_ptr() == logits.data_ptr():
+            grad_rows, grad = rows, logits
+        else:
+            grad_rows = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
+            grad = grad_rows.view(logits.shape)
+        stats = RowStats(lse=lse, ref_lse=ref_lse, div_s=div_s, entropy=entropy, div=div)
+        ctx.backend.backward(
+            rows, labels, ref_rows, weight, ctx.spec, stats,
+            flat.get("logp"), flat.get("entropy"), flat.get("div"), grad_rows,
+        )
+        return (grad,) + (None,) * 6
+
+
+def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool):
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool; got {inplace_backward!r}")
+    backend = _pick_backend(logits.device)
+    lead = logits.shape[:-1]
+    keys = [k for k in _OUTPUTS if _wants(spec, k)]
+    if lead.numel() == 0:
+        # No tokens: zeros that still belong to the logits' graph.
+        return {k: logits.sum(-1).float() * 0.0 for k in keys}
+    outputs = _FusedTokenOp.apply(logits, ref_logits, labels, weight, spec, backend, inplace_backward)
+    return {k: v.view(lead) for k, v in zip(keys, outputs)}
+
+
+def _wants(spec: OpSpec, key: str) -> bool:
+    return {
+        "logp": spec.want_logp,
+        "ref_logp": spec.want_ref_logp,
+        "entropy": spec.want_entropy,
+        "div": bool(spec.divergence),
+    }[key]
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: float = 1.0,
+                   return_entropy: bool = False, inplace_backward: bool = False):
+    r"""Label log-probabilities (and optionally entropies) of the policy, one read of each row.
+
+    ``logp = a_y / T - lse(a / T)``, ``H(p) = lse(a / T) - sum_i p_i a_i / T``, computed
+    with an online softmax over the vocabulary; no ``[N, V]`` softmax is ever written.
+    Gradients (recomputed in backward from the saved per-row log-sum-exp):
+    ``dlogp/da_j = (1[j = y] - p_j) / T``, ``dH/da_j = -p_j (log p_j + H) / T``.
+
+    Args:
+        logits: ``[..., V]`` fp32, bf16 or fp16; the vocabulary dimension contiguous, the
+            leading ones may be strided (``logits[:, :-1, :]`` is read without a copy).
+        labels: ``[...]`` integer, each in ``[0, V)`` or ``ignore_index``.
+        ignore_index: label value of tokens to skip (their row is never read).
+        temperature: ``T > 0``.
+        return_entropy: also return ``H(p)`` per token.
+        inplace_backward: write the logits' gradient into the logits' own storage (the
+            logits are consumed; backward then allocates nothing of size ``[N, V]``).
+
+    Returns:
+        ``logp`` fp32 ``[...]`` (0 at ignored tokens), or ``(logp, entropy)``.
+    """
+    _check_logits(logits, "logits")
+    labels = _check_labels(labels, logits, ignore_index)
+    spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
+                  want_logp=True, want_entropy=bool(return_entropy))
+    out = _run(logits, labels, None, None, spec, inplace_backward)
+    return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
+
+
+def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta: float = 0.5,
+                     alpha: float = 0.5, weight=None, temperature: float = 1.0,
+                     inplace_backward: bool = False):
+    r"""Per-token f-divergence ``D_f(p, q) = sum_i q_i f(p_i / q_i)`` of the policy from the reference.
+
+    ``divergence`` is one of ``forward_kl`` (KL(q||p)), ``reverse_kl`` (KL(p||q)), ``js``
+    (``beta``-weighted Jensen-Shannon), ``tv``, ``hellinger``, ``chi2``, ``alpha`` (Amari,
+    order ``alpha``); see :mod:`prefopt_kernels.divergences`. Gradient, to ``logits`` only:
+    ``dD/da_j = p_j (f'(t_j) - sum_i p_i f'(t_i)) / T``.
+
+    Args:
+        logits, ref_logits: ``[..., V]``, same shape, dtype (fp32, bf16, fp16) and device.
+        weight: optional ``[...]`` selector (SparsePO's divergence mask). Tokens where it is
+            0 are skipped entirely (neither row is read) and get divergence 0. The result
+            is NOT multiplied by the weight: the caller does that, so the weight's gradient
+            at skipped tokens is 0 — exact for the ReLU-parametrised and detached masks of
+            SparsePO.
+        temperature: ``T > 0``; beta in (0, 1) for ``js``; alpha not 0 or 1 for ``alpha``.
+        inplace_backward: as in :func:`token_logprobs`.
+
+    Returns:
+        fp32 ``[...]`` per-token divergence.
+    """
+    _check_logits(logits, "logits")
+    _check_logits(ref_logits, "ref_logits")
+    _check_pair(logits, ref_logits)
+    weight = _check_weight(weight, logits, "weight")
+    spec = OpSpec(temperature=_check_temperature(temperature), divergence=resolve(divergence, beta, alpha),
+                  beta=float(beta), alpha=float(alpha))
+    return _run(logits, None, ref_logits, weight, spec, inplace_backward)["div"]
+
+
+def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", div_weight=None,
+                ignore_index: int = -100, temperature: float = 1.0, beta: float = 0.5,
+                alpha: float = 0.5, return_entropy: bool = False,
+                inplace_backward: bool = False) -> TokenTerms:
+    r"""Everything a token-level preference loss needs, from ONE read of both logits rows.
+
+    ``logp = a_y/T - lse(a/T)``, ``ref_logp = b_y/T - lse(b/T)``, ``div = D_f(p, q)`` (as in
+    :func:`token_divergence`) and optionally ``entropy = H(p)``. Ignored tokens are skipped
+    entirely and hold 0 everywhere. Where ``div_weight`` is 0 the divergence is not
+    computed (``div`` is 0 there, unweighted elsewhere; multiply by the mask in the loss).
+    Gradient flows to ``logits`` only; ``ref_logp`` is not differentiable.
+
+    Args:
+        logits, ref_logits: ``[..., V]`` fp32, bf16 or fp16, same shape, dtype and device.
+        labels: ``[...]`` integer in ``[0, V)`` or ``ignore_index``.
+        div_weight: optional ``[...]`` divergence selector (see :func:`token_divergence`).
+        divergence, beta, alpha, temperature, inplace_backward: as in
+            :func:`token_divergence`.
+
+    Returns:
+        :class:`TokenTerms` ``(logp, ref_logp, div, entropy | None)``, fp32 ``[...]`` each.
+    """
+    _check_logits(logits, "logits")
+    _check_logits(ref_logits, "ref_logits")
+    _check_pair(logits, ref_logits)
+    labels = _check_labels(labels, logits, ignore_index)
+    weight = _check_weight(div_weight, logits, "div_weight")
+    spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
+                  divergence=resolve(divergence, beta, alpha), beta=float(beta), alpha=float(alpha),
+                  want_logp=True, want_ref_logp=True, want_entropy=bool(return_entropy))
+    out = _run(logits, labels, ref_logits, weight, spec, inplace_backward)
+    return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
+
+
+def _check_pair(logits: torch.Tensor, ref_logits: torch.Tensor) -> None:
+    _check_same(ref_logits, logits, "ref_logits", logits.shape)
+    if ref_logits.dtype != logits.dtype:
+        raise TypeError(f"ref_logits must have the logits' dtype {logits.dtype}; got {ref_logits.dtype}")
