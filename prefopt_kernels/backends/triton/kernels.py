@@ -22,13 +22,13 @@ same row inside the same program.
 import triton
 import triton.language as tl
 
-FORWARD_KL: tl.constexpr = 1
-REVERSE_KL: tl.constexpr = 2
-JS: tl.constexpr = 3
-TV: tl.constexpr = 4
-HELLINGER: tl.constexpr = 5
-CHI2: tl.constexpr = 6
-ALPHA: tl.constexpr = 7
+FORWARD_KL = tl.constexpr(1)
+REVERSE_KL = tl.constexpr(2)
+JS = tl.constexpr(3)
+TV = tl.constexpr(4)
+HELLINGER = tl.constexpr(5)
+CHI2 = tl.constexpr(6)
+ALPHA = tl.constexpr(7)
 
 
 @triton.jit
