@@ -222,7 +222,7 @@ def dpo_loss(
             cw, cl = beta * rho_w, beta * rho_l
             batch_mean = torch.cat([cw, cl]).detach().mean()
             bco_delta = bco_state.update(batch_mean) if bco_state is not None else float(batch_mean)
-            extra["bco__delta"] = torch.tensor(bco_delta)
+            extra["bco__delta"] = torch.tensor(bco_delta, dtype=torch.float64)
             per_pair = -F.logsigmoid(cw - bco_delta) - F.logsigmoid(-(cl - bco_delta))
         elif lt == "sppo_hard":
             per_pair = (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2

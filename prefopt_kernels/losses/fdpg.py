@@ -152,8 +152,8 @@ def fdpg_loss(
         advantage = w * (rewards - base)
     loss = -(advantage * logp_pi).mean()
     metrics = {
-        "fdpg/log_z": torch.tensor(log_z),
-        "fdpg/baseline": torch.tensor(base),
+        "fdpg/log_z": torch.tensor(log_z, dtype=torch.float64),
+        "fdpg/baseline": torch.tensor(base, dtype=torch.float64),
         "fdpg/pseudo_reward": rewards.mean(),
         "fdpg/importance_weight": w.mean(),
         "fdpg/log_ratio": log_t.mean(),
