@@ -7,6 +7,7 @@ None of them depends on a kernel backend: the fused ops produce their per-token 
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCES, RunningMean, dpo_loss
 from .fdpg import FDPG_DIVERGENCES, FDPGState, fdpg_loss, fdpg_pseudo_rewards
 from .inpo import inpo_loss
+from .module import PREFERENCE_LOSS_TYPES, PreferenceLoss
 from .simpo import simpo_loss
 from .sparse_po import sparse_po_loss
 from .tdpo import tdpo_loss
@@ -16,6 +17,8 @@ __all__ = [
     "F_DIVERGENCES",
     "FDPG_DIVERGENCES",
     "FDPGState",
+    "PREFERENCE_LOSS_TYPES",
+    "PreferenceLoss",
     "RunningMean",
     "dpo_loss",
     "fdpg_loss",

@@ -1,0 +1,168 @@
+"""``PreferenceLoss``: a TRL-style stacked batch of logits to loss and metrics in one call."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ._common import check_positive, sequence_sum
+from .dpo import DPO_LOSS_TYPES, dpo_loss
+from .inpo import inpo_loss
+from .simpo import simpo_loss
+from .sparse_po import sparse_po_loss
+from .tdpo import tdpo_loss
+
+# Losses that need the per-token KL (and therefore reference logits, not log-probs).
+_KL_LOSSES = ("tdpo1", "tdpo2", "sparse_po")
+PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "inpo") + _KL_LOSSES
+
+
+class PreferenceLoss(nn.Module):
+    r"""Preference loss from a stacked batch: rows ``[0, B)`` chosen, ``[B, 2B)`` rejected.
+
+    ``forward(logits, labels, ref_logits=None, *, ref_logps=None, reward_mask=None,
+    kl_mask=None, prev_logps=None) -> (loss, metrics)``
+
+    * ``logits`` ``[2B, T, V]`` (fp32/bf16/fp16) of the policy, with gradient.
+    * ``labels`` ``[2B, T]`` integer, ``ignore_index`` (default -100) on prompt and padding.
+      With ``shift_labels=True`` they are the unshifted input ids: the op reads the view
+      ``logits[:, :-1]`` (no copy) against ``labels[:, 1:]``.
+    * ``ref_logits`` ``[2B, T, V]`` of the reference, or ``ref_logps``: precomputed
+      reference log-probs, per sequence ``[2B]`` or per token (labels' shape). The token-level
+      losses (``tdpo1``, ``tdpo2``, ``sparse_po``) need ``ref_logits``: their KL is a sum over
+      the vocabulary.
+    * ``reward_mask`` / ``kl_mask``: ``sparse_po``'s token masks in the labels' layout
+      (sliced ``[:, 1:]`` like the labels when ``shift_labels``); None means all ones.
+    * ``prev_logps`` ``[2B]``: per-sequence log-probs of the previous iterate (``inpo``).
+
+    With reference logits and a token-level loss, one call of ``pk.token_terms`` reads each
+    row of both logits once and returns the policy's and the reference's label log-probs and
+    the forward KL ``KL(π_ref ‖ π)`` per token; where the KL mask is 0 the divergence is not
+    even computed. Other losses use ``pk.token_logprobs`` (the reference's under no_grad).
+    Sequence log-probs are sums over the tokens whose label is not ``ignore_index``; those
+    counts are the lengths of ``ipo``, ``sigmoid_norm`` and ``simpo``.
+
+    ``loss_type`` is any of :data:`PREFERENCE_LOSS_TYPES`; ``beta`` and ``loss_kwargs`` go to
+    the loss function (e.g. ``label_smoothing``, ``gamma``, ``alpha``, ``l1_reward``,
+    ``eta``/``tau`` for ``inpo``, whose ``beta`` is unused). ``metrics`` are those of the loss
+    plus ``logps/chosen``, ``logps/rejected`` (summed policy log-probs) where the loss does not
+    report them.
+    """
+
+    def __init__(
+        self,
+        loss_type: str = "sigmoid",
+        *,
+        beta: float = 0.1,
+        ignore_index: int = -100,
+        shift_labels: bool = False,
+        temperature: float = 1.0,
+        inplace_backward: bool = False,
+        **loss_kwargs,
+    ):
+        super().__init__()
+        if loss_type not in PREFERENCE_LOSS_TYPES:
+            raise ValueError(f"loss_type {loss_type!r} is unknown; expected one of {PREFERENCE_LOSS_TYPES}")
+        self.loss_type = loss_type
+        self.beta = check_positive("beta", beta)
+        self.ignore_index = ignore_index
+        self.shift_labels = bool(shift_labels)
+        self.temperature = temperature
+        self.inplace_backward = inplace_backward
+        self.loss_kwargs = loss_kwargs
+
+    def _shift(self, x: Optional[torch.Tensor], labels_shape) -> Optional[torch.Tensor]:
+        """Slice a labels-layout tensor the way the labels are sliced."""
+        if x is None or not self.shift_labels or x.dim() < 2:
+            return x
+        return x[:, 1:] if tuple(x.shape) == tuple(labels_shape) else x
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        ref_logits: Optional[torch.Tensor] = None,
+        *,
+        ref_logps: Optional[torch.Tensor] = None,
+        reward_mask: Optional[torch.Tensor] = None,
+        kl_mask: Optional[torch.Tensor] = None,
+        prev_logps: Optional[torch.Tensor] = None,
+    ):
+        from ..ops import token_logprobs, token_terms
+
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise ValueError(f"logits must be [2B, T, V], got {getattr(logits, 'shape', logits)}")
+        if logits.shape[0] % 2:
+            raise ValueError(f"logits must stack chosen then rejected rows: 2B rows, got {logits.shape[0]}")
+        if (ref_logits is None) == (ref_logps is None) and self.loss_type != "simpo":
+            raise ValueError("give exactly one of ref_logits and ref_logps")
+        if self.loss_type in _KL_LOSSES and ref_logits is None:
+            raise ValueError(f"loss_type {self.loss_type!r} needs ref_logits (its KL sums over the vocabulary)")
+        full_labels_shape = labels.shape
+        if self.shift_labels:
+            logits = logits[:, :-1]  # a view: the vocabulary stays contiguous, nothing is copied
+            labels = labels[:, 1:]
+            if ref_logits is not None:
+                ref_logits = ref_logits[:, :-1]
+        reward_mask = self._shift(reward_mask, full_labels_shape)
+        kl_mask = self._shift(kl_mask, full_labels_shape)
+        if ref_logps is not None and ref_logps.dim() == 2:
+            ref_logps = self._shift(ref_logps, full_labels_shape)
+
+        valid = (labels != self.ignore_index).to(torch.float32)
+        common = dict(ignore_index=self.ignore_index, temperature=self.temperature,
+                      inplace_backward=self.inplace_backward)
+        div = None
+        if self.loss_type in _KL_LOSSES:
+            div_weight = None if kl_mask is None else kl_mask.detach() * valid
+            logp, ref_tok, div, _ = token_terms(logits, labels, ref_logits, divergence="forward_kl",
+                                                div_weight=div_weight, **common)
+        else:
+            logp = token_logprobs(logits, labels, **common)
+            if ref_logits is not None:
+                with torch.no_grad():
+                    ref_tok = token_logprobs(ref_logits, labels, ignore_index=self.ignore_index,
+                                             temperature=self.temperature)
+            else:
+                ref_tok = ref_logps
+
+        n = logits.shape[0] // 2
+        seq_logps = sequence_sum(logp, valid)
+        lengths = valid.sum(dim=1)
+        metrics_logps = {"logps/chosen": seq_logps[:n].detach().mean(),
+                         "logps/rejected": seq_logps[n:].detach().mean()}
+
+        if self.loss_type in _KL_LOSSES:
+            logratios = logp - ref_tok
+            v_w, v_l = valid[:n], valid[n:]
+            if self.loss_type == "sparse_po":
+                um = (None, None) if reward_mask is None else (reward_mask[:n], reward_mask[n:])
+                km = (None, None) if kl_mask is None else (kl_mask[:n], kl_mask[n:])
+                loss, metrics = sparse_po_loss(
+                    logratios[:n], logratios[n:], div[:n], div[n:], um[0], um[1], km[0], km[1],
+                    chosen_mask=v_w, rejected_mask=v_l, beta=self.beta, **self.loss_kwargs)
+            else:
+                loss, metrics = tdpo_loss(
+                    logratios[:n], logratios[n:], div[:n], div[n:], v_w, v_l, beta=self.beta,
+                    variant=1 if self.loss_type == "tdpo1" else 2, **self.loss_kwargs)
+        elif self.loss_type == "simpo":
+            loss, metrics = simpo_loss(seq_logps[:n], seq_logps[n:], lengths[:n], lengths[n:],
+                                       beta=self.beta, **self.loss_kwargs)
+        else:
+            ref_seq = ref_tok if ref_tok.dim() == 1 else sequence_sum(ref_tok.to(torch.float32), valid)
+            ref_seq = ref_seq.detach()
+            if self.loss_type == "inpo":
+                if prev_logps is None:
+                    raise ValueError("loss_type 'inpo' needs prev_logps ([2B] previous-iterate log-probs)")
+                loss, metrics = inpo_loss(seq_logps[:n], seq_logps[n:], ref_seq[:n], ref_seq[n:],
+                                          prev_logps[:n].detach(), prev_logps[n:].detach(), **self.loss_kwargs)
+            else:
+                loss, metrics = dpo_loss(seq_logps[:n], seq_logps[n:], ref_seq[:n], ref_seq[n:],
+                                         beta=self.beta, loss_type=self.loss_type,
+                                         chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
+                                         **self.loss_kwargs)
+        for key, value in metrics_logps.items():
+            metrics.setdefault(key, value)
+        return loss, metrics
