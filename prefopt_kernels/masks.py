@@ -184,4 +184,7 @@ class LearnedTokenMask(nn.Module):
         masks = torch.relu(total)
         if valid_mask is not None:
             masks = masks * valid_mask.to(masks.dtype)
-        return (masks[0], masks[1]) if self.separate_kl else (masks[0], masks[0])
+        if self.separate_kl:
+            return masks[0], masks[1]
+        shared = masks[0]
+        return shared, shared
