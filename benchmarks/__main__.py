@@ -1,0 +1,182 @@
+"""``python -m benchmarks``: the benchmark suite on the default device, printed as a table.
+
+Examples::
+
+    python -m benchmarks                          # default suite (CUDA if present, else CPU)
+    python -m benchmarks --quick                  # about a minute
+    python -m benchmarks --ops logprobs,divergence --vocab 32000,128256 --dtype bf16
+    python -m benchmarks --full --out /tmp/bench  # GPU: every op, mode, N, V and dtype
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    p.add_argument("--full", action="store_true",
+                   help="GPU: the whole grid of ops, modes, N, V and dtypes (long)")
+    p.add_argument("--ops", type=_csv(str),
+                   help="comma list: logprobs, logprobs+entropy, divergence (all seven) or "
+                        "divergence:NAME, terms:forward_kl, sparse_po")
+    p.add_argument("--modes", type=_csv(str), help="comma list of fwd, bwd, fwd+bwd")
+    p.add_argument("--vocab", type=_csv(int), help="comma list of vocabulary sizes V")
+    p.add_argument("--tokens", type=_csv(int), help="comma list of token counts N")
+    p.add_argument("--dtype", type=_csv(str), help="comma list of fp32, bf16, fp16")
+    p.add_argument("--backends", type=_csv(str),
+                   help="package backends to run (default: the fast ones for the device); "
+                        "triton on a CPU runs interpreted at tiny shapes only")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    p.add_argument("--compile", dest="compile_eager", action="store_true", default=None,
+                   help="include torch.compile of the eager code (default: on for CUDA only)")
+    p.add_argument("--no-compile", dest="compile_eager", action="store_false")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-peers", action="store_true", help="skip Liger-Kernel and CCE")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny shapes only (end-to-end check of the suite, e.g. under the "
+                        "Triton interpreter); times are meaningless")
+    p.add_argument("--budget", type=float, default=None,
+                   help="CPU: seconds of timed repeats per case and implementation")
+    p.add_argument("--out", help="directory for results.{json,md,png} "
+                                 "(default benchmarks/results/<device>/)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _expand_ops(ops):
+    from .cases import DIVERGENCES, OPS
+    if ops is None:
+        return None
+    out = []
+    for op in ops:
+        if op == "divergence":
+            out += [f"divergence:{d}" for d in DIVERGENCES]
+        elif op == "terms":
+            out.append("terms:forward_kl")
+        elif op in OPS:
+            out.append(op)
+        else:
+            sys.exit(f"--ops: unknown op {op!r}; known: {', '.join(OPS)}")
+    return out
+
+
+def _default_backends(device) -> tuple:
+    """Backends of the package that run on ``device``, found by running a tiny op on each."""
+    import torch
+    try:
+        import prefopt_kernels as pk
+    except Exception as exc:
+        return [], [f"prefopt_kernels not importable ({type(exc).__name__}: {exc}): "
+                    "baselines only."]
+    usable = []
+    x = torch.zeros(2, 8, device=device, requires_grad=True)
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    for name in pk.available_backends():
+        try:
+            with pk.use_backend(name):
+                pk.token_logprobs(x, labels).sum().backward()
+            usable.append(name)
+        except Exception:
+            continue
+    notes = []
+    if device.type == "cuda":
+        chosen = [b for b in usable if b != "reference"]
+    else:
+        chosen = [b for b in usable if b == "native"]
+        if not chosen:
+            notes.append("native extension not built: the package's CPU fast path is missing. "
+                         "The reference backend (the float64-capable test oracle) is not a "
+                         "fast path and is left out; --backends reference runs it.")
+        notes.append("triton on CPU is left out (the Triton interpreter says nothing about "
+                     "speed); --backends triton runs it interpreted at tiny shapes.")
+    if not chosen:
+        notes.append("no package backend runs on this device: baselines only.")
+    return chosen, notes
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    if device.type == "cpu" and args.backends and "triton" in args.backends:
+        # Must be set before prefopt_kernels imports its Triton kernels.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    from . import report
+    from .cases import default_cases, tiny_cases
+    from .runner import RunConfig, copy_bandwidth, implementations, run_cases
+
+    notes: List[str] = []
+    if args.backends is not None:
+        backends = args.backends
+    else:
+        backends, more = _default_backends(device)
+        notes += more
+    compile_eager = args.compile_eager if args.compile_eager is not None else device.type == "cuda"
+    compile_only = None
+    if args.compile_eager is None and not args.full:
+        # Default GPU suite: compile the headline ops at one shape; --compile compiles all.
+        compile_only = lambda c: (c.op in ("logprobs", "terms:forward_kl")
+                                  and c.mode == "fwd+bwd" and c.v == 128256
+                                  and c.dtype == "bf16")
+        if compile_eager:
+            notes.append("torch.compile baseline: headline ops, fwd+bwd, V=128256 bf16 only "
+                         "(each shape compiles for tens of seconds); --compile runs it everywhere.")
+    impls, more = implementations(device, backends, compile_eager=compile_eager,
+                                  compile_only=compile_only, peers=not args.no_peers)
+    notes += more
+
+    ops = _expand_ops(args.ops)
+    if args.tiny:
+        cases = tiny_cases(ops)
+    else:
+        cases = default_cases(device.type, quick=args.quick, full=args.full, ops=ops,
+                              modes=args.modes, tokens=args.tokens, vocabs=args.vocab,
+                              dtypes=args.dtype)
+        if device.type == "cpu" and "triton" in backends:
+            cases += [c for c in tiny_cases(ops) if c not in cases]
+
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 1.0)
+    cfg = RunConfig(device=device, backends=backends, compile_eager=compile_eager,
+                    measure_memory=not args.no_memory, cpu_budget_s=budget,
+                    progress=not args.no_progress)
+    t0 = time.time()
+    copy_gbps = copy_bandwidth(device) / 1e9
+    results = run_cases(cases, impls, cfg)
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    name = report.device_name(device)
+    meta = {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "triton": triton_version, "copy_gbps": copy_gbps,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+            "backends": backends, "compile": compile_eager, "wall_s": time.time() - t0,
+            "argv": sys.argv[1:] if argv is None else list(argv)}
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       report.slug(name))
+    paths = report.write(out_dir, meta, notes, results)
+    with open(paths["md"]) as f:
+        print(f.read())
+    print(f"wrote {', '.join(sorted(paths.values()))} in {meta['wall_s']:.0f} s")
+    return 0 if any(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

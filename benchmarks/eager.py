@@ -1,0 +1,94 @@
+"""Eager PyTorch baselines: the token terms computed the way trainers compute them today.
+
+Every function takes ``[N, V]`` logits (and ``[N]`` labels / ``[N, V]`` reference logits) and
+returns per-token fp32 tensors with the same meaning as the package's ops, so the suite can
+time and measure both on the same inputs. They are deliberately the plain formulations (full
+``log_softmax`` in fp32, elementwise terms, a sum over V): that is what materialises the
+``[N, V]`` intermediates the package avoids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .cases import SEQ_LEN
+
+
+def logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Full fp32 ``log_softmax`` then a gather of the label column."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+def logprobs_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused cross-entropy kernel, negated (what ``model(labels=...)`` uses)."""
+    return -F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def logprobs_trl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRL's ``selective_log_softmax`` strategy on ``[B, T, V]`` views of the input.
+
+    fp32/fp64: gather the label logit and subtract a log-sum-exp computed one sequence at a
+    time. Half precision: ``log_softmax`` one sequence at a time in the input dtype (a fp32
+    full-batch ``log_softmax`` is what it avoids) and gather.
+    """
+    n = logits.shape[0]
+    t = SEQ_LEN if n % SEQ_LEN == 0 else n
+    seqs, seq_labels = logits.view(n // t, t, -1), labels.view(n // t, t)
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels[:, None]).squeeze(-1)
+        lse = torch.cat([torch.logsumexp(s, dim=-1) for s in seqs])
+        return picked - lse
+    rows = [torch.log_softmax(s, dim=-1).gather(-1, l[:, None]).squeeze(-1)
+            for s, l in zip(seqs, seq_labels)]
+    return torch.cat(rows).float()
+
+
+def logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    """Label log-prob and entropy from one fp32 ``log_softmax``."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def divergence(logits: torch.Tensor, ref_logits: torch.Tensor, name: str,
+               beta: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
+    """``D(policy, reference)`` per token: two fp32 ``log_softmax`` and an elementwise sum.
+
+    Same conventions as the package (see DESIGN.md): ``p`` the policy, ``q`` the reference,
+    ``forward_kl = KL(q||p)``, ``js`` mixes with ``m = beta q + (1 - beta) p``.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    lq = torch.log_softmax(ref_logits.float(), dim=-1)
+    if name == "forward_kl":
+        return (lq.exp() * (lq - lp)).sum(-1)
+    if name == "reverse_kl":
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if name == "js":
+        lm = torch.logaddexp(lq + math.log(beta), lp + math.log1p(-beta))
+        return (beta * lq.exp() * (lq - lm) + (1 - beta) * lp.exp() * (lp - lm)).sum(-1)
+    if name == "tv":
+        return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    if name == "hellinger":
+        return ((lp * 0.5).exp() - (lq * 0.5).exp()).square().sum(-1)
+    if name == "chi2":
+        q = lq.exp()
+        return ((lp.exp() - q).square() / q).sum(-1)
+    if name == "alpha":
+        t = (lp - lq).exp()
+        f = (t.pow(alpha) - alpha * t - (1 - alpha)) / (alpha * (alpha - 1))
+        return (lq.exp() * f).sum(-1)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+def terms_forward_kl(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor):
+    """SparsePO's own eager path: two fp32 ``log_softmax``, two gathers, ``KL(q||p)`` summed."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    lq = torch.log_softmax(ref_logits.float(), dim=-1)
+    logp = lp.gather(-1, labels[:, None]).squeeze(-1)
+    ref_logp = lq.gather(-1, labels[:, None]).squeeze(-1)
+    kl = (lq.exp() * (lq - lp)).sum(-1)
+    return logp, ref_logp, kl

@@ -1,0 +1,573 @@
+"""Run cases: time them, measure their peak memory, relate both to the device's bandwidth.
+
+Timing
+    CUDA: CUDA events around each call, the L2 cache flushed (a 256 MiB buffer zeroed) before
+    every call, warm-up by time, then the per-call samples (``triton.testing.do_bench``'s
+    method). CPU: wall clock around each call after one warm-up call. Both report the median
+    and the 20th/80th percentiles of the samples.
+Memory
+    Peak bytes allocated while the case runs, above what was allocated before it started
+    (the inputs, and in backward mode also what the forward left for the backward). CUDA: the
+    caching allocator's ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: a child
+    process per case (see ``_memory_probe``), because a process's resident set only grows.
+Bandwidth
+    ``bytes_moved(case) / median time`` (see ``cases.bytes_moved``), and that as a fraction of
+    a device-to-device copy (read + write) timed the same way in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import eager
+from .cases import Case, bytes_moved, input_bytes, make_inputs
+from .peers import available_peers
+
+EAGER = "eager"  # the implementation every ratio is taken against
+_TINY = 64 * 4096  # N*V up to which interpreted Triton is run on a CPU
+
+
+# --------------------------------------------------------------------------------------------
+# implementations
+
+
+@dataclass
+class Impl:
+    """One way of computing a case. ``build(case)`` returns ``forward(inputs) -> outputs``."""
+
+    name: str
+    build: Callable[[Case], Callable[[dict], tuple]]
+    ops: Optional[frozenset] = None  # ops it implements; None: all
+    modes: Optional[frozenset] = None  # modes it runs in; None: all
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    mutates_input: bool = False  # overwrites the logits: runs after the others in a case
+    max_elems: Optional[int] = None  # largest N*V it runs at (interpreted Triton)
+    only: Optional[Callable[[Case], bool]] = None  # a further restriction, e.g. to bound compiles
+
+    def applies(self, case: Case) -> bool:
+        return ((self.ops is None or case.op in self.ops)
+                and (self.modes is None or case.mode in self.modes)
+                and (self.max_elems is None or case.n * case.v <= self.max_elems)
+                and (self.only is None or self.only(case)))
+
+
+def _prefopt_forward(case: Case, inplace: bool) -> Callable[[dict], tuple]:
+    import prefopt_kernels as pk
+
+    op, div = case.op, case.divergence
+    if op == "logprobs":
+        return lambda x: (pk.token_logprobs(x["logits"], x["labels"], inplace_backward=inplace),)
+    if op == "logprobs+entropy":
+        return lambda x: tuple(pk.token_logprobs(x["logits"], x["labels"], return_entropy=True,
+                                                 inplace_backward=inplace))
+    if op.startswith("divergence:"):
+        return lambda x: (pk.token_divergence(x["logits"], x["ref_logits"], divergence=div,
+                                              inplace_backward=inplace),)
+    if op.startswith("terms:"):
+        return lambda x: tuple(t for t in pk.token_terms(
+            x["logits"], x["labels"], x["ref_logits"], divergence=div,
+            inplace_backward=inplace) if t is not None)
+    if op == "sparse_po":
+        return lambda x: _sparse_po_step(pk.token_terms(
+            x["logits"], x["labels"], x["ref_logits"], divergence=div,
+            inplace_backward=inplace), x)
+    raise ValueError(op)
+
+
+def _sparse_po_step(terms, x) -> tuple:
+    """The SparsePO loss from per-token terms: the package's loss function when it exists."""
+    from prefopt_kernels.losses import sparse_po_loss
+
+    loss, _ = sparse_po_loss(*_sparse_po_args(terms, x))
+    return (loss,)
+
+
+def _sparse_po_args(terms, x):
+    """Pair the first half of the tokens (chosen) with the second half (rejected)."""
+    logp, ref_logp, div = terms[0], terms[1], terms[2]
+    n = logp.shape[0] // 2
+    mask = x["mask"]
+    return (logp[:n], logp[n:], ref_logp[:n], ref_logp[n:], div[:n], div[n:], mask[:n], mask[n:])
+
+
+def _eager_forward(case: Case) -> Callable[[dict], tuple]:
+    op, div = case.op, case.divergence
+    if op == "logprobs":
+        return lambda x: (eager.logprobs(x["logits"], x["labels"]),)
+    if op == "logprobs+entropy":
+        return lambda x: eager.logprobs_entropy(x["logits"], x["labels"])
+    if op.startswith("divergence:"):
+        return lambda x: (eager.divergence(x["logits"], x["ref_logits"], div),)
+    if op.startswith("terms:"):
+        return lambda x: eager.terms_forward_kl(x["logits"], x["labels"], x["ref_logits"])
+    if op == "sparse_po":
+        return lambda x: _sparse_po_step(
+            eager.terms_forward_kl(x["logits"], x["labels"], x["ref_logits"]), x)
+    raise ValueError(op)
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def _compiled_forward(case: Case) -> Callable[[dict], tuple]:
+    """``torch.compile`` of the eager code, one compiled function per op (recompiled per shape)."""
+    fn = _COMPILED.get(case.op)
+    if fn is None:
+        eager_fn = _eager_forward(case)
+        fn = _COMPILED[case.op] = torch.compile(lambda x: eager_fn(x), dynamic=False)
+    return fn
+
+
+def _has_sparse_po() -> bool:
+    try:
+        from prefopt_kernels.losses import sparse_po_loss  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def implementations(device: torch.device, backends: Sequence[str], *, compile_eager: bool,
+                    compile_only: Optional[Callable[[Case], bool]] = None,
+                    peers: bool = True) -> Tuple[List[Impl], List[str]]:
+    """The implementations to run on ``device`` and the notes on those left out.
+
+    ``compile_only`` restricts the ``torch.compile`` baseline to some cases (each new shape
+    costs a compilation of tens of seconds)."""
+    notes: List[str] = []
+    impls: List[Impl] = []
+    all_ops = None
+    if not _has_sparse_po():
+        notes.append("sparse_po: prefopt_kernels.losses.sparse_po_loss not available: skipped.")
+        all_ops = frozenset(op for op in _op_names() if op != "sparse_po")
+    for b in backends:
+        def ctx(b=b):
+            import prefopt_kernels as pk
+            return pk.use_backend(b)
+        interpreted = b == "triton" and device.type != "cuda"
+        if interpreted:
+            notes.append("triton on CPU runs under the Triton interpreter, only at tiny shapes: "
+                         "its times measure the Python interpreter and say nothing about speed.")
+        cap = _TINY if interpreted else None
+        impls.append(Impl(f"prefopt:{b}", lambda c: _prefopt_forward(c, False), all_ops,
+                          context=ctx, max_elems=cap))
+        impls.append(Impl(f"prefopt:{b}+inplace", lambda c: _prefopt_forward(c, True), all_ops,
+                          modes=frozenset({"fwd+bwd"}), context=ctx, mutates_input=True,
+                          max_elems=cap))
+    impls.append(Impl(EAGER, _eager_forward, all_ops))
+    impls.append(Impl("eager-trl", lambda c: (lambda x: (eager.logprobs_trl(x["logits"],
+                                                                          x["labels"]),)),
+                      frozenset({"logprobs"})))
+    impls.append(Impl("torch-ce", lambda c: (lambda x: (eager.logprobs_ce(x["logits"],
+                                                                        x["labels"]),)),
+                      frozenset({"logprobs"})))
+    if compile_eager:
+        impls.append(Impl("compile", _compiled_forward, all_ops, only=compile_only))
+    else:
+        notes.append("torch.compile baseline: off on CPU by default (slow to compile); "
+                     "--compile turns it on.")
+    if peers:
+        found, peer_notes = available_peers(device)
+        notes.extend(peer_notes)
+        for name, builders in found.items():
+            impls.append(Impl(name, lambda c, bs=builders: bs[c.op](c), frozenset(builders),
+                              mutates_input=True))
+    return impls, notes
+
+
+def _op_names():
+    from .cases import OPS
+    return list(OPS)
+
+
+# --------------------------------------------------------------------------------------------
+# one runnable call per mode
+
+
+class Runnable:
+    """``call()`` runs one iteration of the case's mode; ``reset()`` drops the logits' gradient
+    (so each iteration allocates it afresh, as a training step does)."""
+
+    def __init__(self, case: Case, impl: Impl, inputs: dict):
+        self.case, self.impl, self.inputs = case, impl, inputs
+        self.forward = impl.build(case)
+        self._grads: Optional[List[torch.Tensor]] = None
+        self._outs = None
+        if case.mode == "bwd":
+            with impl.context():
+                self._outs = self._differentiable(self.forward(inputs))
+
+    def _differentiable(self, outs):
+        return [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+
+    def _upstream(self, outs):
+        if self._grads is None:
+            g = torch.Generator(device=outs[0].device).manual_seed(1234)
+            self._grads = [torch.randn(o.shape, device=o.device, dtype=o.dtype, generator=g)
+                           if o.dim() else torch.ones_like(o) for o in outs]
+        return self._grads
+
+    def reset(self) -> None:
+        self.inputs["logits"].grad = None
+
+    def call(self) -> None:
+        with self.impl.context():
+            if self.case.mode == "fwd":
+                self.forward(self.inputs)
+            elif self.case.mode == "fwd+bwd":
+                outs = self._differentiable(self.forward(self.inputs))
+                torch.autograd.backward(outs, self._upstream(outs))
+            else:
+                torch.autograd.backward(self._outs, self._upstream(self._outs), retain_graph=True)
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+def _quantiles(samples: List[float]) -> Dict[str, float]:
+    s = sorted(samples)
+
+    def q(p):
+        pos = p * (len(s) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return {"median": q(0.5), "p20": q(0.2), "p80": q(0.8), "reps": len(s)}
+
+
+def time_cuda(call: Callable[[], None], reset: Callable[[], None], *, warmup_ms: float = 25,
+              rep_ms: float = 100, min_reps: int = 5, max_reps: int = 200) -> Dict[str, float]:
+    """Milliseconds per call from CUDA events, with the L2 cache flushed before each call."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    reset(); call(); torch.cuda.synchronize()  # first call: compilation, autotuning
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        flush.zero_(); reset(); call()
+    end.record(); torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 3, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        reset(); call()
+    n = min(max(min_reps, int(rep_ms / est)), max_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.zero_(); reset()
+        starts[i].record(); call(); ends[i].record()
+    torch.cuda.synchronize()
+    del flush
+    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_cpu(call: Callable[[], None], reset: Callable[[], None], *, budget_s: float = 1.0,
+             min_reps: int = 3, max_reps: int = 20) -> Dict[str, float]:
+    """Milliseconds per call by wall clock: one warm-up call, then at least ``min_reps`` calls
+    and more while within ``budget_s``."""
+    reset(); t0 = time.perf_counter(); call(); first = time.perf_counter() - t0
+    if first > budget_s / 2:
+        # Slow calls: fewer repeats keep the whole suite within minutes on a small machine.
+        min_reps = 1 if first > 4 * budget_s else 2
+    samples: List[float] = []
+    t_start = time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < min_reps
+                                       or time.perf_counter() - t_start < budget_s):
+        reset(); t0 = time.perf_counter(); call()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write counted), timed like the cases."""
+    if nbytes is None:
+        nbytes = 1 << 30 if device.type == "cuda" else 256 << 20
+        if device.type == "cuda":
+            nbytes = min(nbytes, torch.cuda.mem_get_info()[0] // 4)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    t = timer(lambda: dst.copy_(src), lambda: None)
+    return 2 * nbytes / (t["median"] * 1e-3)
+
+
+def effective_bandwidth(case: Case, median_ms: float) -> float:
+    """Bytes per second the case must move, at the measured median time."""
+    return bytes_moved(case) / (median_ms * 1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+
+
+def measure_cuda_memory(runnable: Runnable) -> int:
+    """Peak bytes allocated during one call above what was allocated before it."""
+    runnable.reset()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runnable.call()
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - base)
+
+
+def _proc_kib(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of resident memory (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _measure_rss_peak(call: Callable[[], None]) -> Tuple[int, str]:
+    """Peak resident bytes during ``call()`` above the resident set just before it."""
+    gc.collect()
+    base = _proc_kib("VmRSS")
+    if base is not None and _reset_peak_rss():
+        call()
+        return max(0, (_proc_kib("VmHWM") - base) * 1024), "VmHWM"
+    if base is not None:
+        # No resettable high-water mark: sample the resident set every millisecond.
+        peak, done = [base], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _proc_kib("VmRSS") or 0)
+                time.sleep(1e-3)
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        call()
+        done.set(); th.join()
+        return max(0, (max(peak[0], _proc_kib("VmRSS") or 0) - base) * 1024), "sampled VmRSS"
+    # No /proc (macOS): ru_maxrss only grows, so this is a lower bound when the inputs
+    # were created at a higher peak than the resident set before the call.
+    scale = 1 if sys.platform == "darwin" else 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(0, (after - before) * scale), "ru_maxrss delta"
+
+
+def _probe_env() -> Dict[str, str]:
+    """Child environment: glibc returns every large freed block to the OS at once, so a block
+    freed by a previous call is not silently reused (which would under-report the peak)."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 16))
+    return env
+
+
+def measure_cpu_memory(case: Case, impl_names: Sequence[str], config: dict,
+                       timeout_s: float = 300) -> Dict[str, dict]:
+    """Run ``_memory_probe`` in a fresh interpreter for one case; ``{impl: {...}}``."""
+    request = json.dumps({"case": case.as_dict(), "impls": list(impl_names), "config": config})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.runner", "--memory-probe",
+                               request], capture_output=True, text=True, timeout=timeout_s,
+                              env=_probe_env(), cwd=_repo_root())
+    except subprocess.TimeoutExpired:
+        return {n: {"error": f"memory probe timed out after {timeout_s:.0f} s"} for n in impl_names}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {n: {"error": f"memory probe failed: {tail[0][:200]}"} for n in impl_names}
+    return json.loads(lines[-1])
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _memory_probe(request: dict) -> Dict[str, dict]:
+    """Child side: for each implementation, warm it up on a tiny copy of the case (libraries
+    loaded, kernels compiled), create the inputs, build the call (in backward mode this runs
+    the forward), then measure one call's peak resident memory above the resident set at
+    that point."""
+    case = Case(**request["case"])
+    cfg = request["config"]
+    impls, _ = implementations(torch.device("cpu"), cfg["backends"],
+                               compile_eager=cfg["compile"], peers=False)
+    by_name = {i.name: i for i in impls}
+    out: Dict[str, dict] = {}
+    for name in request["impls"]:
+        impl = by_name[name]
+        try:
+            warm = Case(case.op, case.mode, 64, min(case.v, 512), case.dtype)
+            r = Runnable(warm, impl, make_inputs(warm, torch.device("cpu")))
+            r.call()
+            del r
+            inputs = make_inputs(case, torch.device("cpu"))
+            r = Runnable(case, impl, inputs)
+            r.reset()
+            peak, method = _measure_rss_peak(r.call)
+            out[name] = {"mem_bytes": peak, "mem_method": method}
+            del r, inputs
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        gc.collect()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class RunConfig:
+    device: torch.device
+    backends: List[str]
+    compile_eager: bool
+    measure_memory: bool = True
+    cpu_budget_s: float = 1.0
+    progress: bool = True
+    notes: List[str] = field(default_factory=list)
+
+
+def _fits(case: Case, device: torch.device) -> Optional[str]:
+    """A note when the case's inputs cannot even be created on this device, else None."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    need = input_bytes(case) + case.n * case.v * case.torch_dtype.itemsize  # + a gradient
+    if need > 0.9 * total:
+        return f"would not fit: inputs and gradient need {need / 2**30:.1f} GiB"
+    return None
+
+
+def run_cases(cases: Sequence[Case], impls: Sequence[Impl], cfg: RunConfig) -> List[dict]:
+    """Run every applicable implementation on every case; one result dict per pair."""
+    device = cfg.device
+    results: List[dict] = []
+    ordered = sorted(impls, key=lambda i: i.mutates_input)
+    plan = [(c, [i for i in ordered if i.applies(c)]) for c in cases]
+    total = sum(len(p[1]) for p in plan)
+    bar = _progress(total, cfg.progress)
+    for case, case_impls in plan:
+        base = {**case.as_dict(), "bytes_moved": bytes_moved(case),
+                "input_bytes": input_bytes(case)}
+        skip = _fits(case, device)
+        if skip:
+            for impl in case_impls:
+                results.append({**base, "impl": impl.name, "status": "skipped", "note": skip})
+                bar.update(1)
+            continue
+        mem_cpu: Dict[str, dict] = {}
+        if cfg.measure_memory and device.type == "cpu":
+            bar.set_description(f"{case.op} {case.mode} memory")
+            mem_cpu = measure_cpu_memory(case, [i.name for i in case_impls],
+                                         {"backends": cfg.backends, "compile": cfg.compile_eager})
+        inputs = make_inputs(case, device)
+        for impl in case_impls:
+            bar.set_description(f"{case.op} {case.mode} {impl.name}")
+            results.append({**base, "impl": impl.name,
+                            **_run_one(case, impl, inputs, cfg, mem_cpu.get(impl.name))})
+            bar.update(1)
+        del inputs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    _add_ratios(results)
+    return results
+
+
+def _run_one(case: Case, impl: Impl, inputs: dict, cfg: RunConfig, mem: Optional[dict]) -> dict:
+    res: dict = {"status": "ok"}
+    try:
+        r = Runnable(case, impl, inputs)
+        if cfg.device.type == "cuda":
+            t = time_cuda(r.call, r.reset)
+            if cfg.measure_memory:
+                res["mem_bytes"] = measure_cuda_memory(r)
+                res["mem_method"] = "max_memory_allocated"
+        else:
+            t = time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s)
+            if mem:
+                res.update(mem)
+                if "error" in mem:
+                    res["note"] = mem.pop("error")
+                    res.pop("error", None)
+        res.update({"time_ms": t["median"], "p20_ms": t["p20"], "p80_ms": t["p80"],
+                    "reps": t["reps"]})
+        res["gbps"] = effective_bandwidth(case, t["median"]) / 1e9
+        del r
+    except torch.cuda.OutOfMemoryError:
+        res = {"status": "oom", "note": "out of device memory"}
+    except Exception as exc:
+        res = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        inputs["logits"].grad = None
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def _add_ratios(results: List[dict]) -> None:
+    """Speed-up and memory ratio against the eager baseline of the same case in this run."""
+    ref = {r_key(r): r for r in results if r["impl"] == EAGER and r["status"] == "ok"}
+    for r in results:
+        e = ref.get(r_key(r))
+        if r["status"] != "ok" or e is None:
+            continue
+        r["speedup_vs_eager"] = e["time_ms"] / r["time_ms"]
+        if r.get("mem_bytes") is not None and e.get("mem_bytes"):
+            r["mem_vs_eager"] = r["mem_bytes"] / e["mem_bytes"]
+
+
+def r_key(r: dict) -> tuple:
+    return (r["op"], r["mode"], r["n"], r["v"], r["dtype"])
+
+
+class _NoBar:
+    def __init__(self, total):
+        self.total, self.n = total, 0
+
+    def update(self, k):
+        self.n += k
+
+    def set_description(self, text):
+        print(f"[{self.n + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            pass
+    return _NoBar(total)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-probe":
+        print(json.dumps(_memory_probe(json.loads(sys.argv[2]))), flush=True)
+    else:
+        sys.exit("usage: python -m benchmarks.runner --memory-probe JSON (internal)")
