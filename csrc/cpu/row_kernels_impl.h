@@ -1,0 +1,342 @@
+// Body of the CPU row kernels. Included once per instruction-set variant with
+// PREFOPT_CPU_VARIANT naming the namespace; the variants differ only in compiler flags.
+//
+// Forward, per row (x = a / T, z = b / T):
+//   pass 1, blocks of kBlock entries converted to fp32 in a stack buffer: block max, then
+//   sum exp / entropy / KL accumulators relative to it (one vectorised loop), merged into
+//   a double-precision RowState (online rescaling). Per-block fp32 sums are short (kBlock /
+//   SIMD width terms per lane) and the row-level merge is in double, so accuracy does not
+//   degrade as V grows.
+//   pass 2, only for js/tv/hellinger/chi2/alpha: with both log-sum-exps known, sums of
+//   q f(t) and p f'(t) over the row, again blocked.
+// Backward, per row: one vectorised loop reading a (and b when the divergence term is
+// active) and writing g in the output dtype; each element is read before it is written,
+// so g may alias a.
+#pragma once
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/row_kernels.h"
+#include "prefopt/common.h"
+#include "prefopt/divergence.h"
+#include "prefopt/fastmath.h"
+#include "prefopt/softmax_state.h"
+
+#ifndef PREFOPT_CPU_VARIANT
+#error "define PREFOPT_CPU_VARIANT before including row_kernels_impl.h"
+#endif
+
+namespace prefopt {
+namespace cpu {
+namespace PREFOPT_CPU_VARIANT {
+namespace {
+
+constexpr int64_t kBlock = 512;
+
+template <int DT>
+struct Elem;
+template <>
+struct Elem<kFloat32> {
+  using T = float;
+  static PREFOPT_INLINE float load(float v) { return v; }
+  static PREFOPT_INLINE float store(float v) { return v; }
+};
+template <>
+struct Elem<kBFloat16> {
+  using T = uint16_t;
+  static PREFOPT_INLINE float load(uint16_t v) { return bf16_to_float(v); }
+  static PREFOPT_INLINE uint16_t store(float v) { return float_to_bf16(v); }
+};
+template <>
+struct Elem<kFloat16> {
+  using T = uint16_t;
+  static PREFOPT_INLINE float load(uint16_t v) { return half_to_float(v); }
+  static PREFOPT_INLINE uint16_t store(float v) { return float_to_half(v); }
+};
+
+template <int DT>
+PREFOPT_INLINE void load_scaled(const typename Elem<DT>::T* __restrict src, int64_t n,
+                                float scale, float* __restrict dst) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = Elem<DT>::load(src[j]) * scale;
+}
+
+PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// State of one block. A block whose logits are all -inf gets max -inf and zero sums; its
+// shift for the exponentials is then 0 so that no -inf - -inf is formed.
+template <bool REF, int DIV>
+PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
+                                            const float* __restrict xb, int64_t n) {
+  const float ma = block_max(xa, n);
+  const float sha = ma == -kInf ? 0.f : ma;
+  float mb = -kInf;
+  float shb = 0.f;
+  if constexpr (REF) {
+    mb = block_max(xb, n);
+    shb = mb == -kInf ? 0.f : mb;
+  }
+  float sa = 0.f, ua = 0.f, sb = 0.f, wf = 0.f, wr = 0.f;
+#pragma omp simd reduction(+ : sa, ua, sb, wf, wr)
+  for (int64_t j = 0; j < n; ++j) {
+    const float da = xa[j] - sha;
+    const float ea = fast_exp(da);
+    sa += ea;
+    ua += ea > 0.f ? ea * da : 0.f;
+    if constexpr (REF) {
+      const float db = xb[j] - shb;
+      const float eb = fast_exp(db);
+      sb += eb;
+      if constexpr (DIV == kForwardKL) wf += eb > 0.f ? eb * (db - da) : 0.f;
+      if constexpr (DIV == kReverseKL) wr += ea > 0.f ? ea * (da - db) : 0.f;
+    }
+  }
+  return RowState<double>{ma, sa, ua, mb, sb, wf, wr};
+}
+
+// Pass 1 over a whole row: the merged state of all its blocks.
+template <int DT, bool REF, int DIV>
+RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                           int64_t vocab, float inv_tau) {
+  alignas(64) float xa[kBlock];
+  alignas(64) float xb[kBlock];
+  RowState<double> st = RowState<double>::empty();
+  for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, vocab - c0);
+    load_scaled<DT>(ra + c0, n, inv_tau, xa);
+    if constexpr (REF) load_scaled<DT>(rb + c0, n, inv_tau, xb);
+    merge_state(st, block_state<REF, DIV>(xa, xb, n));
+  }
+  return st;
+}
+
+// Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and p f'(t).
+template <int DT, int DIV>
+void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, int64_t vocab,
+              float inv_tau, float lse_a, float lse_b, const DivParams& prm, double& sum_qf,
+              double& sum_pfp) {
+  sum_qf = 0.0;
+  sum_pfp = 0.0;
+  for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, vocab - c0);
+    const typename Elem<DT>::T* a = ra + c0;
+    const typename Elem<DT>::T* b = rb + c0;
+    float bq = 0.f, bp = 0.f;
+#pragma omp simd reduction(+ : bq, bp)
+    for (int64_t j = 0; j < n; ++j) {
+      const float lp = Elem<DT>::load(a[j]) * inv_tau - lse_a;
+      const float lq = Elem<DT>::load(b[j]) * inv_tau - lse_b;
+      float qf, pfp;
+      div_terms<DIV>(lp, lq, prm, qf, pfp);
+      bq += qf;
+      bp += pfp;
+    }
+    sum_qf += bq;
+    sum_pfp += bp;
+  }
+}
+
+// Per-row results of the forward pass (double until stored).
+struct RowOut {
+  double lse = 0, logp = 0, ref_logp = 0, entropy = 0, div = 0, ref_lse = 0, div_s = 0;
+};
+
+template <int DT>
+RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, float inv_tau,
+                   const DivParams& prm) {
+  using T = typename Elem<DT>::T;
+  const int64_t vocab = args.vocab;
+  const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
+  const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
+  const T* rb = need_ref ? static_cast<const T*>(args.ref) + row * args.ref_stride : nullptr;
+  const int div = plan.use_div ? args.divergence : kNoDivergence;
+
+  RowState<double> st;
+  if (!need_ref)
+    st = row_state<DT, false, kNoDivergence>(ra, rb, vocab, inv_tau);
+  else if (div == kForwardKL)
+    st = row_state<DT, true, kForwardKL>(ra, rb, vocab, inv_tau);
+  else if (div == kReverseKL)
+    st = row_state<DT, true, kReverseKL>(ra, rb, vocab, inv_tau);
+  else
+    st = row_state<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau);
+
+  RowOut out;
+  out.lse = state_lse_a(st);
+  out.entropy = state_entropy(st);
+  if (need_ref) out.ref_lse = state_lse_b(st);
+  if (plan.label >= 0) {
+    if (plan.label < vocab) {
+      out.logp = double(Elem<DT>::load(ra[plan.label]) * inv_tau) - out.lse;
+      if (need_ref) out.ref_logp = double(Elem<DT>::load(rb[plan.label]) * inv_tau) - out.ref_lse;
+    } else {  // never reached through ops.py; a wrong label must not read out of bounds
+      out.logp = out.ref_logp = NAN;
+    }
+  }
+  if (div == kForwardKL) {
+    out.div = state_forward_kl(st);
+    out.div_s = -1.0;  // sum_i p_i (-q_i / p_i)
+  } else if (div == kReverseKL) {
+    out.div = state_reverse_kl(st);
+    out.div_s = out.div + 1.0;  // sum_i p_i (log t_i + 1)
+  } else if (div != kNoDivergence) {
+    const float lse_a = float(out.lse), lse_b = float(out.ref_lse);
+    double qf = 0, pfp = 0;
+    switch (div) {
+      case kJS: div_sums<DT, kJS>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
+      case kTV: div_sums<DT, kTV>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
+      case kHellinger:
+        div_sums<DT, kHellinger>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp);
+        break;
+      case kChi2: div_sums<DT, kChi2>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
+      case kAlpha: div_sums<DT, kAlpha>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
+      default: qf = pfp = NAN;
+    }
+    out.div = qf;
+    out.div_s = pfp;
+  }
+  return out;
+}
+
+PREFOPT_INLINE void store_opt(float* dst, int64_t row, double v) {
+  if (dst != nullptr) dst[row] = static_cast<float>(v);
+}
+
+int thread_count(int requested) {
+#if defined(_OPENMP)
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  return requested > 0 ? requested : 1;
+#endif
+}
+
+// Rows per OpenMP work item: about 16k elements, so short rows do not pay per-row overhead.
+int64_t row_chunk(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)); }
+
+template <int DT>
+void forward_impl(const ForwardArgs& args) {
+  const float inv_tau = 1.f / args.temperature;
+  const DivParams prm = make_div_params(args.beta, args.alpha);
+  const int64_t chunk = row_chunk(args.vocab);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
+  for (int64_t row = 0; row < args.n_rows; ++row) {
+    const RowPlan plan =
+        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    RowOut out;
+    if (!plan.skip) out = forward_row<DT>(args, plan, row, inv_tau, prm);
+    store_opt(args.lse, row, out.lse);
+    store_opt(args.logp, row, out.logp);
+    store_opt(args.ref_logp, row, out.ref_logp);
+    store_opt(args.entropy, row, out.entropy);
+    store_opt(args.div, row, out.div);
+    store_opt(args.ref_lse, row, out.ref_lse);
+    store_opt(args.div_s, row, out.div_s);
+  }
+}
+
+// g_j = [ -p_j (c + ge log p_j) + gd p_j f'(t_j) + gl 1[j = y] ] / T with
+// c = gl + ge H + gd S: the three terms of the per-row gradient, expanded so that the loop
+// body is one fused expression. p_j = 0 entries (logit -inf) get exactly 0 from the first
+// term rather than 0 * -inf.
+template <int DT, int DIV>
+void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                  typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, float lse_a,
+                  float lse_b, float c, float gl, float ge, float gd, int64_t label,
+                  const DivParams& prm) {
+#pragma omp simd
+  for (int64_t j = 0; j < vocab; ++j) {
+    const float lp = Elem<DT>::load(ra[j]) * inv_tau - lse_a;
+    const float p = fast_exp(lp);
+    float g = p > 0.f ? -p * (c + ge * lp) : 0.f;
+    if constexpr (DIV != kNoDivergence) {
+      const float lq = Elem<DT>::load(rb[j]) * inv_tau - lse_b;
+      float qf, pfp;
+      div_terms<DIV>(lp, lq, prm, qf, pfp);
+      g += gd * pfp;
+    }
+    g = j == label ? g + gl : g;
+    rg[j] = Elem<DT>::store(g * inv_tau);
+  }
+}
+
+template <int DT>
+void backward_impl(const BackwardArgs& args) {
+  using T = typename Elem<DT>::T;
+  const float inv_tau = 1.f / args.temperature;
+  const DivParams prm = make_div_params(args.beta, args.alpha);
+  const int64_t vocab = args.vocab;
+  const int64_t chunk = row_chunk(vocab);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
+  for (int64_t row = 0; row < args.n_rows; ++row) {
+    T* rg = static_cast<T*>(args.grad) + row * args.grad_stride;
+    const RowPlan plan =
+        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    const float gl = (args.grad_logp != nullptr && plan.label >= 0) ? args.grad_logp[row] : 0.f;
+    const float ge = args.grad_entropy != nullptr ? args.grad_entropy[row] : 0.f;
+    float gd = args.grad_div != nullptr ? args.grad_div[row] : 0.f;
+    int div = plan.use_div && args.ref != nullptr ? args.divergence : kNoDivergence;
+    if (gd == 0.f) div = kNoDivergence;
+    if (div == kNoDivergence) gd = 0.f;
+    if (plan.skip || (gl == 0.f && ge == 0.f && gd == 0.f)) {
+      const T zero = Elem<DT>::store(0.f);
+#pragma omp simd
+      for (int64_t j = 0; j < vocab; ++j) rg[j] = zero;
+      continue;
+    }
+    const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
+    const T* rb = div != kNoDivergence ? static_cast<const T*>(args.ref) + row * args.ref_stride
+                                       : nullptr;
+    const float lse_a = args.lse[row];
+    const float lse_b = div != kNoDivergence ? args.ref_lse[row] : 0.f;
+    const float h = ge != 0.f ? args.entropy[row] : 0.f;
+    const float s = div != kNoDivergence ? args.div_s[row] : 0.f;
+    const float c = gl + ge * h + gd * s;
+    const int64_t label = plan.label < vocab ? plan.label : -1;
+#define PREFOPT_BWD(D) \
+  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, lse_a, lse_b, c, gl, ge, gd, label, prm)
+    switch (div) {
+      case kForwardKL: PREFOPT_BWD(kForwardKL); break;
+      case kReverseKL: PREFOPT_BWD(kReverseKL); break;
+      case kJS: PREFOPT_BWD(kJS); break;
+      case kTV: PREFOPT_BWD(kTV); break;
+      case kHellinger: PREFOPT_BWD(kHellinger); break;
+      case kChi2: PREFOPT_BWD(kChi2); break;
+      case kAlpha: PREFOPT_BWD(kAlpha); break;
+      default: PREFOPT_BWD(kNoDivergence); break;
+    }
+#undef PREFOPT_BWD
+  }
+}
+
+}  // namespace
+
+void forward(const ForwardArgs& args) {
+  switch (args.dtype) {
+    case kBFloat16: return forward_impl<kBFloat16>(args);
+    case kFloat16: return forward_impl<kFloat16>(args);
+    default: return forward_impl<kFloat32>(args);
+  }
+}
+
+void backward(const BackwardArgs& args) {
+  switch (args.dtype) {
+    case kBFloat16: return backward_impl<kBFloat16>(args);
+    case kFloat16: return backward_impl<kFloat16>(args);
+    default: return backward_impl<kFloat32>(args);
+  }
+}
+
+}  // namespace PREFOPT_CPU_VARIANT
+}  // namespace cpu
+}  // namespace prefopt

@@ -1,0 +1,134 @@
+// Shared definitions for the CPU and CUDA kernels: portability macros, dtype and
+// divergence codes (kept equal to the Python side), and the argument structs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PREFOPT_HD __host__ __device__
+#define PREFOPT_INLINE __forceinline__
+#else
+#define PREFOPT_HD
+#define PREFOPT_INLINE inline __attribute__((always_inline))
+#endif
+
+// The math below is compiled into several translation units with different instruction-set
+// flags (CPU variants, CUDA). Each gets its own inline namespace so that the linker never
+// merges an out-of-line copy built for one instruction set into another variant.
+#if !defined(PREFOPT_ISA_NS)
+#if defined(__CUDACC__)
+#define PREFOPT_ISA_NS isa_cuda
+#else
+#define PREFOPT_ISA_NS isa_generic
+#endif
+#endif
+#define PREFOPT_MATH_BEGIN inline namespace PREFOPT_ISA_NS {
+#define PREFOPT_MATH_END }
+
+namespace prefopt {
+
+// Element type of the logits / gradient buffers. Mirrors DTYPE_CODES in backends/native.py.
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Mirrors DIVERGENCE_CODES in prefopt_kernels/backends/__init__.py. 0 means "no divergence".
+enum Divergence : int {
+  kNoDivergence = 0,
+  kForwardKL = 1,
+  kReverseKL = 2,
+  kJS = 3,
+  kTV = 4,
+  kHellinger = 5,
+  kChi2 = 6,
+  kAlpha = 7,
+};
+
+// Everything one forward call needs. Null output pointers are outputs not asked for.
+// Row r of the logits starts at logits + r * logits_stride elements (vocab stride is 1).
+struct ForwardArgs {
+  int64_t n_rows = 0;
+  int64_t vocab = 0;
+  const void* logits = nullptr;
+  int64_t logits_stride = 0;
+  const void* ref = nullptr;  // reference logits, same dtype; null when absent
+  int64_t ref_stride = 0;
+  int dtype = kFloat32;
+  const int64_t* labels = nullptr;  // [n_rows] or null
+  const float* weight = nullptr;    // [n_rows] or null
+  float temperature = 1.f;
+  int64_t ignore_index = -100;
+  int divergence = kNoDivergence;
+  float beta = 0.5f;
+  float alpha = 0.5f;
+  bool want_logp = false;
+  bool want_ref_logp = false;
+  bool want_entropy = false;
+  int num_threads = 0;  // CPU only; 0 = OpenMP default
+  // Outputs, fp32 [n_rows]; lse is always written.
+  float* lse = nullptr;
+  float* logp = nullptr;
+  float* ref_logp = nullptr;
+  float* entropy = nullptr;
+  float* div = nullptr;
+  float* ref_lse = nullptr;
+  float* div_s = nullptr;
+};
+
+// Everything one backward call needs. `grad` may alias `logits` (in-place backward).
+struct BackwardArgs {
+  int64_t n_rows = 0;
+  int64_t vocab = 0;
+  const void* logits = nullptr;
+  int64_t logits_stride = 0;
+  const void* ref = nullptr;
+  int64_t ref_stride = 0;
+  int dtype = kFloat32;
+  const int64_t* labels = nullptr;
+  const float* weight = nullptr;
+  float temperature = 1.f;
+  int64_t ignore_index = -100;
+  int divergence = kNoDivergence;
+  float beta = 0.5f;
+  float alpha = 0.5f;
+  int num_threads = 0;
+  // Saved per-row statistics of the forward pass (null when not saved).
+  const float* lse = nullptr;
+  const float* ref_lse = nullptr;
+  const float* entropy = nullptr;
+  const float* div_s = nullptr;
+  // Upstream per-token gradients, fp32 [n_rows]; null means zero.
+  const float* grad_logp = nullptr;
+  const float* grad_entropy = nullptr;
+  const float* grad_div = nullptr;
+  // Output gradient [n_rows, vocab] in `dtype`, row stride grad_stride, vocab stride 1.
+  void* grad = nullptr;
+  int64_t grad_stride = 0;
+};
+
+PREFOPT_MATH_BEGIN
+
+// What a row does: skipped entirely, or computed with or without its divergence term.
+struct RowPlan {
+  bool skip;
+  bool use_div;
+  int64_t label;  // -1 when the op has no labels
+};
+
+// Row skipping rules of the backend interface: an ignored label skips the row; a zero
+// weight drops the divergence, and skips the row when the op has no labels.
+PREFOPT_HD PREFOPT_INLINE RowPlan plan_row(const int64_t* labels, const float* weight,
+                                           int64_t ignore_index, int divergence, int64_t row) {
+  RowPlan plan{false, divergence != kNoDivergence, -1};
+  const bool zero_weight = weight != nullptr && weight[row] == 0.f;
+  if (labels != nullptr) {
+    plan.label = labels[row];
+    if (plan.label == ignore_index) plan.skip = true;
+  } else if (zero_weight) {
+    plan.skip = true;
+  }
+  if (zero_weight) plan.use_div = false;
+  return plan;
+}
+
+PREFOPT_MATH_END
+
+}  // namespace prefopt

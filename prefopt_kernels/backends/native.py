@@ -1,0 +1,170 @@
+"""Native backend: the C++/OpenMP CPU kernels and the CUDA kernels of ``prefopt_kernels._C``.
+
+A thin bridge: it allocates the fp32 ``[N]`` outputs with torch and hands the extension raw
+``data_ptr()``s, shapes, row strides (in elements), a dtype code and, on CUDA, the current
+stream as an integer. The extension never links libtorch, so one build serves every PyTorch
+version. Inputs arrive already checked by ``prefopt_kernels.ops`` (see
+``prefopt_kernels.backends`` for the contract).
+
+Math (per row, ``x = a / T``, ``z = b / T``, ``p = softmax(x)``, ``q = softmax(z)``):
+``lse = logsumexp(x)``, ``logp = x_y - lse``, ``H = lse - sum p x``,
+``div = sum q f(p / q)``, ``div_s = S = sum p f'(p / q)``; the backward writes
+
+    g_j = [ g_logp (1[j=y] - p_j) - g_ent p_j (log p_j + H) + g_div (p_j f'(t_j) - p_j S) ] / T
+
+in the logits' dtype, computed in fp32 and rounded once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import OpSpec, RowStats
+
+NAME = "native"
+
+try:
+    from .. import _C
+except ImportError:  # built without the extension (no compiler, or PREFOPT_NO_NATIVE=1)
+    _C = None
+
+# Element-type codes of csrc/include/prefopt/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def is_available() -> bool:
+    """True when the compiled extension ``prefopt_kernels._C`` imports."""
+    return _C is not None
+
+
+def has_cuda() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return _C is not None and bool(_C.has_cuda())
+
+
+def supports(device: torch.device) -> bool:
+    """CPU tensors always (when built); CUDA tensors when the CUDA kernels were compiled."""
+    if _C is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and has_cuda()
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _common(logits: torch.Tensor, labels, ref_logits, weight, spec: OpSpec) -> dict:
+    n, v = logits.shape
+    return dict(
+        n_rows=n,
+        vocab=v,
+        logits=logits.data_ptr(),
+        logits_stride=logits.stride(0),
+        ref=_ptr(ref_logits),
+        ref_stride=ref_logits.stride(0) if ref_logits is not None else 0,
+        dtype=DTYPE_CODES[logits.dtype],
+        labels=_ptr(labels),
+        weight=_ptr(weight),
+        temperature=float(spec.temperature),
+        ignore_index=int(spec.ignore_index),
+        divergence=int(spec.divergence) if ref_logits is not None else 0,
+        beta=float(spec.beta),
+        alpha=float(spec.alpha),
+    )
+
+
+def _launch(fn_name: str, device: torch.device, **kwargs) -> None:
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(_C, f"cuda_{fn_name}")(stream=stream, **kwargs)
+    else:
+        getattr(_C, f"cpu_{fn_name}")(num_threads=torch.get_num_threads(), **kwargs)
+
+
+def _contiguous(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
+            weight: Optional[torch.Tensor], spec: OpSpec) -> RowStats:
+    """Per-row statistics of one fused read of ``logits`` (and ``ref_logits``).
+
+    Shapes: ``logits``/``ref_logits`` ``[N, V]`` (fp32/bf16/fp16, vocab stride 1, any row
+    stride), ``labels`` ``[N]`` int64, ``weight`` ``[N]`` fp32. Returns :class:`RowStats`
+    of fp32 ``[N]`` tensors; skipped rows hold 0.
+    """
+    n = logits.shape[0]
+    labels = _contiguous(labels, torch.int64)
+    weight = _contiguous(weight, torch.float32)
+
+    def out(wanted: bool) -> Optional[torch.Tensor]:
+        return torch.empty(n, dtype=torch.float32, device=logits.device) if wanted else None
+
+    has_labels = labels is not None
+    has_ref = ref_logits is not None
+    has_div = has_ref and spec.divergence != 0
+    stats = RowStats(
+        lse=out(True),
+        logp=out(spec.want_logp and has_labels),
+        ref_logp=out(spec.want_ref_logp and has_labels and has_ref),
+        entropy=out(spec.want_entropy),
+        div=out(has_div),
+        ref_lse=out(has_ref),
+        div_s=out(has_div),
+    )
+    _launch(
+        "forward",
+        logits.device,
+        **_common(logits, labels, ref_logits, weight, spec),
+        want_logp=stats.logp is not None,
+        want_ref_logp=stats.ref_logp is not None,
+        want_entropy=stats.entropy is not None,
+        lse=_ptr(stats.lse),
+        logp=_ptr(stats.logp),
+        ref_logp=_ptr(stats.ref_logp),
+        entropy=_ptr(stats.entropy),
+        div=_ptr(stats.div),
+        ref_lse=_ptr(stats.ref_lse),
+        div_s=_ptr(stats.div_s),
+    )
+    return stats
+
+
+def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
+             weight: Optional[torch.Tensor], spec: OpSpec, stats: RowStats,
+             grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+             grad_div: Optional[torch.Tensor], grad_out: torch.Tensor) -> None:
+    """Write d(sum_i g_logp_i logp_i + g_ent_i H_i + g_div_i div_i)/d logits into ``grad_out``.
+
+    ``grad_out`` is ``[N, V]`` in the logits' dtype with vocab stride 1; it may be ``logits``
+    itself (each element is read before it is written). Every element is written (0 on
+    skipped rows). ``grad_*`` are fp32 ``[N]`` or ``None`` (zero); ``div`` is unweighted,
+    so ``grad_div`` already carries any weighting, and rows with weight 0 get no divergence
+    term.
+    """
+    labels = _contiguous(labels, torch.int64)
+    weight = _contiguous(weight, torch.float32)
+    # Held in locals: the extension gets raw pointers, so every buffer must outlive the call.
+    lse, ref_lse, entropy, div_s = (
+        _contiguous(t, torch.float32) for t in (stats.lse, stats.ref_lse, stats.entropy, stats.div_s)
+    )
+    g_logp, g_ent, g_div = (_contiguous(g, torch.float32) for g in (grad_logp, grad_entropy, grad_div))
+    _launch(
+        "backward",
+        logits.device,
+        **_common(logits, labels, ref_logits, weight, spec),
+        lse=_ptr(lse),
+        ref_lse=_ptr(ref_lse),
+        entropy=_ptr(entropy),
+        div_s=_ptr(div_s),
+        grad_logp=_ptr(g_logp if labels is not None else None),
+        grad_entropy=_ptr(g_ent if entropy is not None else None),
+        grad_div=_ptr(g_div if ref_logits is not None and div_s is not None else None),
+        grad=grad_out.data_ptr(),
+        grad_stride=grad_out.stride(0),
+    )
