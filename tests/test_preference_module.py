@@ -6,6 +6,14 @@ import torch
 import prefopt_kernels.ops as ops
 from prefopt_kernels import losses as L
 
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    # The module's own logic is under test here; the backends are tested against each other
+    # by the op tests, so pin the float64 oracle.
+    with ops.use_backend("reference"):
+        yield
+
 B2, T, V = 4, 7, 11  # 2B rows: chosen [0, 2), rejected [2, 4)
 
 
