@@ -1,0 +1,403 @@
+// CUDA row kernels: one thread block per row (grid-stride over rows), the same math as the
+// CPU kernels from the shared headers.
+//
+// Forward: every thread folds its strided share of the row into a RowState (online
+// softmax: running maxima, sums of exponentials, entropy and KL accumulators), the block
+// merges the states (warp shuffles, then one warp over the per-warp states). For
+// js/tv/hellinger/chi2/alpha a second sweep over the row, now read from L2, sums
+// q f(t) and p f'(t) with both log-sum-exps known. Backward: one sweep that reads a (and b
+// when the divergence term is active) and writes g, element by element, so g may alias a.
+// Loads are 16 bytes wide when the rows share their alignment (the common case of
+// contiguous tensors), with scalar head and tail; otherwise scalar.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/row_kernels.h"
+#include "prefopt/common.h"
+#include "prefopt/divergence.h"
+#include "prefopt/fastmath.h"
+#include "prefopt/softmax_state.h"
+
+namespace prefopt {
+namespace cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <int DT>
+struct Elem;
+template <>
+struct Elem<kFloat32> {
+  using T = float;
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float v) { return v; }
+};
+template <>
+struct Elem<kBFloat16> {
+  using T = uint16_t;
+  static __device__ __forceinline__ float load(uint16_t v) { return bf16_to_float(v); }
+  static __device__ __forceinline__ uint16_t store(float v) { return float_to_bf16(v); }
+};
+template <>
+struct Elem<kFloat16> {
+  using T = uint16_t;
+  static __device__ __forceinline__ float load(uint16_t v) { return half_to_float(v); }
+  static __device__ __forceinline__ uint16_t store(float v) { return float_to_half(v); }
+};
+
+// Element `i` (0 <= i < 16 / sizeof(T)) of a 16-byte vector.
+template <int DT>
+__device__ __forceinline__ float unpack(const uint4& v, int i) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (DT == kFloat32) {
+    return bits_to_float(w[i]);
+  } else {
+    const uint32_t word = w[i >> 1];
+    return Elem<DT>::load(static_cast<uint16_t>((i & 1) ? word >> 16 : word & 0xffffu));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void pack(uint4& v, int i, float g) {
+  uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+  if constexpr (DT == kFloat32) {
+    w[i] = float_to_bits(g);
+  } else {
+    const uint32_t h = Elem<DT>::store(g);
+    w[i >> 1] = (i & 1) ? ((w[i >> 1] & 0xffffu) | (h << 16)) : ((w[i >> 1] & 0xffff0000u) | h);
+  }
+}
+
+// Calls f(j, x_j, z_j) for this thread's share of the row (x = a / T, z = b / T; z = 0
+// without REF). With STORE, f's return value is written to rg[j] in the element type. The
+// 16-byte path runs when every row pointer used has the same offset modulo 16.
+template <int DT, bool REF, bool STORE, class F>
+__device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
+                                         const typename Elem<DT>::T* rb,
+                                         typename Elem<DT>::T* rg, int64_t vocab, float inv_tau,
+                                         F&& f) {
+  using T = typename Elem<DT>::T;
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t tid = threadIdx.x;
+  const int64_t nth = blockDim.x;
+  const uintptr_t off = reinterpret_cast<uintptr_t>(ra) % 16;
+  const bool vec = (!REF || reinterpret_cast<uintptr_t>(rb) % 16 == off) &&
+                   (!STORE || reinterpret_cast<uintptr_t>(rg) % 16 == off) && off % sizeof(T) == 0;
+  const int64_t head_len = vec ? static_cast<int64_t>(((16 - off) % 16) / sizeof(T)) : vocab;
+  const int64_t head = head_len < vocab ? head_len : vocab;
+  auto scalar = [&](int64_t j) {
+    const float x = Elem<DT>::load(ra[j]) * inv_tau;
+    const float z = REF ? Elem<DT>::load(rb[j]) * inv_tau : 0.f;
+    const float g = f(j, x, z);
+    if constexpr (STORE) rg[j] = Elem<DT>::store(g);
+  };
+  for (int64_t j = tid; j < head; j += nth) scalar(j);
+  if (!vec) return;
+  const int64_t n_vec = (vocab - head) / kVec;
+  const uint4* va = reinterpret_cast<const uint4*>(ra + head);
+  const uint4* vb = reinterpret_cast<const uint4*>(REF ? rb + head : ra + head);
+  uint4* vg = reinterpret_cast<uint4*>(STORE ? rg + head : nullptr);
+  for (int64_t k = tid; k < n_vec; k += nth) {
+    const uint4 A = va[k];
+    uint4 B = A;
+    if constexpr (REF) B = vb[k];
+    uint4 G = A;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float x = unpack<DT>(A, i) * inv_tau;
+      const float z = REF ? unpack<DT>(B, i) * inv_tau : 0.f;
+      const float g = f(head + k * kVec + i, x, z);
+      if constexpr (STORE) pack<DT>(G, i, g);
+    }
+    if constexpr (STORE) vg[k] = G;
+  }
+  for (int64_t j = head + n_vec * kVec + tid; j < vocab; j += nth) scalar(j);
+}
+
+__device__ __forceinline__ void warp_merge(RowState<float>& s) {
+#pragma unroll
+  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) {
+    RowState<float> o;
+    o.ma = __shfl_xor_sync(kFullMask, s.ma, lane_mask);
+    o.sa = __shfl_xor_sync(kFullMask, s.sa, lane_mask);
+    o.ua = __shfl_xor_sync(kFullMask, s.ua, lane_mask);
+    o.mb = __shfl_xor_sync(kFullMask, s.mb, lane_mask);
+    o.sb = __shfl_xor_sync(kFullMask, s.sb, lane_mask);
+    o.wf = __shfl_xor_sync(kFullMask, s.wf, lane_mask);
+    o.wr = __shfl_xor_sync(kFullMask, s.wr, lane_mask);
+    merge_state(s, o);
+  }
+}
+
+// Merged state of the whole block; every thread gets it. `scratch` holds 32 states.
+__device__ RowState<float> block_merge(RowState<float> s, RowState<float>* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_warps = (blockDim.x + 31) >> 5;
+  warp_merge(s);
+  if (lane == 0) scratch[warp] = s;
+  __syncthreads();
+  s = lane < n_warps ? scratch[lane] : RowState<float>::empty();
+  warp_merge(s);
+  __syncthreads();  // scratch is reused by the next row
+  return s;
+}
+
+// Block-wide sum of two floats; every thread gets them. `scratch` holds 64 floats.
+__device__ void block_sum2(float& a, float& b, float* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) {
+    a += __shfl_xor_sync(kFullMask, a, m);
+    b += __shfl_xor_sync(kFullMask, b, m);
+  }
+  if (lane == 0) {
+    scratch[warp] = a;
+    scratch[32 + warp] = b;
+  }
+  __syncthreads();
+  a = lane < n_warps ? scratch[lane] : 0.f;
+  b = lane < n_warps ? scratch[32 + lane] : 0.f;
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) {
+    a += __shfl_xor_sync(kFullMask, a, m);
+    b += __shfl_xor_sync(kFullMask, b, m);
+  }
+  __syncthreads();
+}
+
+// The state of one element, merged into the thread's running state. An element with a
+// -inf logit is an empty piece of that distribution; the KL term it adds is the +inf of a
+// support mismatch, as in the CPU block states.
+template <bool REF, int DIV>
+__device__ __forceinline__ void push(RowState<float>& st, float x, float z) {
+  RowState<float> e = RowState<float>::empty();
+  e.ma = x;
+  e.sa = x > -kInf ? 1.f : 0.f;
+  if constexpr (REF) {
+    e.mb = z;
+    e.sb = z > -kInf ? 1.f : 0.f;
+    if constexpr (DIV == kForwardKL) e.wf = (e.sb > 0.f && e.sa == 0.f) ? kInf : 0.f;
+    if constexpr (DIV == kReverseKL) e.wr = (e.sa > 0.f && e.sb == 0.f) ? kInf : 0.f;
+  }
+  merge_state(st, e);
+}
+
+template <int DT, bool REF, int DIV>
+__device__ RowState<float> sweep(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                                 int64_t vocab, float inv_tau, RowState<float>* scratch) {
+  RowState<float> st = RowState<float>::empty();
+  row_loop<DT, REF, false>(ra, rb, nullptr, vocab, inv_tau, [&](int64_t, float x, float z) {
+    push<REF, DIV>(st, x, z);
+    return 0.f;
+  });
+  return block_merge(st, scratch);
+}
+
+template <int DT, int DIV>
+__global__ void forward_kernel(ForwardArgs args) {
+  using T = typename Elem<DT>::T;
+  __shared__ RowState<float> state_scratch[32];
+  __shared__ float sum_scratch[64];
+  const float inv_tau = 1.f / args.temperature;
+  const DivParams prm = make_div_params(args.beta, args.alpha);
+  const int64_t vocab = args.vocab;
+  for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
+    const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
+    float lse = 0.f, logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, ref_lse = 0.f,
+          div_s = 0.f;
+    if (!plan.skip) {
+      const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
+      const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
+      const T* rb = need_ref ? static_cast<const T*>(args.ref) + row * args.ref_stride : ra;
+      RowState<float> st;
+      if (!need_ref)
+        st = sweep<DT, false, kNoDivergence>(ra, rb, vocab, inv_tau, state_scratch);
+      else if (plan.use_div && (DIV == kForwardKL || DIV == kReverseKL))
+        st = sweep<DT, true, DIV>(ra, rb, vocab, inv_tau, state_scratch);
+      else
+        st = sweep<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau, state_scratch);
+      lse = state_lse_a(st);
+      entropy = state_entropy(st);
+      if (need_ref) ref_lse = state_lse_b(st);
+      if (plan.use_div) {
+        if constexpr (DIV == kForwardKL) {
+          div = state_forward_kl(st);
+          div_s = -1.f;
+        } else if constexpr (DIV == kReverseKL) {
+          div = state_reverse_kl(st);
+          div_s = div + 1.f;
+        } else if constexpr (DIV != kNoDivergence) {
+          float sq = 0.f, sp = 0.f;
+          row_loop<DT, true, false>(ra, rb, nullptr, vocab, inv_tau, [&](int64_t, float x, float z) {
+            float qf, pfp;
+            div_terms<DIV>(x - lse, z - ref_lse, prm, qf, pfp);
+            sq += qf;
+            sp += pfp;
+            return 0.f;
+          });
+          block_sum2(sq, sp, sum_scratch);
+          div = sq;
+          div_s = sp;
+        }
+      }
+      if (plan.label >= 0) {
+        if (plan.label < vocab) {
+          logp = Elem<DT>::load(ra[plan.label]) * inv_tau - lse;
+          if (need_ref) ref_logp = Elem<DT>::load(rb[plan.label]) * inv_tau - ref_lse;
+        } else {  // never reached through ops.py; a wrong label must not read out of bounds
+          logp = ref_logp = __int_as_float(0x7fc00000);
+        }
+      }
+    }
+    if (threadIdx.x == 0) {
+      args.lse[row] = lse;
+      if (args.logp) args.logp[row] = logp;
+      if (args.ref_logp) args.ref_logp[row] = ref_logp;
+      if (args.entropy) args.entropy[row] = entropy;
+      if (args.div) args.div[row] = div;
+      if (args.ref_lse) args.ref_lse[row] = ref_lse;
+      if (args.div_s) args.div_s[row] = div_s;
+    }
+  }
+}
+
+// g_j = [ -p_j (c + ge log p_j) + gd p_j f'(t_j) + gl 1[j = y] ] / T, c = gl + ge H + gd S
+// (see the CPU kernels); DIV_ROW is the divergence of this row (none when it has no
+// divergence term).
+template <int DT, int DIV_ROW>
+__device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
+                                             const typename Elem<DT>::T* rb,
+                                             typename Elem<DT>::T* rg, int64_t vocab,
+                                             float inv_tau, float lse_a, float lse_b, float c,
+                                             float gl, float ge, float gd, int64_t label,
+                                             const DivParams& prm) {
+  constexpr bool kRef = DIV_ROW != kNoDivergence;
+  row_loop<DT, kRef, true>(ra, rb, rg, vocab, inv_tau, [&](int64_t j, float x, float z) {
+    const float lp = x - lse_a;
+    const float p = fast_exp(lp);
+    float g = p > 0.f ? -p * (c + ge * lp) : 0.f;
+    if constexpr (kRef) {
+      float qf, pfp;
+      div_terms<DIV_ROW>(lp, z - lse_b, prm, qf, pfp);
+      g += gd * pfp;
+    }
+    g = j == label ? g + gl : g;
+    return g * inv_tau;
+  });
+}
+
+template <int DT, int DIV>
+__global__ void backward_kernel(BackwardArgs args) {
+  using T = typename Elem<DT>::T;
+  const float inv_tau = 1.f / args.temperature;
+  const DivParams prm = make_div_params(args.beta, args.alpha);
+  const int64_t vocab = args.vocab;
+  for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
+    T* rg = static_cast<T*>(args.grad) + row * args.grad_stride;
+    const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
+    const float gl = (args.grad_logp != nullptr && plan.label >= 0) ? args.grad_logp[row] : 0.f;
+    const float ge = args.grad_entropy != nullptr ? args.grad_entropy[row] : 0.f;
+    float gd = args.grad_div != nullptr ? args.grad_div[row] : 0.f;
+    const bool use_div = DIV != kNoDivergence && plan.use_div && args.ref != nullptr && gd != 0.f;
+    if (!use_div) gd = 0.f;
+    if (plan.skip || (gl == 0.f && ge == 0.f && gd == 0.f)) {
+      const T zero = Elem<DT>::store(0.f);
+      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) rg[j] = zero;
+      continue;
+    }
+    const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
+    const float lse_a = args.lse[row];
+    const float h = ge != 0.f ? args.entropy[row] : 0.f;
+    const int64_t label = plan.label < vocab ? plan.label : -1;
+    if (use_div) {
+      const T* rb = static_cast<const T*>(args.ref) + row * args.ref_stride;
+      const float c = gl + ge * h + gd * args.div_s[row];
+      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, lse_a, args.ref_lse[row], c, gl, ge, gd,
+                            label, prm);
+    } else {
+      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_tau, lse_a, 0.f, gl + ge * h, gl,
+                                      ge, 0.f, label, prm);
+    }
+  }
+}
+
+int threads_for(int64_t vocab) { return vocab >= 16384 ? 512 : (vocab >= 2048 ? 256 : 128); }
+
+unsigned grid_for(int64_t n_rows) {
+  const int64_t cap = int64_t(1) << 20;  // rows beyond it are visited grid-stride
+  return static_cast<unsigned>(n_rows < cap ? n_rows : cap);
+}
+
+template <int DT, int DIV>
+void launch_forward(const ForwardArgs& a, cudaStream_t s) {
+  forward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a);
+}
+
+template <int DT, int DIV>
+void launch_backward(const BackwardArgs& a, cudaStream_t s) {
+  backward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a);
+}
+
+template <int DT>
+void forward_dt(const ForwardArgs& a, cudaStream_t s) {
+  switch (a.divergence) {
+    case kForwardKL: return launch_forward<DT, kForwardKL>(a, s);
+    case kReverseKL: return launch_forward<DT, kReverseKL>(a, s);
+    case kJS: return launch_forward<DT, kJS>(a, s);
+    case kTV: return launch_forward<DT, kTV>(a, s);
+    case kHellinger: return launch_forward<DT, kHellinger>(a, s);
+    case kChi2: return launch_forward<DT, kChi2>(a, s);
+    case kAlpha: return launch_forward<DT, kAlpha>(a, s);
+    default: return launch_forward<DT, kNoDivergence>(a, s);
+  }
+}
+
+template <int DT>
+void backward_dt(const BackwardArgs& a, cudaStream_t s) {
+  switch (a.divergence) {
+    case kForwardKL: return launch_backward<DT, kForwardKL>(a, s);
+    case kReverseKL: return launch_backward<DT, kReverseKL>(a, s);
+    case kJS: return launch_backward<DT, kJS>(a, s);
+    case kTV: return launch_backward<DT, kTV>(a, s);
+    case kHellinger: return launch_backward<DT, kHellinger>(a, s);
+    case kChi2: return launch_backward<DT, kChi2>(a, s);
+    case kAlpha: return launch_backward<DT, kAlpha>(a, s);
+    default: return launch_backward<DT, kNoDivergence>(a, s);
+  }
+}
+
+const char* launch_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* forward(const ForwardArgs& args, void* stream) {
+  if (args.n_rows == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case kBFloat16: forward_dt<kBFloat16>(args, s); break;
+    case kFloat16: forward_dt<kFloat16>(args, s); break;
+    default: forward_dt<kFloat32>(args, s); break;
+  }
+  return launch_error();
+}
+
+const char* backward(const BackwardArgs& args, void* stream) {
+  if (args.n_rows == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case kBFloat16: backward_dt<kBFloat16>(args, s); break;
+    case kFloat16: backward_dt<kFloat16>(args, s); break;
+    default: backward_dt<kFloat32>(args, s); break;
+  }
+  return launch_error();
+}
+
+}  // namespace cuda
+}  // namespace prefopt
