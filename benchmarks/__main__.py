@@ -156,8 +156,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                     progress=not args.no_progress)
     t0 = time.time()
     copy_gbps = copy_bandwidth(device) / 1e9
-    results = run_cases(cases, impls, cfg)
-
     try:
         import triton
         triton_version = triton.__version__
@@ -167,10 +165,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {"device": str(device), "device_name": name, "torch": torch.__version__,
             "triton": triton_version, "copy_gbps": copy_gbps,
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-            "backends": backends, "compile": compile_eager, "wall_s": time.time() - t0,
+            "backends": backends, "compile": compile_eager,
             "argv": sys.argv[1:] if argv is None else list(argv)}
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                        report.slug(name))
+
+    def checkpoint(partial):
+        report.write(out_dir, {**meta, "wall_s": time.time() - t0, "complete": False}, notes,
+                     partial, with_plot=False)
+    results = run_cases(cases, impls, cfg, on_case=checkpoint)
+    meta.update(wall_s=time.time() - t0, complete=True)
     paths = report.write(out_dir, meta, notes, results)
     with open(paths["md"]) as f:
         print(f.read())

@@ -30,7 +30,10 @@ def slug(text: str) -> str:
 
 
 def _mib(b: Optional[float]) -> str:
-    return "" if b is None else f"{b / 2**20:,.0f}"
+    if b is None:
+        return ""
+    m = b / 2**20
+    return f"{m:.2f}" if m < 10 else f"{m:,.0f}"
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
@@ -111,11 +114,18 @@ def plot(results: List[dict], path: str) -> Optional[str]:
     return None
 
 
-def write(out_dir: str, meta: dict, notes: List[str], results: List[dict]) -> Dict[str, str]:
-    """Write results.json, results.md and results.png under ``out_dir``; return their paths."""
+def write(out_dir: str, meta: dict, notes: List[str], results: List[dict],
+          with_plot: bool = True) -> Dict[str, str]:
+    """Write results.json, results.md and (``with_plot``) results.png under ``out_dir``;
+    return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md", "png")}
-    note = plot(results, paths["png"])
+    if with_plot:
+        note = plot(results, paths["png"])
+    else:
+        note = "run in progress: no plot yet."
+        if os.path.exists(paths["png"]):
+            os.remove(paths["png"])  # a plot from an earlier run would not match these results
     if note:
         notes = notes + [note]
         del paths["png"]

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import eager
-from .cases import Case, bytes_moved, input_bytes, make_inputs
+from .cases import SEQ_LEN, Case, bytes_moved, input_bytes, make_inputs
 from .peers import available_peers
 
 EAGER = "eager"  # the implementation every ratio is taken against
@@ -82,26 +82,33 @@ def _prefopt_forward(case: Case, inplace: bool) -> Callable[[dict], tuple]:
             x["logits"], x["labels"], x["ref_logits"], divergence=div,
             inplace_backward=inplace) if t is not None)
     if op == "sparse_po":
+        # The KL mask goes in as div_weight: the op skips the divergence where it is 0.
         return lambda x: _sparse_po_step(pk.token_terms(
-            x["logits"], x["labels"], x["ref_logits"], divergence=div,
+            x["logits"], x["labels"], x["ref_logits"], divergence=div, div_weight=x["mask"],
             inplace_backward=inplace), x)
     raise ValueError(op)
 
 
 def _sparse_po_step(terms, x) -> tuple:
-    """The SparsePO loss from per-token terms: the package's loss function when it exists."""
+    """The SparsePO loss (``pk.losses.sparse_po_loss``) from per-token terms.
+
+    The N tokens are sequences of ``SEQ_LEN`` tokens (two sequences when N is smaller); the
+    first half of the sequences are the chosen responses, the second half the rejected ones.
+    One mask serves as reward mask and KL mask, as in SparsePO's shared-mask variant.
+    """
     from prefopt_kernels.losses import sparse_po_loss
 
-    loss, _ = sparse_po_loss(*_sparse_po_args(terms, x))
+    logp, ref_logp, kl = terms[0], terms[1], terms[2]
+    n = logp.shape[0]
+    t = SEQ_LEN if n % (2 * SEQ_LEN) == 0 else n // 2
+    pairs = n // (2 * t)
+
+    def halves(v):
+        v = v.view(2 * pairs, t)
+        return v[:pairs], v[pairs:]
+    (lw, ll), (kw, kl_l), (mw, ml) = halves(logp - ref_logp), halves(kl), halves(x["mask"])
+    loss, _ = sparse_po_loss(lw, ll, kw, kl_l, mw, ml, mw, ml, beta=0.1)
     return (loss,)
-
-
-def _sparse_po_args(terms, x):
-    """Pair the first half of the tokens (chosen) with the second half (rejected)."""
-    logp, ref_logp, div = terms[0], terms[1], terms[2]
-    n = logp.shape[0] // 2
-    mask = x["mask"]
-    return (logp[:n], logp[n:], ref_logp[:n], ref_logp[n:], div[:n], div[n:], mask[:n], mask[n:])
 
 
 def _eager_forward(case: Case) -> Callable[[dict], tuple]:
@@ -458,8 +465,12 @@ def _fits(case: Case, device: torch.device) -> Optional[str]:
     return None
 
 
-def run_cases(cases: Sequence[Case], impls: Sequence[Impl], cfg: RunConfig) -> List[dict]:
-    """Run every applicable implementation on every case; one result dict per pair."""
+def run_cases(cases: Sequence[Case], impls: Sequence[Impl], cfg: RunConfig,
+              on_case: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Run every applicable implementation on every case; one result dict per pair.
+
+    ``on_case(results_so_far)`` is called after each case, so that a run cut short by a time
+    limit still leaves its results behind."""
     device = cfg.device
     results: List[dict] = []
     ordered = sorted(impls, key=lambda i: i.mutates_input)
@@ -490,6 +501,9 @@ def run_cases(cases: Sequence[Case], impls: Sequence[Impl], cfg: RunConfig) -> L
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_case is not None:
+            _add_ratios(results)
+            on_case(results)
     bar.close()
     _add_ratios(results)
     return results
