@@ -71,6 +71,10 @@ def _expand_ops(ops):
     return out
 
 
+def explicit_axes(args) -> bool:
+    return any(getattr(args, k) is not None for k in ("ops", "modes", "tokens", "vocab", "dtype"))
+
+
 def _default_backends(device) -> tuple:
     """Backends of the package that run on ``device``, found by running a tiny op on each."""
     import torch
@@ -147,6 +151,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         cases = default_cases(device.type, quick=args.quick, full=args.full, ops=ops,
                               modes=args.modes, tokens=args.tokens, vocabs=args.vocab,
                               dtypes=args.dtype)
+        if device.type == "cpu" and not (args.quick or explicit_axes(args)):
+            notes.append("CPU default: divergences forward_kl and js only; --ops divergence "
+                         "runs all seven.")
         if device.type == "cpu" and "triton" in backends:
             cases += [c for c in tiny_cases(ops) if c not in cases]
 
