@@ -1,0 +1,109 @@
+"""The numerics contract as executable checks, and the float64 oracle every backend meets.
+
+Per-token outputs: ``|x - x_ref| <= (1e-5 + 1e-6 s)(1 + |x_ref|)``.
+Gradients, per row: ``|g - g_ref| <= (1e-5 + 1e-6 s) max_j |g_ref_j| + 2e-7 |g_out| +
+ulp_dtype(g_ref)``, with ``s = max(1, max|a|/T, max|b|/T)`` over the row's finite logits
+and ``g_out`` the upstream gradient of that token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import prefopt_kernels as pk
+from prefopt_kernels.backends import reference
+from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backends_under_test():
+    """Every backend that can run on ``DEVICE`` except the oracle itself."""
+    names = []
+    for name in pk.available_backends():
+        if name == "reference":
+            continue
+        module = __import__(f"prefopt_kernels.backends.{name}", fromlist=["supports"])
+        if module.supports(DEVICE):
+            names.append(name)
+    return names
+
+
+def row_scale(a: torch.Tensor, b, temperature: float) -> torch.Tensor:
+    """``s`` per token: ``max(1, max|a|/T, max|b|/T)`` over finite entries; shape ``a.shape[:-1]``."""
+    def finite_max(x):
+        x = x.to(torch.float64).abs()
+        return torch.where(torch.isfinite(x), x, torch.zeros_like(x)).amax(-1) / temperature
+
+    s = finite_max(a)
+    if b is not None:
+        s = torch.maximum(s, finite_max(b))
+    return torch.clamp(s, min=1.0)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at ``|x|`` (float64 result), subnormals included."""
+    info = torch.finfo(dtype)
+    mantissa_bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
+    x = x.to(torch.float64).abs()
+    exponent = torch.floor(torch.log2(torch.clamp(x, min=info.tiny)))
+    return torch.exp2(exponent - mantissa_bits)
+
+
+def assert_tokens_close(x: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, what: str) -> None:
+    x = x.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    scale = scale.cpu()
+    both_inf = torch.isinf(ref) & (x == ref)
+    tol = (1e-5 + 1e-6 * scale) * (1.0 + ref.abs())
+    err = (x - ref).abs()
+    bad = ~both_inf & ~(err <= tol)
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} tokens outside the contract; worst at "
+        f"{tuple(int(i) for i in (err - tol).nan_to_num(math.inf).argmax().unravel_index(err.shape)) if err.dim() else ()}: "
+        f"got {x[bad][:4].tolist()} want {ref[bad][:4].tolist()}"
+    )
+
+
+def assert_grads_close(g: torch.Tensor, g_ref: torch.Tensor, scale: torch.Tensor, g_out: torch.Tensor,
+                       dtype: torch.dtype, what: str, rows=None) -> None:
+    g = g.detach().to(torch.float64).cpu()
+    g_ref = g_ref.detach().to(torch.float64).cpu()
+    assert torch.isfinite(g).all(), f"{what}: non-finite gradient"
+    row_max = g_ref.abs().amax(-1, keepdim=True)
+    tol = (1e-5 + 1e-6 * scale.cpu()[..., None]) * row_max + 2e-7 * g_out.cpu().to(torch.float64)[..., None] + ulp(g_ref, dtype)
+    bad = ~((g - g_ref).abs() <= tol)
+    if rows is not None:
+        bad &= rows.cpu()[..., None]
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} gradient entries outside the contract; "
+        f"got {g[bad][:4].tolist()} want {g_ref[bad][:4].tolist()}"
+    )
+
+
+def oracle(a, labels, b, weight, *, divergence=None, beta=0.5, alpha=0.5, temperature=1.0,
+           ignore_index=-100, want_logp=False, want_ref_logp=False, want_entropy=False,
+           upstream=None):
+    """Float64 values (and autograd gradient) of the same rounded inputs.
+
+    Returns ``(values, grad)``: ``values`` maps output names to float64 tensors of the leading
+    shape; ``grad`` is the float64 gradient of ``sum(upstream[k] * values[k])`` with
+    respect to ``a`` (or ``None`` without ``upstream``).
+    """
+    lead, vocab = a.shape[:-1], a.shape[-1]
+    a64 = a.detach().to(torch.float64).cpu().reshape(-1, vocab).requires_grad_(True)
+    b64 = None if b is None else b.detach().to(torch.float64).cpu().reshape(-1, vocab)
+    spec = OpSpec(temperature=temperature, ignore_index=ignore_index,
+                  divergence=DIVERGENCE_CODES[divergence] if divergence else 0, beta=beta, alpha=alpha,
+                  want_logp=want_logp, want_ref_logp=want_ref_logp, want_entropy=want_entropy)
+    flat_labels = None if labels is None else labels.cpu().reshape(-1)
+    flat_weight = None if weight is None else weight.cpu().reshape(-1)
+    values = reference.evaluate(a64, flat_labels, b64, flat_weight, spec)
+    grad = None
+    if upstream:
+        total = sum((upstream[k].cpu().to(torch.float64).reshape(-1) * values[k]).sum() for k in upstream)
+        (grad,) = torch.autograd.grad(total, a64)
+        grad = grad.reshape(*lead, vocab)
+    return {k: v.detach().reshape(lead) for k, v in values.items()}, grad

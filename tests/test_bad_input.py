@@ -1,0 +1,106 @@
+"""Bad input fails loudly, naming the argument, on every backend, before any kernel runs."""
+
+import math
+
+import pytest
+import torch
+
+import prefopt_kernels as pk
+from contract import DEVICE, backends_under_test
+
+ALL_BACKENDS = backends_under_test() + ["reference"]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def no_kernels(request, monkeypatch):
+    """Select a backend whose forward and backward must never be reached."""
+    module = __import__(f"prefopt_kernels.backends.{request.param}", fromlist=["forward"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel ran on bad input")
+
+    monkeypatch.setattr(module, "forward", refuse)
+    monkeypatch.setattr(module, "backward", refuse)
+    with pk.use_backend(request.param):
+        yield
+
+
+def _inputs(dtype=torch.float32, shape=(2, 3, 50)):
+    a = torch.randn(shape, device=DEVICE).to(dtype)
+    b = torch.randn(shape, device=DEVICE).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], device=DEVICE)
+    return a, b, labels
+
+
+CASES = {
+    "logits not a tensor": (lambda a, b, y: pk.token_logprobs(a.tolist(), y), TypeError, "logits"),
+    "integer logits": (lambda a, b, y: pk.token_logprobs(a.long(), y), TypeError, "logits"),
+    "float64 logits": (lambda a, b, y: pk.token_logprobs(a.double(), y), TypeError, "logits"),
+    "scalar logits": (lambda a, b, y: pk.token_logprobs(a[0, 0, 0], y), ValueError, "logits"),
+    "non-contiguous vocabulary": (lambda a, b, y: pk.token_logprobs(a.transpose(1, 2), y[:, :1].expand(2, 50)),
+                                  ValueError, "contiguous vocabulary"),
+    "float labels": (lambda a, b, y: pk.token_logprobs(a, y.float()), TypeError, "labels"),
+    "bool labels": (lambda a, b, y: pk.token_logprobs(a, y > 0), TypeError, "labels"),
+    "labels shape": (lambda a, b, y: pk.token_logprobs(a, y[:, :2]), ValueError, "labels"),
+    "label = V": (lambda a, b, y: pk.token_logprobs(a, torch.full_like(y, 50)), ValueError, "labels"),
+    "negative label": (lambda a, b, y: pk.token_logprobs(a, torch.full_like(y, -1)), ValueError, "labels"),
+    "label outside with other ignore_index": (
+        lambda a, b, y: pk.token_logprobs(a, torch.full_like(y, -100), ignore_index=-1), ValueError, "labels"),
+    "ignore_index not int": (lambda a, b, y: pk.token_logprobs(a, y, ignore_index=1.5), TypeError, "ignore_index"),
+    "zero temperature": (lambda a, b, y: pk.token_logprobs(a, y, temperature=0.0), ValueError, "temperature"),
+    "negative temperature": (lambda a, b, y: pk.token_terms(a, y, b, temperature=-1.0), ValueError, "temperature"),
+    "nan temperature": (lambda a, b, y: pk.token_divergence(a, b, temperature=math.nan), ValueError, "temperature"),
+    "string temperature": (lambda a, b, y: pk.token_divergence(a, b, temperature="1"), TypeError, "temperature"),
+    "ref shape": (lambda a, b, y: pk.token_divergence(a, b[:, :2]), ValueError, "ref_logits"),
+    "ref vocabulary": (lambda a, b, y: pk.token_terms(a, y, b[..., :49]), ValueError, "ref_logits"),
+    "ref dtype": (lambda a, b, y: pk.token_divergence(a, b.half()), TypeError, "ref_logits"),
+    "ref not a tensor": (lambda a, b, y: pk.token_divergence(a, None), TypeError, "ref_logits"),
+    "ref non-contiguous vocabulary": (
+        lambda a, b, y: pk.token_divergence(a, b.transpose(1, 2).contiguous().transpose(1, 2)),
+        ValueError, "ref_logits"),
+    "unknown divergence": (lambda a, b, y: pk.token_divergence(a, b, divergence="kl"), ValueError, "divergence"),
+    "js beta = 0": (lambda a, b, y: pk.token_divergence(a, b, divergence="js", beta=0.0), ValueError, "beta"),
+    "js beta = 1": (lambda a, b, y: pk.token_terms(a, y, b, divergence="js", beta=1.0), ValueError, "beta"),
+    "alpha = 1": (lambda a, b, y: pk.token_divergence(a, b, divergence="alpha", alpha=1.0), ValueError, "alpha"),
+    "alpha = 0": (lambda a, b, y: pk.token_divergence(a, b, divergence="alpha", alpha=0), ValueError, "alpha"),
+    "alpha = inf": (lambda a, b, y: pk.token_divergence(a, b, divergence="alpha", alpha=math.inf), ValueError, "alpha"),
+    "weight shape": (lambda a, b, y: pk.token_divergence(a, b, weight=torch.ones(3, device=DEVICE)), ValueError, "weight"),
+    "div_weight shape": (lambda a, b, y: pk.token_terms(a, y, b, div_weight=torch.ones(2, 3, 1, device=DEVICE)),
+                         ValueError, "div_weight"),
+    "weight not a tensor": (lambda a, b, y: pk.token_divergence(a, b, weight=[1.0]), TypeError, "weight"),
+    "inplace_backward not bool": (lambda a, b, y: pk.token_logprobs(a, y, inplace_backward="yes"),
+                                  TypeError, "inplace_backward"),
+    "unknown backend": (lambda a, b, y: pk.use_backend("cuda"), ValueError, "name"),
+}
+if DEVICE.type == "cuda":
+    CASES["labels on another device"] = (lambda a, b, y: pk.token_logprobs(a, y.cpu()), ValueError, "labels")
+    CASES["ref on another device"] = (lambda a, b, y: pk.token_divergence(a, b.cpu()), ValueError, "ref_logits")
+else:
+    CASES["meta device"] = (lambda a, b, y: pk.token_logprobs(a.to("meta"), y), ValueError, "logits")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_raises_naming_the_argument(no_kernels, name):
+    call, error, fragment = CASES[name]
+    a, b, labels = _inputs()
+    with pytest.raises(error, match=fragment):
+        call(a, b, labels)
+
+
+def test_backend_that_cannot_run_here_is_refused():
+    missing = [n for n in ("triton", "native") if n not in backends_under_test()]
+    if not missing:
+        pytest.skip("every backend runs on this device")
+    a, b, labels = _inputs()
+    with pk.use_backend(missing[0]):
+        with pytest.raises(ValueError, match=missing[0]):
+            pk.token_logprobs(a, labels)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_leading_shape_gives_empty_outputs(backend):
+    a = torch.randn(0, 7, 30, device=DEVICE, requires_grad=True)
+    with pk.use_backend(backend):
+        logp = pk.token_logprobs(a, torch.zeros(0, 7, dtype=torch.long, device=DEVICE))
+        logp.sum().backward()
+    assert logp.shape == (0, 7) and a.grad.shape == a.shape
