@@ -205,8 +205,14 @@ def _op_names():
 
 
 class Runnable:
-    """``call()`` runs one iteration of the case's mode; ``reset()`` drops the logits' gradient
-    (so each iteration allocates it afresh, as a training step does)."""
+    """``call()`` runs one iteration of the case's mode.
+
+    The backward returns the logits' gradient with ``torch.autograd.grad`` instead of
+    accumulating it into ``.grad``: in training the logits are an activation whose gradient
+    goes straight on to the LM head's backward. (Accumulating into a leaf's ``.grad`` would
+    also copy an in-place gradient, hiding what ``inplace_backward`` saves.) ``reset()`` is
+    kept for timers; it drops any stray ``.grad``.
+    """
 
     def __init__(self, case: Case, impl: Impl, inputs: dict):
         self.case, self.impl, self.inputs = case, impl, inputs
@@ -231,14 +237,16 @@ class Runnable:
         self.inputs["logits"].grad = None
 
     def call(self) -> None:
+        logits = self.inputs["logits"]
         with self.impl.context():
             if self.case.mode == "fwd":
                 self.forward(self.inputs)
             elif self.case.mode == "fwd+bwd":
                 outs = self._differentiable(self.forward(self.inputs))
-                torch.autograd.backward(outs, self._upstream(outs))
+                torch.autograd.grad(outs, [logits], self._upstream(outs))
             else:
-                torch.autograd.backward(self._outs, self._upstream(self._outs), retain_graph=True)
+                torch.autograd.grad(self._outs, [logits], self._upstream(self._outs),
+                                    retain_graph=True)
 
 
 # --------------------------------------------------------------------------------------------
