@@ -1,8 +1,9 @@
 // pybind11 module prefopt_kernels._C: the kernels over raw device/host pointers. Tensors
 // never cross this boundary (the module does not link libtorch, so one build works with
-// every PyTorch version); the Python bridge passes data_ptr()s, shapes, strides in
-// elements, dtype codes and, for CUDA, the stream handle as integers. A pointer of 0 means
-// "absent" (optional inputs and outputs not asked for).
+// every PyTorch version); the Python bridge passes data_ptr()s, the [B, T, V] view shape
+// (n_rows = B * T, tokens = T, vocab = V) with batch and token strides in elements, dtype
+// codes and, for CUDA, the stream handle, all as integers. A pointer of 0 means "absent"
+// (optional inputs and outputs not asked for).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -27,35 +28,45 @@ T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-void check_common(int64_t n_rows, int64_t vocab, int dtype, int divergence, float temperature) {
-  if (n_rows < 0 || vocab <= 0) throw std::invalid_argument("prefopt._C: bad shape");
+void check_common(int64_t n_rows, int64_t tokens, int64_t vocab, int dtype, int divergence,
+                  double temperature) {
+  if (n_rows < 0 || vocab <= 0 || (n_rows > 0 && (tokens <= 0 || n_rows % tokens != 0)))
+    throw std::invalid_argument("prefopt._C: bad shape");
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("prefopt._C: unknown dtype code");
   if (divergence < 0 || divergence > 7)
     throw std::invalid_argument("prefopt._C: unknown divergence code");
-  if (!(temperature > 0.f)) throw std::invalid_argument("prefopt._C: temperature must be > 0");
+  if (!(temperature > 0.0)) throw std::invalid_argument("prefopt._C: temperature must be > 0");
 }
 
-ForwardArgs forward_args(int64_t n_rows, int64_t vocab, std::uintptr_t logits,
-                         int64_t logits_stride, std::uintptr_t ref, int64_t ref_stride,
+ForwardArgs forward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,
+                         int64_t logits_batch_stride, int64_t logits_token_stride,
+                         std::uintptr_t ref, int64_t ref_batch_stride, int64_t ref_token_stride,
                          int dtype, std::uintptr_t labels, std::uintptr_t weight,
-                         float temperature, int64_t ignore_index, int divergence, float beta,
+                         double temperature, int64_t ignore_index, int divergence, float beta,
                          float alpha, bool want_logp, bool want_ref_logp, bool want_entropy,
-                         std::uintptr_t lse, std::uintptr_t logp, std::uintptr_t ref_logp,
-                         std::uintptr_t entropy, std::uintptr_t div, std::uintptr_t ref_lse,
+                         std::uintptr_t row_max, std::uintptr_t log_norm, std::uintptr_t logp,
+                         std::uintptr_t ref_logp, std::uintptr_t entropy, std::uintptr_t div,
+                         std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm,
                          std::uintptr_t div_s, int num_threads) {
-  check_common(n_rows, vocab, dtype, divergence, temperature);
-  if (logits == 0 || lse == 0) throw std::invalid_argument("prefopt._C: logits and lse required");
+  check_common(n_rows, tokens, vocab, dtype, divergence, temperature);
+  if (logits == 0 || row_max == 0 || log_norm == 0)
+    throw std::invalid_argument("prefopt._C: logits, row_max and log_norm required");
+  if (ref != 0 && (ref_row_max == 0 || ref_log_norm == 0))
+    throw std::invalid_argument("prefopt._C: a reference needs ref_row_max and ref_log_norm");
   if (divergence != 0 && (ref == 0 || div == 0 || div_s == 0))
     throw std::invalid_argument("prefopt._C: a divergence needs ref, div and div_s");
   if ((want_logp || want_ref_logp) && labels == 0)
     throw std::invalid_argument("prefopt._C: label log-probs need labels");
   ForwardArgs a;
   a.n_rows = n_rows;
+  a.tokens = tokens;
   a.vocab = vocab;
   a.logits = ptr<const void>(logits);
-  a.logits_stride = logits_stride;
+  a.logits_batch_stride = logits_batch_stride;
+  a.logits_token_stride = logits_token_stride;
   a.ref = ptr<const void>(ref);
-  a.ref_stride = ref_stride;
+  a.ref_batch_stride = ref_batch_stride;
+  a.ref_token_stride = ref_token_stride;
   a.dtype = dtype;
   a.labels = ptr<const int64_t>(labels);
   a.weight = ptr<const float>(weight);
@@ -68,39 +79,49 @@ ForwardArgs forward_args(int64_t n_rows, int64_t vocab, std::uintptr_t logits,
   a.want_ref_logp = want_ref_logp && ref != 0;
   a.want_entropy = want_entropy;
   a.num_threads = num_threads;
-  a.lse = ptr<float>(lse);
+  a.row_max = ptr<float>(row_max);
+  a.log_norm = ptr<float>(log_norm);
   a.logp = ptr<float>(logp);
   a.ref_logp = ptr<float>(ref_logp);
   a.entropy = ptr<float>(entropy);
   a.div = ptr<float>(div);
-  a.ref_lse = ptr<float>(ref_lse);
+  a.ref_row_max = ptr<float>(ref_row_max);
+  a.ref_log_norm = ptr<float>(ref_log_norm);
   a.div_s = ptr<float>(div_s);
   return a;
 }
 
-BackwardArgs backward_args(int64_t n_rows, int64_t vocab, std::uintptr_t logits,
-                           int64_t logits_stride, std::uintptr_t ref, int64_t ref_stride,
+BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,
+                           int64_t logits_batch_stride, int64_t logits_token_stride,
+                           std::uintptr_t ref, int64_t ref_batch_stride,
+                           int64_t ref_token_stride,
                            int dtype, std::uintptr_t labels, std::uintptr_t weight,
-                           float temperature, int64_t ignore_index, int divergence, float beta,
-                           float alpha, std::uintptr_t lse, std::uintptr_t ref_lse,
+                           double temperature, int64_t ignore_index, int divergence, float beta,
+                           float alpha, std::uintptr_t row_max, std::uintptr_t log_norm,
+                           std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm,
                            std::uintptr_t entropy, std::uintptr_t div_s,
                            std::uintptr_t grad_logp, std::uintptr_t grad_entropy,
-                           std::uintptr_t grad_div, std::uintptr_t grad, int64_t grad_stride,
-                           int num_threads) {
-  check_common(n_rows, vocab, dtype, divergence, temperature);
-  if (logits == 0 || lse == 0 || grad == 0)
-    throw std::invalid_argument("prefopt._C: logits, lse and grad required");
+                           std::uintptr_t grad_div, std::uintptr_t grad, int64_t grad_batch_stride,
+                           int64_t grad_token_stride, int num_threads) {
+  check_common(n_rows, tokens, vocab, dtype, divergence, temperature);
+  if (logits == 0 || row_max == 0 || log_norm == 0 || grad == 0)
+    throw std::invalid_argument("prefopt._C: logits, row_max, log_norm and grad required");
   if (grad_entropy != 0 && entropy == 0)
     throw std::invalid_argument("prefopt._C: an entropy gradient needs the saved entropy");
-  if (grad_div != 0 && divergence != 0 && (ref == 0 || ref_lse == 0 || div_s == 0))
-    throw std::invalid_argument("prefopt._C: a divergence gradient needs ref, ref_lse, div_s");
+  if (grad_div != 0 && divergence != 0 &&
+      (ref == 0 || ref_row_max == 0 || ref_log_norm == 0 || div_s == 0))
+    throw std::invalid_argument(
+        "prefopt._C: a divergence gradient needs ref, ref_row_max, ref_log_norm and div_s");
   BackwardArgs a;
   a.n_rows = n_rows;
+  a.tokens = tokens;
   a.vocab = vocab;
   a.logits = ptr<const void>(logits);
-  a.logits_stride = logits_stride;
+  a.logits_batch_stride = logits_batch_stride;
+  a.logits_token_stride = logits_token_stride;
   a.ref = ptr<const void>(ref);
-  a.ref_stride = ref_stride;
+  a.ref_batch_stride = ref_batch_stride;
+  a.ref_token_stride = ref_token_stride;
   a.dtype = dtype;
   a.labels = ptr<const int64_t>(labels);
   a.weight = ptr<const float>(weight);
@@ -110,42 +131,52 @@ BackwardArgs backward_args(int64_t n_rows, int64_t vocab, std::uintptr_t logits,
   a.beta = beta;
   a.alpha = alpha;
   a.num_threads = num_threads;
-  a.lse = ptr<const float>(lse);
-  a.ref_lse = ptr<const float>(ref_lse);
+  a.row_max = ptr<const float>(row_max);
+  a.log_norm = ptr<const float>(log_norm);
+  a.ref_row_max = ptr<const float>(ref_row_max);
+  a.ref_log_norm = ptr<const float>(ref_log_norm);
   a.entropy = ptr<const float>(entropy);
   a.div_s = ptr<const float>(div_s);
   a.grad_logp = ptr<const float>(grad_logp);
   a.grad_entropy = ptr<const float>(grad_entropy);
   a.grad_div = ptr<const float>(grad_div);
   a.grad = ptr<void>(grad);
-  a.grad_stride = grad_stride;
+  a.grad_batch_stride = grad_batch_stride;
+  a.grad_token_stride = grad_token_stride;
   return a;
 }
 
 #define PREFOPT_FORWARD_PARAMS                                                             \
-  int64_t n_rows, int64_t vocab, std::uintptr_t logits, int64_t logits_stride,             \
-      std::uintptr_t ref, int64_t ref_stride, int dtype, std::uintptr_t labels,            \
-      std::uintptr_t weight, float temperature, int64_t ignore_index, int divergence,      \
+  int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,                    \
+      int64_t logits_batch_stride, int64_t logits_token_stride, std::uintptr_t ref,        \
+      int64_t ref_batch_stride, int64_t ref_token_stride, int dtype, std::uintptr_t labels, \
+      std::uintptr_t weight, double temperature, int64_t ignore_index, int divergence,      \
       float beta, float alpha, bool want_logp, bool want_ref_logp, bool want_entropy,      \
-      std::uintptr_t lse, std::uintptr_t logp, std::uintptr_t ref_logp,                    \
-      std::uintptr_t entropy, std::uintptr_t div, std::uintptr_t ref_lse,                  \
-      std::uintptr_t div_s
+      std::uintptr_t row_max, std::uintptr_t log_norm, std::uintptr_t logp,                \
+      std::uintptr_t ref_logp, std::uintptr_t entropy, std::uintptr_t div,                 \
+      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t div_s
 #define PREFOPT_FORWARD_ARGS                                                               \
-  n_rows, vocab, logits, logits_stride, ref, ref_stride, dtype, labels, weight,            \
+  n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
+      ref_batch_stride, ref_token_stride, dtype, labels, weight,                           \
       temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp,        \
-      want_entropy, lse, logp, ref_logp, entropy, div, ref_lse, div_s
+      want_entropy, row_max, log_norm, logp, ref_logp, entropy, div, ref_row_max,          \
+      ref_log_norm, div_s
 #define PREFOPT_BACKWARD_PARAMS                                                            \
-  int64_t n_rows, int64_t vocab, std::uintptr_t logits, int64_t logits_stride,             \
-      std::uintptr_t ref, int64_t ref_stride, int dtype, std::uintptr_t labels,            \
-      std::uintptr_t weight, float temperature, int64_t ignore_index, int divergence,      \
-      float beta, float alpha, std::uintptr_t lse, std::uintptr_t ref_lse,                 \
-      std::uintptr_t entropy, std::uintptr_t div_s, std::uintptr_t grad_logp,              \
+  int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,                    \
+      int64_t logits_batch_stride, int64_t logits_token_stride, std::uintptr_t ref,        \
+      int64_t ref_batch_stride, int64_t ref_token_stride, int dtype, std::uintptr_t labels, \
+      std::uintptr_t weight, double temperature, int64_t ignore_index, int divergence,      \
+      float beta, float alpha, std::uintptr_t row_max, std::uintptr_t log_norm,            \
+      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t entropy,     \
+      std::uintptr_t div_s, std::uintptr_t grad_logp,              \
       std::uintptr_t grad_entropy, std::uintptr_t grad_div, std::uintptr_t grad,           \
-      int64_t grad_stride
+      int64_t grad_batch_stride, int64_t grad_token_stride
 #define PREFOPT_BACKWARD_ARGS                                                              \
-  n_rows, vocab, logits, logits_stride, ref, ref_stride, dtype, labels, weight,            \
-      temperature, ignore_index, divergence, beta, alpha, lse, ref_lse, entropy, div_s,    \
-      grad_logp, grad_entropy, grad_div, grad, grad_stride
+  n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
+      ref_batch_stride, ref_token_stride, dtype, labels, weight,                           \
+      temperature, ignore_index, divergence, beta, alpha, row_max, log_norm, ref_row_max,  \
+      ref_log_norm, entropy, div_s,                                                        \
+      grad_logp, grad_entropy, grad_div, grad, grad_batch_stride, grad_token_stride
 
 void cpu_forward(PREFOPT_FORWARD_PARAMS, int num_threads) {
   const ForwardArgs a = forward_args(PREFOPT_FORWARD_ARGS, num_threads);
@@ -194,26 +225,31 @@ void cuda_backward(PREFOPT_BACKWARD_PARAMS, std::uintptr_t stream) {
 PYBIND11_MODULE(_C, m) {
   m.doc() =
       "Native row kernels of prefopt_kernels (C++/OpenMP CPU and optional CUDA). Functions take "
-      "raw pointers as ints, shapes, row strides in elements and dtype codes "
+      "raw pointers as ints, the [B, T, V] view as n_rows = B * T, tokens = T, vocab = V with "
+      "batch and token strides in elements, and dtype codes "
       "(0 fp32, 1 bf16, 2 fp16); pointer 0 means absent.";
   const auto fwd_names = [](auto&& extra) {
     return std::make_tuple(
-        py::arg("n_rows"), py::arg("vocab"), py::arg("logits"), py::arg("logits_stride"),
-        py::arg("ref"), py::arg("ref_stride"), py::arg("dtype"), py::arg("labels"),
+        py::arg("n_rows"), py::arg("tokens"), py::arg("vocab"), py::arg("logits"),
+        py::arg("logits_batch_stride"), py::arg("logits_token_stride"), py::arg("ref"),
+        py::arg("ref_batch_stride"), py::arg("ref_token_stride"), py::arg("dtype"), py::arg("labels"),
         py::arg("weight"), py::arg("temperature"), py::arg("ignore_index"),
         py::arg("divergence"), py::arg("beta"), py::arg("alpha"), py::arg("want_logp"),
-        py::arg("want_ref_logp"), py::arg("want_entropy"), py::arg("lse"), py::arg("logp"),
-        py::arg("ref_logp"), py::arg("entropy"), py::arg("div"), py::arg("ref_lse"),
-        py::arg("div_s"), extra);
+        py::arg("want_ref_logp"), py::arg("want_entropy"), py::arg("row_max"),
+        py::arg("log_norm"), py::arg("logp"), py::arg("ref_logp"), py::arg("entropy"),
+        py::arg("div"), py::arg("ref_row_max"), py::arg("ref_log_norm"), py::arg("div_s"), extra);
   };
   const auto bwd_names = [](auto&& extra) {
     return std::make_tuple(
-        py::arg("n_rows"), py::arg("vocab"), py::arg("logits"), py::arg("logits_stride"),
-        py::arg("ref"), py::arg("ref_stride"), py::arg("dtype"), py::arg("labels"),
+        py::arg("n_rows"), py::arg("tokens"), py::arg("vocab"), py::arg("logits"),
+        py::arg("logits_batch_stride"), py::arg("logits_token_stride"), py::arg("ref"),
+        py::arg("ref_batch_stride"), py::arg("ref_token_stride"), py::arg("dtype"), py::arg("labels"),
         py::arg("weight"), py::arg("temperature"), py::arg("ignore_index"),
-        py::arg("divergence"), py::arg("beta"), py::arg("alpha"), py::arg("lse"),
-        py::arg("ref_lse"), py::arg("entropy"), py::arg("div_s"), py::arg("grad_logp"),
-        py::arg("grad_entropy"), py::arg("grad_div"), py::arg("grad"), py::arg("grad_stride"),
+        py::arg("divergence"), py::arg("beta"), py::arg("alpha"), py::arg("row_max"),
+        py::arg("log_norm"), py::arg("ref_row_max"), py::arg("ref_log_norm"), py::arg("entropy"),
+        py::arg("div_s"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_div"),
+        py::arg("grad"),
+        py::arg("grad_batch_stride"), py::arg("grad_token_stride"),
         extra);
   };
   const auto def = [&m](const char* name, auto fn, auto names, const char* doc) {
@@ -221,7 +257,7 @@ PYBIND11_MODULE(_C, m) {
   };
   def("cpu_forward", &cpu_forward, fwd_names(py::arg("num_threads") = 0),
       "Per-row statistics of the fused token ops on CPU tensors; writes the fp32 [n_rows] "
-      "outputs whose pointers are non-zero (lse always).");
+      "outputs whose pointers are non-zero (row_max and log_norm always).");
   def("cpu_backward", &cpu_backward, bwd_names(py::arg("num_threads") = 0),
       "Gradient wrt logits on CPU, written into grad ([n_rows, vocab] in the logits dtype, "
       "may alias logits).");

@@ -1,17 +1,18 @@
 // Body of the CPU row kernels. Included once per instruction-set variant with
 // PREFOPT_CPU_VARIANT naming the namespace; the variants differ only in compiler flags.
 //
-// Forward, per row (x = a / T, z = b / T):
+// Forward, per row:
 //   pass 1, blocks of kBlock entries converted to fp32 in a stack buffer: block max, then
 //   sum exp / entropy / KL accumulators relative to it (one vectorised loop), merged into
-//   a double-precision RowState (online rescaling). Per-block fp32 sums are short (kBlock /
-//   SIMD width terms per lane) and the row-level merge is in double, so accuracy does not
-//   degrade as V grows.
+//   a double-precision RowState (online rescaling; see softmax_state.h). Per-block fp32
+//   sums are short (kBlock / SIMD width terms per lane) and the row-level merge is in
+//   double, so accuracy does not degrade as V grows.
 //   pass 2, only for js/tv/hellinger/chi2/alpha: with both log-sum-exps known, sums of
-//   q f(t) and p f'(t) over the row, again blocked.
+//   q f(t) and p f'(t) over the row, again blocked; the row is re-read from cache.
 // Backward, per row: one vectorised loop reading a (and b when the divergence term is
-// active) and writing g in the output dtype; each element is read before it is written,
-// so g may alias a.
+// active) and writing g in the output dtype, with log p from the saved row_max/log_norm;
+// each element is read before it is written, so g may alias a.
+// Every log-probability is formed as (a - row max) / T - log(sum), exact near the max.
 #pragma once
 
 #if defined(_OPENMP)
@@ -61,10 +62,10 @@ struct Elem<kFloat16> {
 };
 
 template <int DT>
-PREFOPT_INLINE void load_scaled(const typename Elem<DT>::T* __restrict src, int64_t n,
-                                float scale, float* __restrict dst) {
+PREFOPT_INLINE void load_block(const typename Elem<DT>::T* __restrict src, int64_t n,
+                               float* __restrict dst) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = Elem<DT>::load(src[j]) * scale;
+  for (int64_t j = 0; j < n; ++j) dst[j] = Elem<DT>::load(src[j]);
 }
 
 PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
@@ -78,7 +79,8 @@ PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
 // shift for the exponentials is then 0 so that no -inf - -inf is formed.
 template <bool REF, int DIV>
 PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
-                                            const float* __restrict xb, int64_t n) {
+                                            const float* __restrict xb, int64_t n,
+                                            float inv_tau) {
   const float ma = block_max(xa, n);
   const float sha = ma == -kInf ? 0.f : ma;
   float mb = -kInf;
@@ -90,12 +92,12 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
   float sa = 0.f, ua = 0.f, sb = 0.f, wf = 0.f, wr = 0.f;
 #pragma omp simd reduction(+ : sa, ua, sb, wf, wr)
   for (int64_t j = 0; j < n; ++j) {
-    const float da = xa[j] - sha;
+    const float da = (xa[j] - sha) * inv_tau;
     const float ea = fast_exp(da);
     sa += ea;
     ua += ea > 0.f ? ea * da : 0.f;
     if constexpr (REF) {
-      const float db = xb[j] - shb;
+      const float db = (xb[j] - shb) * inv_tau;
       const float eb = fast_exp(db);
       sb += eb;
       if constexpr (DIV == kForwardKL) wf += eb > 0.f ? eb * (db - da) : 0.f;
@@ -114,9 +116,9 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
   RowState<double> st = RowState<double>::empty();
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t n = std::min(kBlock, vocab - c0);
-    load_scaled<DT>(ra + c0, n, inv_tau, xa);
-    if constexpr (REF) load_scaled<DT>(rb + c0, n, inv_tau, xb);
-    merge_state(st, block_state<REF, DIV>(xa, xb, n));
+    load_block<DT>(ra + c0, n, xa);
+    if constexpr (REF) load_block<DT>(rb + c0, n, xb);
+    merge_state(st, block_state<REF, DIV>(xa, xb, n, inv_tau), double(inv_tau));
   }
   return st;
 }
@@ -124,7 +126,7 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
 // Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and p f'(t).
 template <int DT, int DIV>
 void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, int64_t vocab,
-              float inv_tau, float lse_a, float lse_b, const DivParams& prm, double& sum_qf,
+              float inv_tau, LogProbShift sa, LogProbShift sb, const DivParams& prm, double& sum_qf,
               double& sum_pfp) {
   sum_qf = 0.0;
   sum_pfp = 0.0;
@@ -135,8 +137,8 @@ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, in
     float bq = 0.f, bp = 0.f;
 #pragma omp simd reduction(+ : bq, bp)
     for (int64_t j = 0; j < n; ++j) {
-      const float lp = Elem<DT>::load(a[j]) * inv_tau - lse_a;
-      const float lq = Elem<DT>::load(b[j]) * inv_tau - lse_b;
+      const float lp = (Elem<DT>::load(a[j]) - sa.shift) * inv_tau - sa.offset;
+      const float lq = (Elem<DT>::load(b[j]) - sb.shift) * inv_tau - sb.offset;
       float qf, pfp;
       div_terms<DIV>(lp, lq, prm, qf, pfp);
       bq += qf;
@@ -149,7 +151,8 @@ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, in
 
 // Per-row results of the forward pass (double until stored).
 struct RowOut {
-  double lse = 0, logp = 0, ref_logp = 0, entropy = 0, div = 0, ref_lse = 0, div_s = 0;
+  double logp = 0, ref_logp = 0, entropy = 0, div = 0, div_s = 0;
+  LogProbShift a{0.f, 0.f}, b{0.f, 0.f};
 };
 
 template <int DT>
@@ -157,9 +160,11 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
                    const DivParams& prm) {
   using T = typename Elem<DT>::T;
   const int64_t vocab = args.vocab;
-  const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
+  const T* ra = static_cast<const T*>(args.logits) +
+                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
   const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
-  const T* rb = need_ref ? static_cast<const T*>(args.ref) + row * args.ref_stride : nullptr;
+  const T* rb = need_ref ? static_cast<const T*>(args.ref) +
+                            row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : nullptr;
   const int div = plan.use_div ? args.divergence : kNoDivergence;
 
   RowState<double> st;
@@ -173,13 +178,15 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
     st = row_state<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau);
 
   RowOut out;
-  out.lse = state_lse_a(st);
+  const double inv_tau_d = 1.0 / args.temperature;
+  out.a = shift_a(st);
   out.entropy = state_entropy(st);
-  if (need_ref) out.ref_lse = state_lse_b(st);
+  if (need_ref) out.b = shift_b(st);
   if (plan.label >= 0) {
     if (plan.label < vocab) {
-      out.logp = double(Elem<DT>::load(ra[plan.label]) * inv_tau) - out.lse;
-      if (need_ref) out.ref_logp = double(Elem<DT>::load(rb[plan.label]) * inv_tau) - out.ref_lse;
+      out.logp = (double(Elem<DT>::load(ra[plan.label])) - st.ma) * inv_tau_d - std::log(st.sa);
+      if (need_ref)
+        out.ref_logp = (double(Elem<DT>::load(rb[plan.label])) - st.mb) * inv_tau_d - std::log(st.sb);
     } else {  // never reached through ops.py; a wrong label must not read out of bounds
       out.logp = out.ref_logp = NAN;
     }
@@ -191,16 +198,16 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
     out.div = state_reverse_kl(st);
     out.div_s = out.div + 1.0;  // sum_i p_i (log t_i + 1)
   } else if (div != kNoDivergence) {
-    const float lse_a = float(out.lse), lse_b = float(out.ref_lse);
+    const LogProbShift sa = out.a, sb = out.b;
     double qf = 0, pfp = 0;
     switch (div) {
-      case kJS: div_sums<DT, kJS>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
-      case kTV: div_sums<DT, kTV>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
+      case kJS: div_sums<DT, kJS>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
+      case kTV: div_sums<DT, kTV>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
       case kHellinger:
-        div_sums<DT, kHellinger>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp);
+        div_sums<DT, kHellinger>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp);
         break;
-      case kChi2: div_sums<DT, kChi2>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
-      case kAlpha: div_sums<DT, kAlpha>(ra, rb, vocab, inv_tau, lse_a, lse_b, prm, qf, pfp); break;
+      case kChi2: div_sums<DT, kChi2>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
+      case kAlpha: div_sums<DT, kAlpha>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
       default: qf = pfp = NAN;
     }
     out.div = qf;
@@ -226,7 +233,7 @@ int64_t row_chunk(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<
 
 template <int DT>
 void forward_impl(const ForwardArgs& args) {
-  const float inv_tau = 1.f / args.temperature;
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t chunk = row_chunk(args.vocab);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
@@ -235,12 +242,14 @@ void forward_impl(const ForwardArgs& args) {
         plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
     RowOut out;
     if (!plan.skip) out = forward_row<DT>(args, plan, row, inv_tau, prm);
-    store_opt(args.lse, row, out.lse);
+    store_opt(args.row_max, row, out.a.shift);
+    store_opt(args.log_norm, row, out.a.offset);
     store_opt(args.logp, row, out.logp);
     store_opt(args.ref_logp, row, out.ref_logp);
     store_opt(args.entropy, row, out.entropy);
     store_opt(args.div, row, out.div);
-    store_opt(args.ref_lse, row, out.ref_lse);
+    store_opt(args.ref_row_max, row, out.b.shift);
+    store_opt(args.ref_log_norm, row, out.b.offset);
     store_opt(args.div_s, row, out.div_s);
   }
 }
@@ -251,16 +260,17 @@ void forward_impl(const ForwardArgs& args) {
 // term rather than 0 * -inf.
 template <int DT, int DIV>
 void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                  typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, float lse_a,
-                  float lse_b, float c, float gl, float ge, float gd, int64_t label,
+                  typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, LogProbShift sa,
+                  LogProbShift sb, float c, float gl, float ge, float gd, int64_t label,
                   const DivParams& prm) {
+  constexpr bool kRef = DIV != kNoDivergence;
 #pragma omp simd
   for (int64_t j = 0; j < vocab; ++j) {
-    const float lp = Elem<DT>::load(ra[j]) * inv_tau - lse_a;
+    const float lp = (Elem<DT>::load(ra[j]) - sa.shift) * inv_tau - sa.offset;
     const float p = fast_exp(lp);
     float g = p > 0.f ? -p * (c + ge * lp) : 0.f;
-    if constexpr (DIV != kNoDivergence) {
-      const float lq = Elem<DT>::load(rb[j]) * inv_tau - lse_b;
+    if constexpr (kRef) {
+      const float lq = (Elem<DT>::load(rb[j]) - sb.shift) * inv_tau - sb.offset;
       float qf, pfp;
       div_terms<DIV>(lp, lq, prm, qf, pfp);
       g += gd * pfp;
@@ -273,13 +283,14 @@ void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb
 template <int DT>
 void backward_impl(const BackwardArgs& args) {
   using T = typename Elem<DT>::T;
-  const float inv_tau = 1.f / args.temperature;
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t vocab = args.vocab;
   const int64_t chunk = row_chunk(vocab);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
   for (int64_t row = 0; row < args.n_rows; ++row) {
-    T* rg = static_cast<T*>(args.grad) + row * args.grad_stride;
+    T* rg = static_cast<T*>(args.grad) +
+            row_offset(row, args.tokens, args.grad_batch_stride, args.grad_token_stride);
     const RowPlan plan =
         plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
     const float gl = (args.grad_logp != nullptr && plan.label >= 0) ? args.grad_logp[row] : 0.f;
@@ -294,17 +305,21 @@ void backward_impl(const BackwardArgs& args) {
       for (int64_t j = 0; j < vocab; ++j) rg[j] = zero;
       continue;
     }
-    const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
-    const T* rb = div != kNoDivergence ? static_cast<const T*>(args.ref) + row * args.ref_stride
+    const T* ra = static_cast<const T*>(args.logits) +
+                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+    const T* rb = div != kNoDivergence ? static_cast<const T*>(args.ref) +
+                            row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride)
                                        : nullptr;
-    const float lse_a = args.lse[row];
-    const float lse_b = div != kNoDivergence ? args.ref_lse[row] : 0.f;
+    const LogProbShift sa{args.row_max[row], args.log_norm[row]};
+    const LogProbShift sb = div != kNoDivergence
+                                ? LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]}
+                                : LogProbShift{0.f, 0.f};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const float s = div != kNoDivergence ? args.div_s[row] : 0.f;
     const float c = gl + ge * h + gd * s;
     const int64_t label = plan.label < vocab ? plan.label : -1;
 #define PREFOPT_BWD(D) \
-  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, lse_a, lse_b, c, gl, ge, gd, label, prm)
+  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, sa, sb, c, gl, ge, gd, label, prm)
     switch (div) {
       case kForwardKL: PREFOPT_BWD(kForwardKL); break;
       case kReverseKL: PREFOPT_BWD(kReverseKL); break;

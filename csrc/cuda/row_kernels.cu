@@ -69,14 +69,13 @@ __device__ __forceinline__ void pack(uint4& v, int i, float g) {
   }
 }
 
-// Calls f(j, x_j, z_j) for this thread's share of the row (x = a / T, z = b / T; z = 0
+// Calls f(j, a_j, b_j) for this thread's share of the row (raw logits in fp32; b = 0
 // without REF). With STORE, f's return value is written to rg[j] in the element type. The
 // 16-byte path runs when every row pointer used has the same offset modulo 16.
 template <int DT, bool REF, bool STORE, class F>
 __device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
                                          const typename Elem<DT>::T* rb,
-                                         typename Elem<DT>::T* rg, int64_t vocab, float inv_tau,
-                                         F&& f) {
+                                         typename Elem<DT>::T* rg, int64_t vocab, F&& f) {
   using T = typename Elem<DT>::T;
   constexpr int kVec = 16 / sizeof(T);
   const int64_t tid = threadIdx.x;
@@ -87,8 +86,8 @@ __device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
   const int64_t head_len = vec ? static_cast<int64_t>(((16 - off) % 16) / sizeof(T)) : vocab;
   const int64_t head = head_len < vocab ? head_len : vocab;
   auto scalar = [&](int64_t j) {
-    const float x = Elem<DT>::load(ra[j]) * inv_tau;
-    const float z = REF ? Elem<DT>::load(rb[j]) * inv_tau : 0.f;
+    const float x = Elem<DT>::load(ra[j]);
+    const float z = REF ? Elem<DT>::load(rb[j]) : 0.f;
     const float g = f(j, x, z);
     if constexpr (STORE) rg[j] = Elem<DT>::store(g);
   };
@@ -105,8 +104,8 @@ __device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
     uint4 G = A;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const float x = unpack<DT>(A, i) * inv_tau;
-      const float z = REF ? unpack<DT>(B, i) * inv_tau : 0.f;
+      const float x = unpack<DT>(A, i);
+      const float z = REF ? unpack<DT>(B, i) : 0.f;
       const float g = f(head + k * kVec + i, x, z);
       if constexpr (STORE) pack<DT>(G, i, g);
     }
@@ -115,7 +114,7 @@ __device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
   for (int64_t j = head + n_vec * kVec + tid; j < vocab; j += nth) scalar(j);
 }
 
-__device__ __forceinline__ void warp_merge(RowState<float>& s) {
+__device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_tau) {
 #pragma unroll
   for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) {
     RowState<float> o;
@@ -126,20 +125,21 @@ __device__ __forceinline__ void warp_merge(RowState<float>& s) {
     o.sb = __shfl_xor_sync(kFullMask, s.sb, lane_mask);
     o.wf = __shfl_xor_sync(kFullMask, s.wf, lane_mask);
     o.wr = __shfl_xor_sync(kFullMask, s.wr, lane_mask);
-    merge_state(s, o);
+    merge_state(s, o, inv_tau);
   }
 }
 
 // Merged state of the whole block; every thread gets it. `scratch` holds 32 states.
-__device__ RowState<float> block_merge(RowState<float> s, RowState<float>* scratch) {
+__device__ RowState<float> block_merge(RowState<float> s, float inv_tau,
+                                       RowState<float>* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_warps = (blockDim.x + 31) >> 5;
-  warp_merge(s);
+  warp_merge(s, inv_tau);
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   s = lane < n_warps ? scratch[lane] : RowState<float>::empty();
-  warp_merge(s);
+  warp_merge(s, inv_tau);
   __syncthreads();  // scratch is reused by the next row
   return s;
 }
@@ -169,11 +169,11 @@ __device__ void block_sum2(float& a, float& b, float* scratch) {
   __syncthreads();
 }
 
-// The state of one element, merged into the thread's running state. An element with a
-// -inf logit is an empty piece of that distribution; the KL term it adds is the +inf of a
-// support mismatch, as in the CPU block states.
+// The state of one element (raw logits x, z), merged into the thread's running state. An
+// element with a -inf logit is an empty piece of that distribution; the KL term it adds is
+// the +inf of a support mismatch, as in the CPU block states.
 template <bool REF, int DIV>
-__device__ __forceinline__ void push(RowState<float>& st, float x, float z) {
+__device__ __forceinline__ void push(RowState<float>& st, float x, float z, float inv_tau) {
   RowState<float> e = RowState<float>::empty();
   e.ma = x;
   e.sa = x > -kInf ? 1.f : 0.f;
@@ -183,18 +183,18 @@ __device__ __forceinline__ void push(RowState<float>& st, float x, float z) {
     if constexpr (DIV == kForwardKL) e.wf = (e.sb > 0.f && e.sa == 0.f) ? kInf : 0.f;
     if constexpr (DIV == kReverseKL) e.wr = (e.sa > 0.f && e.sb == 0.f) ? kInf : 0.f;
   }
-  merge_state(st, e);
+  merge_state(st, e, inv_tau);
 }
 
 template <int DT, bool REF, int DIV>
 __device__ RowState<float> sweep(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                                  int64_t vocab, float inv_tau, RowState<float>* scratch) {
   RowState<float> st = RowState<float>::empty();
-  row_loop<DT, REF, false>(ra, rb, nullptr, vocab, inv_tau, [&](int64_t, float x, float z) {
-    push<REF, DIV>(st, x, z);
+  row_loop<DT, REF, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
+    push<REF, DIV>(st, x, z, inv_tau);
     return 0.f;
   });
-  return block_merge(st, scratch);
+  return block_merge(st, inv_tau, scratch);
 }
 
 template <int DT, int DIV>
@@ -202,17 +202,19 @@ __global__ void forward_kernel(ForwardArgs args) {
   using T = typename Elem<DT>::T;
   __shared__ RowState<float> state_scratch[32];
   __shared__ float sum_scratch[64];
-  const float inv_tau = 1.f / args.temperature;
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
-    float lse = 0.f, logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, ref_lse = 0.f,
-          div_s = 0.f;
+    float logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, div_s = 0.f;
+    LogProbShift sa{0.f, 0.f}, sb{0.f, 0.f};
     if (!plan.skip) {
-      const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
+      const T* ra = static_cast<const T*>(args.logits) +
+                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
       const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
-      const T* rb = need_ref ? static_cast<const T*>(args.ref) + row * args.ref_stride : ra;
+      const T* rb = need_ref ? static_cast<const T*>(args.ref) +
+                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : ra;
       RowState<float> st;
       if (!need_ref)
         st = sweep<DT, false, kNoDivergence>(ra, rb, vocab, inv_tau, state_scratch);
@@ -220,9 +222,9 @@ __global__ void forward_kernel(ForwardArgs args) {
         st = sweep<DT, true, DIV>(ra, rb, vocab, inv_tau, state_scratch);
       else
         st = sweep<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau, state_scratch);
-      lse = state_lse_a(st);
+      sa = shift_a(st);
       entropy = state_entropy(st);
-      if (need_ref) ref_lse = state_lse_b(st);
+      if (need_ref) sb = shift_b(st);
       if (plan.use_div) {
         if constexpr (DIV == kForwardKL) {
           div = state_forward_kl(st);
@@ -232,9 +234,10 @@ __global__ void forward_kernel(ForwardArgs args) {
           div_s = div + 1.f;
         } else if constexpr (DIV != kNoDivergence) {
           float sq = 0.f, sp = 0.f;
-          row_loop<DT, true, false>(ra, rb, nullptr, vocab, inv_tau, [&](int64_t, float x, float z) {
+          row_loop<DT, true, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
             float qf, pfp;
-            div_terms<DIV>(x - lse, z - ref_lse, prm, qf, pfp);
+            div_terms<DIV>((x - sa.shift) * inv_tau - sa.offset,
+                           (z - sb.shift) * inv_tau - sb.offset, prm, qf, pfp);
             sq += qf;
             sp += pfp;
             return 0.f;
@@ -246,20 +249,22 @@ __global__ void forward_kernel(ForwardArgs args) {
       }
       if (plan.label >= 0) {
         if (plan.label < vocab) {
-          logp = Elem<DT>::load(ra[plan.label]) * inv_tau - lse;
-          if (need_ref) ref_logp = Elem<DT>::load(rb[plan.label]) * inv_tau - ref_lse;
+          logp = (Elem<DT>::load(ra[plan.label]) - sa.shift) * inv_tau - sa.offset;
+          if (need_ref) ref_logp = (Elem<DT>::load(rb[plan.label]) - sb.shift) * inv_tau - sb.offset;
         } else {  // never reached through ops.py; a wrong label must not read out of bounds
           logp = ref_logp = __int_as_float(0x7fc00000);
         }
       }
     }
     if (threadIdx.x == 0) {
-      args.lse[row] = lse;
+      args.row_max[row] = sa.shift;
+      args.log_norm[row] = sa.offset;
       if (args.logp) args.logp[row] = logp;
       if (args.ref_logp) args.ref_logp[row] = ref_logp;
       if (args.entropy) args.entropy[row] = entropy;
       if (args.div) args.div[row] = div;
-      if (args.ref_lse) args.ref_lse[row] = ref_lse;
+      if (args.ref_row_max) args.ref_row_max[row] = sb.shift;
+      if (args.ref_log_norm) args.ref_log_norm[row] = sb.offset;
       if (args.div_s) args.div_s[row] = div_s;
     }
   }
@@ -272,17 +277,17 @@ template <int DT, int DIV_ROW>
 __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              const typename Elem<DT>::T* rb,
                                              typename Elem<DT>::T* rg, int64_t vocab,
-                                             float inv_tau, float lse_a, float lse_b, float c,
-                                             float gl, float ge, float gd, int64_t label,
-                                             const DivParams& prm) {
+                                             float inv_tau, LogProbShift sa, LogProbShift sb,
+                                             float c, float gl, float ge, float gd,
+                                             int64_t label, const DivParams& prm) {
   constexpr bool kRef = DIV_ROW != kNoDivergence;
-  row_loop<DT, kRef, true>(ra, rb, rg, vocab, inv_tau, [&](int64_t j, float x, float z) {
-    const float lp = x - lse_a;
+  row_loop<DT, kRef, true>(ra, rb, rg, vocab, [&](int64_t j, float x, float z) {
+    const float lp = (x - sa.shift) * inv_tau - sa.offset;
     const float p = fast_exp(lp);
     float g = p > 0.f ? -p * (c + ge * lp) : 0.f;
     if constexpr (kRef) {
       float qf, pfp;
-      div_terms<DIV_ROW>(lp, z - lse_b, prm, qf, pfp);
+      div_terms<DIV_ROW>(lp, (z - sb.shift) * inv_tau - sb.offset, prm, qf, pfp);
       g += gd * pfp;
     }
     g = j == label ? g + gl : g;
@@ -293,11 +298,12 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
 template <int DT, int DIV>
 __global__ void backward_kernel(BackwardArgs args) {
   using T = typename Elem<DT>::T;
-  const float inv_tau = 1.f / args.temperature;
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
-    T* rg = static_cast<T*>(args.grad) + row * args.grad_stride;
+    T* rg = static_cast<T*>(args.grad) +
+            row_offset(row, args.tokens, args.grad_batch_stride, args.grad_token_stride);
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     const float gl = (args.grad_logp != nullptr && plan.label >= 0) ? args.grad_logp[row] : 0.f;
     const float ge = args.grad_entropy != nullptr ? args.grad_entropy[row] : 0.f;
@@ -309,18 +315,20 @@ __global__ void backward_kernel(BackwardArgs args) {
       for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) rg[j] = zero;
       continue;
     }
-    const T* ra = static_cast<const T*>(args.logits) + row * args.logits_stride;
-    const float lse_a = args.lse[row];
+    const T* ra = static_cast<const T*>(args.logits) +
+                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+    const LogProbShift sa{args.row_max[row], args.log_norm[row]};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const int64_t label = plan.label < vocab ? plan.label : -1;
     if (use_div) {
-      const T* rb = static_cast<const T*>(args.ref) + row * args.ref_stride;
+      const T* rb = static_cast<const T*>(args.ref) +
+                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
       const float c = gl + ge * h + gd * args.div_s[row];
-      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, lse_a, args.ref_lse[row], c, gl, ge, gd,
-                            label, prm);
+      const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
+      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, sa, sb, c, gl, ge, gd, label, prm);
     } else {
-      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_tau, lse_a, 0.f, gl + ge * h, gl,
-                                      ge, 0.f, label, prm);
+      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_tau, sa, sa, gl + ge * h, gl, ge,
+                                      0.f, label, prm);
     }
   }
 }

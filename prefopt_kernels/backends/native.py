@@ -6,8 +6,9 @@ stream as an integer. The extension never links libtorch, so one build serves ev
 version. Inputs arrive already checked by ``prefopt_kernels.ops`` (see
 ``prefopt_kernels.backends`` for the contract).
 
-Math (per row, ``x = a / T``, ``z = b / T``, ``p = softmax(x)``, ``q = softmax(z)``):
-``lse = logsumexp(x)``, ``logp = x_y - lse``, ``H = lse - sum p x``,
+Math (per row, ``x = a / T``, ``p = softmax(x)``, ``q = softmax(b / T)``):
+``row_max = max a``, ``log_norm = log sum exp((a - row_max) / T)`` (so ``logsumexp(x) =
+row_max / T + log_norm``), ``logp = x_y - logsumexp(x)``, ``H = logsumexp(x) - sum p x``,
 ``div = sum q f(p / q)``, ``div_s = S = sum p f'(p / q)``; the backward writes
 
     g_j = [ g_logp (1[j=y] - p_j) - g_ent p_j (log p_j + H) + g_div (p_j f'(t_j) - p_j S) ] / T
@@ -58,19 +59,26 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _strides(t: Optional[torch.Tensor]) -> tuple:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
 def _common(logits: torch.Tensor, labels, ref_logits, weight, spec: OpSpec) -> dict:
-    n, v = logits.shape
+    batch, tokens, vocab = logits.shape
     return dict(
-        n_rows=n,
-        vocab=v,
+        n_rows=batch * tokens,
+        tokens=tokens,
+        vocab=vocab,
         logits=logits.data_ptr(),
-        logits_stride=logits.stride(0),
+        logits_batch_stride=_strides(logits)[0],
+        logits_token_stride=_strides(logits)[1],
         ref=_ptr(ref_logits),
-        ref_stride=ref_logits.stride(0) if ref_logits is not None else 0,
+        ref_batch_stride=_strides(ref_logits)[0],
+        ref_token_stride=_strides(ref_logits)[1],
         dtype=DTYPE_CODES[logits.dtype],
         labels=_ptr(labels),
         weight=_ptr(weight),
-        temperature=float(spec.temperature),
+        temperature=float(spec.temperature),  # double on the C++ side: 1/T as the reference
         ignore_index=int(spec.ignore_index),
         divergence=int(spec.divergence) if ref_logits is not None else 0,
         beta=float(spec.beta),
@@ -94,11 +102,12 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
             weight: Optional[torch.Tensor], spec: OpSpec) -> RowStats:
     """Per-row statistics of one fused read of ``logits`` (and ``ref_logits``).
 
-    Shapes: ``logits``/``ref_logits`` ``[N, V]`` (fp32/bf16/fp16, vocab stride 1, any row
-    stride), ``labels`` ``[N]`` int64, ``weight`` ``[N]`` fp32. Returns :class:`RowStats`
-    of fp32 ``[N]`` tensors; skipped rows hold 0.
+    Shapes: ``logits``/``ref_logits`` ``[B, T, V]`` views (fp32/bf16/fp16, vocab stride 1,
+    any batch and token strides), ``labels`` ``[N]`` int64 and ``weight`` ``[N]`` fp32 with
+    ``N = B * T`` in row-major token order. Returns :class:`RowStats` of fp32 ``[N]``
+    tensors; skipped rows hold 0.
     """
-    n = logits.shape[0]
+    n = logits.shape[0] * logits.shape[1]
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
 
@@ -109,12 +118,14 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
     has_ref = ref_logits is not None
     has_div = has_ref and spec.divergence != 0
     stats = RowStats(
-        lse=out(True),
+        row_max=out(True),
+        log_norm=out(True),
         logp=out(spec.want_logp and has_labels),
         ref_logp=out(spec.want_ref_logp and has_labels and has_ref),
         entropy=out(spec.want_entropy),
         div=out(has_div),
-        ref_lse=out(has_ref),
+        ref_row_max=out(has_ref),
+        ref_log_norm=out(has_ref),
         div_s=out(has_div),
     )
     _launch(
@@ -124,12 +135,14 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
         want_logp=stats.logp is not None,
         want_ref_logp=stats.ref_logp is not None,
         want_entropy=stats.entropy is not None,
-        lse=_ptr(stats.lse),
+        row_max=_ptr(stats.row_max),
+        log_norm=_ptr(stats.log_norm),
         logp=_ptr(stats.logp),
         ref_logp=_ptr(stats.ref_logp),
         entropy=_ptr(stats.entropy),
         div=_ptr(stats.div),
-        ref_lse=_ptr(stats.ref_lse),
+        ref_row_max=_ptr(stats.ref_row_max),
+        ref_log_norm=_ptr(stats.ref_log_norm),
         div_s=_ptr(stats.div_s),
     )
     return stats
@@ -141,8 +154,8 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
              grad_div: Optional[torch.Tensor], grad_out: torch.Tensor) -> None:
     """Write d(sum_i g_logp_i logp_i + g_ent_i H_i + g_div_i div_i)/d logits into ``grad_out``.
 
-    ``grad_out`` is ``[N, V]`` in the logits' dtype with vocab stride 1; it may be ``logits``
-    itself (each element is read before it is written). Every element is written (0 on
+    ``grad_out`` is a ``[B, T, V]`` view in the logits' dtype with vocab stride 1; it may be
+    ``logits`` itself (each element is read before it is written). Every element is written (0 on
     skipped rows). ``grad_*`` are fp32 ``[N]`` or ``None`` (zero); ``div`` is unweighted,
     so ``grad_div`` already carries any weighting, and rows with weight 0 get no divergence
     term.
@@ -150,21 +163,25 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
     # Held in locals: the extension gets raw pointers, so every buffer must outlive the call.
-    lse, ref_lse, entropy, div_s = (
-        _contiguous(t, torch.float32) for t in (stats.lse, stats.ref_lse, stats.entropy, stats.div_s)
+    row_max, log_norm, ref_row_max, ref_log_norm, entropy, div_s = (
+        _contiguous(getattr(stats, k), torch.float32)
+        for k in ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "entropy", "div_s")
     )
     g_logp, g_ent, g_div = (_contiguous(g, torch.float32) for g in (grad_logp, grad_entropy, grad_div))
     _launch(
         "backward",
         logits.device,
         **_common(logits, labels, ref_logits, weight, spec),
-        lse=_ptr(lse),
-        ref_lse=_ptr(ref_lse),
+        row_max=_ptr(row_max),
+        log_norm=_ptr(log_norm),
+        ref_row_max=_ptr(ref_row_max),
+        ref_log_norm=_ptr(ref_log_norm),
         entropy=_ptr(entropy),
         div_s=_ptr(div_s),
         grad_logp=_ptr(g_logp if labels is not None else None),
         grad_entropy=_ptr(g_ent if entropy is not None else None),
         grad_div=_ptr(g_div if ref_logits is not None and div_s is not None else None),
         grad=grad_out.data_ptr(),
-        grad_stride=grad_out.stride(0),
+        grad_batch_stride=grad_out.stride(0),
+        grad_token_stride=grad_out.stride(1),
     )

@@ -42,19 +42,30 @@ enum Divergence : int {
   kAlpha = 7,
 };
 
+// Element offset of row n of a [B, T, V] view with strides (batch_stride, token_stride, 1):
+// rows are numbered n = b * T + t. All in int64 so that offsets beyond 2^31 are exact.
+PREFOPT_HD PREFOPT_INLINE int64_t row_offset(int64_t n, int64_t tokens, int64_t batch_stride,
+                                             int64_t token_stride) {
+  return (n / tokens) * batch_stride + (n % tokens) * token_stride;
+}
+
 // Everything one forward call needs. Null output pointers are outputs not asked for.
-// Row r of the logits starts at logits + r * logits_stride elements (vocab stride is 1).
+// The logits are a [n_rows / tokens, tokens, vocab] view: row n starts at
+// row_offset(n, tokens, logits_batch_stride, logits_token_stride) elements (vocab stride 1).
 struct ForwardArgs {
   int64_t n_rows = 0;
+  int64_t tokens = 1;  // T of the [B, T, V] view; n_rows = B * T
   int64_t vocab = 0;
   const void* logits = nullptr;
-  int64_t logits_stride = 0;
-  const void* ref = nullptr;  // reference logits, same dtype; null when absent
-  int64_t ref_stride = 0;
+  int64_t logits_batch_stride = 0;
+  int64_t logits_token_stride = 0;
+  const void* ref = nullptr;  // reference logits, same dtype and view shape; null when absent
+  int64_t ref_batch_stride = 0;
+  int64_t ref_token_stride = 0;
   int dtype = kFloat32;
   const int64_t* labels = nullptr;  // [n_rows] or null
   const float* weight = nullptr;    // [n_rows] or null
-  float temperature = 1.f;
+  double temperature = 1.0;
   int64_t ignore_index = -100;
   int divergence = kNoDivergence;
   float beta = 0.5f;
@@ -63,45 +74,54 @@ struct ForwardArgs {
   bool want_ref_logp = false;
   bool want_entropy = false;
   int num_threads = 0;  // CPU only; 0 = OpenMP default
-  // Outputs, fp32 [n_rows]; lse is always written.
-  float* lse = nullptr;
+  // Outputs, fp32 [n_rows]. lse(a / T) = row_max / T + log_norm with row_max the raw max
+  // (0 for an all -inf row); row_max and log_norm are always written.
+  float* row_max = nullptr;
+  float* log_norm = nullptr;
   float* logp = nullptr;
   float* ref_logp = nullptr;
   float* entropy = nullptr;
   float* div = nullptr;
-  float* ref_lse = nullptr;
+  float* ref_row_max = nullptr;
+  float* ref_log_norm = nullptr;
   float* div_s = nullptr;
 };
 
 // Everything one backward call needs. `grad` may alias `logits` (in-place backward).
 struct BackwardArgs {
   int64_t n_rows = 0;
+  int64_t tokens = 1;
   int64_t vocab = 0;
   const void* logits = nullptr;
-  int64_t logits_stride = 0;
+  int64_t logits_batch_stride = 0;
+  int64_t logits_token_stride = 0;
   const void* ref = nullptr;
-  int64_t ref_stride = 0;
+  int64_t ref_batch_stride = 0;
+  int64_t ref_token_stride = 0;
   int dtype = kFloat32;
   const int64_t* labels = nullptr;
   const float* weight = nullptr;
-  float temperature = 1.f;
+  double temperature = 1.0;
   int64_t ignore_index = -100;
   int divergence = kNoDivergence;
   float beta = 0.5f;
   float alpha = 0.5f;
   int num_threads = 0;
   // Saved per-row statistics of the forward pass (null when not saved).
-  const float* lse = nullptr;
-  const float* ref_lse = nullptr;
+  const float* row_max = nullptr;
+  const float* log_norm = nullptr;
+  const float* ref_row_max = nullptr;
+  const float* ref_log_norm = nullptr;
   const float* entropy = nullptr;
   const float* div_s = nullptr;
   // Upstream per-token gradients, fp32 [n_rows]; null means zero.
   const float* grad_logp = nullptr;
   const float* grad_entropy = nullptr;
   const float* grad_div = nullptr;
-  // Output gradient [n_rows, vocab] in `dtype`, row stride grad_stride, vocab stride 1.
+  // Output gradient, a [B, T, vocab] view in `dtype` with the strides below, vocab stride 1.
   void* grad = nullptr;
-  int64_t grad_stride = 0;
+  int64_t grad_batch_stride = 0;
+  int64_t grad_token_stride = 0;
 };
 
 PREFOPT_MATH_BEGIN

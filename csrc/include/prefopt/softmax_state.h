@@ -1,12 +1,15 @@
-// Online softmax state of one row (or one piece of a row) for the policy logits x = a / T
-// and the reference logits z = b / T, kept relative to running maxima:
-//   sa = sum exp(x - ma)                      -> lse_a = ma + log sa
-//   ua = sum exp(x - ma) (x - ma)             -> H(p) = log sa - ua / sa
-//   sb = sum exp(z - mb)                      -> lse_b = mb + log sb
-//   wf = sum exp(z - mb) ((z - mb) - (x - ma)) -> KL(q||p) = wf / sb - log sb + log sa
-//   wr = sum exp(x - ma) ((x - ma) - (z - mb)) -> KL(p||q) = wr / sa - log sa + log sb
+// Online softmax state of one row (or one piece of a row) for the policy logits a and the
+// reference logits b at temperature T. The maxima ma, mb are kept in RAW logit units and
+// every sum uses the scaled differences (a - ma) / T, which are exact for the entries near
+// the max that dominate the sums (the scaled logits a / T themselves would carry a rounding
+// error of ulp(max|a| / T)):
+//   sa = sum exp((a - ma)/T)                       -> lse_a = ma / T + log sa
+//   ua = sum exp((a - ma)/T) (a - ma)/T            -> H(p) = log sa - ua / sa
+//   sb = sum exp((b - mb)/T)                       -> lse_b = mb / T + log sb
+//   wf = sum exp((b - mb)/T) ((b - mb) - (a - ma))/T -> KL(q||p) = wf / sb - log sb + log sa
+//   wr = sum exp((a - ma)/T) ((a - ma) - (b - mb))/T -> KL(p||q) = wr / sa - log sa + log sb
 // Every accumulator is a sum of same-signed or shift-invariant terms relative to the max,
-// so merging pieces (rescaling by exp(m_old - m_new)) loses no accuracy. An empty piece
+// so merging pieces (rescaling by exp((m_old - m_new)/T)) loses no accuracy. An empty piece
 // (all logits -inf) has max -inf and zero sums; merges never form 0 * inf from it.
 #pragma once
 
@@ -33,8 +36,8 @@ struct RowState {
   }
 };
 
-// Shift bookkeeping of one distribution when two pieces with maxima m1, m2 merge:
-// d1, d2 = m_i - max(m1, m2) (<= 0, 0 for the larger), c1, c2 = exp(d1), exp(d2).
+// Shift bookkeeping of one distribution when two pieces with raw maxima m1, m2 merge:
+// d1, d2 = (m_i - max(m1, m2)) / T (<= 0, 0 for the larger), c1, c2 = exp(d1), exp(d2).
 // One exponential per merge; equal maxima (including both -inf) give d = 0.
 template <typename Acc>
 struct Shift {
@@ -42,9 +45,9 @@ struct Shift {
 };
 
 template <typename Acc>
-PREFOPT_HD PREFOPT_INLINE Shift<Acc> merge_shift(Acc m1, Acc m2) {
+PREFOPT_HD PREFOPT_INLINE Shift<Acc> merge_shift(Acc m1, Acc m2, Acc inv_tau) {
   const bool first_larger = m1 >= m2;
-  const Acc d = m1 == m2 ? Acc(0) : -(first_larger ? m1 - m2 : m2 - m1);
+  const Acc d = m1 == m2 ? Acc(0) : -(first_larger ? m1 - m2 : m2 - m1) * inv_tau;
   const Acc c = acc_exp(d);
   Shift<Acc> s;
   s.m = first_larger ? m1 : m2;
@@ -58,9 +61,9 @@ PREFOPT_HD PREFOPT_INLINE Shift<Acc> merge_shift(Acc m1, Acc m2) {
 // r <- r (+) o. Terms weighted by an empty distribution are dropped (they are zero), so a
 // -inf shift never multiplies a zero sum. With the reference absent its fields stay empty.
 template <typename Acc>
-PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>& o) {
-  const Shift<Acc> A = merge_shift(r.ma, o.ma);
-  const Shift<Acc> B = merge_shift(r.mb, o.mb);
+PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>& o, Acc inv_tau) {
+  const Shift<Acc> A = merge_shift(r.ma, o.ma, inv_tau);
+  const Shift<Acc> B = merge_shift(r.mb, o.mb, inv_tau);
   const Acc zero(0);
   const Acc ua = (r.sa > zero ? A.c1 * (r.ua + A.d1 * r.sa) : zero) +
                  (o.sa > zero ? A.c2 * (o.ua + A.d2 * o.sa) : zero);
@@ -79,9 +82,32 @@ PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>
 
 // Statistics of a finished row state.
 template <typename Acc>
-PREFOPT_HD PREFOPT_INLINE Acc state_lse_a(const RowState<Acc>& s) { return s.ma + acc_log(s.sa); }
+PREFOPT_HD PREFOPT_INLINE Acc state_lse_a(const RowState<Acc>& s, Acc inv_tau) {
+  return s.ma * inv_tau + acc_log(s.sa);
+}
 template <typename Acc>
-PREFOPT_HD PREFOPT_INLINE Acc state_lse_b(const RowState<Acc>& s) { return s.mb + acc_log(s.sb); }
+PREFOPT_HD PREFOPT_INLINE Acc state_lse_b(const RowState<Acc>& s, Acc inv_tau) {
+  return s.mb * inv_tau + acc_log(s.sb);
+}
+
+// log p_j = (a_j - shift) / T - offset (and the same for q): the form every sweep after the
+// first uses, exact where it matters (entries near the max) in fp32. shift and offset are
+// the row_max and log_norm statistics the forward saves for the backward.
+struct LogProbShift {
+  float shift;   // raw row max (0 for an empty row)
+  float offset;  // log of the sum of exponentials relative to it
+};
+
+template <typename Acc>
+PREFOPT_HD PREFOPT_INLINE LogProbShift shift_a(const RowState<Acc>& s) {
+  return LogProbShift{s.ma == -static_cast<Acc>(kInf) ? 0.f : static_cast<float>(s.ma),
+                      static_cast<float>(acc_log(s.sa))};
+}
+template <typename Acc>
+PREFOPT_HD PREFOPT_INLINE LogProbShift shift_b(const RowState<Acc>& s) {
+  return LogProbShift{s.mb == -static_cast<Acc>(kInf) ? 0.f : static_cast<float>(s.mb),
+                      static_cast<float>(acc_log(s.sb))};
+}
 template <typename Acc>
 PREFOPT_HD PREFOPT_INLINE Acc state_entropy(const RowState<Acc>& s) {
   return acc_log(s.sa) - s.ua / s.sa;

@@ -1,0 +1,286 @@
+"""The native backend (``prefopt_kernels._C``): build, values and gradients against the float64
+oracle under the numerics contract, row skipping, strided and in-place use, and agreement
+with the Triton kernels (run on CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import prefopt_kernels as pk
+from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec, native, reference
+
+from contract import assert_grads_close, assert_tokens_close, oracle, row_scale
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DIVERGENCES = tuple(DIVERGENCE_CODES)
+needs_native = pytest.mark.skipif(not native.is_available(), reason="native extension not built")
+
+
+def _logits(n, v, dtype, seed, *, scale=3.0, masked=0, strided=False):
+    """Policy and reference logits ``[n, v]``; ``masked`` leading entries of every row are -inf
+    in both; ``strided`` returns row-sliced views (row stride > v)."""
+    g = torch.Generator().manual_seed(seed)
+    width = v + 7 if strided else v
+    a = torch.randn(n, width, generator=g, dtype=torch.float64) * scale
+    b = a + torch.randn(n, width, generator=g, dtype=torch.float64) * (scale / 2)
+    a, b = a.to(dtype), b.to(dtype)
+    if masked:
+        a[:, :masked] = -math.inf
+        b[:, :masked] = -math.inf
+    if strided:
+        a, b = a[:, 3:3 + v], b[:, 3:3 + v]
+    return a, b
+
+
+def _labels(n, v, seed, ignored=(1,)):
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(v // 2, v, (n,), generator=g)
+    for i in ignored:
+        if i < n:
+            labels[i] = -100
+    return labels
+
+
+def _upstream(n, seed, keys):
+    g = torch.Generator().manual_seed(seed + 2)
+    return {k: torch.randn(n, generator=g, dtype=torch.float64).to(torch.float32) for k in keys}
+
+
+def _run(fn, a, upstream, inplace=False):
+    """Values and the gradient wrt ``a`` of ``sum_k upstream[k] * out[k]`` through the public op."""
+    x = a.detach().clone().requires_grad_(True)
+    with pk.use_backend("native"):
+        out = fn(x)
+        total = sum((upstream[k] * out[k]).sum() for k in upstream)
+        total.backward()
+    return {k: v.detach() for k, v in out.items()}, x.grad
+
+
+def _g_out(upstream):
+    return torch.stack([u.abs() for u in upstream.values()]).amax(0)
+
+
+def test_extension_builds():
+    """The module imports (unless the build was switched off) and has_cuda reflects the build."""
+    if os.environ.get("PREFOPT_NO_NATIVE") == "1" and not native.is_available():
+        pytest.skip("native build disabled by PREFOPT_NO_NATIVE=1")
+    assert native.is_available(), "prefopt_kernels._C did not build or does not import"
+    from prefopt_kernels import _C
+
+    assert isinstance(_C.has_cuda(), bool)
+    assert native.has_cuda() == _C.has_cuda()
+    assert native.supports(torch.device("cpu"))
+    assert native.supports(torch.device("cuda")) == _C.has_cuda()
+    if os.environ.get("PREFOPT_EXPECT_CUDA") == "1":  # set by GPU-machine scripts
+        assert _C.has_cuda(), "the CUDA kernels were not compiled"
+    assert _C.cpu_isa() in ("generic", "avx2", "avx512")
+    assert "native" in pk.available_backends()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_entropy(dtype, temperature):
+    n, v = 6, 1537
+    a, _ = _logits(n, v, dtype, seed=3, masked=40, strided=True)
+    labels = _labels(n, v, seed=3)
+    up = _upstream(n, 3, ("logp", "entropy"))
+
+    def fn(x):
+        logp, ent = pk.token_logprobs(x, labels, temperature=temperature, return_entropy=True)
+        return {"logp": logp, "entropy": ent}
+
+    got, grad = _run(fn, a, up)
+    want, grad_ref = oracle(a, labels, None, None, temperature=temperature, want_logp=True,
+                            want_entropy=True, upstream=up)
+    s = row_scale(a, None, temperature)
+    for k in ("logp", "entropy"):
+        assert_tokens_close(got[k], want[k], s, k)
+    assert_grads_close(grad, grad_ref, s, _g_out(up), dtype, "grad")
+    assert (grad[1] == 0).all() and got["logp"][1] == 0 and got["entropy"][1] == 0
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_token_terms(dtype, divergence):
+    n, v = 7, 2100
+    beta, alpha = 0.3, (1.7 if divergence == "alpha" else 0.5)
+    a, b = _logits(n, v, dtype, seed=11, masked=25, strided=True)
+    labels = _labels(n, v, seed=11)
+    weight = torch.tensor([1.0, 1.0, 0.0, 2.0, 0.5, 1.0, 0.0])
+    up = _upstream(n, 11, ("logp", "div", "entropy"))
+
+    def fn(x):
+        t = pk.token_terms(x, labels, b, divergence=divergence, div_weight=weight, temperature=0.9,
+                           beta=beta, alpha=alpha, return_entropy=True)
+        return {"logp": t.logp, "ref_logp": t.ref_logp, "div": t.div, "entropy": t.entropy}
+
+    got, grad = _run(fn, a, up)
+    want, grad_ref = oracle(a, labels, b, weight, divergence=divergence, beta=beta, alpha=alpha,
+                            temperature=0.9, want_logp=True, want_ref_logp=True, want_entropy=True,
+                            upstream=up)
+    s = row_scale(a, b, 0.9)
+    for k in ("logp", "ref_logp", "div", "entropy"):
+        assert_tokens_close(got[k], want[k], s, f"{divergence} {k}")
+    rows = None
+    if divergence == "tv":  # sign(p - q) decided below rounding is exempt: compare elsewhere
+        rows = torch.ones(n, dtype=torch.bool)
+    assert_grads_close(grad, grad_ref, s, _g_out(up), dtype, f"{divergence} grad", rows=rows)
+    assert (got["div"][[2, 6]] == 0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_divergence_weight_skips_rows(divergence, dtype):
+    """Without labels a weight-0 row is skipped entirely: div 0 and a zero gradient row."""
+    n, v = 5, 999
+    a, b = _logits(n, v, dtype, seed=5)
+    weight = torch.tensor([1.0, 0.0, 3.0, 0.0, 1.0])
+    up = _upstream(n, 5, ("div",))
+
+    def fn(x):
+        return {"div": pk.token_divergence(x, b, divergence=divergence, weight=weight)}
+
+    got, grad = _run(fn, a, up)
+    want, grad_ref = oracle(a, None, b, weight, divergence=divergence, upstream=up)
+    s = row_scale(a, b, 1.0)
+    assert_tokens_close(got["div"], want["div"], s, divergence)
+    assert_grads_close(grad, grad_ref, s, _g_out(up), dtype, divergence)
+    assert (got["div"][[1, 3]] == 0).all() and (grad[[1, 3]] == 0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward(dtype):
+    """The gradient written over the logits equals the out-of-place one, bit for bit."""
+    n, v = 4, 3001
+    a, b = _logits(n, v, dtype, seed=8)
+    labels = _labels(n, v, seed=8)
+    up = _upstream(n, 8, ("logp", "div"))
+    grads = []
+    for inplace in (False, True):
+        x = a.detach().clone().requires_grad_(True)
+        y = x * 1  # a non-leaf whose storage the op may consume
+        with pk.use_backend("native"):
+            t = pk.token_terms(y, labels, b, divergence="forward_kl", inplace_backward=inplace)
+            ((up["logp"] * t.logp).sum() + (up["div"] * t.div).sum()).backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_vocab_accuracy(dtype):
+    """Blocked reductions: no accuracy loss at V = 128k."""
+    n, v = 2, 131072
+    a, b = _logits(n, v, dtype, seed=21, scale=2.0)
+    labels = _labels(n, v, seed=21, ignored=())
+    up = _upstream(n, 21, ("logp", "div", "entropy"))
+
+    def fn(x):
+        t = pk.token_terms(x, labels, b, divergence="reverse_kl", return_entropy=True)
+        return {"logp": t.logp, "div": t.div, "entropy": t.entropy}
+
+    got, grad = _run(fn, a, up)
+    want, grad_ref = oracle(a, labels, b, None, divergence="reverse_kl", want_logp=True,
+                            want_ref_logp=True, want_entropy=True, upstream=up)
+    s = row_scale(a, b, 1.0)
+    for k in ("logp", "div", "entropy"):
+        assert_tokens_close(got[k], want[k], s, k)
+    assert_grads_close(grad, grad_ref, s, _g_out(up), dtype, "grad")
+
+
+@needs_native
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_entries_no_nan(divergence):
+    """-inf logits (masked vocabulary, same entries in both rows) give finite values and a zero
+    gradient there; a row whose label is ignored may even be all -inf."""
+    n, v = 3, 700
+    a, b = _logits(n, v, torch.float32, seed=2)
+    a[:, ::3] = -math.inf
+    b[:, ::3] = -math.inf
+    a[1] = -math.inf
+    b[1] = -math.inf
+    labels = torch.tensor([1, -100, 5])
+    up = _upstream(n, 2, ("logp", "div", "entropy"))
+
+    def fn(x):
+        t = pk.token_terms(x, labels, b, divergence=divergence, return_entropy=True)
+        return {"logp": t.logp, "div": t.div, "entropy": t.entropy}
+
+    got, grad = _run(fn, a, up)
+    for k, val in got.items():
+        assert torch.isfinite(val).all(), k
+    assert torch.isfinite(grad).all()
+    assert (grad[:, ::3] == 0).all() and (grad[1] == 0).all()
+
+
+@needs_native
+def test_bridge_row_stats():
+    """The backend-level contract: skipped rows hold 0 in every RowStats field."""
+    n, v = 4, 300
+    a, b = _logits(n, v, torch.float32, seed=4)
+    a, b = a.view(2, 2, v), b.view(2, 2, v)  # backends see [B, T, V] views
+    labels = torch.tensor([3, -100, 7, 9])
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    spec = OpSpec(divergence=DIVERGENCE_CODES["js"], want_logp=True, want_ref_logp=True,
+                  want_entropy=True)
+    stats = native.forward(a, labels, b, weight, spec)
+    ref = reference.forward(a, labels, b, weight, spec)
+    for field in ("logp", "ref_logp", "entropy", "div", "div_s"):
+        got = getattr(stats, field)
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        assert got[1] == 0, field
+        keep = torch.tensor([True, False, field not in ("div", "div_s"), True])
+        torch.testing.assert_close(got[keep], getattr(ref, field)[keep], rtol=1e-5, atol=1e-5)
+    assert stats.div[2] == 0 and stats.div_s[2] == 0
+
+
+@needs_native
+@pytest.mark.skipif("triton" not in pk.available_backends(), reason="triton backend not available")
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_agrees_with_triton(divergence):
+    """Native and Triton kernels give the same values and gradients (within the contract)."""
+    n, v = 4, 1000
+    a, b = _logits(n, v, torch.float32, seed=13, masked=10)
+    labels = _labels(n, v, seed=13)
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    up = _upstream(n, 13, ("logp", "div", "entropy"))
+    results = {}
+    for backend in ("native", "triton"):
+        x = a.detach().clone().requires_grad_(True)
+        with pk.use_backend(backend):
+            t = pk.token_terms(x, labels, b, divergence=divergence, div_weight=weight,
+                               temperature=1.3, return_entropy=True)
+            out = {"logp": t.logp, "ref_logp": t.ref_logp, "div": t.div, "entropy": t.entropy}
+            sum((up[k] * out[k]).sum() for k in up).backward()
+        results[backend] = ({k: val.detach() for k, val in out.items()}, x.grad)
+    (nv, ng), (tv, tg) = results["native"], results["triton"]
+    s = row_scale(a, b, 1.3)
+    for k in nv:
+        assert_tokens_close(nv[k], tv[k], 2 * s, f"{divergence} {k}")
+    if divergence != "tv":
+        assert_grads_close(ng, tg, 2 * s, _g_out(up), torch.float32, f"{divergence} grad")
+
+
+@needs_native
+@pytest.mark.slow
+def test_int64_row_offsets():
+    """Row offsets beyond 2^31 elements: the last row of a > 4 GiB bf16 buffer."""
+    v = 1024
+    rows = (2**31) // v + 2
+    big = torch.zeros(rows, v, dtype=torch.bfloat16)
+    big[-1] = torch.linspace(-3, 3, v).to(torch.bfloat16)
+    a = big[-2:]
+    labels = torch.tensor([0, v - 1])
+    with pk.use_backend("native"):
+        logp = pk.token_logprobs(big, torch.full((rows,), -100).index_copy_(0, torch.tensor([rows - 2, rows - 1]), labels))
+    want, _ = oracle(a, labels, None, None, want_logp=True)
+    assert_tokens_close(logp[-2:], want["logp"], row_scale(a, None, 1.0), "logp")
