@@ -206,6 +206,8 @@ def _as_rows(*tensors: Optional[torch.Tensor]):
 
 
 _OUTPUTS = ("logp", "ref_logp", "entropy", "div")
+# What a backward pass needs of the forward's RowStats.
+_SAVED = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "div_s", "entropy")
 
 
 class _FusedTokenOp(torch.autograd.Function):
@@ -222,9 +224,7 @@ class _FusedTokenOp(torch.autograd.Function):
         wanted = [k for k in _OUTPUTS if getattr(stats, k) is not None]
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.backend, ctx.inplace, ctx.wanted = spec, backend, inplace_backward, wanted
-        ctx.save_for_backward(
-            logits, ref_logits, labels, weight, stats.lse, stats.ref_lse, stats.div_s, stats.entropy, stats.div
-        )
+        ctx.save_for_backward(logits, ref_logits, labels, weight, *(getattr(stats, k) for k in _SAVED))
         outputs = tuple(getattr(stats, k) for k in wanted)
         if stats.ref_logp is not None:
             ctx.mark_non_differentiable(stats.ref_logp)
@@ -232,7 +232,7 @@ class _FusedTokenOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        logits, ref_logits, labels, weight, lse, ref_lse, div_s, entropy, div = ctx.saved_tensors
+        logits, ref_logits, labels, weight, *saved = ctx.saved_tensors
         upstream = dict(zip(ctx.wanted, grads))
         upstream.pop("ref_logp", None)
         flat = {k: (g.reshape(-1).to(torch.float32).contiguous() if g is not None else None) for k, g in upstream.items()}
@@ -244,7 +244,7 @@ class _FusedTokenOp(torch.autograd.Function):
         else:
             grad_rows = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
             grad = grad_rows.view(logits.shape)
-        stats = RowStats(lse=lse, ref_lse=ref_lse, div_s=div_s, entropy=entropy, div=div)
+        stats = RowStats(**dict(zip(_SAVED, saved)))
         ctx.backend.backward(
             rows, labels, ref_rows, weight, ctx.spec, stats,
             flat.get("logp"), flat.get("entropy"), flat.get("div"), grad_rows,

@@ -68,15 +68,25 @@ class OpSpec:
 class RowStats:
     """Per-row fp32 ``[N]`` results of a forward pass. Fields not asked for are ``None``.
 
-    ``lse`` (policy log-sum-exp of ``logits / T``) is always present; ``ref_lse`` whenever a
-    reference is given; ``div_s`` = ``sum_i p_i f'(t_i)`` whenever a divergence is asked
-    for. Skipped rows hold 0 in every field.
+    The log-sum-exp of a row is kept in two parts, ``lse(a / T) = row_max / T + log_norm``
+    with ``row_max = max_i a_i`` (raw logits, ``-inf``-safe: 0 for an all ``-inf`` row) and
+    ``log_norm = log sum_i exp((a_i - row_max) / T)``. The backward recomputes
+    ``log p_i = (a_i - row_max) / T - log_norm``: ``a_i - row_max`` is exact where ``p_i``
+    is large, so ``p`` keeps full fp32 accuracy even for logits of large magnitude, where a
+    single rounded ``lse`` would cost ``eps * |a| / T`` in every ``log p_i``.
+
+    ``row_max`` and ``log_norm`` are always present; ``ref_row_max`` and ``ref_log_norm``
+    whenever a reference is given; ``div_s = sum_i p_i f'(t_i)`` whenever a divergence is
+    asked for; ``entropy`` when asked for (the backward needs it). Skipped rows hold 0 in
+    every field.
     """
 
-    lse: torch.Tensor
+    row_max: torch.Tensor
+    log_norm: torch.Tensor
     logp: Optional[torch.Tensor] = None
     ref_logp: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
     div: Optional[torch.Tensor] = None
-    ref_lse: Optional[torch.Tensor] = None
+    ref_row_max: Optional[torch.Tensor] = None
+    ref_log_norm: Optional[torch.Tensor] = None
     div_s: Optional[torch.Tensor] = None

@@ -37,9 +37,9 @@ def evaluate(
     Shapes: ``logits``/``ref_logits`` ``[..., V]`` flattened to ``[N, V]`` (any float dtype,
     promoted to float64),
     ``labels`` ``[N]`` integer, ``weight`` ``[N]``. Returns a dict of ``[N]`` float64 tensors:
-    ``lse``, ``logp``, ``entropy``, ``ref_lse``, ``ref_logp``, ``div``, ``div_s`` (those the
-    spec asks for). Skipped rows (ignored label, or zero weight for the divergence terms)
-    hold 0.
+    ``row_max``, ``log_norm``, ``logp``, ``entropy``, ``ref_row_max``, ``ref_log_norm``,
+    ``ref_logp``, ``div``, ``div_s`` (those the spec asks for). Skipped rows (ignored label, or zero weight for the divergence terms)
+    hold 0. ``row_max``/``log_norm`` split the log-sum-exp as documented on ``RowStats``.
     """
     from ..divergences import GENERATORS
 
@@ -54,16 +54,19 @@ def evaluate(
     div_active = valid if weight is None else valid & (weight != 0)
     inv_t = 1.0 / spec.temperature
 
-    def row_log_softmax(x: torch.Tensor, rows: torch.Tensor):
+    def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str):
         # Skipped rows may hold anything (even all -inf); they never reach the math.
-        x = torch.where(rows[:, None], x.to(torch.float64) * inv_t, torch.zeros((), dtype=torch.float64, device=device))
-        lse = torch.logsumexp(x, dim=-1)
-        return x - lse[:, None], lse
+        x = torch.where(rows[:, None], x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=device))
+        lse = torch.logsumexp(x * inv_t, dim=-1)
+        row_max = x.detach().amax(-1)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        out[prefix + "row_max"] = torch.where(rows, row_max, zero)
+        out[prefix + "log_norm"] = torch.where(rows, lse - row_max * inv_t, zero)
+        return x * inv_t - lse[:, None]
 
     zero = torch.zeros(n, dtype=torch.float64, device=device)
     out: Dict[str, torch.Tensor] = {}
-    log_p, lse = row_log_softmax(logits, valid)
-    out["lse"] = torch.where(valid, lse, zero)
+    log_p = row_log_softmax(logits, valid, "")
     safe_labels = None
     if labels is not None:
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -74,8 +77,7 @@ def evaluate(
         plogp = torch.where(p > 0, p * torch.where(p > 0, log_p, torch.zeros_like(log_p)), torch.zeros_like(log_p))
         out["entropy"] = torch.where(valid, -plogp.sum(-1), zero)
     if ref_logits is not None:
-        log_q, ref_lse = row_log_softmax(ref_logits.detach(), valid)
-        out["ref_lse"] = torch.where(valid, ref_lse, zero)
+        log_q = row_log_softmax(ref_logits.detach(), valid, "ref_")
         if spec.want_ref_logp:
             out["ref_logp"] = torch.where(valid, log_q.gather(1, safe_labels[:, None])[:, 0], zero)
         if spec.divergence:

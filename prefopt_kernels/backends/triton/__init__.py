@@ -38,14 +38,15 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
     batches, tokens, vocab = logits.shape
     n = batches * tokens
     f32 = dict(dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, **f32)
-    stats = RowStats(lse=lse)
+    stats = RowStats(row_max=torch.empty(n, **f32), log_norm=torch.empty(n, **f32))
+    spare = stats.log_norm
     if labels is not None and spec.want_logp:
         stats.logp = torch.empty(n, **f32)
     if spec.want_entropy:
         stats.entropy = torch.empty(n, **f32)
     if ref_logits is not None:
-        stats.ref_lse = torch.empty(n, **f32)
+        stats.ref_row_max = torch.empty(n, **f32)
+        stats.ref_log_norm = torch.empty(n, **f32)
         if spec.want_ref_logp:
             stats.ref_logp = torch.empty(n, **f32)
         if spec.divergence:
@@ -53,11 +54,12 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
             stats.div_s = torch.empty(n, **f32)
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)
-    # Pointers of outputs that a specialisation never touches default to ``lse``.
+    # Pointers that a specialisation never touches point at a spare fp32 buffer.
     token_forward_kernel[(n,)](
-        logits, ref, labels if labels is not None else lse, weight if weight is not None else lse,
-        lse, _or(stats.logp, lse), _or(stats.entropy, lse), _or(stats.ref_lse, lse),
-        _or(stats.ref_logp, lse), _or(stats.div, lse), _or(stats.div_s, lse),
+        logits, ref, _or(labels, spare), _or(weight, spare),
+        stats.row_max, stats.log_norm, _or(stats.logp, spare), _or(stats.entropy, spare),
+        _or(stats.ref_row_max, spare), _or(stats.ref_log_norm, spare), _or(stats.ref_logp, spare),
+        _or(stats.div, spare), _or(stats.div_s, spare),
         tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
         vocab, 1.0 / spec.temperature, spec.ignore_index, spec.beta, spec.alpha,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
@@ -76,12 +78,13 @@ def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
     n = batches * tokens
     has_div = bool(spec.divergence) and grad_div is not None
     ref = ref_logits if ref_logits is not None else logits
-    lse = stats.lse
+    spare = stats.log_norm
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=has_div)
     token_backward_kernel[(n,)](
-        logits, ref, grad_out, labels if labels is not None else lse, weight if weight is not None else lse,
-        lse, _or(stats.entropy, lse), _or(stats.ref_lse, lse), _or(stats.div_s, lse),
-        _or(grad_logp, lse), _or(grad_entropy, lse), _or(grad_div, lse),
+        logits, ref, grad_out, _or(labels, spare), _or(weight, spare),
+        stats.row_max, stats.log_norm, _or(stats.entropy, spare), _or(stats.ref_row_max, spare),
+        _or(stats.ref_log_norm, spare), _or(stats.div_s, spare),
+        _or(grad_logp, spare), _or(grad_entropy, spare), _or(grad_div, spare),
         tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
         grad_out.stride(0), grad_out.stride(1),
         vocab, 1.0 / spec.temperature, spec.ignore_index, spec.beta, spec.alpha,

@@ -5,16 +5,17 @@ is fp32. Sums run in ``BLOCK_V`` lane accumulators that are reduced by a tree at
 so accuracy does not degrade with V. Running maxima are per row (one block max per
 iteration), so each element costs one ``exp`` per row it belongs to.
 
-The forward keeps, per row and per distribution, a running maximum ``m`` (a ``-inf``-safe
-copy ``m_s`` shifts the exponentials) and lane sums relative to it:
+The forward keeps, per row and per distribution, a running maximum ``m`` of the raw logits
+(a ``-inf``-safe copy ``m_s`` shifts the exponentials) and lane sums relative to it, with
+``u = (x - m_s) / T`` (raw difference first: exact where ``p`` is large):
 
-* ``z = sum exp(x - m_s)``;
-* entropy: ``h = sum exp(x - m_s) (x - m_s)``, so ``H = log Z - h / Z``;
-* KL(q||p): ``k = sum exp(y - mb_s) ((y - mb_s) - (x - ma_s))``, so
-  ``KL = k / Z_b - log Z_b + log Z_a`` (reverse KL swaps the roles).
+* ``z = sum exp(u)``, and the row's ``log_norm = log Z`` (saved with ``row_max = m_s``);
+* entropy: ``h = sum exp(u) u``, so ``H = log Z - h / Z``;
+* KL(q||p): ``k = sum exp(u_b) (u_b - u_a)``, so ``KL = k / Z_b - log Z_b + log Z_a``
+  (reverse KL swaps the roles).
 
-When a maximum grows by ``d``, earlier lane sums are rescaled by ``exp(-d)`` and the
-relative terms shift by ``-d`` times the matching ``z``: one sweep, no second read. The
+When a maximum grows by ``d``, earlier lane sums are rescaled by ``exp(-d / T)`` and the
+relative terms shift by ``-d / T`` times the matching ``z``: one sweep, no second read. The
 non-linear divergences need both log-sum-exps first, so they add a second sweep over the
 same row inside the same program.
 """
@@ -92,7 +93,8 @@ def _generator(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
 @triton.jit
 def token_forward_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
-    lse_ptr, logp_ptr, entropy_ptr, ref_lse_ptr, ref_logp_ptr, div_ptr, div_s_ptr,
+    row_max_ptr, log_norm_ptr, logp_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_logp_ptr,
+    div_ptr, div_s_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
     vocab, inv_temperature, ignore_index, beta, alpha,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -114,10 +116,12 @@ def token_forward_kernel(
     if HAS_LABELS:
         needed = valid
 
-    lse = 0.0
+    ma_s = 0.0
+    log_za = 0.0
     logp = 0.0
     entropy = 0.0
-    ref_lse = 0.0
+    mb_s = 0.0
+    log_zb = 0.0
     ref_logp = 0.0
     div = 0.0
     div_s = 0.0
@@ -126,55 +130,52 @@ def token_forward_kernel(
         b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
         cols = tl.arange(0, BLOCK_V)
         ma = float("-inf")
-        ma_s = 0.0
         mb = float("-inf")
-        mb_s = 0.0
         za = tl.zeros((BLOCK_V,), tl.float32)
         zb = tl.zeros((BLOCK_V,), tl.float32)
         h = tl.zeros((BLOCK_V,), tl.float32)
         k = tl.zeros((BLOCK_V,), tl.float32)
         for start in range(0, vocab, BLOCK_V):
             mask = start + cols < vocab
-            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             ma_new = tl.maximum(ma, tl.max(x, axis=0))
             ma_new_s = tl.where(ma_new == float("-inf"), 0.0, ma_new)
-            scale_a = tl.exp(ma - ma_new_s)
-            shift_a = tl.where(ma == float("-inf"), 0.0, ma - ma_new_s)
-            ea = tl.exp(x - ma_new_s)
-            x_rel = x - ma_new_s
+            # Differences of raw logits first, then the temperature: exact where p is large.
+            scale_a = tl.exp((ma - ma_new_s) * inv_temperature)
+            shift_a = tl.where(ma == float("-inf"), 0.0, (ma - ma_new_s) * inv_temperature)
+            x_rel = (x - ma_new_s) * inv_temperature
+            ea = tl.exp(x_rel)
             if WANT_ENTROPY:
                 h = scale_a * (h + shift_a * za) + tl.where(x > float("-inf"), ea * x_rel, 0.0)
             if HAS_REF:
-                y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 mb_new = tl.maximum(mb, tl.max(y, axis=0))
                 mb_new_s = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-                scale_b = tl.exp(mb - mb_new_s)
-                shift_b = tl.where(mb == float("-inf"), 0.0, mb - mb_new_s)
-                eb = tl.exp(y - mb_new_s)
-                y_rel = y - mb_new_s
+                scale_b = tl.exp((mb - mb_new_s) * inv_temperature)
+                shift_b = tl.where(mb == float("-inf"), 0.0, (mb - mb_new_s) * inv_temperature)
+                y_rel = (y - mb_new_s) * inv_temperature
+                eb = tl.exp(y_rel)
                 if DIVERGENCE == FORWARD_KL:
                     k = scale_b * (k + (shift_b - shift_a) * zb) + tl.where(y > float("-inf"), eb * (y_rel - x_rel), 0.0)
                 if DIVERGENCE == REVERSE_KL:
                     k = scale_a * (k + (shift_a - shift_b) * za) + tl.where(x > float("-inf"), ea * (x_rel - y_rel), 0.0)
                 zb = zb * scale_b + eb
                 mb = mb_new
-                mb_s = mb_new_s
             za = za * scale_a + ea
             ma = ma_new
-            ma_s = ma_new_s
+        ma_s = tl.where(ma == float("-inf"), 0.0, ma)
         sum_za = tl.sum(za, axis=0)
         log_za = tl.log(sum_za)
-        lse = ma_s + log_za
         if HAS_LABELS:
-            logp = tl.load(a_row + label).to(tl.float32) * inv_temperature - lse
+            logp = (tl.load(a_row + label).to(tl.float32) - ma_s) * inv_temperature - log_za
         if WANT_ENTROPY:
             entropy = log_za - tl.sum(h, axis=0) / sum_za
         if HAS_REF:
+            mb_s = tl.where(mb == float("-inf"), 0.0, mb)
             sum_zb = tl.sum(zb, axis=0)
             log_zb = tl.log(sum_zb)
-            ref_lse = mb_s + log_zb
             if WANT_REF_LOGP:
-                ref_logp = tl.load(b_row + label).to(tl.float32) * inv_temperature - ref_lse
+                ref_logp = (tl.load(b_row + label).to(tl.float32) - mb_s) * inv_temperature - log_zb
             if div_on:
                 if DIVERGENCE == FORWARD_KL:
                     div = tl.sum(k, axis=0) / sum_zb - log_zb + log_za
@@ -190,19 +191,22 @@ def token_forward_kernel(
                         x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                         y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                         value, slope = _generator(
-                            x * inv_temperature - lse, y * inv_temperature - ref_lse, beta, alpha, DIVERGENCE
+                            (x - ma_s) * inv_temperature - log_za, (y - mb_s) * inv_temperature - log_zb,
+                            beta, alpha, DIVERGENCE,
                         )
                         values += tl.where(mask, value, 0.0)
                         slopes += tl.where(mask, slope, 0.0)
                     div = tl.sum(values, axis=0)
                     div_s = tl.sum(slopes, axis=0)
-    tl.store(lse_ptr + n, lse)
+    tl.store(row_max_ptr + n, ma_s)
+    tl.store(log_norm_ptr + n, log_za)
     if HAS_LABELS:
         tl.store(logp_ptr + n, logp)
     if WANT_ENTROPY:
         tl.store(entropy_ptr + n, entropy)
     if HAS_REF:
-        tl.store(ref_lse_ptr + n, ref_lse)
+        tl.store(ref_row_max_ptr + n, mb_s)
+        tl.store(ref_log_norm_ptr + n, log_zb)
         if WANT_REF_LOGP:
             tl.store(ref_logp_ptr + n, ref_logp)
         if DIVERGENCE != 0:
@@ -213,7 +217,7 @@ def token_forward_kernel(
 @triton.jit
 def token_backward_kernel(
     a_ptr, b_ptr, grad_ptr, labels_ptr, weight_ptr,
-    lse_ptr, entropy_ptr, ref_lse_ptr, div_s_ptr,
+    row_max_ptr, log_norm_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, div_s_ptr,
     grad_logp_ptr, grad_entropy_ptr, grad_div_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt, stride_gb, stride_gt,
     vocab, inv_temperature, ignore_index, beta, alpha,
@@ -250,12 +254,15 @@ def token_backward_kernel(
         entropy = tl.load(entropy_ptr + n)
     g_div = 0.0
     div_s = 0.0
-    ref_lse = 0.0
+    mb = 0.0
+    log_zb = 0.0
     if DIVERGENCE != 0:
         g_div = tl.where(div_on, tl.load(grad_div_ptr + n), 0.0)
         div_s = tl.load(div_s_ptr + n)
-        ref_lse = tl.load(ref_lse_ptr + n)
-    lse = tl.load(lse_ptr + n)
+        mb = tl.load(ref_row_max_ptr + n)
+        log_zb = tl.load(ref_log_norm_ptr + n)
+    ma = tl.load(row_max_ptr + n)
+    log_za = tl.load(log_norm_ptr + n)
 
     a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
     b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
@@ -265,7 +272,8 @@ def token_backward_kernel(
         mask = start + cols < vocab
         grad = tl.zeros((BLOCK_V,), tl.float32)
         if needed:
-            lp = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature - lse
+            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            lp = (x - ma) * inv_temperature - log_za
             p = tl.exp(lp)
             if GRAD_LOGP:
                 grad += g_logp * (tl.where(start + cols == label, 1.0, 0.0) - p)
@@ -274,7 +282,7 @@ def token_backward_kernel(
             if DIVERGENCE != 0:
                 if div_on:
                     y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                    _, slope = _generator(lp, y * inv_temperature - ref_lse, beta, alpha, DIVERGENCE)
+                    _, slope = _generator(lp, (y - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
                     grad += g_div * (slope - p * div_s)
             grad = grad * inv_temperature
         tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
