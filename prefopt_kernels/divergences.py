@@ -120,14 +120,20 @@ def hellinger_terms(lp, lq, beta, alpha):
 
 
 def chi2_terms(lp, lq, beta, alpha):
-    """Pearson chi^2: q f(t) = (p - q)^2 / q; p f'(t) = 2 p (t - 1)."""
+    """Pearson chi^2: q f(t) = (p - q)^2 / q; p f'(t) = 2 p (t - 1).
+
+    Evaluated in log space (``p t = exp(2 lp - lq)``), since t can overflow where q underflows.
+    """
     has_p, has_q, lp_safe, lq_safe = _support(lp, lq)
-    p, q = torch.exp(lp), torch.exp(lq)
+    p = torch.exp(lp)
     zero = torch.zeros_like(lp)
-    # t - 1 with p > 0 = q is +inf: the divergence is infinite there.
-    t_minus_1 = torch.where(has_q, torch.expm1(lp_safe - lq_safe), torch.full_like(lp, math.inf))
-    value = torch.where(has_q, q * t_minus_1 * t_minus_1, torch.where(has_p, t_minus_1, zero))
-    slope = torch.where(has_p, 2.0 * p * t_minus_1, zero)
+    d = lp_safe - lq_safe
+    p_t = torch.exp(lp_safe + d)
+    value = torch.where(d > 0, p_t * (-torch.expm1(-d)) ** 2, torch.exp(lq_safe) * torch.expm1(d) ** 2)
+    # p > 0 = q makes the divergence infinite.
+    value = torch.where(has_q, value, torch.where(has_p, torch.full_like(lp, math.inf), zero))
+    value = torch.where(has_p | has_q, value, zero)
+    slope = torch.where(has_p, 2.0 * (torch.where(has_q, p_t, torch.full_like(lp, math.inf)) - p), zero)
     return value, slope
 
 

@@ -207,7 +207,7 @@ def _as_rows(*tensors: Optional[torch.Tensor]):
 
 _OUTPUTS = ("logp", "ref_logp", "entropy", "div")
 # What a backward pass needs of the forward's RowStats.
-_SAVED = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "div_s", "entropy")
+_SAVED = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "div_s", "ref_at_argmax", "entropy")
 
 
 class _FusedTokenOp(torch.autograd.Function):

@@ -56,13 +56,13 @@ def assert_tokens_close(x: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor,
     x = x.detach().to(torch.float64).cpu()
     ref = ref.detach().to(torch.float64).cpu()
     scale = scale.cpu()
-    both_inf = torch.isinf(ref) & (x == ref)
+    # A true value beyond fp32's range may come out as the infinity of its sign.
+    overflow = (ref.abs() > torch.finfo(torch.float32).max) & (x == torch.sign(ref) * math.inf)
     tol = (1e-5 + 1e-6 * scale) * (1.0 + ref.abs())
     err = (x - ref).abs()
-    bad = ~both_inf & ~(err <= tol)
+    bad = ~((x == ref) | overflow | (err <= tol))
     assert not bad.any(), (
-        f"{what}: {int(bad.sum())} tokens outside the contract; worst at "
-        f"{tuple(int(i) for i in (err - tol).nan_to_num(math.inf).argmax().unravel_index(err.shape)) if err.dim() else ()}: "
+        f"{what}: {int(bad.sum())} tokens outside the contract; "
         f"got {x[bad][:4].tolist()} want {ref[bad][:4].tolist()}"
     )
 

@@ -76,9 +76,16 @@ class RowStats:
     single rounded ``lse`` would cost ``eps * |a| / T`` in every ``log p_i``.
 
     ``row_max`` and ``log_norm`` are always present; ``ref_row_max`` and ``ref_log_norm``
-    whenever a reference is given; ``div_s = sum_i p_i f'(t_i)`` whenever a divergence is
-    asked for; ``entropy`` when asked for (the backward needs it). Skipped rows hold 0 in
+    whenever a reference is given; ``div_s = S = sum_i p_i f'(t_i)`` whenever a divergence
+    is asked for; ``entropy`` when asked for (the backward needs it). Skipped rows hold 0 in
     every field.
+
+    Reverse KL is centred: its ``f'(t) = log t + 1`` is unbounded, and for a peaked policy
+    far from the reference ``f'(t_j) - S`` cancels two numbers of the size of the KL. With
+    ``k`` the policy's argmax and ``r_i = log p_i - log q_i``, the forward stores
+    ``ref_at_argmax = b_k`` (raw) and ``div_s = sum_i p_i (r_i - r_k)``, and the backward
+    forms ``r_j - r_k = (a_j - a_k) / T - (b_j - b_k) / T`` from raw differences, exactly 0
+    at ``j = k``.
     """
 
     row_max: torch.Tensor
@@ -90,3 +97,4 @@ class RowStats:
     ref_row_max: Optional[torch.Tensor] = None
     ref_log_norm: Optional[torch.Tensor] = None
     div_s: Optional[torch.Tensor] = None
+    ref_at_argmax: Optional[torch.Tensor] = None

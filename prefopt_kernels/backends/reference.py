@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import OpSpec, RowStats
+from . import DIVERGENCE_CODES, OpSpec, RowStats
 
 NAME = "reference"
 
@@ -84,6 +84,12 @@ def evaluate(
             value, slope = GENERATORS[spec.divergence](log_p, log_q, spec.beta, spec.alpha)
             out["div"] = torch.where(div_active, value.sum(-1), zero)
             out["div_s"] = torch.where(div_active, slope.sum(-1), zero)
+            if spec.divergence == DIVERGENCE_CODES["reverse_kl"]:
+                # Centred at the policy's argmax k, as RowStats documents.
+                k = logits.detach().argmax(-1, keepdim=True)
+                r_k = (log_p.gather(1, k) - log_q.gather(1, k))[:, 0]
+                out["div_s"] = torch.where(div_active, out["div"] - r_k, zero)
+                out["ref_at_argmax"] = torch.where(div_active, ref_logits.to(torch.float64).gather(1, k)[:, 0], zero)
     return out
 
 

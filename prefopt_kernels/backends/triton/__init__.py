@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .. import OpSpec, RowStats
+from .. import DIVERGENCE_CODES, OpSpec, RowStats
 from .config import launch_config
 
 NAME = "triton"
@@ -52,6 +52,8 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         if spec.divergence:
             stats.div = torch.empty(n, **f32)
             stats.div_s = torch.empty(n, **f32)
+        if spec.divergence == DIVERGENCE_CODES["reverse_kl"]:
+            stats.ref_at_argmax = torch.empty(n, **f32)
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)
     # Pointers that a specialisation never touches point at a spare fp32 buffer.
@@ -59,7 +61,7 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         logits, ref, _or(labels, spare), _or(weight, spare),
         stats.row_max, stats.log_norm, _or(stats.logp, spare), _or(stats.entropy, spare),
         _or(stats.ref_row_max, spare), _or(stats.ref_log_norm, spare), _or(stats.ref_logp, spare),
-        _or(stats.div, spare), _or(stats.div_s, spare),
+        _or(stats.div, spare), _or(stats.div_s, spare), _or(stats.ref_at_argmax, spare),
         tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
         vocab, 1.0 / spec.temperature, spec.ignore_index, spec.beta, spec.alpha,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
@@ -83,7 +85,7 @@ def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
     token_backward_kernel[(n,)](
         logits, ref, grad_out, _or(labels, spare), _or(weight, spare),
         stats.row_max, stats.log_norm, _or(stats.entropy, spare), _or(stats.ref_row_max, spare),
-        _or(stats.ref_log_norm, spare), _or(stats.div_s, spare),
+        _or(stats.ref_log_norm, spare), _or(stats.div_s, spare), _or(stats.ref_at_argmax, spare),
         _or(grad_logp, spare), _or(grad_entropy, spare), _or(grad_div, spare),
         tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
         grad_out.stride(0), grad_out.stride(1),

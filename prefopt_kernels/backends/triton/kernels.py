@@ -73,9 +73,13 @@ def _generator(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
         value = diff * diff
         slope = p - sqrt_p * sqrt_q
     elif DIVERGENCE == CHI2:
-        t_minus_1 = tl.where(has_q, tl.exp(lp - lq) - 1.0, float("inf"))
-        value = tl.where(has_q, q * t_minus_1 * t_minus_1, tl.where(has_p, float("inf"), zero))
-        slope = tl.where(has_p, 2.0 * p * t_minus_1, zero)
+        # q (t - 1)^2 and p (t - 1) in log space: t can overflow while q underflows.
+        d = lp - lq
+        p_t = tl.exp(lp + d)
+        shrink = 1.0 - tl.exp(-d)
+        value = tl.where(d > 0.0, p_t * shrink * shrink, q * (tl.exp(d) - 1.0) * (tl.exp(d) - 1.0))
+        value = tl.where(has_q, value, tl.where(has_p, float("inf"), zero))
+        slope = tl.where(has_p, 2.0 * (tl.where(has_q, p_t, float("inf")) - p), zero)
     else:
         # Amari alpha; p^a q^(1-a) at the support's edges is 0 unless an exponent blows it up.
         p_only = tl.where(alpha > 1.0, float("inf"), 0.0)
@@ -94,7 +98,7 @@ def _generator(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
 def token_forward_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
     row_max_ptr, log_norm_ptr, logp_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_logp_ptr,
-    div_ptr, div_s_ptr,
+    div_ptr, div_s_ptr, ref_at_argmax_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
     vocab, inv_temperature, ignore_index, beta, alpha,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -118,6 +122,7 @@ def token_forward_kernel(
 
     ma_s = 0.0
     log_za = 0.0
+    y_at_argmax = 0.0
     logp = 0.0
     entropy = 0.0
     mb_s = 0.0
@@ -131,6 +136,7 @@ def token_forward_kernel(
         cols = tl.arange(0, BLOCK_V)
         ma = float("-inf")
         mb = float("-inf")
+        y_am = 0.0
         za = tl.zeros((BLOCK_V,), tl.float32)
         zb = tl.zeros((BLOCK_V,), tl.float32)
         h = tl.zeros((BLOCK_V,), tl.float32)
@@ -138,7 +144,8 @@ def token_forward_kernel(
         for start in range(0, vocab, BLOCK_V):
             mask = start + cols < vocab
             x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            ma_new = tl.maximum(ma, tl.max(x, axis=0))
+            block_max = tl.max(x, axis=0)
+            ma_new = tl.maximum(ma, block_max)
             ma_new_s = tl.where(ma_new == float("-inf"), 0.0, ma_new)
             # Differences of raw logits first, then the temperature: exact where p is large.
             scale_a = tl.exp((ma - ma_new_s) * inv_temperature)
@@ -158,7 +165,13 @@ def token_forward_kernel(
                 if DIVERGENCE == FORWARD_KL:
                     k = scale_b * (k + (shift_b - shift_a) * zb) + tl.where(y > float("-inf"), eb * (y_rel - x_rel), 0.0)
                 if DIVERGENCE == REVERSE_KL:
-                    k = scale_a * (k + (shift_a - shift_b) * za) + tl.where(x > float("-inf"), ea * (x_rel - y_rel), 0.0)
+                    # Centred at the policy's running argmax (see RowStats): terms u_a - v.
+                    y_block = tl.sum(tl.where(cols == tl.argmax(x, axis=0), y, 0.0), axis=0)
+                    y_am_new = tl.where(block_max > ma, tl.where(y_block == float("-inf"), 0.0, y_block), y_am)
+                    shift_v = (y_am - y_am_new) * inv_temperature
+                    v = (y - y_am_new) * inv_temperature
+                    k = scale_a * (k + (shift_a - shift_v) * za) + tl.where(x > float("-inf"), ea * (x_rel - v), 0.0)
+                    y_am = y_am_new
                 zb = zb * scale_b + eb
                 mb = mb_new
             za = za * scale_a + ea
@@ -181,8 +194,9 @@ def token_forward_kernel(
                     div = tl.sum(k, axis=0) / sum_zb - log_zb + log_za
                     div_s = -1.0
                 elif DIVERGENCE == REVERSE_KL:
-                    div = tl.sum(k, axis=0) / sum_za - log_za + log_zb
-                    div_s = div + 1.0
+                    div_s = tl.sum(k, axis=0) / sum_za
+                    div = div_s - log_za - (y_am - mb_s) * inv_temperature + log_zb
+                    y_at_argmax = y_am
                 elif DIVERGENCE != 0:
                     values = tl.zeros((BLOCK_V,), tl.float32)
                     slopes = tl.zeros((BLOCK_V,), tl.float32)
@@ -212,12 +226,14 @@ def token_forward_kernel(
         if DIVERGENCE != 0:
             tl.store(div_ptr + n, div)
             tl.store(div_s_ptr + n, div_s)
+        if DIVERGENCE == REVERSE_KL:
+            tl.store(ref_at_argmax_ptr + n, y_at_argmax)
 
 
 @triton.jit
 def token_backward_kernel(
     a_ptr, b_ptr, grad_ptr, labels_ptr, weight_ptr,
-    row_max_ptr, log_norm_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, div_s_ptr,
+    row_max_ptr, log_norm_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, div_s_ptr, ref_at_argmax_ptr,
     grad_logp_ptr, grad_entropy_ptr, grad_div_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt, stride_gb, stride_gt,
     vocab, inv_temperature, ignore_index, beta, alpha,
@@ -261,6 +277,9 @@ def token_backward_kernel(
         div_s = tl.load(div_s_ptr + n)
         mb = tl.load(ref_row_max_ptr + n)
         log_zb = tl.load(ref_log_norm_ptr + n)
+    y_am = 0.0
+    if DIVERGENCE == REVERSE_KL:
+        y_am = tl.load(ref_at_argmax_ptr + n)
     ma = tl.load(row_max_ptr + n)
     log_za = tl.load(log_norm_ptr + n)
 
@@ -282,7 +301,11 @@ def token_backward_kernel(
             if DIVERGENCE != 0:
                 if div_on:
                     y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                    _, slope = _generator(lp, (y - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
-                    grad += g_div * (slope - p * div_s)
+                    if DIVERGENCE == REVERSE_KL:
+                        centred = (x - ma) * inv_temperature - (y - y_am) * inv_temperature - div_s
+                        grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
+                    else:
+                        _, slope = _generator(lp, (y - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
+                        grad += g_div * (slope - p * div_s)
             grad = grad * inv_temperature
         tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
