@@ -129,7 +129,10 @@ def chi2_terms(lp, lq, beta, alpha):
     zero = torch.zeros_like(lp)
     d = lp_safe - lq_safe
     p_t = torch.exp(lp_safe + d)
-    value = torch.where(d > 0, p_t * (-torch.expm1(-d)) ** 2, torch.exp(lq_safe) * torch.expm1(d) ** 2)
+    # Each branch sees only its own side of d = 0, so neither overflows where it is not taken.
+    shrink = -torch.expm1(-torch.clamp(d, min=0.0))
+    grow = torch.expm1(torch.clamp(d, max=0.0))
+    value = torch.where(d > 0, p_t * shrink**2, torch.exp(lq_safe) * grow**2)
     # p > 0 = q makes the divergence infinite.
     value = torch.where(has_q, value, torch.where(has_p, torch.full_like(lp, math.inf), zero))
     value = torch.where(has_p | has_q, value, zero)

@@ -80,12 +80,14 @@ class RowStats:
     is asked for; ``entropy`` when asked for (the backward needs it). Skipped rows hold 0 in
     every field.
 
-    Reverse KL is centred: its ``f'(t) = log t + 1`` is unbounded, and for a peaked policy
-    far from the reference ``f'(t_j) - S`` cancels two numbers of the size of the KL. With
-    ``k`` the policy's argmax and ``r_i = log p_i - log q_i``, the forward stores
-    ``ref_at_argmax = b_k`` (raw) and ``div_s = sum_i p_i (r_i - r_k)``, and the backward
-    forms ``r_j - r_k = (a_j - a_k) / T - (b_j - b_k) / T`` from raw differences, exactly 0
-    at ``j = k``.
+    ``div_s`` is centred for every divergence but forward KL (where ``S = -1`` exactly and
+    the gradient is ``p - q``): an unbounded ``f'`` (reverse KL's ``log t + 1``, chi2's
+    ``2(t - 1)``, alpha's powers) makes ``f'(t_j) - S`` cancel two large numbers when a
+    peaked policy is far from the reference. With ``k`` the policy's argmax, the forward
+    stores ``ref_at_argmax = b_k`` (raw) and ``div_s = S - f'(t_k) = sum_i p_i (f'(t_i) -
+    f'(t_k))``; the backward forms ``p_j ((f'(t_j) - f'(t_k)) - div_s)``, which is exactly
+    ``-p_k div_s`` at ``j = k`` because ``log p_k = -log_norm`` exactly. Reverse KL forms
+    ``f'(t_j) - f'(t_k) = (a_j - a_k) / T - (b_j - b_k) / T`` from raw differences.
     """
 
     row_max: torch.Tensor

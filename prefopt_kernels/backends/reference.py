@@ -84,11 +84,11 @@ def evaluate(
             value, slope = GENERATORS[spec.divergence](log_p, log_q, spec.beta, spec.alpha)
             out["div"] = torch.where(div_active, value.sum(-1), zero)
             out["div_s"] = torch.where(div_active, slope.sum(-1), zero)
-            if spec.divergence == DIVERGENCE_CODES["reverse_kl"]:
-                # Centred at the policy's argmax k, as RowStats documents.
+            if spec.divergence != DIVERGENCE_CODES["forward_kl"]:
+                # Centred at the policy's argmax k, as RowStats documents: S - f'(t_k).
                 k = logits.detach().argmax(-1, keepdim=True)
-                r_k = (log_p.gather(1, k) - log_q.gather(1, k))[:, 0]
-                out["div_s"] = torch.where(div_active, out["div"] - r_k, zero)
+                fprime_k = (slope.gather(1, k) / torch.exp(log_p.gather(1, k)))[:, 0]
+                out["div_s"] = torch.where(div_active, out["div_s"] - fprime_k, zero)
                 out["ref_at_argmax"] = torch.where(div_active, ref_logits.to(torch.float64).gather(1, k)[:, 0], zero)
     return out
 

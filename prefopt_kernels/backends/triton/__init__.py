@@ -52,7 +52,7 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         if spec.divergence:
             stats.div = torch.empty(n, **f32)
             stats.div_s = torch.empty(n, **f32)
-        if spec.divergence == DIVERGENCE_CODES["reverse_kl"]:
+        if spec.divergence not in (0, DIVERGENCE_CODES["forward_kl"]):
             stats.ref_at_argmax = torch.empty(n, **f32)
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)

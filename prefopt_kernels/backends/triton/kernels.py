@@ -40,46 +40,29 @@ def _row_offset(n, tokens_per_batch, stride_batch, stride_token):
 
 
 @triton.jit
-def _generator(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
-    """Elementwise ``(q f(t), p f'(t))`` from ``lp = log p``, ``lq = log q`` (``-inf`` legal)."""
+def _f_value(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
+    """``q f(t)`` of a non-linear divergence from ``lp = log p``, ``lq = log q`` (``-inf`` legal)."""
     has_p = lp > float("-inf")
     has_q = lq > float("-inf")
     p = tl.exp(lp)
     q = tl.exp(lq)
     zero = tl.zeros_like(lp)
-    if DIVERGENCE == FORWARD_KL:
-        value = tl.where(has_q, q * (lq - lp), zero)
-        slope = -q
-    elif DIVERGENCE == REVERSE_KL:
-        value = tl.where(has_p, p * (lp - lq), zero)
-        slope = tl.where(has_p, p * (lp - lq + 1.0), zero)
-    elif DIVERGENCE == JS:
-        u = tl.log(beta) + lq
-        v = tl.log(1.0 - beta) + lp
-        hi = tl.maximum(u, v)
-        lo = tl.minimum(u, v)
-        lm = tl.where(has_p & has_q, hi + tl.log(1.0 + tl.exp(lo - hi)), hi)
-        q_part = tl.where(has_q, q * (lq - lm), zero)
-        p_part = tl.where(has_p, p * (lp - lm), zero)
-        value = beta * q_part + (1.0 - beta) * p_part
-        slope = (1.0 - beta) * p_part
+    if DIVERGENCE == JS:
+        lm = _log_mixture(lp, lq, beta)
+        value = beta * tl.where(has_q, q * (lq - lm), zero) + (1.0 - beta) * tl.where(has_p, p * (lp - lm), zero)
     elif DIVERGENCE == TV:
         value = 0.5 * tl.abs(p - q)
-        slope = tl.where(p > q, 0.5 * p, tl.where(p < q, -0.5 * p, zero))
     elif DIVERGENCE == HELLINGER:
-        sqrt_p = tl.exp(0.5 * lp)
-        sqrt_q = tl.exp(0.5 * lq)
-        diff = sqrt_p - sqrt_q
+        diff = tl.exp(0.5 * lp) - tl.exp(0.5 * lq)
         value = diff * diff
-        slope = p - sqrt_p * sqrt_q
     elif DIVERGENCE == CHI2:
-        # q (t - 1)^2 and p (t - 1) in log space: t can overflow while q underflows.
+        # q (t - 1)^2 in log space, each branch on its own side of d = 0: t can overflow
+        # where q underflows.
         d = lp - lq
-        p_t = tl.exp(lp + d)
-        shrink = 1.0 - tl.exp(-d)
-        value = tl.where(d > 0.0, p_t * shrink * shrink, q * (tl.exp(d) - 1.0) * (tl.exp(d) - 1.0))
+        shrink = 1.0 - tl.exp(-tl.maximum(d, 0.0))
+        grow = tl.exp(tl.minimum(d, 0.0)) - 1.0
+        value = tl.where(d > 0.0, tl.exp(lp + d) * shrink * shrink, q * grow * grow)
         value = tl.where(has_q, value, tl.where(has_p, float("inf"), zero))
-        slope = tl.where(has_p, 2.0 * (tl.where(has_q, p_t, float("inf")) - p), zero)
     else:
         # Amari alpha; p^a q^(1-a) at the support's edges is 0 unless an exponent blows it up.
         p_only = tl.where(alpha > 1.0, float("inf"), 0.0)
@@ -90,8 +73,33 @@ def _generator(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
             tl.where(has_p, p_only, tl.where(has_q, q_only, zero)),
         )
         value = (mixed - alpha * p - (1.0 - alpha) * q) / (alpha * (alpha - 1.0))
-        slope = (mixed - p) / (alpha - 1.0)
-    return value, slope
+    return value
+
+
+@triton.jit
+def _f_prime(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
+    """``f'(t)`` of a non-linear divergence where ``p > 0`` (callers weight it by ``p``)."""
+    if DIVERGENCE == JS:
+        fprime = (1.0 - beta) * (lp - _log_mixture(lp, lq, beta))
+    elif DIVERGENCE == TV:
+        fprime = tl.where(lp > lq, 0.5, tl.where(lp < lq, -0.5, 0.0))
+    elif DIVERGENCE == HELLINGER:
+        fprime = 1.0 - tl.exp(0.5 * (lq - lp))
+    elif DIVERGENCE == CHI2:
+        fprime = 2.0 * (tl.exp(lp - lq) - 1.0)
+    else:
+        fprime = (tl.exp((alpha - 1.0) * (lp - lq)) - 1.0) / (alpha - 1.0)
+    return fprime
+
+
+@triton.jit
+def _log_mixture(lp, lq, beta):
+    """``log(beta q + (1 - beta) p)``, exact where either side is ``-inf``."""
+    u = tl.log(beta) + lq
+    v = tl.log(1.0 - beta) + lp
+    hi = tl.maximum(u, v)
+    lo = tl.minimum(u, v)
+    return tl.where(lo > float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)), hi)
 
 
 @triton.jit
@@ -164,13 +172,16 @@ def token_forward_kernel(
                 eb = tl.exp(y_rel)
                 if DIVERGENCE == FORWARD_KL:
                     k = scale_b * (k + (shift_b - shift_a) * zb) + tl.where(y > float("-inf"), eb * (y_rel - x_rel), 0.0)
-                if DIVERGENCE == REVERSE_KL:
-                    # Centred at the policy's running argmax (see RowStats): terms u_a - v.
+                if DIVERGENCE >= REVERSE_KL:
+                    # The reference logit at the policy's running argmax: the centre of S.
                     y_block = tl.sum(tl.where(cols == tl.argmax(x, axis=0), y, 0.0), axis=0)
                     y_am_new = tl.where(block_max > ma, tl.where(y_block == float("-inf"), 0.0, y_block), y_am)
+                if DIVERGENCE == REVERSE_KL:
+                    # Terms u_a - v with v = (y - y_am) / T, shifted as y_am moves.
                     shift_v = (y_am - y_am_new) * inv_temperature
                     v = (y - y_am_new) * inv_temperature
                     k = scale_a * (k + (shift_a - shift_v) * za) + tl.where(x > float("-inf"), ea * (x_rel - v), 0.0)
+                if DIVERGENCE >= REVERSE_KL:
                     y_am = y_am_new
                 zb = zb * scale_b + eb
                 mb = mb_new
@@ -196,22 +207,24 @@ def token_forward_kernel(
                 elif DIVERGENCE == REVERSE_KL:
                     div_s = tl.sum(k, axis=0) / sum_za
                     div = div_s - log_za - (y_am - mb_s) * inv_temperature + log_zb
-                    y_at_argmax = y_am
                 elif DIVERGENCE != 0:
+                    # f'(t_k) at the policy's argmax k, whose log p is exactly -log_za.
+                    fprime_k = _f_prime(-log_za, (y_am - mb_s) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
                     values = tl.zeros((BLOCK_V,), tl.float32)
-                    slopes = tl.zeros((BLOCK_V,), tl.float32)
+                    centred = tl.zeros((BLOCK_V,), tl.float32)
                     for start in range(0, vocab, BLOCK_V):
                         mask = start + cols < vocab
                         x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                         y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                        value, slope = _generator(
-                            (x - ma_s) * inv_temperature - log_za, (y - mb_s) * inv_temperature - log_zb,
-                            beta, alpha, DIVERGENCE,
-                        )
-                        values += tl.where(mask, value, 0.0)
-                        slopes += tl.where(mask, slope, 0.0)
+                        lp = (x - ma_s) * inv_temperature - log_za
+                        lq = (y - mb_s) * inv_temperature - log_zb
+                        values += tl.where(mask, _f_value(lp, lq, beta, alpha, DIVERGENCE), 0.0)
+                        p = tl.exp(lp)
+                        fprime = _f_prime(lp, lq, beta, alpha, DIVERGENCE)
+                        centred += tl.where(p > 0.0, p * (fprime - fprime_k), 0.0)
                     div = tl.sum(values, axis=0)
-                    div_s = tl.sum(slopes, axis=0)
+                    div_s = tl.sum(centred, axis=0)
+                y_at_argmax = y_am
     tl.store(row_max_ptr + n, ma_s)
     tl.store(log_norm_ptr + n, log_za)
     if HAS_LABELS:
@@ -226,7 +239,7 @@ def token_forward_kernel(
         if DIVERGENCE != 0:
             tl.store(div_ptr + n, div)
             tl.store(div_s_ptr + n, div_s)
-        if DIVERGENCE == REVERSE_KL:
+        if DIVERGENCE >= REVERSE_KL:
             tl.store(ref_at_argmax_ptr + n, y_at_argmax)
 
 
@@ -243,6 +256,8 @@ def token_backward_kernel(
 ):
     """``g_j = (1/T)[g_logp (1[j=y] - p_j) - g_H p_j (log p_j + H) + g_D p_j (f'(t_j) - S)]``.
 
+    ``f'(t_j) - S`` is formed as ``(f'(t_j) - f'(t_k)) - div_s`` with the centred ``div_s``
+    of ``RowStats`` (forward KL: ``p_j f'(t_j) - p_j S = p_j - q_j`` directly).
     ``DIVERGENCE`` is 0 when no divergence gradient is needed. Every element of the row is
     read before it is written, so ``grad_ptr`` may alias ``a_ptr``.
     """
@@ -268,6 +283,8 @@ def token_backward_kernel(
     if GRAD_ENTROPY:
         g_entropy = tl.load(grad_entropy_ptr + n)
         entropy = tl.load(entropy_ptr + n)
+    ma = tl.load(row_max_ptr + n)
+    log_za = tl.load(log_norm_ptr + n)
     g_div = 0.0
     div_s = 0.0
     mb = 0.0
@@ -278,10 +295,11 @@ def token_backward_kernel(
         mb = tl.load(ref_row_max_ptr + n)
         log_zb = tl.load(ref_log_norm_ptr + n)
     y_am = 0.0
-    if DIVERGENCE == REVERSE_KL:
+    fprime_k = 0.0
+    if DIVERGENCE >= REVERSE_KL:
         y_am = tl.load(ref_at_argmax_ptr + n)
-    ma = tl.load(row_max_ptr + n)
-    log_za = tl.load(log_norm_ptr + n)
+    if DIVERGENCE > REVERSE_KL:
+        fprime_k = _f_prime(-log_za, (y_am - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
 
     a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
     b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
@@ -301,11 +319,14 @@ def token_backward_kernel(
             if DIVERGENCE != 0:
                 if div_on:
                     y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                    if DIVERGENCE == REVERSE_KL:
+                    if DIVERGENCE == FORWARD_KL:
+                        # p f'(t) = -q and S = -1: the gradient is p - q.
+                        grad += g_div * (p - tl.exp((y - mb) * inv_temperature - log_zb))
+                    elif DIVERGENCE == REVERSE_KL:
                         centred = (x - ma) * inv_temperature - (y - y_am) * inv_temperature - div_s
                         grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
                     else:
-                        _, slope = _generator(lp, (y - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
-                        grad += g_div * (slope - p * div_s)
+                        fprime = _f_prime(lp, (y - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
+                        grad += g_div * tl.where(p > 0.0, p * (fprime - fprime_k - div_s), 0.0)
             grad = grad * inv_temperature
         tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
