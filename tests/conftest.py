@@ -27,3 +27,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that run the Triton backend also belong to the GPU subset (``-m gpu``)."""
+    import pytest
+
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend") == "triton":
+            item.add_marker(pytest.mark.gpu)
