@@ -4,6 +4,7 @@ Each op reads a row of logits once, keeps per-row running statistics only, and n
 writes an ``[N, V]`` softmax; gradients are recomputed from the saved statistics.
 """
 
+from . import losses, masks
 from .divergences import DIVERGENCES
 from .ops import (
     TokenTerms,
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DIVERGENCES",
+    "losses",
+    "masks",
     "TokenTerms",
     "available_backends",
     "token_divergence",
