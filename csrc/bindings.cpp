@@ -47,7 +47,8 @@ ForwardArgs forward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uin
                          std::uintptr_t row_max, std::uintptr_t log_norm, std::uintptr_t logp,
                          std::uintptr_t ref_logp, std::uintptr_t entropy, std::uintptr_t div,
                          std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm,
-                         std::uintptr_t div_s, int num_threads) {
+                         std::uintptr_t div_s, std::uintptr_t ref_at_argmax,
+                         int num_threads) {
   check_common(n_rows, tokens, vocab, dtype, divergence, temperature);
   if (logits == 0 || row_max == 0 || log_norm == 0)
     throw std::invalid_argument("prefopt._C: logits, row_max and log_norm required");
@@ -55,6 +56,8 @@ ForwardArgs forward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uin
     throw std::invalid_argument("prefopt._C: a reference needs ref_row_max and ref_log_norm");
   if (divergence != 0 && (ref == 0 || div == 0 || div_s == 0))
     throw std::invalid_argument("prefopt._C: a divergence needs ref, div and div_s");
+  if (divergence > prefopt::kForwardKL && ref_at_argmax == 0)
+    throw std::invalid_argument("prefopt._C: this divergence needs ref_at_argmax");
   if ((want_logp || want_ref_logp) && labels == 0)
     throw std::invalid_argument("prefopt._C: label log-probs need labels");
   ForwardArgs a;
@@ -88,6 +91,7 @@ ForwardArgs forward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uin
   a.ref_row_max = ptr<float>(ref_row_max);
   a.ref_log_norm = ptr<float>(ref_log_norm);
   a.div_s = ptr<float>(div_s);
+  a.ref_at_argmax = ptr<float>(ref_at_argmax);
   return a;
 }
 
@@ -100,7 +104,7 @@ BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::u
                            float alpha, std::uintptr_t row_max, std::uintptr_t log_norm,
                            std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm,
                            std::uintptr_t entropy, std::uintptr_t div_s,
-                           std::uintptr_t grad_logp, std::uintptr_t grad_entropy,
+                           std::uintptr_t ref_at_argmax, std::uintptr_t grad_logp, std::uintptr_t grad_entropy,
                            std::uintptr_t grad_div, std::uintptr_t grad, int64_t grad_batch_stride,
                            int64_t grad_token_stride, int num_threads) {
   check_common(n_rows, tokens, vocab, dtype, divergence, temperature);
@@ -109,9 +113,11 @@ BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::u
   if (grad_entropy != 0 && entropy == 0)
     throw std::invalid_argument("prefopt._C: an entropy gradient needs the saved entropy");
   if (grad_div != 0 && divergence != 0 &&
-      (ref == 0 || ref_row_max == 0 || ref_log_norm == 0 || div_s == 0))
+      (ref == 0 || ref_row_max == 0 || ref_log_norm == 0 || div_s == 0 ||
+       (divergence > prefopt::kForwardKL && ref_at_argmax == 0)))
     throw std::invalid_argument(
-        "prefopt._C: a divergence gradient needs ref, ref_row_max, ref_log_norm and div_s");
+        "prefopt._C: a divergence gradient needs ref, ref_row_max, ref_log_norm, div_s and "
+        "(past forward KL) ref_at_argmax");
   BackwardArgs a;
   a.n_rows = n_rows;
   a.tokens = tokens;
@@ -137,6 +143,7 @@ BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::u
   a.ref_log_norm = ptr<const float>(ref_log_norm);
   a.entropy = ptr<const float>(entropy);
   a.div_s = ptr<const float>(div_s);
+  a.ref_at_argmax = ptr<const float>(ref_at_argmax);
   a.grad_logp = ptr<const float>(grad_logp);
   a.grad_entropy = ptr<const float>(grad_entropy);
   a.grad_div = ptr<const float>(grad_div);
@@ -154,13 +161,14 @@ BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::u
       float beta, float alpha, bool want_logp, bool want_ref_logp, bool want_entropy,      \
       std::uintptr_t row_max, std::uintptr_t log_norm, std::uintptr_t logp,                \
       std::uintptr_t ref_logp, std::uintptr_t entropy, std::uintptr_t div,                 \
-      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t div_s
+      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t div_s,      \
+      std::uintptr_t ref_at_argmax
 #define PREFOPT_FORWARD_ARGS                                                               \
   n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
       ref_batch_stride, ref_token_stride, dtype, labels, weight,                           \
       temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp,        \
       want_entropy, row_max, log_norm, logp, ref_logp, entropy, div, ref_row_max,          \
-      ref_log_norm, div_s
+      ref_log_norm, div_s, ref_at_argmax
 #define PREFOPT_BACKWARD_PARAMS                                                            \
   int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,                    \
       int64_t logits_batch_stride, int64_t logits_token_stride, std::uintptr_t ref,        \
@@ -168,14 +176,14 @@ BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::u
       std::uintptr_t weight, double temperature, int64_t ignore_index, int divergence,      \
       float beta, float alpha, std::uintptr_t row_max, std::uintptr_t log_norm,            \
       std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t entropy,     \
-      std::uintptr_t div_s, std::uintptr_t grad_logp,              \
+      std::uintptr_t div_s, std::uintptr_t ref_at_argmax, std::uintptr_t grad_logp,       \
       std::uintptr_t grad_entropy, std::uintptr_t grad_div, std::uintptr_t grad,           \
       int64_t grad_batch_stride, int64_t grad_token_stride
 #define PREFOPT_BACKWARD_ARGS                                                              \
   n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
       ref_batch_stride, ref_token_stride, dtype, labels, weight,                           \
       temperature, ignore_index, divergence, beta, alpha, row_max, log_norm, ref_row_max,  \
-      ref_log_norm, entropy, div_s,                                                        \
+      ref_log_norm, entropy, div_s, ref_at_argmax,                                         \
       grad_logp, grad_entropy, grad_div, grad, grad_batch_stride, grad_token_stride
 
 void cpu_forward(PREFOPT_FORWARD_PARAMS, int num_threads) {
@@ -237,7 +245,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("divergence"), py::arg("beta"), py::arg("alpha"), py::arg("want_logp"),
         py::arg("want_ref_logp"), py::arg("want_entropy"), py::arg("row_max"),
         py::arg("log_norm"), py::arg("logp"), py::arg("ref_logp"), py::arg("entropy"),
-        py::arg("div"), py::arg("ref_row_max"), py::arg("ref_log_norm"), py::arg("div_s"), extra);
+        py::arg("div"), py::arg("ref_row_max"), py::arg("ref_log_norm"), py::arg("div_s"),
+        py::arg("ref_at_argmax"), extra);
   };
   const auto bwd_names = [](auto&& extra) {
     return std::make_tuple(
@@ -247,7 +256,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight"), py::arg("temperature"), py::arg("ignore_index"),
         py::arg("divergence"), py::arg("beta"), py::arg("alpha"), py::arg("row_max"),
         py::arg("log_norm"), py::arg("ref_row_max"), py::arg("ref_log_norm"), py::arg("entropy"),
-        py::arg("div_s"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_div"),
+        py::arg("div_s"), py::arg("ref_at_argmax"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_div"),
         py::arg("grad"),
         py::arg("grad_batch_stride"), py::arg("grad_token_stride"),
         extra);

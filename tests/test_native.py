@@ -234,13 +234,13 @@ def test_bridge_row_stats():
                   want_entropy=True)
     stats = native.forward(a, labels, b, weight, spec)
     ref = reference.forward(a, labels, b, weight, spec)
-    for field in ("logp", "ref_logp", "entropy", "div", "div_s"):
+    for field in ("logp", "ref_logp", "entropy", "div", "div_s", "ref_at_argmax"):
         got = getattr(stats, field)
         assert got.dtype == torch.float32 and got.shape == (n,)
         assert got[1] == 0, field
-        keep = torch.tensor([True, False, field not in ("div", "div_s"), True])
+        keep = torch.tensor([True, False, field not in ("div", "div_s", "ref_at_argmax"), True])
         torch.testing.assert_close(got[keep], getattr(ref, field)[keep], rtol=1e-5, atol=1e-5)
-    assert stats.div[2] == 0 and stats.div_s[2] == 0
+    assert stats.div[2] == 0 and stats.div_s[2] == 0 and stats.ref_at_argmax[2] == 0
 
 
 @needs_native
@@ -284,3 +284,22 @@ def test_int64_row_offsets():
         logp = pk.token_logprobs(big, torch.full((rows,), -100).index_copy_(0, torch.tensor([rows - 2, rows - 1]), labels))
     want, _ = oracle(a, labels, None, None, want_logp=True)
     assert_tokens_close(logp[-2:], want["logp"], row_scale(a, None, 1.0), "logp")
+
+
+@needs_native
+@pytest.mark.parametrize("divergence", ["reverse_kl", "chi2", "alpha"])
+def test_peaked_policy_far_from_reference(divergence):
+    """A peaked policy whose argmax the reference all but excludes: f'(t_k) is huge, and the
+    centred S keeps the gradient exact where S - f'(t_k) would cancel (or overflow)."""
+    a = torch.tensor([[6.164, -1.1737], [-65.3637, 17.0529]])
+    b = torch.tensor([[-8.7152, 2.2737], [12.1004, 25.1408]])
+    up = {"div": torch.ones(2)}
+
+    def fn(x):
+        return {"div": pk.token_divergence(x, b, divergence=divergence, alpha=-0.5)}
+
+    got, grad = _run(fn, a, up)
+    want, grad_ref = oracle(a, None, b, None, divergence=divergence, alpha=-0.5, upstream=up)
+    s = row_scale(a, b, 1.0)
+    assert_tokens_close(got["div"], want["div"], s, divergence)
+    assert_grads_close(grad, grad_ref, s, _g_out(up), torch.float32, divergence)

@@ -8,7 +8,8 @@
 //   sums are short (kBlock / SIMD width terms per lane) and the row-level merge is in
 //   double, so accuracy does not degrade as V grows.
 //   pass 2, only for js/tv/hellinger/chi2/alpha: with both log-sum-exps known, sums of
-//   q f(t) and p f'(t) over the row, again blocked; the row is re-read from cache.
+//   q f(t) and p (f'(t) - f'(t_k)) over the row (k the policy's argmax, found in pass 1),
+//   again blocked; the row is re-read from cache.
 // Backward, per row: one vectorised loop reading a (and b when the divergence term is
 // active) and writing g in the output dtype, with log p from the saved row_max/log_norm;
 // each element is read before it is written, so g may alias a.
@@ -75,13 +76,15 @@ PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
   return m;
 }
 
-// State of one block. A block whose logits are all -inf gets max -inf and zero sums; its
-// shift for the exponentials is then 0 so that no -inf - -inf is formed.
+// State of one block with policy max ma (precomputed). A block whose logits are all -inf
+// gets max -inf and zero sums; its shift for the exponentials is then 0 so that no
+// -inf - -inf is formed. Reverse KL's terms are centred at yk, the reference logit at the
+// policy's running argmax, which the caller has already moved to this block if its max is
+// the new one.
 template <bool REF, int DIV>
 PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
-                                            const float* __restrict xb, int64_t n,
-                                            float inv_tau) {
-  const float ma = block_max(xa, n);
+                                            const float* __restrict xb, int64_t n, float ma,
+                                            float yk, float inv_tau) {
   const float sha = ma == -kInf ? 0.f : ma;
   float mb = -kInf;
   float shb = 0.f;
@@ -101,57 +104,68 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
       const float eb = fast_exp(db);
       sb += eb;
       if constexpr (DIV == kForwardKL) wf += eb > 0.f ? eb * (db - da) : 0.f;
-      if constexpr (DIV == kReverseKL) wr += ea > 0.f ? ea * (da - db) : 0.f;
+      if constexpr (DIV == kReverseKL) wr += ea > 0.f ? ea * (da - (xb[j] - yk) * inv_tau) : 0.f;
     }
   }
-  return RowState<double>{ma, sa, ua, mb, sb, wf, wr};
+  return RowState<double>{ma, sa, ua, mb, sb, wf, wr, yk};
 }
 
-// Pass 1 over a whole row: the merged state of all its blocks.
+// Pass 1 over a whole row: the merged state of all its blocks. With `track`, the state's yk
+// follows the reference logit at the policy's argmax (the centre of the divergence's S).
 template <int DT, bool REF, int DIV>
 RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                           int64_t vocab, float inv_tau) {
+                           int64_t vocab, float inv_tau, bool track) {
   alignas(64) float xa[kBlock];
   alignas(64) float xb[kBlock];
   RowState<double> st = RowState<double>::empty();
+  float yk = 0.f;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t n = std::min(kBlock, vocab - c0);
     load_block<DT>(ra + c0, n, xa);
     if constexpr (REF) load_block<DT>(rb + c0, n, xb);
-    merge_state(st, block_state<REF, DIV>(xa, xb, n, inv_tau), double(inv_tau));
+    const float ma = block_max(xa, n);
+    if (REF && track && ma > st.ma) {  // rare after the first blocks: a short scan
+      int64_t k = 0;
+      while (xa[k] != ma) ++k;
+      yk = xb[k] > -kInf ? xb[k] : 0.f;
+    }
+    merge_state(st, block_state<REF, DIV>(xa, xb, n, ma, yk, inv_tau), double(inv_tau));
   }
   return st;
 }
 
-// Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and p f'(t).
+// Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and of
+// p (f'(t) - f'(t_k)). log p_k = -log_norm exactly (a_k - row_max = 0), so f'(t_k) is the
+// value the loop itself computes at j = k.
 template <int DT, int DIV>
 void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, int64_t vocab,
-              float inv_tau, LogProbShift sa, LogProbShift sb, const DivParams& prm, double& sum_qf,
-              double& sum_pfp) {
-  sum_qf = 0.0;
-  sum_pfp = 0.0;
+              float inv_tau, LogProbShift sa, LogProbShift sb, float yk, const DivParams& prm,
+              double& sum_value, double& sum_centred) {
+  const float fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
+  sum_value = 0.0;
+  sum_centred = 0.0;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t n = std::min(kBlock, vocab - c0);
     const typename Elem<DT>::T* a = ra + c0;
     const typename Elem<DT>::T* b = rb + c0;
-    float bq = 0.f, bp = 0.f;
-#pragma omp simd reduction(+ : bq, bp)
+    float bv = 0.f, bc = 0.f;
+#pragma omp simd reduction(+ : bv, bc)
     for (int64_t j = 0; j < n; ++j) {
       const float lp = (Elem<DT>::load(a[j]) - sa.shift) * inv_tau - sa.offset;
       const float lq = (Elem<DT>::load(b[j]) - sb.shift) * inv_tau - sb.offset;
-      float qf, pfp;
-      div_terms<DIV>(lp, lq, prm, qf, pfp);
-      bq += qf;
-      bp += pfp;
+      bv += div_value<DIV>(lp, lq, prm);
+      const float p = fast_exp(lp);
+      bc += lp > -kInf ? div_centred<DIV>(lp, lq, p, fk, 0.f, prm) : 0.f;
     }
-    sum_qf += bq;
-    sum_pfp += bp;
+    sum_value += bv;
+    sum_centred += bc;
   }
 }
 
 // Per-row results of the forward pass (double until stored).
 struct RowOut {
   double logp = 0, ref_logp = 0, entropy = 0, div = 0, div_s = 0;
+  float ref_at_argmax = 0.f;
   LogProbShift a{0.f, 0.f}, b{0.f, 0.f};
 };
 
@@ -166,22 +180,24 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
   const T* rb = need_ref ? static_cast<const T*>(args.ref) +
                             row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : nullptr;
   const int div = plan.use_div ? args.divergence : kNoDivergence;
+  const bool centred = div >= kReverseKL;
 
   RowState<double> st;
   if (!need_ref)
-    st = row_state<DT, false, kNoDivergence>(ra, rb, vocab, inv_tau);
+    st = row_state<DT, false, kNoDivergence>(ra, rb, vocab, inv_tau, false);
   else if (div == kForwardKL)
-    st = row_state<DT, true, kForwardKL>(ra, rb, vocab, inv_tau);
+    st = row_state<DT, true, kForwardKL>(ra, rb, vocab, inv_tau, false);
   else if (div == kReverseKL)
-    st = row_state<DT, true, kReverseKL>(ra, rb, vocab, inv_tau);
+    st = row_state<DT, true, kReverseKL>(ra, rb, vocab, inv_tau, true);
   else
-    st = row_state<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau);
+    st = row_state<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau, centred);
 
   RowOut out;
   const double inv_tau_d = 1.0 / args.temperature;
   out.a = shift_a(st);
   out.entropy = state_entropy(st);
   if (need_ref) out.b = shift_b(st);
+  if (centred) out.ref_at_argmax = static_cast<float>(st.yk);
   if (plan.label >= 0) {
     if (plan.label < vocab) {
       out.logp = (double(Elem<DT>::load(ra[plan.label])) - st.ma) * inv_tau_d - std::log(st.sa);
@@ -195,23 +211,24 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
     out.div = state_forward_kl(st);
     out.div_s = -1.0;  // sum_i p_i (-q_i / p_i)
   } else if (div == kReverseKL) {
-    out.div = state_reverse_kl(st);
-    out.div_s = out.div + 1.0;  // sum_i p_i (log t_i + 1)
+    out.div = state_reverse_kl(st, inv_tau_d);
+    out.div_s = state_reverse_kl_s(st);
   } else if (div != kNoDivergence) {
     const LogProbShift sa = out.a, sb = out.b;
-    double qf = 0, pfp = 0;
+    const float yk = out.ref_at_argmax;
+    double value = 0, cs = 0;
+#define PREFOPT_SUMS(D) div_sums<DT, D>(ra, rb, vocab, inv_tau, sa, sb, yk, prm, value, cs)
     switch (div) {
-      case kJS: div_sums<DT, kJS>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
-      case kTV: div_sums<DT, kTV>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
-      case kHellinger:
-        div_sums<DT, kHellinger>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp);
-        break;
-      case kChi2: div_sums<DT, kChi2>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
-      case kAlpha: div_sums<DT, kAlpha>(ra, rb, vocab, inv_tau, sa, sb, prm, qf, pfp); break;
-      default: qf = pfp = NAN;
+      case kJS: PREFOPT_SUMS(kJS); break;
+      case kTV: PREFOPT_SUMS(kTV); break;
+      case kHellinger: PREFOPT_SUMS(kHellinger); break;
+      case kChi2: PREFOPT_SUMS(kChi2); break;
+      case kAlpha: PREFOPT_SUMS(kAlpha); break;
+      default: value = cs = NAN;
     }
-    out.div = qf;
-    out.div_s = pfp;
+#undef PREFOPT_SUMS
+    out.div = value;
+    out.div_s = cs;
   }
   return out;
 }
@@ -251,30 +268,39 @@ void forward_impl(const ForwardArgs& args) {
     store_opt(args.ref_row_max, row, out.b.shift);
     store_opt(args.ref_log_norm, row, out.b.offset);
     store_opt(args.div_s, row, out.div_s);
+    if (args.ref_at_argmax != nullptr) args.ref_at_argmax[row] = out.ref_at_argmax;
   }
 }
 
-// g_j = [ -p_j (c + ge log p_j) + gd p_j f'(t_j) + gl 1[j = y] ] / T with
-// c = gl + ge H + gd S: the three terms of the per-row gradient, expanded so that the loop
-// body is one fused expression. p_j = 0 entries (logit -inf) get exactly 0 from the first
-// term rather than 0 * -inf.
+// g_j = [ gl (1[j = y] - p_j) - ge p_j (log p_j + H) + gd p_j (f'(t_j) - S) ] / T, with
+// c = gl + ge H and the divergence term formed from the centred div_s s of RowStats:
+// forward KL p_j - q_j; reverse KL p_j ((a_j - a_k) / T - (b_j - b_k) / T - s); the others
+// p_j (f'(t_j) - f'(t_k) - s) (div_centred). p_j = 0 entries (logit -inf) get exactly
+// 0 from the p-weighted terms rather than 0 * -inf.
 template <int DT, int DIV>
 void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                   typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, LogProbShift sa,
-                  LogProbShift sb, float c, float gl, float ge, float gd, int64_t label,
-                  const DivParams& prm) {
-  constexpr bool kRef = DIV != kNoDivergence;
+                  LogProbShift sb, float yk, float s, float c, float gl, float ge, float gd,
+                  int64_t label, const DivParams& prm) {
+  float fk = 0.f;
+  if constexpr (DIV > kReverseKL) fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
 #pragma omp simd
   for (int64_t j = 0; j < vocab; ++j) {
-    const float lp = (Elem<DT>::load(ra[j]) - sa.shift) * inv_tau - sa.offset;
+    const float xr = (Elem<DT>::load(ra[j]) - sa.shift) * inv_tau;
+    const float lp = xr - sa.offset;
     const float p = fast_exp(lp);
-    float g = p > 0.f ? -p * (c + ge * lp) : 0.f;
-    if constexpr (kRef) {
+    float inner = c + ge * lp;  // the p-weighted part of -g
+    float g = 0.f;
+    if constexpr (DIV == kForwardKL) {
       const float lq = (Elem<DT>::load(rb[j]) - sb.shift) * inv_tau - sb.offset;
-      float qf, pfp;
-      div_terms<DIV>(lp, lq, prm, qf, pfp);
-      g += gd * pfp;
+      g = gd * (p - fast_exp(lq));
+    } else if constexpr (DIV == kReverseKL) {
+      inner -= gd * (xr - (Elem<DT>::load(rb[j]) - yk) * inv_tau - s);
+    } else if constexpr (DIV != kNoDivergence) {
+      const float lq = (Elem<DT>::load(rb[j]) - sb.shift) * inv_tau - sb.offset;
+      g = lp > -kInf ? gd * div_centred<DIV>(lp, lq, p, fk, s, prm) : 0.f;
     }
+    g += p > 0.f ? -p * inner : 0.f;
     g = j == label ? g + gl : g;
     rg[j] = Elem<DT>::store(g * inv_tau);
   }
@@ -316,10 +342,11 @@ void backward_impl(const BackwardArgs& args) {
                                 : LogProbShift{0.f, 0.f};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const float s = div != kNoDivergence ? args.div_s[row] : 0.f;
-    const float c = gl + ge * h + gd * s;
+    const float yk = div >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
+    const float c = gl + ge * h;
     const int64_t label = plan.label < vocab ? plan.label : -1;
 #define PREFOPT_BWD(D) \
-  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, sa, sb, c, gl, ge, gd, label, prm)
+  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, s, c, gl, ge, gd, label, prm)
     switch (div) {
       case kForwardKL: PREFOPT_BWD(kForwardKL); break;
       case kReverseKL: PREFOPT_BWD(kReverseKL); break;

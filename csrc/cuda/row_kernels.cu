@@ -5,7 +5,8 @@
 // softmax: running maxima, sums of exponentials, entropy and KL accumulators), the block
 // merges the states (warp shuffles, then one warp over the per-warp states). For
 // js/tv/hellinger/chi2/alpha a second sweep over the row, now read from L2, sums
-// q f(t) and p f'(t) with both log-sum-exps known. Backward: one sweep that reads a (and b
+// q f(t) and p (f'(t) - f'(t_k)) with both log-sum-exps known (k the policy's argmax, whose
+// reference logit the merged state carries). Backward: one sweep that reads a (and b
 // when the divergence term is active) and writes g, element by element, so g may alias a.
 // Loads are 16 bytes wide when the rows share their alignment (the common case of
 // contiguous tensors), with scalar head and tail; otherwise scalar.
@@ -125,6 +126,7 @@ __device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_tau) {
     o.sb = __shfl_xor_sync(kFullMask, s.sb, lane_mask);
     o.wf = __shfl_xor_sync(kFullMask, s.wf, lane_mask);
     o.wr = __shfl_xor_sync(kFullMask, s.wr, lane_mask);
+    o.yk = __shfl_xor_sync(kFullMask, s.yk, lane_mask);
     merge_state(s, o, inv_tau);
   }
 }
@@ -171,7 +173,8 @@ __device__ void block_sum2(float& a, float& b, float* scratch) {
 
 // The state of one element (raw logits x, z), merged into the thread's running state. An
 // element with a -inf logit is an empty piece of that distribution; the KL term it adds is
-// the +inf of a support mismatch, as in the CPU block states.
+// the +inf of a support mismatch, as in the CPU block states. The element is its own
+// argmax, so reverse KL's centre is z (0 where z = -inf, as the CPU kernels do).
 template <bool REF, int DIV>
 __device__ __forceinline__ void push(RowState<float>& st, float x, float z, float inv_tau) {
   RowState<float> e = RowState<float>::empty();
@@ -180,6 +183,7 @@ __device__ __forceinline__ void push(RowState<float>& st, float x, float z, floa
   if constexpr (REF) {
     e.mb = z;
     e.sb = z > -kInf ? 1.f : 0.f;
+    e.yk = z > -kInf ? z : 0.f;
     if constexpr (DIV == kForwardKL) e.wf = (e.sb > 0.f && e.sa == 0.f) ? kInf : 0.f;
     if constexpr (DIV == kReverseKL) e.wr = (e.sa > 0.f && e.sb == 0.f) ? kInf : 0.f;
   }
@@ -207,7 +211,7 @@ __global__ void forward_kernel(ForwardArgs args) {
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
-    float logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, div_s = 0.f;
+    float logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, div_s = 0.f, yk = 0.f;
     LogProbShift sa{0.f, 0.f}, sb{0.f, 0.f};
     if (!plan.skip) {
       const T* ra = static_cast<const T*>(args.logits) +
@@ -226,20 +230,23 @@ __global__ void forward_kernel(ForwardArgs args) {
       entropy = state_entropy(st);
       if (need_ref) sb = shift_b(st);
       if (plan.use_div) {
+        if constexpr (DIV >= kReverseKL) yk = st.yk;
         if constexpr (DIV == kForwardKL) {
           div = state_forward_kl(st);
           div_s = -1.f;
         } else if constexpr (DIV == kReverseKL) {
-          div = state_reverse_kl(st);
-          div_s = div + 1.f;
+          div = state_reverse_kl(st, inv_tau);
+          div_s = state_reverse_kl_s(st);
         } else if constexpr (DIV != kNoDivergence) {
+          // S centred at the policy's argmax k: sum p (f'(t) - f'(t_k)).
+          const float fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
           float sq = 0.f, sp = 0.f;
           row_loop<DT, true, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
-            float qf, pfp;
-            div_terms<DIV>((x - sa.shift) * inv_tau - sa.offset,
-                           (z - sb.shift) * inv_tau - sb.offset, prm, qf, pfp);
-            sq += qf;
-            sp += pfp;
+            const float lp = (x - sa.shift) * inv_tau - sa.offset;
+            const float lq = (z - sb.shift) * inv_tau - sb.offset;
+            sq += div_value<DIV>(lp, lq, prm);
+            const float p = fast_exp(lp);
+            sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fk, 0.f, prm) : 0.f;
             return 0.f;
           });
           block_sum2(sq, sp, sum_scratch);
@@ -266,30 +273,40 @@ __global__ void forward_kernel(ForwardArgs args) {
       if (args.ref_row_max) args.ref_row_max[row] = sb.shift;
       if (args.ref_log_norm) args.ref_log_norm[row] = sb.offset;
       if (args.div_s) args.div_s[row] = div_s;
+      if (args.ref_at_argmax) args.ref_at_argmax[row] = yk;
     }
   }
 }
 
-// g_j = [ -p_j (c + ge log p_j) + gd p_j f'(t_j) + gl 1[j = y] ] / T, c = gl + ge H + gd S
-// (see the CPU kernels); DIV_ROW is the divergence of this row (none when it has no
-// divergence term).
+// g_j = [ gl (1[j = y] - p_j) - ge p_j (log p_j + H) + gd p_j (f'(t_j) - S) ] / T with
+// c = gl + ge H and the centred div_s s (see the CPU kernels); DIV_ROW is the divergence of
+// this row (none when it has no divergence term).
 template <int DT, int DIV_ROW>
 __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              const typename Elem<DT>::T* rb,
                                              typename Elem<DT>::T* rg, int64_t vocab,
                                              float inv_tau, LogProbShift sa, LogProbShift sb,
-                                             float c, float gl, float ge, float gd,
-                                             int64_t label, const DivParams& prm) {
+                                             float yk, float s, float c, float gl, float ge,
+                                             float gd, int64_t label, const DivParams& prm) {
   constexpr bool kRef = DIV_ROW != kNoDivergence;
+  float fk = 0.f;
+  if constexpr (DIV_ROW > kReverseKL)
+    fk = div_fprime<DIV_ROW>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
   row_loop<DT, kRef, true>(ra, rb, rg, vocab, [&](int64_t j, float x, float z) {
-    const float lp = (x - sa.shift) * inv_tau - sa.offset;
+    const float xr = (x - sa.shift) * inv_tau;
+    const float lp = xr - sa.offset;
     const float p = fast_exp(lp);
-    float g = p > 0.f ? -p * (c + ge * lp) : 0.f;
-    if constexpr (kRef) {
-      float qf, pfp;
-      div_terms<DIV_ROW>(lp, (z - sb.shift) * inv_tau - sb.offset, prm, qf, pfp);
-      g += gd * pfp;
+    float inner = c + ge * lp;  // the p-weighted part of -g
+    float g = 0.f;
+    if constexpr (DIV_ROW == kForwardKL) {
+      g = gd * (p - fast_exp((z - sb.shift) * inv_tau - sb.offset));
+    } else if constexpr (DIV_ROW == kReverseKL) {
+      inner -= gd * (xr - (z - yk) * inv_tau - s);
+    } else if constexpr (DIV_ROW != kNoDivergence) {
+      const float lq = (z - sb.shift) * inv_tau - sb.offset;
+      g = lp > -kInf ? gd * div_centred<DIV_ROW>(lp, lq, p, fk, s, prm) : 0.f;
     }
+    g += p > 0.f ? -p * inner : 0.f;
     g = j == label ? g + gl : g;
     return g * inv_tau;
   });
@@ -323,12 +340,13 @@ __global__ void backward_kernel(BackwardArgs args) {
     if (use_div) {
       const T* rb = static_cast<const T*>(args.ref) +
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
-      const float c = gl + ge * h + gd * args.div_s[row];
       const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
-      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, sa, sb, c, gl, ge, gd, label, prm);
+      const float yk = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
+      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, args.div_s[row], gl + ge * h,
+                            gl, ge, gd, label, prm);
     } else {
-      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_tau, sa, sa, gl + ge * h, gl, ge,
-                                      0.f, label, prm);
+      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_tau, sa, sa, 0.f, 0.f, gl + ge * h,
+                                      gl, ge, 0.f, label, prm);
     }
   }
 }

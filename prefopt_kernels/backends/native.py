@@ -9,9 +9,11 @@ version. Inputs arrive already checked by ``prefopt_kernels.ops`` (see
 Math (per row, ``x = a / T``, ``p = softmax(x)``, ``q = softmax(b / T)``):
 ``row_max = max a``, ``log_norm = log sum exp((a - row_max) / T)`` (so ``logsumexp(x) =
 row_max / T + log_norm``), ``logp = x_y - logsumexp(x)``, ``H = logsumexp(x) - sum p x``,
-``div = sum q f(p / q)``, ``div_s = S = sum p f'(p / q)``; the backward writes
+``div = sum q f(p / q)``; ``S = sum p f'(p / q)`` is kept centred at the policy's argmax
+``k`` as ``RowStats`` documents (``div_s = S - f'(t_k)``, ``ref_at_argmax = b_k``; forward
+KL ``div_s = -1``); the backward writes
 
-    g_j = [ g_logp (1[j=y] - p_j) - g_ent p_j (log p_j + H) + g_div (p_j f'(t_j) - p_j S) ] / T
+    g_j = [ g_logp (1[j=y] - p_j) - g_ent p_j (log p_j + H) + g_div p_j (f'(t_j) - S) ] / T
 
 in the logits' dtype, computed in fp32 and rounded once.
 """
@@ -22,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from . import OpSpec, RowStats
+from . import DIVERGENCE_CODES, OpSpec, RowStats
 
 NAME = "native"
 
@@ -127,6 +129,7 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
         ref_row_max=out(has_ref),
         ref_log_norm=out(has_ref),
         div_s=out(has_div),
+        ref_at_argmax=out(has_div and spec.divergence != DIVERGENCE_CODES["forward_kl"]),
     )
     _launch(
         "forward",
@@ -144,6 +147,7 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
         ref_row_max=_ptr(stats.ref_row_max),
         ref_log_norm=_ptr(stats.ref_log_norm),
         div_s=_ptr(stats.div_s),
+        ref_at_argmax=_ptr(stats.ref_at_argmax),
     )
     return stats
 
@@ -163,9 +167,10 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
     # Held in locals: the extension gets raw pointers, so every buffer must outlive the call.
-    row_max, log_norm, ref_row_max, ref_log_norm, entropy, div_s = (
+    row_max, log_norm, ref_row_max, ref_log_norm, entropy, div_s, ref_at_argmax = (
         _contiguous(getattr(stats, k), torch.float32)
-        for k in ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "entropy", "div_s")
+        for k in ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "entropy", "div_s",
+                  "ref_at_argmax")
     )
     g_logp, g_ent, g_div = (_contiguous(g, torch.float32) for g in (grad_logp, grad_entropy, grad_div))
     _launch(
@@ -178,6 +183,7 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
         ref_log_norm=_ptr(ref_log_norm),
         entropy=_ptr(entropy),
         div_s=_ptr(div_s),
+        ref_at_argmax=_ptr(ref_at_argmax),
         grad_logp=_ptr(g_logp if labels is not None else None),
         grad_entropy=_ptr(g_ent if entropy is not None else None),
         grad_div=_ptr(g_div if ref_logits is not None and div_s is not None else None),

@@ -84,7 +84,8 @@ struct ForwardArgs {
   float* div = nullptr;
   float* ref_row_max = nullptr;
   float* ref_log_norm = nullptr;
-  float* div_s = nullptr;
+  float* div_s = nullptr;  // S centred at the policy's argmax k (forward KL: -1)
+  float* ref_at_argmax = nullptr;  // b_k (0 where b_k = -inf); divergences past forward KL
 };
 
 // Everything one backward call needs. `grad` may alias `logits` (in-place backward).
@@ -114,6 +115,7 @@ struct BackwardArgs {
   const float* ref_log_norm = nullptr;
   const float* entropy = nullptr;
   const float* div_s = nullptr;
+  const float* ref_at_argmax = nullptr;
   // Upstream per-token gradients, fp32 [n_rows]; null means zero.
   const float* grad_logp = nullptr;
   const float* grad_entropy = nullptr;

@@ -7,10 +7,15 @@
 //   ua = sum exp((a - ma)/T) (a - ma)/T            -> H(p) = log sa - ua / sa
 //   sb = sum exp((b - mb)/T)                       -> lse_b = mb / T + log sb
 //   wf = sum exp((b - mb)/T) ((b - mb) - (a - ma))/T -> KL(q||p) = wf / sb - log sb + log sa
-//   wr = sum exp((a - ma)/T) ((a - ma) - (b - mb))/T -> KL(p||q) = wr / sa - log sa + log sb
-// Every accumulator is a sum of same-signed or shift-invariant terms relative to the max,
-// so merging pieces (rescaling by exp((m_old - m_new)/T)) loses no accuracy. An empty piece
-// (all logits -inf) has max -inf and zero sums; merges never form 0 * inf from it.
+//   wr = sum exp((a - ma)/T) ((a - ma) - (b - yk))/T -> KL(p||q) = wr / sa - log sa
+//                                                          - (yk - mb) / T + log sb
+// with yk the reference logit at the policy's argmax (0 where that is -inf or the row is
+// empty): wr / sa = sum_i p_i (f'(t_i) - f'(t_k)) is reverse KL's centred S (RowStats),
+// formed from raw differences, so it stays accurate when a peaked policy is far from the
+// reference. Every accumulator is a sum of same-signed or shift-invariant terms relative to
+// the max (and yk), so merging pieces (rescaling by exp((m_old - m_new)/T), re-centring wr
+// on the new argmax) loses no accuracy. An empty piece (all logits -inf) has max -inf and
+// zero sums; merges never form 0 * inf from it.
 #pragma once
 
 #include <cmath>
@@ -28,11 +33,11 @@ PREFOPT_HD PREFOPT_INLINE double acc_log(double x) { return ::log(x); }
 
 template <typename Acc>
 struct RowState {
-  Acc ma, sa, ua, mb, sb, wf, wr;
+  Acc ma, sa, ua, mb, sb, wf, wr, yk;
 
   PREFOPT_HD static RowState empty() {
     const Acc ninf = -static_cast<Acc>(kInf);
-    return RowState{ninf, Acc(0), Acc(0), ninf, Acc(0), Acc(0), Acc(0)};
+    return RowState{ninf, Acc(0), Acc(0), ninf, Acc(0), Acc(0), Acc(0), Acc(0)};
   }
 };
 
@@ -67,8 +72,10 @@ PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>
   const Acc zero(0);
   const Acc ua = (r.sa > zero ? A.c1 * (r.ua + A.d1 * r.sa) : zero) +
                  (o.sa > zero ? A.c2 * (o.ua + A.d2 * o.sa) : zero);
-  const Acc wr = (r.sa > zero ? A.c1 * (r.wr + (A.d1 - B.d1) * r.sa) : zero) +
-                 (o.sa > zero ? A.c2 * (o.wr + (A.d2 - B.d2) * o.sa) : zero);
+  // The larger policy max (the first on ties) owns the argmax, and so the centre yk.
+  const Acc yk = r.ma >= o.ma ? r.yk : o.yk;
+  const Acc wr = (r.sa > zero ? A.c1 * (r.wr + (A.d1 - (r.yk - yk) * inv_tau) * r.sa) : zero) +
+                 (o.sa > zero ? A.c2 * (o.wr + (A.d2 - (o.yk - yk) * inv_tau) * o.sa) : zero);
   const Acc wf = (r.sb > zero ? B.c1 * (r.wf + (B.d1 - A.d1) * r.sb) : zero) +
                  (o.sb > zero ? B.c2 * (o.wf + (B.d2 - A.d2) * o.sb) : zero);
   r.sa = r.sa * A.c1 + o.sa * A.c2;
@@ -78,6 +85,7 @@ PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>
   r.ua = ua;
   r.wf = wf;
   r.wr = wr;
+  r.yk = yk;
 }
 
 // Statistics of a finished row state.
@@ -98,6 +106,13 @@ struct LogProbShift {
   float offset;  // log of the sum of exponentials relative to it
 };
 
+// log q_k at the policy's argmax k (reference logit yk there), exactly as the row loops
+// form log q: f'(t_k) from it equals the loop's own value at j = k, since log p_k is
+// exactly -offset of the policy.
+PREFOPT_HD PREFOPT_INLINE float lq_at_argmax(float yk, LogProbShift sb, float inv_tau) {
+  return (yk - sb.shift) * inv_tau - sb.offset;
+}
+
 template <typename Acc>
 PREFOPT_HD PREFOPT_INLINE LogProbShift shift_a(const RowState<Acc>& s) {
   return LogProbShift{s.ma == -static_cast<Acc>(kInf) ? 0.f : static_cast<float>(s.ma),
@@ -116,9 +131,15 @@ template <typename Acc>
 PREFOPT_HD PREFOPT_INLINE Acc state_forward_kl(const RowState<Acc>& s) {
   return s.wf / s.sb - acc_log(s.sb) + acc_log(s.sa);
 }
+// Reverse KL's centred S (the div_s of RowStats) and the divergence from it.
 template <typename Acc>
-PREFOPT_HD PREFOPT_INLINE Acc state_reverse_kl(const RowState<Acc>& s) {
-  return s.wr / s.sa - acc_log(s.sa) + acc_log(s.sb);
+PREFOPT_HD PREFOPT_INLINE Acc state_reverse_kl_s(const RowState<Acc>& s) {
+  return s.wr / s.sa;
+}
+template <typename Acc>
+PREFOPT_HD PREFOPT_INLINE Acc state_reverse_kl(const RowState<Acc>& s, Acc inv_tau) {
+  const Acc mb = s.mb == -static_cast<Acc>(kInf) ? Acc(0) : s.mb;
+  return s.wr / s.sa - acc_log(s.sa) - (s.yk - mb) * inv_tau + acc_log(s.sb);
 }
 
 PREFOPT_MATH_END
