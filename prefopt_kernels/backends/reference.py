@@ -1,13 +1,15 @@
 """Pure-PyTorch backend computed in float64: the oracle of the tests and the last fallback.
 
 It is written from the math (``log_softmax``, ``gather``, the divergence generators of
-``prefopt_kernels.divergences``) and takes its gradients from autograd, so it shares no
-code path with the fused kernels' hand-derived backward. It materialises ``[N, V]``
+``prefopt_kernels.divergences``) and takes its gradients from autograd with respect to the
+log-probabilities, chained through the softmax by its Jacobian, so it shares no code path
+with the fused kernels' hand-derived backward. It materialises ``[N, V]``
 float64 tensors: correct everywhere, fast nowhere.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -31,8 +33,12 @@ def evaluate(
     ref_logits: Optional[torch.Tensor],
     weight: Optional[torch.Tensor],
     spec: OpSpec,
+    log_p_leaf: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Every per-row quantity of ``spec`` in float64, differentiable with respect to ``logits``.
+
+    With ``log_p_leaf`` the policy's log-probabilities are a detached leaf instead, returned
+    as ``"log_p"`` (``[N, V]``): :func:`gradient` differentiates with respect to them.
 
     Shapes: ``logits``/``ref_logits`` ``[..., V]`` flattened to ``[N, V]`` (any float dtype,
     promoted to float64),
@@ -67,6 +73,9 @@ def evaluate(
     zero = torch.zeros(n, dtype=torch.float64, device=device)
     out: Dict[str, torch.Tensor] = {}
     log_p = row_log_softmax(logits, valid, "")
+    if log_p_leaf:
+        log_p = log_p.detach().requires_grad_(True)
+        out["log_p"] = log_p
     safe_labels = None
     if labels is not None:
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -81,7 +90,13 @@ def evaluate(
         if spec.want_ref_logp:
             out["ref_logp"] = torch.where(valid, log_q.gather(1, safe_labels[:, None])[:, 0], zero)
         if spec.divergence:
-            value, slope = GENERATORS[spec.divergence](log_p, log_q, spec.beta, spec.alpha)
+            # Rows without a divergence see a harmless stand-in, so no inf reaches autograd there.
+            active = div_active[:, None]
+            value, slope = GENERATORS[spec.divergence](
+                torch.where(active, log_p, torch.zeros_like(log_p)),
+                torch.where(active, log_q, torch.zeros_like(log_q)),
+                spec.beta, spec.alpha,
+            )
             out["div"] = torch.where(div_active, value.sum(-1), zero)
             out["div_s"] = torch.where(div_active, slope.sum(-1), zero)
             if spec.divergence != DIVERGENCE_CODES["forward_kl"]:
@@ -99,19 +114,46 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
     return RowStats(**{k: v.to(torch.float32) for k, v in rows.items()})
 
 
+def softmax_input_grad(grad_log_p: torch.Tensor, log_p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Chain ``g = dL/dlog p`` through ``log p = log_softmax(a / T)``: ``(g_j - p_j sum_i g_i) / T``.
+
+    At the argmax ``k`` the plain form cancels (``1 - p_k`` can be far below float64's
+    resolution for a peaked row), so ``g_k (1 - p_k) - p_k sum_{i != k} g_i`` is formed with
+    ``1 - p_k = sum_{i != k} p_i`` taken as a log-sum-exp of the other entries.
+    """
+    p = torch.exp(log_p)
+    grad = grad_log_p - p * grad_log_p.sum(-1, keepdim=True)
+    k = log_p.argmax(-1, keepdim=True)
+    at_k = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, k, True)
+    others_p = torch.exp(torch.logsumexp(log_p.masked_fill(at_k, -math.inf), -1, keepdim=True))
+    others_g = grad_log_p.masked_fill(at_k, 0.0).sum(-1, keepdim=True)
+    grad_k = grad_log_p.gather(-1, k) * others_p - p.gather(-1, k) * others_g
+    return grad.scatter(-1, k, grad_k) / temperature
+
+
+def gradient(logits, labels, ref_logits, weight, spec: OpSpec, upstream: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Float64 ``dL/dlogits`` for ``L = sum_k sum_n upstream[k]_n * out[k]_n``, shape ``[N, V]``.
+
+    Autograd gives ``dL/dlog p`` (where each output is elementwise in ``log p``);
+    :func:`softmax_input_grad` takes it through the softmax without cancellation.
+    """
+    with torch.enable_grad():
+        rows = evaluate(logits.detach(), labels, ref_logits, weight, spec, log_p_leaf=True)
+        log_p = rows["log_p"]
+        total = log_p.new_zeros(())
+        for key, g in upstream.items():
+            if g is not None and key in rows:
+                g = g.to(torch.float64).reshape(-1)
+                # A zero upstream gradient must not meet an infinite value (0 * inf = NaN).
+                total = total + torch.where(g != 0, g * rows[key], torch.zeros_like(g)).sum()
+        if not total.requires_grad:
+            return torch.zeros_like(log_p)
+        (grad_log_p,) = torch.autograd.grad(total, log_p)
+    return softmax_input_grad(grad_log_p, log_p.detach(), spec.temperature)
+
+
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
              grad_logp, grad_entropy, grad_div, grad_out) -> None:
-    a = logits.detach().to(torch.float64).requires_grad_(True)
-    with torch.enable_grad():
-        rows = evaluate(a, labels, ref_logits, weight, spec)
-        total = a.new_zeros(())
-        for key, upstream in (("logp", grad_logp), ("entropy", grad_entropy), ("div", grad_div)):
-            if upstream is not None and key in rows:
-                # A zero upstream gradient must not meet an infinite value (0 * inf = NaN).
-                g = upstream.to(torch.float64)
-                total = total + torch.where(g != 0, g * rows[key], torch.zeros_like(g)).sum()
-        (grad,) = torch.autograd.grad(total, a, allow_unused=True) if total.requires_grad else (None,)
-    if grad is None:
-        grad_out.zero_()
-    else:
-        grad_out.copy_(grad.view(grad_out.shape))
+    grad = gradient(logits, labels, ref_logits, weight, spec,
+                    {"logp": grad_logp, "entropy": grad_entropy, "div": grad_div})
+    grad_out.copy_(grad.view(grad_out.shape))

@@ -93,6 +93,26 @@ def _f_prime(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
+def _centred_slope(lp, lq, fprime_k, shift, beta, alpha, DIVERGENCE: tl.constexpr):
+    """``p (f'(t) - f'(t_k) - shift)``, 0 where ``p = 0``.
+
+    Differences of ``f'`` first: exact at the argmax ``k``. Where ``f'(t)`` itself overflows
+    (``t`` huge or tiny under a power) but ``p f'(t)`` does not, the product is formed in log
+    space instead: chi2 ``2 (exp(2 lp - lq) - p)``, alpha ``(exp(a lp + (1-a) lq) - p) / (a - 1)``.
+    """
+    p = tl.exp(lp)
+    fprime = _f_prime(lp, lq, beta, alpha, DIVERGENCE)
+    centred = p * (fprime - fprime_k - shift)
+    if DIVERGENCE == CHI2:
+        product = 2.0 * (tl.exp(lp + (lp - lq)) - p) - p * (fprime_k + shift)
+        centred = tl.where(tl.abs(fprime) < float("inf"), centred, product)
+    if DIVERGENCE == ALPHA:
+        product = (tl.exp(alpha * lp + (1.0 - alpha) * lq) - p) / (alpha - 1.0) - p * (fprime_k + shift)
+        centred = tl.where(tl.abs(fprime) < float("inf"), centred, product)
+    return tl.where(p > 0.0, centred, 0.0)
+
+
+@triton.jit
 def _log_mixture(lp, lq, beta):
     """``log(beta q + (1 - beta) p)``, exact where either side is ``-inf``."""
     u = tl.log(beta) + lq
@@ -219,9 +239,7 @@ def token_forward_kernel(
                         lp = (x - ma_s) * inv_temperature - log_za
                         lq = (y - mb_s) * inv_temperature - log_zb
                         values += tl.where(mask, _f_value(lp, lq, beta, alpha, DIVERGENCE), 0.0)
-                        p = tl.exp(lp)
-                        fprime = _f_prime(lp, lq, beta, alpha, DIVERGENCE)
-                        centred += tl.where(p > 0.0, p * (fprime - fprime_k), 0.0)
+                        centred += _centred_slope(lp, lq, fprime_k, 0.0, beta, alpha, DIVERGENCE)
                     div = tl.sum(values, axis=0)
                     div_s = tl.sum(centred, axis=0)
                 y_at_argmax = y_am
@@ -326,7 +344,7 @@ def token_backward_kernel(
                         centred = (x - ma) * inv_temperature - (y - y_am) * inv_temperature - div_s
                         grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
                     else:
-                        fprime = _f_prime(lp, (y - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
-                        grad += g_div * tl.where(p > 0.0, p * (fprime - fprime_k - div_s), 0.0)
+                        lq = (y - mb) * inv_temperature - log_zb
+                        grad += g_div * _centred_slope(lp, lq, fprime_k, div_s, beta, alpha, DIVERGENCE)
             grad = grad * inv_temperature
         tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
