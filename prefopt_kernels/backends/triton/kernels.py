@@ -40,6 +40,30 @@ def _row_offset(n, tokens_per_batch, stride_batch, stride_token):
 
 
 @triton.jit
+def _online_step(m, x, inv_temperature):
+    """Fold one tile of raw logits ``x`` into a running row max ``m``.
+
+    Returns the new max, the factor that rescales earlier lane sums, the shift of earlier
+    relative terms (both 0-safe while the max is still ``-inf``), ``u = (x - max) / T`` and
+    ``exp(u)``.
+    """
+    tile_max = tl.max(x, axis=0)
+    m_new = tl.maximum(m, tile_max)
+    m_new_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp((m - m_new_s) * inv_temperature)
+    shift = tl.where(m == float("-inf"), 0.0, (m - m_new_s) * inv_temperature)
+    rel = (x - m_new_s) * inv_temperature
+    return tile_max, m_new, scale, shift, rel, tl.exp(rel)
+
+
+@triton.jit
+def _finish(m, z):
+    """``(-inf-safe max, Z, log Z)`` of a row from its max and lane sums."""
+    total = tl.sum(z, axis=0)
+    return tl.where(m == float("-inf"), 0.0, m), total, tl.log(total)
+
+
+@triton.jit
 def _f_value(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
     """``q f(t)`` of a non-linear divergence from ``lp = log p``, ``lq = log q`` (``-inf`` legal)."""
     has_p = lp > float("-inf")
@@ -172,24 +196,13 @@ def token_forward_kernel(
         for start in range(0, vocab, BLOCK_V):
             mask = start + cols < vocab
             x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            block_max = tl.max(x, axis=0)
-            ma_new = tl.maximum(ma, block_max)
-            ma_new_s = tl.where(ma_new == float("-inf"), 0.0, ma_new)
             # Differences of raw logits first, then the temperature: exact where p is large.
-            scale_a = tl.exp((ma - ma_new_s) * inv_temperature)
-            shift_a = tl.where(ma == float("-inf"), 0.0, (ma - ma_new_s) * inv_temperature)
-            x_rel = (x - ma_new_s) * inv_temperature
-            ea = tl.exp(x_rel)
+            block_max, ma_new, scale_a, shift_a, x_rel, ea = _online_step(ma, x, inv_temperature)
             if WANT_ENTROPY:
                 h = scale_a * (h + shift_a * za) + tl.where(x > float("-inf"), ea * x_rel, 0.0)
             if HAS_REF:
                 y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                mb_new = tl.maximum(mb, tl.max(y, axis=0))
-                mb_new_s = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-                scale_b = tl.exp((mb - mb_new_s) * inv_temperature)
-                shift_b = tl.where(mb == float("-inf"), 0.0, (mb - mb_new_s) * inv_temperature)
-                y_rel = (y - mb_new_s) * inv_temperature
-                eb = tl.exp(y_rel)
+                _, mb_new, scale_b, shift_b, y_rel, eb = _online_step(mb, y, inv_temperature)
                 if DIVERGENCE == FORWARD_KL:
                     k = scale_b * (k + (shift_b - shift_a) * zb) + tl.where(y > float("-inf"), eb * (y_rel - x_rel), 0.0)
                 if DIVERGENCE >= REVERSE_KL:
@@ -207,17 +220,13 @@ def token_forward_kernel(
                 mb = mb_new
             za = za * scale_a + ea
             ma = ma_new
-        ma_s = tl.where(ma == float("-inf"), 0.0, ma)
-        sum_za = tl.sum(za, axis=0)
-        log_za = tl.log(sum_za)
+        ma_s, sum_za, log_za = _finish(ma, za)
         if HAS_LABELS:
             logp = (tl.load(a_row + label).to(tl.float32) - ma_s) * inv_temperature - log_za
         if WANT_ENTROPY:
             entropy = log_za - tl.sum(h, axis=0) / sum_za
         if HAS_REF:
-            mb_s = tl.where(mb == float("-inf"), 0.0, mb)
-            sum_zb = tl.sum(zb, axis=0)
-            log_zb = tl.log(sum_zb)
+            mb_s, sum_zb, log_zb = _finish(mb, zb)
             if WANT_REF_LOGP:
                 ref_logp = (tl.load(b_row + label).to(tl.float32) - mb_s) * inv_temperature - log_zb
             if div_on:
