@@ -230,3 +230,27 @@ def test_use_backend_restores_and_env_overrides(monkeypatch):
     with pytest.raises(ValueError, match="PREFOPT_BACKEND"):
         ops._pick_backend(torch.device("cpu"))
     assert "reference" in pk.available_backends()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_reference_excluding_the_policy_argmax(backend):
+    """q = (1, 0) while the policy puts most mass on entry 1; closed forms by hand.
+
+    With p0 = sigmoid(a0 - a1), p1 = 1 - p0: hellinger D = 2 - 2 sqrt(p0) and
+    dD/da = sqrt(p0) p1 (-1, 1); tv D = p1 and dD/da = p0 p1 (-1, 1).
+    """
+    a0, a1 = -13.5572, -4.9839
+    p0 = 1.0 / (1.0 + math.exp(a1 - a0))
+    p1 = 1.0 - p0
+    expected = {
+        "hellinger": (2.0 - 2.0 * math.sqrt(p0), math.sqrt(p0) * p1),
+        "tv": (p1, p0 * p1),
+    }
+    for divergence, (value, slope) in expected.items():
+        a = torch.tensor([[a0, a1]], device=DEVICE, requires_grad=True)
+        b = torch.tensor([[-26.7687, -math.inf]], device=DEVICE)
+        with pk.use_backend(backend):
+            d = pk.token_divergence(a, b, divergence=divergence)
+            d.sum().backward()
+        assert d.item() == pytest.approx(value, rel=1e-6), divergence
+        torch.testing.assert_close(a.grad.cpu(), torch.tensor([[-slope, slope]]), rtol=1e-5, atol=1e-9)

@@ -84,7 +84,7 @@ class RowStats:
     the gradient is ``p - q``): an unbounded ``f'`` (reverse KL's ``log t + 1``, chi2's
     ``2(t - 1)``, alpha's powers) makes ``f'(t_j) - S`` cancel two large numbers when a
     peaked policy is far from the reference. With ``k`` the policy's argmax, the forward
-    stores ``ref_at_argmax = b_k`` (raw) and ``div_s = S - f'(t_k) = sum_i p_i (f'(t_i) -
+    stores ``ref_at_argmax = b_k`` (raw, ``-inf`` where the reference excludes ``k``) and ``div_s = S - f'(t_k) = sum_i p_i (f'(t_i) -
     f'(t_k))``; the backward forms ``p_j ((f'(t_j) - f'(t_k)) - div_s)``, which is exactly
     ``-p_k div_s`` at ``j = k`` because ``log p_k = -log_norm`` exactly. Reverse KL forms
     ``f'(t_j) - f'(t_k) = (a_j - a_k) / T - (b_j - b_k) / T`` from raw differences.

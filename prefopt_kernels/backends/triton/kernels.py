@@ -208,11 +208,14 @@ def token_forward_kernel(
                 if DIVERGENCE >= REVERSE_KL:
                     # The reference logit at the policy's running argmax: the centre of S.
                     y_block = tl.sum(tl.where(cols == tl.argmax(x, axis=0), y, 0.0), axis=0)
-                    y_am_new = tl.where(block_max > ma, tl.where(y_block == float("-inf"), 0.0, y_block), y_am)
+                    y_am_new = tl.where(block_max > ma, y_block, y_am)
                 if DIVERGENCE == REVERSE_KL:
-                    # Terms u_a - v with v = (y - y_am) / T, shifted as y_am moves.
-                    shift_v = (y_am - y_am_new) * inv_temperature
-                    v = (y - y_am_new) * inv_temperature
+                    # Terms u_a - v with v = (y - y_am) / T, shifted as y_am moves. A -inf y_am
+                    # (q_k = 0: the KL is +inf) is centred at 0 instead, which keeps it +inf.
+                    y_am_s = tl.where(y_am == float("-inf"), 0.0, y_am)
+                    y_am_new_s = tl.where(y_am_new == float("-inf"), 0.0, y_am_new)
+                    shift_v = (y_am_s - y_am_new_s) * inv_temperature
+                    v = (y - y_am_new_s) * inv_temperature
                     k = scale_a * (k + (shift_a - shift_v) * za) + tl.where(x > float("-inf"), ea * (x_rel - v), 0.0)
                 if DIVERGENCE >= REVERSE_KL:
                     y_am = y_am_new
@@ -235,7 +238,8 @@ def token_forward_kernel(
                     div_s = -1.0
                 elif DIVERGENCE == REVERSE_KL:
                     div_s = tl.sum(k, axis=0) / sum_za
-                    div = div_s - log_za - (y_am - mb_s) * inv_temperature + log_zb
+                    y_am_s = tl.where(y_am == float("-inf"), 0.0, y_am)
+                    div = div_s - log_za - (y_am_s - mb_s) * inv_temperature + log_zb
                 elif DIVERGENCE != 0:
                     # f'(t_k) at the policy's argmax k, whose log p is exactly -log_za.
                     fprime_k = _f_prime(-log_za, (y_am - mb_s) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
