@@ -82,9 +82,9 @@ PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
 
 // State of one block with policy max ma (precomputed). A block whose logits are all -inf
 // gets max -inf and zero sums; its shift for the exponentials is then 0 so that no
-// -inf - -inf is formed. Reverse KL's terms are centred at yk, the reference logit at the
-// policy's running argmax, which the caller has already moved to this block if its max is
-// the new one.
+// -inf - -inf is formed. yk is the raw reference logit at the policy's running argmax,
+// which the caller has already moved to this block if its max is the new one; reverse KL's
+// terms are centred at kl_centre(yk).
 template <bool REF, int DIV>
 PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
                                             const float* __restrict xb, int64_t n, float ma,
@@ -96,6 +96,7 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
     mb = block_max(xb, n);
     shb = mb == -kInf ? 0.f : mb;
   }
+  const float yc = kl_centre(yk);
   float sa = 0.f, ua = 0.f, sb = 0.f, wf = 0.f, wr = 0.f;
 #pragma omp simd reduction(+ : sa, ua, sb, wf, wr)
   for (int64_t j = 0; j < n; ++j) {
@@ -108,7 +109,7 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
       const float eb = fast_exp(db);
       sb += eb;
       if constexpr (DIV == kForwardKL) wf += eb > 0.f ? eb * (db - da) : 0.f;
-      if constexpr (DIV == kReverseKL) wr += ea > 0.f ? ea * (da - (xb[j] - yk) * inv_tau) : 0.f;
+      if constexpr (DIV == kReverseKL) wr += ea > 0.f ? ea * (da - (xb[j] - yc) * inv_tau) : 0.f;
     }
   }
   return RowState<double>{ma, sa, ua, mb, sb, wf, wr, yk};
@@ -131,7 +132,7 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
     if (REF && track && ma > st.ma) {  // rare after the first blocks: a short scan
       int64_t k = 0;
       while (xa[k] != ma) ++k;
-      yk = xb[k] > -kInf ? xb[k] : 0.f;
+      yk = xb[k];
     }
     merge_state(st, block_state<REF, DIV>(xa, xb, n, ma, yk, inv_tau), double(inv_tau));
   }
@@ -278,7 +279,8 @@ void forward_impl(const ForwardArgs& args) {
 
 // g_j = [ gl (1[j = y] - p_j) - ge p_j (log p_j + H) + gd p_j (f'(t_j) - S) ] / T, with
 // c = gl + ge H and the divergence term formed from the centred div_s s of RowStats:
-// forward KL p_j - q_j; reverse KL p_j ((a_j - a_k) / T - (b_j - b_k) / T - s); the others
+// forward KL p_j - q_j; reverse KL p_j ((a_j - a_k) / T - (b_j - b_k) / T - s) with b_k
+// taken as kl_centre(b_k), as in the forward; the others
 // p_j (f'(t_j) - f'(t_k) - s) (div_centred). p_j = 0 entries (logit -inf) get exactly
 // 0 from the p-weighted terms rather than 0 * -inf.
 template <int DT, int DIV>
@@ -286,6 +288,7 @@ void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb
                   typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, LogProbShift sa,
                   LogProbShift sb, float yk, float s, float c, float gl, float ge, float gd,
                   int64_t label, const DivParams& prm) {
+  const float yc = kl_centre(yk);
   float fk = 0.f;
   if constexpr (DIV > kReverseKL) fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
 #pragma omp simd
@@ -299,7 +302,7 @@ void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb
       const float lq = (Elem<DT>::load(rb[j]) - sb.shift) * inv_tau - sb.offset;
       g = gd * (p - fast_exp(lq));
     } else if constexpr (DIV == kReverseKL) {
-      inner -= gd * (xr - (Elem<DT>::load(rb[j]) - yk) * inv_tau - s);
+      inner -= gd * (xr - (Elem<DT>::load(rb[j]) - yc) * inv_tau - s);
     } else if constexpr (DIV != kNoDivergence) {
       const float lq = (Elem<DT>::load(rb[j]) - sb.shift) * inv_tau - sb.offset;
       g = lp > -kInf ? gd * div_centred<DIV>(lp, lq, p, fk, s, prm) : 0.f;

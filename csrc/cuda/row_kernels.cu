@@ -174,7 +174,7 @@ __device__ void block_sum2(float& a, float& b, float* scratch) {
 // The state of one element (raw logits x, z), merged into the thread's running state. An
 // element with a -inf logit is an empty piece of that distribution; the KL term it adds is
 // the +inf of a support mismatch, as in the CPU block states. The element is its own
-// argmax, so reverse KL's centre is z (0 where z = -inf, as the CPU kernels do).
+// argmax, so its yk is z, raw (merge_state centres reverse KL at kl_centre(z)).
 template <bool REF, int DIV>
 __device__ __forceinline__ void push(RowState<float>& st, float x, float z, float inv_tau) {
   RowState<float> e = RowState<float>::empty();
@@ -183,7 +183,7 @@ __device__ __forceinline__ void push(RowState<float>& st, float x, float z, floa
   if constexpr (REF) {
     e.mb = z;
     e.sb = z > -kInf ? 1.f : 0.f;
-    e.yk = z > -kInf ? z : 0.f;
+    e.yk = z;
     if constexpr (DIV == kForwardKL) e.wf = (e.sb > 0.f && e.sa == 0.f) ? kInf : 0.f;
     if constexpr (DIV == kReverseKL) e.wr = (e.sa > 0.f && e.sb == 0.f) ? kInf : 0.f;
   }
@@ -301,7 +301,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
     if constexpr (DIV_ROW == kForwardKL) {
       g = gd * (p - fast_exp((z - sb.shift) * inv_tau - sb.offset));
     } else if constexpr (DIV_ROW == kReverseKL) {
-      inner -= gd * (xr - (z - yk) * inv_tau - s);
+      inner -= gd * (xr - (z - kl_centre(yk)) * inv_tau - s);
     } else if constexpr (DIV_ROW != kNoDivergence) {
       const float lq = (z - sb.shift) * inv_tau - sb.offset;
       g = lp > -kInf ? gd * div_centred<DIV_ROW>(lp, lq, p, fk, s, prm) : 0.f;

@@ -9,10 +9,11 @@
 //   wf = sum exp((b - mb)/T) ((b - mb) - (a - ma))/T -> KL(q||p) = wf / sb - log sb + log sa
 //   wr = sum exp((a - ma)/T) ((a - ma) - (b - yk))/T -> KL(p||q) = wr / sa - log sa
 //                                                          - (yk - mb) / T + log sb
-// with yk the reference logit at the policy's argmax (0 where that is -inf or the row is
-// empty): wr / sa = sum_i p_i (f'(t_i) - f'(t_k)) is reverse KL's centred S (RowStats),
-// formed from raw differences, so it stays accurate when a peaked policy is far from the
-// reference. Every accumulator is a sum of same-signed or shift-invariant terms relative to
+// with yk the reference logit at the policy's argmax, kept raw (-inf where the reference
+// excludes it; 0 for an empty row) since the other divergences need f'(t_k) from it; reverse
+// KL's terms use kl_centre(yk), which is 0 in place of -inf (the KL is +inf there anyway).
+// wr / sa = sum_i p_i (f'(t_i) - f'(t_k)) is reverse KL's centred S (RowStats), formed from
+// raw differences, so it stays accurate when a peaked policy is far from the reference. Every accumulator is a sum of same-signed or shift-invariant terms relative to
 // the max (and yk), so merging pieces (rescaling by exp((m_old - m_new)/T), re-centring wr
 // on the new argmax) loses no accuracy. An empty piece (all logits -inf) has max -inf and
 // zero sums; merges never form 0 * inf from it.
@@ -30,6 +31,12 @@ PREFOPT_HD PREFOPT_INLINE float acc_exp(float x) { return fast_exp(x); }
 PREFOPT_HD PREFOPT_INLINE double acc_exp(double x) { return ::exp(x); }
 PREFOPT_HD PREFOPT_INLINE float acc_log(float x) { return fast_log(x); }
 PREFOPT_HD PREFOPT_INLINE double acc_log(double x) { return ::log(x); }
+
+// The -inf-safe centre of reverse KL's terms for the raw reference logit yk at the argmax.
+template <typename Acc>
+PREFOPT_HD PREFOPT_INLINE Acc kl_centre(Acc yk) {
+  return yk == -static_cast<Acc>(kInf) ? Acc(0) : yk;
+}
 
 template <typename Acc>
 struct RowState {
@@ -74,8 +81,9 @@ PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>
                  (o.sa > zero ? A.c2 * (o.ua + A.d2 * o.sa) : zero);
   // The larger policy max (the first on ties) owns the argmax, and so the centre yk.
   const Acc yk = r.ma >= o.ma ? r.yk : o.yk;
-  const Acc wr = (r.sa > zero ? A.c1 * (r.wr + (A.d1 - (r.yk - yk) * inv_tau) * r.sa) : zero) +
-                 (o.sa > zero ? A.c2 * (o.wr + (A.d2 - (o.yk - yk) * inv_tau) * o.sa) : zero);
+  const Acc c = kl_centre(yk);
+  const Acc wr = (r.sa > zero ? A.c1 * (r.wr + (A.d1 - (kl_centre(r.yk) - c) * inv_tau) * r.sa) : zero) +
+                 (o.sa > zero ? A.c2 * (o.wr + (A.d2 - (kl_centre(o.yk) - c) * inv_tau) * o.sa) : zero);
   const Acc wf = (r.sb > zero ? B.c1 * (r.wf + (B.d1 - A.d1) * r.sb) : zero) +
                  (o.sb > zero ? B.c2 * (o.wf + (B.d2 - A.d2) * o.sb) : zero);
   r.sa = r.sa * A.c1 + o.sa * A.c2;
@@ -139,7 +147,7 @@ PREFOPT_HD PREFOPT_INLINE Acc state_reverse_kl_s(const RowState<Acc>& s) {
 template <typename Acc>
 PREFOPT_HD PREFOPT_INLINE Acc state_reverse_kl(const RowState<Acc>& s, Acc inv_tau) {
   const Acc mb = s.mb == -static_cast<Acc>(kInf) ? Acc(0) : s.mb;
-  return s.wr / s.sa - acc_log(s.sa) - (s.yk - mb) * inv_tau + acc_log(s.sb);
+  return s.wr / s.sa - acc_log(s.sa) - (kl_centre(s.yk) - mb) * inv_tau + acc_log(s.sb);
 }
 
 PREFOPT_MATH_END
