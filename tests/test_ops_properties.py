@@ -35,7 +35,7 @@ def _tv_rows_decided(a, b, temperature):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=cases(), entropy=st.booleans(), seed=st.integers(0, 1000))
-@settings(max_examples=60)
+@settings(max_examples=200)
 def test_token_logprobs(backend, case, entropy, seed):
     logits = case.logits.to(DEVICE).requires_grad_(True)
     labels = case.labels.to(DEVICE)
@@ -111,7 +111,7 @@ def _check_divergence(backend, case, divergence, beta, alpha, seed, terms):
 @pytest.mark.parametrize("divergence", pk.DIVERGENCES)
 @given(case=cases(), params=st.sampled_from([(0.5, 0.5), (0.1, -0.5), (0.9, 2.0), (0.3, 0.3)]),
        seed=st.integers(0, 1000))
-@settings(max_examples=25)
+@settings(max_examples=80)
 def test_token_divergence(backend, divergence, case, params, seed):
     beta, alpha = params
     _check_divergence(backend, case, divergence, beta, alpha, seed, terms=False)
@@ -120,7 +120,7 @@ def test_token_divergence(backend, divergence, case, params, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", FINITE_ON_DISJOINT)
 @given(case=cases(disjoint_support=True), seed=st.integers(0, 1000))
-@settings(max_examples=15)
+@settings(max_examples=60)
 def test_token_divergence_disjoint_support(backend, divergence, case, seed):
     _check_divergence(backend, case, divergence, 0.5, 0.5, seed, terms=False)
 
@@ -128,14 +128,14 @@ def test_token_divergence_disjoint_support(backend, divergence, case, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", pk.DIVERGENCES)
 @given(case=cases(), seed=st.integers(0, 1000))
-@settings(max_examples=15)
+@settings(max_examples=50)
 def test_token_terms(backend, divergence, case, seed):
     _check_divergence(backend, case, divergence, 0.4, 0.6, seed, terms=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=cases(), seed=st.integers(0, 1000))
-@settings(max_examples=20)
+@settings(max_examples=80)
 def test_token_terms_with_entropy(backend, case, seed):
     logits = case.logits.to(DEVICE).requires_grad_(True)
     labels = case.labels.to(DEVICE)

@@ -121,19 +121,22 @@ def _centred_slope(lp, lq, fprime_k, shift, beta, alpha, DIVERGENCE: tl.constexp
     """``p (f'(t) - f'(t_k) - shift)``, 0 where ``p = 0``.
 
     Differences of ``f'`` first: exact at the argmax ``k``. Where ``f'(t)`` itself overflows
-    (``t`` huge or tiny under a power) but ``p f'(t)`` does not, the product is formed in log
-    space instead: chi2 ``2 (exp(2 lp - lq) - p)``, alpha ``(exp(a lp + (1-a) lq) - p) / (a - 1)``.
+    (``t`` huge or tiny under a power) or ``p`` underflows while ``p f'(t)`` does not, the
+    product is formed in log space instead: chi2 ``2 (exp(2 lp - lq) - p)``, alpha
+    ``(exp(a lp + (1-a) lq) - p) / (a - 1)``.
     """
     p = tl.exp(lp)
     fprime = _f_prime(lp, lq, beta, alpha, DIVERGENCE)
-    centred = p * (fprime - fprime_k - shift)
-    if DIVERGENCE == CHI2:
-        product = 2.0 * (tl.exp(lp + (lp - lq)) - p) - p * (fprime_k + shift)
-        centred = tl.where(tl.abs(fprime) < float("inf"), centred, product)
-    if DIVERGENCE == ALPHA:
-        product = (tl.exp(alpha * lp + (1.0 - alpha) * lq) - p) / (alpha - 1.0) - p * (fprime_k + shift)
-        centred = tl.where(tl.abs(fprime) < float("inf"), centred, product)
-    return tl.where(p > 0.0, centred, 0.0)
+    centred = tl.where(p > 0.0, p * (fprime - fprime_k - shift), 0.0)
+    if DIVERGENCE == CHI2 or DIVERGENCE == ALPHA:
+        if DIVERGENCE == CHI2:
+            p_fprime = 2.0 * (tl.exp(lp + (lp - lq)) - p)
+        else:
+            p_fprime = (tl.exp(alpha * lp + (1.0 - alpha) * lq) - p) / (alpha - 1.0)
+        direct = (p > 0.0) & (tl.abs(fprime) < float("inf"))
+        centred = tl.where(direct, centred, p_fprime - p * (fprime_k + shift))
+        centred = tl.where(lp > float("-inf"), centred, 0.0)
+    return centred
 
 
 @triton.jit
