@@ -30,10 +30,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that run the Triton backend also belong to the GPU subset (``-m gpu``)."""
+    """The GPU subset (``-m gpu``) also holds every test of a backend that runs on the GPU
+    here: Triton always, the native backend when a CUDA device is present."""
     import pytest
 
+    gpu_backends = ("triton", "native") if torch.cuda.is_available() else ("triton",)
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("backend") == "triton":
+        if params.get("backend") in gpu_backends:
             item.add_marker(pytest.mark.gpu)
