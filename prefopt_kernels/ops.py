@@ -10,8 +10,7 @@ import contextlib
 import importlib
 import math
 import os
-import warnings
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import check_positive, check_same_shape, check_tensor
+from ._common import check_same_shape, check_tensor
 
 FDPG_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "tv", "chi2")
 
