@@ -4,15 +4,19 @@ import pytest
 import torch
 
 import prefopt_kernels.ops as ops
+import prefopt_kernels as pk
 from prefopt_kernels import losses as L
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    # The module's own logic is under test here; the backends are tested against each other
-    # by the op tests, so pin the float64 oracle.
-    with ops.use_backend("reference"):
-        yield
+def _cpu_backends():
+    return [n for n in pk.available_backends() if ops._backend_module(n).supports(torch.device("cpu"))]
+
+
+@pytest.fixture(autouse=True, params=_cpu_backends())
+def backend(request):
+    """The module end to end on every backend that runs on CPU tensors here."""
+    with ops.use_backend(request.param):
+        yield request.param
 
 B2, T, V = 4, 7, 11  # 2B rows: chosen [0, 2), rejected [2, 4)
 
