@@ -72,8 +72,8 @@ class CMakeBuild(build_ext):
         ]
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
-        if os.environ.get("PREFOPT_NO_CUDA") == "1":
-            args.append("-DPREFOPT_CUDA=OFF")
+        # Always passed: the CMake cache would otherwise keep an earlier PREFOPT_NO_CUDA=1.
+        args.append("-DPREFOPT_CUDA=" + ("OFF" if os.environ.get("PREFOPT_NO_CUDA") == "1" else "AUTO"))
         if os.environ.get("PREFOPT_CUDA_ARCHS"):
             args.append(f"-DPREFOPT_CUDA_ARCHS={os.environ['PREFOPT_CUDA_ARCHS']}")
         jobs = os.environ.get("PREFOPT_BUILD_JOBS") or str(os.cpu_count() or 1)

@@ -85,7 +85,7 @@ PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
 // -inf - -inf is formed. yk is the raw reference logit at the policy's running argmax,
 // which the caller has already moved to this block if its max is the new one; reverse KL's
 // terms are centred at kl_centre(yk).
-template <bool REF, int DIV>
+template <bool REF, int DIV, bool ENT>
 PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
                                             const float* __restrict xb, int64_t n, float ma,
                                             float yk, float inv_tau) {
@@ -103,7 +103,7 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
     const float da = (xa[j] - sha) * inv_tau;
     const float ea = fast_exp(da);
     sa += ea;
-    ua += ea > 0.f ? ea * da : 0.f;
+    if constexpr (ENT) ua += ea > 0.f ? ea * da : 0.f;
     if constexpr (REF) {
       const float db = (xb[j] - shb) * inv_tau;
       const float eb = fast_exp(db);
@@ -115,28 +115,62 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
   return RowState<double>{ma, sa, ua, mb, sb, wf, wr, yk};
 }
 
+// Requests the block two blocks after the one at c0 into the cache, so that its loads
+// overlap this block's arithmetic (the hardware prefetcher alone leaves the sweeps stalled
+// on memory).
+template <int DT>
+PREFOPT_INLINE void prefetch_block(const typename Elem<DT>::T* row, int64_t c0, int64_t vocab) {
+  constexpr int64_t kAhead = 2 * kBlock;
+  constexpr int64_t kLine = 64 / int64_t(sizeof(typename Elem<DT>::T));
+  const int64_t end = std::min(c0 + kAhead + kBlock, vocab);
+  for (int64_t j = c0 + kAhead; j < end; j += kLine) __builtin_prefetch(row + j);
+}
+
+// fp32 rows are read in place; the 16-bit types are converted into `buf` first.
+template <int DT>
+PREFOPT_INLINE const float* block_view(const typename Elem<DT>::T* src, int64_t n, float* buf) {
+  if constexpr (DT == kFloat32) {
+    return src;
+  } else {
+    load_block<DT>(src, n, buf);
+    return buf;
+  }
+}
+
 // Pass 1 over a whole row: the merged state of all its blocks. With `track`, the state's yk
 // follows the reference logit at the policy's argmax (the centre of the divergence's S).
-template <int DT, bool REF, int DIV>
+// ENT: accumulate ua (only the entropy needs it).
+template <int DT, bool REF, int DIV, bool ENT>
 RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                            int64_t vocab, float inv_tau, bool track) {
-  alignas(64) float xa[kBlock];
-  alignas(64) float xb[kBlock];
+  alignas(64) float buf_a[kBlock];
+  alignas(64) float buf_b[kBlock];
   RowState<double> st = RowState<double>::empty();
   float yk = 0.f;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t n = std::min(kBlock, vocab - c0);
-    load_block<DT>(ra + c0, n, xa);
-    if constexpr (REF) load_block<DT>(rb + c0, n, xb);
+    prefetch_block<DT>(ra, c0, vocab);
+    if constexpr (REF) prefetch_block<DT>(rb, c0, vocab);
+    const float* xa = block_view<DT>(ra + c0, n, buf_a);
+    const float* xb = REF ? block_view<DT>(rb + c0, n, buf_b) : buf_b;
     const float ma = block_max(xa, n);
     if (REF && track && ma > st.ma) {  // rare after the first blocks: a short scan
       int64_t k = 0;
       while (xa[k] != ma) ++k;
       yk = xb[k];
     }
-    merge_state(st, block_state<REF, DIV>(xa, xb, n, ma, yk, inv_tau), double(inv_tau));
+    merge_state(st, block_state<REF, DIV, ENT>(xa, xb, n, ma, yk, inv_tau), double(inv_tau));
   }
   return st;
+}
+
+template <int DT, bool ENT>
+RowState<double> first_pass(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                            int64_t vocab, float inv_tau, bool need_ref, int div) {
+  if (!need_ref) return row_state<DT, false, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, false);
+  if (div == kForwardKL) return row_state<DT, true, kForwardKL, ENT>(ra, rb, vocab, inv_tau, false);
+  if (div == kReverseKL) return row_state<DT, true, kReverseKL, ENT>(ra, rb, vocab, inv_tau, true);
+  return row_state<DT, true, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, div >= kReverseKL);
 }
 
 // Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and of
@@ -187,20 +221,14 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
   const int div = plan.use_div ? args.divergence : kNoDivergence;
   const bool centred = div >= kReverseKL;
 
-  RowState<double> st;
-  if (!need_ref)
-    st = row_state<DT, false, kNoDivergence>(ra, rb, vocab, inv_tau, false);
-  else if (div == kForwardKL)
-    st = row_state<DT, true, kForwardKL>(ra, rb, vocab, inv_tau, false);
-  else if (div == kReverseKL)
-    st = row_state<DT, true, kReverseKL>(ra, rb, vocab, inv_tau, true);
-  else
-    st = row_state<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau, centred);
+  const RowState<double> st =
+      args.entropy != nullptr ? first_pass<DT, true>(ra, rb, vocab, inv_tau, need_ref, div)
+                              : first_pass<DT, false>(ra, rb, vocab, inv_tau, need_ref, div);
 
   RowOut out;
   const double inv_tau_d = 1.0 / args.temperature;
   out.a = shift_a(st);
-  out.entropy = state_entropy(st);
+  if (args.entropy != nullptr) out.entropy = state_entropy(st);
   if (need_ref) out.b = shift_b(st);
   if (centred) out.ref_at_argmax = static_cast<float>(st.yk);
   if (plan.label >= 0) {
@@ -277,40 +305,59 @@ void forward_impl(const ForwardArgs& args) {
   }
 }
 
+// Per-row constants of the backward.
+struct GradRow {
+  LogProbShift sa, sb;
+  float inv_tau, yc, fk, s, c, ge, gd;
+  DivParams prm;
+};
+
 // g_j = [ gl (1[j = y] - p_j) - ge p_j (log p_j + H) + gd p_j (f'(t_j) - S) ] / T, with
 // c = gl + ge H and the divergence term formed from the centred div_s s of RowStats:
 // forward KL p_j - q_j; reverse KL p_j ((a_j - a_k) / T - (b_j - b_k) / T - s) with b_k
 // taken as kl_centre(b_k), as in the forward; the others
 // p_j (f'(t_j) - f'(t_k) - s) (div_centred). p_j = 0 entries (logit -inf) get exactly
-// 0 from the p-weighted terms rather than 0 * -inf.
+// 0 from the p-weighted terms rather than 0 * -inf. This is T g_j without the label's gl
+// (added once, outside the vectorised loop).
+template <int DT, int DIV>
+PREFOPT_INLINE float grad_elem(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                               int64_t j, const GradRow& r) {
+  const float xr = (Elem<DT>::load(ra[j]) - r.sa.shift) * r.inv_tau;
+  const float lp = xr - r.sa.offset;
+  const float p = fast_exp(lp);
+  float inner = r.c + r.ge * lp;  // the p-weighted part of -g
+  float g = 0.f;
+  if constexpr (DIV == kForwardKL) {
+    const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_tau - r.sb.offset;
+    g = r.gd * (p - fast_exp(lq));
+  } else if constexpr (DIV == kReverseKL) {
+    inner -= r.gd * (xr - (Elem<DT>::load(rb[j]) - r.yc) * r.inv_tau - r.s);
+  } else if constexpr (DIV != kNoDivergence) {
+    const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_tau - r.sb.offset;
+    g = lp > -kInf ? r.gd * div_centred<DIV>(lp, lq, p, r.fk, r.s, r.prm) : 0.f;
+  }
+  return g + (p > 0.f ? -p * inner : 0.f);
+}
+
+// The label's element is computed first (it is read before anything is written, as g may
+// alias a) and stored last, so that the loop carries no index comparison.
 template <int DT, int DIV>
 void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                   typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, LogProbShift sa,
                   LogProbShift sb, float yk, float s, float c, float gl, float ge, float gd,
                   int64_t label, const DivParams& prm) {
-  const float yc = kl_centre(yk);
   float fk = 0.f;
   if constexpr (DIV > kReverseKL) fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
+  const GradRow r{sa, sb, inv_tau, kl_centre(yk), fk, s, c, ge, gd, prm};
+  const float g_label = label >= 0 ? (grad_elem<DT, DIV>(ra, rb, label, r) + gl) * inv_tau : 0.f;
+  for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
+    const int64_t end = std::min(c0 + kBlock, vocab);
+    prefetch_block<DT>(ra, c0, vocab);
+    if constexpr (DIV != kNoDivergence) prefetch_block<DT>(rb, c0, vocab);
 #pragma omp simd
-  for (int64_t j = 0; j < vocab; ++j) {
-    const float xr = (Elem<DT>::load(ra[j]) - sa.shift) * inv_tau;
-    const float lp = xr - sa.offset;
-    const float p = fast_exp(lp);
-    float inner = c + ge * lp;  // the p-weighted part of -g
-    float g = 0.f;
-    if constexpr (DIV == kForwardKL) {
-      const float lq = (Elem<DT>::load(rb[j]) - sb.shift) * inv_tau - sb.offset;
-      g = gd * (p - fast_exp(lq));
-    } else if constexpr (DIV == kReverseKL) {
-      inner -= gd * (xr - (Elem<DT>::load(rb[j]) - yc) * inv_tau - s);
-    } else if constexpr (DIV != kNoDivergence) {
-      const float lq = (Elem<DT>::load(rb[j]) - sb.shift) * inv_tau - sb.offset;
-      g = lp > -kInf ? gd * div_centred<DIV>(lp, lq, p, fk, s, prm) : 0.f;
-    }
-    g += p > 0.f ? -p * inner : 0.f;
-    g = j == label ? g + gl : g;
-    rg[j] = Elem<DT>::store(g * inv_tau);
+    for (int64_t j = c0; j < end; ++j) rg[j] = Elem<DT>::store(grad_elem<DT, DIV>(ra, rb, j, r) * inv_tau);
   }
+  if (label >= 0) rg[label] = Elem<DT>::store(g_label);
 }
 
 // A fresh gradient buffer (torch.empty of N x V) is untouched memory: every 4 KiB page
