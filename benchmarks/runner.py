@@ -290,11 +290,8 @@ def time_cuda(call: Callable[[], None], reset: Callable[[], None], *, warmup_ms:
 def time_cpu(call: Callable[[], None], reset: Callable[[], None], *, budget_s: float = 1.0,
              min_reps: int = 3, max_reps: int = 20) -> Dict[str, float]:
     """Milliseconds per call by wall clock: one warm-up call, then at least ``min_reps`` calls
-    and more while within ``budget_s``."""
-    reset(); t0 = time.perf_counter(); call(); first = time.perf_counter() - t0
-    if first > budget_s / 2:
-        # Slow calls: fewer repeats keep the whole suite within minutes on a small machine.
-        min_reps = 1 if first > budget_s else 2
+    (a median needs repeats, however slow the call) and more while within ``budget_s``."""
+    reset(); call()
     samples: List[float] = []
     t_start = time.perf_counter()
     while len(samples) < max_reps and (len(samples) < min_reps
