@@ -28,39 +28,46 @@ T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-void check_common(int64_t n_rows, int64_t tokens, int64_t vocab, int dtype, int divergence,
-                  double temperature) {
+// The leading parameters of every entry point: the inputs shared by forward and backward.
+#define PREFOPT_ROW_PARAMS                                                                 \
+  int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,                    \
+      int64_t logits_batch_stride, int64_t logits_token_stride, std::uintptr_t ref,        \
+      int64_t ref_batch_stride, int64_t ref_token_stride, int dtype, std::uintptr_t labels, \
+      std::uintptr_t weight, double temperature, int64_t ignore_index, int divergence,      \
+      float beta, float alpha
+#define PREFOPT_ROW_ARGS                                                                   \
+  n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
+      ref_batch_stride, ref_token_stride, dtype, labels, weight, temperature, ignore_index, \
+      divergence, beta, alpha
+#define PREFOPT_FORWARD_PARAMS                                                             \
+  PREFOPT_ROW_PARAMS, bool want_logp, bool want_ref_logp, bool want_entropy,              \
+      std::uintptr_t row_max, std::uintptr_t log_norm, std::uintptr_t logp,                \
+      std::uintptr_t ref_logp, std::uintptr_t entropy, std::uintptr_t div,                 \
+      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t div_s,      \
+      std::uintptr_t ref_at_argmax
+#define PREFOPT_FORWARD_ARGS                                                               \
+  PREFOPT_ROW_ARGS, want_logp, want_ref_logp, want_entropy, row_max, log_norm, logp,      \
+      ref_logp, entropy, div, ref_row_max, ref_log_norm, div_s, ref_at_argmax
+#define PREFOPT_BACKWARD_PARAMS                                                            \
+  PREFOPT_ROW_PARAMS, std::uintptr_t row_max, std::uintptr_t log_norm,                    \
+      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t entropy,     \
+      std::uintptr_t div_s, std::uintptr_t ref_at_argmax, std::uintptr_t grad_logp,       \
+      std::uintptr_t grad_entropy, std::uintptr_t grad_div, std::uintptr_t grad,           \
+      int64_t grad_batch_stride, int64_t grad_token_stride
+#define PREFOPT_BACKWARD_ARGS                                                              \
+  PREFOPT_ROW_ARGS, row_max, log_norm, ref_row_max, ref_log_norm, entropy, div_s,         \
+      ref_at_argmax, grad_logp, grad_entropy, grad_div, grad, grad_batch_stride,          \
+      grad_token_stride
+
+// Validates and fills the inputs shared by forward and backward.
+prefopt::RowInputs row_inputs(PREFOPT_ROW_PARAMS, int num_threads) {
   if (n_rows < 0 || vocab <= 0 || (n_rows > 0 && (tokens <= 0 || n_rows % tokens != 0)))
     throw std::invalid_argument("prefopt._C: bad shape");
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("prefopt._C: unknown dtype code");
   if (divergence < 0 || divergence > 7)
     throw std::invalid_argument("prefopt._C: unknown divergence code");
   if (!(temperature > 0.0)) throw std::invalid_argument("prefopt._C: temperature must be > 0");
-}
-
-ForwardArgs forward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,
-                         int64_t logits_batch_stride, int64_t logits_token_stride,
-                         std::uintptr_t ref, int64_t ref_batch_stride, int64_t ref_token_stride,
-                         int dtype, std::uintptr_t labels, std::uintptr_t weight,
-                         double temperature, int64_t ignore_index, int divergence, float beta,
-                         float alpha, bool want_logp, bool want_ref_logp, bool want_entropy,
-                         std::uintptr_t row_max, std::uintptr_t log_norm, std::uintptr_t logp,
-                         std::uintptr_t ref_logp, std::uintptr_t entropy, std::uintptr_t div,
-                         std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm,
-                         std::uintptr_t div_s, std::uintptr_t ref_at_argmax,
-                         int num_threads) {
-  check_common(n_rows, tokens, vocab, dtype, divergence, temperature);
-  if (logits == 0 || row_max == 0 || log_norm == 0)
-    throw std::invalid_argument("prefopt._C: logits, row_max and log_norm required");
-  if (ref != 0 && (ref_row_max == 0 || ref_log_norm == 0))
-    throw std::invalid_argument("prefopt._C: a reference needs ref_row_max and ref_log_norm");
-  if (divergence != 0 && (ref == 0 || div == 0 || div_s == 0))
-    throw std::invalid_argument("prefopt._C: a divergence needs ref, div and div_s");
-  if (divergence > prefopt::kForwardKL && ref_at_argmax == 0)
-    throw std::invalid_argument("prefopt._C: this divergence needs ref_at_argmax");
-  if ((want_logp || want_ref_logp) && labels == 0)
-    throw std::invalid_argument("prefopt._C: label log-probs need labels");
-  ForwardArgs a;
+  prefopt::RowInputs a;
   a.n_rows = n_rows;
   a.tokens = tokens;
   a.vocab = vocab;
@@ -78,10 +85,26 @@ ForwardArgs forward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uin
   a.divergence = divergence;
   a.beta = beta;
   a.alpha = alpha;
+  a.num_threads = num_threads;
+  return a;
+}
+
+ForwardArgs forward_args(PREFOPT_FORWARD_PARAMS, int num_threads) {
+  ForwardArgs a;
+  static_cast<prefopt::RowInputs&>(a) = row_inputs(PREFOPT_ROW_ARGS, num_threads);
+  if (logits == 0 || row_max == 0 || log_norm == 0)
+    throw std::invalid_argument("prefopt._C: logits, row_max and log_norm required");
+  if (ref != 0 && (ref_row_max == 0 || ref_log_norm == 0))
+    throw std::invalid_argument("prefopt._C: a reference needs ref_row_max and ref_log_norm");
+  if (divergence != 0 && (ref == 0 || div == 0 || div_s == 0))
+    throw std::invalid_argument("prefopt._C: a divergence needs ref, div and div_s");
+  if (divergence > prefopt::kForwardKL && ref_at_argmax == 0)
+    throw std::invalid_argument("prefopt._C: this divergence needs ref_at_argmax");
+  if ((want_logp || want_ref_logp) && labels == 0)
+    throw std::invalid_argument("prefopt._C: label log-probs need labels");
   a.want_logp = want_logp;
   a.want_ref_logp = want_ref_logp && ref != 0;
   a.want_entropy = want_entropy;
-  a.num_threads = num_threads;
   a.row_max = ptr<float>(row_max);
   a.log_norm = ptr<float>(log_norm);
   a.logp = ptr<float>(logp);
@@ -95,19 +118,9 @@ ForwardArgs forward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uin
   return a;
 }
 
-BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,
-                           int64_t logits_batch_stride, int64_t logits_token_stride,
-                           std::uintptr_t ref, int64_t ref_batch_stride,
-                           int64_t ref_token_stride,
-                           int dtype, std::uintptr_t labels, std::uintptr_t weight,
-                           double temperature, int64_t ignore_index, int divergence, float beta,
-                           float alpha, std::uintptr_t row_max, std::uintptr_t log_norm,
-                           std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm,
-                           std::uintptr_t entropy, std::uintptr_t div_s,
-                           std::uintptr_t ref_at_argmax, std::uintptr_t grad_logp, std::uintptr_t grad_entropy,
-                           std::uintptr_t grad_div, std::uintptr_t grad, int64_t grad_batch_stride,
-                           int64_t grad_token_stride, int num_threads) {
-  check_common(n_rows, tokens, vocab, dtype, divergence, temperature);
+BackwardArgs backward_args(PREFOPT_BACKWARD_PARAMS, int num_threads) {
+  BackwardArgs a;
+  static_cast<prefopt::RowInputs&>(a) = row_inputs(PREFOPT_ROW_ARGS, num_threads);
   if (logits == 0 || row_max == 0 || log_norm == 0 || grad == 0)
     throw std::invalid_argument("prefopt._C: logits, row_max, log_norm and grad required");
   if (grad_entropy != 0 && entropy == 0)
@@ -118,25 +131,6 @@ BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::u
     throw std::invalid_argument(
         "prefopt._C: a divergence gradient needs ref, ref_row_max, ref_log_norm, div_s and "
         "(past forward KL) ref_at_argmax");
-  BackwardArgs a;
-  a.n_rows = n_rows;
-  a.tokens = tokens;
-  a.vocab = vocab;
-  a.logits = ptr<const void>(logits);
-  a.logits_batch_stride = logits_batch_stride;
-  a.logits_token_stride = logits_token_stride;
-  a.ref = ptr<const void>(ref);
-  a.ref_batch_stride = ref_batch_stride;
-  a.ref_token_stride = ref_token_stride;
-  a.dtype = dtype;
-  a.labels = ptr<const int64_t>(labels);
-  a.weight = ptr<const float>(weight);
-  a.temperature = temperature;
-  a.ignore_index = ignore_index;
-  a.divergence = divergence;
-  a.beta = beta;
-  a.alpha = alpha;
-  a.num_threads = num_threads;
   a.row_max = ptr<const float>(row_max);
   a.log_norm = ptr<const float>(log_norm);
   a.ref_row_max = ptr<const float>(ref_row_max);
@@ -152,39 +146,6 @@ BackwardArgs backward_args(int64_t n_rows, int64_t tokens, int64_t vocab, std::u
   a.grad_token_stride = grad_token_stride;
   return a;
 }
-
-#define PREFOPT_FORWARD_PARAMS                                                             \
-  int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,                    \
-      int64_t logits_batch_stride, int64_t logits_token_stride, std::uintptr_t ref,        \
-      int64_t ref_batch_stride, int64_t ref_token_stride, int dtype, std::uintptr_t labels, \
-      std::uintptr_t weight, double temperature, int64_t ignore_index, int divergence,      \
-      float beta, float alpha, bool want_logp, bool want_ref_logp, bool want_entropy,      \
-      std::uintptr_t row_max, std::uintptr_t log_norm, std::uintptr_t logp,                \
-      std::uintptr_t ref_logp, std::uintptr_t entropy, std::uintptr_t div,                 \
-      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t div_s,      \
-      std::uintptr_t ref_at_argmax
-#define PREFOPT_FORWARD_ARGS                                                               \
-  n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
-      ref_batch_stride, ref_token_stride, dtype, labels, weight,                           \
-      temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp,        \
-      want_entropy, row_max, log_norm, logp, ref_logp, entropy, div, ref_row_max,          \
-      ref_log_norm, div_s, ref_at_argmax
-#define PREFOPT_BACKWARD_PARAMS                                                            \
-  int64_t n_rows, int64_t tokens, int64_t vocab, std::uintptr_t logits,                    \
-      int64_t logits_batch_stride, int64_t logits_token_stride, std::uintptr_t ref,        \
-      int64_t ref_batch_stride, int64_t ref_token_stride, int dtype, std::uintptr_t labels, \
-      std::uintptr_t weight, double temperature, int64_t ignore_index, int divergence,      \
-      float beta, float alpha, std::uintptr_t row_max, std::uintptr_t log_norm,            \
-      std::uintptr_t ref_row_max, std::uintptr_t ref_log_norm, std::uintptr_t entropy,     \
-      std::uintptr_t div_s, std::uintptr_t ref_at_argmax, std::uintptr_t grad_logp,       \
-      std::uintptr_t grad_entropy, std::uintptr_t grad_div, std::uintptr_t grad,           \
-      int64_t grad_batch_stride, int64_t grad_token_stride
-#define PREFOPT_BACKWARD_ARGS                                                              \
-  n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
-      ref_batch_stride, ref_token_stride, dtype, labels, weight,                           \
-      temperature, ignore_index, divergence, beta, alpha, row_max, log_norm, ref_row_max,  \
-      ref_log_norm, entropy, div_s, ref_at_argmax,                                         \
-      grad_logp, grad_entropy, grad_div, grad, grad_batch_stride, grad_token_stride
 
 void cpu_forward(PREFOPT_FORWARD_PARAMS, int num_threads) {
   const ForwardArgs a = forward_args(PREFOPT_FORWARD_ARGS, num_threads);

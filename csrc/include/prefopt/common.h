@@ -49,10 +49,10 @@ PREFOPT_HD PREFOPT_INLINE int64_t row_offset(int64_t n, int64_t tokens, int64_t 
   return (n / tokens) * batch_stride + (n % tokens) * token_stride;
 }
 
-// Everything one forward call needs. Null output pointers are outputs not asked for.
-// The logits are a [n_rows / tokens, tokens, vocab] view: row n starts at
+// The inputs every row kernel reads, forward and backward alike. The logits are a
+// [n_rows / tokens, tokens, vocab] view: row n starts at
 // row_offset(n, tokens, logits_batch_stride, logits_token_stride) elements (vocab stride 1).
-struct ForwardArgs {
+struct RowInputs {
   int64_t n_rows = 0;
   int64_t tokens = 1;  // T of the [B, T, V] view; n_rows = B * T
   int64_t vocab = 0;
@@ -70,10 +70,14 @@ struct ForwardArgs {
   int divergence = kNoDivergence;
   float beta = 0.5f;
   float alpha = 0.5f;
+  int num_threads = 0;  // CPU only; 0 = OpenMP default
+};
+
+// Everything one forward call needs. Null output pointers are outputs not asked for.
+struct ForwardArgs : RowInputs {
   bool want_logp = false;
   bool want_ref_logp = false;
   bool want_entropy = false;
-  int num_threads = 0;  // CPU only; 0 = OpenMP default
   // Outputs, fp32 [n_rows]. lse(a / T) = row_max / T + log_norm with row_max the raw max
   // (0 for an all -inf row); row_max and log_norm are always written.
   float* row_max = nullptr;
@@ -85,29 +89,11 @@ struct ForwardArgs {
   float* ref_row_max = nullptr;
   float* ref_log_norm = nullptr;
   float* div_s = nullptr;  // S centred at the policy's argmax k (forward KL: -1)
-  float* ref_at_argmax = nullptr;  // b_k (0 where b_k = -inf); divergences past forward KL
+  float* ref_at_argmax = nullptr;  // raw b_k (-inf allowed); divergences past forward KL
 };
 
 // Everything one backward call needs. `grad` may alias `logits` (in-place backward).
-struct BackwardArgs {
-  int64_t n_rows = 0;
-  int64_t tokens = 1;
-  int64_t vocab = 0;
-  const void* logits = nullptr;
-  int64_t logits_batch_stride = 0;
-  int64_t logits_token_stride = 0;
-  const void* ref = nullptr;
-  int64_t ref_batch_stride = 0;
-  int64_t ref_token_stride = 0;
-  int dtype = kFloat32;
-  const int64_t* labels = nullptr;
-  const float* weight = nullptr;
-  double temperature = 1.0;
-  int64_t ignore_index = -100;
-  int divergence = kNoDivergence;
-  float beta = 0.5f;
-  float alpha = 0.5f;
-  int num_threads = 0;
+struct BackwardArgs : RowInputs {
   // Saved per-row statistics of the forward pass (null when not saved).
   const float* row_max = nullptr;
   const float* log_norm = nullptr;
