@@ -220,7 +220,7 @@ class _FusedTokenOp(torch.autograd.Function):
     def forward(ctx, logits, ref_logits, labels, weight, spec, backend, inplace_backward):
         rows, ref_rows = _as_rows(logits, ref_logits)
         stats = backend.forward(rows, labels, ref_rows, weight, spec)
-        wanted = [k for k in _OUTPUTS if getattr(stats, k) is not None]
+        wanted = [k for k in _OUTPUTS if _wants(spec, k)]
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.backend, ctx.inplace, ctx.wanted = spec, backend, inplace_backward, wanted
         ctx.save_for_backward(logits, ref_logits, labels, weight, *(getattr(stats, k) for k in _SAVED))
