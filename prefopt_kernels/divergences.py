@@ -28,6 +28,7 @@ kernels implement the same formulas.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -37,24 +38,43 @@ from .backends import DIVERGENCE_CODES
 DIVERGENCES: Tuple[str, ...] = tuple(DIVERGENCE_CODES)
 
 
-def resolve(divergence: str, beta: float, alpha: float) -> int:
-    """Validate a divergence name and its parameters; return its integer code.
+# How close beta may come to 0 or 1, and alpha to 0 or 1: the kernels receive 1 - beta,
+# log beta, log(1 - beta) and alpha - 1 formed in float64 and rounded once to fp32, which
+# keeps every accepted value accurate as long as these stay normal fp32 numbers.
+PARAMETER_EDGE = 1e-30
+# Beyond this |alpha|, alpha (alpha - 1) leaves fp32's range.
+ALPHA_MAX = 1e6
 
-    Raises ``ValueError`` naming the argument for an unknown name, ``beta`` outside (0, 1)
-    (js) or ``alpha`` in {0, 1} or not finite (alpha).
+
+def resolve(divergence: str, beta, alpha) -> Tuple[int, float, float]:
+    """Validate a divergence name and its parameters; return ``(code, beta, alpha)``.
+
+    ``beta`` and ``alpha`` must be real numbers (numpy scalars included) whatever the
+    divergence. Raises ``ValueError`` naming the argument for an unknown name, for ``js``
+    unless ``1e-30 <= beta <= 1 - 1e-30``, and for ``alpha`` unless it is finite with
+    ``|alpha|, |alpha - 1| >= 1e-30`` and ``|alpha| <= 1e6``.
     """
     if not isinstance(divergence, str) or divergence not in DIVERGENCE_CODES:
         raise ValueError(
             f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}"
         )
-    if divergence == "js" and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
-        raise ValueError(f"beta must lie strictly between 0 and 1 for 'js'; got {beta!r}")
-    if divergence == "alpha":
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)) or alpha in (0.0, 1.0):
-            raise ValueError(
-                f"alpha must be a finite number other than 0 and 1 for 'alpha'; got {alpha!r}"
-            )
-    return DIVERGENCE_CODES[divergence]
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number; got {value!r}")
+    beta, alpha = float(beta), float(alpha)
+    if divergence == "js" and not (PARAMETER_EDGE <= beta and PARAMETER_EDGE <= 1.0 - beta):
+        raise ValueError(
+            f"beta must lie in [{PARAMETER_EDGE:g}, 1 - {PARAMETER_EDGE:g}] for 'js'; got {beta!r}"
+        )
+    if divergence == "alpha" and not (
+        math.isfinite(alpha) and abs(alpha) <= ALPHA_MAX
+        and abs(alpha) >= PARAMETER_EDGE and abs(alpha - 1.0) >= PARAMETER_EDGE
+    ):
+        raise ValueError(
+            f"alpha must be finite with |alpha| <= {ALPHA_MAX:g} and at least {PARAMETER_EDGE:g} "
+            f"away from 0 and 1 for 'alpha'; got {alpha!r}"
+        )
+    return DIVERGENCE_CODES[divergence], beta, alpha
 
 
 # Each generator maps (lp, lq) -> (q f(t), p f'(t)) elementwise. Masked branches are fed
@@ -91,19 +111,41 @@ def reverse_kl_terms(lp, lq, beta, alpha):
     return value, slope
 
 
+def log_mixture_gap(lp, lq, beta):
+    """``w = log(m / p)`` with ``m = beta q + (1 - beta) p``, where both ``p, q > 0``, without cancellation.
+
+    With ``x = lq - lp``: ``w = log1p(beta expm1(x))`` while that argument stays above
+    -1/2; ``log((1 - beta) + beta e^x)`` (a sum of positives) below; and
+    ``log beta + x + log1p((1 - beta)/beta e^-x)`` for large ``x``, where ``e^x`` overflows.
+    Accurate as beta -> 0 or 1, where ``lp - log m`` formed from two logs cancels.
+    """
+    x = lq - lp
+    small = beta * -torch.expm1(torch.clamp(x, max=0.0)) < 0.5
+    large = x > 30.0
+    x_mid = torch.where(large, torch.zeros_like(x), x)
+    near = torch.log1p(beta * torch.expm1(x_mid))
+    far = torch.log((1.0 - beta) + beta * torch.exp(torch.clamp(x_mid, max=0.0)))
+    x_large = torch.where(large, x, torch.full_like(x, 30.0))
+    high = math.log(beta) + x_large + torch.log1p((1.0 - beta) / beta * torch.exp(-x_large))
+    return torch.where(large, high, torch.where(small, near, far))
+
+
 def js_terms(lp, lq, beta, alpha):
     """Generalised Jensen-Shannon with mixture m = beta q + (1 - beta) p.
 
     q f(t) = beta q (lq - lm) + (1 - beta) p (lp - lm);  f'(t) = (1 - beta) log(p / m),
-    so p f'(t) = (1 - beta) p (lp - lm).
+    so p f'(t) = (1 - beta) p (lp - lm). ``lp - lm`` comes from :func:`log_mixture_gap`.
     """
     has_p, has_q, lp_safe, lq_safe = _support(lp, lq)
-    log_b, log_1mb = math.log(beta), math.log1p(-beta)
-    both = torch.logaddexp(log_b + lq_safe, log_1mb + lp_safe)
-    lm = torch.where(has_p & has_q, both, torch.where(has_p, log_1mb + lp_safe, log_b + lq_safe))
+    both = has_p & has_q
+    gap = log_mixture_gap(torch.where(both, lp_safe, torch.zeros_like(lp)),
+                          torch.where(both, lq_safe, torch.zeros_like(lq)), beta)
+    # lp - lm and lq - lm; at the support's edges m is one side alone.
+    p_gap = torch.where(both, -gap, torch.full_like(lp, -math.log1p(-beta)))
+    q_gap = torch.where(both, (lq_safe - lp_safe) - gap, torch.full_like(lq, -math.log(beta)))
     zero = torch.zeros_like(lp)
-    q_part = torch.where(has_q, torch.exp(lq) * (lq_safe - lm), zero)
-    p_part = torch.where(has_p, torch.exp(lp) * (lp_safe - lm), zero)
+    q_part = torch.where(has_q, torch.exp(lq) * q_gap, zero)
+    p_part = torch.where(has_p, torch.exp(lp) * p_gap, zero)
     return beta * q_part + (1.0 - beta) * p_part, (1.0 - beta) * p_part
 
 
@@ -125,35 +167,56 @@ def chi2_terms(lp, lq, beta, alpha):
     Evaluated in log space (``p t = exp(2 lp - lq)``), since t can overflow where q underflows.
     """
     has_p, has_q, lp_safe, lq_safe = _support(lp, lq)
+    both = has_p & has_q
     p = torch.exp(lp)
     zero = torch.zeros_like(lp)
-    d = lp_safe - lq_safe
-    p_t = torch.exp(lp_safe + d)
+    d = torch.where(both, lp_safe - lq_safe, zero)
+    p_t = torch.exp(torch.where(both, lp_safe + d, zero))
     # Each branch sees only its own side of d = 0, so neither overflows where it is not taken.
     shrink = -torch.expm1(-torch.clamp(d, min=0.0))
     grow = torch.expm1(torch.clamp(d, max=0.0))
     value = torch.where(d > 0, p_t * shrink**2, torch.exp(lq_safe) * grow**2)
-    # p > 0 = q makes the divergence infinite.
-    value = torch.where(has_q, value, torch.where(has_p, torch.full_like(lp, math.inf), zero))
-    value = torch.where(has_p | has_q, value, zero)
+    # q > 0 = p: f(0) = 1, the term is q; p > 0 = q: the divergence is infinite.
+    value = torch.where(both, value, torch.where(has_q, torch.exp(lq_safe),
+                                                 torch.where(has_p, torch.full_like(lp, math.inf), zero)))
     slope = torch.where(has_p, 2.0 * (torch.where(has_q, p_t, torch.full_like(lp, math.inf)) - p), zero)
     return value, slope
 
 
 def alpha_terms(lp, lq, beta, alpha):
-    """Amari alpha: q f(t) = (p^a q^(1-a) - a p - (1-a) q) / (a (a-1)); p f'(t) = (p^a q^(1-a) - p) / (a - 1)."""
+    """Amari alpha: q f(t) = (p^a q^(1-a) - a p - (1-a) q) / (a (a-1)); p f'(t) = (p^a q^(1-a) - p) / (a - 1).
+
+    With ``d = lp - lq`` and ``e = a - 1``, ``p^a q^(1-a) = p exp(e d) = q exp(a d)``. Where
+    ``|e d|`` (or ``|a d|``) is small the difference to ``p`` (or ``q``) cancels, so the terms
+    are formed with ``expm1``: near a = 1, ``q f = (p expm1(e d)/e - (p - q)) / a``; near
+    a = 0, ``q f = (q expm1(a d)/a - (p - q)) / e``; ``p f' = p expm1(e d) / e``. Elsewhere the
+    product is one ``exp`` in log space, which cannot overflow where the true value does not.
+    """
     has_p, has_q, lp_safe, lq_safe = _support(lp, lq)
+    both = has_p & has_q
     p, q = torch.exp(lp), torch.exp(lq)
-    # p^a q^(1-a) at the edges of the support: 0 unless an exponent makes it blow up.
+    zero = torch.zeros_like(lp)
+    eps = alpha - 1.0
+    near_one = alpha > 0.5
+    rate = eps if near_one else alpha
+    d = torch.where(both, lp_safe - lq_safe, zero)
+    small = both & (torch.abs(rate * d) <= 1.0)
+    d_small = torch.where(small, d, zero)
+    growth = torch.expm1(rate * d_small) / rate  # (p^a q^(1-a) - base) / (rate base)
+    base = p if near_one else q
+    value_small = (base * growth - (p - q)) / (alpha if near_one else eps)
+    slope_small = p * torch.expm1(eps * d_small) / eps
+    # p^a q^(1-a) elsewhere: one exp in log space; at the support's edges 0 unless an
+    # exponent blows it up.
     p_only = math.inf if alpha > 1.0 else 0.0
     q_only = math.inf if alpha < 0.0 else 0.0
     mixed = torch.where(
-        has_p & has_q,
-        torch.exp(alpha * lp_safe + (1.0 - alpha) * lq_safe),
-        torch.where(has_p, torch.full_like(lp, p_only), torch.where(has_q, torch.full_like(lp, q_only), torch.zeros_like(lp))),
+        both & ~small,
+        torch.exp(torch.where(both & ~small, alpha * lp_safe + (1.0 - alpha) * lq_safe, zero)),
+        torch.where(has_p, torch.full_like(lp, p_only), torch.where(has_q, torch.full_like(lp, q_only), zero)),
     )
-    value = (mixed - alpha * p - (1.0 - alpha) * q) / (alpha * (alpha - 1.0))
-    slope = (mixed - p) / (alpha - 1.0)
+    value = torch.where(small, value_small, (mixed - alpha * p - (1.0 - alpha) * q) / (alpha * eps))
+    slope = torch.where(small, slope_small, (mixed - p) / eps)
     return value, slope
 
 

@@ -2,14 +2,25 @@
 
 Notation for every op: policy logits ``a`` and reference logits ``b`` over V entries,
 temperature ``T``; ``p = softmax(a / T)``, ``q = softmax(b / T)``, label ``y``.
+
+Policies shared by every op and backend:
+
+* ``-inf`` logits are legal (masked entries); a NaN or ``+inf`` in a row's policy logits
+  makes that row's outputs and gradient row NaN; one in its reference logits makes
+  ``ref_logp`` and ``div`` NaN, and the gradient row NaN where the divergence term is used.
+  A divergence that is ``+inf`` (the supports disagree where ``f`` is unbounded) has a NaN
+  gradient row where it is used. Skipped rows are never read: 0 whatever they hold.
+* The ops are once-differentiable: differentiating their backward (``create_graph=True``)
+  raises. ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) are not supported.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import math
+import numbers
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -19,7 +30,7 @@ from .divergences import resolve
 
 BACKEND_NAMES = ("triton", "native", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_selected = "auto"
+_selection = threading.local()
 
 
 class TokenTerms(NamedTuple):
@@ -56,24 +67,28 @@ def available_backends() -> list:
 
 
 class use_backend(contextlib.AbstractContextManager):
-    """Select the backend: ``"auto" | "triton" | "native" | "reference"``.
+    """Select the backend of the calling thread: ``"auto" | "triton" | "native" | "reference"``.
 
-    Call it to set the process-wide choice, or use it as a context manager to set it for a
-    block (the previous choice is restored on exit). ``"auto"`` sends CUDA tensors to
-    Triton and CPU tensors to the native extension when built, else to the reference; the
-    environment variable ``PREFOPT_BACKEND`` overrides ``"auto"``.
+    Call it to set this thread's choice, or use it as a context manager to set it for a
+    block (the previous choice is restored on exit, so blocks nest). The choice is
+    thread-local: other threads keep theirs, and a new thread starts at ``"auto"``.
+    ``"auto"`` sends CUDA tensors to Triton and CPU tensors to the native extension when
+    built, else to the reference; the environment variable ``PREFOPT_BACKEND`` overrides
+    ``"auto"``. The backward pass always runs on the backend its forward ran on.
     """
 
     def __init__(self, name: str):
-        global _selected
         _check_backend_name(name, "name")
-        self._previous = _selected
-        _selected = name
+        self._previous = _selected_backend()
+        _selection.name = name
 
     def __exit__(self, *exc_info):
-        global _selected
-        _selected = self._previous
+        _selection.name = self._previous
         return False
+
+
+def _selected_backend() -> str:
+    return getattr(_selection, "name", "auto")
 
 
 def _check_backend_name(name, argument: str) -> None:
@@ -82,7 +97,7 @@ def _check_backend_name(name, argument: str) -> None:
 
 
 def _pick_backend(device: torch.device):
-    name = _selected
+    name = _selected_backend()
     if name == "auto":
         name = os.environ.get("PREFOPT_BACKEND", "auto") or "auto"
         _check_backend_name(name, "PREFOPT_BACKEND")
@@ -161,12 +176,49 @@ def _check_weight(weight, logits: torch.Tensor, argument: str) -> Optional[torch
     return weight.detach().reshape(-1).to(torch.float32).contiguous()
 
 
+# fp32 limits a temperature must respect: the kernels scale by 1/T in fp32, so both T and
+# 1/T must be normal fp32 numbers.
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _check_real(value, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{argument} must be a real number; got {value!r}")
+    return float(value)
+
+
 def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a positive number; got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
-    return float(temperature)
+    temperature = _check_real(temperature, "temperature")
+    if not (_FP32_TINY <= temperature <= 1.0 / _FP32_TINY):
+        raise ValueError(
+            f"temperature must lie in [{_FP32_TINY:.4g}, {1.0 / _FP32_TINY:.4g}] (T and 1/T "
+            f"normal fp32 numbers); got {temperature!r}"
+        )
+    return temperature
+
+
+def _check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
+    """``inplace_backward`` writes every element of ``logits`` once: each must have its own storage."""
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool; got {inplace_backward!r}")
+    if inplace_backward and not _has_distinct_elements(logits):
+        raise ValueError(
+            "inplace_backward=True needs logits whose elements do not share memory; got shape "
+            f"{tuple(logits.shape)} with strides {tuple(logits.stride())} (an expanded or "
+            "overlapping view): pass inplace_backward=False or a materialised tensor"
+        )
+    return inplace_backward
+
+
+def _has_distinct_elements(x: torch.Tensor) -> bool:
+    """True when no two indices of ``x`` address the same element (no stride 0, no overlap)."""
+    dims = sorted((x.stride(d), x.shape[d]) for d in range(x.dim()) if x.shape[d] > 1)
+    extent = 1  # elements spanned by the dimensions of smaller stride
+    for stride, size in dims:
+        if stride < extent:
+            return False
+        extent = stride * (size - 1) + extent
+    return True
 
 
 def _as_rows(*tensors: Optional[torch.Tensor]):
@@ -231,6 +283,11 @@ class _FusedTokenOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "prefopt_kernels ops are once-differentiable: their backward cannot be "
+                "differentiated again (create_graph=True, double backward, gradient penalties)"
+            )
         logits, ref_logits, labels, weight, *saved = ctx.saved_tensors
         upstream = dict(zip(ctx.wanted, grads))
         upstream.pop("ref_logp", None)
@@ -248,12 +305,15 @@ class _FusedTokenOp(torch.autograd.Function):
             rows, labels, ref_rows, weight, ctx.spec, stats,
             flat.get("logp"), flat.get("entropy"), flat.get("div"), grad_rows,
         )
+        if grad is logits:
+            # The logits now hold their gradient: anything that saved them (this op too, if its
+            # backward runs again) must fail PyTorch's version check instead of reading it.
+            torch.autograd.graph.increment_version(logits)
         return (grad,) + (None,) * 6
 
 
 def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool):
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool; got {inplace_backward!r}")
+    inplace_backward = _check_inplace(inplace_backward, logits)
     backend = _pick_backend(logits.device)
     lead = logits.shape[:-1]
     keys = [k for k in _OUTPUTS if _wants(spec, k)]
@@ -290,10 +350,14 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
             leading ones may be strided (``logits[:, :-1, :]`` is read without a copy).
         labels: ``[...]`` integer, each in ``[0, V)`` or ``ignore_index``.
         ignore_index: label value of tokens to skip (their row is never read).
-        temperature: ``T > 0``.
+        temperature: ``T`` with ``T`` and ``1/T`` normal fp32 numbers (about
+            ``[1.2e-38, 8.5e37]``).
         return_entropy: also return ``H(p)`` per token.
         inplace_backward: write the logits' gradient into the logits' own storage (the
-            logits are consumed; backward then allocates nothing of size ``[N, V]``).
+            logits are consumed; backward then allocates nothing of size ``[N, V]``). The
+            logits' version counter is bumped, so PyTorch raises its usual in-place error if
+            anything that saved them runs its backward later (or this backward runs twice);
+            expanded or overlapping logits are refused.
 
     Returns:
         ``logp`` fp32 ``[...]`` (0 at ignored tokens), or ``(logp, entropy)``.
@@ -323,7 +387,11 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
             is NOT multiplied by the weight: the caller does that, so the weight's gradient
             at skipped tokens is 0 — exact for the ReLU-parametrised and detached masks of
             SparsePO.
-        temperature: ``T > 0``; beta in (0, 1) for ``js``; alpha not 0 or 1 for ``alpha``.
+        temperature: ``T`` with ``T`` and ``1/T`` normal fp32 numbers (about
+            ``[1.2e-38, 8.5e37]``).
+        beta: ``js``'s mixing weight, ``1e-30 <= beta <= 1 - 1e-30``.
+        alpha: the order of ``alpha``, finite, ``|alpha| <= 1e6``, at least ``1e-30`` from 0
+            and 1. Values near the edges stay accurate (``expm1``/``log1p`` forms).
         inplace_backward: as in :func:`token_logprobs`.
 
     Returns:
@@ -333,8 +401,8 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
     _check_logits(ref_logits, "ref_logits")
     _check_pair(logits, ref_logits)
     weight = _check_weight(weight, logits, "weight")
-    spec = OpSpec(temperature=_check_temperature(temperature), divergence=resolve(divergence, beta, alpha),
-                  beta=float(beta), alpha=float(alpha))
+    code, beta, alpha = resolve(divergence, beta, alpha)
+    spec = OpSpec(temperature=_check_temperature(temperature), divergence=code, beta=beta, alpha=alpha)
     return _run(logits, None, ref_logits, weight, spec, inplace_backward)["div"]
 
 
@@ -365,8 +433,9 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
     _check_pair(logits, ref_logits)
     labels = _check_labels(labels, logits, ignore_index)
     weight = _check_weight(div_weight, logits, "div_weight")
+    code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
-                  divergence=resolve(divergence, beta, alpha), beta=float(beta), alpha=float(alpha),
+                  divergence=code, beta=beta, alpha=alpha,
                   want_logp=True, want_ref_logp=True, want_entropy=bool(return_entropy))
     out = _run(logits, labels, ref_logits, weight, spec, inplace_backward)
     return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))

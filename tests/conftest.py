@@ -18,12 +18,15 @@ settings.register_profile(
     "default",
     deadline=None,
     derandomize=True,
+    max_examples=100,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# Long runs, off in CI: every property test draws 20 times its default count
+# (strategies.scaled reads max_examples), with fresh random examples each run.
 settings.register_profile(
     "thorough",
     deadline=None,
-    max_examples=1000,
+    max_examples=2000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

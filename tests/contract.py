@@ -60,7 +60,8 @@ def assert_tokens_close(x: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor,
     overflow = (ref.abs() > torch.finfo(torch.float32).max) & (x == torch.sign(ref) * math.inf)
     tol = (1e-5 + 1e-6 * scale) * (1.0 + ref.abs())
     err = (x - ref).abs()
-    bad = ~((x == ref) | overflow | (err <= tol))
+    # The NaN policy: a NaN is right exactly where the oracle has one.
+    bad = ~((x == ref) | overflow | (err <= tol) | (torch.isnan(x) & torch.isnan(ref)))
     assert not bad.any(), (
         f"{what}: {int(bad.sum())} tokens outside the contract; "
         f"got {x[bad][:4].tolist()} want {ref[bad][:4].tolist()}"
@@ -73,6 +74,11 @@ def assert_grads_close(g: torch.Tensor, g_ref: torch.Tensor, scale: torch.Tensor
     g = g.detach().to(torch.float64).cpu()
     g_ref = g_ref.detach().to(torch.float64).cpu()
     checked = torch.ones(g.shape[:-1], dtype=torch.bool) if rows is None else rows.cpu()
+    # The NaN policy: a row's gradient is NaN as a whole, exactly where the oracle's is.
+    nan_rows = torch.isnan(g_ref).all(-1)
+    assert not (torch.isnan(g_ref).any(-1) & ~nan_rows).any(), f"{what}: the oracle has a partly NaN row"
+    assert torch.isnan(g[checked & nan_rows]).all(), f"{what}: finite gradient in a row that must be NaN"
+    checked = checked & ~nan_rows
     # A true gradient beyond the output dtype's range cannot be represented: out of contract.
     checked = checked & (g_ref.abs().amax(-1) <= torch.finfo(dtype).max)
     assert torch.isfinite(g[checked]).all(), f"{what}: non-finite gradient"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -14,6 +15,20 @@ VOCABS = st.one_of(
     st.sampled_from([1, 2, 3, 7, 31, 127, 1000, 1024, 1025, 2053, 3001]),
     st.integers(min_value=1, max_value=3000),
 )
+
+
+def scaled(max_examples: int) -> int:
+    """A property test's example count, scaled by the loaded Hypothesis profile.
+
+    The default profile runs ``max_examples``; the ``thorough`` profile
+    (``HYPOTHESIS_PROFILE=thorough``, see conftest.py) runs 20 times as many.
+    """
+    return max(1, max_examples * settings.default.max_examples // 100)
+
+
+# Values no drawn logit takes otherwise, injected into single rows: the NaN policy of
+# prefopt_kernels.ops must hold for them on every backend.
+SPECIAL_VALUES = (float("nan"), float("inf"))
 
 
 @dataclass
@@ -80,6 +95,13 @@ def cases(draw, *, disjoint_support: bool = False, max_tokens: int = 12):
             b[(torch.rand(full, generator=gen) < 0.3) & ~label_hot] = float("-inf")
         else:
             b[masked] = float("-inf")
+
+    # Now and then a NaN or +inf in one token's policy or reference row.
+    if draw(st.integers(0, 7)) == 0:
+        value = draw(st.sampled_from(SPECIAL_VALUES))
+        target = a if draw(st.booleans()) else b
+        flat = target.view(-1, vocab)
+        flat[int(torch.randint(0, flat.shape[0], (1,), generator=gen)), int(torch.randint(0, vocab, (1,), generator=gen))] = value
 
     a = a.to(dtype)
     b = b.to(dtype)

@@ -58,6 +58,8 @@ def evaluate(
     if labels is not None:
         valid = labels != spec.ignore_index
     div_active = valid if weight is None else valid & (weight != 0)
+    # Without labels a row with no divergence has nothing to compute: it is never read.
+    read = valid if labels is not None else div_active
     inv_t = 1.0 / spec.temperature
 
     def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str):
@@ -72,7 +74,7 @@ def evaluate(
 
     zero = torch.zeros(n, dtype=torch.float64, device=device)
     out: Dict[str, torch.Tensor] = {}
-    log_p = row_log_softmax(logits, valid, "")
+    log_p = row_log_softmax(logits, read, "")
     if log_p_leaf:
         log_p = log_p.detach().requires_grad_(True)
         out["log_p"] = log_p
@@ -86,7 +88,7 @@ def evaluate(
         plogp = torch.where(p > 0, p * torch.where(p > 0, log_p, torch.zeros_like(log_p)), torch.zeros_like(log_p))
         out["entropy"] = torch.where(valid, -plogp.sum(-1), zero)
     if ref_logits is not None:
-        log_q = row_log_softmax(ref_logits.detach(), valid, "ref_")
+        log_q = row_log_softmax(ref_logits.detach(), read, "ref_")
         if spec.want_ref_logp:
             out["ref_logp"] = torch.where(valid, log_q.gather(1, safe_labels[:, None])[:, 0], zero)
         if spec.divergence:
@@ -99,13 +101,30 @@ def evaluate(
             )
             out["div"] = torch.where(div_active, value.sum(-1), zero)
             out["div_s"] = torch.where(div_active, slope.sum(-1), zero)
+            # NaN/+inf in either row makes the divergence NaN, whatever the generator kept.
+            guard = _nan_guard(out["log_norm"]) + _nan_guard(out["ref_log_norm"])
+            out["div"] = torch.where(div_active, out["div"] + guard, zero)
             if spec.divergence != DIVERGENCE_CODES["forward_kl"]:
                 # Centred at the policy's argmax k, as RowStats documents: S - f'(t_k).
                 k = logits.detach().argmax(-1, keepdim=True)
                 fprime_k = (slope.gather(1, k) / torch.exp(log_p.gather(1, k)))[:, 0]
                 out["div_s"] = torch.where(div_active, out["div_s"] - fprime_k, zero)
                 out["ref_at_argmax"] = torch.where(div_active, ref_logits.to(torch.float64).gather(1, k)[:, 0], zero)
+            # An infinite or NaN divergence has no gradient: S is NaN there (see RowStats).
+            out["div_s"] = torch.where(torch.isfinite(out["div"].detach()), out["div_s"], math.nan)
+    guard = _nan_guard(out["log_norm"])
+    for key in ("logp", "entropy"):
+        if key in out:
+            out[key] = out[key] + guard
+    if "ref_logp" in out:
+        out["ref_logp"] = out["ref_logp"] + _nan_guard(out["ref_log_norm"])
     return out
+
+
+def _nan_guard(log_norm: torch.Tensor) -> torch.Tensor:
+    """0 per row, NaN where ``log_norm`` is not finite: the row holds a NaN or ``+inf`` logit."""
+    log_norm = log_norm.detach()
+    return log_norm - log_norm
 
 
 def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
@@ -149,7 +168,22 @@ def gradient(logits, labels, ref_logits, weight, spec: OpSpec, upstream: Dict[st
         if not total.requires_grad:
             return torch.zeros_like(log_p)
         (grad_log_p,) = torch.autograd.grad(total, log_p)
-    return softmax_input_grad(grad_log_p, log_p.detach(), spec.temperature)
+    grad = softmax_input_grad(grad_log_p, log_p.detach(), spec.temperature)
+    return torch.where(_undefined_gradient(rows, upstream.get("div"))[:, None], math.nan, grad)
+
+
+def _undefined_gradient(rows: Dict[str, torch.Tensor], grad_div) -> torch.Tensor:
+    """``[N]`` bool, the rows whose gradient is NaN by the policy of ``prefopt_kernels.ops``.
+
+    A row that is read (``log_norm`` is 0 on rows that are not) with a NaN or ``+inf``
+    policy logit; a row whose divergence term is used (``div_s`` is 0 where it is not, and
+    the upstream gradient is nonzero) while ``div_s`` is NaN: a NaN/``+inf`` reference logit
+    or an infinite divergence.
+    """
+    bad = ~torch.isfinite(rows["log_norm"].detach())
+    if grad_div is not None and "div_s" in rows:
+        bad = bad | (torch.isnan(rows["div_s"].detach()) & (grad_div.reshape(-1) != 0))
+    return bad
 
 
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
@@ -157,3 +191,4 @@ def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
     grad = gradient(logits, labels, ref_logits, weight, spec,
                     {"logp": grad_logp, "entropy": grad_entropy, "div": grad_div})
     grad_out.copy_(grad.view(grad_out.shape))
+
