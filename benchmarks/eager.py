@@ -58,7 +58,7 @@ def divergence(logits: torch.Tensor, ref_logits: torch.Tensor, name: str,
                beta: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
     """``D(policy, reference)`` per token: two fp32 ``log_softmax`` and an elementwise sum.
 
-    Same conventions as the package (see DESIGN.md): ``p`` the policy, ``q`` the reference,
+    Same conventions as the package (see ``prefopt_kernels.divergences``): ``p`` the policy, ``q`` the reference,
     ``forward_kl = KL(q||p)``, ``js`` mixes with ``m = beta q + (1 - beta) p``.
     """
     lp = torch.log_softmax(logits.float(), dim=-1)
