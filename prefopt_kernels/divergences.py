@@ -27,15 +27,50 @@ kernels implement the same formulas.
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .backends import DIVERGENCE_CODES
 
-DIVERGENCES: Tuple[str, ...] = tuple(DIVERGENCE_CODES)
+class Divergence(enum.IntEnum):
+    """The registry: one member per divergence, with every property a kernel branches on.
+
+    The integer is the code every kernel specialises on (0 is "no divergence" and no
+    member). ``second_sweep``: non-linear in the normalised probabilities, so the forward
+    needs both log-sum-exps before it can sum (a second sweep over the row). ``centred``:
+    the forward saves ``S`` centred at the policy's argmax and the reference logit there
+    (``RowStats.div_s``, ``ref_at_argmax``); forward KL alone has ``S = -1`` exactly.
+    ``parameter``: the keyword argument the divergence reads, if any. The Triton
+    constexprs are taken from these members and the C++ enum is checked against them
+    (tests/test_registry.py).
+    """
+
+    def __new__(cls, code: int, second_sweep: bool, centred: bool, parameter: Optional[str]):
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.second_sweep = second_sweep
+        member.centred = centred
+        member.parameter = parameter
+        return member
+
+    FORWARD_KL = (1, False, False, None)
+    REVERSE_KL = (2, False, True, None)
+    JS = (3, True, True, "beta")
+    TV = (4, True, True, None)
+    HELLINGER = (5, True, True, None)
+    CHI2 = (6, True, True, None)
+    ALPHA = (7, True, True, "alpha")
+
+    @property
+    def key(self) -> str:
+        """The public name, as ``divergence=`` takes it."""
+        return self.name.lower()
+
+
+DIVERGENCES: Tuple[str, ...] = tuple(d.key for d in Divergence)
 
 
 # How close beta may come to 0 or 1, and alpha to 0 or 1: the kernels receive 1 - beta,
@@ -46,35 +81,36 @@ PARAMETER_EDGE = 1e-30
 ALPHA_MAX = 1e6
 
 
-def resolve(divergence: str, beta, alpha) -> Tuple[int, float, float]:
-    """Validate a divergence name and its parameters; return ``(code, beta, alpha)``.
+def resolve(divergence: str, beta, alpha) -> Tuple[Divergence, float, float]:
+    """Validate a divergence name and its parameters; return ``(member, beta, alpha)``.
 
     ``beta`` and ``alpha`` must be real numbers (numpy scalars included) whatever the
     divergence. Raises ``ValueError`` naming the argument for an unknown name, for ``js``
     unless ``1e-30 <= beta <= 1 - 1e-30``, and for ``alpha`` unless it is finite with
     ``|alpha|, |alpha - 1| >= 1e-30`` and ``|alpha| <= 1e6``.
     """
-    if not isinstance(divergence, str) or divergence not in DIVERGENCE_CODES:
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(
             f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}"
         )
+    member = Divergence[divergence.upper()]
     for name, value in (("beta", beta), ("alpha", alpha)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number; got {value!r}")
     beta, alpha = float(beta), float(alpha)
-    if divergence == "js" and not (PARAMETER_EDGE <= beta and PARAMETER_EDGE <= 1.0 - beta):
+    if member.parameter == "beta" and not (PARAMETER_EDGE <= beta and PARAMETER_EDGE <= 1.0 - beta):
         raise ValueError(
-            f"beta must lie in [{PARAMETER_EDGE:g}, 1 - {PARAMETER_EDGE:g}] for 'js'; got {beta!r}"
+            f"beta must lie in [{PARAMETER_EDGE:g}, 1 - {PARAMETER_EDGE:g}] for {divergence!r}; got {beta!r}"
         )
-    if divergence == "alpha" and not (
+    if member.parameter == "alpha" and not (
         math.isfinite(alpha) and abs(alpha) <= ALPHA_MAX
         and abs(alpha) >= PARAMETER_EDGE and abs(alpha - 1.0) >= PARAMETER_EDGE
     ):
         raise ValueError(
             f"alpha must be finite with |alpha| <= {ALPHA_MAX:g} and at least {PARAMETER_EDGE:g} "
-            f"away from 0 and 1 for 'alpha'; got {alpha!r}"
+            f"away from 0 and 1 for {divergence!r}; got {alpha!r}"
         )
-    return DIVERGENCE_CODES[divergence], beta, alpha
+    return member, beta, alpha
 
 
 # Each generator maps (lp, lq) -> (q f(t), p f'(t)) elementwise. Masked branches are fed
@@ -220,12 +256,12 @@ def alpha_terms(lp, lq, beta, alpha):
     return value, slope
 
 
-GENERATORS: Dict[int, Generator] = {
-    DIVERGENCE_CODES["forward_kl"]: forward_kl_terms,
-    DIVERGENCE_CODES["reverse_kl"]: reverse_kl_terms,
-    DIVERGENCE_CODES["js"]: js_terms,
-    DIVERGENCE_CODES["tv"]: tv_terms,
-    DIVERGENCE_CODES["hellinger"]: hellinger_terms,
-    DIVERGENCE_CODES["chi2"]: chi2_terms,
-    DIVERGENCE_CODES["alpha"]: alpha_terms,
+GENERATORS: Dict[Divergence, Generator] = {
+    Divergence.FORWARD_KL: forward_kl_terms,
+    Divergence.REVERSE_KL: reverse_kl_terms,
+    Divergence.JS: js_terms,
+    Divergence.TV: tv_terms,
+    Divergence.HELLINGER: hellinger_terms,
+    Divergence.CHI2: chi2_terms,
+    Divergence.ALPHA: alpha_terms,
 }

@@ -220,10 +220,10 @@ def test_sliced_logits_are_read_without_a_copy(backend):
 def test_use_backend_restores_and_env_overrides(monkeypatch):
     from prefopt_kernels import ops
 
-    assert ops._selected == "auto"
+    assert ops._selected_backend() == "auto"
     with pk.use_backend("reference"):
         assert ops._pick_backend(torch.device("cpu")).NAME == "reference"
-    assert ops._selected == "auto"
+    assert ops._selected_backend() == "auto"
     monkeypatch.setenv("PREFOPT_BACKEND", "reference")
     assert ops._pick_backend(torch.device("cpu")).NAME == "reference"
     monkeypatch.setenv("PREFOPT_BACKEND", "bogus")

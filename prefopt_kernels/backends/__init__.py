@@ -36,18 +36,10 @@ from typing import Optional
 
 import torch
 
-# Divergence codes, the integer every kernel specialises on. 0 means "no divergence".
-DIVERGENCE_CODES = {
-    "forward_kl": 1,
-    "reverse_kl": 2,
-    "js": 3,
-    "tv": 4,
-    "hellinger": 5,
-    "chi2": 6,
-    "alpha": 7,
-}
-# Divergences that are linear in the logits once both row maxima are known: one sweep.
-SINGLE_SWEEP_DIVERGENCES = frozenset({1, 2})
+from ..divergences import Divergence
+
+# Public name -> code, for callers that build an OpSpec by name.
+DIVERGENCE_CODES = {d.key: d.value for d in Divergence}
 
 
 @dataclass(frozen=True)
@@ -56,7 +48,7 @@ class OpSpec:
 
     temperature: float = 1.0
     ignore_index: int = -100
-    divergence: int = 0  # a DIVERGENCE_CODES value, 0 for none
+    divergence: int = 0  # a Divergence code, 0 for none
     beta: float = 0.5  # js mixing weight, in (0, 1)
     alpha: float = 0.5  # alpha-divergence order, not 0 or 1
     want_logp: bool = False  # label log-prob under the policy (needs labels)

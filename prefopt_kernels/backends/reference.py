@@ -14,7 +14,8 @@ from typing import Dict, Optional
 
 import torch
 
-from . import DIVERGENCE_CODES, OpSpec, RowStats
+from ..divergences import GENERATORS, Divergence
+from . import OpSpec, RowStats
 
 NAME = "reference"
 
@@ -47,8 +48,6 @@ def evaluate(
     ``ref_logp``, ``div``, ``div_s`` (those the spec asks for). Skipped rows (ignored label, or zero weight for the divergence terms)
     hold 0. ``row_max``/``log_norm`` split the log-sum-exp as documented on ``RowStats``.
     """
-    from ..divergences import GENERATORS
-
     logits = logits.reshape(-1, logits.shape[-1])
     if ref_logits is not None:
         ref_logits = ref_logits.reshape(-1, ref_logits.shape[-1])
@@ -104,7 +103,7 @@ def evaluate(
             # NaN/+inf in either row makes the divergence NaN, whatever the generator kept.
             guard = _nan_guard(out["log_norm"]) + _nan_guard(out["ref_log_norm"])
             out["div"] = torch.where(div_active, out["div"] + guard, zero)
-            if spec.divergence != DIVERGENCE_CODES["forward_kl"]:
+            if Divergence(spec.divergence).centred:
                 # Centred at the policy's argmax k, as RowStats documents: S - f'(t_k).
                 k = logits.detach().argmax(-1, keepdim=True)
                 fprime_k = (slope.gather(1, k) / torch.exp(log_p.gather(1, k)))[:, 0]
