@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from ..divergences import GENERATORS, Divergence
-from . import OpSpec, RowStats
+from . import OpSpec, RowStats, row_state
 
 NAME = "reference"
 
@@ -191,3 +191,133 @@ def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
                     {"logp": grad_logp, "entropy": grad_entropy, "div": grad_div})
     grad_out.copy_(grad.view(grad_out.shape))
 
+
+
+# --------------------------------------------------------------------------- row states
+
+
+def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int):
+    """``state`` merged with the first-pass state of the slice ``[v0, v0 + Vs)`` of every row.
+
+    ``logits``/``ref_logits``: ``[..., Vs]`` slices (flattened to ``[N, Vs]``); ``labels``
+    ``[N]`` global ids. The slice's state is formed in float64 and stored in the state's dtype.
+    """
+    n, width = state.max.shape[0], logits.shape[-1]
+    x = logits.reshape(n, width).to(torch.float64)
+    y = None if ref_logits is None else ref_logits.reshape(n, width).to(torch.float64)
+    read, div_on = row_state.rows_read(labels, weight, spec, n, state.max.device)
+    inv_t = 1.0 / spec.temperature
+    x = torch.where(read[:, None], x, -math.inf)
+    dtype = state.max.dtype
+
+    def distribution(z):
+        m = z.amax(-1) if width else torch.full((n,), -math.inf, dtype=torch.float64)
+        m_s = torch.where(m == -math.inf, 0.0, m)
+        u = (z - m_s[:, None]) * inv_t
+        e = torch.exp(u)
+        return m, u, e, e.sum(-1)
+
+    m, u, e, z = distribution(x)
+    argmax = torch.where(m > -math.inf, x.argmax(-1) + v0 if width else -1, -1)
+    local_label = None
+    if labels is not None:
+        owned = read & (labels >= v0) & (labels < v0 + width)
+        local_label = torch.where(owned, labels - v0, 0)[:, None]
+    piece = row_state.RowState(max=m.to(dtype), sum_exp=z.to(dtype), argmax=argmax,
+                               label_logit=torch.zeros(n, dtype=dtype))
+    if local_label is not None and width:
+        piece.label_logit = torch.where(owned, x.gather(1, local_label)[:, 0], 0.0).to(dtype)
+    if state.ent_acc is not None:
+        piece.ent_acc = torch.where(e > 0, e * u, 0.0).sum(-1).to(dtype)
+    if y is not None:
+        y = torch.where(read[:, None], y, -math.inf)
+        mb, ub, eb, zb = distribution(y)
+        piece.ref_max, piece.ref_sum_exp = mb.to(dtype), zb.to(dtype)
+        piece.ref_label_logit = torch.zeros(n, dtype=dtype)
+        if local_label is not None and width:
+            piece.ref_label_logit = torch.where(owned, y.gather(1, local_label)[:, 0], 0.0).to(dtype)
+        if state.ref_at_argmax is not None:
+            b_k = y.gather(1, torch.clamp(argmax - v0, min=0)[:, None])[:, 0] if width else torch.zeros(n, dtype=torch.float64)
+            piece.ref_at_argmax = torch.where(argmax >= 0, b_k, 0.0).to(dtype)
+        if state.fkl_acc is not None:
+            piece.fkl_acc = torch.where(div_on[:, None] & (eb > 0), eb * (ub - u), 0.0).sum(-1).to(dtype)
+        if state.rkl_acc is not None:
+            centre = torch.where(piece.ref_at_argmax == -math.inf, 0.0, piece.ref_at_argmax.to(torch.float64))
+            rel = u - (y - centre[:, None]) * inv_t
+            piece.rkl_acc = torch.where(div_on[:, None] & (e > 0), e * rel, 0.0).sum(-1).to(dtype)
+    return row_state.merge(state, piece, spec)
+
+
+def _log_probs(x, shift, offset, inv_t):
+    return (x - shift[:, None].to(torch.float64)) * inv_t - offset[:, None].to(torch.float64)
+
+
+def _fprime_at_argmax(stats: RowStats, spec: OpSpec):
+    """``f'(t_k)`` per row from ``log p_k = -log_norm`` and ``log q_k`` at the saved ``b_k``."""
+    inv_t = 1.0 / spec.temperature
+    lp_k = -stats.log_norm.to(torch.float64)[:, None]
+    lq_k = _log_probs(stats.ref_at_argmax.to(torch.float64)[:, None], stats.ref_row_max, stats.ref_log_norm, inv_t)
+    _, slope_k = GENERATORS[spec.divergence](lp_k, lq_k, spec.beta, spec.alpha)
+    return (slope_k / torch.exp(lp_k))[:, 0]
+
+
+def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int):
+    """The second sweep over one slice: ``(sum q f(t), sum p (f'(t) - f'(t_k)))`` per row, float64 ``[N]``.
+
+    Needs the final ``row_max``, ``log_norm``, ``ref_row_max``, ``ref_log_norm`` and
+    ``ref_at_argmax`` of :func:`row_state.finalize`. Rows without the divergence give 0.
+    """
+    n, width = stats.log_norm.shape[0], logits.shape[-1]
+    _, div_on = row_state.rows_read(labels, weight, spec, n, stats.log_norm.device)
+    inv_t = 1.0 / spec.temperature
+    on = div_on[:, None]
+    lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_t)
+    lq = _log_probs(ref_logits.reshape(n, width).to(torch.float64), stats.ref_row_max, stats.ref_log_norm, inv_t)
+    lp, lq = torch.where(on, lp, 0.0), torch.where(on, lq, 0.0)
+    value, slope = GENERATORS[spec.divergence](lp, lq, spec.beta, spec.alpha)
+    centred = slope - torch.exp(lp) * _fprime_at_argmax(stats, spec)[:, None]
+    centred = torch.where(lp > -math.inf, centred, 0.0)
+    return torch.where(on, value, 0.0).sum(-1), torch.where(on, centred, 0.0).sum(-1)
+
+
+def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
+                   grad_logp, grad_entropy, grad_div, grad_out, v0: int) -> None:
+    """The gradient of the slice ``[v0, v0 + Vs)`` from the final statistics alone, into ``grad_out``.
+
+    ``g_j = [g_logp (1[j=y] - p_j) - g_H p_j (log p_j + H) + g_D p_j (f'(t_j) - S)] / T`` with
+    ``S = div_s + f'(t_k)`` (forward KL: ``p_j - q_j``), in float64, NaN rows by the policy.
+    """
+    n, width = stats.log_norm.shape[0], logits.shape[-1]
+    read, div_on = row_state.rows_read(labels, weight, spec, n, stats.log_norm.device)
+    inv_t = 1.0 / spec.temperature
+    lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_t)
+    lp = torch.where(read[:, None], lp, -math.inf)
+    p = torch.exp(lp)
+    grad = torch.zeros_like(lp)
+    if grad_logp is not None:
+        owned = read & (labels >= v0) & (labels < v0 + width)
+        onehot = torch.zeros_like(lp)
+        onehot[owned, (labels - v0)[owned]] = 1.0
+        grad += grad_logp.to(torch.float64)[:, None] * (onehot - p)
+    if grad_entropy is not None:
+        h = stats.entropy.to(torch.float64)[:, None]
+        grad -= grad_entropy.to(torch.float64)[:, None] * torch.where(p > 0, p * (lp + h), 0.0)
+    g_div = None
+    if grad_div is not None and spec.divergence:
+        g_div = torch.where(div_on, grad_div.to(torch.float64), 0.0)
+        lq = _log_probs(ref_logits.reshape(n, width).to(torch.float64), stats.ref_row_max, stats.ref_log_norm, inv_t)
+        on = div_on[:, None]
+        if spec.divergence == Divergence.FORWARD_KL:
+            term = torch.where(on, p - torch.exp(lq), 0.0)
+        else:
+            lp_on, lq_on = torch.where(on, lp, 0.0), torch.where(on, lq, 0.0)
+            _, slope = GENERATORS[spec.divergence](lp_on, lq_on, spec.beta, spec.alpha)
+            s_total = (stats.div_s.to(torch.float64) + _fprime_at_argmax(stats, spec))[:, None]
+            term = torch.where(on & (p > 0), slope - p * s_total, 0.0)
+        grad += g_div[:, None] * term
+    grad = grad * inv_t
+    bad = read & ~torch.isfinite(stats.log_norm)
+    if g_div is not None:
+        bad = bad | ((g_div != 0) & torch.isnan(stats.div_s))
+    grad = torch.where(bad[:, None], math.nan, grad)
+    grad_out.copy_(grad.view(grad_out.shape))

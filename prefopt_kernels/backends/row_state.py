@@ -1,0 +1,229 @@
+r"""Mergeable per-row states: one protocol for whole rows, vocabulary tiles and vocabulary shards.
+
+A row's first pass over any slice ``[v0, v1)`` of the vocabulary yields a :class:`RowState`;
+states of disjoint slices merge associatively and commutatively (:func:`merge`), and
+:func:`finalize` turns the state of the whole vocabulary into the forward's
+:class:`~prefopt_kernels.backends.RowStats`. The divergences with a second sweep (js, tv,
+hellinger, chi2, alpha) then sum ``q f(t)`` and the centred ``p (f'(t) - f'(t_k))`` per slice
+given the final normalisers; those partial sums merge by addition (:func:`finish_sweep`).
+The backward of a slice needs only the final statistics.
+
+The state holds, per row, with ``u_a = (a - m_a) / T``, ``u_b = (b - m_b) / T`` and
+``v = (b - b_k) / T`` (``b_k`` the reference logit at the policy's argmax ``k``):
+
+=================  =========================================================================
+``max``            ``m_a``, raw policy max (``-inf`` while nothing is folded)
+``sum_exp``        ``Z_a = sum exp(u_a)``
+``ent_acc``        ``sum exp(u_a) u_a`` (entropy: ``H = log Z_a - ent_acc / Z_a``)
+``argmax``         ``k``, the global index of the first policy max (int64, -1 while empty)
+``label_logit``    ``a_y`` (raw) once the slice holding the label is folded, else 0
+``ref_max``        ``m_b``
+``ref_sum_exp``    ``Z_b``
+``ref_label_logit``  ``b_y`` as ``label_logit``
+``ref_at_argmax``  ``b_k`` raw (``-inf`` where the reference excludes ``k``)
+``fkl_acc``        ``sum exp(u_b) (u_b - u_a)``: ``KL(q||p) = fkl_acc / Z_b - log Z_b + log Z_a``
+``rkl_acc``        ``sum exp(u_a) (u_a - v)``: ``KL(p||q) = rkl_acc / Z_a - log Z_a
+                   - (b_k - m_b) / T + log Z_b``, and ``rkl_acc / Z_a`` is reverse KL's
+                   centred ``S``
+=================  =========================================================================
+
+Every accumulator is relative to the maxima (and ``b_k``), so a merge rescales the side with
+the smaller max by ``exp((m_old - m_new) / T)`` and shifts its relative terms, exactly as the
+kernels' online softmax does inside a row: no accuracy is lost however the row is cut. The
+argmax goes to the larger max, the smaller index on ties, so the result does not depend on
+the order of merging. A NaN or ``+inf`` logit makes ``Z`` NaN, and NaN survives every merge.
+All fields are fp32 ``[N]`` (``argmax`` int64); ``None`` where the spec does not need them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from ..divergences import Divergence
+from . import OpSpec, RowStats
+
+
+@dataclass
+class RowState:
+    """The running first-pass state of each row over the vocabulary folded so far."""
+
+    max: torch.Tensor
+    sum_exp: torch.Tensor
+    argmax: torch.Tensor
+    label_logit: torch.Tensor
+    ent_acc: Optional[torch.Tensor] = None
+    ref_max: Optional[torch.Tensor] = None
+    ref_sum_exp: Optional[torch.Tensor] = None
+    ref_label_logit: Optional[torch.Tensor] = None
+    ref_at_argmax: Optional[torch.Tensor] = None
+    fkl_acc: Optional[torch.Tensor] = None
+    rkl_acc: Optional[torch.Tensor] = None
+
+    def tensors(self) -> dict:
+        """The fields that are present, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):
+    """``(read, div_on)``, bool ``[N]``: the rows a pass reads, and those with the divergence term.
+
+    An ignored label skips its row; a zero weight drops the divergence, and skips the row
+    when the op has no labels (the backend interface's rule).
+    """
+    read = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        read = labels != spec.ignore_index
+    div_on = read if weight is None else read & (weight != 0)
+    return (read if labels is not None else div_on), div_on
+
+
+def empty(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> RowState:
+    """The state of ``n`` rows before any slice is folded (the identity of :func:`merge`)."""
+    f32 = dict(dtype=dtype, device=device)
+    zeros = lambda: torch.zeros(n, **f32)  # noqa: E731
+    state = RowState(max=torch.full((n,), -math.inf, **f32), sum_exp=zeros(),
+                     argmax=torch.full((n,), -1, dtype=torch.int64, device=device), label_logit=zeros())
+    if spec.want_entropy:
+        state.ent_acc = zeros()
+    if has_ref:
+        state.ref_max = torch.full((n,), -math.inf, **f32)
+        state.ref_sum_exp = zeros()
+        state.ref_label_logit = zeros()
+        if spec.divergence:
+            state.ref_at_argmax = zeros()
+            if spec.divergence == Divergence.FORWARD_KL:
+                state.fkl_acc = zeros()
+            if spec.divergence == Divergence.REVERSE_KL:
+                state.rkl_acc = zeros()
+    return state
+
+
+def _shift(m1: torch.Tensor, m2: torch.Tensor, inv_t: float):
+    """``(m, d1, d2, c1, c2)``: the merged max, each side's ``(m_i - m) / T`` and ``exp`` of it.
+
+    Equal maxima (both ``-inf`` included) give ``d = 0``; the larger side keeps ``c = 1``.
+    """
+    m = torch.maximum(m1, m2)
+    same = m1 == m2
+    d1 = torch.where(same | (m1 >= m2), 0.0, (m1 - m) * inv_t)
+    d2 = torch.where(same | (m2 > m1), 0.0, (m2 - m) * inv_t)
+    return m, d1, d2, torch.exp(d1), torch.exp(d2)
+
+
+def _scaled(c, acc, shift, weight):
+    """``c (acc + shift * weight)``, 0 where ``weight`` or ``c`` is 0 (no ``0 * inf``)."""
+    live = (weight > 0) & (c > 0)
+    return torch.where(live, c * (acc + torch.where(live, shift, 0.0) * weight), 0.0)
+
+
+def _centre(b_k: torch.Tensor) -> torch.Tensor:
+    """Reverse KL's ``-inf``-safe centre: 0 in place of a ``-inf`` ``b_k`` (the KL is +inf there)."""
+    return torch.where(b_k == -math.inf, 0.0, b_k)
+
+
+def merge(s1: RowState, s2: RowState, spec: OpSpec) -> RowState:
+    """The state of the union of two disjoint vocabulary slices; associative and commutative."""
+    inv_t = 1.0 / spec.temperature
+    m, d1, d2, c1, c2 = _shift(s1.max, s2.max, inv_t)
+    # A slice without a finite policy logit has argmax -1 and never owns it.
+    first_owns = (s2.argmax < 0) | ((s1.argmax >= 0) & (
+        (s1.max > s2.max) | ((s1.max == s2.max) & (s1.argmax < s2.argmax))))
+    out = RowState(
+        max=m,
+        sum_exp=s1.sum_exp * c1 + s2.sum_exp * c2,
+        argmax=torch.where(first_owns, s1.argmax, s2.argmax),
+        label_logit=s1.label_logit + s2.label_logit,
+    )
+    if s1.ent_acc is not None:
+        out.ent_acc = _scaled(c1, s1.ent_acc, d1, s1.sum_exp) + _scaled(c2, s2.ent_acc, d2, s2.sum_exp)
+    if s1.ref_max is not None:
+        mb, e1, e2, k1, k2 = _shift(s1.ref_max, s2.ref_max, inv_t)
+        out.ref_max = mb
+        out.ref_sum_exp = s1.ref_sum_exp * k1 + s2.ref_sum_exp * k2
+        out.ref_label_logit = s1.ref_label_logit + s2.ref_label_logit
+        if s1.ref_at_argmax is not None:
+            out.ref_at_argmax = torch.where(first_owns, s1.ref_at_argmax, s2.ref_at_argmax)
+        if s1.fkl_acc is not None:
+            out.fkl_acc = (_scaled(k1, s1.fkl_acc, e1 - d1, s1.ref_sum_exp)
+                           + _scaled(k2, s2.fkl_acc, e2 - d2, s2.ref_sum_exp))
+        if s1.rkl_acc is not None:
+            centre = _centre(out.ref_at_argmax)
+            out.rkl_acc = (_scaled(c1, s1.rkl_acc, d1 - (_centre(s1.ref_at_argmax) - centre) * inv_t, s1.sum_exp)
+                           + _scaled(c2, s2.rkl_acc, d2 - (_centre(s2.ref_at_argmax) - centre) * inv_t, s2.sum_exp))
+    return out
+
+
+def _guard(log_norm: torch.Tensor) -> torch.Tensor:
+    """0 per row, NaN where ``log_norm`` is not finite (a NaN or ``+inf`` logit in the row)."""
+    return log_norm - log_norm
+
+
+def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+             spec: OpSpec) -> RowStats:
+    """The forward's :class:`RowStats` from the state of the whole vocabulary.
+
+    Forward and reverse KL are complete here; for a second-sweep divergence ``div`` and
+    ``div_s`` are left for :func:`finish_sweep`. Rows that are not computed hold 0 (skipped
+    rows everywhere, the divergence fields where ``weight`` is 0), and the NaN policy of
+    ``prefopt_kernels.ops`` is applied.
+    """
+    inv_t = 1.0 / spec.temperature
+    read, div_on = rows_read(labels, weight, spec, state.max.shape[0], state.max.device)
+    zero = torch.zeros_like(state.max)
+
+    def kept(x, rows=read):
+        return torch.where(rows, x, zero)
+
+    row_max = torch.where(state.max == -math.inf, zero, state.max)
+    log_norm = torch.log(state.sum_exp)
+    guard_a = _guard(log_norm)
+    stats = RowStats(row_max=kept(row_max), log_norm=kept(log_norm))
+    if labels is not None and spec.want_logp:
+        stats.logp = kept((state.label_logit - row_max) * inv_t - log_norm + guard_a)
+    if spec.want_entropy:
+        stats.entropy = kept(log_norm - state.ent_acc / state.sum_exp + guard_a)
+    if state.ref_max is None:
+        return stats
+    ref_row_max = torch.where(state.ref_max == -math.inf, zero, state.ref_max)
+    ref_log_norm = torch.log(state.ref_sum_exp)
+    guard_b = _guard(ref_log_norm)
+    stats.ref_row_max, stats.ref_log_norm = kept(ref_row_max), kept(ref_log_norm)
+    if spec.want_ref_logp:
+        stats.ref_logp = kept((state.ref_label_logit - ref_row_max) * inv_t - ref_log_norm + guard_b)
+    if not spec.divergence:
+        return stats
+    divergence = Divergence(spec.divergence)
+    if divergence.centred:
+        stats.ref_at_argmax = kept(state.ref_at_argmax, div_on)
+    if divergence == Divergence.FORWARD_KL:
+        div = state.fkl_acc / state.ref_sum_exp - ref_log_norm + log_norm
+        return _set_divergence(stats, div + guard_a + guard_b, torch.full_like(div, -1.0), div_on)
+    if divergence == Divergence.REVERSE_KL:
+        div_s = state.rkl_acc / state.sum_exp
+        div = div_s - log_norm - (_centre(state.ref_at_argmax) - ref_row_max) * inv_t + ref_log_norm
+        return _set_divergence(stats, div + guard_a + guard_b, div_s, div_on)
+    return stats
+
+
+def _set_divergence(stats: RowStats, div, div_s, div_on) -> RowStats:
+    """Store ``div`` and ``div_s`` where the divergence is computed; ``div_s`` NaN where ``div`` is not finite."""
+    zero = torch.zeros_like(div)
+    stats.div = torch.where(div_on, div, zero)
+    stats.div_s = torch.where(div_on, torch.where(torch.isfinite(div), div_s, math.nan), zero)
+    return stats
+
+
+def finish_sweep(stats: RowStats, value_sum: torch.Tensor, centred_sum: torch.Tensor,
+                 labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec) -> RowStats:
+    """Complete a second-sweep divergence from the summed partial sweeps of every slice.
+
+    ``value_sum = sum_i q_i f(t_i)`` and ``centred_sum = sum_i p_i (f'(t_i) - f'(t_k))``, fp32
+    ``[N]``, each the sum of the slices' partial sums.
+    """
+    _, div_on = rows_read(labels, weight, spec, value_sum.shape[0], value_sum.device)
+    guard = _guard(stats.log_norm) + _guard(stats.ref_log_norm)
+    return _set_divergence(stats, value_sum + guard, centred_sum, div_on)
