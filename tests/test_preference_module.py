@@ -148,3 +148,103 @@ def test_bad_inputs():
     empty[0] = -100
     with pytest.raises(ValueError, match="chosen_lengths"):
         L.PreferenceLoss("ipo")(logits, empty, ref)
+
+
+def test_empty_batch_raises():
+    logits, ref, labels = _batch()
+    with pytest.raises(ValueError, match=r"logits must hold at least one pair.*\(0, 7, 11\)"):
+        L.PreferenceLoss()(logits[:0], labels[:0], ref[:0])
+
+
+def test_bad_token_arguments_name_the_public_argument():
+    logits, ref, labels = _batch()
+    sparse = L.PreferenceLoss("sparse_po")
+    with pytest.raises(ValueError, match=r"kl_mask must have the labels' shape \(4, 7\), got \(4, 6\)"):
+        sparse(logits, labels, ref, kl_mask=torch.ones(B2, T - 1))
+    with pytest.raises(ValueError, match=r"reward_mask must have the labels' shape \(4, 7\)"):
+        sparse(logits, labels, ref, reward_mask=torch.ones(B2 // 2, T))
+    with pytest.raises(TypeError, match="kl_mask must be a bool, integer or real tensor"):
+        sparse(logits, labels, ref, kl_mask=torch.ones(B2, T, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"ref_logps must be \[2B\] = \[4\] per sequence"):
+        L.PreferenceLoss()(logits, labels, ref_logps=torch.zeros(B2 - 1))
+    with pytest.raises(ValueError, match=r"ref_logps must have the labels' shape \(4, 7\)"):
+        L.PreferenceLoss()(logits, labels, ref_logps=torch.zeros(B2, T + 1))
+    with pytest.raises(TypeError, match="ref_logps must be a floating-point"):
+        L.PreferenceLoss()(logits, labels, ref_logps=torch.zeros(B2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must be \[2B, T\] = \(4, 7\)"):
+        L.PreferenceLoss()(logits, labels[:, :5], ref)
+    with pytest.raises(ValueError, match=r"ref_logits must have the logits' shape \(4, 7, 11\)"):
+        L.PreferenceLoss()(logits, labels, ref[:, :, :5])
+    with pytest.raises(ValueError, match="reward_mask is only used by loss_type 'sparse_po'"):
+        L.PreferenceLoss("tdpo1")(logits, labels, ref, reward_mask=torch.ones(B2, T))
+    with pytest.raises(ValueError, match="prev_logps is only used by loss_type 'inpo'"):
+        L.PreferenceLoss()(logits, labels, ref, prev_logps=torch.zeros(B2))
+    with pytest.raises(ValueError, match=r"prev_logps must be \[2B\] = \[4\]"):
+        L.PreferenceLoss("inpo", eta=0.5, tau=1.0)(logits, labels, ref, prev_logps=torch.zeros(B2, 1))
+
+
+def test_constructor_checks():
+    with pytest.raises(TypeError, match="takes no argument 'gamma'"):
+        L.PreferenceLoss("sigmoid", gamma=0.5)
+    with pytest.raises(TypeError, match="must not set 'variant'"):
+        L.PreferenceLoss("tdpo1", variant=2)
+    with pytest.raises(TypeError, match=r"needs loss_kwargs \['eta', 'tau'\]"):
+        L.PreferenceLoss("inpo")
+    with pytest.raises(TypeError, match="beta.*bool"):
+        L.PreferenceLoss(beta=True)
+    with pytest.raises(ValueError, match="temperature"):
+        L.PreferenceLoss(temperature=float("nan"))
+    with pytest.raises(TypeError, match="ignore_index"):
+        L.PreferenceLoss(ignore_index=-100.0)
+    with pytest.raises(TypeError, match="shift_labels"):
+        L.PreferenceLoss(shift_labels=1)
+
+
+def test_beta_as_numpy_scalar_or_0d_tensor():
+    import numpy as np
+
+    logits, ref, labels = _batch(seed=6)
+    logp, ref_logp, _, _ = _eager_terms(logits.detach(), ref, labels)
+    lr = (logp - ref_logp).sum(1)
+    expected = -_logsig(0.25 * (lr[:2] - lr[2:])).mean()
+    for beta in (np.float32(0.25), np.array(0.25), torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64)):
+        loss, _ = L.PreferenceLoss(beta=beta)(logits, labels, ref)
+        torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_garbage_at_ignored_tokens_is_ignored():
+    logits, ref, labels = _batch(seed=7)
+    logp, ref_logp, kl, valid = _eager_terms(logits.detach(), ref, labels)
+    ignored = valid == 0
+    # Precomputed per-token reference log-probs holding inf/NaN at ignored positions.
+    dirty = ref_logp.clone()
+    dirty[ignored] = float("inf")
+    dirty[0, 0] = float("nan")
+    lr = (logp - ref_logp).sum(1)
+    loss, _ = L.PreferenceLoss("sigmoid", beta=0.2)(logits, labels, ref_logps=dirty)
+    torch.testing.assert_close(loss.double(), -_logsig(0.2 * (lr[:2] - lr[2:])).mean(), atol=1e-5, rtol=1e-5)
+    # SparsePO masks holding NaN/inf at ignored positions.
+    g = torch.Generator().manual_seed(8)
+    um, km = (torch.rand(B2, T, generator=g, dtype=torch.float64) for _ in range(2))
+    um_dirty, km_dirty = um.clone(), km.clone()
+    um_dirty[ignored], km_dirty[ignored] = float("nan"), float("inf")
+    x = logits.detach().clone().requires_grad_(True)
+    loss, _ = L.PreferenceLoss("sparse_po", beta=0.3)(x, labels, ref, reward_mask=um_dirty, kl_mask=km_dirty)
+    (grad,) = torch.autograd.grad(loss, x)
+    u = (um * (logp - ref_logp) * valid).sum(1)
+    d = (km * kl * valid).sum(1)
+    expected = -_logsig(0.3 * ((u[:2] - u[2:]) - (d[2:] - d[:2]))).mean()
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(grad).all() and (grad[ignored] == 0).all()
+
+
+def test_shift_labels_accepts_masks_in_either_layout():
+    logits, ref, input_ids = _batch(seed=9)
+    g = torch.Generator().manual_seed(10)
+    km = torch.rand(B2, T, generator=g)
+    module = L.PreferenceLoss("sparse_po", shift_labels=True)
+    full, _ = module(logits, input_ids, ref, kl_mask=km)
+    shifted, _ = module(logits, input_ids, ref, kl_mask=km[:, 1:])
+    torch.testing.assert_close(full, shifted)
+    with pytest.raises(ValueError, match=r"kl_mask must have the labels' shape \(4, 7\) \(or the shifted \(4, 6\)\)"):
+        module(logits, input_ids, ref, kl_mask=km[:, 2:])

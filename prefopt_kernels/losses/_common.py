@@ -8,30 +8,77 @@ Per-token tensors come in one of two layouts:
   (e.g. 0 on prompt tokens).
 
 Every reduction returns one value per sequence (``[B]`` or ``[S]``) and keeps the autograd graph.
+Masked tokens are dropped with ``torch.where``, never multiplied by 0: padding often holds
+garbage (inf, NaN), and ``0 * inf`` would turn the whole sum, and its gradient, into NaN.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_positive(name: str, value: float) -> float:
-    """``value`` as a float; ValueError naming ``name`` unless it is finite and > 0."""
+def real_scalar(
+    name: str,
+    value,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite Python float in the given range, or an error naming ``name``.
+
+    Accepted: Python ints and floats, numpy scalars and 0-d arrays, 0-d tensors. Rejected with
+    TypeError: bools (``True`` is not a coefficient), strings, complex values, tensors with
+    more than one element, and tensors that require grad (the losses use the value as a
+    constant: a learned coefficient would silently get no gradient). ValueError for NaN, ±inf
+    and values outside ``[low, high]`` (``low_open``/``high_open`` exclude that bound; ``high``
+    only together with ``low``).
+    """
     if isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a Python number, got a tensor")
+        if value.dim() != 0:
+            raise TypeError(f"{name} must be a real scalar; got a tensor of shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number; got a {value.dtype} tensor")
+        if value.requires_grad:
+            raise TypeError(f"{name} is used as a constant and must not require grad; detach it")
+    elif isinstance(value, (np.ndarray, np.generic)):
+        if value.ndim != 0 or value.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be a real scalar; got a numpy {value.dtype} of shape {value.shape}")
+    elif isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, not a bool; got {value!r}")
+    elif not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number (int, float, numpy scalar or 0-d tensor); got {value!r}"
+        )
     value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        if high is None:
+            wanted = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be {wanted}; got {value}")
     return value
 
 
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
+def check_positive(name: str, value) -> float:
+    """``value`` as a float; an error naming ``name`` unless it is a finite real number > 0."""
+    return real_scalar(name, value, 0.0, low_open=True)
+
+
+def check_reduction(reduction) -> None:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
@@ -46,8 +93,17 @@ def check_tensor(name: str, x, *, ndim: Optional[int] = None) -> torch.Tensor:
     return x
 
 
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """ValueError naming the first argument whose device differs from the first one's."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
 def check_same_shape(**tensors: torch.Tensor) -> None:
-    """ValueError naming the first argument whose shape differs from the first one's."""
+    """ValueError naming the first argument whose shape or device differs from the first one's."""
     items = list(tensors.items())
     first_name, first = items[0]
     for name, t in items[1:]:
@@ -55,6 +111,21 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(first.shape)}"
             )
+    check_same_device(**tensors)
+
+
+def check_per_sequence(unit: str, **tensors: torch.Tensor) -> None:
+    """Per-sequence inputs: floating ``[B]`` tensors of one shape and device, ``B >= 1``.
+
+    An empty batch is an error, not a NaN mean: ``unit`` (``"pair"``, ``"sample"``) names
+    what the first tensor must hold at least one of.
+    """
+    for name, t in tensors.items():
+        check_tensor(name, t, ndim=1)
+    check_same_shape(**tensors)
+    first_name, first = next(iter(tensors.items()))
+    if first.shape[0] == 0:
+        raise ValueError(f"{first_name} must hold at least one {unit}; got shape {tuple(first.shape)}")
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -67,75 +138,148 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def check_lengths(name: str, lengths, like: torch.Tensor) -> torch.Tensor:
-    """Per-sequence token counts as a float tensor shaped like ``like``; every entry must be > 0."""
+    """Per-sequence token counts as a tensor of ``like``'s dtype, device and shape.
+
+    ``lengths``: a real tensor or sequence of numbers; every entry must be finite and > 0.
+    """
     if lengths is None:
         raise ValueError(f"{name} is required for this loss (the number of tokens of each sequence)")
-    lengths = torch.as_tensor(lengths, device=like.device)
+    if not isinstance(lengths, torch.Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"{name} must be a tensor or a sequence of token counts; got {lengths!r}"
+            ) from err
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"{name} must hold real token counts, got dtype {lengths.dtype}")
     if lengths.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(lengths.shape)}, expected {tuple(like.shape)}")
-    lengths = lengths.to(like.dtype)
-    if bool((lengths <= 0).any()):
-        raise ValueError(f"{name} must be > 0 for every sequence, got {lengths.tolist()}")
+    lengths = lengths.to(device=like.device, dtype=like.dtype)
+    if not bool((torch.isfinite(lengths) & (lengths > 0)).all()):
+        raise ValueError(f"{name} must be finite and > 0 for every sequence, got {lengths.tolist()}")
     return lengths
 
 
-def _check_cu_seqlens(name: str, cu_seqlens, n: int, device) -> torch.Tensor:
-    cu = torch.as_tensor(cu_seqlens, device=device)
-    if cu.dim() != 1 or cu.numel() < 2 or cu.is_floating_point():
-        raise ValueError(f"{name} must be a 1-D integer tensor of S + 1 offsets, got {cu!r}")
-    cu = cu.long()
-    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
+def check_cu_seqlens(name: str, cu_seqlens, n: int, values_name: str, device) -> torch.Tensor:
+    """``cu_seqlens`` as int64 on ``device``: ``[S + 1]`` offsets, ``S >= 1``, from 0 up to ``n``."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        try:
+            cu_seqlens = torch.as_tensor(cu_seqlens)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a 1-D integer tensor of offsets; got {cu_seqlens!r}") from err
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
-            f"{name} must start at 0, be non-decreasing and end at the number of tokens ({n}), "
-            f"got {cu.tolist()}"
+            f"{name} must be 1-D with S + 1 >= 2 offsets (at least one pair); "
+            f"got shape {tuple(cu_seqlens.shape)}"
+        )
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    if int(cu[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {cu.tolist()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
+    if int(cu[-1]) != n:
+        raise ValueError(
+            f"{name} must end at the number of tokens of {values_name} ({n}), got {cu.tolist()}"
         )
     return cu
 
 
+def check_token_layout(cu_name: str, cu_seqlens, **tensors: torch.Tensor):
+    """Validate one side's per-token tensors; return ``(cu, S)``.
+
+    ``tensors``: floating, one shape and device; ``[B, T]`` (``B >= 1``) when ``cu_seqlens`` is
+    None, else ``[N]`` with ``cu_seqlens`` ``[S + 1]`` (checked by :func:`check_cu_seqlens`,
+    returned as int64; None in the padded layout). ``S`` is the number of sequences.
+    """
+    for name, t in tensors.items():
+        check_tensor(name, t)
+    check_same_shape(**tensors)
+    first_name, first = next(iter(tensors.items()))
+    if cu_seqlens is None:
+        if first.dim() != 2:
+            raise ValueError(
+                f"{first_name} must be [B, T] (or [N] with {cu_name}), got shape {tuple(first.shape)}"
+            )
+        if first.shape[0] == 0:
+            raise ValueError(f"{first_name} must hold at least one pair; got shape {tuple(first.shape)}")
+        return None, first.shape[0]
+    if first.dim() != 1:
+        raise ValueError(f"{first_name} must be [N] when {cu_name} is given, got shape {tuple(first.shape)}")
+    cu = check_cu_seqlens(cu_name, cu_seqlens, first.shape[0], first_name, first.device)
+    return cu, cu.numel() - 1
+
+
+def check_pair_count(chosen_name: str, n_chosen: int, rejected_name: str, n_rejected: int) -> None:
+    if n_chosen != n_rejected:
+        raise ValueError(
+            f"{chosen_name} and {rejected_name} hold a different number of sequences "
+            f"({n_chosen} vs {n_rejected}); every chosen sequence needs its rejected partner "
+            f"(check the shapes / cu_seqlens)"
+        )
+
+
 def token_mask(name: str, mask, values: torch.Tensor, values_name: str, dtype) -> Optional[torch.Tensor]:
-    """``mask`` (0/1, bool or real weights) cast to ``dtype``; ValueError if its shape differs."""
+    """``mask`` checked against ``values`` (shape, device) and cast to ``dtype``; bool stays bool.
+
+    A mask is bool, integer or real (weights); anything else is a TypeError naming ``name``.
+    """
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or real tensor, got {mask.dtype}")
     if mask.shape != values.shape:
         raise ValueError(
             f"{name} has shape {tuple(mask.shape)} but {values_name} has shape {tuple(values.shape)}"
         )
-    return mask.to(dtype)
+    if mask.device != values.device:
+        raise ValueError(f"{name} is on {mask.device} but {values_name} is on {values.device}")
+    return mask if mask.dtype == torch.bool else mask.to(dtype)
 
 
-def sequence_sum(
-    values: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    cu_seqlens=None,
-    *,
-    name: str = "values",
-) -> torch.Tensor:
-    """Sum of ``values * mask`` over the tokens of each sequence.
+def masked_values(values: torch.Tensor, *masks: Optional[torch.Tensor]) -> torch.Tensor:
+    """``values`` times every non-bool mask where all masks are non-zero; exactly 0 elsewhere.
 
-    ``values`` ``[B, T]`` -> ``[B]`` (``mask`` ``[B, T]`` or None for all-valid), or ``[N]`` with
-    ``cu_seqlens`` ``[S + 1]`` -> ``[S]``. ``mask`` must already have ``values``' dtype. A
-    sequence with no valid token sums to 0. Differentiable in ``values`` and ``mask``.
+    ``torch.where`` on each factor (not a product with a 0/1 mask) keeps an inf/NaN at a masked
+    token out of the result, and gives that token a gradient of exactly 0, for the values and
+    for the masks alike.
     """
-    x = values if mask is None else values * mask
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return values
+    keep = masks[0] != 0
+    for m in masks[1:]:
+        keep = keep & (m != 0)
+    out = torch.where(keep, values, 0.0)
+    for m in masks:
+        if m.dtype != torch.bool:
+            out = out * torch.where(keep, m, 0.0)
+    return out
+
+
+def sequence_sum(values: torch.Tensor, *masks: Optional[torch.Tensor], cu_seqlens=None) -> torch.Tensor:
+    """Sum over the tokens of each sequence of :func:`masked_values` ``(values, *masks)``.
+
+    ``values`` ``[B, T]`` -> ``[B]``, or ``[N]`` with ``cu_seqlens`` (int64 ``[S + 1]``, already
+    checked) -> ``[S]``. Masks have ``values``' shape (and, unless bool, its dtype); None means
+    all valid. A sequence with no valid token sums to 0. Differentiable in ``values`` and masks.
+    """
+    x = masked_values(values, *masks)
     if cu_seqlens is None:
-        if values.dim() != 2:
-            raise ValueError(
-                f"{name} must be [B, T] (or [N] with cu_seqlens), got shape {tuple(values.shape)}"
-            )
         return x.sum(dim=1)
-    if values.dim() != 1:
-        raise ValueError(f"{name} must be [N] when cu_seqlens is given, got shape {tuple(values.shape)}")
-    cu = _check_cu_seqlens("cu_seqlens", cu_seqlens, values.shape[0], values.device)
-    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=values.device), cu.diff())
-    return x.new_zeros(cu.numel() - 1).index_add(0, seg, x)
+    n_seq = cu_seqlens.numel() - 1
+    seg = torch.repeat_interleave(torch.arange(n_seq, device=values.device), cu_seqlens.diff())
+    return x.new_zeros(n_seq).index_add(0, seg, x)
 
 
 def token_count(values: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens) -> torch.Tensor:
-    """Number of valid tokens per sequence (``mask > 0``), in ``values``' dtype."""
-    valid = torch.ones_like(values) if mask is None else (mask > 0).to(values.dtype)
-    return sequence_sum(valid, None, cu_seqlens)
+    """Number of valid tokens (``mask != 0``) per sequence, in ``values``' dtype."""
+    ones = torch.ones_like(values)
+    return sequence_sum(ones, None if mask is None else mask != 0, cu_seqlens=cu_seqlens)
 
 
 def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -171,28 +315,3 @@ def preference_metrics(
     for key, value in extra.items():
         out[key.replace("__", "/")] = value.detach().mean()
     return out
-
-
-def masked_sequence_sum(
-    values: torch.Tensor,
-    values_name: str,
-    masks: dict,
-    cu_seqlens,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``sequence_sum`` of ``values`` times the product of ``masks`` (name -> tensor or None)."""
-    check_tensor(values_name, values)
-    combined = None
-    for mask_name, mask in masks.items():
-        m = token_mask(mask_name, mask, values, values_name, dtype)
-        if m is not None:
-            combined = m if combined is None else combined * m
-    return sequence_sum(values.to(dtype), combined, cu_seqlens, name=values_name)
-
-
-def check_pair_count(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-    if chosen.shape != rejected.shape:
-        raise ValueError(
-            f"chosen and rejected hold a different number of sequences "
-            f"({chosen.shape[0]} vs {rejected.shape[0]}); check the masks / cu_seqlens"
-        )

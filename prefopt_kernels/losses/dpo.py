@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from ._common import (
     check_lengths,
+    check_per_sequence,
     check_positive,
     check_reduction,
-    check_same_shape,
-    check_tensor,
     compute_dtype,
     preference_metrics,
+    real_scalar,
     reduce,
 )
 
@@ -48,22 +48,33 @@ class RunningMean:
     (each batch counts once) and returns the new mean. Keep one instance per training run
     and pass it to every ``dpo_loss(..., bco_state=state)`` call; it lives on the host as a
     Python float, so ``state_dict()``/``load_state_dict()`` checkpoint it.
+
+    A non-finite batch mean (NaN/inf rewards) is not folded in: the running mean stays as it
+    was (one bad batch would otherwise poison it for the rest of training, as GradScaler skips
+    a step with non-finite gradients) and ``skipped`` counts such batches.
     """
 
-    def __init__(self, mean: float = 0.0, count: int = 0):
+    def __init__(self, mean: float = 0.0, count: int = 0, skipped: int = 0):
         self.mean = float(mean)
         self.count = int(count)
+        self.skipped = int(skipped)
 
     def update(self, batch_mean: torch.Tensor) -> float:
+        batch_mean = float(batch_mean)
+        if not math.isfinite(batch_mean):
+            self.skipped += 1
+            return self.mean
         self.count += 1
-        self.mean += (float(batch_mean) - self.mean) / self.count
+        self.mean += (batch_mean - self.mean) / self.count
         return self.mean
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "count": self.count}
+        return {"mean": self.mean, "count": self.count, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.count = float(state["mean"]), int(state["count"])
+        # Checkpoints written before ``skipped`` existed lack the key.
+        self.skipped = int(state.get("skipped", 0))
 
 
 def _scores(logratios: torch.Tensor, f_divergence: str, f_alpha: float) -> torch.Tensor:
@@ -106,7 +117,8 @@ def dpo_loss(
     r"""DPO-family loss over ``B`` preference pairs: every pairwise loss of TRL's ``DPOTrainer``.
 
     Inputs are per-sequence log-probabilities ``[B]`` (sums over the completion's tokens),
-    any float dtype; arithmetic is done in at least fp32. Gradients flow to all four inputs
+    ``B >= 1`` (an empty batch is a ValueError, not a NaN mean), one shape and device, any
+    float dtype; arithmetic is done in at least fp32. Gradients flow to all four inputs
     (pass detached reference log-probs, as usual). With ``rho_w = log pi(y_w) - log pi_ref(y_w)``,
     ``rho_l`` likewise, ``s(.)`` the f-divergence score below, ``Δ = s(rho_w) - s(rho_l)``,
     ``ε = label_smoothing``, ``σ`` the logistic function, the per-pair losses are:
@@ -145,8 +157,10 @@ def dpo_loss(
     (TRL's behaviour); without it δ is this batch's mean alone. δ carries no gradient.
 
     ``loss_type`` may be a list; the per-pair losses are then summed with ``loss_weights``
-    (default all 1). ``chosen_lengths``/``rejected_lengths`` ``[B]`` (token counts > 0) are
-    required by ``ipo`` and ``sigmoid_norm``.
+    (finite, >= 0; default all 1). ``chosen_lengths``/``rejected_lengths`` ``[B]`` (token
+    counts, finite and > 0) are required by ``ipo`` and ``sigmoid_norm``. Scalars (``beta`` > 0,
+    ``label_smoothing`` in [0, 1], ``f_alpha``, ``discopop_tau`` > 0, the weights) may be Python
+    or numpy numbers or 0-d tensors; bools and non-finite values are rejected.
 
     Returns ``(loss, metrics)``: ``loss`` is the mean over pairs (``reduction="sum"``: sum;
     ``"none"``: ``[B]``); ``metrics`` holds detached batch means of ``rewards/chosen``
@@ -155,39 +169,45 @@ def dpo_loss(
     """
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    for n, t in zip(names, inputs):
-        check_tensor(n, t, ndim=1)
-    check_same_shape(**dict(zip(names, inputs)))
+    check_per_sequence("pair", **dict(zip(names, inputs)))
     beta = check_positive("beta", beta)
     check_reduction(reduction)
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if isinstance(loss_type, str):
+        loss_types = [loss_type]
+    elif isinstance(loss_type, (list, tuple)):
+        loss_types = list(loss_type)
+    else:
+        raise TypeError(f"loss_type must be a str or a list of str, got {type(loss_type).__name__}")
     if not loss_types:
         raise ValueError("loss_type must name at least one loss type")
     for lt in loss_types:
-        if lt not in DPO_LOSS_TYPES:
+        if not isinstance(lt, str) or lt not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type {lt!r} is unknown; expected one of {DPO_LOSS_TYPES}")
     if loss_weights is None:
         loss_weights = [1.0] * len(loss_types)
+    if isinstance(loss_weights, (str, bytes)) or not hasattr(loss_weights, "__len__"):
+        raise TypeError(f"loss_weights must be a sequence of numbers, got {loss_weights!r}")
     if len(loss_weights) != len(loss_types):
         raise ValueError(
             f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}"
         )
-    if f_divergence not in F_DIVERGENCES:
+    loss_weights = [real_scalar(f"loss_weights[{i}]", w, 0.0) for i, w in enumerate(loss_weights)]
+    if not isinstance(f_divergence, str) or f_divergence not in F_DIVERGENCES:
         raise ValueError(f"f_divergence {f_divergence!r} is unknown; expected one of {F_DIVERGENCES}")
     if f_divergence != "reverse_kl" and not set(loss_types) <= _SCORE_LOSS_TYPES:
         raise ValueError(
             f"f_divergence={f_divergence!r} is only supported with loss types "
             f"{sorted(_SCORE_LOSS_TYPES)}, got {loss_types}"
         )
-    eps = float(label_smoothing)
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {eps}")
+    f_alpha = real_scalar("f_alpha", f_alpha)
+    eps = real_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
     if "robust" in loss_types and not eps < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type 'robust', got {eps}")
     if "exo_pair" in loss_types and not 0.0 < eps < 1.0:
         raise ValueError(f"label_smoothing must be in (0, 1) for loss_type 'exo_pair', got {eps}")
-    if "discopop" in loss_types:
-        discopop_tau = check_positive("discopop_tau", discopop_tau)
+    discopop_tau = check_positive("discopop_tau", discopop_tau)
+    if bco_state is not None and not isinstance(bco_state, RunningMean):
+        raise TypeError(f"bco_state must be a RunningMean or None, got {type(bco_state).__name__}")
 
     dtype = compute_dtype(*inputs)
     pc, pr, rc, rr = (t.to(dtype) for t in inputs)
@@ -241,7 +261,7 @@ def dpo_loss(
             per_pair = (1.0 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
         else:  # sigmoid_norm
             per_pair = -F.logsigmoid(beta * delta_norm)
-        total = total + float(weight) * per_pair
+        total = total + weight * per_pair
 
     metrics = preference_metrics(beta * rho_w, beta * rho_l, pc, pr, **extra)
     return reduce(total, reduction), metrics

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import check_same_shape, check_tensor
+from ._common import check_per_sequence, real_scalar
 
 FDPG_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "tv", "chi2")
 
@@ -19,20 +19,26 @@ class FDPGState:
     * ``log_z``: log of the importance-sampling estimate of the target's partition function,
       ``Z ≈ (1/n) Σ_x P(x)/q(x)`` over every sample ``x ~ q`` seen so far, accumulated in log
       space (``log Σ`` by logsumexp), so huge or tiny scores neither overflow nor underflow.
-    * ``baseline``: exponential moving average (weight ``baseline_decay`` on the old value) of
-      the batch mean of ``w·R``, an estimate of ``E_π[R]``; it starts at the first batch's mean.
+    * ``baseline``: exponential moving average (weight ``baseline_decay`` in [0, 1) on the old
+      value) of the batch mean of ``w·R``, an estimate of ``E_π[R]``; it starts at the first
+      batch's mean.
+    * ``skipped``: the number of batches left out of both estimates because a batch statistic
+      was not finite — ``log Σ_x P(x)/q(x)`` NaN or +inf, or ``mean(w·R)`` NaN or ±inf. Such a
+      batch changes neither ``log_z`` nor ``baseline`` (nor the sample count), much as
+      GradScaler skips a step with non-finite gradients: one bad batch would otherwise poison
+      the estimates for the rest of training. Its own loss is still returned.
+      Samples with ``P(x) = 0`` (``log P = -inf``) are legal and count towards ``Z``.
 
     Host-side Python floats; ``state_dict()``/``load_state_dict()`` checkpoint them.
     """
 
     def __init__(self, baseline_decay: float = 0.99, use_baseline: bool = True):
-        if not 0.0 <= baseline_decay < 1.0:
-            raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
-        self.baseline_decay = float(baseline_decay)
+        self.baseline_decay = real_scalar("baseline_decay", baseline_decay, 0.0, 1.0, high_open=True)
         self.use_baseline = bool(use_baseline)
         self.log_sum = -math.inf
         self.count = 0
         self.baseline: Optional[float] = None
+        self.skipped = 0
 
     @property
     def log_z(self) -> float:
@@ -40,27 +46,34 @@ class FDPGState:
             raise RuntimeError("FDPGState.log_z is undefined before the first update")
         return self.log_sum - math.log(self.count)
 
-    def update_partition(self, log_importance: torch.Tensor) -> float:
-        """Fold ``log P(x) - log q(x)`` of a batch of samples into ``log_z``; returns it."""
-        batch = float(torch.logsumexp(log_importance.detach().double(), dim=0))
-        hi = max(self.log_sum, batch)
-        if hi != -math.inf:
-            self.log_sum = hi + math.log(math.exp(self.log_sum - hi) + math.exp(batch - hi))
-        self.count += log_importance.numel()
-        return self.log_z
+    def _log_sum_with(self, log_importance: torch.Tensor) -> float:
+        """``log Σ`` with this batch's ``log P - log q`` folded in; the state is unchanged."""
+        batch = torch.logsumexp(log_importance.detach().double(), dim=0)
+        # logaddexp keeps -inf + -inf at -inf and propagates NaN/+inf for _commit to see.
+        return float(torch.logaddexp(batch, batch.new_tensor(self.log_sum)))
 
-    def update_baseline(self, batch_mean: float) -> None:
+    def _commit(self, log_sum: float, n: int, batch_mean: float) -> None:
+        """Adopt a batch's statistics, or count it in ``skipped`` if one is not finite."""
+        if math.isnan(log_sum) or log_sum == math.inf or not math.isfinite(batch_mean):
+            self.skipped += 1
+            return
+        self.log_sum, self.count = log_sum, self.count + n
+        if not self.use_baseline:
+            return
         if self.baseline is None:
             self.baseline = batch_mean
         else:
             self.baseline = self.baseline_decay * self.baseline + (1.0 - self.baseline_decay) * batch_mean
 
     def state_dict(self) -> dict:
-        return {"log_sum": self.log_sum, "count": self.count, "baseline": self.baseline}
+        return {"log_sum": self.log_sum, "count": self.count, "baseline": self.baseline,
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.log_sum, self.count = float(state["log_sum"]), int(state["count"])
         self.baseline = state["baseline"]
+        # Checkpoints written before ``skipped`` existed lack the key.
+        self.skipped = int(state.get("skipped", 0))
 
 
 def fdpg_pseudo_rewards(log_t: torch.Tensor, divergence: str) -> torch.Tensor:
@@ -106,8 +119,9 @@ def fdpg_loss(
     ``log a(x) + r(x)/β`` for the RLHF target ``p ∝ a·exp(r/β)``).
     ``proposal_logps`` ``[B]``: ``log q(x)`` of the sampling policy; None means on-policy
     (``q = π_θ``, detached).
+    All floating, one shape and device, ``B >= 1`` (an empty batch is a ValueError).
 
-    Steps: ``Z`` is updated with this batch (``state.update_partition(log P - log q)``),
+    Steps: ``Z`` is estimated with this batch's ``log P - log q`` folded in,
     ``log p = log P - log Z``, ``log t = log π_θ - log p``, ``R = -f'(t)``
     (:func:`fdpg_pseudo_rewards`), ``w = π_θ/q`` and
 
@@ -115,40 +129,41 @@ def fdpg_loss(
 
     with ``B_base`` the state's moving-average baseline from before this batch (the first
     batch uses its own mean), which keeps the gradient estimate unbiased: ``E_q[w ∇ log π_θ] = 0``.
-    The state is then updated with ``mean(w R)``. Everything but ``log π_θ`` in the product is
-    detached. Computed in at least fp32 (partition in fp64).
+    The state then adopts this batch's partition sum and ``mean(w R)`` — unless either is not
+    finite: then the state is left as it was and ``state.skipped`` counts the batch (see
+    :class:`FDPGState`); the loss is still returned, computed from the bad batch, for the
+    trainer to skip. Everything but ``log π_θ`` in the product is detached. Computed in at
+    least fp32 (partition in fp64).
 
     Returns ``(loss, metrics)`` with ``fdpg/log_z``, ``fdpg/baseline``, ``fdpg/pseudo_reward``
-    (mean R), ``fdpg/importance_weight`` (mean w) and ``fdpg/log_ratio`` (mean ``log t``).
+    (mean R), ``fdpg/importance_weight`` (mean w), ``fdpg/log_ratio`` (mean ``log t``) and
+    ``fdpg/skipped`` (the state's count of skipped batches).
     """
-    if divergence not in FDPG_DIVERGENCES:
+    if not isinstance(divergence, str) or divergence not in FDPG_DIVERGENCES:
         raise ValueError(f"divergence {divergence!r} is unknown; expected one of {FDPG_DIVERGENCES}")
     if not isinstance(state, FDPGState):
         raise TypeError(f"state must be an FDPGState, got {type(state).__name__}")
-    check_tensor("policy_logps", policy_logps, ndim=1)
-    check_tensor("target_log_scores", target_log_scores, ndim=1)
-    check_same_shape(policy_logps=policy_logps, target_log_scores=target_log_scores)
+    tensors = {"policy_logps": policy_logps, "target_log_scores": target_log_scores}
     if proposal_logps is not None:
-        check_tensor("proposal_logps", proposal_logps, ndim=1)
-        check_same_shape(policy_logps=policy_logps, proposal_logps=proposal_logps)
-    if policy_logps.numel() == 0:
-        raise ValueError("policy_logps must hold at least one sample")
+        tensors["proposal_logps"] = proposal_logps
+    check_per_sequence("sample", **tensors)
 
     dtype = torch.promote_types(policy_logps.dtype, torch.float32)
     logp_pi = policy_logps.to(dtype)
     with torch.no_grad():
         log_target = target_log_scores.to(dtype)
         log_q = logp_pi.detach() if proposal_logps is None else proposal_logps.to(dtype)
-        log_z = state.update_partition(log_target - log_q)
+        log_sum = state._log_sum_with(log_target - log_q)
+        log_z = log_sum - math.log(state.count + log_target.numel())
         log_t = logp_pi - (log_target - log_z)
         rewards = fdpg_pseudo_rewards(log_t, divergence)
         w = torch.exp(logp_pi - log_q)
         batch_mean = float((w * rewards).mean())
         if state.use_baseline:
             base = batch_mean if state.baseline is None else state.baseline
-            state.update_baseline(batch_mean)
         else:
             base = 0.0
+        state._commit(log_sum, log_target.numel(), batch_mean)
         advantage = w * (rewards - base)
     loss = -(advantage * logp_pi).mean()
     metrics = {
@@ -157,5 +172,6 @@ def fdpg_loss(
         "fdpg/pseudo_reward": rewards.mean(),
         "fdpg/importance_weight": w.mean(),
         "fdpg/log_ratio": log_t.mean(),
+        "fdpg/skipped": torch.tensor(float(state.skipped), dtype=torch.float64),
     }
     return loss, metrics

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from ._common import (
+    check_per_sequence,
     check_positive,
     check_reduction,
-    check_same_shape,
-    check_tensor,
     compute_dtype,
     preference_metrics,
+    real_scalar,
     reduce,
 )
 
@@ -43,8 +43,9 @@ def inpo_loss(
     ``ητ = 1`` the previous iterate drops out and the loss is IPO's ``(Δ - 1/(2β))²`` on summed
     log-ratios, ``β = 1/η``.
 
-    Inputs: six per-sequence summed log-probs ``[B]`` (any float dtype, computed in at least
-    fp32). Returns ``(loss, metrics)``; ``rewards/*`` are the log-ratios to the reference,
+    Inputs: six per-sequence summed log-probs ``[B]``, ``B >= 1`` (an empty batch is a
+    ValueError), one shape and device, any float dtype, computed in at least fp32. ``eta`` and
+    ``tau`` are finite real scalars (Python or numpy numbers, 0-d tensors; not bools). Returns ``(loss, metrics)``; ``rewards/*`` are the log-ratios to the reference,
     ``log π(y) - log π_ref(y)``, ``logps/*`` the policy's.
     """
     names = (
@@ -63,12 +64,10 @@ def inpo_loss(
         prev_chosen_logps,
         prev_rejected_logps,
     )
-    for n, t in zip(names, inputs):
-        check_tensor(n, t, ndim=1)
-    check_same_shape(**dict(zip(names, inputs)))
+    check_per_sequence("pair", **dict(zip(names, inputs)))
     eta = check_positive("eta", eta)
-    tau = float(tau)
-    if not 0.0 <= eta * tau <= 1.0:
+    tau = real_scalar("tau", tau, 0.0)
+    if not eta * tau <= 1.0:
         raise ValueError(f"tau must satisfy 0 <= eta * tau <= 1, got eta={eta}, tau={tau}")
     check_reduction(reduction)
     dtype = compute_dtype(*inputs)

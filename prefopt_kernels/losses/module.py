@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -17,6 +18,43 @@ from .tdpo import tdpo_loss
 # Losses that need the per-token KL (and therefore reference logits, not log-probs).
 _KL_LOSSES = ("tdpo1", "tdpo2", "sparse_po")
 PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "inpo") + _KL_LOSSES
+# Keyword arguments of the loss functions that PreferenceLoss fills in itself.
+_SET_BY_MODULE = frozenset({
+    "beta", "loss_type", "variant", "chosen_lengths", "rejected_lengths", "chosen_mask",
+    "rejected_mask", "chosen_cu_seqlens", "rejected_cu_seqlens",
+})
+
+
+def _loss_function(loss_type: str):
+    if loss_type in ("tdpo1", "tdpo2"):
+        return tdpo_loss
+    return {"sparse_po": sparse_po_loss, "simpo": simpo_loss, "inpo": inpo_loss}.get(loss_type, dpo_loss)
+
+
+def _check_loss_kwargs(loss_type: str, kwargs: dict) -> None:
+    """Unknown, module-owned or missing required ``loss_kwargs`` fail at construction, not in forward."""
+    fn = _loss_function(loss_type)
+    params = {p.name: p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    allowed = sorted(set(params) - _SET_BY_MODULE)
+    for key in kwargs:
+        if key in _SET_BY_MODULE and key in params:
+            raise TypeError(f"loss_kwargs must not set {key!r}: PreferenceLoss passes it to {fn.__name__}")
+        if key not in params:
+            raise TypeError(
+                f"loss_type {loss_type!r} ({fn.__name__}) takes no argument {key!r}; "
+                f"loss_kwargs may set {allowed}"
+            )
+    missing = [n for n in allowed if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise TypeError(f"loss_type {loss_type!r} needs loss_kwargs {missing}")
+
+
+def _check_float_tensor(name: str, x, device) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {got}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {x.device}")
 
 
 class PreferenceLoss(nn.Module):
@@ -49,6 +87,14 @@ class PreferenceLoss(nn.Module):
     ``eta``/``tau`` for ``inpo``, whose ``beta`` is unused). ``metrics`` are those of the loss
     plus ``logps/chosen``, ``logps/rejected`` (summed policy log-probs) where the loss does not
     report them.
+
+    Checks, each an error naming the argument: at construction, ``beta`` and ``temperature``
+    (finite real scalars > 0: Python or numpy numbers, 0-d tensors), ``ignore_index`` (int),
+    ``shift_labels`` (bool) and ``loss_kwargs`` (only the loss function's own keyword
+    arguments, with every required one, e.g. ``inpo``'s ``eta``/``tau``); in ``forward``, at
+    least one pair (``2B >= 2``), every tensor's shape and device against the logits' and
+    labels', and the arguments a loss type does not use (``reward_mask``/``kl_mask`` outside
+    ``sparse_po``, ``prev_logps`` outside ``inpo``) — never ignored silently.
     """
 
     def __init__(
@@ -65,19 +111,39 @@ class PreferenceLoss(nn.Module):
         super().__init__()
         if loss_type not in PREFERENCE_LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r} is unknown; expected one of {PREFERENCE_LOSS_TYPES}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if not isinstance(shift_labels, bool):
+            raise TypeError(f"shift_labels must be a bool, got {shift_labels!r}")
+        _check_loss_kwargs(loss_type, loss_kwargs)
         self.loss_type = loss_type
         self.beta = check_positive("beta", beta)
         self.ignore_index = ignore_index
-        self.shift_labels = bool(shift_labels)
-        self.temperature = temperature
+        self.shift_labels = shift_labels
+        self.temperature = check_positive("temperature", temperature)
         self.inplace_backward = inplace_backward
         self.loss_kwargs = loss_kwargs
 
-    def _shift(self, x: Optional[torch.Tensor], labels_shape) -> Optional[torch.Tensor]:
-        """Slice a labels-layout tensor the way the labels are sliced."""
-        if x is None or not self.shift_labels or x.dim() < 2:
-            return x
-        return x[:, 1:] if tuple(x.shape) == tuple(labels_shape) else x
+    def _token_arg(self, name: str, x, full_shape, device) -> torch.Tensor:
+        """A labels-layout tensor, checked, then sliced the way the labels are sliced.
+
+        Its shape is the labels' (or, with ``shift_labels``, already the shifted one).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_complex():
+            raise TypeError(f"{name} must be a bool, integer or real tensor, got {x.dtype}")
+        shifted = (full_shape[0], full_shape[1] - 1)
+        if tuple(x.shape) == tuple(full_shape):
+            x = x[:, 1:] if self.shift_labels else x
+        elif not (self.shift_labels and tuple(x.shape) == shifted):
+            also = f" (or the shifted {shifted})" if self.shift_labels else ""
+            raise ValueError(
+                f"{name} must have the labels' shape {tuple(full_shape)}{also}, got {tuple(x.shape)}"
+            )
+        if x.device != device:
+            raise ValueError(f"{name} must be on the logits' device {device}, got {x.device}")
+        return x
 
     def forward(
         self,
@@ -94,34 +160,74 @@ class PreferenceLoss(nn.Module):
 
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise ValueError(f"logits must be [2B, T, V], got {getattr(logits, 'shape', logits)}")
+        if logits.shape[0] == 0:
+            raise ValueError(
+                f"logits must hold at least one pair (2B >= 2 rows); got shape {tuple(logits.shape)}"
+            )
         if logits.shape[0] % 2:
             raise ValueError(f"logits must stack chosen then rejected rows: 2B rows, got {logits.shape[0]}")
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"labels must be [2B, T] = {tuple(logits.shape[:2])} like the logits, "
+                f"got {getattr(labels, 'shape', labels)}"
+            )
         if (ref_logits is None) == (ref_logps is None) and self.loss_type != "simpo":
             raise ValueError("give exactly one of ref_logits and ref_logps")
         if self.loss_type in _KL_LOSSES and ref_logits is None:
             raise ValueError(f"loss_type {self.loss_type!r} needs ref_logits (its KL sums over the vocabulary)")
-        full_labels_shape = labels.shape
+        if ref_logits is not None and (
+            not isinstance(ref_logits, torch.Tensor) or ref_logits.shape != logits.shape
+        ):
+            raise ValueError(
+                f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
+                f"got {getattr(ref_logits, 'shape', ref_logits)}"
+            )
+        owners = (("reward_mask", reward_mask, "sparse_po"), ("kl_mask", kl_mask, "sparse_po"),
+                  ("prev_logps", prev_logps, "inpo"))
+        for name, value, owner in owners:
+            if value is not None and self.loss_type != owner:
+                raise ValueError(f"{name} is only used by loss_type {owner!r}, not {self.loss_type!r}")
+        n_rows = logits.shape[0]
+        full_labels_shape = tuple(labels.shape)
+        if reward_mask is not None:
+            reward_mask = self._token_arg("reward_mask", reward_mask, full_labels_shape, logits.device)
+        if kl_mask is not None:
+            kl_mask = self._token_arg("kl_mask", kl_mask, full_labels_shape, logits.device)
+        if ref_logps is not None:
+            _check_float_tensor("ref_logps", ref_logps, logits.device)
+            if ref_logps.dim() == 1:
+                if ref_logps.shape[0] != n_rows:
+                    raise ValueError(
+                        f"ref_logps must be [2B] = [{n_rows}] per sequence or the labels' shape "
+                        f"{full_labels_shape} per token, got {tuple(ref_logps.shape)}"
+                    )
+            else:
+                ref_logps = self._token_arg("ref_logps", ref_logps, full_labels_shape, logits.device)
+        if self.loss_type == "inpo":
+            if prev_logps is None:
+                raise ValueError("loss_type 'inpo' needs prev_logps ([2B] previous-iterate log-probs)")
+            _check_float_tensor("prev_logps", prev_logps, logits.device)
+            if tuple(prev_logps.shape) != (n_rows,):
+                raise ValueError(f"prev_logps must be [2B] = [{n_rows}], got {tuple(prev_logps.shape)}")
         if self.shift_labels:
             logits = logits[:, :-1]  # a view: the vocabulary stays contiguous, nothing is copied
             labels = labels[:, 1:]
             if ref_logits is not None:
                 ref_logits = ref_logits[:, :-1]
-        reward_mask = self._shift(reward_mask, full_labels_shape)
-        kl_mask = self._shift(kl_mask, full_labels_shape)
-        if ref_logps is not None and ref_logps.dim() == 2:
-            ref_logps = self._shift(ref_logps, full_labels_shape)
 
-        valid = (labels != self.ignore_index).to(torch.float32)
+        is_valid = labels != self.ignore_index
+        valid = is_valid.to(torch.float32)
         common = dict(ignore_index=self.ignore_index, temperature=self.temperature,
                       inplace_backward=self.inplace_backward)
         div = None
         if self.loss_type in _KL_LOSSES:
-            div_weight = None if kl_mask is None else kl_mask.detach() * valid
+            # where, not a product: the mask may hold garbage (inf/NaN) at ignored tokens.
+            div_weight = None if kl_mask is None else torch.where(is_valid, kl_mask.detach().float(), 0.0)
             logp, ref_tok, div, _ = token_terms(logits, labels, ref_logits, divergence="forward_kl",
                                                 div_weight=div_weight, **common)
         else:
             logp = token_logprobs(logits, labels, **common)
-            if ref_logits is not None:
+            if ref_logits is not None and self.loss_type != "simpo":
                 with torch.no_grad():
                     ref_tok = token_logprobs(ref_logits, labels, ignore_index=self.ignore_index,
                                              temperature=self.temperature)
@@ -154,8 +260,6 @@ class PreferenceLoss(nn.Module):
             ref_seq = ref_tok if ref_tok.dim() == 1 else sequence_sum(ref_tok.to(torch.float32), valid)
             ref_seq = ref_seq.detach()
             if self.loss_type == "inpo":
-                if prev_logps is None:
-                    raise ValueError("loss_type 'inpo' needs prev_logps ([2B] previous-iterate log-probs)")
                 loss, metrics = inpo_loss(seq_logps[:n], seq_logps[n:], ref_seq[:n], ref_seq[n:],
                                           prev_logps[:n].detach(), prev_logps[n:].detach(), **self.loss_kwargs)
             else:

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 
 from ._common import (
     check_lengths,
+    check_per_sequence,
     check_positive,
     check_reduction,
-    check_same_shape,
-    check_tensor,
     compute_dtype,
     preference_metrics,
+    real_scalar,
     reduce,
 )
 
@@ -35,18 +35,18 @@ def simpo_loss(
     ``γ/β`` ratio some code takes), the per-pair loss is
     ``-(1-ε) log σ(z) - ε log σ(-z)`` with ``ε = label_smoothing`` (0 in the paper's main runs).
 
-    Inputs: summed log-probs ``[B]`` (any float dtype, computed in at least fp32) and token
-    counts ``[B]`` (> 0). Returns ``(loss, metrics)``; ``rewards/*`` are ``β a_w`` and ``β a_l``,
-    ``logps/*`` the summed log-probs as given.
+    Inputs: summed log-probs ``[B]``, ``B >= 1`` (an empty batch is a ValueError), any float
+    dtype, computed in at least fp32, and token counts ``[B]`` (finite, > 0). ``beta`` > 0,
+    ``gamma`` and ``label_smoothing`` in [0, 0.5) are finite real scalars (Python or numpy
+    numbers, 0-d tensors; not bools). Returns ``(loss, metrics)``; ``rewards/*`` are ``β a_w``
+    and ``β a_l``, ``logps/*`` the summed log-probs as given.
     """
-    check_tensor("policy_chosen_logps", policy_chosen_logps, ndim=1)
-    check_tensor("policy_rejected_logps", policy_rejected_logps, ndim=1)
-    check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    check_per_sequence(
+        "pair", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps
+    )
     beta = check_positive("beta", beta)
-    gamma = float(gamma)
-    eps = float(label_smoothing)
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps}")
+    gamma = real_scalar("gamma", gamma)
+    eps = real_scalar("label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
     check_reduction(reduction)
     dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)

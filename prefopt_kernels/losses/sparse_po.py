@@ -9,21 +9,16 @@ from ._common import (
     check_pair_count,
     check_positive,
     check_reduction,
+    check_same_device,
+    check_token_layout,
     compute_dtype,
-    masked_sequence_sum,
     preference_metrics,
+    real_scalar,
     reduce,
     sequence_sum,
     token_count,
     token_mask,
 )
-
-
-def _nonneg(name: str, value: float) -> float:
-    value = float(value)
-    if not value >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def sparse_po_loss(
@@ -57,14 +52,19 @@ def sparse_po_loss(
         -\log σ\big(β[(U(y_w) - U(y_l)) - (D(y_l) - D(y_w))]\big)
         + λ_u (‖m_u(y_w)‖_1 + ‖m_u(y_l)‖_1) + λ_d (‖m_d(y_w)‖_1 + ‖m_d(y_l)‖_1)
 
-    with ``λ_u = l1_reward``, ``λ_d = l1_kl`` and the L1 norms over valid tokens. Gradients
-    reach the log-ratios, the KL terms and the masks. A mask given as None is all ones; with
-    unit masks the loss is TDPO1. ``KL_t`` from the fused op is 0 (and carries no gradient) where
-    the KL mask is 0, so the KL mask's gradient there is 0 — exact for ReLU-parametrised and
-    detached masks, which is what SparsePO uses.
+    with ``λ_u = l1_reward``, ``λ_d = l1_kl`` (finite, >= 0) and the L1 norms over valid tokens.
+    Gradients reach the log-ratios, the KL terms and the masks. A mask given as None is all
+    ones; with unit masks the loss is TDPO1. A term is summed only where its masks are all
+    non-zero (``torch.where``, not a product): a token with validity mask 0 contributes nothing
+    even if its values or weight masks hold inf/NaN (padding), and every input's gradient there
+    is exactly 0. Likewise where ``m_u`` (``m_d``) is 0 the reward (KL) term is dropped and the
+    mask's gradient there is 0 — as the fused op already does for ``KL_t`` where the KL mask
+    is 0; exact for ReLU-parametrised and detached masks, which is what SparsePO uses.
 
     Layouts as in :func:`tdpo_loss`: padded ``[B, T]`` with ``[B, T]`` masks, or packed ``[N]``
-    with ``*_cu_seqlens`` ``[B + 1]`` and ``[N]`` masks. Any float dtype; computed in at least fp32.
+    with ``*_cu_seqlens`` ``[B + 1]`` and ``[N]`` masks; each side's log-ratios, KL and masks
+    share one shape, and ``B >= 1`` (an empty batch is a ValueError). Masks are bool, integer
+    or real tensors. Any float dtype; computed in at least fp32.
 
     Returns ``(loss, metrics)``: ``rewards/*`` ``β U(y)``; ``kl/chosen``, ``kl/rejected``
     ``D(y)``; ``mask/density`` the fraction of valid tokens whose reward mask is > 0,
@@ -72,31 +72,40 @@ def sparse_po_loss(
     the mean mask value over valid tokens.
     """
     beta = check_positive("beta", beta)
-    l1_reward = _nonneg("l1_reward", l1_reward)
-    l1_kl = _nonneg("l1_kl", l1_kl)
+    l1_reward = real_scalar("l1_reward", l1_reward, 0.0)
+    l1_kl = real_scalar("l1_kl", l1_kl, 0.0)
     check_reduction(reduction)
+    cu_w, n_w = check_token_layout("chosen_cu_seqlens", chosen_cu_seqlens,
+                                   chosen_logratios=chosen_logratios, chosen_kl=chosen_kl)
+    cu_l, n_l = check_token_layout("rejected_cu_seqlens", rejected_cu_seqlens,
+                                   rejected_logratios=rejected_logratios, rejected_kl=rejected_kl)
+    check_pair_count("chosen_logratios", n_w, "rejected_logratios", n_l)
+    check_same_device(chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios)
     dtype = compute_dtype(chosen_logratios, rejected_logratios, chosen_kl, rejected_kl)
 
     def side(prefix, logratios, kl, reward_mask, kl_mask, valid, cu):
-        valid_masks = {f"{prefix}_mask": valid}
-        u = masked_sequence_sum(logratios, f"{prefix}_logratios", {**valid_masks, f"{prefix}_reward_mask": reward_mask}, cu, dtype)
-        d = masked_sequence_sum(kl, f"{prefix}_kl", {**valid_masks, f"{prefix}_kl_mask": kl_mask}, cu, dtype)
-        v = token_mask(f"{prefix}_mask", valid, logratios, f"{prefix}_logratios", dtype)
+        lr_name = f"{prefix}_logratios"
+        v = token_mask(f"{prefix}_mask", valid, logratios, lr_name, dtype)
         ones = torch.ones_like(logratios, dtype=dtype)
-        m_u = ones if reward_mask is None else token_mask(f"{prefix}_reward_mask", reward_mask, logratios, f"{prefix}_logratios", dtype)
-        m_d = ones if kl_mask is None else token_mask(f"{prefix}_kl_mask", kl_mask, logratios, f"{prefix}_logratios", dtype)
+        m_u = token_mask(f"{prefix}_reward_mask", reward_mask, logratios, lr_name, dtype)
+        m_d = token_mask(f"{prefix}_kl_mask", kl_mask, logratios, lr_name, dtype)
+        u = sequence_sum(logratios.to(dtype), v, m_u, cu_seqlens=cu)
+        d = sequence_sum(kl.to(dtype), v, m_d, cu_seqlens=cu)
+        m_u = ones if m_u is None else m_u.to(dtype)
+        m_d = ones if m_d is None else m_d.to(dtype)
         stats = {
-            "l1_u": sequence_sum(m_u.abs(), v, cu),
-            "l1_d": sequence_sum(m_d.abs(), v, cu),
-            "nz_u": sequence_sum((m_u > 0).to(dtype), v, cu),
-            "nz_d": sequence_sum((m_d > 0).to(dtype), v, cu),
+            "l1_u": sequence_sum(m_u.abs(), v, cu_seqlens=cu),
+            "l1_d": sequence_sum(m_d.abs(), v, cu_seqlens=cu),
+            "nz_u": sequence_sum((m_u > 0).to(dtype), v, cu_seqlens=cu),
+            "nz_d": sequence_sum((m_d > 0).to(dtype), v, cu_seqlens=cu),
             "count": token_count(ones, v, cu),
         }
         return u, d, stats
 
-    u_w, d_w, s_w = side("chosen", chosen_logratios, chosen_kl, chosen_reward_mask, chosen_kl_mask, chosen_mask, chosen_cu_seqlens)
-    u_l, d_l, s_l = side("rejected", rejected_logratios, rejected_kl, rejected_reward_mask, rejected_kl_mask, rejected_mask, rejected_cu_seqlens)
-    check_pair_count(u_w, u_l)
+    u_w, d_w, s_w = side("chosen", chosen_logratios, chosen_kl, chosen_reward_mask, chosen_kl_mask,
+                         chosen_mask, cu_w)
+    u_l, d_l, s_l = side("rejected", rejected_logratios, rejected_kl, rejected_reward_mask,
+                         rejected_kl_mask, rejected_mask, cu_l)
     losses = -F.logsigmoid(beta * ((u_w - u_l) - (d_l - d_w)))
     if l1_reward:
         losses = losses + l1_reward * (s_w["l1_u"] + s_l["l1_u"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -9,11 +11,16 @@ from ._common import (
     check_pair_count,
     check_positive,
     check_reduction,
+    check_same_device,
+    check_token_layout,
     compute_dtype,
-    masked_sequence_sum,
     preference_metrics,
     reduce,
+    sequence_sum,
+    token_mask,
 )
+
+TDPO_VARIANTS = (1, 2)
 
 
 def tdpo_loss(
@@ -40,10 +47,16 @@ def tdpo_loss(
     * TDPO1 (``variant=1``): ``-log σ(β (u - (D(y_l) - D(y_w))))``
     * TDPO2 (``variant=2``): ``-log σ(β (u - α (D(y_l) - sg[D(y_w)])))``, ``sg`` = stop-gradient.
 
+    ``variant`` is the int 1 or 2 (a bool is rejected); ``beta`` and ``alpha`` are finite
+    real scalars > 0 (Python or numpy numbers, 0-d tensors).
+
     Layouts: padded ``[B, T]`` tensors with ``[B, T]`` 0/1 (or bool) masks (None = all valid),
-    or packed ``[N]`` tensors with ``chosen_cu_seqlens``/``rejected_cu_seqlens`` ``[B + 1]`` and
-    optional ``[N]`` masks. Chosen and rejected may have different ``T``/``N`` but the same
-    number of sequences. Any float dtype, computed in at least fp32. A sequence with no valid
+    or packed ``[N]`` tensors with ``chosen_cu_seqlens``/``rejected_cu_seqlens`` ``[B + 1]``
+    (int, from 0, non-decreasing, ending at ``N``) and optional ``[N]`` masks. A side's
+    log-ratios, KL and mask share one shape; chosen and rejected may have different ``T``/``N``
+    but the same number of sequences, ``B >= 1`` (an empty batch is a ValueError). Any float
+    dtype, computed in at least fp32. A token whose mask is 0 contributes nothing, even if its
+    values are inf/NaN (padding), and gets a gradient of exactly 0; a sequence with no valid
     token contributes 0 to its sums.
 
     Returns ``(loss, metrics)``: ``rewards/*`` are ``β Σ_t l_t``, plus ``kl/chosen``,
@@ -51,17 +64,24 @@ def tdpo_loss(
     an input (``PreferenceLoss`` adds them).
     """
     beta = check_positive("beta", beta)
-    if variant not in (1, 2):
-        raise ValueError(f"variant must be 1 or 2, got {variant!r}")
-    if variant == 2:
-        alpha = check_positive("alpha", alpha)
+    # bool is an int subclass: True would silently select TDPO1.
+    if isinstance(variant, bool) or not isinstance(variant, numbers.Integral) or variant not in TDPO_VARIANTS:
+        raise ValueError(f"variant must be the int 1 (TDPO1) or 2 (TDPO2), got {variant!r}")
+    alpha = check_positive("alpha", alpha)
     check_reduction(reduction)
+    cu_w, n_w = check_token_layout("chosen_cu_seqlens", chosen_cu_seqlens,
+                                   chosen_logratios=chosen_logratios, chosen_kl=chosen_kl)
+    cu_l, n_l = check_token_layout("rejected_cu_seqlens", rejected_cu_seqlens,
+                                   rejected_logratios=rejected_logratios, rejected_kl=rejected_kl)
+    check_pair_count("chosen_logratios", n_w, "rejected_logratios", n_l)
+    check_same_device(chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios)
     dtype = compute_dtype(chosen_logratios, rejected_logratios, chosen_kl, rejected_kl)
-    sum_w = masked_sequence_sum(chosen_logratios, "chosen_logratios", {"chosen_mask": chosen_mask}, chosen_cu_seqlens, dtype)
-    sum_l = masked_sequence_sum(rejected_logratios, "rejected_logratios", {"rejected_mask": rejected_mask}, rejected_cu_seqlens, dtype)
-    kl_w = masked_sequence_sum(chosen_kl, "chosen_kl", {"chosen_mask": chosen_mask}, chosen_cu_seqlens, dtype)
-    kl_l = masked_sequence_sum(rejected_kl, "rejected_kl", {"rejected_mask": rejected_mask}, rejected_cu_seqlens, dtype)
-    check_pair_count(sum_w, sum_l)
+    m_w = token_mask("chosen_mask", chosen_mask, chosen_logratios, "chosen_logratios", dtype)
+    m_l = token_mask("rejected_mask", rejected_mask, rejected_logratios, "rejected_logratios", dtype)
+    sum_w = sequence_sum(chosen_logratios.to(dtype), m_w, cu_seqlens=cu_w)
+    sum_l = sequence_sum(rejected_logratios.to(dtype), m_l, cu_seqlens=cu_l)
+    kl_w = sequence_sum(chosen_kl.to(dtype), m_w, cu_seqlens=cu_w)
+    kl_l = sequence_sum(rejected_kl.to(dtype), m_l, cu_seqlens=cu_l)
     u = sum_w - sum_l
     if variant == 1:
         logits = u - (kl_l - kl_w)

@@ -1,0 +1,491 @@
+"""Edge cases of the loss functions: empty batches, garbage at masked tokens, non-finite state
+updates, scalar arguments and adversarial shapes/dtypes. Expected values are worked out here in
+float64 with ``math``, never taken from the code under test."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prefopt_kernels import losses as L
+from prefopt_kernels.losses._common import sequence_sum
+
+INF, NAN = math.inf, math.nan
+
+
+def _t(rows, **kw):
+    return torch.tensor(rows, dtype=torch.float64, **kw)
+
+
+def _softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# --------------------------------------------------------------------------- empty batches
+
+
+def _empty(*shape):
+    return torch.zeros(*shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: L.dpo_loss(*[_empty(0)] * 4), "policy_chosen_logps"),
+        (lambda: L.dpo_loss(*[_empty(0)] * 4, reduction="none"), "policy_chosen_logps"),
+        (lambda: L.inpo_loss(*[_empty(0)] * 6, eta=0.5, tau=1.0), "policy_chosen_logps"),
+        (lambda: L.simpo_loss(_empty(0), _empty(0), _empty(0), _empty(0)), "policy_chosen_logps"),
+        (lambda: L.tdpo_loss(*[_empty(0, 4)] * 4), "chosen_logratios"),
+        (lambda: L.sparse_po_loss(*[_empty(0, 4)] * 4), "chosen_logratios"),
+        (
+            lambda: L.tdpo_loss(*[_empty(0)] * 4, chosen_cu_seqlens=[0], rejected_cu_seqlens=[0]),
+            "chosen_cu_seqlens",
+        ),
+        (lambda: L.fdpg_loss(_empty(0), _empty(0), state=L.FDPGState()), "policy_logps"),
+    ],
+)
+def test_empty_batch_raises_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=f"{name}.*(at least one|S \\+ 1 >= 2)"):
+        call()
+
+
+def test_empty_batch_message_states_the_shape():
+    with pytest.raises(ValueError, match=r"must hold at least one pair; got shape \(0, 3\)"):
+        L.tdpo_loss(*[_empty(0, 3)] * 4)
+    with pytest.raises(ValueError, match=r"must hold at least one sample; got shape \(0,\)"):
+        L.fdpg_loss(_empty(0), _empty(0), state=L.FDPGState())
+
+
+def test_sequences_without_tokens_are_not_an_empty_batch():
+    # T = 0: two pairs whose sequences hold no token: each sums to 0, the loss is log 2.
+    loss, _ = L.tdpo_loss(*[_empty(2, 0)] * 4, beta=0.7)
+    assert loss.item() == pytest.approx(math.log(2.0), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- garbage at masked tokens
+
+# Two pairs, three tokens each; the masked tokens hold inf/NaN, as padding often does.
+LW = [[0.5, -0.2, INF], [0.1, NAN, 0.3]]
+MW = [[1, 1, 0], [1, 0, 1]]
+LL = [[-0.4, 0.7, -INF], [0.2, 0.0, NAN]]
+ML = [[1, 1, 0], [1, 1, 0]]
+KW = [[0.05, 0.1, NAN], [0.2, INF, 0.02]]
+KL = [[0.3, 0.01, INF], [0.07, 0.04, NAN]]
+
+
+def _masked_sums(x, m):
+    return [sum(v for v, k in zip(row, keep) if k) for row, keep in zip(x, m)]
+
+
+def _flat(rows):
+    return [v for row in rows for v in row]
+
+
+def _tdpo1_expected(beta, alpha=None):
+    """Loss and dL/dz per pair of TDPO1 (alpha None) or TDPO2 on the valid tokens only."""
+    uw, ul = _masked_sums(LW, MW), _masked_sums(LL, ML)
+    dw, dl = _masked_sums(KW, MW), _masked_sums(KL, ML)
+    z = [(a - b) - (1.0 if alpha is None else alpha) * (c - d) for a, b, c, d in zip(uw, ul, dl, dw)]
+    loss = sum(_softplus(-beta * zi) for zi in z) / len(z)
+    dz = [-beta * _sigmoid(-beta * zi) / len(z) for zi in z]
+    return loss, dz
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float64, torch.float32, torch.bool, torch.int64])
+def test_tdpo_masked_garbage_neither_reaches_loss_nor_gradient(mask_dtype):
+    beta = 0.5
+    lw, ll, kw, kl = (_t(x, requires_grad=True) for x in (LW, LL, KW, KL))
+    mw, ml = torch.tensor(MW).to(mask_dtype), torch.tensor(ML).to(mask_dtype)
+    loss, metrics = L.tdpo_loss(lw, ll, kw, kl, mw, ml, beta=beta)
+    expected, dz = _tdpo1_expected(beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    grads = torch.autograd.grad(loss, [lw, ll, kw, kl])
+    # dz/dl_w = dz/dKL_w = +1, dz/dl_l = dz/dKL_l = -1 at valid tokens; exactly 0 elsewhere.
+    for g, sign, mask in zip(grads, (1, -1, 1, -1), (MW, ML, MW, ML)):
+        want = _t([[sign * dz[b] * mask[b][t] for t in range(3)] for b in range(2)])
+        assert torch.equal(g == 0, want == 0)
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=0)
+    assert metrics["kl/chosen"].item() == pytest.approx((0.15 + 0.22) / 2, rel=1e-12)
+
+
+def test_tdpo2_masked_garbage_packed_layout():
+    beta, alpha = 0.4, 0.6
+    lw, ll, kw, kl = (_t(x, requires_grad=True) for x in (_flat(LW), _flat(LL), _flat(KW), _flat(KL)))
+    mw, ml = torch.tensor(_flat(MW)).bool(), torch.tensor(_flat(ML)).bool()
+    cu = torch.tensor([0, 3, 6])
+    loss, _ = L.tdpo_loss(lw, ll, kw, kl, mw, ml, beta=beta, alpha=alpha, variant=2,
+                          chosen_cu_seqlens=cu, rejected_cu_seqlens=cu)
+    expected, _ = _tdpo1_expected(beta, alpha)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    g = torch.autograd.grad(loss, [lw, ll, kl])
+    for grad, mask in zip(g, (mw, ml, ml)):
+        assert torch.isfinite(grad).all() and (grad[~mask] == 0).all() and (grad[mask] != 0).all()
+
+
+def test_sparse_po_masked_garbage_in_values_and_masks():
+    beta, l1u, l1d = 0.3, 0.01, 0.02
+    lw, ll, kw, kl = (_t(x, requires_grad=True) for x in (LW, LL, KW, KL))
+    # Weight masks hold garbage at the invalid tokens, and a 0 at valid token (0, 1) of m_u(y_w).
+    uw = _t([[0.8, 0.0, NAN], [0.5, INF, 1.0]], requires_grad=True)
+    ul = _t([[0.2, 0.9, INF], [0.6, 0.4, NAN]], requires_grad=True)
+    dw = _t([[1.0, 0.5, NAN], [0.25, NAN, 0.75]], requires_grad=True)
+    dl = _t([[0.1, 0.3, -INF], [0.9, 0.2, INF]], requires_grad=True)
+    vw, vl = torch.tensor(MW, dtype=torch.float64), torch.tensor(ML, dtype=torch.float64)
+    loss, m = L.sparse_po_loss(lw, ll, kw, kl, uw, ul, dw, dl, chosen_mask=vw, rejected_mask=vl,
+                               beta=beta, l1_reward=l1u, l1_kl=l1d)
+
+    def s(x, w, v):
+        return [sum(a * b for a, b, k in zip(r1, r2, rv) if k) for r1, r2, rv in zip(x, w, v)]
+    U_w, U_l = s(LW, uw.tolist(), MW), s(LL, ul.tolist(), ML)
+    D_w, D_l = s(KW, dw.tolist(), MW), s(KL, dl.tolist(), ML)
+    ones = [[1.0] * 3] * 2
+    n1 = [a + b for a, b in zip(s(uw.tolist(), ones, MW), s(ul.tolist(), ones, ML))]
+    n2 = [a + b for a, b in zip(s(dw.tolist(), ones, MW), s(dl.tolist(), ones, ML))]
+    per_pair = [_softplus(-beta * ((U_w[b] - U_l[b]) - (D_l[b] - D_w[b]))) + l1u * n1[b] + l1d * n2[b]
+                for b in range(2)]
+    assert loss.item() == pytest.approx(sum(per_pair) / 2, rel=1e-12)
+    # 4 valid chosen + 4 valid rejected tokens; m_u > 0 on 3 + 4 of them.
+    assert m["mask/density"].item() == pytest.approx(7 / 8, rel=1e-12)
+    grads = torch.autograd.grad(loss, [lw, ll, kw, kl, uw, ul, dw, dl])
+    for g, v in zip(grads, (vw, vl) * 4):
+        assert torch.isfinite(g).all()
+        assert (g[v == 0] == 0).all()
+    # m_u(y_w) is 0 at (0, 1): that reward term is dropped, so neither input gets a gradient.
+    assert grads[0][0, 1] == 0 and grads[4][0, 1] == 0
+
+
+def test_sequence_sum_uses_where_not_a_product():
+    x = _t([[1.5, INF, NAN], [-2.0, 0.25, -INF]], requires_grad=True)
+    w = _t([[2.0, 0.0, 0.0], [0.5, 4.0, 0.0]], requires_grad=True)
+    out = sequence_sum(x, w)
+    torch.testing.assert_close(out, _t([3.0, 0.0]), rtol=0, atol=0)
+    gx, gw = torch.autograd.grad(out.sum(), [x, w])
+    torch.testing.assert_close(gx, _t([[2.0, 0.0, 0.0], [0.5, 4.0, 0.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(gw, _t([[1.5, 0.0, 0.0], [-2.0, 0.25, 0.0]]), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- non-finite state updates
+
+
+def _fdpg_batches():
+    good1 = (_t([-0.8, -0.6, -1.5]), _t([1.0, 2.0, 0.5]), _t([-1.0, -0.5, -2.0]))
+    good2 = (_t([-1.1, -0.3]), _t([0.2, 1.4]), _t([-0.9, -0.4]))
+    return good1, good2
+
+
+def _fdpg_js_expected(batches, decay):
+    """log Z, baseline and the last batch's loss of f-DPG with the js generator, by hand."""
+    log_ws, base = [], None
+    for log_pi, log_P, log_q in batches:
+        log_pi, log_P, log_q = log_pi.tolist(), log_P.tolist(), log_q.tolist()
+        log_ws += [p - q for p, q in zip(log_P, log_q)]
+        log_z = math.log(sum(math.exp(v) for v in log_ws) / len(log_ws))
+        t = [math.exp(a - (p - log_z)) for a, p in zip(log_pi, log_P)]
+        R = [math.log((1 + ti) / (2 * ti)) for ti in t]  # -f'(t), f'(t) = log(2t / (1 + t))
+        w = [math.exp(a - q) for a, q in zip(log_pi, log_q)]
+        mean = sum(wi * ri for wi, ri in zip(w, R)) / len(w)
+        used = mean if base is None else base
+        loss = -sum(wi * (ri - used) * a for wi, ri, a in zip(w, R, log_pi)) / len(w)
+        base = mean if base is None else decay * base + (1 - decay) * mean
+    return log_z, base, loss
+
+
+@pytest.mark.parametrize("bad", ["nan_target", "inf_target", "nan_policy", "nan_proposal"])
+def test_fdpg_state_skips_a_non_finite_batch(bad):
+    good1, good2 = _fdpg_batches()
+    log_pi, log_P, log_q = (x.clone() for x in good1)
+    if bad == "nan_target":
+        log_P[1] = NAN
+    elif bad == "inf_target":
+        log_P[0] = INF
+    elif bad == "nan_policy":
+        log_pi[2] = NAN
+    else:
+        log_q[0] = NAN
+
+    def run(batches):
+        state = L.FDPGState(baseline_decay=0.9)
+        for lp, P, q in batches:
+            loss, metrics = L.fdpg_loss(lp.requires_grad_(True), P, proposal_logps=q, state=state)
+        return state, loss, metrics
+
+    clean, clean_loss, _ = run([good1, good2])
+    dirty, dirty_loss, metrics = run([good1, (log_pi, log_P, log_q), good2])
+    log_z, base, loss = _fdpg_js_expected([good1, good2], 0.9)
+    assert dirty.skipped == 1 and clean.skipped == 0
+    assert metrics["fdpg/skipped"].item() == 1.0
+    assert dirty.count == clean.count == 5
+    assert dirty.log_z == pytest.approx(log_z, rel=1e-12)
+    assert dirty.baseline == pytest.approx(base, rel=1e-12)
+    assert dirty_loss.item() == pytest.approx(loss, rel=1e-12)
+    assert {k: v for k, v in dirty.state_dict().items() if k != "skipped"} == {
+        k: v for k, v in clean.state_dict().items() if k != "skipped"
+    }
+    restored = L.FDPGState()
+    restored.load_state_dict(dirty.state_dict())
+    assert restored.skipped == 1 and restored.log_z == dirty.log_z
+
+
+def test_fdpg_skipped_first_batch_leaves_state_empty():
+    state = L.FDPGState()
+    loss, _ = L.fdpg_loss(_t([NAN, -1.0], requires_grad=True), _t([0.0, 0.0]), state=state)
+    assert not torch.isfinite(loss)
+    assert state.count == 0 and state.baseline is None and state.skipped == 1
+
+
+def test_fdpg_zero_target_probability_is_not_skipped():
+    # P = (1, 0) on two on-policy samples with π = q = 1: Z = (1 + 0)/2; t = π/p = (½, ∞);
+    # forward KL's R = 1/t = (2, 0); w = 1; mean(w R) = 1.
+    state = L.FDPGState()
+    L.fdpg_loss(_t([0.0, 0.0], requires_grad=True), _t([0.0, -INF]), divergence="forward_kl", state=state)
+    assert state.skipped == 0 and state.count == 2
+    assert state.log_z == pytest.approx(math.log(0.5), rel=1e-12)
+    assert state.baseline == pytest.approx(1.0, rel=1e-12)
+
+
+def test_fdpg_state_loads_checkpoint_without_skipped():
+    state = L.FDPGState()
+    state.load_state_dict({"log_sum": 1.5, "count": 3, "baseline": 0.25})
+    assert state.skipped == 0 and state.log_z == pytest.approx(1.5 - math.log(3))
+
+
+def test_running_mean_skips_non_finite_batch_means():
+    clean, dirty = L.RunningMean(), L.RunningMean()
+    for x in (0.2, 0.4):
+        clean.update(torch.tensor(x))
+    dirty.update(torch.tensor(0.2))
+    assert dirty.update(torch.tensor(NAN)) == pytest.approx(0.2)
+    dirty.update(torch.tensor(INF))
+    assert dirty.update(torch.tensor(0.4)) == pytest.approx(0.3)
+    assert (dirty.mean, dirty.count, dirty.skipped) == (clean.mean, clean.count, 2)
+    restored = L.RunningMean()
+    restored.load_state_dict(dirty.state_dict())
+    assert restored.skipped == 2
+
+
+def test_bco_pair_after_a_nan_batch_matches_without_it():
+    beta = 0.5
+    # rho_w = (0.4, -0.2), rho_l = (0.1, 0.3): batch mean of β·rho = 0.075 = δ.
+    good = [_t([-1.0, -2.0]), _t([-1.5, -0.7]), _t([-1.4, -1.8]), _t([-1.6, -1.0])]
+    bad = [_t([NAN, -2.0])] + good[1:]
+    state = L.RunningMean()
+    L.dpo_loss(*bad, beta=beta, loss_type="bco_pair", bco_state=state)
+    loss, m = L.dpo_loss(*good, beta=beta, loss_type="bco_pair", bco_state=state)
+    delta = beta * (0.4 - 0.2 + 0.1 + 0.3) / 4
+    expected = sum(_softplus(-(beta * rw - delta)) + _softplus(beta * rl - delta)
+                   for rw, rl in ((0.4, 0.1), (-0.2, 0.3))) / 2
+    assert m["bco/delta"].item() == pytest.approx(delta, rel=1e-12)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert state.skipped == 1 and state.count == 1
+
+
+# --------------------------------------------------------------------------- scalar arguments
+
+PAIR = [_t([-1.0]), _t([-2.0]), _t([-1.5]), _t([-1.5])]  # rho_w = 0.5, rho_l = -0.5
+
+
+@pytest.mark.parametrize(
+    "beta", [0.3, np.float32(0.3), np.float64(0.3), np.array(0.3), torch.tensor(0.3, dtype=torch.float64)]
+)
+def test_real_scalars_of_every_kind_are_accepted(beta):
+    loss, _ = L.dpo_loss(*PAIR, beta=beta)
+    # Δ = 1: the loss is softplus(-β); float32(0.3) differs from 0.3 by ~1e-8.
+    assert loss.item() == pytest.approx(_softplus(-0.3), rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "bad,error,pattern",
+    [
+        (True, TypeError, "bool"),
+        (np.bool_(True), TypeError, "beta"),
+        (torch.tensor(True), TypeError, "beta"),
+        ("0.1", TypeError, "beta"),
+        (0.1 + 0j, TypeError, "beta"),
+        (torch.tensor([0.1]), TypeError, "shape"),
+        (torch.tensor(0.1, requires_grad=True), TypeError, "grad"),
+        (NAN, ValueError, "finite"),
+        (INF, ValueError, "finite"),
+        (np.float64(-0.1), ValueError, "> 0"),
+        (torch.tensor(0.0), ValueError, "> 0"),
+    ],
+)
+def test_bad_scalars_name_the_argument(bad, error, pattern):
+    with pytest.raises(error, match=pattern) as info:
+        L.dpo_loss(*PAIR, beta=bad)
+    assert "beta" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: L.dpo_loss(*PAIR, label_smoothing=True), "label_smoothing"),
+        (lambda: L.dpo_loss(*PAIR, label_smoothing=1.5), "label_smoothing"),
+        (lambda: L.dpo_loss(*PAIR, f_divergence="alpha_divergence", f_alpha=NAN), "f_alpha"),
+        (lambda: L.dpo_loss(*PAIR, loss_type="discopop", discopop_tau=0), "discopop_tau"),
+        (
+            lambda: L.dpo_loss(*PAIR, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, -1.0]),
+            r"loss_weights\[1\]",
+        ),
+        (lambda: L.dpo_loss(*PAIR, loss_type=["sigmoid"], loss_weights=[NAN]), r"loss_weights\[0\]"),
+        (lambda: L.simpo_loss(PAIR[0], PAIR[1], [1], [1], gamma=INF), "gamma"),
+        (lambda: L.simpo_loss(PAIR[0], PAIR[1], [1], [1], label_smoothing=0.5), "label_smoothing"),
+        (lambda: L.inpo_loss(*PAIR, *PAIR[:2], eta=0.5, tau=-1.0), "tau"),
+        (lambda: L.inpo_loss(*PAIR, *PAIR[:2], eta=0.5, tau=NAN), "tau"),
+        (lambda: L.inpo_loss(*PAIR, *PAIR[:2], eta=True, tau=0.5), "eta"),
+        (lambda: L.tdpo_loss(*[_t([[0.1]])] * 4, alpha=0.0, variant=2), "alpha"),
+        (lambda: L.sparse_po_loss(*[_t([[0.1]])] * 4, l1_reward=NAN), "l1_reward"),
+        (lambda: L.FDPGState(baseline_decay=1.0), "baseline_decay"),
+        (lambda: L.FDPGState(baseline_decay="0.9"), "baseline_decay"),
+    ],
+)
+def test_bad_scalar_arguments_of_every_loss(call, name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        call()
+
+
+def test_inpo_scalar_forms():
+    x = [_t([-1.0]), _t([-2.0]), _t([-1.5]), _t([-1.5]), _t([-1.2]), _t([-1.9])]
+    # h = 1 - 0.25·0 - 0.75·0.7 = 0.475; (h - eta/2)² = 0.225²
+    loss, _ = L.inpo_loss(*x, eta=np.float64(0.5), tau=torch.tensor(0.5))
+    assert loss.item() == pytest.approx(0.225 ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", [True, False, 0, 3, 1.0, 2.0, "1", None])
+def test_tdpo_variant_must_be_1_or_2(variant):
+    with pytest.raises(ValueError, match="variant"):
+        L.tdpo_loss(*[_t([[0.1, 0.2]])] * 4, variant=variant)
+
+
+def test_tdpo_variant_accepts_numpy_ints():
+    x = [_t([[0.3, -0.1]]), _t([[0.2, 0.4]]), _t([[0.05, 0.1]]), _t([[0.2, 0.3]])]
+    loss, _ = L.tdpo_loss(*x, beta=1.0, alpha=0.5, variant=np.int64(2))
+    # z = (0.2 - 0.6) - 0.5 (0.5 - 0.15) = -0.575
+    assert loss.item() == pytest.approx(_softplus(0.575), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- adversarial shapes and dtypes
+
+B, T = 2, 3
+
+
+def _tok(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss", [L.tdpo_loss, L.sparse_po_loss])
+def test_token_loss_shape_and_dtype_errors(loss):
+    lw, ll, kw, kl = (_tok(s) for s in range(4))
+    with pytest.raises(ValueError, match="chosen_kl"):  # used to be summed silently
+        loss(lw, ll, torch.cat([kw, kw], 1), kl)
+    with pytest.raises(ValueError, match="rejected_kl"):
+        loss(lw, ll, kw, kl[:, :2])
+    with pytest.raises(TypeError, match="chosen_kl"):
+        loss(lw, ll, kw.long(), kl)
+    with pytest.raises(TypeError, match="rejected_logratios"):
+        loss(lw, ll.to(torch.complex128), kw, kl)
+    with pytest.raises(ValueError, match=r"chosen_logratios must be \[B, T\]"):
+        loss(lw.flatten(), ll, kw.flatten(), kl)
+    with pytest.raises(ValueError, match="number of sequences"):
+        loss(lw, ll[:1], kw, kl[:1])
+    with pytest.raises(TypeError, match="chosen_mask"):
+        loss(lw, ll, kw, kl, chosen_mask=torch.ones(B, T, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="rejected_mask"):
+        loss(lw, ll, kw, kl, rejected_mask=[[1, 1, 1]] * B)
+    with pytest.raises(ValueError, match="chosen_mask.*shape"):
+        loss(lw, ll, kw, kl, chosen_mask=torch.ones(B, T + 1))
+    with pytest.raises(ValueError, match="rejected_mask.*meta"):
+        loss(lw, ll, kw, kl, rejected_mask=torch.ones(B, T, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "cu,pattern",
+    [
+        ([0, 4, 3, 6], "non-decreasing"),
+        ([0, 3, 5], "end at the number of tokens of chosen_logratios \\(6\\)"),
+        ([0, 3, 7], "end at"),
+        ([1, 3, 6], "start at 0"),
+        (torch.tensor([0.0, 3.0, 6.0]), "integer"),
+        (torch.tensor([False, True]), "integer"),
+        (torch.tensor([[0, 3, 6]]), "1-D"),
+        ([6], "S \\+ 1 >= 2"),
+        (["a", "b"], "offsets"),
+    ],
+)
+def test_bad_cu_seqlens_name_the_side(cu, pattern):
+    x = [_t([0.1] * 6) for _ in range(4)]
+    good = torch.tensor([0, 2, 6])
+    with pytest.raises((TypeError, ValueError), match=f"chosen_cu_seqlens.*{pattern}"):
+        L.tdpo_loss(*x, chosen_cu_seqlens=cu, rejected_cu_seqlens=good)
+    with pytest.raises((TypeError, ValueError), match="rejected_cu_seqlens"):
+        L.sparse_po_loss(*x, chosen_cu_seqlens=good, rejected_cu_seqlens=cu)
+
+
+def test_packed_values_must_be_flat():
+    x = [_tok(s) for s in range(4)]
+    with pytest.raises(ValueError, match=r"chosen_logratios must be \[N\] when chosen_cu_seqlens"):
+        L.tdpo_loss(*x, chosen_cu_seqlens=[0, 3, 6], rejected_cu_seqlens=[0, 3, 6])
+
+
+def test_integer_and_bool_masks_equal_float_masks():
+    lw, ll, kw, kl = (_tok(s) for s in range(4))
+    m = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    ref = L.sparse_po_loss(lw, ll, kw, kl, m.double(), None, chosen_mask=m.double(), beta=0.2)[0]
+    for dtype in (torch.int32, torch.bool, torch.float16):
+        got = L.sparse_po_loss(lw, ll, kw, kl, m.to(dtype), None, chosen_mask=m.to(dtype), beta=0.2)[0]
+        assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "lengths,error,pattern",
+    [
+        ([2.0, -1.0], ValueError, "> 0"),
+        ([2.0, 0.0], ValueError, "> 0"),
+        ([2.0, NAN], ValueError, "finite"),
+        ([2.0, INF], ValueError, "finite"),
+        ([2.0], ValueError, "shape"),
+        (torch.tensor([True, True]), TypeError, "dtype"),
+        (["a", "b"], TypeError, "token counts"),
+    ],
+)
+def test_bad_lengths_name_the_argument(lengths, error, pattern):
+    x = [_t([-1.0, -2.0]) for _ in range(4)]
+    with pytest.raises(error, match=f"rejected_lengths.*{pattern}"):
+        L.dpo_loss(*x, loss_type="ipo", chosen_lengths=[1, 2], rejected_lengths=lengths)
+    with pytest.raises(error, match=f"chosen_lengths.*{pattern}"):
+        L.simpo_loss(x[0], x[1], lengths, [1, 2])
+
+
+def test_per_sequence_shape_dtype_and_type_errors():
+    x = [_t([-1.0, -2.0]) for _ in range(4)]
+    with pytest.raises(ValueError, match="policy_rejected_logps has shape"):
+        L.dpo_loss(x[0], x[1][:1], x[2], x[3])
+    with pytest.raises(ValueError, match="ref_chosen_logps must have 1 dimension"):
+        L.dpo_loss(x[0], x[1], x[2][None], x[3])
+    with pytest.raises(TypeError, match="ref_rejected_logps must be a floating-point"):
+        L.dpo_loss(x[0], x[1], x[2], torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="prev_rejected_logps"):
+        L.inpo_loss(*x, x[0], x[1][:1], eta=0.5, tau=1.0)
+    with pytest.raises(ValueError, match="policy_rejected_logps.*meta"):
+        L.simpo_loss(x[0], torch.zeros(2, device="meta"), [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="proposal_logps"):
+        L.fdpg_loss(x[0], x[1], proposal_logps=x[2][:1], state=L.FDPGState())
+    with pytest.raises(TypeError, match="target_log_scores"):
+        L.fdpg_loss(x[0], torch.tensor([1, 2]), state=L.FDPGState())
+    with pytest.raises(TypeError, match="loss_type"):
+        L.dpo_loss(*x, loss_type=None)
+    with pytest.raises(ValueError, match="loss_type 3"):
+        L.dpo_loss(*x, loss_type=["sigmoid", 3])
+    with pytest.raises(TypeError, match="loss_weights"):
+        L.dpo_loss(*x, loss_weights=0.5)
+    with pytest.raises(TypeError, match="bco_state"):
+        L.dpo_loss(*x, loss_type="bco_pair", bco_state={"mean": 0.0})
+    with pytest.raises(ValueError, match="reduction"):
+        L.tdpo_loss(*[_tok(s) for s in range(4)], reduction=None)
+    with pytest.raises(ValueError, match="divergence"):
+        L.fdpg_loss(x[0], x[1], divergence=["js"], state=L.FDPGState())
