@@ -34,7 +34,7 @@ T* ptr(std::uintptr_t p) {
       int64_t logits_batch_stride, int64_t logits_token_stride, std::uintptr_t ref,        \
       int64_t ref_batch_stride, int64_t ref_token_stride, int dtype, std::uintptr_t labels, \
       std::uintptr_t weight, double temperature, int64_t ignore_index, int divergence,      \
-      float beta, float alpha
+      double beta, double alpha
 #define PREFOPT_ROW_ARGS                                                                   \
   n_rows, tokens, vocab, logits, logits_batch_stride, logits_token_stride, ref,            \
       ref_batch_stride, ref_token_stride, dtype, labels, weight, temperature, ignore_index, \

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from prefopt_kernels.backends.triton import kernels
 
-    FLOATS = {"inv_temperature", "beta", "alpha"}
+    FLOATS = {"inv_temperature", "beta", "one_m_beta", "log_beta", "log1m_beta", "alpha", "am1"}
 
     def signature(fn, pointers, constants):
         sig = {}

@@ -14,6 +14,11 @@
 // active) and writing g in the output dtype, with log p from the saved row_max/log_norm;
 // each element is read before it is written, so g may alias a.
 // Every log-probability is formed as (a - row max) / T - log(sum), exact near the max.
+// NaN policy: block_max skips NaN but exp(NaN) and inf - inf do not, so log_norm is NaN
+// exactly when a row holds a NaN or +inf; log_norm - log_norm (0 or NaN) is added to the
+// outputs and gradient elements that depend on the row (forward_row, backward_impl).
+// Products with a scaled logit are guarded by its exponential (e > 0): at a tiny T a finite
+// (a - max) / T can overflow to -inf.
 #pragma once
 
 #if defined(_OPENMP)
@@ -263,6 +268,15 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
     out.div = value;
     out.div_s = cs;
   }
+  // NaN policy: log_norm is NaN exactly when the row holds a NaN or +inf (inf - inf in the
+  // sweep), so log_norm - log_norm (0 or NaN) marks every output that reads that row; the
+  // guards cost a few flops per row and no branch per element.
+  const double guard_a = double(out.a.offset) - double(out.a.offset);
+  const double guard_b = double(out.b.offset) - double(out.b.offset);
+  out.logp += guard_a;
+  out.entropy += guard_a;
+  out.ref_logp += guard_b;
+  if (div != kNoDivergence) out.div += guard_a + guard_b;
   return out;
 }
 
@@ -297,10 +311,13 @@ void forward_impl(const ForwardArgs& args) {
     store_opt(args.logp, row, out.logp);
     store_opt(args.ref_logp, row, out.ref_logp);
     store_opt(args.entropy, row, out.entropy);
-    store_opt(args.div, row, out.div);
+    // A divergence that is not finite (NaN, or +inf where the supports disagree) stores
+    // div_s = NaN, so that its gradient row comes out NaN (the backward adds div_s - div_s).
+    const float div = static_cast<float>(out.div);
+    store_opt(args.div, row, div);
     store_opt(args.ref_row_max, row, out.b.shift);
     store_opt(args.ref_log_norm, row, out.b.offset);
-    store_opt(args.div_s, row, out.div_s);
+    store_opt(args.div_s, row, out.div_s + double(div - div));
     if (args.ref_at_argmax != nullptr) args.ref_at_argmax[row] = out.ref_at_argmax;
   }
 }
@@ -340,22 +357,25 @@ PREFOPT_INLINE float grad_elem(const typename Elem<DT>::T* ra, const typename El
 }
 
 // The label's element is computed first (it is read before anything is written, as g may
-// alias a) and stored last, so that the loop carries no index comparison.
+// alias a) and stored last, so that the loop carries no index comparison. `guard` (0 or
+// NaN, see backward_impl) is added to every element.
 template <int DT, int DIV>
 void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                   typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, LogProbShift sa,
                   LogProbShift sb, float yk, float s, float c, float gl, float ge, float gd,
-                  int64_t label, const DivParams& prm) {
+                  float guard, int64_t label, const DivParams& prm) {
   float fk = 0.f;
   if constexpr (DIV > kReverseKL) fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
   const GradRow r{sa, sb, inv_tau, kl_centre(yk), fk, s, c, ge, gd, prm};
-  const float g_label = label >= 0 ? (grad_elem<DT, DIV>(ra, rb, label, r) + gl) * inv_tau : 0.f;
+  const float g_label =
+      label >= 0 ? (grad_elem<DT, DIV>(ra, rb, label, r) + gl) * inv_tau + guard : 0.f;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t end = std::min(c0 + kBlock, vocab);
     prefetch_block<DT>(ra, c0, vocab);
     if constexpr (DIV != kNoDivergence) prefetch_block<DT>(rb, c0, vocab);
 #pragma omp simd
-    for (int64_t j = c0; j < end; ++j) rg[j] = Elem<DT>::store(grad_elem<DT, DIV>(ra, rb, j, r) * inv_tau);
+    for (int64_t j = c0; j < end; ++j)
+      rg[j] = Elem<DT>::store(grad_elem<DT, DIV>(ra, rb, j, r) * inv_tau + guard);
   }
   if (label >= 0) rg[label] = Elem<DT>::store(g_label);
 }
@@ -389,6 +409,9 @@ void backward_impl(const BackwardArgs& args) {
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t vocab = args.vocab;
   const int64_t chunk = row_chunk(vocab);
+  // NaN policy: a non-skipped row gets log_norm - log_norm added to every element (NaN when
+  // its logits hold a NaN or +inf), and where the divergence term is active div_s - div_s
+  // (NaN when the divergence was not finite: a NaN/+inf reference or disagreeing supports).
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
   for (int64_t row = 0; row < args.n_rows; ++row) {
     T* rg = static_cast<T*>(args.grad) +
@@ -401,10 +424,12 @@ void backward_impl(const BackwardArgs& args) {
     int div = plan.use_div && args.ref != nullptr ? args.divergence : kNoDivergence;
     if (gd == 0.f) div = kNoDivergence;
     if (div == kNoDivergence) gd = 0.f;
+    const float s = div != kNoDivergence ? args.div_s[row] : 0.f;
+    const float guard = plan.skip ? 0.f : (args.log_norm[row] - args.log_norm[row]) + (s - s);
     if (plan.skip || (gl == 0.f && ge == 0.f && gd == 0.f)) {
-      const T zero = Elem<DT>::store(0.f);
+      const T fill = Elem<DT>::store(guard);
 #pragma omp simd
-      for (int64_t j = 0; j < vocab; ++j) rg[j] = zero;
+      for (int64_t j = 0; j < vocab; ++j) rg[j] = fill;
       continue;
     }
     const T* ra = static_cast<const T*>(args.logits) +
@@ -417,12 +442,11 @@ void backward_impl(const BackwardArgs& args) {
                                 ? LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]}
                                 : LogProbShift{0.f, 0.f};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
-    const float s = div != kNoDivergence ? args.div_s[row] : 0.f;
     const float yk = div >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
     const float c = gl + ge * h;
     const int64_t label = plan.label < vocab ? plan.label : -1;
 #define PREFOPT_BWD(D) \
-  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, s, c, gl, ge, gd, label, prm)
+  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, s, c, gl, ge, gd, guard, label, prm)
     switch (div) {
       case kForwardKL: PREFOPT_BWD(kForwardKL); break;
       case kReverseKL: PREFOPT_BWD(kReverseKL); break;

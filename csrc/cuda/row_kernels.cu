@@ -9,7 +9,9 @@
 // reference logit the merged state carries). Backward: one sweep that reads a (and b
 // when the divergence term is active) and writes g, element by element, so g may alias a.
 // Loads are 16 bytes wide when the rows share their alignment (the common case of
-// contiguous tensors), with scalar head and tail; otherwise scalar.
+// contiguous tensors), with scalar head and tail; otherwise scalar. The js/alpha parameters
+// come from make_div_params on the host; the NaN policy is the CPU kernels' (per-row
+// guards log_norm - log_norm and div_s - div_s).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -173,16 +175,18 @@ __device__ void block_sum2(float& a, float& b, float* scratch) {
 
 // The state of one element (raw logits x, z), merged into the thread's running state. An
 // element with a -inf logit is an empty piece of that distribution; the KL term it adds is
-// the +inf of a support mismatch, as in the CPU block states. The element is its own
-// argmax, so its yk is z, raw (merge_state centres reverse KL at kl_centre(z)).
+// the +inf of a support mismatch, as in the CPU block states. A NaN or +inf logit gets the
+// sum NaN (1 + (x - x)), which every merge keeps, so log_norm is NaN as on the CPU (NaN
+// policy). The element is its own argmax, so its yk is z, raw (merge_state centres reverse
+// KL at kl_centre(z)).
 template <bool REF, int DIV>
 __device__ __forceinline__ void push(RowState<float>& st, float x, float z, float inv_tau) {
   RowState<float> e = RowState<float>::empty();
   e.ma = x;
-  e.sa = x > -kInf ? 1.f : 0.f;
+  e.sa = x == -kInf ? 0.f : 1.f + (x - x);
   if constexpr (REF) {
     e.mb = z;
-    e.sb = z > -kInf ? 1.f : 0.f;
+    e.sb = z == -kInf ? 0.f : 1.f + (z - z);
     e.yk = z;
     if constexpr (DIV == kForwardKL) e.wf = (e.sb > 0.f && e.sa == 0.f) ? kInf : 0.f;
     if constexpr (DIV == kReverseKL) e.wr = (e.sa > 0.f && e.sb == 0.f) ? kInf : 0.f;
@@ -201,13 +205,13 @@ __device__ RowState<float> sweep(const typename Elem<DT>::T* ra, const typename 
   return block_merge(st, inv_tau, scratch);
 }
 
+// prm comes from make_div_params on the host (double arithmetic, rounded once).
 template <int DT, int DIV>
-__global__ void forward_kernel(ForwardArgs args) {
+__global__ void forward_kernel(ForwardArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
   __shared__ RowState<float> state_scratch[32];
   __shared__ float sum_scratch[64];
   const float inv_tau = static_cast<float>(1.0 / args.temperature);
-  const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
@@ -262,6 +266,17 @@ __global__ void forward_kernel(ForwardArgs args) {
           logp = ref_logp = __int_as_float(0x7fc00000);
         }
       }
+      // NaN policy (see the CPU kernels): log_norm - log_norm is NaN exactly when the row
+      // holds a NaN or +inf; a divergence that is not finite stores div_s = NaN.
+      const float guard_a = sa.offset - sa.offset;
+      const float guard_b = sb.offset - sb.offset;
+      logp += guard_a;
+      entropy += guard_a;
+      ref_logp += guard_b;
+      if (plan.use_div) {
+        div += guard_a + guard_b;
+        div_s += div - div;
+      }
     }
     if (threadIdx.x == 0) {
       args.row_max[row] = sa.shift;
@@ -287,7 +302,8 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              typename Elem<DT>::T* rg, int64_t vocab,
                                              float inv_tau, LogProbShift sa, LogProbShift sb,
                                              float yk, float s, float c, float gl, float ge,
-                                             float gd, int64_t label, const DivParams& prm) {
+                                             float gd, float guard, int64_t label,
+                                             const DivParams& prm) {
   constexpr bool kRef = DIV_ROW != kNoDivergence;
   float fk = 0.f;
   if constexpr (DIV_ROW > kReverseKL)
@@ -308,15 +324,14 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
     }
     g += p > 0.f ? -p * inner : 0.f;
     g = j == label ? g + gl : g;
-    return g * inv_tau;
+    return g * inv_tau + guard;
   });
 }
 
 template <int DT, int DIV>
-__global__ void backward_kernel(BackwardArgs args) {
+__global__ void backward_kernel(BackwardArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
   const float inv_tau = static_cast<float>(1.0 / args.temperature);
-  const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     T* rg = static_cast<T*>(args.grad) +
@@ -327,9 +342,13 @@ __global__ void backward_kernel(BackwardArgs args) {
     float gd = args.grad_div != nullptr ? args.grad_div[row] : 0.f;
     const bool use_div = DIV != kNoDivergence && plan.use_div && args.ref != nullptr && gd != 0.f;
     if (!use_div) gd = 0.f;
+    // NaN policy: every element of a non-skipped row gets log_norm - log_norm, and where the
+    // divergence term is active div_s - div_s (both 0 or NaN).
+    const float s = use_div ? args.div_s[row] : 0.f;
+    const float guard = plan.skip ? 0.f : (args.log_norm[row] - args.log_norm[row]) + (s - s);
     if (plan.skip || (gl == 0.f && ge == 0.f && gd == 0.f)) {
-      const T zero = Elem<DT>::store(0.f);
-      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) rg[j] = zero;
+      const T fill = Elem<DT>::store(guard);
+      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) rg[j] = fill;
       continue;
     }
     const T* ra = static_cast<const T*>(args.logits) +
@@ -342,11 +361,11 @@ __global__ void backward_kernel(BackwardArgs args) {
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
       const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
       const float yk = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
-      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, args.div_s[row], gl + ge * h,
-                            gl, ge, gd, label, prm);
+      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, s, gl + ge * h, gl, ge, gd,
+                            guard, label, prm);
     } else {
       backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_tau, sa, sa, 0.f, 0.f, gl + ge * h,
-                                      gl, ge, 0.f, label, prm);
+                                      gl, ge, 0.f, guard, label, prm);
     }
   }
 }
@@ -360,12 +379,14 @@ unsigned grid_for(int64_t n_rows) {
 
 template <int DT, int DIV>
 void launch_forward(const ForwardArgs& a, cudaStream_t s) {
-  forward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a);
+  forward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(
+      a, make_div_params(a.beta, a.alpha));
 }
 
 template <int DT, int DIV>
 void launch_backward(const BackwardArgs& a, cudaStream_t s) {
-  backward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a);
+  backward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(
+      a, make_div_params(a.beta, a.alpha));
 }
 
 template <int DT>

@@ -16,6 +16,18 @@ KL ``div_s = -1``); the backward writes
     g_j = [ g_logp (1[j=y] - p_j) - g_ent p_j (log p_j + H) + g_div p_j (f'(t_j) - S) ] / T
 
 in the logits' dtype, computed in fp32 and rounded once.
+
+``beta`` and ``alpha`` cross as Python floats (C++ doubles): the kernels' ``1 - beta``,
+``log beta``, ``log(1 - beta)``, ``alpha - 1`` and their inverses are derived from them in
+double and rounded to fp32 once (``make_div_params``), so the ``expm1``/``log1p`` forms of js
+and alpha stay accurate up to the parameter edges that validation allows.
+
+NaN policy (as every backend): a NaN or ``+inf`` policy logit in a row that is not skipped
+makes its ``logp``, ``entropy``, ``div`` and whole gradient row NaN; one in the reference
+makes ``ref_logp`` and ``div`` NaN, and the gradient row NaN where the divergence term is
+active (weight and ``grad_div`` non-zero); a divergence that is ``+inf`` (supports that
+disagree where ``f`` is unbounded) keeps ``div = +inf`` and saves ``div_s = NaN``, so its
+active gradient row is NaN. Skipped rows are never read and stay 0.
 """
 
 from __future__ import annotations

@@ -35,11 +35,14 @@ def evaluate(
     weight: Optional[torch.Tensor],
     spec: OpSpec,
     log_p_leaf: bool = False,
+    div_upstream: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Every per-row quantity of ``spec`` in float64, differentiable with respect to ``logits``.
 
     With ``log_p_leaf`` the policy's log-probabilities are a detached leaf instead, returned
     as ``"log_p"`` (``[N, V]``): :func:`gradient` differentiates with respect to them.
+    ``div_upstream`` (``[N]``): rows where it is 0 feed the divergence generator finite
+    stand-ins, so that a NaN reference row cannot leak into a gradient that ignores it.
 
     Shapes: ``logits``/``ref_logits`` ``[..., V]`` flattened to ``[N, V]`` (any float dtype,
     promoted to float64),
@@ -64,12 +67,14 @@ def evaluate(
     def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str):
         # Skipped rows may hold anything (even all -inf); they never reach the math.
         x = torch.where(rows[:, None], x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=device))
-        lse = torch.logsumexp(x * inv_t, dim=-1)
         row_max = x.detach().amax(-1)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        # Raw differences first, then 1/T: exact at a tiny T, where x/T alone would round away.
+        shifted = (x - row_max[:, None]) * inv_t
+        log_norm = torch.logsumexp(shifted, dim=-1)
         out[prefix + "row_max"] = torch.where(rows, row_max, zero)
-        out[prefix + "log_norm"] = torch.where(rows, lse - row_max * inv_t, zero)
-        return x * inv_t - lse[:, None]
+        out[prefix + "log_norm"] = torch.where(rows, log_norm, zero)
+        return shifted - log_norm[:, None]
 
     zero = torch.zeros(n, dtype=torch.float64, device=device)
     out: Dict[str, torch.Tensor] = {}
@@ -92,7 +97,9 @@ def evaluate(
             out["ref_logp"] = torch.where(valid, log_q.gather(1, safe_labels[:, None])[:, 0], zero)
         if spec.divergence:
             # Rows without a divergence see a harmless stand-in, so no inf reaches autograd there.
-            active = div_active[:, None]
+            # Rows whose divergence gets no upstream gradient must not carry a NaN reference
+            # into autograd (0 * NaN): their generator sees the stand-in too.
+            active = (div_active if div_upstream is None else div_active & (div_upstream != 0))[:, None]
             value, slope = GENERATORS[spec.divergence](
                 torch.where(active, log_p, torch.zeros_like(log_p)),
                 torch.where(active, log_q, torch.zeros_like(log_q)),
@@ -156,7 +163,9 @@ def gradient(logits, labels, ref_logits, weight, spec: OpSpec, upstream: Dict[st
     :func:`softmax_input_grad` takes it through the softmax without cancellation.
     """
     with torch.enable_grad():
-        rows = evaluate(logits.detach(), labels, ref_logits, weight, spec, log_p_leaf=True)
+        g_div = upstream.get("div")
+        rows = evaluate(logits.detach(), labels, ref_logits, weight, spec, log_p_leaf=True,
+                        div_upstream=None if g_div is None else g_div.reshape(-1))
         log_p = rows["log_p"]
         total = log_p.new_zeros(())
         for key, g in upstream.items():

@@ -68,8 +68,10 @@ struct RowInputs {
   double temperature = 1.0;
   int64_t ignore_index = -100;
   int divergence = kNoDivergence;
-  float beta = 0.5f;
-  float alpha = 0.5f;
+  // Divergence parameters as the caller gave them (double): make_div_params derives 1 - beta,
+  // alpha - 1 and the logs from these before rounding anything to fp32.
+  double beta = 0.5;
+  double alpha = 0.5;
   int num_threads = 0;  // CPU only; 0 = OpenMP default
 };
 
@@ -88,7 +90,8 @@ struct ForwardArgs : RowInputs {
   float* div = nullptr;
   float* ref_row_max = nullptr;
   float* ref_log_norm = nullptr;
-  float* div_s = nullptr;  // S centred at the policy's argmax k (forward KL: -1)
+  float* div_s = nullptr;  // S centred at the policy's argmax k (forward KL: -1); NaN
+                           // where div is not finite (its gradient row is then NaN)
   float* ref_at_argmax = nullptr;  // raw b_k (-inf allowed); divergences past forward KL
 };
 

@@ -19,45 +19,109 @@
 namespace prefopt {
 PREFOPT_MATH_BEGIN
 
+// Parameters of js and alpha, derived once on the host in double and rounded to fp32 once:
+// 1 - beta and alpha - 1 formed from the rounded beta or alpha would lose everything near
+// the ends (alpha = 1 + 1e-9 is 1.f).
 struct DivParams {
   float beta;  // js: m = beta q + (1 - beta) p
   float one_m_beta;
   float log_beta;
-  float log_one_m_beta;
-  float alpha;     // alpha-divergence order
-  float inv_am1;   // 1 / (alpha - 1)
-  float inv_aam1;  // 1 / (alpha (alpha - 1))
+  float log1m_beta;  // log(1 - beta)
+  // js_logs expands around the side of the larger weight: q when js_q_main > 0 (beta > 1/2),
+  // else p; js_b <= 1/2 is the other side's weight, js_log_b, js_log_1mb its logs. The
+  // flags here are floats (1 or -1) because gcc does not vectorise a select on a bool
+  // loaded from memory.
+  float js_q_main;
+  float js_b, js_log_b, js_log_1mb;
+  float alpha;       // alpha-divergence order
+  float am1;         // alpha - 1
+  float inv_am1;     // 1 / (alpha - 1)
+  float inv_alpha;   // 1 / alpha
+  float inv_aam1;    // 1 / (alpha (alpha - 1))
+  // alpha's interior terms are expanded around the nearer of alpha = 1 (near_one > 0) and
+  // alpha = 0: c is alpha - 1 or alpha, inv_c its inverse, inv_o the other one's inverse.
+  float near_one;
+  float c, inv_c, inv_o;
 };
 
-PREFOPT_HD PREFOPT_INLINE DivParams make_div_params(float beta, float alpha) {
+inline DivParams make_div_params(double beta, double alpha) {
   DivParams p;
-  p.beta = beta;
-  p.one_m_beta = 1.f - beta;
-  p.log_beta = static_cast<float>(::log(static_cast<double>(beta)));
-  p.log_one_m_beta = static_cast<float>(::log(1.0 - static_cast<double>(beta)));
-  p.alpha = alpha;
-  p.inv_am1 = 1.f / (alpha - 1.f);
-  p.inv_aam1 = 1.f / (alpha * (alpha - 1.f));
+  p.beta = static_cast<float>(beta);
+  p.one_m_beta = static_cast<float>(1.0 - beta);
+  p.log_beta = static_cast<float>(std::log(beta));
+  p.log1m_beta = static_cast<float>(std::log1p(-beta));
+  const bool q_main = beta > 0.5;
+  p.js_q_main = q_main ? 1.f : -1.f;
+  p.js_b = q_main ? p.one_m_beta : p.beta;
+  p.js_log_b = q_main ? p.log1m_beta : p.log_beta;
+  p.js_log_1mb = q_main ? p.log_beta : p.log1m_beta;
+  p.alpha = static_cast<float>(alpha);
+  p.am1 = static_cast<float>(alpha - 1.0);
+  p.inv_am1 = static_cast<float>(1.0 / (alpha - 1.0));
+  p.inv_alpha = static_cast<float>(1.0 / alpha);
+  p.inv_aam1 = static_cast<float>(1.0 / (alpha * (alpha - 1.0)));
+  const bool near_one = std::fabs(alpha - 1.0) <= std::fabs(alpha);
+  p.near_one = near_one ? 1.f : -1.f;
+  p.c = near_one ? p.am1 : p.alpha;
+  p.inv_c = near_one ? p.inv_am1 : p.inv_alpha;
+  p.inv_o = near_one ? p.inv_alpha : p.inv_am1;
   return p;
 }
 
-// log(beta q + (1 - beta) p), exact where either side is -inf.
-PREFOPT_HD PREFOPT_INLINE float log_mixture(float lp, float lq, const DivParams& prm) {
-  const float u = prm.log_beta + lq;
-  const float v = prm.log_one_m_beta + lp;
-  const float hi = u > v ? u : v;
-  const float lo = u > v ? v : u;
-  return lo > -kInf ? hi + fast_log(1.f + fast_exp(lo - hi)) : hi;
+// js's logs against the mixture m = beta q + (1 - beta) p, lpm = log(p / m) and
+// lqm = log(q / m), for lp, lq not both -inf, without cancelling lm against a nearly equal
+// log. The side of the larger weight, the "main" one (p for beta <= 1/2, else q), is
+// nearest to m; with b <= 1/2 the other side's weight and w = log(other / main),
+//   log(m / main) = log1p(b expm1(w)) for -1 <= w <= 30, where it is small or grows with w;
+//                   logaddexp(log(1 - b), log b + w) = hi + log1p(exp(lo - hi)) elsewhere;
+//   log(other / m) = w - log(m / main), or -log b - log1p(exp(lo - hi)) once w >= -log b.
+// The logaddexp forms keep a row-constant part exact, so entries on the plateaus of the
+// logs (q far below or above p) keep their small differences, which the gradient's
+// f'(t_j) - f'(t_k) is made of. The main side = 0 (w = inf) gives log(other / m) = -log b
+// exactly, the other side = 0 gives log(main / m) = -log(1 - b).
+struct JsLogs {
+  float lpm, lqm;
+};
+
+PREFOPT_HD PREFOPT_INLINE JsLogs js_logs(float lp, float lq, const DivParams& prm) {
+  const float w = prm.js_q_main > 0.f ? lp - lq : lq - lp;
+  const float u = prm.js_log_b + w;
+  const bool other_side = u >= prm.js_log_1mb;
+  const float hi = other_side ? u : prm.js_log_1mb;
+  const float lo = other_side ? prm.js_log_1mb : u;
+  const float tail = fast_log1p(fast_exp(lo - hi));
+  const bool near = w >= -1.f && w <= 30.f;
+  const float g = near ? fast_log1p(prm.js_b * fast_expm1(w)) : hi + tail;  // log(m / main)
+  const float other = w >= -prm.js_log_b ? -prm.js_log_b - tail : w - g;
+  return JsLogs{prm.js_q_main > 0.f ? other : -g, prm.js_q_main > 0.f ? -g : other};
+}
+
+// alpha's p^a q^(1-a) - base for lp, lq > -inf, base = p (near_one) or q: base expm1(c d)
+// with d = lp - lq where |c d| < 1, else exp(lb + c d) - base (lb = log base), which
+// cancels nothing there and stays finite where expm1 alone would overflow.
+PREFOPT_HD PREFOPT_INLINE float alpha_rest(float lp, float lq, float p, float q,
+                                           const DivParams& prm) {
+  const float cd = prm.c * (lp - lq);
+  const float lb = prm.near_one > 0.f ? lp : lq;
+  const float base = prm.near_one > 0.f ? p : q;
+  return (cd < 1.f && cd > -1.f) ? base * fast_expm1(cd) : fast_exp(lb + cd) - base;
+}
+
+// log(p^a q^(1-a)) for lp > -inf, from the same expansion point as alpha_rest; q = 0 gives
+// the support's edge: inf for alpha > 1, else -inf.
+PREFOPT_HD PREFOPT_INLINE float alpha_log_mixed(float lp, float lq, const DivParams& prm) {
+  const float edge = prm.alpha > 1.f ? kInf : -kInf;
+  return lq > -kInf ? (prm.near_one > 0.f ? lp : lq) + prm.c * (lp - lq) : edge;
 }
 
 // q f(t) of the non-linear divergences:
-//   js(b)      b q log(q/m) + (1-b) p log(p/m), m = b q + (1-b) p
+//   js(b)      b q log(q/m) + (1-b) p log(p/m), m = b q + (1-b) p (logs from js_logs)
 //   tv         |p - q| / 2
 //   hellinger  (sqrt p - sqrt q)^2
 //   chi2       q (t - 1)^2, in log space on each side of d = lp - lq = 0 (t can overflow
 //              where q underflows): exp(lp + d) (1 - exp(-d))^2 for d > 0, else
 //              q (exp(d) - 1)^2
-//   alpha(a)   (p^a q^(1-a) - a p - (1-a) q) / (a (a-1))
+//   alpha(a)   (p^a q^(1-a) - a p - (1-a) q) / (a (a-1)), expanded around a = 1 or 0
 template <int DIV>
 PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& prm) {
   const bool has_p = lp > -kInf;
@@ -65,9 +129,9 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
   const float p = fast_exp(lp);
   const float q = fast_exp(lq);
   if constexpr (DIV == kJS) {
-    const float lm = log_mixture(lp, lq, prm);
-    const float tq = has_q ? q * (lq - lm) : 0.f;
-    const float tp = has_p ? p * (lp - lm) : 0.f;
+    const JsLogs l = js_logs(lp, lq, prm);
+    const float tq = has_q ? q * l.lqm : 0.f;
+    const float tp = has_p ? p * l.lpm : 0.f;
     return prm.beta * tq + prm.one_m_beta * tp;
   } else if constexpr (DIV == kTV) {
     return 0.5f * (p > q ? p - q : q - p);
@@ -81,12 +145,16 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
     const float v = d > 0.f ? fast_exp(lp + d) * shrink * shrink : q * grow * grow;
     return has_q ? v : (has_p ? kInf : 0.f);
   } else if constexpr (DIV == kAlpha) {
-    // p^a q^(1-a) at the support's edges is 0 unless an exponent blows it up.
+    // Inside the support: near alpha = 1, (p expm1((a-1) d) / (a-1) - (p - q)) / a; near
+    // alpha = 0, (q expm1(a d) / a - (p - q)) / (a-1); both are the definition rearranged,
+    // with nothing of size p or q left to cancel against the small divisor.
+    const float inner = (alpha_rest(lp, lq, p, q, prm) * prm.inv_c - (p - q)) * prm.inv_o;
+    // At the support's edges p^a q^(1-a) is 0 unless an exponent blows it up.
     const float p_only = prm.alpha > 1.f ? kInf : 0.f;
     const float q_only = prm.alpha < 0.f ? kInf : 0.f;
-    const float both = fast_exp(prm.alpha * lp + (1.f - prm.alpha) * lq);
-    const float mixed = has_p && has_q ? both : (has_p ? p_only : (has_q ? q_only : 0.f));
-    return (mixed - prm.alpha * p - (1.f - prm.alpha) * q) * prm.inv_aam1;
+    const float mixed = has_p ? p_only : (has_q ? q_only : 0.f);
+    const float edge = mixed * prm.inv_aam1 - p * prm.inv_am1 + q * prm.inv_alpha;
+    return has_p && has_q ? inner : edge;
   } else {
     return 0.f;
   }
@@ -94,11 +162,11 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
 
 // f'(t) of the non-linear divergences where p > 0:
 //   js (1-b)(lp - lm); tv sign(lp - lq)/2; hellinger 1 - exp((lq - lp)/2);
-//   chi2 2 (exp(lp - lq) - 1); alpha (exp((a-1)(lp - lq)) - 1) / (a-1)
+//   chi2 2 (exp(lp - lq) - 1); alpha expm1((a-1)(lp - lq)) / (a-1)
 template <int DIV>
 PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& prm) {
   if constexpr (DIV == kJS) {
-    return prm.one_m_beta * (lp - log_mixture(lp, lq, prm));
+    return prm.one_m_beta * js_logs(lp, lq, prm).lpm;
   } else if constexpr (DIV == kTV) {
     return (lp > lq ? 0.5f : 0.f) - (lp < lq ? 0.5f : 0.f);
   } else if constexpr (DIV == kHellinger) {
@@ -106,7 +174,7 @@ PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& 
   } else if constexpr (DIV == kChi2) {
     return 2.f * (fast_exp(lp - lq) - 1.f);
   } else if constexpr (DIV == kAlpha) {
-    return (fast_exp((prm.alpha - 1.f) * (lp - lq)) - 1.f) * prm.inv_am1;
+    return fast_expm1(prm.am1 * (lp - lq)) * prm.inv_am1;
   } else {
     return 0.f;
   }
@@ -117,7 +185,8 @@ PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& 
 // not underflow it is formed in that order, which is exactly -p s at the argmax k itself;
 // elsewhere p f'(t) is formed as ONE expression in
 // log space, since f'(t) overflows (or p underflows) long before the product does, e.g.
-// chi2's 2 p (t - 1) = 2 (exp(2 lp - lq) - p) where q is far below p.
+// chi2's 2 p (t - 1) = 2 (exp(2 lp - lq) - p) where q is far below p, alpha's
+// (p^a q^(1-a) - p) / (a-1) (alpha_log_mixed).
 template <int DIV>
 PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float fk, float s,
                                             const DivParams& prm) {
@@ -128,7 +197,7 @@ PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float f
   } else if constexpr (DIV == kChi2) {
     pfp = 2.f * (fast_exp(lp + (lp - lq)) - p);
   } else if constexpr (DIV == kAlpha) {
-    pfp = (fast_exp(prm.alpha * lp + (1.f - prm.alpha) * lq) - p) * prm.inv_am1;
+    pfp = (fast_exp(alpha_log_mixed(lp, lq, prm)) - p) * prm.inv_am1;
   }
   const bool direct = p > 0.f && fp - fp == 0.f;  // fp finite
   return direct ? p * ((fp - fk) - s) : pfp - p * fk - p * s;

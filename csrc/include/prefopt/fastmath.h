@@ -1,8 +1,9 @@
 // Branch-free fp32 exp/log and dtype conversions written with plain arithmetic and bit
 // operations, so that loops calling them vectorise (`#pragma omp simd`) on the CPU and the
-// same code runs on the GPU. Accuracy: exp and log within about 1-2 ulp over the normal
-// range; results below FLT_MIN are flushed to 0 (they never matter against the 1e-5 contract
-// and denormal arithmetic is slow on x86).
+// same code runs on the GPU. Accuracy: exp, log, expm1 and log1p within about 1-2 ulp over
+// the normal range (expm1 and log1p relative to their own, possibly tiny, results); exp
+// results below FLT_MIN are flushed to 0 (they never matter against the 1e-5 contract and
+// denormal arithmetic is slow on x86).
 #pragma once
 
 #include <cstdint>
@@ -102,6 +103,46 @@ PREFOPT_HD PREFOPT_INLINE float fast_log(float x) {
   y = x == 0.f ? -kInf : y;
   y = x < 0.f ? __builtin_nanf("") : y;
   return x != x ? x : y;
+}
+
+// expm1(x) = 2^k expm1(r) + (2^k - 1) with k and r as in fast_exp: the series of expm1(r)
+// keeps its leading term r exact, so small |x| keep full relative accuracy (exp(x) - 1
+// would cancel). About 1 ulp. Past k = 64 the -1 no longer matters and 2^k is applied in
+// two factors as in fast_exp, so x up to the overflow threshold stays finite.
+PREFOPT_HD PREFOPT_INLINE float fast_expm1(float x) {
+  float xc = x < -88.f ? -88.f : x;  // the result is -1 in fp32 long before that
+  xc = xc > 88.8f ? 88.8f : xc;
+  const float shifter = 12582912.0f;
+  const float t = fmadd(xc, 1.44269504088896341f, shifter);
+  const float kf = t - shifter;
+  const int32_t k = static_cast<int32_t>(float_to_bits(t) - float_to_bits(shifter));
+  const float r = fmadd(-kf, kLn2Lo, fmadd(-kf, kLn2Hi, xc));
+  float poly = 1.f / 5040.f;
+  poly = fmadd(poly, r, 1.f / 720.f);
+  poly = fmadd(poly, r, 1.f / 120.f);
+  poly = fmadd(poly, r, 1.f / 24.f);
+  poly = fmadd(poly, r, 1.f / 6.f);
+  poly = fmadd(poly, r, 0.5f);
+  const float em1 = fmadd(r * r, poly, r);
+  const int32_t k1 = k >> 1;
+  const int32_t k2 = k - k1;
+  const float s1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
+  const float s2 = bits_to_float(static_cast<uint32_t>(k2 + 127) << 23);
+  const float s = s1 * s2;
+  const float near = fmadd(s, em1, s - 1.f);
+  const float far = ((1.f + em1) * s1) * s2;
+  return k > 64 ? far : near;  // NaN propagates through em1 on both sides
+}
+
+// log1p(x) = log(u) + (x - (u - 1)) / u with u = 1 + x rounded: the correction is the
+// rounding error of that sum (exact for |x| < 1), so tiny |x| give x itself and the rest
+// keeps fast_log's accuracy (its leading term is exact near u = 1). u = 0 and u = inf
+// make the correction 0/0 or inf - inf and take fast_log's -inf and inf unchanged (one
+// NaN test: a compound condition here keeps gcc from vectorising callers).
+PREFOPT_HD PREFOPT_INLINE float fast_log1p(float x) {
+  const float u = 1.f + x;
+  const float corr = (x - (u - 1.f)) / u;
+  return fast_log(u) + (corr == corr ? corr : 0.f);
 }
 
 PREFOPT_HD PREFOPT_INLINE float bf16_to_float(uint16_t h) {

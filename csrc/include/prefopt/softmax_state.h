@@ -70,22 +70,24 @@ PREFOPT_HD PREFOPT_INLINE Shift<Acc> merge_shift(Acc m1, Acc m2, Acc inv_tau) {
   return s;
 }
 
-// r <- r (+) o. Terms weighted by an empty distribution are dropped (they are zero), so a
-// -inf shift never multiplies a zero sum. With the reference absent its fields stay empty.
+// r <- r (+) o. Terms weighted by an empty distribution, or by a scale that underflowed to
+// 0, are dropped (they are zero: exp(d) d -> 0), so a -inf shift (a -inf max, or a tiny T
+// whose scaled gap overflows) never multiplies a zero. With the reference absent its fields
+// stay empty. A NaN sum (a NaN or +inf logit) stays NaN through every merge.
 template <typename Acc>
 PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>& o, Acc inv_tau) {
   const Shift<Acc> A = merge_shift(r.ma, o.ma, inv_tau);
   const Shift<Acc> B = merge_shift(r.mb, o.mb, inv_tau);
   const Acc zero(0);
-  const Acc ua = (r.sa > zero ? A.c1 * (r.ua + A.d1 * r.sa) : zero) +
-                 (o.sa > zero ? A.c2 * (o.ua + A.d2 * o.sa) : zero);
+  const Acc ua = (r.sa > zero && A.c1 > zero ? A.c1 * (r.ua + A.d1 * r.sa) : zero) +
+                 (o.sa > zero && A.c2 > zero ? A.c2 * (o.ua + A.d2 * o.sa) : zero);
   // The larger policy max (the first on ties) owns the argmax, and so the centre yk.
   const Acc yk = r.ma >= o.ma ? r.yk : o.yk;
   const Acc c = kl_centre(yk);
-  const Acc wr = (r.sa > zero ? A.c1 * (r.wr + (A.d1 - (kl_centre(r.yk) - c) * inv_tau) * r.sa) : zero) +
-                 (o.sa > zero ? A.c2 * (o.wr + (A.d2 - (kl_centre(o.yk) - c) * inv_tau) * o.sa) : zero);
-  const Acc wf = (r.sb > zero ? B.c1 * (r.wf + (B.d1 - A.d1) * r.sb) : zero) +
-                 (o.sb > zero ? B.c2 * (o.wf + (B.d2 - A.d2) * o.sb) : zero);
+  const Acc wr = (r.sa > zero && A.c1 > zero ? A.c1 * (r.wr + (A.d1 - (kl_centre(r.yk) - c) * inv_tau) * r.sa) : zero) +
+                 (o.sa > zero && A.c2 > zero ? A.c2 * (o.wr + (A.d2 - (kl_centre(o.yk) - c) * inv_tau) * o.sa) : zero);
+  const Acc wf = (r.sb > zero && B.c1 > zero ? B.c1 * (r.wf + (B.d1 - A.d1) * r.sb) : zero) +
+                 (o.sb > zero && B.c2 > zero ? B.c2 * (o.wf + (B.d2 - A.d2) * o.sb) : zero);
   r.sa = r.sa * A.c1 + o.sa * A.c2;
   r.sb = r.sb * B.c1 + o.sb * B.c2;
   r.ma = A.m;

@@ -1,11 +1,14 @@
 """Triton backend: launches the kernels of ``kernels.py``, one program per token row.
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs the same
-kernels on CPU tensors, which is how they are tested without a GPU.
+kernels on CPU tensors, which is how they are tested without a GPU. js and alpha receive
+their parameters derived here in float64 (``_divergence_params``); the NaN policy and the
+``expm1``/``log1p`` forms are described in ``kernels.py``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -63,7 +66,7 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         _or(stats.ref_row_max, spare), _or(stats.ref_log_norm, spare), _or(stats.ref_logp, spare),
         _or(stats.div, spare), _or(stats.div_s, spare), _or(stats.ref_at_argmax, spare),
         tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
-        vocab, 1.0 / spec.temperature, spec.ignore_index, spec.beta, spec.alpha,
+        vocab, 1.0 / spec.temperature, spec.ignore_index, *_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
         WANT_ENTROPY=spec.want_entropy, WANT_REF_LOGP=stats.ref_logp is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
@@ -89,12 +92,22 @@ def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
         _or(grad_logp, spare), _or(grad_entropy, spare), _or(grad_div, spare),
         tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
         grad_out.stride(0), grad_out.stride(1),
-        vocab, 1.0 / spec.temperature, spec.ignore_index, spec.beta, spec.alpha,
+        vocab, 1.0 / spec.temperature, spec.ignore_index, *_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None,
         GRAD_LOGP=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
         DIVERGENCE=spec.divergence if has_div else 0,
         BLOCK_V=block_v, num_warps=num_warps,
     )
+
+
+def _divergence_params(spec: OpSpec) -> tuple:
+    """``(beta, 1 - beta, log beta, log(1 - beta), alpha, alpha - 1)`` computed in float64 here,
+    rounded to fp32 once at the launch: formed in fp32 from a rounded ``beta`` or ``alpha``,
+    ``1 - beta`` and ``alpha - 1`` lose everything near the ends (``1 + 1e-9`` is ``1.0f``)."""
+    beta, alpha = float(spec.beta), float(spec.alpha)
+    if not 0.0 < beta < 1.0:  # only js reads beta, and validation keeps it inside (0, 1) there
+        beta = 0.5
+    return beta, 1.0 - beta, math.log(beta), math.log1p(-beta), alpha, alpha - 1.0
 
 
 def _or(tensor, fallback):

@@ -17,19 +17,36 @@ The forward keeps, per row and per distribution, a running maximum ``m`` of the 
 When a maximum grows by ``d``, earlier lane sums are rescaled by ``exp(-d / T)`` and the
 relative terms shift by ``-d / T`` times the matching ``z``: one sweep, no second read. The
 non-linear divergences need both log-sum-exps first, so they add a second sweep over the
-same row inside the same program.
+same row inside the same program. Products with a scaled logit are guarded by the
+exponential that weights them (``e > 0``), not by ``x > -inf``: at a tiny ``T`` a finite
+``(x - m) / T`` can overflow to ``-inf``.
+
+js and alpha take their parameters derived in float64 on the host and rounded once
+(``beta, 1 - beta, log beta, log(1 - beta)``; ``alpha, alpha - 1``): ``1 - beta`` or
+``alpha - 1`` formed in fp32 from a rounded ``beta`` or ``alpha`` loses everything near the
+ends. Their terms use ``expm1``/``log1p`` forms (``_expm1``, ``_log1p``: ``tl`` has neither).
+
+NaN policy: ``log_norm`` is NaN exactly when a row holds a NaN or ``+inf`` (``inf - inf``
+in the sweep), so ``log_norm - log_norm`` (0 or NaN) is added to every output that reads
+the row, and a divergence that is not finite stores ``div_s = NaN``. The backward adds
+``log_norm - log_norm`` to every element of a row it does not skip, and ``div_s - div_s``
+where the divergence term is active (weight and upstream gradient non-zero): per-row
+scalars, nothing per element but one add.
 """
 
 import triton
 import triton.language as tl
 
-FORWARD_KL = tl.constexpr(1)
-REVERSE_KL = tl.constexpr(2)
-JS = tl.constexpr(3)
-TV = tl.constexpr(4)
-HELLINGER = tl.constexpr(5)
-CHI2 = tl.constexpr(6)
-ALPHA = tl.constexpr(7)
+from ...divergences import Divergence
+
+# The DIVERGENCE constexpr codes, taken from the registry.
+FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
+REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
+JS = tl.constexpr(int(Divergence.JS))
+TV = tl.constexpr(int(Divergence.TV))
+HELLINGER = tl.constexpr(int(Divergence.HELLINGER))
+CHI2 = tl.constexpr(int(Divergence.CHI2))
+ALPHA = tl.constexpr(int(Divergence.ALPHA))
 
 
 @triton.jit
@@ -64,7 +81,108 @@ def _finish(m, z):
 
 
 @triton.jit
-def _f_value(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
+def _expm1(x):
+    """``exp(x) - 1`` to about 1.5 ulp, also where it is tiny (as ``fast_expm1`` in fastmath.h).
+
+    ``x = k ln2 + r`` with ``|r| <= ln2 / 2``: ``expm1(x) = 2^k expm1(r) + (2^k - 1)``, with
+    ``expm1(r)`` from its Taylor series to degree 7 (leading ``r`` exact) and ``2^k`` built
+    from exponent bits in two factors (exact, where ``tl.exp`` is an approximation on GPUs).
+    Past ``k = 64`` the ``- 1`` is below rounding and the two factors keep ``x`` up to
+    the overflow threshold finite.
+    """
+    finite = x == x
+    xc = tl.where(finite, tl.minimum(tl.maximum(x, -88.0), 88.8), 0.0)
+    kf = tl.floor(xc * 1.4426950408889634 + 0.5)
+    r = (xc - kf * 0.693145751953125) - kf * 1.4286068203094173e-06
+    poly = r * 1.984126984126984e-04 + 1.388888888888889e-03
+    poly = poly * r + 8.333333333333333e-03
+    poly = poly * r + 4.1666666666666664e-02
+    poly = poly * r + 1.6666666666666666e-01
+    poly = poly * r + 0.5
+    em1 = r + (r * r) * poly
+    k = kf.to(tl.int32)
+    k1 = k >> 1
+    s1 = ((k1 + 127) << 23).to(tl.float32, bitcast=True)
+    s2 = ((k - k1 + 127) << 23).to(tl.float32, bitcast=True)
+    s = s1 * s2
+    y = tl.where(k > 64, ((1.0 + em1) * s1) * s2, s * em1 + (s - 1.0))
+    return tl.where(finite, y, x)
+
+
+@triton.jit
+def _log1p(x):
+    """``log(1 + x)`` to about 1.5 ulp, also where it is tiny.
+
+    For ``1 + x`` in ``[sqrt(1/2), sqrt(2))``: ``2 atanh(s)``, ``s = x / (2 + x)``, as
+    ``x - s (x - s^2 R(s^2))`` (fast_log's series, with ``x`` itself exact in the leading
+    term, so no platform ``log`` enters); elsewhere ``log(u)`` of the rounded ``u = 1 + x``
+    plus that sum's rounding error ``(x - (u - 1)) / u``.
+    """
+    s = x / (2.0 + x)
+    s2 = s * s
+    poly = ((0.2222222222222222 * s2 + 0.2857142857142857) * s2 + 0.4) * s2 + 0.6666666666666666
+    series = x - s * (x - s2 * poly)
+    u = 1.0 + x
+    corr = tl.where((u > 0.0) & (u < float("inf")), (x - (u - 1.0)) / u, 0.0)
+    return tl.where((x > -0.29289322) & (x < 0.41421357), series, tl.log(u) + corr)
+
+
+@triton.jit
+def _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta):
+    """js's ``(log(p / m), log(q / m))``, ``m = beta q + (1 - beta) p``, for ``lp``, ``lq`` not
+    both ``-inf``, without cancelling ``lm`` against a nearly equal log (as ``js_logs`` in
+    divergence.h).
+
+    The side of the larger weight, the "main" one (p for ``beta <= 1/2``, else q), is nearest
+    to m. With ``b <= 1/2`` the other side's weight and ``w = log(other / main)``:
+    ``log(m / main) = log1p(b expm1(w))`` for ``-1 <= w <= 30``, else
+    ``logaddexp(log(1 - b), log b + w) = hi + log1p(exp(lo - hi))``;
+    ``log(other / m) = w - log(m / main)``, or ``-log b - log1p(exp(lo - hi))`` once
+    ``w >= -log b``. The logaddexp forms keep a row-constant part exact, so entries on the
+    plateaus of the logs keep the small differences that the gradient's
+    ``f'(t_j) - f'(t_k)`` is made of. The main side = 0 (``w = inf``) gives
+    ``log(other / m) = -log b`` exactly, the other side = 0 gives ``log(main / m) = -log(1 - b)``.
+    """
+    q_main = beta > 0.5
+    b = tl.where(q_main, one_m_beta, beta)
+    log_b = tl.where(q_main, log1m_beta, log_beta)
+    log_1mb = tl.where(q_main, log_beta, log1m_beta)
+    w = tl.where(q_main, lp - lq, lq - lp)
+    u = log_b + w
+    other_side = u >= log_1mb
+    hi = tl.where(other_side, u, log_1mb)
+    lo = tl.where(other_side, log_1mb, u)
+    tail = _log1p(tl.exp(lo - hi))
+    near = (w >= -1.0) & (w <= 30.0)
+    g = tl.where(near, _log1p(b * _expm1(w)), hi + tail)  # log(m / main)
+    other = tl.where(w >= -log_b, -log_b - tail, w - g)
+    return tl.where(q_main, other, -g), tl.where(q_main, -g, other)
+
+
+@triton.jit
+def _alpha_expansion(alpha, am1):
+    """alpha's interior terms are expanded around the nearer of ``alpha = 1`` (``near_one``)
+    and ``alpha = 0``: returns ``near_one``, ``c`` (``alpha - 1`` or ``alpha``), ``1 / c`` and
+    the other one's inverse."""
+    near_one = tl.abs(am1) <= tl.abs(alpha)
+    c = tl.where(near_one, am1, alpha)
+    inv_c = tl.where(near_one, 1.0 / am1, 1.0 / alpha)
+    inv_o = tl.where(near_one, 1.0 / alpha, 1.0 / am1)
+    return near_one, c, inv_c, inv_o
+
+
+@triton.jit
+def _alpha_log_mixed(lp, lq, alpha, am1):
+    """``log(p^a q^(1-a))`` for ``lp > -inf`` from the nearer expansion point (``lp + (a-1) d``
+    or ``lq + a d``, ``d = lp - lq``); ``q = 0`` gives the support's edge, ``inf`` for
+    ``alpha > 1``, else ``-inf``."""
+    near_one, c, _, _ = _alpha_expansion(alpha, am1)
+    edge = tl.where(alpha > 1.0, float("inf"), float("-inf"))
+    return tl.where(lq > float("-inf"), tl.where(near_one, lp, lq) + c * (lp - lq), edge)
+
+
+@triton.jit
+def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE: tl.constexpr):
     """``q f(t)`` of a non-linear divergence from ``lp = log p``, ``lq = log q`` (``-inf`` legal)."""
     has_p = lp > float("-inf")
     has_q = lq > float("-inf")
@@ -72,8 +190,8 @@ def _f_value(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
     q = tl.exp(lq)
     zero = tl.zeros_like(lp)
     if DIVERGENCE == JS:
-        lm = _log_mixture(lp, lq, beta)
-        value = beta * tl.where(has_q, q * (lq - lm), zero) + (1.0 - beta) * tl.where(has_p, p * (lp - lm), zero)
+        lpm, lqm = _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta)
+        value = beta * tl.where(has_q, q * lqm, zero) + one_m_beta * tl.where(has_p, p * lpm, zero)
     elif DIVERGENCE == TV:
         value = 0.5 * tl.abs(p - q)
     elif DIVERGENCE == HELLINGER:
@@ -88,23 +206,31 @@ def _f_value(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
         value = tl.where(d > 0.0, tl.exp(lp + d) * shrink * shrink, q * grow * grow)
         value = tl.where(has_q, value, tl.where(has_p, float("inf"), zero))
     else:
-        # Amari alpha; p^a q^(1-a) at the support's edges is 0 unless an exponent blows it up.
+        # Amari alpha inside the support: near alpha = 1, (p expm1((a-1) d) / (a-1) - (p - q)) / a;
+        # near alpha = 0, (q expm1(a d) / a - (p - q)) / (a-1) (d = lp - lq): the definition
+        # rearranged so that nothing of size p or q cancels against the small divisor.
+        # base expm1(c d) is formed as exp(lb + c d) - base where |c d| >= 1: nothing cancels
+        # there, and it stays finite where expm1 alone would overflow.
+        near_one, c, inv_c, inv_o = _alpha_expansion(alpha, am1)
+        cd = c * (lp - lq)
+        base = tl.where(near_one, p, q)
+        rest = tl.where(tl.abs(cd) < 1.0, base * _expm1(cd), tl.exp(tl.where(near_one, lp, lq) + cd) - base)
+        inner = (rest * inv_c - (p - q)) * inv_o
+        # At the support's edges p^a q^(1-a) is 0 unless an exponent blows it up.
         p_only = tl.where(alpha > 1.0, float("inf"), 0.0)
         q_only = tl.where(alpha < 0.0, float("inf"), 0.0)
-        mixed = tl.where(
-            has_p & has_q,
-            tl.exp(alpha * lp + (1.0 - alpha) * lq),
-            tl.where(has_p, p_only, tl.where(has_q, q_only, zero)),
-        )
-        value = (mixed - alpha * p - (1.0 - alpha) * q) / (alpha * (alpha - 1.0))
+        mixed = tl.where(has_p, p_only, tl.where(has_q, q_only, zero))
+        edge = mixed * (1.0 / (alpha * am1)) - p / am1 + q / alpha
+        value = tl.where(has_p & has_q, inner, edge)
     return value
 
 
 @triton.jit
-def _f_prime(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
+def _f_prime(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE: tl.constexpr):
     """``f'(t)`` of a non-linear divergence where ``p > 0`` (callers weight it by ``p``)."""
     if DIVERGENCE == JS:
-        fprime = (1.0 - beta) * (lp - _log_mixture(lp, lq, beta))
+        lpm, _ = _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta)
+        fprime = one_m_beta * lpm
     elif DIVERGENCE == TV:
         fprime = tl.where(lp > lq, 0.5, tl.where(lp < lq, -0.5, 0.0))
     elif DIVERGENCE == HELLINGER:
@@ -112,41 +238,32 @@ def _f_prime(lp, lq, beta, alpha, DIVERGENCE: tl.constexpr):
     elif DIVERGENCE == CHI2:
         fprime = 2.0 * (tl.exp(lp - lq) - 1.0)
     else:
-        fprime = (tl.exp((alpha - 1.0) * (lp - lq)) - 1.0) / (alpha - 1.0)
+        fprime = _expm1(am1 * (lp - lq)) / am1
     return fprime
 
 
 @triton.jit
-def _centred_slope(lp, lq, fprime_k, shift, beta, alpha, DIVERGENCE: tl.constexpr):
+def _centred_slope(lp, lq, fprime_k, shift, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+                   DIVERGENCE: tl.constexpr):
     """``p (f'(t) - f'(t_k) - shift)``, 0 where ``p = 0``.
 
     Differences of ``f'`` first: exact at the argmax ``k``. Where ``f'(t)`` itself overflows
     (``t`` huge or tiny under a power) or ``p`` underflows while ``p f'(t)`` does not, the
     product is formed in log space instead: chi2 ``2 (exp(2 lp - lq) - p)``, alpha
-    ``(exp(a lp + (1-a) lq) - p) / (a - 1)``.
+    ``(exp(a lp + (1-a) lq) - p) / (a - 1)`` (exponent from ``_alpha_log_mixed``).
     """
     p = tl.exp(lp)
-    fprime = _f_prime(lp, lq, beta, alpha, DIVERGENCE)
+    fprime = _f_prime(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
     centred = tl.where(p > 0.0, p * (fprime - fprime_k - shift), 0.0)
     if DIVERGENCE == CHI2 or DIVERGENCE == ALPHA:
         if DIVERGENCE == CHI2:
             p_fprime = 2.0 * (tl.exp(lp + (lp - lq)) - p)
         else:
-            p_fprime = (tl.exp(alpha * lp + (1.0 - alpha) * lq) - p) / (alpha - 1.0)
+            p_fprime = (tl.exp(_alpha_log_mixed(lp, lq, alpha, am1)) - p) / am1
         direct = (p > 0.0) & (tl.abs(fprime) < float("inf"))
         centred = tl.where(direct, centred, p_fprime - p * (fprime_k + shift))
         centred = tl.where(lp > float("-inf"), centred, 0.0)
     return centred
-
-
-@triton.jit
-def _log_mixture(lp, lq, beta):
-    """``log(beta q + (1 - beta) p)``, exact where either side is ``-inf``."""
-    u = tl.log(beta) + lq
-    v = tl.log(1.0 - beta) + lp
-    hi = tl.maximum(u, v)
-    lo = tl.minimum(u, v)
-    return tl.where(lo > float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)), hi)
 
 
 @triton.jit
@@ -155,7 +272,7 @@ def token_forward_kernel(
     row_max_ptr, log_norm_ptr, logp_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_logp_ptr,
     div_ptr, div_s_ptr, ref_at_argmax_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
-    vocab, inv_temperature, ignore_index, beta, alpha,
+    vocab, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -202,15 +319,19 @@ def token_forward_kernel(
             # Differences of raw logits first, then the temperature: exact where p is large.
             block_max, ma_new, scale_a, shift_a, x_rel, ea = _online_step(ma, x, inv_temperature)
             if WANT_ENTROPY:
-                h = scale_a * (h + shift_a * za) + tl.where(x > float("-inf"), ea * x_rel, 0.0)
+                h = tl.where(scale_a > 0.0, scale_a * (h + shift_a * za), 0.0) + tl.where(ea > 0.0, ea * x_rel, 0.0)
             if HAS_REF:
                 y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 _, mb_new, scale_b, shift_b, y_rel, eb = _online_step(mb, y, inv_temperature)
                 if DIVERGENCE == FORWARD_KL:
-                    k = scale_b * (k + (shift_b - shift_a) * zb) + tl.where(y > float("-inf"), eb * (y_rel - x_rel), 0.0)
+                    k = tl.where(scale_b > 0.0, scale_b * (k + (shift_b - shift_a) * zb), 0.0)
+                    k += tl.where(eb > 0.0, eb * (y_rel - x_rel), 0.0)
                 if DIVERGENCE >= REVERSE_KL:
-                    # The reference logit at the policy's running argmax: the centre of S.
-                    y_block = tl.sum(tl.where(cols == tl.argmax(x, axis=0), y, 0.0), axis=0)
+                    # The reference logit at the policy's running argmax: the centre of S. NaN
+                    # logits are left out of the argmax (the interpreter's rejects an all-NaN
+                    # tile); such a row is NaN anyway.
+                    k_block = tl.argmax(tl.where(x == x, x, float("-inf")), axis=0)
+                    y_block = tl.sum(tl.where(cols == k_block, y, 0.0), axis=0)
                     y_am_new = tl.where(block_max > ma, y_block, y_am)
                 if DIVERGENCE == REVERSE_KL:
                     # Terms u_a - v with v = (y - y_am) / T, shifted as y_am moves. A -inf y_am
@@ -219,7 +340,8 @@ def token_forward_kernel(
                     y_am_new_s = tl.where(y_am_new == float("-inf"), 0.0, y_am_new)
                     shift_v = (y_am_s - y_am_new_s) * inv_temperature
                     v = (y - y_am_new_s) * inv_temperature
-                    k = scale_a * (k + (shift_a - shift_v) * za) + tl.where(x > float("-inf"), ea * (x_rel - v), 0.0)
+                    k = tl.where(scale_a > 0.0, scale_a * (k + (shift_a - shift_v) * za), 0.0)
+                    k += tl.where(ea > 0.0, ea * (x_rel - v), 0.0)
                 if DIVERGENCE >= REVERSE_KL:
                     y_am = y_am_new
                 zb = zb * scale_b + eb
@@ -245,7 +367,7 @@ def token_forward_kernel(
                     div = div_s - log_za - (y_am_s - mb_s) * inv_temperature + log_zb
                 elif DIVERGENCE != 0:
                     # f'(t_k) at the policy's argmax k, whose log p is exactly -log_za.
-                    fprime_k = _f_prime(-log_za, (y_am - mb_s) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
+                    fprime_k = _f_prime(-log_za, (y_am - mb_s) * inv_temperature - log_zb, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
                     values = tl.zeros((BLOCK_V,), tl.float32)
                     centred = tl.zeros((BLOCK_V,), tl.float32)
                     for start in range(0, vocab, BLOCK_V):
@@ -254,11 +376,21 @@ def token_forward_kernel(
                         y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                         lp = (x - ma_s) * inv_temperature - log_za
                         lq = (y - mb_s) * inv_temperature - log_zb
-                        values += tl.where(mask, _f_value(lp, lq, beta, alpha, DIVERGENCE), 0.0)
-                        centred += _centred_slope(lp, lq, fprime_k, 0.0, beta, alpha, DIVERGENCE)
+                        values += tl.where(mask, _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE), 0.0)
+                        centred += _centred_slope(lp, lq, fprime_k, 0.0, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
                     div = tl.sum(values, axis=0)
                     div_s = tl.sum(centred, axis=0)
                 y_at_argmax = y_am
+        # NaN policy (module docstring): 0, or NaN for a row with a NaN or +inf logit.
+        guard_a = log_za - log_za
+        logp += guard_a
+        entropy += guard_a
+        if HAS_REF:
+            guard_b = log_zb - log_zb
+            ref_logp += guard_b
+            if div_on:
+                div += guard_a + guard_b
+                div_s += div - div
     tl.store(row_max_ptr + n, ma_s)
     tl.store(log_norm_ptr + n, log_za)
     if HAS_LABELS:
@@ -283,7 +415,7 @@ def token_backward_kernel(
     row_max_ptr, log_norm_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, div_s_ptr, ref_at_argmax_ptr,
     grad_logp_ptr, grad_entropy_ptr, grad_div_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt, stride_gb, stride_gt,
-    vocab, inv_temperature, ignore_index, beta, alpha,
+    vocab, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -293,7 +425,9 @@ def token_backward_kernel(
     ``f'(t_j) - S`` is formed as ``(f'(t_j) - f'(t_k)) - div_s`` with the centred ``div_s``
     of ``RowStats`` (forward KL: ``p_j f'(t_j) - p_j S = p_j - q_j`` directly).
     ``DIVERGENCE`` is 0 when no divergence gradient is needed. Every element of the row is
-    read before it is written, so ``grad_ptr`` may alias ``a_ptr``.
+    read before it is written, so ``grad_ptr`` may alias ``a_ptr``. A row that is not
+    skipped gets ``log_norm - log_norm`` (and ``div_s - div_s`` where the divergence term is
+    active) added to every element: NaN rows stay NaN whatever the upstream gradients.
     """
     n = tl.program_id(0)
     valid = True
@@ -304,10 +438,10 @@ def token_backward_kernel(
     div_on = valid
     if HAS_WEIGHT:
         div_on = valid & (tl.load(weight_ptr + n) != 0.0)
-    # With only a divergence gradient to write, a zero weight skips the row's reads.
-    needed = valid
-    if not (GRAD_LOGP or GRAD_ENTROPY):
-        needed = div_on
+    # The forward's skip rule: without labels a zero weight skips the row.
+    needed = div_on
+    if HAS_LABELS:
+        needed = valid
 
     g_logp = 0.0
     if GRAD_LOGP:
@@ -333,7 +467,17 @@ def token_backward_kernel(
     if DIVERGENCE >= REVERSE_KL:
         y_am = tl.load(ref_at_argmax_ptr + n)
     if DIVERGENCE > REVERSE_KL:
-        fprime_k = _f_prime(-log_za, (y_am - mb) * inv_temperature - log_zb, beta, alpha, DIVERGENCE)
+        fprime_k = _f_prime(-log_za, (y_am - mb) * inv_temperature - log_zb, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+    guard = log_za - log_za
+    div_active = False
+    if DIVERGENCE != 0:
+        div_active = g_div != 0.0
+        guard += tl.where(div_active, div_s - div_s, 0.0)
+    guard = tl.where(needed, guard, 0.0)
+    # The row is read only where some term of its gradient is asked for.
+    compute = needed
+    if not (GRAD_LOGP or GRAD_ENTROPY):
+        compute = needed & div_active
 
     a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
     b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
@@ -342,7 +486,7 @@ def token_backward_kernel(
     for start in range(0, vocab, BLOCK_V):
         mask = start + cols < vocab
         grad = tl.zeros((BLOCK_V,), tl.float32)
-        if needed:
+        if compute:
             x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             lp = (x - ma) * inv_temperature - log_za
             p = tl.exp(lp)
@@ -351,7 +495,7 @@ def token_backward_kernel(
             if GRAD_ENTROPY:
                 grad -= g_entropy * tl.where(p > 0.0, p * (lp + entropy), 0.0)
             if DIVERGENCE != 0:
-                if div_on:
+                if div_active:
                     y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                     if DIVERGENCE == FORWARD_KL:
                         # p f'(t) = -q and S = -1: the gradient is p - q.
@@ -361,6 +505,6 @@ def token_backward_kernel(
                         grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
                     else:
                         lq = (y - mb) * inv_temperature - log_zb
-                        grad += g_div * _centred_slope(lp, lq, fprime_k, div_s, beta, alpha, DIVERGENCE)
-            grad = grad * inv_temperature
+                        grad += g_div * _centred_slope(lp, lq, fprime_k, div_s, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+        grad = grad * inv_temperature + guard
         tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
