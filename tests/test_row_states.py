@@ -97,8 +97,9 @@ def test_sliced_rows_match_the_whole_row(backend, divergence, case, seed, entrop
     has_ref = divergence is not None
     spec = OpSpec(temperature=case.temperature, divergence=Divergence[divergence.upper()] if has_ref else 0,
                   beta=0.3, alpha=0.6, want_logp=True, want_ref_logp=has_ref, want_entropy=entropy)
-    labels = case.labels.reshape(-1)
-    weight = None if (case.weight is None or not has_ref) else case.weight.reshape(-1)
+    # The backend interface: labels and weight are contiguous [N].
+    labels = case.labels.reshape(-1).contiguous()
+    weight = None if (case.weight is None or not has_ref) else case.weight.reshape(-1).contiguous()
     rows, ref_rows = _as_rows(a, b if has_ref else None)
     stats = _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng)
 

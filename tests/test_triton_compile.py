@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from prefopt_kernels.backends.triton import kernels
+    from prefopt_kernels.divergences import Divergence
 
     FLOATS = {"inv_temperature", "beta", "one_m_beta", "log_beta", "log1m_beta", "alpha", "am1"}
 
@@ -44,7 +45,8 @@ SCRIPT = textwrap.dedent(
         assert compiled.asm.get("cubin"), "no cubin produced"
 
     count = 0
-    for dtype, divergence, labels, weight in itertools.product(("bf16", "fp32"), range(8), (True, False), (True, False)):
+    codes = [0] + [int(d) for d in Divergence]
+    for dtype, divergence, labels, weight in itertools.product(("bf16", "fp32"), codes, (True, False), (True, False)):
         if not labels and divergence == 0:
             continue
         rows = {"a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "labels_ptr": "*i64"}
@@ -54,7 +56,14 @@ SCRIPT = textwrap.dedent(
         compile_one(kernels.token_backward_kernel, dict(rows, grad_ptr="*" + dtype), dict(
             HAS_LABELS=labels, HAS_WEIGHT=weight, GRAD_LOGP=labels, GRAD_ENTROPY=labels,
             DIVERGENCE=divergence, BLOCK_V=4096))
-        count += 2
+        compile_one(kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(
+            HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_ENTROPY=labels,
+            DIVERGENCE=divergence, BLOCK_V=4096))
+        count += 3
+        if divergence and Divergence(divergence).second_sweep:
+            compile_one(kernels.slice_sweep_kernel, rows, dict(
+                HAS_LABELS=labels, HAS_WEIGHT=weight, DIVERGENCE=divergence, BLOCK_V=4096))
+            count += 1
     print("compiled", count)
     """
 )
@@ -68,4 +77,10 @@ def test_every_specialisation_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 120" in result.stdout
+    from prefopt_kernels.divergences import Divergence
+
+    # Forward, backward and slice state for every (dtype, divergence or none, labels,
+    # weight) but the label-less, divergence-less four; the sweep for second-sweep divergences.
+    specialisations = 2 * (len(Divergence) + 1) * 4 - 2 * 2
+    sweeps = 2 * sum(d.second_sweep for d in Divergence) * 4
+    assert f"compiled {3 * specialisations + sweeps}" in result.stdout, result.stdout

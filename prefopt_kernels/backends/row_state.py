@@ -94,7 +94,8 @@ def empty(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> R
         state.ref_sum_exp = zeros()
         state.ref_label_logit = zeros()
         if spec.divergence:
-            state.ref_at_argmax = zeros()
+            if Divergence(spec.divergence).centred:
+                state.ref_at_argmax = zeros()
             if spec.divergence == Divergence.FORWARD_KL:
                 state.fkl_acc = zeros()
             if spec.divergence == Divergence.REVERSE_KL:

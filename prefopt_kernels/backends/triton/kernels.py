@@ -267,6 +267,108 @@ def _centred_slope(lp, lq, fprime_k, shift, beta, one_m_beta, log_beta, log1m_be
 
 
 @triton.jit
+def _first_pass(a_row, b_row, vocab, inv_temperature,
+                HAS_REF: tl.constexpr, WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
+                TRACK_ARGMAX: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The first sweep over ``vocab`` entries of one row (a whole row, or a slice of it).
+
+    Returns ``(ma, za, h, mb, zb, k, y_am, k_idx)``: raw maxima ``ma``, ``mb``; the lane sums
+    ``za``, ``zb`` relative to them; the entropy lanes ``h`` (``WANT_ENTROPY``); the KL lanes
+    ``k`` (forward KL relative to both maxima, reverse KL to ``ma`` and the centre ``y_am``);
+    the reference logit ``y_am`` at the policy's first argmax; and, with ``TRACK_ARGMAX``,
+    that argmax's index (-1 while every policy logit is ``-inf``).
+    """
+    cols = tl.arange(0, BLOCK_V)
+    ma = float("-inf")
+    mb = float("-inf")
+    y_am = 0.0
+    k_idx = -1
+    za = tl.zeros((BLOCK_V,), tl.float32)
+    zb = tl.zeros((BLOCK_V,), tl.float32)
+    h = tl.zeros((BLOCK_V,), tl.float32)
+    k = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        mask = start + cols < vocab
+        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        # Differences of raw logits first, then the temperature: exact where p is large.
+        block_max, ma_new, scale_a, shift_a, x_rel, ea = _online_step(ma, x, inv_temperature)
+        if WANT_ENTROPY:
+            h = tl.where(scale_a > 0.0, scale_a * (h + shift_a * za), 0.0) + tl.where(ea > 0.0, ea * x_rel, 0.0)
+        if TRACK_ARGMAX or (HAS_REF and DIVERGENCE >= REVERSE_KL):
+            # The policy's running argmax (the first on ties). NaN logits are left out (the
+            # interpreter rejects an all-NaN tile); such a row is NaN anyway.
+            k_block = tl.argmax(tl.where(x == x, x, float("-inf")), axis=0)
+            if TRACK_ARGMAX:
+                k_idx = tl.where(block_max > ma, start + k_block, k_idx)
+        if HAS_REF:
+            y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            _, mb_new, scale_b, shift_b, y_rel, eb = _online_step(mb, y, inv_temperature)
+            if DIVERGENCE == FORWARD_KL:
+                k = tl.where(scale_b > 0.0, scale_b * (k + (shift_b - shift_a) * zb), 0.0)
+                k += tl.where(eb > 0.0, eb * (y_rel - x_rel), 0.0)
+            if DIVERGENCE >= REVERSE_KL:
+                # The reference logit at the policy's running argmax: the centre of S.
+                y_block = tl.sum(tl.where(cols == k_block, y, 0.0), axis=0)
+                y_am_new = tl.where(block_max > ma, y_block, y_am)
+            if DIVERGENCE == REVERSE_KL:
+                # Terms u_a - v with v = (y - y_am) / T, shifted as y_am moves. A -inf y_am
+                # (q_k = 0: the KL is +inf) is centred at 0 instead, which keeps it +inf.
+                y_am_s = tl.where(y_am == float("-inf"), 0.0, y_am)
+                y_am_new_s = tl.where(y_am_new == float("-inf"), 0.0, y_am_new)
+                shift_v = (y_am_s - y_am_new_s) * inv_temperature
+                v = (y - y_am_new_s) * inv_temperature
+                k = tl.where(scale_a > 0.0, scale_a * (k + (shift_a - shift_v) * za), 0.0)
+                k += tl.where(ea > 0.0, ea * (x_rel - v), 0.0)
+            if DIVERGENCE >= REVERSE_KL:
+                y_am = y_am_new
+            zb = zb * scale_b + eb
+            mb = mb_new
+        za = za * scale_a + ea
+        ma = ma_new
+    return ma, za, h, mb, zb, k, y_am, k_idx
+
+
+@triton.jit
+def _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, y_am,
+                 beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+                 DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` over ``vocab`` entries, given the row's final
+    statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``."""
+    fprime_k = _f_prime(-log_za, (y_am - mb_s) * inv_temperature - log_zb, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+    cols = tl.arange(0, BLOCK_V)
+    values = tl.zeros((BLOCK_V,), tl.float32)
+    centred = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        mask = start + cols < vocab
+        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        lp = (x - ma_s) * inv_temperature - log_za
+        lq = (y - mb_s) * inv_temperature - log_zb
+        values += tl.where(mask, _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE), 0.0)
+        centred += _centred_slope(lp, lq, fprime_k, 0.0, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+    return tl.sum(values, axis=0), tl.sum(centred, axis=0)
+
+
+@triton.jit
+def _row_plan(n, labels_ptr, weight_ptr, ignore_index,
+              HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """``(label, read, div_on)`` of row ``n``: an ignored label skips the row; a zero weight
+    drops the divergence, and skips the row when the op has no labels."""
+    valid = True
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + n)
+        valid = label != ignore_index
+    div_on = valid
+    if HAS_WEIGHT:
+        div_on = valid & (tl.load(weight_ptr + n) != 0.0)
+    read = div_on
+    if HAS_LABELS:
+        read = valid
+    return label, read, div_on
+
+
+@triton.jit
 def token_forward_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
     row_max_ptr, log_norm_ptr, logp_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_logp_ptr,
@@ -277,20 +379,10 @@ def token_forward_kernel(
     WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """A whole row: the first pass, finished in the program, and the second where needed."""
     n = tl.program_id(0)
-    valid = True
-    label = 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + n)
-        valid = label != ignore_index
-        label = tl.minimum(tl.maximum(label, 0), vocab - 1)
-    div_on = valid
-    if HAS_WEIGHT:
-        div_on = valid & (tl.load(weight_ptr + n) != 0.0)
-    # Without labels the divergence is the only output: a zero weight skips the row.
-    needed = div_on
-    if HAS_LABELS:
-        needed = valid
+    label, needed, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
+    label = tl.minimum(tl.maximum(label, 0), vocab - 1)
 
     ma_s = 0.0
     log_za = 0.0
@@ -305,49 +397,8 @@ def token_forward_kernel(
     if needed:
         a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
         b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
-        cols = tl.arange(0, BLOCK_V)
-        ma = float("-inf")
-        mb = float("-inf")
-        y_am = 0.0
-        za = tl.zeros((BLOCK_V,), tl.float32)
-        zb = tl.zeros((BLOCK_V,), tl.float32)
-        h = tl.zeros((BLOCK_V,), tl.float32)
-        k = tl.zeros((BLOCK_V,), tl.float32)
-        for start in range(0, vocab, BLOCK_V):
-            mask = start + cols < vocab
-            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            # Differences of raw logits first, then the temperature: exact where p is large.
-            block_max, ma_new, scale_a, shift_a, x_rel, ea = _online_step(ma, x, inv_temperature)
-            if WANT_ENTROPY:
-                h = tl.where(scale_a > 0.0, scale_a * (h + shift_a * za), 0.0) + tl.where(ea > 0.0, ea * x_rel, 0.0)
-            if HAS_REF:
-                y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                _, mb_new, scale_b, shift_b, y_rel, eb = _online_step(mb, y, inv_temperature)
-                if DIVERGENCE == FORWARD_KL:
-                    k = tl.where(scale_b > 0.0, scale_b * (k + (shift_b - shift_a) * zb), 0.0)
-                    k += tl.where(eb > 0.0, eb * (y_rel - x_rel), 0.0)
-                if DIVERGENCE >= REVERSE_KL:
-                    # The reference logit at the policy's running argmax: the centre of S. NaN
-                    # logits are left out of the argmax (the interpreter's rejects an all-NaN
-                    # tile); such a row is NaN anyway.
-                    k_block = tl.argmax(tl.where(x == x, x, float("-inf")), axis=0)
-                    y_block = tl.sum(tl.where(cols == k_block, y, 0.0), axis=0)
-                    y_am_new = tl.where(block_max > ma, y_block, y_am)
-                if DIVERGENCE == REVERSE_KL:
-                    # Terms u_a - v with v = (y - y_am) / T, shifted as y_am moves. A -inf y_am
-                    # (q_k = 0: the KL is +inf) is centred at 0 instead, which keeps it +inf.
-                    y_am_s = tl.where(y_am == float("-inf"), 0.0, y_am)
-                    y_am_new_s = tl.where(y_am_new == float("-inf"), 0.0, y_am_new)
-                    shift_v = (y_am_s - y_am_new_s) * inv_temperature
-                    v = (y - y_am_new_s) * inv_temperature
-                    k = tl.where(scale_a > 0.0, scale_a * (k + (shift_a - shift_v) * za), 0.0)
-                    k += tl.where(ea > 0.0, ea * (x_rel - v), 0.0)
-                if DIVERGENCE >= REVERSE_KL:
-                    y_am = y_am_new
-                zb = zb * scale_b + eb
-                mb = mb_new
-            za = za * scale_a + ea
-            ma = ma_new
+        ma, za, h, mb, zb, k, y_am, _ = _first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
+                                                    WANT_ENTROPY, DIVERGENCE, False, BLOCK_V)
         ma_s, sum_za, log_za = _finish(ma, za)
         if HAS_LABELS:
             logp = (tl.load(a_row + label).to(tl.float32) - ma_s) * inv_temperature - log_za
@@ -366,20 +417,9 @@ def token_forward_kernel(
                     y_am_s = tl.where(y_am == float("-inf"), 0.0, y_am)
                     div = div_s - log_za - (y_am_s - mb_s) * inv_temperature + log_zb
                 elif DIVERGENCE != 0:
-                    # f'(t_k) at the policy's argmax k, whose log p is exactly -log_za.
-                    fprime_k = _f_prime(-log_za, (y_am - mb_s) * inv_temperature - log_zb, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
-                    values = tl.zeros((BLOCK_V,), tl.float32)
-                    centred = tl.zeros((BLOCK_V,), tl.float32)
-                    for start in range(0, vocab, BLOCK_V):
-                        mask = start + cols < vocab
-                        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                        y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                        lp = (x - ma_s) * inv_temperature - log_za
-                        lq = (y - mb_s) * inv_temperature - log_zb
-                        values += tl.where(mask, _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE), 0.0)
-                        centred += _centred_slope(lp, lq, fprime_k, 0.0, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
-                    div = tl.sum(values, axis=0)
-                    div_s = tl.sum(centred, axis=0)
+                    div, div_s = _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
+                                              y_am, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+                                              DIVERGENCE, BLOCK_V)
                 y_at_argmax = y_am
         # NaN policy (module docstring): 0, or NaN for a row with a NaN or +inf logit.
         guard_a = log_za - log_za
@@ -410,12 +450,99 @@ def token_forward_kernel(
 
 
 @triton.jit
+def slice_state_kernel(
+    a_ptr, b_ptr, labels_ptr, weight_ptr,
+    max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
+    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, kl_acc_ptr,
+    tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
+    vocab, v0, inv_temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The first-pass state (``backends/row_state.py``) of the slice ``[v0, v0 + vocab)``.
+
+    The same first pass as a whole row, left unfinished: raw maxima, lane sums reduced to
+    one per row, the argmax as a global index, and the label logits when the slice holds
+    the label. ``kl_acc`` is the forward or reverse KL accumulator, 0 where the divergence
+    is off. Rows that are not read get the empty state.
+    """
+    n = tl.program_id(0)
+    label, read, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
+    owned = read & (label >= v0) & (label < v0 + vocab)
+    local = tl.minimum(tl.maximum(label - v0, 0), tl.maximum(vocab - 1, 0))
+    ma = float("-inf")
+    sum_za = 0.0
+    ent = 0.0
+    k_idx = -1
+    a_y = 0.0
+    mb = float("-inf")
+    sum_zb = 0.0
+    b_y = 0.0
+    y_am = 0.0
+    kl = 0.0
+    if read:
+        a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
+        b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
+        ma, za, h, mb, zb, k, y_am, k_idx = _first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
+                                                        WANT_ENTROPY, DIVERGENCE, True, BLOCK_V)
+        sum_za = tl.sum(za, axis=0)
+        ent = tl.sum(h, axis=0)
+        sum_zb = tl.sum(zb, axis=0)
+        kl = tl.where(div_on, tl.sum(k, axis=0), 0.0)
+        if owned:
+            a_y = tl.load(a_row + local).to(tl.float32)
+            if HAS_REF:
+                b_y = tl.load(b_row + local).to(tl.float32)
+    tl.store(max_ptr + n, ma)
+    tl.store(sum_exp_ptr + n, sum_za)
+    tl.store(argmax_ptr + n, tl.where(k_idx >= 0, k_idx + v0, -1).to(tl.int64))
+    tl.store(label_logit_ptr + n, a_y)
+    if WANT_ENTROPY:
+        tl.store(ent_acc_ptr + n, ent)
+    if HAS_REF:
+        tl.store(ref_max_ptr + n, mb)
+        tl.store(ref_sum_exp_ptr + n, sum_zb)
+        tl.store(ref_label_logit_ptr + n, b_y)
+        if DIVERGENCE >= REVERSE_KL:
+            tl.store(ref_at_argmax_ptr + n, tl.where(k_idx >= 0, y_am, 0.0))
+        if DIVERGENCE == FORWARD_KL or DIVERGENCE == REVERSE_KL:
+            tl.store(kl_acc_ptr + n, kl)
+
+
+@triton.jit
+def slice_sweep_kernel(
+    a_ptr, b_ptr, labels_ptr, weight_ptr,
+    row_max_ptr, log_norm_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_at_argmax_ptr,
+    value_ptr, centred_ptr,
+    tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
+    vocab, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+    HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """A slice's partial second-sweep sums, given the row's final statistics (0 where the
+    divergence is off)."""
+    n = tl.program_id(0)
+    _, read, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
+    value = 0.0
+    centred = 0.0
+    if div_on:
+        a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
+        b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
+        value, centred = _second_pass(a_row, b_row, vocab, inv_temperature,
+                                      tl.load(row_max_ptr + n), tl.load(log_norm_ptr + n),
+                                      tl.load(ref_row_max_ptr + n), tl.load(ref_log_norm_ptr + n),
+                                      tl.load(ref_at_argmax_ptr + n),
+                                      beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE, BLOCK_V)
+    tl.store(value_ptr + n, value)
+    tl.store(centred_ptr + n, centred)
+
+
+@triton.jit
 def token_backward_kernel(
     a_ptr, b_ptr, grad_ptr, labels_ptr, weight_ptr,
     row_max_ptr, log_norm_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, div_s_ptr, ref_at_argmax_ptr,
     grad_logp_ptr, grad_entropy_ptr, grad_div_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt, stride_gb, stride_gt,
-    vocab, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+    vocab, v0, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -425,23 +552,15 @@ def token_backward_kernel(
     ``f'(t_j) - S`` is formed as ``(f'(t_j) - f'(t_k)) - div_s`` with the centred ``div_s``
     of ``RowStats`` (forward KL: ``p_j f'(t_j) - p_j S = p_j - q_j`` directly).
     ``DIVERGENCE`` is 0 when no divergence gradient is needed. Every element of the row is
-    read before it is written, so ``grad_ptr`` may alias ``a_ptr``. A row that is not
+    read before it is written, so ``grad_ptr`` may alias ``a_ptr``. The row may be the
+    slice ``[v0, v0 + vocab)`` of a wider vocabulary (a whole row has ``v0 = 0``): only the
+    statistics of the whole row enter. A row that is not
     skipped gets ``log_norm - log_norm`` (and ``div_s - div_s`` where the divergence term is
     active) added to every element: NaN rows stay NaN whatever the upstream gradients.
     """
     n = tl.program_id(0)
-    valid = True
-    label = -1
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + n)
-        valid = label != ignore_index
-    div_on = valid
-    if HAS_WEIGHT:
-        div_on = valid & (tl.load(weight_ptr + n) != 0.0)
-    # The forward's skip rule: without labels a zero weight skips the row.
-    needed = div_on
-    if HAS_LABELS:
-        needed = valid
+    label, needed, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
+    label = label - v0
 
     g_logp = 0.0
     if GRAD_LOGP:
