@@ -205,7 +205,7 @@ def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
         grow = tl.exp(tl.minimum(d, 0.0)) - 1.0
         value = tl.where(d > 0.0, tl.exp(lp + d) * shrink * shrink, q * grow * grow)
         value = tl.where(has_q, value, tl.where(has_p, float("inf"), zero))
-    else:
+    elif DIVERGENCE == ALPHA:
         # Amari alpha inside the support: near alpha = 1, (p expm1((a-1) d) / (a-1) - (p - q)) / a;
         # near alpha = 0, (q expm1(a d) / a - (p - q)) / (a-1) (d = lp - lq): the definition
         # rearranged so that nothing of size p or q cancels against the small divisor.
@@ -222,6 +222,8 @@ def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
         mixed = tl.where(has_p, p_only, tl.where(has_q, q_only, zero))
         edge = mixed * (1.0 / (alpha * am1)) - p / am1 + q / alpha
         value = tl.where(has_p & has_q, inner, edge)
+    else:
+        tl.static_assert(False, "unknown DIVERGENCE code")
     return value
 
 
@@ -237,8 +239,10 @@ def _f_prime(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
         fprime = 1.0 - tl.exp(0.5 * (lq - lp))
     elif DIVERGENCE == CHI2:
         fprime = 2.0 * (tl.exp(lp - lq) - 1.0)
-    else:
+    elif DIVERGENCE == ALPHA:
         fprime = _expm1(am1 * (lp - lq)) / am1
+    else:
+        tl.static_assert(False, "unknown DIVERGENCE code")
     return fprime
 
 

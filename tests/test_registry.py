@@ -1,0 +1,48 @@
+"""One divergence registry: Python, Triton and C++ agree on every code, and unknown codes fail."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefopt_kernels as pk
+from prefopt_kernels.backends import OpSpec, reference
+from prefopt_kernels.divergences import DIVERGENCES, GENERATORS, Divergence, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_names_codes_and_generators_come_from_the_enum():
+    assert DIVERGENCES == tuple(d.key for d in Divergence) == pk.DIVERGENCES
+    assert sorted(int(d) for d in Divergence) == list(range(1, len(Divergence) + 1))
+    assert set(GENERATORS) == set(Divergence)
+    for d in Divergence:
+        assert resolve(d.key, 0.5, 0.5)[0] is d
+    # Forward KL alone has S = -1 exactly; the two KLs alone finish in the first sweep.
+    assert [d for d in Divergence if not d.centred] == [Divergence.FORWARD_KL]
+    assert {d for d in Divergence if not d.second_sweep} == {Divergence.FORWARD_KL, Divergence.REVERSE_KL}
+    assert {d: d.parameter for d in Divergence if d.parameter} == {Divergence.JS: "beta", Divergence.ALPHA: "alpha"}
+
+
+def test_the_cpp_enum_matches():
+    header = (ROOT / "csrc" / "include" / "prefopt" / "common.h").read_text()
+    body = re.search(r"enum Divergence : int \{(.*?)\};", header, re.S).group(1)
+    cpp = {name.lower(): int(code) for name, code in re.findall(r"k(\w+) = (\d+)", body)}
+    assert cpp.pop("nodivergence") == 0
+    assert cpp == {d.name.replace("_", "").lower(): int(d) for d in Divergence}
+
+
+def test_the_triton_constants_match():
+    kernels = pytest.importorskip("prefopt_kernels.backends.triton.kernels")
+    for d in Divergence:
+        assert getattr(kernels, d.name).value == int(d)
+
+
+def test_an_unknown_code_fails_loudly():
+    with pytest.raises(ValueError):
+        Divergence(len(Divergence) + 1)
+    spec = OpSpec(divergence=len(Divergence) + 1)
+    a = torch.randn(2, 5)
+    with pytest.raises((KeyError, ValueError)):
+        reference.evaluate(a, None, a, None, spec)
