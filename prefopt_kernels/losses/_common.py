@@ -315,3 +315,20 @@ def preference_metrics(
     for key, value in extra.items():
         out[key.replace("__", "/")] = value.detach().mean()
     return out
+
+
+def check_token_pairs(chosen_logratios, chosen_kl, chosen_cu_seqlens,
+                      rejected_logratios, rejected_kl, rejected_cu_seqlens):
+    """Check the per-token inputs of a token-level pairwise loss; return ``(cu_w, cu_l, dtype)``.
+
+    Each side is padded ``[B, T]`` (``cu_seqlens`` None) or packed ``[N]`` with its
+    ``cu_seqlens``; both sides must hold the same number of sequences, on one device.
+    ``dtype`` is the floating dtype the loss computes in.
+    """
+    cu_w, n_w = check_token_layout("chosen_cu_seqlens", chosen_cu_seqlens,
+                                   chosen_logratios=chosen_logratios, chosen_kl=chosen_kl)
+    cu_l, n_l = check_token_layout("rejected_cu_seqlens", rejected_cu_seqlens,
+                                   rejected_logratios=rejected_logratios, rejected_kl=rejected_kl)
+    check_pair_count("chosen_logratios", n_w, "rejected_logratios", n_l)
+    check_same_device(chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios)
+    return cu_w, cu_l, compute_dtype(chosen_logratios, rejected_logratios, chosen_kl, rejected_kl)

@@ -6,12 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    check_pair_count,
     check_positive,
     check_reduction,
-    check_same_device,
-    check_token_layout,
-    compute_dtype,
+    check_token_pairs,
     preference_metrics,
     real_scalar,
     reduce,
@@ -75,13 +72,8 @@ def sparse_po_loss(
     l1_reward = real_scalar("l1_reward", l1_reward, 0.0)
     l1_kl = real_scalar("l1_kl", l1_kl, 0.0)
     check_reduction(reduction)
-    cu_w, n_w = check_token_layout("chosen_cu_seqlens", chosen_cu_seqlens,
-                                   chosen_logratios=chosen_logratios, chosen_kl=chosen_kl)
-    cu_l, n_l = check_token_layout("rejected_cu_seqlens", rejected_cu_seqlens,
-                                   rejected_logratios=rejected_logratios, rejected_kl=rejected_kl)
-    check_pair_count("chosen_logratios", n_w, "rejected_logratios", n_l)
-    check_same_device(chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios)
-    dtype = compute_dtype(chosen_logratios, rejected_logratios, chosen_kl, rejected_kl)
+    cu_w, cu_l, dtype = check_token_pairs(chosen_logratios, chosen_kl, chosen_cu_seqlens,
+                                          rejected_logratios, rejected_kl, rejected_cu_seqlens)
 
     def side(prefix, logratios, kl, reward_mask, kl_mask, valid, cu):
         lr_name = f"{prefix}_logratios"

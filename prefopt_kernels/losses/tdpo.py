@@ -8,12 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    check_pair_count,
     check_positive,
     check_reduction,
-    check_same_device,
-    check_token_layout,
-    compute_dtype,
+    check_token_pairs,
     preference_metrics,
     reduce,
     sequence_sum,
@@ -69,13 +66,8 @@ def tdpo_loss(
         raise ValueError(f"variant must be the int 1 (TDPO1) or 2 (TDPO2), got {variant!r}")
     alpha = check_positive("alpha", alpha)
     check_reduction(reduction)
-    cu_w, n_w = check_token_layout("chosen_cu_seqlens", chosen_cu_seqlens,
-                                   chosen_logratios=chosen_logratios, chosen_kl=chosen_kl)
-    cu_l, n_l = check_token_layout("rejected_cu_seqlens", rejected_cu_seqlens,
-                                   rejected_logratios=rejected_logratios, rejected_kl=rejected_kl)
-    check_pair_count("chosen_logratios", n_w, "rejected_logratios", n_l)
-    check_same_device(chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios)
-    dtype = compute_dtype(chosen_logratios, rejected_logratios, chosen_kl, rejected_kl)
+    cu_w, cu_l, dtype = check_token_pairs(chosen_logratios, chosen_kl, chosen_cu_seqlens,
+                                          rejected_logratios, rejected_kl, rejected_cu_seqlens)
     m_w = token_mask("chosen_mask", chosen_mask, chosen_logratios, "chosen_logratios", dtype)
     m_l = token_mask("rejected_mask", rejected_mask, rejected_logratios, "rejected_logratios", dtype)
     sum_w = sequence_sum(chosen_logratios.to(dtype), m_w, cu_seqlens=cu_w)
