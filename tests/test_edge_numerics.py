@@ -9,7 +9,6 @@ of size 1e-7 be 100% wrong.
 
 from __future__ import annotations
 
-
 import mpmath
 import pytest
 import torch
