@@ -21,7 +21,7 @@ from prefopt_kernels.backends import OpSpec, row_state
 from prefopt_kernels.divergences import Divergence
 from prefopt_kernels.ops import _as_rows
 
-from contract import assert_grads_close, assert_tokens_close, oracle, row_scale
+from contract import DEVICE, assert_grads_close, assert_tokens_close, oracle, row_scale
 from strategies import cases, scaled
 
 ROW_STATE_BACKENDS = [name for name in pk.available_backends()
@@ -63,8 +63,8 @@ def _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng):
     stats = row_state.finalize(_merge_in_random_order(pieces, spec, rng), labels, weight, spec)
     if spec.divergence and Divergence(spec.divergence).second_sweep:
         rng.shuffle(order)
-        value = torch.zeros(n, dtype=torch.float64)
-        centred = torch.zeros(n, dtype=torch.float64)
+        value = torch.zeros(n, dtype=torch.float64, device=rows.device)
+        centred = torch.zeros(n, dtype=torch.float64, device=rows.device)
         for idx in order:
             v0, v1 = cuts[idx]
             part_value, part_centred = module.sweep(stats, rows[..., v0:v1], ref_rows[..., v0:v1],
@@ -98,12 +98,12 @@ def test_sliced_rows_match_the_whole_row(backend, divergence, case, seed, entrop
     spec = OpSpec(temperature=case.temperature, divergence=Divergence[divergence.upper()] if has_ref else 0,
                   beta=0.3, alpha=0.6, want_logp=True, want_ref_logp=has_ref, want_entropy=entropy)
     # The backend interface: labels and weight are contiguous [N].
-    labels = case.labels.reshape(-1).contiguous()
-    weight = None if (case.weight is None or not has_ref) else case.weight.reshape(-1).contiguous()
-    rows, ref_rows = _as_rows(a, b if has_ref else None)
+    labels = case.labels.reshape(-1).contiguous().to(DEVICE)
+    weight = None if (case.weight is None or not has_ref) else case.weight.reshape(-1).contiguous().to(DEVICE)
+    rows, ref_rows = _as_rows(a.to(DEVICE), b.to(DEVICE) if has_ref else None)
     stats = _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng)
 
-    want, grad_ref = oracle(a, case.labels, b if has_ref else None, weight if weight is None else case.weight,
+    want, grad_ref = oracle(a, case.labels, b if has_ref else None, None if weight is None else case.weight,
                             divergence=divergence, beta=0.3, alpha=0.6, temperature=case.temperature,
                             want_logp=True, want_ref_logp=has_ref, want_entropy=entropy,
                             upstream=_upstream(case.labels.shape, seed, entropy, has_ref))
@@ -114,8 +114,8 @@ def test_sliced_rows_match_the_whole_row(backend, divergence, case, seed, entrop
 
     # Each slice's gradient from the final statistics alone.
     up = _upstream(case.labels.shape, seed, entropy, has_ref)
-    flat_up = {k: v.reshape(-1) for k, v in up.items()}
-    grad = torch.empty(rows.shape, dtype=a.dtype)
+    flat_up = {k: v.reshape(-1).to(DEVICE) for k, v in up.items()}
+    grad = torch.empty(rows.shape, dtype=a.dtype, device=DEVICE)
     rng.shuffle(cuts)
     for v0, v1 in cuts:
         module.slice_backward(rows[..., v0:v1], labels, None if ref_rows is None else ref_rows[..., v0:v1],

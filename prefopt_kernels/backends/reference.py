@@ -220,7 +220,7 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
     dtype = state.max.dtype
 
     def distribution(z):
-        m = z.amax(-1) if width else torch.full((n,), -math.inf, dtype=torch.float64)
+        m = z.amax(-1) if width else torch.full((n,), -math.inf, dtype=torch.float64, device=z.device)
         m_s = torch.where(m == -math.inf, 0.0, m)
         u = (z - m_s[:, None]) * inv_t
         e = torch.exp(u)
@@ -233,7 +233,7 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
         owned = read & (labels >= v0) & (labels < v0 + width)
         local_label = torch.where(owned, labels - v0, 0)[:, None]
     piece = row_state.RowState(max=m.to(dtype), sum_exp=z.to(dtype), argmax=argmax,
-                               label_logit=torch.zeros(n, dtype=dtype))
+                               label_logit=torch.zeros(n, dtype=dtype, device=x.device))
     if local_label is not None and width:
         piece.label_logit = torch.where(owned, x.gather(1, local_label)[:, 0], 0.0).to(dtype)
     if state.ent_acc is not None:
@@ -242,11 +242,12 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
         y = torch.where(read[:, None], y, -math.inf)
         mb, ub, eb, zb = distribution(y)
         piece.ref_max, piece.ref_sum_exp = mb.to(dtype), zb.to(dtype)
-        piece.ref_label_logit = torch.zeros(n, dtype=dtype)
+        piece.ref_label_logit = torch.zeros(n, dtype=dtype, device=x.device)
         if local_label is not None and width:
             piece.ref_label_logit = torch.where(owned, y.gather(1, local_label)[:, 0], 0.0).to(dtype)
         if state.ref_at_argmax is not None:
-            b_k = y.gather(1, torch.clamp(argmax - v0, min=0)[:, None])[:, 0] if width else torch.zeros(n, dtype=torch.float64)
+            b_k = (y.gather(1, torch.clamp(argmax - v0, min=0)[:, None])[:, 0] if width
+                   else torch.zeros(n, dtype=torch.float64, device=x.device))
             piece.ref_at_argmax = torch.where(argmax >= 0, b_k, 0.0).to(dtype)
         if state.fkl_acc is not None:
             piece.fkl_acc = torch.where(div_on[:, None] & (eb > 0), eb * (ub - u), 0.0).sum(-1).to(dtype)
