@@ -56,6 +56,30 @@ void backward(const BackwardArgs& args) {
   }
 }
 
+void fold(const FoldArgs& args) {
+  switch (chosen()) {
+#if defined(PREFOPT_HAVE_AVX512)
+    case Isa::kAvx512: return avx512::fold(args);
+#endif
+#if defined(PREFOPT_HAVE_AVX2)
+    case Isa::kAvx2: return avx2::fold(args);
+#endif
+    default: return generic::fold(args);
+  }
+}
+
+void sweep(const SweepArgs& args) {
+  switch (chosen()) {
+#if defined(PREFOPT_HAVE_AVX512)
+    case Isa::kAvx512: return avx512::sweep(args);
+#endif
+#if defined(PREFOPT_HAVE_AVX2)
+    case Isa::kAvx2: return avx2::sweep(args);
+#endif
+    default: return generic::sweep(args);
+  }
+}
+
 const char* isa_name() {
   switch (chosen()) {
     case Isa::kAvx512: return "avx512";

@@ -13,6 +13,12 @@ void forward(const ForwardArgs& args);
 // Backward pass: writes every element of args.grad (zeros on skipped rows).
 void backward(const BackwardArgs& args);
 
+// First pass over a vocabulary slice: the slice's RowState per row (see FoldArgs).
+void fold(const FoldArgs& args);
+
+// Second sweep over a vocabulary slice (see SweepArgs).
+void sweep(const SweepArgs& args);
+
 // Name of the instruction-set variant the dispatcher picks on this CPU.
 const char* isa_name();
 
@@ -21,6 +27,8 @@ const char* isa_name();
   namespace ns {                                    \
   void forward(const ForwardArgs& args);            \
   void backward(const BackwardArgs& args);          \
+  void fold(const FoldArgs& args);                  \
+  void sweep(const SweepArgs& args);                \
   }
 PREFOPT_DECLARE_VARIANT(generic)
 PREFOPT_DECLARE_VARIANT(avx2)

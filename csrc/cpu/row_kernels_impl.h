@@ -10,6 +10,10 @@
 //   pass 2, only for js/tv/hellinger/chi2/alpha: with both log-sum-exps known, sums of
 //   q f(t) and p (f'(t) - f'(t_k)) over the row (k the policy's argmax, found in pass 1),
 //   again blocked; the row is re-read from cache.
+// Vocabulary slices (row states): fold runs pass 1 over a slice [v0, v0 + vocab) and stores
+// its RowState; sweep runs pass 2 over a slice with the whole row's final statistics; the
+// backward takes the slice offset v0 for the label's index. The whole row is the slice at
+// v0 = 0, so every path runs the same loops.
 // Backward, per row: one vectorised loop reading a (and b when the divergence term is
 // active) and writing g in the output dtype, with log p from the saved row_max/log_norm;
 // each element is read before it is written, so g may alias a.
@@ -89,11 +93,11 @@ PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
 // gets max -inf and zero sums; its shift for the exponentials is then 0 so that no
 // -inf - -inf is formed. yk is the raw reference logit at the policy's running argmax,
 // which the caller has already moved to this block if its max is the new one; reverse KL's
-// terms are centred at kl_centre(yk).
+// terms are centred at kl_centre(yk); k is the row index of that argmax.
 template <bool REF, int DIV, bool ENT>
 PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
                                             const float* __restrict xb, int64_t n, float ma,
-                                            float yk, float inv_tau) {
+                                            float yk, int64_t k, float inv_tau) {
   const float sha = ma == -kInf ? 0.f : ma;
   float mb = -kInf;
   float shb = 0.f;
@@ -117,7 +121,7 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
       if constexpr (DIV == kReverseKL) wr += ea > 0.f ? ea * (da - (xb[j] - yc) * inv_tau) : 0.f;
     }
   }
-  return RowState<double>{ma, sa, ua, mb, sb, wf, wr, yk};
+  return RowState<double>{ma, sa, ua, mb, sb, wf, wr, yk, k};
 }
 
 // Requests the block two blocks after the one at c0 into the cache, so that its loads
@@ -142,8 +146,9 @@ PREFOPT_INLINE const float* block_view(const typename Elem<DT>::T* src, int64_t 
   }
 }
 
-// Pass 1 over a whole row: the merged state of all its blocks. With `track`, the state's yk
-// follows the reference logit at the policy's argmax (the centre of the divergence's S).
+// Pass 1 over a whole row (or slice): the merged state of all its blocks. With `track`, the
+// state's k follows the first index of the policy's max and yk the reference logit there
+// (the centre of the divergence's S); without it k stays -1 and yk 0.
 // ENT: accumulate ua (only the entropy needs it).
 template <int DT, bool REF, int DIV, bool ENT>
 RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
@@ -152,6 +157,7 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
   alignas(64) float buf_b[kBlock];
   RowState<double> st = RowState<double>::empty();
   float yk = 0.f;
+  int64_t k = -1;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t n = std::min(kBlock, vocab - c0);
     prefetch_block<DT>(ra, c0, vocab);
@@ -159,23 +165,27 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
     const float* xa = block_view<DT>(ra + c0, n, buf_a);
     const float* xb = REF ? block_view<DT>(rb + c0, n, buf_b) : buf_b;
     const float ma = block_max(xa, n);
-    if (REF && track && ma > st.ma) {  // rare after the first blocks: a short scan
-      int64_t k = 0;
-      while (xa[k] != ma) ++k;
-      yk = xb[k];
+    // Strictly larger: an equal max in a later block keeps the first occurrence.
+    if (track && ma > st.ma) {  // rare after the first blocks: a short scan
+      int64_t j = 0;
+      while (xa[j] != ma) ++j;
+      k = c0 + j;
+      if constexpr (REF) yk = xb[j];
     }
-    merge_state(st, block_state<REF, DIV, ENT>(xa, xb, n, ma, yk, inv_tau), double(inv_tau));
+    merge_state(st, block_state<REF, DIV, ENT>(xa, xb, n, ma, yk, k, inv_tau), double(inv_tau));
   }
   return st;
 }
 
+// div: the row's divergence (kNoDivergence where its term is off); only forward and reverse
+// KL accumulate in pass 1.
 template <int DT, bool ENT>
 RowState<double> first_pass(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                            int64_t vocab, float inv_tau, bool need_ref, int div) {
-  if (!need_ref) return row_state<DT, false, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, false);
-  if (div == kForwardKL) return row_state<DT, true, kForwardKL, ENT>(ra, rb, vocab, inv_tau, false);
-  if (div == kReverseKL) return row_state<DT, true, kReverseKL, ENT>(ra, rb, vocab, inv_tau, true);
-  return row_state<DT, true, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, div >= kReverseKL);
+                            int64_t vocab, float inv_tau, bool need_ref, int div, bool track) {
+  if (!need_ref) return row_state<DT, false, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, track);
+  if (div == kForwardKL) return row_state<DT, true, kForwardKL, ENT>(ra, rb, vocab, inv_tau, track);
+  if (div == kReverseKL) return row_state<DT, true, kReverseKL, ENT>(ra, rb, vocab, inv_tau, track);
+  return row_state<DT, true, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, track);
 }
 
 // Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and of
@@ -206,6 +216,24 @@ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, in
   }
 }
 
+// div_sums for the runtime divergence code div (js, tv, hellinger, chi2 or alpha; NaN sums
+// for any other).
+template <int DT>
+void second_sweep(int div, const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                  int64_t vocab, float inv_tau, LogProbShift sa, LogProbShift sb, float yk,
+                  const DivParams& prm, double& value, double& centred) {
+#define PREFOPT_SUMS(D) div_sums<DT, D>(ra, rb, vocab, inv_tau, sa, sb, yk, prm, value, centred)
+  switch (div) {
+    case kJS: PREFOPT_SUMS(kJS); break;
+    case kTV: PREFOPT_SUMS(kTV); break;
+    case kHellinger: PREFOPT_SUMS(kHellinger); break;
+    case kChi2: PREFOPT_SUMS(kChi2); break;
+    case kAlpha: PREFOPT_SUMS(kAlpha); break;
+    default: value = centred = NAN;
+  }
+#undef PREFOPT_SUMS
+}
+
 // Per-row results of the forward pass (double until stored).
 struct RowOut {
   double logp = 0, ref_logp = 0, entropy = 0, div = 0, div_s = 0;
@@ -227,8 +255,8 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
   const bool centred = div >= kReverseKL;
 
   const RowState<double> st =
-      args.entropy != nullptr ? first_pass<DT, true>(ra, rb, vocab, inv_tau, need_ref, div)
-                              : first_pass<DT, false>(ra, rb, vocab, inv_tau, need_ref, div);
+      args.entropy != nullptr ? first_pass<DT, true>(ra, rb, vocab, inv_tau, need_ref, div, centred)
+                              : first_pass<DT, false>(ra, rb, vocab, inv_tau, need_ref, div, centred);
 
   RowOut out;
   const double inv_tau_d = 1.0 / args.temperature;
@@ -252,21 +280,8 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
     out.div = state_reverse_kl(st, inv_tau_d);
     out.div_s = state_reverse_kl_s(st);
   } else if (div != kNoDivergence) {
-    const LogProbShift sa = out.a, sb = out.b;
-    const float yk = out.ref_at_argmax;
-    double value = 0, cs = 0;
-#define PREFOPT_SUMS(D) div_sums<DT, D>(ra, rb, vocab, inv_tau, sa, sb, yk, prm, value, cs)
-    switch (div) {
-      case kJS: PREFOPT_SUMS(kJS); break;
-      case kTV: PREFOPT_SUMS(kTV); break;
-      case kHellinger: PREFOPT_SUMS(kHellinger); break;
-      case kChi2: PREFOPT_SUMS(kChi2); break;
-      case kAlpha: PREFOPT_SUMS(kAlpha); break;
-      default: value = cs = NAN;
-    }
-#undef PREFOPT_SUMS
-    out.div = value;
-    out.div_s = cs;
+    second_sweep<DT>(div, ra, rb, vocab, inv_tau, out.a, out.b, out.ref_at_argmax, prm, out.div,
+                     out.div_s);
   }
   // NaN policy: log_norm is NaN exactly when the row holds a NaN or +inf (inf - inf in the
   // sweep), so log_norm - log_norm (0 or NaN) marks every output that reads that row; the
@@ -319,6 +334,77 @@ void forward_impl(const ForwardArgs& args) {
     store_opt(args.ref_log_norm, row, out.b.offset);
     store_opt(args.div_s, row, out.div_s + double(div - div));
     if (args.ref_at_argmax != nullptr) args.ref_at_argmax[row] = out.ref_at_argmax;
+  }
+}
+
+// Pass 1 over a vocabulary slice (FoldArgs): the forward's first pass with the argmax always
+// tracked, stored as the slice's RowState. Skipped rows store the empty state (k = -1, yk = 0).
+template <int DT>
+void fold_impl(const FoldArgs& args) {
+  using T = typename Elem<DT>::T;
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const int64_t vocab = args.vocab;
+  const int64_t chunk = row_chunk(vocab);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
+  for (int64_t row = 0; row < args.n_rows; ++row) {
+    const RowPlan plan =
+        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    RowState<double> st = RowState<double>::empty();
+    float label_a = 0.f, label_b = 0.f;
+    if (!plan.skip && vocab > 0) {  // an empty slice's views may be null
+      const T* ra = static_cast<const T*>(args.logits) +
+                   row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+      const T* rb = args.ref != nullptr ? static_cast<const T*>(args.ref) +
+                              row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride)
+                                        : nullptr;
+      const bool need_ref = rb != nullptr;
+      const int div = plan.use_div ? args.divergence : kNoDivergence;
+      st = args.ent_acc != nullptr ? first_pass<DT, true>(ra, rb, vocab, inv_tau, need_ref, div, true)
+                                   : first_pass<DT, false>(ra, rb, vocab, inv_tau, need_ref, div, true);
+      const int64_t y = slice_label(plan.label, args.v0, vocab);
+      if (y >= 0) {
+        label_a = Elem<DT>::load(ra[y]);
+        if (need_ref) label_b = Elem<DT>::load(rb[y]);
+      }
+    }
+    args.max[row] = static_cast<float>(st.ma);
+    args.sum_exp[row] = static_cast<float>(st.sa);
+    args.argmax[row] = st.k >= 0 ? args.v0 + st.k : -1;
+    args.label_logit[row] = label_a;
+    store_opt(args.ent_acc, row, st.ua);
+    store_opt(args.ref_max, row, st.mb);
+    store_opt(args.ref_sum_exp, row, st.sb);
+    store_opt(args.ref_label_logit, row, label_b);
+    store_opt(args.ref_at_argmax, row, st.yk);
+    store_opt(args.fkl_acc, row, st.wf);
+    store_opt(args.rkl_acc, row, st.wr);
+  }
+}
+
+// Pass 2 over a vocabulary slice (SweepArgs), from the whole row's final statistics.
+template <int DT>
+void sweep_impl(const SweepArgs& args) {
+  using T = typename Elem<DT>::T;
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const DivParams prm = make_div_params(args.beta, args.alpha);
+  const int64_t chunk = row_chunk(args.vocab);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
+  for (int64_t row = 0; row < args.n_rows; ++row) {
+    const RowPlan plan =
+        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    double value = 0.0, centred = 0.0;
+    if (!plan.skip && plan.use_div && args.vocab > 0) {  // an empty slice's views may be null
+      const T* ra = static_cast<const T*>(args.logits) +
+                   row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+      const T* rb = static_cast<const T*>(args.ref) +
+                   row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
+      second_sweep<DT>(args.divergence, ra, rb, args.vocab, inv_tau,
+                       LogProbShift{args.row_max[row], args.log_norm[row]},
+                       LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
+                       args.ref_at_argmax[row], prm, value, centred);
+    }
+    args.value_sum[row] = static_cast<float>(value);
+    args.centred_sum[row] = static_cast<float>(centred);
   }
 }
 
@@ -400,6 +486,7 @@ void advise_huge_pages(void* base, int64_t bytes) {
 template <int DT>
 void backward_impl(const BackwardArgs& args) {
   using T = typename Elem<DT>::T;
+  if (args.vocab == 0) return;  // an empty slice: nothing to write, views may be null
   if (args.grad != args.logits && args.n_rows > 0) {
     const int64_t last = row_offset(args.n_rows - 1, args.tokens, args.grad_batch_stride,
                                     args.grad_token_stride);
@@ -444,7 +531,7 @@ void backward_impl(const BackwardArgs& args) {
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const float yk = div >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
     const float c = gl + ge * h;
-    const int64_t label = plan.label < vocab ? plan.label : -1;
+    const int64_t label = slice_label(plan.label, args.v0, vocab);
 #define PREFOPT_BWD(D) \
   backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, s, c, gl, ge, gd, guard, label, prm)
     switch (div) {
@@ -476,6 +563,22 @@ void backward(const BackwardArgs& args) {
     case kBFloat16: return backward_impl<kBFloat16>(args);
     case kFloat16: return backward_impl<kFloat16>(args);
     default: return backward_impl<kFloat32>(args);
+  }
+}
+
+void fold(const FoldArgs& args) {
+  switch (args.dtype) {
+    case kBFloat16: return fold_impl<kBFloat16>(args);
+    case kFloat16: return fold_impl<kFloat16>(args);
+    default: return fold_impl<kFloat32>(args);
+  }
+}
+
+void sweep(const SweepArgs& args) {
+  switch (args.dtype) {
+    case kBFloat16: return sweep_impl<kBFloat16>(args);
+    case kFloat16: return sweep_impl<kFloat16>(args);
+    default: return sweep_impl<kFloat32>(args);
   }
 }
 

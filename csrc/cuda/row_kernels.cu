@@ -12,6 +12,10 @@
 // contiguous tensors), with scalar head and tail; otherwise scalar. The js/alpha parameters
 // come from make_div_params on the host; the NaN policy is the CPU kernels' (per-row
 // guards log_norm - log_norm and div_s - div_s).
+// Vocabulary slices (row states): fold_kernel stores the first pass's merged state of a
+// slice [v0, v0 + vocab), sweep_kernel runs the second sweep over a slice from the whole
+// row's statistics, and the backward takes v0 for the label's index; the whole row is the
+// slice at v0 = 0, so both run the forward's and backward's own loops.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -117,6 +121,9 @@ __device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
   for (int64_t j = head + n_vec * kVec + tid; j < vocab; j += nth) scalar(j);
 }
 
+// TRACK: carry the argmax index k; without it k stays -1, a constant the compiler folds away
+// (the whole-row forward, which needs no index, keeps its registers).
+template <bool TRACK>
 __device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_tau) {
 #pragma unroll
   for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) {
@@ -129,21 +136,23 @@ __device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_tau) {
     o.wf = __shfl_xor_sync(kFullMask, s.wf, lane_mask);
     o.wr = __shfl_xor_sync(kFullMask, s.wr, lane_mask);
     o.yk = __shfl_xor_sync(kFullMask, s.yk, lane_mask);
+    o.k = TRACK ? __shfl_xor_sync(kFullMask, s.k, lane_mask) : int64_t(-1);
     merge_state(s, o, inv_tau);
   }
 }
 
 // Merged state of the whole block; every thread gets it. `scratch` holds 32 states.
+template <bool TRACK>
 __device__ RowState<float> block_merge(RowState<float> s, float inv_tau,
                                        RowState<float>* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_warps = (blockDim.x + 31) >> 5;
-  warp_merge(s, inv_tau);
+  warp_merge<TRACK>(s, inv_tau);
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   s = lane < n_warps ? scratch[lane] : RowState<float>::empty();
-  warp_merge(s, inv_tau);
+  warp_merge<TRACK>(s, inv_tau);
   __syncthreads();  // scratch is reused by the next row
   return s;
 }
@@ -177,12 +186,15 @@ __device__ void block_sum2(float& a, float& b, float* scratch) {
 // element with a -inf logit is an empty piece of that distribution; the KL term it adds is
 // the +inf of a support mismatch, as in the CPU block states. A NaN or +inf logit gets the
 // sum NaN (1 + (x - x)), which every merge keeps, so log_norm is NaN as on the CPU (NaN
-// policy). The element is its own argmax, so its yk is z, raw (merge_state centres reverse
-// KL at kl_centre(z)).
-template <bool REF, int DIV>
-__device__ __forceinline__ void push(RowState<float>& st, float x, float z, float inv_tau) {
+// policy). The element is its own argmax (index k = j with TRACK, so that merges keep the
+// first index of the max), so its yk is z, raw (merge_state centres reverse KL at
+// kl_centre(z)).
+template <bool REF, int DIV, bool TRACK>
+__device__ __forceinline__ void push(RowState<float>& st, int64_t j, float x, float z,
+                                     float inv_tau) {
   RowState<float> e = RowState<float>::empty();
   e.ma = x;
+  if constexpr (TRACK) e.k = j;
   e.sa = x == -kInf ? 0.f : 1.f + (x - x);
   if constexpr (REF) {
     e.mb = z;
@@ -194,15 +206,55 @@ __device__ __forceinline__ void push(RowState<float>& st, float x, float z, floa
   merge_state(st, e, inv_tau);
 }
 
-template <int DT, bool REF, int DIV>
-__device__ RowState<float> sweep(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                                 int64_t vocab, float inv_tau, RowState<float>* scratch) {
+// The merged state of the row (or slice); every thread gets it. With TRACK, k is the first
+// index of the policy's max, but an arbitrary one when that max is -inf (callers store -1
+// there); without it k = -1 and ties of the max leave yk to the merge order.
+template <int DT, bool REF, int DIV, bool TRACK>
+__device__ RowState<float> row_state(const typename Elem<DT>::T* ra,
+                                     const typename Elem<DT>::T* rb, int64_t vocab,
+                                     float inv_tau, RowState<float>* scratch) {
   RowState<float> st = RowState<float>::empty();
-  row_loop<DT, REF, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
-    push<REF, DIV>(st, x, z, inv_tau);
+  row_loop<DT, REF, false>(ra, rb, nullptr, vocab, [&](int64_t j, float x, float z) {
+    push<REF, DIV, TRACK>(st, j, x, z, inv_tau);
     return 0.f;
   });
-  return block_merge(st, inv_tau, scratch);
+  return block_merge<TRACK>(st, inv_tau, scratch);
+}
+
+// The first pass of a row: with the reference when need_ref, and forward or reverse KL's
+// accumulator when DIV is one of them and the row has its divergence term (use_div).
+template <int DT, int DIV, bool TRACK>
+__device__ RowState<float> first_pass(const typename Elem<DT>::T* ra,
+                                      const typename Elem<DT>::T* rb, int64_t vocab,
+                                      float inv_tau, bool need_ref, bool use_div,
+                                      RowState<float>* scratch) {
+  if (!need_ref) return row_state<DT, false, kNoDivergence, TRACK>(ra, rb, vocab, inv_tau, scratch);
+  if (use_div && (DIV == kForwardKL || DIV == kReverseKL))
+    return row_state<DT, true, DIV, TRACK>(ra, rb, vocab, inv_tau, scratch);
+  return row_state<DT, true, kNoDivergence, TRACK>(ra, rb, vocab, inv_tau, scratch);
+}
+
+// The second sweep for js/tv/hellinger/chi2/alpha: block sums of q f(t) and of
+// p (f'(t) - f'(t_k)) over the row (or slice), given the whole row's shifts and the reference
+// logit yk at the policy's argmax k; every thread gets them. `scratch` holds 64 floats.
+template <int DT, int DIV>
+__device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                         int64_t vocab, float inv_tau, LogProbShift sa, LogProbShift sb,
+                         float yk, const DivParams& prm, float& value, float& centred,
+                         float* scratch) {
+  const float fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
+  float sq = 0.f, sp = 0.f;
+  row_loop<DT, true, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
+    const float lp = (x - sa.shift) * inv_tau - sa.offset;
+    const float lq = (z - sb.shift) * inv_tau - sb.offset;
+    sq += div_value<DIV>(lp, lq, prm);
+    const float p = fast_exp(lp);
+    sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fk, 0.f, prm) : 0.f;
+    return 0.f;
+  });
+  block_sum2(sq, sp, scratch);
+  value = sq;
+  centred = sp;
 }
 
 // prm comes from make_div_params on the host (double arithmetic, rounded once).
@@ -223,13 +275,8 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
       const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
       const T* rb = need_ref ? static_cast<const T*>(args.ref) +
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : ra;
-      RowState<float> st;
-      if (!need_ref)
-        st = sweep<DT, false, kNoDivergence>(ra, rb, vocab, inv_tau, state_scratch);
-      else if (plan.use_div && (DIV == kForwardKL || DIV == kReverseKL))
-        st = sweep<DT, true, DIV>(ra, rb, vocab, inv_tau, state_scratch);
-      else
-        st = sweep<DT, true, kNoDivergence>(ra, rb, vocab, inv_tau, state_scratch);
+      const RowState<float> st =
+          first_pass<DT, DIV, false>(ra, rb, vocab, inv_tau, need_ref, plan.use_div, state_scratch);
       sa = shift_a(st);
       entropy = state_entropy(st);
       if (need_ref) sb = shift_b(st);
@@ -243,19 +290,7 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
           div_s = state_reverse_kl_s(st);
         } else if constexpr (DIV != kNoDivergence) {
           // S centred at the policy's argmax k: sum p (f'(t) - f'(t_k)).
-          const float fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
-          float sq = 0.f, sp = 0.f;
-          row_loop<DT, true, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
-            const float lp = (x - sa.shift) * inv_tau - sa.offset;
-            const float lq = (z - sb.shift) * inv_tau - sb.offset;
-            sq += div_value<DIV>(lp, lq, prm);
-            const float p = fast_exp(lp);
-            sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fk, 0.f, prm) : 0.f;
-            return 0.f;
-          });
-          block_sum2(sq, sp, sum_scratch);
-          div = sq;
-          div_s = sp;
+          div_sums<DT, DIV>(ra, rb, vocab, inv_tau, sa, sb, yk, prm, div, div_s, sum_scratch);
         }
       }
       if (plan.label >= 0) {
@@ -289,6 +324,76 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
       if (args.ref_log_norm) args.ref_log_norm[row] = sb.offset;
       if (args.div_s) args.div_s[row] = div_s;
       if (args.ref_at_argmax) args.ref_at_argmax[row] = yk;
+    }
+  }
+}
+
+// First pass over a vocabulary slice (FoldArgs): the forward's row state with the argmax
+// stored as a global index. DIV only selects the forward / reverse KL accumulators.
+template <int DT, int DIV>
+__global__ void fold_kernel(FoldArgs args) {
+  using T = typename Elem<DT>::T;
+  __shared__ RowState<float> state_scratch[32];
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const int64_t vocab = args.vocab;
+  for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
+    const RowPlan plan =
+        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    RowState<float> st = RowState<float>::empty();
+    float label_a = 0.f, label_b = 0.f;
+    const bool need_ref = args.ref != nullptr;
+    if (!plan.skip && vocab > 0) {  // an empty slice's views may be null
+      const T* ra = static_cast<const T*>(args.logits) +
+                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+      const T* rb = need_ref ? static_cast<const T*>(args.ref) +
+                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : ra;
+      st = first_pass<DT, DIV, true>(ra, rb, vocab, inv_tau, need_ref, plan.use_div, state_scratch);
+      const int64_t y = slice_label(plan.label, args.v0, vocab);
+      if (threadIdx.x == 0 && y >= 0) {
+        label_a = Elem<DT>::load(ra[y]);
+        if (need_ref) label_b = Elem<DT>::load(rb[y]);
+      }
+    }
+    if (threadIdx.x == 0) {
+      const bool found = st.ma > -kInf;
+      args.max[row] = st.ma;
+      args.sum_exp[row] = st.sa;
+      args.argmax[row] = found ? args.v0 + st.k : -1;
+      args.label_logit[row] = label_a;
+      if (args.ent_acc) args.ent_acc[row] = st.ua;
+      if (args.ref_max) args.ref_max[row] = st.mb;
+      if (args.ref_sum_exp) args.ref_sum_exp[row] = st.sb;
+      if (args.ref_label_logit) args.ref_label_logit[row] = label_b;
+      if (args.ref_at_argmax) args.ref_at_argmax[row] = found ? st.yk : 0.f;
+      if (args.fkl_acc) args.fkl_acc[row] = st.wf;
+      if (args.rkl_acc) args.rkl_acc[row] = st.wr;
+    }
+  }
+}
+
+// Second sweep over a vocabulary slice (SweepArgs), DIV one of js/tv/hellinger/chi2/alpha.
+template <int DT, int DIV>
+__global__ void sweep_kernel(SweepArgs args, DivParams prm) {
+  using T = typename Elem<DT>::T;
+  __shared__ float sum_scratch[64];
+  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
+    const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
+    float value = 0.f, centred = 0.f;
+    // Uniform over the block (div_sums synchronises); an empty slice's views may be null.
+    if (!plan.skip && plan.use_div && args.vocab > 0) {
+      const T* ra = static_cast<const T*>(args.logits) +
+                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+      const T* rb = static_cast<const T*>(args.ref) +
+                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
+      div_sums<DT, DIV>(ra, rb, args.vocab, inv_tau,
+                        LogProbShift{args.row_max[row], args.log_norm[row]},
+                        LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
+                        args.ref_at_argmax[row], prm, value, centred, sum_scratch);
+    }
+    if (threadIdx.x == 0) {
+      args.value_sum[row] = value;
+      args.centred_sum[row] = centred;
     }
   }
 }
@@ -355,7 +460,7 @@ __global__ void backward_kernel(BackwardArgs args, DivParams prm) {
                  row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
     const LogProbShift sa{args.row_max[row], args.log_norm[row]};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
-    const int64_t label = plan.label < vocab ? plan.label : -1;
+    const int64_t label = slice_label(plan.label, args.v0, vocab);
     if (use_div) {
       const T* rb = static_cast<const T*>(args.ref) +
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
@@ -387,6 +492,39 @@ template <int DT, int DIV>
 void launch_backward(const BackwardArgs& a, cudaStream_t s) {
   backward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(
       a, make_div_params(a.beta, a.alpha));
+}
+
+template <int DT, int DIV>
+void launch_fold(const FoldArgs& a, cudaStream_t s) {
+  fold_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a);
+}
+
+template <int DT, int DIV>
+void launch_sweep(const SweepArgs& a, cudaStream_t s) {
+  sweep_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(
+      a, make_div_params(a.beta, a.alpha));
+}
+
+template <int DT>
+void fold_dt(const FoldArgs& a, cudaStream_t s) {
+  switch (a.divergence) {
+    case kForwardKL: return launch_fold<DT, kForwardKL>(a, s);
+    case kReverseKL: return launch_fold<DT, kReverseKL>(a, s);
+    default: return launch_fold<DT, kNoDivergence>(a, s);
+  }
+}
+
+// The bindings admit only the second-sweep divergences here.
+template <int DT>
+void sweep_dt(const SweepArgs& a, cudaStream_t s) {
+  switch (a.divergence) {
+    case kJS: return launch_sweep<DT, kJS>(a, s);
+    case kTV: return launch_sweep<DT, kTV>(a, s);
+    case kHellinger: return launch_sweep<DT, kHellinger>(a, s);
+    case kChi2: return launch_sweep<DT, kChi2>(a, s);
+    case kAlpha: return launch_sweep<DT, kAlpha>(a, s);
+    default: return;
+  }
 }
 
 template <int DT>
@@ -436,12 +574,34 @@ const char* forward(const ForwardArgs& args, void* stream) {
 }
 
 const char* backward(const BackwardArgs& args, void* stream) {
-  if (args.n_rows == 0) return nullptr;
+  if (args.n_rows == 0 || args.vocab == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (args.dtype) {
     case kBFloat16: backward_dt<kBFloat16>(args, s); break;
     case kFloat16: backward_dt<kFloat16>(args, s); break;
     default: backward_dt<kFloat32>(args, s); break;
+  }
+  return launch_error();
+}
+
+const char* fold(const FoldArgs& args, void* stream) {
+  if (args.n_rows == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case kBFloat16: fold_dt<kBFloat16>(args, s); break;
+    case kFloat16: fold_dt<kFloat16>(args, s); break;
+    default: fold_dt<kFloat32>(args, s); break;
+  }
+  return launch_error();
+}
+
+const char* sweep(const SweepArgs& args, void* stream) {
+  if (args.n_rows == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case kBFloat16: sweep_dt<kBFloat16>(args, s); break;
+    case kFloat16: sweep_dt<kFloat16>(args, s); break;
+    default: sweep_dt<kFloat32>(args, s); break;
   }
   return launch_error();
 }

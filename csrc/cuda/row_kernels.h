@@ -14,5 +14,11 @@ const char* forward(const ForwardArgs& args, void* stream);
 // Launch the backward kernel on `stream`. Same error convention as forward.
 const char* backward(const BackwardArgs& args, void* stream);
 
+// Launch the first pass over a vocabulary slice (FoldArgs). Same error convention.
+const char* fold(const FoldArgs& args, void* stream);
+
+// Launch the second sweep over a vocabulary slice (SweepArgs). Same error convention.
+const char* sweep(const SweepArgs& args, void* stream);
+
 }  // namespace cuda
 }  // namespace prefopt

@@ -28,6 +28,10 @@ makes ``ref_logp`` and ``div`` NaN, and the gradient row NaN where the divergenc
 active (weight and ``grad_div`` non-zero); a divergence that is ``+inf`` (supports that
 disagree where ``f`` is unbounded) keeps ``div = +inf`` and saves ``div_s = NaN``, so its
 active gradient row is NaN. Skipped rows are never read and stay 0.
+
+Row states (``prefopt_kernels.backends.row_state``): :func:`fold`, :func:`sweep` and
+:func:`slice_backward` run the same kernels over a vocabulary slice ``[v0, v0 + Vs)`` of
+every row; the whole-row ops are the slice ``v0 = 0, Vs = V`` (the forward in one call).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from . import DIVERGENCE_CODES, OpSpec, RowStats
+from . import DIVERGENCE_CODES, OpSpec, RowStats, row_state
 
 NAME = "native"
 
@@ -174,7 +178,94 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
     ``logits`` itself (each element is read before it is written). Every element is written (0 on
     skipped rows). ``grad_*`` are fp32 ``[N]`` or ``None`` (zero); ``div`` is unweighted,
     so ``grad_div`` already carries any weighting, and rows with weight 0 get no divergence
-    term.
+    term. The whole row is the slice ``v0 = 0`` of :func:`slice_backward`.
+    """
+    slice_backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div,
+                   grad_out, 0)
+
+
+# --------------------------------------------------------------------------- row states
+
+
+def fold(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch.Tensor],
+         ref_logits: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec,
+         v0: int) -> row_state.RowState:
+    """``state`` merged with the first-pass state of the vocabulary slice ``[v0, v0 + Vs)``.
+
+    ``logits``/``ref_logits``: ``[B, T, Vs]`` views of the slice (vocab stride 1, any batch
+    and token strides, as :func:`forward`), ``labels`` ``[N]`` int64 global ids or ``None``,
+    ``weight`` ``[N]`` fp32 or ``None``; ``state`` a :class:`~row_state.RowState` of ``N``
+    rows. The kernel runs the forward's first pass over the slice and writes its state, per
+    row with ``u = (a - m_a) / T``: ``max = m_a``, ``sum_exp = sum exp(u)``, ``argmax`` the
+    global index ``v0 + j`` of the slice's first max (int64, -1 where ``m_a = -inf``),
+    ``label_logit``/``ref_label_logit`` the raw ``a_y``/``b_y`` where ``v0 <= y < v0 + Vs``
+    (else 0), ``ref_at_argmax`` the raw ``b`` at ``argmax`` (0 at -1), and the accumulators
+    ``state`` carries (``ent_acc``; ``fkl_acc``/``rkl_acc`` on rows with the divergence
+    term, ``rkl_acc`` centred at the slice's own ``b_k``). Rows that are not read give the
+    empty state. Every field fp32 ``[N]`` but ``argmax``; merged by :func:`row_state.merge`.
+    """
+    n = state.max.shape[0]
+    device = logits.device
+    labels = _contiguous(labels, torch.int64)
+    weight = _contiguous(weight, torch.float32)
+
+    def out(present: bool, dtype=torch.float32) -> Optional[torch.Tensor]:
+        return torch.empty(n, dtype=dtype, device=device) if present else None
+
+    has_ref = state.ref_max is not None
+    piece = row_state.RowState(
+        max=out(True), sum_exp=out(True), argmax=out(True, torch.int64), label_logit=out(True),
+        ent_acc=out(state.ent_acc is not None), ref_max=out(has_ref), ref_sum_exp=out(has_ref),
+        ref_label_logit=out(has_ref), ref_at_argmax=out(state.ref_at_argmax is not None),
+        fkl_acc=out(state.fkl_acc is not None), rkl_acc=out(state.rkl_acc is not None),
+    )
+    outputs = {name: _ptr(getattr(piece, name)) for name in (
+        "max", "sum_exp", "ent_acc", "argmax", "label_logit", "ref_max", "ref_sum_exp", "ref_label_logit",
+        "ref_at_argmax", "fkl_acc", "rkl_acc")}
+    _launch("fold", device, **_common(logits, labels, ref_logits if has_ref else None, weight, spec),
+            v0=int(v0), **outputs)
+    return row_state.merge(state, piece, spec)
+
+
+def sweep(stats: RowStats, logits: torch.Tensor, ref_logits: torch.Tensor, labels: Optional[torch.Tensor],
+          weight: Optional[torch.Tensor], spec: OpSpec, v0: int):
+    """The second sweep over one vocabulary slice: ``(value_sum, centred_sum)``, fp32 ``[N]``.
+
+    For js/tv/hellinger/chi2/alpha, with ``log p = (a - row_max) / T - log_norm``, ``log q``
+    likewise and ``k`` the whole row's policy argmax (``ref_at_argmax = b_k``):
+    ``value_sum = sum_j q_j f(t_j)`` and ``centred_sum = sum_j p_j (f'(t_j) - f'(t_k))`` over
+    the slice, from the final ``stats`` of :func:`row_state.finalize`; 0 on rows without the
+    divergence term. ``logits``/``ref_logits`` ``[B, T, Vs]`` slice views as in :func:`fold`.
+    ``v0`` is not needed (nothing here depends on global indices); it keeps the interface.
+    """
+    n = stats.log_norm.shape[0]
+    device = logits.device
+    labels = _contiguous(labels, torch.int64)
+    weight = _contiguous(weight, torch.float32)
+    row_max, log_norm, ref_row_max, ref_log_norm, ref_at_argmax = (
+        _contiguous(getattr(stats, k), torch.float32)
+        for k in ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "ref_at_argmax"))
+    value_sum = torch.empty(n, dtype=torch.float32, device=device)
+    centred_sum = torch.empty(n, dtype=torch.float32, device=device)
+    _launch("sweep", device, **_common(logits, labels, ref_logits, weight, spec),
+            row_max=_ptr(row_max), log_norm=_ptr(log_norm), ref_row_max=_ptr(ref_row_max),
+            ref_log_norm=_ptr(ref_log_norm), ref_at_argmax=_ptr(ref_at_argmax),
+            value_sum=_ptr(value_sum), centred_sum=_ptr(centred_sum))
+    return value_sum, centred_sum
+
+
+def slice_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
+                   weight: Optional[torch.Tensor], spec: OpSpec, stats: RowStats,
+                   grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                   grad_div: Optional[torch.Tensor], grad_out: torch.Tensor, v0: int) -> None:
+    """The gradient of the vocabulary slice ``[v0, v0 + Vs)`` from the whole row's statistics.
+
+    ``g_j = [g_logp (1[j = y] - p_j) - g_ent p_j (log p_j + H) + g_div p_j (f'(t_j) - S)] / T``
+    for the slice's entries (``S`` centred as ``RowStats`` documents; forward KL
+    ``p_j - q_j``), the label's indicator only where ``v0 <= y < v0 + Vs`` (at ``y - v0``);
+    the same kernel, skip rules and NaN guards as :func:`backward`, which is ``v0 = 0``.
+    ``logits``/``ref_logits``/``grad_out``: ``[B, T, Vs]`` slice views (``grad_out`` in the
+    logits' dtype, may alias ``logits``); ``labels`` global ids; ``stats`` fp32 ``[N]``.
     """
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
@@ -202,4 +293,5 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
         grad=grad_out.data_ptr(),
         grad_batch_stride=grad_out.stride(0),
         grad_token_stride=grad_out.stride(1),
+        v0=int(v0),
     )

@@ -95,8 +95,48 @@ struct ForwardArgs : RowInputs {
   float* ref_at_argmax = nullptr;  // raw b_k (-inf allowed); divergences past forward KL
 };
 
-// Everything one backward call needs. `grad` may alias `logits` (in-place backward).
+// The first pass over one vocabulary slice [v0, v0 + vocab) of every row: the slice's own
+// RowState (softmax_state.h) per row, to be merged with the other slices' states. The logits
+// are the slice's [B, T, vocab] view; labels hold global ids. Outputs, [n_rows]: fp32, but
+// argmax int64 (global index of the slice's first policy max, -1 when that max is -inf or
+// the row is skipped). Skipped rows get the empty state (maxima -inf, sums 0, labels 0).
+// label_logit / ref_label_logit are the raw logits at the label where the slice holds it,
+// else 0; ref_at_argmax the raw reference logit at argmax (0 at -1); fkl_acc / rkl_acc are
+// accumulated only on rows with the divergence term. Null outputs are not computed.
+struct FoldArgs : RowInputs {
+  int64_t v0 = 0;
+  float* max = nullptr;
+  float* sum_exp = nullptr;
+  float* ent_acc = nullptr;
+  int64_t* argmax = nullptr;
+  float* label_logit = nullptr;
+  float* ref_max = nullptr;
+  float* ref_sum_exp = nullptr;
+  float* ref_label_logit = nullptr;
+  float* ref_at_argmax = nullptr;
+  float* fkl_acc = nullptr;
+  float* rkl_acc = nullptr;
+};
+
+// The second sweep of js/tv/hellinger/chi2/alpha over one vocabulary slice, given the final
+// statistics of the whole row: value_sum = sum q f(t), centred_sum = sum p (f'(t) - f'(t_k))
+// over the slice, fp32 [n_rows], 0 on rows without the divergence term.
+struct SweepArgs : RowInputs {
+  const float* row_max = nullptr;
+  const float* log_norm = nullptr;
+  const float* ref_row_max = nullptr;
+  const float* ref_log_norm = nullptr;
+  const float* ref_at_argmax = nullptr;
+  float* value_sum = nullptr;
+  float* centred_sum = nullptr;
+};
+
+// Everything one backward call needs. `grad` may alias `logits` (in-place backward). With
+// v0 > 0 the logits (and grad) are the slice [v0, v0 + vocab) of each row, the statistics
+// those of the whole row, and labels global ids: the label's term lands on local index
+// label - v0 when the slice holds it.
 struct BackwardArgs : RowInputs {
+  int64_t v0 = 0;
   // Saved per-row statistics of the forward pass (null when not saved).
   const float* row_max = nullptr;
   const float* log_norm = nullptr;
@@ -138,6 +178,13 @@ PREFOPT_HD PREFOPT_INLINE RowPlan plan_row(const int64_t* labels, const float* w
   }
   if (zero_weight) plan.use_div = false;
   return plan;
+}
+
+// Index of the label within the vocabulary slice [v0, v0 + vocab) of its row (v0 >= 0), -1
+// where the slice does not hold it or the op has no labels (label -1).
+PREFOPT_HD PREFOPT_INLINE int64_t slice_label(int64_t label, int64_t v0, int64_t vocab) {
+  const int64_t j = label - v0;
+  return label >= 0 && j >= 0 && j < vocab ? j : -1;
 }
 
 PREFOPT_MATH_END

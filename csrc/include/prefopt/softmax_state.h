@@ -12,6 +12,9 @@
 // with yk the reference logit at the policy's argmax, kept raw (-inf where the reference
 // excludes it; 0 for an empty row) since the other divergences need f'(t_k) from it; reverse
 // KL's terms use kl_centre(yk), which is 0 in place of -inf (the KL is +inf there anyway).
+// k is the index of that argmax, the first occurrence of the max (-1 while untracked): the
+// piece with the larger max owns (k, yk), the smaller k on equal maxima, so merges stay
+// commutative and a piece can be merged with the states of other vocabulary slices.
 // wr / sa = sum_i p_i (f'(t_i) - f'(t_k)) is reverse KL's centred S (RowStats), formed from
 // raw differences, so it stays accurate when a peaked policy is far from the reference. Every accumulator is a sum of same-signed or shift-invariant terms relative to
 // the max (and yk), so merging pieces (rescaling by exp((m_old - m_new)/T), re-centring wr
@@ -41,10 +44,11 @@ PREFOPT_HD PREFOPT_INLINE Acc kl_centre(Acc yk) {
 template <typename Acc>
 struct RowState {
   Acc ma, sa, ua, mb, sb, wf, wr, yk;
+  int64_t k;
 
   PREFOPT_HD static RowState empty() {
     const Acc ninf = -static_cast<Acc>(kInf);
-    return RowState{ninf, Acc(0), Acc(0), ninf, Acc(0), Acc(0), Acc(0), Acc(0)};
+    return RowState{ninf, Acc(0), Acc(0), ninf, Acc(0), Acc(0), Acc(0), Acc(0), -1};
   }
 };
 
@@ -81,8 +85,10 @@ PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>
   const Acc zero(0);
   const Acc ua = (r.sa > zero && A.c1 > zero ? A.c1 * (r.ua + A.d1 * r.sa) : zero) +
                  (o.sa > zero && A.c2 > zero ? A.c2 * (o.ua + A.d2 * o.sa) : zero);
-  // The larger policy max (the first on ties) owns the argmax, and so the centre yk.
-  const Acc yk = r.ma >= o.ma ? r.yk : o.yk;
+  // The larger policy max (the smaller index on ties) owns the argmax, and so the centre yk.
+  // Written as >= and a tie test on k so that an untracked k (-1 throughout) folds away.
+  const bool own = r.ma >= o.ma && !(r.ma == o.ma && o.k < r.k);
+  const Acc yk = own ? r.yk : o.yk;
   const Acc c = kl_centre(yk);
   const Acc wr = (r.sa > zero && A.c1 > zero ? A.c1 * (r.wr + (A.d1 - (kl_centre(r.yk) - c) * inv_tau) * r.sa) : zero) +
                  (o.sa > zero && A.c2 > zero ? A.c2 * (o.wr + (A.d2 - (kl_centre(o.yk) - c) * inv_tau) * o.sa) : zero);
@@ -96,6 +102,7 @@ PREFOPT_HD PREFOPT_INLINE void merge_state(RowState<Acc>& r, const RowState<Acc>
   r.wf = wf;
   r.wr = wr;
   r.yk = yk;
+  r.k = own ? r.k : o.k;
 }
 
 // Statistics of a finished row state.
