@@ -87,9 +87,9 @@ prefopt::RowInputs row_inputs(PREFOPT_ROW_PARAMS, int num_threads) {
     throw std::invalid_argument("prefopt._C: bad shape");
   if (logits == 0 && reads(n_rows, vocab))
     throw std::invalid_argument("prefopt._C: logits required");
-  if (dtype < 0 || dtype > 2) throw std::invalid_argument("prefopt._C: unknown dtype code");
-  if (divergence < 0 || divergence > 7)
-    throw std::invalid_argument("prefopt._C: unknown divergence code");
+  // Unknown codes are refused here, before any work, by the kernels' own dispatch.
+  PREFOPT_DISPATCH_DTYPE(dtype, DT, (void)DT);
+  PREFOPT_DISPATCH_DIVERGENCE(divergence, DIV, (void)DIV);
   if (!(temperature > 0.0)) throw std::invalid_argument("prefopt._C: temperature must be > 0");
   prefopt::RowInputs a;
   a.n_rows = n_rows;

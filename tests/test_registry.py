@@ -46,3 +46,16 @@ def test_an_unknown_code_fails_loudly():
     a = torch.randn(2, 5)
     with pytest.raises((KeyError, ValueError)):
         reference.evaluate(a, None, a, None, spec)
+
+
+def test_the_native_dispatch_refuses_unknown_codes(monkeypatch):
+    from prefopt_kernels.backends import native
+
+    if not native.is_available():
+        pytest.skip("native extension not built")
+    rows = torch.randn(1, 2, 5)
+    with pytest.raises(ValueError, match="unknown divergence code"):
+        native.forward(rows, None, rows, None, OpSpec(divergence=len(Divergence) + 1))
+    monkeypatch.setitem(native.DTYPE_CODES, torch.float32, len(native.DTYPE_CODES))
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        native.forward(rows, None, rows, None, OpSpec(divergence=Divergence.JS))

@@ -550,37 +550,13 @@ void backward_impl(const BackwardArgs& args) {
 
 }  // namespace
 
-void forward(const ForwardArgs& args) {
-  switch (args.dtype) {
-    case kBFloat16: return forward_impl<kBFloat16>(args);
-    case kFloat16: return forward_impl<kFloat16>(args);
-    default: return forward_impl<kFloat32>(args);
-  }
-}
+void forward(const ForwardArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, forward_impl<DT>(args)); }
 
-void backward(const BackwardArgs& args) {
-  switch (args.dtype) {
-    case kBFloat16: return backward_impl<kBFloat16>(args);
-    case kFloat16: return backward_impl<kFloat16>(args);
-    default: return backward_impl<kFloat32>(args);
-  }
-}
+void backward(const BackwardArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, backward_impl<DT>(args)); }
 
-void fold(const FoldArgs& args) {
-  switch (args.dtype) {
-    case kBFloat16: return fold_impl<kBFloat16>(args);
-    case kFloat16: return fold_impl<kFloat16>(args);
-    default: return fold_impl<kFloat32>(args);
-  }
-}
+void fold(const FoldArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, fold_impl<DT>(args)); }
 
-void sweep(const SweepArgs& args) {
-  switch (args.dtype) {
-    case kBFloat16: return sweep_impl<kBFloat16>(args);
-    case kFloat16: return sweep_impl<kFloat16>(args);
-    default: return sweep_impl<kFloat32>(args);
-  }
-}
+void sweep(const SweepArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, sweep_impl<DT>(args)); }
 
 }  // namespace PREFOPT_CPU_VARIANT
 }  // namespace cpu

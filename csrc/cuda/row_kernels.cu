@@ -529,30 +529,12 @@ void sweep_dt(const SweepArgs& a, cudaStream_t s) {
 
 template <int DT>
 void forward_dt(const ForwardArgs& a, cudaStream_t s) {
-  switch (a.divergence) {
-    case kForwardKL: return launch_forward<DT, kForwardKL>(a, s);
-    case kReverseKL: return launch_forward<DT, kReverseKL>(a, s);
-    case kJS: return launch_forward<DT, kJS>(a, s);
-    case kTV: return launch_forward<DT, kTV>(a, s);
-    case kHellinger: return launch_forward<DT, kHellinger>(a, s);
-    case kChi2: return launch_forward<DT, kChi2>(a, s);
-    case kAlpha: return launch_forward<DT, kAlpha>(a, s);
-    default: return launch_forward<DT, kNoDivergence>(a, s);
-  }
+  PREFOPT_DISPATCH_DIVERGENCE(a.divergence, DIV, launch_forward<DT, DIV>(a, s));
 }
 
 template <int DT>
 void backward_dt(const BackwardArgs& a, cudaStream_t s) {
-  switch (a.divergence) {
-    case kForwardKL: return launch_backward<DT, kForwardKL>(a, s);
-    case kReverseKL: return launch_backward<DT, kReverseKL>(a, s);
-    case kJS: return launch_backward<DT, kJS>(a, s);
-    case kTV: return launch_backward<DT, kTV>(a, s);
-    case kHellinger: return launch_backward<DT, kHellinger>(a, s);
-    case kChi2: return launch_backward<DT, kChi2>(a, s);
-    case kAlpha: return launch_backward<DT, kAlpha>(a, s);
-    default: return launch_backward<DT, kNoDivergence>(a, s);
-  }
+  PREFOPT_DISPATCH_DIVERGENCE(a.divergence, DIV, launch_backward<DT, DIV>(a, s));
 }
 
 const char* launch_error() {
@@ -565,44 +547,28 @@ const char* launch_error() {
 const char* forward(const ForwardArgs& args, void* stream) {
   if (args.n_rows == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case kBFloat16: forward_dt<kBFloat16>(args, s); break;
-    case kFloat16: forward_dt<kFloat16>(args, s); break;
-    default: forward_dt<kFloat32>(args, s); break;
-  }
+  PREFOPT_DISPATCH_DTYPE(args.dtype, DT, forward_dt<DT>(args, s));
   return launch_error();
 }
 
 const char* backward(const BackwardArgs& args, void* stream) {
   if (args.n_rows == 0 || args.vocab == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case kBFloat16: backward_dt<kBFloat16>(args, s); break;
-    case kFloat16: backward_dt<kFloat16>(args, s); break;
-    default: backward_dt<kFloat32>(args, s); break;
-  }
+  PREFOPT_DISPATCH_DTYPE(args.dtype, DT, backward_dt<DT>(args, s));
   return launch_error();
 }
 
 const char* fold(const FoldArgs& args, void* stream) {
   if (args.n_rows == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case kBFloat16: fold_dt<kBFloat16>(args, s); break;
-    case kFloat16: fold_dt<kFloat16>(args, s); break;
-    default: fold_dt<kFloat32>(args, s); break;
-  }
+  PREFOPT_DISPATCH_DTYPE(args.dtype, DT, fold_dt<DT>(args, s));
   return launch_error();
 }
 
 const char* sweep(const SweepArgs& args, void* stream) {
   if (args.n_rows == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case kBFloat16: sweep_dt<kBFloat16>(args, s); break;
-    case kFloat16: sweep_dt<kFloat16>(args, s); break;
-    default: sweep_dt<kFloat32>(args, s); break;
-  }
+  PREFOPT_DISPATCH_DTYPE(args.dtype, DT, sweep_dt<DT>(args, s));
   return launch_error();
 }
 

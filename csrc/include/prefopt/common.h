@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #if defined(__CUDACC__)
 #define PREFOPT_HD __host__ __device__
@@ -30,7 +32,8 @@ namespace prefopt {
 // Element type of the logits / gradient buffers. Mirrors DTYPE_CODES in backends/native.py.
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Mirrors DIVERGENCE_CODES in prefopt_kernels/backends/__init__.py. 0 means "no divergence".
+// Mirrors the Divergence registry of prefopt_kernels/divergences.py (tests/test_registry.py
+// checks it). 0 means "no divergence".
 enum Divergence : int {
   kNoDivergence = 0,
   kForwardKL = 1,
@@ -41,6 +44,39 @@ enum Divergence : int {
   kChi2 = 6,
   kAlpha = 7,
 };
+
+// Host-side dispatch on a runtime code, FlashInfer style: the statements after the name run
+// with that name bound to the code as a compile-time constant; an unknown code throws, so no
+// branch ever computes something for a value it does not know.
+#define PREFOPT_DISPATCH_CASE(VALUE, NAME, ...) \
+  case VALUE: {                                 \
+    constexpr int NAME = VALUE;                 \
+    __VA_ARGS__;                                \
+    break;                                      \
+  }
+
+#define PREFOPT_DISPATCH_DTYPE(code, DT, ...)                                              \
+  switch (code) {                                                                          \
+    PREFOPT_DISPATCH_CASE(::prefopt::kFloat32, DT, __VA_ARGS__)                            \
+    PREFOPT_DISPATCH_CASE(::prefopt::kBFloat16, DT, __VA_ARGS__)                           \
+    PREFOPT_DISPATCH_CASE(::prefopt::kFloat16, DT, __VA_ARGS__)                            \
+    default:                                                                               \
+      throw std::invalid_argument("prefopt: unknown dtype code " + std::to_string(code));  \
+  }
+
+#define PREFOPT_DISPATCH_DIVERGENCE(code, DIV, ...)                                             \
+  switch (code) {                                                                               \
+    PREFOPT_DISPATCH_CASE(::prefopt::kNoDivergence, DIV, __VA_ARGS__)                           \
+    PREFOPT_DISPATCH_CASE(::prefopt::kForwardKL, DIV, __VA_ARGS__)                              \
+    PREFOPT_DISPATCH_CASE(::prefopt::kReverseKL, DIV, __VA_ARGS__)                              \
+    PREFOPT_DISPATCH_CASE(::prefopt::kJS, DIV, __VA_ARGS__)                                     \
+    PREFOPT_DISPATCH_CASE(::prefopt::kTV, DIV, __VA_ARGS__)                                     \
+    PREFOPT_DISPATCH_CASE(::prefopt::kHellinger, DIV, __VA_ARGS__)                              \
+    PREFOPT_DISPATCH_CASE(::prefopt::kChi2, DIV, __VA_ARGS__)                                   \
+    PREFOPT_DISPATCH_CASE(::prefopt::kAlpha, DIV, __VA_ARGS__)                                  \
+    default:                                                                                    \
+      throw std::invalid_argument("prefopt: unknown divergence code " + std::to_string(code));  \
+  }
 
 // Element offset of row n of a [B, T, V] view with strides (batch_stride, token_stride, 1):
 // rows are numbered n = b * T + t. All in int64 so that offsets beyond 2^31 are exact.

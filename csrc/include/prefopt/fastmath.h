@@ -52,12 +52,18 @@ constexpr float kFltMin = 1.17549435e-38f;
 constexpr float kLn2Hi = 0.693145751953125f;  // 16 significant bits: k * kLn2Hi is exact
 constexpr float kLn2Lo = 1.42860682030941723212e-6f;
 
-// exp(x) = 2^k exp(r), k = round(x / ln 2), |r| <= ln2/2. exp(r) by its Taylor series to
-// degree 7 (truncation error < 0.1 ulp on that interval). 2^k is built from bits in two
-// factors so that k up to 128 neither overflows the exponent field nor needs a branch.
-PREFOPT_HD PREFOPT_INLINE float fast_exp(float x) {
-  float xc = x < -87.5f ? -87.5f : x;
-  xc = xc > 88.8f ? 88.8f : xc;
+// The range reduction both exponentials share: x = k ln2 + r, k = round(x / ln 2),
+// |r| <= ln2/2 (x already clamped to the finite range), and expm1(r) by its Taylor series to
+// degree 7 (truncation error < 0.1 ulp on that interval) with the leading r exact. 2^k comes
+// as two factors 2^k1 2^k2 built from bits, so that k up to 128 neither overflows the
+// exponent field nor needs a branch.
+struct ExpReduction {
+  int32_t k;
+  float em1;  // expm1(r)
+  float s1, s2;  // 2^k1, 2^k2 with k1 + k2 = k
+};
+
+PREFOPT_HD PREFOPT_INLINE ExpReduction exp_reduce(float xc) {
   // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits, so k
   // comes out of the bit pattern without a float -> int conversion.
   const float shifter = 12582912.0f;
@@ -71,12 +77,18 @@ PREFOPT_HD PREFOPT_INLINE float fast_exp(float x) {
   poly = fmadd(poly, r, 1.f / 24.f);
   poly = fmadd(poly, r, 1.f / 6.f);
   poly = fmadd(poly, r, 0.5f);
-  const float er = 1.f + fmadd(r * r, poly, r);
   const int32_t k1 = k >> 1;
   const int32_t k2 = k - k1;
-  const float s1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
-  const float s2 = bits_to_float(static_cast<uint32_t>(k2 + 127) << 23);
-  const float y = er * s1 * s2;
+  return ExpReduction{k, fmadd(r * r, poly, r), bits_to_float(static_cast<uint32_t>(k1 + 127) << 23),
+                      bits_to_float(static_cast<uint32_t>(k2 + 127) << 23)};
+}
+
+// exp(x) = 2^k (1 + expm1(r)).
+PREFOPT_HD PREFOPT_INLINE float fast_exp(float x) {
+  float xc = x < -87.5f ? -87.5f : x;
+  xc = xc > 88.8f ? 88.8f : xc;
+  const ExpReduction e = exp_reduce(xc);
+  const float y = (1.f + e.em1) * e.s1 * e.s2;
   return x < -87.3f ? 0.f : y;  // NaN falls through both comparisons and stays NaN
 }
 
@@ -105,33 +117,18 @@ PREFOPT_HD PREFOPT_INLINE float fast_log(float x) {
   return x != x ? x : y;
 }
 
-// expm1(x) = 2^k expm1(r) + (2^k - 1) with k and r as in fast_exp: the series of expm1(r)
-// keeps its leading term r exact, so small |x| keep full relative accuracy (exp(x) - 1
-// would cancel). About 1 ulp. Past k = 64 the -1 no longer matters and 2^k is applied in
-// two factors as in fast_exp, so x up to the overflow threshold stays finite.
+// expm1(x) = 2^k expm1(r) + (2^k - 1) with the reduction of fast_exp: the leading r of
+// expm1(r) is exact, so small |x| keep full relative accuracy (exp(x) - 1 would cancel).
+// About 1 ulp. Past k = 64 the -1 no longer matters and 2^k is applied in its two factors as
+// in fast_exp, so x up to the overflow threshold stays finite.
 PREFOPT_HD PREFOPT_INLINE float fast_expm1(float x) {
   float xc = x < -88.f ? -88.f : x;  // the result is -1 in fp32 long before that
   xc = xc > 88.8f ? 88.8f : xc;
-  const float shifter = 12582912.0f;
-  const float t = fmadd(xc, 1.44269504088896341f, shifter);
-  const float kf = t - shifter;
-  const int32_t k = static_cast<int32_t>(float_to_bits(t) - float_to_bits(shifter));
-  const float r = fmadd(-kf, kLn2Lo, fmadd(-kf, kLn2Hi, xc));
-  float poly = 1.f / 5040.f;
-  poly = fmadd(poly, r, 1.f / 720.f);
-  poly = fmadd(poly, r, 1.f / 120.f);
-  poly = fmadd(poly, r, 1.f / 24.f);
-  poly = fmadd(poly, r, 1.f / 6.f);
-  poly = fmadd(poly, r, 0.5f);
-  const float em1 = fmadd(r * r, poly, r);
-  const int32_t k1 = k >> 1;
-  const int32_t k2 = k - k1;
-  const float s1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
-  const float s2 = bits_to_float(static_cast<uint32_t>(k2 + 127) << 23);
-  const float s = s1 * s2;
-  const float near = fmadd(s, em1, s - 1.f);
-  const float far = ((1.f + em1) * s1) * s2;
-  return k > 64 ? far : near;  // NaN propagates through em1 on both sides
+  const ExpReduction e = exp_reduce(xc);
+  const float s = e.s1 * e.s2;
+  const float near = fmadd(s, e.em1, s - 1.f);
+  const float far = ((1.f + e.em1) * e.s1) * e.s2;
+  return e.k > 64 ? far : near;  // NaN propagates through em1 on both sides
 }
 
 // log1p(x) = log(u) + (x - (u - 1)) / u with u = 1 + x rounded: the correction is the
