@@ -81,6 +81,14 @@ PARAMETER_EDGE = 1e-30
 ALPHA_MAX = 1e6
 
 
+def real_number(value, argument: str) -> float:
+    """``value`` as a float: any real number (numpy scalars included), not a bool; a
+    ``TypeError`` naming ``argument`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{argument} must be a real number; got {value!r}")
+    return float(value)
+
+
 def resolve(divergence: str, beta, alpha) -> Tuple[Divergence, float, float]:
     """Validate a divergence name and its parameters; return ``(member, beta, alpha)``.
 
@@ -94,10 +102,7 @@ def resolve(divergence: str, beta, alpha) -> Tuple[Divergence, float, float]:
             f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}"
         )
     member = Divergence[divergence.upper()]
-    for name, value in (("beta", beta), ("alpha", alpha)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number; got {value!r}")
-    beta, alpha = float(beta), float(alpha)
+    beta, alpha = real_number(beta, "beta"), real_number(alpha, "alpha")
     if member.parameter == "beta" and not (PARAMETER_EDGE <= beta and PARAMETER_EDGE <= 1.0 - beta):
         raise ValueError(
             f"beta must lie in [{PARAMETER_EDGE:g}, 1 - {PARAMETER_EDGE:g}] for {divergence!r}; got {beta!r}"

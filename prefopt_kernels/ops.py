@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import numbers
 import os
 import threading
 from typing import NamedTuple, Optional
@@ -26,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .backends import OpSpec, RowStats
-from .divergences import resolve
+from .divergences import real_number, resolve
 
 BACKEND_NAMES = ("triton", "native", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -181,14 +180,8 @@ def _check_weight(weight, logits: torch.Tensor, argument: str) -> Optional[torch
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
-def _check_real(value, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{argument} must be a real number; got {value!r}")
-    return float(value)
-
-
 def _check_temperature(temperature) -> float:
-    temperature = _check_real(temperature, "temperature")
+    temperature = real_number(temperature, "temperature")
     if not (_FP32_TINY <= temperature <= 1.0 / _FP32_TINY):
         raise ValueError(
             f"temperature must lie in [{_FP32_TINY:.4g}, {1.0 / _FP32_TINY:.4g}] (T and 1/T "

@@ -92,3 +92,26 @@ class RowStats:
     ref_log_norm: Optional[torch.Tensor] = None
     div_s: Optional[torch.Tensor] = None
     ref_at_argmax: Optional[torch.Tensor] = None
+
+
+def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):
+    """``(read, div_on)``, bool ``[N]``: the rows a pass reads, and those with the divergence term.
+
+    An ignored label skips its row; a zero weight drops the divergence, and skips the row
+    when the op has no labels (the backend interface's rule).
+    """
+    read = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        read = labels != spec.ignore_index
+    div_on = read if weight is None else read & (weight != 0)
+    return (read if labels is not None else div_on), div_on
+
+
+def nan_guard(log_norm: torch.Tensor) -> torch.Tensor:
+    """0 per row, NaN where ``log_norm`` is not finite: the row holds a NaN or ``+inf`` logit.
+
+    Added to every output (and gradient) that depends on the row: the NaN policy of
+    ``prefopt_kernels.ops`` at the cost of one add per row. Detached: it carries no gradient.
+    """
+    log_norm = log_norm.detach()
+    return log_norm - log_norm

@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from ..divergences import GENERATORS, Divergence
-from . import OpSpec, RowStats, row_state
+from . import OpSpec, RowStats, nan_guard, row_state, rows_read
 
 NAME = "reference"
 
@@ -56,12 +56,7 @@ def evaluate(
         ref_logits = ref_logits.reshape(-1, ref_logits.shape[-1])
     n = logits.shape[0]
     device = logits.device
-    valid = torch.ones(n, dtype=torch.bool, device=device)
-    if labels is not None:
-        valid = labels != spec.ignore_index
-    div_active = valid if weight is None else valid & (weight != 0)
-    # Without labels a row with no divergence has nothing to compute: it is never read.
-    read = valid if labels is not None else div_active
+    read, div_active = rows_read(labels, weight, spec, n, device)
     inv_t = 1.0 / spec.temperature
 
     def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str):
@@ -84,17 +79,17 @@ def evaluate(
         out["log_p"] = log_p
     safe_labels = None
     if labels is not None:
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        safe_labels = torch.where(read, labels, torch.zeros_like(labels)).long()
     if spec.want_logp:
-        out["logp"] = torch.where(valid, log_p.gather(1, safe_labels[:, None])[:, 0], zero)
+        out["logp"] = torch.where(read, log_p.gather(1, safe_labels[:, None])[:, 0], zero)
     if spec.want_entropy:
         p = torch.exp(log_p)
         plogp = torch.where(p > 0, p * torch.where(p > 0, log_p, torch.zeros_like(log_p)), torch.zeros_like(log_p))
-        out["entropy"] = torch.where(valid, -plogp.sum(-1), zero)
+        out["entropy"] = torch.where(read, -plogp.sum(-1), zero)
     if ref_logits is not None:
         log_q = row_log_softmax(ref_logits.detach(), read, "ref_")
         if spec.want_ref_logp:
-            out["ref_logp"] = torch.where(valid, log_q.gather(1, safe_labels[:, None])[:, 0], zero)
+            out["ref_logp"] = torch.where(read, log_q.gather(1, safe_labels[:, None])[:, 0], zero)
         if spec.divergence:
             # Rows without a divergence see a harmless stand-in, so no inf reaches autograd there.
             # Rows whose divergence gets no upstream gradient must not carry a NaN reference
@@ -108,7 +103,7 @@ def evaluate(
             out["div"] = torch.where(div_active, value.sum(-1), zero)
             out["div_s"] = torch.where(div_active, slope.sum(-1), zero)
             # NaN/+inf in either row makes the divergence NaN, whatever the generator kept.
-            guard = _nan_guard(out["log_norm"]) + _nan_guard(out["ref_log_norm"])
+            guard = nan_guard(out["log_norm"]) + nan_guard(out["ref_log_norm"])
             out["div"] = torch.where(div_active, out["div"] + guard, zero)
             if Divergence(spec.divergence).centred:
                 # Centred at the policy's argmax k, as RowStats documents: S - f'(t_k).
@@ -118,19 +113,14 @@ def evaluate(
                 out["ref_at_argmax"] = torch.where(div_active, ref_logits.to(torch.float64).gather(1, k)[:, 0], zero)
             # An infinite or NaN divergence has no gradient: S is NaN there (see RowStats).
             out["div_s"] = torch.where(torch.isfinite(out["div"].detach()), out["div_s"], math.nan)
-    guard = _nan_guard(out["log_norm"])
+    guard = nan_guard(out["log_norm"])
     for key in ("logp", "entropy"):
         if key in out:
             out[key] = out[key] + guard
     if "ref_logp" in out:
-        out["ref_logp"] = out["ref_logp"] + _nan_guard(out["ref_log_norm"])
+        out["ref_logp"] = out["ref_logp"] + nan_guard(out["ref_log_norm"])
     return out
 
-
-def _nan_guard(log_norm: torch.Tensor) -> torch.Tensor:
-    """0 per row, NaN where ``log_norm`` is not finite: the row holds a NaN or ``+inf`` logit."""
-    log_norm = log_norm.detach()
-    return log_norm - log_norm
 
 
 def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
@@ -177,10 +167,11 @@ def gradient(logits, labels, ref_logits, weight, spec: OpSpec, upstream: Dict[st
             return torch.zeros_like(log_p)
         (grad_log_p,) = torch.autograd.grad(total, log_p)
     grad = softmax_input_grad(grad_log_p, log_p.detach(), spec.temperature)
-    return torch.where(_undefined_gradient(rows, upstream.get("div"))[:, None], math.nan, grad)
+    bad = _undefined_gradient(rows["log_norm"].detach(), rows.get("div_s"), upstream.get("div"))
+    return torch.where(bad[:, None], math.nan, grad)
 
 
-def _undefined_gradient(rows: Dict[str, torch.Tensor], grad_div) -> torch.Tensor:
+def _undefined_gradient(log_norm: torch.Tensor, div_s: Optional[torch.Tensor], grad_div) -> torch.Tensor:
     """``[N]`` bool, the rows whose gradient is NaN by the policy of ``prefopt_kernels.ops``.
 
     A row that is read (``log_norm`` is 0 on rows that are not) with a NaN or ``+inf``
@@ -188,9 +179,9 @@ def _undefined_gradient(rows: Dict[str, torch.Tensor], grad_div) -> torch.Tensor
     the upstream gradient is nonzero) while ``div_s`` is NaN: a NaN/``+inf`` reference logit
     or an infinite divergence.
     """
-    bad = ~torch.isfinite(rows["log_norm"].detach())
-    if grad_div is not None and "div_s" in rows:
-        bad = bad | (torch.isnan(rows["div_s"].detach()) & (grad_div.reshape(-1) != 0))
+    bad = ~torch.isfinite(log_norm)
+    if grad_div is not None and div_s is not None:
+        bad = bad | (torch.isnan(div_s.detach()) & (grad_div.reshape(-1) != 0))
     return bad
 
 
@@ -214,7 +205,7 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
     n, width = state.max.shape[0], logits.shape[-1]
     x = logits.reshape(n, width).to(torch.float64)
     y = None if ref_logits is None else ref_logits.reshape(n, width).to(torch.float64)
-    read, div_on = row_state.rows_read(labels, weight, spec, n, state.max.device)
+    read, div_on = rows_read(labels, weight, spec, n, state.max.device)
     inv_t = 1.0 / spec.temperature
     x = torch.where(read[:, None], x, -math.inf)
     dtype = state.max.dtype
@@ -278,7 +269,7 @@ def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0:
     ``ref_at_argmax`` of :func:`row_state.finalize`. Rows without the divergence give 0.
     """
     n, width = stats.log_norm.shape[0], logits.shape[-1]
-    _, div_on = row_state.rows_read(labels, weight, spec, n, stats.log_norm.device)
+    _, div_on = rows_read(labels, weight, spec, n, stats.log_norm.device)
     inv_t = 1.0 / spec.temperature
     on = div_on[:, None]
     lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_t)
@@ -298,7 +289,7 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
     ``S = div_s + f'(t_k)`` (forward KL: ``p_j - q_j``), in float64, NaN rows by the policy.
     """
     n, width = stats.log_norm.shape[0], logits.shape[-1]
-    read, div_on = row_state.rows_read(labels, weight, spec, n, stats.log_norm.device)
+    read, div_on = rows_read(labels, weight, spec, n, stats.log_norm.device)
     inv_t = 1.0 / spec.temperature
     lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_t)
     lp = torch.where(read[:, None], lp, -math.inf)
@@ -326,8 +317,6 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
             term = torch.where(on & (p > 0), slope - p * s_total, 0.0)
         grad += g_div[:, None] * term
     grad = grad * inv_t
-    bad = read & ~torch.isfinite(stats.log_norm)
-    if g_div is not None:
-        bad = bad | ((g_div != 0) & torch.isnan(stats.div_s))
+    bad = _undefined_gradient(stats.log_norm, stats.div_s, g_div)
     grad = torch.where(bad[:, None], math.nan, grad)
     grad_out.copy_(grad.view(grad_out.shape))

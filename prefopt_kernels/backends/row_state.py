@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from ..divergences import Divergence
-from . import OpSpec, RowStats
+from . import OpSpec, RowStats, nan_guard, rows_read
 
 
 @dataclass
@@ -66,19 +66,6 @@ class RowState:
     def tensors(self) -> dict:
         """The fields that are present, by name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):
-    """``(read, div_on)``, bool ``[N]``: the rows a pass reads, and those with the divergence term.
-
-    An ignored label skips its row; a zero weight drops the divergence, and skips the row
-    when the op has no labels (the backend interface's rule).
-    """
-    read = torch.ones(n, dtype=torch.bool, device=device)
-    if labels is not None:
-        read = labels != spec.ignore_index
-    div_on = read if weight is None else read & (weight != 0)
-    return (read if labels is not None else div_on), div_on
 
 
 def empty(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> RowState:
@@ -158,11 +145,6 @@ def merge(s1: RowState, s2: RowState, spec: OpSpec) -> RowState:
     return out
 
 
-def _guard(log_norm: torch.Tensor) -> torch.Tensor:
-    """0 per row, NaN where ``log_norm`` is not finite (a NaN or ``+inf`` logit in the row)."""
-    return log_norm - log_norm
-
-
 def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[torch.Tensor],
              spec: OpSpec) -> RowStats:
     """The forward's :class:`RowStats` from the state of the whole vocabulary.
@@ -181,7 +163,7 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
 
     row_max = torch.where(state.max == -math.inf, zero, state.max)
     log_norm = torch.log(state.sum_exp)
-    guard_a = _guard(log_norm)
+    guard_a = nan_guard(log_norm)
     stats = RowStats(row_max=kept(row_max), log_norm=kept(log_norm))
     if labels is not None and spec.want_logp:
         stats.logp = kept((state.label_logit - row_max) * inv_t - log_norm + guard_a)
@@ -191,7 +173,7 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
         return stats
     ref_row_max = torch.where(state.ref_max == -math.inf, zero, state.ref_max)
     ref_log_norm = torch.log(state.ref_sum_exp)
-    guard_b = _guard(ref_log_norm)
+    guard_b = nan_guard(ref_log_norm)
     stats.ref_row_max, stats.ref_log_norm = kept(ref_row_max), kept(ref_log_norm)
     if spec.want_ref_logp:
         stats.ref_logp = kept((state.ref_label_logit - ref_row_max) * inv_t - ref_log_norm + guard_b)
@@ -226,5 +208,5 @@ def finish_sweep(stats: RowStats, value_sum: torch.Tensor, centred_sum: torch.Te
     ``[N]``, each the sum of the slices' partial sums.
     """
     _, div_on = rows_read(labels, weight, spec, value_sum.shape[0], value_sum.device)
-    guard = _guard(stats.log_norm) + _guard(stats.ref_log_norm)
+    guard = nan_guard(stats.log_norm) + nan_guard(stats.ref_log_norm)
     return _set_divergence(stats, value_sum + guard, centred_sum, div_on)
