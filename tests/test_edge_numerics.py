@@ -87,49 +87,48 @@ def _assert_grad_close(got, want, sizes, what):
 # --------------------------------------------------------------------------- parameter edges
 
 
-@pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_alpha_near_0_and_1_meets_the_contract(backend, dtype):
-    a, b = _pair(1, (3, 97), dtype=dtype)
-    for alpha in ALPHAS:
-        div, grad = _div_and_grad(backend, a, b, "alpha", alpha=alpha)
-        want, want_grad = oracle(a, None, b, None, divergence="alpha", alpha=alpha, upstream={"div": torch.ones(3)})
-        s = row_scale(a, b, 1.0)
-        assert_tokens_close(div, want["div"], s, f"alpha={alpha!r}")
-        assert_grads_close(grad, want_grad, s, torch.ones(3), dtype, f"d alpha={alpha!r}")
+# Each parameter edge: (divergence, the keyword it sets, its values, the _pair seeds and scale
+# of the exact check). js takes a wide spread of log t, so that both its log1p and its
+# logaddexp forms are taken.
+EDGES = {
+    "alpha": ("alpha", ALPHAS, (1, 2), 2.0),
+    "js": ("beta", BETAS, (3, 4), 12.0),
+}
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_alpha_near_0_and_1_matches_the_exact_definition(backend):
-    a, b = _pair(2, (2, 24))
-    for alpha in ALPHAS:
-        div, grad = _div_and_grad(backend, a, b, "alpha", alpha=alpha)
-        want, want_grad, sizes = _exact(a, b, "alpha", 0.5, alpha)
-        _assert_relative(div, want, 2e-6, f"alpha={alpha!r}")
-        _assert_grad_close(grad, want_grad, sizes, f"alpha={alpha!r}")
+def _params(divergence, value):
+    """``(beta, alpha)`` with the edge value in the divergence's own parameter."""
+    keyword = EDGES[divergence][0]
+    return (value, 0.5) if keyword == "beta" else (0.5, value)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_js_beta_near_0_and_1_meets_the_contract(backend, dtype):
-    a, b = _pair(3, (3, 97), dtype=dtype)
-    for beta in BETAS:
-        div, grad = _div_and_grad(backend, a, b, "js", beta=beta)
-        want, want_grad = oracle(a, None, b, None, divergence="js", beta=beta, upstream={"div": torch.ones(3)})
+@pytest.mark.parametrize("divergence", sorted(EDGES))
+def test_parameter_edges_meet_the_contract(backend, dtype, divergence):
+    keyword, values, (seed, _), _ = EDGES[divergence]
+    a, b = _pair(seed, (3, 97), dtype=dtype)
+    for value in values:
+        beta, alpha = _params(divergence, value)
+        div, grad = _div_and_grad(backend, a, b, divergence, beta=beta, alpha=alpha)
+        want, want_grad = oracle(a, None, b, None, divergence=divergence, beta=beta, alpha=alpha,
+                                 upstream={"div": torch.ones(3)})
         s = row_scale(a, b, 1.0)
-        assert_tokens_close(div, want["div"], s, f"beta={beta!r}")
-        assert_grads_close(grad, want_grad, s, torch.ones(3), dtype, f"d beta={beta!r}")
+        assert_tokens_close(div, want["div"], s, f"{keyword}={value!r}")
+        assert_grads_close(grad, want_grad, s, torch.ones(3), dtype, f"d {keyword}={value!r}")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_js_beta_near_0_and_1_matches_the_exact_definition(backend):
-    # A wide spread of log t, so that both the log1p and the logaddexp forms are taken.
-    a, b = _pair(4, (2, 24), scale=12.0)
-    for beta in BETAS:
-        div, grad = _div_and_grad(backend, a, b, "js", beta=beta)
-        want, want_grad, sizes = _exact(a, b, "js", beta, 0.5)
-        _assert_relative(div, want, 2e-6, f"beta={beta!r}")
-        _assert_grad_close(grad, want_grad, sizes, f"beta={beta!r}")
+@pytest.mark.parametrize("divergence", sorted(EDGES))
+def test_parameter_edges_match_the_exact_definition(backend, divergence):
+    keyword, values, (_, seed), scale = EDGES[divergence]
+    a, b = _pair(seed, (2, 24), scale=scale)
+    for value in values:
+        beta, alpha = _params(divergence, value)
+        div, grad = _div_and_grad(backend, a, b, divergence, beta=beta, alpha=alpha)
+        want, want_grad, sizes = _exact(a, b, divergence, beta, alpha)
+        _assert_relative(div, want, 2e-6, f"{keyword}={value!r}")
+        _assert_grad_close(grad, want_grad, sizes, f"{keyword}={value!r}")
 
 
 # --------------------------------------------------------------------------- temperatures
