@@ -214,44 +214,55 @@ def _has_distinct_elements(x: torch.Tensor) -> bool:
     return True
 
 
-def _as_rows(*tensors: Optional[torch.Tensor]):
-    """``[B, T, V]`` views of same-shaped ``[..., V]`` tensors, one factorisation for all.
+class _RowLayout(NamedTuple):
+    """How same-shaped ``[..., V]`` tensors are seen as ``[B, T, V]``: computed once per call.
 
     Leading dimensions laid out one inside the other (in every tensor) merge into one, so a
     contiguous tensor becomes ``[1, N, V]`` and a sliced ``logits[:, :-1, :]`` stays
-    ``[B, T - 1, V]``: no copy. Layouts that no two-level stride describes are copied.
-    ``None`` entries pass through.
+    ``[B, T - 1, V]``: no copy. Layouts that no two-level stride describe are copied
+    (``copied``). The forward keeps the layout on ``ctx`` so the backward sees the same rows.
     """
-    present = [x for x in tensors if x is not None]
-    shape = present[0].shape
-    vocab = shape[-1]
-    groups = []  # [size, stride per tensor]
-    for dim, size in enumerate(shape[:-1]):
-        if size == 1:
-            continue
-        strides = [x.stride(dim) for x in present]
-        if groups and all(g == s * size for g, s in zip(groups[-1][1], strides)):
-            groups[-1] = [groups[-1][0] * size, strides]
-        else:
-            groups.append([size, strides])
-    if len(groups) > 2:
-        present = [x.reshape(-1, vocab) for x in present]
-        groups = [[present[0].shape[0], [x.stride(0) for x in present]]]
-    while len(groups) < 2:
-        groups.insert(0, [1, [0] * len(present)])
-    views = iter(
-        x.as_strided((groups[0][0], groups[1][0], vocab), (groups[0][1][i], groups[1][1][i], 1))
-        for i, x in enumerate(present)
-    )
-    return [next(views) if x is not None else None for x in tensors]
+
+    size: tuple  # (B, T, V)
+    strides: tuple  # per tensor: (batch stride, token stride)
+    copied: bool
+
+    @classmethod
+    def of(cls, *tensors: Optional[torch.Tensor]) -> "_RowLayout":
+        present = [x for x in tensors if x is not None]
+        shape = present[0].shape
+        vocab = shape[-1]
+        groups = []  # [size, stride per tensor]
+        for dim, size in enumerate(shape[:-1]):
+            if size == 1:
+                continue
+            strides = [x.stride(dim) for x in present]
+            if groups and all(g == s * size for g, s in zip(groups[-1][1], strides)):
+                groups[-1] = [groups[-1][0] * size, strides]
+            else:
+                groups.append([size, strides])
+        copied = len(groups) > 2
+        if copied:
+            groups = [[shape[:-1].numel(), [vocab] * len(present)]]
+        while len(groups) < 2:
+            groups.insert(0, [1, [0] * len(present)])
+        per_tensor = iter(zip(groups[0][1], groups[1][1]))
+        strides = tuple(next(per_tensor) if x is not None else None for x in tensors)
+        return cls((groups[0][0], groups[1][0], vocab), strides, copied)
+
+    def rows(self, *tensors: Optional[torch.Tensor]) -> list:
+        """The ``[B, T, V]`` views of the tensors this layout was made of (``None`` passes)."""
+        return [
+            None if x is None else
+            (x.reshape(-1, self.size[2]) if self.copied else x).as_strided(self.size, strides + (1,))
+            for x, strides in zip(tensors, self.strides)
+        ]
 
 
 # --------------------------------------------------------------------------- autograd
 
 
 _OUTPUTS = ("logp", "ref_logp", "entropy", "div")
-# What a backward pass needs of the forward's RowStats.
-_SAVED = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "div_s", "ref_at_argmax", "entropy")
 
 
 class _FusedTokenOp(torch.autograd.Function):
@@ -263,12 +274,14 @@ class _FusedTokenOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ref_logits, labels, weight, spec, backend, inplace_backward):
-        rows, ref_rows = _as_rows(logits, ref_logits)
+        layout = _RowLayout.of(logits, ref_logits)
+        rows, ref_rows = layout.rows(logits, ref_logits)
         stats = backend.forward(rows, labels, ref_rows, weight, spec)
         wanted = [k for k in _OUTPUTS if _wants(spec, k)]
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.backend, ctx.inplace, ctx.wanted = spec, backend, inplace_backward, wanted
-        ctx.save_for_backward(logits, ref_logits, labels, weight, *(getattr(stats, k) for k in _SAVED))
+        ctx.layout = layout
+        ctx.save_for_backward(logits, ref_logits, labels, weight, *stats.saved())
         outputs = tuple(getattr(stats, k) for k in wanted)
         if stats.ref_logp is not None:
             ctx.mark_non_differentiable(stats.ref_logp)
@@ -287,13 +300,13 @@ class _FusedTokenOp(torch.autograd.Function):
         flat = {k: (g.reshape(-1).to(torch.float32).contiguous() if g is not None else None) for k, g in upstream.items()}
         if all(g is None for g in flat.values()) or not ctx.needs_input_grad[0]:
             return (None,) * 7
-        rows, ref_rows = _as_rows(logits, ref_logits)
+        rows, ref_rows = ctx.layout.rows(logits, ref_logits)
         if ctx.inplace and rows.data_ptr() == logits.data_ptr():
             grad_rows, grad = rows, logits
         else:
             grad_rows = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
             grad = grad_rows.view(logits.shape)
-        stats = RowStats(**dict(zip(_SAVED, saved)))
+        stats = RowStats.from_saved(saved)
         ctx.backend.backward(
             rows, labels, ref_rows, weight, ctx.spec, stats,
             flat.get("logp"), flat.get("entropy"), flat.get("div"), grad_rows,

@@ -201,11 +201,11 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_sliced_logits_are_read_without_a_copy(backend):
-    from prefopt_kernels.ops import _as_rows
+    from prefopt_kernels.ops import _RowLayout
 
     full = _logits(16, (3, 9, 700)).requires_grad_(True)
     sliced = full[:, :-1, :]
-    rows, = _as_rows(sliced)
+    rows, = _RowLayout.of(sliced).rows(sliced)
     assert rows.data_ptr() == sliced.data_ptr() and rows.shape == (3, 8, 700)
     labels = torch.randint(0, 700, (3, 8), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with pk.use_backend(backend):

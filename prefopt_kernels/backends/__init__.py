@@ -93,6 +93,22 @@ class RowStats:
     div_s: Optional[torch.Tensor] = None
     ref_at_argmax: Optional[torch.Tensor] = None
 
+    def saved(self) -> tuple:
+        """The fields a backward pass reads, in :data:`SAVED_STATS` order (``None`` where absent)."""
+        return tuple(getattr(self, name) for name in SAVED_STATS)
+
+    @classmethod
+    def from_saved(cls, values) -> "RowStats":
+        """The inverse of :meth:`saved`: the statistics a backward pass is handed."""
+        return cls(**dict(zip(SAVED_STATS, values)))
+
+
+# The one list of per-row statistics that cross from a forward to its backward (and, all
+# but ``entropy`` and ``div_s``, to a second sweep): ctx.save_for_backward, every backend's
+# backward and the C++ bindings follow this order.
+SAVED_STATS = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "entropy", "div_s", "ref_at_argmax")
+SWEEP_STATS = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "ref_at_argmax")
+
 
 def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):
     """``(read, div_on)``, bool ``[N]``: the rows a pass reads, and those with the divergence term.
