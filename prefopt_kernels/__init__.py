@@ -1,11 +1,13 @@
 """Fused kernels for the token-level terms of LLM preference-optimisation losses.
 
 Each op reads a row of logits once, keeps per-row running statistics only, and never
-writes an ``[N, V]`` softmax; gradients are recomputed from the saved statistics.
+writes an ``[N, V]`` softmax; gradients are recomputed from the saved statistics. The
+``linear_*`` ops start from hidden states and the LM head and never hold ``[N, V]`` logits.
 """
 
 from . import losses, masks
 from .divergences import DIVERGENCES
+from .linear import linear_token_divergence, linear_token_logprobs, linear_token_terms
 from .ops import (
     TokenTerms,
     available_backends,
@@ -23,6 +25,9 @@ __all__ = [
     "masks",
     "TokenTerms",
     "available_backends",
+    "linear_token_divergence",
+    "linear_token_logprobs",
+    "linear_token_terms",
     "token_divergence",
     "token_logprobs",
     "token_terms",

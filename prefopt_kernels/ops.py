@@ -138,22 +138,25 @@ def _check_logits(x, argument: str) -> None:
         )
 
 
-def _check_same(x: torch.Tensor, logits: torch.Tensor, argument: str, shape) -> None:
+def _check_same(x: torch.Tensor, argument: str, shape, owner: torch.Tensor, owner_name: str = "logits") -> None:
+    """``x`` has ``shape`` and lives on the device of ``owner`` (the op's main input)."""
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{argument} must have shape {tuple(shape)}; got {tuple(x.shape)}")
-    if x.device != logits.device:
-        raise ValueError(f"{argument} must be on the logits' device {logits.device}; got {x.device}")
+    if x.device != owner.device:
+        raise ValueError(f"{argument} must be on the device of {owner_name} ({owner.device}); got {x.device}")
 
 
-def _check_labels(labels, logits: torch.Tensor, ignore_index) -> torch.Tensor:
+def _check_labels(labels, owner: torch.Tensor, ignore_index, vocab: Optional[int] = None,
+                  owner_name: str = "logits") -> torch.Tensor:
+    """Flat int64 labels of the tokens of ``owner`` (``[..., V]`` logits or ``[..., H]`` hidden)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
-    _check_same(labels, logits, "labels", logits.shape[:-1])
-    vocab = logits.shape[-1]
+    _check_same(labels, "labels", owner.shape[:-1], owner, owner_name)
+    vocab = owner.shape[-1] if vocab is None else vocab
     flat = labels.reshape(-1).to(torch.int64)
     out_of_range = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
     if flat.numel() and bool(out_of_range.any()):
@@ -164,14 +167,15 @@ def _check_labels(labels, logits: torch.Tensor, ignore_index) -> torch.Tensor:
     return flat.contiguous()
 
 
-def _check_weight(weight, logits: torch.Tensor, argument: str) -> Optional[torch.Tensor]:
+def _check_weight(weight, owner: torch.Tensor, argument: str, owner_name: str = "logits") -> Optional[torch.Tensor]:
+    """Flat fp32 per-token weights of the tokens of ``owner``, or ``None``."""
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor or None; got {type(weight).__name__}")
     if weight.dtype.is_complex:
         raise TypeError(f"{argument} must be a real tensor; got {weight.dtype}")
-    _check_same(weight, logits, argument, logits.shape[:-1])
+    _check_same(weight, argument, owner.shape[:-1], owner, owner_name)
     return weight.detach().reshape(-1).to(torch.float32).contiguous()
 
 
@@ -289,11 +293,7 @@ class _FusedTokenOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "prefopt_kernels ops are once-differentiable: their backward cannot be "
-                "differentiated again (create_graph=True, double backward, gradient penalties)"
-            )
+        _refuse_double_backward()
         logits, ref_logits, labels, weight, *saved = ctx.saved_tensors
         upstream = dict(zip(ctx.wanted, grads))
         upstream.pop("ref_logp", None)
@@ -316,6 +316,15 @@ class _FusedTokenOp(torch.autograd.Function):
             # backward runs again) must fail PyTorch's version check instead of reading it.
             torch.autograd.graph.increment_version(logits)
         return (grad,) + (None,) * 6
+
+
+def _refuse_double_backward() -> None:
+    """Raise when a backward runs with grad mode on: the ops' backward is not differentiable."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "prefopt_kernels ops are once-differentiable: their backward cannot be "
+            "differentiated again (create_graph=True, double backward, gradient penalties)"
+        )
 
 
 def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool):
@@ -448,6 +457,6 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
 
 
 def _check_pair(logits: torch.Tensor, ref_logits: torch.Tensor) -> None:
-    _check_same(ref_logits, logits, "ref_logits", logits.shape)
+    _check_same(ref_logits, "ref_logits", logits.shape, logits)
     if ref_logits.dtype != logits.dtype:
         raise TypeError(f"ref_logits must have the logits' dtype {logits.dtype}; got {ref_logits.dtype}")

@@ -1,0 +1,676 @@
+r"""The token ops from hidden states and the LM head: no ``[N, V]`` tensor is ever allocated.
+
+For a model with hidden states ``h`` (``[..., H]``), LM head ``W`` (``[V, H]``) and bias
+``c``, the logits the ops of :mod:`prefopt_kernels.ops` read are
+
+    z = logit_scale * (h W^T + c),   then   z <- softcap * tanh(z / softcap)   (when set),
+
+and the ops divide by the temperature ``T`` as always: exactly the transform TRL's fused
+LM head applies, so results match it. Outputs and semantics are those of the logits ops.
+
+How a call runs (the same for every op and divergence):
+
+* **Compact rows.** Tokens whose label is ``ignore_index`` (and, for
+  :func:`linear_token_divergence`, whose ``div_weight`` is 0) are dropped before any
+  matmul: prompt and padding tokens cost nothing.
+* **Tiles.** The kept rows go in token chunks; each chunk's logits are produced one
+  vocabulary chunk at a time by ``torch.mm`` into one reused buffer (fp32 where the device
+  can write a half-precision GEMM's result in fp32) and folded into mergeable per-row
+  states by the backend's ``fold`` kernel (:mod:`prefopt_kernels.backends.row_state`).
+  The tile shape comes from ``memory_budget``. Divergences with a second sweep (js, tv,
+  hellinger, chi2, alpha) project every tile once more, after the normalisers are known.
+* **Backward.** Each tile is projected again and turned into ``dL/dz`` in place by the
+  backend's ``slice_backward`` (from the saved per-row statistics alone), then into the
+  gradient of ``h W^T + c``; ``d h = dz W`` and ``d W = dz^T h`` accumulate in fp32 and are
+  cast once at the end. Gradients reach the policy's ``hidden``, ``head_weight`` and
+  ``head_bias`` only.
+
+Head weights that are FSDP2 ``DTensor``\ s are gathered with ``full_tensor()`` before the
+call (its backward reduces the gradient); DeepSpeed ZeRO-3 partitioned weights are gathered
+for the forward and again for the backward. Neither library is imported unless such a
+weight is passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+from .backends import OpSpec, RowStats, row_state, rows_read
+from .divergences import Divergence, real_number, resolve
+
+EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")
+DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of tiles and per-tile temporaries
+_MAX_TOKEN_CHUNK = 4096
+# A vocabulary chunk narrower than this makes the GEMMs inefficient: the planner shrinks
+# the token chunk first.
+_MIN_VOCAB_CHUNK = 256
+_FP32 = torch.float32
+# CUDA writes a bf16/fp16 GEMM's result in fp32 (``out_dtype``) from torch 2.8.
+_GEMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+@dataclass
+class _Head:
+    """One model's LM head as a call sees it: weight, bias and the logit transform."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: Optional[torch.Tensor]  # [V]
+    scale: float
+    softcap: Optional[float]
+    gemm_dtype: torch.dtype  # dtype of the GEMM's inputs
+
+    def project(self, hidden: torch.Tensor, v0: int, v1: int, out: torch.Tensor) -> torch.Tensor:
+        """``out = transform(hidden @ W[v0:v1]^T + c[v0:v1])``: ``hidden`` ``[n, H]`` in ``gemm_dtype``."""
+        weight = self.weight[v0:v1].to(self.gemm_dtype)
+        if out.dtype == self.gemm_dtype:
+            torch.mm(hidden, weight.t(), out=out)
+        else:
+            # Half-precision inputs, fp32 result: no rounding of the logits to bf16/fp16.
+            torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
+        if self.bias is not None:
+            out.add_(self.bias[v0:v1].to(out.dtype))
+        if self.scale != 1.0:
+            out.mul_(self.scale)
+        if self.softcap is not None:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def pre_transform_grad(self, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``dL/d(h W^T + c)`` in place from ``grad = dL/dz``: ``grad * scale * (1 - (z / softcap)^2)``."""
+        if self.softcap is not None:
+            tanh = z / self.softcap
+            grad.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+        if self.scale != 1.0:
+            grad.mul_(self.scale)
+        return grad
+
+
+def _gemm_dtype(compute: torch.dtype, tile: torch.dtype, device: torch.device) -> torch.dtype:
+    if compute != tile and device.type == "cuda" and _GEMM_OUT_DTYPE:
+        return compute
+    return tile
+
+
+def _tile_dtype(computes: Sequence[torch.dtype], device: torch.device) -> torch.dtype:
+    """fp32 logits tiles unless the GEMM cannot write fp32 from half inputs (CPU) and every side is half."""
+    if all(c == _FP32 for c in computes) or (device.type == "cuda" and _GEMM_OUT_DTYPE):
+        return _FP32
+    return computes[0] if len(set(computes)) == 1 else _FP32
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in fp32 (``acc`` fp32), without rounding the product to ``a``'s dtype."""
+    if a.dtype == _FP32 and b.dtype == _FP32:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and _GEMM_OUT_DTYPE and a.dtype == b.dtype:
+        torch.addmm(acc, a, b, out_dtype=_FP32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: int, budget: int):
+    """``(token_chunk, vocab_chunk)`` whose tiles and temporaries fit ``budget`` bytes.
+
+    A tile of ``t x v`` costs ``t * v * bytes_per_entry`` (every ``[t, v]`` buffer and
+    temporary the call keeps at once) plus ``v * bytes_per_column`` (the head weight's
+    chunk converted to the GEMM dtype). Token chunks hold at most 4096 rows; the token chunk
+    shrinks before the vocabulary chunk drops below 256 entries. Both are at least 1.
+    """
+    token_chunk = max(1, min(rows, _MAX_TOKEN_CHUNK))
+    while True:
+        vocab_chunk = budget // (token_chunk * bytes_per_entry + bytes_per_column)
+        if vocab_chunk >= min(vocab, _MIN_VOCAB_CHUNK) or token_chunk == 1:
+            return token_chunk, max(1, min(vocab, vocab_chunk))
+        token_chunk = max(1, token_chunk // 2)
+
+
+class _Tiles:
+    """Reused tile buffers of one call: contiguous ``[n, v]`` views of flat storage."""
+
+    def __init__(self, count: int, token_chunk: int, vocab_chunk: int, dtype, device):
+        self._flat = [torch.empty(token_chunk * vocab_chunk, dtype=dtype, device=device) for _ in range(count)]
+
+    def get(self, i: int, n: int, v: int) -> torch.Tensor:
+        return self._flat[i][: n * v].view(n, v)
+
+
+def _rows3(tile: torch.Tensor) -> torch.Tensor:
+    """The backend interface's ``[B, T, Vs]`` view of a ``[n, Vs]`` tile."""
+    return tile.unsqueeze(0)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Call:
+    """Everything a forward and its backward share, checked once."""
+
+    spec: OpSpec
+    policy: _Head
+    ref: Optional[_Head]
+    tile_dtype: torch.dtype
+    index: torch.Tensor  # [n] int64: the kept tokens, in flat order
+    labels: Optional[torch.Tensor]  # [n] int64 of the kept tokens
+    weight: Optional[torch.Tensor]  # [n] fp32 of the kept tokens
+    lead_shape: torch.Size
+    vocab: int
+    budget: int
+    extras: tuple
+    backend: object
+
+
+def _check_hidden(x, argument: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{argument} must be float32, bfloat16 or float16; got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{argument} must have shape [..., H] with H >= 1; got {tuple(x.shape)}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{argument} must be on a CPU or CUDA device; got {x.device}")
+
+
+def _check_head(hidden: torch.Tensor, weight, bias, name: str, hidden_name: str, vocab: Optional[int]):
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}_weight must be a torch.Tensor; got {type(weight).__name__}")
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}_weight must be float32, bfloat16 or float16; got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"{name}_weight must have shape [V, H] with H = {hidden_name}.shape[-1] = "
+            f"{hidden.shape[-1]} and V >= 1; got {tuple(weight.shape)}"
+        )
+    if vocab is not None and weight.shape[0] != vocab:
+        raise ValueError(f"{name}_weight must have the policy's vocabulary V = {vocab}; got {weight.shape[0]}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{name}_weight must be on the device of {hidden_name} ({hidden.device}); got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError(f"{name}_bias must be a floating-point torch.Tensor or None; got {bias!r:.60}")
+        if tuple(bias.shape) != (weight.shape[0],) or bias.device != hidden.device:
+            raise ValueError(
+                f"{name}_bias must have shape ({weight.shape[0]},) on {hidden.device}; "
+                f"got {tuple(bias.shape)} on {bias.device}"
+            )
+
+
+def _check_scale(value, argument: str) -> float:
+    value = real_number(value, argument)
+    if not (value == value and abs(value) != float("inf") and value != 0.0):
+        raise ValueError(f"{argument} must be a finite non-zero number; got {value!r}")
+    return value
+
+
+def _check_softcap(value, argument: str) -> Optional[float]:
+    if value is None:
+        return None
+    value = real_number(value, argument)
+    if not (0.0 < value < float("inf")):
+        raise ValueError(f"{argument} must be None or a finite positive number; got {value!r}")
+    return value
+
+
+def _check_extras(extras) -> tuple:
+    if isinstance(extras, str) or not isinstance(extras, (tuple, list)):
+        raise TypeError(f"extras must be a tuple of names among {', '.join(EXTRAS)}; got {extras!r}")
+    for name in extras:
+        if name not in EXTRAS:
+            raise ValueError(f"extras must name only {', '.join(EXTRAS)}; got {name!r}")
+    return tuple(name for name in EXTRAS if name in extras)
+
+
+def _check_budget(memory_budget) -> int:
+    if memory_budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive int of bytes or None; got {memory_budget!r}")
+    return memory_budget
+
+
+def _unsharded(weight, bias):
+    """FSDP2 ``DTensor`` head parameters as plain tensors; the gather's backward reduces the gradient."""
+    def full(t):
+        return t.full_tensor() if t is not None and hasattr(t, "full_tensor") and hasattr(t, "placements") else t
+    return full(weight), full(bias)
+
+
+def _gathered(*params):
+    """DeepSpeed ZeRO-3 partitioned parameters gathered for the block; a null context otherwise."""
+    partitioned = {id(p): p for p in params
+                   if p is not None and getattr(p, "ds_status", None) is not None
+                   and getattr(p.ds_status, "name", "") != "AVAILABLE"}
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed  # only reachable with a ZeRO-3 partitioned parameter
+
+    return deepspeed.zero.GatheredParameters(list(partitioned.values()))
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, dtype) -> torch.Tensor:
+    """Rows ``index`` (flat token order) of ``x`` ``[..., H]`` as ``[n, H]`` in ``dtype``; no full copy."""
+    if x.dim() == 2:
+        rows = x.index_select(0, index)
+    elif x.dim() == 1:
+        rows = x.reshape(1, -1).expand(index.numel(), -1)
+    else:
+        rows = x[torch.unravel_index(index, x.shape[:-1])]
+    return rows.to(dtype).contiguous()
+
+
+def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
+             spec_kwargs: dict, div_weight, ignore_index, temperature, logit_scale, ref_logit_scale,
+             softcap, ref_softcap, extras, memory_budget, keep_zero_weight: bool):
+    """Check every input once; return the pieces of a call (``_Call`` without the heads' tensors)."""
+    _check_hidden(hidden, "hidden")
+    _check_head(hidden, head_weight, head_bias, "head", "hidden", None)
+    vocab = head_weight.shape[0]
+    has_ref = ref_hidden is not None
+    if has_ref:
+        _check_hidden(ref_hidden, "ref_hidden")
+        if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])}; "
+                f"got {tuple(ref_hidden.shape[:-1])}"
+            )
+        if ref_hidden.device != hidden.device:
+            raise ValueError(f"ref_hidden must be on the device of hidden ({hidden.device}); got {ref_hidden.device}")
+        _check_head(ref_hidden, ref_head_weight, ref_head_bias, "ref_head", "ref_hidden", vocab)
+    flat_labels = None
+    if labels is not None:
+        flat_labels = ops._check_labels(labels, hidden, ignore_index, vocab=vocab, owner_name="hidden")
+    weight = ops._check_weight(div_weight, hidden, "div_weight", owner_name="hidden")
+    spec = OpSpec(temperature=ops._check_temperature(temperature),
+                  ignore_index=ignore_index if labels is not None else -100, **spec_kwargs)
+    scales = (_check_scale(logit_scale, "logit_scale"), _check_scale(ref_logit_scale, "ref_logit_scale"))
+    softcaps = (_check_softcap(softcap, "softcap"), _check_softcap(ref_softcap, "ref_softcap"))
+    extras = _check_extras(extras)
+    budget = _check_budget(memory_budget)
+    n = hidden.shape[:-1].numel()
+    keep, _ = rows_read(flat_labels, None if keep_zero_weight else weight, spec, n, hidden.device)
+    index = keep.nonzero().reshape(-1)
+    return dict(spec=spec, index=index,
+                labels=None if flat_labels is None else flat_labels[index],
+                weight=None if weight is None else weight[index],
+                lead_shape=hidden.shape[:-1], vocab=vocab, budget=budget, extras=extras,
+                scales=scales, softcaps=softcaps)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _FusedLinearOp(torch.autograd.Function):
+    """Forward folds projected tiles into row states; backward re-projects and accumulates."""
+
+    @staticmethod
+    def forward(ctx, hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, call: _Call):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(hidden.device.type, enabled=False), _gathered(head_weight, head_bias), \
+                _gathered(ref_head_weight, ref_head_bias):
+            stats, extras = _forward_pass(hidden, ref_hidden, call)
+        wanted = [k for k in ops._OUTPUTS if ops._wants(call.spec, k)]
+        n_tokens = call.lead_shape.numel()
+        outputs = []
+        for key in wanted:
+            full = torch.zeros(n_tokens, dtype=_FP32, device=hidden.device)
+            full.index_copy_(0, call.index, getattr(stats, key))
+            outputs.append(full.view(call.lead_shape))
+        extra_outputs = []
+        for key in call.extras:
+            value = extras[key]
+            full = torch.zeros(n_tokens, dtype=value.dtype, device=hidden.device)
+            full.index_copy_(0, call.index, value)
+            extra_outputs.append(full.view(call.lead_shape))
+        ctx.call, ctx.wanted = call, wanted
+        ctx.save_for_backward(hidden, ref_hidden, *stats.saved())
+        ctx.mark_non_differentiable(*extra_outputs, *(o for k, o in zip(wanted, outputs) if k == "ref_logp"))
+        return tuple(outputs) + tuple(extra_outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ops._refuse_double_backward()
+        hidden, ref_hidden, *saved = ctx.saved_tensors
+        call = ctx.call
+        upstream = dict(zip(ctx.wanted, grads))
+        upstream.pop("ref_logp", None)
+        compact = {k: g.reshape(-1).index_select(0, call.index).to(_FP32).contiguous()
+                   for k, g in upstream.items() if g is not None}
+        needs = ctx.needs_input_grad
+        if not compact or not any(needs[:3]):
+            return (None,) * 7
+        ref = call.ref or call.policy
+        with torch.autocast(hidden.device.type, enabled=False), \
+                _gathered(call.policy.weight, call.policy.bias), _gathered(ref.weight, ref.bias):
+            grads_out = _backward_pass(hidden, ref_hidden, call, RowStats.from_saved(saved), compact, needs[:3])
+        return grads_out + (None,) * 4
+
+
+def _tile_costs(call: _Call, backward: bool):
+    """``(bytes per tile entry, bytes per vocabulary column)`` of one pass's buffers and temporaries."""
+    size = torch.empty((), dtype=call.tile_dtype).element_size()
+    heads = [call.policy] + ([call.ref] if call.ref is not None else [])
+    entry = size * len(heads)
+    if backward:
+        if call.policy.softcap is not None:
+            entry += 2 * size  # the gradient tile and the tanh temporary
+        if call.policy.gemm_dtype != call.tile_dtype or call.tile_dtype != _FP32:
+            entry += 4  # the gradient in the GEMM dtype, or upcast to fp32 for the accumulation
+    elif "log_sum_sq_probs" in call.extras:
+        entry += size
+    column = 0
+    for head in heads:
+        if head.weight is not None and head.weight.dtype != head.gemm_dtype:
+            column += head.weight.shape[1] * torch.empty((), dtype=head.gemm_dtype).element_size()
+    if backward and call.tile_dtype != _FP32:
+        column += call.policy.weight.shape[1] * 4
+    return entry, column
+
+
+def _chunks(call: _Call, backward: bool):
+    n = call.index.numel()
+    entry, column = _tile_costs(call, backward)
+    token_chunk, vocab_chunk = plan_tiles(n, call.vocab, entry, column, call.budget)
+    token_ranges = [(t0, min(t0 + token_chunk, n)) for t0 in range(0, n, token_chunk)]
+    vocab_ranges = [(v0, min(v0 + vocab_chunk, call.vocab)) for v0 in range(0, call.vocab, vocab_chunk)]
+    return token_chunk, vocab_chunk, token_ranges, vocab_ranges
+
+
+def _chunk_of(x: Optional[torch.Tensor], t0: int, t1: int) -> Optional[torch.Tensor]:
+    return None if x is None else x[t0:t1]
+
+
+def _forward_pass(hidden, ref_hidden, call: _Call):
+    """Fold every tile; return the kept rows' :class:`RowStats` and the extras, by chunk concatenated."""
+    spec, backend, device = call.spec, call.backend, hidden.device
+    token_chunk, vocab_chunk, token_ranges, vocab_ranges = _chunks(call, backward=False)
+    has_ref = call.ref is not None
+    tiles = _Tiles(1 + has_ref, token_chunk, vocab_chunk, call.tile_dtype, device)
+    second_sweep = bool(spec.divergence) and Divergence(spec.divergence).second_sweep
+    pieces, extra_pieces = [], {k: [] for k in call.extras}
+    inv_temperature = 1.0 / spec.temperature
+    for t0, t1 in token_ranges:
+        index = call.index[t0:t1]
+        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+        h = _gather_rows(hidden, index, call.policy.gemm_dtype)
+        h_ref = _gather_rows(ref_hidden, index, call.ref.gemm_dtype) if has_ref else None
+        n = t1 - t0
+        state = row_state.empty(n, spec, has_ref, device)
+        logit_sum = torch.zeros(n, dtype=_FP32, device=device) if "mean_logits" in call.extras else None
+        square_sum = torch.zeros(n, dtype=_FP32, device=device) if "log_sum_sq_probs" in call.extras else None
+
+        def project(v0, v1):
+            a = call.policy.project(h, v0, v1, tiles.get(0, n, v1 - v0))
+            b = call.ref.project(h_ref, v0, v1, tiles.get(1, n, v1 - v0)) if has_ref else None
+            return a, b
+
+        for v0, v1 in vocab_ranges:
+            a, b = project(v0, v1)
+            previous_max = state.max
+            state = backend.fold(state, _rows3(a), labels, None if b is None else _rows3(b), weight, spec, v0)
+            if logit_sum is not None:
+                logit_sum += a.sum(-1, dtype=_FP32)
+            if square_sum is not None:
+                square_sum = _fold_square_sum(square_sum, previous_max, state.max, a, inv_temperature)
+        stats = row_state.finalize(state, labels, weight, spec)
+        if second_sweep:
+            value_sum = torch.zeros(n, dtype=_FP32, device=device)
+            centred_sum = torch.zeros(n, dtype=_FP32, device=device)
+            for v0, v1 in vocab_ranges:
+                a, b = project(v0, v1)
+                value, centred = backend.sweep(stats, _rows3(a), _rows3(b), labels, weight, spec, v0)
+                value_sum += value
+                centred_sum += centred
+            stats = row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec)
+        pieces.append(stats)
+        if logit_sum is not None:
+            extra_pieces["mean_logits"].append(logit_sum * (inv_temperature / call.vocab))
+        if "is_top1" in call.extras:
+            extra_pieces["is_top1"].append(state.argmax == labels)
+        if square_sum is not None:
+            # log sum p^2 = log sum exp(2 (a - m) / T) - 2 log Z, both relative to the final max m.
+            extra_pieces["log_sum_sq_probs"].append(torch.log(square_sum) - 2.0 * stats.log_norm)
+    return _concat_stats(pieces, call, device), {k: _concat(v, call, device) for k, v in extra_pieces.items()}
+
+
+def _fold_square_sum(acc, previous_max, new_max, tile, inv_temperature):
+    """``sum exp(2 (a - m) / T)`` carried from the running max ``previous_max`` to ``new_max``, plus this tile."""
+    finite = new_max > -float("inf")
+    rescale = torch.where(finite & (previous_max > -float("inf")),
+                          torch.exp((previous_max - new_max) * (2.0 * inv_temperature)), 0.0)
+    shift = torch.where(finite, new_max, 0.0)
+    tile_sum = torch.exp((tile.float() - shift[:, None]) * (2.0 * inv_temperature)).sum(-1)
+    return acc * rescale + tile_sum
+
+
+def _concat(pieces, call: _Call, device):
+    if not pieces:
+        return torch.zeros(0, dtype=_FP32, device=device)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _concat_stats(pieces, call: _Call, device) -> RowStats:
+    """One :class:`RowStats` of every kept row from the per-chunk ones (empty fields where none)."""
+    if not pieces:
+        spec = call.spec
+        empty = row_state.finalize(row_state.empty(0, spec, call.ref is not None, device),
+                                   call.labels, call.weight, spec)
+        if spec.divergence and Divergence(spec.divergence).second_sweep:
+            nothing = torch.zeros(0, dtype=_FP32, device=device)
+            empty = row_state.finish_sweep(empty, nothing, nothing, call.labels, call.weight, spec)
+        return empty
+    values = {}
+    for field in fields(RowStats):
+        parts = [getattr(p, field.name) for p in pieces]
+        values[field.name] = None if parts[0] is None else _concat(parts, call, device)
+    return RowStats(**values)
+
+
+def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: dict, needs):
+    """Re-project every tile, turn it into ``dL/d(h W^T + c)`` and accumulate the three gradients."""
+    spec, backend, device = call.spec, call.backend, hidden.device
+    policy = call.policy
+    needs_hidden, needs_weight, needs_bias = needs
+    token_chunk, vocab_chunk, token_ranges, vocab_ranges = _chunks(call, backward=True)
+    has_ref = call.ref is not None
+    separate_grad = policy.softcap is not None  # the transform's derivative reads z after the kernel ran
+    tiles = _Tiles(1 + has_ref + separate_grad, token_chunk, vocab_chunk, call.tile_dtype, device)
+    weight_param = policy.weight
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device) if needs_hidden else None
+    grad_weight = None
+    if needs_weight:
+        grad_weight = torch.zeros(weight_param.shape, dtype=_FP32, device=device)
+    grad_bias = torch.zeros(policy.bias.shape, dtype=_FP32, device=device) if needs_bias else None
+    for t0, t1 in token_ranges:
+        index = call.index[t0:t1]
+        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+        chunk_stats = RowStats(**{f.name: _chunk_of(getattr(stats, f.name), t0, t1) for f in fields(RowStats)})
+        g = {k: v[t0:t1] for k, v in upstream.items()}
+        h = _gather_rows(hidden, index, policy.gemm_dtype)
+        h_ref = _gather_rows(ref_hidden, index, call.ref.gemm_dtype) if has_ref else None
+        n = t1 - t0
+        grad_h = torch.zeros((n, hidden.shape[-1]), dtype=_FP32, device=device) if needs_hidden else None
+        for v0, v1 in vocab_ranges:
+            width = v1 - v0
+            a = policy.project(h, v0, v1, tiles.get(0, n, width))
+            b = call.ref.project(h_ref, v0, v1, tiles.get(1, n, width)) if has_ref else None
+            dz = tiles.get(1 + has_ref, n, width) if separate_grad else a
+            backend.slice_backward(_rows3(a), labels, None if b is None else _rows3(b), weight, spec, chunk_stats,
+                                   g.get("logp"), g.get("entropy"), g.get("div"), _rows3(dz), v0)
+            dz = policy.pre_transform_grad(dz, a)
+            dz_gemm = dz if dz.dtype == policy.gemm_dtype else dz.to(policy.gemm_dtype)
+            if grad_h is not None:
+                _accumulate(grad_h, dz_gemm, weight_param[v0:v1].to(policy.gemm_dtype))
+            if grad_weight is not None:
+                _accumulate(grad_weight[v0:v1], dz_gemm.t(), h)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += dz.sum(0, dtype=_FP32)
+        if grad_h is not None:
+            _scatter_rows(grad_hidden, index, grad_h)
+    return (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight_param.dtype),
+        None if grad_bias is None else grad_bias.to(policy.bias.dtype),
+    )
+
+
+def _scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out[token index] = rows`` for ``out`` ``[..., H]`` (contiguous) and ``rows`` ``[n, H]``."""
+    out.view(-1, out.shape[-1]).index_copy_(0, index, rows.to(out.dtype))
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
+         spec_kwargs, div_weight=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
+         ref_logit_scale=1.0, softcap=None, ref_softcap=None, extras=(), memory_budget=None,
+         keep_zero_weight=True):
+    head_weight, head_bias = _unsharded(head_weight, head_bias)
+    if ref_hidden is not None:
+        ref_head_weight, ref_head_bias = _unsharded(ref_head_weight, ref_head_bias)
+    parts = _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
+                     spec_kwargs=spec_kwargs, div_weight=div_weight, ignore_index=ignore_index,
+                     temperature=temperature, logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
+                     softcap=softcap, ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget,
+                     keep_zero_weight=keep_zero_weight)
+    device = hidden.device
+    computes = [_compute_dtype(hidden)] + ([_compute_dtype(ref_hidden)] if ref_hidden is not None else [])
+    tile_dtype = _tile_dtype(computes, device)
+    (scale, ref_scale), (cap, ref_cap) = parts.pop("scales"), parts.pop("softcaps")
+    policy = _Head(head_weight, head_bias, scale, cap, _gemm_dtype(computes[0], tile_dtype, device))
+    ref = None if ref_hidden is None else _Head(ref_head_weight, ref_head_bias, ref_scale, ref_cap,
+                                                _gemm_dtype(computes[1], tile_dtype, device))
+    call = _Call(policy=policy, ref=ref, tile_dtype=tile_dtype, backend=ops._pick_backend(device), **parts)
+    outputs = _FusedLinearOp.apply(hidden, head_weight, head_bias, ref_hidden, ref_head_weight,
+                                   ref_head_bias, call)
+    wanted = [k for k in ops._OUTPUTS if ops._wants(call.spec, k)]
+    result = dict(zip(wanted, outputs))
+    extra_values = dict(zip(call.extras, outputs[len(wanted):]))
+    return result, extra_values
+
+
+def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore_index: int = -100,
+                          temperature: float = 1.0, logit_scale: float = 1.0, softcap=None,
+                          return_entropy: bool = False, extras=(), memory_budget: Optional[int] = None):
+    r"""Label log-probabilities (and entropies) of ``softmax(z / T)`` with ``z`` from the LM head, in tiles.
+
+    ``z = logit_scale (h W^T + c)``, then ``softcap tanh(z / softcap)`` when ``softcap`` is
+    set; ``logp = z_y / T - lse(z / T)`` and ``H = lse(z / T) - sum_i p_i z_i / T`` exactly as
+    :func:`prefopt_kernels.token_logprobs` on ``z``, which is never materialised beyond one
+    ``[token chunk, vocab chunk]`` tile. Gradients flow to ``hidden``, ``head_weight`` and
+    ``head_bias``.
+
+    Args:
+        hidden: ``[..., H]`` fp32, bf16 or fp16 (any strides: a ``[B, T - 1, H]`` slice of the
+            last hidden state is read row by row, without a copy of the whole).
+        head_weight: ``[V, H]`` fp32, bf16 or fp16 on ``hidden``'s device (an FSDP2 ``DTensor``
+            or a ZeRO-3 partitioned parameter is gathered for the call).
+        labels: ``[...]`` integer in ``[0, V)`` or ``ignore_index``; ignored tokens are dropped
+            before any matmul and get 0.
+        head_bias: optional ``[V]``.
+        temperature: ``T``, as in :func:`prefopt_kernels.token_logprobs`.
+        logit_scale: finite non-zero multiplier of the projection (Cohere, Granite, ...).
+        softcap: ``None`` or a positive final-logit soft cap (Gemma).
+        return_entropy: also return ``H(p)``.
+        extras: names among ``"mean_logits"`` (``mean_i z_i / T``), ``"is_top1"`` (the label
+            is the first maximum of ``z``, bool) and ``"log_sum_sq_probs"``
+            (``log sum_i p_i^2``): TRL's ``FusedCausalLMOutput`` fields, not differentiable,
+            0 (``False``) at ignored tokens.
+        memory_budget: bytes for the tiles and their temporaries (default 64 MiB); sets the
+            token and vocabulary chunk sizes.
+
+    Compute dtype: the autocast dtype when autocast is on for ``hidden``'s device, else
+    ``hidden.dtype``. Logit tiles are fp32 except for half-precision GEMMs on a CPU.
+
+    Returns:
+        ``logp`` fp32 ``[...]``, or ``(logp, entropy)``; with ``extras``, a further last
+        element: a dict from each name asked for to its ``[...]`` tensor.
+    """
+    out, extra = _run(hidden, head_weight, head_bias, labels, None, None, None,
+                      spec_kwargs=dict(want_logp=True, want_entropy=bool(return_entropy)),
+                      ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
+                      softcap=softcap, extras=extras, memory_budget=memory_budget)
+    result = (out["logp"], out["entropy"]) if return_entropy else (out["logp"],)
+    if extras:
+        result = result + (extra,)
+    return result if len(result) > 1 else result[0]
+
+
+def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *, head_bias=None,
+                            ref_head_bias=None, divergence: str = "forward_kl", beta: float = 0.5,
+                            alpha: float = 0.5, div_weight=None, temperature: float = 1.0,
+                            logit_scale: float = 1.0, ref_logit_scale: float = 1.0, softcap=None,
+                            ref_softcap=None, memory_budget: Optional[int] = None):
+    r"""Per-token ``D_f(p, q)`` between the policy's and the reference's heads, in tiles.
+
+    ``p = softmax(z / T)`` and ``q = softmax(z_ref / T)`` with each side's ``z`` formed from
+    its own hidden states, head, ``logit_scale`` and ``softcap``; the divergences and their
+    gradient are those of :func:`prefopt_kernels.token_divergence`. Tokens where
+    ``div_weight`` is 0 are dropped before any matmul and get 0.
+
+    Args:
+        hidden, head_weight, head_bias: the policy's ``[..., H]``, ``[V, H]``, ``[V]``.
+        ref_hidden, ref_head_weight, ref_head_bias: the reference's ``[..., H_ref]`` (same
+            leading shape; ``H_ref`` may differ), ``[V, H_ref]``, ``[V]``; no gradient.
+        divergence, beta, alpha, div_weight, temperature: as in
+            :func:`prefopt_kernels.token_divergence`.
+        logit_scale, ref_logit_scale, softcap, ref_softcap, memory_budget: as in
+            :func:`linear_token_logprobs`, per side.
+
+    Returns:
+        fp32 ``[...]`` per-token divergence.
+    """
+    member, beta, alpha = resolve(divergence, beta, alpha)
+    out, _ = _run(hidden, head_weight, head_bias, None, ref_hidden, ref_head_weight, ref_head_bias,
+                  spec_kwargs=dict(divergence=int(member), beta=beta, alpha=alpha),
+                  div_weight=div_weight, temperature=temperature, logit_scale=logit_scale,
+                  ref_logit_scale=ref_logit_scale, softcap=softcap, ref_softcap=ref_softcap,
+                  memory_budget=memory_budget, keep_zero_weight=False)
+    return out["div"]
+
+
+def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight, *, head_bias=None,
+                       ref_head_bias=None, divergence: str = "forward_kl", div_weight=None,
+                       ignore_index: int = -100, temperature: float = 1.0, beta: float = 0.5,
+                       alpha: float = 0.5, return_entropy: bool = False, logit_scale: float = 1.0,
+                       ref_logit_scale: float = 1.0, softcap=None, ref_softcap=None, extras=(),
+                       memory_budget: Optional[int] = None):
+    r"""Everything a token-level preference loss needs, from one tiled pass over both heads.
+
+    :func:`prefopt_kernels.token_terms` on ``z`` and ``z_ref`` (see
+    :func:`linear_token_divergence`): ``logp``, ``ref_logp``, ``div`` (0 where
+    ``div_weight`` is 0) and optionally ``entropy``, each fp32 ``[...]``, 0 at ignored
+    tokens, which are dropped before any matmul. Gradients reach the policy's ``hidden``,
+    ``head_weight`` and ``head_bias``; ``ref_logp`` is not differentiable.
+
+    Args: as :func:`linear_token_logprobs` and :func:`linear_token_divergence`; ``extras``
+        are the policy's.
+
+    Returns:
+        :class:`~prefopt_kernels.TokenTerms`; with ``extras``, ``(TokenTerms, dict)``.
+    """
+    member, beta, alpha = resolve(divergence, beta, alpha)
+    out, extra = _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
+                      spec_kwargs=dict(divergence=int(member), beta=beta, alpha=alpha, want_logp=True,
+                                       want_ref_logp=True, want_entropy=bool(return_entropy)),
+                      div_weight=div_weight, ignore_index=ignore_index, temperature=temperature,
+                      logit_scale=logit_scale, ref_logit_scale=ref_logit_scale, softcap=softcap,
+                      ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget)
+    terms = ops.TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
+    return (terms, extra) if extras else terms
