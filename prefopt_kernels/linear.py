@@ -27,7 +27,7 @@ How a call runs (the same for every op and divergence):
 
 Head weights that are FSDP2 ``DTensor``\ s are gathered with ``full_tensor()`` before the
 call (its backward reduces the gradient); DeepSpeed ZeRO-3 partitioned weights are gathered
-for the forward and again for the backward. Neither library is imported unless such a
+for the checks and the forward, and again for the backward. Neither library is imported unless such a
 weight is passed.
 """
 
@@ -321,8 +321,7 @@ class _FusedLinearOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, call: _Call):
         ctx.set_materialize_grads(False)
-        with torch.autocast(hidden.device.type, enabled=False), _gathered(head_weight, head_bias), \
-                _gathered(ref_head_weight, ref_head_bias):
+        with torch.autocast(hidden.device.type, enabled=False):
             stats, extras = _forward_pass(hidden, ref_hidden, call)
         wanted = [k for k in ops._OUTPUTS if ops._wants(call.spec, k)]
         n_tokens = call.lead_shape.numel()
@@ -356,7 +355,7 @@ class _FusedLinearOp(torch.autograd.Function):
             return (None,) * 7
         ref = call.ref or call.policy
         with torch.autocast(hidden.device.type, enabled=False), \
-                _gathered(call.policy.weight, call.policy.bias), _gathered(ref.weight, ref.bias):
+                _gathered(call.policy.weight, call.policy.bias, ref.weight, ref.bias):
             grads_out = _backward_pass(hidden, ref_hidden, call, RowStats.from_saved(saved), compact, needs[:3])
         return grads_out + (None,) * 4
 
@@ -537,13 +536,20 @@ def _scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
 # --------------------------------------------------------------------------- public ops
 
 
-def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
-         spec_kwargs, div_weight=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
-         ref_logit_scale=1.0, softcap=None, ref_softcap=None, extras=(), memory_budget=None,
-         keep_zero_weight=True):
+def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, **options):
+    """Gather sharded heads, check everything, run the autograd Function: ``(outputs, extras)`` by name."""
     head_weight, head_bias = _unsharded(head_weight, head_bias)
     if ref_hidden is not None:
         ref_head_weight, ref_head_bias = _unsharded(ref_head_weight, ref_head_bias)
+    with _gathered(head_weight, head_bias, ref_head_weight, ref_head_bias):
+        return _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight,
+                             ref_head_bias, **options)
+
+
+def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
+                  spec_kwargs, div_weight=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
+                  ref_logit_scale=1.0, softcap=None, ref_softcap=None, extras=(), memory_budget=None,
+                  keep_zero_weight=True):
     parts = _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
                      spec_kwargs=spec_kwargs, div_weight=div_weight, ignore_index=ignore_index,
                      temperature=temperature, logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
