@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .backends import OpSpec, RowStats, row_state, rows_read
 from .divergences import Divergence, real_number, resolve
 
@@ -169,6 +169,7 @@ class _Call:
     budget: int
     extras: tuple
     backend: object
+    shard: distributed.Shard  # the vocabulary shard of this rank (the whole vocabulary unsharded)
 
 
 def _check_hidden(x, argument: str) -> None:
@@ -182,12 +183,13 @@ def _check_hidden(x, argument: str) -> None:
         raise ValueError(f"{argument} must be on a CPU or CUDA device; got {x.device}")
 
 
-def _check_head(hidden: torch.Tensor, weight, bias, name: str, hidden_name: str, vocab: Optional[int]):
+def _check_head(hidden: torch.Tensor, weight, bias, name: str, hidden_name: str, vocab: Optional[int],
+                sharded: bool):
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name}_weight must be a torch.Tensor; got {type(weight).__name__}")
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}_weight must be float32, bfloat16 or float16; got {weight.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < (0 if sharded else 1):
         raise ValueError(
             f"{name}_weight must have shape [V, H] with H = {hidden_name}.shape[-1] = "
             f"{hidden.shape[-1]} and V >= 1; got {tuple(weight.shape)}"
@@ -276,10 +278,11 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor, dtype) -> torch.Tensor:
 
 def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
              spec_kwargs: dict, div_weight, ignore_index, temperature, logit_scale, ref_logit_scale,
-             softcap, ref_softcap, extras, memory_budget, keep_zero_weight: bool):
-    """Check every input once; return the pieces of a call (``_Call`` without the heads' tensors)."""
+             softcap, ref_softcap, extras, memory_budget, keep_zero_weight: bool, process_group):
+    """Check every input once; return the fields of the call's ``_Call`` that are not the heads."""
+    sharded = process_group is not None
     _check_hidden(hidden, "hidden")
-    _check_head(hidden, head_weight, head_bias, "head", "hidden", None)
+    _check_head(hidden, head_weight, head_bias, "head", "hidden", None, sharded)
     vocab = head_weight.shape[0]
     has_ref = ref_hidden is not None
     if has_ref:
@@ -291,11 +294,10 @@ def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight
             )
         if ref_hidden.device != hidden.device:
             raise ValueError(f"ref_hidden must be on the device of hidden ({hidden.device}); got {ref_hidden.device}")
-        _check_head(ref_hidden, ref_head_weight, ref_head_bias, "ref_head", "ref_hidden", vocab)
-    flat_labels = None
-    if labels is not None:
-        flat_labels = ops._check_labels(labels, hidden, ignore_index, vocab=vocab, owner_name="hidden")
+        _check_head(ref_hidden, ref_head_weight, ref_head_bias, "ref_head", "ref_hidden", vocab, sharded)
     weight = ops._check_weight(div_weight, hidden, "div_weight", owner_name="hidden")
+    if labels is not None:
+        ops._check_ignore_index(ignore_index)
     spec = OpSpec(temperature=ops._check_temperature(temperature),
                   ignore_index=ignore_index if labels is not None else -100, **spec_kwargs)
     scales = (_check_scale(logit_scale, "logit_scale"), _check_scale(ref_logit_scale, "ref_logit_scale"))
@@ -303,13 +305,17 @@ def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight
     extras = _check_extras(extras)
     budget = _check_budget(memory_budget)
     n = hidden.shape[:-1].numel()
+    shard = distributed.shard_of(process_group, vocab, n, spec, has_ref, hidden.device)
+    flat_labels = None
+    if labels is not None:
+        flat_labels = ops._check_labels(labels, hidden, ignore_index, vocab=shard.vocab, owner_name="hidden")
     keep, _ = rows_read(flat_labels, None if keep_zero_weight else weight, spec, n, hidden.device)
     index = keep.nonzero().reshape(-1)
     return dict(spec=spec, index=index,
                 labels=None if flat_labels is None else flat_labels[index],
                 weight=None if weight is None else weight[index],
                 lead_shape=hidden.shape[:-1], vocab=vocab, budget=budget, extras=extras,
-                scales=scales, softcaps=softcaps)
+                scales=scales, softcaps=softcaps, shard=shard)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -395,94 +401,103 @@ def _chunk_of(x: Optional[torch.Tensor], t0: int, t1: int) -> Optional[torch.Ten
 
 
 def _forward_pass(hidden, ref_hidden, call: _Call):
-    """Fold every tile; return the kept rows' :class:`RowStats` and the extras, by chunk concatenated."""
-    spec, backend, device = call.spec, call.backend, hidden.device
+    """Fold every tile of every kept row; return their :class:`RowStats` and the extras asked for.
+
+    The per-chunk states are concatenated and finished once (merged over the shards' group
+    first, when sharded), so the collectives do not depend on the tiling.
+    """
+    spec, backend, device, shard = call.spec, call.backend, hidden.device, call.shard
     token_chunk, vocab_chunk, token_ranges, vocab_ranges = _chunks(call, backward=False)
     has_ref = call.ref is not None
     tiles = _Tiles(1 + has_ref, token_chunk, vocab_chunk, call.tile_dtype, device)
-    second_sweep = bool(spec.divergence) and Divergence(spec.divergence).second_sweep
-    pieces, extra_pieces = [], {k: [] for k in call.extras}
     inv_temperature = 1.0 / spec.temperature
-    for t0, t1 in token_ranges:
+    want_sum, want_squares = "mean_logits" in call.extras, "log_sum_sq_probs" in call.extras
+    n_rows = call.index.numel()
+    state = row_state.empty(n_rows, spec, has_ref, device)
+    logit_sum = torch.zeros(n_rows, dtype=_FP32, device=device)
+    square_sum = torch.zeros(n_rows, dtype=_FP32, device=device)
+
+    def chunk_rows(t0, t1):
         index = call.index[t0:t1]
-        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
         h = _gather_rows(hidden, index, call.policy.gemm_dtype)
         h_ref = _gather_rows(ref_hidden, index, call.ref.gemm_dtype) if has_ref else None
-        n = t1 - t0
-        state = row_state.empty(n, spec, has_ref, device)
-        logit_sum = torch.zeros(n, dtype=_FP32, device=device) if "mean_logits" in call.extras else None
-        square_sum = torch.zeros(n, dtype=_FP32, device=device) if "log_sum_sq_probs" in call.extras else None
+        return h, h_ref
 
-        def project(v0, v1):
-            a = call.policy.project(h, v0, v1, tiles.get(0, n, v1 - v0))
-            b = call.ref.project(h_ref, v0, v1, tiles.get(1, n, v1 - v0)) if has_ref else None
-            return a, b
+    def project(h, h_ref, v0, v1):
+        n = h.shape[0]
+        a = call.policy.project(h, v0, v1, tiles.get(0, n, v1 - v0))
+        b = call.ref.project(h_ref, v0, v1, tiles.get(1, n, v1 - v0)) if has_ref else None
+        return a, b
 
+    for t0, t1 in token_ranges:
+        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+        h, h_ref = chunk_rows(t0, t1)
+        chunk = row_state.empty(t1 - t0, spec, has_ref, device)
         for v0, v1 in vocab_ranges:
-            a, b = project(v0, v1)
-            previous_max = state.max
-            state = backend.fold(state, _rows3(a), labels, None if b is None else _rows3(b), weight, spec, v0)
-            if logit_sum is not None:
-                logit_sum += a.sum(-1, dtype=_FP32)
-            if square_sum is not None:
-                square_sum = _fold_square_sum(square_sum, previous_max, state.max, a, inv_temperature)
-        stats = row_state.finalize(state, labels, weight, spec)
-        if second_sweep:
-            value_sum = torch.zeros(n, dtype=_FP32, device=device)
-            centred_sum = torch.zeros(n, dtype=_FP32, device=device)
+            a, b = project(h, h_ref, v0, v1)
+            previous_max = chunk.max
+            chunk = backend.fold(chunk, _rows3(a), labels, None if b is None else _rows3(b), weight, spec,
+                                 shard.v0 + v0)
+            if want_sum:
+                logit_sum[t0:t1] += a.sum(-1, dtype=_FP32)
+            if want_squares:
+                square_sum[t0:t1] = _fold_square_sum(square_sum[t0:t1], previous_max, chunk.max, a,
+                                                     inv_temperature)
+        for name, value in chunk.tensors().items():
+            getattr(state, name)[t0:t1] = value
+    if shard.group is not None:
+        state, (local_maxima, logit_sums, square_sums) = distributed.merge_across(
+            state, spec, shard.group, extra=(state.max, logit_sum, square_sum))
+        logit_sum = logit_sums.sum(0)
+        square_sum = (square_sums * _rescale(local_maxima, state.max, 2.0 * inv_temperature)).sum(0)
+    stats = row_state.finalize(state, call.labels, call.weight, spec)
+    if spec.divergence and Divergence(spec.divergence).second_sweep:
+        value_sum = torch.zeros(n_rows, dtype=_FP32, device=device)
+        centred_sum = torch.zeros(n_rows, dtype=_FP32, device=device)
+        for t0, t1 in token_ranges:
+            labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+            h, h_ref = chunk_rows(t0, t1)
+            chunk_stats = _stats_rows(stats, t0, t1)
             for v0, v1 in vocab_ranges:
-                a, b = project(v0, v1)
-                value, centred = backend.sweep(stats, _rows3(a), _rows3(b), labels, weight, spec, v0)
-                value_sum += value
-                centred_sum += centred
-            stats = row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec)
-        pieces.append(stats)
-        if logit_sum is not None:
-            extra_pieces["mean_logits"].append(logit_sum * (inv_temperature / call.vocab))
-        if "is_top1" in call.extras:
-            extra_pieces["is_top1"].append(state.argmax == labels)
-        if square_sum is not None:
-            # log sum p^2 = log sum exp(2 (a - m) / T) - 2 log Z, both relative to the final max m.
-            extra_pieces["log_sum_sq_probs"].append(torch.log(square_sum) - 2.0 * stats.log_norm)
-    return _concat_stats(pieces, call, device), {k: _concat(v, call, device) for k, v in extra_pieces.items()}
+                a, b = project(h, h_ref, v0, v1)
+                value, centred = backend.sweep(chunk_stats, _rows3(a), _rows3(b), labels, weight, spec,
+                                               shard.v0 + v0)
+                value_sum[t0:t1] += value
+                centred_sum[t0:t1] += centred
+        stats = distributed.finish_second_pass(stats, value_sum, centred_sum, call.labels, call.weight, spec,
+                                               shard.group)
+    extras = {}
+    if want_sum:
+        extras["mean_logits"] = logit_sum * (inv_temperature / shard.vocab)
+    if "is_top1" in call.extras:
+        extras["is_top1"] = state.argmax == call.labels
+    if want_squares:
+        # log sum p^2 = log sum exp(2 (a - m) / T) - 2 log Z, both relative to the final max m.
+        extras["log_sum_sq_probs"] = torch.log(square_sum) - 2.0 * stats.log_norm
+    return stats, extras
+
+
+def _rescale(old_max: torch.Tensor, new_max: torch.Tensor, factor: float) -> torch.Tensor:
+    """``exp(factor (old_max - new_max))``, 0 where ``old_max`` is ``-inf`` (nothing folded there yet)."""
+    live = (old_max > -float("inf")) & (new_max > -float("inf"))
+    return torch.where(live, torch.exp((old_max - new_max) * factor), 0.0)
 
 
 def _fold_square_sum(acc, previous_max, new_max, tile, inv_temperature):
     """``sum exp(2 (a - m) / T)`` carried from the running max ``previous_max`` to ``new_max``, plus this tile."""
-    finite = new_max > -float("inf")
-    rescale = torch.where(finite & (previous_max > -float("inf")),
-                          torch.exp((previous_max - new_max) * (2.0 * inv_temperature)), 0.0)
-    shift = torch.where(finite, new_max, 0.0)
+    shift = torch.where(new_max > -float("inf"), new_max, 0.0)
     tile_sum = torch.exp((tile.float() - shift[:, None]) * (2.0 * inv_temperature)).sum(-1)
-    return acc * rescale + tile_sum
+    return acc * _rescale(previous_max, new_max, 2.0 * inv_temperature) + tile_sum
 
 
-def _concat(pieces, call: _Call, device):
-    if not pieces:
-        return torch.zeros(0, dtype=_FP32, device=device)
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
-def _concat_stats(pieces, call: _Call, device) -> RowStats:
-    """One :class:`RowStats` of every kept row from the per-chunk ones (empty fields where none)."""
-    if not pieces:
-        spec = call.spec
-        empty = row_state.finalize(row_state.empty(0, spec, call.ref is not None, device),
-                                   call.labels, call.weight, spec)
-        if spec.divergence and Divergence(spec.divergence).second_sweep:
-            nothing = torch.zeros(0, dtype=_FP32, device=device)
-            empty = row_state.finish_sweep(empty, nothing, nothing, call.labels, call.weight, spec)
-        return empty
-    values = {}
-    for field in fields(RowStats):
-        parts = [getattr(p, field.name) for p in pieces]
-        values[field.name] = None if parts[0] is None else _concat(parts, call, device)
-    return RowStats(**values)
+def _stats_rows(stats: RowStats, t0: int, t1: int) -> RowStats:
+    """The statistics of rows ``[t0, t1)``."""
+    return RowStats(**{f.name: _chunk_of(getattr(stats, f.name), t0, t1) for f in fields(RowStats)})
 
 
 def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: dict, needs):
     """Re-project every tile, turn it into ``dL/d(h W^T + c)`` and accumulate the three gradients."""
-    spec, backend, device = call.spec, call.backend, hidden.device
+    spec, backend, device, shard = call.spec, call.backend, hidden.device, call.shard
     policy = call.policy
     needs_hidden, needs_weight, needs_bias = needs
     token_chunk, vocab_chunk, token_ranges, vocab_ranges = _chunks(call, backward=True)
@@ -490,7 +505,9 @@ def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: d
     separate_grad = policy.softcap is not None  # the transform's derivative reads z after the kernel ran
     tiles = _Tiles(1 + has_ref + separate_grad, token_chunk, vocab_chunk, call.tile_dtype, device)
     weight_param = policy.weight
-    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device) if needs_hidden else None
+    # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
+    hidden_grad_dtype = hidden.dtype if shard.group is None else _FP32
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden_grad_dtype, device=device) if needs_hidden else None
     grad_weight = None
     if needs_weight:
         grad_weight = torch.zeros(weight_param.shape, dtype=_FP32, device=device)
@@ -498,7 +515,7 @@ def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: d
     for t0, t1 in token_ranges:
         index = call.index[t0:t1]
         labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
-        chunk_stats = RowStats(**{f.name: _chunk_of(getattr(stats, f.name), t0, t1) for f in fields(RowStats)})
+        chunk_stats = _stats_rows(stats, t0, t1)
         g = {k: v[t0:t1] for k, v in upstream.items()}
         h = _gather_rows(hidden, index, policy.gemm_dtype)
         h_ref = _gather_rows(ref_hidden, index, call.ref.gemm_dtype) if has_ref else None
@@ -510,7 +527,7 @@ def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: d
             b = call.ref.project(h_ref, v0, v1, tiles.get(1, n, width)) if has_ref else None
             dz = tiles.get(1 + has_ref, n, width) if separate_grad else a
             backend.slice_backward(_rows3(a), labels, None if b is None else _rows3(b), weight, spec, chunk_stats,
-                                   g.get("logp"), g.get("entropy"), g.get("div"), _rows3(dz), v0)
+                                   g.get("logp"), g.get("entropy"), g.get("div"), _rows3(dz), shard.v0 + v0)
             dz = policy.pre_transform_grad(dz, a)
             dz_gemm = dz if dz.dtype == policy.gemm_dtype else dz.to(policy.gemm_dtype)
             if grad_h is not None:
@@ -521,6 +538,9 @@ def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: d
                 grad_bias[v0:v1] += dz.sum(0, dtype=_FP32)
         if grad_h is not None:
             _scatter_rows(grad_hidden, index, grad_h)
+    if grad_hidden is not None and shard.group is not None:
+        distributed.all_reduce_sum(grad_hidden, process_group=shard.group)
+        grad_hidden = grad_hidden.to(hidden.dtype)
     return (
         grad_hidden,
         None if grad_weight is None else grad_weight.to(weight_param.dtype),
@@ -549,12 +569,12 @@ def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, re
 def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
                   spec_kwargs, div_weight=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                   ref_logit_scale=1.0, softcap=None, ref_softcap=None, extras=(), memory_budget=None,
-                  keep_zero_weight=True):
+                  keep_zero_weight=True, process_group=None):
     parts = _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
                      spec_kwargs=spec_kwargs, div_weight=div_weight, ignore_index=ignore_index,
                      temperature=temperature, logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
                      softcap=softcap, ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget,
-                     keep_zero_weight=keep_zero_weight)
+                     keep_zero_weight=keep_zero_weight, process_group=process_group)
     device = hidden.device
     computes = [_compute_dtype(hidden)] + ([_compute_dtype(ref_hidden)] if ref_hidden is not None else [])
     tile_dtype = _tile_dtype(computes, device)
@@ -573,7 +593,8 @@ def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
 
 def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore_index: int = -100,
                           temperature: float = 1.0, logit_scale: float = 1.0, softcap=None,
-                          return_entropy: bool = False, extras=(), memory_budget: Optional[int] = None):
+                          return_entropy: bool = False, extras=(), memory_budget: Optional[int] = None,
+                          process_group=None):
     r"""Label log-probabilities (and entropies) of ``softmax(z / T)`` with ``z`` from the LM head, in tiles.
 
     ``z = logit_scale (h W^T + c)``, then ``softcap tanh(z / softcap)`` when ``softcap`` is
@@ -600,6 +621,14 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
             0 (``False``) at ignored tokens.
         memory_budget: bytes for the tiles and their temporaries (default 64 MiB); sets the
             token and vocabulary chunk sizes.
+        process_group: a ``torch.distributed`` group over which the head is sharded by
+            vocabulary (tensor parallelism): each rank passes its rows ``head_weight[V_r, H]``
+            (and ``head_bias[V_r]``), shards in rank order, any sizes (0 included), and the
+            replicated ``hidden``; labels are global ids. Every rank gets the global outputs,
+            its shard's weight and bias gradients, and the full ``hidden`` gradient (summed
+            over the ranks in the backward). Bytes per kept token: ``4 R F`` in the forward's
+            all-gather (``F`` as :func:`prefopt_kernels.token_logprobs` states, plus 1 with
+            ``extras``: 3), ``4 H`` in the backward's all-reduce.
 
     Compute dtype: the autocast dtype when autocast is on for ``hidden``'s device, else
     ``hidden.dtype``. Logit tiles are fp32 except for half-precision GEMMs on a CPU.
@@ -611,7 +640,8 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
     out, extra = _run(hidden, head_weight, head_bias, labels, None, None, None,
                       spec_kwargs=dict(want_logp=True, want_entropy=bool(return_entropy)),
                       ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
-                      softcap=softcap, extras=extras, memory_budget=memory_budget)
+                      softcap=softcap, extras=extras, memory_budget=memory_budget,
+                      process_group=process_group)
     result = (out["logp"], out["entropy"]) if return_entropy else (out["logp"],)
     if extras:
         result = result + (extra,)
@@ -622,7 +652,7 @@ def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *,
                             ref_head_bias=None, divergence: str = "forward_kl", beta: float = 0.5,
                             alpha: float = 0.5, div_weight=None, temperature: float = 1.0,
                             logit_scale: float = 1.0, ref_logit_scale: float = 1.0, softcap=None,
-                            ref_softcap=None, memory_budget: Optional[int] = None):
+                            ref_softcap=None, memory_budget: Optional[int] = None, process_group=None):
     r"""Per-token ``D_f(p, q)`` between the policy's and the reference's heads, in tiles.
 
     ``p = softmax(z / T)`` and ``q = softmax(z_ref / T)`` with each side's ``z`` formed from
@@ -638,6 +668,8 @@ def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *,
             :func:`prefopt_kernels.token_divergence`.
         logit_scale, ref_logit_scale, softcap, ref_softcap, memory_budget: as in
             :func:`linear_token_logprobs`, per side.
+        process_group: as in :func:`linear_token_logprobs`, both heads sharded alike (``F`` as
+            :func:`prefopt_kernels.token_divergence` states).
 
     Returns:
         fp32 ``[...]`` per-token divergence.
@@ -647,7 +679,7 @@ def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *,
                   spec_kwargs=dict(divergence=int(member), beta=beta, alpha=alpha),
                   div_weight=div_weight, temperature=temperature, logit_scale=logit_scale,
                   ref_logit_scale=ref_logit_scale, softcap=softcap, ref_softcap=ref_softcap,
-                  memory_budget=memory_budget, keep_zero_weight=False)
+                  memory_budget=memory_budget, keep_zero_weight=False, process_group=process_group)
     return out["div"]
 
 
@@ -656,7 +688,7 @@ def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight,
                        ignore_index: int = -100, temperature: float = 1.0, beta: float = 0.5,
                        alpha: float = 0.5, return_entropy: bool = False, logit_scale: float = 1.0,
                        ref_logit_scale: float = 1.0, softcap=None, ref_softcap=None, extras=(),
-                       memory_budget: Optional[int] = None):
+                       memory_budget: Optional[int] = None, process_group=None):
     r"""Everything a token-level preference loss needs, from one tiled pass over both heads.
 
     :func:`prefopt_kernels.token_terms` on ``z`` and ``z_ref`` (see
@@ -677,6 +709,7 @@ def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight,
                                        want_ref_logp=True, want_entropy=bool(return_entropy)),
                       div_weight=div_weight, ignore_index=ignore_index, temperature=temperature,
                       logit_scale=logit_scale, ref_logit_scale=ref_logit_scale, softcap=softcap,
-                      ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget)
+                      ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget,
+                      process_group=process_group)
     terms = ops.TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
     return (terms, extra) if extras else terms

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import distributed
 from .backends import OpSpec, RowStats
 from .divergences import real_number, resolve
 
@@ -122,12 +123,13 @@ def _pick_backend(device: torch.device):
 # --------------------------------------------------------------------------- checks
 
 
-def _check_logits(x, argument: str) -> None:
+def _check_logits(x, argument: str, sharded: bool = False) -> None:
+    """Type, dtype, shape, device and vocabulary stride; a vocabulary shard may be empty."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor; got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{argument} must be float32, bfloat16 or float16; got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
+    if x.dim() < 1 or x.shape[-1] < (0 if sharded else 1):
         raise ValueError(f"{argument} must have shape [..., V] with V >= 1; got {tuple(x.shape)}")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{argument} must be on a CPU or CUDA device; got {x.device}")
@@ -153,8 +155,7 @@ def _check_labels(labels, owner: torch.Tensor, ignore_index, vocab: Optional[int
         raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    _check_ignore_index(ignore_index)
     _check_same(labels, "labels", owner.shape[:-1], owner, owner_name)
     vocab = owner.shape[-1] if vocab is None else vocab
     flat = labels.reshape(-1).to(torch.int64)
@@ -165,6 +166,11 @@ def _check_labels(labels, owner: torch.Tensor, ignore_index, vocab: Optional[int
             f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}"
         )
     return flat.contiguous()
+
+
+def _check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
 
 
 def _check_weight(weight, owner: torch.Tensor, argument: str, owner_name: str = "logits") -> Optional[torch.Tensor]:
@@ -277,14 +283,17 @@ class _FusedTokenOp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, weight, spec, backend, inplace_backward):
+    def forward(ctx, logits, ref_logits, labels, weight, spec, backend, inplace_backward, shard):
         layout = _RowLayout.of(logits, ref_logits)
         rows, ref_rows = layout.rows(logits, ref_logits)
-        stats = backend.forward(rows, labels, ref_rows, weight, spec)
+        if shard.group is None:
+            stats = backend.forward(rows, labels, ref_rows, weight, spec)
+        else:
+            stats = distributed.sharded_stats(backend, rows, labels, ref_rows, weight, spec, shard)
         wanted = [k for k in _OUTPUTS if _wants(spec, k)]
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.backend, ctx.inplace, ctx.wanted = spec, backend, inplace_backward, wanted
-        ctx.layout = layout
+        ctx.layout, ctx.shard = layout, shard
         ctx.save_for_backward(logits, ref_logits, labels, weight, *stats.saved())
         outputs = tuple(getattr(stats, k) for k in wanted)
         if stats.ref_logp is not None:
@@ -299,7 +308,7 @@ class _FusedTokenOp(torch.autograd.Function):
         upstream.pop("ref_logp", None)
         flat = {k: (g.reshape(-1).to(torch.float32).contiguous() if g is not None else None) for k, g in upstream.items()}
         if all(g is None for g in flat.values()) or not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 8
         rows, ref_rows = ctx.layout.rows(logits, ref_logits)
         if ctx.inplace and rows.data_ptr() == logits.data_ptr():
             grad_rows, grad = rows, logits
@@ -307,15 +316,17 @@ class _FusedTokenOp(torch.autograd.Function):
             grad_rows = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
             grad = grad_rows.view(logits.shape)
         stats = RowStats.from_saved(saved)
-        ctx.backend.backward(
-            rows, labels, ref_rows, weight, ctx.spec, stats,
-            flat.get("logp"), flat.get("entropy"), flat.get("div"), grad_rows,
-        )
+        grads = (flat.get("logp"), flat.get("entropy"), flat.get("div"), grad_rows)
+        if ctx.shard.group is None:
+            ctx.backend.backward(rows, labels, ref_rows, weight, ctx.spec, stats, *grads)
+        elif rows.shape[2]:
+            # The global statistics are all a shard's gradient needs: no communication.
+            ctx.backend.slice_backward(rows, labels, ref_rows, weight, ctx.spec, stats, *grads, ctx.shard.v0)
         if grad is logits:
             # The logits now hold their gradient: anything that saved them (this op too, if its
             # backward runs again) must fail PyTorch's version check instead of reading it.
             torch.autograd.graph.increment_version(logits)
-        return (grad,) + (None,) * 6
+        return (grad,) + (None,) * 7
 
 
 def _refuse_double_backward() -> None:
@@ -327,7 +338,12 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool):
+def _shard(process_group, logits: torch.Tensor, spec: OpSpec, has_ref: bool) -> distributed.Shard:
+    return distributed.shard_of(process_group, logits.shape[-1], logits.shape[:-1].numel(), spec, has_ref,
+                                logits.device)
+
+
+def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool, shard: distributed.Shard):
     inplace_backward = _check_inplace(inplace_backward, logits)
     backend = _pick_backend(logits.device)
     lead = logits.shape[:-1]
@@ -335,7 +351,7 @@ def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: boo
     if lead.numel() == 0:
         # No tokens: zeros that still belong to the logits' graph.
         return {k: logits.sum(-1).float() * 0.0 for k in keys}
-    outputs = _FusedTokenOp.apply(logits, ref_logits, labels, weight, spec, backend, inplace_backward)
+    outputs = _FusedTokenOp.apply(logits, ref_logits, labels, weight, spec, backend, inplace_backward, shard)
     return {k: v.view(lead) for k, v in zip(keys, outputs)}
 
 
@@ -352,7 +368,7 @@ def _wants(spec: OpSpec, key: str) -> bool:
 
 
 def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: float = 1.0,
-                   return_entropy: bool = False, inplace_backward: bool = False):
+                   return_entropy: bool = False, inplace_backward: bool = False, process_group=None):
     r"""Label log-probabilities (and optionally entropies) of the policy, one read of each row.
 
     ``logp = a_y / T - lse(a / T)``, ``H(p) = lse(a / T) - sum_i p_i a_i / T``, computed
@@ -373,21 +389,31 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
             logits' version counter is bumped, so PyTorch raises its usual in-place error if
             anything that saved them runs its backward later (or this backward runs twice);
             expanded or overlapping logits are refused.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded
+            (tensor parallelism): each rank passes its contiguous shard ``logits[..., V_r]``,
+            shards in rank order, any sizes (0 included); ``labels`` are global ids and every
+            rank gets the global per-token results; the gradient is the rank's shard. The
+            ranks exchange their per-row states: ``4 R F`` bytes per token in one all-gather
+            (``R`` ranks, ``F`` = 4 here, 5 with the entropy), plus one all-gather of 8 int64
+            per rank that checks the ranks agree; the backward communicates nothing. See
+            :mod:`prefopt_kernels.distributed`.
 
     Returns:
         ``logp`` fp32 ``[...]`` (0 at ignored tokens), or ``(logp, entropy)``.
     """
-    _check_logits(logits, "logits")
-    labels = _check_labels(labels, logits, ignore_index)
+    _check_logits(logits, "logits", sharded=process_group is not None)
+    _check_ignore_index(ignore_index)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
                   want_logp=True, want_entropy=bool(return_entropy))
-    out = _run(logits, labels, None, None, spec, inplace_backward)
+    shard = _shard(process_group, logits, spec, has_ref=False)
+    labels = _check_labels(labels, logits, ignore_index, vocab=shard.vocab)
+    out = _run(logits, labels, None, None, spec, inplace_backward, shard)
     return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
 
 
 def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta: float = 0.5,
                      alpha: float = 0.5, weight=None, temperature: float = 1.0,
-                     inplace_backward: bool = False):
+                     inplace_backward: bool = False, process_group=None):
     r"""Per-token f-divergence ``D_f(p, q) = sum_i q_i f(p_i / q_i)`` of the policy from the reference.
 
     ``divergence`` is one of ``forward_kl`` (KL(q||p)), ``reverse_kl`` (KL(p||q)), ``js``
@@ -408,23 +434,28 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
         alpha: the order of ``alpha``, finite, ``|alpha| <= 1e6``, at least ``1e-30`` from 0
             and 1. Values near the edges stay accurate (``expm1``/``log1p`` forms).
         inplace_backward: as in :func:`token_logprobs`.
+        process_group: as in :func:`token_logprobs`, both logits sharded alike. Bytes per
+            token: ``4 R F`` with ``F`` = 8 (forward KL, js, tv, hellinger, chi2, alpha) or 9
+            (reverse KL), plus 8 bytes (one all-reduce of 2 floats) for the second sweep of
+            js, tv, hellinger, chi2 and alpha.
 
     Returns:
         fp32 ``[...]`` per-token divergence.
     """
-    _check_logits(logits, "logits")
-    _check_logits(ref_logits, "ref_logits")
+    _check_logits(logits, "logits", sharded=process_group is not None)
+    _check_logits(ref_logits, "ref_logits", sharded=process_group is not None)
     _check_pair(logits, ref_logits)
     weight = _check_weight(weight, logits, "weight")
     code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), divergence=code, beta=beta, alpha=alpha)
-    return _run(logits, None, ref_logits, weight, spec, inplace_backward)["div"]
+    shard = _shard(process_group, logits, spec, has_ref=True)
+    return _run(logits, None, ref_logits, weight, spec, inplace_backward, shard)["div"]
 
 
 def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", div_weight=None,
                 ignore_index: int = -100, temperature: float = 1.0, beta: float = 0.5,
                 alpha: float = 0.5, return_entropy: bool = False,
-                inplace_backward: bool = False) -> TokenTerms:
+                inplace_backward: bool = False, process_group=None) -> TokenTerms:
     r"""Everything a token-level preference loss needs, from ONE read of both logits rows.
 
     ``logp = a_y/T - lse(a/T)``, ``ref_logp = b_y/T - lse(b/T)``, ``div = D_f(p, q)`` (as in
@@ -437,22 +468,24 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
         logits, ref_logits: ``[..., V]`` fp32, bf16 or fp16, same shape, dtype and device.
         labels: ``[...]`` integer in ``[0, V)`` or ``ignore_index``.
         div_weight: optional ``[...]`` divergence selector (see :func:`token_divergence`).
-        divergence, beta, alpha, temperature, inplace_backward: as in
-            :func:`token_divergence`.
+        divergence, beta, alpha, temperature, inplace_backward, process_group: as in
+            :func:`token_divergence` (``F`` one more with the entropy).
 
     Returns:
         :class:`TokenTerms` ``(logp, ref_logp, div, entropy | None)``, fp32 ``[...]`` each.
     """
-    _check_logits(logits, "logits")
-    _check_logits(ref_logits, "ref_logits")
+    _check_logits(logits, "logits", sharded=process_group is not None)
+    _check_logits(ref_logits, "ref_logits", sharded=process_group is not None)
     _check_pair(logits, ref_logits)
-    labels = _check_labels(labels, logits, ignore_index)
+    _check_ignore_index(ignore_index)
     weight = _check_weight(div_weight, logits, "div_weight")
     code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
                   divergence=code, beta=beta, alpha=alpha,
                   want_logp=True, want_ref_logp=True, want_entropy=bool(return_entropy))
-    out = _run(logits, labels, ref_logits, weight, spec, inplace_backward)
+    shard = _shard(process_group, logits, spec, has_ref=True)
+    labels = _check_labels(labels, logits, ignore_index, vocab=shard.vocab)
+    out = _run(logits, labels, ref_logits, weight, spec, inplace_backward, shard)
     return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
 
 

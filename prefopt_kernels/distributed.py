@@ -1,0 +1,170 @@
+r"""Vocabulary-sharded ops: the collectives that turn per-shard row states into global results.
+
+With ``process_group=`` given, every rank holds a contiguous shard ``[v0_r, v0_r + V_r)`` of
+the vocabulary, shards in rank order, of any size (0 included). A pass folds the local shard
+into a :class:`~prefopt_kernels.backends.row_state.RowState`, the states are all-gathered and
+merged in rank order (the same arithmetic on every rank, so every rank holds bit-identical
+global results), a second sweep's partial sums are all-reduced, and each rank's backward
+writes its own shard's gradient from the global statistics, with no communication at all
+(the fused linear ops then all-reduce the replicated hidden states' gradient).
+
+Bytes per token per pass, with ``R`` ranks (fp32 fields): the first pass all-gathers the state,
+``4 R F`` where ``F`` is the number of state fields the op needs (:func:`state_floats`: 4
+for log-probs, 8 for a divergence or the terms, 9 for reverse KL, one more with the entropy); a second
+sweep all-reduces 2 floats; the linear ops' backward all-reduces ``H`` floats per token
+(the hidden gradient). Before any of that, one all-gather of 8 int64 per rank checks that
+the ranks agree on the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+from .backends import OpSpec, RowStats, row_state
+from .divergences import Divergence
+
+# argmax travels with the fp32 state: exact for every index below 2**24.
+MAX_SHARDED_VOCAB = 2**24
+
+
+class Shard(NamedTuple):
+    """This rank's vocabulary shard ``[v0, v0 + local)`` of ``vocab`` entries; ``group`` None: unsharded."""
+
+    group: object
+    v0: int
+    vocab: int
+
+
+def shard_of(process_group, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device) -> Shard:
+    """The :class:`Shard` of a call: no communication without a group, else :func:`shard_layout`."""
+    if process_group is None:
+        return Shard(None, 0, local_vocab)
+    check_group(process_group, device)
+    v0, vocab = shard_layout(local_vocab, rows, spec, has_ref, process_group, device)
+    return Shard(process_group, v0, vocab)
+
+
+def finish_first_pass(state: row_state.RowState, labels, weight, spec: OpSpec, group) -> RowStats:
+    """The forward's statistics from this rank's state: merged over the group first, if any."""
+    if group is not None:
+        state, _ = merge_across(state, spec, group)
+    return row_state.finalize(state, labels, weight, spec)
+
+
+def finish_second_pass(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec, group) -> RowStats:
+    """A second-sweep divergence from this rank's partial sums: summed over the group first, if any."""
+    if group is not None:
+        all_reduce_sum(value_sum, centred_sum, process_group=group)
+    return row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec)
+
+
+def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: Shard) -> RowStats:
+    """The forward of a logits op over a vocabulary shard ``rows`` ``[B, T, V_r]``: global statistics."""
+    n = rows.shape[0] * rows.shape[1]
+    state = row_state.empty(n, spec, ref_rows is not None, rows.device)
+    if rows.shape[2]:
+        state = backend.fold(state, rows, labels, ref_rows, weight, spec, shard.v0)
+    stats = finish_first_pass(state, labels, weight, spec, shard.group)
+    if not (spec.divergence and Divergence(spec.divergence).second_sweep):
+        return stats
+    if rows.shape[2]:
+        value_sum, centred_sum = backend.sweep(stats, rows, ref_rows, labels, weight, spec, shard.v0)
+    else:
+        value_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
+        centred_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
+    return finish_second_pass(stats, value_sum, centred_sum, labels, weight, spec, shard.group)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def check_group(process_group, device: torch.device) -> None:
+    """Raise a clear error unless ``process_group`` is usable with tensors on ``device``."""
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group needs torch.distributed initialised (init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None; got {process_group!r:.80}")
+    backend = str(dist.get_backend(process_group)).lower()
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"process_group uses nccl, which cannot communicate {device.type} tensors; use gloo")
+
+
+def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, process_group, device):
+    """``(v0, vocab)``: this rank's shard offset and the global vocabulary, after checking the ranks agree.
+
+    Every rank contributes ``(local V, rows, op fingerprint)``; every rank then sees the same
+    table, so a disagreement raises the same ``ValueError`` on every rank instead of hanging
+    in a later collective.
+    """
+    dist = _dist()
+    fingerprint = [local_vocab, rows, int(has_ref), int(spec.divergence), int(spec.want_logp),
+                   int(spec.want_ref_logp), int(spec.want_entropy), int(spec.ignore_index)]
+    table = _all_gather(torch.tensor(fingerprint, dtype=torch.int64, device=device), process_group).cpu()
+    rank = dist.get_rank(process_group)
+    if not bool((table[:, 1:] == table[0, 1:]).all()):
+        raise ValueError(
+            "every rank of process_group must call the same op on the same tokens (rows, reference, "
+            f"divergence, outputs and ignore_index per rank: {table[:, 1:].tolist()})"
+        )
+    sizes = table[:, 0]
+    vocab = int(sizes.sum())
+    if vocab < 1:
+        raise ValueError("the vocabulary shards of process_group hold no entry at all")
+    if vocab > MAX_SHARDED_VOCAB:
+        raise ValueError(f"a sharded vocabulary must have at most {MAX_SHARDED_VOCAB} entries; got {vocab}")
+    return int(sizes[:rank].sum()), vocab
+
+
+def merge_across(state: row_state.RowState, spec: OpSpec, process_group, extra=()) -> tuple:
+    """The global state of every row: each rank's state all-gathered and merged in rank order.
+
+    ``extra`` are further fp32 ``[N]`` tensors gathered alongside (one collective in all);
+    returns ``(state, gathered_extra)`` with ``gathered_extra[i]`` of shape ``[R, N]``.
+    """
+    names = [f.name for f in dataclasses.fields(state) if getattr(state, f.name) is not None]
+    rows = state.max.shape[0]
+    packed = torch.stack([getattr(state, name).to(torch.float32) for name in names] + list(extra))
+    gathered = _all_gather(packed, process_group)
+    world = gathered.shape[0]
+    merged: Optional[row_state.RowState] = None
+    for r in range(world):
+        fields = {name: gathered[r, i] for i, name in enumerate(names)}
+        fields["argmax"] = fields["argmax"].to(torch.int64)
+        piece = row_state.RowState(**fields)
+        merged = piece if merged is None else row_state.merge(merged, piece, spec)
+    tail = [gathered[:, len(names) + i].reshape(world, rows) for i in range(len(extra))]
+    return merged, tail
+
+
+def _all_gather(tensor: torch.Tensor, process_group) -> torch.Tensor:
+    """``[R, *tensor.shape]``: every rank's ``tensor``, in rank order."""
+    dist = _dist()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(parts, tensor.contiguous(), group=process_group)
+    return torch.stack(parts)
+
+
+def all_reduce_sum(*tensors: torch.Tensor, process_group) -> None:
+    """Sum each tensor over the ranks, in place (one collective for all of them)."""
+    dist = _dist()
+    if len(tensors) == 1 and tensors[0].dtype == torch.float32 and tensors[0].is_contiguous():
+        dist.all_reduce(tensors[0], group=process_group)
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+    dist.all_reduce(flat, group=process_group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+
+
+def state_floats(spec: OpSpec, has_ref: bool) -> int:
+    """fp32 values per token that one rank contributes to the first pass's all-gather."""
+    return len(row_state.empty(1, spec, has_ref, "cpu").tensors())
