@@ -1,0 +1,1 @@
+"""Drop-ins for the trainers our users run; each submodule imports its framework lazily."""
