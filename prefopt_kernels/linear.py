@@ -34,6 +34,7 @@ weight is passed.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
@@ -210,8 +211,8 @@ def _check_head(hidden: torch.Tensor, weight, bias, name: str, hidden_name: str,
 
 def _check_scale(value, argument: str) -> float:
     value = real_number(value, argument)
-    if not (value == value and abs(value) != float("inf") and value != 0.0):
-        raise ValueError(f"{argument} must be a finite non-zero number; got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{argument} must be a finite number; got {value!r}")
     return value
 
 
@@ -612,7 +613,8 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
             before any matmul and get 0.
         head_bias: optional ``[V]``.
         temperature: ``T``, as in :func:`prefopt_kernels.token_logprobs`.
-        logit_scale: finite non-zero multiplier of the projection (Cohere, Granite, ...).
+        logit_scale: finite multiplier of the projection (Cohere, Granite, ...); 0 gives
+            the uniform distribution, as TRL does.
         softcap: ``None`` or a positive final-logit soft cap (Gemma).
         return_entropy: also return ``H(p)``.
         extras: names among ``"mean_logits"`` (``mean_i z_i / T``), ``"is_top1"`` (the label

@@ -1,6 +1,6 @@
 r"""TRL on our kernels: a drop-in for ``trl.trainer.utils.add_fused_lm_head``.
 
-TRL 1.16's trainers (DPO, KTO, GRPO, RLOO, SFT, distillation) call ``add_fused_lm_head`` on
+TRL 1.16's trainers (DPO, KTO, GRPO, RLOO, SFT, async GRPO) call ``add_fused_lm_head`` on
 their model (and reference model) at construction, then ask the model for per-token
 log-probs with ``model(..., labels=labels, fused_lm_head=True)``. :func:`add_fused_lm_head`
 here has the same signature and protocol and computes the same ``FusedCausalLMOutput`` with
@@ -38,6 +38,7 @@ TRL_TRAINER_MODULES = (
     "trl.trainer.rloo_trainer",
     "trl.trainer.sft_trainer",
     "trl.trainer.utils",
+    "trl.experimental.async_grpo.async_grpo_trainer",
 )
 
 
@@ -174,7 +175,10 @@ def use_in_trl() -> None:
     fused LM head on our kernels. Idempotent.
     """
     for name in TRL_TRAINER_MODULES:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # an optional TRL module whose own dependencies are absent
+            continue
         if hasattr(module, "add_fused_lm_head"):
             module.add_fused_lm_head = add_fused_lm_head
 
@@ -184,12 +188,14 @@ def apply_to_trainer(trainer, outputs: tuple = ("log_probs", "entropy", "mean_lo
 
     ``outputs`` as in :func:`add_fused_lm_head` for the policy (the default is what
     ``DPOTrainer`` logs; add ``"log_sum_sq_probs"`` for WPO weighting); the reference
-    computes ``log_probs`` only, as in TRL.
+    computes ``log_probs`` only, as in TRL. The trainer's ``temperature`` and its args'
+    ``cast_lm_head_to_fp32`` are kept.
     """
     model = trainer.model
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     temperature = getattr(trainer, "temperature", 1.0)
-    add_fused_lm_head(model, temperature=temperature, outputs=outputs)
+    cast = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
+    add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast, outputs=outputs)
     if getattr(trainer, "ref_model", None) is not None:
         add_fused_lm_head(trainer.ref_model, temperature=temperature)
