@@ -38,12 +38,13 @@ class Shard(NamedTuple):
     vocab: int
 
 
-def shard_of(process_group, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device) -> Shard:
+def shard_of(process_group, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device,
+             labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> Shard:
     """The :class:`Shard` of a call: no communication without a group, else :func:`shard_layout`."""
     if process_group is None:
         return Shard(None, 0, local_vocab)
     check_group(process_group, device)
-    v0, vocab = shard_layout(local_vocab, rows, spec, has_ref, process_group, device)
+    v0, vocab = shard_layout(local_vocab, rows, spec, has_ref, process_group, device, labels, weight)
     return Shard(process_group, v0, vocab)
 
 
@@ -56,6 +57,7 @@ def finish_first_pass(state: row_state.RowState, labels, weight, spec: OpSpec, g
 
 def finish_second_pass(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec, group) -> RowStats:
     """A second-sweep divergence from this rank's partial sums: summed over the group first, if any."""
+    value_sum, centred_sum = value_sum.to(torch.float32), centred_sum.to(torch.float32)
     if group is not None:
         all_reduce_sum(value_sum, centred_sum, process_group=group)
     return row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec)
@@ -96,22 +98,51 @@ def check_group(process_group, device: torch.device) -> None:
         raise ValueError(f"process_group uses nccl, which cannot communicate {device.type} tensors; use gloo")
 
 
-def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, process_group, device):
+def _float_bits(x: float) -> int:
+    """The bits of a float64, as an int64: equal exactly when the floats are."""
+    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
+
+
+def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, labels, weight) -> list:
+    """What every rank must agree on, as int64: the op, its scalars, and checksums of labels and weights."""
+    label_sum = label_moment = weight_nonzero = weight_sum = 0
+    label_min, label_max = 0, -1
+    if labels is not None and labels.numel():
+        positions = torch.arange(1, labels.numel() + 1, device=labels.device)
+        label_sum, label_moment = int(labels.sum()), int((labels * positions).sum())
+        kept = labels[labels != spec.ignore_index]
+        if kept.numel():
+            label_min, label_max = int(kept.min()), int(kept.max())
+    if weight is not None and weight.numel():
+        weight_nonzero, weight_sum = int((weight != 0).sum()), _float_bits(float(weight.double().sum()))
+    return [local_vocab, rows, int(has_ref), int(spec.divergence), int(spec.want_logp), int(spec.want_ref_logp),
+            int(spec.want_entropy), int(spec.ignore_index), _float_bits(spec.temperature),
+            _float_bits(spec.beta), _float_bits(spec.alpha), label_sum, label_moment, weight_nonzero, weight_sum,
+            int(weight is not None), label_min, label_max]
+
+
+def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, process_group, device,
+                 labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None):
     """``(v0, vocab)``: this rank's shard offset and the global vocabulary, after checking the ranks agree.
 
-    Every rank contributes ``(local V, rows, op fingerprint)``; every rank then sees the same
-    table, so a disagreement raises the same ``ValueError`` on every rank instead of hanging
-    in a later collective.
+    Every rank contributes its local V and a fingerprint of the call (op, outputs,
+    ``ignore_index``, temperature, β, α, checksums of ``labels`` and ``weight``, the range of
+    the kept labels); every rank then sees the same table, so a disagreement, or a label
+    outside the global vocabulary, raises the same ``ValueError`` on every rank instead of
+    hanging in a later collective or returning different numbers per rank.
     """
     dist = _dist()
-    fingerprint = [local_vocab, rows, int(has_ref), int(spec.divergence), int(spec.want_logp),
-                   int(spec.want_ref_logp), int(spec.want_entropy), int(spec.ignore_index)]
-    table = _all_gather(torch.tensor(fingerprint, dtype=torch.int64, device=device), process_group).cpu()
+    mine = _fingerprint(local_vocab, rows, spec, has_ref, labels, weight)
+    table = _all_gather(torch.tensor(mine, dtype=torch.int64, device=device), process_group).cpu()
     rank = dist.get_rank(process_group)
     if not bool((table[:, 1:] == table[0, 1:]).all()):
+        differing = sorted({j for j in range(1, table.shape[1]) if bool((table[:, j] != table[0, j]).any())})
+        names = ["rows", "reference", "divergence", "logp", "ref_logp", "entropy", "ignore_index",
+                 "temperature", "beta", "alpha", "labels", "labels", "weight", "weight", "weight",
+                 "labels", "labels"]
         raise ValueError(
-            "every rank of process_group must call the same op on the same tokens (rows, reference, "
-            f"divergence, outputs and ignore_index per rank: {table[:, 1:].tolist()})"
+            "every rank of process_group must call the same op with the same tokens, labels, weights "
+            f"and parameters; the ranks differ in: {', '.join(sorted({names[j - 1] for j in differing}))}"
         )
     sizes = table[:, 0]
     vocab = int(sizes.sum())
@@ -119,6 +150,13 @@ def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, proce
         raise ValueError("the vocabulary shards of process_group hold no entry at all")
     if vocab > MAX_SHARDED_VOCAB:
         raise ValueError(f"a sharded vocabulary must have at most {MAX_SHARDED_VOCAB} entries; got {vocab}")
+    label_min, label_max = int(table[0, -2]), int(table[0, -1])
+    if label_max >= 0 and (label_min < 0 or label_max >= vocab):
+        bad = label_min if label_min < 0 else label_max
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) (the sharded vocabulary) or equal "
+            f"ignore_index={spec.ignore_index}; found {bad}"
+        )
     return int(sizes[:rank].sum()), vocab
 
 

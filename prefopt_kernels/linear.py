@@ -297,8 +297,10 @@ def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight
             raise ValueError(f"ref_hidden must be on the device of hidden ({hidden.device}); got {ref_hidden.device}")
         _check_head(ref_hidden, ref_head_weight, ref_head_bias, "ref_head", "ref_hidden", vocab, sharded)
     weight = ops._check_weight(div_weight, hidden, "div_weight", owner_name="hidden")
+    flat_labels = None
     if labels is not None:
-        ops._check_ignore_index(ignore_index)
+        flat_labels = ops._check_labels(labels, hidden, ignore_index, vocab=vocab, owner_name="hidden",
+                                        check_range=not sharded)
     spec = OpSpec(temperature=ops._check_temperature(temperature),
                   ignore_index=ignore_index if labels is not None else -100, **spec_kwargs)
     scales = (_check_scale(logit_scale, "logit_scale"), _check_scale(ref_logit_scale, "ref_logit_scale"))
@@ -306,10 +308,7 @@ def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight
     extras = _check_extras(extras)
     budget = _check_budget(memory_budget)
     n = hidden.shape[:-1].numel()
-    shard = distributed.shard_of(process_group, vocab, n, spec, has_ref, hidden.device)
-    flat_labels = None
-    if labels is not None:
-        flat_labels = ops._check_labels(labels, hidden, ignore_index, vocab=shard.vocab, owner_name="hidden")
+    shard = distributed.shard_of(process_group, vocab, n, spec, has_ref, hidden.device, flat_labels, weight)
     keep, _ = rows_read(flat_labels, None if keep_zero_weight else weight, spec, n, hidden.device)
     index = keep.nonzero().reshape(-1)
     return dict(spec=spec, index=index,

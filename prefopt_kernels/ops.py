@@ -149,8 +149,12 @@ def _check_same(x: torch.Tensor, argument: str, shape, owner: torch.Tensor, owne
 
 
 def _check_labels(labels, owner: torch.Tensor, ignore_index, vocab: Optional[int] = None,
-                  owner_name: str = "logits") -> torch.Tensor:
-    """Flat int64 labels of the tokens of ``owner`` (``[..., V]`` logits or ``[..., H]`` hidden)."""
+                  owner_name: str = "logits", check_range: bool = True) -> torch.Tensor:
+    """Flat int64 labels of the tokens of ``owner`` (``[..., V]`` logits or ``[..., H]`` hidden).
+
+    ``check_range=False`` leaves the range to the caller (a sharded call checks it on every
+    rank at once, against the global vocabulary).
+    """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -159,6 +163,8 @@ def _check_labels(labels, owner: torch.Tensor, ignore_index, vocab: Optional[int
     _check_same(labels, "labels", owner.shape[:-1], owner, owner_name)
     vocab = owner.shape[-1] if vocab is None else vocab
     flat = labels.reshape(-1).to(torch.int64)
+    if not check_range:
+        return flat.contiguous()
     out_of_range = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
     if flat.numel() and bool(out_of_range.any()):
         bad = flat[out_of_range][0].item()
@@ -338,9 +344,9 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _shard(process_group, logits: torch.Tensor, spec: OpSpec, has_ref: bool) -> distributed.Shard:
+def _shard(process_group, logits: torch.Tensor, spec: OpSpec, has_ref: bool, labels, weight) -> distributed.Shard:
     return distributed.shard_of(process_group, logits.shape[-1], logits.shape[:-1].numel(), spec, has_ref,
-                                logits.device)
+                                logits.device, labels, weight)
 
 
 def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool, shard: distributed.Shard):
@@ -401,12 +407,12 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
     Returns:
         ``logp`` fp32 ``[...]`` (0 at ignored tokens), or ``(logp, entropy)``.
     """
-    _check_logits(logits, "logits", sharded=process_group is not None)
-    _check_ignore_index(ignore_index)
+    sharded = process_group is not None
+    _check_logits(logits, "logits", sharded=sharded)
+    labels = _check_labels(labels, logits, ignore_index, check_range=not sharded)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
                   want_logp=True, want_entropy=bool(return_entropy))
-    shard = _shard(process_group, logits, spec, has_ref=False)
-    labels = _check_labels(labels, logits, ignore_index, vocab=shard.vocab)
+    shard = _shard(process_group, logits, spec, False, labels, None)
     out = _run(logits, labels, None, None, spec, inplace_backward, shard)
     return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
 
@@ -448,7 +454,7 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
     weight = _check_weight(weight, logits, "weight")
     code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), divergence=code, beta=beta, alpha=alpha)
-    shard = _shard(process_group, logits, spec, has_ref=True)
+    shard = _shard(process_group, logits, spec, True, None, weight)
     return _run(logits, None, ref_logits, weight, spec, inplace_backward, shard)["div"]
 
 
@@ -474,17 +480,17 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
     Returns:
         :class:`TokenTerms` ``(logp, ref_logp, div, entropy | None)``, fp32 ``[...]`` each.
     """
-    _check_logits(logits, "logits", sharded=process_group is not None)
-    _check_logits(ref_logits, "ref_logits", sharded=process_group is not None)
+    sharded = process_group is not None
+    _check_logits(logits, "logits", sharded=sharded)
+    _check_logits(ref_logits, "ref_logits", sharded=sharded)
     _check_pair(logits, ref_logits)
-    _check_ignore_index(ignore_index)
+    labels = _check_labels(labels, logits, ignore_index, check_range=not sharded)
     weight = _check_weight(div_weight, logits, "div_weight")
     code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
                   divergence=code, beta=beta, alpha=alpha,
                   want_logp=True, want_ref_logp=True, want_entropy=bool(return_entropy))
-    shard = _shard(process_group, logits, spec, has_ref=True)
-    labels = _check_labels(labels, logits, ignore_index, vocab=shard.vocab)
+    shard = _shard(process_group, logits, spec, True, labels, weight)
     out = _run(logits, labels, ref_logits, weight, spec, inplace_backward, shard)
     return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
 
