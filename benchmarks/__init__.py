@@ -1,6 +1,7 @@
 """The benchmark suite of prefopt_kernels: ``python -m benchmarks`` (see ``__main__``).
 
-``cases`` says what is measured and how many bytes it must move, ``eager`` and ``peers`` hold
-the baselines, ``runner`` times cases and measures their memory, ``report`` writes the
-results (JSON, markdown, PNG).
+``cases`` says what is measured and the work it must do (bytes moved for the logits ops, GEMM
+flops for the linear ops, which start from hidden states and the LM head), ``eager`` and
+``peers`` hold the baselines, ``runner`` times cases and measures their memory, ``report``
+writes the results (JSON, markdown, PNG).
 """

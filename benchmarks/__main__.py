@@ -5,6 +5,7 @@ Examples::
     python -m benchmarks                          # default suite (CUDA if present, else CPU)
     python -m benchmarks --quick                  # about a minute
     python -m benchmarks --ops logprobs,divergence --vocab 32000,128256 --dtype bf16
+    python -m benchmarks --ops linear --tokens 1024 --hidden 1024  # from hidden states
     python -m benchmarks --full --out /tmp/bench  # GPU: every op, mode, N, V and dtype
 """
 
@@ -29,10 +30,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="GPU: the whole grid of ops, modes, N, V and dtypes (long)")
     p.add_argument("--ops", type=_csv(str),
                    help="comma list: logprobs, logprobs+entropy, divergence (all seven) or "
-                        "divergence:NAME, terms:forward_kl, sparse_po")
+                        "divergence:NAME, terms:forward_kl, sparse_po; from hidden states and "
+                        "the LM head: linear (both) or linear:logprobs, linear:terms")
     p.add_argument("--modes", type=_csv(str), help="comma list of fwd, bwd, fwd+bwd")
     p.add_argument("--vocab", type=_csv(int), help="comma list of vocabulary sizes V")
     p.add_argument("--tokens", type=_csv(int), help="comma list of token counts N")
+    p.add_argument("--hidden", type=_csv(int),
+                   help="comma list of hidden sizes H of the linear ops (alone: the linear ops)")
     p.add_argument("--dtype", type=_csv(str), help="comma list of fp32, bf16, fp16")
     p.add_argument("--backends", type=_csv(str),
                    help="package backends to run (default: the fast ones for the device); "
@@ -55,7 +59,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def _expand_ops(ops):
-    from .cases import DIVERGENCES, OPS
+    from .cases import DIVERGENCES, LINEAR_OPS, OPS
     if ops is None:
         return None
     out = []
@@ -64,6 +68,8 @@ def _expand_ops(ops):
             out += [f"divergence:{d}" for d in DIVERGENCES]
         elif op == "terms":
             out.append("terms:forward_kl")
+        elif op == "linear":
+            out += list(LINEAR_OPS)
         elif op in OPS:
             out.append(op)
         else:
@@ -72,7 +78,8 @@ def _expand_ops(ops):
 
 
 def explicit_axes(args) -> bool:
-    return any(getattr(args, k) is not None for k in ("ops", "modes", "tokens", "vocab", "dtype"))
+    return any(getattr(args, k) is not None
+               for k in ("ops", "modes", "tokens", "vocab", "dtype", "hidden"))
 
 
 def _default_backends(device) -> tuple:
@@ -122,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from . import report
     from .cases import default_cases, tiny_cases
-    from .runner import RunConfig, copy_bandwidth, implementations, run_cases
+    from .runner import GEMM_BOUND_MIN_REPS, RunConfig, copy_bandwidth, implementations, run_cases
 
     notes: List[str] = []
     if args.backends is not None:
@@ -150,12 +157,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         cases = default_cases(device.type, quick=args.quick, full=args.full, ops=ops,
                               modes=args.modes, tokens=args.tokens, vocabs=args.vocab,
-                              dtypes=args.dtype)
+                              dtypes=args.dtype, hiddens=args.hidden)
         if device.type == "cpu" and not (args.quick or explicit_axes(args)):
             notes.append("CPU default: divergences forward_kl and js only; --ops divergence "
                          "runs all seven.")
         if device.type == "cpu" and "triton" in backends:
             cases += [c for c in tiny_cases(ops) if c not in cases]
+        if device.type == "cpu" and any(c.linear for c in cases):
+            notes.append("linear ops on a CPU: seconds of GEMMs per call, so each implementation "
+                         "warms up on a small copy of the case, the call whose memory the child "
+                         "process measures is its first timing sample and counts toward --budget "
+                         f"(s per case and implementation), with at least {GEMM_BOUND_MIN_REPS} "
+                         "sample(s): a larger --budget takes more.")
 
     budget = args.budget if args.budget is not None else (0.5 if args.quick else 1.0)
     cfg = RunConfig(device=device, backends=backends, compile_eager=compile_eager,

@@ -4,7 +4,8 @@ Every function takes ``[N, V]`` logits (and ``[N]`` labels / ``[N, V]`` referenc
 returns per-token fp32 tensors with the same meaning as the package's ops, so the suite can
 time and measure both on the same inputs. They are deliberately the plain formulations (full
 ``log_softmax`` in fp32, elementwise terms, a sum over V): that is what materialises the
-``[N, V]`` intermediates the package avoids.
+``[N, V]`` intermediates the package avoids. The ``linear_*`` functions start from hidden
+states and the LM head and project the logits first, as a model's forward does.
 """
 
 from __future__ import annotations
@@ -92,3 +93,40 @@ def terms_forward_kl(logits: torch.Tensor, labels: torch.Tensor, ref_logits: tor
     ref_logp = lq.gather(-1, labels[:, None]).squeeze(-1)
     kl = (lq.exp() * (lq - lp)).sum(-1)
     return logp, ref_logp, kl
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T`` in the inputs' dtype, then :func:`logprobs`."""
+    return logprobs(hidden @ weight.t(), labels)
+
+
+def linear_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 ref_hidden: torch.Tensor, ref_weight: torch.Tensor):
+    """Both models' logits projected in full, then :func:`terms_forward_kl`."""
+    return terms_forward_kl(hidden @ weight.t(), labels, ref_hidden @ ref_weight.t())
+
+
+class _GemmFloor(torch.autograd.Function):
+    """``Z = hidden @ W.T`` forward; backward ``dZ @ W`` and ``dZ.T @ hidden`` with ``Z`` itself
+    standing in for ``dZ``: the LM head's three GEMMs and nothing else."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        z = hidden @ weight.t()
+        ctx.save_for_backward(hidden, weight, z)
+        return hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, z = ctx.saved_tensors
+        return z @ weight, z.t() @ hidden
+
+
+def gemm_floor(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden=None, ref_weight=None):
+    """The GEMMs of the LM head alone (and the reference's projection, when given): the time
+    below which no implementation of a linear op can go. Returns a placeholder ``[N]`` output
+    that the backward differentiates."""
+    if ref_hidden is not None:
+        torch.mm(ref_hidden, ref_weight.t())  # the reference's logits: computed, not used
+    return _GemmFloor.apply(hidden, weight)

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .cases import LINEAR_OPS
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -42,76 +44,217 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 COLUMNS = ["op", "mode", "N", "V", "dtype", "impl", "time ms (p20-p80)", "GB/s", "% copy",
            "x eager", "peak MiB", "mem / eager", "note"]
+LINEAR_COLUMNS = ["op", "mode", "N", "H", "V", "dtype", "impl", "time ms (p20-p80)", "GFLOP/s",
+                  "x eager", "time / unfused", "time / trl", "peak MiB", "mem / eager", "note"]
+LINEAR_HEADER = (
+    "The linear ops take hidden states [N, H] and the LM head [V, H] instead of logits "
+    "(linear:terms: the reference model's too, which get no gradient): linear:logprobs returns "
+    "the label log-probs, linear:terms logp, ref_logp and KL(q||p); the backward gives d hidden "
+    "and d head weight. "
+    "eager: hidden @ W.T, then fp32 log_softmax and gather (terms: the reference's logits too, "
+    "its log_softmax and KL(q||p)). prefopt:B-unfused: the same logits, then this package's "
+    "logits op on backend B (token_logprobs / token_terms, inplace_backward in fwd+bwd). "
+    "prefopt:B: linear_token_logprobs / linear_token_terms (default memory_budget). gemm: the "
+    "head's GEMMs alone, a floor: hidden @ W.T forward (terms: the reference's projection "
+    "too), dZ @ W and dZ.T @ hidden backward.")
+LINEAR_METRICS = (
+    "time: median per call (20th-80th percentile). GFLOP/s: 2·N·H·V per GEMM that any "
+    "implementation must run (one projection per head forward; d hidden and d W backward) / "
+    "median time; a backward that projects the logits again does more than it counts (GB/s "
+    "is not reported: these ops are bound by their GEMMs). x eager: eager time / this time. "
+    "time / unfused: this time / prefopt:B-unfused's time. time / trl: this time / "
+    "trl-chunked's time. peak MiB: peak memory during one call above the inputs (hidden states "
+    "and heads; in bwd mode, also above what the forward kept) and above the gradients every "
+    "implementation returns (d hidden and d head weight, subtracted at their size). mem / "
+    "eager: this peak / eager's peak.")
+
+
+def _is_linear(r: dict) -> bool:
+    return r["op"] in LINEAR_OPS
+
+
+def _row(r: dict, head: List[str], cells: List[str]) -> str:
+    if r["status"] != "ok":
+        cells = [r["status"]] + [""] * (len(cells) - 2) + [r.get("note", "")]
+    return "| " + " | ".join(head + cells) + " |"
+
+
+def _time(r: dict) -> str:
+    if r["status"] != "ok":
+        return ""
+    return f"{r['time_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
 
 
 def markdown(meta: dict, notes: List[str], results: List[dict]) -> str:
-    """A self-contained markdown report: what ran where, the notes, one row per result."""
+    """A self-contained markdown report: what ran where, the notes, one row per result (the
+    linear ops in a table of their own, with GEMM throughput instead of bandwidth)."""
+    logit_rows = [r for r in results if not _is_linear(r)]
+    linear_rows = [r for r in results if _is_linear(r)]
     lines = [f"# prefopt_kernels benchmarks: {meta['device_name']}", ""]
     lines.append(f"torch {meta['torch']}, triton {meta['triton']}, "
                  f"{meta['device']}; copy bandwidth {meta['copy_gbps']:.1f} GB/s "
                  "(read + write, measured in this run).")
-    lines.append("")
-    lines.append("time: median per call (20th-80th percentile). GB/s: bytes that must move "
-                 "(logits and reference read once per pass, gradient written once) / median "
-                 "time; % copy: that over the copy bandwidth. x eager: eager time / this time. "
-                 "peak MiB: peak memory above the inputs during one call (in bwd mode, above "
-                 "what the forward kept). mem / eager: this peak / eager's peak.")
+    if logit_rows or not linear_rows:
+        lines.append("")
+        lines.append("time: median per call (20th-80th percentile). GB/s: bytes that must move "
+                     "(logits and reference read once per pass, gradient written once) / median "
+                     "time; % copy: that over the copy bandwidth. x eager: eager time / this time. "
+                     "peak MiB: peak memory above the inputs during one call (in bwd mode, above "
+                     "what the forward kept). mem / eager: this peak / eager's peak.")
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in results:
-        if r["status"] == "ok":
-            t = f"{r['time_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
-            pct = 100 * r["gbps"] / meta["copy_gbps"] if meta.get("copy_gbps") else None
-            cells = [t, _fmt(r["gbps"], ".1f"), _fmt(pct, ".0f"),
+    if logit_rows or not linear_rows:
+        lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        for r in logit_rows:
+            pct = None
+            if r["status"] == "ok" and meta.get("copy_gbps"):
+                pct = 100 * r["gbps"] / meta["copy_gbps"]
+            cells = [_time(r), _fmt(r.get("gbps"), ".1f"), _fmt(pct, ".0f"),
                      _fmt(r.get("speedup_vs_eager"), ".2f"), _mib(r.get("mem_bytes")),
                      _fmt(r.get("mem_vs_eager"), ".2f"), r.get("note", "")]
-        else:
-            cells = [r["status"], "", "", "", "", "", r.get("note", "")]
-        lines.append("| " + " | ".join([r["op"], r["mode"], str(r["n"]), str(r["v"]), r["dtype"],
-                                          r["impl"]] + cells) + " |")
+            lines.append(_row(r, [r["op"], r["mode"], str(r["n"]), str(r["v"]), r["dtype"],
+                                  r["impl"]], cells))
+    if linear_rows:
+        lines += ["", "## From hidden states: the linear ops", "", LINEAR_HEADER, "",
+                  LINEAR_METRICS, "",
+                  "| " + " | ".join(LINEAR_COLUMNS) + " |", "|" + "---|" * len(LINEAR_COLUMNS)]
+        for r in linear_rows:
+            cells = [_time(r), _fmt(r.get("gflops"), ".1f"),
+                     _fmt(r.get("speedup_vs_eager"), ".2f"),
+                     _fmt(r.get("time_vs_unfused"), ".2f"), _fmt(r.get("time_vs_trl"), ".2f"),
+                     _mib(r.get("mem_bytes")), _fmt(r.get("mem_vs_eager"), ".3f"),
+                     r.get("note", "")]
+            lines.append(_row(r, [r["op"], r["mode"], str(r["n"]), str(r["h"]), str(r["v"]),
+                                  r["dtype"], r["impl"]], cells))
     return "\n".join(lines) + "\n"
 
 
+_BARS_PER_ROW = 5  # most cases in a row of the bar plot
+
+
+def _case_of(r: dict) -> tuple:
+    return (r["op"], r["mode"], r["n"], r.get("h"), r["v"], r["dtype"])
+
+
+def _layout(ok: List[dict]):
+    """``(sweeps, singles)``: the series the grid varies (over V at fixed N, else over N at
+    fixed V), each ``(axis, title, rows)``, and the cases measured at one shape only."""
+    cases: Dict[tuple, List[dict]] = {}
+    for r in ok:
+        cases.setdefault(_case_of(r), []).append(r)
+    sweeps, used = [], set()
+    for axis, index in (("V", 4), ("N", 2)):
+        series: Dict[tuple, List[tuple]] = {}
+        for c in cases:
+            if c not in used:
+                series.setdefault(c[:index] + c[index + 1:], []).append(c)
+        for key, members in series.items():
+            if len(members) > 1:
+                used.update(members)
+                op, mode, *shape, dtype = key
+                names = ["N", "H"] if axis == "V" else ["H", "V"]
+                fixed = " ".join(f"{k}={v}" for k, v in zip(names, shape) if v is not None)
+                sweeps.append((axis, f"{op} {mode} {fixed} {dtype}",
+                               [r for c in members for r in cases[c]]))
+    sweeps.sort(key=lambda s: -len({r["v" if s[0] == "V" else "n"] for r in s[2]}))
+    singles = [c for c in cases if c not in used]
+    return sweeps, [(c, cases[c]) for c in singles]
+
+
+def _label(case: tuple) -> str:
+    op, mode, n, h, v, dtype = case
+    shape = f"N={n}" + (f" H={h}" if h is not None else "") + f" V={v}"
+    return f"{op}\n{mode} {dtype}\n{shape}"
+
+
 def plot(results: List[dict], path: str) -> Optional[str]:
-    """Time and peak memory against V, one line per implementation, one row per
-    (op, mode, N, dtype) group. Returns a note instead when matplotlib is missing."""
+    """Time and peak memory per implementation. Where the grid varies V (or N) for an op, a
+    line per implementation over that axis; the cases measured at a single shape as grouped
+    bars, one group per case (the linear ops in rows of their own). Returns a note instead
+    when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not installed: no PNG plot written."
-    groups: Dict[tuple, List[dict]] = {}
-    for r in results:
-        if r["status"] == "ok":
-            groups.setdefault((r["op"], r["mode"], r["n"], r["dtype"]), []).append(r)
-    if not groups:
+    ok = [r for r in results if r["status"] == "ok"]
+    if not ok:
         return "no successful results: no PNG plot written."
-    # Groups with the most vocabulary sizes first: those are the sweeps worth a line plot.
-    keys = sorted(groups, key=lambda k: (-len({r["v"] for r in groups[k]}), k))[:6]
-    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.2 * len(keys)), squeeze=False)
-    for row, key in zip(axes, keys):
-        impls = sorted({r["impl"] for r in groups[key]})
-        for impl in impls:
-            pts = sorted((r["v"], r["time_ms"], r.get("mem_bytes")) for r in groups[key]
-                         if r["impl"] == impl)
-            row[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-            mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
-            if mem:
-                row[1].plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl)
-        title = f"{key[0]} {key[1]} N={key[2]} {key[3]}"
-        row[0].set(title=title, xlabel="vocabulary size V", ylabel="time per call (ms)")
-        row[1].set(title=title, xlabel="vocabulary size V", ylabel="peak memory above inputs (MiB)")
-        for ax in row:
-            ax.set_xscale("log")
+    sweeps, singles = _layout(ok)
+    rows = [("line", s) for s in sweeps[:6]]
+    for linear in (False, True):
+        part = [s for s in singles if (s[0][0] in LINEAR_OPS) == linear]
+        count = -(-len(part) // _BARS_PER_ROW)  # rows, filled evenly
+        rows += [("bars", part[i * len(part) // count:(i + 1) * len(part) // count])
+                 for i in range(count)]
+    impls = list(dict.fromkeys(r["impl"] for r in ok))
+    # Ten distinct colours, then ten lighter ones: neighbouring bars never share a hue.
+    palette = ([plt.get_cmap("tab10")(i) for i in range(10)]
+               + [plt.get_cmap("tab20")(2 * i + 1) for i in range(10)])
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(impls)}
+    fig, axes = plt.subplots(len(rows), 2, figsize=(14, 3.6 * len(rows)), squeeze=False)
+    for ax_row, (kind, content) in zip(axes, rows):
+        if kind == "line":
+            _plot_sweep(ax_row, content, colour)
+        else:
+            _plot_bars(ax_row, content, colour)
+        for ax in ax_row:
             ax.grid(True, alpha=0.3)
-        row[0].legend(fontsize=7)
+        ax_row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _plot_sweep(ax_row, sweep, colour) -> None:
+    axis, title, rows = sweep
+    key = "v" if axis == "V" else "n"
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        pts = sorted((r[key], r["time_ms"], r.get("mem_bytes")) for r in rows if r["impl"] == impl)
+        ax_row[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl,
+                       color=colour[impl])
+        mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None]
+        if mem:
+            ax_row[1].plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl,
+                           color=colour[impl])
+    xlabel = "vocabulary size V" if axis == "V" else "tokens N"
+    ax_row[0].set(title=title, xlabel=xlabel, ylabel="time per call (ms)")
+    ax_row[1].set(title=title, xlabel=xlabel, ylabel="peak memory above inputs (MiB)")
+    for ax in ax_row:
+        ax.set_xscale("log")
+
+
+def _plot_bars(ax_row, groups, colour) -> None:
+    """One group of bars per case, one bar per implementation it ran; a log axis where the
+    values of the row span more than a factor of 20."""
+    linear = groups[0][0][0] in LINEAR_OPS
+    name = "linear ops" if linear else "logits ops"
+    for ax, field, scale, title, ylabel in (
+            (ax_row[0], "time_ms", 1.0, name, "time per call (ms)"),
+            (ax_row[1], "mem_bytes", 2.0**-20, name,
+             "peak MiB above inputs" + (" and gradients" if linear else ""))):
+        values = [r[field] * scale for _, rows in groups for r in rows if r.get(field)]
+        log = bool(values) and max(values) > 20 * min(values)
+        seen = set()
+        for x, (_, rows) in enumerate(groups):
+            width = 0.8 / len(rows)
+            for i, r in enumerate(rows):
+                value = r.get(field)
+                if value is None or (log and not value):  # 0 has no place on a log axis
+                    continue
+                ax.bar(x - 0.4 + width * (i + 0.5), value * scale, width, color=colour[r["impl"]],
+                       label=None if r["impl"] in seen else r["impl"])
+                seen.add(r["impl"])
+        ax.set_xticks(range(len(groups)), [_label(c) for c, _ in groups], fontsize=7)
+        if log:
+            ax.set_yscale("log")
+            ylabel += " (log)"
+            if field == "mem_bytes":
+                title += " (a peak of 0 draws no bar)"
+        ax.set(title=title, ylabel=ylabel)
 
 
 def write(out_dir: str, meta: dict, notes: List[str], results: List[dict],

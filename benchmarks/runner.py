@@ -4,15 +4,21 @@ Timing
     CUDA: CUDA events around each call, the L2 cache flushed (a 256 MiB buffer zeroed) before
     every call, warm-up by time, then the per-call samples (``triton.testing.do_bench``'s
     method). CPU: wall clock around each call after one warm-up call. Both report the median
-    and the 20th/80th percentiles of the samples.
+    and the 20th/80th percentiles of the samples. The linear ops on a CPU take seconds per
+    call in their GEMMs: the call whose memory the child process measures is their first
+    sample (and counts toward the budget), a small copy of the case warms them up, and one
+    sample is enough (``GEMM_BOUND_MIN_REPS``): ``--budget`` buys more.
 Memory
     Peak bytes allocated while the case runs, above what was allocated before it started
     (the inputs, and in backward mode also what the forward left for the backward). CUDA: the
     caching allocator's ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: a child
     process per case (see ``_memory_probe``), because a process's resident set only grows.
+    Linear ops: also above the gradients of the hidden states and the head weight, which every
+    implementation returns (``cases.grad_bytes``, subtracted from the peak).
 Bandwidth
     ``bytes_moved(case) / median time`` (see ``cases.bytes_moved``), and that as a fraction of
-    a device-to-device copy (read + write) timed the same way in the same run.
+    a device-to-device copy (read + write) timed the same way in the same run. Linear ops:
+    ``gemm_flops(case) / median time`` instead (GFLOP/s).
 """
 
 from __future__ import annotations
@@ -34,11 +40,26 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import eager
-from .cases import SEQ_LEN, Case, bytes_moved, input_bytes, make_inputs
-from .peers import available_peers
+from .cases import (
+    LINEAR_OPS,
+    LOGIT_OPS,
+    SEQ_LEN,
+    Case,
+    bytes_moved,
+    gemm_flops,
+    grad_bytes,
+    input_bytes,
+    make_inputs,
+)
+from .peers import available_peers, trl_chunked
 
 EAGER = "eager"  # the implementation every ratio is taken against
+UNFUSED = "-unfused"  # suffix of a backend's explicit-logits path for the linear ops
+TRL_CHUNKED = "trl-chunked"
 _TINY = 64 * 4096  # N*V up to which interpreted Triton is run on a CPU
+# Fewest timed calls of a linear op on a CPU, where one call is seconds of GEMMs (the memory
+# probe's call among them): the default suite has room for one per implementation.
+GEMM_BOUND_MIN_REPS = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +107,36 @@ def _prefopt_forward(case: Case, inplace: bool) -> Callable[[dict], tuple]:
         return lambda x: _sparse_po_step(pk.token_terms(
             x["logits"], x["labels"], x["ref_logits"], divergence=div, div_weight=x["mask"],
             inplace_backward=inplace), x)
+    if op == "linear:logprobs":
+        return lambda x: (pk.linear_token_logprobs(x["hidden"], x["weight"], x["labels"]),)
+    if op == "linear:terms":
+        return lambda x: _given(pk.linear_token_terms(x["hidden"], x["weight"], x["labels"],
+                                                      x["ref_hidden"], x["ref_weight"],
+                                                      divergence=div))
     raise ValueError(op)
+
+
+def _given(terms) -> tuple:
+    """The outputs of a ``TokenTerms`` that were asked for."""
+    return tuple(t for t in terms if t is not None)
+
+
+def _unfused_forward(case: Case) -> Callable[[dict], tuple]:
+    """A linear op as explicit logits ``hidden @ W.T`` (both heads for terms) and the package's
+    logits op on them, with ``inplace_backward`` in fwd+bwd mode: nothing else reads those
+    logits (the projection's backward needs ``hidden`` and ``W`` only). Not in bwd mode, whose
+    timed backward runs again on one graph: an in-place gradient would overwrite its input."""
+    import prefopt_kernels as pk
+
+    inplace = case.mode == "fwd+bwd"
+    if case.op == "linear:logprobs":
+        return lambda x: (pk.token_logprobs(x["hidden"] @ x["weight"].t(), x["labels"],
+                                            inplace_backward=inplace),)
+    if case.op == "linear:terms":
+        return lambda x: _given(pk.token_terms(
+            x["hidden"] @ x["weight"].t(), x["labels"], x["ref_hidden"] @ x["ref_weight"].t(),
+            divergence=case.divergence, inplace_backward=inplace))
+    raise ValueError(case.op)
 
 
 def _sparse_po_step(terms, x) -> tuple:
@@ -124,7 +174,17 @@ def _eager_forward(case: Case) -> Callable[[dict], tuple]:
     if op == "sparse_po":
         return lambda x: _sparse_po_step(
             eager.terms_forward_kl(x["logits"], x["labels"], x["ref_logits"]), x)
+    if op == "linear:logprobs":
+        return lambda x: (eager.linear_logprobs(x["hidden"], x["weight"], x["labels"]),)
+    if op == "linear:terms":
+        return lambda x: eager.linear_terms(x["hidden"], x["weight"], x["labels"],
+                                            x["ref_hidden"], x["ref_weight"])
     raise ValueError(op)
+
+
+def _gemm_forward(case: Case) -> Callable[[dict], tuple]:
+    return lambda x: (eager.gemm_floor(x["hidden"], x["weight"], x.get("ref_hidden"),
+                                       x.get("ref_weight")),)
 
 
 _COMPILED: Dict[str, Callable] = {}
@@ -156,10 +216,12 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
     costs a compilation of tens of seconds)."""
     notes: List[str] = []
     impls: List[Impl] = []
-    all_ops = None
+    logit_ops = frozenset(LOGIT_OPS)
     if not _has_sparse_po():
         notes.append("sparse_po: prefopt_kernels.losses.sparse_po_loss not available: skipped.")
-        all_ops = frozenset(op for op in _op_names() if op != "sparse_po")
+        logit_ops = logit_ops - {"sparse_po"}
+    linear = frozenset(LINEAR_OPS)
+    all_ops = logit_ops | linear
     for b in backends:
         def ctx(b=b):
             import prefopt_kernels as pk
@@ -171,8 +233,10 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
         cap = _TINY if interpreted else None
         impls.append(Impl(f"prefopt:{b}", lambda c: _prefopt_forward(c, False), all_ops,
                           context=ctx, max_elems=cap))
-        impls.append(Impl(f"prefopt:{b}+inplace", lambda c: _prefopt_forward(c, True), all_ops,
+        impls.append(Impl(f"prefopt:{b}+inplace", lambda c: _prefopt_forward(c, True), logit_ops,
                           modes=frozenset({"fwd+bwd"}), context=ctx, mutates_input=True,
+                          max_elems=cap))
+        impls.append(Impl(f"prefopt:{b}{UNFUSED}", _unfused_forward, linear, context=ctx,
                           max_elems=cap))
     impls.append(Impl(EAGER, _eager_forward, all_ops))
     impls.append(Impl("eager-trl", lambda c: (lambda x: (eager.logprobs_trl(x["logits"],
@@ -181,6 +245,11 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
     impls.append(Impl("torch-ce", lambda c: (lambda x: (eager.logprobs_ce(x["logits"],
                                                                         x["labels"]),)),
                       frozenset({"logprobs"})))
+    impls.append(Impl("gemm", _gemm_forward, linear))
+    trl, trl_notes = trl_chunked(device)
+    notes.extend(trl_notes)
+    if trl is not None:
+        impls.append(Impl(TRL_CHUNKED, lambda c: trl[c.op](c), frozenset(trl)))
     if compile_eager:
         impls.append(Impl("compile", _compiled_forward, all_ops, only=compile_only))
     else:
@@ -195,11 +264,6 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
     return impls, notes
 
 
-def _op_names():
-    from .cases import OPS
-    return list(OPS)
-
-
 # --------------------------------------------------------------------------------------------
 # one runnable call per mode
 
@@ -207,15 +271,17 @@ def _op_names():
 class Runnable:
     """``call()`` runs one iteration of the case's mode.
 
-    The backward returns the logits' gradient with ``torch.autograd.grad`` instead of
-    accumulating it into ``.grad``: in training the logits are an activation whose gradient
-    goes straight on to the LM head's backward. (Accumulating into a leaf's ``.grad`` would
-    also copy an in-place gradient, hiding what ``inplace_backward`` saves.) ``reset()`` is
-    kept for timers; it drops any stray ``.grad``.
+    The backward returns the logits' gradient (linear ops: the hidden states' and the head
+    weight's) with ``torch.autograd.grad`` instead of accumulating it into ``.grad``: in
+    training the logits are an activation whose gradient goes straight on to the LM head's
+    backward. (Accumulating into a leaf's ``.grad`` would also copy an in-place gradient,
+    hiding what ``inplace_backward`` saves.) ``reset()`` is kept for timers; it drops any
+    stray ``.grad``.
     """
 
     def __init__(self, case: Case, impl: Impl, inputs: dict):
         self.case, self.impl, self.inputs = case, impl, inputs
+        self.grad_inputs = [inputs[k] for k in case.grad_inputs]
         self.forward = impl.build(case)
         self._grads: Optional[List[torch.Tensor]] = None
         self._outs = None
@@ -234,18 +300,18 @@ class Runnable:
         return self._grads
 
     def reset(self) -> None:
-        self.inputs["logits"].grad = None
+        for x in self.grad_inputs:
+            x.grad = None
 
     def call(self) -> None:
-        logits = self.inputs["logits"]
         with self.impl.context():
             if self.case.mode == "fwd":
                 self.forward(self.inputs)
             elif self.case.mode == "fwd+bwd":
                 outs = self._differentiable(self.forward(self.inputs))
-                torch.autograd.grad(outs, [logits], self._upstream(outs))
+                torch.autograd.grad(outs, self.grad_inputs, self._upstream(outs))
             else:
-                torch.autograd.grad(self._outs, [logits], self._upstream(self._outs),
+                torch.autograd.grad(self._outs, self.grad_inputs, self._upstream(self._outs),
                                     retain_graph=True)
 
 
@@ -288,14 +354,28 @@ def time_cuda(call: Callable[[], None], reset: Callable[[], None], *, warmup_ms:
 
 
 def time_cpu(call: Callable[[], None], reset: Callable[[], None], *, budget_s: float = 1.0,
-             min_reps: int = 3, max_reps: int = 20) -> Dict[str, float]:
-    """Milliseconds per call by wall clock: one warm-up call, then at least ``min_reps`` calls
-    (a median needs repeats, however slow the call) and more while within ``budget_s``."""
-    reset(); call()
-    samples: List[float] = []
+             min_reps: int = 3, max_reps: int = 20,
+             warmup: Optional[Callable[[], None]] = None,
+             samples: Sequence[float] = ()) -> Dict[str, float]:
+    """Milliseconds per call by wall clock: a warm-up (one call, unless ``warmup`` is given),
+    then calls until there are at least ``min_reps`` samples (a median needs repeats, however
+    slow the call) and more while within ``budget_s``. ``samples`` timed elsewhere count as
+    samples and toward the budget; when they are enough, nothing runs here."""
+    samples = list(samples)
+    spent_s = sum(samples) * 1e-3
+    t_start = None
+
+    def more() -> bool:
+        elapsed = spent_s + (0.0 if t_start is None else time.perf_counter() - t_start)
+        return len(samples) < max_reps and (len(samples) < min_reps or elapsed < budget_s)
+    if not more():
+        return _quantiles(samples)
+    if warmup is None:
+        reset(); call()
+    else:
+        warmup()
     t_start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps
-                                       or time.perf_counter() - t_start < budget_s):
+    while more():
         reset(); t0 = time.perf_counter(); call()
         samples.append((time.perf_counter() - t0) * 1e3)
     return _quantiles(samples)
@@ -324,8 +404,15 @@ def effective_bandwidth(case: Case, median_ms: float) -> float:
 # memory
 
 
+def above_grads(case: Case, peak: int) -> int:
+    """A peak less the gradients every implementation of a linear op returns (the peak
+    itself for the logits ops): they count as inputs, as part of the floor."""
+    return max(0, peak - grad_bytes(case))
+
+
 def measure_cuda_memory(runnable: Runnable) -> int:
-    """Peak bytes allocated during one call above what was allocated before it."""
+    """Peak bytes allocated during one call above what was allocated before it (and, for a
+    linear op, above the gradients it returns)."""
     runnable.reset()
     gc.collect()
     torch.cuda.synchronize()
@@ -334,7 +421,7 @@ def measure_cuda_memory(runnable: Runnable) -> int:
     torch.cuda.reset_peak_memory_stats()
     runnable.call()
     torch.cuda.synchronize()
-    return max(0, torch.cuda.max_memory_allocated() - base)
+    return above_grads(runnable.case, torch.cuda.max_memory_allocated() - base)
 
 
 def _proc_kib(field_name: str) -> Optional[int]:
@@ -395,8 +482,11 @@ def _probe_env() -> Dict[str, str]:
 
 
 def measure_cpu_memory(case: Case, impl_names: Sequence[str], config: dict,
-                       timeout_s: float = 300) -> Dict[str, dict]:
-    """Run ``_memory_probe`` in a fresh interpreter for one case; ``{impl: {...}}``."""
+                       timeout_s: Optional[float] = None) -> Dict[str, dict]:
+    """Run ``_memory_probe`` in a fresh interpreter for one case; ``{impl: {...}}``. The
+    default timeout is 5 minutes, 15 for a linear op (seconds of GEMMs per call)."""
+    if timeout_s is None:
+        timeout_s = 900 if case.linear else 300
     request = json.dumps({"case": case.as_dict(), "impls": list(impl_names), "config": config})
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.runner", "--memory-probe",
@@ -419,7 +509,8 @@ def _memory_probe(request: dict) -> Dict[str, dict]:
     """Child side: for each implementation, warm it up on a tiny copy of the case (libraries
     loaded, kernels compiled), create the inputs, build the call (in backward mode this runs
     the forward), then measure one call's peak resident memory above the resident set at
-    that point."""
+    that point (and, for a linear op, above the gradients it returns). A linear op's call is
+    also timed (``call_ms``): one of its timing samples."""
     case = Case(**request["case"])
     cfg = request["config"]
     impls, _ = implementations(torch.device("cpu"), cfg["backends"],
@@ -429,15 +520,23 @@ def _memory_probe(request: dict) -> Dict[str, dict]:
     for name in request["impls"]:
         impl = by_name[name]
         try:
-            warm = Case(case.op, case.mode, 64, min(case.v, 512), case.dtype)
+            warm = case.small()
             r = Runnable(warm, impl, make_inputs(warm, torch.device("cpu")))
             r.call()
             del r
             inputs = make_inputs(case, torch.device("cpu"))
             r = Runnable(case, impl, inputs)
             r.reset()
-            peak, method = _measure_rss_peak(r.call)
-            out[name] = {"mem_bytes": peak, "mem_method": method}
+            elapsed = []
+
+            def timed():
+                t0 = time.perf_counter()
+                r.call()
+                elapsed.append((time.perf_counter() - t0) * 1e3)
+            peak, method = _measure_rss_peak(timed)
+            out[name] = {"mem_bytes": above_grads(case, peak), "mem_method": method}
+            if case.linear:
+                out[name]["call_ms"] = elapsed[0]
             del r, inputs
         except Exception as exc:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -465,7 +564,8 @@ def _fits(case: Case, device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
-    need = input_bytes(case) + case.n * case.v * case.torch_dtype.itemsize  # + a gradient
+    # + the [N, V] gradient of the logits ops, or the linear ops' logits and their gradients
+    need = input_bytes(case) + case.n * case.v * case.torch_dtype.itemsize + grad_bytes(case)
     if need > 0.9 * total:
         return f"would not fit: inputs and gradient need {need / 2**30:.1f} GiB"
     return None
@@ -486,6 +586,8 @@ def run_cases(cases: Sequence[Case], impls: Sequence[Impl], cfg: RunConfig,
     for case, case_impls in plan:
         base = {**case.as_dict(), "bytes_moved": bytes_moved(case),
                 "input_bytes": input_bytes(case)}
+        if case.linear:
+            base.update(gemm_flops=gemm_flops(case), grad_bytes=grad_bytes(case))
         skip = _fits(case, device)
         if skip:
             for impl in case_impls:
@@ -524,42 +626,67 @@ def _run_one(case: Case, impl: Impl, inputs: dict, cfg: RunConfig, mem: Optional
             if cfg.measure_memory:
                 res["mem_bytes"] = measure_cuda_memory(r)
                 res["mem_method"] = "max_memory_allocated"
+        elif case.linear:
+            # Seconds of GEMMs per call: a full-size warm-up call would warm nothing that a
+            # small one does not (every large buffer is mapped afresh on each call anyway),
+            # and the memory probe's call, warmed up the same way, is a sample already.
+            probed = [mem.pop("call_ms")] if mem and "call_ms" in mem else []
+            small = case.small()
+
+            def warm_up_small():
+                Runnable(small, impl, make_inputs(small, cfg.device)).call()
+            t = time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s,
+                         min_reps=GEMM_BOUND_MIN_REPS, samples=probed, warmup=warm_up_small)
         else:
             t = time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s)
-            if mem:
-                res.update(mem)
-                if "error" in mem:
-                    res["note"] = mem.pop("error")
-                    res.pop("error", None)
+        if mem:
+            res.update(mem)
+            if "error" in mem:
+                res["note"] = mem.pop("error")
+                res.pop("error", None)
         res.update({"time_ms": t["median"], "p20_ms": t["p20"], "p80_ms": t["p80"],
                     "reps": t["reps"]})
-        res["gbps"] = effective_bandwidth(case, t["median"]) / 1e9
+        if case.linear:
+            res["gflops"] = gemm_flops(case) / (t["median"] * 1e-3) / 1e9
+        else:
+            res["gbps"] = effective_bandwidth(case, t["median"]) / 1e9
         del r
     except torch.cuda.OutOfMemoryError:
         res = {"status": "oom", "note": "out of device memory"}
     except Exception as exc:
         res = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
-        inputs["logits"].grad = None
+        for name in case.grad_inputs:
+            inputs[name].grad = None
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
     return res
 
 
 def _add_ratios(results: List[dict]) -> None:
-    """Speed-up and memory ratio against the eager baseline of the same case in this run."""
-    ref = {r_key(r): r for r in results if r["impl"] == EAGER and r["status"] == "ok"}
+    """Speed-up and memory ratio against the eager baseline of the same case in this run;
+    for the package's linear ops also their time over that of the same backend's explicit
+    logits path (``time_vs_unfused``) and of TRL's chunked functions (``time_vs_trl``)."""
+    ok = {(r_key(r), r["impl"]): r for r in results if r["status"] == "ok"}
     for r in results:
-        e = ref.get(r_key(r))
-        if r["status"] != "ok" or e is None:
+        if r["status"] != "ok":
             continue
-        r["speedup_vs_eager"] = e["time_ms"] / r["time_ms"]
-        if r.get("mem_bytes") is not None and e.get("mem_bytes"):
-            r["mem_vs_eager"] = r["mem_bytes"] / e["mem_bytes"]
+        e = ok.get((r_key(r), EAGER))
+        if e is not None:
+            r["speedup_vs_eager"] = e["time_ms"] / r["time_ms"]
+            if r.get("mem_bytes") is not None and e.get("mem_bytes"):
+                r["mem_vs_eager"] = r["mem_bytes"] / e["mem_bytes"]
+        fused = r["impl"].startswith("prefopt:") and not r["impl"].endswith(UNFUSED)
+        if r["op"] in LINEAR_OPS and fused:
+            for field, other in (("time_vs_unfused", r["impl"] + UNFUSED),
+                                 ("time_vs_trl", TRL_CHUNKED)):
+                o = ok.get((r_key(r), other))
+                if o is not None:
+                    r[field] = r["time_ms"] / o["time_ms"]
 
 
 def r_key(r: dict) -> tuple:
-    return (r["op"], r["mode"], r["n"], r["v"], r["dtype"])
+    return (r["op"], r["mode"], r["n"], r.get("h"), r["v"], r["dtype"])
 
 
 class _NoBar:

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark suite at tiny shapes on CPU: the runner, the memory probe,
-the report files, and the bandwidth arithmetic against hand-computed values."""
+the report files, the bandwidth and GEMM arithmetic against hand-computed values, and the
+implementations of the linear ops against each other."""
 
 import json
 import os
@@ -10,14 +11,17 @@ import pytest
 import torch
 
 from benchmarks import report
-from benchmarks.cases import Case, bytes_moved, input_bytes
+from benchmarks.cases import Case, bytes_moved, gemm_flops, grad_bytes, input_bytes, make_inputs
+from benchmarks.peers import _installed
 from benchmarks.runner import (
     EAGER,
     RunConfig,
+    Runnable,
     effective_bandwidth,
     implementations,
     measure_cpu_memory,
     run_cases,
+    time_cpu,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +39,44 @@ def test_bytes_moved_by_hand():
     assert input_bytes(terms) == 160
     # 400 bytes in 2 ms is 200 kB/s
     assert effective_bandwidth(terms, 2.0) == pytest.approx(200_000.0)
+
+
+def test_linear_case_arithmetic_by_hand():
+    # N=4, H=3, V=10 fp32: one GEMM is 2*4*3*10 = 240 flops.
+    lp = Case("linear:logprobs", "fwd+bwd", 4, 10, "fp32", h=3)
+    assert gemm_flops(Case("linear:logprobs", "fwd", 4, 10, "fp32", h=3)) == 240
+    assert gemm_flops(Case("linear:logprobs", "bwd", 4, 10, "fp32", h=3)) == 480  # dZ W, dZ^T h
+    assert gemm_flops(lp) == 720
+    terms = Case("linear:terms", "fwd+bwd", 4, 10, "fp32", h=3)
+    assert gemm_flops(terms) == 2 * 240 + 2 * 240  # both heads forward, the policy's backward
+    assert bytes_moved(lp) is None and gemm_flops(Case("logprobs", "fwd", 4, 10, "fp32")) is None
+    # inputs: hidden [4, 3] and head [10, 3] in fp32 (168 bytes), twice with a reference
+    assert input_bytes(lp) == 168 and input_bytes(terms) == 336
+    # the gradients of hidden and head are as large as the policy's inputs; none forward only
+    assert grad_bytes(lp) == 168 and grad_bytes(terms) == 168
+    assert grad_bytes(Case("linear:terms", "fwd", 4, 10, "fp32", h=3)) == 0
+    assert grad_bytes(Case("logprobs", "fwd+bwd", 4, 10, "fp32")) == 0
+    assert lp.key == "linear:logprobs|fwd+bwd|N=4|H=3|V=10|fp32"
+    assert terms.divergence == "forward_kl" and lp.divergence is None
+    # the logits ops keep their keys and row fields
+    old = Case("logprobs", "fwd", 4, 10, "fp32")
+    assert old.key == "logprobs|fwd|N=4|V=10|fp32" and "h" not in old.as_dict()
+    with pytest.raises(ValueError):
+        Case("linear:logprobs", "fwd", 4, 10, "fp32")
+    with pytest.raises(ValueError):
+        Case("logprobs", "fwd", 4, 10, "fp32", h=3)
+
+
+def test_time_cpu_counts_samples_timed_elsewhere():
+    # A sample from elsewhere (the memory probe's call) counts toward min_reps and the budget:
+    # a 5 s sample fills a 1 s budget, so nothing runs here, not even the warm-up.
+    calls, warm = [], []
+    t = time_cpu(lambda: calls.append(1), lambda: None, budget_s=1.0, min_reps=1,
+                 warmup=lambda: warm.append(1), samples=[5000.0])
+    assert (calls, warm, t["median"], t["reps"]) == ([], [], 5000.0, 1)
+    t = time_cpu(lambda: calls.append(1), lambda: None, budget_s=1.0, min_reps=2,
+                 warmup=lambda: warm.append(1), samples=[5000.0])
+    assert (len(calls), len(warm), t["reps"]) == (1, 1, 2)
 
 
 def _backends():
@@ -107,3 +149,100 @@ def test_cli_triton_interpreted_tiny(tmp_path):
     triton_rows = [r for r in data["results"] if r["impl"] == "prefopt:triton"]
     assert triton_rows and all(r["status"] == "ok" for r in triton_rows)
     assert any("interpreter" in n for n in data["notes"])
+
+
+def _linear_impls(case):
+    backends = _backends()
+    impls, _ = implementations(torch.device("cpu"), backends, compile_eager=False)
+    return backends, [i for i in impls if i.applies(case)]
+
+
+@pytest.mark.parametrize("op", ["linear:logprobs", "linear:terms"])
+def test_linear_implementations_agree(op):
+    # Every implementation of a linear op (the gemm floor aside) gives eager's outputs and
+    # gradients: the suite compares like with like.
+    case = Case(op, "fwd+bwd", 48, 300, "fp32", h=40)
+    backends, impls = _linear_impls(case)
+    names = {i.name for i in impls}
+    expected = {EAGER, "gemm"} | {f"prefopt:{b}{s}" for b in backends for s in ("", "-unfused")}
+    if _installed("trl"):
+        expected.add("trl-chunked")
+    assert names == expected
+    results = {}
+    for impl in impls:
+        if impl.name == "gemm":
+            continue
+        inputs = make_inputs(case, torch.device("cpu"))
+        r = Runnable(case, impl, inputs)
+        with impl.context():
+            outs = r._differentiable(impl.build(case)(inputs))
+            grads = torch.autograd.grad(outs, r.grad_inputs, r._upstream(outs))
+        results[impl.name] = [o.detach() for o in outs] + list(grads)
+    for name, got in results.items():
+        assert len(got) == len(results[EAGER]), name
+        for g, e in zip(got, results[EAGER]):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_linear_memory_is_above_the_gradients(monkeypatch):
+    # The probe reports a linear op's peak less the gradients every implementation returns
+    # (d hidden, d W), and times the measured call as a sample; a logits op's peak as it is.
+    from benchmarks import runner
+
+    def peak_of_100_mib(call):
+        call()
+        return 100 << 20, "fake"
+    monkeypatch.setattr(runner, "_measure_rss_peak", peak_of_100_mib)
+    for case in (Case("linear:logprobs", "fwd+bwd", 64, 512, "fp32", h=32),
+                 Case("logprobs", "fwd+bwd", 64, 512, "fp32")):
+        got = runner._memory_probe({"case": case.as_dict(), "impls": [EAGER],
+                                    "config": {"backends": [], "compile": False}})[EAGER]
+        assert got["mem_bytes"] == (100 << 20) - grad_bytes(case)
+        assert (got.get("call_ms", 0) > 0) == case.linear
+    assert grad_bytes(Case("linear:logprobs", "fwd+bwd", 64, 512, "fp32", h=32)) == \
+        (64 + 512) * 32 * 4
+
+
+def test_cli_tiny_linear(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--ops", "linear", "--no-memory",
+         "--no-progress", "--budget", "0.01", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["results"]
+    assert {r["op"] for r in rows} == {"linear:logprobs", "linear:terms"}
+    assert all(r["status"] == "ok" and r["h"] == 64 for r in rows), rows
+    for op in ("linear:logprobs", "linear:terms"):
+        names = {r["impl"] for r in rows if r["op"] == op}
+        assert {EAGER, "gemm", "prefopt:native", "prefopt:native-unfused"} <= names
+        assert ("trl-chunked" in names) == _installed("trl")
+        assert not names & {"eager-trl", "torch-ce", "prefopt:native+inplace"}
+    for r in rows:
+        assert r["gflops"] * 1e9 == pytest.approx(r["gemm_flops"] / (r["time_ms"] * 1e-3))
+        assert "gbps" not in r
+        if r["impl"] == "prefopt:native":
+            assert r["time_vs_unfused"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "## From hidden states: the linear ops" in md
+    assert "| linear:terms | fwd+bwd | 64 | 64 | 512 | fp32 | prefopt:native |" in md
+    assert "above the gradients" in md
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_plot_layout_lines_where_the_grid_varies(tmp_path):
+    def row(op, n, v, impl, h=None):
+        r = {"op": op, "mode": "fwd+bwd", "n": n, "v": v, "dtype": "bf16", "impl": impl,
+             "status": "ok", "time_ms": 1.0, "mem_bytes": 1 << 20}
+        if h is not None:
+            r["h"] = h
+        return r
+    rows = [row("logprobs", 8192, v, i) for v in (32000, 128256) for i in (EAGER, "x")]
+    rows += [row("terms:forward_kl", n, 32000, EAGER) for n in (4096, 8192)]
+    rows += [row("linear:logprobs", 8192, 151936, i, h=4096) for i in (EAGER, "x")]
+    sweeps, singles = report._layout(rows)
+    assert [(axis, len(r)) for axis, _, r in sweeps] == [("V", 4), ("N", 2)]
+    assert [c for c, _ in singles] == [("linear:logprobs", "fwd+bwd", 8192, 4096, 151936, "bf16")]
+    pytest.importorskip("matplotlib")
+    assert report.plot(rows, str(tmp_path / "p.png")) is None
+    assert (tmp_path / "p.png").stat().st_size > 0
