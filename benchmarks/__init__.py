@@ -3,5 +3,6 @@
 ``cases`` says what is measured and the work it must do (bytes moved for the logits ops, GEMM
 flops for the linear ops, which start from hidden states and the LM head), ``eager`` and
 ``peers`` hold the baselines, ``runner`` times cases and measures their memory, ``report``
-writes the results (JSON, markdown, PNG).
+writes the results (JSON, markdown, PNG); ``tensor_parallel`` runs the vocabulary-sharded ops
+on gloo ranks against gathering the logits (``--distributed``).
 """

@@ -7,6 +7,7 @@ Examples::
     python -m benchmarks --ops logprobs,divergence --vocab 32000,128256 --dtype bf16
     python -m benchmarks --ops linear --tokens 1024 --hidden 1024  # from hidden states
     python -m benchmarks --full --out /tmp/bench  # GPU: every op, mode, N, V and dtype
+    python -m benchmarks --distributed            # tensor parallel: 2 gloo ranks on the CPU
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", help="directory for results.{json,md,png} "
                                  "(default benchmarks/results/<device>/)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead of the suite: the vocabulary-sharded ops (process_group=) on "
+                        "2 gloo ranks of this CPU against gathering the logits (default "
+                        "terms:forward_kl and linear:terms at N=4096, V=32000, H=1024 fp32, "
+                        "about 3 minutes on 2 cores); --ops, --tokens, --vocab, --hidden, "
+                        "--dtype, --tiny, --budget, --backends, --no-memory apply. Written as "
+                        "a section of the same results files, which keep the suite's results")
     return p.parse_args(argv)
 
 
@@ -116,8 +124,60 @@ def _default_backends(device) -> tuple:
     return chosen, notes
 
 
+def _out_dir(args, device_name: str) -> str:
+    from . import report
+    return args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    report.slug(device_name))
+
+
+def main_distributed(args, argv: Optional[List[str]] = None) -> int:
+    """``--distributed``: the tensor-parallel benchmark (see ``tensor_parallel``)."""
+    unsupported = [flag for flag, given in (
+        ("--quick", args.quick), ("--full", args.full), ("--modes", args.modes is not None),
+        ("--device cuda", args.device == "cuda"), ("--compile", bool(args.compile_eager)))
+        if given]
+    if unsupported:
+        sys.exit(f"--distributed: {', '.join(unsupported)} not supported (gloo ranks on the "
+                 "CPU, forward + backward)")
+    import torch
+
+    from . import report
+    from .cases import default_cases, tiny_cases
+    from .tensor_parallel import DEFAULT_OPS, WORLD, check_cases, run
+
+    cpu = torch.device("cpu")
+    if args.backends and "triton" in args.backends:
+        # Inherited by the ranks, before they import the package's Triton kernels.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.backends is not None:
+        backends, notes = args.backends, []
+    else:
+        backends, notes = _default_backends(cpu)
+    ops = _expand_ops(args.ops) or list(DEFAULT_OPS)
+    if args.tiny:
+        cases = tiny_cases(ops)
+    else:
+        cases = default_cases("cpu", ops=ops, tokens=args.tokens, vocabs=args.vocab,
+                              dtypes=args.dtype, hiddens=args.hidden)
+    try:
+        check_cases(cases, WORLD)
+    except ValueError as exc:
+        sys.exit(f"--distributed: {exc}")
+    budget = args.budget if args.budget is not None else 1.0
+    section = run(cases, backends, budget_s=budget, measure_memory=not args.no_memory,
+                  progress=not args.no_progress)
+    section["notes"] = notes + section["notes"]
+    section["meta"]["argv"] = sys.argv[1:] if argv is None else list(argv)
+    paths = report.write_tensor_parallel(_out_dir(args, section["meta"]["device_name"]), section)
+    print(report.tensor_parallel_markdown(section))
+    print(f"wrote {', '.join(sorted(paths.values()))} in {section['meta']['wall_s']:.0f} s")
+    return 0 if all(r["status"] == "ok" for r in section["results"]) else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.distributed:
+        return main_distributed(args, argv)
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -187,8 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
             "backends": backends, "compile": compile_eager,
             "argv": sys.argv[1:] if argv is None else list(argv)}
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       report.slug(name))
+    out_dir = _out_dir(args, name)
 
     def checkpoint(partial):
         report.write(out_dir, {**meta, "wall_s": time.time() - t0, "complete": False}, notes,

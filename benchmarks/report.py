@@ -85,12 +85,23 @@ def _time(r: dict) -> str:
     return f"{r['time_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
 
 
-def markdown(meta: dict, notes: List[str], results: List[dict]) -> str:
+def markdown(meta: dict, notes: List[str], results: List[dict],
+             tensor_parallel: Optional[dict] = None) -> str:
     """A self-contained markdown report: what ran where, the notes, one row per result (the
-    linear ops in a table of their own, with GEMM throughput instead of bandwidth)."""
+    linear ops in a table of their own, with GEMM throughput instead of bandwidth), then the
+    section of ``python -m benchmarks --distributed``, if any (``tensor_parallel``)."""
+    lines = [f"# prefopt_kernels benchmarks: {meta['device_name']}", ""]
+    if results or tensor_parallel is None:
+        lines += _single_process_lines(meta, notes, results)
+    if tensor_parallel is not None:
+        lines += [""] + tensor_parallel_markdown(tensor_parallel).splitlines()
+    return "\n".join(lines) + "\n"
+
+
+def _single_process_lines(meta: dict, notes: List[str], results: List[dict]) -> List[str]:
     logit_rows = [r for r in results if not _is_linear(r)]
     linear_rows = [r for r in results if _is_linear(r)]
-    lines = [f"# prefopt_kernels benchmarks: {meta['device_name']}", ""]
+    lines = []
     lines.append(f"torch {meta['torch']}, triton {meta['triton']}, "
                  f"{meta['device']}; copy bandwidth {meta['copy_gbps']:.1f} GB/s "
                  "(read + write, measured in this run).")
@@ -127,6 +138,75 @@ def markdown(meta: dict, notes: List[str], results: List[dict]) -> str:
                      r.get("note", "")]
             lines.append(_row(r, [r["op"], r["mode"], str(r["n"]), str(r["h"]), str(r["v"]),
                                   r["dtype"], r["impl"]], cells))
+    return lines
+
+
+TP_COLUMNS = ["op", "N", "H", "V", "dtype", "impl", "time ms per rank", "x gather+eager",
+              "peak MiB per rank", "mem / gather+eager", "sent B/token", "collective B/token",
+              "formula B/token", "max abs diff", "note"]
+TP_HEADER = (
+    "Forward + backward with the vocabulary split evenly over the ranks, in rank order "
+    "(Megatron-style): each rank holds logits[:, V/R] and the reference's (linear ops: the "
+    "rows [V/R, H] of both heads, the hidden states replicated); labels are global ids. Every "
+    "rank returns the global per-token outputs and its gradient: its logits shard's (linear "
+    "ops: its head shard's and the full hidden states', summed over the ranks). "
+    "prefopt:B: the op with process_group= on backend B. gather+eager: without it, "
+    "torch.distributed.all_gather of the shards into [N, V] on every rank (linear ops: each "
+    "rank projects its shard first), then the eager fp32 code of the suite; the backward keeps "
+    "the rank's columns of the [N, V] gradient, and the linear ops all-reduce the hidden "
+    "gradient (Megatron's column-parallel head). gather+prefopt:B: the same gather, then the "
+    "package's unsharded op (inplace_backward: the gathered logits are a private copy).")
+TP_METRICS = (
+    "time ms per rank: median per call on each rank (wall clock; the ranks agree on the number "
+    "of calls outside the timed region). x gather+eager: gather+eager's time / this time, the "
+    "slowest rank of each. peak MiB per rank: peak resident memory during one call above the "
+    "rank's inputs (linear ops: also above d hidden and d head shard). mem / gather+eager: "
+    "largest peak over the ranks / gather+eager's. sent B/token: bytes of the tensors the rank "
+    "passes into torch.distributed.all_gather (its input) and all_reduce (its tensor) during one "
+    "call, over N, recorded by wrapping both. collective B/token: the same with all_gather "
+    "counted by its gathered result (R x the input), the convention of the package's "
+    "docstrings. formula B/token: prefopt rows: the docstrings' 4·R·F (+8 for a second sweep, "
+    "+4·H for a linear backward) plus the call's check (8 int64 per rank, over N); gather rows: "
+    "the [V] rows of the logits and reference logits (+ the [H] hidden gradient). max abs "
+    "diff: largest difference of any output or gradient from gather+eager's on a small copy of "
+    "the case (N=64, V<=512, H<=64).")
+
+
+def _per_rank(values: List[float], spec: str) -> str:
+    """One value when every rank has it, else the ranks' values in rank order."""
+    texts = [format(v, spec) for v in values]
+    return texts[0] if len(set(texts)) == 1 else " / ".join(texts)
+
+
+def tensor_parallel_markdown(section: dict) -> str:
+    """The section of ``python -m benchmarks --distributed`` as markdown (also printed)."""
+    meta = section["meta"]
+    load = [meta.get(k) for k in ("load_average_before", "load_average_after")]
+    lines = [f"## Tensor parallel ({meta['ranks']} {meta['backend']} ranks)", "",
+             f"{meta['device_name']}; torch {meta['torch']}; {meta['threads_per_rank']} intra-op "
+             f"thread(s) per rank; {meta['wall_s']:.0f} s"
+             + ("" if None in load else f"; load average {load[0]:.2f} before, {load[1]:.2f} after")
+             + ".", "", TP_HEADER, "", TP_METRICS]
+    if section["notes"]:
+        lines.append("")
+        lines += [f"- {n}" for n in section["notes"]]
+    lines += ["", "| " + " | ".join(TP_COLUMNS) + " |", "|" + "---|" * len(TP_COLUMNS)]
+    for r in section["results"]:
+        head = [r["op"], str(r["n"]), str(r.get("h", "")), str(r["v"]), r["dtype"], r["impl"]]
+        if r["status"] != "ok":
+            cells = [r["status"]] + [""] * (len(TP_COLUMNS) - len(head) - 2) + [r.get("note", "")]
+        else:
+            ranks = r["per_rank"]
+            mem = [p["mem_bytes"] for p in ranks if "mem_bytes" in p]
+            cells = [" / ".join(f"{p['time_ms']:.3f}" for p in ranks),
+                     _fmt(r.get("speedup_vs_gather_eager"), ".2f"),
+                     " / ".join(_mib(m) for m in mem) if len(mem) == len(ranks) else "",
+                     _fmt(r.get("mem_vs_gather_eager"), ".3f"),
+                     _per_rank(r["sent_bytes_per_token"], ",.2f"),
+                     _per_rank(r["collective_bytes_per_token"], ",.2f"),
+                     format(r["formula_bytes_per_token"], ",.2f"),
+                     format(r["max_abs_diff"], ".1e"), r.get("note", "")]
+        lines.append("| " + " | ".join(head + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,8 +352,36 @@ def write(out_dir: str, meta: dict, notes: List[str], results: List[dict],
     if note:
         notes = notes + [note]
         del paths["png"]
-    with open(paths["json"], "w") as f:
-        json.dump({"meta": meta, "notes": notes, "results": results}, f, indent=1)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(meta, notes, results))
+    _write_files(paths, meta, notes, results, _load(paths["json"]).get("tensor_parallel"))
     return paths
+
+
+def write_tensor_parallel(out_dir: str, section: dict) -> Dict[str, str]:
+    """Put the section of ``python -m benchmarks --distributed`` into results.json and
+    results.md under ``out_dir``, keeping the suite's results already there (and its plot)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md")}
+    data = _load(paths["json"])
+    _write_files(paths, data.get("meta", section["meta"]), data.get("notes", []),
+                 data.get("results", []), section)
+    return paths
+
+
+def _load(path: str) -> dict:
+    """An earlier results.json, or ``{}`` when there is none (or it was cut short)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_files(paths: Dict[str, str], meta: dict, notes: List[str], results: List[dict],
+                 tensor_parallel: Optional[dict]) -> None:
+    data = {"meta": meta, "notes": notes, "results": results}
+    if tensor_parallel is not None:
+        data["tensor_parallel"] = tensor_parallel
+    with open(paths["json"], "w") as f:
+        json.dump(data, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(meta, notes, results, tensor_parallel))

@@ -86,33 +86,37 @@ class Impl:
                 and (self.only is None or self.only(case)))
 
 
-def _prefopt_forward(case: Case, inplace: bool) -> Callable[[dict], tuple]:
+def _prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[[dict], tuple]:
+    """The package's op for the case; ``process_group`` shards it by vocabulary (the inputs are
+    then this rank's shards: see ``tensor_parallel``)."""
     import prefopt_kernels as pk
 
-    op, div = case.op, case.divergence
+    op, div, group = case.op, case.divergence, process_group
     if op == "logprobs":
-        return lambda x: (pk.token_logprobs(x["logits"], x["labels"], inplace_backward=inplace),)
+        return lambda x: (pk.token_logprobs(x["logits"], x["labels"], inplace_backward=inplace,
+                                            process_group=group),)
     if op == "logprobs+entropy":
         return lambda x: tuple(pk.token_logprobs(x["logits"], x["labels"], return_entropy=True,
-                                                 inplace_backward=inplace))
+                                                 inplace_backward=inplace, process_group=group))
     if op.startswith("divergence:"):
         return lambda x: (pk.token_divergence(x["logits"], x["ref_logits"], divergence=div,
-                                              inplace_backward=inplace),)
+                                              inplace_backward=inplace, process_group=group),)
     if op.startswith("terms:"):
         return lambda x: tuple(t for t in pk.token_terms(
             x["logits"], x["labels"], x["ref_logits"], divergence=div,
-            inplace_backward=inplace) if t is not None)
+            inplace_backward=inplace, process_group=group) if t is not None)
     if op == "sparse_po":
         # The KL mask goes in as div_weight: the op skips the divergence where it is 0.
         return lambda x: _sparse_po_step(pk.token_terms(
             x["logits"], x["labels"], x["ref_logits"], divergence=div, div_weight=x["mask"],
-            inplace_backward=inplace), x)
+            inplace_backward=inplace, process_group=group), x)
     if op == "linear:logprobs":
-        return lambda x: (pk.linear_token_logprobs(x["hidden"], x["weight"], x["labels"]),)
+        return lambda x: (pk.linear_token_logprobs(x["hidden"], x["weight"], x["labels"],
+                                                   process_group=group),)
     if op == "linear:terms":
         return lambda x: _given(pk.linear_token_terms(x["hidden"], x["weight"], x["labels"],
                                                       x["ref_hidden"], x["ref_weight"],
-                                                      divergence=div))
+                                                      divergence=div, process_group=group))
     raise ValueError(op)
 
 
@@ -678,11 +682,11 @@ def _add_ratios(results: List[dict]) -> None:
                 r["mem_vs_eager"] = r["mem_bytes"] / e["mem_bytes"]
         fused = r["impl"].startswith("prefopt:") and not r["impl"].endswith(UNFUSED)
         if r["op"] in LINEAR_OPS and fused:
-            for field, other in (("time_vs_unfused", r["impl"] + UNFUSED),
+            for column, other in (("time_vs_unfused", r["impl"] + UNFUSED),
                                  ("time_vs_trl", TRL_CHUNKED)):
                 o = ok.get((r_key(r), other))
                 if o is not None:
-                    r[field] = r["time_ms"] / o["time_ms"]
+                    r[column] = r["time_ms"] / o["time_ms"]
 
 
 def r_key(r: dict) -> tuple:

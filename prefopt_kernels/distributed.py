@@ -12,7 +12,7 @@ Bytes per token per pass, with ``R`` ranks (fp32 fields): the first pass all-gat
 ``4 R F`` where ``F`` is the number of state fields the op needs (:func:`state_floats`: 4
 for log-probs, 8 for a divergence or the terms, 9 for reverse KL, one more with the entropy); a second
 sweep all-reduces 2 floats; the linear ops' backward all-reduces ``H`` floats per token
-(the hidden gradient). Before any of that, one all-gather of 8 int64 per rank checks that
+(the hidden gradient). Before any of that, one all-gather of 18 int64 per rank checks that
 the ranks agree on the call.
 """
 

@@ -446,10 +446,14 @@ def _forward_pass(hidden, ref_hidden, call: _Call):
         for name, value in chunk.tensors().items():
             getattr(state, name)[t0:t1] = value
     if shard.group is not None:
-        state, (local_maxima, logit_sums, square_sums) = distributed.merge_across(
-            state, spec, shard.group, extra=(state.max, logit_sum, square_sum))
-        logit_sum = logit_sums.sum(0)
-        square_sum = (square_sums * _rescale(local_maxima, state.max, 2.0 * inv_temperature)).sum(0)
+        # The extras travel with the state only when asked for.
+        extra = ((logit_sum,) if want_sum else ()) + ((state.max, square_sum) if want_squares else ())
+        state, gathered = distributed.merge_across(state, spec, shard.group, extra=extra)
+        if want_sum:
+            logit_sum = gathered.pop(0).sum(0)
+        if want_squares:
+            local_maxima, square_sums = gathered
+            square_sum = (square_sums * _rescale(local_maxima, state.max, 2.0 * inv_temperature)).sum(0)
     stats = row_state.finalize(state, call.labels, call.weight, spec)
     if spec.divergence and Divergence(spec.divergence).second_sweep:
         value_sum = torch.zeros(n_rows, dtype=_FP32, device=device)
@@ -628,8 +632,9 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
             replicated ``hidden``; labels are global ids. Every rank gets the global outputs,
             its shard's weight and bias gradients, and the full ``hidden`` gradient (summed
             over the ranks in the backward). Bytes per kept token: ``4 R F`` in the forward's
-            all-gather (``F`` as :func:`prefopt_kernels.token_logprobs` states, plus 1 with
-            ``extras``: 3), ``4 H`` in the backward's all-reduce.
+            all-gather (``F`` as :func:`prefopt_kernels.token_logprobs` states, plus 1 for
+            ``mean_logits`` and 2 for ``log_sum_sq_probs``), ``4 H`` in the backward's
+            all-reduce, and the 18 int64 per rank of the call check.
 
     Compute dtype: the autocast dtype when autocast is on for ``hidden``'s device, else
     ``hidden.dtype``. Logit tiles are fp32 except for half-precision GEMMs on a CPU.

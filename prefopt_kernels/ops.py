@@ -400,7 +400,7 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
             shards in rank order, any sizes (0 included); ``labels`` are global ids and every
             rank gets the global per-token results; the gradient is the rank's shard. The
             ranks exchange their per-row states: ``4 R F`` bytes per token in one all-gather
-            (``R`` ranks, ``F`` = 4 here, 5 with the entropy), plus one all-gather of 8 int64
+            (``R`` ranks, ``F`` = 4 here, 5 with the entropy), plus one all-gather of 18 int64
             per rank that checks the ranks agree; the backward communicates nothing. See
             :mod:`prefopt_kernels.distributed`.
 

@@ -246,3 +246,79 @@ def test_plot_layout_lines_where_the_grid_varies(tmp_path):
     pytest.importorskip("matplotlib")
     assert report.plot(rows, str(tmp_path / "p.png")) is None
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_tensor_parallel_formulas_by_hand():
+    from benchmarks.tensor_parallel import docstring_bytes_per_token, gather_bytes_per_token
+
+    # 2 ranks, N=64: the state all-gather is 4*R*F bytes per token (F=8 for the terms, 9 for
+    # the reverse KL divergence), plus the check's 8 int64 per rank: 2*64 bytes over 64 tokens.
+    terms = Case("terms:forward_kl", "fwd+bwd", 64, 512, "fp32")
+    assert docstring_bytes_per_token(terms, 2) == 64 + 2
+    reverse = Case("divergence:reverse_kl", "fwd+bwd", 64, 512, "fp32")
+    assert docstring_bytes_per_token(reverse, 2) == 72 + 2
+    # js: F=8 and a second sweep's all-reduce of 2 floats
+    assert docstring_bytes_per_token(Case("divergence:js", "fwd+bwd", 64, 512, "fp32"), 2) == 72 + 2
+    assert docstring_bytes_per_token(Case("logprobs", "fwd+bwd", 64, 512, "fp32"), 2) == 32 + 2
+    # linear: the backward all-reduces the [H] hidden gradient in fp32
+    linear = Case("linear:terms", "fwd+bwd", 64, 512, "fp32", h=64)
+    assert docstring_bytes_per_token(linear, 2) == 64 + 4 * 64 + 2
+    # gathering: a [V] row of both logits per token; linear: and the [H] hidden gradient
+    assert gather_bytes_per_token(terms) == 2 * 4 * 512
+    assert gather_bytes_per_token(linear) == 2 * 4 * 512 + 4 * 64
+    assert gather_bytes_per_token(Case("logprobs", "fwd+bwd", 64, 512, "bf16")) == 2 * 512
+
+
+def test_cli_distributed_tiny(tmp_path):
+    # A suite run's results are already there: the tensor-parallel section joins them, and a
+    # later suite run keeps the section.
+    suite = [{"op": "logprobs", "mode": "fwd", "n": 4, "v": 10, "dtype": "fp32", "impl": EAGER,
+              "status": "ok", "time_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "gbps": 0.00016}]
+    meta = {"device": "cpu", "device_name": "t", "torch": "-", "triton": "-", "copy_gbps": 1.0}
+    report.write(str(tmp_path), meta, [], suite, with_plot=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--distributed", "--tiny", "--no-progress",
+         "--budget", "0.01", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"] == suite
+    section = data["tensor_parallel"]
+    assert section["meta"]["ranks"] == 2 and section["meta"]["complete"]
+    rows = section["results"]
+    backends = section["meta"]["backends"]
+    assert "native" in backends
+    names = {f"prefopt:{b}" for b in backends} | {f"gather+prefopt:{b}" for b in backends}
+    for op in ("terms:forward_kl", "linear:terms"):
+        assert {r["impl"] for r in rows if r["op"] == op} == names | {"gather+eager"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert (r["n"], r["v"], r.get("h", 64)) == (64, 512, 64)
+        assert len(r["per_rank"]) == 2
+        assert all(p["time_ms"] > 0 and p["mem_bytes"] >= 0 for p in r["per_rank"])
+        # same outputs and gradients as gathering the logits, on every rank
+        assert r["max_abs_diff"] < 1e-4
+        # every rank passes the same tensors to the same collectives
+        assert r["collectives"][0] == r["collectives"][1]
+        assert len(set(r["collective_bytes_per_token"])) == 1
+        if r["impl"].startswith("gather+"):
+            # two gathered [64, 512] fp32 logits; linear: the [64, 64] hidden gradient
+            assert r["collective_bytes_per_token"][0] == r["formula_bytes_per_token"]
+            sent = 2 * 4 * 256 + (4 * 64 if r["op"] == "linear:terms" else 0)
+            assert r["sent_bytes_per_token"][0] == sent
+        else:
+            floats = {c["collective"]: c for c in r["collectives"][0] if c["dtype"] == "float32"}
+            if r["op"] == "terms:forward_kl":
+                # the per-row state: F = 8 fp32 per token from each of the 2 ranks; nothing else
+                assert floats["all_gather"]["bytes_out"] == 2 * 8 * 4 * 64
+                assert set(floats) == {"all_gather"}
+            else:
+                assert floats["all_reduce"]["bytes_out"] == 4 * 64 * 64  # the hidden gradient
+    md = (tmp_path / "results.md").read_text()
+    assert "| logprobs | fwd | 4 | 10 | fp32 | eager |" in md
+    assert "## Tensor parallel (2 gloo ranks)" in md
+    assert "| linear:terms | 64 | 64 | 512 | fp32 | prefopt:native |" in md
+    assert "## Tensor parallel (2 gloo ranks)" in proc.stdout
+    report.write(str(tmp_path), meta, [], suite, with_plot=False)
+    assert json.loads((tmp_path / "results.json").read_text())["tensor_parallel"] == section
+    assert "## Tensor parallel (2 gloo ranks)" in (tmp_path / "results.md").read_text()
