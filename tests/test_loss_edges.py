@@ -2,6 +2,7 @@
 updates, scalar arguments and adversarial shapes/dtypes. Expected values are worked out here in
 float64 with ``math``, never taken from the code under test."""
 
+import enum
 import math
 
 import numpy as np
@@ -274,8 +275,8 @@ def test_bco_pair_after_a_nan_batch_matches_without_it():
     good = [_t([-1.0, -2.0]), _t([-1.5, -0.7]), _t([-1.4, -1.8]), _t([-1.6, -1.0])]
     bad = [_t([NAN, -2.0])] + good[1:]
     state = L.RunningMean()
-    L.dpo_loss(*bad, beta=beta, loss_type="bco_pair", bco_state=state)
-    loss, m = L.dpo_loss(*good, beta=beta, loss_type="bco_pair", bco_state=state)
+    L.dpo_loss(*bad, beta=beta, loss_type="bco_pair", bco_delta="running_mean", bco_state=state)
+    loss, m = L.dpo_loss(*good, beta=beta, loss_type="bco_pair", bco_delta="running_mean", bco_state=state)
     delta = beta * (0.4 - 0.2 + 0.1 + 0.3) / 4
     expected = sum(_softplus(-(beta * rw - delta)) + _softplus(beta * rl - delta)
                    for rw, rl in ((0.4, 0.1), (-0.2, 0.3))) / 2
@@ -444,8 +445,7 @@ def test_integer_and_bool_masks_equal_float_masks():
 @pytest.mark.parametrize(
     "lengths,error,pattern",
     [
-        ([2.0, -1.0], ValueError, "> 0"),
-        ([2.0, 0.0], ValueError, "> 0"),
+        ([2.0, -1.0], ValueError, ">=? 0"),
         ([2.0, NAN], ValueError, "finite"),
         ([2.0, INF], ValueError, "finite"),
         ([2.0], ValueError, "shape"),
@@ -458,7 +458,76 @@ def test_bad_lengths_name_the_argument(lengths, error, pattern):
     with pytest.raises(error, match=f"rejected_lengths.*{pattern}"):
         L.dpo_loss(*x, loss_type="ipo", chosen_lengths=[1, 2], rejected_lengths=lengths)
     with pytest.raises(error, match=f"chosen_lengths.*{pattern}"):
+        L.dpo_loss(*x, loss_type="sft", chosen_lengths=lengths)
+    with pytest.raises(error, match=f"chosen_lengths.*{pattern}"):
         L.simpo_loss(x[0], x[1], lengths, [1, 2])
+
+
+def test_zero_lengths_clamp_to_one_as_trl():
+    # rho_w = (0.5, 0.2), rho_l = (-0.5, 0.4); lengths 0 count as 1 (TRL's clamp(min=1)).
+    x = [_t([-1.0, -1.0]), _t([-2.0, -1.0]), _t([-1.5, -1.2]), _t([-1.5, -1.4])]
+    beta = 0.5
+    ipo, _ = L.dpo_loss(*x, beta=beta, loss_type="ipo", chosen_lengths=[0, 2], rejected_lengths=[4, 0])
+    expected = ((0.5 / 1 + 0.5 / 4 - 1.0) ** 2 + (0.2 / 2 - 0.4 / 1 - 1.0) ** 2) / 2
+    assert ipo.item() == pytest.approx(expected, rel=1e-12)
+    norm, _ = L.dpo_loss(*x, beta=beta, loss_type="sigmoid_norm", chosen_lengths=[0, 2], rejected_lengths=[4, 0])
+    expected = (_softplus(-beta * (0.5 + 0.5 / 4)) + _softplus(-beta * (0.2 / 2 - 0.4))) / 2
+    assert norm.item() == pytest.approx(expected, rel=1e-12)
+    # sft: chosen token mean over the batch, the empty completion adds no token.
+    sft, _ = L.dpo_loss(*x, loss_type="sft", chosen_lengths=[0, 2])
+    assert sft.item() == pytest.approx(2.0 / 2, rel=1e-12)
+    # No chosen token at all: 0 (TRL's mean over no token is NaN).
+    empty, _ = L.dpo_loss(*[_t([0.0, 0.0])] * 4, loss_type="sft", chosen_lengths=[0, 0])
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match="chosen_lengths must be finite and > 0"):
+        L.simpo_loss(x[0], x[1], [0, 2], [1, 1])
+
+
+class _OldFDivergenceType(enum.Enum):  # the enum older TRL configs hold
+    REVERSE_KL = "reverse_kl"
+    JS_DIVERGENCE = "js_divergence"
+    ALPHA_DIVERGENCE = "alpha_divergence"
+
+
+def test_trl_argument_names_are_aliases():
+    ours, _ = L.dpo_loss(*PAIR, f_divergence="alpha_divergence", f_alpha=0.3)
+    for kwargs in (
+        dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+        dict(f_divergence_type=_OldFDivergenceType.ALPHA_DIVERGENCE, f_alpha_divergence_coef=np.float64(0.3)),
+        dict(f_divergence="alpha_divergence", f_divergence_type="alpha_divergence",
+             f_alpha=0.3, f_alpha_divergence_coef=torch.tensor(0.3, dtype=torch.float64)),
+    ):
+        theirs, _ = L.dpo_loss(*PAIR, **kwargs)
+        assert theirs.item() == ours.item()
+    # alpha = 0.5 is TRL's default coefficient under either name.
+    a, _ = L.dpo_loss(*PAIR, f_divergence_type="alpha_divergence")
+    b, _ = L.dpo_loss(*PAIR, f_divergence="alpha_divergence", f_alpha=0.5)
+    assert a.item() == b.item()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(f_divergence="js_divergence", f_divergence_type="forward_kl"), ValueError,
+         "f_divergence='js_divergence' and f_divergence_type='forward_kl' disagree"),
+        (dict(f_alpha=0.3, f_alpha_divergence_coef=0.5), ValueError,
+         "f_alpha=0.3 and f_alpha_divergence_coef=0.5 disagree"),
+        (dict(f_divergence_type="kl"), ValueError, "f_divergence_type 'kl' is unknown"),
+        (dict(f_alpha_divergence_coef=NAN), ValueError, "f_alpha_divergence_coef must be finite"),
+        (dict(loss_type="bco_pair", f_divergence_type="forward_kl"), ValueError, "only supported"),
+        (dict(sigmoid_label_smoothing=1), TypeError, "sigmoid_label_smoothing must be a bool"),
+        (dict(loss_type="hinge", sigmoid_label_smoothing=True), ValueError, "sigmoid_label_smoothing applies"),
+        (dict(loss_type="bco_pair", bco_delta="running"), ValueError, "bco_delta 'running' is unknown"),
+        (dict(loss_type="sigmoid", bco_delta="batch_mean"), ValueError, "bco_delta applies"),
+        (dict(loss_type="bco_pair", bco_delta="running_mean"), ValueError, "go together"),
+        (dict(loss_type="bco_pair", bco_state=L.RunningMean()), ValueError, "go together"),
+        (dict(loss_type="bco_pair", bco_delta="batch_mean", bco_state=L.RunningMean()), ValueError,
+         "go together"),
+    ],
+)
+def test_bad_option_combinations(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        L.dpo_loss(*PAIR, **kwargs)
 
 
 def test_per_sequence_shape_dtype_and_type_errors():

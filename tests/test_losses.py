@@ -45,12 +45,13 @@ LEN_L = torch.tensor([2.0, 5.0, 6.0, 1.0, 3.0], dtype=torch.float64)
 
 
 def _ref_dpo(lt, pc, pr, rc, rr):
+    """TRL 1.16's per-pair loss (sigmoid without smoothing, bco_pair with δ = 0)."""
     b, e = BETA, EPS
     rw, rl = pc - rc, pr - rr
     d = rw - rl
     z = b * d
     if lt == "sigmoid":
-        return -(1 - e) * _logsig(z) - e * _logsig(-z)
+        return -_logsig(z)
     if lt == "hinge":
         return torch.clamp(1 - z, min=0)
     if lt == "ipo":
@@ -62,8 +63,7 @@ def _ref_dpo(lt, pc, pr, rc, rr):
     if lt == "robust":
         return ((1 - e) * -_logsig(z) - e * -_logsig(-z)) / (1 - 2 * e)
     if lt == "bco_pair":
-        delta = torch.cat([b * rw, b * rl]).mean().detach()
-        return -_logsig(b * rw - delta) - _logsig(-(b * rl - delta))
+        return -_logsig(b * rw) - _logsig(-b * rl)
     if lt == "sppo_hard":
         return (rw - 1 / (2 * b)) ** 2 + (rl + 1 / (2 * b)) ** 2
     if lt == "aot":
@@ -79,6 +79,8 @@ def _ref_dpo(lt, pc, pr, rc, rr):
     if lt == "discopop":
         m = _sig(z / TAU_DP)
         return (1 - m) * -_logsig(z) + m * torch.exp(-z)
+    if lt == "sft":
+        return (-pc.sum() / LEN_W.sum()).expand(pc.shape)
     if lt == "sigmoid_norm":
         return -_logsig(b * (rw / LEN_W - rl / LEN_L))
     raise AssertionError(lt)
@@ -147,10 +149,34 @@ def test_dpo_alpha_one_is_reverse_kl():
 def test_dpo_weighted_loss_types_sum():
     x = _dpo_inputs()
     combo = L.dpo_loss(
-        *x, beta=BETA, label_smoothing=EPS, loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2]
+        *x, beta=BETA, label_smoothing=EPS, loss_type=["sigmoid", "bco_pair", "sft"],
+        loss_weights=[0.8, 0.2, 1.0], chosen_lengths=LEN_W,
     )[0]
-    ref = (0.8 * _ref_dpo("sigmoid", *x) + 0.2 * _ref_dpo("bco_pair", *x)).mean()
+    ref = (0.8 * _ref_dpo("sigmoid", *x) + 0.2 * _ref_dpo("bco_pair", *x) + _ref_dpo("sft", *x)).mean()
     torch.testing.assert_close(combo, ref)
+
+
+def test_sigmoid_label_smoothing_is_conservative_dpo():
+    def lib(*x):
+        return L.dpo_loss(*x, beta=BETA, label_smoothing=EPS, sigmoid_label_smoothing=True)[0]
+
+    def ref(pc, pr, rc, rr):
+        z = BETA * ((pc - rc) - (pr - rr))
+        return (-(1 - EPS) * _logsig(z) - EPS * _logsig(-z)).mean()
+
+    _check(lib, ref, _dpo_inputs())
+
+
+def test_bco_batch_mean_delta():
+    def lib(*x):
+        return L.dpo_loss(*x, beta=BETA, loss_type="bco_pair", bco_delta="batch_mean")[0]
+
+    def ref(pc, pr, rc, rr):
+        rw, rl = BETA * (pc - rc), BETA * (pr - rr)
+        delta = torch.cat([rw, rl]).mean().detach()
+        return (-_logsig(rw - delta) - _logsig(-(rl - delta))).mean()
+
+    _check(lib, ref, _dpo_inputs())
 
 
 def test_dpo_bco_running_mean_state():
@@ -160,7 +186,8 @@ def test_dpo_bco_running_mean_state():
         x = [_leaf(B, seed=10 * seed + k) for k in range(4)]
         batch_mean = torch.cat([BETA * (x[0] - x[2]), BETA * (x[1] - x[3])]).mean().item()
         means.append(batch_mean)
-        loss, metrics = L.dpo_loss(*x, beta=BETA, loss_type="bco_pair", bco_state=state)
+        loss, metrics = L.dpo_loss(*x, beta=BETA, loss_type="bco_pair", bco_delta="running_mean",
+                                   bco_state=state)
         delta = sum(means) / len(means)
         rw, rl = BETA * (x[0] - x[2]), BETA * (x[1] - x[3])
         ref = (-_logsig(rw - delta) - _logsig(-(rl - delta))).mean()
@@ -173,13 +200,13 @@ def test_dpo_bco_running_mean_state():
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_aot_on_one_pair_is_smoothed_sigmoid(eps):
-    # Sorting a batch of one is the identity, so aot == sigmoid with the same smoothing.
+    # Sorting a batch of one is the identity, so aot == sigmoid with conservative-DPO smoothing.
     x = [_leaf(1, seed=s) for s in range(4)]
     aot = L.dpo_loss(*x, loss_type="aot", label_smoothing=eps)[0]
-    sig = L.dpo_loss(*x, loss_type="sigmoid", label_smoothing=eps)[0]
-    torch.testing.assert_close(aot, sig)
-    # TRL >= 1.0 computes "sigmoid" without smoothing: there the identity holds only at eps = 0.
-    plain = -_logsig(0.1 * ((x[0] - x[2]) - (x[1] - x[3]))).mean()
+    smoothed = L.dpo_loss(*x, loss_type="sigmoid", label_smoothing=eps, sigmoid_label_smoothing=True)[0]
+    torch.testing.assert_close(aot, smoothed)
+    # The default sigmoid ignores ε (TRL 1.16): there the identity holds only at ε = 0.
+    plain = L.dpo_loss(*x, loss_type="sigmoid", label_smoothing=eps)[0]
     if eps == 0.0:
         torch.testing.assert_close(aot, plain)
     else:
@@ -449,7 +476,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="beta"):
         L.simpo_loss(x[0], x[1], LEN_W, LEN_L, beta=-1.0)
     with pytest.raises(ValueError, match="chosen_lengths"):
-        L.dpo_loss(*x, loss_type="ipo", chosen_lengths=torch.zeros(B), rejected_lengths=LEN_L)
+        L.dpo_loss(*x, loss_type="ipo", chosen_lengths=-torch.ones(B), rejected_lengths=LEN_L)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        L.dpo_loss(*x, loss_type="sft")
     with pytest.raises(ValueError, match="chosen_lengths"):
         L.dpo_loss(*x, loss_type="sigmoid_norm")
     with pytest.raises(ValueError, match="rejected_lengths"):

@@ -147,7 +147,32 @@ def test_bad_inputs():
     empty = labels.clone()
     empty[0] = -100
     with pytest.raises(ValueError, match="chosen_lengths"):
-        L.PreferenceLoss("ipo")(logits, empty, ref)
+        L.PreferenceLoss("simpo")(logits, empty)
+
+
+def test_rows_without_tokens_count_as_length_one():
+    # As TRL's clamp(min=1): an empty chosen row has log-ratio 0 and keeps the score 0 / 1.
+    logits, ref, labels = _batch(seed=8)
+    labels[0] = -100
+    loss, _ = L.PreferenceLoss("ipo", beta=0.3)(logits, labels, ref)
+    logp, ref_logp, _, valid = _eager_terms(logits.detach(), ref, labels)
+    lr = (logp - ref_logp).sum(1)
+    n = valid.sum(1).clamp(min=1)
+    expected = ((lr[:2] / n[:2] - lr[2:] / n[2:] - 1 / 0.6) ** 2).mean()
+    assert n[0] == 1 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_list_loss_type_is_the_weighted_sum():
+    logits, ref, labels = _batch(seed=9)
+    mix = L.PreferenceLoss(["sigmoid", "bco_pair", "sft"], beta=0.3, loss_weights=[0.8, 0.2, 1.0])
+    loss, metrics = mix(logits, labels, ref)
+    parts = [L.PreferenceLoss(lt, beta=0.3)(logits, labels, ref)[0] for lt in ("sigmoid", "bco_pair", "sft")]
+    torch.testing.assert_close(loss, 0.8 * parts[0] + 0.2 * parts[1] + parts[2])
+    assert mix.loss_type == ["sigmoid", "bco_pair", "sft"] and "rewards/margins" in metrics
+    # A tuple works too; the weights default to 1.
+    both, _ = L.PreferenceLoss(("hinge", "sft"), beta=0.3)(logits, labels, ref)
+    torch.testing.assert_close(both, L.PreferenceLoss("hinge", beta=0.3)(logits, labels, ref)[0] + parts[2])
 
 
 def test_empty_batch_raises():
@@ -198,6 +223,14 @@ def test_constructor_checks():
         L.PreferenceLoss(ignore_index=-100.0)
     with pytest.raises(TypeError, match="shift_labels"):
         L.PreferenceLoss(shift_labels=1)
+    with pytest.raises(ValueError, match=r"list loss_type mixes DPOTrainer loss types.*'simpo'"):
+        L.PreferenceLoss(["sigmoid", "simpo"])
+    with pytest.raises(ValueError, match=r"list loss_type.*got \[\]"):
+        L.PreferenceLoss([])
+    with pytest.raises(TypeError, match="takes no argument 'gamma'"):
+        L.PreferenceLoss(["sigmoid", "hinge"], gamma=0.5)
+    with pytest.raises(ValueError, match="loss_type"):
+        L.PreferenceLoss(None)
 
 
 def test_beta_as_numpy_scalar_or_0d_tensor():

@@ -4,7 +4,7 @@ Every loss returns ``(loss, metrics)``; ``metrics`` holds detached tensors under
 None of them depends on a kernel backend: the fused ops produce their per-token inputs.
 """
 
-from .dpo import DPO_LOSS_TYPES, F_DIVERGENCES, RunningMean, dpo_loss
+from .dpo import BCO_DELTAS, DPO_LOSS_TYPES, F_DIVERGENCES, RunningMean, dpo_loss
 from .fdpg import FDPG_DIVERGENCES, FDPGState, fdpg_loss, fdpg_pseudo_rewards
 from .inpo import inpo_loss
 from .module import PREFERENCE_LOSS_TYPES, PreferenceLoss
@@ -13,6 +13,7 @@ from .sparse_po import sparse_po_loss
 from .tdpo import tdpo_loss
 
 __all__ = [
+    "BCO_DELTAS",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "FDPG_DIVERGENCES",

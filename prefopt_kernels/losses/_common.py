@@ -137,10 +137,11 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def check_lengths(name: str, lengths, like: torch.Tensor) -> torch.Tensor:
+def check_lengths(name: str, lengths, like: torch.Tensor, *, allow_zero: bool = False) -> torch.Tensor:
     """Per-sequence token counts as a tensor of ``like``'s dtype, device and shape.
 
-    ``lengths``: a real tensor or sequence of numbers; every entry must be finite and > 0.
+    ``lengths``: a real tensor or sequence of numbers; every entry must be finite and > 0
+    (``>= 0`` with ``allow_zero``: a completion truncated to nothing has no token).
     """
     if lengths is None:
         raise ValueError(f"{name} is required for this loss (the number of tokens of each sequence)")
@@ -156,8 +157,10 @@ def check_lengths(name: str, lengths, like: torch.Tensor) -> torch.Tensor:
     if lengths.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(lengths.shape)}, expected {tuple(like.shape)}")
     lengths = lengths.to(device=like.device, dtype=like.dtype)
-    if not bool((torch.isfinite(lengths) & (lengths > 0)).all()):
-        raise ValueError(f"{name} must be finite and > 0 for every sequence, got {lengths.tolist()}")
+    in_range = lengths >= 0 if allow_zero else lengths > 0
+    if not bool((torch.isfinite(lengths) & in_range).all()):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound} for every sequence, got {lengths.tolist()}")
     return lengths
 
 

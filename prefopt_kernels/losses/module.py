@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -25,13 +25,29 @@ _SET_BY_MODULE = frozenset({
 })
 
 
-def _loss_function(loss_type: str):
+def _loss_function(loss_type):
+    if isinstance(loss_type, list):  # a weighted mix: DPOTrainer loss types only
+        return dpo_loss
     if loss_type in ("tdpo1", "tdpo2"):
         return tdpo_loss
     return {"sparse_po": sparse_po_loss, "simpo": simpo_loss, "inpo": inpo_loss}.get(loss_type, dpo_loss)
 
 
-def _check_loss_kwargs(loss_type: str, kwargs: dict) -> None:
+def _check_loss_type(loss_type):
+    """``loss_type`` as a str, or as a list for a mix of DPOTrainer loss types (TRL's form)."""
+    if isinstance(loss_type, (list, tuple)):
+        bad = [lt for lt in loss_type if not isinstance(lt, str) or lt not in DPO_LOSS_TYPES]
+        if not loss_type or bad:
+            raise ValueError(
+                f"a list loss_type mixes DPOTrainer loss types {DPO_LOSS_TYPES}; got {list(loss_type)}"
+            )
+        return list(loss_type)
+    if not isinstance(loss_type, str) or loss_type not in PREFERENCE_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is unknown; expected one of {PREFERENCE_LOSS_TYPES}")
+    return loss_type
+
+
+def _check_loss_kwargs(loss_type, kwargs: dict) -> None:
     """Unknown, module-owned or missing required ``loss_kwargs`` fail at construction, not in forward."""
     fn = _loss_function(loss_type)
     params = {p.name: p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
@@ -80,10 +96,13 @@ class PreferenceLoss(nn.Module):
     the forward KL ``KL(π_ref ‖ π)`` per token; where the KL mask is 0 the divergence is not
     even computed. Other losses use ``pk.token_logprobs`` (the reference's under no_grad).
     Sequence log-probs are sums over the tokens whose label is not ``ignore_index``; those
-    counts are the lengths of ``ipo``, ``sigmoid_norm`` and ``simpo``.
+    counts are the lengths of ``ipo``, ``sigmoid_norm``, ``sft`` and ``simpo`` (a row without
+    such a token has length 0, which ``dpo_loss`` clamps to 1 as TRL does).
 
-    ``loss_type`` is any of :data:`PREFERENCE_LOSS_TYPES`; ``beta`` and ``loss_kwargs`` go to
-    the loss function (e.g. ``label_smoothing``, ``gamma``, ``alpha``, ``l1_reward``,
+    ``loss_type`` is any of :data:`PREFERENCE_LOSS_TYPES`, or a list of DPOTrainer loss types
+    (:data:`DPO_LOSS_TYPES`) combined with ``loss_weights``, as TRL's ``loss_type=[...]``;
+    ``beta`` and ``loss_kwargs`` go to the loss function (e.g. ``label_smoothing``,
+    ``loss_weights``, ``f_divergence_type``, ``gamma``, ``alpha``, ``l1_reward``,
     ``eta``/``tau`` for ``inpo``, whose ``beta`` is unused). ``metrics`` are those of the loss
     plus ``logps/chosen``, ``logps/rejected`` (summed policy log-probs) where the loss does not
     report them.
@@ -99,7 +118,7 @@ class PreferenceLoss(nn.Module):
 
     def __init__(
         self,
-        loss_type: str = "sigmoid",
+        loss_type: Union[str, Sequence[str]] = "sigmoid",
         *,
         beta: float = 0.1,
         ignore_index: int = -100,
@@ -109,8 +128,7 @@ class PreferenceLoss(nn.Module):
         **loss_kwargs,
     ):
         super().__init__()
-        if loss_type not in PREFERENCE_LOSS_TYPES:
-            raise ValueError(f"loss_type {loss_type!r} is unknown; expected one of {PREFERENCE_LOSS_TYPES}")
+        loss_type = _check_loss_type(loss_type)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if not isinstance(shift_labels, bool):
