@@ -32,53 +32,35 @@ Isa chosen() {
 
 }  // namespace
 
-void forward(const ForwardArgs& args) {
-  switch (chosen()) {
 #if defined(PREFOPT_HAVE_AVX512)
-    case Isa::kAvx512: return avx512::forward(args);
+#define PREFOPT_CASE_AVX512(name) \
+  case Isa::kAvx512:              \
+    return avx512::name(args);
+#else
+#define PREFOPT_CASE_AVX512(name)
 #endif
 #if defined(PREFOPT_HAVE_AVX2)
-    case Isa::kAvx2: return avx2::forward(args);
+#define PREFOPT_CASE_AVX2(name) \
+  case Isa::kAvx2:              \
+    return avx2::name(args);
+#else
+#define PREFOPT_CASE_AVX2(name)
 #endif
-    default: return generic::forward(args);
-  }
-}
 
-void backward(const BackwardArgs& args) {
-  switch (chosen()) {
-#if defined(PREFOPT_HAVE_AVX512)
-    case Isa::kAvx512: return avx512::backward(args);
-#endif
-#if defined(PREFOPT_HAVE_AVX2)
-    case Isa::kAvx2: return avx2::backward(args);
-#endif
-    default: return generic::backward(args);
+// A variant that was not compiled is never chosen, so the generic one takes what is left.
+#define PREFOPT_DEFINE_ENTRY(name, Args, params) \
+  void name(const Args& args) {                  \
+    switch (chosen()) {                          \
+      PREFOPT_CASE_AVX512(name)                  \
+      PREFOPT_CASE_AVX2(name)                    \
+      default:                                   \
+        return generic::name(args);              \
+    }                                            \
   }
-}
-
-void fold(const FoldArgs& args) {
-  switch (chosen()) {
-#if defined(PREFOPT_HAVE_AVX512)
-    case Isa::kAvx512: return avx512::fold(args);
-#endif
-#if defined(PREFOPT_HAVE_AVX2)
-    case Isa::kAvx2: return avx2::fold(args);
-#endif
-    default: return generic::fold(args);
-  }
-}
-
-void sweep(const SweepArgs& args) {
-  switch (chosen()) {
-#if defined(PREFOPT_HAVE_AVX512)
-    case Isa::kAvx512: return avx512::sweep(args);
-#endif
-#if defined(PREFOPT_HAVE_AVX2)
-    case Isa::kAvx2: return avx2::sweep(args);
-#endif
-    default: return generic::sweep(args);
-  }
-}
+PREFOPT_ENTRY_POINTS(PREFOPT_DEFINE_ENTRY)
+#undef PREFOPT_DEFINE_ENTRY
+#undef PREFOPT_CASE_AVX2
+#undef PREFOPT_CASE_AVX512
 
 const char* isa_name() {
   switch (chosen()) {

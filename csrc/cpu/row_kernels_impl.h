@@ -40,6 +40,7 @@
 #include "cpu/row_kernels.h"
 #include "prefopt/common.h"
 #include "prefopt/divergence.h"
+#include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
 #include "prefopt/softmax_state.h"
 
@@ -53,27 +54,6 @@ namespace PREFOPT_CPU_VARIANT {
 namespace {
 
 constexpr int64_t kBlock = 512;
-
-template <int DT>
-struct Elem;
-template <>
-struct Elem<kFloat32> {
-  using T = float;
-  static PREFOPT_INLINE float load(float v) { return v; }
-  static PREFOPT_INLINE float store(float v) { return v; }
-};
-template <>
-struct Elem<kBFloat16> {
-  using T = uint16_t;
-  static PREFOPT_INLINE float load(uint16_t v) { return bf16_to_float(v); }
-  static PREFOPT_INLINE uint16_t store(float v) { return float_to_bf16(v); }
-};
-template <>
-struct Elem<kFloat16> {
-  using T = uint16_t;
-  static PREFOPT_INLINE float load(uint16_t v) { return half_to_float(v); }
-  static PREFOPT_INLINE uint16_t store(float v) { return float_to_half(v); }
-};
 
 template <int DT>
 PREFOPT_INLINE void load_block(const typename Elem<DT>::T* __restrict src, int64_t n,
@@ -91,13 +71,14 @@ PREFOPT_INLINE float block_max(const float* __restrict x, int64_t n) {
 
 // State of one block with policy max ma (precomputed). A block whose logits are all -inf
 // gets max -inf and zero sums; its shift for the exponentials is then 0 so that no
-// -inf - -inf is formed. yk is the raw reference logit at the policy's running argmax,
-// which the caller has already moved to this block if its max is the new one; reverse KL's
-// terms are centred at kl_centre(yk); k is the row index of that argmax.
+// -inf - -inf is formed. ref_at_argmax is the raw reference logit at the policy's running
+// argmax, which the caller has already moved to this block if its max is the new one; reverse
+// KL's terms are centred at kl_centre(ref_at_argmax); k is the row index of that argmax.
 template <bool REF, int DIV, bool ENT>
 PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
                                             const float* __restrict xb, int64_t n, float ma,
-                                            float yk, int64_t k, float inv_tau) {
+                                            float ref_at_argmax, int64_t k,
+                                            float inv_temperature) {
   const float sha = ma == -kInf ? 0.f : ma;
   float mb = -kInf;
   float shb = 0.f;
@@ -105,23 +86,24 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
     mb = block_max(xb, n);
     shb = mb == -kInf ? 0.f : mb;
   }
-  const float yc = kl_centre(yk);
+  const float centre = kl_centre(ref_at_argmax);
   float sa = 0.f, ua = 0.f, sb = 0.f, wf = 0.f, wr = 0.f;
 #pragma omp simd reduction(+ : sa, ua, sb, wf, wr)
   for (int64_t j = 0; j < n; ++j) {
-    const float da = (xa[j] - sha) * inv_tau;
+    const float da = (xa[j] - sha) * inv_temperature;
     const float ea = fast_exp(da);
     sa += ea;
     if constexpr (ENT) ua += ea > 0.f ? ea * da : 0.f;
     if constexpr (REF) {
-      const float db = (xb[j] - shb) * inv_tau;
+      const float db = (xb[j] - shb) * inv_temperature;
       const float eb = fast_exp(db);
       sb += eb;
       if constexpr (DIV == kForwardKL) wf += eb > 0.f ? eb * (db - da) : 0.f;
-      if constexpr (DIV == kReverseKL) wr += ea > 0.f ? ea * (da - (xb[j] - yc) * inv_tau) : 0.f;
+      if constexpr (DIV == kReverseKL)
+        wr += ea > 0.f ? ea * (da - (xb[j] - centre) * inv_temperature) : 0.f;
     }
   }
-  return RowState<double>{ma, sa, ua, mb, sb, wf, wr, yk, k};
+  return RowState<double>{ma, sa, ua, mb, sb, wf, wr, ref_at_argmax, k};
 }
 
 // Requests the block two blocks after the one at c0 into the cache, so that its loads
@@ -147,16 +129,16 @@ PREFOPT_INLINE const float* block_view(const typename Elem<DT>::T* src, int64_t 
 }
 
 // Pass 1 over a whole row (or slice): the merged state of all its blocks. With `track`, the
-// state's k follows the first index of the policy's max and yk the reference logit there
-// (the centre of the divergence's S); without it k stays -1 and yk 0.
+// state's k follows the first index of the policy's max and ref_at_argmax the reference
+// logit there (the centre of the divergence's S); without it k stays -1 and ref_at_argmax 0.
 // ENT: accumulate ua (only the entropy needs it).
 template <int DT, bool REF, int DIV, bool ENT>
 RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                           int64_t vocab, float inv_tau, bool track) {
+                           int64_t vocab, float inv_temperature, bool track) {
   alignas(64) float buf_a[kBlock];
   alignas(64) float buf_b[kBlock];
   RowState<double> st = RowState<double>::empty();
-  float yk = 0.f;
+  float ref_at_argmax = 0.f;
   int64_t k = -1;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t n = std::min(kBlock, vocab - c0);
@@ -170,22 +152,26 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
       int64_t j = 0;
       while (xa[j] != ma) ++j;
       k = c0 + j;
-      if constexpr (REF) yk = xb[j];
+      if constexpr (REF) ref_at_argmax = xb[j];
     }
-    merge_state(st, block_state<REF, DIV, ENT>(xa, xb, n, ma, yk, k, inv_tau), double(inv_tau));
+    merge_state(st, block_state<REF, DIV, ENT>(xa, xb, n, ma, ref_at_argmax, k, inv_temperature),
+                double(inv_temperature));
   }
   return st;
 }
 
-// div: the row's divergence (kNoDivergence where its term is off); only forward and reverse
-// KL accumulate in pass 1.
-template <int DT, bool ENT>
+// Pass 1 of a row: with the reference when need_ref, and DIV's accumulator where the row has
+// its divergence term (use_div).
+template <int DT, bool ENT, int DIV>
 RowState<double> first_pass(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                            int64_t vocab, float inv_tau, bool need_ref, int div, bool track) {
-  if (!need_ref) return row_state<DT, false, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, track);
-  if (div == kForwardKL) return row_state<DT, true, kForwardKL, ENT>(ra, rb, vocab, inv_tau, track);
-  if (div == kReverseKL) return row_state<DT, true, kReverseKL, ENT>(ra, rb, vocab, inv_tau, track);
-  return row_state<DT, true, kNoDivergence, ENT>(ra, rb, vocab, inv_tau, track);
+                            int64_t vocab, float inv_temperature, bool need_ref, bool use_div,
+                            bool track) {
+  constexpr int kAcc = first_pass_divergence(DIV);
+  if (!need_ref)
+    return row_state<DT, false, kNoDivergence, ENT>(ra, rb, vocab, inv_temperature, track);
+  if (kAcc != kNoDivergence && use_div)
+    return row_state<DT, true, kAcc, ENT>(ra, rb, vocab, inv_temperature, track);
+  return row_state<DT, true, kNoDivergence, ENT>(ra, rb, vocab, inv_temperature, track);
 }
 
 // Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and of
@@ -193,9 +179,10 @@ RowState<double> first_pass(const typename Elem<DT>::T* ra, const typename Elem<
 // value the loop itself computes at j = k.
 template <int DT, int DIV>
 void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, int64_t vocab,
-              float inv_tau, LogProbShift sa, LogProbShift sb, float yk, const DivParams& prm,
-              double& sum_value, double& sum_centred) {
-  const float fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
+              float inv_temperature, LogProbShift sa, LogProbShift sb, float ref_at_argmax,
+              const DivParams& prm, double& sum_value, double& sum_centred) {
+  const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
+  const float fprime_k = div_fprime<DIV>(-sa.offset, lq_k, prm);
   sum_value = 0.0;
   sum_centred = 0.0;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
@@ -205,33 +192,15 @@ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, in
     float bv = 0.f, bc = 0.f;
 #pragma omp simd reduction(+ : bv, bc)
     for (int64_t j = 0; j < n; ++j) {
-      const float lp = (Elem<DT>::load(a[j]) - sa.shift) * inv_tau - sa.offset;
-      const float lq = (Elem<DT>::load(b[j]) - sb.shift) * inv_tau - sb.offset;
+      const float lp = (Elem<DT>::load(a[j]) - sa.shift) * inv_temperature - sa.offset;
+      const float lq = (Elem<DT>::load(b[j]) - sb.shift) * inv_temperature - sb.offset;
       bv += div_value<DIV>(lp, lq, prm);
       const float p = fast_exp(lp);
-      bc += lp > -kInf ? div_centred<DIV>(lp, lq, p, fk, 0.f, prm) : 0.f;
+      bc += lp > -kInf ? div_centred<DIV>(lp, lq, p, fprime_k, 0.f, prm) : 0.f;
     }
     sum_value += bv;
     sum_centred += bc;
   }
-}
-
-// div_sums for the runtime divergence code div (js, tv, hellinger, chi2 or alpha; NaN sums
-// for any other).
-template <int DT>
-void second_sweep(int div, const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                  int64_t vocab, float inv_tau, LogProbShift sa, LogProbShift sb, float yk,
-                  const DivParams& prm, double& value, double& centred) {
-#define PREFOPT_SUMS(D) div_sums<DT, D>(ra, rb, vocab, inv_tau, sa, sb, yk, prm, value, centred)
-  switch (div) {
-    case kJS: PREFOPT_SUMS(kJS); break;
-    case kTV: PREFOPT_SUMS(kTV); break;
-    case kHellinger: PREFOPT_SUMS(kHellinger); break;
-    case kChi2: PREFOPT_SUMS(kChi2); break;
-    case kAlpha: PREFOPT_SUMS(kAlpha); break;
-    default: value = centred = NAN;
-  }
-#undef PREFOPT_SUMS
 }
 
 // Per-row results of the forward pass (double until stored).
@@ -241,47 +210,55 @@ struct RowOut {
   LogProbShift a{0.f, 0.f}, b{0.f, 0.f};
 };
 
-template <int DT>
-RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, float inv_tau,
-                   const DivParams& prm) {
+// DIV is the call's divergence; plan.use_div says whether this row has its term.
+template <int DT, int DIV>
+RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row,
+                   float inv_temperature, const DivParams& prm) {
   using T = typename Elem<DT>::T;
   const int64_t vocab = args.vocab;
   const T* ra = static_cast<const T*>(args.logits) +
                  row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
   const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
-  const T* rb = need_ref ? static_cast<const T*>(args.ref) +
-                            row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : nullptr;
-  const int div = plan.use_div ? args.divergence : kNoDivergence;
-  const bool centred = div >= kReverseKL;
+  const T* rb = need_ref ? static_cast<const T*>(args.ref) + row_offset(row, args.tokens,
+                                                                        args.ref_batch_stride,
+                                                                        args.ref_token_stride)
+                         : nullptr;
+  const bool use_div = plan.use_div;
+  const bool centred = use_div && DIV >= kReverseKL;
 
   const RowState<double> st =
-      args.entropy != nullptr ? first_pass<DT, true>(ra, rb, vocab, inv_tau, need_ref, div, centred)
-                              : first_pass<DT, false>(ra, rb, vocab, inv_tau, need_ref, div, centred);
+      args.entropy != nullptr
+          ? first_pass<DT, true, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, centred)
+          : first_pass<DT, false, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, centred);
 
   RowOut out;
-  const double inv_tau_d = 1.0 / args.temperature;
+  const double inv_temperature_d = 1.0 / args.temperature;
   out.a = shift_a(st);
   if (args.entropy != nullptr) out.entropy = state_entropy(st);
   if (need_ref) out.b = shift_b(st);
-  if (centred) out.ref_at_argmax = static_cast<float>(st.yk);
+  if (centred) out.ref_at_argmax = static_cast<float>(st.ref_at_argmax);
   if (plan.label >= 0) {
     if (plan.label < vocab) {
-      out.logp = (double(Elem<DT>::load(ra[plan.label])) - st.ma) * inv_tau_d - std::log(st.sa);
+      out.logp = (double(Elem<DT>::load(ra[plan.label])) - st.ma) * inv_temperature_d -
+                 std::log(st.sa);
       if (need_ref)
-        out.ref_logp = (double(Elem<DT>::load(rb[plan.label])) - st.mb) * inv_tau_d - std::log(st.sb);
+        out.ref_logp = (double(Elem<DT>::load(rb[plan.label])) - st.mb) * inv_temperature_d -
+                       std::log(st.sb);
     } else {  // never reached through ops.py; a wrong label must not read out of bounds
       out.logp = out.ref_logp = NAN;
     }
   }
-  if (div == kForwardKL) {
-    out.div = state_forward_kl(st);
-    out.div_s = -1.0;  // sum_i p_i (-q_i / p_i)
-  } else if (div == kReverseKL) {
-    out.div = state_reverse_kl(st, inv_tau_d);
-    out.div_s = state_reverse_kl_s(st);
-  } else if (div != kNoDivergence) {
-    second_sweep<DT>(div, ra, rb, vocab, inv_tau, out.a, out.b, out.ref_at_argmax, prm, out.div,
-                     out.div_s);
+  if (use_div) {
+    if constexpr (DIV == kForwardKL) {
+      out.div = state_forward_kl(st);
+      out.div_s = -1.0;  // sum_i p_i (-q_i / p_i)
+    } else if constexpr (DIV == kReverseKL) {
+      out.div = state_reverse_kl(st, inv_temperature_d);
+      out.div_s = state_reverse_kl_s(st);
+    } else if constexpr (DIV != kNoDivergence) {
+      div_sums<DT, DIV>(ra, rb, vocab, inv_temperature, out.a, out.b, out.ref_at_argmax, prm,
+                        out.div, out.div_s);
+    }
   }
   // NaN policy: log_norm is NaN exactly when the row holds a NaN or +inf (inf - inf in the
   // sweep), so log_norm - log_norm (0 or NaN) marks every output that reads that row; the
@@ -291,7 +268,7 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row, fl
   out.logp += guard_a;
   out.entropy += guard_a;
   out.ref_logp += guard_b;
-  if (div != kNoDivergence) out.div += guard_a + guard_b;
+  if (use_div) out.div += guard_a + guard_b;
   return out;
 }
 
@@ -310,17 +287,16 @@ int thread_count(int requested) {
 // Rows per OpenMP work item: about 16k elements, so short rows do not pay per-row overhead.
 int64_t row_chunk(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)); }
 
-template <int DT>
+template <int DT, int DIV>
 void forward_impl(const ForwardArgs& args) {
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t chunk = row_chunk(args.vocab);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
   for (int64_t row = 0; row < args.n_rows; ++row) {
-    const RowPlan plan =
-        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     RowOut out;
-    if (!plan.skip) out = forward_row<DT>(args, plan, row, inv_tau, prm);
+    if (!plan.skip) out = forward_row<DT, DIV>(args, plan, row, inv_temperature, prm);
     store_opt(args.row_max, row, out.a.shift);
     store_opt(args.log_norm, row, out.a.offset);
     store_opt(args.logp, row, out.logp);
@@ -338,11 +314,12 @@ void forward_impl(const ForwardArgs& args) {
 }
 
 // Pass 1 over a vocabulary slice (FoldArgs): the forward's first pass with the argmax always
-// tracked, stored as the slice's RowState. Skipped rows store the empty state (k = -1, yk = 0).
-template <int DT>
+// tracked, stored as the slice's RowState. Skipped rows store the empty state (k = -1,
+// ref_at_argmax = 0). DIV only selects the forward / reverse KL accumulators.
+template <int DT, int DIV>
 void fold_impl(const FoldArgs& args) {
   using T = typename Elem<DT>::T;
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const int64_t vocab = args.vocab;
   const int64_t chunk = row_chunk(vocab);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
@@ -358,9 +335,10 @@ void fold_impl(const FoldArgs& args) {
                               row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride)
                                         : nullptr;
       const bool need_ref = rb != nullptr;
-      const int div = plan.use_div ? args.divergence : kNoDivergence;
-      st = args.ent_acc != nullptr ? first_pass<DT, true>(ra, rb, vocab, inv_tau, need_ref, div, true)
-                                   : first_pass<DT, false>(ra, rb, vocab, inv_tau, need_ref, div, true);
+      const bool use_div = plan.use_div;
+      st = args.ent_acc != nullptr
+               ? first_pass<DT, true, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, true)
+               : first_pass<DT, false, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, true);
       const int64_t y = slice_label(plan.label, args.v0, vocab);
       if (y >= 0) {
         label_a = Elem<DT>::load(ra[y]);
@@ -375,33 +353,33 @@ void fold_impl(const FoldArgs& args) {
     store_opt(args.ref_max, row, st.mb);
     store_opt(args.ref_sum_exp, row, st.sb);
     store_opt(args.ref_label_logit, row, label_b);
-    store_opt(args.ref_at_argmax, row, st.yk);
+    store_opt(args.ref_at_argmax, row, st.ref_at_argmax);
     store_opt(args.fkl_acc, row, st.wf);
     store_opt(args.rkl_acc, row, st.wr);
   }
 }
 
-// Pass 2 over a vocabulary slice (SweepArgs), from the whole row's final statistics.
-template <int DT>
+// Pass 2 over a vocabulary slice (SweepArgs), from the whole row's final statistics; DIV is
+// one of js, tv, hellinger, chi2 and alpha.
+template <int DT, int DIV>
 void sweep_impl(const SweepArgs& args) {
   using T = typename Elem<DT>::T;
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t chunk = row_chunk(args.vocab);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
   for (int64_t row = 0; row < args.n_rows; ++row) {
-    const RowPlan plan =
-        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     double value = 0.0, centred = 0.0;
     if (!plan.skip && plan.use_div && args.vocab > 0) {  // an empty slice's views may be null
       const T* ra = static_cast<const T*>(args.logits) +
                    row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
       const T* rb = static_cast<const T*>(args.ref) +
                    row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
-      second_sweep<DT>(args.divergence, ra, rb, args.vocab, inv_tau,
-                       LogProbShift{args.row_max[row], args.log_norm[row]},
-                       LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
-                       args.ref_at_argmax[row], prm, value, centred);
+      div_sums<DT, DIV>(ra, rb, args.vocab, inv_temperature,
+                        LogProbShift{args.row_max[row], args.log_norm[row]},
+                        LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
+                        args.ref_at_argmax[row], prm, value, centred);
     }
     args.value_sum[row] = static_cast<float>(value);
     args.centred_sum[row] = static_cast<float>(centred);
@@ -411,7 +389,7 @@ void sweep_impl(const SweepArgs& args) {
 // Per-row constants of the backward.
 struct GradRow {
   LogProbShift sa, sb;
-  float inv_tau, yc, fk, s, c, ge, gd;
+  float inv_temperature, centre, fprime_k, s, c, ge, gd;
   DivParams prm;
 };
 
@@ -425,43 +403,45 @@ struct GradRow {
 template <int DT, int DIV>
 PREFOPT_INLINE float grad_elem(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                                int64_t j, const GradRow& r) {
-  const float xr = (Elem<DT>::load(ra[j]) - r.sa.shift) * r.inv_tau;
+  const float xr = (Elem<DT>::load(ra[j]) - r.sa.shift) * r.inv_temperature;
   const float lp = xr - r.sa.offset;
   const float p = fast_exp(lp);
   float inner = r.c + r.ge * lp;  // the p-weighted part of -g
   float g = 0.f;
   if constexpr (DIV == kForwardKL) {
-    const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_tau - r.sb.offset;
+    const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_temperature - r.sb.offset;
     g = r.gd * (p - fast_exp(lq));
   } else if constexpr (DIV == kReverseKL) {
-    inner -= r.gd * (xr - (Elem<DT>::load(rb[j]) - r.yc) * r.inv_tau - r.s);
+    inner -= r.gd * (xr - (Elem<DT>::load(rb[j]) - r.centre) * r.inv_temperature - r.s);
   } else if constexpr (DIV != kNoDivergence) {
-    const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_tau - r.sb.offset;
-    g = lp > -kInf ? r.gd * div_centred<DIV>(lp, lq, p, r.fk, r.s, r.prm) : 0.f;
+    const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_temperature - r.sb.offset;
+    g = lp > -kInf ? r.gd * div_centred<DIV>(lp, lq, p, r.fprime_k, r.s, r.prm) : 0.f;
   }
   return g + (p > 0.f ? -p * inner : 0.f);
 }
 
 // The label's element is computed first (it is read before anything is written, as g may
 // alias a) and stored last, so that the loop carries no index comparison. `guard` (0 or
-// NaN, see backward_impl) is added to every element.
+// NaN, see backward_impl) is added to every element. Kept out of line: inlined into
+// backward_impl's row loop, gcc emits a longer element loop for some divergences.
 template <int DT, int DIV>
-void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                  typename Elem<DT>::T* rg, int64_t vocab, float inv_tau, LogProbShift sa,
-                  LogProbShift sb, float yk, float s, float c, float gl, float ge, float gd,
-                  float guard, int64_t label, const DivParams& prm) {
-  float fk = 0.f;
-  if constexpr (DIV > kReverseKL) fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
-  const GradRow r{sa, sb, inv_tau, kl_centre(yk), fk, s, c, ge, gd, prm};
+__attribute__((noinline)) void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
+                  typename Elem<DT>::T* rg, int64_t vocab, float inv_temperature, LogProbShift sa,
+                  LogProbShift sb, float ref_at_argmax, float s, float c, float gl, float ge,
+                  float gd, float guard, int64_t label, const DivParams& prm) {
+  float fprime_k = 0.f;
+  if constexpr (DIV > kReverseKL)
+    fprime_k = div_fprime<DIV>(-sa.offset, lq_at_argmax(ref_at_argmax, sb, inv_temperature), prm);
+  const GradRow r{sa, sb, inv_temperature, kl_centre(ref_at_argmax), fprime_k, s, c, ge, gd, prm};
   const float g_label =
-      label >= 0 ? (grad_elem<DT, DIV>(ra, rb, label, r) + gl) * inv_tau + guard : 0.f;
+      label >= 0 ? (grad_elem<DT, DIV>(ra, rb, label, r) + gl) * inv_temperature + guard : 0.f;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t end = std::min(c0 + kBlock, vocab);
     prefetch_block<DT>(ra, c0, vocab);
     if constexpr (DIV != kNoDivergence) prefetch_block<DT>(rb, c0, vocab);
 #pragma omp simd
     for (int64_t j = c0; j < end; ++j)
-      rg[j] = Elem<DT>::store(grad_elem<DT, DIV>(ra, rb, j, r) * inv_tau + guard);
+      rg[j] = Elem<DT>::store(grad_elem<DT, DIV>(ra, rb, j, r) * inv_temperature + guard);
   }
   if (label >= 0) rg[label] = Elem<DT>::store(g_label);
 }
@@ -483,7 +463,9 @@ void advise_huge_pages(void* base, int64_t bytes) {
 #endif
 }
 
-template <int DT>
+// DIV is the call's divergence; a row without its term, or without an upstream gradient for
+// it, runs the kNoDivergence loop.
+template <int DT, int DIV>
 void backward_impl(const BackwardArgs& args) {
   using T = typename Elem<DT>::T;
   if (args.vocab == 0) return;  // an empty slice: nothing to write, views may be null
@@ -492,7 +474,7 @@ void backward_impl(const BackwardArgs& args) {
                                     args.grad_token_stride);
     advise_huge_pages(args.grad, (last + args.vocab) * int64_t(sizeof(T)));
   }
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const DivParams prm = make_div_params(args.beta, args.alpha);
   const int64_t vocab = args.vocab;
   const int64_t chunk = row_chunk(vocab);
@@ -503,15 +485,13 @@ void backward_impl(const BackwardArgs& args) {
   for (int64_t row = 0; row < args.n_rows; ++row) {
     T* rg = static_cast<T*>(args.grad) +
             row_offset(row, args.tokens, args.grad_batch_stride, args.grad_token_stride);
-    const RowPlan plan =
-        plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
+    const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     const float gl = (args.grad_logp != nullptr && plan.label >= 0) ? args.grad_logp[row] : 0.f;
     const float ge = args.grad_entropy != nullptr ? args.grad_entropy[row] : 0.f;
     float gd = args.grad_div != nullptr ? args.grad_div[row] : 0.f;
-    int div = plan.use_div && args.ref != nullptr ? args.divergence : kNoDivergence;
-    if (gd == 0.f) div = kNoDivergence;
-    if (div == kNoDivergence) gd = 0.f;
-    const float s = div != kNoDivergence ? args.div_s[row] : 0.f;
+    const bool use_div = plan.use_div && args.ref != nullptr && gd != 0.f;
+    if (!use_div) gd = 0.f;
+    const float s = use_div ? args.div_s[row] : 0.f;
     const float guard = plan.skip ? 0.f : (args.log_norm[row] - args.log_norm[row]) + (s - s);
     if (plan.skip || (gl == 0.f && ge == 0.f && gd == 0.f)) {
       const T fill = Elem<DT>::store(guard);
@@ -521,42 +501,57 @@ void backward_impl(const BackwardArgs& args) {
     }
     const T* ra = static_cast<const T*>(args.logits) +
                  row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
-    const T* rb = div != kNoDivergence ? static_cast<const T*>(args.ref) +
-                            row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride)
-                                       : nullptr;
     const LogProbShift sa{args.row_max[row], args.log_norm[row]};
-    const LogProbShift sb = div != kNoDivergence
-                                ? LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]}
-                                : LogProbShift{0.f, 0.f};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
-    const float yk = div >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
     const float c = gl + ge * h;
     const int64_t label = slice_label(plan.label, args.v0, vocab);
-#define PREFOPT_BWD(D) \
-  backward_row<DT, D>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, s, c, gl, ge, gd, guard, label, prm)
-    switch (div) {
-      case kForwardKL: PREFOPT_BWD(kForwardKL); break;
-      case kReverseKL: PREFOPT_BWD(kReverseKL); break;
-      case kJS: PREFOPT_BWD(kJS); break;
-      case kTV: PREFOPT_BWD(kTV); break;
-      case kHellinger: PREFOPT_BWD(kHellinger); break;
-      case kChi2: PREFOPT_BWD(kChi2); break;
-      case kAlpha: PREFOPT_BWD(kAlpha); break;
-      default: PREFOPT_BWD(kNoDivergence); break;
+    if constexpr (DIV != kNoDivergence) {
+      if (use_div) {
+        const T* rb = static_cast<const T*>(args.ref) +
+                      row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
+        const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
+        const float ref_at_argmax = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
+        backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s, c, gl,
+                              ge, gd, guard, label, prm);
+        continue;
+      }
     }
-#undef PREFOPT_BWD
+    backward_row<DT, kNoDivergence>(ra, nullptr, rg, vocab, inv_temperature, sa,
+                                    LogProbShift{0.f, 0.f}, 0.f, 0.f, c, gl, ge, 0.f, guard, label,
+                                    prm);
   }
 }
 
 }  // namespace
 
-void forward(const ForwardArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, forward_impl<DT>(args)); }
+void forward(const ForwardArgs& args) {
+  PREFOPT_DISPATCH_DTYPE(
+      args.dtype, DT,
+      PREFOPT_DISPATCH_DIVERGENCE(args.divergence, DIV, forward_impl<DT, DIV>(args)));
+}
 
-void backward(const BackwardArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, backward_impl<DT>(args)); }
+void backward(const BackwardArgs& args) {
+  PREFOPT_DISPATCH_DTYPE(
+      args.dtype, DT,
+      PREFOPT_DISPATCH_DIVERGENCE(args.divergence, DIV, backward_impl<DT, DIV>(args)));
+}
 
-void fold(const FoldArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, fold_impl<DT>(args)); }
+// Only forward and reverse KL change the first pass: the other codes share one instantiation.
+void fold(const FoldArgs& args) {
+  PREFOPT_DISPATCH_DTYPE(
+      args.dtype, DT,
+      PREFOPT_DISPATCH_DIVERGENCE(args.divergence, DIV,
+                                  fold_impl<DT, first_pass_divergence(DIV)>(args)));
+}
 
-void sweep(const SweepArgs& args) { PREFOPT_DISPATCH_DTYPE(args.dtype, DT, sweep_impl<DT>(args)); }
+void sweep(const SweepArgs& args) {
+  PREFOPT_DISPATCH_DTYPE(
+      args.dtype, DT,
+      PREFOPT_DISPATCH_DIVERGENCE(args.divergence, DIV,
+                                  if constexpr (DIV >= kJS) sweep_impl<DT, DIV>(args);
+                                  else throw std::invalid_argument(
+                                      "prefopt: sweep is for js, tv, hellinger, chi2 and alpha")));
+}
 
 }  // namespace PREFOPT_CPU_VARIANT
 }  // namespace cpu

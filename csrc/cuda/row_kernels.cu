@@ -23,6 +23,7 @@
 #include "cuda/row_kernels.h"
 #include "prefopt/common.h"
 #include "prefopt/divergence.h"
+#include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
 #include "prefopt/softmax_state.h"
 
@@ -31,27 +32,6 @@ namespace cuda {
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-
-template <int DT>
-struct Elem;
-template <>
-struct Elem<kFloat32> {
-  using T = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <>
-struct Elem<kBFloat16> {
-  using T = uint16_t;
-  static __device__ __forceinline__ float load(uint16_t v) { return bf16_to_float(v); }
-  static __device__ __forceinline__ uint16_t store(float v) { return float_to_bf16(v); }
-};
-template <>
-struct Elem<kFloat16> {
-  using T = uint16_t;
-  static __device__ __forceinline__ float load(uint16_t v) { return half_to_float(v); }
-  static __device__ __forceinline__ uint16_t store(float v) { return float_to_half(v); }
-};
 
 // Element `i` (0 <= i < 16 / sizeof(T)) of a 16-byte vector.
 template <int DT>
@@ -124,7 +104,7 @@ __device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
 // TRACK: carry the argmax index k; without it k stays -1, a constant the compiler folds away
 // (the whole-row forward, which needs no index, keeps its registers).
 template <bool TRACK>
-__device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_tau) {
+__device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_temperature) {
 #pragma unroll
   for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) {
     RowState<float> o;
@@ -135,24 +115,24 @@ __device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_tau) {
     o.sb = __shfl_xor_sync(kFullMask, s.sb, lane_mask);
     o.wf = __shfl_xor_sync(kFullMask, s.wf, lane_mask);
     o.wr = __shfl_xor_sync(kFullMask, s.wr, lane_mask);
-    o.yk = __shfl_xor_sync(kFullMask, s.yk, lane_mask);
+    o.ref_at_argmax = __shfl_xor_sync(kFullMask, s.ref_at_argmax, lane_mask);
     o.k = TRACK ? __shfl_xor_sync(kFullMask, s.k, lane_mask) : int64_t(-1);
-    merge_state(s, o, inv_tau);
+    merge_state(s, o, inv_temperature);
   }
 }
 
 // Merged state of the whole block; every thread gets it. `scratch` holds 32 states.
 template <bool TRACK>
-__device__ RowState<float> block_merge(RowState<float> s, float inv_tau,
+__device__ RowState<float> block_merge(RowState<float> s, float inv_temperature,
                                        RowState<float>* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_warps = (blockDim.x + 31) >> 5;
-  warp_merge<TRACK>(s, inv_tau);
+  warp_merge<TRACK>(s, inv_temperature);
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   s = lane < n_warps ? scratch[lane] : RowState<float>::empty();
-  warp_merge<TRACK>(s, inv_tau);
+  warp_merge<TRACK>(s, inv_temperature);
   __syncthreads();  // scratch is reused by the next row
   return s;
 }
@@ -187,11 +167,11 @@ __device__ void block_sum2(float& a, float& b, float* scratch) {
 // the +inf of a support mismatch, as in the CPU block states. A NaN or +inf logit gets the
 // sum NaN (1 + (x - x)), which every merge keeps, so log_norm is NaN as on the CPU (NaN
 // policy). The element is its own argmax (index k = j with TRACK, so that merges keep the
-// first index of the max), so its yk is z, raw (merge_state centres reverse KL at
+// first index of the max), so its ref_at_argmax is z, raw (merge_state centres reverse KL at
 // kl_centre(z)).
 template <bool REF, int DIV, bool TRACK>
 __device__ __forceinline__ void push(RowState<float>& st, int64_t j, float x, float z,
-                                     float inv_tau) {
+                                     float inv_temperature) {
   RowState<float> e = RowState<float>::empty();
   e.ma = x;
   if constexpr (TRACK) e.k = j;
@@ -199,26 +179,26 @@ __device__ __forceinline__ void push(RowState<float>& st, int64_t j, float x, fl
   if constexpr (REF) {
     e.mb = z;
     e.sb = z == -kInf ? 0.f : 1.f + (z - z);
-    e.yk = z;
+    e.ref_at_argmax = z;
     if constexpr (DIV == kForwardKL) e.wf = (e.sb > 0.f && e.sa == 0.f) ? kInf : 0.f;
     if constexpr (DIV == kReverseKL) e.wr = (e.sa > 0.f && e.sb == 0.f) ? kInf : 0.f;
   }
-  merge_state(st, e, inv_tau);
+  merge_state(st, e, inv_temperature);
 }
 
 // The merged state of the row (or slice); every thread gets it. With TRACK, k is the first
 // index of the policy's max, but an arbitrary one when that max is -inf (callers store -1
-// there); without it k = -1 and ties of the max leave yk to the merge order.
+// there); without it k = -1 and ties of the max leave ref_at_argmax to the merge order.
 template <int DT, bool REF, int DIV, bool TRACK>
 __device__ RowState<float> row_state(const typename Elem<DT>::T* ra,
                                      const typename Elem<DT>::T* rb, int64_t vocab,
-                                     float inv_tau, RowState<float>* scratch) {
+                                     float inv_temperature, RowState<float>* scratch) {
   RowState<float> st = RowState<float>::empty();
   row_loop<DT, REF, false>(ra, rb, nullptr, vocab, [&](int64_t j, float x, float z) {
-    push<REF, DIV, TRACK>(st, j, x, z, inv_tau);
+    push<REF, DIV, TRACK>(st, j, x, z, inv_temperature);
     return 0.f;
   });
-  return block_merge<TRACK>(st, inv_tau, scratch);
+  return block_merge<TRACK>(st, inv_temperature, scratch);
 }
 
 // The first pass of a row: with the reference when need_ref, and forward or reverse KL's
@@ -226,30 +206,34 @@ __device__ RowState<float> row_state(const typename Elem<DT>::T* ra,
 template <int DT, int DIV, bool TRACK>
 __device__ RowState<float> first_pass(const typename Elem<DT>::T* ra,
                                       const typename Elem<DT>::T* rb, int64_t vocab,
-                                      float inv_tau, bool need_ref, bool use_div,
+                                      float inv_temperature, bool need_ref, bool use_div,
                                       RowState<float>* scratch) {
-  if (!need_ref) return row_state<DT, false, kNoDivergence, TRACK>(ra, rb, vocab, inv_tau, scratch);
-  if (use_div && (DIV == kForwardKL || DIV == kReverseKL))
-    return row_state<DT, true, DIV, TRACK>(ra, rb, vocab, inv_tau, scratch);
-  return row_state<DT, true, kNoDivergence, TRACK>(ra, rb, vocab, inv_tau, scratch);
+  if (!need_ref)
+    return row_state<DT, false, kNoDivergence, TRACK>(ra, rb, vocab, inv_temperature, scratch);
+  constexpr int kAcc = first_pass_divergence(DIV);
+  if (kAcc != kNoDivergence && use_div)
+    return row_state<DT, true, kAcc, TRACK>(ra, rb, vocab, inv_temperature, scratch);
+  return row_state<DT, true, kNoDivergence, TRACK>(ra, rb, vocab, inv_temperature, scratch);
 }
 
 // The second sweep for js/tv/hellinger/chi2/alpha: block sums of q f(t) and of
 // p (f'(t) - f'(t_k)) over the row (or slice), given the whole row's shifts and the reference
-// logit yk at the policy's argmax k; every thread gets them. `scratch` holds 64 floats.
+// logit ref_at_argmax at the policy's argmax k; every thread gets them. `scratch` holds 64
+// floats.
 template <int DT, int DIV>
 __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                         int64_t vocab, float inv_tau, LogProbShift sa, LogProbShift sb,
-                         float yk, const DivParams& prm, float& value, float& centred,
+                         int64_t vocab, float inv_temperature, LogProbShift sa, LogProbShift sb,
+                         float ref_at_argmax, const DivParams& prm, float& value, float& centred,
                          float* scratch) {
-  const float fk = div_fprime<DIV>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
+  const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
+  const float fprime_k = div_fprime<DIV>(-sa.offset, lq_k, prm);
   float sq = 0.f, sp = 0.f;
   row_loop<DT, true, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
-    const float lp = (x - sa.shift) * inv_tau - sa.offset;
-    const float lq = (z - sb.shift) * inv_tau - sb.offset;
+    const float lp = (x - sa.shift) * inv_temperature - sa.offset;
+    const float lq = (z - sb.shift) * inv_temperature - sb.offset;
     sq += div_value<DIV>(lp, lq, prm);
     const float p = fast_exp(lp);
-    sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fk, 0.f, prm) : 0.f;
+    sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fprime_k, 0.f, prm) : 0.f;
     return 0.f;
   });
   block_sum2(sq, sp, scratch);
@@ -263,11 +247,11 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
   __shared__ RowState<float> state_scratch[32];
   __shared__ float sum_scratch[64];
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
-    float logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, div_s = 0.f, yk = 0.f;
+    float logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, div_s = 0.f, ref_at_argmax = 0.f;
     LogProbShift sa{0.f, 0.f}, sb{0.f, 0.f};
     if (!plan.skip) {
       const T* ra = static_cast<const T*>(args.logits) +
@@ -275,28 +259,30 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
       const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
       const T* rb = need_ref ? static_cast<const T*>(args.ref) +
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : ra;
-      const RowState<float> st =
-          first_pass<DT, DIV, false>(ra, rb, vocab, inv_tau, need_ref, plan.use_div, state_scratch);
+      const RowState<float> st = first_pass<DT, DIV, false>(ra, rb, vocab, inv_temperature,
+                                                            need_ref, plan.use_div, state_scratch);
       sa = shift_a(st);
       entropy = state_entropy(st);
       if (need_ref) sb = shift_b(st);
       if (plan.use_div) {
-        if constexpr (DIV >= kReverseKL) yk = st.yk;
+        if constexpr (DIV >= kReverseKL) ref_at_argmax = st.ref_at_argmax;
         if constexpr (DIV == kForwardKL) {
           div = state_forward_kl(st);
           div_s = -1.f;
         } else if constexpr (DIV == kReverseKL) {
-          div = state_reverse_kl(st, inv_tau);
+          div = state_reverse_kl(st, inv_temperature);
           div_s = state_reverse_kl_s(st);
         } else if constexpr (DIV != kNoDivergence) {
           // S centred at the policy's argmax k: sum p (f'(t) - f'(t_k)).
-          div_sums<DT, DIV>(ra, rb, vocab, inv_tau, sa, sb, yk, prm, div, div_s, sum_scratch);
+          div_sums<DT, DIV>(ra, rb, vocab, inv_temperature, sa, sb, ref_at_argmax, prm, div, div_s,
+                            sum_scratch);
         }
       }
       if (plan.label >= 0) {
         if (plan.label < vocab) {
-          logp = (Elem<DT>::load(ra[plan.label]) - sa.shift) * inv_tau - sa.offset;
-          if (need_ref) ref_logp = (Elem<DT>::load(rb[plan.label]) - sb.shift) * inv_tau - sb.offset;
+          logp = (Elem<DT>::load(ra[plan.label]) - sa.shift) * inv_temperature - sa.offset;
+          if (need_ref)
+            ref_logp = (Elem<DT>::load(rb[plan.label]) - sb.shift) * inv_temperature - sb.offset;
         } else {  // never reached through ops.py; a wrong label must not read out of bounds
           logp = ref_logp = __int_as_float(0x7fc00000);
         }
@@ -323,7 +309,7 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
       if (args.ref_row_max) args.ref_row_max[row] = sb.shift;
       if (args.ref_log_norm) args.ref_log_norm[row] = sb.offset;
       if (args.div_s) args.div_s[row] = div_s;
-      if (args.ref_at_argmax) args.ref_at_argmax[row] = yk;
+      if (args.ref_at_argmax) args.ref_at_argmax[row] = ref_at_argmax;
     }
   }
 }
@@ -334,7 +320,7 @@ template <int DT, int DIV>
 __global__ void fold_kernel(FoldArgs args) {
   using T = typename Elem<DT>::T;
   __shared__ RowState<float> state_scratch[32];
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     const RowPlan plan =
@@ -347,7 +333,8 @@ __global__ void fold_kernel(FoldArgs args) {
                  row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
       const T* rb = need_ref ? static_cast<const T*>(args.ref) +
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : ra;
-      st = first_pass<DT, DIV, true>(ra, rb, vocab, inv_tau, need_ref, plan.use_div, state_scratch);
+      st = first_pass<DT, DIV, true>(ra, rb, vocab, inv_temperature, need_ref, plan.use_div,
+                                     state_scratch);
       const int64_t y = slice_label(plan.label, args.v0, vocab);
       if (threadIdx.x == 0 && y >= 0) {
         label_a = Elem<DT>::load(ra[y]);
@@ -364,7 +351,7 @@ __global__ void fold_kernel(FoldArgs args) {
       if (args.ref_max) args.ref_max[row] = st.mb;
       if (args.ref_sum_exp) args.ref_sum_exp[row] = st.sb;
       if (args.ref_label_logit) args.ref_label_logit[row] = label_b;
-      if (args.ref_at_argmax) args.ref_at_argmax[row] = found ? st.yk : 0.f;
+      if (args.ref_at_argmax) args.ref_at_argmax[row] = found ? st.ref_at_argmax : 0.f;
       if (args.fkl_acc) args.fkl_acc[row] = st.wf;
       if (args.rkl_acc) args.rkl_acc[row] = st.wr;
     }
@@ -376,7 +363,7 @@ template <int DT, int DIV>
 __global__ void sweep_kernel(SweepArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
   __shared__ float sum_scratch[64];
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     float value = 0.f, centred = 0.f;
@@ -386,7 +373,7 @@ __global__ void sweep_kernel(SweepArgs args, DivParams prm) {
                  row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
       const T* rb = static_cast<const T*>(args.ref) +
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
-      div_sums<DT, DIV>(ra, rb, args.vocab, inv_tau,
+      div_sums<DT, DIV>(ra, rb, args.vocab, inv_temperature,
                         LogProbShift{args.row_max[row], args.log_norm[row]},
                         LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
                         args.ref_at_argmax[row], prm, value, centred, sum_scratch);
@@ -405,38 +392,40 @@ template <int DT, int DIV_ROW>
 __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              const typename Elem<DT>::T* rb,
                                              typename Elem<DT>::T* rg, int64_t vocab,
-                                             float inv_tau, LogProbShift sa, LogProbShift sb,
-                                             float yk, float s, float c, float gl, float ge,
-                                             float gd, float guard, int64_t label,
-                                             const DivParams& prm) {
+                                             float inv_temperature, LogProbShift sa,
+                                             LogProbShift sb, float ref_at_argmax, float s,
+                                             float c, float gl, float ge, float gd, float guard,
+                                             int64_t label, const DivParams& prm) {
   constexpr bool kRef = DIV_ROW != kNoDivergence;
-  float fk = 0.f;
-  if constexpr (DIV_ROW > kReverseKL)
-    fk = div_fprime<DIV_ROW>(-sa.offset, lq_at_argmax(yk, sb, inv_tau), prm);
+  float fprime_k = 0.f;
+  if constexpr (DIV_ROW > kReverseKL) {
+    const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
+    fprime_k = div_fprime<DIV_ROW>(-sa.offset, lq_k, prm);
+  }
   row_loop<DT, kRef, true>(ra, rb, rg, vocab, [&](int64_t j, float x, float z) {
-    const float xr = (x - sa.shift) * inv_tau;
+    const float xr = (x - sa.shift) * inv_temperature;
     const float lp = xr - sa.offset;
     const float p = fast_exp(lp);
     float inner = c + ge * lp;  // the p-weighted part of -g
     float g = 0.f;
     if constexpr (DIV_ROW == kForwardKL) {
-      g = gd * (p - fast_exp((z - sb.shift) * inv_tau - sb.offset));
+      g = gd * (p - fast_exp((z - sb.shift) * inv_temperature - sb.offset));
     } else if constexpr (DIV_ROW == kReverseKL) {
-      inner -= gd * (xr - (z - kl_centre(yk)) * inv_tau - s);
+      inner -= gd * (xr - (z - kl_centre(ref_at_argmax)) * inv_temperature - s);
     } else if constexpr (DIV_ROW != kNoDivergence) {
-      const float lq = (z - sb.shift) * inv_tau - sb.offset;
-      g = lp > -kInf ? gd * div_centred<DIV_ROW>(lp, lq, p, fk, s, prm) : 0.f;
+      const float lq = (z - sb.shift) * inv_temperature - sb.offset;
+      g = lp > -kInf ? gd * div_centred<DIV_ROW>(lp, lq, p, fprime_k, s, prm) : 0.f;
     }
     g += p > 0.f ? -p * inner : 0.f;
     g = j == label ? g + gl : g;
-    return g * inv_tau + guard;
+    return g * inv_temperature + guard;
   });
 }
 
 template <int DT, int DIV>
 __global__ void backward_kernel(BackwardArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
-  const float inv_tau = static_cast<float>(1.0 / args.temperature);
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
     T* rg = static_cast<T*>(args.grad) +
@@ -465,12 +454,12 @@ __global__ void backward_kernel(BackwardArgs args, DivParams prm) {
       const T* rb = static_cast<const T*>(args.ref) +
                  row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
       const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
-      const float yk = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
-      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_tau, sa, sb, yk, s, gl + ge * h, gl, ge, gd,
-                            guard, label, prm);
+      const float ref_at_argmax = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
+      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s,
+                            gl + ge * h, gl, ge, gd, guard, label, prm);
     } else {
-      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_tau, sa, sa, 0.f, 0.f, gl + ge * h,
-                                      gl, ge, 0.f, guard, label, prm);
+      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_temperature, sa, sa, 0.f, 0.f,
+                                      gl + ge * h, gl, ge, 0.f, guard, label, prm);
     }
   }
 }
@@ -505,26 +494,20 @@ void launch_sweep(const SweepArgs& a, cudaStream_t s) {
       a, make_div_params(a.beta, a.alpha));
 }
 
+// Only forward and reverse KL change the first pass: the other codes share one kernel.
 template <int DT>
 void fold_dt(const FoldArgs& a, cudaStream_t s) {
-  switch (a.divergence) {
-    case kForwardKL: return launch_fold<DT, kForwardKL>(a, s);
-    case kReverseKL: return launch_fold<DT, kReverseKL>(a, s);
-    default: return launch_fold<DT, kNoDivergence>(a, s);
-  }
+  PREFOPT_DISPATCH_DIVERGENCE(
+      a.divergence, DIV,
+      launch_fold<DT, first_pass_divergence(DIV)>(a, s));
 }
 
-// The bindings admit only the second-sweep divergences here.
 template <int DT>
 void sweep_dt(const SweepArgs& a, cudaStream_t s) {
-  switch (a.divergence) {
-    case kJS: return launch_sweep<DT, kJS>(a, s);
-    case kTV: return launch_sweep<DT, kTV>(a, s);
-    case kHellinger: return launch_sweep<DT, kHellinger>(a, s);
-    case kChi2: return launch_sweep<DT, kChi2>(a, s);
-    case kAlpha: return launch_sweep<DT, kAlpha>(a, s);
-    default: return;
-  }
+  PREFOPT_DISPATCH_DIVERGENCE(a.divergence, DIV,
+                              if constexpr (DIV >= kJS) launch_sweep<DT, DIV>(a, s);
+                              else throw std::invalid_argument(
+                                  "prefopt: sweep is for js, tv, hellinger, chi2 and alpha"));
 }
 
 template <int DT>

@@ -36,11 +36,12 @@ every row; the whole-row ops are the slice ``v0 = 0, Vs = V`` (the forward in on
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Optional
 
 import torch
 
-from . import DIVERGENCE_CODES, OpSpec, RowStats, row_state
+from . import DIVERGENCE_CODES, SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, row_state
 
 NAME = "native"
 
@@ -116,6 +117,19 @@ def _contiguous(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch
     return None if t is None else t.to(dtype).contiguous()
 
 
+def _saved(stats: RowStats, names) -> dict:
+    """The named statistics as contiguous fp32 tensors (``None`` where absent).
+
+    The extension gets raw pointers, so the caller holds this dict until the call returns.
+    """
+    return {name: _contiguous(getattr(stats, name), torch.float32) for name in names}
+
+
+def _pointers(tensors: dict, names) -> dict:
+    """``{name: data_ptr}`` for the named entries of ``tensors``, 0 where absent."""
+    return {name: _ptr(tensors[name]) for name in names}
+
+
 def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
             weight: Optional[torch.Tensor], spec: OpSpec) -> RowStats:
     """Per-row statistics of one fused read of ``logits`` (and ``ref_logits``).
@@ -154,16 +168,7 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
         want_logp=stats.logp is not None,
         want_ref_logp=stats.ref_logp is not None,
         want_entropy=stats.entropy is not None,
-        row_max=_ptr(stats.row_max),
-        log_norm=_ptr(stats.log_norm),
-        logp=_ptr(stats.logp),
-        ref_logp=_ptr(stats.ref_logp),
-        entropy=_ptr(stats.entropy),
-        div=_ptr(stats.div),
-        ref_row_max=_ptr(stats.ref_row_max),
-        ref_log_norm=_ptr(stats.ref_log_norm),
-        div_s=_ptr(stats.div_s),
-        ref_at_argmax=_ptr(stats.ref_at_argmax),
+        **_pointers(vars(stats), [f.name for f in fields(RowStats)]),
     )
     return stats
 
@@ -209,21 +214,17 @@ def fold(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
 
-    def out(present: bool, dtype=torch.float32) -> Optional[torch.Tensor]:
-        return torch.empty(n, dtype=dtype, device=device) if present else None
+    def out(field: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # The slice's state has the fields ``state`` has: fp32, the argmax int64.
+        if field is None:
+            return None
+        return torch.empty(n, dtype=torch.float32 if field.is_floating_point() else field.dtype, device=device)
 
+    names = [f.name for f in fields(row_state.RowState)]
+    piece = row_state.RowState(**{name: out(getattr(state, name)) for name in names})
     has_ref = state.ref_max is not None
-    piece = row_state.RowState(
-        max=out(True), sum_exp=out(True), argmax=out(True, torch.int64), label_logit=out(True),
-        ent_acc=out(state.ent_acc is not None), ref_max=out(has_ref), ref_sum_exp=out(has_ref),
-        ref_label_logit=out(has_ref), ref_at_argmax=out(state.ref_at_argmax is not None),
-        fkl_acc=out(state.fkl_acc is not None), rkl_acc=out(state.rkl_acc is not None),
-    )
-    outputs = {name: _ptr(getattr(piece, name)) for name in (
-        "max", "sum_exp", "ent_acc", "argmax", "label_logit", "ref_max", "ref_sum_exp", "ref_label_logit",
-        "ref_at_argmax", "fkl_acc", "rkl_acc")}
     _launch("fold", device, **_common(logits, labels, ref_logits if has_ref else None, weight, spec),
-            v0=int(v0), **outputs)
+            v0=int(v0), **_pointers(vars(piece), names))
     return row_state.merge(state, piece, spec)
 
 
@@ -242,15 +243,11 @@ def sweep(stats: RowStats, logits: torch.Tensor, ref_logits: torch.Tensor, label
     device = logits.device
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
-    row_max, log_norm, ref_row_max, ref_log_norm, ref_at_argmax = (
-        _contiguous(getattr(stats, k), torch.float32)
-        for k in ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "ref_at_argmax"))
+    inputs = _saved(stats, SWEEP_STATS)
     value_sum = torch.empty(n, dtype=torch.float32, device=device)
     centred_sum = torch.empty(n, dtype=torch.float32, device=device)
     _launch("sweep", device, **_common(logits, labels, ref_logits, weight, spec),
-            row_max=_ptr(row_max), log_norm=_ptr(log_norm), ref_row_max=_ptr(ref_row_max),
-            ref_log_norm=_ptr(ref_log_norm), ref_at_argmax=_ptr(ref_at_argmax),
-            value_sum=_ptr(value_sum), centred_sum=_ptr(centred_sum))
+            **_pointers(inputs, SWEEP_STATS), value_sum=_ptr(value_sum), centred_sum=_ptr(centred_sum))
     return value_sum, centred_sum
 
 
@@ -269,27 +266,16 @@ def slice_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_log
     """
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
-    # Held in locals: the extension gets raw pointers, so every buffer must outlive the call.
-    row_max, log_norm, ref_row_max, ref_log_norm, entropy, div_s, ref_at_argmax = (
-        _contiguous(getattr(stats, k), torch.float32)
-        for k in ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "entropy", "div_s",
-                  "ref_at_argmax")
-    )
+    saved = _saved(stats, SAVED_STATS)
     g_logp, g_ent, g_div = (_contiguous(g, torch.float32) for g in (grad_logp, grad_entropy, grad_div))
     _launch(
         "backward",
         logits.device,
         **_common(logits, labels, ref_logits, weight, spec),
-        row_max=_ptr(row_max),
-        log_norm=_ptr(log_norm),
-        ref_row_max=_ptr(ref_row_max),
-        ref_log_norm=_ptr(ref_log_norm),
-        entropy=_ptr(entropy),
-        div_s=_ptr(div_s),
-        ref_at_argmax=_ptr(ref_at_argmax),
+        **_pointers(saved, SAVED_STATS),
         grad_logp=_ptr(g_logp if labels is not None else None),
-        grad_entropy=_ptr(g_ent if entropy is not None else None),
-        grad_div=_ptr(g_div if ref_logits is not None and div_s is not None else None),
+        grad_entropy=_ptr(g_ent if saved["entropy"] is not None else None),
+        grad_div=_ptr(g_div if ref_logits is not None and saved["div_s"] is not None else None),
         grad=grad_out.data_ptr(),
         grad_batch_stride=grad_out.stride(0),
         grad_token_stride=grad_out.stride(1),

@@ -21,10 +21,12 @@ NAME = "reference"
 
 
 def is_available() -> bool:
+    """Always: plain PyTorch."""
     return True
 
 
 def supports(device: torch.device) -> bool:
+    """Every device PyTorch runs on."""
     return True
 
 
@@ -57,7 +59,7 @@ def evaluate(
     n = logits.shape[0]
     device = logits.device
     read, div_active = rows_read(labels, weight, spec, n, device)
-    inv_t = 1.0 / spec.temperature
+    inv_temperature = 1.0 / spec.temperature
 
     def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str):
         # Skipped rows may hold anything (even all -inf); they never reach the math.
@@ -65,7 +67,7 @@ def evaluate(
         row_max = x.detach().amax(-1)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         # Raw differences first, then 1/T: exact at a tiny T, where x/T alone would round away.
-        shifted = (x - row_max[:, None]) * inv_t
+        shifted = (x - row_max[:, None]) * inv_temperature
         log_norm = torch.logsumexp(shifted, dim=-1)
         out[prefix + "row_max"] = torch.where(rows, row_max, zero)
         out[prefix + "log_norm"] = torch.where(rows, log_norm, zero)
@@ -124,6 +126,7 @@ def evaluate(
 
 
 def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
+    """:func:`evaluate` without autograd, rounded to the fp32 :class:`RowStats` of every backend."""
     with torch.no_grad():
         rows = evaluate(logits, labels, ref_logits, weight, spec)
     return RowStats(**{k: v.to(torch.float32) for k, v in rows.items()})
@@ -187,6 +190,7 @@ def _undefined_gradient(log_norm: torch.Tensor, div_s: Optional[torch.Tensor], g
 
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
              grad_logp, grad_entropy, grad_div, grad_out) -> None:
+    """:func:`gradient` of the three per-token outputs, written into ``grad_out`` in its dtype."""
     grad = gradient(logits, labels, ref_logits, weight, spec,
                     {"logp": grad_logp, "entropy": grad_entropy, "div": grad_div})
     grad_out.copy_(grad.view(grad_out.shape))
@@ -206,14 +210,14 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
     x = logits.reshape(n, width).to(torch.float64)
     y = None if ref_logits is None else ref_logits.reshape(n, width).to(torch.float64)
     read, div_on = rows_read(labels, weight, spec, n, state.max.device)
-    inv_t = 1.0 / spec.temperature
+    inv_temperature = 1.0 / spec.temperature
     x = torch.where(read[:, None], x, -math.inf)
     dtype = state.max.dtype
 
     def distribution(z):
         m = z.amax(-1) if width else torch.full((n,), -math.inf, dtype=torch.float64, device=z.device)
         m_s = torch.where(m == -math.inf, 0.0, m)
-        u = (z - m_s[:, None]) * inv_t
+        u = (z - m_s[:, None]) * inv_temperature
         e = torch.exp(u)
         return m, u, e, e.sum(-1)
 
@@ -237,27 +241,28 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
         if local_label is not None and width:
             piece.ref_label_logit = torch.where(owned, y.gather(1, local_label)[:, 0], 0.0).to(dtype)
         if state.ref_at_argmax is not None:
-            b_k = (y.gather(1, torch.clamp(argmax - v0, min=0)[:, None])[:, 0] if width
-                   else torch.zeros(n, dtype=torch.float64, device=x.device))
-            piece.ref_at_argmax = torch.where(argmax >= 0, b_k, 0.0).to(dtype)
+            ref_at_argmax = (y.gather(1, torch.clamp(argmax - v0, min=0)[:, None])[:, 0] if width
+                             else torch.zeros(n, dtype=torch.float64, device=x.device))
+            piece.ref_at_argmax = torch.where(argmax >= 0, ref_at_argmax, 0.0).to(dtype)
         if state.fkl_acc is not None:
             piece.fkl_acc = torch.where(div_on[:, None] & (eb > 0), eb * (ub - u), 0.0).sum(-1).to(dtype)
         if state.rkl_acc is not None:
             centre = torch.where(piece.ref_at_argmax == -math.inf, 0.0, piece.ref_at_argmax.to(torch.float64))
-            rel = u - (y - centre[:, None]) * inv_t
+            rel = u - (y - centre[:, None]) * inv_temperature
             piece.rkl_acc = torch.where(div_on[:, None] & (e > 0), e * rel, 0.0).sum(-1).to(dtype)
     return row_state.merge(state, piece, spec)
 
 
-def _log_probs(x, shift, offset, inv_t):
-    return (x - shift[:, None].to(torch.float64)) * inv_t - offset[:, None].to(torch.float64)
+def _log_probs(x, shift, offset, inv_temperature):
+    return (x - shift[:, None].to(torch.float64)) * inv_temperature - offset[:, None].to(torch.float64)
 
 
 def _fprime_at_argmax(stats: RowStats, spec: OpSpec):
     """``f'(t_k)`` per row from ``log p_k = -log_norm`` and ``log q_k`` at the saved ``b_k``."""
-    inv_t = 1.0 / spec.temperature
+    inv_temperature = 1.0 / spec.temperature
     lp_k = -stats.log_norm.to(torch.float64)[:, None]
-    lq_k = _log_probs(stats.ref_at_argmax.to(torch.float64)[:, None], stats.ref_row_max, stats.ref_log_norm, inv_t)
+    lq_k = _log_probs(stats.ref_at_argmax.to(torch.float64)[:, None], stats.ref_row_max, stats.ref_log_norm,
+                      inv_temperature)
     _, slope_k = GENERATORS[spec.divergence](lp_k, lq_k, spec.beta, spec.alpha)
     return (slope_k / torch.exp(lp_k))[:, 0]
 
@@ -270,10 +275,11 @@ def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0:
     """
     n, width = stats.log_norm.shape[0], logits.shape[-1]
     _, div_on = rows_read(labels, weight, spec, n, stats.log_norm.device)
-    inv_t = 1.0 / spec.temperature
+    inv_temperature = 1.0 / spec.temperature
     on = div_on[:, None]
-    lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_t)
-    lq = _log_probs(ref_logits.reshape(n, width).to(torch.float64), stats.ref_row_max, stats.ref_log_norm, inv_t)
+    lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_temperature)
+    lq = _log_probs(ref_logits.reshape(n, width).to(torch.float64), stats.ref_row_max, stats.ref_log_norm,
+                    inv_temperature)
     lp, lq = torch.where(on, lp, 0.0), torch.where(on, lq, 0.0)
     value, slope = GENERATORS[spec.divergence](lp, lq, spec.beta, spec.alpha)
     centred = slope - torch.exp(lp) * _fprime_at_argmax(stats, spec)[:, None]
@@ -290,8 +296,8 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
     """
     n, width = stats.log_norm.shape[0], logits.shape[-1]
     read, div_on = rows_read(labels, weight, spec, n, stats.log_norm.device)
-    inv_t = 1.0 / spec.temperature
-    lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_t)
+    inv_temperature = 1.0 / spec.temperature
+    lp = _log_probs(logits.reshape(n, width).to(torch.float64), stats.row_max, stats.log_norm, inv_temperature)
     lp = torch.where(read[:, None], lp, -math.inf)
     p = torch.exp(lp)
     grad = torch.zeros_like(lp)
@@ -306,7 +312,8 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
     g_div = None
     if grad_div is not None and spec.divergence:
         g_div = torch.where(div_on, grad_div.to(torch.float64), 0.0)
-        lq = _log_probs(ref_logits.reshape(n, width).to(torch.float64), stats.ref_row_max, stats.ref_log_norm, inv_t)
+        lq = _log_probs(ref_logits.reshape(n, width).to(torch.float64), stats.ref_row_max, stats.ref_log_norm,
+                        inv_temperature)
         on = div_on[:, None]
         if spec.divergence == Divergence.FORWARD_KL:
             term = torch.where(on, p - torch.exp(lq), 0.0)
@@ -316,7 +323,7 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
             s_total = (stats.div_s.to(torch.float64) + _fprime_at_argmax(stats, spec))[:, None]
             term = torch.where(on & (p > 0), slope - p * s_total, 0.0)
         grad += g_div[:, None] * term
-    grad = grad * inv_t
+    grad = grad * inv_temperature
     bad = _undefined_gradient(stats.log_norm, stats.div_s, g_div)
     grad = torch.where(bad[:, None], math.nan, grad)
     grad_out.copy_(grad.view(grad_out.shape))

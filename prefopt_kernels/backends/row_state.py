@@ -90,15 +90,15 @@ def empty(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> R
     return state
 
 
-def _shift(m1: torch.Tensor, m2: torch.Tensor, inv_t: float):
+def _shift(m1: torch.Tensor, m2: torch.Tensor, inv_temperature: float):
     """``(m, d1, d2, c1, c2)``: the merged max, each side's ``(m_i - m) / T`` and ``exp`` of it.
 
     Equal maxima (both ``-inf`` included) give ``d = 0``; the larger side keeps ``c = 1``.
     """
     m = torch.maximum(m1, m2)
     same = m1 == m2
-    d1 = torch.where(same | (m1 >= m2), 0.0, (m1 - m) * inv_t)
-    d2 = torch.where(same | (m2 > m1), 0.0, (m2 - m) * inv_t)
+    d1 = torch.where(same | (m1 >= m2), 0.0, (m1 - m) * inv_temperature)
+    d2 = torch.where(same | (m2 > m1), 0.0, (m2 - m) * inv_temperature)
     return m, d1, d2, torch.exp(d1), torch.exp(d2)
 
 
@@ -108,15 +108,15 @@ def _scaled(c, acc, shift, weight):
     return torch.where(live, c * (acc + torch.where(live, shift, 0.0) * weight), 0.0)
 
 
-def _centre(b_k: torch.Tensor) -> torch.Tensor:
-    """Reverse KL's ``-inf``-safe centre: 0 in place of a ``-inf`` ``b_k`` (the KL is +inf there)."""
-    return torch.where(b_k == -math.inf, 0.0, b_k)
+def _centre(ref_at_argmax: torch.Tensor) -> torch.Tensor:
+    """Reverse KL's ``-inf``-safe centre: 0 in place of a ``-inf`` ``ref_at_argmax`` (the KL is +inf there)."""
+    return torch.where(ref_at_argmax == -math.inf, 0.0, ref_at_argmax)
 
 
 def merge(s1: RowState, s2: RowState, spec: OpSpec) -> RowState:
     """The state of the union of two disjoint vocabulary slices; associative and commutative."""
-    inv_t = 1.0 / spec.temperature
-    m, d1, d2, c1, c2 = _shift(s1.max, s2.max, inv_t)
+    inv_temperature = 1.0 / spec.temperature
+    m, d1, d2, c1, c2 = _shift(s1.max, s2.max, inv_temperature)
     # A slice without a finite policy logit has argmax -1 and never owns it.
     first_owns = (s2.argmax < 0) | ((s1.argmax >= 0) & (
         (s1.max > s2.max) | ((s1.max == s2.max) & (s1.argmax < s2.argmax))))
@@ -129,7 +129,7 @@ def merge(s1: RowState, s2: RowState, spec: OpSpec) -> RowState:
     if s1.ent_acc is not None:
         out.ent_acc = _scaled(c1, s1.ent_acc, d1, s1.sum_exp) + _scaled(c2, s2.ent_acc, d2, s2.sum_exp)
     if s1.ref_max is not None:
-        mb, e1, e2, k1, k2 = _shift(s1.ref_max, s2.ref_max, inv_t)
+        mb, e1, e2, k1, k2 = _shift(s1.ref_max, s2.ref_max, inv_temperature)
         out.ref_max = mb
         out.ref_sum_exp = s1.ref_sum_exp * k1 + s2.ref_sum_exp * k2
         out.ref_label_logit = s1.ref_label_logit + s2.ref_label_logit
@@ -140,8 +140,9 @@ def merge(s1: RowState, s2: RowState, spec: OpSpec) -> RowState:
                            + _scaled(k2, s2.fkl_acc, e2 - d2, s2.ref_sum_exp))
         if s1.rkl_acc is not None:
             centre = _centre(out.ref_at_argmax)
-            out.rkl_acc = (_scaled(c1, s1.rkl_acc, d1 - (_centre(s1.ref_at_argmax) - centre) * inv_t, s1.sum_exp)
-                           + _scaled(c2, s2.rkl_acc, d2 - (_centre(s2.ref_at_argmax) - centre) * inv_t, s2.sum_exp))
+            shift1 = d1 - (_centre(s1.ref_at_argmax) - centre) * inv_temperature
+            shift2 = d2 - (_centre(s2.ref_at_argmax) - centre) * inv_temperature
+            out.rkl_acc = _scaled(c1, s1.rkl_acc, shift1, s1.sum_exp) + _scaled(c2, s2.rkl_acc, shift2, s2.sum_exp)
     return out
 
 
@@ -154,7 +155,7 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
     rows everywhere, the divergence fields where ``weight`` is 0), and the NaN policy of
     ``prefopt_kernels.ops`` is applied.
     """
-    inv_t = 1.0 / spec.temperature
+    inv_temperature = 1.0 / spec.temperature
     read, div_on = rows_read(labels, weight, spec, state.max.shape[0], state.max.device)
     zero = torch.zeros_like(state.max)
 
@@ -166,7 +167,7 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
     guard_a = nan_guard(log_norm)
     stats = RowStats(row_max=kept(row_max), log_norm=kept(log_norm))
     if labels is not None and spec.want_logp:
-        stats.logp = kept((state.label_logit - row_max) * inv_t - log_norm + guard_a)
+        stats.logp = kept((state.label_logit - row_max) * inv_temperature - log_norm + guard_a)
     if spec.want_entropy:
         stats.entropy = kept(log_norm - state.ent_acc / state.sum_exp + guard_a)
     if state.ref_max is None:
@@ -176,7 +177,7 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
     guard_b = nan_guard(ref_log_norm)
     stats.ref_row_max, stats.ref_log_norm = kept(ref_row_max), kept(ref_log_norm)
     if spec.want_ref_logp:
-        stats.ref_logp = kept((state.ref_label_logit - ref_row_max) * inv_t - ref_log_norm + guard_b)
+        stats.ref_logp = kept((state.ref_label_logit - ref_row_max) * inv_temperature - ref_log_norm + guard_b)
     if not spec.divergence:
         return stats
     divergence = Divergence(spec.divergence)
@@ -187,7 +188,7 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
         return _set_divergence(stats, div + guard_a + guard_b, torch.full_like(div, -1.0), div_on)
     if divergence == Divergence.REVERSE_KL:
         div_s = state.rkl_acc / state.sum_exp
-        div = div_s - log_norm - (_centre(state.ref_at_argmax) - ref_row_max) * inv_t + ref_log_norm
+        div = div_s - log_norm - (_centre(state.ref_at_argmax) - ref_row_max) * inv_temperature + ref_log_norm
         return _set_divergence(stats, div + guard_a + guard_b, div_s, div_on)
     return stats
 

@@ -144,7 +144,8 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
     const float grow = fast_exp(d < 0.f ? d : 0.f) - 1.f;
     const float v = d > 0.f ? fast_exp(lp + d) * shrink * shrink : q * grow * grow;
     return has_q ? v : (has_p ? kInf : 0.f);
-  } else if constexpr (DIV == kAlpha) {
+  } else {
+    static_assert(DIV == kAlpha, "div_value: not a second-sweep divergence code");
     // Inside the support: near alpha = 1, (p expm1((a-1) d) / (a-1) - (p - q)) / a; near
     // alpha = 0, (q expm1(a d) / a - (p - q)) / (a-1); both are the definition rearranged,
     // with nothing of size p or q left to cancel against the small divisor.
@@ -155,8 +156,6 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
     const float mixed = has_p ? p_only : (has_q ? q_only : 0.f);
     const float edge = mixed * prm.inv_aam1 - p * prm.inv_am1 + q * prm.inv_alpha;
     return has_p && has_q ? inner : edge;
-  } else {
-    return 0.f;
   }
 }
 
@@ -173,23 +172,22 @@ PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& 
     return 1.f - fast_exp(0.5f * (lq - lp));
   } else if constexpr (DIV == kChi2) {
     return 2.f * (fast_exp(lp - lq) - 1.f);
-  } else if constexpr (DIV == kAlpha) {
-    return fast_expm1(prm.am1 * (lp - lq)) * prm.inv_am1;
   } else {
-    return 0.f;
+    static_assert(DIV == kAlpha, "div_fprime: not a second-sweep divergence code");
+    return fast_expm1(prm.am1 * (lp - lq)) * prm.inv_am1;
   }
 }
 
 // p ((f'(t) - f'(t_k)) - s) of the non-linear divergences where p > 0 (lp > -inf), with
-// fk = f'(t_k) and s the centred S (0 in the forward's sum). Where f'(t) is finite and p does
-// not underflow it is formed in that order, which is exactly -p s at the argmax k itself;
-// elsewhere p f'(t) is formed as ONE expression in
-// log space, since f'(t) overflows (or p underflows) long before the product does, e.g.
-// chi2's 2 p (t - 1) = 2 (exp(2 lp - lq) - p) where q is far below p, alpha's
-// (p^a q^(1-a) - p) / (a-1) (alpha_log_mixed).
+// fprime_k = f'(t_k) and s the centred S (0 in the forward's sum). Where f'(t) is finite and
+// p does not underflow it is formed in that order, which is exactly -p s at the argmax k
+// itself; elsewhere p f'(t) is formed as ONE expression in log space, since f'(t) overflows
+// (or p underflows) long before the product does, e.g. chi2's 2 p (t - 1) =
+// 2 (exp(2 lp - lq) - p) where q is far below p, alpha's (p^a q^(1-a) - p) / (a-1)
+// (alpha_log_mixed).
 template <int DIV>
-PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float fk, float s,
-                                            const DivParams& prm) {
+PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float fprime_k,
+                                            float s, const DivParams& prm) {
   const float fp = div_fprime<DIV>(lp, lq, prm);
   float pfp = p * fp;
   if constexpr (DIV == kHellinger) {
@@ -200,7 +198,7 @@ PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float f
     pfp = (fast_exp(alpha_log_mixed(lp, lq, prm)) - p) * prm.inv_am1;
   }
   const bool direct = p > 0.f && fp - fp == 0.f;  // fp finite
-  return direct ? p * ((fp - fk) - s) : pfp - p * fk - p * s;
+  return direct ? p * ((fp - fprime_k) - s) : pfp - p * fprime_k - p * s;
 }
 
 PREFOPT_MATH_END

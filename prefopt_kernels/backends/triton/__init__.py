@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import fields
 
 import torch
 
-from .. import DIVERGENCE_CODES, OpSpec, RowStats, row_state
+from .. import DIVERGENCE_CODES, SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, row_state
 from .config import launch_config
 
 NAME = "triton"
@@ -24,6 +25,7 @@ def _interpreted() -> bool:
 
 
 def is_available() -> bool:
+    """True when Triton imports and can run: on a CUDA device, or under its interpreter."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -32,10 +34,12 @@ def is_available() -> bool:
 
 
 def supports(device: torch.device) -> bool:
+    """CUDA tensors, and CPU tensors under the interpreter (``TRITON_INTERPRET=1``)."""
     return device.type == "cuda" or (_interpreted() and device.type == "cpu")
 
 
 def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
+    """Per-row statistics of one read of every row (``prefopt_kernels.backends`` has the contract)."""
     from .kernels import token_forward_kernel
 
     batches, tokens, vocab = logits.shape
@@ -59,14 +63,11 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
             stats.ref_at_argmax = torch.empty(n, **f32)
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)
-    # Pointers that a specialisation never touches point at a spare fp32 buffer.
     token_forward_kernel[(n,)](
-        logits, ref, _or(labels, spare), _or(weight, spare),
-        stats.row_max, stats.log_norm, _or(stats.logp, spare), _or(stats.entropy, spare),
-        _or(stats.ref_row_max, spare), _or(stats.ref_log_norm, spare), _or(stats.ref_logp, spare),
-        _or(stats.div, spare), _or(stats.div_s, spare), _or(stats.ref_at_argmax, spare),
-        tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
-        vocab, 1.0 / spec.temperature, spec.ignore_index, *_divergence_params(spec),
+        **_rows(logits, ref, labels, weight, spare),
+        **_pointers(stats, [f.name for f in fields(RowStats)], spare),
+        vocab=vocab, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
+        **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
         WANT_ENTROPY=spec.want_entropy, WANT_REF_LOGP=stats.ref_logp is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
@@ -77,6 +78,7 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
 
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
              grad_logp, grad_entropy, grad_div, grad_out) -> None:
+    """The gradient wrt ``logits`` into ``grad_out``: the whole row is the slice ``v0 = 0``."""
     slice_backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div,
                    grad_out, 0)
 
@@ -96,13 +98,13 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
     spare = stats.log_norm
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=has_div)
     token_backward_kernel[(n,)](
-        logits, ref, grad_out, _or(labels, spare), _or(weight, spare),
-        stats.row_max, stats.log_norm, _or(stats.entropy, spare), _or(stats.ref_row_max, spare),
-        _or(stats.ref_log_norm, spare), _or(stats.div_s, spare), _or(stats.ref_at_argmax, spare),
-        _or(grad_logp, spare), _or(grad_entropy, spare), _or(grad_div, spare),
-        tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
-        grad_out.stride(0), grad_out.stride(1),
-        vocab, v0, 1.0 / spec.temperature, spec.ignore_index, *_divergence_params(spec),
+        **_rows(logits, ref, labels, weight, spare),
+        **_pointers(stats, SAVED_STATS, spare),
+        grad_logp_ptr=_or(grad_logp, spare), grad_entropy_ptr=_or(grad_entropy, spare),
+        grad_div_ptr=_or(grad_div, spare),
+        grad_ptr=grad_out, stride_gb=grad_out.stride(0), stride_gt=grad_out.stride(1),
+        vocab=vocab, v0=v0, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
+        **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None,
         GRAD_LOGP=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
         DIVERGENCE=spec.divergence if has_div else 0,
@@ -121,16 +123,12 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
         return state
     piece = row_state.empty(n, spec, ref_logits is not None, logits.device)
     spare = piece.sum_exp
-    kl_acc = piece.fkl_acc if piece.fkl_acc is not None else piece.rkl_acc
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(width, logits.element_size(), two_rows=ref_logits is not None)
     slice_state_kernel[(n,)](
-        logits, ref, _or(labels, spare), _or(weight, spare),
-        piece.max, piece.sum_exp, _or(piece.ent_acc, spare), piece.argmax, piece.label_logit,
-        _or(piece.ref_max, spare), _or(piece.ref_sum_exp, spare), _or(piece.ref_label_logit, spare),
-        _or(piece.ref_at_argmax, spare), _or(kl_acc, spare),
-        tokens, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
-        width, v0, 1.0 / spec.temperature, spec.ignore_index,
+        **_rows(logits, ref, labels, weight, spare),
+        **_pointers(piece, [f.name for f in fields(row_state.RowState)], spare),
+        vocab=width, v0=v0, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
         WANT_ENTROPY=piece.ent_acc is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
@@ -152,25 +150,41 @@ def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0:
         return value, centred
     block_v, num_warps = launch_config(width, logits.element_size(), two_rows=True)
     slice_sweep_kernel[(n,)](
-        logits, ref_logits, _or(labels, value), _or(weight, value),
-        stats.row_max, stats.log_norm, stats.ref_row_max, stats.ref_log_norm, stats.ref_at_argmax,
-        value, centred,
-        tokens, logits.stride(0), logits.stride(1), ref_logits.stride(0), ref_logits.stride(1),
-        width, 1.0 / spec.temperature, spec.ignore_index, *_divergence_params(spec),
+        **_rows(logits, ref_logits, labels, weight, value),
+        **_pointers(stats, SWEEP_STATS, value),
+        value_ptr=value, centred_ptr=centred,
+        vocab=width, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
+        **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, DIVERGENCE=spec.divergence,
         BLOCK_V=block_v, num_warps=num_warps,
     )
     return value, centred
 
 
-def _divergence_params(spec: OpSpec) -> tuple:
-    """``(beta, 1 - beta, log beta, log(1 - beta), alpha, alpha - 1)`` computed in float64 here,
-    rounded to fp32 once at the launch: formed in fp32 from a rounded ``beta`` or ``alpha``,
-    ``1 - beta`` and ``alpha - 1`` lose everything near the ends (``1 + 1e-9`` is ``1.0f``)."""
+def _divergence_params(spec: OpSpec) -> dict:
+    """``beta, 1 - beta, log beta, log(1 - beta), alpha, alpha - 1`` by kernel argument name,
+    computed in float64 here and rounded to fp32 once at the launch: formed in fp32 from a
+    rounded ``beta`` or ``alpha``, ``1 - beta`` and ``alpha - 1`` lose everything near the
+    ends (``1 + 1e-9`` is ``1.0f``)."""
     beta, alpha = float(spec.beta), float(spec.alpha)
     if not 0.0 < beta < 1.0:  # only js reads beta, and validation keeps it inside (0, 1) there
         beta = 0.5
-    return beta, 1.0 - beta, math.log(beta), math.log1p(-beta), alpha, alpha - 1.0
+    return dict(beta=beta, one_m_beta=1.0 - beta, log_beta=math.log(beta), log1m_beta=math.log1p(-beta),
+                alpha=alpha, am1=alpha - 1.0)
+
+
+def _rows(logits, ref, labels, weight, spare) -> dict:
+    """The row arguments of every kernel: both ``[B, T, V]`` views with their leading strides,
+    the labels and the weights (``spare`` where absent)."""
+    return dict(a_ptr=logits, b_ptr=ref, labels_ptr=_or(labels, spare), weight_ptr=_or(weight, spare),
+                tokens_per_batch=logits.shape[1], stride_ab=logits.stride(0), stride_at=logits.stride(1),
+                stride_bb=ref.stride(0), stride_bt=ref.stride(1))
+
+
+def _pointers(source, names, spare) -> dict:
+    """``{name + "_ptr": tensor}`` for the named fields of ``source``. Pointers that a
+    specialisation never touches point at the fp32 buffer ``spare``."""
+    return {f"{name}_ptr": _or(getattr(source, name), spare) for name in names}
 
 
 def _or(tensor, fallback):

@@ -47,6 +47,8 @@ TV = tl.constexpr(int(Divergence.TV))
 HELLINGER = tl.constexpr(int(Divergence.HELLINGER))
 CHI2 = tl.constexpr(int(Divergence.CHI2))
 ALPHA = tl.constexpr(int(Divergence.ALPHA))
+# Codes run from 0 (none) to the last member: any other code fails to compile.
+LAST_CODE = tl.constexpr(max(int(d) for d in Divergence))
 
 
 @triton.jit
@@ -276,16 +278,17 @@ def _first_pass(a_row, b_row, vocab, inv_temperature,
                 TRACK_ARGMAX: tl.constexpr, BLOCK_V: tl.constexpr):
     """The first sweep over ``vocab`` entries of one row (a whole row, or a slice of it).
 
-    Returns ``(ma, za, h, mb, zb, k, y_am, k_idx)``: raw maxima ``ma``, ``mb``; the lane sums
-    ``za``, ``zb`` relative to them; the entropy lanes ``h`` (``WANT_ENTROPY``); the KL lanes
-    ``k`` (forward KL relative to both maxima, reverse KL to ``ma`` and the centre ``y_am``);
-    the reference logit ``y_am`` at the policy's first argmax; and, with ``TRACK_ARGMAX``,
-    that argmax's index (-1 while every policy logit is ``-inf``).
+    Returns ``(ma, za, h, mb, zb, k, ref_at_argmax, k_idx)``: raw maxima ``ma``, ``mb``; the
+    lane sums ``za``, ``zb`` relative to them; the entropy lanes ``h`` (``WANT_ENTROPY``); the
+    KL lanes ``k`` (forward KL relative to both maxima, reverse KL to ``ma`` and the centre
+    ``ref_at_argmax``); the reference logit ``ref_at_argmax`` at the policy's first argmax;
+    and, with ``TRACK_ARGMAX``, that argmax's index (-1 while every policy logit is ``-inf``).
     """
+    tl.static_assert((DIVERGENCE >= 0) and (DIVERGENCE <= LAST_CODE), "unknown DIVERGENCE code")
     cols = tl.arange(0, BLOCK_V)
     ma = float("-inf")
     mb = float("-inf")
-    y_am = 0.0
+    ref_at_argmax = 0.0
     k_idx = -1
     za = tl.zeros((BLOCK_V,), tl.float32)
     zb = tl.zeros((BLOCK_V,), tl.float32)
@@ -312,33 +315,34 @@ def _first_pass(a_row, b_row, vocab, inv_temperature,
                 k += tl.where(eb > 0.0, eb * (y_rel - x_rel), 0.0)
             if DIVERGENCE >= REVERSE_KL:
                 # The reference logit at the policy's running argmax: the centre of S.
-                y_block = tl.sum(tl.where(cols == k_block, y, 0.0), axis=0)
-                y_am_new = tl.where(block_max > ma, y_block, y_am)
+                ref_at_block_argmax = tl.sum(tl.where(cols == k_block, y, 0.0), axis=0)
+                new_ref_at_argmax = tl.where(block_max > ma, ref_at_block_argmax, ref_at_argmax)
             if DIVERGENCE == REVERSE_KL:
-                # Terms u_a - v with v = (y - y_am) / T, shifted as y_am moves. A -inf y_am
+                # Terms u_a - v with v = (y - b_k) / T, shifted as b_k moves. A -inf b_k
                 # (q_k = 0: the KL is +inf) is centred at 0 instead, which keeps it +inf.
-                y_am_s = tl.where(y_am == float("-inf"), 0.0, y_am)
-                y_am_new_s = tl.where(y_am_new == float("-inf"), 0.0, y_am_new)
-                shift_v = (y_am_s - y_am_new_s) * inv_temperature
-                v = (y - y_am_new_s) * inv_temperature
+                centre = tl.where(ref_at_argmax == float("-inf"), 0.0, ref_at_argmax)
+                new_centre = tl.where(new_ref_at_argmax == float("-inf"), 0.0, new_ref_at_argmax)
+                shift_v = (centre - new_centre) * inv_temperature
+                v = (y - new_centre) * inv_temperature
                 k = tl.where(scale_a > 0.0, scale_a * (k + (shift_a - shift_v) * za), 0.0)
                 k += tl.where(ea > 0.0, ea * (x_rel - v), 0.0)
             if DIVERGENCE >= REVERSE_KL:
-                y_am = y_am_new
+                ref_at_argmax = new_ref_at_argmax
             zb = zb * scale_b + eb
             mb = mb_new
         za = za * scale_a + ea
         ma = ma_new
-    return ma, za, h, mb, zb, k, y_am, k_idx
+    return ma, za, h, mb, zb, k, ref_at_argmax, k_idx
 
 
 @triton.jit
-def _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, y_am,
+def _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
                  beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
                  DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` over ``vocab`` entries, given the row's final
     statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``."""
-    fprime_k = _f_prime(-log_za, (y_am - mb_s) * inv_temperature - log_zb, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+    lq_k = (ref_at_argmax - mb_s) * inv_temperature - log_zb
+    fprime_k = _f_prime(-log_za, lq_k, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
     cols = tl.arange(0, BLOCK_V)
     values = tl.zeros((BLOCK_V,), tl.float32)
     centred = tl.zeros((BLOCK_V,), tl.float32)
@@ -390,7 +394,7 @@ def token_forward_kernel(
 
     ma_s = 0.0
     log_za = 0.0
-    y_at_argmax = 0.0
+    ref_at_argmax = 0.0
     logp = 0.0
     entropy = 0.0
     mb_s = 0.0
@@ -401,8 +405,8 @@ def token_forward_kernel(
     if needed:
         a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
         b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
-        ma, za, h, mb, zb, k, y_am, _ = _first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
-                                                    WANT_ENTROPY, DIVERGENCE, False, BLOCK_V)
+        ma, za, h, mb, zb, k, ref_at_argmax, _ = _first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
+                                                             WANT_ENTROPY, DIVERGENCE, False, BLOCK_V)
         ma_s, sum_za, log_za = _finish(ma, za)
         if HAS_LABELS:
             logp = (tl.load(a_row + label).to(tl.float32) - ma_s) * inv_temperature - log_za
@@ -418,13 +422,12 @@ def token_forward_kernel(
                     div_s = -1.0
                 elif DIVERGENCE == REVERSE_KL:
                     div_s = tl.sum(k, axis=0) / sum_za
-                    y_am_s = tl.where(y_am == float("-inf"), 0.0, y_am)
-                    div = div_s - log_za - (y_am_s - mb_s) * inv_temperature + log_zb
+                    centre = tl.where(ref_at_argmax == float("-inf"), 0.0, ref_at_argmax)
+                    div = div_s - log_za - (centre - mb_s) * inv_temperature + log_zb
                 elif DIVERGENCE != 0:
                     div, div_s = _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
-                                              y_am, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+                                              ref_at_argmax, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
                                               DIVERGENCE, BLOCK_V)
-                y_at_argmax = y_am
         # NaN policy (module docstring): 0, or NaN for a row with a NaN or +inf logit.
         guard_a = log_za - log_za
         logp += guard_a
@@ -450,14 +453,15 @@ def token_forward_kernel(
             tl.store(div_ptr + n, div)
             tl.store(div_s_ptr + n, div_s)
         if DIVERGENCE >= REVERSE_KL:
-            tl.store(ref_at_argmax_ptr + n, y_at_argmax)
+            # 0 on rows without the divergence term, as for div and div_s.
+            tl.store(ref_at_argmax_ptr + n, tl.where(div_on, ref_at_argmax, 0.0))
 
 
 @triton.jit
 def slice_state_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
     max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
-    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, kl_acc_ptr,
+    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
     vocab, v0, inv_temperature, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -467,8 +471,8 @@ def slice_state_kernel(
 
     The same first pass as a whole row, left unfinished: raw maxima, lane sums reduced to
     one per row, the argmax as a global index, and the label logits when the slice holds
-    the label. ``kl_acc`` is the forward or reverse KL accumulator, 0 where the divergence
-    is off. Rows that are not read get the empty state.
+    the label. ``fkl_acc`` / ``rkl_acc`` is the forward / reverse KL accumulator, 0 where
+    the divergence is off. Rows that are not read get the empty state.
     """
     n = tl.program_id(0)
     label, read, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
@@ -482,13 +486,13 @@ def slice_state_kernel(
     mb = float("-inf")
     sum_zb = 0.0
     b_y = 0.0
-    y_am = 0.0
+    ref_at_argmax = 0.0
     kl = 0.0
     if read:
         a_row = a_ptr + _row_offset(n, tokens_per_batch, stride_ab, stride_at)
         b_row = b_ptr + _row_offset(n, tokens_per_batch, stride_bb, stride_bt)
-        ma, za, h, mb, zb, k, y_am, k_idx = _first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
-                                                        WANT_ENTROPY, DIVERGENCE, True, BLOCK_V)
+        ma, za, h, mb, zb, k, ref_at_argmax, k_idx = _first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
+                                                                 WANT_ENTROPY, DIVERGENCE, True, BLOCK_V)
         sum_za = tl.sum(za, axis=0)
         ent = tl.sum(h, axis=0)
         sum_zb = tl.sum(zb, axis=0)
@@ -508,9 +512,11 @@ def slice_state_kernel(
         tl.store(ref_sum_exp_ptr + n, sum_zb)
         tl.store(ref_label_logit_ptr + n, b_y)
         if DIVERGENCE >= REVERSE_KL:
-            tl.store(ref_at_argmax_ptr + n, tl.where(k_idx >= 0, y_am, 0.0))
-        if DIVERGENCE == FORWARD_KL or DIVERGENCE == REVERSE_KL:
-            tl.store(kl_acc_ptr + n, kl)
+            tl.store(ref_at_argmax_ptr + n, tl.where(k_idx >= 0, ref_at_argmax, 0.0))
+        if DIVERGENCE == FORWARD_KL:
+            tl.store(fkl_acc_ptr + n, kl)
+        if DIVERGENCE == REVERSE_KL:
+            tl.store(rkl_acc_ptr + n, kl)
 
 
 @triton.jit
@@ -585,12 +591,13 @@ def token_backward_kernel(
         div_s = tl.load(div_s_ptr + n)
         mb = tl.load(ref_row_max_ptr + n)
         log_zb = tl.load(ref_log_norm_ptr + n)
-    y_am = 0.0
+    ref_at_argmax = 0.0
     fprime_k = 0.0
     if DIVERGENCE >= REVERSE_KL:
-        y_am = tl.load(ref_at_argmax_ptr + n)
+        ref_at_argmax = tl.load(ref_at_argmax_ptr + n)
     if DIVERGENCE > REVERSE_KL:
-        fprime_k = _f_prime(-log_za, (y_am - mb) * inv_temperature - log_zb, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+        lq_k = (ref_at_argmax - mb) * inv_temperature - log_zb
+        fprime_k = _f_prime(-log_za, lq_k, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
     guard = log_za - log_za
     div_active = False
     if DIVERGENCE != 0:
@@ -624,7 +631,7 @@ def token_backward_kernel(
                         # p f'(t) = -q and S = -1: the gradient is p - q.
                         grad += g_div * (p - tl.exp((y - mb) * inv_temperature - log_zb))
                     elif DIVERGENCE == REVERSE_KL:
-                        centred = (x - ma) * inv_temperature - (y - y_am) * inv_temperature - div_s
+                        centred = (x - ma) * inv_temperature - (y - ref_at_argmax) * inv_temperature - div_s
                         grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
                     else:
                         lq = (y - mb) * inv_temperature - log_zb

@@ -1,0 +1,164 @@
+// The arguments of the four row entry points (forward, backward, fold, sweep), each field
+// declared once. The field lists are X-macros: X(type, name). The structs below, the
+// bindings' keyword parameters and their conversion from Python integers
+// (csrc/bindings.cpp), and the name tuples the module exports (_C.SAVED_STATS, ...) all
+// expand these lists, so a field added here reaches every one of them. The statistics and
+// row-state lists keep the order of their Python counterparts (SAVED_STATS and SWEEP_STATS
+// in prefopt_kernels/backends/__init__.py, the RowState dataclass in
+// backends/row_state.py); tests/test_registry.py checks that they agree.
+#pragma once
+
+#include <cstdint>
+
+#include "prefopt/common.h"
+
+// The inputs every entry point reads. The logits are a [n_rows / tokens, tokens, vocab]
+// view (n_rows = B * T, tokens = T): row n starts at
+// row_offset(n, tokens, logits_batch_stride, logits_token_stride) elements (vocab stride 1).
+// ref, the reference logits, has the same dtype and view shape (null when absent); labels
+// and weight are [n_rows] or null. beta and alpha stay double: make_div_params derives
+// 1 - beta, alpha - 1 and the logs from them before rounding anything to fp32.
+#define PREFOPT_ROW_INPUTS(X)          \
+  X(int64_t, n_rows)                   \
+  X(int64_t, tokens)                   \
+  X(int64_t, vocab)                    \
+  X(const void*, logits)               \
+  X(int64_t, logits_batch_stride)      \
+  X(int64_t, logits_token_stride)      \
+  X(const void*, ref)                  \
+  X(int64_t, ref_batch_stride)         \
+  X(int64_t, ref_token_stride)         \
+  X(int, dtype)                        \
+  X(const int64_t*, labels)            \
+  X(const float*, weight)              \
+  X(double, temperature)               \
+  X(int64_t, ignore_index)             \
+  X(int, divergence)                   \
+  X(double, beta)                      \
+  X(double, alpha)
+
+// The per-row statistics a forward saves for its backward (fp32 [n_rows]), in the order of
+// SAVED_STATS. S(PTR, name) is also read by the second sweep (SWEEP_STATS), B(PTR, name) by
+// the backward alone; PTR is the pointer type (outputs of the forward, inputs after it).
+// lse(a / T) = row_max / T + log_norm with row_max the raw max (0 for an all -inf row);
+// div_s is S centred at the policy's argmax k (forward KL: -1), NaN where div is not finite
+// (its gradient row is then NaN); ref_at_argmax is the raw b_k (-inf allowed), for the
+// divergences past forward KL.
+#define PREFOPT_SAVED_STATS(S, B, PTR) \
+  S(PTR, row_max)                      \
+  S(PTR, log_norm)                     \
+  S(PTR, ref_row_max)                  \
+  S(PTR, ref_log_norm)                 \
+  B(PTR, entropy)                      \
+  B(PTR, div_s)                        \
+  S(PTR, ref_at_argmax)
+
+// The forward's per-token outputs that no later pass reads, fp32 [n_rows].
+#define PREFOPT_TOKEN_OUTPUTS(X) \
+  X(float*, logp)                \
+  X(float*, ref_logp)            \
+  X(float*, div)
+
+// The fields of one vocabulary slice's first-pass state, in the order of the RowState
+// dataclass (see FoldArgs).
+#define PREFOPT_ROW_STATE_FIELDS(X) \
+  X(float*, max)                    \
+  X(float*, sum_exp)                \
+  X(int64_t*, argmax)               \
+  X(float*, label_logit)            \
+  X(float*, ent_acc)                \
+  X(float*, ref_max)                \
+  X(float*, ref_sum_exp)            \
+  X(float*, ref_label_logit)       \
+  X(float*, ref_at_argmax)          \
+  X(float*, fkl_acc)                \
+  X(float*, rkl_acc)
+
+// Expands to nothing: the B of PREFOPT_SAVED_STATS for the second sweep's subset.
+#define PREFOPT_NO_FIELD(type, name)
+#define PREFOPT_DECLARE_FIELD(type, name) type name{};
+
+// What each entry point adds to the row inputs.
+#define PREFOPT_FORWARD_FIELDS(X) \
+  X(bool, want_logp)              \
+  X(bool, want_ref_logp)          \
+  X(bool, want_entropy)           \
+  PREFOPT_SAVED_STATS(X, X, float*) PREFOPT_TOKEN_OUTPUTS(X)
+#define PREFOPT_BACKWARD_FIELDS(X)     \
+  X(const float*, grad_logp)           \
+  X(const float*, grad_entropy)        \
+  X(const float*, grad_div)            \
+  X(void*, grad)                       \
+  X(int64_t, grad_batch_stride)        \
+  X(int64_t, grad_token_stride)        \
+  X(int64_t, v0)
+#define PREFOPT_FOLD_FIELDS(X) X(int64_t, v0) PREFOPT_ROW_STATE_FIELDS(X)
+#define PREFOPT_SWEEP_FIELDS(X) X(float*, value_sum) X(float*, centred_sum)
+
+// The keyword parameters of each entry point, in order: the row inputs, then its own.
+#define PREFOPT_FORWARD_PARAMS(X) PREFOPT_ROW_INPUTS(X) PREFOPT_FORWARD_FIELDS(X)
+#define PREFOPT_BACKWARD_PARAMS(X) \
+  PREFOPT_ROW_INPUTS(X) PREFOPT_SAVED_STATS(X, X, const float*) PREFOPT_BACKWARD_FIELDS(X)
+#define PREFOPT_FOLD_PARAMS(X) PREFOPT_ROW_INPUTS(X) PREFOPT_FOLD_FIELDS(X)
+#define PREFOPT_SWEEP_PARAMS(X)                                   \
+  PREFOPT_ROW_INPUTS(X)                                           \
+  PREFOPT_SAVED_STATS(X, PREFOPT_NO_FIELD, const float*)          \
+  PREFOPT_SWEEP_FIELDS(X)
+
+// The entry points: X(name, argument struct, keyword parameters).
+#define PREFOPT_ENTRY_POINTS(X)                                  \
+  X(forward, ForwardArgs, PREFOPT_FORWARD_PARAMS)                \
+  X(backward, BackwardArgs, PREFOPT_BACKWARD_PARAMS)             \
+  X(fold, FoldArgs, PREFOPT_FOLD_PARAMS)                         \
+  X(sweep, SweepArgs, PREFOPT_SWEEP_PARAMS)
+
+namespace prefopt {
+
+struct RowInputs {
+  PREFOPT_ROW_INPUTS(PREFOPT_DECLARE_FIELD)
+  int num_threads = 0;  // CPU only; 0 = OpenMP default
+};
+
+// Everything one forward call needs. Null output pointers are outputs not asked for;
+// row_max and log_norm are always written.
+struct ForwardArgs : RowInputs {
+  PREFOPT_FORWARD_FIELDS(PREFOPT_DECLARE_FIELD)
+};
+
+// The saved statistics of the whole row, as the passes after the forward read them (null
+// where not saved).
+struct SavedStatsArgs : RowInputs {
+  PREFOPT_SAVED_STATS(PREFOPT_DECLARE_FIELD, PREFOPT_DECLARE_FIELD, const float*)
+};
+
+// Everything one backward call needs. `grad` may alias `logits` (in-place backward). With
+// v0 > 0 the logits (and grad) are the slice [v0, v0 + vocab) of each row, the statistics
+// those of the whole row, and labels global ids: the label's term lands on local index
+// label - v0 when the slice holds it. grad_* are the upstream per-token gradients, fp32
+// [n_rows], null meaning zero; grad is a [B, T, vocab] view in `dtype` with the strides
+// given, vocab stride 1.
+struct BackwardArgs : SavedStatsArgs {
+  PREFOPT_BACKWARD_FIELDS(PREFOPT_DECLARE_FIELD)
+};
+
+// The first pass over one vocabulary slice [v0, v0 + vocab) of every row: the slice's own
+// RowState (softmax_state.h) per row, to be merged with the other slices' states. The logits
+// are the slice's [B, T, vocab] view; labels hold global ids. Outputs, [n_rows]: fp32, but
+// argmax int64 (global index of the slice's first policy max, -1 when that max is -inf or
+// the row is skipped). Skipped rows get the empty state (maxima -inf, sums 0, labels 0).
+// label_logit / ref_label_logit are the raw logits at the label where the slice holds it,
+// else 0; ref_at_argmax the raw reference logit at argmax (0 at -1); fkl_acc / rkl_acc are
+// accumulated only on rows with the divergence term. Null outputs are not computed.
+struct FoldArgs : RowInputs {
+  PREFOPT_FOLD_FIELDS(PREFOPT_DECLARE_FIELD)
+};
+
+// The second sweep of js/tv/hellinger/chi2/alpha over one vocabulary slice, given the final
+// statistics of the whole row (entropy and div_s are not read): value_sum = sum q f(t),
+// centred_sum = sum p (f'(t) - f'(t_k)) over the slice, fp32 [n_rows], 0 on rows without the
+// divergence term.
+struct SweepArgs : SavedStatsArgs {
+  PREFOPT_SWEEP_FIELDS(PREFOPT_DECLARE_FIELD)
+};
+
+}  // namespace prefopt
