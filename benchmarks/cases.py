@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "js", "tv", "hellinger", "chi2", "alpha")
+from prefopt_kernels.divergences import DIVERGENCES
 # op name -> whether it reads reference logits
 LOGIT_OPS = {
     "logprobs": False,

@@ -60,7 +60,8 @@ def head_transform(text_config) -> tuple:
     return (1.0 if scale is None else float(scale)), getattr(text_config, "final_logit_softcapping", None)
 
 
-def _backbone_attr(model) -> str:
+def backbone_attr(model) -> str:
+    """The attribute of a transformers causal LM that holds its backbone (the model without the LM head)."""
     import transformers
     from packaging.version import Version
 
@@ -115,7 +116,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         raise ValueError(f"outputs must name only {', '.join(FUSED_OUTPUTS)}; got {unknown}")
     text_config = model.config.get_text_config()
     logit_scale, softcap = head_transform(text_config)
-    backbone_attr = _backbone_attr(model)
+    backbone_name = backbone_attr(model)
     original_forward = model.forward
     want_entropy = "entropy" in outputs
     extras = tuple(name for name in _EXTRA_OUTPUTS if name in outputs)
@@ -132,7 +133,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
+        backbone_outputs = getattr(self, backbone_name)(*args, **kwargs)
         if shift_labels is None:
             hidden, targets = backbone_outputs.last_hidden_state[:, :-1], labels[:, 1:]
         else:

@@ -1,0 +1,350 @@
+r"""TRL's ``DPOTrainer`` with the preference losses of :mod:`prefopt_kernels.losses`.
+
+:class:`PrefOptDPOTrainer` and :class:`PrefOptDPOConfig` take the same arguments as TRL 1.16's
+``DPOTrainer`` and ``DPOConfig``; ``loss_type`` additionally accepts
+
+* ``"sparse_po"``: :func:`~prefopt_kernels.losses.sparse_po_loss` with learned, activation or no
+  token masks;
+* ``"tdpo1"``, ``"tdpo2"``: :func:`~prefopt_kernels.losses.tdpo_loss`;
+* ``"simpo"``: :func:`~prefopt_kernels.losses.simpo_loss` (no reference forward);
+* ``"inpo"``: :func:`~prefopt_kernels.losses.inpo_loss`.
+
+Every other ``loss_type`` runs TRL's own ``_compute_loss`` unchanged. The token-level losses
+(SparsePO, TDPO) get the policy's and the reference's label log-probs and the per-token
+``KL(π_ref ‖ π)`` from one :func:`prefopt_kernels.linear_token_terms` call over both models'
+last hidden states, so neither model's logits are ever materialised::
+
+    from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
+    args = PrefOptDPOConfig(output_dir="out", loss_type="sparse_po", sparse_po_mask="learned")
+    trainer = PrefOptDPOTrainer(model=model, ref_model=ref_model, args=args,
+                                train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+Needs ``transformers`` and ``trl`` (the ``[trl]`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import trl.trainer.dpo_trainer as trl_dpo
+from trl import DPOConfig, DPOTrainer
+
+from ..linear import linear_token_terms
+from ..losses import inpo_loss, simpo_loss, sparse_po_loss, tdpo_loss
+from ..masks import ActivationTokenMask, LearnedTokenMask
+from .trl import backbone_attr, head_transform
+
+TOKEN_LOSS_TYPES = ("sparse_po", "tdpo1", "tdpo2")
+SEQUENCE_LOSS_TYPES = ("simpo", "inpo")
+PREFOPT_LOSS_TYPES = TOKEN_LOSS_TYPES + SEQUENCE_LOSS_TYPES
+SPARSE_PO_MASKS = ("learned", "activation", "none")
+# The learned SparsePO mask lives on the policy under this name, so the optimizer and the
+# checkpoints include its parameters.
+MASK_MODULE_NAME = "prefopt_sparse_po_mask"
+
+
+@dataclass
+class PrefOptDPOConfig(DPOConfig):
+    r"""``DPOConfig`` plus the parameters of the losses of :mod:`prefopt_kernels.losses`.
+
+    ``beta`` is each loss's ``β`` and ``label_smoothing`` SimPO's ``ε``. Per loss type:
+
+    * ``"sparse_po"``: ``-log σ(β[(U(y_w) - U(y_l)) - (D(y_l) - D(y_w))])
+      + λ_u Σ‖m_u‖_1 + λ_d Σ‖m_d‖_1`` with ``U = Σ_t m_u (log π - log π_ref)``,
+      ``D = Σ_t m_d KL(π_ref ‖ π)``, ``λ_u = sparse_po_l1_reward``, ``λ_d = sparse_po_l1_kl``;
+      the masks ``m_u, m_d`` come from ``sparse_po_mask``: ``"learned"``
+      (:class:`~prefopt_kernels.masks.LearnedTokenMask` over the reference's hidden states,
+      trained with the policy; ``sparse_po_separate_kl_mask`` gives ``m_d`` its own network,
+      ``sparse_po_mask_dropout`` its dropout), ``"activation"``
+      (:class:`~prefopt_kernels.masks.ActivationTokenMask` over the reference's decoder layers,
+      ``m_u = m_d``) or ``"none"`` (all ones: TDPO1).
+    * ``"tdpo1"`` / ``"tdpo2"``: ``-log σ(β(u - (D(y_l) - D(y_w))))`` /
+      ``-log σ(β(u - α(D(y_l) - sg[D(y_w)])))`` with ``α = tdpo_alpha``.
+    * ``"simpo"``: ``-log σ(β(log π(y_w)/|y_w| - log π(y_l)/|y_l|) - γ)`` with
+      ``γ = simpo_gamma``.
+    * ``"inpo"``: ``(h - η/2)²``, ``h = Δ_π - ητ Δ_ref - (1 - ητ) Δ_prev`` (``Δ`` the chosen
+      minus rejected log-prob), ``η = inpo_eta``, ``τ = inpo_tau``; the previous iterate is the
+      trainer's ``prev_model``, or the reference when none is given.
+
+    One of these loss types is used alone (no ``loss_weights`` mix), with
+    ``f_divergence_type="reverse_kl"``, ``ld_alpha=None`` and ``use_weighting=False``; the
+    token-level ones need the reference's hidden states, so not ``precompute_ref_log_probs``.
+    """
+
+    sparse_po_mask: str = field(
+        default="learned",
+        metadata={"help": "SparsePO token mask: 'learned', 'activation' or 'none'.",
+                  "choices": list(SPARSE_PO_MASKS)},
+    )
+    sparse_po_l1_reward: float = field(default=0.0, metadata={"help": "SparsePO L1 weight of the reward mask."})
+    sparse_po_l1_kl: float = field(default=0.0, metadata={"help": "SparsePO L1 weight of the KL mask."})
+    sparse_po_separate_kl_mask: bool = field(
+        default=False, metadata={"help": "Learned SparsePO mask: a separate network for the KL mask."}
+    )
+    sparse_po_mask_dropout: float = field(default=0.0, metadata={"help": "Learned SparsePO mask: dropout."})
+    tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2 weight α of the sequential KL margin."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin γ."})
+    inpo_eta: float = field(default=0.1, metadata={"help": "INPO step size η (> 0)."})
+    inpo_tau: float = field(default=1.0, metadata={"help": "INPO KL strength τ (>= 0, ητ <= 1)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        ours = [name for name in self.loss_type if name in PREFOPT_LOSS_TYPES]
+        if not ours:
+            return
+        if len(self.loss_type) != 1:
+            raise ValueError(f"loss_type {ours[0]!r} must be used alone; got {self.loss_type}")
+        if self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None or self.use_weighting:
+            raise ValueError(
+                f"loss_type {ours[0]!r} needs f_divergence_type='reverse_kl', ld_alpha=None and use_weighting=False"
+            )
+        if ours[0] in TOKEN_LOSS_TYPES and self.precompute_ref_log_probs:
+            raise ValueError(f"loss_type {ours[0]!r} needs the reference's hidden states: "
+                             "set precompute_ref_log_probs=False")
+        if self.sparse_po_mask not in SPARSE_PO_MASKS:
+            raise ValueError(f"sparse_po_mask must be one of {SPARSE_PO_MASKS}; got {self.sparse_po_mask!r}")
+
+
+def _add_backbone_route(model) -> None:
+    """Let ``model(..., backbone_only=True)`` return the backbone's output (no LM head).
+
+    The token-level losses need the policy's last hidden state with its graph; going through
+    ``model``'s own forward keeps distributed wrappers (DDP, FSDP) in charge of the call.
+    """
+    attr = backbone_attr(model)
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def routed_forward(self, *args, backbone_only=False, **kwargs):
+        if backbone_only:
+            return getattr(self, attr)(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    model.forward = types.MethodType(routed_forward, model)
+
+
+class PrefOptDPOTrainer(DPOTrainer):
+    r"""``DPOTrainer`` whose ``loss_type`` also takes ``sparse_po``, ``tdpo1``, ``tdpo2``, ``simpo``, ``inpo``.
+
+    The losses and their parameters are those of :class:`PrefOptDPOConfig`. For the token-level
+    losses, per completion token ``t`` (label ``y_t``, prompt and padding excluded):
+
+    .. math::
+        l_t = \log π(y_t|·) - \log π_{ref}(y_t|·), \qquad
+        KL_t = KL\big(π_{ref}(·|ctx_t) \,‖\, π(·|ctx_t)\big),
+
+    all three from one :func:`~prefopt_kernels.linear_token_terms` call on the policy's last
+    hidden state (with gradient) and the reference backbone's (under ``no_grad``); ``KL_t`` is
+    computed only where the KL mask is non-zero. The learned SparsePO mask is a submodule of
+    the policy (``MASK_MODULE_NAME``), so the optimizer trains it and checkpoints store it.
+
+    Logged metrics: TRL's names (``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
+    ``entropy``, ``logits/*``, ``mean_token_accuracy``, ``num_tokens``) plus each loss's own
+    (``kl/chosen``, ``kl/rejected``, ``mask/density``, ...), each the batch mean of the loss's
+    metric, as the loss defines it (SimPO's rewards are length-normalised, INPO's are not
+    scaled by ``β``).
+
+    Args: as ``DPOTrainer``, plus ``prev_model``: the previous INPO iterate ``π_t``, frozen
+    (``None``: the reference).
+    """
+
+    def __init__(self, *args, prev_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefopt_loss = self.loss_types[0] if self.loss_types[0] in PREFOPT_LOSS_TYPES else None
+        self.prev_model = None
+        if prev_model is not None and self.prefopt_loss != "inpo":
+            raise ValueError(f"prev_model is the previous INPO iterate; loss_type is {self.loss_types}")
+        if self.prefopt_loss is None:
+            return
+        if not isinstance(self.args, PrefOptDPOConfig):
+            raise TypeError(f"loss_type {self.prefopt_loss!r} needs a PrefOptDPOConfig")
+        if self.aux_loss_enabled:
+            raise ValueError(f"loss_type {self.prefopt_loss!r} does not add the MoE auxiliary loss; "
+                             "set router_aux_loss_coef=0.0")
+        policy = self._policy_module()
+        if self.prefopt_loss in TOKEN_LOSS_TYPES:
+            _add_backbone_route(policy)
+        self._activation_mask = None
+        if self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "learned":
+            text_config = self._reference_module().config.get_text_config()
+            # output_hidden_states gives the embeddings and every layer's output.
+            mask = LearnedTokenMask(text_config.hidden_size, text_config.num_hidden_layers + 1,
+                                    separate_kl=self.args.sparse_po_separate_kl_mask,
+                                    dropout=self.args.sparse_po_mask_dropout)
+            policy.add_module(MASK_MODULE_NAME, mask.to(policy.get_output_embeddings().weight.device))
+        elif self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "activation":
+            reference = self._reference_module()
+            layer_names = set(getattr(reference, "_no_split_modules", None) or ())
+            layer_types = tuple({type(m) for m in reference.modules() if type(m).__name__ in layer_names})
+            if not layer_types:
+                raise ValueError("sparse_po_mask='activation' hooks the decoder layers named in the reference "
+                                 f"model's _no_split_modules; {type(reference).__name__} names none")
+            self._activation_mask = ActivationTokenMask(layer_types)
+        if prev_model is not None:
+            trl_dpo.add_fused_lm_head(prev_model)
+            if self.args.disable_dropout:
+                trl_dpo.disable_dropout_in_model(prev_model)
+            prev_model.requires_grad_(False)
+            self.prev_model = self.accelerator.prepare_model(prev_model.eval(), evaluation_mode=True)
+
+    # ------------------------------------------------------------------ model access
+
+    def _policy_module(self):
+        """The policy's transformers model: unwrapped, and the base model under PEFT."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if trl_dpo.is_peft_model(model) else model
+
+    def _reference_module(self):
+        """The reference's transformers model (the PEFT base model when there is no ``ref_model``)."""
+        if self.ref_model is not None:
+            return self.accelerator.unwrap_model(self.ref_model)
+        return self._policy_module()
+
+    def _reference_context(self):
+        """Under PEFT without a ``ref_model``, the adapter context that turns the policy into the reference."""
+        if self.ref_model is None and trl_dpo.is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return trl_dpo.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ loss
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.prefopt_loss is None:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items()
+                        if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[:, 1:]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        if self.prefopt_loss in TOKEN_LOSS_TYPES:
+            loss, metrics, token_stats = self._token_level_loss(model, model_kwargs, labels, completion_mask)
+        else:
+            loss, metrics, token_stats = self._sequence_level_loss(model, model_kwargs, labels, shift_mask, inputs)
+
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+        self._log_token_metrics(mode, inputs, shift_mask, *token_stats)
+
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` recomputes the logits with an extra forward pass.", FutureWarning, stacklevel=2
+            )
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _token_level_loss(self, model, model_kwargs, labels, completion_mask):
+        """SparsePO / TDPO from one fused pass over the policy's and the reference's hidden states."""
+        args = self.args
+        seq_len = labels.size(1) - 1
+        shift_mask = completion_mask[:, 1:]
+        policy, reference = self._policy_module(), self._reference_module()
+        learned = self.prefopt_loss == "sparse_po" and args.sparse_po_mask == "learned"
+        hidden = model(**model_kwargs, backbone_only=True).last_hidden_state[:, :-1][:, -seq_len:]
+
+        ref_backbone = getattr(reference, backbone_attr(reference))
+        record = (self._activation_mask.record(ref_backbone) if self._activation_mask is not None
+                  else contextlib.nullcontext())
+        with (torch.no_grad(), trl_dpo.disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
+              self._reference_context(), record):
+            ref_out = ref_backbone(**model_kwargs, output_hidden_states=learned)
+        ref_hidden = ref_out.last_hidden_state[:, :-1][:, -seq_len:]
+
+        # Masks are built in the input layout [B, T], then shifted like the labels.
+        reward_mask = kl_mask = None
+        if learned:
+            reward_mask, kl_mask = getattr(policy, MASK_MODULE_NAME)(ref_out.hidden_states, completion_mask)
+            reward_mask, kl_mask = reward_mask[:, 1:], kl_mask[:, 1:]
+        elif self._activation_mask is not None:
+            reward_mask = kl_mask = self._activation_mask.compute(completion_mask)[:, 1:]
+
+        head, ref_head = policy.get_output_embeddings(), reference.get_output_embeddings()
+        scale, softcap = head_transform(policy.config.get_text_config())
+        ref_scale, ref_softcap = head_transform(reference.config.get_text_config())
+        terms, extra = linear_token_terms(
+            hidden, head.weight, labels[:, 1:], ref_hidden, ref_head.weight, head_bias=head.bias,
+            ref_head_bias=ref_head.bias, divergence="forward_kl", div_weight=kl_mask, return_entropy=True,
+            logit_scale=scale, ref_logit_scale=ref_scale, softcap=softcap, ref_softcap=ref_softcap,
+            extras=("mean_logits", "is_top1"),
+        )
+        logratios = (terms.logp - terms.ref_logp).chunk(2, dim=0)
+        kl = terms.div.chunk(2, dim=0)
+        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        if self.prefopt_loss == "sparse_po":
+            reward_masks = (None, None) if reward_mask is None else reward_mask.chunk(2, dim=0)
+            kl_masks = (None, None) if kl_mask is None else kl_mask.chunk(2, dim=0)
+            loss, metrics = sparse_po_loss(*logratios, *kl, *reward_masks, *kl_masks, chosen_mask=chosen_mask,
+                                           rejected_mask=rejected_mask, beta=self.beta,
+                                           l1_reward=args.sparse_po_l1_reward, l1_kl=args.sparse_po_l1_kl)
+        else:
+            loss, metrics = tdpo_loss(*logratios, *kl, chosen_mask, rejected_mask, beta=self.beta,
+                                      alpha=args.tdpo_alpha, variant=1 if self.prefopt_loss == "tdpo1" else 2)
+        # logp is 0 at ignored tokens, so the row sums are the completions' log-probs.
+        chosen_logps, rejected_logps = terms.logp.detach().sum(dim=1).chunk(2, dim=0)
+        metrics["logps/chosen"], metrics["logps/rejected"] = chosen_logps, rejected_logps
+        return loss, metrics, (terms.entropy, extra["mean_logits"], extra["is_top1"])
+
+    def _sequence_level_loss(self, model, model_kwargs, labels, shift_mask, inputs):
+        """SimPO / INPO from the summed completion log-probs of TRL's fused LM head."""
+        args = self.args
+        seq_len = shift_mask.size(1)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        if self.prefopt_loss == "simpo":
+            # A completion truncated away has no token; its length is taken as 1 (its log-prob is 0).
+            lengths = shift_mask.sum(dim=1).clamp(min=1).to(logps.dtype)
+            chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+            loss, metrics = simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
+                                       beta=self.beta, gamma=args.simpo_gamma, label_smoothing=self.label_smoothing)
+        else:
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                reference = self.ref_model if self.ref_model is not None else self.model
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+            if self.prev_model is None:
+                prev_chosen, prev_rejected = ref_chosen, ref_rejected
+            else:
+                prev_chosen, prev_rejected = self.compute_ref_log_probs(self.prev_model, inputs)
+            loss, metrics = inpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, prev_chosen,
+                                      prev_rejected, eta=args.inpo_eta, tau=args.inpo_tau)
+        return loss, metrics, (outputs.entropy, outputs.mean_logits, outputs.is_top1)
+
+    def _log_token_metrics(self, mode, inputs, shift_mask, entropy, mean_logits, is_top1):
+        """TRL's ``entropy``, ``num_tokens``, ``logits/*`` and ``mean_token_accuracy``, computed as TRL does."""
+        gather = self.accelerator.gather_for_metrics
+        seq_len = shift_mask.size(1)
+        mask = shift_mask.bool()
+        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+
+        total = gather(mask.sum()).sum()
+        entropy_sum = gather((entropy[:, -seq_len:].detach() * mask).sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
+
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        chosen_logits, rejected_logits = mean_logits[:, -seq_len:].chunk(2, dim=0)
+        for name, values, side_mask in (("chosen", chosen_logits, chosen_mask),
+                                        ("rejected", rejected_logits, rejected_mask)):
+            value_sum = gather(values[side_mask].sum()).sum().item()
+            count = gather(side_mask.sum()).sum().item()
+            self._metrics[mode][f"logits/{name}"].append(value_sum / count if count > 0 else 0.0)
+
+        chosen_top1, _ = is_top1[:, -seq_len:].chunk(2, dim=0)
+        correct = gather((chosen_top1 & chosen_mask).sum()).sum()
+        count = gather(chosen_mask.sum()).sum()
+        self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
