@@ -104,7 +104,8 @@ def _float_bits(x: float) -> int:
 
 
 def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, labels, weight) -> list:
-    """What every rank must agree on, as int64: the op, its scalars, and checksums of labels and weights."""
+    """What every rank must agree on, as ``(name, int64)`` pairs: the op, its scalars, checksums of
+    labels and weights and the kept labels' range; the local V first (the one entry that may differ)."""
     label_sum = label_moment = weight_nonzero = weight_sum = 0
     label_min, label_max = 0, -1
     if labels is not None and labels.numel():
@@ -115,10 +116,13 @@ def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, label
             label_min, label_max = int(kept.min()), int(kept.max())
     if weight is not None and weight.numel():
         weight_nonzero, weight_sum = int((weight != 0).sum()), _float_bits(float(weight.double().sum()))
-    return [local_vocab, rows, int(has_ref), int(spec.divergence), int(spec.want_logp), int(spec.want_ref_logp),
-            int(spec.want_entropy), int(spec.ignore_index), _float_bits(spec.temperature),
-            _float_bits(spec.beta), _float_bits(spec.alpha), label_sum, label_moment, weight_nonzero, weight_sum,
-            int(weight is not None), label_min, label_max]
+    return [("local vocabulary", local_vocab), ("rows", rows), ("reference", int(has_ref)),
+            ("divergence", int(spec.divergence)), ("logp", int(spec.want_logp)),
+            ("ref_logp", int(spec.want_ref_logp)), ("entropy", int(spec.want_entropy)),
+            ("ignore_index", int(spec.ignore_index)), ("temperature", _float_bits(spec.temperature)),
+            ("beta", _float_bits(spec.beta)), ("alpha", _float_bits(spec.alpha)), ("labels", label_sum),
+            ("labels", label_moment), ("weight", weight_nonzero), ("weight", weight_sum),
+            ("weight", int(weight is not None)), ("labels", label_min), ("labels", label_max)]
 
 
 def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, process_group, device,
@@ -132,17 +136,14 @@ def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, proce
     hanging in a later collective or returning different numbers per rank.
     """
     dist = _dist()
-    mine = _fingerprint(local_vocab, rows, spec, has_ref, labels, weight)
+    names, mine = zip(*_fingerprint(local_vocab, rows, spec, has_ref, labels, weight))
     table = _all_gather(torch.tensor(mine, dtype=torch.int64, device=device), process_group).cpu()
     rank = dist.get_rank(process_group)
-    if not bool((table[:, 1:] == table[0, 1:]).all()):
-        differing = sorted({j for j in range(1, table.shape[1]) if bool((table[:, j] != table[0, j]).any())})
-        names = ["rows", "reference", "divergence", "logp", "ref_logp", "entropy", "ignore_index",
-                 "temperature", "beta", "alpha", "labels", "labels", "weight", "weight", "weight",
-                 "labels", "labels"]
+    differing = {names[j] for j in range(1, table.shape[1]) if bool((table[:, j] != table[0, j]).any())}
+    if differing:
         raise ValueError(
             "every rank of process_group must call the same op with the same tokens, labels, weights "
-            f"and parameters; the ranks differ in: {', '.join(sorted({names[j - 1] for j in differing}))}"
+            f"and parameters; the ranks differ in: {', '.join(sorted(differing))}"
         )
     sizes = table[:, 0]
     vocab = int(sizes.sum())
