@@ -48,6 +48,41 @@ def shard_of(process_group, local_vocab: int, rows: int, spec: OpSpec, has_ref: 
     return Shard(process_group, v0, vocab)
 
 
+def group_name(process_group, device: torch.device) -> str:
+    """The name a registered op carries for ``process_group`` (``""`` for none), once it is checked."""
+    if process_group is None:
+        return ""
+    check_group(process_group, device)
+    return process_group.group_name
+
+
+def shard_of_name(name: str, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device,
+                  labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> Shard:
+    """:func:`shard_of` for the group named ``name`` by :func:`group_name`."""
+    return shard_of(_group_named(name), local_vocab, rows, spec, has_ref, device, labels, weight)
+
+
+def shard_to_tensor(shard: Shard) -> torch.Tensor:
+    """``[v0, vocab]`` int64 on the CPU: how a forward hands its shard to its backward."""
+    return torch.tensor([shard.v0, shard.vocab], dtype=torch.int64)
+
+
+def shard_from_tensor(name: str, offsets: Optional[torch.Tensor], local_vocab: int) -> Shard:
+    """The inverse of :func:`shard_to_tensor` for the group named ``name``; no communication."""
+    if not name:
+        return Shard(None, 0, local_vocab)
+    v0, vocab = (int(x) for x in offsets.tolist())
+    return Shard(_group_named(name), v0, vocab)
+
+
+def _group_named(name: str):
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
 def finish_first_pass(state: row_state.RowState, labels, weight, spec: OpSpec, group) -> RowStats:
     """The forward's statistics from this rank's state: merged over the group first, if any."""
     if group is not None:

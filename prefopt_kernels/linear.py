@@ -36,12 +36,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from . import distributed, ops
-from .backends import OpSpec, RowStats, row_state, rows_read
+from .backends import OpSpec, RowStats, row_state, rows_read, saved_names
 from .divergences import Divergence, real_number, resolve
 
 EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")
@@ -277,16 +277,15 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor, dtype) -> torch.Tensor:
     return rows.to(dtype).contiguous()
 
 
-def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
-             spec_kwargs: dict, div_weight, ignore_index, temperature, logit_scale, ref_logit_scale,
-             softcap, ref_softcap, extras, memory_budget, keep_zero_weight: bool, process_group):
-    """Check every input once; return the fields of the call's ``_Call`` that are not the heads."""
+def _check_inputs(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
+                  spec_kwargs: dict, div_weight, ignore_index, temperature, logit_scale, ref_logit_scale,
+                  softcap, ref_softcap, extras, memory_budget, process_group) -> dict:
+    """Check every input once (no data-dependent branch: the registered op checks the labels' range)."""
     sharded = process_group is not None
     _check_hidden(hidden, "hidden")
     _check_head(hidden, head_weight, head_bias, "head", "hidden", None, sharded)
     vocab = head_weight.shape[0]
-    has_ref = ref_hidden is not None
-    if has_ref:
+    if ref_hidden is not None:
         _check_hidden(ref_hidden, "ref_hidden")
         if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
             raise ValueError(
@@ -296,74 +295,187 @@ def _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight
         if ref_hidden.device != hidden.device:
             raise ValueError(f"ref_hidden must be on the device of hidden ({hidden.device}); got {ref_hidden.device}")
         _check_head(ref_hidden, ref_head_weight, ref_head_bias, "ref_head", "ref_hidden", vocab, sharded)
-    weight = ops._check_weight(div_weight, hidden, "div_weight", owner_name="hidden")
-    flat_labels = None
-    if labels is not None:
-        flat_labels = ops._check_labels(labels, hidden, ignore_index, vocab=vocab, owner_name="hidden",
-                                        check_range=not sharded)
     spec = OpSpec(temperature=ops._check_temperature(temperature),
                   ignore_index=ignore_index if labels is not None else -100, **spec_kwargs)
-    scales = (_check_scale(logit_scale, "logit_scale"), _check_scale(ref_logit_scale, "ref_logit_scale"))
-    softcaps = (_check_softcap(softcap, "softcap"), _check_softcap(ref_softcap, "ref_softcap"))
-    extras = _check_extras(extras)
-    budget = _check_budget(memory_budget)
-    n = hidden.shape[:-1].numel()
-    shard = distributed.shard_of(process_group, vocab, n, spec, has_ref, hidden.device, flat_labels, weight)
-    keep, _ = rows_read(flat_labels, None if keep_zero_weight else weight, spec, n, hidden.device)
-    index = keep.nonzero().reshape(-1)
-    return dict(spec=spec, index=index,
-                labels=None if flat_labels is None else flat_labels[index],
-                weight=None if weight is None else weight[index],
-                lead_shape=hidden.shape[:-1], vocab=vocab, budget=budget, extras=extras,
-                scales=scales, softcaps=softcaps, shard=shard)
+    return dict(
+        labels=None if labels is None else ops._check_labels(labels, hidden, ignore_index, owner_name="hidden"),
+        div_weight=ops._check_weight(div_weight, hidden, "div_weight", owner_name="hidden"),
+        spec=spec,
+        logit_scale=_check_scale(logit_scale, "logit_scale"),
+        ref_logit_scale=_check_scale(ref_logit_scale, "ref_logit_scale"),
+        softcap=_check_softcap(softcap, "softcap"),
+        ref_softcap=_check_softcap(ref_softcap, "ref_softcap"),
+        extras=[name in _check_extras(extras) for name in EXTRAS],
+        memory_budget=_check_budget(memory_budget),
+        group=distributed.group_name(process_group, hidden.device),
+    )
 
 
-# --------------------------------------------------------------------------- autograd
+def _make_call(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels, div_weight,
+               index, spec: OpSpec, scales, softcaps, compute_dtypes, extras, memory_budget, backend: str,
+               shard: distributed.Shard) -> _Call:
+    """The ``_Call`` of the kept tokens ``index``: what a forward and its backward both rebuild."""
+    device = hidden.device
+    computes = list(compute_dtypes[:1 + (ref_hidden is not None)])
+    tile_dtype = _tile_dtype(computes, device)
+    policy = _Head(head_weight, head_bias, scales[0], softcaps[0], _gemm_dtype(computes[0], tile_dtype, device))
+    ref = None if ref_hidden is None else _Head(ref_head_weight, ref_head_bias, scales[1], softcaps[1],
+                                                _gemm_dtype(computes[1], tile_dtype, device))
+    return _Call(spec=spec, policy=policy, ref=ref, tile_dtype=tile_dtype, index=index,
+                 labels=None if labels is None else labels[index],
+                 weight=None if div_weight is None else div_weight[index],
+                 lead_shape=hidden.shape[:-1], vocab=head_weight.shape[0], budget=memory_budget,
+                 extras=tuple(extras), backend=ops._pick_backend(device, backend), shard=shard)
 
 
-class _FusedLinearOp(torch.autograd.Function):
-    """Forward folds projected tiles into row states; backward re-projects and accumulates."""
+# --------------------------------------------------------------------------- registered ops
 
-    @staticmethod
-    def forward(ctx, hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, call: _Call):
-        ctx.set_materialize_grads(False)
-        with torch.autocast(hidden.device.type, enabled=False):
-            stats, extras = _forward_pass(hidden, ref_hidden, call)
-        wanted = [k for k in ops._OUTPUTS if ops._wants(call.spec, k)]
-        n_tokens = call.lead_shape.numel()
-        outputs = []
-        for key in wanted:
-            full = torch.zeros(n_tokens, dtype=_FP32, device=hidden.device)
-            full.index_copy_(0, call.index, getattr(stats, key))
-            outputs.append(full.view(call.lead_shape))
-        extra_outputs = []
-        for key in call.extras:
-            value = extras[key]
-            full = torch.zeros(n_tokens, dtype=value.dtype, device=hidden.device)
-            full.index_copy_(0, call.index, value)
-            extra_outputs.append(full.view(call.lead_shape))
-        ctx.call, ctx.wanted = call, wanted
-        ctx.save_for_backward(hidden, ref_hidden, *stats.saved())
-        ctx.mark_non_differentiable(*extra_outputs, *(o for k, o in zip(wanted, outputs) if k == "ref_logp"))
-        return tuple(outputs) + tuple(extra_outputs)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        ops._refuse_double_backward()
-        hidden, ref_hidden, *saved = ctx.saved_tensors
-        call = ctx.call
-        upstream = dict(zip(ctx.wanted, grads))
-        upstream.pop("ref_logp", None)
-        compact = {k: g.reshape(-1).index_select(0, call.index).to(_FP32).contiguous()
-                   for k, g in upstream.items() if g is not None}
-        needs = ctx.needs_input_grad
-        if not compact or not any(needs[:3]):
-            return (None,) * 7
-        ref = call.ref or call.policy
-        with torch.autocast(hidden.device.type, enabled=False), \
-                _gathered(call.policy.weight, call.policy.bias, ref.weight, ref.bias):
-            grads_out = _backward_pass(hidden, ref_hidden, call, RowStats.from_saved(saved), compact, needs[:3])
-        return grads_out + (None,) * 4
+@torch.library.custom_op(f"{ops.LIBRARY}::linear_forward", mutates_args=())
+def _linear_forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor],
+                    ref_hidden: Optional[torch.Tensor], ref_head_weight: Optional[torch.Tensor],
+                    ref_head_bias: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                    div_weight: Optional[torch.Tensor], temperature: float, ignore_index: int, divergence: int,
+                    beta: float, alpha: float, want_logp: bool, want_ref_logp: bool, want_entropy: bool,
+                    logit_scale: float, ref_logit_scale: float, softcap: Optional[float],
+                    ref_softcap: Optional[float], compute_dtype: torch.dtype, ref_compute_dtype: torch.dtype,
+                    extras: List[bool], memory_budget: int, keep_zero_weight: bool, backend: str,
+                    group: str) -> List[torch.Tensor]:
+    """Fold projected tiles of the kept tokens into row states.
+
+    Returns the ``[...]`` outputs the spec asks for (``_OUTPUTS`` order), the extras
+    (``extras`` flags ``EXTRAS``), the saved statistics (flat ``[N]`` each: every output
+    has a shape known without the data) and, with a ``group``, the shard's ``[v0, V]``
+    int64; dropped tokens hold 0. Checks the labels' range (every rank's, sharded) as it runs.
+    """
+    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    has_ref = ref_hidden is not None
+    extras = _extra_names(extras)
+    n_tokens, vocab, device = hidden.shape[:-1].numel(), head_weight.shape[0], hidden.device
+    shard = distributed.shard_of_name(group, vocab, n_tokens, spec, has_ref, device, labels, div_weight)
+    if labels is not None and shard.group is None:
+        ops.check_label_range(labels, vocab, ignore_index)
+    index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, n_tokens, device)
+    call = _make_call(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels,
+                      div_weight, index, spec, (logit_scale, ref_logit_scale), (softcap, ref_softcap),
+                      (compute_dtype, ref_compute_dtype), extras, memory_budget, backend, shard)
+    stats, extra_values = _forward_pass(hidden, ref_hidden, call)
+    values = [getattr(stats, k) for k in ops._OUTPUTS if ops._wants(spec, k)] + [extra_values[k] for k in extras]
+    outputs = [_scatter_tokens(value, index, n_tokens).view(hidden.shape[:-1]) for value in values]
+    saved = [_scatter_tokens(value, index, n_tokens) for value in stats.saved(spec, has_ref)]
+    tail = [distributed.shard_to_tensor(shard)] if group else []
+    return outputs + saved + tail
+
+
+def _kept_tokens(labels, div_weight, spec: OpSpec, keep_zero_weight: bool, n_tokens: int, device) -> torch.Tensor:
+    """Flat int64 indices of the tokens a call computes (see the module's *compact rows*)."""
+    keep, _ = rows_read(labels, None if keep_zero_weight else div_weight, spec, n_tokens, device)
+    return keep.nonzero().reshape(-1)
+
+
+def _scatter_tokens(value: torch.Tensor, index: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``[N]`` zeros holding the kept tokens' ``value`` at ``index``."""
+    return torch.zeros(n_tokens, dtype=value.dtype, device=value.device).index_copy_(0, index, value)
+
+
+@_linear_forward.register_fake
+def _linear_forward_fake(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels,
+                         div_weight, temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp,
+                         want_entropy, logit_scale, ref_logit_scale, softcap, ref_softcap, compute_dtype,
+                         ref_compute_dtype, extras, memory_budget, keep_zero_weight, backend, group):
+    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    lead = hidden.shape[:-1]
+    outputs = [hidden.new_empty(lead, dtype=_FP32) for k in ops._OUTPUTS if ops._wants(spec, k)]
+    outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else _FP32) for k in _extra_names(extras)]
+    saved = [hidden.new_empty(lead.numel(), dtype=_FP32) for _ in saved_names(spec, ref_hidden is not None)]
+    tail = [torch.empty(2, dtype=torch.int64)] if group else []
+    return outputs + saved + tail
+
+
+@torch.library.custom_op(f"{ops.LIBRARY}::linear_backward", mutates_args=())
+def _linear_backward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor],
+                     ref_hidden: Optional[torch.Tensor], ref_head_weight: Optional[torch.Tensor],
+                     ref_head_bias: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                     div_weight: Optional[torch.Tensor], saved: List[torch.Tensor],
+                     grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                     grad_div: Optional[torch.Tensor], temperature: float, ignore_index: int, divergence: int,
+                     beta: float, alpha: float, want_logp: bool, want_ref_logp: bool, want_entropy: bool,
+                     logit_scale: float, ref_logit_scale: float, softcap: Optional[float],
+                     ref_softcap: Optional[float], compute_dtype: torch.dtype, ref_compute_dtype: torch.dtype,
+                     memory_budget: int, keep_zero_weight: bool, needs_hidden: bool, needs_weight: bool,
+                     needs_bias: bool, backend: str, group: str,
+                     shard_offsets: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """Re-project every tile of the kept tokens and accumulate the gradients asked for.
+
+    ``saved`` are the forward's ``[N]`` statistics; ``grad_*`` fp32 ``[...]`` or ``None``
+    (zero). Returns the gradients of ``hidden``,
+    ``head_weight`` and ``head_bias``, each empty where not asked for.
+    """
+    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    has_ref = ref_hidden is not None
+    shard = distributed.shard_from_tensor(group, shard_offsets, head_weight.shape[0])
+    index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, hidden.shape[:-1].numel(), hidden.device)
+    call = _make_call(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels,
+                      div_weight, index, spec, (logit_scale, ref_logit_scale), (softcap, ref_softcap),
+                      (compute_dtype, ref_compute_dtype), (), memory_budget, backend, shard)
+    upstream = {k: g.reshape(-1).index_select(0, index).contiguous()
+                for k, g in (("logp", grad_logp), ("entropy", grad_entropy), ("div", grad_div)) if g is not None}
+    stats = RowStats.from_saved([x.index_select(0, index) for x in saved], spec, has_ref)
+    grads = _backward_pass(hidden, ref_hidden, call, stats, upstream, (needs_hidden, needs_weight, needs_bias))
+    return [hidden.new_empty(0) if g is None else g for g in grads]
+
+
+@_linear_backward.register_fake
+def _linear_backward_fake(hidden, head_weight, head_bias, *args):
+    needs_hidden, needs_weight, needs_bias = args[-6:-3]
+    return [x.new_empty(x.shape) if needed else hidden.new_empty(0)
+            for x, needed in ((hidden, needs_hidden), (head_weight, needs_weight), (head_bias, needs_bias))]
+
+
+def _extra_names(flags) -> tuple:
+    """The names of :data:`EXTRAS` that ``flags`` (one bool per name) ask for."""
+    return tuple(name for name, wanted in zip(EXTRAS, flags) if wanted)
+
+
+_LINEAR_SCALARS = slice(8, 22)  # temperature ... ref_compute_dtype: shared by the two ops
+_LINEAR_INPUTS = 27
+
+
+def _linear_setup_context(ctx, inputs, output):
+    tensors, scalars = inputs[:8], inputs[_LINEAR_SCALARS]
+    extras, memory_budget, keep_zero_weight, backend, group = inputs[22:]
+    spec = OpSpec(*scalars[:8])
+    has_ref = tensors[3] is not None
+    wanted = [k for k in ops._OUTPUTS if ops._wants(spec, k)]
+    head = len(wanted) + sum(extras)
+    n_saved = len(saved_names(spec, has_ref))
+    ctx.set_materialize_grads(False)
+    ctx.wanted, ctx.scalars, ctx.backend, ctx.group = wanted, scalars, backend, group
+    ctx.memory_budget, ctx.keep_zero_weight = memory_budget, keep_zero_weight
+    ctx.save_for_backward(*tensors, *output[head:head + n_saved], output[-1] if group else None)
+    ctx.mark_non_differentiable(*(o for k, o in zip(wanted, output) if k == "ref_logp"), *output[len(wanted):])
+
+
+def _linear_autograd(ctx, grads):
+    ops._refuse_double_backward()
+    hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels, div_weight, *rest = \
+        ctx.saved_tensors
+    saved, shard_offsets = rest[:-1], rest[-1]
+    upstream = dict(zip(ctx.wanted, grads))
+    upstream.pop("ref_logp", None)
+    upstream = {k: g.to(_FP32) for k, g in upstream.items() if g is not None}
+    needs = ctx.needs_input_grad[:3]
+    if not upstream or not any(needs):
+        return (None,) * _LINEAR_INPUTS
+    with _gathered(head_weight, head_bias, ref_head_weight, ref_head_bias):
+        grads = torch.ops.prefopt_kernels.linear_backward(
+            hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels, div_weight,
+            list(saved), upstream.get("logp"), upstream.get("entropy"), upstream.get("div"),
+            *ctx.scalars, ctx.memory_budget, ctx.keep_zero_weight, *needs, ctx.backend, ctx.group, shard_offsets)
+    return tuple(g if needed else None for g, needed in zip(grads, needs)) + (None,) * (_LINEAR_INPUTS - 3)
+
+
+_linear_forward.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
 
 
 def _tile_costs(call: _Call, backward: bool):
@@ -574,24 +686,22 @@ def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
                   spec_kwargs, div_weight=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                   ref_logit_scale=1.0, softcap=None, ref_softcap=None, extras=(), memory_budget=None,
                   keep_zero_weight=True, process_group=None):
-    parts = _prepare(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
-                     spec_kwargs=spec_kwargs, div_weight=div_weight, ignore_index=ignore_index,
-                     temperature=temperature, logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
-                     softcap=softcap, ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget,
-                     keep_zero_weight=keep_zero_weight, process_group=process_group)
-    device = hidden.device
-    computes = [_compute_dtype(hidden)] + ([_compute_dtype(ref_hidden)] if ref_hidden is not None else [])
-    tile_dtype = _tile_dtype(computes, device)
-    (scale, ref_scale), (cap, ref_cap) = parts.pop("scales"), parts.pop("softcaps")
-    policy = _Head(head_weight, head_bias, scale, cap, _gemm_dtype(computes[0], tile_dtype, device))
-    ref = None if ref_hidden is None else _Head(ref_head_weight, ref_head_bias, ref_scale, ref_cap,
-                                                _gemm_dtype(computes[1], tile_dtype, device))
-    call = _Call(policy=policy, ref=ref, tile_dtype=tile_dtype, backend=ops._pick_backend(device), **parts)
-    outputs = _FusedLinearOp.apply(hidden, head_weight, head_bias, ref_hidden, ref_head_weight,
-                                   ref_head_bias, call)
-    wanted = [k for k in ops._OUTPUTS if ops._wants(call.spec, k)]
+    checked = _check_inputs(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
+                            spec_kwargs=spec_kwargs, div_weight=div_weight, ignore_index=ignore_index,
+                            temperature=temperature, logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
+                            softcap=softcap, ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget,
+                            process_group=process_group)
+    spec, extras = checked["spec"], _extra_names(checked["extras"])
+    compute = _compute_dtype(hidden)
+    ref_compute = _compute_dtype(ref_hidden) if ref_hidden is not None else compute
+    outputs = torch.ops.prefopt_kernels.linear_forward(
+        hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, checked["labels"],
+        checked["div_weight"], *ops.spec_arguments(spec), checked["logit_scale"], checked["ref_logit_scale"],
+        checked["softcap"], checked["ref_softcap"], compute, ref_compute, checked["extras"], checked["memory_budget"],
+        keep_zero_weight, ops._backend_selection(), checked["group"])
+    wanted = [k for k in ops._OUTPUTS if ops._wants(spec, k)]
     result = dict(zip(wanted, outputs))
-    extra_values = dict(zip(call.extras, outputs[len(wanted):]))
+    extra_values = dict(zip(extras, outputs[len(wanted):len(wanted) + len(extras)]))
     return result, extra_values
 
 

@@ -17,15 +17,16 @@ Policies shared by every op and backend:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import threading
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
 from . import distributed
-from .backends import OpSpec, RowStats
+from .backends import OpSpec, RowStats, saved_names
 from .divergences import real_number, resolve
 
 BACKEND_NAMES = ("triton", "native", "reference")
@@ -96,11 +97,18 @@ def _check_backend_name(name, argument: str) -> None:
         raise ValueError(f"{argument} must be one of auto, {', '.join(BACKEND_NAMES)}; got {name!r}")
 
 
-def _pick_backend(device: torch.device):
+def _backend_selection() -> str:
+    """The calling thread's choice, ``PREFOPT_BACKEND`` standing in for ``"auto"``; checked."""
     name = _selected_backend()
     if name == "auto":
         name = os.environ.get("PREFOPT_BACKEND", "auto") or "auto"
         _check_backend_name(name, "PREFOPT_BACKEND")
+    return name
+
+
+def _pick_backend(device: torch.device, name: Optional[str] = None):
+    """The backend module that runs on ``device`` for the selection ``name`` (default: the caller's)."""
+    name = _backend_selection() if name is None else name
     if name != "auto":
         module = _backend_module(name)
         if not (module.is_available() and module.supports(device)):
@@ -148,12 +156,12 @@ def _check_same(x: torch.Tensor, argument: str, shape, owner: torch.Tensor, owne
         raise ValueError(f"{argument} must be on the device of {owner_name} ({owner.device}); got {x.device}")
 
 
-def _check_labels(labels, owner: torch.Tensor, ignore_index, vocab: Optional[int] = None,
-                  owner_name: str = "logits", check_range: bool = True) -> torch.Tensor:
+def _check_labels(labels, owner: torch.Tensor, ignore_index, owner_name: str = "logits") -> torch.Tensor:
     """Flat int64 labels of the tokens of ``owner`` (``[..., V]`` logits or ``[..., H]`` hidden).
 
-    ``check_range=False`` leaves the range to the caller (a sharded call checks it on every
-    rank at once, against the global vocabulary).
+    Type and shape only: the range needs the labels' values, so the registered ops check it
+    when they run (:func:`check_label_range`), which keeps this function free of
+    data-dependent branches under ``torch.compile``.
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
@@ -161,17 +169,17 @@ def _check_labels(labels, owner: torch.Tensor, ignore_index, vocab: Optional[int
         raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
     _check_ignore_index(ignore_index)
     _check_same(labels, "labels", owner.shape[:-1], owner, owner_name)
-    vocab = owner.shape[-1] if vocab is None else vocab
-    flat = labels.reshape(-1).to(torch.int64)
-    if not check_range:
-        return flat.contiguous()
-    out_of_range = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
-    if flat.numel() and bool(out_of_range.any()):
-        bad = flat[out_of_range][0].item()
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise unless every flat label lies in ``[0, vocab)`` or equals ``ignore_index``."""
+    out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.numel() and bool(out_of_range.any()):
+        bad = labels[out_of_range][0].item()
         raise ValueError(
             f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}"
         )
-    return flat.contiguous()
 
 
 def _check_ignore_index(ignore_index) -> None:
@@ -279,60 +287,135 @@ class _RowLayout(NamedTuple):
 
 
 _OUTPUTS = ("logp", "ref_logp", "entropy", "div")
+LIBRARY = "prefopt_kernels"
 
 
-class _FusedTokenOp(torch.autograd.Function):
-    """One fused read of the policy (and reference) rows; returns the wanted per-token terms.
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(OpSpec))
 
-    Outputs are the fields of ``_OUTPUTS`` that the spec asks for, in that order, each fp32
-    ``[N]``. Gradient flows to ``logits`` only.
+
+def spec_arguments(spec: OpSpec) -> tuple:
+    """The fields of ``spec`` in declaration order: how the registered ops receive a spec."""
+    return tuple(getattr(spec, name) for name in _SPEC_FIELDS)
+
+
+@torch.library.custom_op(f"{LIBRARY}::token_forward", mutates_args=())
+def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                   weight: Optional[torch.Tensor], temperature: float, ignore_index: int, divergence: int,
+                   beta: float, alpha: float, want_logp: bool, want_ref_logp: bool, want_entropy: bool,
+                   inplace_backward: bool, backend: str, group: str) -> List[torch.Tensor]:
+    """The fused read of the policy (and reference) rows of ``[..., V]`` logits.
+
+    Returns the fp32 ``[N]`` outputs the spec asks for (``_OUTPUTS`` order), then the saved
+    statistics that are not outputs already (:func:`_saved_only`), then, with a ``group``, the
+    shard's ``[v0, V]`` int64. Checks the labels' range (every rank's, sharded) as it runs.
+    ``inplace_backward`` is carried for the backward only.
     """
+    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    has_ref = ref_logits is not None
+    shard = distributed.shard_of_name(group, logits.shape[-1], logits.shape[:-1].numel(), spec, has_ref,
+                                      logits.device, labels, weight)
+    if labels is not None and shard.group is None:
+        check_label_range(labels, logits.shape[-1], ignore_index)
+    module = _pick_backend(logits.device, backend)
+    rows, ref_rows = _RowLayout.of(logits, ref_logits).rows(logits, ref_logits)
+    if shard.group is None:
+        stats = module.forward(rows, labels, ref_rows, weight, spec)
+    else:
+        stats = distributed.sharded_stats(module, rows, labels, ref_rows, weight, spec, shard)
+    outputs = [getattr(stats, k) for k in _OUTPUTS if _wants(spec, k)]
+    saved = dict(zip(saved_names(spec, has_ref), stats.saved(spec, has_ref)))
+    tail = [distributed.shard_to_tensor(shard)] if group else []
+    return outputs + [saved[name] for name in _saved_only(spec, has_ref)] + tail
 
-    @staticmethod
-    def forward(ctx, logits, ref_logits, labels, weight, spec, backend, inplace_backward, shard):
-        layout = _RowLayout.of(logits, ref_logits)
-        rows, ref_rows = layout.rows(logits, ref_logits)
-        if shard.group is None:
-            stats = backend.forward(rows, labels, ref_rows, weight, spec)
-        else:
-            stats = distributed.sharded_stats(backend, rows, labels, ref_rows, weight, spec, shard)
-        wanted = [k for k in _OUTPUTS if _wants(spec, k)]
-        ctx.set_materialize_grads(False)
-        ctx.spec, ctx.backend, ctx.inplace, ctx.wanted = spec, backend, inplace_backward, wanted
-        ctx.layout, ctx.shard = layout, shard
-        ctx.save_for_backward(logits, ref_logits, labels, weight, *stats.saved())
-        outputs = tuple(getattr(stats, k) for k in wanted)
-        if stats.ref_logp is not None:
-            ctx.mark_non_differentiable(stats.ref_logp)
-        return outputs
 
-    @staticmethod
-    def backward(ctx, *grads):
-        _refuse_double_backward()
-        logits, ref_logits, labels, weight, *saved = ctx.saved_tensors
-        upstream = dict(zip(ctx.wanted, grads))
-        upstream.pop("ref_logp", None)
-        flat = {k: (g.reshape(-1).to(torch.float32).contiguous() if g is not None else None) for k, g in upstream.items()}
-        if all(g is None for g in flat.values()) or not ctx.needs_input_grad[0]:
-            return (None,) * 8
-        rows, ref_rows = ctx.layout.rows(logits, ref_logits)
-        if ctx.inplace and rows.data_ptr() == logits.data_ptr():
-            grad_rows, grad = rows, logits
-        else:
-            grad_rows = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
-            grad = grad_rows.view(logits.shape)
-        stats = RowStats.from_saved(saved)
-        grads = (flat.get("logp"), flat.get("entropy"), flat.get("div"), grad_rows)
-        if ctx.shard.group is None:
-            ctx.backend.backward(rows, labels, ref_rows, weight, ctx.spec, stats, *grads)
-        elif rows.shape[2]:
-            # The global statistics are all a shard's gradient needs: no communication.
-            ctx.backend.slice_backward(rows, labels, ref_rows, weight, ctx.spec, stats, *grads, ctx.shard.v0)
-        if grad is logits:
-            # The logits now hold their gradient: anything that saved them (this op too, if its
-            # backward runs again) must fail PyTorch's version check instead of reading it.
-            torch.autograd.graph.increment_version(logits)
-        return (grad,) + (None,) * 7
+@_token_forward.register_fake
+def _token_forward_fake(logits, ref_logits, labels, weight, temperature, ignore_index, divergence, beta, alpha,
+                        want_logp, want_ref_logp, want_entropy, inplace_backward, backend, group):
+    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    n = logits.shape[:-1].numel()
+    count = sum(_wants(spec, k) for k in _OUTPUTS) + len(_saved_only(spec, ref_logits is not None))
+    tail = [torch.empty(2, dtype=torch.int64)] if group else []
+    return [logits.new_empty(n, dtype=torch.float32) for _ in range(count)] + tail
+
+
+@torch.library.custom_op(f"{LIBRARY}::token_backward", mutates_args=("grad_out",))
+def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                    weight: Optional[torch.Tensor], saved: List[torch.Tensor], grad_logp: Optional[torch.Tensor],
+                    grad_entropy: Optional[torch.Tensor], grad_div: Optional[torch.Tensor],
+                    grad_out: torch.Tensor, temperature: float, ignore_index: int, divergence: int, beta: float,
+                    alpha: float, want_logp: bool, want_ref_logp: bool, want_entropy: bool, backend: str,
+                    group: str, shard_offsets: Optional[torch.Tensor]) -> None:
+    """Write the gradient of ``sum g_logp logp + g_entropy H + g_div div`` into ``grad_out``.
+
+    ``grad_out`` has the logits' shape and dtype: a fresh contiguous tensor, or the logits
+    themselves (``inplace_backward``, when their rows need no copy). ``saved`` and
+    ``shard_offsets`` are what :func:`_token_forward` returned; the gradients are fp32 ``[N]``
+    or ``None`` (zero). Sharded, each rank writes its own shard from the global statistics:
+    no communication.
+    """
+    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    stats = RowStats.from_saved(saved, spec, ref_logits is not None)
+    shard = distributed.shard_from_tensor(group, shard_offsets, logits.shape[-1])
+    module = _pick_backend(logits.device, backend)
+    # A fresh gradient is contiguous, so it adds no break to the logits' layout; the logits
+    # themselves are passed only when their rows need no copy.
+    layout = _RowLayout.of(logits, ref_logits, grad_out)
+    rows, ref_rows, grad_rows = layout.rows(logits, ref_logits, grad_out)
+    grads = (grad_logp, grad_entropy, grad_div, grad_rows)
+    if shard.group is None:
+        module.backward(rows, labels, ref_rows, weight, spec, stats, *grads)
+    elif rows.shape[2]:
+        module.slice_backward(rows, labels, ref_rows, weight, spec, stats, *grads, shard.v0)
+
+
+@_token_backward.register_fake
+def _token_backward_fake(*args):
+    return None
+
+
+def _token_setup_context(ctx, inputs, output):
+    logits, ref_logits, labels, weight, *spec_args = inputs[:12]
+    inplace, backend, group = inputs[12:]
+    spec = OpSpec(*spec_args)
+    has_ref = ref_logits is not None
+    wanted = [k for k in _OUTPUTS if _wants(spec, k)]
+    only = _saved_only(spec, has_ref)
+    by_name = dict(zip(wanted + list(only), output))
+    saved = [by_name[name] for name in saved_names(spec, has_ref)]
+    ctx.set_materialize_grads(False)
+    ctx.spec, ctx.wanted, ctx.inplace, ctx.backend, ctx.group = spec, wanted, inplace, backend, group
+    ctx.n_saved = len(saved)
+    ctx.save_for_backward(logits, ref_logits, labels, weight, *saved, output[-1] if group else None)
+    ctx.mark_non_differentiable(*(o for k, o in zip(wanted, output) if k == "ref_logp"), *output[len(wanted):])
+
+
+def _saved_only(spec: OpSpec, has_ref: bool) -> tuple:
+    """The saved statistics that are not also outputs (an op returns each tensor once)."""
+    return tuple(name for name in saved_names(spec, has_ref) if not (name in _OUTPUTS and _wants(spec, name)))
+
+
+def _token_autograd(ctx, grads):
+    _refuse_double_backward()
+    logits, ref_logits, labels, weight, *saved = ctx.saved_tensors
+    saved, shard_offsets = saved[:ctx.n_saved], saved[ctx.n_saved]
+    upstream = dict(zip(ctx.wanted, grads))
+    upstream.pop("ref_logp", None)
+    flat = {k: g.reshape(-1).to(torch.float32).contiguous() for k, g in upstream.items() if g is not None}
+    if not flat or not ctx.needs_input_grad[0]:
+        return (None,) * 15
+    if ctx.inplace and not _RowLayout.of(logits, ref_logits).copied:
+        grad = logits
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    # Writing into the logits bumps their version (the op declares the mutation): anything that
+    # saved them, this op included if its backward runs again, then fails PyTorch's version check.
+    torch.ops.prefopt_kernels.token_backward(logits, ref_logits, labels, weight, saved, flat.get("logp"),
+                                             flat.get("entropy"), flat.get("div"), grad,
+                                             *spec_arguments(ctx.spec), ctx.backend, ctx.group, shard_offsets)
+    return (grad,) + (None,) * 14
+
+
+_token_forward.register_autograd(_token_autograd, setup_context=_token_setup_context)
 
 
 def _refuse_double_backward() -> None:
@@ -344,20 +427,18 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _shard(process_group, logits: torch.Tensor, spec: OpSpec, has_ref: bool, labels, weight) -> distributed.Shard:
-    return distributed.shard_of(process_group, logits.shape[-1], logits.shape[:-1].numel(), spec, has_ref,
-                                logits.device, labels, weight)
-
-
-def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool, shard: distributed.Shard):
+def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: bool, process_group):
     inplace_backward = _check_inplace(inplace_backward, logits)
-    backend = _pick_backend(logits.device)
+    if inplace_backward and torch.compiler.is_compiling():
+        raise ValueError("inplace_backward=True is an eager-mode option: pass False under torch.compile")
+    group = distributed.group_name(process_group, logits.device)
     lead = logits.shape[:-1]
     keys = [k for k in _OUTPUTS if _wants(spec, k)]
     if lead.numel() == 0:
         # No tokens: zeros that still belong to the logits' graph.
         return {k: logits.sum(-1).float() * 0.0 for k in keys}
-    outputs = _FusedTokenOp.apply(logits, ref_logits, labels, weight, spec, backend, inplace_backward, shard)
+    outputs = torch.ops.prefopt_kernels.token_forward(logits, ref_logits, labels, weight, *spec_arguments(spec),
+                                                      inplace_backward, _backend_selection(), group)
     return {k: v.view(lead) for k, v in zip(keys, outputs)}
 
 
@@ -409,11 +490,10 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
     """
     sharded = process_group is not None
     _check_logits(logits, "logits", sharded=sharded)
-    labels = _check_labels(labels, logits, ignore_index, check_range=not sharded)
+    labels = _check_labels(labels, logits, ignore_index)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
                   want_logp=True, want_entropy=bool(return_entropy))
-    shard = _shard(process_group, logits, spec, False, labels, None)
-    out = _run(logits, labels, None, None, spec, inplace_backward, shard)
+    out = _run(logits, labels, None, None, spec, inplace_backward, process_group)
     return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
 
 
@@ -454,8 +534,7 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
     weight = _check_weight(weight, logits, "weight")
     code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), divergence=code, beta=beta, alpha=alpha)
-    shard = _shard(process_group, logits, spec, True, None, weight)
-    return _run(logits, None, ref_logits, weight, spec, inplace_backward, shard)["div"]
+    return _run(logits, None, ref_logits, weight, spec, inplace_backward, process_group)["div"]
 
 
 def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", div_weight=None,
@@ -484,14 +563,13 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
     _check_logits(logits, "logits", sharded=sharded)
     _check_logits(ref_logits, "ref_logits", sharded=sharded)
     _check_pair(logits, ref_logits)
-    labels = _check_labels(labels, logits, ignore_index, check_range=not sharded)
+    labels = _check_labels(labels, logits, ignore_index)
     weight = _check_weight(div_weight, logits, "div_weight")
     code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
                   divergence=code, beta=beta, alpha=alpha,
                   want_logp=True, want_ref_logp=True, want_entropy=bool(return_entropy))
-    shard = _shard(process_group, logits, spec, True, labels, weight)
-    out = _run(logits, labels, ref_logits, weight, spec, inplace_backward, shard)
+    out = _run(logits, labels, ref_logits, weight, spec, inplace_backward, process_group)
     return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
 
 

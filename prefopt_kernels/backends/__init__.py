@@ -93,14 +93,18 @@ class RowStats:
     div_s: Optional[torch.Tensor] = None
     ref_at_argmax: Optional[torch.Tensor] = None
 
-    def saved(self) -> tuple:
-        """The fields a backward pass reads, in :data:`SAVED_STATS` order (``None`` where absent)."""
-        return tuple(getattr(self, name) for name in SAVED_STATS)
+    def saved(self, spec: OpSpec, has_ref: bool) -> list:
+        """The fields a backward pass reads: :func:`saved_names` of the call, in that order."""
+        names = saved_names(spec, has_ref)
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise RuntimeError(f"a forward pass left out the saved statistics {missing}")
+        return [getattr(self, name) for name in names]
 
     @classmethod
-    def from_saved(cls, values) -> "RowStats":
+    def from_saved(cls, values, spec: OpSpec, has_ref: bool) -> "RowStats":
         """The inverse of :meth:`saved`: the statistics a backward pass is handed."""
-        return cls(**dict(zip(SAVED_STATS, values)))
+        return cls(**dict(zip(saved_names(spec, has_ref), values)))
 
 
 # The one list of per-row statistics that cross from a forward to its backward (and, all
@@ -108,6 +112,19 @@ class RowStats:
 # backward and the C++ bindings follow this order.
 SAVED_STATS = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "entropy", "div_s", "ref_at_argmax")
 SWEEP_STATS = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "ref_at_argmax")
+
+
+def saved_names(spec: OpSpec, has_ref: bool) -> tuple:
+    """The :data:`SAVED_STATS` that a forward of ``spec`` produces (with a reference or not), in order.
+
+    Every backend follows this rule; the registered ops' fake implementations rely on it to
+    know their outputs without running a kernel.
+    """
+    divergence = Divergence(spec.divergence) if has_ref and spec.divergence else None
+    present = {"row_max": True, "log_norm": True, "ref_row_max": has_ref, "ref_log_norm": has_ref,
+               "entropy": spec.want_entropy, "div_s": divergence is not None,
+               "ref_at_argmax": divergence is not None and divergence.centred}
+    return tuple(name for name in SAVED_STATS if present[name])
 
 
 def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):

@@ -36,13 +36,13 @@ def evaluate(
     ref_logits: Optional[torch.Tensor],
     weight: Optional[torch.Tensor],
     spec: OpSpec,
-    log_p_leaf: bool = False,
+    log_p: Optional[torch.Tensor] = None,
     div_upstream: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Every per-row quantity of ``spec`` in float64, differentiable with respect to ``logits``.
 
-    With ``log_p_leaf`` the policy's log-probabilities are a detached leaf instead, returned
-    as ``"log_p"`` (``[N, V]``): :func:`gradient` differentiates with respect to them.
+    A given ``log_p`` (``[N, V]`` float64) stands in for the policy's log-probabilities
+    downstream of the normalisers: :func:`gradient` differentiates with respect to it.
     ``div_upstream`` (``[N]``): rows where it is 0 feed the divergence generator finite
     stand-ins, so that a NaN reference row cannot leak into a gradient that ignores it.
 
@@ -62,23 +62,15 @@ def evaluate(
     inv_temperature = 1.0 / spec.temperature
 
     def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str):
-        # Skipped rows may hold anything (even all -inf); they never reach the math.
-        x = torch.where(rows[:, None], x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=device))
-        row_max = x.detach().amax(-1)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        # Raw differences first, then 1/T: exact at a tiny T, where x/T alone would round away.
-        shifted = (x - row_max[:, None]) * inv_temperature
-        log_norm = torch.logsumexp(shifted, dim=-1)
+        log_probs, row_max, log_norm = _log_softmax(x, rows, inv_temperature)
         out[prefix + "row_max"] = torch.where(rows, row_max, zero)
         out[prefix + "log_norm"] = torch.where(rows, log_norm, zero)
-        return shifted - log_norm[:, None]
+        return log_probs
 
     zero = torch.zeros(n, dtype=torch.float64, device=device)
     out: Dict[str, torch.Tensor] = {}
-    log_p = row_log_softmax(logits, read, "")
-    if log_p_leaf:
-        log_p = log_p.detach().requires_grad_(True)
-        out["log_p"] = log_p
+    own_log_p = row_log_softmax(logits, read, "")
+    log_p = own_log_p if log_p is None else log_p
     safe_labels = None
     if labels is not None:
         safe_labels = torch.where(read, labels, torch.zeros_like(labels)).long()
@@ -125,6 +117,20 @@ def evaluate(
 
 
 
+def _log_softmax(x: torch.Tensor, rows: torch.Tensor, inv_temperature: float):
+    """``(log_softmax(x / T), row_max, log_norm)`` in float64 over the rows where ``rows`` is True.
+
+    Skipped rows may hold anything (even all -inf); they never reach the math.
+    """
+    x = torch.where(rows[:, None], x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
+    row_max = x.detach().amax(-1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # Raw differences first, then 1/T: exact at a tiny T, where x/T alone would round away.
+    shifted = (x - row_max[:, None]) * inv_temperature
+    log_norm = torch.logsumexp(shifted, dim=-1)
+    return shifted - log_norm[:, None], row_max, log_norm
+
+
 def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
     """:func:`evaluate` without autograd, rounded to the fp32 :class:`RowStats` of every backend."""
     with torch.no_grad():
@@ -152,24 +158,28 @@ def softmax_input_grad(grad_log_p: torch.Tensor, log_p: torch.Tensor, temperatur
 def gradient(logits, labels, ref_logits, weight, spec: OpSpec, upstream: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Float64 ``dL/dlogits`` for ``L = sum_k sum_n upstream[k]_n * out[k]_n``, shape ``[N, V]``.
 
-    Autograd gives ``dL/dlog p`` (where each output is elementwise in ``log p``);
-    :func:`softmax_input_grad` takes it through the softmax without cancellation.
+    ``torch.func.grad`` gives ``dL/dlog p`` (where each output is elementwise in ``log p``);
+    :func:`softmax_input_grad` takes it through the softmax without cancellation. No
+    autograd graph is recorded, so this also runs inside a registered op's implementation.
     """
-    with torch.enable_grad():
-        g_div = upstream.get("div")
-        rows = evaluate(logits.detach(), labels, ref_logits, weight, spec, log_p_leaf=True,
-                        div_upstream=None if g_div is None else g_div.reshape(-1))
-        log_p = rows["log_p"]
+    g_div = upstream.get("div")
+    options = dict(div_upstream=None if g_div is None else g_div.reshape(-1))
+    logits = logits.detach().reshape(-1, logits.shape[-1])
+    read, _ = rows_read(labels, weight, spec, logits.shape[0], logits.device)
+    log_p, _, _ = _log_softmax(logits, read, 1.0 / spec.temperature)
+
+    def total_of(log_p):
+        rows = evaluate(logits, labels, ref_logits, weight, spec, log_p=log_p, **options)
         total = log_p.new_zeros(())
         for key, g in upstream.items():
             if g is not None and key in rows:
                 g = g.to(torch.float64).reshape(-1)
                 # A zero upstream gradient must not meet an infinite value (0 * inf = NaN).
                 total = total + torch.where(g != 0, g * rows[key], torch.zeros_like(g)).sum()
-        if not total.requires_grad:
-            return torch.zeros_like(log_p)
-        (grad_log_p,) = torch.autograd.grad(total, log_p)
-    grad = softmax_input_grad(grad_log_p, log_p.detach(), spec.temperature)
+        return total, rows
+
+    grad_log_p, rows = torch.func.grad(total_of, has_aux=True)(log_p)
+    grad = softmax_input_grad(grad_log_p, log_p, spec.temperature)
     bad = _undefined_gradient(rows["log_norm"].detach(), rows.get("div_s"), upstream.get("div"))
     return torch.where(bad[:, None], math.nan, grad)
 

@@ -1,0 +1,144 @@
+r"""The registered ops under ``torch.library`` and ``torch.compile``.
+
+* ``torch.library.opcheck`` on every registered op: schema, fake (meta) implementation
+  against the real one, autograd registration, and AOT dispatch (static and dynamic shapes).
+* A training step that calls a logits op, a fused linear op and a loss on their outputs:
+  ``torch._dynamo.explain`` finds one graph and no break, and ``torch.compile(fullgraph=True)``
+  (Inductor) gives the eager losses and gradients (the ops run the same kernels either way,
+  so the tolerance is only Inductor's reassociation of the surrounding arithmetic).
+* The label check is data-dependent, so it runs inside the op: a compiled step raises the
+  eager ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prefopt_kernels as pk
+from prefopt_kernels import ops
+from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec
+
+OPS = torch.ops.prefopt_kernels
+V, H, B, T = 61, 12, 2, 5
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    ref_logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    head = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_(True)
+    ref_hidden = torch.randn(B, T, H, generator=g)
+    ref_head = torch.randn(V, H, generator=g) / H**0.5
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    return logits, ref_logits, labels, hidden, head, ref_hidden, ref_head, mask
+
+
+def _step(logits, ref_logits, labels, hidden, head, ref_hidden, ref_head, mask):
+    """A token-level loss over both op families: SparsePO-like terms, an entropy bonus, a KL."""
+    terms = pk.token_terms(logits, labels, ref_logits, divergence="js", div_weight=mask, return_entropy=True)
+    linear = pk.linear_token_terms(hidden, head, labels, ref_hidden, ref_head, divergence="reverse_kl",
+                                   softcap=3.0, extras=("mean_logits", "is_top1"))
+    linear_terms, extras = linear
+    reward = ((terms.logp - terms.ref_logp) * mask).sum(-1) + (linear_terms.logp - linear_terms.ref_logp).sum(-1)
+    kl = (terms.div * mask).sum() + linear_terms.div.sum()
+    loss = -torch.nn.functional.logsigmoid(reward[0] - reward[1]) + 0.1 * kl - 0.01 * terms.entropy.sum()
+    return loss + 0.0 * extras["mean_logits"].sum(), extras["is_top1"]
+
+
+def _spec_arguments(**kwargs):
+    return ops.spec_arguments(OpSpec(**kwargs))
+
+
+def _token_forward_args(logits, ref_logits, labels, mask, **spec):
+    labels = None if labels is None else labels.reshape(-1)
+    mask = None if mask is None else mask.reshape(-1)
+    return (logits, ref_logits, labels, mask, *_spec_arguments(**spec), False, "auto", "")
+
+
+@pytest.mark.parametrize("case", ["logprobs_entropy", "terms_js_weighted", "divergence_chi2"])
+def test_opcheck_token_forward(case):
+    logits, ref_logits, labels, *_, mask = _inputs()
+    args = {
+        "logprobs_entropy": _token_forward_args(logits, None, labels, None, want_logp=True, want_entropy=True),
+        "terms_js_weighted": _token_forward_args(logits, ref_logits, labels, mask, divergence=DIVERGENCE_CODES["js"], want_logp=True,
+                                                 want_ref_logp=True),
+        "divergence_chi2": _token_forward_args(logits, ref_logits, None, None, divergence=DIVERGENCE_CODES["chi2"]),
+    }[case]
+    torch.library.opcheck(OPS.token_forward.default, args)
+
+
+def test_opcheck_token_backward():
+    logits, _, labels, *_ = _inputs()
+    spec = dict(want_logp=True, want_entropy=True)
+    logp, entropy, row_max, log_norm = OPS.token_forward(*_token_forward_args(logits.detach(), None, labels, None,
+                                                                               **spec))
+    n = logits.shape[:-1].numel()
+    args = (logits.detach(), None, labels.reshape(-1), None, [row_max, log_norm, entropy], torch.ones(n),
+            torch.full((n,), 0.5), None, torch.empty_like(logits), *_spec_arguments(**spec), "auto", "", None)
+    torch.library.opcheck(OPS.token_backward.default, args)
+
+
+@pytest.mark.parametrize("with_ref", [False, True], ids=["logprobs", "terms"])
+def test_opcheck_linear_forward(with_ref):
+    _, _, labels, hidden, head, ref_hidden, ref_head, _ = _inputs()
+    bias = torch.randn(V, requires_grad=True)
+    spec = dict(want_logp=True, want_entropy=True)
+    if with_ref:
+        spec.update(divergence=DIVERGENCE_CODES["reverse_kl"], want_ref_logp=True)
+    args = (hidden, head, bias, ref_hidden if with_ref else None, ref_head if with_ref else None, None,
+            labels.reshape(-1), None, *_spec_arguments(**spec), 1.5, 1.0, 4.0, None, torch.float32, torch.float32,
+            [True, True, True], 4096, True, "auto", "")
+    # The kept tokens are data-dependent: the fake implementation gives them an unbacked size.
+    torch.library.opcheck(OPS.linear_forward.default, args)
+
+
+def test_dynamo_sees_one_graph_and_no_break():
+    explanation = torch._dynamo.explain(_step)(*_inputs())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_fullgraph_compile_matches_eager():
+    torch._dynamo.reset()
+    eager_inputs, compiled_inputs = _inputs(), _inputs()
+    loss, top1 = _step(*eager_inputs)
+    loss.backward()
+    compiled = torch.compile(_step, fullgraph=True)
+    compiled_loss, compiled_top1 = compiled(*compiled_inputs)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(compiled_top1, top1)
+    for name, eager, ours in zip(("logits", "hidden", "head"), (eager_inputs[0], *eager_inputs[3:5]),
+                                 (compiled_inputs[0], *compiled_inputs[3:5])):
+        torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # A batch with other label positions runs the same compiled graph: nothing was specialised on data.
+    fresh = _inputs(seed=1)
+    torch.testing.assert_close(compiled(*fresh)[0], _step(*_inputs(seed=1))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_label_out_of_range_raises_inside_a_compiled_step():
+    torch._dynamo.reset()
+    logits, _, labels, hidden, head, *_ = _inputs()
+
+    def step(logits, labels, hidden, head):
+        return pk.token_logprobs(logits, labels).sum() + pk.linear_token_logprobs(hidden, head, labels).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled(logits, labels, hidden, head)
+    bad = labels.clone()
+    bad[1, 3] = V
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {V}\).*found {V}"):
+        compiled(logits, bad, hidden, head)
+
+
+def test_inplace_backward_is_refused_under_compile():
+    torch._dynamo.reset()
+    logits, _, labels, *_ = _inputs()
+    compiled = torch.compile(lambda x, y: pk.token_logprobs(x, y, inplace_backward=True).sum(),
+                             backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="inplace_backward=True is an eager-mode option"):
+        compiled(logits.detach().clone().requires_grad_(True), labels)
