@@ -4,5 +4,6 @@
 flops for the linear ops, which start from hidden states and the LM head), ``eager`` and
 ``peers`` hold the baselines, ``runner`` times cases and measures their memory, ``report``
 writes the results (JSON, markdown, PNG); ``tensor_parallel`` runs the vocabulary-sharded ops
-on gloo ranks against gathering the logits (``--distributed``).
+on gloo ranks against gathering the logits (``--distributed``); ``dpo_step`` times one DPO
+training step of stock TRL against ``PrefOptDPOTrainer`` (``--dpo-step``).
 """

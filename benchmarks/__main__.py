@@ -8,6 +8,7 @@ Examples::
     python -m benchmarks --ops linear --tokens 1024 --hidden 1024  # from hidden states
     python -m benchmarks --full --out /tmp/bench  # GPU: every op, mode, N, V and dtype
     python -m benchmarks --distributed            # tensor parallel: 2 gloo ranks on the CPU
+    python -m benchmarks --dpo-step               # one DPO step: stock TRL vs PrefOptDPOTrainer
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "about 3 minutes on 2 cores); --ops, --tokens, --vocab, --hidden, "
                         "--dtype, --tiny, --budget, --backends, --no-memory apply. Written as "
                         "a section of the same results files, which keep the suite's results")
+    p.add_argument("--dpo-step", action="store_true",
+                   help="instead of the suite: one DPO training step (forward + backward) of a "
+                        "tiny Llama, stock trl.DPOTrainer (sigmoid) against PrefOptDPOTrainer "
+                        "(sigmoid on its fused head, sparse_po) and SparsePO on full logits; "
+                        "time and peak memory (default V=32000, N=4096 tokens, H=256, bf16 mixed "
+                        "precision as TRL defaults to; about 8 minutes on 2 cores). One value "
+                        "each of --vocab, --tokens, --hidden, --dtype (fp32, bf16) applies, and "
+                        "--device, --tiny, --budget, --no-memory. Needs trl. Written as a "
+                        "section of the same results files")
     return p.parse_args(argv)
 
 
@@ -168,16 +178,62 @@ def main_distributed(args, argv: Optional[List[str]] = None) -> int:
                   progress=not args.no_progress)
     section["notes"] = notes + section["notes"]
     section["meta"]["argv"] = sys.argv[1:] if argv is None else list(argv)
-    paths = report.write_tensor_parallel(_out_dir(args, section["meta"]["device_name"]), section)
+    paths = report.write_section(_out_dir(args, section["meta"]["device_name"]),
+                                 "tensor_parallel", section)
     print(report.tensor_parallel_markdown(section))
+    print(f"wrote {', '.join(sorted(paths.values()))} in {section['meta']['wall_s']:.0f} s")
+    return 0 if all(r["status"] == "ok" for r in section["results"]) else 1
+
+
+def main_dpo_step(args, argv: Optional[List[str]] = None) -> int:
+    """``--dpo-step``: one DPO training step per trainer and loss (see ``dpo_step``)."""
+    unsupported = [flag for flag, given in (
+        ("--quick", args.quick), ("--full", args.full), ("--ops", args.ops is not None),
+        ("--modes", args.modes is not None), ("--backends", args.backends is not None),
+        ("--compile", bool(args.compile_eager))) if given]
+    if unsupported:
+        sys.exit(f"--dpo-step: {', '.join(unsupported)} not supported (one training step of "
+                 "each trainer)")
+    import importlib.util
+
+    import torch
+
+    from . import dpo_step, report
+
+    if importlib.util.find_spec("trl") is None:
+        sys.exit("--dpo-step: needs trl (pip install -e '.[trl]')")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    sizes = dict(dpo_step.TINY) if args.tiny else {}
+    for key, given in (("vocab", args.vocab), ("tokens", args.tokens), ("hidden", args.hidden),
+                       ("dtype", args.dtype)):
+        if given is not None:
+            if len(given) != 1:
+                sys.exit(f"--dpo-step: one value of --{key}")
+            sizes[key] = given[0]
+    try:
+        section = dpo_step.run(**sizes, device=device,
+                               budget_s=args.budget if args.budget is not None else 1.0,
+                               measure_memory=not args.no_memory, progress=not args.no_progress)
+    except ValueError as exc:
+        sys.exit(f"--dpo-step: {exc}")
+    section["meta"]["argv"] = sys.argv[1:] if argv is None else list(argv)
+    paths = report.write_section(_out_dir(args, section["meta"]["device_name"]), "dpo_step",
+                                 section)
+    print(report.dpo_step_markdown(section))
     print(f"wrote {', '.join(sorted(paths.values()))} in {section['meta']['wall_s']:.0f} s")
     return 0 if all(r["status"] == "ok" for r in section["results"]) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.distributed and args.dpo_step:
+        sys.exit("--distributed and --dpo-step: one section per run")
     if args.distributed:
         return main_distributed(args, argv)
+    if args.dpo_step:
+        return main_dpo_step(args, argv)
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -107,6 +107,55 @@ def linear_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return terms_forward_kl(hidden @ weight.t(), labels, ref_hidden @ ref_weight.t())
 
 
+def linear_token_terms_full(hidden, head_weight, labels, ref_hidden, ref_head_weight, *,
+                            head_bias=None, ref_head_bias=None, divergence="forward_kl",
+                            div_weight=None, ignore_index=-100, return_entropy=False,
+                            logit_scale=1.0, ref_logit_scale=1.0, softcap=None, ref_softcap=None,
+                            extras=()):
+    """``prefopt_kernels.linear_token_terms`` (forward KL) as a trainer without it computes the
+    terms: both models' logits projected in full for every position (in the autocast dtype, as
+    the model's LM head does; the reference's under ``no_grad``), fp32 ``log_softmax`` of each,
+    then :func:`terms_forward_kl`'s gathers and ``KL(q||p)``, with the entropy and the extras
+    (``mean_logits``, ``is_top1``) read from the same arrays. Same returns and conventions:
+    0 at ignored tokens, the KL 0 where ``div_weight`` is 0."""
+    from prefopt_kernels import TokenTerms
+
+    if divergence != "forward_kl":
+        raise ValueError(f"divergence {divergence!r}: forward_kl only")
+
+    def project(h, w, b, scale, cap):
+        z = F.linear(h, w, b)
+        if scale != 1.0:  # a multiply by 1 would keep one more [..., V] array for the backward
+            z = z * scale
+        return z if cap is None else cap * torch.tanh(z / cap)
+    z = project(hidden, head_weight, head_bias, logit_scale, softcap)
+    with torch.no_grad():
+        zq = project(ref_hidden, ref_head_weight, ref_head_bias, ref_logit_scale, ref_softcap)
+    keep = labels != ignore_index
+    index = labels.masked_fill(~keep, 0).unsqueeze(-1)
+    lp = torch.log_softmax(z.float(), dim=-1)
+    lq = torch.log_softmax(zq.float(), dim=-1)
+    zero = lp.new_zeros(())
+    logp = torch.where(keep, lp.gather(-1, index).squeeze(-1), zero)
+    ref_logp = torch.where(keep, lq.gather(-1, index).squeeze(-1), zero)
+    kl_kept = keep if div_weight is None else keep & (div_weight != 0)
+    kl = torch.where(kl_kept, (lq.exp() * (lq - lp)).sum(-1), zero)
+    entropy = None
+    with torch.no_grad():  # logged, never differentiated by the trainers
+        if return_entropy:
+            entropy = torch.where(keep, -(lp.exp() * lp).sum(-1), zero)
+        extra = {}
+        if "mean_logits" in extras:
+            extra["mean_logits"] = torch.where(keep, z.float().mean(-1), zero)
+        if "is_top1" in extras:
+            extra["is_top1"] = keep & (z.argmax(-1) == labels)
+    unknown = set(extras) - set(extra)
+    if unknown:
+        raise ValueError(f"extras {sorted(unknown)}: mean_logits and is_top1 only")
+    terms = TokenTerms(logp, ref_logp, kl, entropy)
+    return (terms, extra) if extras else terms
+
+
 class _GemmFloor(torch.autograd.Function):
     """``Z = hidden @ W.T`` forward; backward ``dZ @ W`` and ``dZ.T @ hidden`` with ``Z`` itself
     standing in for ``dZ``: the LM head's three GEMMs and nothing else."""

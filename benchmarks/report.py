@@ -86,15 +86,18 @@ def _time(r: dict) -> str:
 
 
 def markdown(meta: dict, notes: List[str], results: List[dict],
-             tensor_parallel: Optional[dict] = None) -> str:
+             sections: Optional[Dict[str, dict]] = None) -> str:
     """A self-contained markdown report: what ran where, the notes, one row per result (the
     linear ops in a table of their own, with GEMM throughput instead of bandwidth), then the
-    section of ``python -m benchmarks --distributed``, if any (``tensor_parallel``)."""
+    sections of ``python -m benchmarks --distributed`` and ``--dpo-step`` that ``sections``
+    holds (keyed as in ``SECTIONS``)."""
+    sections = sections or {}
     lines = [f"# prefopt_kernels benchmarks: {meta['device_name']}", ""]
-    if results or tensor_parallel is None:
+    if results or not sections:
         lines += _single_process_lines(meta, notes, results)
-    if tensor_parallel is not None:
-        lines += [""] + tensor_parallel_markdown(tensor_parallel).splitlines()
+    for key, section_markdown in SECTIONS.items():
+        if key in sections:
+            lines += [""] + section_markdown(sections[key]).splitlines()
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +211,71 @@ def tensor_parallel_markdown(section: dict) -> str:
                      format(r["max_abs_diff"], ".1e"), r.get("note", "")]
         lines.append("| " + " | ".join(head + cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+DPO_COLUMNS = ["variant", "trainer", "loss_type", "LM head", "time ms (p20-p80)",
+               "x trl:sigmoid", "peak MiB", "mem / trl:sigmoid", "x full logits",
+               "mem / full logits", "loss", "note"]
+DPO_HEADER = (
+    "One training step (compute_loss on the model as train() prepares it, then "
+    "accelerator.backward; no optimizer step) on the same batch and the same two models. "
+    "trl:sigmoid: trl.DPOTrainer as a user runs it, which always scores both models through "
+    "TRL's own fused, chunked LM head (no option turns it off). prefopt:sigmoid: "
+    "PrefOptDPOTrainer with apply_to_trainer, TRL's loss on this package's fused head "
+    "(without apply_to_trainer it runs TRL's code and head unchanged: trl:sigmoid). "
+    "prefopt:sparse_po: PrefOptDPOTrainer's SparsePO (learned mask) from one "
+    "linear_token_terms call over both models' hidden states. full-logits:sparse_po: the same "
+    "with that call replaced by both models' logits projected in full and fp32 log_softmax, "
+    "as eager SparsePO code computes it (TRL has no SparsePO).")
+DPO_METRICS = (
+    "time: median per step (20th-80th percentile). x trl:sigmoid: trl:sigmoid's time / this "
+    "time; x full logits: full-logits:sparse_po's time / this time (SparsePO rows). peak MiB: "
+    "peak memory during one step above what was allocated before it (models and batch); it "
+    "includes the parameter gradients the step creates. mem / ...: this peak / that row's "
+    "peak. loss: the loss of the measured step; rows of the same loss_type compute the same "
+    "loss.")
+
+
+def dpo_step_markdown(section: dict) -> str:
+    """The section of ``python -m benchmarks --dpo-step`` as markdown (also printed)."""
+    meta = section["meta"]
+    model, batch = meta["model"], meta["batch"]
+    load = [meta.get(k) for k in ("load_average_before", "load_average_after")]
+    precision = ("bf16 mixed precision (TRL's default)" if meta["dtype"] == "bf16"
+                 else "fp32")
+    params = "" if model.get("params") is None else f", {model['params'] / 1e6:.1f}M parameters"
+    grads = ("" if meta.get("param_grad_bytes") is None
+             else f" Parameter gradients: {_mib(meta['param_grad_bytes'])} MiB.")
+    lines = ["## One DPO step (TRL DPOTrainer)", "",
+             f"{meta['device_name']}; torch {meta['torch']}, transformers "
+             f"{meta['transformers']}, TRL {meta['trl']}; {meta.get('threads')} thread(s); "
+             f"{meta['wall_s']:.0f} s"
+             + ("" if None in load else f"; load average {load[0]:.2f} before, {load[1]:.2f} after")
+             + ".", "",
+             f"Llama: V={model['vocab']}, H={model['hidden']}, {model['layers']} layers, MLP "
+             f"{model['intermediate']}{params}. Batch: {batch['pairs']} pairs, {batch['rows']} "
+             f"rows of {batch['seq_len']} tokens (prompt {batch['prompt_len']}): N="
+             f"{batch['tokens']} tokens, {batch['completion_tokens']} completion tokens. "
+             f"{precision}.{grads}", "", DPO_HEADER, "", DPO_METRICS]
+    if section["notes"]:
+        lines.append("")
+        lines += [f"- {n}" for n in section["notes"]]
+    lines += ["", "| " + " | ".join(DPO_COLUMNS) + " |", "|" + "---|" * len(DPO_COLUMNS)]
+    for r in section["results"]:
+        head = [r["variant"], r["trainer"], r["loss_type"], r["head"]]
+        if r["status"] != "ok":
+            cells = [r["status"]] + [""] * (len(DPO_COLUMNS) - len(head) - 2) + [r.get("note", "")]
+        else:
+            cells = [_time(r), _fmt(r.get("speedup_vs_trl"), ".2f"), _mib(r.get("mem_bytes")),
+                     _fmt(r.get("mem_vs_trl"), ".2f"), _fmt(r.get("speedup_vs_full_logits"), ".2f"),
+                     _fmt(r.get("mem_vs_full_logits"), ".2f"), format(r["loss"], ".5f"),
+                     r.get("note", "")]
+        lines.append("| " + " | ".join(head + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# The sections other commands add to the results files, in the order the markdown shows them.
+SECTIONS = {"tensor_parallel": tensor_parallel_markdown, "dpo_step": dpo_step_markdown}
 
 
 _BARS_PER_ROW = 5  # most cases in a row of the bar plot
@@ -352,19 +420,24 @@ def write(out_dir: str, meta: dict, notes: List[str], results: List[dict],
     if note:
         notes = notes + [note]
         del paths["png"]
-    _write_files(paths, meta, notes, results, _load(paths["json"]).get("tensor_parallel"))
+    _write_files(paths, meta, notes, results, _sections(_load(paths["json"])))
     return paths
 
 
-def write_tensor_parallel(out_dir: str, section: dict) -> Dict[str, str]:
-    """Put the section of ``python -m benchmarks --distributed`` into results.json and
-    results.md under ``out_dir``, keeping the suite's results already there (and its plot)."""
+def write_section(out_dir: str, key: str, section: dict) -> Dict[str, str]:
+    """Put a section (``key`` in ``SECTIONS``: ``python -m benchmarks --distributed`` or
+    ``--dpo-step``) into results.json and results.md under ``out_dir``, keeping the suite's
+    results and the other sections already there (and the plot)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md")}
     data = _load(paths["json"])
     _write_files(paths, data.get("meta", section["meta"]), data.get("notes", []),
-                 data.get("results", []), section)
+                 data.get("results", []), {**_sections(data), key: section})
     return paths
+
+
+def _sections(data: dict) -> Dict[str, dict]:
+    return {key: data[key] for key in SECTIONS if key in data}
 
 
 def _load(path: str) -> dict:
@@ -377,11 +450,9 @@ def _load(path: str) -> dict:
 
 
 def _write_files(paths: Dict[str, str], meta: dict, notes: List[str], results: List[dict],
-                 tensor_parallel: Optional[dict]) -> None:
-    data = {"meta": meta, "notes": notes, "results": results}
-    if tensor_parallel is not None:
-        data["tensor_parallel"] = tensor_parallel
+                 sections: Dict[str, dict]) -> None:
+    data = {"meta": meta, "notes": notes, "results": results, **sections}
     with open(paths["json"], "w") as f:
         json.dump(data, f, indent=1)
     with open(paths["md"], "w") as f:
-        f.write(markdown(meta, notes, results, tensor_parallel))
+        f.write(markdown(meta, notes, results, sections))

@@ -414,18 +414,23 @@ def above_grads(case: Case, peak: int) -> int:
     return max(0, peak - grad_bytes(case))
 
 
-def measure_cuda_memory(runnable: Runnable) -> int:
-    """Peak bytes allocated during one call above what was allocated before it (and, for a
-    linear op, above the gradients it returns)."""
-    runnable.reset()
+def cuda_peak_bytes(call: Callable[[], None], reset: Callable[[], None]) -> int:
+    """Peak bytes allocated during one ``call()`` above what was allocated before it."""
+    reset()
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    runnable.call()
+    call()
     torch.cuda.synchronize()
-    return above_grads(runnable.case, torch.cuda.max_memory_allocated() - base)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure_cuda_memory(runnable: Runnable) -> int:
+    """Peak bytes allocated during one call above what was allocated before it (and, for a
+    linear op, above the gradients it returns)."""
+    return above_grads(runnable.case, cuda_peak_bytes(runnable.call, runnable.reset))
 
 
 def _proc_kib(field_name: str) -> Optional[int]:

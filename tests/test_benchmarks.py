@@ -327,3 +327,84 @@ def test_cli_distributed_tiny(tmp_path):
     report.write(str(tmp_path), meta, [], suite, with_plot=False)
     assert json.loads((tmp_path / "results.json").read_text())["tensor_parallel"] == section
     assert "## Tensor parallel (2 gloo ranks)" in (tmp_path / "results.md").read_text()
+
+
+def test_linear_token_terms_full_matches_the_fused_op():
+    # full-logits:sparse_po swaps this function in for pk.linear_token_terms inside
+    # PrefOptDPOTrainer: same outputs, extras and gradients, so that row is like for like.
+    import prefopt_kernels as pk
+    from benchmarks.eager import linear_token_terms_full
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(300, 16, generator=g)).requires_grad_()
+    ref_hidden = torch.randn(2, 7, 16, generator=g)
+    ref_weight = 0.3 * torch.randn(300, 16, generator=g)
+    labels = torch.randint(0, 300, (2, 7), generator=g)
+    labels[:, :2] = -100
+    div_weight = (torch.rand(2, 7, generator=g) > 0.3).float()
+    kwargs = dict(divergence="forward_kl", div_weight=div_weight, return_entropy=True,
+                  logit_scale=0.7, softcap=5.0, extras=("mean_logits", "is_top1"))
+    got, want = (f(hidden, weight, labels, ref_hidden, ref_weight, **kwargs)
+                 for f in (linear_token_terms_full, pk.linear_token_terms))
+    for name in ("logp", "ref_logp", "div", "entropy"):
+        torch.testing.assert_close(getattr(got[0], name), getattr(want[0], name), msg=name)
+    torch.testing.assert_close(got[1]["mean_logits"], want[1]["mean_logits"])
+    assert torch.equal(got[1]["is_top1"], want[1]["is_top1"])
+    assert not got[0].div[div_weight == 0].any() and not got[0].logp[:, :2].any()
+    grads = [torch.autograd.grad((t[0].logp + t[0].div).sum(), (hidden, weight))
+             for t in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_cli_dpo_step_tiny(tmp_path):
+    # One DPO step per trainer and loss at tiny sizes, through the CLI: every row measured, the
+    # ratios taken from this run's rows, the rows of one loss computing the same loss, and the
+    # section written beside a suite's results.
+    for module in ("trl", "transformers", "datasets"):
+        pytest.importorskip(module)
+    from benchmarks.dpo_step import MIN_REPS, VARIANTS
+
+    suite = [{"op": "logprobs", "mode": "fwd", "n": 4, "v": 10, "dtype": "fp32", "impl": EAGER,
+              "status": "ok", "time_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "gbps": 0.00016}]
+    meta = {"device": "cpu", "device_name": "t", "torch": "-", "triton": "-", "copy_gbps": 1.0}
+    report.write(str(tmp_path), meta, [], suite, with_plot=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--dpo-step", "--tiny", "--device", "cpu",
+         "--no-progress", "--budget", "0.01", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"] == suite
+    section = data["dpo_step"]
+    assert section["meta"]["complete"] and section["meta"]["model"]["vocab"] == 512
+    assert section["meta"]["batch"]["tokens"] == 256 and section["meta"]["param_grad_bytes"] > 0
+    rows = {r["variant"]: r for r in section["results"]}
+    assert list(rows) == [v.name for v in VARIANTS]
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["reps"] >= MIN_REPS and 0 < r["p20_ms"] <= r["time_ms"] <= r["p80_ms"]
+        assert r["mem_bytes"] > 0 and r["mem_method"]
+        assert (r["v"], r["n"], r["h"], r["dtype"]) == (512, 256, 32, "bf16")
+    trl = rows["trl:sigmoid"]
+    full = rows["full-logits:sparse_po"]
+    for r in rows.values():
+        assert r["speedup_vs_trl"] == pytest.approx(trl["time_ms"] / r["time_ms"])
+        assert r["mem_vs_trl"] == pytest.approx(r["mem_bytes"] / trl["mem_bytes"])
+        if r["loss_type"] == "sparse_po":
+            assert r["speedup_vs_full_logits"] == pytest.approx(full["time_ms"] / r["time_ms"])
+            assert r["mem_vs_full_logits"] == pytest.approx(r["mem_bytes"] / full["mem_bytes"])
+        else:
+            assert "speedup_vs_full_logits" not in r
+    assert trl["speedup_vs_trl"] == 1.0
+    # The reference differs from the policy, so the loss is not log 2; bf16 autocast.
+    assert rows["prefopt:sigmoid"]["loss"] == pytest.approx(trl["loss"], rel=5e-3)
+    assert rows["prefopt:sparse_po"]["loss"] == pytest.approx(full["loss"], rel=5e-3)
+    assert abs(trl["loss"] - 0.6931) > 1e-3
+    md = (tmp_path / "results.md").read_text()
+    assert "| logprobs | fwd | 4 | 10 | fp32 | eager |" in md
+    assert "## One DPO step (TRL DPOTrainer)" in md and "## One DPO step" in proc.stdout
+    assert "| prefopt:sparse_po | prefopt | sparse_po | prefopt linear_token_terms |" in md
+    report.write(str(tmp_path), meta, [], suite, with_plot=False)
+    assert json.loads((tmp_path / "results.json").read_text())["dpo_step"] == section

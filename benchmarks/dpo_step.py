@@ -1,0 +1,402 @@
+"""One DPO training step of a tiny Llama: stock TRL against ``PrefOptDPOTrainer``.
+
+``python -m benchmarks --dpo-step`` starts one child interpreter (``python -m
+benchmarks.dpo_step REQUEST``, with the memory probe's allocator settings) that runs every
+variant in turn on copies of the same two models and the same batch:
+
+``trl:sigmoid``
+    ``trl.DPOTrainer``, ``loss_type="sigmoid"``: what a TRL user runs. TRL 1.16 always scores
+    both models through its own fused LM head (``add_fused_lm_head``, vocabulary chunks of
+    32768, tiles folded by torch ops off CUDA); no option turns it off, so this is both the
+    default and TRL's fused path.
+``prefopt:sigmoid``
+    ``PrefOptDPOTrainer``, ``loss_type="sigmoid"``, with
+    ``prefopt_kernels.integrations.trl.apply_to_trainer``: TRL's loss on this package's fused
+    head (``linear_token_logprobs``). Without that call the trainer runs TRL's own
+    ``_compute_loss`` and head unchanged, i.e. ``trl:sigmoid``.
+``prefopt:sparse_po``
+    ``PrefOptDPOTrainer``, ``loss_type="sparse_po"`` with its default learned mask: one
+    ``linear_token_terms`` call over both models' hidden states.
+``full-logits:sparse_po``
+    the same trainer and loss with that call replaced by ``eager.linear_token_terms_full``:
+    both models' ``[B, T, V]`` logits projected in full, then fp32 ``log_softmax``. TRL has no
+    SparsePO; this is the loss as its eager implementations compute it.
+
+The model is a ``LlamaForCausalLM`` (vocabulary V, hidden size H, 2 layers, MLP 4H) built in
+code; the reference is a second one from another seed, so that the loss of the step is not
+the trivial ``log 2`` of identical models and rows of the same loss can be checked against
+each other. The batch is tensors as TRL's collator stacks them: ``PAIRS`` prompts, each
+followed by a chosen and by a rejected completion (chosen rows first), ``N / (2 PAIRS)``
+tokens per row of which the first eighth is prompt, no padding.
+
+The step is what ``Trainer.training_step`` does for one batch: ``compute_loss`` on the model
+as ``train()`` prepares it with the trainer's ``Accelerator`` (autocast under the default
+bf16 mixed precision), then ``accelerator.backward``. No optimizer step (the same for every
+variant); the parameter gradients are set to ``None`` before each step, as
+``Trainer.zero_grad`` leaves them. Activation checkpointing is off: TRL's default switches it
+on inside ``train()``, which the step bypasses, and with 2 layers it would only add the same
+backbone recompute to every variant.
+
+Measured per variant: the time of a step (CPU: wall clock, a warm-up step on a 2-row batch,
+then at least ``MIN_REPS`` steps and more within ``--budget``, the step whose memory is
+measured being the first; CUDA: ``runner.time_cuda``), its peak memory above what was
+allocated before it (CPU: the resident high-water mark, ``runner._measure_rss_peak``; CUDA:
+``max_memory_allocated``), which includes the parameter gradients the step creates
+(``param_grad_bytes`` in the meta, the same for every variant but the learned mask's few
+parameters), and the loss of the measured step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from . import report
+from .runner import (
+    _measure_rss_peak,
+    _probe_env,
+    _progress,
+    _repo_root,
+    cuda_peak_bytes,
+    time_cpu,
+    time_cuda,
+)
+
+PAIRS = 8
+LAYERS = 2
+DEFAULT_VOCAB = 32000
+DEFAULT_TOKENS = 4096  # chosen + rejected tokens of the batch: 16 rows of 256
+DEFAULT_HIDDEN = 256
+TINY = {"vocab": 512, "tokens": 256, "hidden": 32}
+MIN_REPS = 3  # a median of at least three steps, however slow one is
+DEADLINE_S = 1800
+TINY_DEADLINE_S = 300
+TRL_SIGMOID = "trl:sigmoid"
+FULL_LOGITS_SPARSE_PO = "full-logits:sparse_po"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: which trainer class runs which ``loss_type`` (see the module docstring)."""
+
+    name: str
+    trainer: str  # "trl" or "prefopt"
+    loss_type: str
+    head: str  # how the LM head is scored, for the report
+
+
+VARIANTS = (
+    Variant(TRL_SIGMOID, "trl", "sigmoid", "TRL fused (chunked)"),
+    Variant("prefopt:sigmoid", "prefopt", "sigmoid", "prefopt linear_token_logprobs"),
+    Variant("prefopt:sparse_po", "prefopt", "sparse_po", "prefopt linear_token_terms"),
+    Variant(FULL_LOGITS_SPARSE_PO, "prefopt", "sparse_po", "full logits, fp32 log_softmax"),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+# Each row's ratios: against stock TRL, and for SparsePO against its full-logits computation.
+SAME_LOSS_BASELINE = {"sparse_po": FULL_LOGITS_SPARSE_PO}
+
+
+def batch_shape(tokens: int) -> tuple:
+    """``(rows, tokens per row, prompt tokens per row)`` of a batch of ``tokens`` tokens."""
+    rows = 2 * PAIRS
+    if tokens % rows or tokens // rows < 4:
+        raise ValueError(f"--tokens {tokens}: must be a multiple of {rows} (rows of the batch), "
+                         f"at least {4 * rows}")
+    seq = tokens // rows
+    return rows, seq, max(1, seq // 8)
+
+
+# --------------------------------------------------------------------------------------------
+# the child: models, trainers, the step
+
+
+def _tokenizer():
+    """A word-level tokenizer built in code: the trainers need one for pad and EOS ids only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "w"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+
+
+def _model(vocab: int, hidden: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def make_batch(vocab: int, rows: int, seq: int, prompt: int) -> Dict[str, torch.Tensor]:
+    """TRL's stacked preference batch: ``rows // 2`` prompts with a chosen completion, then the
+    same prompts with a rejected one; random token ids (above the special ones), no padding."""
+    g = torch.Generator().manual_seed(0)
+    pairs = rows // 2
+    prompts = torch.randint(3, vocab, (pairs, prompt), generator=g)
+    completions = torch.randint(3, vocab, (rows, seq - prompt), generator=g)
+    input_ids = torch.cat([prompts.repeat(2, 1), completions], dim=1)
+    completion_mask = torch.ones_like(input_ids)
+    completion_mask[:, :prompt] = 0
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "completion_mask": completion_mask}
+
+
+def _trainer(variant: Variant, policy, reference, request: dict, out_dir: str):
+    """The variant's trainer on ``policy`` and ``reference`` (which it patches: pass copies)."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from prefopt_kernels.integrations import trl as pk_trl
+    from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
+
+    config_class, trainer_class = ((DPOConfig, DPOTrainer) if variant.trainer == "trl"
+                                   else (PrefOptDPOConfig, PrefOptDPOTrainer))
+    args = config_class(output_dir=out_dir, loss_type=variant.loss_type,
+                        bf16=request["dtype"] == "bf16", activation_checkpointing=False,
+                        use_cpu=request["device"] == "cpu", report_to=[], save_strategy="no",
+                        disable_tqdm=True, seed=0)
+    # The constructor wants a dataset; the step is fed the batch directly.
+    dataset = datasets.Dataset.from_dict({"prompt": ["w"], "chosen": [" w"], "rejected": [" w"]})
+    trainer = trainer_class(model=policy, ref_model=reference, args=args, train_dataset=dataset,
+                            processing_class=_tokenizer())
+    if variant.trainer == "prefopt" and variant.loss_type == "sigmoid":
+        pk_trl.apply_to_trainer(trainer)
+    return trainer
+
+
+@contextlib.contextmanager
+def _lm_head(variant: Variant):
+    """For ``full-logits:sparse_po``, ``PrefOptDPOTrainer``'s ``linear_token_terms`` call
+    replaced by the full-logits computation; nothing for the other variants."""
+    if variant.name != FULL_LOGITS_SPARSE_PO:
+        yield
+        return
+    from prefopt_kernels.integrations import trl_dpo
+
+    from .eager import linear_token_terms_full
+
+    fused = trl_dpo.linear_token_terms
+    trl_dpo.linear_token_terms = linear_token_terms_full
+    try:
+        yield
+    finally:
+        trl_dpo.linear_token_terms = fused
+
+
+class Step:
+    """``call()``: one training step of ``trainer`` on ``batch`` (see the module docstring);
+    ``model`` is the trainer's model as ``train()`` wraps it (``accelerator.prepare_model``)."""
+
+    def __init__(self, trainer, model, batch: Dict[str, torch.Tensor]):
+        self.trainer, self.model = trainer, model
+        self.inputs = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+        self.losses: List[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def call(self) -> None:
+        with self.trainer.compute_loss_context_manager():
+            loss = self.trainer.compute_loss(self.model, self.inputs)
+        self.trainer.accelerator.backward(loss)
+        self.losses.append(loss.detach())
+
+
+def _measure(variant: Variant, policy, reference, batch, warm_batch, request: dict) -> dict:
+    """Time, peak memory and loss of the variant's step."""
+    cuda = request["device"] == "cuda"
+    with tempfile.TemporaryDirectory() as out_dir, _lm_head(variant):
+        trainer = _trainer(variant, copy.deepcopy(policy), copy.deepcopy(reference), request,
+                           out_dir)
+        model = trainer.accelerator.prepare_model(trainer.model)
+        model.train()
+        step = Step(trainer, model, batch)
+        out: dict = {}
+        if cuda:
+            t = time_cuda(step.call, step.reset, min_reps=MIN_REPS)
+            if request["memory"]:
+                out.update(mem_bytes=cuda_peak_bytes(step.call, step.reset),
+                           mem_method="max_memory_allocated")
+        else:
+            warm = Step(trainer, model, warm_batch)
+
+            def warm_up():
+                warm.reset(); warm.call()
+            warm_up()
+            elapsed: List[float] = []
+
+            def timed():
+                t0 = time.perf_counter()
+                step.call()
+                elapsed.append((time.perf_counter() - t0) * 1e3)
+            if request["memory"]:
+                step.reset()
+                gc.collect()
+                peak, method = _measure_rss_peak(timed)
+                out.update(mem_bytes=peak, mem_method=method)
+            # A step is seconds of GEMMs: the measured one is a sample, warmed up like the rest.
+            t = time_cpu(step.call, step.reset, budget_s=request["budget_s"], min_reps=MIN_REPS,
+                         warmup=warm_up, samples=elapsed)
+        out.update(time_ms=t["median"], p20_ms=t["p20"], p80_ms=t["p80"], reps=t["reps"],
+                   loss=float(step.losses[0]))
+    return out
+
+
+def _quiet() -> None:
+    """The libraries' deprecation warnings and progress bars would bury the progress lines."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def worker(request: dict) -> int:
+    """Every variant of the request in turn; one JSON line per result on stdout (a variant that
+    fails gives an error line and the next one runs)."""
+    _quiet()
+    rows, seq, prompt = batch_shape(request["tokens"])
+    policy = _model(request["vocab"], request["hidden"], seed=0)
+    reference = _model(request["vocab"], request["hidden"], seed=1)
+    batch = make_batch(request["vocab"], rows, seq, prompt)
+    warm_batch = make_batch(request["vocab"], 2, min(seq, 16), min(prompt, 2))
+    print(json.dumps({"meta": {
+        "param_grad_bytes": sum(p.numel() * p.element_size() for p in policy.parameters()),
+        "params": sum(p.numel() for p in policy.parameters()),
+        "threads": torch.get_num_threads()}}), flush=True)
+    names = request["variants"]
+    bar = _progress(len(names), request["progress"])
+    for name in names:
+        bar.set_description(f"dpo step {name}")
+        try:
+            result = {"status": "ok", **_measure(BY_NAME[name], policy, reference, batch,
+                                                 warm_batch, request)}
+        except Exception as exc:  # noqa: BLE001 - reported in the row, the next variant runs
+            result = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
+        print(json.dumps({"variant": name, **result}), flush=True)
+        bar.update(1)
+        gc.collect()
+        if request["device"] == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# the parent
+
+
+def _launch(request: dict, deadline_s: float) -> tuple:
+    """Run the child to completion (or the deadline); ``(its JSON lines, failure or None)``."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.dpo_step", json.dumps(request)],
+                            stdout=subprocess.PIPE, text=True, env=_probe_env(),
+                            cwd=_repo_root())
+    timer = threading.Timer(deadline_s, proc.kill)
+    timer.start()
+    try:
+        lines = [json.loads(ln) for ln in proc.stdout if ln.startswith("{")]
+        proc.wait()
+    finally:
+        timer.cancel()
+    failure = None
+    if proc.returncode != 0:
+        # Killed by the timer, or by the kernel when out of memory.
+        failure = f"the child process exited with code {proc.returncode}" + (
+            f" (stopped at the {deadline_s:.0f} s deadline, or out of memory)"
+            if proc.returncode < 0 else "")
+    return lines, failure
+
+
+def _add_ratios(results: List[dict]) -> None:
+    """``speedup_vs_trl`` / ``mem_vs_trl`` against ``trl:sigmoid``, and for a loss with a
+    same-loss baseline (SparsePO: ``full-logits:sparse_po``) ``speedup_vs_full_logits`` /
+    ``mem_vs_full_logits``; a speed-up is the baseline's time over this one, a memory ratio
+    this peak over the baseline's."""
+    ok = {r["variant"]: r for r in results if r["status"] == "ok"}
+    for r in ok.values():
+        for suffix, base_name in (("trl", TRL_SIGMOID),
+                                  ("full_logits", SAME_LOSS_BASELINE.get(r["loss_type"]))):
+            base = ok.get(base_name)
+            if base is None:
+                continue
+            r[f"speedup_vs_{suffix}"] = base["time_ms"] / r["time_ms"]
+            if r.get("mem_bytes") and base.get("mem_bytes"):
+                r[f"mem_vs_{suffix}"] = r["mem_bytes"] / base["mem_bytes"]
+
+
+def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int = DEFAULT_HIDDEN,
+        dtype: str = "bf16", device: str = "cpu", budget_s: float = 1.0,
+        measure_memory: bool = True, progress: bool = True,
+        deadline_s: Optional[float] = None) -> dict:
+    """Measure every variant of ``VARIANTS`` in one child process; the report's section:
+    ``{"meta": ..., "notes": [...], "results": [one row per variant]}``. ``deadline_s``
+    bounds the child (default 30 minutes; 5 at tiny sizes)."""
+    import importlib.metadata as md
+
+    rows, seq, prompt = batch_shape(tokens)
+    names = [v.name for v in VARIANTS]
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype {dtype!r}: fp32 or bf16 (mixed precision)")
+    if deadline_s is None:
+        deadline_s = TINY_DEADLINE_S if tokens * vocab <= 64 * 4096 else DEADLINE_S
+    request = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "dtype": dtype,
+               "device": device, "variants": names, "budget_s": budget_s,
+               "memory": measure_memory, "progress": progress}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    t0 = time.time()
+    lines, failure = _launch(request, deadline_s)
+    child_meta = next((ln["meta"] for ln in lines if "meta" in ln), {})
+    by_name = {ln["variant"]: ln for ln in lines if "variant" in ln}
+    results = []
+    for name in names:
+        v = BY_NAME[name]
+        row = {"variant": name, "trainer": v.trainer, "loss_type": v.loss_type, "head": v.head,
+               "v": vocab, "n": tokens, "h": hidden, "dtype": dtype}
+        got = by_name.get(name)
+        if got is None:
+            why = failure or "the child stopped before it"
+            got = {"status": "error", "note": f"not run: {why}"}
+        row.update({k: val for k, val in got.items() if k != "variant"})
+        results.append(row)
+    _add_ratios(results)
+    meta = {"device_name": report.device_name(torch.device(device)), "device": device,
+            "torch": torch.__version__, "trl": md.version("trl"),
+            "transformers": md.version("transformers"),
+            "model": {"vocab": vocab, "hidden": hidden, "layers": LAYERS,
+                      "intermediate": 4 * hidden, "params": child_meta.get("params")},
+            "batch": {"pairs": PAIRS, "rows": rows, "seq_len": seq, "prompt_len": prompt,
+                      "tokens": tokens, "completion_tokens": rows * (seq - prompt)},
+            "dtype": dtype, "param_grad_bytes": child_meta.get("param_grad_bytes"),
+            "threads": child_meta.get("threads"), "budget_s": budget_s,
+            "load_average_before": load,
+            "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "wall_s": time.time() - t0, "complete": failure is None}
+    notes = [] if failure is None else [failure]
+    return {"meta": meta, "notes": notes, "results": results}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 2:
+        sys.exit(worker(json.loads(sys.argv[1])))
+    sys.exit("usage: python -m benchmarks.dpo_step REQUEST_JSON (internal: started by "
+             "python -m benchmarks --dpo-step)")
