@@ -3,9 +3,15 @@ r"""PrefOptDPOTrainer against TRL 1.16's DPOTrainer, and its own loss types end 
 Tiny random Llamas from configs in code, a WordLevel tokenizer built in code and four
 in-memory preference pairs; nothing is downloaded. Skipped without TRL (or transformers).
 
-* ``loss_type="sigmoid"`` goes to TRL's own ``_compute_loss``: two plain-SGD steps (fp32,
-  same seed, same model copies) log exactly the same values as a stock ``DPOTrainer`` and
-  leave exactly the same parameters.
+* Every loss type TRL 1.16's ``DPOConfig`` lists goes to TRL's own ``_compute_loss``. Each
+  alone (with the ``label_smoothing`` that ``exo_pair`` and ``robust`` need), mixes with
+  ``loss_weights``, the f-divergences (alpha, JS, forward KL), WPO ``use_weighting``,
+  ``ld_alpha``, ``label_smoothing``, precomputed reference log-probs and TR-DPO's synced
+  reference: three plain-SGD steps (fp32, same seed and data, copies of one policy and of a
+  different reference) of a stock ``DPOTrainer`` and of ``PrefOptDPOTrainer`` log the same
+  values (every key but the timings), take the same parameter gradients at every step and
+  leave the same policy and reference, to ``rel=1e-5``. A case that stock TRL itself fails
+  is an expected failure naming the cause.
 * ``sparse_po`` (each mask kind), ``tdpo1``, ``tdpo2``, ``simpo``, ``inpo`` train 3 steps:
   finite losses, TRL's metric names plus the losses' own, a non-zero gradient for every
   policy parameter tensor that feeds the loss (the learned mask's included) at every step.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 
@@ -60,12 +67,27 @@ def _model(seed=0):
     return LlamaForCausalLM(config)
 
 
-def _dataset():
+PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
+
+
+def _dataset(chosen=(" w11 w12", " w13", " w14 w15 w16", " w17 w18")):
     return datasets.Dataset.from_dict({
-        "prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"],
-        "chosen": [" w11 w12", " w13", " w14 w15 w16", " w17 w18"],
+        "prompt": PROMPTS,
+        "chosen": list(chosen),
         "rejected": [" w20", " w21 w22 w23", " w24", " w25 w26"],
     })
+
+
+def _greedy_chosen(model, tokenizer):
+    """Chosen completions of the default lengths made of ``model``'s greedy tokens: top-1 at the
+    first step, so ``mean_token_accuracy`` is not 0."""
+    chosen = []
+    for prompt, length in zip(PROMPTS, (2, 1, 3, 2)):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=length, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             bad_words_ids=[[0], [1], [2]])
+        chosen.append(" " + tokenizer.decode(out[0, ids.shape[1]:]))
+    return chosen
 
 
 def _args(config_class, output_dir, steps, **kwargs):
@@ -87,27 +109,130 @@ class GradientProbe(TrainerCallback):
                                       if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)))
 
 
-def test_trl_loss_type_is_stock_dpo(tmp_path):
-    """``loss_type="sigmoid"``: the same logged metrics and final parameters as TRL's DPOTrainer."""
-    base, tokenizer, dataset = _model(), _tokenizer(), _dataset()
+class GradientRecorder(TrainerCallback):
+    """Clones every parameter's gradient before each optimizer step: the (clipped) step the optimizer takes."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({name: None if p.grad is None else p.grad.detach().clone()
+                           for name, p in model.named_parameters()})
+
+
+# Every loss type TRL 1.16's DPOTrainer implements, each alone with the settings it needs, then
+# mixes and the options that change its loss or reference. Each goes to TRL's own _compute_loss.
+TRL_CASES = {
+    "sigmoid": dict(loss_type="sigmoid"),
+    "hinge": dict(loss_type="hinge", beta=0.1),  # margins stay under 1/β: a gradient at every step
+    "ipo": dict(loss_type="ipo"),
+    "exo_pair": dict(loss_type="exo_pair", label_smoothing=1e-3),  # TRL refuses ε = 0
+    "nca_pair": dict(loss_type="nca_pair"),
+    "robust": dict(loss_type="robust", label_smoothing=0.1),
+    "bco_pair": dict(loss_type="bco_pair"),
+    "sppo_hard": dict(loss_type="sppo_hard"),
+    "aot": dict(loss_type="aot"),
+    "aot_unpaired": dict(loss_type="aot_unpaired"),
+    "apo_zero": dict(loss_type="apo_zero"),
+    "apo_down": dict(loss_type="apo_down"),
+    "discopop": dict(loss_type="discopop"),
+    "sft": dict(loss_type="sft"),
+    "sigmoid_norm": dict(loss_type="sigmoid_norm"),
+    "mix_sigmoid_sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "mix_mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    "sigmoid_alpha_divergence": dict(loss_type="sigmoid", f_divergence_type="alpha_divergence",
+                                     f_alpha_divergence_coef=0.3),
+    "robust_js_divergence": dict(loss_type="robust", label_smoothing=0.1, f_divergence_type="js_divergence"),
+    "ipo_forward_kl": dict(loss_type="ipo", f_divergence_type="forward_kl"),
+    "sigmoid_wpo": dict(loss_type="sigmoid", use_weighting=True),
+    "mix_sigmoid_bco_pair_wpo": dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[1.0, 0.5],
+                                     use_weighting=True),
+    "sigmoid_ld_alpha": dict(loss_type="sigmoid", ld_alpha=0.5),
+    # PrefOptDPOConfig reads label_smoothing as SimPO's ε; TRL's sigmoid ignores it.
+    "sigmoid_label_smoothing": dict(loss_type="sigmoid", label_smoothing=0.1),
+    "aot_label_smoothing": dict(loss_type="aot", label_smoothing=0.1),
+    "sigmoid_precomputed_ref": dict(loss_type="sigmoid", precompute_ref_log_probs=True),
+    "sigmoid_synced_ref": dict(loss_type="sigmoid", sync_ref_model=True, ref_model_sync_steps=1,
+                               ref_model_mixup_alpha=0.5),
+    "sft_wpo": dict(loss_type="sft", use_weighting=True),
+}
+# Stock TRL itself fails these; strict, so that a TRL that runs them turns the case back on.
+TRL_FAILS = {
+    "sft_wpo": "TRL 1.16: the sft loss is one scalar expanded over the batch, which use_weighting then multiplies "
+               "in place (RuntimeError: more than one element of the written-to tensor refers to a single memory "
+               "location)",
+}
+
+
+def _trl_loss_types():
+    """The loss types TRL's own ``DPOConfig.loss_type`` help lists."""
+    return set(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
+
+
+def test_trl_cases_cover_every_trl_loss_type():
+    single = {case["loss_type"] for case in TRL_CASES.values() if isinstance(case["loss_type"], str)}
+    assert len(_trl_loss_types()) >= 15
+    assert single == _trl_loss_types()
+
+
+def _isclose(a, b):
+    # abs_tol: a value at 0 (an accuracy with no hit) has no scale for a relative test. 1e-12 stays
+    # below rel_tol's share of every non-zero value logged here (the smallest is ~6e-4).
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=TRL_FAILS[case]))
+    if case in TRL_FAILS else case for case in TRL_CASES
+])
+def test_trl_loss_types_match_stock_dpo(tmp_path, case):
+    """Three plain-SGD steps of TRL's DPOTrainer and of PrefOptDPOTrainer (same seed, data, model copies):
+    every logged value, every parameter's gradient at every step and the final parameters agree to 1e-5."""
+    # A reference unlike the policy: non-zero rewards from the first step, and aot_unpaired's sort
+    # reorders some batch.
+    base, reference, tokenizer = _model(), _model(seed=1), _tokenizer()
+    chosen = _greedy_chosen(base, tokenizer)
+    kwargs = dict(TRL_CASES[case])
+    kwargs.setdefault("beta", 0.5)
     runs = []
     for trainer_class, config_class in ((DPOTrainer, DPOConfig), (PrefOptDPOTrainer, PrefOptDPOConfig)):
-        trainer = trainer_class(model=copy.deepcopy(base), ref_model=copy.deepcopy(base),
-                                args=_args(config_class, tmp_path / trainer_class.__name__, 2, beta=0.5),
-                                train_dataset=dataset, processing_class=tokenizer)
+        recorder = GradientRecorder()
+        trainer = trainer_class(model=copy.deepcopy(base), ref_model=copy.deepcopy(reference),
+                                args=_args(config_class, tmp_path / trainer_class.__name__, 3, **kwargs),
+                                train_dataset=_dataset(chosen), processing_class=tokenizer, callbacks=[recorder])
         trainer.train()
-        runs.append(trainer)
-    stock, ours = runs
-    assert len(stock.state.log_history) == len(ours.state.log_history) == 3
-    assert stock.state.log_history[1]["rewards/margins"] != 0.0  # step 2 saw a trained policy
-    for a, b in zip(ours.state.log_history, stock.state.log_history):
-        assert a.keys() == b.keys()
+        runs.append((trainer, recorder.steps))
+    (stock, stock_grads), (ours, our_grads) = runs
+
+    assert len(stock.state.log_history) == len(ours.state.log_history) == 4  # three steps and the summary
+    for step, (a, b) in enumerate(zip(ours.state.log_history, stock.state.log_history)):
+        assert a.keys() == b.keys(), step
         for key in b.keys() - set(_TIMING):
-            assert a[key] == b[key], key
-    stock_params, our_params = stock.model.state_dict(), ours.model.state_dict()
-    assert stock_params.keys() == our_params.keys()
-    for name, value in stock_params.items():
-        assert torch.equal(our_params[name], value), name
+            assert _isclose(a[key], b[key]), (step, key, a[key], b[key])
+    assert all(logs["rewards/margins"] != 0.0 for logs in stock.state.log_history[:3])
+    assert stock.state.log_history[0]["mean_token_accuracy"] > 0.0
+
+    assert len(stock_grads) == len(our_grads) == 3
+    assert all(any(g is not None and g.abs().sum() > 0 for g in grads.values()) for grads in stock_grads)
+    for step, (mine, theirs) in enumerate(zip(our_grads, stock_grads)):
+        assert mine.keys() == theirs.keys()
+        for name, grad in theirs.items():
+            assert (mine[name] is None) == (grad is None), (step, name)
+            # atol only passes entries that cancel to ~0, which have no relative scale.
+            if grad is not None:
+                torch.testing.assert_close(mine[name], grad, rtol=1e-5, atol=1e-12,
+                                           msg=lambda m: f"step {step}, {name}: {m}")
+
+    # The reference too: TR-DPO (sync_ref_model) moves it; otherwise it stays as given.
+    moved = [name for name, value in ours.ref_model.state_dict().items()
+             if not torch.equal(value, reference.state_dict()[name])]
+    assert bool(moved) == bool(kwargs.get("sync_ref_model")), moved
+    for model_name in ("model", "ref_model"):
+        mine, theirs = getattr(ours, model_name).state_dict(), getattr(stock, model_name).state_dict()
+        assert mine.keys() == theirs.keys()
+        for name, value in theirs.items():
+            torch.testing.assert_close(mine[name], value, rtol=1e-5, atol=1e-12,
+                                       msg=lambda m: f"{model_name}.{name}: {m}")
 
 
 CASES = {
