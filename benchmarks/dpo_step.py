@@ -10,10 +10,8 @@ variant in turn on copies of the same two models and the same batch:
     32768, tiles folded by torch ops off CUDA); no option turns it off, so this is both the
     default and TRL's fused path.
 ``prefopt:sigmoid``
-    ``PrefOptDPOTrainer``, ``loss_type="sigmoid"``, with
-    ``prefopt_kernels.integrations.trl.apply_to_trainer``: TRL's loss on this package's fused
-    head (``linear_token_logprobs``). Without that call the trainer runs TRL's own
-    ``_compute_loss`` and head unchanged, i.e. ``trl:sigmoid``.
+    ``PrefOptDPOTrainer``, ``loss_type="sigmoid"``: TRL's own ``_compute_loss`` on this
+    package's fused head (``linear_token_logprobs``), which the trainer installs on both models.
 ``prefopt:sparse_po``
     ``PrefOptDPOTrainer``, ``loss_type="sparse_po"`` with its default learned mask: one
     ``linear_token_terms`` call over both models' hidden states.
@@ -163,7 +161,6 @@ def _trainer(variant: Variant, policy, reference, request: dict, out_dir: str):
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    from prefopt_kernels.integrations import trl as pk_trl
     from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
 
     config_class, trainer_class = ((DPOConfig, DPOTrainer) if variant.trainer == "trl"
@@ -176,8 +173,6 @@ def _trainer(variant: Variant, policy, reference, request: dict, out_dir: str):
     dataset = datasets.Dataset.from_dict({"prompt": ["w"], "chosen": [" w"], "rejected": [" w"]})
     trainer = trainer_class(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                             processing_class=_tokenizer())
-    if variant.trainer == "prefopt" and variant.loss_type == "sigmoid":
-        pk_trl.apply_to_trainer(trainer)
     return trainer
 
 

@@ -14,8 +14,8 @@ The same starting model is trained twice for a few steps with ``PrefOptDPOTraine
    states; neither model's logits are materialised. Logs SparsePO's own metrics
    (``kl/chosen``, ``mask/density``, ...) next to TRL's.
 2. ``loss_type=["sigmoid", "sft"]`` with ``loss_weights``: TRL's own weighted mix of the DPO
-   loss and an SFT term on the chosen answers, run by TRL's code unchanged (with
-   ``use_in_trl()``, TRL's fused LM head runs on our kernels).
+   loss and an SFT term on the chosen answers, run by TRL's code unchanged on our fused LM
+   head (which ``PrefOptDPOTrainer`` installs on the policy and the reference).
 
 Each run prints one line per optimizer step. Needs the ``[trl]`` extra (``transformers``,
 ``trl``; ``datasets`` and ``tokenizers`` come with them). Takes seconds on a CPU.
@@ -38,7 +38,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from transformers.trainer_callback import PrinterCallback
 
 import prefopt_kernels as pk
-import prefopt_kernels.integrations.trl as pk_trl
 from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -153,8 +152,6 @@ def main(argv=None) -> dict[str, list[dict]]:
                         help="where the trainers write (default: a temporary directory, removed at the end)")
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()
-    # Every TRL trainer built from now on computes its fused LM head's log-probs with our kernels.
-    pk_trl.use_in_trl()
     print(f"prefopt_kernels backends available: {', '.join(pk.available_backends())}")
 
     output_dir = (contextlib.nullcontext(args.output_dir) if args.output_dir

@@ -54,23 +54,16 @@ def test_trl_dpo(tmp_path, monkeypatch, capsys):
     pytest.importorskip("datasets")
     import prefopt_kernels.integrations.trl as pk_trl
 
-    # The example points TRL's trainers at our fused LM head; undo that after the test.
-    for name in pk_trl.TRL_TRAINER_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "add_fused_lm_head"):
-            monkeypatch.setattr(module, "add_fused_lm_head", module.add_fused_lm_head)
-
+    # Both runs score the models on our fused head (SparsePO through linear_token_terms).
+    fused_calls = []
+    counted = pk_trl.linear_token_logprobs
+    monkeypatch.setattr(pk_trl, "linear_token_logprobs", lambda *a, **k: fused_calls.append(1) or counted(*a, **k))
     example = _load_example("trl_dpo")
     results = example.main(["--steps", "2", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
 
     assert set(results) == {"sparse_po", "sigmoid+sft"}
-    import trl.trainer.dpo_trainer
-
-    assert trl.trainer.dpo_trainer.add_fused_lm_head is pk_trl.add_fused_lm_head
+    assert fused_calls
     for run, history in results.items():
         assert len(history) == 2, run
         expected = TRL_METRICS + (SPARSE_PO_METRICS if run == "sparse_po" else ())

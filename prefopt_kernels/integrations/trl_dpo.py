@@ -9,7 +9,9 @@ r"""TRL's ``DPOTrainer`` with the preference losses of :mod:`prefopt_kernels.los
 * ``"simpo"``: :func:`~prefopt_kernels.losses.simpo_loss` (no reference forward);
 * ``"inpo"``: :func:`~prefopt_kernels.losses.inpo_loss`.
 
-Every other ``loss_type`` runs TRL's own ``_compute_loss`` unchanged. The token-level losses
+Every other ``loss_type`` runs TRL's own ``_compute_loss`` unchanged, on this package's fused
+LM head (:func:`prefopt_kernels.integrations.trl.add_fused_lm_head` replaces TRL's on the
+policy, the reference and INPO's previous iterate). The token-level losses
 (SparsePO, TDPO) get the policy's and the reference's label log-probs and the per-token
 ``KL(π_ref ‖ π)`` from one :func:`prefopt_kernels.linear_token_terms` call over both models'
 last hidden states, so neither model's logits are ever materialised::
@@ -38,7 +40,7 @@ from trl import DPOConfig, DPOTrainer
 from ..linear import linear_token_terms
 from ..losses import inpo_loss, simpo_loss, sparse_po_loss, tdpo_loss
 from ..masks import ActivationTokenMask, LearnedTokenMask
-from .trl import backbone_attr, head_transform
+from .trl import add_fused_lm_head, apply_to_trainer, backbone_attr, head_transform
 
 TOKEN_LOSS_TYPES = ("sparse_po", "tdpo1", "tdpo2")
 SEQUENCE_LOSS_TYPES = ("simpo", "inpo")
@@ -157,6 +159,9 @@ class PrefOptDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, prev_model=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # The outputs TRL's own head gives this trainer: its metrics, and WPO's weights.
+        apply_to_trainer(self, outputs=("log_probs", "entropy", "mean_logits", "is_top1")
+                         + (("log_sum_sq_probs",) if self.use_weighting else ()))
         self.prefopt_loss = self.loss_types[0] if self.loss_types[0] in PREFOPT_LOSS_TYPES else None
         self.prev_model = None
         if prev_model is not None and self.prefopt_loss != "inpo":
@@ -188,7 +193,7 @@ class PrefOptDPOTrainer(DPOTrainer):
                                  f"model's _no_split_modules; {type(reference).__name__} names none")
             self._activation_mask = ActivationTokenMask(layer_types)
         if prev_model is not None:
-            trl_dpo.add_fused_lm_head(prev_model)
+            add_fused_lm_head(prev_model)
             if self.args.disable_dropout:
                 trl_dpo.disable_dropout_in_model(prev_model)
             prev_model.requires_grad_(False)
