@@ -21,20 +21,23 @@ from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec
 
 OPS = torch.ops.prefopt_kernels
 V, H, B, T = 61, 12, 2, 5
+# On a GPU machine the compiled step also runs on CUDA tensors (the Triton backend inside the ops).
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
-    ref_logits = torch.randn(B, T, V, generator=g)
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, :2] = -100
-    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
-    head = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_(True)
-    ref_hidden = torch.randn(B, T, H, generator=g)
-    ref_head = torch.randn(V, H, generator=g) / H**0.5
-    mask = (torch.rand(B, T, generator=g) > 0.3).float()
-    return logits, ref_logits, labels, hidden, head, ref_hidden, ref_head, mask
+    tensors = dict(
+        logits=torch.randn(B, T, V, generator=g), ref_logits=torch.randn(B, T, V, generator=g),
+        labels=torch.randint(0, V, (B, T), generator=g), hidden=torch.randn(B, T, H, generator=g),
+        head=torch.randn(V, H, generator=g) / H**0.5, ref_hidden=torch.randn(B, T, H, generator=g),
+        ref_head=torch.randn(V, H, generator=g) / H**0.5, mask=(torch.rand(B, T, generator=g) > 0.3).float(),
+    )
+    tensors["labels"][0, :2] = -100
+    tensors = {name: x.to(device) for name, x in tensors.items()}
+    for name in ("logits", "hidden", "head"):
+        tensors[name].requires_grad_(True)
+    return tuple(tensors.values())
 
 
 def _step(logits, ref_logits, labels, hidden, head, ref_hidden, ref_head, mask):
@@ -96,15 +99,17 @@ def test_opcheck_linear_forward(with_ref):
     torch.library.opcheck(OPS.linear_forward.default, args)
 
 
-def test_dynamo_sees_one_graph_and_no_break():
-    explanation = torch._dynamo.explain(_step)(*_inputs())
+@pytest.mark.parametrize("device", DEVICES)
+def test_dynamo_sees_one_graph_and_no_break(device):
+    explanation = torch._dynamo.explain(_step)(*_inputs(device=device))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
 
-def test_fullgraph_compile_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fullgraph_compile_matches_eager(device):
     torch._dynamo.reset()
-    eager_inputs, compiled_inputs = _inputs(), _inputs()
+    eager_inputs, compiled_inputs = _inputs(device=device), _inputs(device=device)
     loss, top1 = _step(*eager_inputs)
     loss.backward()
     compiled = torch.compile(_step, fullgraph=True)
@@ -116,8 +121,8 @@ def test_fullgraph_compile_matches_eager():
                                  (compiled_inputs[0], *compiled_inputs[3:5])):
         torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-5, atol=1e-6, msg=name)
     # A batch with other label positions runs the same compiled graph: nothing was specialised on data.
-    fresh = _inputs(seed=1)
-    torch.testing.assert_close(compiled(*fresh)[0], _step(*_inputs(seed=1))[0], rtol=1e-5, atol=1e-6)
+    fresh = _inputs(seed=1, device=device)
+    torch.testing.assert_close(compiled(*fresh)[0], _step(*_inputs(seed=1, device=device))[0], rtol=1e-5, atol=1e-6)
 
 
 def test_label_out_of_range_raises_inside_a_compiled_step():
