@@ -156,7 +156,7 @@ def _rows3(tile: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Call:
-    """Everything a forward and its backward share, checked once."""
+    """Everything one pass over the tiles needs; each registered op rebuilds it from its arguments."""
 
     spec: OpSpec
     policy: _Head
@@ -165,7 +165,6 @@ class _Call:
     index: torch.Tensor  # [n] int64: the kept tokens, in flat order
     labels: Optional[torch.Tensor]  # [n] int64 of the kept tokens
     weight: Optional[torch.Tensor]  # [n] fp32 of the kept tokens
-    lead_shape: torch.Size
     vocab: int
     budget: int
     extras: tuple
@@ -251,14 +250,20 @@ def _unsharded(weight, bias):
 
 def _gathered(*params):
     """DeepSpeed ZeRO-3 partitioned parameters gathered for the block; a null context otherwise."""
-    partitioned = {id(p): p for p in params
-                   if p is not None and getattr(p, "ds_status", None) is not None
-                   and getattr(p.ds_status, "name", "") != "AVAILABLE"}
+    partitioned = _partitioned(*params)
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed  # only reachable with a ZeRO-3 partitioned parameter
 
-    return deepspeed.zero.GatheredParameters(list(partitioned.values()))
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+def _partitioned(*params) -> list:
+    """The DeepSpeed ZeRO-3 parameters among ``params`` whose data is not gathered now."""
+    partitioned = {id(p): p for p in params
+                   if p is not None and getattr(p, "ds_status", None) is not None
+                   and getattr(p.ds_status, "name", "") != "AVAILABLE"}
+    return list(partitioned.values())
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -311,21 +316,22 @@ def _check_inputs(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
     )
 
 
-def _make_call(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels, div_weight,
-               index, spec: OpSpec, scales, softcaps, compute_dtypes, extras, memory_budget, backend: str,
-               shard: distributed.Shard) -> _Call:
-    """The ``_Call`` of the kept tokens ``index``: what a forward and its backward both rebuild."""
+def _make_call(arguments: dict, spec: OpSpec, index: torch.Tensor, shard: distributed.Shard, extras=()) -> _Call:
+    """The ``_Call`` of the kept tokens ``index`` from a registered op's named ``arguments``."""
+    hidden, ref_hidden, labels, weight = (arguments[k] for k in ("hidden", "ref_hidden", "labels", "div_weight"))
     device = hidden.device
-    computes = list(compute_dtypes[:1 + (ref_hidden is not None)])
+    computes = [arguments["compute_dtype"]] + ([arguments["ref_compute_dtype"]] if ref_hidden is not None else [])
     tile_dtype = _tile_dtype(computes, device)
-    policy = _Head(head_weight, head_bias, scales[0], softcaps[0], _gemm_dtype(computes[0], tile_dtype, device))
-    ref = None if ref_hidden is None else _Head(ref_head_weight, ref_head_bias, scales[1], softcaps[1],
-                                                _gemm_dtype(computes[1], tile_dtype, device))
+    policy = _Head(arguments["head_weight"], arguments["head_bias"], arguments["logit_scale"], arguments["softcap"],
+                   _gemm_dtype(computes[0], tile_dtype, device))
+    ref = None
+    if ref_hidden is not None:
+        ref = _Head(arguments["ref_head_weight"], arguments["ref_head_bias"], arguments["ref_logit_scale"],
+                    arguments["ref_softcap"], _gemm_dtype(computes[1], tile_dtype, device))
     return _Call(spec=spec, policy=policy, ref=ref, tile_dtype=tile_dtype, index=index,
-                 labels=None if labels is None else labels[index],
-                 weight=None if div_weight is None else div_weight[index],
-                 lead_shape=hidden.shape[:-1], vocab=head_weight.shape[0], budget=memory_budget,
-                 extras=tuple(extras), backend=ops._pick_backend(device, backend), shard=shard)
+                 labels=None if labels is None else labels[index], weight=None if weight is None else weight[index],
+                 vocab=arguments["head_weight"].shape[0], budget=arguments["memory_budget"], extras=tuple(extras),
+                 backend=ops._pick_backend(device, arguments["backend"]), shard=shard)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -348,18 +354,17 @@ def _linear_forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
     has a shape known without the data) and, with a ``group``, the shard's ``[v0, V]``
     int64; dropped tokens hold 0. Checks the labels' range (every rank's, sharded) as it runs.
     """
-    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    arguments = dict(locals())
+    spec = ops.spec_from(arguments)
     has_ref = ref_hidden is not None
     extras = _extra_names(extras)
     n_tokens, vocab, device = hidden.shape[:-1].numel(), head_weight.shape[0], hidden.device
-    shard = distributed.shard_of_name(group, vocab, n_tokens, spec, has_ref, device, labels, div_weight)
-    if labels is not None and shard.group is None:
-        ops.check_label_range(labels, vocab, ignore_index)
+    shard = ops.checked_shard(group, vocab, n_tokens, spec, has_ref, device, labels, div_weight)
     index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, n_tokens, device)
-    call = _make_call(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels,
-                      div_weight, index, spec, (logit_scale, ref_logit_scale), (softcap, ref_softcap),
-                      (compute_dtype, ref_compute_dtype), extras, memory_budget, backend, shard)
-    stats, extra_values = _forward_pass(hidden, ref_hidden, call)
+    call = _make_call(arguments, spec, index, shard, extras)
+    # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
+    with torch.autocast(device.type, enabled=False):
+        stats, extra_values = _forward_pass(hidden, ref_hidden, call)
     values = [getattr(stats, k) for k in ops._OUTPUTS if ops._wants(spec, k)] + [extra_values[k] for k in extras]
     outputs = [_scatter_tokens(value, index, n_tokens).view(hidden.shape[:-1]) for value in values]
     saved = [_scatter_tokens(value, index, n_tokens) for value in stats.saved(spec, has_ref)]
@@ -379,16 +384,15 @@ def _scatter_tokens(value: torch.Tensor, index: torch.Tensor, n_tokens: int) -> 
 
 
 @_linear_forward.register_fake
-def _linear_forward_fake(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels,
-                         div_weight, temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp,
-                         want_entropy, logit_scale, ref_logit_scale, softcap, ref_softcap, compute_dtype,
-                         ref_compute_dtype, extras, memory_budget, keep_zero_weight, backend, group):
-    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+def _linear_forward_fake(*values):
+    named = ops.named_arguments("linear_forward", values)
+    spec, hidden = ops.spec_from(named), named["hidden"]
     lead = hidden.shape[:-1]
     outputs = [hidden.new_empty(lead, dtype=_FP32) for k in ops._OUTPUTS if ops._wants(spec, k)]
-    outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else _FP32) for k in _extra_names(extras)]
-    saved = [hidden.new_empty(lead.numel(), dtype=_FP32) for _ in saved_names(spec, ref_hidden is not None)]
-    tail = [torch.empty(2, dtype=torch.int64)] if group else []
+    outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else _FP32)
+                for k in _extra_names(named["extras"])]
+    saved = [hidden.new_empty(lead.numel(), dtype=_FP32) for _ in saved_names(spec, named["ref_hidden"] is not None)]
+    tail = [torch.empty(2, dtype=torch.int64)] if named["group"] else []
     return outputs + saved + tail
 
 
@@ -411,25 +415,25 @@ def _linear_backward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias:
     (zero). Returns the gradients of ``hidden``,
     ``head_weight`` and ``head_bias``, each empty where not asked for.
     """
-    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
-    has_ref = ref_hidden is not None
+    arguments = dict(locals())
+    spec = ops.spec_from(arguments)
     shard = distributed.shard_from_tensor(group, shard_offsets, head_weight.shape[0])
     index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, hidden.shape[:-1].numel(), hidden.device)
-    call = _make_call(hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels,
-                      div_weight, index, spec, (logit_scale, ref_logit_scale), (softcap, ref_softcap),
-                      (compute_dtype, ref_compute_dtype), (), memory_budget, backend, shard)
-    upstream = {k: g.reshape(-1).index_select(0, index).contiguous()
-                for k, g in (("logp", grad_logp), ("entropy", grad_entropy), ("div", grad_div)) if g is not None}
-    stats = RowStats.from_saved([x.index_select(0, index) for x in saved], spec, has_ref)
-    grads = _backward_pass(hidden, ref_hidden, call, stats, upstream, (needs_hidden, needs_weight, needs_bias))
+    call = _make_call(arguments, spec, index, shard)
+    # reshape: Inductor may hand the upstream gradients over in their outputs' [...] shape.
+    upstream = {k: g.reshape(-1).index_select(0, index) for k, g in
+                (("logp", grad_logp), ("entropy", grad_entropy), ("div", grad_div)) if g is not None}
+    stats = RowStats.from_saved([x.index_select(0, index) for x in saved], spec, ref_hidden is not None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        grads = _backward_pass(hidden, ref_hidden, call, stats, upstream, (needs_hidden, needs_weight, needs_bias))
     return [hidden.new_empty(0) if g is None else g for g in grads]
 
 
 @_linear_backward.register_fake
-def _linear_backward_fake(hidden, head_weight, head_bias, *args):
-    needs_hidden, needs_weight, needs_bias = args[-6:-3]
-    return [x.new_empty(x.shape) if needed else hidden.new_empty(0)
-            for x, needed in ((hidden, needs_hidden), (head_weight, needs_weight), (head_bias, needs_bias))]
+def _linear_backward_fake(*values):
+    named = ops.named_arguments("linear_backward", values)
+    return [named[x].new_empty(named[x].shape) if named[flag] else named["hidden"].new_empty(0)
+            for x, flag in _GRADIENT_INPUTS.items()]
 
 
 def _extra_names(flags) -> tuple:
@@ -437,42 +441,42 @@ def _extra_names(flags) -> tuple:
     return tuple(name for name, wanted in zip(EXTRAS, flags) if wanted)
 
 
-_LINEAR_SCALARS = slice(8, 22)  # temperature ... ref_compute_dtype: shared by the two ops
-_LINEAR_INPUTS = 27
+# The inputs that can receive a gradient (first among the op's inputs), each with the backward
+# op's flag that asks for it; and the tensors the backward reads.
+_GRADIENT_INPUTS = {"hidden": "needs_hidden", "head_weight": "needs_weight", "head_bias": "needs_bias"}
+_SAVED_INPUTS = tuple(_GRADIENT_INPUTS) + ("ref_hidden", "ref_head_weight", "ref_head_bias", "labels", "div_weight")
 
 
 def _linear_setup_context(ctx, inputs, output):
-    tensors, scalars = inputs[:8], inputs[_LINEAR_SCALARS]
-    extras, memory_budget, keep_zero_weight, backend, group = inputs[22:]
-    spec = OpSpec(*scalars[:8])
-    has_ref = tensors[3] is not None
+    arguments = ops.named_arguments("linear_forward", inputs)
+    spec = ops.spec_from(arguments)
     wanted = [k for k in ops._OUTPUTS if ops._wants(spec, k)]
-    head = len(wanted) + sum(extras)
-    n_saved = len(saved_names(spec, has_ref))
-    ctx.set_materialize_grads(False)
-    ctx.wanted, ctx.scalars, ctx.backend, ctx.group = wanted, scalars, backend, group
-    ctx.memory_budget, ctx.keep_zero_weight = memory_budget, keep_zero_weight
-    ctx.save_for_backward(*tensors, *output[head:head + n_saved], output[-1] if group else None)
-    ctx.mark_non_differentiable(*(o for k, o in zip(wanted, output) if k == "ref_logp"), *output[len(wanted):])
+    head = len(wanted) + sum(arguments["extras"])
+    n_saved = len(saved_names(spec, arguments["ref_hidden"] is not None))
+    # The scalars the backward op shares with the forward, by name.
+    ctx.options = {k: v for k, v in arguments.items() if k not in _SAVED_INPUTS}
+    ctx.wanted, ctx.n_inputs = wanted, len(inputs)
+    ctx.save_for_backward(*(arguments[k] for k in _SAVED_INPUTS), *output[head:head + n_saved],
+                          output[-1] if arguments["group"] else None)
+    ops.mark_outputs(ctx, wanted, output)
 
 
 def _linear_autograd(ctx, grads):
     ops._refuse_double_backward()
-    hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels, div_weight, *rest = \
-        ctx.saved_tensors
-    saved, shard_offsets = rest[:-1], rest[-1]
-    upstream = dict(zip(ctx.wanted, grads))
-    upstream.pop("ref_logp", None)
-    upstream = {k: g.to(_FP32) for k, g in upstream.items() if g is not None}
-    needs = ctx.needs_input_grad[:3]
+    tensors = dict(zip(_SAVED_INPUTS, ctx.saved_tensors))
+    saved, shard_offsets = ctx.saved_tensors[len(_SAVED_INPUTS):-1], ctx.saved_tensors[-1]
+    upstream = ops.upstream_gradients(ctx.wanted, grads)
+    needs = ctx.needs_input_grad[:len(_GRADIENT_INPUTS)]
+    no_grads = (None,) * (ctx.n_inputs - len(_GRADIENT_INPUTS))
     if not upstream or not any(needs):
-        return (None,) * _LINEAR_INPUTS
-    with _gathered(head_weight, head_bias, ref_head_weight, ref_head_bias):
+        return (None,) * len(_GRADIENT_INPUTS) + no_grads
+    arguments = dict(ctx.options, **tensors, saved=list(saved), shard_offsets=shard_offsets,
+                     **{f"grad_{k}": upstream.get(k) for k in ("logp", "entropy", "div")},
+                     **dict(zip(_GRADIENT_INPUTS.values(), needs)))
+    with _gathered(tensors["head_weight"], tensors["head_bias"], tensors["ref_head_weight"], tensors["ref_head_bias"]):
         grads = torch.ops.prefopt_kernels.linear_backward(
-            hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, labels, div_weight,
-            list(saved), upstream.get("logp"), upstream.get("entropy"), upstream.get("div"),
-            *ctx.scalars, ctx.memory_budget, ctx.keep_zero_weight, *needs, ctx.backend, ctx.group, shard_offsets)
-    return tuple(g if needed else None for g, needed in zip(grads, needs)) + (None,) * (_LINEAR_INPUTS - 3)
+            *(arguments[name] for name in ops.argument_names("linear_backward")))
+    return tuple(g if need else None for g, need in zip(grads, needs)) + no_grads
 
 
 _linear_forward.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
@@ -673,10 +677,14 @@ def _scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
 
 
 def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, **options):
-    """Gather sharded heads, check everything, run the autograd Function: ``(outputs, extras)`` by name."""
+    """Gather sharded heads, check everything, run the registered op: ``(outputs, extras)`` by name."""
     head_weight, head_bias = _unsharded(head_weight, head_bias)
     if ref_hidden is not None:
         ref_head_weight, ref_head_bias = _unsharded(ref_head_weight, ref_head_bias)
+    if torch.compiler.is_compiling() and _partitioned(head_weight, head_bias, ref_head_weight, ref_head_bias):
+        # A compiled backward is traced without the parameters' ZeRO-3 state, so it could not gather them.
+        raise ValueError("ZeRO-3 partitioned head weights are gathered by eager calls only: call the op "
+                         "outside torch.compile, or gather the head first")
     with _gathered(head_weight, head_bias, ref_head_weight, ref_head_bias):
         return _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight,
                              ref_head_bias, **options)

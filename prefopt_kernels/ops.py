@@ -1,4 +1,4 @@
-"""Public fused token ops: input checks, backend dispatch and the autograd Function.
+"""Public fused token ops: input checks, backend dispatch and the registered (custom) ops.
 
 Notation for every op: policy logits ``a`` and reference logits ``b`` over V entries,
 temperature ``T``; ``p = softmax(a / T)``, ``q = softmax(b / T)``, label ``y``.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import os
 import threading
@@ -244,7 +245,8 @@ class _RowLayout(NamedTuple):
     Leading dimensions laid out one inside the other (in every tensor) merge into one, so a
     contiguous tensor becomes ``[1, N, V]`` and a sliced ``logits[:, :-1, :]`` stays
     ``[B, T - 1, V]``: no copy. Layouts that no two-level stride describe are copied
-    (``copied``). The forward keeps the layout on ``ctx`` so the backward sees the same rows.
+    (``copied``). The backward recomputes the layout from the same tensors, so it sees the
+    rows the forward saw.
     """
 
     size: tuple  # (B, T, V)
@@ -298,6 +300,46 @@ def spec_arguments(spec: OpSpec) -> tuple:
     return tuple(getattr(spec, name) for name in _SPEC_FIELDS)
 
 
+def spec_from(arguments: dict) -> OpSpec:
+    """The inverse of :func:`spec_arguments`: the spec among a registered op's named arguments."""
+    return OpSpec(**{name: arguments[name] for name in _SPEC_FIELDS})
+
+
+@functools.lru_cache(maxsize=None)
+def argument_names(op_name: str) -> tuple:
+    """The argument names of the registered op ``op_name``, from its schema."""
+    return tuple(a.name for a in getattr(torch.ops.prefopt_kernels, op_name).default._schema.arguments)
+
+
+def named_arguments(op_name: str, values) -> dict:
+    """A registered op's positional ``values`` by argument name."""
+    return dict(zip(argument_names(op_name), values, strict=True))
+
+
+def checked_shard(group: str, vocab: int, rows: int, spec: OpSpec, has_ref: bool, device, labels, weight):
+    """The call's :class:`~prefopt_kernels.distributed.Shard`, its labels' range checked.
+
+    Sharded, every rank checks against the global vocabulary at once (the call check);
+    unsharded, against ``vocab`` here.
+    """
+    shard = distributed.shard_of_name(group, vocab, rows, spec, has_ref, device, labels, weight)
+    if labels is not None and shard.group is None:
+        check_label_range(labels, vocab, spec.ignore_index)
+    return shard
+
+
+def mark_outputs(ctx, wanted: list, output) -> None:
+    """Only the wanted outputs but ``ref_logp`` carry gradient; the rest (extras, statistics) do not."""
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*(o for k, o in zip(wanted, output) if k == "ref_logp"), *output[len(wanted):])
+
+
+def upstream_gradients(wanted: list, grads) -> dict:
+    """Flat fp32 upstream gradients of the differentiable outputs that received one."""
+    return {k: g.reshape(-1).to(torch.float32).contiguous()
+            for k, g in zip(wanted, grads) if g is not None and k != "ref_logp"}
+
+
 @torch.library.custom_op(f"{LIBRARY}::token_forward", mutates_args=())
 def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], temperature: float, ignore_index: int, divergence: int,
@@ -310,12 +352,10 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
     shard's ``[v0, V]`` int64. Checks the labels' range (every rank's, sharded) as it runs.
     ``inplace_backward`` is carried for the backward only.
     """
-    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    spec = spec_from(locals())
     has_ref = ref_logits is not None
-    shard = distributed.shard_of_name(group, logits.shape[-1], logits.shape[:-1].numel(), spec, has_ref,
-                                      logits.device, labels, weight)
-    if labels is not None and shard.group is None:
-        check_label_range(labels, logits.shape[-1], ignore_index)
+    shard = checked_shard(group, logits.shape[-1], logits.shape[:-1].numel(), spec, has_ref, logits.device,
+                          labels, weight)
     module = _pick_backend(logits.device, backend)
     rows, ref_rows = _RowLayout.of(logits, ref_logits).rows(logits, ref_logits)
     if shard.group is None:
@@ -329,12 +369,12 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
 
 
 @_token_forward.register_fake
-def _token_forward_fake(logits, ref_logits, labels, weight, temperature, ignore_index, divergence, beta, alpha,
-                        want_logp, want_ref_logp, want_entropy, inplace_backward, backend, group):
-    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+def _token_forward_fake(*values):
+    arguments = named_arguments("token_forward", values)
+    spec, logits = spec_from(arguments), arguments["logits"]
     n = logits.shape[:-1].numel()
-    count = sum(_wants(spec, k) for k in _OUTPUTS) + len(_saved_only(spec, ref_logits is not None))
-    tail = [torch.empty(2, dtype=torch.int64)] if group else []
+    count = sum(_wants(spec, k) for k in _OUTPUTS) + len(_saved_only(spec, arguments["ref_logits"] is not None))
+    tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
     return [logits.new_empty(n, dtype=torch.float32) for _ in range(count)] + tail
 
 
@@ -353,7 +393,7 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
     or ``None`` (zero). Sharded, each rank writes its own shard from the global statistics:
     no communication.
     """
-    spec = OpSpec(temperature, ignore_index, divergence, beta, alpha, want_logp, want_ref_logp, want_entropy)
+    spec = spec_from(locals())
     stats = RowStats.from_saved(saved, spec, ref_logits is not None)
     shard = distributed.shard_from_tensor(group, shard_offsets, logits.shape[-1])
     module = _pick_backend(logits.device, backend)
@@ -361,7 +401,9 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
     # themselves are passed only when their rows need no copy.
     layout = _RowLayout.of(logits, ref_logits, grad_out)
     rows, ref_rows, grad_rows = layout.rows(logits, ref_logits, grad_out)
-    grads = (grad_logp, grad_entropy, grad_div, grad_rows)
+    # contiguous [N]: Inductor may hand the upstream gradients over in their outputs' [...] shape.
+    grads = tuple(None if g is None else g.reshape(-1).contiguous() for g in (grad_logp, grad_entropy, grad_div))
+    grads += (grad_rows,)
     if shard.group is None:
         module.backward(rows, labels, ref_rows, weight, spec, stats, *grads)
     elif rows.shape[2]:
@@ -369,24 +411,22 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
 
 
 @_token_backward.register_fake
-def _token_backward_fake(*args):
+def _token_backward_fake(*values):
     return None
 
 
 def _token_setup_context(ctx, inputs, output):
-    logits, ref_logits, labels, weight, *spec_args = inputs[:12]
-    inplace, backend, group = inputs[12:]
-    spec = OpSpec(*spec_args)
+    arguments = named_arguments("token_forward", inputs)
+    spec, ref_logits = spec_from(arguments), arguments["ref_logits"]
     has_ref = ref_logits is not None
     wanted = [k for k in _OUTPUTS if _wants(spec, k)]
-    only = _saved_only(spec, has_ref)
-    by_name = dict(zip(wanted + list(only), output))
+    by_name = dict(zip(wanted + list(_saved_only(spec, has_ref)), output))
     saved = [by_name[name] for name in saved_names(spec, has_ref)]
-    ctx.set_materialize_grads(False)
-    ctx.spec, ctx.wanted, ctx.inplace, ctx.backend, ctx.group = spec, wanted, inplace, backend, group
-    ctx.n_saved = len(saved)
-    ctx.save_for_backward(logits, ref_logits, labels, weight, *saved, output[-1] if group else None)
-    ctx.mark_non_differentiable(*(o for k, o in zip(wanted, output) if k == "ref_logp"), *output[len(wanted):])
+    ctx.spec, ctx.wanted, ctx.n_saved, ctx.n_inputs = spec, wanted, len(saved), len(inputs)
+    ctx.inplace, ctx.backend, ctx.group = arguments["inplace_backward"], arguments["backend"], arguments["group"]
+    ctx.save_for_backward(arguments["logits"], ref_logits, arguments["labels"], arguments["weight"], *saved,
+                          output[-1] if ctx.group else None)
+    mark_outputs(ctx, wanted, output)
 
 
 def _saved_only(spec: OpSpec, has_ref: bool) -> tuple:
@@ -398,21 +438,20 @@ def _token_autograd(ctx, grads):
     _refuse_double_backward()
     logits, ref_logits, labels, weight, *saved = ctx.saved_tensors
     saved, shard_offsets = saved[:ctx.n_saved], saved[ctx.n_saved]
-    upstream = dict(zip(ctx.wanted, grads))
-    upstream.pop("ref_logp", None)
-    flat = {k: g.reshape(-1).to(torch.float32).contiguous() for k, g in upstream.items() if g is not None}
-    if not flat or not ctx.needs_input_grad[0]:
-        return (None,) * 15
+    upstream = upstream_gradients(ctx.wanted, grads)
+    no_grads = (None,) * (ctx.n_inputs - 1)
+    if not upstream or not ctx.needs_input_grad[0]:
+        return (None,) + no_grads
     if ctx.inplace and not _RowLayout.of(logits, ref_logits).copied:
         grad = logits
     else:
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     # Writing into the logits bumps their version (the op declares the mutation): anything that
     # saved them, this op included if its backward runs again, then fails PyTorch's version check.
-    torch.ops.prefopt_kernels.token_backward(logits, ref_logits, labels, weight, saved, flat.get("logp"),
-                                             flat.get("entropy"), flat.get("div"), grad,
+    torch.ops.prefopt_kernels.token_backward(logits, ref_logits, labels, weight, saved, upstream.get("logp"),
+                                             upstream.get("entropy"), upstream.get("div"), grad,
                                              *spec_arguments(ctx.spec), ctx.backend, ctx.group, shard_offsets)
-    return (grad,) + (None,) * 14
+    return (grad,) + no_grads
 
 
 _token_forward.register_autograd(_token_autograd, setup_context=_token_setup_context)
@@ -435,8 +474,13 @@ def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: boo
     lead = logits.shape[:-1]
     keys = [k for k in _OUTPUTS if _wants(spec, k)]
     if lead.numel() == 0:
-        # No tokens: zeros that still belong to the logits' graph.
-        return {k: logits.sum(-1).float() * 0.0 for k in keys}
+        if process_group is not None:
+            # The ranks still agree on the call: a rank with tokens waits in the call check.
+            distributed.shard_of(process_group, logits.shape[-1], 0, spec, ref_logits is not None, logits.device,
+                                 labels, weight)
+        # No tokens: zeros that still belong to the logits' graph (ref_logp never does).
+        zeros = logits.sum(-1).float() * 0.0
+        return {k: zeros.detach() if k == "ref_logp" else zeros for k in keys}
     outputs = torch.ops.prefopt_kernels.token_forward(logits, ref_logits, labels, weight, *spec_arguments(spec),
                                                       inplace_backward, _backend_selection(), group)
     return {k: v.view(lead) for k, v in zip(keys, outputs)}

@@ -8,9 +8,13 @@ r"""The registered ops under ``torch.library`` and ``torch.compile``.
   so the tolerance is only Inductor's reassociation of the surrounding arithmetic).
 * The label check is data-dependent, so it runs inside the op: a compiled step raises the
   eager ``ValueError``.
+* The eager-only options are refused under compilation with a message naming them:
+  ``inplace_backward=True`` and ZeRO-3 partitioned head weights.
 """
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -147,3 +151,15 @@ def test_inplace_backward_is_refused_under_compile():
                              backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="inplace_backward=True is an eager-mode option"):
         compiled(logits.detach().clone().requires_grad_(True), labels)
+
+
+def test_zero3_partitioned_head_is_refused_under_compile():
+    """A compiled backward is traced without the ZeRO-3 state, so it could not gather the head again."""
+    torch._dynamo.reset()
+    _, _, labels, hidden, head, *_ = _inputs()
+    partitioned = torch.nn.Parameter(head.detach().clone())
+    partitioned.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
+    compiled = torch.compile(lambda h, y: pk.linear_token_logprobs(h, partitioned, y).sum(),
+                             backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="ZeRO-3 partitioned head weights are gathered by eager calls only"):
+        compiled(hidden, labels)

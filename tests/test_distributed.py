@@ -81,7 +81,8 @@ def _scenarios(world):
 
 
 # The field each disagreement case must be reported under.
-DIFFERING_FIELD = {"token_count": "rows", "linear_token_count": "rows", "divergence": "divergence",
+DIFFERING_FIELD = {"token_count": "rows", "linear_token_count": "rows", "no_tokens_on_one_rank": "rows",
+                   "divergence": "divergence",
                    "linear_divergence": "divergence", "return_entropy": "entropy",
                    "reference_presence": "reference", "ignore_index": "ignore_index"}
 
@@ -89,6 +90,8 @@ BAD_INPUT_CASES = {
     # name: (exception type, text the message must contain; "{V}" is the global vocabulary)
     "token_count": (ValueError, "the ranks differ in: "),
     "linear_token_count": (ValueError, "the ranks differ in: "),
+    # A rank with no tokens at all still takes part in the call check.
+    "no_tokens_on_one_rank": (ValueError, "the ranks differ in: "),
     "divergence": (ValueError, "the ranks differ in: "),
     "linear_divergence": (ValueError, "the ranks differ in: "),
     "return_entropy": (ValueError, "the ranks differ in: "),
@@ -490,6 +493,8 @@ def _bad_input(rank, world):
                                               b[:, :6 if first else 5], process_group=group),
         "linear_token_count": lambda: pk.linear_token_logprobs(h[:, :6 if first else 5], w,
                                                                labels[:, :6 if first else 5], process_group=group),
+        "no_tokens_on_one_rank": lambda: pk.token_terms(a[:, :0 if first else 5], labels[:, :0 if first else 5],
+                                                        b[:, :0 if first else 5], process_group=group),
         "divergence": lambda: pk.token_divergence(a, b, divergence="forward_kl" if first else "js",
                                                   process_group=group),
         "linear_divergence": lambda: pk.linear_token_divergence(h, w, lin["hr"], lin["wr"][sl],

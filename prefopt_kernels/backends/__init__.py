@@ -104,7 +104,7 @@ class RowStats:
     @classmethod
     def from_saved(cls, values, spec: OpSpec, has_ref: bool) -> "RowStats":
         """The inverse of :meth:`saved`: the statistics a backward pass is handed."""
-        return cls(**dict(zip(saved_names(spec, has_ref), values)))
+        return cls(**dict(zip(saved_names(spec, has_ref), values, strict=True)))
 
 
 # The one list of per-row statistics that cross from a forward to its backward (and, all
