@@ -28,6 +28,14 @@ from benchmarks.runner import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _run_cli(out, *args, env=None, timeout=600):
+    """``python -m benchmarks ARGS --out OUT`` from the repository root; it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_bytes_moved_by_hand():
     # logprobs, fp32, N=4, V=10: one [4, 10] fp32 array is 160 bytes.
     assert bytes_moved(Case("logprobs", "fwd", 4, 10, "fp32")) == 160
@@ -141,11 +149,8 @@ def test_cpu_memory_probe_sees_the_saved_log_softmax():
 
 def test_cli_triton_interpreted_tiny(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--tiny", "--ops", "logprobs", "--backends",
-         "triton", "--no-memory", "--no-progress", "--budget", "0.05", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_cli(tmp_path, "--tiny", "--ops", "logprobs", "--backends", "triton", "--no-memory", "--no-progress",
+             "--budget", "0.05", env=env)
     data = json.loads((tmp_path / "results.json").read_text())
     triton_rows = [r for r in data["results"] if r["impl"] == "prefopt:triton"]
     assert triton_rows and all(r["status"] == "ok" for r in triton_rows)
@@ -205,11 +210,7 @@ def test_linear_memory_is_above_the_gradients(monkeypatch):
 
 
 def test_cli_tiny_linear(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--tiny", "--ops", "linear", "--no-memory",
-         "--no-progress", "--budget", "0.01", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_cli(tmp_path, "--tiny", "--ops", "linear", "--no-memory", "--no-progress", "--budget", "0.01")
     data = json.loads((tmp_path / "results.json").read_text())
     rows = data["results"]
     assert {r["op"] for r in rows} == {"linear:logprobs", "linear:terms"}
@@ -281,11 +282,7 @@ def test_cli_distributed_tiny(tmp_path):
               "status": "ok", "time_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "gbps": 0.00016}]
     meta = {"device": "cpu", "device_name": "t", "torch": "-", "triton": "-", "copy_gbps": 1.0}
     report.write(str(tmp_path), meta, [], suite, with_plot=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--distributed", "--tiny", "--no-progress",
-         "--budget", "0.01", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_cli(tmp_path, "--distributed", "--tiny", "--no-progress", "--budget", "0.01", timeout=300)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["results"] == suite
     section = data["tensor_parallel"]
@@ -370,11 +367,8 @@ def test_cli_dpo_step_tiny(tmp_path):
               "status": "ok", "time_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "gbps": 0.00016}]
     meta = {"device": "cpu", "device_name": "t", "torch": "-", "triton": "-", "copy_gbps": 1.0}
     report.write(str(tmp_path), meta, [], suite, with_plot=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--dpo-step", "--tiny", "--device", "cpu",
-         "--no-progress", "--budget", "0.01", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_cli(tmp_path, "--dpo-step", "--tiny", "--device", "cpu", "--no-progress", "--budget", "0.01",
+                    timeout=300)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["results"] == suite
     section = data["dpo_step"]
