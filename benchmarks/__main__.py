@@ -69,7 +69,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "tiny Llama, stock trl.DPOTrainer (sigmoid) against PrefOptDPOTrainer "
                         "(sigmoid on its fused head, sparse_po) and SparsePO on full logits; "
                         "time and peak memory (default V=32000, N=4096 tokens, H=256, bf16 mixed "
-                        "precision as TRL defaults to; about 8 minutes on 2 cores). One value "
+                        "precision as TRL defaults to; about 90 s on 2 cores). One value "
                         "each of --vocab, --tokens, --hidden, --dtype (fp32, bf16) applies, and "
                         "--device, --tiny, --budget, --no-memory. Needs trl. Written as a "
                         "section of the same results files")
