@@ -365,7 +365,7 @@ def _linear_forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
     # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
     with torch.autocast(device.type, enabled=False):
         stats, extra_values = _forward_pass(hidden, ref_hidden, call)
-    values = [getattr(stats, k) for k in ops._OUTPUTS if ops._wants(spec, k)] + [extra_values[k] for k in extras]
+    values = [getattr(stats, k) for k in ops.wanted_outputs(spec)] + [extra_values[k] for k in extras]
     outputs = [_scatter_tokens(value, index, n_tokens).view(hidden.shape[:-1]) for value in values]
     saved = [_scatter_tokens(value, index, n_tokens) for value in stats.saved(spec, has_ref)]
     tail = [distributed.shard_to_tensor(shard)] if group else []
@@ -388,7 +388,7 @@ def _linear_forward_fake(*values):
     named = ops.named_arguments("linear_forward", values)
     spec, hidden = ops.spec_from(named), named["hidden"]
     lead = hidden.shape[:-1]
-    outputs = [hidden.new_empty(lead, dtype=_FP32) for k in ops._OUTPUTS if ops._wants(spec, k)]
+    outputs = [hidden.new_empty(lead, dtype=_FP32) for _ in ops.wanted_outputs(spec)]
     outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else _FP32)
                 for k in _extra_names(named["extras"])]
     saved = [hidden.new_empty(lead.numel(), dtype=_FP32) for _ in saved_names(spec, named["ref_hidden"] is not None)]
@@ -450,7 +450,7 @@ _SAVED_INPUTS = tuple(_GRADIENT_INPUTS) + ("ref_hidden", "ref_head_weight", "ref
 def _linear_setup_context(ctx, inputs, output):
     arguments = ops.named_arguments("linear_forward", inputs)
     spec = ops.spec_from(arguments)
-    wanted = [k for k in ops._OUTPUTS if ops._wants(spec, k)]
+    wanted = ops.wanted_outputs(spec)
     head = len(wanted) + sum(arguments["extras"])
     n_saved = len(saved_names(spec, arguments["ref_hidden"] is not None))
     # The scalars the backward op shares with the forward, by name.
@@ -707,7 +707,7 @@ def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
         checked["div_weight"], *ops.spec_arguments(spec), checked["logit_scale"], checked["ref_logit_scale"],
         checked["softcap"], checked["ref_softcap"], compute, ref_compute, checked["extras"], checked["memory_budget"],
         keep_zero_weight, ops._backend_selection(), checked["group"])
-    wanted = [k for k in ops._OUTPUTS if ops._wants(spec, k)]
+    wanted = ops.wanted_outputs(spec)
     result = dict(zip(wanted, outputs))
     extra_values = dict(zip(extras, outputs[len(wanted):len(wanted) + len(extras)]))
     return result, extra_values

@@ -362,7 +362,7 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
         stats = module.forward(rows, labels, ref_rows, weight, spec)
     else:
         stats = distributed.sharded_stats(module, rows, labels, ref_rows, weight, spec, shard)
-    outputs = [getattr(stats, k) for k in _OUTPUTS if _wants(spec, k)]
+    outputs = [getattr(stats, k) for k in wanted_outputs(spec)]
     saved = dict(zip(saved_names(spec, has_ref), stats.saved(spec, has_ref)))
     tail = [distributed.shard_to_tensor(shard)] if group else []
     return outputs + [saved[name] for name in _saved_only(spec, has_ref)] + tail
@@ -373,7 +373,7 @@ def _token_forward_fake(*values):
     arguments = named_arguments("token_forward", values)
     spec, logits = spec_from(arguments), arguments["logits"]
     n = logits.shape[:-1].numel()
-    count = sum(_wants(spec, k) for k in _OUTPUTS) + len(_saved_only(spec, arguments["ref_logits"] is not None))
+    count = len(wanted_outputs(spec)) + len(_saved_only(spec, arguments["ref_logits"] is not None))
     tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
     return [logits.new_empty(n, dtype=torch.float32) for _ in range(count)] + tail
 
@@ -419,7 +419,7 @@ def _token_setup_context(ctx, inputs, output):
     arguments = named_arguments("token_forward", inputs)
     spec, ref_logits = spec_from(arguments), arguments["ref_logits"]
     has_ref = ref_logits is not None
-    wanted = [k for k in _OUTPUTS if _wants(spec, k)]
+    wanted = wanted_outputs(spec)
     by_name = dict(zip(wanted + list(_saved_only(spec, has_ref)), output))
     saved = [by_name[name] for name in saved_names(spec, has_ref)]
     ctx.spec, ctx.wanted, ctx.n_saved, ctx.n_inputs = spec, wanted, len(saved), len(inputs)
@@ -431,7 +431,8 @@ def _token_setup_context(ctx, inputs, output):
 
 def _saved_only(spec: OpSpec, has_ref: bool) -> tuple:
     """The saved statistics that are not also outputs (an op returns each tensor once)."""
-    return tuple(name for name in saved_names(spec, has_ref) if not (name in _OUTPUTS and _wants(spec, name)))
+    wanted = wanted_outputs(spec)
+    return tuple(name for name in saved_names(spec, has_ref) if name not in wanted)
 
 
 def _token_autograd(ctx, grads):
@@ -472,7 +473,7 @@ def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: boo
         raise ValueError("inplace_backward=True is an eager-mode option: pass False under torch.compile")
     group = distributed.group_name(process_group, logits.device)
     lead = logits.shape[:-1]
-    keys = [k for k in _OUTPUTS if _wants(spec, k)]
+    keys = wanted_outputs(spec)
     if lead.numel() == 0:
         if process_group is not None:
             # The ranks still agree on the call: a rank with tokens waits in the call check.
@@ -484,6 +485,11 @@ def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: boo
     outputs = torch.ops.prefopt_kernels.token_forward(logits, ref_logits, labels, weight, *spec_arguments(spec),
                                                       inplace_backward, _backend_selection(), group)
     return {k: v.view(lead) for k, v in zip(keys, outputs)}
+
+
+def wanted_outputs(spec: OpSpec) -> list:
+    """The per-token outputs a call of ``spec`` returns, in :data:`_OUTPUTS` order."""
+    return [key for key in _OUTPUTS if _wants(spec, key)]
 
 
 def _wants(spec: OpSpec, key: str) -> bool:

@@ -36,13 +36,14 @@ def evaluate(
     ref_logits: Optional[torch.Tensor],
     weight: Optional[torch.Tensor],
     spec: OpSpec,
-    log_p: Optional[torch.Tensor] = None,
+    policy: Optional[tuple] = None,
     div_upstream: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Every per-row quantity of ``spec`` in float64, differentiable with respect to ``logits``.
 
-    A given ``log_p`` (``[N, V]`` float64) stands in for the policy's log-probabilities
-    downstream of the normalisers: :func:`gradient` differentiates with respect to it.
+    A given ``policy``, ``(log_p, row_max, log_norm)`` of :func:`_log_softmax` over the read
+    rows, stands in for the policy's own: :func:`gradient` differentiates with respect to its
+    ``log_p``.
     ``div_upstream`` (``[N]``): rows where it is 0 feed the divergence generator finite
     stand-ins, so that a NaN reference row cannot leak into a gradient that ignores it.
 
@@ -61,16 +62,15 @@ def evaluate(
     read, div_active = rows_read(labels, weight, spec, n, device)
     inv_temperature = 1.0 / spec.temperature
 
-    def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str):
-        log_probs, row_max, log_norm = _log_softmax(x, rows, inv_temperature)
+    def row_log_softmax(x: torch.Tensor, rows: torch.Tensor, prefix: str, given: Optional[tuple] = None):
+        log_probs, row_max, log_norm = _log_softmax(x, rows, inv_temperature) if given is None else given
         out[prefix + "row_max"] = torch.where(rows, row_max, zero)
         out[prefix + "log_norm"] = torch.where(rows, log_norm, zero)
         return log_probs
 
     zero = torch.zeros(n, dtype=torch.float64, device=device)
     out: Dict[str, torch.Tensor] = {}
-    own_log_p = row_log_softmax(logits, read, "")
-    log_p = own_log_p if log_p is None else log_p
+    log_p = row_log_softmax(logits, read, "", policy)
     safe_labels = None
     if labels is not None:
         safe_labels = torch.where(read, labels, torch.zeros_like(labels)).long()
@@ -166,10 +166,10 @@ def gradient(logits, labels, ref_logits, weight, spec: OpSpec, upstream: Dict[st
     options = dict(div_upstream=None if g_div is None else g_div.reshape(-1))
     logits = logits.detach().reshape(-1, logits.shape[-1])
     read, _ = rows_read(labels, weight, spec, logits.shape[0], logits.device)
-    log_p, _, _ = _log_softmax(logits, read, 1.0 / spec.temperature)
+    log_p, row_max, log_norm = _log_softmax(logits, read, 1.0 / spec.temperature)
 
     def total_of(log_p):
-        rows = evaluate(logits, labels, ref_logits, weight, spec, log_p=log_p, **options)
+        rows = evaluate(logits, labels, ref_logits, weight, spec, policy=(log_p, row_max, log_norm), **options)
         total = log_p.new_zeros(())
         for key, g in upstream.items():
             if g is not None and key in rows:

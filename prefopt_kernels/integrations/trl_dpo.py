@@ -301,7 +301,7 @@ class PrefOptDPOTrainer(DPOTrainer):
         return loss, metrics, (terms.entropy, extra["mean_logits"], extra["is_top1"])
 
     def _sequence_level_loss(self, model, model_kwargs, labels, shift_mask, inputs):
-        """SimPO / INPO from the summed completion log-probs of TRL's fused LM head."""
+        """SimPO / INPO from the summed completion log-probs of the fused LM head (``fused_lm_head=True``)."""
         args = self.args
         seq_len = shift_mask.size(1)
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
