@@ -37,6 +37,7 @@ datasets = pytest.importorskip("datasets")
 
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+import trl.trainer.dpo_trainer as trl_dpo_module  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from prefopt_kernels.integrations import trl as pk_trl  # noqa: E402
@@ -287,7 +288,8 @@ def test_prefopt_loss_types_train(tmp_path, case):
     kwargs.setdefault("beta", 0.5)
     args = _args(PrefOptDPOConfig, tmp_path, TRAIN_STEPS, 0.1, **kwargs)
     probe = GradientProbe()
-    trainer = PrefOptDPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
+    reference = None if case == "simpo" else copy.deepcopy(base)  # SimPO has no reference
+    trainer = PrefOptDPOTrainer(model=copy.deepcopy(base), ref_model=reference, args=args,
                                 train_dataset=_dataset(), processing_class=tokenizer, callbacks=[probe])
     mask = getattr(trainer.model, MASK_MODULE_NAME, None)
     assert (mask is not None) == (case == "sparse_po_learned")
@@ -309,7 +311,8 @@ def test_prefopt_loss_types_train(tmp_path, case):
         assert any(name.startswith(MASK_MODULE_NAME) for name in initial)
         assert 0.0 < steps[0]["mask/density"] <= 1.0
     # The reference stays frozen.
-    for name, p in trainer.ref_model.state_dict().items():
+    assert (trainer.ref_model is None) == (case == "simpo")
+    for name, p in (trainer.ref_model.state_dict().items() if reference is not None else ()):
         assert torch.equal(p, base.state_dict()[name]), name
 
 
@@ -336,10 +339,73 @@ def test_inpo_previous_iterate_enters_the_loss(tmp_path):
     (dict(loss_type="sparse_po", precompute_ref_log_probs=True), "precompute_ref_log_probs"),
     (dict(loss_type="simpo", ld_alpha=0.5), "ld_alpha"),
     (dict(loss_type="sparse_po", sparse_po_mask="dense"), "sparse_po_mask"),
+    (dict(loss_type="simpo", precompute_ref_log_probs=True), "no reference model"),
+    (dict(loss_type="simpo", sync_ref_model=True), "no reference model"),
 ])
 def test_config_rejects_unsupported_combinations(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrefOptDPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs)
+
+
+def _refuse_trl_head(*args, **kwargs):
+    raise AssertionError("TRL's own fused LM head was installed")
+
+
+def test_precomputed_reference_log_probs_come_from_our_head(tmp_path, monkeypatch):
+    """``precompute_ref_log_probs``: the reference pass at construction runs on our head (TRL's is
+    never installed) and stores the float64 completion log-probs of the reference's full logits."""
+    monkeypatch.setattr(trl_dpo_module, "add_fused_lm_head", _refuse_trl_head)
+    calls = []
+    counted = pk_trl.linear_token_logprobs
+    monkeypatch.setattr(pk_trl, "linear_token_logprobs", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    policy, reference, tokenizer = _model(seed=0), _model(seed=1), _tokenizer()
+    args = _args(PrefOptDPOConfig, tmp_path, 1, loss_type="sigmoid", precompute_ref_log_probs=True,
+                 precompute_ref_batch_size=4)
+    trainer = PrefOptDPOTrainer(model=policy, ref_model=copy.deepcopy(reference), args=args,
+                                train_dataset=_dataset(), processing_class=tokenizer)
+    assert calls  # the precompute pass, before any training step
+    assert trl_dpo_module.add_fused_lm_head is _refuse_trl_head  # the constructor put TRL's name back
+
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    with torch.no_grad():
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    token = log_probs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    expected = (token * batch["completion_mask"][:, 1:]).sum(1)
+    stored = torch.tensor([row["ref_chosen_logps"] for row in rows] + [row["ref_rejected_logps"] for row in rows],
+                          dtype=torch.float64)
+    torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
+    trainer.train()  # the training step reads the stored values
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_simpo_loads_no_reference(tmp_path, monkeypatch, by_name):
+    """SimPO is reference-free: no reference is loaded from the policy's name, and one passed is refused.
+    The other loss types still get TRL's reference from the policy's name."""
+    base, tokenizer = _model(), _tokenizer()
+    model = base
+    if by_name:
+        base.save_pretrained(tmp_path / "policy")
+        model = str(tmp_path / "policy")
+    loads = []
+    load = trl_dpo_module.create_model_from_path
+    monkeypatch.setattr(trl_dpo_module, "create_model_from_path", lambda path, **k: loads.append(path) or load(path, **k))
+    simpo = _args(PrefOptDPOConfig, tmp_path / "simpo", 2, loss_type="simpo", beta=2.0)
+    trainer = PrefOptDPOTrainer(model=model, args=simpo, train_dataset=_dataset(), processing_class=tokenizer)
+    assert trainer.ref_model is None
+    assert loads == ([model] if by_name else [])
+    trainer.train()
+    assert all(math.isfinite(logs["loss"]) for logs in trainer.state.log_history[:-1])
+    with pytest.raises(ValueError, match="ref_model"):
+        PrefOptDPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=simpo,
+                          train_dataset=_dataset(), processing_class=tokenizer)
+    if by_name:
+        loads.clear()
+        sigmoid = _args(PrefOptDPOConfig, tmp_path / "sigmoid", 1, loss_type="sigmoid")
+        trainer = PrefOptDPOTrainer(model=model, args=sigmoid, train_dataset=_dataset(), processing_class=tokenizer)
+        assert loads == [model, model] and trainer.ref_model is not None
 
 
 def _dense_token_terms(policy, reference, batch):

@@ -40,11 +40,12 @@ from trl import DPOConfig, DPOTrainer
 from ..linear import linear_token_terms
 from ..losses import inpo_loss, simpo_loss, sparse_po_loss, tdpo_loss
 from ..masks import ActivationTokenMask, LearnedTokenMask
-from .trl import add_fused_lm_head, apply_to_trainer, backbone_attr, head_transform
+from .trl import add_fused_lm_head, backbone_attr, head_transform
 
 TOKEN_LOSS_TYPES = ("sparse_po", "tdpo1", "tdpo2")
 SEQUENCE_LOSS_TYPES = ("simpo", "inpo")
 PREFOPT_LOSS_TYPES = TOKEN_LOSS_TYPES + SEQUENCE_LOSS_TYPES
+REFERENCE_FREE_LOSS_TYPES = ("simpo",)
 SPARSE_PO_MASKS = ("learned", "activation", "none")
 # The learned SparsePO mask lives on the policy under this name, so the optimizer and the
 # checkpoints include its parameters.
@@ -76,7 +77,8 @@ class PrefOptDPOConfig(DPOConfig):
 
     One of these loss types is used alone (no ``loss_weights`` mix), with
     ``f_divergence_type="reverse_kl"``, ``ld_alpha=None`` and ``use_weighting=False``; the
-    token-level ones need the reference's hidden states, so not ``precompute_ref_log_probs``.
+    token-level ones need the reference's hidden states, so not ``precompute_ref_log_probs``;
+    ``simpo`` has no reference, so neither ``precompute_ref_log_probs`` nor ``sync_ref_model``.
     """
 
     sparse_po_mask: str = field(
@@ -109,6 +111,9 @@ class PrefOptDPOConfig(DPOConfig):
         if ours[0] in TOKEN_LOSS_TYPES and self.precompute_ref_log_probs:
             raise ValueError(f"loss_type {ours[0]!r} needs the reference's hidden states: "
                              "set precompute_ref_log_probs=False")
+        if ours[0] in REFERENCE_FREE_LOSS_TYPES and (self.precompute_ref_log_probs or self.sync_ref_model):
+            raise ValueError(f"loss_type {ours[0]!r} has no reference model: "
+                             "set precompute_ref_log_probs=False and sync_ref_model=False")
         if self.sparse_po_mask not in SPARSE_PO_MASKS:
             raise ValueError(f"sparse_po_mask must be one of {SPARSE_PO_MASKS}; got {self.sparse_po_mask!r}")
 
@@ -129,6 +134,35 @@ def _add_backbone_route(model) -> None:
         return forward(*args, **kwargs)
 
     model.forward = types.MethodType(routed_forward, model)
+
+
+@contextlib.contextmanager
+def _dpo_constructor(policy_by_name: bool, load_reference: bool):
+    """``DPOTrainer.__init__`` with our fused LM head in place of TRL's, and optionally no reference loaded.
+
+    TRL installs its head on the policy and the reference inside its constructor, before the
+    reference is wrapped (DDP, DeepSpeed, FSDP) and before ``precompute_ref_log_probs`` runs the
+    reference over the datasets: ours goes in at that same point, so every pass runs on it.
+    Without ``load_reference``, TRL's load of a reference from the policy's name (its last call to
+    ``create_model_from_path``; the first loads the policy when it is given by name) gives ``None``.
+    """
+    install, create = trl_dpo.add_fused_lm_head, trl_dpo.create_model_from_path
+    loads_left = 1 if policy_by_name else 0
+
+    def create_policy_only(path, **kwargs):
+        nonlocal loads_left
+        if loads_left == 0:
+            return None
+        loads_left -= 1
+        return create(path, **kwargs)
+
+    trl_dpo.add_fused_lm_head = add_fused_lm_head
+    if not load_reference:
+        trl_dpo.create_model_from_path = create_policy_only
+    try:
+        yield
+    finally:
+        trl_dpo.add_fused_lm_head, trl_dpo.create_model_from_path = install, create
 
 
 class PrefOptDPOTrainer(DPOTrainer):
@@ -153,15 +187,21 @@ class PrefOptDPOTrainer(DPOTrainer):
     metric, as the loss defines it (SimPO's rewards are length-normalised, INPO's are not
     scaled by ``β``).
 
+    Every pass runs on our fused LM head, installed where TRL installs its own: training,
+    evaluation and the ``precompute_ref_log_probs`` pass over the datasets.
+
     Args: as ``DPOTrainer``, plus ``prev_model``: the previous INPO iterate ``π_t``, frozen
-    (``None``: the reference).
+    (``None``: the reference). ``simpo`` has no reference: ``ref_model`` must be ``None``, and
+    none is loaded from the policy's name.
     """
 
-    def __init__(self, *args, prev_model=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        # The outputs TRL's own head gives this trainer: its metrics, and WPO's weights.
-        apply_to_trainer(self, outputs=("log_probs", "entropy", "mean_logits", "is_top1")
-                         + (("log_sum_sq_probs",) if self.use_weighting else ()))
+    def __init__(self, model, ref_model=None, args=None, *more, prev_model=None, **kwargs):
+        loss_types = getattr(args, "loss_type", ())
+        reference_free = any(name in REFERENCE_FREE_LOSS_TYPES for name in loss_types)
+        if reference_free and ref_model is not None:
+            raise ValueError(f"ref_model: loss_type {loss_types} has no reference model; pass ref_model=None")
+        with _dpo_constructor(policy_by_name=isinstance(model, str), load_reference=not reference_free):
+            super().__init__(model, ref_model, args, *more, **kwargs)
         self.prefopt_loss = self.loss_types[0] if self.loss_types[0] in PREFOPT_LOSS_TYPES else None
         self.prev_model = None
         if prev_model is not None and self.prefopt_loss != "inpo":
