@@ -203,14 +203,6 @@ def _compiled_forward(case: Case) -> Callable[[dict], tuple]:
     return fn
 
 
-def _has_sparse_po() -> bool:
-    try:
-        from prefopt_kernels.losses import sparse_po_loss  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def implementations(device: torch.device, backends: Sequence[str], *, compile_eager: bool,
                     compile_only: Optional[Callable[[Case], bool]] = None,
                     peers: bool = True) -> Tuple[List[Impl], List[str]]:
@@ -221,9 +213,6 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
     notes: List[str] = []
     impls: List[Impl] = []
     logit_ops = frozenset(LOGIT_OPS)
-    if not _has_sparse_po():
-        notes.append("sparse_po: prefopt_kernels.losses.sparse_po_loss not available: skipped.")
-        logit_ops = logit_ops - {"sparse_po"}
     linear = frozenset(LINEAR_OPS)
     all_ops = logit_ops | linear
     for b in backends:
