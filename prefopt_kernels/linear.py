@@ -363,7 +363,7 @@ def _linear_forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
     index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, n_tokens, device)
     call = _make_call(arguments, spec, index, shard, extras)
     # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
-    with torch.autocast(device.type, enabled=False):
+    with torch.autocast(device.type, enabled=False), ops.on_device(device):
         stats, extra_values = _forward_pass(hidden, ref_hidden, call)
     values = [getattr(stats, k) for k in ops.wanted_outputs(spec)] + [extra_values[k] for k in extras]
     outputs = [_scatter_tokens(value, index, n_tokens).view(hidden.shape[:-1]) for value in values]
@@ -424,7 +424,7 @@ def _linear_backward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias:
     upstream = {k: g.reshape(-1).index_select(0, index) for k, g in
                 (("logp", grad_logp), ("entropy", grad_entropy), ("div", grad_div)) if g is not None}
     stats = RowStats.from_saved([x.index_select(0, index) for x in saved], spec, ref_hidden is not None)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False), ops.on_device(hidden.device):
         grads = _backward_pass(hidden, ref_hidden, call, stats, upstream, (needs_hidden, needs_weight, needs_bias))
     return [hidden.new_empty(0) if g is None else g for g in grads]
 

@@ -340,6 +340,15 @@ def upstream_gradients(wanted: list, grads) -> dict:
             for k, g in zip(wanted, grads) if g is not None and k != "ref_logp"}
 
 
+def on_device(device: torch.device):
+    """Make ``device`` the current CUDA device for the kernels a call launches (no-op elsewhere).
+
+    Triton and the native backend launch on the current device's stream, and a model spread
+    over GPUs (``device_map="auto"``) hands over tensors on a GPU that is not the current one.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.library.custom_op(f"{LIBRARY}::token_forward", mutates_args=())
 def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], temperature: float, ignore_index: int, divergence: int,
@@ -358,10 +367,11 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
                           labels, weight)
     module = _pick_backend(logits.device, backend)
     rows, ref_rows = _RowLayout.of(logits, ref_logits).rows(logits, ref_logits)
-    if shard.group is None:
-        stats = module.forward(rows, labels, ref_rows, weight, spec)
-    else:
-        stats = distributed.sharded_stats(module, rows, labels, ref_rows, weight, spec, shard)
+    with on_device(logits.device):
+        if shard.group is None:
+            stats = module.forward(rows, labels, ref_rows, weight, spec)
+        else:
+            stats = distributed.sharded_stats(module, rows, labels, ref_rows, weight, spec, shard)
     outputs = [getattr(stats, k) for k in wanted_outputs(spec)]
     saved = dict(zip(saved_names(spec, has_ref), stats.saved(spec, has_ref)))
     tail = [distributed.shard_to_tensor(shard)] if group else []
@@ -404,10 +414,11 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
     # contiguous [N]: Inductor may hand the upstream gradients over in their outputs' [...] shape.
     grads = tuple(None if g is None else g.reshape(-1).contiguous() for g in (grad_logp, grad_entropy, grad_div))
     grads += (grad_rows,)
-    if shard.group is None:
-        module.backward(rows, labels, ref_rows, weight, spec, stats, *grads)
-    elif rows.shape[2]:
-        module.slice_backward(rows, labels, ref_rows, weight, spec, stats, *grads, shard.v0)
+    with on_device(logits.device):
+        if shard.group is None:
+            module.backward(rows, labels, ref_rows, weight, spec, stats, *grads)
+        elif rows.shape[2]:
+            module.slice_backward(rows, labels, ref_rows, weight, spec, stats, *grads, shard.v0)
 
 
 @_token_backward.register_fake
