@@ -216,13 +216,9 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row,
                    float inv_temperature, const DivParams& prm) {
   using T = typename Elem<DT>::T;
   const int64_t vocab = args.vocab;
-  const T* ra = static_cast<const T*>(args.logits) +
-                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+  const T* ra = args.logits_row<T>(row);
   const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
-  const T* rb = need_ref ? static_cast<const T*>(args.ref) + row_offset(row, args.tokens,
-                                                                        args.ref_batch_stride,
-                                                                        args.ref_token_stride)
-                         : nullptr;
+  const T* rb = need_ref ? args.ref_row<T>(row) : nullptr;
   const bool use_div = plan.use_div;
   const bool centred = use_div && DIV >= kReverseKL;
 
@@ -329,11 +325,8 @@ void fold_impl(const FoldArgs& args) {
     RowState<double> st = RowState<double>::empty();
     float label_a = 0.f, label_b = 0.f;
     if (!plan.skip && vocab > 0) {  // an empty slice's views may be null
-      const T* ra = static_cast<const T*>(args.logits) +
-                   row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
-      const T* rb = args.ref != nullptr ? static_cast<const T*>(args.ref) +
-                              row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride)
-                                        : nullptr;
+      const T* ra = args.logits_row<T>(row);
+      const T* rb = args.ref != nullptr ? args.ref_row<T>(row) : nullptr;
       const bool need_ref = rb != nullptr;
       const bool use_div = plan.use_div;
       st = args.ent_acc != nullptr
@@ -372,10 +365,8 @@ void sweep_impl(const SweepArgs& args) {
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     double value = 0.0, centred = 0.0;
     if (!plan.skip && plan.use_div && args.vocab > 0) {  // an empty slice's views may be null
-      const T* ra = static_cast<const T*>(args.logits) +
-                   row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
-      const T* rb = static_cast<const T*>(args.ref) +
-                   row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
+      const T* ra = args.logits_row<T>(row);
+      const T* rb = args.ref_row<T>(row);
       div_sums<DT, DIV>(ra, rb, args.vocab, inv_temperature,
                         LogProbShift{args.row_max[row], args.log_norm[row]},
                         LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
@@ -483,8 +474,7 @@ void backward_impl(const BackwardArgs& args) {
   // (NaN when the divergence was not finite: a NaN/+inf reference or disagreeing supports).
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
   for (int64_t row = 0; row < args.n_rows; ++row) {
-    T* rg = static_cast<T*>(args.grad) +
-            row_offset(row, args.tokens, args.grad_batch_stride, args.grad_token_stride);
+    T* rg = args.grad_row<T>(row);
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     const float gl = (args.grad_logp != nullptr && plan.label >= 0) ? args.grad_logp[row] : 0.f;
     const float ge = args.grad_entropy != nullptr ? args.grad_entropy[row] : 0.f;
@@ -499,16 +489,14 @@ void backward_impl(const BackwardArgs& args) {
       for (int64_t j = 0; j < vocab; ++j) rg[j] = fill;
       continue;
     }
-    const T* ra = static_cast<const T*>(args.logits) +
-                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+    const T* ra = args.logits_row<T>(row);
     const LogProbShift sa{args.row_max[row], args.log_norm[row]};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const float c = gl + ge * h;
     const int64_t label = slice_label(plan.label, args.v0, vocab);
     if constexpr (DIV != kNoDivergence) {
       if (use_div) {
-        const T* rb = static_cast<const T*>(args.ref) +
-                      row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
+        const T* rb = args.ref_row<T>(row);
         const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
         const float ref_at_argmax = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
         backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s, c, gl,

@@ -254,11 +254,9 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
     float logp = 0.f, ref_logp = 0.f, entropy = 0.f, div = 0.f, div_s = 0.f, ref_at_argmax = 0.f;
     LogProbShift sa{0.f, 0.f}, sb{0.f, 0.f};
     if (!plan.skip) {
-      const T* ra = static_cast<const T*>(args.logits) +
-                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+      const T* ra = args.logits_row<T>(row);
       const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
-      const T* rb = need_ref ? static_cast<const T*>(args.ref) +
-                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : ra;
+      const T* rb = need_ref ? args.ref_row<T>(row) : ra;
       const RowState<float> st = first_pass<DT, DIV, false>(ra, rb, vocab, inv_temperature,
                                                             need_ref, plan.use_div, state_scratch);
       sa = shift_a(st);
@@ -329,10 +327,8 @@ __global__ void fold_kernel(FoldArgs args) {
     float label_a = 0.f, label_b = 0.f;
     const bool need_ref = args.ref != nullptr;
     if (!plan.skip && vocab > 0) {  // an empty slice's views may be null
-      const T* ra = static_cast<const T*>(args.logits) +
-                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
-      const T* rb = need_ref ? static_cast<const T*>(args.ref) +
-                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride) : ra;
+      const T* ra = args.logits_row<T>(row);
+      const T* rb = need_ref ? args.ref_row<T>(row) : ra;
       st = first_pass<DT, DIV, true>(ra, rb, vocab, inv_temperature, need_ref, plan.use_div,
                                      state_scratch);
       const int64_t y = slice_label(plan.label, args.v0, vocab);
@@ -369,10 +365,8 @@ __global__ void sweep_kernel(SweepArgs args, DivParams prm) {
     float value = 0.f, centred = 0.f;
     // Uniform over the block (div_sums synchronises); an empty slice's views may be null.
     if (!plan.skip && plan.use_div && args.vocab > 0) {
-      const T* ra = static_cast<const T*>(args.logits) +
-                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
-      const T* rb = static_cast<const T*>(args.ref) +
-                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
+      const T* ra = args.logits_row<T>(row);
+      const T* rb = args.ref_row<T>(row);
       div_sums<DT, DIV>(ra, rb, args.vocab, inv_temperature,
                         LogProbShift{args.row_max[row], args.log_norm[row]},
                         LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
@@ -428,8 +422,7 @@ __global__ void backward_kernel(BackwardArgs args, DivParams prm) {
   const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
-    T* rg = static_cast<T*>(args.grad) +
-            row_offset(row, args.tokens, args.grad_batch_stride, args.grad_token_stride);
+    T* rg = args.grad_row<T>(row);
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
     const float gl = (args.grad_logp != nullptr && plan.label >= 0) ? args.grad_logp[row] : 0.f;
     const float ge = args.grad_entropy != nullptr ? args.grad_entropy[row] : 0.f;
@@ -445,14 +438,12 @@ __global__ void backward_kernel(BackwardArgs args, DivParams prm) {
       for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) rg[j] = fill;
       continue;
     }
-    const T* ra = static_cast<const T*>(args.logits) +
-                 row_offset(row, args.tokens, args.logits_batch_stride, args.logits_token_stride);
+    const T* ra = args.logits_row<T>(row);
     const LogProbShift sa{args.row_max[row], args.log_norm[row]};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const int64_t label = slice_label(plan.label, args.v0, vocab);
     if (use_div) {
-      const T* rb = static_cast<const T*>(args.ref) +
-                 row_offset(row, args.tokens, args.ref_batch_stride, args.ref_token_stride);
+      const T* rb = args.ref_row<T>(row);
       const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
       const float ref_at_argmax = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
       backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s,

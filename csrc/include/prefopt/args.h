@@ -117,6 +117,16 @@ namespace prefopt {
 struct RowInputs {
   PREFOPT_ROW_INPUTS(PREFOPT_DECLARE_FIELD)
   int num_threads = 0;  // CPU only; 0 = OpenMP default
+
+  // The first element of row n of the logits / of the reference logits, T the dtype's element.
+  template <typename T>
+  PREFOPT_HD PREFOPT_INLINE const T* logits_row(int64_t n) const {
+    return static_cast<const T*>(logits) + row_offset(n, tokens, logits_batch_stride, logits_token_stride);
+  }
+  template <typename T>
+  PREFOPT_HD PREFOPT_INLINE const T* ref_row(int64_t n) const {
+    return static_cast<const T*>(ref) + row_offset(n, tokens, ref_batch_stride, ref_token_stride);
+  }
 };
 
 // Everything one forward call needs. Null output pointers are outputs not asked for;
@@ -139,6 +149,12 @@ struct SavedStatsArgs : RowInputs {
 // given, vocab stride 1.
 struct BackwardArgs : SavedStatsArgs {
   PREFOPT_BACKWARD_FIELDS(PREFOPT_DECLARE_FIELD)
+
+  // The first element of row n of the gradient.
+  template <typename T>
+  PREFOPT_HD PREFOPT_INLINE T* grad_row(int64_t n) const {
+    return static_cast<T*>(grad) + row_offset(n, tokens, grad_batch_stride, grad_token_stride);
+  }
 };
 
 // The first pass over one vocabulary slice [v0, v0 + vocab) of every row: the slice's own
