@@ -26,8 +26,14 @@ in-memory preference pairs; nothing is downloaded. Skipped without TRL (or trans
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import math
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -293,6 +299,8 @@ def test_prefopt_loss_types_train(tmp_path, case):
                                 train_dataset=_dataset(), processing_class=tokenizer, callbacks=[probe])
     mask = getattr(trainer.model, MASK_MODULE_NAME, None)
     assert (mask is not None) == (case == "sparse_po_learned")
+    # Our patches keep the forward's signature (Trainer reads it to pick the dataset columns).
+    assert list(inspect.signature(trainer.model.forward).parameters)[:2] == ["input_ids", "attention_mask"]
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
 
@@ -336,6 +344,7 @@ def test_inpo_previous_iterate_enters_the_loss(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(loss_type=["tdpo1", "sigmoid"]), "used alone"),
+    (dict(loss_type="sparse_po", loss_weights=[2.0]), "without loss_weights"),
     (dict(loss_type="sparse_po", precompute_ref_log_probs=True), "precompute_ref_log_probs"),
     (dict(loss_type="simpo", ld_alpha=0.5), "ld_alpha"),
     (dict(loss_type="sparse_po", sparse_po_mask="dense"), "sparse_po_mask"),
@@ -406,6 +415,59 @@ def test_simpo_loads_no_reference(tmp_path, monkeypatch, by_name):
         sigmoid = _args(PrefOptDPOConfig, tmp_path / "sigmoid", 1, loss_type="sigmoid")
         trainer = PrefOptDPOTrainer(model=model, args=sigmoid, train_dataset=_dataset(), processing_class=tokenizer)
         assert loads == [model, model] and trainer.ref_model is not None
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_token_level_losses_under_ddp(tmp_path):
+    """Two gloo ranks under DDP with ``find_unused_parameters=True``: the token-level losses read the
+    LM head and the learned mask inside the wrapped forward, so every step trains and the ranks,
+    fed different examples, keep equal parameters (DDP all-reduced every gradient)."""
+    worker = Path(__file__).with_name("trl_ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=worker.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(results) == sorted(("tdpo1", "sparse_po_learned", "sparse_po_activation"))
+    for case, result in results.items():
+        assert result["wrapper"] == "DistributedDataParallel" and result["find_unused_parameters"], case
+        assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"]), (case, result)
+        assert result["rank_gap"] == 0.0, (case, result)
+
+
+def _tiny_llava(image_token_id):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = _model().config
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=8, patch_size=4)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                     image_token_id=image_token_id))
+
+
+def test_activation_mask_hooks_the_language_decoder_only(tmp_path):
+    """A vision-language reference names its vision tower's layers in ``_no_split_modules`` too; the
+    activation mask hooks only the language decoder's layers, and text-only training runs."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    tokenizer = _tokenizer()
+    image_token = tokenizer.convert_tokens_to_ids("w60")  # not in the data
+    policy, reference = _tiny_llava(image_token), _tiny_llava(image_token)
+    assert any("CLIP" in name for name in reference._no_split_modules)
+    args = _args(PrefOptDPOConfig, tmp_path, 2, 0.1, loss_type="sparse_po", sparse_po_mask="activation", beta=0.5)
+    trainer = PrefOptDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=_dataset(),
+                                processing_class=tokenizer)
+    assert trainer._activation_mask.module_types == (LlamaDecoderLayer,)
+    trainer.train()
+    steps = trainer.state.log_history[:-1]
+    assert len(steps) == 2 and all(math.isfinite(logs["loss"]) for logs in steps)
+    assert 0.0 < steps[0]["mask/density"] <= 1.0
 
 
 def _dense_token_terms(policy, reference, batch):

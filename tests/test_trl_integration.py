@@ -560,6 +560,49 @@ def test_apply_to_trainer_lightweight(peft_like):
                             ("log_probs",))
 
 
+def test_apply_to_trainer_follows_wpo_and_the_fp32_head():
+    """A trainer with WPO's ``use_weighting`` gets ``log_sum_sq_probs`` by default, and
+    ``cast_lm_head_to_fp32`` holds for the reference too (GRPO installs both heads with it): a
+    bf16 model's fields match TRL's heads installed that way, at the fp32 tolerance."""
+    model = make_model("biased_head").to(torch.bfloat16)
+    input_ids, attention_mask, labels = make_inputs(model)
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    policy, ref = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = types.SimpleNamespace(model=policy, ref_model=ref, use_weighting=True,
+                                    args=types.SimpleNamespace(cast_lm_head_to_fp32=True))
+    pk_trl.apply_to_trainer(trainer)
+    wpo_outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    trl_policy, trl_ref = copy.deepcopy(model), copy.deepcopy(model)
+    TRL_ADD_FUSED_LM_HEAD(trl_policy, cast_lm_head_to_fp32=True, outputs=wpo_outputs)
+    TRL_ADD_FUSED_LM_HEAD(trl_ref, cast_lm_head_to_fp32=True)
+    with torch.no_grad():
+        assert_fields_match(policy(**call, fused_lm_head=True), trl_policy(**call, fused_lm_head=True),
+                            wpo_outputs)
+        assert_fields_match(ref(**call, fused_lm_head=True), trl_ref(**call, fused_lm_head=True), ("log_probs",))
+
+
+def test_jetmoe_aux_loss_weighted_as_the_model_weights_it():
+    """JetMoE names its auxiliary-loss weight ``aux_loss_coef``: the fused loss adds it as the
+    model's own forward does (TRL's head cannot run this model)."""
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+
+    config = JetMoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, kv_channels=8, output_router_logits=True, aux_loss_coef=0.05)
+    assert not hasattr(config, "router_aux_loss_coef")
+    torch.manual_seed(0)
+    model = JetMoeForCausalLM(config).eval()
+    input_ids, attention_mask, labels = make_inputs(model)
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    patched = copy.deepcopy(model)
+    pk_trl.add_fused_lm_head(patched)
+    with torch.no_grad():
+        own, ours = model(**call), patched(**call, fused_lm_head=True)
+    assert ours.aux_loss is not None and ours.aux_loss.item() > 0
+    torch.testing.assert_close(ours.aux_loss, own.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.loss, own.loss, rtol=1e-5, atol=1e-6)
+    assert abs(own.loss.item() - (-ours.log_probs.sum() / ours.label_mask.sum()).item()) > 1e-3  # aux counts
+
+
 # --------------------------------------------------------------------------- end to end: DPOTrainer
 
 

@@ -22,6 +22,7 @@ import functools
 import importlib
 import types
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 
@@ -82,6 +83,15 @@ def _moe_aux_loss(model, text_config, backbone_outputs, attention_mask):
     if per_token is None:
         per_token = getattr(model, "num_experts_per_tok", None)
     return load_balancing_loss_func(backbone_outputs.router_logits, experts, per_token, attention_mask)
+
+
+def _aux_loss_coefficient(text_config) -> float:
+    """The weight the model's own forward gives its MoE auxiliary loss (JetMoE calls it ``aux_loss_coef``)."""
+    for name in ("router_aux_loss_coef", "aux_loss_coef"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -158,7 +168,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = _moe_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
-            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+            loss = loss + _aux_loss_coefficient(text_config) * aux_loss
         return FusedCausalLMOutput(
             loss=loss, log_probs=log_probs, entropy=entropy,
             log_sum_sq_probs=extra.get("log_sum_sq_probs"), mean_logits=extra.get("mean_logits"),
@@ -184,14 +194,19 @@ def use_in_trl() -> None:
             module.add_fused_lm_head = add_fused_lm_head
 
 
-def apply_to_trainer(trainer, outputs: tuple = ("log_probs", "entropy", "mean_logits", "is_top1")) -> None:
+def apply_to_trainer(trainer, outputs: Optional[tuple] = None) -> None:
     """Patch an existing TRL trainer's ``model`` (its PEFT base model) and ``ref_model`` with our fused head.
 
-    ``outputs`` as in :func:`add_fused_lm_head` for the policy (the default is what
-    ``DPOTrainer`` logs; add ``"log_sum_sq_probs"`` for WPO weighting); the reference
-    computes ``log_probs`` only, as in TRL. The trainer's ``temperature`` and its args'
-    ``cast_lm_head_to_fp32`` are kept.
+    ``outputs`` as in :func:`add_fused_lm_head` for the policy; ``None`` gives what
+    ``DPOTrainer`` logs (``log_probs``, ``entropy``, ``mean_logits``, ``is_top1``), plus
+    ``log_sum_sq_probs`` when the trainer has WPO's ``use_weighting``. The reference computes
+    ``log_probs`` only, as in TRL. The trainer's ``temperature`` and its args'
+    ``cast_lm_head_to_fp32`` are kept, for both models.
     """
+    if outputs is None:
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        if getattr(trainer, "use_weighting", False):
+            outputs += ("log_sum_sq_probs",)
     model = trainer.model
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
@@ -199,4 +214,4 @@ def apply_to_trainer(trainer, outputs: tuple = ("log_probs", "entropy", "mean_lo
     cast = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
     add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast, outputs=outputs)
     if getattr(trainer, "ref_model", None) is not None:
-        add_fused_lm_head(trainer.ref_model, temperature=temperature)
+        add_fused_lm_head(trainer.ref_model, temperature=temperature, cast_lm_head_to_fp32=cast)

@@ -102,8 +102,9 @@ class PrefOptDPOConfig(DPOConfig):
         ours = [name for name in self.loss_type if name in PREFOPT_LOSS_TYPES]
         if not ours:
             return
-        if len(self.loss_type) != 1:
-            raise ValueError(f"loss_type {ours[0]!r} must be used alone; got {self.loss_type}")
+        if len(self.loss_type) != 1 or self.loss_weights is not None:
+            raise ValueError(f"loss_type {ours[0]!r} must be used alone, without loss_weights; got loss_type "
+                             f"{self.loss_type}, loss_weights {self.loss_weights}")
         if self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None or self.use_weighting:
             raise ValueError(
                 f"loss_type {ours[0]!r} needs f_divergence_type='reverse_kl', ld_alpha=None and use_weighting=False"
@@ -118,20 +119,22 @@ class PrefOptDPOConfig(DPOConfig):
             raise ValueError(f"sparse_po_mask must be one of {SPARSE_PO_MASKS}; got {self.sparse_po_mask!r}")
 
 
-def _add_backbone_route(model) -> None:
-    """Let ``model(..., backbone_only=True)`` return the backbone's output (no LM head).
+def _add_head_route(model) -> None:
+    """Let ``model(..., prefopt_head=fn)`` run the backbone and return ``fn(model, backbone_outputs)``.
 
-    The token-level losses need the policy's last hidden state with its graph; going through
-    ``model``'s own forward keeps distributed wrappers (DDP, FSDP) in charge of the call.
+    The token-level losses read the policy's last hidden state, its LM head and the learned
+    mask. Reading all of them inside ``model``'s own forward keeps a distributed wrapper (DDP,
+    FSDP) in charge of every parameter the loss uses: DDP's ``find_unused_parameters`` sees
+    them used in the forward, FSDP has them gathered.
     """
     attr = backbone_attr(model)
     forward = model.forward
 
-    @functools.wraps(forward)
-    def routed_forward(self, *args, backbone_only=False, **kwargs):
-        if backbone_only:
-            return getattr(self, attr)(*args, **kwargs)
-        return forward(*args, **kwargs)
+    @functools.wraps(type(model).forward)
+    def routed_forward(self, *args, prefopt_head=None, **kwargs):
+        if prefopt_head is None:
+            return forward(*args, **kwargs)
+        return prefopt_head(self, getattr(self, attr)(*args, **kwargs))
 
     model.forward = types.MethodType(routed_forward, model)
 
@@ -215,7 +218,7 @@ class PrefOptDPOTrainer(DPOTrainer):
                              "set router_aux_loss_coef=0.0")
         policy = self._policy_module()
         if self.prefopt_loss in TOKEN_LOSS_TYPES:
-            _add_backbone_route(policy)
+            _add_head_route(policy)
         self._activation_mask = None
         if self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "learned":
             text_config = self._reference_module().config.get_text_config()
@@ -226,18 +229,31 @@ class PrefOptDPOTrainer(DPOTrainer):
             policy.add_module(MASK_MODULE_NAME, mask.to(policy.get_output_embeddings().weight.device))
         elif self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "activation":
             reference = self._reference_module()
+            # The language decoder's layers only: a vision-language model also names its vision
+            # tower's layers in _no_split_modules.
             layer_names = set(getattr(reference, "_no_split_modules", None) or ())
-            layer_types = tuple({type(m) for m in reference.modules() if type(m).__name__ in layer_names})
+            layer_types = tuple({type(m) for m in reference.get_decoder().modules()
+                                 if type(m).__name__ in layer_names})
             if not layer_types:
                 raise ValueError("sparse_po_mask='activation' hooks the decoder layers named in the reference "
-                                 f"model's _no_split_modules; {type(reference).__name__} names none")
+                                 f"model's _no_split_modules; {type(reference).__name__}'s decoder has none")
             self._activation_mask = ActivationTokenMask(layer_types)
         if prev_model is not None:
-            add_fused_lm_head(prev_model)
-            if self.args.disable_dropout:
-                trl_dpo.disable_dropout_in_model(prev_model)
-            prev_model.requires_grad_(False)
-            self.prev_model = self.accelerator.prepare_model(prev_model.eval(), evaluation_mode=True)
+            self.prev_model = self._prepare_frozen(prev_model)
+
+    def _prepare_frozen(self, model):
+        """A frozen model scored like the reference: our head on it (its PEFT base model), then wrapped
+        for the run as TRL wraps the reference (DeepSpeed, FSDP or plain accelerate)."""
+        add_fused_lm_head(model.get_base_model() if trl_dpo.is_peft_model(model) else model)
+        if self.args.disable_dropout:
+            trl_dpo.disable_dropout_in_model(model)
+        model.requires_grad_(False)
+        model.eval()
+        if self.is_deepspeed_enabled:
+            return trl_dpo.prepare_deepspeed(model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return trl_dpo.prepare_fsdp(model, self.accelerator)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
 
     # ------------------------------------------------------------------ model access
 
@@ -294,35 +310,41 @@ class PrefOptDPOTrainer(DPOTrainer):
         args = self.args
         seq_len = labels.size(1) - 1
         shift_mask = completion_mask[:, 1:]
-        policy, reference = self._policy_module(), self._reference_module()
+        reference = self._reference_module()
         learned = self.prefopt_loss == "sparse_po" and args.sparse_po_mask == "learned"
-        hidden = model(**model_kwargs, backbone_only=True).last_hidden_state[:, :-1][:, -seq_len:]
 
         ref_backbone = getattr(reference, backbone_attr(reference))
-        record = (self._activation_mask.record(ref_backbone) if self._activation_mask is not None
+        record = (self._activation_mask.record(reference.get_decoder()) if self._activation_mask is not None
                   else contextlib.nullcontext())
         with (torch.no_grad(), trl_dpo.disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
               self._reference_context(), record):
             ref_out = ref_backbone(**model_kwargs, output_hidden_states=learned)
         ref_hidden = ref_out.last_hidden_state[:, :-1][:, -seq_len:]
-
         # Masks are built in the input layout [B, T], then shifted like the labels.
-        reward_mask = kl_mask = None
-        if learned:
-            reward_mask, kl_mask = getattr(policy, MASK_MODULE_NAME)(ref_out.hidden_states, completion_mask)
-            reward_mask, kl_mask = reward_mask[:, 1:], kl_mask[:, 1:]
-        elif self._activation_mask is not None:
-            reward_mask = kl_mask = self._activation_mask.compute(completion_mask)[:, 1:]
-
-        head, ref_head = policy.get_output_embeddings(), reference.get_output_embeddings()
-        scale, softcap = head_transform(policy.config.get_text_config())
+        activation_mask = None
+        if self._activation_mask is not None:
+            activation_mask = self._activation_mask.compute(completion_mask)[:, 1:]
+        ref_head = reference.get_output_embeddings()
         ref_scale, ref_softcap = head_transform(reference.config.get_text_config())
-        terms, extra = linear_token_terms(
-            hidden, head.weight, labels[:, 1:], ref_hidden, ref_head.weight, head_bias=head.bias,
-            ref_head_bias=ref_head.bias, divergence="forward_kl", div_weight=kl_mask, return_entropy=True,
-            logit_scale=scale, ref_logit_scale=ref_scale, softcap=softcap, ref_softcap=ref_softcap,
-            extras=("mean_logits", "is_top1"),
-        )
+
+        def policy_terms(policy, backbone_outputs):
+            """Run inside the policy's forward: reads its hidden state, LM head and learned mask."""
+            hidden = backbone_outputs.last_hidden_state[:, :-1][:, -seq_len:]
+            reward_mask = kl_mask = activation_mask
+            if learned:
+                reward_mask, kl_mask = getattr(policy, MASK_MODULE_NAME)(ref_out.hidden_states, completion_mask)
+                reward_mask, kl_mask = reward_mask[:, 1:], kl_mask[:, 1:]
+            head = policy.get_output_embeddings()
+            scale, softcap = head_transform(policy.config.get_text_config())
+            terms, extra = linear_token_terms(
+                hidden, head.weight, labels[:, 1:], ref_hidden, ref_head.weight, head_bias=head.bias,
+                ref_head_bias=ref_head.bias, divergence="forward_kl", div_weight=kl_mask, return_entropy=True,
+                logit_scale=scale, ref_logit_scale=ref_scale, softcap=softcap, ref_softcap=ref_softcap,
+                extras=("mean_logits", "is_top1"),
+            )
+            return terms, extra, reward_mask, kl_mask
+
+        terms, extra, reward_mask, kl_mask = model(**model_kwargs, prefopt_head=policy_terms)
         logratios = (terms.logp - terms.ref_logp).chunk(2, dim=0)
         kl = terms.div.chunk(2, dim=0)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
