@@ -98,14 +98,16 @@ class ActivationTokenMask(nn.Module):
                 f"{tuple(self._scores[0].shape)}"
             )
         count = valid.sum(dim=1, keepdim=True).clamp(min=1.0)
+        live = valid > 0
         total = torch.zeros_like(valid)
         for s in self._scores:
+            s = torch.where(live, s, 0.0)  # a padded position's activation (inf, NaN) never enters a sum
             mean = (s * valid).sum(dim=1, keepdim=True) / count
             var = (((s - mean) * valid) ** 2).sum(dim=1, keepdim=True) / count
             z = (s - mean) / (var.sqrt() + self.eps)
             big = torch.finfo(z.dtype).max
-            lo = torch.where(valid > 0, z, big).amin(dim=1, keepdim=True)
-            hi = torch.where(valid > 0, z, -big).amax(dim=1, keepdim=True)
+            lo = torch.where(live, z, big).amin(dim=1, keepdim=True)
+            hi = torch.where(live, z, -big).amax(dim=1, keepdim=True)
             total += (z - lo) / (hi - lo + self.eps) * valid
         n_hooks = len(self._scores)
         self._scores = []
@@ -183,7 +185,9 @@ class LearnedTokenMask(nn.Module):
             total = term if total is None else total + term
         masks = torch.relu(total)
         if valid_mask is not None:
-            masks = masks * valid_mask.to(masks.dtype)
+            # where, not a product alone: a padded position's NaN hidden state gives 0, not NaN.
+            valid = valid_mask.to(masks.dtype)
+            masks = torch.where(valid > 0, masks * valid, 0.0)
         if self.separate_kl:
             return masks[0], masks[1]
         shared = masks[0]

@@ -128,6 +128,40 @@ def test_tdpo2_masked_garbage_packed_layout():
         assert torch.isfinite(grad).all() and (grad[~mask] == 0).all() and (grad[mask] != 0).all()
 
 
+def test_discopop_extreme_margin_stays_finite():
+    """z = beta (rho_w - rho_l) = -100 in fp32: the logistic term is 100 and the exponential term
+    sigma(z / tau) e^{-z} = e^{log sigma(-2000) + 100} = 0, so the loss is 100 and dL/dpi_w = -beta."""
+    pw, pl = torch.tensor([-50.0], requires_grad=True), torch.tensor([50.0], requires_grad=True)
+    zero = torch.zeros(1)
+    loss, _ = L.dpo_loss(pw, pl, zero, zero, beta=1.0, loss_type="discopop")
+    gw, gl = torch.autograd.grad(loss, [pw, pl])
+    assert loss.item() == pytest.approx(100.0, rel=1e-6)
+    assert gw.item() == pytest.approx(-1.0, rel=1e-6) and gl.item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_forward_kl_scores_of_a_far_rejected_log_ratio_stay_finite():
+    """f'(t) = 1 - 1/t at rho_l = -90 in fp32: e^{90} overflows; the exponent is capped at 80 as the
+    alpha divergence's, so the margin is huge, the loss 0 and every gradient finite (and 0)."""
+    pw, pl = torch.tensor([10.0], requires_grad=True), torch.tensor([-90.0], requires_grad=True)
+    zero = torch.zeros(1)
+    for loss_type in ("sigmoid", "hinge"):
+        loss, _ = L.dpo_loss(pw, pl, zero, zero, beta=0.1, loss_type=loss_type, f_divergence="forward_kl")
+        grads = torch.autograd.grad(loss, [pw, pl])
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), loss_type
+    loss, _ = L.dpo_loss(pw, pl, zero, zero, beta=0.1, loss_type="sigmoid", f_divergence="forward_kl")
+    assert loss.item() == 0.0
+
+
+def test_tdpo2_alpha_zero_is_the_reward_margin_alone():
+    """TDPO2 with alpha = 0: -log sigma(beta u), u the summed log-ratio margin; the KL gets no gradient."""
+    lw, ll = _t([[0.3, -0.2]], requires_grad=True), _t([[0.5, 0.1]], requires_grad=True)
+    kw, kl = _t([[0.4, 0.2]], requires_grad=True), _t([[0.7, 0.3]], requires_grad=True)
+    loss, _ = L.tdpo_loss(lw, ll, kw, kl, beta=2.0, alpha=0.0, variant=2)
+    u = (0.3 - 0.2) - (0.5 + 0.1)  # -0.5
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0 * u)), rel=1e-12)
+    assert torch.equal(torch.autograd.grad(loss, kl)[0], torch.zeros_like(kl))
+
+
 def test_sparse_po_masked_garbage_in_values_and_masks():
     beta, l1u, l1d = 0.3, 0.01, 0.02
     lw, ll, kw, kl = (_t(x, requires_grad=True) for x in (LW, LL, KW, KL))
@@ -338,7 +372,7 @@ def test_bad_scalars_name_the_argument(bad, error, pattern):
         (lambda: L.inpo_loss(*PAIR, *PAIR[:2], eta=0.5, tau=-1.0), "tau"),
         (lambda: L.inpo_loss(*PAIR, *PAIR[:2], eta=0.5, tau=NAN), "tau"),
         (lambda: L.inpo_loss(*PAIR, *PAIR[:2], eta=True, tau=0.5), "eta"),
-        (lambda: L.tdpo_loss(*[_t([[0.1]])] * 4, alpha=0.0, variant=2), "alpha"),
+        (lambda: L.tdpo_loss(*[_t([[0.1]])] * 4, alpha=-0.1, variant=2), "alpha"),
         (lambda: L.sparse_po_loss(*[_t([[0.1]])] * 4, l1_reward=NAN), "l1_reward"),
         (lambda: L.FDPGState(baseline_decay=1.0), "baseline_decay"),
         (lambda: L.FDPGState(baseline_decay="0.9"), "baseline_decay"),

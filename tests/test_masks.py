@@ -106,3 +106,29 @@ def test_learned_mask_starts_dense_and_checks_shapes():
         net(hs[:2])
     with pytest.raises(ValueError, match="hidden_states"):
         net(tuple(torch.randn(2, 4, 9) for _ in range(3)))
+
+
+def test_masks_ignore_non_finite_values_at_padded_positions():
+    """A padded position's inf activation or NaN hidden state reaches neither mask: 0 there and
+    the valid positions' values unchanged (where, not a product with the 0/1 mask)."""
+    acts = [torch.randn(2, 5, 4) for _ in range(2)]
+    valid = torch.ones(2, 5)
+    valid[0, 3:] = 0
+    masker = ActivationTokenMask(nn.Identity)
+    masker._scores = [a.mean(-1) for a in acts]
+    clean = masker.compute(valid)
+    dirty_acts = [a.clone() for a in acts]
+    dirty_acts[0][0, 4] = float("inf")
+    dirty_acts[1][0, 3] = float("nan")
+    masker._scores = [a.mean(-1) for a in dirty_acts]
+    dirty = masker.compute(valid)
+    torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+    torch.testing.assert_close(clean.double(), _expected_activation_mask(acts, valid), atol=1e-6, rtol=1e-6)
+
+    hs = tuple(torch.randn(2, 5, 8) for _ in range(3))
+    net = LearnedTokenMask(8, 3)
+    reward, _ = net(hs, valid)
+    dirty_hs = tuple(h.clone() for h in hs)
+    dirty_hs[1][0, 4] = float("nan")
+    dirty_reward, _ = net(dirty_hs, valid)
+    assert torch.equal(dirty_reward, reward) and float(dirty_reward[0, 3:].abs().max()) == 0.0

@@ -144,10 +144,6 @@ def test_bad_inputs():
         L.PreferenceLoss()(logits, labels)
     with pytest.raises(ValueError, match="2B rows"):
         L.PreferenceLoss()(logits[:3], labels[:3], ref[:3])
-    empty = labels.clone()
-    empty[0] = -100
-    with pytest.raises(ValueError, match="chosen_lengths"):
-        L.PreferenceLoss("simpo")(logits, empty)
 
 
 def test_rows_without_tokens_count_as_length_one():
@@ -160,6 +156,15 @@ def test_rows_without_tokens_count_as_length_one():
     n = valid.sum(1).clamp(min=1)
     expected = ((lr[:2] / n[:2] - lr[2:] / n[2:] - 1 / 0.6) ** 2).mean()
     assert n[0] == 1 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+
+    # SimPO (reference-free) too: the empty rejected row's length-normalised log-prob is 0 / 1.
+    labels[3] = -100
+    loss, _ = L.PreferenceLoss("simpo", beta=0.3)(logits, labels)
+    logp, _, _, valid = _eager_terms(logits.detach(), ref, labels)
+    score = logp.sum(1) / valid.sum(1).clamp(min=1)
+    expected = -_logsig(0.3 * (score[:2] - score[2:]) - 0.5).mean()
+    assert score[0] == 0 and score[3] == 0 and torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -89,8 +89,8 @@ def _scores(logratios: torch.Tensor, f_divergence: str, f_alpha: float) -> torch
     """``f'(t)`` of the chosen divergence at ``t = pi/pi_ref = exp(logratios)``."""
     if f_divergence == "reverse_kl":  # f'(t) = log t + 1; the constant cancels in differences
         return logratios
-    if f_divergence == "forward_kl":  # f'(t) = 1 - 1/t
-        return 1.0 - torch.exp(-logratios)
+    if f_divergence == "forward_kl":  # f'(t) = 1 - 1/t; the exponent capped as alpha's below
+        return 1.0 - torch.exp((-logratios).clamp(max=80.0))
     if f_divergence == "js_divergence":  # f'(t) = log(2t / (1 + t))
         return math.log(2.0) + F.logsigmoid(logratios)
     # alpha_divergence: f'(t) = (t^(alpha-1) - 1) / (alpha - 1); reverse KL at alpha = 1.
@@ -344,7 +344,8 @@ def dpo_loss(
             per_pair = torch.sigmoid(beta * rho_w) + 1.0 - torch.sigmoid(beta * (rho_w - rho_l))
         elif lt == "discopop":
             m = torch.sigmoid(z / discopop_tau)
-            per_pair = (1.0 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
+            # m exp(-z) as one exponential: m underflows to 0 where exp(-z) overflows.
+            per_pair = (1.0 - m) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
         elif lt == "sft":
             n_tokens = len_w.sum()
             # A batch without chosen tokens sums nothing: 0, where TRL's empty mean is NaN.

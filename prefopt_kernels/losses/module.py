@@ -97,7 +97,7 @@ class PreferenceLoss(nn.Module):
     even computed. Other losses use ``pk.token_logprobs`` (the reference's under no_grad).
     Sequence log-probs are sums over the tokens whose label is not ``ignore_index``; those
     counts are the lengths of ``ipo``, ``sigmoid_norm``, ``sft`` and ``simpo`` (a row without
-    such a token has length 0, which ``dpo_loss`` clamps to 1 as TRL does).
+    such a token has length 0, which ``dpo_loss`` and ``simpo`` take as 1, as TRL does).
 
     ``loss_type`` is any of :data:`PREFERENCE_LOSS_TYPES`, or a list of DPOTrainer loss types
     (:data:`DPO_LOSS_TYPES`) combined with ``loss_weights``, as TRL's ``loss_type=[...]``;
@@ -272,7 +272,9 @@ class PreferenceLoss(nn.Module):
                     logratios[:n], logratios[n:], div[:n], div[n:], v_w, v_l, beta=self.beta,
                     variant=1 if self.loss_type == "tdpo1" else 2, **self.loss_kwargs)
         elif self.loss_type == "simpo":
-            loss, metrics = simpo_loss(seq_logps[:n], seq_logps[n:], lengths[:n], lengths[n:],
+            # A row without a kept label has log-prob 0; its length is taken as 1, as dpo_loss does.
+            simpo_lengths = lengths.clamp(min=1)
+            loss, metrics = simpo_loss(seq_logps[:n], seq_logps[n:], simpo_lengths[:n], simpo_lengths[n:],
                                        beta=self.beta, **self.loss_kwargs)
         else:
             ref_seq = ref_tok if ref_tok.dim() == 1 else sequence_sum(ref_tok.to(torch.float32), valid)

@@ -12,6 +12,7 @@ from ._common import (
     check_reduction,
     check_token_pairs,
     preference_metrics,
+    real_scalar,
     reduce,
     sequence_sum,
     token_mask,
@@ -44,8 +45,9 @@ def tdpo_loss(
     * TDPO1 (``variant=1``): ``-log σ(β (u - (D(y_l) - D(y_w))))``
     * TDPO2 (``variant=2``): ``-log σ(β (u - α (D(y_l) - sg[D(y_w)])))``, ``sg`` = stop-gradient.
 
-    ``variant`` is the int 1 or 2 (a bool is rejected); ``beta`` and ``alpha`` are finite
-    real scalars > 0 (Python or numpy numbers, 0-d tensors).
+    ``variant`` is the int 1 or 2 (a bool is rejected); ``beta`` is a finite real scalar > 0
+    and ``alpha`` one >= 0 (Python or numpy numbers, 0-d tensors; ``alpha = 0`` drops TDPO2's
+    KL margin).
 
     Layouts: padded ``[B, T]`` tensors with ``[B, T]`` 0/1 (or bool) masks (None = all valid),
     or packed ``[N]`` tensors with ``chosen_cu_seqlens``/``rejected_cu_seqlens`` ``[B + 1]``
@@ -64,7 +66,7 @@ def tdpo_loss(
     # bool is an int subclass: True would silently select TDPO1.
     if isinstance(variant, bool) or not isinstance(variant, numbers.Integral) or variant not in TDPO_VARIANTS:
         raise ValueError(f"variant must be the int 1 (TDPO1) or 2 (TDPO2), got {variant!r}")
-    alpha = check_positive("alpha", alpha)
+    alpha = real_scalar("alpha", alpha, 0.0)
     check_reduction(reduction)
     cu_w, cu_l, dtype = check_token_pairs(chosen_logratios, chosen_kl, chosen_cu_seqlens,
                                           rejected_logratios, rejected_kl, rejected_cu_seqlens)
