@@ -19,7 +19,7 @@ the ranks agree on the call.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,12 +39,13 @@ class Shard(NamedTuple):
 
 
 def shard_of(process_group, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device,
-             labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> Shard:
+             labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+             options: Sequence[Tuple[str, int]] = ()) -> Shard:
     """The :class:`Shard` of a call: no communication without a group, else :func:`shard_layout`."""
     if process_group is None:
         return Shard(None, 0, local_vocab)
     check_group(process_group, device)
-    v0, vocab = shard_layout(local_vocab, rows, spec, has_ref, process_group, device, labels, weight)
+    v0, vocab = shard_layout(local_vocab, rows, spec, has_ref, process_group, device, labels, weight, options)
     return Shard(process_group, v0, vocab)
 
 
@@ -57,9 +58,10 @@ def group_name(process_group, device: torch.device) -> str:
 
 
 def shard_of_name(name: str, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device,
-                  labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> Shard:
+                  labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                  options: Sequence[Tuple[str, int]] = ()) -> Shard:
     """:func:`shard_of` for the group named ``name`` by :func:`group_name`."""
-    return shard_of(_group_named(name), local_vocab, rows, spec, has_ref, device, labels, weight)
+    return shard_of(_group_named(name), local_vocab, rows, spec, has_ref, device, labels, weight, options)
 
 
 def shard_to_tensor(shard: Shard) -> torch.Tensor:
@@ -133,14 +135,15 @@ def check_group(process_group, device: torch.device) -> None:
         raise ValueError(f"process_group uses nccl, which cannot communicate {device.type} tensors; use gloo")
 
 
-def _float_bits(x: float) -> int:
+def float_bits(x: float) -> int:
     """The bits of a float64, as an int64: equal exactly when the floats are."""
     return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
 
 
-def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, labels, weight) -> list:
-    """What every rank must agree on, as ``(name, int64)`` pairs: the op, its scalars, checksums of
-    labels and weights and the kept labels' range; the local V first (the one entry that may differ)."""
+def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, labels, weight, options) -> list:
+    """What every rank must agree on, as ``(name, int64)`` pairs: the op, its scalars, the caller's
+    ``options``, checksums of labels and weights and the kept labels' range; the local V first (the
+    one entry that may differ) and the labels' range last."""
     label_sum = label_moment = weight_nonzero = weight_sum = 0
     label_min, label_max = 0, -1
     if labels is not None and labels.numel():
@@ -150,28 +153,30 @@ def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, label
         if kept.numel():
             label_min, label_max = int(kept.min()), int(kept.max())
     if weight is not None and weight.numel():
-        weight_nonzero, weight_sum = int((weight != 0).sum()), _float_bits(float(weight.double().sum()))
-    return [("local vocabulary", local_vocab), ("rows", rows), ("reference", int(has_ref)),
+        weight_nonzero, weight_sum = int((weight != 0).sum()), float_bits(float(weight.double().sum()))
+    return [("local vocabulary", local_vocab), ("rows", rows), ("reference", int(has_ref)), *options,
             ("divergence", int(spec.divergence)), ("logp", int(spec.want_logp)),
             ("ref_logp", int(spec.want_ref_logp)), ("entropy", int(spec.want_entropy)),
-            ("ignore_index", int(spec.ignore_index)), ("temperature", _float_bits(spec.temperature)),
-            ("beta", _float_bits(spec.beta)), ("alpha", _float_bits(spec.alpha)), ("labels", label_sum),
+            ("ignore_index", int(spec.ignore_index)), ("temperature", float_bits(spec.temperature)),
+            ("beta", float_bits(spec.beta)), ("alpha", float_bits(spec.alpha)), ("labels", label_sum),
             ("labels", label_moment), ("weight", weight_nonzero), ("weight", weight_sum),
             ("weight", int(weight is not None)), ("labels", label_min), ("labels", label_max)]
 
 
 def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, process_group, device,
-                 labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None):
+                 labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                 options: Sequence[Tuple[str, int]] = ()):
     """``(v0, vocab)``: this rank's shard offset and the global vocabulary, after checking the ranks agree.
 
     Every rank contributes its local V and a fingerprint of the call (op, outputs,
-    ``ignore_index``, temperature, β, α, checksums of ``labels`` and ``weight``, the range of
-    the kept labels); every rank then sees the same table, so a disagreement, or a label
+    ``ignore_index``, temperature, β, α, the op's own ``options`` as ``(name, int64)`` pairs,
+    checksums of ``labels`` and ``weight``, the range of the kept labels); every rank then sees
+    the same table, so a disagreement, or a label
     outside the global vocabulary, raises the same ``ValueError`` on every rank instead of
     hanging in a later collective or returning different numbers per rank.
     """
     dist = _dist()
-    names, mine = zip(*_fingerprint(local_vocab, rows, spec, has_ref, labels, weight))
+    names, mine = zip(*_fingerprint(local_vocab, rows, spec, has_ref, labels, weight, options))
     table = _all_gather(torch.tensor(mine, dtype=torch.int64, device=device), process_group).cpu()
     rank = dist.get_rank(process_group)
     differing = {names[j] for j in range(1, table.shape[1]) if bool((table[:, j] != table[0, j]).any())}

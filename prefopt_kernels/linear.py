@@ -34,7 +34,6 @@ weight is passed.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence
 
@@ -51,6 +50,8 @@ _MAX_TOKEN_CHUNK = 4096
 # the token chunk first.
 _MIN_VOCAB_CHUNK = 256
 _FP32 = torch.float32
+_FP32_TINY = float(torch.finfo(_FP32).tiny)
+_FP32_MAX = float(torch.finfo(_FP32).max)
 # CUDA writes a bf16/fp16 GEMM's result in fp32 (``out_dtype``) from torch 2.8.
 _GEMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 
@@ -209,9 +210,10 @@ def _check_head(hidden: torch.Tensor, weight, bias, name: str, hidden_name: str,
 
 
 def _check_scale(value, argument: str) -> float:
+    # Comparisons, not math.isfinite: dynamo traces them without a graph break under dynamic shapes.
     value = real_number(value, argument)
-    if not math.isfinite(value):
-        raise ValueError(f"{argument} must be a finite number; got {value!r}")
+    if not (-_FP32_MAX <= value <= _FP32_MAX):
+        raise ValueError(f"{argument} must be a finite number within the fp32 range; got {value!r}")
     return value
 
 
@@ -219,8 +221,10 @@ def _check_softcap(value, argument: str) -> Optional[float]:
     if value is None:
         return None
     value = real_number(value, argument)
-    if not (0.0 < value < float("inf")):
-        raise ValueError(f"{argument} must be None or a finite positive number; got {value!r}")
+    # The tiles divide and multiply by it in fp32: it must be a normal fp32 number.
+    if not (_FP32_TINY <= value <= _FP32_MAX):
+        raise ValueError(f"{argument} must be None or a positive number in [{_FP32_TINY:.4g}, {_FP32_MAX:.4g}] "
+                         f"(normal fp32); got {value!r}")
     return value
 
 
@@ -290,6 +294,8 @@ def _check_inputs(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
     _check_hidden(hidden, "hidden")
     _check_head(hidden, head_weight, head_bias, "head", "hidden", None, sharded)
     vocab = head_weight.shape[0]
+    if spec_kwargs.get("divergence") or spec_kwargs.get("want_ref_logp"):
+        _check_hidden(ref_hidden, "ref_hidden")  # the reference is required: None is an error here
     if ref_hidden is not None:
         _check_hidden(ref_hidden, "ref_hidden")
         if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
@@ -303,7 +309,8 @@ def _check_inputs(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
     spec = OpSpec(temperature=ops._check_temperature(temperature),
                   ignore_index=ignore_index if labels is not None else -100, **spec_kwargs)
     return dict(
-        labels=None if labels is None else ops._check_labels(labels, hidden, ignore_index, owner_name="hidden"),
+        labels=(ops._check_labels(labels, hidden, ignore_index, owner_name="hidden")
+                if labels is not None or spec.want_logp else None),
         div_weight=ops._check_weight(div_weight, hidden, "div_weight", owner_name="hidden"),
         spec=spec,
         logit_scale=_check_scale(logit_scale, "logit_scale"),
@@ -359,17 +366,29 @@ def _linear_forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
     has_ref = ref_hidden is not None
     extras = _extra_names(extras)
     n_tokens, vocab, device = hidden.shape[:-1].numel(), head_weight.shape[0], hidden.device
-    shard = ops.checked_shard(group, vocab, n_tokens, spec, has_ref, device, labels, div_weight)
+    shard = ops.checked_shard(group, vocab, n_tokens, spec, has_ref, device, labels, div_weight,
+                              _call_options(arguments))
     index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, n_tokens, device)
     call = _make_call(arguments, spec, index, shard, extras)
     # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
     with torch.autocast(device.type, enabled=False), ops.on_device(device):
         stats, extra_values = _forward_pass(hidden, ref_hidden, call)
     values = [getattr(stats, k) for k in ops.wanted_outputs(spec)] + [extra_values[k] for k in extras]
-    outputs = [_scatter_tokens(value, index, n_tokens).view(hidden.shape[:-1]) for value in values]
-    saved = [_scatter_tokens(value, index, n_tokens) for value in stats.saved(spec, has_ref)]
+    outputs = [_scatter_tokens(value, index, hidden.shape[:-1]) for value in values]
+    saved = [_scatter_tokens(value, index, (n_tokens,)) for value in stats.saved(spec, has_ref)]
     tail = [distributed.shard_to_tensor(shard)] if group else []
     return outputs + saved + tail
+
+
+def _call_options(arguments: dict) -> list:
+    """The linear op's own parameters, for the ranks' call check: ``(name, int64)`` pairs."""
+    def bits(x):
+        return -1 if x is None else distributed.float_bits(x)
+    extras = sum(1 << i for i, wanted in enumerate(arguments["extras"]) if wanted)
+    return [("extras", extras), ("logit_scale", bits(arguments["logit_scale"])),
+            ("ref_logit_scale", bits(arguments["ref_logit_scale"])), ("softcap", bits(arguments["softcap"])),
+            ("ref_softcap", bits(arguments["ref_softcap"])), ("head_bias", int(arguments["head_bias"] is not None)),
+            ("ref_head_bias", int(arguments["ref_head_bias"] is not None))]
 
 
 def _kept_tokens(labels, div_weight, spec: OpSpec, keep_zero_weight: bool, n_tokens: int, device) -> torch.Tensor:
@@ -378,9 +397,12 @@ def _kept_tokens(labels, div_weight, spec: OpSpec, keep_zero_weight: bool, n_tok
     return keep.nonzero().reshape(-1)
 
 
-def _scatter_tokens(value: torch.Tensor, index: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """``[N]`` zeros holding the kept tokens' ``value`` at ``index``."""
-    return torch.zeros(n_tokens, dtype=value.dtype, device=value.device).index_copy_(0, index, value)
+def _scatter_tokens(value: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
+    """Zeros of ``shape`` holding the kept tokens' ``value`` at flat ``index``: a tensor of its own
+    (an op's output that is a view could not be modified in place by the caller)."""
+    out = torch.zeros(shape, dtype=value.dtype, device=value.device)
+    out.view(-1).index_copy_(0, index, value)
+    return out
 
 
 @_linear_forward.register_fake

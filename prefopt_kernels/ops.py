@@ -316,13 +316,14 @@ def named_arguments(op_name: str, values) -> dict:
     return dict(zip(argument_names(op_name), values, strict=True))
 
 
-def checked_shard(group: str, vocab: int, rows: int, spec: OpSpec, has_ref: bool, device, labels, weight):
+def checked_shard(group: str, vocab: int, rows: int, spec: OpSpec, has_ref: bool, device, labels, weight,
+                  options=()):
     """The call's :class:`~prefopt_kernels.distributed.Shard`, its labels' range checked.
 
-    Sharded, every rank checks against the global vocabulary at once (the call check);
-    unsharded, against ``vocab`` here.
+    Sharded, every rank checks against the global vocabulary at once (the call check, which
+    also compares the op's ``options``); unsharded, against ``vocab`` here.
     """
-    shard = distributed.shard_of_name(group, vocab, rows, spec, has_ref, device, labels, weight)
+    shard = distributed.shard_of_name(group, vocab, rows, spec, has_ref, device, labels, weight, options)
     if labels is not None and shard.group is None:
         check_label_range(labels, vocab, spec.ignore_index)
     return shard

@@ -110,13 +110,15 @@ def test_dynamo_sees_one_graph_and_no_break(device):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_fullgraph_compile_matches_eager(device):
+def test_fullgraph_compile_matches_eager(device, dynamic):
+    """Static and dynamic shapes: the argument checks trace without a graph break either way."""
     torch._dynamo.reset()
     eager_inputs, compiled_inputs = _inputs(device=device), _inputs(device=device)
     loss, top1 = _step(*eager_inputs)
     loss.backward()
-    compiled = torch.compile(_step, fullgraph=True)
+    compiled = torch.compile(_step, fullgraph=True, dynamic=dynamic)
     compiled_loss, compiled_top1 = compiled(*compiled_inputs)
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)

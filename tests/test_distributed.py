@@ -84,7 +84,9 @@ def _scenarios(world):
 DIFFERING_FIELD = {"token_count": "rows", "linear_token_count": "rows", "no_tokens_on_one_rank": "rows",
                    "divergence": "divergence",
                    "linear_divergence": "divergence", "return_entropy": "entropy",
-                   "reference_presence": "reference", "ignore_index": "ignore_index"}
+                   "reference_presence": "reference", "ignore_index": "ignore_index",
+                   "linear_softcap": "softcap", "linear_extras": "extras", "linear_head_bias": "head_bias",
+                   "linear_logit_scale": "logit_scale"}
 
 BAD_INPUT_CASES = {
     # name: (exception type, text the message must contain; "{V}" is the global vocabulary)
@@ -97,6 +99,11 @@ BAD_INPUT_CASES = {
     "return_entropy": (ValueError, "the ranks differ in: "),
     "reference_presence": (ValueError, "the ranks differ in: "),
     "ignore_index": (ValueError, "the ranks differ in: "),
+    # The fused linear op's own parameters are part of the call check too.
+    "linear_softcap": (ValueError, "the ranks differ in: "),
+    "linear_extras": (ValueError, "the ranks differ in: "),
+    "linear_head_bias": (ValueError, "the ranks differ in: "),
+    "linear_logit_scale": (ValueError, "the ranks differ in: "),
     "label_too_large": (ValueError, "labels must lie in [0, {V})"),
     "label_negative": (ValueError, "labels must lie in [0, {V})"),
     "linear_label_too_large": (ValueError, "labels must lie in [0, {V})"),
@@ -505,6 +512,14 @@ def _bad_input(rank, world):
                                        else pk.token_terms(a, labels, b, process_group=group)),
         "ignore_index": lambda: pk.token_logprobs(a, labels.masked_fill(labels == -100, -1 if first else -100),
                                                   ignore_index=-1 if first else -100, process_group=group),
+        "linear_softcap": lambda: pk.linear_token_logprobs(h, w, labels, softcap=2.0 if first else None,
+                                                           process_group=group),
+        "linear_extras": lambda: pk.linear_token_logprobs(h, w, labels, extras=("mean_logits",) if first else (),
+                                                          process_group=group),
+        "linear_head_bias": lambda: pk.linear_token_logprobs(h, w, labels, head_bias=torch.zeros(w.shape[0])
+                                                             if first else None, process_group=group),
+        "linear_logit_scale": lambda: pk.linear_token_logprobs(h, w, labels, logit_scale=1.0 + rank,
+                                                               process_group=group),
         "label_too_large": lambda: pk.token_terms(a, with_label(vocab), b, process_group=group),
         "label_negative": lambda: pk.token_logprobs(a, with_label(-1), process_group=group),
         "linear_label_too_large": lambda: pk.linear_token_terms(h, w, with_label(vocab), lin["hr"], lin["wr"][sl],

@@ -1003,6 +1003,26 @@ def test_reference_gets_no_gradient(backend):
         assert grads[0] is not None and grads[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_can_be_modified_in_place(backend):
+    """Each output is a tensor of its own, as the logits ops' are: a loss may mask it in place, and the
+    gradient is then that of the masked sum (float64 full logits)."""
+    g = torch.Generator().manual_seed(91)
+    h = torch.randn(2, 5, 16, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    w = torch.randn(301, 16, generator=g, dtype=torch.float64).float()
+    labels = torch.randint(0, 301, (2, 5), generator=g)
+    keep = (torch.rand(2, 5, generator=g) > 0.4).float()
+    with pk.use_backend(backend):
+        logp = pk.linear_token_logprobs(h, w, labels)
+        logp.mul_(keep)
+        logp.sum().backward()
+    h64 = h.detach().double().requires_grad_(True)
+    expected = torch.log_softmax(h64 @ w.double().t(), -1).gather(-1, labels[..., None])[..., 0] * keep.double()
+    expected.sum().backward()
+    torch.testing.assert_close(logp.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored(backend, op):
@@ -1177,6 +1197,13 @@ BAD = {
     "softcap negative": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=-30.0), ValueError, "softcap"),
     "softcap inf": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=math.inf), ValueError, "softcap"),
     "softcap string": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap="30"), TypeError, "softcap"),
+    # Past the fp32 range the tiles' softcap * tanh(z / softcap) is inf * 0 or 0 / 0.
+    "softcap beyond fp32": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=1e300), ValueError, "softcap"),
+    "softcap below fp32 normals": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=1e-50), ValueError, "softcap"),
+    "labels None": (lambda h, w, b, y, rh, rw: LP(h, w, None), TypeError, "labels"),
+    "labels None (terms)": (lambda h, w, b, y, rh, rw: TERMS(h, w, None, rh, rw), TypeError, "labels"),
+    "ref_hidden None": (lambda h, w, b, y, rh, rw: DIV(h, w, None, rw), TypeError, "ref_hidden"),
+    "ref_hidden None (terms)": (lambda h, w, b, y, rh, rw: TERMS(h, w, y, None, None), TypeError, "ref_hidden"),
     "ref_softcap negative": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, ref_softcap=-1.0), ValueError,
                              "ref_softcap"),
     # logit_scale 0 is legal (the uniform distribution, as TRL: test_logit_scale_zero_is_uniform).
@@ -1184,6 +1211,7 @@ BAD = {
     "logit_scale -inf": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=-math.inf), ValueError, "logit_scale"),
     "logit_scale nan": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=math.nan), ValueError, "logit_scale"),
     "logit_scale None": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=None), TypeError, "logit_scale"),
+    "logit_scale beyond fp32": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=1e39), ValueError, "logit_scale"),
     "ref_logit_scale inf": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, ref_logit_scale=math.inf), ValueError,
                             "ref_logit_scale"),
     "extras unknown": (lambda h, w, b, y, rh, rw: LP(h, w, y, extras=("entropy",)), ValueError, "extras"),
