@@ -784,7 +784,7 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
         element: a dict from each name asked for to its ``[...]`` tensor.
     """
     out, extra = _run(hidden, head_weight, head_bias, labels, None, None, None,
-                      spec_kwargs=dict(want_logp=True, want_entropy=bool(return_entropy)),
+                      spec_kwargs=dict(want_logp=True, want_entropy=ops.check_flag(return_entropy, "return_entropy")),
                       ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
                       softcap=softcap, extras=extras, memory_budget=memory_budget,
                       process_group=process_group)
@@ -852,7 +852,7 @@ def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight,
     member, beta, alpha = resolve(divergence, beta, alpha)
     out, extra = _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
                       spec_kwargs=dict(divergence=int(member), beta=beta, alpha=alpha, want_logp=True,
-                                       want_ref_logp=True, want_entropy=bool(return_entropy)),
+                                       want_ref_logp=True, want_entropy=ops.check_flag(return_entropy, "return_entropy")),
                       div_weight=div_weight, ignore_index=ignore_index, temperature=temperature,
                       logit_scale=logit_scale, ref_logit_scale=ref_logit_scale, softcap=softcap,
                       ref_softcap=ref_softcap, extras=extras, memory_budget=memory_budget,

@@ -215,6 +215,13 @@ def _check_temperature(temperature) -> float:
     return temperature
 
 
+def check_flag(value, argument: str) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``argument`` (a string such as "no" is not false)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{argument} must be a bool; got {value!r:.60}")
+    return value
+
+
 def _check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
     """``inplace_backward`` writes every element of ``logits`` once: each must have its own storage."""
     if not isinstance(inplace_backward, bool):
@@ -554,7 +561,7 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
     _check_logits(logits, "logits", sharded=sharded)
     labels = _check_labels(labels, logits, ignore_index)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
-                  want_logp=True, want_entropy=bool(return_entropy))
+                  want_logp=True, want_entropy=check_flag(return_entropy, "return_entropy"))
     out = _run(logits, labels, None, None, spec, inplace_backward, process_group)
     return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
 
@@ -630,7 +637,7 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
     code, beta, alpha = resolve(divergence, beta, alpha)
     spec = OpSpec(temperature=_check_temperature(temperature), ignore_index=ignore_index,
                   divergence=code, beta=beta, alpha=alpha,
-                  want_logp=True, want_ref_logp=True, want_entropy=bool(return_entropy))
+                  want_logp=True, want_ref_logp=True, want_entropy=check_flag(return_entropy, "return_entropy"))
     out = _run(logits, labels, ref_logits, weight, spec, inplace_backward, process_group)
     return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
 

@@ -94,6 +94,11 @@ CASES = {
     "weight not a tensor": (lambda a, b, y: pk.token_divergence(a, b, weight=[1.0]), TypeError, "weight"),
     "inplace_backward not bool": (lambda a, b, y: pk.token_logprobs(a, y, inplace_backward="yes"),
                                   TypeError, "inplace_backward"),
+    # A string would otherwise be truthy: "no" asking for the entropy.
+    "return_entropy a string": (lambda a, b, y: pk.token_logprobs(a, y, return_entropy="no"),
+                                TypeError, "return_entropy"),
+    "return_entropy a string (terms)": (lambda a, b, y: pk.token_terms(a, y, b, return_entropy="no"),
+                                        TypeError, "return_entropy"),
     "unknown backend": (lambda a, b, y: pk.use_backend("cuda"), ValueError, "name"),
 }
 if DEVICE.type == "cuda":
