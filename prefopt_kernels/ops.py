@@ -224,9 +224,7 @@ def check_flag(value, argument: str) -> bool:
 
 def _check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
     """``inplace_backward`` writes every element of ``logits`` once: each must have its own storage."""
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool; got {inplace_backward!r}")
-    if inplace_backward and not _has_distinct_elements(logits):
+    if check_flag(inplace_backward, "inplace_backward") and not _has_distinct_elements(logits):
         raise ValueError(
             "inplace_backward=True needs logits whose elements do not share memory; got shape "
             f"{tuple(logits.shape)} with strides {tuple(logits.stride())} (an expanded or "
