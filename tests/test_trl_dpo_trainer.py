@@ -13,7 +13,8 @@ in-memory preference pairs; nothing is downloaded. Skipped without TRL (or trans
   the same values (every key but the timings; ``rel=1e-5``, or 1e-6 absolute for values
   formed as differences of fp32 log-prob sums), take the same parameter gradients at every
   step and leave the same policy and reference (``1e-5`` relative in each tensor's norm). A
-  case that stock TRL itself fails is an expected failure naming the cause.
+  case that stock TRL itself fails is an expected failure naming the cause. One bf16
+  mixed-precision step logs the same values too (autocast reaches both heads alike).
 * ``sparse_po`` (each mask kind), ``tdpo1``, ``tdpo2``, ``simpo``, ``inpo`` train 10 steps:
   finite losses, TRL's metric names plus the losses' own, a non-zero gradient for every
   policy parameter tensor that feeds the loss (the learned mask's included) at every step.
@@ -203,6 +204,26 @@ def _assert_close_in_norm(mine, theirs, what):
     gradient have no relative scale of their own, the tensor does."""
     error = (mine - theirs).norm()
     assert error <= 1e-5 * theirs.norm(), f"{what}: |mine - theirs| = {error:.3g}, |theirs| = {theirs.norm():.3g}"
+
+
+def test_bf16_mixed_precision_matches_stock_dpo(tmp_path):
+    """``bf16=True`` (autocast): accelerate wraps each model's forward in autocast when it prepares
+    it; our head goes on before that wrapping, as TRL's does, so the reference is scored under
+    autocast too and one step logs TRL's values (scored outside it, the rewards moved by ~5%)."""
+    base, reference, tokenizer = _model(), _model(seed=1), _tokenizer()
+    logs = []
+    for trainer_class, config_class in ((DPOTrainer, DPOConfig), (PrefOptDPOTrainer, PrefOptDPOConfig)):
+        args = config_class(output_dir=str(tmp_path / trainer_class.__name__), max_steps=1,
+                            per_device_train_batch_size=2, logging_steps=1, optim="sgd", learning_rate=0.1,
+                            report_to=[], use_cpu=True, bf16=True, save_strategy="no", seed=0, disable_tqdm=True,
+                            beta=0.5)
+        trainer = trainer_class(model=copy.deepcopy(base), ref_model=copy.deepcopy(reference), args=args,
+                                train_dataset=_dataset(), processing_class=tokenizer)
+        trainer.train()
+        logs.append(trainer.state.log_history[0])
+    stock, ours = logs
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert _isclose(ours[key], stock[key]), (key, ours[key], stock[key])
 
 
 @pytest.mark.parametrize("case", [
