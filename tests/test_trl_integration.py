@@ -637,21 +637,41 @@ def _dataset(model, tokenizer):
     })
 
 
-def _train_dpo(base, tokenizer, dataset, output_dir):
+def _train_dpo(base, tokenizer, dataset, output_dir, ref=None, steps=2, bf16=False, patch=False):
     from trl import DPOConfig, DPOTrainer
 
     # Plain SGD (see the module docstring): the final parameters are then linear in the gradients.
-    args = DPOConfig(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+    args = DPOConfig(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2, logging_steps=1,
                      optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", report_to=[], use_cpu=True,
-                     bf16=False, save_strategy="no", seed=0, disable_tqdm=True)
-    trainer = DPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
-                         train_dataset=dataset, processing_class=tokenizer)
+                     bf16=bf16, save_strategy="no", seed=0, disable_tqdm=True)
+    trainer = DPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base if ref is None else ref),
+                         args=args, train_dataset=dataset, processing_class=tokenizer)
+    if patch:
+        pk_trl.apply_to_trainer(trainer)
     heads = (_head_file(trainer.model), _head_file(trainer.ref_model))
     trainer.train()
     return trainer, heads
 
 
 _TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def test_apply_to_trainer_keeps_mixed_precision(tmp_path):
+    """bf16 autocast: a stock DPOTrainer patched after construction scores its (already prepared)
+    reference inside the accelerator's autocast, as TRL's head does; one step logs TRL's values."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(vocab_size=len(WORDS))).eval()
+    torch.manual_seed(1)
+    reference = LlamaForCausalLM(llama_config(vocab_size=len(WORDS))).eval()
+    tokenizer = _tokenizer()
+    dataset = _dataset(base, tokenizer)
+    stock, _ = _train_dpo(base, tokenizer, dataset, tmp_path / "stock", ref=reference, steps=1, bf16=True)
+    ours, heads = _train_dpo(base, tokenizer, dataset, tmp_path / "ours", ref=reference, steps=1, bf16=True,
+                             patch=True)
+    assert heads == (OURS_FILE, OURS_FILE)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        a, b = ours.state.log_history[0][key], stock.state.log_history[0][key]
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (key, a, b)
 
 
 def test_dpo_trainer_end_to_end(tmp_path, restore_trl):

@@ -214,4 +214,29 @@ def apply_to_trainer(trainer, outputs: Optional[tuple] = None) -> None:
     cast = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
     add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast, outputs=outputs)
     if getattr(trainer, "ref_model", None) is not None:
-        add_fused_lm_head(trainer.ref_model, temperature=temperature, cast_lm_head_to_fp32=cast)
+        _add_beneath_autocast(trainer.ref_model, getattr(trainer, "accelerator", None),
+                              temperature=temperature, cast_lm_head_to_fp32=cast)
+
+
+def _add_beneath_autocast(model, accelerator, **head_options) -> None:
+    """:func:`add_fused_lm_head` on a model whose forward accelerate may have wrapped in autocast already.
+
+    A trainer's constructor prepares its reference, which under mixed precision wraps the
+    forward in autocast (keeping the unwrapped one as ``_original_forward``). Our head then goes
+    beneath that wrapper and the call runs in the accelerator's autocast, as TRL's head
+    installed before the preparation does.
+    """
+    unwrapped = getattr(model, "_original_forward", None)
+    if unwrapped is None or accelerator is None:
+        add_fused_lm_head(model, **head_options)
+        return
+    model.forward = unwrapped
+    add_fused_lm_head(model, **head_options)
+    fused = model.forward
+
+    @functools.wraps(type(model).forward)
+    def autocast_forward(self, *args, **kwargs):
+        with accelerator.autocast():
+            return fused(*args, **kwargs)
+
+    model.forward = types.MethodType(autocast_forward, model)
