@@ -345,6 +345,77 @@ def test_prefopt_loss_types_train(tmp_path, case):
         assert torch.equal(p, base.state_dict()[name]), name
 
 
+def _lora():
+    peft = pytest.importorskip("peft")
+    # TRL refuses an adapter on lm_head: its log-probs read lm_head.weight directly.
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def test_peft_policy_matches_stock_dpo(tmp_path, monkeypatch):
+    """LoRA without a ref_model (the reference is the policy with its adapter disabled): three SGD
+    steps of PrefOptDPOTrainer log stock DPOTrainer's values, with our head on the PEFT base model."""
+    _lora()
+    fused_calls = []
+    counted = pk_trl.linear_token_logprobs
+    monkeypatch.setattr(pk_trl, "linear_token_logprobs", lambda *a, **k: fused_calls.append(1) or counted(*a, **k))
+    base, tokenizer = _model(), _tokenizer()
+    runs = []
+    for trainer_class, config_class in ((DPOTrainer, DPOConfig), (PrefOptDPOTrainer, PrefOptDPOConfig)):
+        torch.manual_seed(0)  # the adapters' initialisation
+        trainer = trainer_class(model=copy.deepcopy(base), args=_args(config_class, tmp_path / trainer_class.__name__,
+                                                                      3, 0.5, beta=0.5),
+                                train_dataset=_dataset(), processing_class=tokenizer, peft_config=_lora())
+        assert trainer.ref_model is None
+        calls_before = len(fused_calls)
+        trainer.train()
+        runs.append((trainer.state.log_history, len(fused_calls) - calls_before))
+    (stock, stock_calls), (ours, our_calls) = runs
+    assert stock_calls == 0 and our_calls >= 6  # policy and adapter-disabled reference, every step
+    assert stock[-2]["rewards/margins"] != 0.0  # the adapters moved the policy off the reference
+    for step, (a, b) in enumerate(zip(ours, stock)):
+        for key in b.keys() - set(_TIMING):
+            assert _isclose(a[key], b[key]), (step, key, a[key], b[key])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prefopt_loss_types_train_with_peft(tmp_path, case):
+    """Each package loss on a LoRA policy: the reference is the adapter-disabled policy, so the first
+    step's rewards and KL are 0 (the adapters start as the identity); the adapters (and a learned
+    mask) train, the base weights stay frozen."""
+    lora = _lora()
+    base, tokenizer = _model(), _tokenizer()
+    kwargs = dict(CASES[case])
+    kwargs.setdefault("beta", 0.5)
+    probe = GradientProbe()
+    torch.manual_seed(0)
+    trainer = PrefOptDPOTrainer(model=copy.deepcopy(base), args=_args(PrefOptDPOConfig, tmp_path, 3, 0.5, **kwargs),
+                                train_dataset=_dataset(), processing_class=tokenizer, peft_config=lora,
+                                callbacks=[probe])
+    assert trainer.ref_model is None
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or MASK_MODULE_NAME in name for name in trainable)
+    assert any(MASK_MODULE_NAME in name for name in trainable) == (case == "sparse_po_learned")
+    trainer.train()
+    steps = trainer.state.log_history[:-1]
+    assert len(steps) == 3 and all(math.isfinite(logs["loss"]) for logs in steps)
+    if case != "simpo":  # SimPO's rewards are the policy's own length-normalised log-probs
+        # Policy = reference at first; later the trained adapters separate them (a reference that
+        # kept the adapters on would leave every reward at 0).
+        assert steps[0]["rewards/margins"] == 0.0 and steps[-1]["rewards/margins"] != 0.0
+    for key in ("kl/chosen", "kl/rejected"):
+        if key in steps[0]:
+            assert abs(steps[0][key]) < 1e-6 < steps[-1][key], (key, steps[0][key], steps[-1][key])
+    assert steps[-1]["loss"] != steps[0]["loss"]
+    # LoRA's B starts at 0, so A's first gradient is 0; from then on every adapter (and mask)
+    # tensor gets one.
+    assert probe.zero_grads[0] and all("lora_A" in name for name in probe.zero_grads[0])
+    assert probe.zero_grads[1:] == [[]] * 2
+    frozen = dict(trainer.model.get_base_model().named_parameters())
+    for name, value in base.state_dict().items():
+        assert torch.equal(frozen[name.replace("q_proj.weight", "q_proj.base_layer.weight")
+                                 .replace("v_proj.weight", "v_proj.base_layer.weight")], value), name
+
+
 def test_inpo_previous_iterate_enters_the_loss(tmp_path):
     """INPO with ``ητ < 1``: a ``prev_model`` unlike the reference changes the loss; other losses refuse one."""
     base, tokenizer, dataset = _model(), _tokenizer(), _dataset()
