@@ -26,6 +26,10 @@ compacted rows, the planner's tiles, the backend's fold), so results differ by r
   error ~1e-7); measured <= 10% of that. Parameters: the updates ``final - initial`` agree to
   ``1e-5 * max|update|`` plus ``4 eps max|p|`` (each run rounds ``p + update`` once per step);
   measured <= 20% of that, while the updates are > 1000 times the rounding term.
+* SFT, KTO, GRPO and RLOO built after ``use_in_trl()`` take three plain-SGD steps and log what
+  the stock trainers log (``rel=1e-5, abs=1e-5``: RLOO's surrogate loss is 0 in exact
+  arithmetic and keeps ~2e-6 of rounding); GRPO and RLOO run at temperature 0.7, so a head
+  that dropped the trainer's temperature fails them.
 * ``is_top1`` / ``label_mask`` (bool) must be equal exactly; the test inputs put the label
   on the argmax at half the positions (and the saturated soft cap produces exact ties), so
   both values occur.
@@ -717,3 +721,72 @@ def test_dpo_trainer_end_to_end(tmp_path, restore_trl):
     # The updates are far above that tolerance, so the comparison checks the gradients.
     head_update = final_stock["lm_head.weight"] - initial["lm_head.weight"]
     assert head_update.abs().max() > 1e3 * 4 * eps * initial["lm_head.weight"].abs().max()
+
+
+# --------------------------------------------------------------------------- end to end: SFT, KTO, GRPO, RLOO
+
+
+def _reward(completions, **kwargs):
+    """A reward that varies across completions (so GRPO/RLOO advantages, hence losses, are non-zero)."""
+    return [float(sum(map(ord, text)) % 7) for text in completions]
+
+
+def _build_trainer(kind, base, tokenizer, output_dir, policy_dir):
+    import datasets
+    import trl
+
+    common = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
+                  optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                  bf16=False, save_strategy="no", seed=0, disable_tqdm=True)
+    prompts = ["w1 w2", "w3", "w4 w5 w6", "w7"]
+    torch.manual_seed(0)
+    if kind == "sft":
+        data = datasets.Dataset.from_dict({"text": ["w1 w2 w3 w4 w5", "w6 w7 w8", "w9 w10 w11 w12", "w13 w14"]})
+        return trl.SFTTrainer(model=copy.deepcopy(base), args=trl.SFTConfig(**common), train_dataset=data,
+                              processing_class=tokenizer)
+    if kind == "kto":
+        torch.manual_seed(1)
+        reference = LlamaForCausalLM(llama_config(vocab_size=len(WORDS))).eval()
+        data = datasets.Dataset.from_dict({"prompt": prompts, "completion": [" w8", " w9 w10", " w11", " w12 w13"],
+                                           "label": [True, False, True, False]})
+        return trl.KTOTrainer(model=copy.deepcopy(base), ref_model=reference, args=trl.KTOConfig(**common),
+                              train_dataset=data, processing_class=tokenizer)
+    # GRPO and RLOO load their reference (beta > 0) from the policy's name: a directory here.
+    trainer_class, config_class = {"grpo": (trl.GRPOTrainer, trl.GRPOConfig),
+                                   "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}[kind]
+    args = config_class(num_generations=2, max_completion_length=4, beta=0.1, temperature=0.7, **common)
+    return trainer_class(model=str(policy_dir), reward_funcs=_reward, args=args,
+                         train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["sft", "kto", "grpo", "rloo"])
+def test_other_trainers_match_stock(tmp_path, restore_trl, kind):
+    """SFT, KTO, GRPO and RLOO built after use_in_trl(): three SGD steps on our head log what the stock
+    trainer logs on TRL's (same seed, data and models; generation samples alike, as it runs no head)."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(vocab_size=len(WORDS))).eval()
+    tokenizer = _tokenizer()
+    base.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    runs = []
+    for patched in (False, True):
+        if patched:
+            pk_trl.use_in_trl()  # undone by the restore_trl fixture
+        trainer = _build_trainer(kind, base, tokenizer, tmp_path / f"run{patched}", tmp_path / "policy")
+        assert _head_file(trainer.model) == (OURS_FILE if patched else TRL_FILE)
+        trainer.train()
+        runs.append(trainer.state.log_history)
+    stock, ours = runs
+    assert len(stock) == len(ours) == 4
+    for step, (a, b) in enumerate(zip(ours, stock)):
+        assert a.keys() == b.keys(), step
+        for key, value in b.items():
+            if key in _TIMING or key == "step_time" or not isinstance(value, float):
+                continue
+            # abs: a value formed by cancellation (RLOO's surrogate loss is 0 in exact arithmetic,
+            # a mean of advantage-sized terms) keeps a few fp32 ulps of those terms.
+            assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (step, key, a[key], value)
+    if kind != "rloo":  # RLOO's surrogate loss is 0 in value: leave-one-out advantages sum to 0
+        assert any(logs["loss"] != 0.0 for logs in stock[:3])
+    if kind in ("grpo", "rloo"):
+        assert stock[2]["kl"] > 0.0  # the reference's log-probs, from the fused head, entered the logs
