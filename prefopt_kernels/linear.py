@@ -515,7 +515,7 @@ def _tile_costs(call: _Call, backward: bool):
         if call.policy.gemm_dtype != call.tile_dtype or call.tile_dtype != _FP32:
             entry += 4  # the gradient in the GEMM dtype, or upcast to fp32 for the accumulation
     elif "log_sum_sq_probs" in call.extras:
-        entry += size
+        entry += 4  # the fp32 copy of the tile that _fold_square_sum exponentiates
     column = 0
     for head in heads:
         if head.weight is not None and head.weight.dtype != head.gemm_dtype:
@@ -628,7 +628,9 @@ def _rescale(old_max: torch.Tensor, new_max: torch.Tensor, factor: float) -> tor
 def _fold_square_sum(acc, previous_max, new_max, tile, inv_temperature):
     """``sum exp(2 (a - m) / T)`` carried from the running max ``previous_max`` to ``new_max``, plus this tile."""
     shift = torch.where(new_max > -float("inf"), new_max, 0.0)
-    tile_sum = torch.exp((tile.float() - shift[:, None]) * (2.0 * inv_temperature)).sum(-1)
+    # One fp32 copy of the tile, exponentiated in place: the only temporary _tile_costs counts.
+    powers = tile.to(_FP32, copy=True).sub_(shift[:, None]).mul_(2.0 * inv_temperature).exp_()
+    tile_sum = powers.sum(-1)
     return acc * _rescale(previous_max, new_max, 2.0 * inv_temperature) + tile_sum
 
 
