@@ -135,6 +135,11 @@ def check_group(process_group, device: torch.device) -> None:
         raise ValueError(f"process_group uses nccl, which cannot communicate {device.type} tensors; use gloo")
 
 
+# The fused linear ops' own parameters in the call check. Every call sends all of them (-1 when
+# the op has none: the logits ops), so the ranks' fingerprints always have one length.
+CALL_OPTIONS = ("extras", "logit_scale", "ref_logit_scale", "softcap", "ref_softcap", "head_bias", "ref_head_bias")
+
+
 def float_bits(x: float) -> int:
     """The bits of a float64, as an int64: equal exactly when the floats are."""
     return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
@@ -154,7 +159,11 @@ def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, label
             label_min, label_max = int(kept.min()), int(kept.max())
     if weight is not None and weight.numel():
         weight_nonzero, weight_sum = int((weight != 0).sum()), float_bits(float(weight.double().sum()))
-    return [("local vocabulary", local_vocab), ("rows", rows), ("reference", int(has_ref)), *options,
+    given = dict(options)
+    if not set(given) <= set(CALL_OPTIONS):
+        raise ValueError(f"call options must be among {CALL_OPTIONS}; got {sorted(given)}")
+    return [("local vocabulary", local_vocab), ("rows", rows), ("reference", int(has_ref)),
+            ("linear op", int(bool(given))), *((name, given.get(name, -1)) for name in CALL_OPTIONS),
             ("divergence", int(spec.divergence)), ("logp", int(spec.want_logp)),
             ("ref_logp", int(spec.want_ref_logp)), ("entropy", int(spec.want_entropy)),
             ("ignore_index", int(spec.ignore_index)), ("temperature", float_bits(spec.temperature)),

@@ -172,12 +172,18 @@ class LearnedTokenMask(nn.Module):
                 f"hidden_states holds {len(hidden_states)} layers, the mask was built for {self.num_layers}"
             )
         total = None
+        live = None if valid_mask is None else valid_mask[..., None] > 0
         for layer, h in enumerate(hidden_states):
             if h.dim() != 3 or h.shape[-1] != self.hidden_size:
                 raise ValueError(
                     f"hidden_states[{layer}] must be [B, T, {self.hidden_size}], got {tuple(h.shape)}"
                 )
-            x = self.dropout(self.norm(h.detach().to(self.a.dtype)))
+            h = h.detach().to(self.a.dtype)
+            if live is not None:
+                # A padded position's hidden state (NaN, inf) never enters the network: its
+                # gradient would be 0 * NaN in the backward even where the mask is 0.
+                h = torch.where(live, h, 0.0)
+            x = self.dropout(self.norm(h))
             # [n_nets, B, T]: one projection per network, accumulated layer by layer so that
             # no [L, B, T, H] stack is ever built.
             proj = torch.einsum("bth,nh->nbt", x, self.a[:, layer]) + self.b[:, layer, None, None]
@@ -185,7 +191,6 @@ class LearnedTokenMask(nn.Module):
             total = term if total is None else total + term
         masks = torch.relu(total)
         if valid_mask is not None:
-            # where, not a product alone: a padded position's NaN hidden state gives 0, not NaN.
             valid = valid_mask.to(masks.dtype)
             masks = torch.where(valid > 0, masks * valid, 0.0)
         if self.separate_kl:

@@ -86,7 +86,7 @@ DIFFERING_FIELD = {"token_count": "rows", "linear_token_count": "rows", "no_toke
                    "linear_divergence": "divergence", "return_entropy": "entropy",
                    "reference_presence": "reference", "ignore_index": "ignore_index",
                    "linear_softcap": "softcap", "linear_extras": "extras", "linear_head_bias": "head_bias",
-                   "linear_logit_scale": "logit_scale"}
+                   "linear_logit_scale": "logit_scale", "linear_and_logits_op": "linear op"}
 
 BAD_INPUT_CASES = {
     # name: (exception type, text the message must contain; "{V}" is the global vocabulary)
@@ -104,6 +104,8 @@ BAD_INPUT_CASES = {
     "linear_extras": (ValueError, "the ranks differ in: "),
     "linear_head_bias": (ValueError, "the ranks differ in: "),
     "linear_logit_scale": (ValueError, "the ranks differ in: "),
+    # One rank on the logits op, the other on the linear op: a clean error, not a gloo abort.
+    "linear_and_logits_op": (ValueError, "the ranks differ in: "),
     "label_too_large": (ValueError, "labels must lie in [0, {V})"),
     "label_negative": (ValueError, "labels must lie in [0, {V})"),
     "linear_label_too_large": (ValueError, "labels must lie in [0, {V})"),
@@ -520,6 +522,8 @@ def _bad_input(rank, world):
                                                              if first else None, process_group=group),
         "linear_logit_scale": lambda: pk.linear_token_logprobs(h, w, labels, logit_scale=1.0 + rank,
                                                                process_group=group),
+        "linear_and_logits_op": lambda: (pk.token_logprobs(a, labels, process_group=group) if first
+                                         else pk.linear_token_logprobs(h, w, labels, process_group=group)),
         "label_too_large": lambda: pk.token_terms(a, with_label(vocab), b, process_group=group),
         "label_negative": lambda: pk.token_logprobs(a, with_label(-1), process_group=group),
         "linear_label_too_large": lambda: pk.linear_token_terms(h, w, with_label(vocab), lin["hr"], lin["wr"][sl],

@@ -128,7 +128,13 @@ def test_masks_ignore_non_finite_values_at_padded_positions():
     hs = tuple(torch.randn(2, 5, 8) for _ in range(3))
     net = LearnedTokenMask(8, 3)
     reward, _ = net(hs, valid)
+    clean_grads = torch.autograd.grad(reward.sum(), [net.a, net.w, net.norm.weight])
     dirty_hs = tuple(h.clone() for h in hs)
     dirty_hs[1][0, 4] = float("nan")
+    dirty_hs[2][0, 3] = float("inf")
     dirty_reward, _ = net(dirty_hs, valid)
     assert torch.equal(dirty_reward, reward) and float(dirty_reward[0, 3:].abs().max()) == 0.0
+    # The backward too: the network's gradients are those of the clean input, not 0 * NaN.
+    dirty_grads = torch.autograd.grad(dirty_reward.sum(), [net.a, net.w, net.norm.weight])
+    for clean, dirty in zip(clean_grads, dirty_grads):
+        assert torch.equal(dirty, clean)

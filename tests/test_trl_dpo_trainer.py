@@ -180,6 +180,23 @@ def _trl_loss_types():
     return set(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
 
 
+@pytest.mark.parametrize("case", ["tdpo1", "sparse_po_learned"])
+def test_token_level_losses_under_bf16_score_both_models_alike(tmp_path, case):
+    """bf16 autocast with the reference a copy of the policy: both backbones run in autocast (the
+    reference's is called past accelerate's wrapper), so the first step's rewards and KL are 0."""
+    base, tokenizer = _model(), _tokenizer()
+    kwargs = dict(CASES[case])
+    args = PrefOptDPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, logging_steps=1,
+                            optim="sgd", learning_rate=0.1, report_to=[], use_cpu=True, bf16=True,
+                            save_strategy="no", seed=0, disable_tqdm=True, beta=0.5, **kwargs)
+    trainer = PrefOptDPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
+                                train_dataset=_dataset(), processing_class=tokenizer)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["rewards/chosen"] == logs["rewards/rejected"] == logs["rewards/margins"] == 0.0, logs
+    assert logs["kl/chosen"] == logs["kl/rejected"] == 0.0, logs
+
+
 def test_trl_cases_cover_every_trl_loss_type():
     single = {case["loss_type"] for case in TRL_CASES.values() if isinstance(case["loss_type"], str)}
     assert len(_trl_loss_types()) >= 15

@@ -660,9 +660,13 @@ def _train_dpo(base, tokenizer, dataset, output_dir, ref=None, steps=2, bf16=Fal
 _TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
 
-def test_apply_to_trainer_keeps_mixed_precision(tmp_path):
+def test_apply_to_trainer_keeps_mixed_precision(tmp_path, monkeypatch):
     """bf16 autocast: a stock DPOTrainer patched after construction scores its (already prepared)
-    reference inside the accelerator's autocast, as TRL's head does; one step logs TRL's values."""
+    reference on our head inside the accelerator's autocast, as TRL's head does; one step logs TRL's
+    values."""
+    calls = []
+    counted = pk_trl.linear_token_logprobs
+    monkeypatch.setattr(pk_trl, "linear_token_logprobs", lambda *a, **k: calls.append(1) or counted(*a, **k))
     torch.manual_seed(0)
     base = LlamaForCausalLM(llama_config(vocab_size=len(WORDS))).eval()
     torch.manual_seed(1)
@@ -670,9 +674,11 @@ def test_apply_to_trainer_keeps_mixed_precision(tmp_path):
     tokenizer = _tokenizer()
     dataset = _dataset(base, tokenizer)
     stock, _ = _train_dpo(base, tokenizer, dataset, tmp_path / "stock", ref=reference, steps=1, bf16=True)
+    assert not calls
     ours, heads = _train_dpo(base, tokenizer, dataset, tmp_path / "ours", ref=reference, steps=1, bf16=True,
                              patch=True)
     assert heads == (OURS_FILE, OURS_FILE)
+    assert len(calls) == 2  # the step's policy and reference forwards, both on our head
     for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         a, b = ours.state.log_history[0][key], stock.state.log_history[0][key]
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (key, a, b)

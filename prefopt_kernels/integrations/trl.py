@@ -212,19 +212,19 @@ def apply_to_trainer(trainer, outputs: Optional[tuple] = None) -> None:
         model = model.get_base_model()
     temperature = getattr(trainer, "temperature", 1.0)
     cast = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
-    add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast, outputs=outputs)
+    accelerator = getattr(trainer, "accelerator", None)
+    _add_beneath_autocast(model, accelerator, temperature=temperature, cast_lm_head_to_fp32=cast, outputs=outputs)
     if getattr(trainer, "ref_model", None) is not None:
-        _add_beneath_autocast(trainer.ref_model, getattr(trainer, "accelerator", None),
-                              temperature=temperature, cast_lm_head_to_fp32=cast)
+        _add_beneath_autocast(trainer.ref_model, accelerator, temperature=temperature, cast_lm_head_to_fp32=cast)
 
 
 def _add_beneath_autocast(model, accelerator, **head_options) -> None:
     """:func:`add_fused_lm_head` on a model whose forward accelerate may have wrapped in autocast already.
 
-    A trainer's constructor prepares its reference, which under mixed precision wraps the
-    forward in autocast (keeping the unwrapped one as ``_original_forward``). Our head then goes
-    beneath that wrapper and the call runs in the accelerator's autocast, as TRL's head
-    installed before the preparation does.
+    A trainer's constructor prepares its reference (and ``train()`` its policy), which under
+    mixed precision wraps the forward in autocast (keeping the unwrapped one as
+    ``_original_forward``). Our head then goes beneath that wrapper and the call runs in the
+    accelerator's autocast, as TRL's head installed before the preparation does.
     """
     unwrapped = getattr(model, "_original_forward", None)
     if unwrapped is None or accelerator is None:
@@ -232,7 +232,7 @@ def _add_beneath_autocast(model, accelerator, **head_options) -> None:
         return
     model.forward = unwrapped
     add_fused_lm_head(model, **head_options)
-    fused = model.forward
+    fused = model._original_forward = model.forward  # what accelerate's unwrapping restores
 
     @functools.wraps(type(model).forward)
     def autocast_forward(self, *args, **kwargs):

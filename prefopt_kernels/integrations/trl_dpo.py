@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -139,6 +140,10 @@ def _add_head_route(model) -> None:
     model.forward = types.MethodType(routed_forward, model)
 
 
+# TRL's module names are rebound for one construction at a time.
+_CONSTRUCTION = threading.Lock()
+
+
 @contextlib.contextmanager
 def _dpo_constructor(policy_by_name: bool, load_reference: bool):
     """``DPOTrainer.__init__`` with our fused LM head in place of TRL's, and optionally no reference loaded.
@@ -148,24 +153,28 @@ def _dpo_constructor(policy_by_name: bool, load_reference: bool):
     reference over the datasets: ours goes in at that same point, so every pass runs on it.
     Without ``load_reference``, TRL's load of a reference from the policy's name (its last call to
     ``create_model_from_path``; the first loads the policy when it is given by name) gives ``None``.
+    The names are rebound under a lock: another thread's construction waits for this one, so
+    none restores them out of order (a stock ``DPOTrainer`` built meanwhile in another thread
+    would see them rebound).
     """
-    install, create = trl_dpo.add_fused_lm_head, trl_dpo.create_model_from_path
-    loads_left = 1 if policy_by_name else 0
+    with _CONSTRUCTION:
+        install, create = trl_dpo.add_fused_lm_head, trl_dpo.create_model_from_path
+        loads_left = 1 if policy_by_name else 0
 
-    def create_policy_only(path, **kwargs):
-        nonlocal loads_left
-        if loads_left == 0:
-            return None
-        loads_left -= 1
-        return create(path, **kwargs)
+        def create_policy_only(path, **kwargs):
+            nonlocal loads_left
+            if loads_left == 0:
+                return None
+            loads_left -= 1
+            return create(path, **kwargs)
 
-    trl_dpo.add_fused_lm_head = add_fused_lm_head
-    if not load_reference:
-        trl_dpo.create_model_from_path = create_policy_only
-    try:
-        yield
-    finally:
-        trl_dpo.add_fused_lm_head, trl_dpo.create_model_from_path = install, create
+        trl_dpo.add_fused_lm_head = add_fused_lm_head
+        if not load_reference:
+            trl_dpo.create_model_from_path = create_policy_only
+        try:
+            yield
+        finally:
+            trl_dpo.add_fused_lm_head, trl_dpo.create_model_from_path = install, create
 
 
 class PrefOptDPOTrainer(DPOTrainer):
@@ -316,8 +325,10 @@ class PrefOptDPOTrainer(DPOTrainer):
         ref_backbone = getattr(reference, backbone_attr(reference))
         record = (self._activation_mask.record(reference.get_decoder()) if self._activation_mask is not None
                   else contextlib.nullcontext())
+        # The backbone is called directly, past accelerate's wrapper: autocast as that wrapper (and
+        # the policy's, around its own forward) would apply it.
         with (torch.no_grad(), trl_dpo.disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
-              self._reference_context(), record):
+              self._reference_context(), record, self.accelerator.autocast()):
             ref_out = ref_backbone(**model_kwargs, output_hidden_states=learned)
         ref_hidden = ref_out.last_hidden_state[:, :-1][:, -seq_len:]
         # Masks are built in the input layout [B, T], then shifted like the labels.
