@@ -144,6 +144,11 @@ def _add_head_route(model) -> None:
 _CONSTRUCTION = threading.Lock()
 
 
+def _backbone_output(model, backbone_outputs):
+    """The route's function that returns the backbone's output as it is (the reference's pass)."""
+    return backbone_outputs
+
+
 @contextlib.contextmanager
 def _dpo_constructor(policy_by_name: bool, load_reference: bool):
     """``DPOTrainer.__init__`` with our fused LM head in place of TRL's, and optionally no reference loaded.
@@ -228,6 +233,8 @@ class PrefOptDPOTrainer(DPOTrainer):
         policy = self._policy_module()
         if self.prefopt_loss in TOKEN_LOSS_TYPES:
             _add_head_route(policy)
+            if self.ref_model is not None:
+                _add_head_route(self._reference_module())
         self._activation_mask = None
         if self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "learned":
             text_config = self._reference_module().config.get_text_config()
@@ -322,14 +329,16 @@ class PrefOptDPOTrainer(DPOTrainer):
         reference = self._reference_module()
         learned = self.prefopt_loss == "sparse_po" and args.sparse_po_mask == "learned"
 
-        ref_backbone = getattr(reference, backbone_attr(reference))
         record = (self._activation_mask.record(reference.get_decoder()) if self._activation_mask is not None
                   else contextlib.nullcontext())
-        # The backbone is called directly, past accelerate's wrapper: autocast as that wrapper (and
-        # the policy's, around its own forward) would apply it.
+        # Through the reference's own (wrapped) forward, as TRL scores its reference: the policy's
+        # with its adapter off under PEFT; DeepSpeed or FSDP gather the parameters for the call.
+        # The route skips accelerate's autocast wrapper, so autocast is applied here, as that
+        # wrapper (and the policy's, around its own forward) applies it.
+        reference_call = self.ref_model if self.ref_model is not None else model
         with (torch.no_grad(), trl_dpo.disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
               self._reference_context(), record, self.accelerator.autocast()):
-            ref_out = ref_backbone(**model_kwargs, output_hidden_states=learned)
+            ref_out = reference_call(**model_kwargs, output_hidden_states=learned, prefopt_head=_backbone_output)
         ref_hidden = ref_out.last_hidden_state[:, :-1][:, -seq_len:]
         # Masks are built in the input layout [B, T], then shifted like the labels.
         activation_mask = None
