@@ -245,10 +245,16 @@ def _check_budget(memory_budget) -> int:
     return memory_budget
 
 
-def _unsharded(weight, bias):
-    """FSDP2 ``DTensor`` head parameters as plain tensors; the gather's backward reduces the gradient."""
+def _unsharded(weight, bias, differentiable: bool = True):
+    """FSDP2 ``DTensor`` head parameters as plain tensors; the gather's backward reduces the gradient.
+
+    A reference head (``differentiable=False``) is gathered outside autograd: it receives no
+    gradient, and a gather in the graph would expect one in the backward.
+    """
     def full(t):
-        return t.full_tensor() if t is not None and hasattr(t, "full_tensor") and hasattr(t, "placements") else t
+        if t is None or not (hasattr(t, "full_tensor") and hasattr(t, "placements")):
+            return t
+        return (t if differentiable else t.detach()).full_tensor()
     return full(weight), full(bias)
 
 
@@ -704,7 +710,7 @@ def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, re
     """Gather sharded heads, check everything, run the registered op: ``(outputs, extras)`` by name."""
     head_weight, head_bias = _unsharded(head_weight, head_bias)
     if ref_hidden is not None:
-        ref_head_weight, ref_head_bias = _unsharded(ref_head_weight, ref_head_bias)
+        ref_head_weight, ref_head_bias = _unsharded(ref_head_weight, ref_head_bias, differentiable=False)
     if torch.compiler.is_compiling() and _partitioned(head_weight, head_bias, ref_head_weight, ref_head_bias):
         # A compiled backward is traced without the parameters' ZeRO-3 state, so it could not gather them.
         raise ValueError("ZeRO-3 partitioned head weights are gathered by eager calls only: call the op "

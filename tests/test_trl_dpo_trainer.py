@@ -31,7 +31,6 @@ import inspect
 import json
 import math
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -526,19 +525,13 @@ def test_simpo_loads_no_reference(tmp_path, monkeypatch, by_name):
         assert loads == [model, model] and trainer.ref_model is not None
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_token_level_losses_under_ddp(tmp_path):
     """Two gloo ranks under DDP with ``find_unused_parameters=True``: the token-level losses read the
     LM head and the learned mask inside the wrapped forward, so every step trains and the ranks,
     fed different examples, keep equal parameters (DDP all-reduced every gradient)."""
     worker = Path(__file__).with_name("trl_ddp_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=worker.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
