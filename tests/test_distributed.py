@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import queue
 import socket
-import subprocess
-import sys
 import time
 import traceback
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +33,7 @@ import torch.multiprocessing as mp
 
 import prefopt_kernels as pk
 from contract import assert_grads_close, assert_tokens_close, oracle, row_scale, ulp
+from launch import run_workers
 
 WORLDS = (2, 3)
 # Vocabulary shard sizes per rank, in rank order: uneven, an empty shard (first, middle,
@@ -935,12 +932,7 @@ def test_linear_ops_on_fsdp2_sharded_heads(tmp_path):
     """Two gloo ranks, heads sharded by FSDP2 (``fully_shard``, DTensor parameters, the reference's
     requiring grad as an nn.Linear's do): outputs and gradients equal float64 of the full heads, the
     head's gradient arrives in its shards, and the reference head gets none."""
-    worker = Path(__file__).with_name("linear_fsdp_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-               str(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=worker.parent)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = run_workers("linear_fsdp_worker.py", tmp_path)
     assert results["sharded"] == "DTensor" and results["ref_grad"], results
     # fp32 tiles against float64: |logp| ~ 6, a few ulp; gradients relative to their largest entry.
     assert results["logp"] < 2e-5 and results["div"] < 2e-5, results

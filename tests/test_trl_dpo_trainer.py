@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -46,6 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa:
 import trl.trainer.dpo_trainer as trl_dpo_module  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from launch import run_workers  # noqa: E402
 from prefopt_kernels.integrations import trl as pk_trl  # noqa: E402
 from prefopt_kernels.integrations.trl_dpo import (  # noqa: E402
     MASK_MODULE_NAME,
@@ -529,12 +526,7 @@ def test_token_level_losses_under_ddp(tmp_path):
     """Two gloo ranks under DDP with ``find_unused_parameters=True``: the token-level losses read the
     LM head and the learned mask inside the wrapped forward, so every step trains and the ranks,
     fed different examples, keep equal parameters (DDP all-reduced every gradient)."""
-    worker = Path(__file__).with_name("trl_ddp_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-               str(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=worker.parent)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = run_workers("trl_ddp_worker.py", tmp_path)
     assert sorted(results) == sorted(("tdpo1", "sparse_po_learned", "sparse_po_activation"))
     for case, result in results.items():
         assert result["wrapper"] == "DistributedDataParallel" and result["find_unused_parameters"], case
