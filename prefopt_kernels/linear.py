@@ -50,7 +50,6 @@ _MAX_TOKEN_CHUNK = 4096
 # the token chunk first.
 _MIN_VOCAB_CHUNK = 256
 _FP32 = torch.float32
-_FP32_TINY = float(torch.finfo(_FP32).tiny)
 _FP32_MAX = float(torch.finfo(_FP32).max)
 # CUDA writes a bf16/fp16 GEMM's result in fp32 (``out_dtype``) from torch 2.8.
 _GEMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
@@ -222,8 +221,8 @@ def _check_softcap(value, argument: str) -> Optional[float]:
         return None
     value = real_number(value, argument)
     # The tiles divide and multiply by it in fp32: it must be a normal fp32 number.
-    if not (_FP32_TINY <= value <= _FP32_MAX):
-        raise ValueError(f"{argument} must be None or a positive number in [{_FP32_TINY:.4g}, {_FP32_MAX:.4g}] "
+    if not (ops._FP32_TINY <= value <= _FP32_MAX):
+        raise ValueError(f"{argument} must be None or a positive number in [{ops._FP32_TINY:.4g}, {_FP32_MAX:.4g}] "
                          f"(normal fp32); got {value!r}")
     return value
 
@@ -300,10 +299,8 @@ def _check_inputs(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
     _check_hidden(hidden, "hidden")
     _check_head(hidden, head_weight, head_bias, "head", "hidden", None, sharded)
     vocab = head_weight.shape[0]
-    if spec_kwargs.get("divergence") or spec_kwargs.get("want_ref_logp"):
-        _check_hidden(ref_hidden, "ref_hidden")  # the reference is required: None is an error here
-    if ref_hidden is not None:
-        _check_hidden(ref_hidden, "ref_hidden")
+    if ref_hidden is not None or spec_kwargs.get("divergence") or spec_kwargs.get("want_ref_logp"):
+        _check_hidden(ref_hidden, "ref_hidden")  # None too, where the op needs the reference
         if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
             raise ValueError(
                 f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])}; "

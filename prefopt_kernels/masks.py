@@ -191,8 +191,7 @@ class LearnedTokenMask(nn.Module):
             total = term if total is None else total + term
         masks = torch.relu(total)
         if valid_mask is not None:
-            valid = valid_mask.to(masks.dtype)
-            masks = torch.where(valid > 0, masks * valid, 0.0)
+            masks = masks * valid_mask.to(masks.dtype)
         if self.separate_kl:
             return masks[0], masks[1]
         shared = masks[0]

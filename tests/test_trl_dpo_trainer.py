@@ -97,11 +97,11 @@ def _greedy_chosen(model, tokenizer):
     return chosen
 
 
-def _args(config_class, output_dir, steps, learning_rate=1.0, **kwargs):
+def _args(config_class, output_dir, steps, learning_rate=1.0, bf16=False, **kwargs):
     # Plain SGD, constant lr: the parameters are then a deterministic function of the gradients.
     return config_class(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2,
                         logging_steps=1, optim="sgd", learning_rate=learning_rate, lr_scheduler_type="constant",
-                        report_to=[], use_cpu=True, bf16=False, save_strategy="no", seed=0,
+                        report_to=[], use_cpu=True, bf16=bf16, save_strategy="no", seed=0,
                         disable_tqdm=True, **kwargs)
 
 
@@ -181,10 +181,7 @@ def test_token_level_losses_under_bf16_score_both_models_alike(tmp_path, case):
     """bf16 autocast with the reference a copy of the policy: both backbones run in autocast (the
     reference's is called past accelerate's wrapper), so the first step's rewards and KL are 0."""
     base, tokenizer = _model(), _tokenizer()
-    kwargs = dict(CASES[case])
-    args = PrefOptDPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, logging_steps=1,
-                            optim="sgd", learning_rate=0.1, report_to=[], use_cpu=True, bf16=True,
-                            save_strategy="no", seed=0, disable_tqdm=True, beta=0.5, **kwargs)
+    args = _args(PrefOptDPOConfig, tmp_path, 1, 0.1, bf16=True, beta=0.5, **CASES[case])
     trainer = PrefOptDPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
                                 train_dataset=_dataset(), processing_class=tokenizer)
     trainer.train()
@@ -226,10 +223,7 @@ def test_bf16_mixed_precision_matches_stock_dpo(tmp_path):
     base, reference, tokenizer = _model(), _model(seed=1), _tokenizer()
     logs = []
     for trainer_class, config_class in ((DPOTrainer, DPOConfig), (PrefOptDPOTrainer, PrefOptDPOConfig)):
-        args = config_class(output_dir=str(tmp_path / trainer_class.__name__), max_steps=1,
-                            per_device_train_batch_size=2, logging_steps=1, optim="sgd", learning_rate=0.1,
-                            report_to=[], use_cpu=True, bf16=True, save_strategy="no", seed=0, disable_tqdm=True,
-                            beta=0.5)
+        args = _args(config_class, tmp_path / trainer_class.__name__, 1, 0.1, bf16=True, beta=0.5)
         trainer = trainer_class(model=copy.deepcopy(base), ref_model=copy.deepcopy(reference), args=args,
                                 train_dataset=_dataset(), processing_class=tokenizer)
         trainer.train()
