@@ -169,7 +169,7 @@ TP_METRICS = (
     "call, over N, recorded by wrapping both. collective B/token: the same with all_gather "
     "counted by its gathered result (R x the input), the convention of the package's "
     "docstrings. formula B/token: prefopt rows: the docstrings' 4·R·F (+8 for a second sweep, "
-    "+4·H for a linear backward) plus the call's check (18 int64 per rank, over N); gather rows: "
+    "+4·H for a linear backward) plus the call's check (29 int64 per rank, over N); gather rows: "
     "the [V] rows of the logits and reference logits (+ the [H] hidden gradient). max abs "
     "diff: largest difference of any output or gradient from gather+eager's on a small copy of "
     "the case (N=64, V<=512, H<=64).")

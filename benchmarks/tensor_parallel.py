@@ -48,6 +48,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from prefopt_kernels import distributed
+
 from . import report
 from .cases import Case, grad_bytes, input_bytes, make_inputs
 from .runner import (
@@ -111,8 +113,6 @@ def shard_inputs(case: Case, rank: int, world: int) -> Dict[str, torch.Tensor]:
     return out
 
 
-# int64 values each rank contributes to the call's check (prefopt_kernels.distributed._fingerprint).
-CALL_CHECK_INT64 = 18
 
 
 def docstring_bytes_per_token(case: Case, world: int) -> float:
@@ -121,7 +121,7 @@ def docstring_bytes_per_token(case: Case, world: int) -> float:
     ``linear_token_logprobs``): ``4 R F`` for the first pass's all-gather (``F`` = 4 for
     log-probs, 5 with the entropy, 8 for a divergence or the terms, 9 for reverse KL), 8 for a
     second sweep's all-reduce, ``4 H`` for a linear op's hidden-gradient all-reduce, and the
-    call's check, one all-gather of 18 int64 per rank, spread over the N tokens."""
+    call's check, one all-gather of ``CALL_CHECK_INT64`` int64 per rank, spread over the N tokens."""
     if case.op in ("logprobs", "linear:logprobs"):
         f = 4
     elif case.op == "logprobs+entropy":
@@ -133,7 +133,7 @@ def docstring_bytes_per_token(case: Case, world: int) -> float:
         per_token += 8
     if case.linear:
         per_token += 4 * case.h
-    return per_token + CALL_CHECK_INT64 * 8 * world / case.n
+    return per_token + distributed.CALL_CHECK_INT64 * 8 * world / case.n
 
 
 def gather_bytes_per_token(case: Case) -> float:

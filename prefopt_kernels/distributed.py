@@ -12,7 +12,7 @@ Bytes per token per pass, with ``R`` ranks (fp32 fields): the first pass all-gat
 ``4 R F`` where ``F`` is the number of state fields the op needs (:func:`state_floats`: 4
 for log-probs, 8 for a divergence or the terms, 9 for reverse KL, one more with the entropy); a second
 sweep all-reduces 2 floats; the linear ops' backward all-reduces ``H`` floats per token
-(the hidden gradient). Before any of that, one all-gather of 18 int64 per rank checks that
+(the hidden gradient). Before any of that, one all-gather of 29 int64 per rank checks that
 the ranks agree on the call.
 """
 
@@ -137,7 +137,8 @@ def check_group(process_group, device: torch.device) -> None:
 
 # The fused linear ops' own parameters in the call check. Every call sends all of them (-1 when
 # the op has none: the logits ops), so the ranks' fingerprints always have one length.
-CALL_OPTIONS = ("extras", "logit_scale", "ref_logit_scale", "softcap", "ref_softcap", "head_bias", "ref_head_bias")
+CALL_OPTIONS = ("extras", "hidden_needs_grad", "hidden_size", "ref_hidden_size", "logit_scale", "ref_logit_scale",
+                "softcap", "ref_softcap", "head_bias", "ref_head_bias")
 
 
 def float_bits(x: float) -> int:
@@ -170,6 +171,10 @@ def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, label
             ("beta", float_bits(spec.beta)), ("alpha", float_bits(spec.alpha)), ("labels", label_sum),
             ("labels", label_moment), ("weight", weight_nonzero), ("weight", weight_sum),
             ("weight", int(weight is not None)), ("labels", label_min), ("labels", label_max)]
+
+
+# int64 values each rank contributes to a call's check: every call sends all of them.
+CALL_CHECK_INT64 = len(_fingerprint(1, 0, OpSpec(), False, None, None, ()))
 
 
 def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, process_group, device,

@@ -14,8 +14,9 @@ How a call runs (the same for every op and divergence):
   :func:`linear_token_divergence`, whose ``div_weight`` is 0) are dropped before any
   matmul: prompt and padding tokens cost nothing.
 * **Tiles.** The kept rows go in token chunks; each chunk's logits are produced one
-  vocabulary chunk at a time by ``torch.mm`` into one reused buffer (fp32 where the device
-  can write a half-precision GEMM's result in fp32) and folded into mergeable per-row
+  vocabulary chunk at a time by ``torch.mm`` into one reused fp32 buffer (a half-precision
+  GEMM writes fp32 directly on CUDA; on a CPU its half result is widened) and the bias,
+  scale and softcap act on fp32 values; the tile is then folded into mergeable per-row
   states by the backend's ``fold`` kernel (:mod:`prefopt_kernels.backends.row_state`).
   The tile shape comes from ``memory_budget``. Divergences with a second sweep (js, tv,
   hellinger, chi2, alpha) project every tile once more, after the normalisers are known.
@@ -51,11 +52,11 @@ _MAX_TOKEN_CHUNK = 4096
 _MIN_VOCAB_CHUNK = 256
 _FP32 = torch.float32
 _FP32_MAX = float(torch.finfo(_FP32).max)
-# CUDA writes a bf16/fp16 GEMM's result in fp32 (``out_dtype``) from torch 2.8.
-_GEMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
-
-
-# --------------------------------------------------------------------------- heads
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+# CUDA writes a bf16/fp16 GEMM's result in fp32 (``mm(..., out_dtype=)``) from torch 2.8; ``addmm``
+# takes an fp32 accumulator beside half matrices from 2.10 (before, it wants the matrices' dtype).
+_GEMM_OUT_DTYPE = _TORCH_VERSION >= (2, 8)
+_ADDMM_OUT_DTYPE = _TORCH_VERSION >= (2, 10)
 
 
 @dataclass
@@ -67,17 +68,27 @@ class _Head:
     scale: float
     softcap: Optional[float]
     gemm_dtype: torch.dtype  # dtype of the GEMM's inputs
+    # The GEMM writes its result in gemm_dtype (half on a CPU), widened to the fp32 tile after.
+    widened: bool
 
-    def project(self, hidden: torch.Tensor, v0: int, v1: int, out: torch.Tensor) -> torch.Tensor:
-        """``out = transform(hidden @ W[v0:v1]^T + c[v0:v1])``: ``hidden`` ``[n, H]`` in ``gemm_dtype``."""
+    def project(self, hidden: torch.Tensor, v0: int, v1: int, out: torch.Tensor,
+                gemm_out: Optional[torch.Tensor]) -> torch.Tensor:
+        """``out = transform(hidden @ W[v0:v1]^T + c[v0:v1])`` in fp32: ``hidden`` ``[n, H]`` in ``gemm_dtype``.
+
+        ``out`` is an fp32 ``[n, v1 - v0]`` tile; ``gemm_out`` a tile of the same shape in
+        ``gemm_dtype`` when the head is ``widened``. Bias, scale and softcap act on fp32
+        values whatever the GEMM's dtype.
+        """
         weight = self.weight[v0:v1].to(self.gemm_dtype)
-        if out.dtype == self.gemm_dtype:
+        if self.gemm_dtype == _FP32:
             torch.mm(hidden, weight.t(), out=out)
+        elif self.widened:
+            out.copy_(torch.mm(hidden, weight.t(), out=gemm_out))
         else:
             # Half-precision inputs, fp32 result: no rounding of the logits to bf16/fp16.
-            torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
+            torch.mm(hidden, weight.t(), out_dtype=_FP32, out=out)
         if self.bias is not None:
-            out.add_(self.bias[v0:v1].to(out.dtype))
+            out.add_(self.bias[v0:v1].to(_FP32))
         if self.scale != 1.0:
             out.mul_(self.scale)
         if self.softcap is not None:
@@ -93,18 +104,15 @@ class _Head:
             grad.mul_(self.scale)
         return grad
 
+    def gemm_operand(self, grad: torch.Tensor) -> torch.Tensor:
+        """The fp32 ``grad`` tile as the backward GEMMs take it: rounded to the GEMM dtype where
+        the GEMM accumulates half inputs in fp32 (CUDA), kept fp32 where it runs in fp32 anyway."""
+        return grad if self.widened or self.gemm_dtype == _FP32 else grad.to(self.gemm_dtype)
 
-def _gemm_dtype(compute: torch.dtype, tile: torch.dtype, device: torch.device) -> torch.dtype:
-    if compute != tile and device.type == "cuda" and _GEMM_OUT_DTYPE:
-        return compute
-    return tile
 
-
-def _tile_dtype(computes: Sequence[torch.dtype], device: torch.device) -> torch.dtype:
-    """fp32 logits tiles unless the GEMM cannot write fp32 from half inputs (CPU) and every side is half."""
-    if all(c == _FP32 for c in computes) or (device.type == "cuda" and _GEMM_OUT_DTYPE):
-        return _FP32
-    return computes[0] if len(set(computes)) == 1 else _FP32
+def _widened(gemm_dtype: torch.dtype, device: torch.device) -> bool:
+    """Half-precision GEMMs whose result the device cannot write in fp32 (a CPU; CUDA before torch 2.8)."""
+    return gemm_dtype != _FP32 and not (device.type == "cuda" and _GEMM_OUT_DTYPE)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -112,7 +120,10 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == _FP32 and b.dtype == _FP32:
         acc.addmm_(a, b)
     elif acc.device.type == "cuda" and _GEMM_OUT_DTYPE and a.dtype == b.dtype:
-        torch.addmm(acc, a, b, out_dtype=_FP32, out=acc)
+        if _ADDMM_OUT_DTYPE:
+            torch.addmm(acc, a, b, out_dtype=_FP32, out=acc)
+        else:
+            acc.add_(torch.mm(a, b, out_dtype=_FP32))
     else:
         acc.addmm_(a.float(), b.float())
 
@@ -137,13 +148,25 @@ def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: in
 
 
 class _Tiles:
-    """Reused tile buffers of one call: contiguous ``[n, v]`` views of flat storage."""
+    """Reused tile buffers of one pass: contiguous ``[n, v]`` views of flat storage.
 
-    def __init__(self, count: int, token_chunk: int, vocab_chunk: int, dtype, device):
-        self._flat = [torch.empty(token_chunk * vocab_chunk, dtype=dtype, device=device) for _ in range(count)]
+    ``count`` fp32 tiles, and one tile per GEMM dtype of the ``heads`` whose GEMM result is
+    widened to fp32 after it is written.
+    """
+
+    def __init__(self, count: int, heads: Sequence[_Head], token_chunk: int, vocab_chunk: int, device):
+        size = token_chunk * vocab_chunk
+        self._flat = [torch.empty(size, dtype=_FP32, device=device) for _ in range(count)]
+        self._gemm = {h.gemm_dtype: torch.empty(size, dtype=h.gemm_dtype, device=device) for h in heads if h.widened}
 
     def get(self, i: int, n: int, v: int) -> torch.Tensor:
         return self._flat[i][: n * v].view(n, v)
+
+    def project(self, head: _Head, hidden: torch.Tensor, v0: int, v1: int, i: int) -> torch.Tensor:
+        """``head``'s fp32 logits of ``hidden`` ``[n, H]`` over ``[v0, v1)``, in fp32 tile ``i``."""
+        n, v = hidden.shape[0], v1 - v0
+        gemm_out = self._gemm[head.gemm_dtype][: n * v].view(n, v) if head.widened else None
+        return head.project(hidden, v0, v1, self.get(i, n, v), gemm_out)
 
 
 def _rows3(tile: torch.Tensor) -> torch.Tensor:
@@ -161,7 +184,6 @@ class _Call:
     spec: OpSpec
     policy: _Head
     ref: Optional[_Head]
-    tile_dtype: torch.dtype
     index: torch.Tensor  # [n] int64: the kept tokens, in flat order
     labels: Optional[torch.Tensor]  # [n] int64 of the kept tokens
     weight: Optional[torch.Tensor]  # [n] fp32 of the kept tokens
@@ -330,15 +352,14 @@ def _make_call(arguments: dict, spec: OpSpec, index: torch.Tensor, shard: distri
     """The ``_Call`` of the kept tokens ``index`` from a registered op's named ``arguments``."""
     hidden, ref_hidden, labels, weight = (arguments[k] for k in ("hidden", "ref_hidden", "labels", "div_weight"))
     device = hidden.device
-    computes = [arguments["compute_dtype"]] + ([arguments["ref_compute_dtype"]] if ref_hidden is not None else [])
-    tile_dtype = _tile_dtype(computes, device)
+    policy_dtype, ref_dtype = arguments["compute_dtype"], arguments["ref_compute_dtype"]
     policy = _Head(arguments["head_weight"], arguments["head_bias"], arguments["logit_scale"], arguments["softcap"],
-                   _gemm_dtype(computes[0], tile_dtype, device))
+                   policy_dtype, _widened(policy_dtype, device))
     ref = None
     if ref_hidden is not None:
         ref = _Head(arguments["ref_head_weight"], arguments["ref_head_bias"], arguments["ref_logit_scale"],
-                    arguments["ref_softcap"], _gemm_dtype(computes[1], tile_dtype, device))
-    return _Call(spec=spec, policy=policy, ref=ref, tile_dtype=tile_dtype, index=index,
+                    arguments["ref_softcap"], ref_dtype, _widened(ref_dtype, device))
+    return _Call(spec=spec, policy=policy, ref=ref, index=index,
                  labels=None if labels is None else labels[index], weight=None if weight is None else weight[index],
                  vocab=arguments["head_weight"].shape[0], budget=arguments["memory_budget"], extras=tuple(extras),
                  backend=ops._pick_backend(device, arguments["backend"]), shard=shard)
@@ -355,20 +376,22 @@ def _linear_forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
                     beta: float, alpha: float, want_logp: bool, want_ref_logp: bool, want_entropy: bool,
                     logit_scale: float, ref_logit_scale: float, softcap: Optional[float],
                     ref_softcap: Optional[float], compute_dtype: torch.dtype, ref_compute_dtype: torch.dtype,
-                    extras: List[bool], memory_budget: int, keep_zero_weight: bool, backend: str,
-                    group: str) -> List[torch.Tensor]:
+                    extras: List[bool], memory_budget: int, keep_zero_weight: bool, hidden_needs_grad: bool,
+                    backend: str, group: str) -> List[torch.Tensor]:
     """Fold projected tiles of the kept tokens into row states.
 
     Returns the ``[...]`` outputs the spec asks for (``_OUTPUTS`` order), the extras
     (``extras`` flags ``EXTRAS``), the saved statistics (flat ``[N]`` each: every output
     has a shape known without the data) and, with a ``group``, the shard's ``[v0, V]``
     int64; dropped tokens hold 0. Checks the labels' range (every rank's, sharded) as it runs.
+    ``hidden_needs_grad`` (the caller's ``hidden.requires_grad`` under grad mode) only enters the
+    ranks' call check: the backward all-reduces the hidden gradient exactly where it is set.
     """
     arguments = dict(locals())
     spec = ops.spec_from(arguments)
     has_ref = ref_hidden is not None
     extras = _extra_names(extras)
-    n_tokens, vocab, device = hidden.shape[:-1].numel(), head_weight.shape[0], hidden.device
+    n_tokens, vocab, device = ops.token_count(hidden), head_weight.shape[0], hidden.device
     shard = ops.checked_shard(group, vocab, n_tokens, spec, has_ref, device, labels, div_weight,
                               _call_options(arguments))
     index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, n_tokens, device)
@@ -384,11 +407,21 @@ def _linear_forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
 
 
 def _call_options(arguments: dict) -> list:
-    """The linear op's own parameters, for the ranks' call check: ``(name, int64)`` pairs."""
+    """The linear op's own parameters, for the ranks' call check: ``(name, int64)`` pairs.
+
+    They include what the backward's collective depends on (whether the hidden states need a
+    gradient, their width), so ranks that disagree fail in the forward's check instead of
+    waiting in the backward's all-reduce.
+    """
     def bits(x):
         return -1 if x is None else distributed.float_bits(x)
+
+    def width(x):
+        return -1 if x is None else x.shape[-1]
     extras = sum(1 << i for i, wanted in enumerate(arguments["extras"]) if wanted)
-    return [("extras", extras), ("logit_scale", bits(arguments["logit_scale"])),
+    return [("extras", extras), ("hidden_needs_grad", int(arguments["hidden_needs_grad"])),
+            ("hidden_size", width(arguments["hidden"])), ("ref_hidden_size", width(arguments["ref_hidden"])),
+            ("logit_scale", bits(arguments["logit_scale"])),
             ("ref_logit_scale", bits(arguments["ref_logit_scale"])), ("softcap", bits(arguments["softcap"])),
             ("ref_softcap", bits(arguments["ref_softcap"])), ("head_bias", int(arguments["head_bias"] is not None)),
             ("ref_head_bias", int(arguments["ref_head_bias"] is not None))]
@@ -416,7 +449,7 @@ def _linear_forward_fake(*values):
     outputs = [hidden.new_empty(lead, dtype=_FP32) for _ in ops.wanted_outputs(spec)]
     outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else _FP32)
                 for k in _extra_names(named["extras"])]
-    saved = [hidden.new_empty(lead.numel(), dtype=_FP32) for _ in saved_names(spec, named["ref_hidden"] is not None)]
+    saved = [hidden.new_empty(ops.token_count(hidden), dtype=_FP32) for _ in saved_names(spec, named["ref_hidden"] is not None)]
     tail = [torch.empty(2, dtype=torch.int64)] if named["group"] else []
     return outputs + saved + tail
 
@@ -443,7 +476,7 @@ def _linear_backward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias:
     arguments = dict(locals())
     spec = ops.spec_from(arguments)
     shard = distributed.shard_from_tensor(group, shard_offsets, head_weight.shape[0])
-    index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, hidden.shape[:-1].numel(), hidden.device)
+    index = _kept_tokens(labels, div_weight, spec, keep_zero_weight, ops.token_count(hidden), hidden.device)
     call = _make_call(arguments, spec, index, shard)
     # reshape: Inductor may hand the upstream gradients over in their outputs' [...] shape.
     upstream = {k: g.reshape(-1).index_select(0, index) for k, g in
@@ -488,8 +521,10 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_autograd(ctx, grads):
     ops._refuse_double_backward()
-    tensors = dict(zip(_SAVED_INPUTS, ctx.saved_tensors))
-    saved, shard_offsets = ctx.saved_tensors[len(_SAVED_INPUTS):-1], ctx.saved_tensors[-1]
+    # Read once: non-reentrant checkpointing unpacks each saved tensor a single time.
+    saved_tensors = ctx.saved_tensors
+    tensors = dict(zip(_SAVED_INPUTS, saved_tensors))
+    saved, shard_offsets = saved_tensors[len(_SAVED_INPUTS):-1], saved_tensors[-1]
     upstream = ops.upstream_gradients(ctx.wanted, grads)
     needs = ctx.needs_input_grad[:len(_GRADIENT_INPUTS)]
     no_grads = (None,) * (ctx.n_inputs - len(_GRADIENT_INPUTS))
@@ -507,24 +542,39 @@ def _linear_autograd(ctx, grads):
 _linear_forward.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
 
 
+def _heads(call: _Call) -> list:
+    return [call.policy] + ([call.ref] if call.ref is not None else [])
+
+
+def _fp32_tile_count(call: _Call, backward: bool) -> int:
+    """One fp32 logits tile per head, and in the backward a gradient tile of its own when the
+    softcap's derivative reads the logits after the kernel has written the gradient."""
+    return len(_heads(call)) + (backward and call.policy.softcap is not None)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _tile_costs(call: _Call, backward: bool):
     """``(bytes per tile entry, bytes per vocabulary column)`` of one pass's buffers and temporaries."""
-    size = torch.empty((), dtype=call.tile_dtype).element_size()
-    heads = [call.policy] + ([call.ref] if call.ref is not None else [])
-    entry = size * len(heads)
+    heads = _heads(call)
+    entry = 4 * _fp32_tile_count(call, backward)
+    entry += sum(_size(dtype) for dtype in {h.gemm_dtype for h in heads if h.widened})
+    policy = call.policy
     if backward:
-        if call.policy.softcap is not None:
-            entry += 2 * size  # the gradient tile and the tanh temporary
-        if call.policy.gemm_dtype != call.tile_dtype or call.tile_dtype != _FP32:
-            entry += 4  # the gradient in the GEMM dtype, or upcast to fp32 for the accumulation
+        if policy.softcap is not None:
+            entry += 4  # the tanh temporary
+        if not policy.widened and policy.gemm_dtype != _FP32:
+            entry += _size(policy.gemm_dtype)  # the gradient rounded for a half-precision GEMM
     elif "log_sum_sq_probs" in call.extras:
         entry += 4  # the fp32 copy of the tile that _fold_square_sum exponentiates
     column = 0
     for head in heads:
-        if head.weight is not None and head.weight.dtype != head.gemm_dtype:
-            column += head.weight.shape[1] * torch.empty((), dtype=head.gemm_dtype).element_size()
-    if backward and call.tile_dtype != _FP32:
-        column += call.policy.weight.shape[1] * 4
+        if head.weight.dtype != head.gemm_dtype:
+            column += head.weight.shape[1] * _size(head.gemm_dtype)
+    if backward and policy.widened:
+        column += policy.weight.shape[1] * 4  # the head's chunk widened for the fp32 accumulation
     return entry, column
 
 
@@ -550,7 +600,7 @@ def _forward_pass(hidden, ref_hidden, call: _Call):
     spec, backend, device, shard = call.spec, call.backend, hidden.device, call.shard
     token_chunk, vocab_chunk, token_ranges, vocab_ranges = _chunks(call, backward=False)
     has_ref = call.ref is not None
-    tiles = _Tiles(1 + has_ref, token_chunk, vocab_chunk, call.tile_dtype, device)
+    tiles = _Tiles(_fp32_tile_count(call, False), _heads(call), token_chunk, vocab_chunk, device)
     inv_temperature = 1.0 / spec.temperature
     want_sum, want_squares = "mean_logits" in call.extras, "log_sum_sq_probs" in call.extras
     n_rows = call.index.numel()
@@ -565,9 +615,8 @@ def _forward_pass(hidden, ref_hidden, call: _Call):
         return h, h_ref
 
     def project(h, h_ref, v0, v1):
-        n = h.shape[0]
-        a = call.policy.project(h, v0, v1, tiles.get(0, n, v1 - v0))
-        b = call.ref.project(h_ref, v0, v1, tiles.get(1, n, v1 - v0)) if has_ref else None
+        a = tiles.project(call.policy, h, v0, v1, 0)
+        b = tiles.project(call.ref, h_ref, v0, v1, 1) if has_ref else None
         return a, b
 
     for t0, t1 in token_ranges:
@@ -649,8 +698,8 @@ def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: d
     needs_hidden, needs_weight, needs_bias = needs
     token_chunk, vocab_chunk, token_ranges, vocab_ranges = _chunks(call, backward=True)
     has_ref = call.ref is not None
-    separate_grad = policy.softcap is not None  # the transform's derivative reads z after the kernel ran
-    tiles = _Tiles(1 + has_ref + separate_grad, token_chunk, vocab_chunk, call.tile_dtype, device)
+    separate_grad = _fp32_tile_count(call, True) > len(_heads(call))
+    tiles = _Tiles(_fp32_tile_count(call, True), _heads(call), token_chunk, vocab_chunk, device)
     weight_param = policy.weight
     # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
     hidden_grad_dtype = hidden.dtype if shard.group is None else _FP32
@@ -666,21 +715,23 @@ def _backward_pass(hidden, ref_hidden, call: _Call, stats: RowStats, upstream: d
         g = {k: v[t0:t1] for k, v in upstream.items()}
         h = _gather_rows(hidden, index, policy.gemm_dtype)
         h_ref = _gather_rows(ref_hidden, index, call.ref.gemm_dtype) if has_ref else None
+        # A widened head's GEMMs run in fp32: its rows are widened once per chunk, not per tile.
+        h_weight_grad = h.float() if policy.widened and needs_weight else h
         n = t1 - t0
         grad_h = torch.zeros((n, hidden.shape[-1]), dtype=_FP32, device=device) if needs_hidden else None
         for v0, v1 in vocab_ranges:
             width = v1 - v0
-            a = policy.project(h, v0, v1, tiles.get(0, n, width))
-            b = call.ref.project(h_ref, v0, v1, tiles.get(1, n, width)) if has_ref else None
+            a = tiles.project(policy, h, v0, v1, 0)
+            b = tiles.project(call.ref, h_ref, v0, v1, 1) if has_ref else None
             dz = tiles.get(1 + has_ref, n, width) if separate_grad else a
             backend.slice_backward(_rows3(a), labels, None if b is None else _rows3(b), weight, spec, chunk_stats,
                                    g.get("logp"), g.get("entropy"), g.get("div"), _rows3(dz), shard.v0 + v0)
             dz = policy.pre_transform_grad(dz, a)
-            dz_gemm = dz if dz.dtype == policy.gemm_dtype else dz.to(policy.gemm_dtype)
+            dz_gemm = policy.gemm_operand(dz)
             if grad_h is not None:
                 _accumulate(grad_h, dz_gemm, weight_param[v0:v1].to(policy.gemm_dtype))
             if grad_weight is not None:
-                _accumulate(grad_weight[v0:v1], dz_gemm.t(), h)
+                _accumulate(grad_weight[v0:v1], dz_gemm.t(), h_weight_grad)
             if grad_bias is not None:
                 grad_bias[v0:v1] += dz.sum(0, dtype=_FP32)
         if grad_h is not None:
@@ -733,7 +784,8 @@ def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
         hidden, head_weight, head_bias, ref_hidden, ref_head_weight, ref_head_bias, checked["labels"],
         checked["div_weight"], *ops.spec_arguments(spec), checked["logit_scale"], checked["ref_logit_scale"],
         checked["softcap"], checked["ref_softcap"], compute, ref_compute, checked["extras"], checked["memory_budget"],
-        keep_zero_weight, ops._backend_selection(), checked["group"])
+        keep_zero_weight, torch.is_grad_enabled() and hidden.requires_grad, ops._backend_selection(),
+        checked["group"])
     wanted = ops.wanted_outputs(spec)
     result = dict(zip(wanted, outputs))
     extra_values = dict(zip(extras, outputs[len(wanted):len(wanted) + len(extras)]))
@@ -779,10 +831,12 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
             over the ranks in the backward). Bytes per kept token: ``4 R F`` in the forward's
             all-gather (``F`` as :func:`prefopt_kernels.token_logprobs` states, plus 1 for
             ``mean_logits`` and 2 for ``log_sum_sq_probs``), ``4 H`` in the backward's
-            all-reduce, and the 18 int64 per rank of the call check.
+            all-reduce, and the 29 int64 per rank of the call check.
 
     Compute dtype: the autocast dtype when autocast is on for ``hidden``'s device, else
-    ``hidden.dtype``. Logit tiles are fp32 except for half-precision GEMMs on a CPU.
+    ``hidden.dtype``. Logit tiles are fp32: a half-precision GEMM on a CPU rounds its result to
+    the compute dtype (as PyTorch's own CPU matmul does) before it is widened; the bias, scale
+    and softcap then act in fp32 on every device.
 
     Returns:
         ``logp`` fp32 ``[...]``, or ``(logp, entropy)``; with ``extras``, a further last

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import math
 import os
 import threading
 from typing import List, NamedTuple, Optional
@@ -346,6 +347,16 @@ def upstream_gradients(wanted: list, grads) -> dict:
             for k, g in zip(wanted, grads) if g is not None and k != "ref_logp"}
 
 
+def token_count(x: torch.Tensor):
+    """The number of tokens of a ``[..., V]`` (or ``[..., H]``) tensor, ``prod(x.shape[:-1])``.
+
+    A product of the sizes rather than ``torch.Size.numel()``, which turns symbolic sizes into
+    constants: under ``torch.compile(dynamic=True)`` one graph then serves every batch and
+    sequence length.
+    """
+    return math.prod(x.shape[:-1])
+
+
 def on_device(device: torch.device):
     """Make ``device`` the current CUDA device for the kernels a call launches (no-op elsewhere).
 
@@ -369,7 +380,7 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
     """
     spec = spec_from(locals())
     has_ref = ref_logits is not None
-    shard = checked_shard(group, logits.shape[-1], logits.shape[:-1].numel(), spec, has_ref, logits.device,
+    shard = checked_shard(group, logits.shape[-1], token_count(logits), spec, has_ref, logits.device,
                           labels, weight)
     module = _pick_backend(logits.device, backend)
     rows, ref_rows = _RowLayout.of(logits, ref_logits).rows(logits, ref_logits)
@@ -388,7 +399,7 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
 def _token_forward_fake(*values):
     arguments = named_arguments("token_forward", values)
     spec, logits = spec_from(arguments), arguments["logits"]
-    n = logits.shape[:-1].numel()
+    n = token_count(logits)
     count = len(wanted_outputs(spec)) + len(_saved_only(spec, arguments["ref_logits"] is not None))
     tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
     return [logits.new_empty(n, dtype=torch.float32) for _ in range(count)] + tail
@@ -491,7 +502,7 @@ def _run(logits, labels, ref_logits, weight, spec: OpSpec, inplace_backward: boo
     group = distributed.group_name(process_group, logits.device)
     lead = logits.shape[:-1]
     keys = wanted_outputs(spec)
-    if lead.numel() == 0:
+    if token_count(logits) == 0:
         if process_group is not None:
             # The ranks still agree on the call: a rank with tokens waits in the call check.
             distributed.shard_of(process_group, logits.shape[-1], 0, spec, ref_logits is not None, logits.device,
@@ -548,7 +559,7 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
             shards in rank order, any sizes (0 included); ``labels`` are global ids and every
             rank gets the global per-token results; the gradient is the rank's shard. The
             ranks exchange their per-row states: ``4 R F`` bytes per token in one all-gather
-            (``R`` ranks, ``F`` = 4 here, 5 with the entropy), plus one all-gather of 18 int64
+            (``R`` ranks, ``F`` = 4 here, 5 with the entropy), plus one all-gather of 29 int64
             per rank that checks the ranks agree; the backward communicates nothing. See
             :mod:`prefopt_kernels.distributed`.
 

@@ -6,6 +6,9 @@ r"""The registered ops under ``torch.library`` and ``torch.compile``.
   ``torch._dynamo.explain`` finds one graph and no break, and ``torch.compile(fullgraph=True)``
   (Inductor) gives the eager losses and gradients (the ops run the same kernels either way,
   so the tolerance is only Inductor's reassociation of the surrounding arithmetic).
+* ``dynamic=True``: one graph serves every batch size and sequence length, for every op
+  (ten shapes under ``fullgraph=True`` with recompilation forbidden after the first), and each
+  shape's outputs and gradients equal eager's.
 * The label check is data-dependent, so it runs inside the op: a compiled step raises the
   eager ``ValueError``.
 * The eager-only options are refused under compilation with a message naming them:
@@ -14,10 +17,12 @@ r"""The registered ops under ``torch.library`` and ``torch.compile``.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import prefopt_kernels as pk
 from prefopt_kernels import ops
@@ -98,7 +103,7 @@ def test_opcheck_linear_forward(with_ref):
         spec.update(divergence=DIVERGENCE_CODES["reverse_kl"], want_ref_logp=True)
     args = (hidden, head, bias, ref_hidden if with_ref else None, ref_head if with_ref else None, None,
             labels.reshape(-1), None, *_spec_arguments(**spec), 1.5, 1.0, 4.0, None, torch.float32, torch.float32,
-            [True, True, True], 4096, True, "auto", "")
+            [True, True, True], 4096, True, True, "auto", "")
     # The kept tokens are data-dependent: the fake implementation gives them an unbacked size.
     torch.library.opcheck(OPS.linear_forward.default, args)
 
@@ -129,6 +134,62 @@ def test_fullgraph_compile_matches_eager(device, dynamic):
     # A batch with other label positions runs the same compiled graph: nothing was specialised on data.
     fresh = _inputs(seed=1, device=device)
     torch.testing.assert_close(compiled(*fresh)[0], _step(*_inputs(seed=1, device=device))[0], rtol=1e-5, atol=1e-6)
+
+
+# Batch and sequence sizes of ten steps (>= 2: PyTorch specialises sizes 0 and 1 by design).
+SHAPES = [(2, 3), (3, 5), (2, 7), (4, 4), (5, 2), (2, 9), (3, 3), (6, 5), (7, 2), (2, 11)]
+# Each op as a step over a [B, T + 1, ...] batch, sliced as trainers slice it; the tensors it differentiates.
+DYNAMIC_STEPS = {
+    "token_logprobs": lambda x: sum(o.sum() for o in pk.token_logprobs(
+        x["logits"][:, :-1], x["labels"], return_entropy=True)),
+    "token_divergence": lambda x: pk.token_divergence(
+        x["logits"][:, :-1], x["ref_logits"][:, :-1], divergence="js", weight=x["mask"]).sum(),
+    "token_terms": lambda x: (lambda t: (t.logp - t.ref_logp + t.div).sum())(pk.token_terms(
+        x["logits"][:, :-1], x["labels"], x["ref_logits"][:, :-1], divergence="forward_kl")),
+    "linear_token_logprobs": lambda x: pk.linear_token_logprobs(
+        x["hidden"][:, :-1], x["head"], x["labels"], softcap=5.0).sum(),
+    "linear_token_divergence": lambda x: pk.linear_token_divergence(
+        x["hidden"][:, :-1], x["head"], x["ref_hidden"][:, :-1], x["ref_head"], divergence="tv",
+        div_weight=x["mask"]).sum(),
+    "linear_token_terms": lambda x: (lambda t: (t.logp + t.div + t.entropy).sum())(pk.linear_token_terms(
+        x["hidden"][:, :-1], x["head"], x["labels"], x["ref_hidden"][:, :-1], x["ref_head"],
+        divergence="reverse_kl", return_entropy=True)),
+}
+
+
+def _batch(b, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (b, t), generator=g)
+    labels[0, 0] = -100
+    x = dict(logits=torch.randn(b, t + 1, V, generator=g), ref_logits=torch.randn(b, t + 1, V, generator=g),
+             hidden=torch.randn(b, t + 1, H, generator=g), head=torch.randn(V, H, generator=g) / H**0.5,
+             ref_hidden=torch.randn(b, t + 1, H, generator=g), ref_head=torch.randn(V, H, generator=g) / H**0.5,
+             labels=labels, mask=(torch.rand(b, t, generator=g) > 0.3).float())
+    for name in ("logits", "hidden", "head"):
+        x[name].requires_grad_(True)
+    return x
+
+
+@pytest.mark.parametrize("op", list(DYNAMIC_STEPS))
+def test_one_dynamic_graph_serves_every_batch_and_sequence_length(op):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    step = DYNAMIC_STEPS[op]
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    for i, (b, t) in enumerate(SHAPES):
+        mine, eager = _batch(b, t, seed=i), _batch(b, t, seed=i)
+        # After the first shape, any recompilation raises.
+        with contextlib.nullcontext() if i == 0 else torch.compiler.set_stance("fail_on_recompile"):
+            loss = compiled(mine)
+            loss.backward()
+        expected = step(eager)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6, msg=f"{op} at B={b}, T={t}")
+        for name in ("logits", "hidden", "head"):
+            if eager[name].grad is not None:
+                torch.testing.assert_close(mine[name].grad, eager[name].grad, rtol=1e-6, atol=1e-6,
+                                           msg=f"{op} d {name} at B={b}, T={t}")
+    assert counter.frame_count >= 1
 
 
 def test_label_out_of_range_raises_inside_a_compiled_step():

@@ -52,7 +52,7 @@ OK = "ok"
 
 
 def _phases(world):
-    return ("numerics", "bad_input", "ddp", "mismatch", "one_rank_bad_label") if world == 2 else (
+    return ("numerics", "bad_input", "ddp", "mismatch", "one_rank_bad_label", "backward_mismatch") if world == 2 else (
         "numerics", "bad_input")
 
 
@@ -679,8 +679,31 @@ def _linear_ignore_mismatch(rank, world):
                                                                 process_group=group))}
 
 
+def _backward_mismatch(rank, world):
+    """Linear ops whose forwards agree but whose backwards would not: rank 1's hidden states need
+    no gradient (it would skip the hidden gradient's all-reduce rank 0 waits in), or have another
+    width (the all-reduces would differ in size). Forward and backward, on short-timeout groups."""
+    assert len(_HAZARD_GROUPS) == 4, "the short-timeout groups could not be made"
+    d = _data(world, 0)
+    sl = slice(sum(d["sizes"][:rank]), sum(d["sizes"][:rank + 1]))
+    lin = d["lin"]
+
+    def step(hidden, weight, group):
+        logp = pk.linear_token_logprobs(hidden, weight, d["labels"], process_group=group)
+        if logp.requires_grad:
+            logp.sum().backward()
+
+    width = HIDDEN - 4 * rank
+    return {
+        "needs_grad": _outcome(lambda: step(lin["h"].clone().requires_grad_(rank == 0),
+                                            lin["w"][sl].clone().requires_grad_(), _HAZARD_GROUPS[2])),
+        "hidden_size": _outcome(lambda: step(lin["h"][..., :width].clone().requires_grad_(),
+                                             lin["w"][sl, :width].clone().requires_grad_(), _HAZARD_GROUPS[3])),
+    }
+
+
 _PHASES = {"numerics": _numerics, "bad_input": _bad_input, "ddp": _ddp, "mismatch": _mismatch,
-           "one_rank_bad_label": _one_rank_bad_label}
+           "one_rank_bad_label": _one_rank_bad_label, "backward_mismatch": _backward_mismatch}
 
 
 def _worker(rank, world, port, results, hazard):
@@ -694,7 +717,7 @@ def _worker(rank, world, port, results, hazard):
     if world == 2:
         try:
             dist.barrier()  # in step: the short timeout also bounds the groups' creation
-            _HAZARD_GROUPS.extend(dist.new_group(timeout=HAZARD_TIMEOUT) for _ in range(2))
+            _HAZARD_GROUPS.extend(dist.new_group(timeout=HAZARD_TIMEOUT) for _ in range(4))
         except Exception:  # noqa: BLE001 - the two hazard checks then report this
             pass
     for phase in _phases(world):
@@ -920,6 +943,16 @@ def test_label_out_of_range_on_one_rank_raises_on_every_rank():
     for rank in range(2):
         outcome = _payload(2, rank, "one_rank_bad_label")["outcome"]
         assert outcome.startswith("ValueError: ") and "labels" in outcome, f"rank {rank}: {outcome}"
+
+
+@pytest.mark.parametrize("case", ["needs_grad", "hidden_size"])
+def test_linear_ranks_disagreeing_on_the_backward_raise_in_the_forward(case):
+    """What the backward's all-reduce depends on is in the call check: the same error on every rank."""
+    field = {"needs_grad": "hidden_needs_grad", "hidden_size": "hidden_size"}[case]
+    for rank in range(2):
+        outcome = _payload(2, rank, "backward_mismatch")[case]
+        assert outcome.startswith("ValueError: ") and field in outcome.split("differ in: ")[-1], \
+            f"rank {rank}: {outcome}"
 
 
 def test_linear_ranks_keeping_different_rows_raise_not_crash():
