@@ -214,6 +214,24 @@ def test_fused_head_matches_trl(variant, mode):
         assert theirs.is_top1[kept].any() and not theirs.is_top1[kept].all()
 
 
+@pytest.mark.parametrize("variant", ["softcap", "logit_scale", "logit_scale_softcap"])
+def test_fused_head_under_cpu_bf16_autocast_matches_trl(variant):
+    """TRL's default ``bf16=True`` on a CPU: both heads round the bf16 GEMM's output, then apply the
+    scale and soft cap in fp32, so the log-probs agree as in fp32 (a transform applied in bf16
+    fails this for every variant)."""
+    model = make_model(variant)
+    input_ids, attention_mask, labels = make_inputs(model)
+    ours_model, trl_model = patched_pair(model, outputs=("log_probs", "entropy"))
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = ours_model(**call), trl_model(**call)
+    kept = theirs.label_mask
+    assert kept.any()
+    for name in ("log_probs", "entropy"):
+        torch.testing.assert_close(getattr(ours, name)[kept], getattr(theirs, name)[kept], rtol=1e-5, atol=1e-5,
+                                   msg=f"{variant} {name}")
+
+
 @pytest.mark.parametrize("num_items", [torch.tensor(23), 5])
 def test_num_items_in_batch(num_items):
     """``num_items_in_batch`` (a tensor, as the trainers pass it, or an int) replaces the kept-label count."""
