@@ -59,6 +59,9 @@ _GEMM_OUT_DTYPE = _TORCH_VERSION >= (2, 8)
 _ADDMM_OUT_DTYPE = _TORCH_VERSION >= (2, 10)
 
 
+# --------------------------------------------------------------------------- heads
+
+
 @dataclass
 class _Head:
     """One model's LM head as a call sees it: weight, bias and the logit transform."""
@@ -449,7 +452,8 @@ def _linear_forward_fake(*values):
     outputs = [hidden.new_empty(lead, dtype=_FP32) for _ in ops.wanted_outputs(spec)]
     outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else _FP32)
                 for k in _extra_names(named["extras"])]
-    saved = [hidden.new_empty(ops.token_count(hidden), dtype=_FP32) for _ in saved_names(spec, named["ref_hidden"] is not None)]
+    n_tokens = ops.token_count(hidden)
+    saved = [hidden.new_empty(n_tokens, dtype=_FP32) for _ in saved_names(spec, named["ref_hidden"] is not None)]
     tail = [torch.empty(2, dtype=torch.int64)] if named["group"] else []
     return outputs + saved + tail
 
