@@ -106,7 +106,8 @@ def _prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[
             x["logits"], x["labels"], x["ref_logits"], divergence=div,
             inplace_backward=inplace, process_group=group) if t is not None)
     if op == "sparse_po":
-        # The KL mask goes in as div_weight: the op skips the divergence where it is 0.
+        # The KL mask, fixed (it needs no gradient), goes in as div_weight: the op skips the
+        # divergence where it is 0.
         return lambda x: _sparse_po_step(pk.token_terms(
             x["logits"], x["labels"], x["ref_logits"], divergence=div, div_weight=x["mask"],
             inplace_backward=inplace, process_group=group), x)

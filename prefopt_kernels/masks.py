@@ -130,7 +130,9 @@ class LearnedTokenMask(nn.Module):
     entries of ``output_hidden_states=True``, embeddings included if given), one LayerNorm
     shared by all layers, dropout on its output. Parameters per network: ``a`` ``[L, H]``,
     ``b`` ``[L]``, ``w`` ``[L]``. The ReLUs make the mask exactly 0 on part of the tokens:
-    that is the sparsity, and where the KL mask is 0 the fused op skips the divergence.
+    that is the sparsity. The loss's gradient with respect to the mask is not 0 there (it is the
+    token's log-ratio or KL term, :func:`~prefopt_kernels.losses.sparse_po_loss`); the outer ReLU
+    passes none of it to the parameters, its gradient being 0 where its input is <= 0.
 
     Initialisation: ``a`` small, ``b = 1``, ``w = 1/L``, so the mask starts near 1 everywhere
     (SparsePO starts as TDPO1) and the L1 penalty of the loss then sparsifies it.

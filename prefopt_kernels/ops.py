@@ -589,9 +589,10 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
         logits, ref_logits: ``[..., V]``, same shape, dtype (fp32, bf16, fp16) and device.
         weight: optional ``[...]`` selector (SparsePO's divergence mask). Tokens where it is
             0 are skipped entirely (neither row is read) and get divergence 0. The result
-            is NOT multiplied by the weight: the caller does that, so the weight's gradient
-            at skipped tokens is 0 — exact for the ReLU-parametrised and detached masks of
-            SparsePO.
+            is NOT multiplied by the weight: the caller does that. The gradient of
+            ``Σ_t m_t D_t`` with respect to ``m_t`` is ``D_t``, which a skipped token reports
+            as 0, so pass a mask here only when it needs no gradient (detached, or under
+            ``no_grad``); a mask that requires grad goes in as ``None`` and multiplies after.
         temperature: ``T`` with ``T`` and ``1/T`` normal fp32 numbers (about
             ``[1.2e-38, 8.5e37]``).
         beta: ``js``'s mixing weight, ``1e-30 <= beta <= 1 - 1e-30``.

@@ -190,8 +190,9 @@ def test_sparse_po_masked_garbage_in_values_and_masks():
     for g, v in zip(grads, (vw, vl) * 4):
         assert torch.isfinite(g).all()
         assert (g[v == 0] == 0).all()
-    # m_u(y_w) is 0 at (0, 1): that reward term is dropped, so neither input gets a gradient.
-    assert grads[0][0, 1] == 0 and grads[4][0, 1] == 0
+    # m_u(y_w) is 0 at the valid token (0, 1): the log-ratio gets no gradient there, the mask its
+    # term's (-c l_t, test_losses.py holds it to a reference).
+    assert grads[0][0, 1] == 0 and grads[4][0, 1] != 0
 
 
 def test_sequence_sum_uses_where_not_a_product():

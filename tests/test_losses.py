@@ -341,6 +341,74 @@ def test_sparse_po_matches_formula_with_mask_gradients():
     _check(lib, ref, [lw, ll, kw, kl, *masks])
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+def _sparse_po_reference(inputs, segments, beta, l1_reward, l1_kl):
+    """SparsePO in float64 written out over each sequence's valid tokens alone: the sums gather
+    them by index, so an invalid token is never read (its value cannot matter, and its gradient is 0)."""
+    lw, ll, kw, kl, uw, ul, dw, dl = (x.reshape(-1) for x in inputs)
+    seg_w, seg_l = segments
+
+    def sums(x, m, segs):
+        return torch.stack([(m[idx] * x[idx]).sum() for idx in segs])
+
+    def l1(m, segs):
+        return torch.stack([m[idx].abs().sum() for idx in segs])
+
+    margin = (sums(lw, uw, seg_w) - sums(ll, ul, seg_l)) - (sums(kl, dl, seg_l) - sums(kw, dw, seg_w))
+    per_pair = (-_logsig(beta * margin) + l1_reward * (l1(uw, seg_w) + l1(ul, seg_l))
+                + l1_kl * (l1(dw, seg_w) + l1(dl, seg_l)))
+    return per_pair.mean()
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_sparse_po_mask_gradient_at_exact_zeros(layout):
+    """A reward (KL) mask entry of exactly 0 at a valid token keeps its term m l_t (m KL_t) in
+    the loss, so the mask's gradient there is -c l_t (-c KL_t) for the chosen side, +c for the
+    rejected one; only the validity mask drops a token, with a zero gradient for every input
+    even where padding holds inf/NaN. Packed: the same tokens, the padding kept as [N] tokens of
+    validity 0."""
+    beta, l1u, l1d = 0.4, 0.01, 0.02
+    vw = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float64)
+    vl = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(31)
+    lw, ll = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    kw, kl = (torch.rand(3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    uw, ul, dw, dl = (0.2 + torch.rand(3, 5, generator=g, dtype=torch.float64) for _ in range(4))
+    # Exact zeros at valid tokens: both masks at (0, 1) of y_w, one of them elsewhere.
+    uw[0, 1] = uw[1, 0] = ul[1, 2] = 0.0
+    dw[0, 1] = dw[0, 3] = dl[0, 0] = dl[2, 0] = 0.0
+    # Padding holds garbage in every input.
+    for x, v, bad in ((lw, vw, NAN), (ll, vl, INF), (kw, vw, INF), (kl, vl, NAN), (uw, vw, NAN), (ul, vl, -INF),
+                      (dw, vw, INF), (dl, vl, NAN)):
+        x[v == 0] = bad
+    inputs = [x.requires_grad_(True) for x in (lw, ll, kw, kl, uw, ul, dw, dl)]
+    segments = [[row.nonzero()[:, 0] + b * 5 for b, row in enumerate(v.bool())] for v in (vw, vl)]
+    kwargs = dict(chosen_mask=vw, rejected_mask=vl, beta=beta, l1_reward=l1u, l1_kl=l1d)
+    if layout == "packed":
+        inputs = [x.detach().reshape(-1).requires_grad_(True) for x in inputs]
+        cu = torch.tensor([0, 5, 10, 15])
+        kwargs.update(chosen_mask=vw.reshape(-1), rejected_mask=vl.reshape(-1), chosen_cu_seqlens=cu,
+                      rejected_cu_seqlens=cu)
+    loss, _ = L.sparse_po_loss(*inputs, **kwargs)
+    grads = torch.autograd.grad(loss, inputs)
+    ref = _sparse_po_reference(inputs, segments, beta, l1u, l1d)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    for name, v, got, want in zip(("lw", "ll", "kw", "kl", "uw", "ul", "dw", "dl"), (vw, vl) * 4, grads, ref_grads):
+        invalid = (v == 0).reshape(got.shape)
+        assert torch.equal(got[invalid], torch.zeros_like(got[invalid])), name
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, msg=name)
+    # The zeros at valid tokens do get a gradient: the reference's, the log-ratio's or KL's value.
+    zeros_w, zeros_l = [(0, 1), (1, 0)], [(1, 2)]
+    kl_zeros_w, kl_zeros_l = [(0, 1), (0, 3)], [(0, 0), (2, 0)]
+    for grad, where in ((ref_grads[4], zeros_w), (ref_grads[5], zeros_l), (ref_grads[6], kl_zeros_w),
+                        (ref_grads[7], kl_zeros_l)):
+        assert all(grad.reshape(3, 5)[i, j] != 0 for i, j in where)
+
+
 def test_sparse_po_unit_masks_equal_tdpo1():
     lw, ll, kw, kl, vw, vl = _token_inputs(seed=3)
     ones = torch.ones(B, T, dtype=torch.float64)

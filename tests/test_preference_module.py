@@ -276,6 +276,30 @@ def test_garbage_at_ignored_tokens_is_ignored():
     assert torch.isfinite(grad).all() and (grad[ignored] == 0).all()
 
 
+def test_sparse_po_kl_mask_that_requires_grad_gets_the_kl_where_it_is_zero():
+    """A KL mask that requires grad has the gradient ±c KL_t at a valid token where it is 0, so the
+    op computes the KL there; a detached one lets the op skip those rows, with the same loss."""
+    logits, ref, labels = _batch(seed=11)
+    logp, ref_logp, kl, valid = _eager_terms(logits.detach(), ref, labels)
+    g = torch.Generator().manual_seed(12)
+    km = torch.rand(B2, T, generator=g, dtype=torch.float64)
+    km[:, 3] = 0.0  # a valid token of every row
+    assert (valid[:, 3] == 1).all()
+    leaf = km.clone().requires_grad_(True)
+    module = L.PreferenceLoss("sparse_po", beta=0.3)
+    loss, _ = module(logits, labels, ref, kl_mask=leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    expected_leaf = km.clone().requires_grad_(True)
+    u = ((logp - ref_logp) * valid).sum(1)
+    d = (expected_leaf * kl * valid).sum(1)
+    expected = -_logsig(0.3 * ((u[:2] - u[2:]) - (d[2:] - d[:2]))).mean()
+    (expected_grad,) = torch.autograd.grad(expected, expected_leaf)
+    assert (expected_grad[:, 3].abs() > 1e-3).all()
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    detached, _ = module(logits, labels, ref, kl_mask=km)
+    torch.testing.assert_close(detached, loss)
+
+
 def test_shift_labels_accepts_masks_in_either_layout():
     logits, ref, input_ids = _batch(seed=9)
     g = torch.Generator().manual_seed(10)

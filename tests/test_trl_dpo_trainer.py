@@ -10,11 +10,15 @@ in-memory preference pairs; nothing is downloaded. Skipped without TRL (or trans
   ``ld_alpha``, ``label_smoothing``, precomputed reference log-probs and TR-DPO's synced
   reference: three plain-SGD steps (fp32, lr 0.1, same seed and data, copies of one policy
   and of a different reference) of a stock ``DPOTrainer`` and of ``PrefOptDPOTrainer`` log
-  the same values (every key but the timings; ``rel=1e-5``, or 1e-6 absolute for values
-  formed as differences of fp32 log-prob sums), take the same parameter gradients at every
-  step and leave the same policy and reference (``1e-5`` relative in each tensor's norm). A
-  case that stock TRL itself fails is an expected failure naming the cause. One bf16
-  mixed-precision step logs the same values too (autocast reaches both heads alike).
+  the same values, take the same parameter gradients at every step and leave the same
+  policy and reference (``1e-5`` relative in each tensor's norm). Every logged key but the
+  timings is compared within a bound on fp32 rounding, not a measured tolerance
+  (``dpo_rounding``): both heads' worst-case rounding of each token's outputs plus the
+  exact effect of the runs' parameter drift, carried through the way TRL forms the key (a
+  reward, a difference of log-prob sums of magnitude ~10, gets a tolerance proportional to
+  those magnitudes); counts, the step and the gradient norm to ``rel=1e-5``. A case that
+  stock TRL itself fails is an expected failure naming the cause. One bf16 mixed-precision
+  step, and LoRA without a reference model, log the same values too.
 * ``sparse_po`` (each mask kind), ``tdpo1``, ``tdpo2``, ``simpo``, ``inpo`` train 10 steps:
   finite losses, TRL's metric names plus the losses' own, a non-zero gradient for every
   policy parameter tensor that feeds the loss (the learned mask's included) at every step.
@@ -42,6 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa:
 import trl.trainer.dpo_trainer as trl_dpo_module  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from dpo_rounding import HeadCapture, assert_logs_match, logged_tolerances  # noqa: E402
 from launch import run_workers  # noqa: E402
 from prefopt_kernels.integrations import trl as pk_trl  # noqa: E402
 from prefopt_kernels.integrations.trl_dpo import (  # noqa: E402
@@ -54,7 +59,6 @@ WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
 TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "entropy", "logits/chosen", "logits/rejected",
                "mean_token_accuracy", "num_tokens")
-_TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
 
 def _tokenizer():
@@ -197,16 +201,23 @@ def test_trl_cases_cover_every_trl_loss_type():
 
 
 # Both trainers round in fp32, differently (TRL's head against ours): a step's rounding
-# difference (~1e-7 relative) moves the next step's parameters, and lr 0.1 keeps that drift
-# below the tolerances over three steps.
+# difference (~1e-7 relative) moves the next step's parameters. The logged values' tolerances
+# include that drift exactly (dpo_rounding); lr 0.1 keeps it small enough over three steps for
+# the gradients' and parameters' 1e-5 in norm.
 PARITY_LR = 0.1
 
 
-def _isclose(a, b):
-    # abs_tol: a sum of fp32 token log-probs of magnitude ~40 carries ~2e-6 of rounding in either
-    # implementation, so a value formed as a difference of such sums (rewards, margins, a loss
-    # near 0, the mean logit) cannot agree to better than ~1e-6 in absolute terms.
-    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+def _captured(trainer_class, capture, **kwargs):
+    """``trainer_class(**kwargs)`` with every LM-head call of its models recorded by ``capture``: the
+    models are watched before the trainer is built (so a precompute pass is seen), a PEFT model once built."""
+    peft = "peft_config" in kwargs
+    for name in ("model", "ref_model"):
+        if kwargs.get(name) is not None and not peft:
+            capture.watch(kwargs[name])
+    trainer = trainer_class(**kwargs)
+    if peft:
+        capture.watch(trainer.model)
+    return capture.wrap(trainer)
 
 
 def _assert_close_in_norm(mine, theirs, what):
@@ -221,16 +232,16 @@ def test_bf16_mixed_precision_matches_stock_dpo(tmp_path):
     it; our head goes on before that wrapping, as TRL's does, so the reference is scored under
     autocast too and one step logs TRL's values (scored outside it, the rewards moved by ~5%)."""
     base, reference, tokenizer = _model(), _model(seed=1), _tokenizer()
-    logs = []
+    runs = []
     for trainer_class, config_class in ((DPOTrainer, DPOConfig), (PrefOptDPOTrainer, PrefOptDPOConfig)):
         args = _args(config_class, tmp_path / trainer_class.__name__, 1, 0.1, bf16=True, beta=0.5)
-        trainer = trainer_class(model=copy.deepcopy(base), ref_model=copy.deepcopy(reference), args=args,
-                                train_dataset=_dataset(), processing_class=tokenizer)
+        capture = HeadCapture()
+        trainer = _captured(trainer_class, capture, model=copy.deepcopy(base), ref_model=copy.deepcopy(reference),
+                            args=args, train_dataset=_dataset(), processing_class=tokenizer)
         trainer.train()
-        logs.append(trainer.state.log_history[0])
-    stock, ours = logs
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert _isclose(ours[key], stock[key]), (key, ours[key], stock[key])
+        runs.append((trainer.state.log_history, capture))
+    (stock, stock_heads), (ours, our_heads) = runs
+    assert_logs_match(ours, stock, logged_tolerances(trainer, our_heads, stock_heads, stock))
 
 
 @pytest.mark.parametrize("case", [
@@ -251,22 +262,20 @@ def test_trl_loss_types_match_stock_dpo(tmp_path, monkeypatch, case):
     kwargs.setdefault("beta", 0.5)
     runs = []
     for trainer_class, config_class in ((DPOTrainer, DPOConfig), (PrefOptDPOTrainer, PrefOptDPOConfig)):
-        recorder = GradientRecorder()
-        trainer = trainer_class(model=copy.deepcopy(base), ref_model=copy.deepcopy(reference),
-                                args=_args(config_class, tmp_path / trainer_class.__name__, 3, PARITY_LR, **kwargs),
-                                train_dataset=_dataset(chosen), processing_class=tokenizer, callbacks=[recorder])
+        recorder, capture = GradientRecorder(), HeadCapture()
+        trainer = _captured(trainer_class, capture, model=copy.deepcopy(base), ref_model=copy.deepcopy(reference),
+                            args=_args(config_class, tmp_path / trainer_class.__name__, 3, PARITY_LR, **kwargs),
+                            train_dataset=_dataset(chosen), processing_class=tokenizer, callbacks=[recorder])
         calls_before = len(fused_calls)
         trainer.train()
-        runs.append((trainer, recorder.steps, len(fused_calls) - calls_before))
-    (stock, stock_grads, stock_calls), (ours, our_grads, our_calls) = runs
+        runs.append((trainer, recorder.steps, len(fused_calls) - calls_before, capture))
+    (stock, stock_grads, stock_calls, stock_heads), (ours, our_grads, our_calls, our_heads) = runs
     # TRL's run never touches our head; ours scores the policy (and the reference) on it every step.
     assert stock_calls == 0 and our_calls >= 3
 
     assert len(stock.state.log_history) == len(ours.state.log_history) == 4  # three steps and the summary
-    for step, (a, b) in enumerate(zip(ours.state.log_history, stock.state.log_history)):
-        assert a.keys() == b.keys(), step
-        for key in b.keys() - set(_TIMING):
-            assert _isclose(a[key], b[key]), (step, key, a[key], b[key])
+    assert_logs_match(ours.state.log_history, stock.state.log_history,
+                      logged_tolerances(stock, our_heads, stock_heads, stock.state.log_history))
     assert all(logs["rewards/margins"] != 0.0 for logs in stock.state.log_history[:3])
     assert stock.state.log_history[0]["mean_token_accuracy"] > 0.0
 
@@ -369,19 +378,18 @@ def test_peft_policy_matches_stock_dpo(tmp_path, monkeypatch):
     runs = []
     for trainer_class, config_class in ((DPOTrainer, DPOConfig), (PrefOptDPOTrainer, PrefOptDPOConfig)):
         torch.manual_seed(0)  # the adapters' initialisation
-        trainer = trainer_class(model=copy.deepcopy(base), args=_args(config_class, tmp_path / trainer_class.__name__,
-                                                                      3, 0.5, beta=0.5),
-                                train_dataset=_dataset(), processing_class=tokenizer, peft_config=_lora())
+        capture = HeadCapture()
+        trainer = _captured(trainer_class, capture, model=copy.deepcopy(base),
+                            args=_args(config_class, tmp_path / trainer_class.__name__, 3, 0.5, beta=0.5),
+                            train_dataset=_dataset(), processing_class=tokenizer, peft_config=_lora())
         assert trainer.ref_model is None
         calls_before = len(fused_calls)
         trainer.train()
-        runs.append((trainer.state.log_history, len(fused_calls) - calls_before))
-    (stock, stock_calls), (ours, our_calls) = runs
+        runs.append((trainer.state.log_history, len(fused_calls) - calls_before, capture))
+    (stock, stock_calls, stock_heads), (ours, our_calls, our_heads) = runs
     assert stock_calls == 0 and our_calls >= 6  # policy and adapter-disabled reference, every step
     assert stock[-2]["rewards/margins"] != 0.0  # the adapters moved the policy off the reference
-    for step, (a, b) in enumerate(zip(ours, stock)):
-        for key in b.keys() - set(_TIMING):
-            assert _isclose(a[key], b[key]), (step, key, a[key], b[key])
+    assert_logs_match(ours, stock, logged_tolerances(trainer, our_heads, stock_heads, stock))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -21,9 +21,11 @@ compacted rows, the planner's tiles, the backend's fold), so results differ by r
 * the end-to-end DPO runs take two plain-SGD steps (lr 1, constant), so the final
   parameters are linear in the gradients. (With AdamW, the first update ``lr g / (|g| + eps)``
   amplifies the rounding of gradients with ``|g| ~ eps = 1e-8`` to ~1e-5 changes: measured,
-  not a defect.) Logged metrics: ``rel=1e-5, abs=1e-6`` (the absolute part covers metrics that
-  are differences of nearly equal log-probs, e.g. rewards at step 2, ~5e-2 with an absolute
-  error ~1e-7); measured <= 10% of that. Parameters: the updates ``final - initial`` agree to
+  not a defect.) Logged metrics: within the bound on fp32 rounding of ``dpo_rounding`` (both
+  heads' worst-case rounding of each token's outputs, the exact effect of the runs'
+  parameter drift, carried through the way TRL forms each metric: a reward, a difference of
+  log-prob sums, gets a tolerance proportional to the sums' magnitudes); counts and the
+  gradient norm ``rel=1e-5``. Parameters: the updates ``final - initial`` agree to
   ``1e-5 * max|update|`` plus ``4 eps max|p|`` (each run rounds ``p + update`` once per step);
   measured <= 20% of that, while the updates are > 1000 times the rounding term.
 * SFT, KTO, GRPO and RLOO built after ``use_in_trl()`` take three plain-SGD steps and log what
@@ -51,6 +53,7 @@ from torch import nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.trainer import utils as trl_utils  # noqa: E402
 
+from dpo_rounding import TIMING, HeadCapture, assert_logs_match, logged_tolerances  # noqa: E402
 from prefopt_kernels.integrations import trl as pk_trl  # noqa: E402
 
 # TRL's own head, captured at import, before any test rebinds the name.
@@ -660,22 +663,24 @@ def _dataset(model, tokenizer):
 
 
 def _train_dpo(base, tokenizer, dataset, output_dir, ref=None, steps=2, bf16=False, patch=False):
+    """A stock DPOTrainer trained ``steps`` steps; returns it, its heads' files and a
+    :class:`HeadCapture` of every LM-head call (for the logged values' tolerances)."""
     from trl import DPOConfig, DPOTrainer
 
     # Plain SGD (see the module docstring): the final parameters are then linear in the gradients.
     args = DPOConfig(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2, logging_steps=1,
                      optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", report_to=[], use_cpu=True,
                      bf16=bf16, save_strategy="no", seed=0, disable_tqdm=True)
-    trainer = DPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base if ref is None else ref),
+    capture = HeadCapture()
+    trainer = DPOTrainer(model=capture.watch(copy.deepcopy(base)),
+                         ref_model=capture.watch(copy.deepcopy(base if ref is None else ref)),
                          args=args, train_dataset=dataset, processing_class=tokenizer)
+    capture.wrap(trainer)
     if patch:
         pk_trl.apply_to_trainer(trainer)
     heads = (_head_file(trainer.model), _head_file(trainer.ref_model))
     trainer.train()
-    return trainer, heads
-
-
-_TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    return trainer, heads, capture
 
 
 def test_apply_to_trainer_keeps_mixed_precision(tmp_path, monkeypatch):
@@ -691,15 +696,15 @@ def test_apply_to_trainer_keeps_mixed_precision(tmp_path, monkeypatch):
     reference = LlamaForCausalLM(llama_config(vocab_size=len(WORDS))).eval()
     tokenizer = _tokenizer()
     dataset = _dataset(base, tokenizer)
-    stock, _ = _train_dpo(base, tokenizer, dataset, tmp_path / "stock", ref=reference, steps=1, bf16=True)
+    stock, _, stock_heads = _train_dpo(base, tokenizer, dataset, tmp_path / "stock", ref=reference, steps=1,
+                                       bf16=True)
     assert not calls
-    ours, heads = _train_dpo(base, tokenizer, dataset, tmp_path / "ours", ref=reference, steps=1, bf16=True,
-                             patch=True)
+    ours, heads, our_heads = _train_dpo(base, tokenizer, dataset, tmp_path / "ours", ref=reference, steps=1,
+                                        bf16=True, patch=True)
     assert heads == (OURS_FILE, OURS_FILE)
     assert len(calls) == 2  # the step's policy and reference forwards, both on our head
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
-        a, b = ours.state.log_history[0][key], stock.state.log_history[0][key]
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (key, a, b)
+    logs = stock.state.log_history
+    assert_logs_match(ours.state.log_history, logs, logged_tolerances(stock, our_heads, stock_heads, logs))
 
 
 def test_dpo_trainer_end_to_end(tmp_path, restore_trl):
@@ -711,26 +716,21 @@ def test_dpo_trainer_end_to_end(tmp_path, restore_trl):
     dataset = _dataset(base, tokenizer)
     initial = {k: v.clone() for k, v in base.state_dict().items()}
 
-    stock, stock_heads = _train_dpo(base, tokenizer, dataset, tmp_path / "stock")
+    stock, stock_heads, stock_capture = _train_dpo(base, tokenizer, dataset, tmp_path / "stock")
     assert stock_heads == (TRL_FILE, TRL_FILE)
 
     import trl.trainer.dpo_trainer as dpo_trainer
 
     pk_trl.use_in_trl()  # undone by the restore_trl fixture
     assert dpo_trainer.add_fused_lm_head is pk_trl.add_fused_lm_head
-    ours, ours_heads = _train_dpo(base, tokenizer, dataset, tmp_path / "ours")
+    ours, ours_heads, our_capture = _train_dpo(base, tokenizer, dataset, tmp_path / "ours")
     assert ours_heads == (OURS_FILE, OURS_FILE)
 
     logs_stock, logs_ours = stock.state.log_history, ours.state.log_history
     assert len(logs_stock) == len(logs_ours) == 3  # two logged steps and the summary
     assert "loss" in logs_stock[0] and "logits/chosen" in logs_stock[0]
     assert 0.0 < logs_stock[0]["mean_token_accuracy"] < 1.0  # is_top1 took both values
-    for a, b in zip(logs_ours, logs_stock):
-        assert a.keys() == b.keys()
-        for key in b:
-            if key in _TIMING:
-                continue
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert_logs_match(logs_ours, logs_stock, logged_tolerances(stock, our_capture, stock_capture, logs_stock))
     # The second step saw a trained policy: non-zero rewards, so the comparison covered them.
     assert logs_stock[1]["rewards/margins"] != 0.0
 
@@ -805,7 +805,7 @@ def test_other_trainers_match_stock(tmp_path, restore_trl, kind):
     for step, (a, b) in enumerate(zip(ours, stock)):
         assert a.keys() == b.keys(), step
         for key, value in b.items():
-            if key in _TIMING or key == "step_time" or not isinstance(value, float):
+            if key in TIMING or key == "step_time" or not isinstance(value, float):
                 continue
             # abs: a value formed by cancellation (RLOO's surrogate loss is 0 in exact arithmetic,
             # a mean of advantage-sized terms) keeps a few fp32 ulps of those terms.

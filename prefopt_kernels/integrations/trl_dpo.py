@@ -193,9 +193,11 @@ class PrefOptDPOTrainer(DPOTrainer):
         KL_t = KL\big(π_{ref}(·|ctx_t) \,‖\, π(·|ctx_t)\big),
 
     all three from one :func:`~prefopt_kernels.linear_token_terms` call on the policy's last
-    hidden state (with gradient) and the reference backbone's (under ``no_grad``); ``KL_t`` is
-    computed only where the KL mask is non-zero. The learned SparsePO mask is a submodule of
-    the policy (``MASK_MODULE_NAME``), so the optimizer trains it and checkpoints store it.
+    hidden state (with gradient) and the reference backbone's (under ``no_grad``). ``KL_t`` is
+    skipped where the activation mask (detached) is 0; the learned mask, while it trains, gets
+    ``KL_t`` at every completion token, since its gradient there is ``±c KL_t`` even where it is
+    0 (:func:`~prefopt_kernels.losses.sparse_po_loss`). The learned SparsePO mask is a submodule
+    of the policy (``MASK_MODULE_NAME``), so the optimizer trains it and checkpoints store it.
 
     Logged metrics: TRL's names (``rewards/chosen``, ``rewards/rejected``,
     ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
@@ -356,9 +358,11 @@ class PrefOptDPOTrainer(DPOTrainer):
                 reward_mask, kl_mask = reward_mask[:, 1:], kl_mask[:, 1:]
             head = policy.get_output_embeddings()
             scale, softcap = head_transform(policy.config.get_text_config())
+            # A zero KL mask skips the KL only if the mask needs no gradient (its gradient is KL_t).
+            div_weight = None if kl_mask is None or kl_mask.requires_grad else kl_mask
             terms, extra = linear_token_terms(
                 hidden, head.weight, labels[:, 1:], ref_hidden, ref_head.weight, head_bias=head.bias,
-                ref_head_bias=ref_head.bias, divergence="forward_kl", div_weight=kl_mask, return_entropy=True,
+                ref_head_bias=ref_head.bias, divergence="forward_kl", div_weight=div_weight, return_entropy=True,
                 logit_scale=scale, ref_logit_scale=ref_scale, softcap=softcap, ref_softcap=ref_softcap,
                 extras=("mean_logits", "is_top1"),
             )

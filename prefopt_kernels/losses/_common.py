@@ -8,8 +8,10 @@ Per-token tensors come in one of two layouts:
   (e.g. 0 on prompt tokens).
 
 Every reduction returns one value per sequence (``[B]`` or ``[S]``) and keeps the autograd graph.
-Masked tokens are dropped with ``torch.where``, never multiplied by 0: padding often holds
-garbage (inf, NaN), and ``0 * inf`` would turn the whole sum, and its gradient, into NaN.
+Tokens whose validity mask is 0 are dropped with ``torch.where``, never multiplied by 0: padding
+often holds garbage (inf, NaN), and ``0 * inf`` would turn the whole sum, and its gradient, into
+NaN. Weights (SparsePO's token masks) are factors, not validity: a valid token whose weight is 0
+still contributes ``value * 0``, so the weight's gradient there is the value.
 """
 
 from __future__ import annotations
@@ -244,34 +246,42 @@ def token_mask(name: str, mask, values: torch.Tensor, values_name: str, dtype) -
     return mask if mask.dtype == torch.bool else mask.to(dtype)
 
 
-def masked_values(values: torch.Tensor, *masks: Optional[torch.Tensor]) -> torch.Tensor:
-    """``values`` times every non-bool mask where all masks are non-zero; exactly 0 elsewhere.
+def masked_values(
+    values: torch.Tensor, valid: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``values * valid * weight`` where ``valid != 0``; exactly 0 where ``valid == 0``.
 
-    ``torch.where`` on each factor (not a product with a 0/1 mask) keeps an inf/NaN at a masked
-    token out of the result, and gives that token a gradient of exactly 0, for the values and
-    for the masks alike.
+    A bool ``valid`` only selects (a real one also multiplies, as a 0/1 mask does); None means
+    every token is valid. ``torch.where`` on each factor (not a product with a 0/1 mask) keeps an
+    inf/NaN at an invalid token out of the result and gives every input a gradient of exactly 0
+    there. ``weight`` never drops a valid token: where it is 0 the term is 0 and the weight's
+    gradient is ``values * valid`` (e.g. ``∂(Σ_t m_t r_t)/∂m_t = r_t``).
     """
-    masks = [m for m in masks if m is not None]
-    if not masks:
-        return values
-    keep = masks[0] != 0
-    for m in masks[1:]:
-        keep = keep & (m != 0)
+    if valid is None:
+        return values if weight is None else values * weight
+    keep = valid != 0
     out = torch.where(keep, values, 0.0)
-    for m in masks:
-        if m.dtype != torch.bool:
-            out = out * torch.where(keep, m, 0.0)
+    if valid.dtype != torch.bool:
+        out = out * torch.where(keep, valid, 0.0)
+    if weight is not None:
+        out = out * torch.where(keep, weight, 0.0)
     return out
 
 
-def sequence_sum(values: torch.Tensor, *masks: Optional[torch.Tensor], cu_seqlens=None) -> torch.Tensor:
-    """Sum over the tokens of each sequence of :func:`masked_values` ``(values, *masks)``.
+def sequence_sum(
+    values: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    *,
+    cu_seqlens=None,
+) -> torch.Tensor:
+    """Sum over the tokens of each sequence of :func:`masked_values` ``(values, valid, weight)``.
 
     ``values`` ``[B, T]`` -> ``[B]``, or ``[N]`` with ``cu_seqlens`` (int64 ``[S + 1]``, already
-    checked) -> ``[S]``. Masks have ``values``' shape (and, unless bool, its dtype); None means
-    all valid. A sequence with no valid token sums to 0. Differentiable in ``values`` and masks.
+    checked) -> ``[S]``. ``valid`` and ``weight`` have ``values``' shape (and, unless bool, its
+    dtype). A sequence with no valid token sums to 0. Differentiable in every input.
     """
-    x = masked_values(values, *masks)
+    x = masked_values(values, valid, weight)
     if cu_seqlens is None:
         return x.sum(dim=1)
     n_seq = cu_seqlens.numel() - 1

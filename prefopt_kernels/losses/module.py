@@ -93,8 +93,10 @@ class PreferenceLoss(nn.Module):
 
     With reference logits and a token-level loss, one call of ``pk.token_terms`` reads each
     row of both logits once and returns the policy's and the reference's label log-probs and
-    the forward KL ``KL(π_ref ‖ π)`` per token; where the KL mask is 0 the divergence is not
-    even computed. Other losses use ``pk.token_logprobs`` (the reference's under no_grad).
+    the forward KL ``KL(π_ref ‖ π)`` per token; where a KL mask that carries no gradient is 0
+    the divergence is not even computed. A KL mask that requires grad gets the KL at every
+    valid token: its gradient there is ``±c KL_t`` even where it is 0 (:func:`sparse_po_loss`).
+    Other losses use ``pk.token_logprobs`` (the reference's under no_grad).
     Sequence log-probs are sums over the tokens whose label is not ``ignore_index``; those
     counts are the lengths of ``ipo``, ``sigmoid_norm``, ``sft`` and ``simpo`` (a row without
     such a token has length 0, which ``dpo_loss`` and ``simpo`` take as 1, as TRL does).
@@ -239,8 +241,12 @@ class PreferenceLoss(nn.Module):
                       inplace_backward=self.inplace_backward)
         div = None
         if self.loss_type in _KL_LOSSES:
-            # where, not a product: the mask may hold garbage (inf/NaN) at ignored tokens.
-            div_weight = None if kl_mask is None else torch.where(is_valid, kl_mask.detach().float(), 0.0)
+            # Rows are skipped where the mask is 0 only if it needs no gradient there (its gradient
+            # is the token's KL). where, not a product: the mask may hold garbage (inf/NaN) at
+            # ignored tokens.
+            div_weight = None
+            if kl_mask is not None and not kl_mask.requires_grad:
+                div_weight = torch.where(is_valid, kl_mask.float(), 0.0)
             logp, ref_tok, div, _ = token_terms(logits, labels, ref_logits, divergence="forward_kl",
                                                 div_weight=div_weight, **common)
         else:

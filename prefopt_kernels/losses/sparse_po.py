@@ -51,12 +51,25 @@ def sparse_po_loss(
 
     with ``λ_u = l1_reward``, ``λ_d = l1_kl`` (finite, >= 0) and the L1 norms over valid tokens.
     Gradients reach the log-ratios, the KL terms and the masks. A mask given as None is all
-    ones; with unit masks the loss is TDPO1. A term is summed only where its masks are all
-    non-zero (``torch.where``, not a product): a token with validity mask 0 contributes nothing
-    even if its values or weight masks hold inf/NaN (padding), and every input's gradient there
-    is exactly 0. Likewise where ``m_u`` (``m_d``) is 0 the reward (KL) term is dropped and the
-    mask's gradient there is 0 — as the fused op already does for ``KL_t`` where the KL mask
-    is 0; exact for ReLU-parametrised and detached masks, which is what SparsePO uses.
+    ones; with unit masks the loss is TDPO1.
+
+    Padding is the validity mask's business, not the weights': a token whose validity mask is 0
+    is dropped (``torch.where``, not a product), contributing nothing even if its values or
+    masks hold inf/NaN, and every input's gradient there is exactly 0 (no validity mask: every
+    token is valid). At a valid token the terms ``m_u l_t`` and ``m_d KL_t`` are always formed,
+    a zero mask included (so a non-finite ``l_t`` or ``KL_t`` there is not hidden), and with
+    ``c = β σ(-β[(U(y_w) - U(y_l)) - (D(y_l) - D(y_w))])`` for the pair (divided by the number
+    of pairs under ``reduction="mean"``)
+
+    .. math::
+        ∂L/∂m_u(y_w)_t = -c\, l_t, \quad ∂L/∂m_u(y_l)_t = c\, l_t, \quad
+        ∂L/∂m_d(y_w)_t = -c\, KL_t, \quad ∂L/∂m_d(y_l)_t = c\, KL_t
+
+    plus the L1 terms' ``λ sign(m)`` (0 at ``m = 0``, as ``abs``'s subgradient there), also where
+    the mask is exactly 0. ``KL_t`` must then be the token's KL: the fused ops return 0 where
+    their ``div_weight`` is 0 (the row is skipped), so pass the KL mask as ``div_weight`` only
+    when it carries no gradient (detached masks, or ``no_grad``); a mask that requires grad needs
+    ``KL_t`` at every valid token (``PreferenceLoss`` and ``PrefOptDPOTrainer`` do this).
 
     Layouts as in :func:`tdpo_loss`: padded ``[B, T]`` with ``[B, T]`` masks, or packed ``[N]``
     with ``*_cu_seqlens`` ``[B + 1]`` and ``[N]`` masks; each side's log-ratios, KL and masks
