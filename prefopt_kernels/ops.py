@@ -183,9 +183,15 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 def _check_ignore_index(ignore_index) -> None:
+    """A Python int in the int64 range: the registered ops carry it as an int64 argument."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must lie in the int64 range [-2**63, 2**63 - 1]; got {ignore_index}")
 
 
 def _check_weight(weight, owner: torch.Tensor, argument: str, owner_name: str = "logits") -> Optional[torch.Tensor]:
@@ -534,7 +540,8 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
         logits: ``[..., V]`` fp32, bf16 or fp16; the vocabulary dimension contiguous, the
             leading ones may be strided (``logits[:, :-1, :]`` is read without a copy).
         labels: ``[...]`` integer, each in ``[0, V)`` or ``ignore_index``.
-        ignore_index: label value of tokens to skip (their row is never read).
+        ignore_index: label value of tokens to skip (their row is never read); an int in
+            the int64 range.
         temperature: ``T`` with ``T`` and ``1/T`` normal fp32 numbers (about
             ``[1.2e-38, 8.5e37]``).
         return_entropy: also return ``H(p)`` per token.
