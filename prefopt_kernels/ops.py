@@ -174,7 +174,21 @@ def _check_labels(labels, owner: torch.Tensor, ignore_index, owner_name: str = "
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise unless every flat label lies in ``[0, vocab)`` or equals ``ignore_index``."""
+    """Raise unless every flat label lies in ``[0, vocab)`` or equals ``ignore_index``.
+
+    The check reads a reduction back to the host: a sync, which a CUDA stream capturing a
+    graph (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``) refuses. While
+    the current stream captures, the check is skipped, and a captured graph's replays run
+    no Python at all, so labels are then checked only by the eager (warm-up) calls. An
+    out-of-range label that reaches a kernel never causes an out-of-bounds read: the Triton
+    kernels clamp the label they load into ``[0, V)`` and read a slice's label only where
+    the slice holds it; the native CPU and CUDA kernels read the label's logit only when it
+    lies in ``[0, V)`` (its log-probs are NaN for a label ``>= V`` and 0 for a negative
+    one) and give the gradient a label term only then; the reference backend clamps the
+    index it gathers at. That token's outputs are unspecified; the other tokens' are exact.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
     out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if labels.numel() and bool(out_of_range.any()):
         bad = labels[out_of_range][0].item()
