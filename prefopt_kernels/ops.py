@@ -175,7 +175,21 @@ def _check_labels(labels, owner: torch.Tensor, ignore_index, owner_name: str = "
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise unless every flat label lies in ``[0, vocab)`` or equals ``ignore_index``."""
+    """Raise unless every flat label lies in ``[0, vocab)`` or equals ``ignore_index``.
+
+    The check reads a reduction back to the host: a sync, which a CUDA stream capturing a
+    graph (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``) refuses. While
+    the current stream captures, the check is skipped, and a captured graph's replays run
+    no Python at all, so labels are then checked only by the eager (warm-up) calls. An
+    out-of-range label that reaches a kernel never causes an out-of-bounds read: the Triton
+    kernels clamp the label they load into ``[0, V)`` and read a slice's label only where
+    the slice holds it; the native CPU and CUDA kernels read the label's logit only when it
+    lies in ``[0, V)`` (its log-probs are NaN for a label ``>= V`` and 0 for a negative
+    one) and give the gradient a label term only then; the reference backend clamps the
+    index it gathers at. That token's outputs are unspecified; the other tokens' are exact.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
     out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if labels.numel() and bool(out_of_range.any()):
         bad = labels[out_of_range][0].item()
@@ -184,9 +198,15 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 def _check_ignore_index(ignore_index) -> None:
+    """A Python int in the int64 range: the registered ops carry it as an int64 argument."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must lie in the int64 range [-2**63, 2**63 - 1]; got {ignore_index}")
 
 
 def _check_weight(weight, owner: torch.Tensor, argument: str, owner_name: str = "logits") -> Optional[torch.Tensor]:
@@ -545,7 +565,8 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
         logits: ``[..., V]`` fp32, bf16 or fp16; the vocabulary dimension contiguous, the
             leading ones may be strided (``logits[:, :-1, :]`` is read without a copy).
         labels: ``[...]`` integer, each in ``[0, V)`` or ``ignore_index``.
-        ignore_index: label value of tokens to skip (their row is never read).
+        ignore_index: label value of tokens to skip (their row is never read); an int in
+            the int64 range.
         temperature: ``T`` with ``T`` and ``1/T`` normal fp32 numbers (about
             ``[1.2e-38, 8.5e37]``).
         return_entropy: also return ``H(p)`` per token.

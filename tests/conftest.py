@@ -29,6 +29,16 @@ settings.register_profile(
     max_examples=2000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# The GPU check (scripts/gpu_check.sh), which has minutes for the whole GPU subset: every
+# property test draws a tenth of its default count, so that the distinct shapes, each a
+# Triton compile on a GPU, stay few.
+settings.register_profile(
+    "gpu",
+    deadline=None,
+    derandomize=True,
+    max_examples=10,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

@@ -67,6 +67,7 @@ def _g_out(upstream):
     return torch.stack([u.abs() for u in upstream.values()]).amax(0)
 
 
+@pytest.mark.gpu  # in the GPU subset too: scripts/gpu_check.sh checks its own build with it
 def test_extension_builds():
     """The module imports (unless the build was switched off) and has_cuda reflects the build."""
     if os.environ.get("PREFOPT_NO_NATIVE") == "1" and not native.is_available():

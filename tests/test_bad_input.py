@@ -133,3 +133,40 @@ def test_empty_leading_shape_gives_empty_outputs(backend):
         logp = pk.token_logprobs(a, torch.zeros(0, 7, dtype=torch.long, device=DEVICE))
         logp.sum().backward()
     assert logp.shape == (0, 7) and a.grad.shape == a.shape
+
+
+# The registered ops carry ignore_index as an int64: a wider int must fail the check (a
+# ValueError naming it), not the op schema's conversion (a RuntimeError).
+IGNORE_INDEX_CALLS = {
+    "token_logprobs": lambda a, b, y, h, w, i: pk.token_logprobs(a, y, ignore_index=i),
+    "token_terms": lambda a, b, y, h, w, i: pk.token_terms(a, y, b, ignore_index=i),
+    "linear_token_logprobs": lambda a, b, y, h, w, i: pk.linear_token_logprobs(h, w, y, ignore_index=i),
+    "linear_token_terms": lambda a, b, y, h, w, i: pk.linear_token_terms(h, w, y, h, w, ignore_index=i),
+}
+
+
+def _linear_inputs(labels, vocab=50, width=8):
+    return torch.randn(*labels.shape, width, device=DEVICE), torch.randn(vocab, width, device=DEVICE)
+
+
+@pytest.mark.parametrize("value", [2 ** 63, -2 ** 63 - 1, 2 ** 70], ids=["2^63", "-2^63-1", "2^70"])
+@pytest.mark.parametrize("op", sorted(IGNORE_INDEX_CALLS))
+def test_ignore_index_beyond_int64_raises_naming_it(no_kernels, op, value):
+    a, b, labels = _inputs()
+    with pytest.raises(ValueError, match="ignore_index"):
+        IGNORE_INDEX_CALLS[op](a, b, labels, *_linear_inputs(labels), value)
+
+
+def test_preference_loss_ignore_index_beyond_int64_raises_naming_it():
+    with pytest.raises(ValueError, match="ignore_index"):
+        pk.losses.PreferenceLoss(ignore_index=2 ** 63)
+
+
+@pytest.mark.parametrize("value", [2 ** 63 - 1, -2 ** 63], ids=["2^63-1", "-2^63"])
+@pytest.mark.parametrize("op", sorted(IGNORE_INDEX_CALLS))
+def test_ignore_index_at_the_int64_limits_is_accepted(op, value):
+    a, b, labels = _inputs()
+    labels[0, 0] = value  # one token ignored, the rest read
+    out = IGNORE_INDEX_CALLS[op](a, b, labels, *_linear_inputs(labels), value)
+    logp = out if isinstance(out, torch.Tensor) else out.logp
+    assert logp[0, 0] == 0 and bool(torch.isfinite(logp).all()) and bool((logp[0, 1:] < 0).all())

@@ -240,7 +240,7 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row,
       if (need_ref)
         out.ref_logp = (double(Elem<DT>::load(rb[plan.label])) - st.mb) * inv_temperature_d -
                        std::log(st.sb);
-    } else {  // never reached through ops.py; a wrong label must not read out of bounds
+    } else {  // an unchecked label (graph capture skips the check) must not read out of bounds
       out.logp = out.ref_logp = NAN;
     }
   }

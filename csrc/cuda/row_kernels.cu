@@ -281,7 +281,7 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
           logp = (Elem<DT>::load(ra[plan.label]) - sa.shift) * inv_temperature - sa.offset;
           if (need_ref)
             ref_logp = (Elem<DT>::load(rb[plan.label]) - sb.shift) * inv_temperature - sb.offset;
-        } else {  // never reached through ops.py; a wrong label must not read out of bounds
+        } else {  // an unchecked label (graph capture skips the check) must not read out of bounds
           logp = ref_logp = __int_as_float(0x7fc00000);
         }
       }

@@ -73,7 +73,8 @@ def evaluate(
     log_p = row_log_softmax(logits, read, "", policy)
     safe_labels = None
     if labels is not None:
-        safe_labels = torch.where(read, labels, torch.zeros_like(labels)).long()
+        # Clamped: a label the op's range check did not see (graph capture) must not index out of bounds.
+        safe_labels = torch.where(read, labels, torch.zeros_like(labels)).long().clamp(0, logits.shape[1] - 1)
     if spec.want_logp:
         out["logp"] = torch.where(read, log_p.gather(1, safe_labels[:, None])[:, 0], zero)
     if spec.want_entropy:

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..ops import _check_ignore_index
 from ._common import check_positive, sequence_sum
 from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .inpo import inpo_loss
@@ -110,9 +111,10 @@ class PreferenceLoss(nn.Module):
     report them.
 
     Checks, each an error naming the argument: at construction, ``beta`` and ``temperature``
-    (finite real scalars > 0: Python or numpy numbers, 0-d tensors), ``ignore_index`` (int),
-    ``shift_labels`` (bool) and ``loss_kwargs`` (only the loss function's own keyword
-    arguments, with every required one, e.g. ``inpo``'s ``eta``/``tau``); in ``forward``, at
+    (finite real scalars > 0: Python or numpy numbers, 0-d tensors), ``ignore_index`` (an
+    int in the int64 range), ``shift_labels`` (bool) and ``loss_kwargs`` (only the loss
+    function's own keyword arguments, with every required one, e.g. ``inpo``'s
+    ``eta``/``tau``); in ``forward``, at
     least one pair (``2B >= 2``), every tensor's shape and device against the logits' and
     labels', and the arguments a loss type does not use (``reward_mask``/``kl_mask`` outside
     ``sparse_po``, ``prev_logps`` outside ``inpo``) — never ignored silently.
@@ -131,8 +133,7 @@ class PreferenceLoss(nn.Module):
     ):
         super().__init__()
         loss_type = _check_loss_type(loss_type)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        _check_ignore_index(ignore_index)
         if not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be a bool, got {shift_labels!r}")
         _check_loss_kwargs(loss_type, loss_kwargs)
