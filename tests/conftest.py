@@ -14,31 +14,15 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile(
-    "default",
-    deadline=None,
-    derandomize=True,
-    max_examples=100,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_QUIET = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("default", derandomize=True, max_examples=100, **_QUIET)
 # Long runs, off in CI: every property test draws 20 times its default count
 # (strategies.scaled reads max_examples), with fresh random examples each run.
-settings.register_profile(
-    "thorough",
-    deadline=None,
-    max_examples=2000,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+settings.register_profile("thorough", max_examples=2000, **_QUIET)
 # The GPU check (scripts/gpu_check.sh), which has minutes for the whole GPU subset: every
 # property test draws a tenth of its default count, so that the distinct shapes, each a
 # Triton compile on a GPU, stay few.
-settings.register_profile(
-    "gpu",
-    deadline=None,
-    derandomize=True,
-    max_examples=10,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+settings.register_profile("gpu", derandomize=True, max_examples=10, **_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
