@@ -8,6 +8,7 @@
 // Every entry point's keyword parameters are the fields of its argument struct, expanded
 // from the lists of prefopt/args.h.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -224,5 +225,12 @@ PYBIND11_MODULE(_C, m) {
 #endif
   }, "True when the module was compiled with the CUDA kernels.");
   m.def("cpu_isa", &prefopt::cpu::isa_name,
-        "Instruction-set variant of the CPU kernels chosen on this machine.");
+        "Instruction-set variant the CPU kernels run now: generic, avx2 or avx512. The widest "
+        "one this CPU supports unless PREFOPT_CPU_ISA (read on first use; ValueError when it "
+        "is unknown or cannot run here) or set_cpu_isa chose another.");
+  m.def("supported_cpu_isas", &prefopt::cpu::supported_isas,
+        "The CPU variants compiled in that this CPU runs, widest first (generic always).");
+  m.def("set_cpu_isa", &prefopt::cpu::set_isa, py::arg("isa"),
+        "Run the CPU kernels on the variant isa (one of supported_cpu_isas()) from the next "
+        "call on, in every thread. ValueError naming isa when it is unknown or cannot run here.");
 }

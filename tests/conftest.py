@@ -7,6 +7,7 @@ module imports the package.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -29,10 +30,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def pytest_collection_modifyitems(config, items):
     """The GPU subset (``-m gpu``) also holds every test of a backend that runs on the GPU
     here: Triton always, the native backend when a CUDA device is present."""
-    import pytest
-
     gpu_backends = ("triton", "native") if torch.cuda.is_available() else ("triton",)
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if params.get("backend") in gpu_backends:
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_isa(request):
+    """A test marked ``cpu_isa(name)`` runs the native CPU kernels' ``name`` variant; the
+    previous one is restored after it (``contract.with_cpu_isas`` adds the marks)."""
+    marker = request.node.get_closest_marker("cpu_isa")
+    if marker is None:
+        yield
+        return
+    from prefopt_kernels.backends import native
+
+    with native.cpu_isa(marker.args[0]):
+        yield

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import prefopt_kernels as pk
-from prefopt_kernels.backends import reference
+from prefopt_kernels.backends import native, reference
 from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,6 +30,23 @@ def backends_under_test():
         if module.supports(DEVICE):
             names.append(name)
     return names
+
+
+def with_cpu_isas(names):
+    """``names`` as pytest parameters, ``"native"`` once per CPU variant this machine runs.
+
+    On CPU the native backend's ``"native"`` runs the variant in use (the widest, or
+    ``PREFOPT_CPU_ISA``'s) and is followed by ``native-<isa>`` for every other variant of
+    ``native.supported_cpu_isas()``, marked ``cpu_isa(<isa>)`` (conftest switches to it for
+    the test). The value stays ``"native"``, so ``pk.use_backend(backend)`` is unchanged.
+    """
+    params = []
+    for name in names:
+        params.append(name)
+        if name == "native" and DEVICE.type == "cpu":
+            params += [pytest.param("native", id=f"native-{isa}", marks=pytest.mark.cpu_isa(isa))
+                       for isa in native.supported_cpu_isas() if isa != native.current_cpu_isa()]
+    return params
 
 
 def row_scale(a: torch.Tensor, b, temperature: float) -> torch.Tensor:

@@ -16,10 +16,10 @@ import prefopt_kernels as pk
 from prefopt_kernels.backends import OpSpec, native, reference
 from prefopt_kernels.divergences import DIVERGENCES, Divergence
 
-from contract import assert_grads_close, assert_tokens_close, backends_under_test, oracle, row_scale
+from contract import assert_grads_close, assert_tokens_close, backends_under_test, oracle, row_scale, with_cpu_isas
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = backends_under_test()
+BACKENDS = with_cpu_isas(backends_under_test())
 needs_native = pytest.mark.skipif(not native.is_available(), reason="native extension not built")
 
 

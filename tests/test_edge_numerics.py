@@ -15,9 +15,10 @@ import torch
 
 import prefopt_kernels as pk
 
-from contract import DEVICE, assert_grads_close, assert_tokens_close, backends_under_test, oracle, row_scale
+from contract import (DEVICE, assert_grads_close, assert_tokens_close, backends_under_test, oracle, row_scale,
+                      with_cpu_isas)
 
-KERNELS = backends_under_test()
+KERNELS = with_cpu_isas(backends_under_test())
 ALL_BACKENDS = KERNELS + ["reference"]
 NAN, INF = float("nan"), float("inf")
 

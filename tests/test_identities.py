@@ -12,9 +12,9 @@ import torch
 import prefopt_kernels as pk
 from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec, reference
 
-from contract import DEVICE, backends_under_test
+from contract import DEVICE, backends_under_test, with_cpu_isas
 
-ALL_BACKENDS = backends_under_test() + ["reference"]
+ALL_BACKENDS = with_cpu_isas(backends_under_test()) + ["reference"]
 
 
 def _logits(seed, shape, scale=3.0, dtype=torch.float32):

@@ -78,7 +78,7 @@ from torch.func import grad, jacrev, vmap
 import prefopt_kernels as pk
 from prefopt_kernels import linear as pk_linear
 
-from contract import ulp
+from contract import ulp, with_cpu_isas
 
 CPU = torch.device("cpu")
 F64 = torch.float64
@@ -96,6 +96,9 @@ def _cpu_backends():
 
 
 BACKENDS = _cpu_backends()
+# The core cases run once per native CPU variant (fold, sweep and the slice backward over
+# vocabulary tiles); the rest on the default variant.
+ISA_BACKENDS = with_cpu_isas(BACKENDS)
 # (divergence, beta, alpha): every divergence; js and alpha also at non-default parameters.
 DIVERGENCE_CASES = [(d, 0.5, 0.5) for d in pk.DIVERGENCES] + [("js", 0.2, 0.5), ("alpha", 0.5, 1.7),
                                                               ("alpha", 0.5, -0.4)]
@@ -796,7 +799,7 @@ LOGPROB_CASES = {
 
 
 @pytest.mark.parametrize("case", list(LOGPROB_CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ISA_BACKENDS)
 def test_logprobs(backend, case):
     cfg = dict(LOGPROB_CASES[case])
     ignored = cfg.pop("ignored", ())
@@ -837,7 +840,7 @@ def test_divergence(backend, divergence, beta, alpha):
 
 
 @pytest.mark.parametrize("divergence, beta, alpha", DIVERGENCE_CASES, ids=_ids(DIVERGENCE_CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ISA_BACKENDS)
 def test_terms(backend, divergence, beta, alpha):
     if backend == "triton" and (divergence, beta, alpha) not in TRITON_TERMS_CASES:
         pytest.skip("the Triton interpreter is slow: every divergence runs on it in test_divergence")
@@ -883,7 +886,7 @@ UNEVEN = {
 
 
 @pytest.mark.parametrize("case", list(UNEVEN))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ISA_BACKENDS)
 def test_uneven_tiles(backend, case, tile_spy):
     """V not a multiple of the vocabulary chunk and the kept rows not a multiple of the token chunk,
     in the forward and the backward (checked on the plans the op really made)."""

@@ -21,15 +21,15 @@ from prefopt_kernels.backends import OpSpec, row_state
 from prefopt_kernels.divergences import Divergence
 from prefopt_kernels.ops import _RowLayout
 
-from contract import DEVICE, assert_grads_close, assert_tokens_close, oracle, row_scale
+from contract import DEVICE, assert_grads_close, assert_tokens_close, oracle, row_scale, with_cpu_isas
 from strategies import cases, scaled
-
-ROW_STATE_BACKENDS = [name for name in pk.available_backends()
-                      if hasattr(__import__(f"prefopt_kernels.backends.{name}", fromlist=["fold"]), "fold")]
 
 
 def _backend(name):
     return __import__(f"prefopt_kernels.backends.{name}", fromlist=["fold"])
+
+
+ROW_STATE_BACKENDS = with_cpu_isas([name for name in pk.available_backends() if hasattr(_backend(name), "fold")])
 
 
 def _cuts(rng: random.Random, vocab: int):

@@ -29,6 +29,12 @@ active (weight and ``grad_div`` non-zero); a divergence that is ``+inf`` (suppor
 disagree where ``f`` is unbounded) keeps ``div = +inf`` and saves ``div_s = NaN``, so its
 active gradient row is NaN. Skipped rows are never read and stay 0.
 
+CPU instruction sets: the CPU kernels are compiled for generic x86-64, AVX2+FMA and AVX-512
+and run the widest variant the CPU supports. ``PREFOPT_CPU_ISA=generic|avx2|avx512`` in the
+environment (read when this module is imported) or :class:`cpu_isa` picks another; an
+unknown name, or a variant this CPU or build cannot run, raises ``ValueError`` naming the
+variable or the argument, never falling back. :func:`supported_cpu_isas` lists the choices.
+
 Row states (``prefopt_kernels.backends.row_state``): :func:`fold`, :func:`sweep` and
 :func:`slice_backward` run the same kernels over a vocabulary slice ``[v0, v0 + Vs)`` of
 every row; the whole-row ops are the slice ``v0 = 0, Vs = V`` (the forward in one call).
@@ -36,6 +42,7 @@ every row; the whole-row ops are the slice ``v0 = 0, Vs = V`` (the forward in on
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import fields
 from typing import Optional
 
@@ -49,6 +56,9 @@ try:
     from .. import _C
 except ImportError:  # built without the extension (no compiler, or PREFOPT_NO_NATIVE=1)
     _C = None
+
+if _C is not None:
+    _C.cpu_isa()  # reads PREFOPT_CPU_ISA now: a bad value fails the import, not a later kernel call
 
 # Element-type codes of csrc/include/prefopt/common.h.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -72,6 +82,40 @@ def supports(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
     return device.type == "cuda" and has_cuda()
+
+
+def supported_cpu_isas() -> list:
+    """The CPU instruction-set variants this CPU and build run, widest first.
+
+    A subset of ``["avx512", "avx2", "generic"]`` (``generic`` always); empty without the
+    extension.
+    """
+    return [] if _C is None else list(_C.supported_cpu_isas())
+
+
+def current_cpu_isa() -> Optional[str]:
+    """The variant the CPU kernels run now (``None`` without the extension)."""
+    return None if _C is None else _C.cpu_isa()
+
+
+class cpu_isa(contextlib.AbstractContextManager):
+    """Run the native CPU kernels on the instruction-set variant ``isa``.
+
+    ``isa`` is one of :func:`supported_cpu_isas`. Call it to switch, or use it as a context
+    manager to switch for a block (the previous variant is restored on exit). The choice is
+    process-wide, as ``PREFOPT_CPU_ISA`` is; CUDA kernels are unaffected. An unknown name or
+    a variant that cannot run here raises ``ValueError`` naming ``isa``.
+    """
+
+    def __init__(self, isa: str):
+        if _C is None:
+            raise RuntimeError("prefopt_kernels._C is not built: no CPU variant to choose")
+        self._previous = _C.cpu_isa()
+        _C.set_cpu_isa(isa)
+
+    def __exit__(self, *exc_info):
+        _C.set_cpu_isa(self._previous)
+        return False
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
