@@ -330,3 +330,32 @@ def test_finite_divergence_with_excluded_entries_keeps_a_finite_gradient(backend
     assert_grads_close(grad, want_grad, s, torch.ones(3), torch.float32, divergence)
     if policy_excludes:
         assert (grad[:, [3, 20]] == 0).all()
+
+
+def _nearly_equal_peaked_rows(temperature, rows=32, vocab=256, seed=0):
+    """fp32 logits near 17 with one dominant entry (p ~ 0.9) and a reference 1e-3 away: the
+    forward KL's gradient p - q is tiny while p and q are not."""
+    g = torch.Generator().manual_seed(seed)
+    a = 17.0 - 6.0 * temperature - torch.rand(rows, vocab, generator=g, dtype=torch.float64) * 6 * temperature
+    a[torch.arange(rows), torch.randint(0, vocab, (rows,), generator=g)] = 17.0
+    b = a + 1e-3 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    return a.float(), b.float()
+
+
+# Strict on CPU, where it is measured; the CUDA kernels sum alike but have not run on a GPU yet.
+@pytest.mark.xfail(strict=DEVICE.type == "cpu", reason=(
+    "known defect: the forward's sums of exponentials are added in fp32 lanes, where the lane "
+    "holding the row maximum's exp(0) = 1 rounds later terms; log_norm is then 2-3 eps off, and "
+    "p (log_norm_p - log_norm_q) exceeds the contract's 2e-7 |g_out| where p ~ q ~ 0.9 "
+    "(the backward's own error is 10 times smaller)"))
+@pytest.mark.parametrize("backend", KERNELS)
+def test_forward_kl_gradient_of_nearly_equal_peaked_rows(backend):
+    temperature = 0.7
+    a, b = _nearly_equal_peaked_rows(temperature)
+    upstream = torch.ones(a.shape[0])
+    div, grad = _div_and_grad(backend, a, b, "forward_kl", temperature=temperature)
+    want, want_grad = oracle(a, None, b, None, divergence="forward_kl", temperature=temperature,
+                             upstream={"div": upstream})
+    s = row_scale(a, b, temperature)
+    assert_tokens_close(div, want["div"], s, "forward_kl")
+    assert_grads_close(grad, want_grad, s, upstream, torch.float32, "forward_kl gradient")
