@@ -108,9 +108,9 @@ class _Head:
         return grad
 
     def gemm_operand(self, grad: torch.Tensor) -> torch.Tensor:
-        """The fp32 ``grad`` tile as the backward GEMMs take it: rounded to the GEMM dtype where
-        the GEMM accumulates half inputs in fp32 (CUDA), kept fp32 where it runs in fp32 anyway."""
-        return grad if self.widened or self.gemm_dtype == _FP32 else grad.to(self.gemm_dtype)
+        """The fp32 ``grad`` tile as the backward GEMMs take it: rounded once to the GEMM dtype,
+        on every device (so CPU and CUDA, and TRL's head, round the same gradient alike)."""
+        return grad if self.gemm_dtype == _FP32 else grad.to(self.gemm_dtype)
 
 
 def _widened(gemm_dtype: torch.dtype, device: torch.device) -> bool:
@@ -569,8 +569,10 @@ def _tile_costs(call: _Call, backward: bool):
     if backward:
         if policy.softcap is not None:
             entry += 4  # the tanh temporary
-        if not policy.widened and policy.gemm_dtype != _FP32:
+        if policy.gemm_dtype != _FP32:
             entry += _size(policy.gemm_dtype)  # the gradient rounded for a half-precision GEMM
+        if policy.widened:
+            entry += 4  # that gradient widened again for the fp32 GEMM
     elif "log_sum_sq_probs" in call.extras:
         entry += 4  # the fp32 copy of the tile that _fold_square_sum exponentiates
     column = 0

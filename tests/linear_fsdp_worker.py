@@ -61,6 +61,8 @@ def main(out):
     if dist.get_rank() == 0:
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f)
+    # No rank tears its connections down while another may still be flushing the last collective.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -30,8 +30,9 @@ contract on ITS logits, which are within ``dz`` of the exact ones:
 * bf16 on CPU: half inputs (or bf16 autocast) give a bf16 GEMM whose output is the bf16
   rounding of an fp32-accumulated sum (checked in ``test_bf16_gemm_is_rounded_fp32``):
   ``u_g = 2^-8``. It is widened to fp32 before the bias, scale and softcap, and the
-  backward's ``dL/dz`` and the chain rule through softcap and scale stay in fp32, so every
-  other term keeps fp32's ``u`` (a transform in bf16 misses these bounds by far).
+  backward's chain rule through softcap and scale runs in fp32, so every other term keeps
+  fp32's ``u`` (a transform in bf16 misses these bounds by far); the backward's ``dL/dz``
+  is then rounded once to bf16 for the GEMMs (the contract's ``ulp_bf16`` term).
 * Values: to first order an output ``x`` moves by ``sum_v |dx/dz_v| dz_v`` (+ the same for
   the reference's logits); for the label log-prob ``sum_v |dlogp/dz_v| = 2 (1 - p_y) / T``:
   at most ``2 max_v dz_v / T``. The oracle computes ``dx/dz`` exactly (float64 autograd);
@@ -382,8 +383,8 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
     hess, gz_check = hessian_bound(z0, zr, onehot, gvec, dz, dzr, **spec)
     torch.testing.assert_close(gz_check, gz, rtol=1e-9, atol=1e-12)  # the bound's own derivatives
     g_out = gvec.abs().sum(-1)
-    # dL/dz is written to an fp32 tile on every device (then rounded for a CUDA half GEMM).
-    err_z = (contract * gz.abs().amax(-1) + 2e-7 * g_out)[:, None] + ulp(gz, torch.float32) + 2 * hess
+    # dL/dz is formed in fp32 and rounded once to the GEMM dtype for the backward's GEMMs.
+    err_z = (contract * gz.abs().amax(-1) + 2e-7 * g_out)[:, None] + ulp(gz, gemm_dtype) + 2 * hess
     if divergence == "tv":
         lp = torch.log_softmax(z0 / temperature, -1)
         lq = torch.log_softmax(zr / temperature, -1)
