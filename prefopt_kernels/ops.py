@@ -169,7 +169,7 @@ def _check_labels(labels, owner: torch.Tensor, ignore_index, owner_name: str = "
         raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
-    _check_ignore_index(ignore_index)
+    check_ignore_index(ignore_index)
     _check_same(labels, "labels", owner.shape[:-1], owner, owner_name)
     return labels.reshape(-1).to(torch.int64).contiguous()
 
@@ -201,7 +201,7 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
 _INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
 
-def _check_ignore_index(ignore_index) -> None:
+def check_ignore_index(ignore_index) -> None:
     """A Python int in the int64 range: the registered ops carry it as an int64 argument."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")

@@ -40,6 +40,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..linear import linear_token_terms
 from ..losses import inpo_loss, simpo_loss, sparse_po_loss, tdpo_loss
+from ..losses.sparse_po import kl_row_selector
 from ..masks import ActivationTokenMask, LearnedTokenMask
 from .trl import add_fused_lm_head, backbone_attr, head_transform
 
@@ -358,11 +359,9 @@ class PrefOptDPOTrainer(DPOTrainer):
                 reward_mask, kl_mask = reward_mask[:, 1:], kl_mask[:, 1:]
             head = policy.get_output_embeddings()
             scale, softcap = head_transform(policy.config.get_text_config())
-            # A zero KL mask skips the KL only if the mask needs no gradient (its gradient is KL_t).
-            div_weight = None if kl_mask is None or kl_mask.requires_grad else kl_mask
             terms, extra = linear_token_terms(
                 hidden, head.weight, labels[:, 1:], ref_hidden, ref_head.weight, head_bias=head.bias,
-                ref_head_bias=ref_head.bias, divergence="forward_kl", div_weight=div_weight, return_entropy=True,
+                ref_head_bias=ref_head.bias, divergence="forward_kl", div_weight=kl_row_selector(kl_mask), return_entropy=True,
                 logit_scale=scale, ref_logit_scale=ref_scale, softcap=softcap, ref_softcap=ref_softcap,
                 extras=("mean_logits", "is_top1"),
             )

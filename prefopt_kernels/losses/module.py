@@ -8,12 +8,12 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..ops import _check_ignore_index
+from ..ops import check_ignore_index
 from ._common import check_positive, sequence_sum
 from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .inpo import inpo_loss
 from .simpo import simpo_loss
-from .sparse_po import sparse_po_loss
+from .sparse_po import kl_row_selector, sparse_po_loss
 from .tdpo import tdpo_loss
 
 # Losses that need the per-token KL (and therefore reference logits, not log-probs).
@@ -133,7 +133,7 @@ class PreferenceLoss(nn.Module):
     ):
         super().__init__()
         loss_type = _check_loss_type(loss_type)
-        _check_ignore_index(ignore_index)
+        check_ignore_index(ignore_index)
         if not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be a bool, got {shift_labels!r}")
         _check_loss_kwargs(loss_type, loss_kwargs)
@@ -242,12 +242,9 @@ class PreferenceLoss(nn.Module):
                       inplace_backward=self.inplace_backward)
         div = None
         if self.loss_type in _KL_LOSSES:
-            # Rows are skipped where the mask is 0 only if it needs no gradient there (its gradient
-            # is the token's KL). where, not a product: the mask may hold garbage (inf/NaN) at
-            # ignored tokens.
-            div_weight = None
-            if kl_mask is not None and not kl_mask.requires_grad:
-                div_weight = torch.where(is_valid, kl_mask.float(), 0.0)
+            # where, not a product: the mask may hold garbage (inf/NaN) at ignored tokens.
+            selector = kl_row_selector(kl_mask)
+            div_weight = None if selector is None else torch.where(is_valid, selector.float(), 0.0)
             logp, ref_tok, div, _ = token_terms(logits, labels, ref_logits, divergence="forward_kl",
                                                 div_weight=div_weight, **common)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,16 @@ from ._common import (
     token_count,
     token_mask,
 )
+
+
+def kl_row_selector(kl_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The KL mask as the fused ops' ``div_weight`` (rows where it is 0 are not read), or None.
+
+    Skipping a row reports ``KL_t = 0`` there, exact only for a mask that needs no gradient:
+    the loss's gradient with respect to ``m_d`` is ``±c KL_t`` even where ``m_d`` is 0. A mask
+    that requires grad is therefore not a selector (None: the KL of every token).
+    """
+    return None if kl_mask is None or kl_mask.requires_grad else kl_mask
 
 
 def sparse_po_loss(
