@@ -16,3 +16,15 @@ def run_workers(script: str, out_dir, nproc: int = 2, timeout: int = 600) -> dic
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=worker.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((Path(out_dir) / "results.json").read_text())
+
+
+def finish_worker(out_dir, results: dict) -> None:
+    """A worker's last step: rank 0 writes ``results`` to ``out_dir/results.json``, then every rank
+    waits for the others before the group is torn down (a rank that exits while another is still
+    flushing the last collective aborts the process)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        (Path(out_dir) / "results.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()

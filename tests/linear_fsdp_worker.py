@@ -7,8 +7,6 @@ the full parameters: the outputs, the hidden states' gradient and the head's gra
 from its shards). Rank 0 writes the largest errors to ``OUT/results.json``.
 """
 
-import json
-import os
 import sys
 
 import torch
@@ -16,6 +14,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import prefopt_kernels as pk
+
+from launch import finish_worker
 
 V, H = 301, 16
 
@@ -58,12 +58,7 @@ def main(out):
         "bias_grad": ((head.bias.grad.full_tensor().double() - b64.grad).abs().max() / b64.grad.abs().max()).item(),
         "ref_grad": ref_head.weight.grad is None,
     }
-    if dist.get_rank() == 0:
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f)
-    # No rank tears its connections down while another may still be flushing the last collective.
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":

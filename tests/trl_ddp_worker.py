@@ -6,13 +6,13 @@ writes, per case, the logged losses and the largest difference between the ranks
 parameters (0 when DDP all-reduced every gradient) to ``OUT/results.json``.
 """
 
-import json
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
+from launch import finish_worker
 from test_trl_dpo_trainer import CASES, _args, _dataset, _model, _tokenizer
 
 from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
@@ -37,9 +37,7 @@ def main(out):
                          "find_unused_parameters": trainer.model_wrapped.find_unused_parameters,
                          "losses": [logs["loss"] for logs in trainer.state.log_history if "loss" in logs],
                          "rank_gap": gap}
-    if dist.get_rank() == 0:
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f)
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":
