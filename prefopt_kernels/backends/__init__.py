@@ -37,23 +37,10 @@ from typing import Optional
 import torch
 
 from ..divergences import Divergence
+from ..spec import OpSpec
 
 # Public name -> code, for callers that build an OpSpec by name.
 DIVERGENCE_CODES = {d.key: d.value for d in Divergence}
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """What one call computes; the same spec is handed to forward and backward."""
-
-    temperature: float = 1.0
-    ignore_index: int = -100
-    divergence: int = 0  # a Divergence code, 0 for none
-    beta: float = 0.5  # js mixing weight, in (0, 1)
-    alpha: float = 0.5  # alpha-divergence order, not 0 or 1
-    want_logp: bool = False  # label log-prob under the policy (needs labels)
-    want_ref_logp: bool = False  # label log-prob under the reference (needs labels and ref)
-    want_entropy: bool = False  # entropy of the policy
 
 
 @dataclass
