@@ -8,14 +8,8 @@ writes an ``[N, V]`` softmax; gradients are recomputed from the saved statistics
 from . import losses, masks
 from .divergences import DIVERGENCES
 from .linear import linear_token_divergence, linear_token_logprobs, linear_token_terms
-from .ops import (
-    TokenTerms,
-    available_backends,
-    token_divergence,
-    token_logprobs,
-    token_terms,
-    use_backend,
-)
+from .dispatch import available_backends, use_backend
+from .ops import TokenTerms, token_divergence, token_logprobs, token_terms
 
 __version__ = "0.1.0"
 

@@ -23,8 +23,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .backends import OpSpec, RowStats, row_state
-from .divergences import Divergence
+from .backends import RowStats, row_state
+from .spec import HeadSpec, LinearSpec, OpSpec, float_bits, fingerprint, op_of
 
 # argmax travels with the fp32 state: exact for every index below 2**24.
 MAX_SHARDED_VOCAB = 2**24
@@ -38,14 +38,19 @@ class Shard(NamedTuple):
     vocab: int
 
 
-def shard_of(process_group, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device,
-             labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-             options: Sequence[Tuple[str, int]] = ()) -> Shard:
-    """The :class:`Shard` of a call: no communication without a group, else :func:`shard_layout`."""
+def shard_for_call(process_group, spec, has_ref: bool, local_vocab: int, rows: int, device,
+                   labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                   hidden_sizes: Sequence[int] = ()) -> Shard:
+    """The :class:`Shard` of a call of ``spec`` (an ``OpSpec`` or a ``LinearSpec``; ``hidden_sizes``
+    are the latter's heads' H).
+
+    No communication without a group; with one, the call check first (:func:`agree_on_call`).
+    """
     if process_group is None:
         return Shard(None, 0, local_vocab)
     check_group(process_group, device)
-    v0, vocab = shard_layout(local_vocab, rows, spec, has_ref, process_group, device, labels, weight, options)
+    v0, vocab = agree_on_call(spec, has_ref, local_vocab, rows, process_group, device, labels, weight,
+                              hidden_sizes)
     return Shard(process_group, v0, vocab)
 
 
@@ -55,13 +60,6 @@ def group_name(process_group, device: torch.device) -> str:
         return ""
     check_group(process_group, device)
     return process_group.group_name
-
-
-def shard_of_name(name: str, local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, device,
-                  labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                  options: Sequence[Tuple[str, int]] = ()) -> Shard:
-    """:func:`shard_of` for the group named ``name`` by :func:`group_name`."""
-    return shard_of(_group_named(name), local_vocab, rows, spec, has_ref, device, labels, weight, options)
 
 
 def shard_to_tensor(shard: Shard) -> torch.Tensor:
@@ -74,10 +72,11 @@ def shard_from_tensor(name: str, offsets: Optional[torch.Tensor], local_vocab: i
     if not name:
         return Shard(None, 0, local_vocab)
     v0, vocab = (int(x) for x in offsets.tolist())
-    return Shard(_group_named(name), v0, vocab)
+    return Shard(group_named(name), v0, vocab)
 
 
-def _group_named(name: str):
+def group_named(name: str):
+    """The process group :func:`group_name` named (``None`` for ``""``)."""
     if not name:
         return None
     from torch.distributed.distributed_c10d import _resolve_process_group
@@ -107,7 +106,7 @@ def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: 
     if rows.shape[2]:
         state = backend.fold(state, rows, labels, ref_rows, weight, spec, shard.v0)
     stats = finish_first_pass(state, labels, weight, spec, shard.group)
-    if not (spec.divergence and Divergence(spec.divergence).second_sweep):
+    if not (spec.member and spec.member.second_sweep):
         return stats
     if rows.shape[2]:
         value_sum, centred_sum = backend.sweep(stats, rows, ref_rows, labels, weight, spec, shard.v0)
@@ -135,62 +134,59 @@ def check_group(process_group, device: torch.device) -> None:
         raise ValueError(f"process_group uses nccl, which cannot communicate {device.type} tensors; use gloo")
 
 
-# The fused linear ops' own parameters in the call check. Every call sends all of them (-1 when
-# the op has none: the logits ops), so the ranks' fingerprints always have one length.
-CALL_OPTIONS = ("extras", "hidden_needs_grad", "hidden_size", "ref_hidden_size", "logit_scale", "ref_logit_scale",
-                "softcap", "ref_softcap", "head_bias", "ref_head_bias")
-
-
-def float_bits(x: float) -> int:
-    """The bits of a float64, as an int64: equal exactly when the floats are."""
-    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
-
-
-def _fingerprint(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, labels, weight, options) -> list:
-    """What every rank must agree on, as ``(name, int64)`` pairs: the op, its scalars, the caller's
-    ``options``, checksums of labels and weights and the kept labels' range; the local V first (the
-    one entry that may differ) and the labels' range last."""
+def _call_facts(spec, has_ref: bool, local_vocab: int, rows: int, labels, weight, hidden_sizes) -> list:
+    """What every rank must agree on beyond the spec, as ``(name, int64)`` pairs: the local V
+    first (the one entry that may differ), the rows, the heads' hidden sizes (what the linear
+    backward's all-reduce depends on), checksums of labels and weights, and the kept labels'
+    range last."""
+    ignore_index = op_of(spec).ignore_index
     label_sum = label_moment = weight_nonzero = weight_sum = 0
     label_min, label_max = 0, -1
     if labels is not None and labels.numel():
         positions = torch.arange(1, labels.numel() + 1, device=labels.device)
         label_sum, label_moment = int(labels.sum()), int((labels * positions).sum())
-        kept = labels[labels != spec.ignore_index]
+        kept = labels[labels != ignore_index]
         if kept.numel():
             label_min, label_max = int(kept.min()), int(kept.max())
     if weight is not None and weight.numel():
         weight_nonzero, weight_sum = int((weight != 0).sum()), float_bits(float(weight.double().sum()))
-    given = dict(options)
-    if not set(given) <= set(CALL_OPTIONS):
-        raise ValueError(f"call options must be among {CALL_OPTIONS}; got {sorted(given)}")
+    sizes = list(hidden_sizes) + [-1] * (2 - len(hidden_sizes))
     return [("local vocabulary", local_vocab), ("rows", rows), ("reference", int(has_ref)),
-            ("linear op", int(bool(given))), *((name, given.get(name, -1)) for name in CALL_OPTIONS),
-            ("divergence", int(spec.divergence)), ("logp", int(spec.want_logp)),
-            ("ref_logp", int(spec.want_ref_logp)), ("entropy", int(spec.want_entropy)),
-            ("ignore_index", int(spec.ignore_index)), ("temperature", float_bits(spec.temperature)),
-            ("beta", float_bits(spec.beta)), ("alpha", float_bits(spec.alpha)), ("labels", label_sum),
-            ("labels", label_moment), ("weight", weight_nonzero), ("weight", weight_sum),
-            ("weight", int(weight is not None)), ("labels", label_min), ("labels", label_max)]
+            ("linear op", int(isinstance(spec, LinearSpec))), ("heads[0].hidden_size", sizes[0]),
+            ("heads[1].hidden_size", sizes[1]), ("labels", label_sum), ("labels", label_moment),
+            ("weight", weight_nonzero), ("weight", weight_sum), ("weight", int(weight is not None)),
+            ("labels", label_min), ("labels", label_max)]
 
 
-# int64 values each rank contributes to a call's check: every call sends all of them.
-CALL_CHECK_INT64 = len(_fingerprint(1, 0, OpSpec(), False, None, None, ()))
+def _widest_spec() -> LinearSpec:
+    """The spec with the longest fingerprint: a fused linear call with two heads, both soft-capped."""
+    head = HeadSpec(softcap=1.0)
+    return LinearSpec(OpSpec(), (head, head))
 
 
-def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, process_group, device,
-                 labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                 options: Sequence[Tuple[str, int]] = ()):
+# int64 values each rank contributes to a call's check: every call sends this many, its
+# spec's fingerprint padded, so ranks on different ops still exchange tables of one size.
+CALL_CHECK_INT64 = len(_call_facts(OpSpec(), False, 1, 0, None, None, ())) + len(fingerprint(_widest_spec()))
+_PADDING = ("spec", -1)
+
+
+def agree_on_call(spec, has_ref: bool, local_vocab: int, rows: int, process_group, device,
+                  labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                  hidden_sizes: Sequence[int] = ()):
     """``(v0, vocab)``: this rank's shard offset and the global vocabulary, after checking the ranks agree.
 
-    Every rank contributes its local V and a fingerprint of the call (op, outputs,
-    ``ignore_index``, temperature, β, α, the op's own ``options`` as ``(name, int64)`` pairs,
-    checksums of ``labels`` and ``weight``, the range of the kept labels); every rank then sees
-    the same table, so a disagreement, or a label
-    outside the global vocabulary, raises the same ``ValueError`` on every rank instead of
-    hanging in a later collective or returning different numbers per rank.
+    Every rank contributes its local V, the call's facts (rows, reference, hidden sizes, checksums of
+    ``labels`` and ``weight``, the range of the kept labels) and ``spec``'s
+    :func:`~prefopt_kernels.spec.fingerprint`; every rank then sees the same table, so a
+    disagreement, or a label outside the global vocabulary, raises the same ``ValueError`` on
+    every rank instead of hanging in a later collective or returning different numbers per rank.
     """
     dist = _dist()
-    names, mine = zip(*_fingerprint(local_vocab, rows, spec, has_ref, labels, weight, options))
+    facts = _call_facts(spec, has_ref, local_vocab, rows, labels, weight, hidden_sizes)
+    checked = fingerprint(spec)
+    checked += [_PADDING] * (CALL_CHECK_INT64 - len(facts) - len(checked))
+    # The labels' range stays last: it is read from the table below.
+    names, mine = zip(*(facts[:-2] + checked + facts[-2:]))
     table = _all_gather(torch.tensor(mine, dtype=torch.int64, device=device), process_group).cpu()
     rank = dist.get_rank(process_group)
     differing = {names[j] for j in range(1, table.shape[1]) if bool((table[:, j] != table[0, j]).any())}
@@ -210,7 +206,7 @@ def shard_layout(local_vocab: int, rows: int, spec: OpSpec, has_ref: bool, proce
         bad = label_min if label_min < 0 else label_max
         raise ValueError(
             f"labels must lie in [0, {vocab}) (the sharded vocabulary) or equal "
-            f"ignore_index={spec.ignore_index}; found {bad}"
+            f"ignore_index={op_of(spec).ignore_index}; found {bad}"
         )
     return int(sizes[:rank].sum()), vocab
 

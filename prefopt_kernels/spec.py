@@ -70,7 +70,6 @@ class HeadSpec:
     """One LM head as a fused linear call applies it: ``z = scale (h W^T + c)``, then
     ``softcap tanh(z / softcap)`` when set; the GEMM runs in ``compute_dtype``."""
 
-    hidden_size: int
     compute_dtype: torch.dtype = torch.float32
     scale: float = 1.0
     softcap: Optional[float] = None
@@ -98,21 +97,30 @@ class LinearSpec:
         return self.heads[1] if len(self.heads) > 1 else None
 
 
+def op_of(spec) -> OpSpec:
+    """The :class:`OpSpec` of an ``OpSpec`` or of a ``LinearSpec``."""
+    return spec.op if isinstance(spec, LinearSpec) else spec
+
+
 # --------------------------------------------------------------------------- encoding
+#
+# Each spec class has a plan, made once from its annotated fields at import: a tuple of
+# ``(name, how, detail)`` steps. Encoding walks the plan with plain getattr and arithmetic, so
+# dynamo traces it inside a compiled step without a graph break.
 
 
 def encode(spec) -> list:
     """``spec`` as the flat list of scalars a registered op's ``Scalar[]`` argument carries."""
-    return [value for _, value, _ in _leaves(spec, type(spec), "")]
+    return [value for _, value, _ in _leaves(spec, _PLANS[type(spec)], "", True)]
 
 
 def decode(cls, values):
     """The inverse of :func:`encode`: a ``cls`` spec from its encoded ``values``."""
-    values = list(values)
-    spec, rest = _read(cls, values)
-    if rest:
-        raise ValueError(f"{len(rest)} values left over decoding a {cls.__name__}")
-    return spec
+    values = tuple(values)
+    if any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in values):
+        # Symbolic values belong to one trace: a cached spec must never outlive it.
+        return _decode.__wrapped__(cls, values)
+    return _decode(cls, values)
 
 
 def fingerprint(spec) -> List[Tuple[str, int]]:
@@ -121,7 +129,8 @@ def fingerprint(spec) -> List[Tuple[str, int]]:
     Floats enter by their float64 bits (equal exactly when the floats are); fields marked
     ``fingerprint=False`` (the memory budget: tiling never changes what is exchanged) are left out.
     """
-    return [(name, _as_int64(value)) for name, value, counted in _leaves(spec, type(spec), "") if counted]
+    return [(name, _as_int64(value)) for name, value, counted in _leaves(spec, _PLANS[type(spec)], "", True)
+            if counted]
 
 
 def float_bits(x: float) -> int:
@@ -133,66 +142,86 @@ def _as_int64(value) -> int:
     return float_bits(value) if isinstance(value, float) else int(value)
 
 
-@functools.lru_cache(maxsize=None)
-def _fields(cls) -> tuple:
-    hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name], f.metadata) for f in dataclasses.fields(cls))
+_DTYPE_CODES = {dtype: i for i, dtype in enumerate(DTYPES)}
 
 
-def _leaves(value, kind, name: str, counted: bool = True):
-    """``(dotted name, scalar, counted)`` for every scalar ``value`` of type ``kind`` encodes to."""
+def _plan(kind, metadata=None) -> tuple:
+    """How a value of type ``kind`` encodes: ``(how, detail)``."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if metadata is not None and metadata.get("choices") is not None:
+        return "choices", metadata["choices"]
     if dataclasses.is_dataclass(kind):
-        for field_name, field_kind, metadata in _fields(kind):
-            yield from _encode_field(getattr(value, field_name), field_kind, metadata,
-                                     f"{name}.{field_name}" if name else field_name,
-                                     counted and metadata.get("fingerprint", True))
-    elif origin is Union:  # Optional[X]: a presence flag, then X when present
+        hints = typing.get_type_hints(kind)
+        return "spec", (kind, tuple((f.name, f.metadata.get("fingerprint", True), _plan(hints[f.name], f.metadata))
+                                    for f in dataclasses.fields(kind)))
+    if origin is Union:  # Optional[X]: a presence flag, then X when present
+        return "optional", _plan(args[0])
+    if origin is tuple:  # Tuple[X, ...]: the count, then each item
+        return "tuple", _plan(args[0])
+    if kind is torch.dtype:
+        return "dtype", None
+    if kind in (bool, int, float):
+        return "scalar", kind
+    raise TypeError(f"a spec field of type {kind} has no encoding")
+
+
+def _leaves(value, plan: tuple, name: str, counted: bool):
+    """``(dotted name, scalar, counted)`` for every scalar ``value`` encodes to, following ``plan``."""
+    how, detail = plan
+    if how == "spec":
+        for field_name, field_counted, field_plan in detail[1]:
+            yield from _leaves(getattr(value, field_name), field_plan, f"{name}.{field_name}" if name else field_name,
+                               counted and field_counted)
+    elif how == "choices":  # a tuple of names among ``detail``: one bitmask
+        yield name, sum(1 << i for i, choice in enumerate(detail) if choice in value), counted
+    elif how == "optional":
         yield name, value is not None, counted
         if value is not None:
-            yield from _leaves(value, args[0], name, counted)
-    elif origin is tuple:  # Tuple[X, ...]: the count, then each item
+            yield from _leaves(value, detail, name, counted)
+    elif how == "tuple":
         yield f"{name}.count", len(value), counted
         for i, item in enumerate(value):
-            yield from _leaves(item, args[0], f"{name}[{i}]", counted)
-    elif kind is torch.dtype:
-        yield name, DTYPES.index(value), counted
-    elif kind in (bool, int, float):
-        yield name, kind(value), counted
+            yield from _leaves(item, detail, f"{name}[{i}]", counted)
+    elif how == "dtype":
+        yield name, _DTYPE_CODES[value], counted
     else:
-        raise TypeError(f"a spec field of type {kind} has no encoding")
+        yield name, detail(value), counted
 
 
-def _encode_field(value, kind, metadata, name: str, counted: bool):
-    choices = metadata.get("choices")
-    if choices is not None:  # a tuple of names among ``choices``: one bitmask
-        yield name, sum(1 << i for i, choice in enumerate(choices) if choice in value), counted
-    else:
-        yield from _leaves(value, kind, name, counted)
+@functools.lru_cache(maxsize=256)
+def _decode(cls, values: tuple):
+    spec, rest = _read(_PLANS[cls], list(values))
+    if rest:
+        raise ValueError(f"{len(rest)} values left over decoding a {cls.__name__}")
+    return spec
 
 
-def _read(kind, values: list, metadata=None):
-    """``(value of type kind, the values after it)``: one step of :func:`decode`."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if metadata and metadata.get("choices") is not None:
-        mask, choices = int(values[0]), metadata["choices"]
-        return tuple(choice for i, choice in enumerate(choices) if mask >> i & 1), values[1:]
-    if dataclasses.is_dataclass(kind):
+def _read(plan: tuple, values: list):
+    """``(value, the values after it)``: one step of :func:`decode`."""
+    how, detail = plan
+    if how == "spec":
         fields = {}
-        for field_name, field_kind, field_metadata in _fields(kind):
-            fields[field_name], values = _read(field_kind, values, field_metadata)
-        return kind(**fields), values
-    if origin is Union:
-        if not values[0]:
-            return None, values[1:]
-        return _read(args[0], values[1:])
-    if origin is tuple:
+        for field_name, _, field_plan in detail[1]:
+            fields[field_name], values = _read(field_plan, values)
+        return detail[0](**fields), values
+    if how == "choices":
+        mask = int(values[0])
+        return tuple(choice for i, choice in enumerate(detail) if mask >> i & 1), values[1:]
+    if how == "optional":
+        return (None, values[1:]) if not values[0] else _read(detail, values[1:])
+    if how == "tuple":
         count, values = int(values[0]), values[1:]
         items = []
         for _ in range(count):
-            item, values = _read(args[0], values)
+            item, values = _read(detail, values)
             items.append(item)
         return tuple(items), values
-    if kind is torch.dtype:
+    if how == "dtype":
         return DTYPES[int(values[0])], values[1:]
-    return kind(values[0]), values[1:]
+    if detail is float:
+        # As given: a float may be symbolic while a compiled step is traced, and must stay untouched.
+        return values[0], values[1:]
+    return detail(values[0]), values[1:]
+
+
+_PLANS = {cls: _plan(cls) for cls in (OpSpec, HeadSpec, LinearSpec)}

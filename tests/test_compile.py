@@ -25,8 +25,9 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import prefopt_kernels as pk
-from prefopt_kernels import ops
-from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec
+from prefopt_kernels import spec as specs
+from prefopt_kernels.backends import DIVERGENCE_CODES
+from prefopt_kernels.spec import HeadSpec, LinearSpec, OpSpec
 
 OPS = torch.ops.prefopt_kernels
 V, H, B, T = 61, 12, 2, 5
@@ -61,14 +62,10 @@ def _step(logits, ref_logits, labels, hidden, head, ref_hidden, ref_head, mask):
     return loss + 0.0 * extras["mean_logits"].sum(), extras["is_top1"]
 
 
-def _spec_arguments(**kwargs):
-    return ops.spec_arguments(OpSpec(**kwargs))
-
-
 def _token_forward_args(logits, ref_logits, labels, mask, **spec):
     labels = None if labels is None else labels.reshape(-1)
     mask = None if mask is None else mask.reshape(-1)
-    return (logits, ref_logits, labels, mask, *_spec_arguments(**spec), False, "auto", "")
+    return (logits, ref_logits, labels, mask, specs.encode(OpSpec(**spec)), False, "auto", "")
 
 
 @pytest.mark.parametrize("case", ["logprobs_entropy", "terms_js_weighted", "divergence_chi2"])
@@ -89,8 +86,9 @@ def test_opcheck_token_backward():
     logp, entropy, row_max, log_norm = OPS.token_forward(*_token_forward_args(logits.detach(), None, labels, None,
                                                                                **spec))
     n = logits.shape[:-1].numel()
-    args = (logits.detach(), None, labels.reshape(-1), None, [row_max, log_norm, entropy], torch.ones(n),
-            torch.full((n,), 0.5), None, torch.empty_like(logits), *_spec_arguments(**spec), "auto", "", None)
+    args = (logits.detach(), None, labels.reshape(-1), None, [row_max, log_norm, entropy],
+            [torch.ones(n), torch.full((n,), 0.5), None], torch.empty_like(logits), specs.encode(OpSpec(**spec)),
+            "auto", "", None)
     torch.library.opcheck(OPS.token_backward.default, args)
 
 
@@ -101,9 +99,14 @@ def test_opcheck_linear_forward(with_ref):
     spec = dict(want_logp=True, want_entropy=True)
     if with_ref:
         spec.update(divergence=DIVERGENCE_CODES["reverse_kl"], want_ref_logp=True)
-    args = (hidden, head, bias, ref_hidden if with_ref else None, ref_head if with_ref else None, None,
-            labels.reshape(-1), None, *_spec_arguments(**spec), 1.5, 1.0, 4.0, None, torch.float32, torch.float32,
-            [True, True, True], 4096, True, True, "auto", "")
+    heads = (HeadSpec(torch.float32, scale=1.5, softcap=4.0, has_bias=True),)
+    tensors = [hidden, head, bias]
+    if with_ref:
+        heads += (HeadSpec(torch.float32),)
+        tensors += [ref_hidden, ref_head]
+    linear = LinearSpec(OpSpec(**spec), heads, extras=("mean_logits", "is_top1", "log_sum_sq_probs"),
+                        memory_budget=4096, hidden_needs_grad=True)
+    args = (tensors, labels.reshape(-1), None, specs.encode(linear), "auto", "")
     # The kept tokens are data-dependent: the fake implementation gives them an unbacked size.
     torch.library.opcheck(OPS.linear_forward.default, args)
 

@@ -86,8 +86,8 @@ DIFFERING_FIELD = {"token_count": "rows", "linear_token_count": "rows", "no_toke
                    "divergence": "divergence",
                    "linear_divergence": "divergence", "return_entropy": "entropy",
                    "reference_presence": "reference", "ignore_index": "ignore_index",
-                   "linear_softcap": "softcap", "linear_extras": "extras", "linear_head_bias": "head_bias",
-                   "linear_logit_scale": "logit_scale", "linear_and_logits_op": "linear op"}
+                   "linear_softcap": "softcap", "linear_extras": "extras", "linear_head_bias": "has_bias",
+                   "linear_logit_scale": "scale", "linear_and_logits_op": "linear op"}
 
 BAD_INPUT_CASES = {
     # name: (exception type, text the message must contain; "{V}" is the global vocabulary)

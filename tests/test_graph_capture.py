@@ -1,7 +1,7 @@
 """The logits ops inside CUDA graphs, and what becomes of the label check there.
 
 The label range check reads a reduction back to the host, which a capturing CUDA stream
-refuses, so the ops skip it while the current stream captures (``ops.check_label_range``);
+refuses, so the ops skip it while the current stream captures (``checks.check_label_range``);
 the kernels then keep an out-of-range label from reading out of bounds.
 
 * Without a GPU the capture is simulated (``torch.cuda.is_current_stream_capturing``

@@ -201,11 +201,11 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_sliced_logits_are_read_without_a_copy(backend):
-    from prefopt_kernels.ops import _RowLayout
+    from prefopt_kernels.layout import RowLayout
 
     full = _logits(16, (3, 9, 700)).requires_grad_(True)
     sliced = full[:, :-1, :]
-    rows, = _RowLayout.of(sliced).rows(sliced)
+    rows, = RowLayout.of(sliced).rows(sliced)
     assert rows.data_ptr() == sliced.data_ptr() and rows.shape == (3, 8, 700)
     labels = torch.randint(0, 700, (3, 8), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with pk.use_backend(backend):
@@ -218,17 +218,17 @@ def test_sliced_logits_are_read_without_a_copy(backend):
 
 
 def test_use_backend_restores_and_env_overrides(monkeypatch):
-    from prefopt_kernels import ops
+    from prefopt_kernels import dispatch
 
-    assert ops._selected_backend() == "auto"
+    assert dispatch.selected_backend() == "auto"
     with pk.use_backend("reference"):
-        assert ops._pick_backend(torch.device("cpu")).NAME == "reference"
-    assert ops._selected_backend() == "auto"
+        assert dispatch.pick_backend(torch.device("cpu")).NAME == "reference"
+    assert dispatch.selected_backend() == "auto"
     monkeypatch.setenv("PREFOPT_BACKEND", "reference")
-    assert ops._pick_backend(torch.device("cpu")).NAME == "reference"
+    assert dispatch.pick_backend(torch.device("cpu")).NAME == "reference"
     monkeypatch.setenv("PREFOPT_BACKEND", "bogus")
     with pytest.raises(ValueError, match="PREFOPT_BACKEND"):
-        ops._pick_backend(torch.device("cpu"))
+        dispatch.pick_backend(torch.device("cpu"))
     assert "reference" in pk.available_backends()
 
 

@@ -77,7 +77,7 @@ import torch
 from torch.func import grad, jacrev, vmap
 
 import prefopt_kernels as pk
-from prefopt_kernels import linear as pk_linear
+from prefopt_kernels.linear.tiles import plan_tiles
 
 from contract import ulp, with_cpu_isas
 
@@ -754,7 +754,7 @@ def check_extras(extras, exp: Expected, call: Call):
     ((4, 50, 4, 8, 600), (1, 50)),
 ])
 def test_plan_tiles_hand_values(args, expected):
-    assert pk_linear.plan_tiles(*args) == expected
+    assert plan_tiles(*args) == expected
 
 
 def test_plan_tiles_fits_budget():
@@ -762,7 +762,7 @@ def test_plan_tiles_fits_budget():
         for vocab in (1, 7, 300, 1000):
             for entry, column in ((4, 0), (8, 64), (12, 128)):
                 for budget in (1, 100, 5000, 10**5, 10**7):
-                    t, v = pk_linear.plan_tiles(rows, vocab, entry, column, budget)
+                    t, v = plan_tiles(rows, vocab, entry, column, budget)
                     assert 1 <= t <= min(rows, 4096) and 1 <= v <= vocab
                     if budget >= entry + column:  # one entry fits: the tile fits
                         assert t * v * entry + v * column <= budget, (rows, vocab, entry, column, budget, t, v)
@@ -770,7 +770,7 @@ def test_plan_tiles_fits_budget():
                         assert v >= min(vocab, 256)
 
 
-_PLAN_TILES = pk_linear.plan_tiles
+_PLAN_TILES = plan_tiles
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 
 import prefopt_kernels as pk
 from contract import DEVICE, backends_under_test
-from prefopt_kernels import ops
+from prefopt_kernels import dispatch
 
 ALL_BACKENDS = backends_under_test() + ["reference"]
 
@@ -107,12 +107,12 @@ def test_backend_choice_is_per_thread_and_restored():
     seen = {}
 
     def worker(name):
-        before = ops._selected_backend()
+        before = dispatch.selected_backend()
         with pk.use_backend(name):
             inside.wait(timeout=30)  # every thread is inside its own block now
-            picked = ops._pick_backend(DEVICE).NAME
+            picked = dispatch.pick_backend(DEVICE).NAME
             inside.wait(timeout=30)
-        seen[name] = (before, picked, ops._selected_backend())
+        seen[name] = (before, picked, dispatch.selected_backend())
 
     with pk.use_backend("reference"):  # the main thread's choice must not leak into workers
         threads = [threading.Thread(target=worker, args=(n,)) for n in names]
@@ -120,8 +120,8 @@ def test_backend_choice_is_per_thread_and_restored():
             t.start()
         for t in threads:
             t.join(timeout=60)
-        assert ops._selected_backend() == "reference"
-    assert ops._selected_backend() == "auto"
+        assert dispatch.selected_backend() == "reference"
+    assert dispatch.selected_backend() == "auto"
     for name in names:
         assert seen[name] == ("auto", name, "auto")
 
@@ -129,12 +129,12 @@ def test_backend_choice_is_per_thread_and_restored():
 def test_nested_backend_blocks_restore_in_order():
     with pk.use_backend("reference"):
         with pk.use_backend("auto"):
-            assert ops._selected_backend() == "auto"
+            assert dispatch.selected_backend() == "auto"
             with pk.use_backend("reference"):
-                assert ops._selected_backend() == "reference"
-            assert ops._selected_backend() == "auto"
-        assert ops._selected_backend() == "reference"
-    assert ops._selected_backend() == "auto"
+                assert dispatch.selected_backend() == "reference"
+            assert dispatch.selected_backend() == "auto"
+        assert dispatch.selected_backend() == "reference"
+    assert dispatch.selected_backend() == "auto"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -4,18 +4,19 @@ import pytest
 import torch
 
 import prefopt_kernels.ops as ops
+from prefopt_kernels import dispatch
 import prefopt_kernels as pk
 from prefopt_kernels import losses as L
 
 
 def _cpu_backends():
-    return [n for n in pk.available_backends() if ops._backend_module(n).supports(torch.device("cpu"))]
+    return [n for n in pk.available_backends() if dispatch.backend_module(n).supports(torch.device("cpu"))]
 
 
 @pytest.fixture(autouse=True, params=_cpu_backends())
 def backend(request):
     """The module end to end on every backend that runs on CPU tensors here."""
-    with ops.use_backend(request.param):
+    with pk.use_backend(request.param):
         yield request.param
 
 B2, T, V = 4, 7, 11  # 2B rows: chosen [0, 2), rejected [2, 4)

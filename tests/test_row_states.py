@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import prefopt_kernels as pk
 from prefopt_kernels.backends import OpSpec, row_state
 from prefopt_kernels.divergences import Divergence
-from prefopt_kernels.ops import _RowLayout
+from prefopt_kernels.layout import RowLayout
 
 from contract import DEVICE, assert_grads_close, assert_tokens_close, oracle, row_scale, with_cpu_isas
 from strategies import cases, scaled
@@ -101,7 +101,7 @@ def test_sliced_rows_match_the_whole_row(backend, divergence, case, seed, entrop
     labels = case.labels.reshape(-1).contiguous().to(DEVICE)
     weight = None if (case.weight is None or not has_ref) else case.weight.reshape(-1).contiguous().to(DEVICE)
     inputs = (a.to(DEVICE), b.to(DEVICE) if has_ref else None)
-    rows, ref_rows = _RowLayout.of(*inputs).rows(*inputs)
+    rows, ref_rows = RowLayout.of(*inputs).rows(*inputs)
     stats = _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng)
 
     want, grad_ref = oracle(a, case.labels, b if has_ref else None, None if weight is None else case.weight,
@@ -152,7 +152,7 @@ def test_merge_is_associative_and_commutative_on_hand_built_states():
     a = torch.tensor([[1.0, 3.0, -2.0]])
     b = torch.tensor([[0.5, -1.0, 2.0]])
     labels = torch.tensor([2])
-    rows, ref_rows = _RowLayout.of(a, b).rows(a, b)
+    rows, ref_rows = RowLayout.of(a, b).rows(a, b)
     module = _backend("reference")
     pieces = [module.fold(row_state.empty(1, spec, True, "cpu"), rows[..., j:j + 1], labels, ref_rows[..., j:j + 1],
                           None, spec, j) for j in range(3)]

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..ops import check_ignore_index
+from ..checks import check_ignore_index
 from ._common import check_positive, sequence_sum
 from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .inpo import inpo_loss

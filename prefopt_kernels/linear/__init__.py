@@ -1,0 +1,230 @@
+r"""The token ops from hidden states and the LM head: no ``[N, V]`` tensor is ever allocated.
+
+For a model with hidden states ``h`` (``[..., H]``), LM head ``W`` (``[V, H]``) and bias
+``c``, the logits the ops of :mod:`prefopt_kernels.ops` read are
+
+    z = logit_scale * (h W^T + c),   then   z <- softcap * tanh(z / softcap)   (when set),
+
+and the ops divide by the temperature ``T`` as always: exactly the transform TRL's fused
+LM head applies, so results match it. Outputs and semantics are those of the logits ops.
+
+How a call runs (the same for every op and divergence):
+
+* **Compact rows.** Tokens whose label is ``ignore_index`` (and, for
+  :func:`linear_token_divergence`, whose ``div_weight`` is 0) are dropped before any
+  matmul: prompt and padding tokens cost nothing.
+* **Tiles.** The kept rows go in token chunks; each chunk's logits are produced one
+  vocabulary chunk at a time by ``torch.mm`` into one reused fp32 buffer (a half-precision
+  GEMM writes fp32 directly on CUDA; on a CPU its half result is widened) and the bias,
+  scale and softcap act on fp32 values; the tile is then folded into mergeable per-row
+  states by the backend's ``fold`` kernel (:mod:`prefopt_kernels.backends.row_state`).
+  The tile shape comes from ``memory_budget``. Divergences with a second sweep (js, tv,
+  hellinger, chi2, alpha) project every tile once more, after the normalisers are known.
+* **Backward.** Each tile is projected again and turned into ``dL/dz`` in place by the
+  backend's ``slice_backward`` (from the saved per-row statistics alone), then into the
+  gradient of ``h W^T + c``; ``d h = dz W`` and ``d W = dz^T h`` accumulate in fp32 and are
+  cast once at the end. Gradients reach the policy's ``hidden``, ``head_weight`` and
+  ``head_bias`` only.
+
+Head weights that are FSDP2 ``DTensor``\ s are gathered with ``full_tensor()`` before the
+call (its backward reduces the gradient); DeepSpeed ZeRO-3 partitioned weights are gathered
+for the checks and the forward, and again for the backward (:mod:`.sharded_heads`).
+
+Modules: :mod:`.heads` (a head's GEMM and transform), :mod:`.tiles` (the tile plan),
+:mod:`.passes` (forward and backward over the tiles), :mod:`.registered` (the registered ops
+and their autograd), :mod:`.sharded_heads` (FSDP2 / ZeRO-3 heads); the public functions here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import distributed, spec as specs
+from ..checks import (check_budget, check_extras, check_head, check_hidden, check_labels, check_weight,
+                      head_spec, op_spec)
+from ..dispatch import backend_selection
+from ..ops import TokenTerms
+from ..spec import LinearSpec
+from .registered import flat_head_tensors
+from .sharded_heads import gathered, partitioned, unsharded
+
+
+def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, **options):
+    """Gather sharded heads, check everything, run the registered op: ``(outputs, extras)`` by name."""
+    head_weight, head_bias = unsharded(head_weight, head_bias)
+    if ref_hidden is not None:
+        ref_head_weight, ref_head_bias = unsharded(ref_head_weight, ref_head_bias, differentiable=False)
+    if torch.compiler.is_compiling() and partitioned(head_weight, head_bias, ref_head_weight, ref_head_bias):
+        # A compiled backward is traced without the parameters' ZeRO-3 state, so it could not gather them.
+        raise ValueError("ZeRO-3 partitioned head weights are gathered by eager calls only: call the op "
+                         "outside torch.compile, or gather the head first")
+    with gathered(head_weight, head_bias, ref_head_weight, ref_head_bias):
+        return _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight,
+                             ref_head_bias, **options)
+
+
+def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
+                  op_options: dict, div_weight=None, ignore_index=-100, logit_scale=1.0, ref_logit_scale=1.0,
+                  softcap=None, ref_softcap=None, extras=(), memory_budget=None, process_group=None):
+    """Check every input once, build the call's :class:`LinearSpec` and run ``linear_forward``.
+
+    No data-dependent branch: the registered op checks the labels' range.
+    """
+    sharded = process_group is not None
+    check_hidden(hidden, "hidden")
+    check_head(hidden, head_weight, head_bias, "", None, sharded)
+    has_ref = ref_hidden is not None or op_options.get("divergence") or op_options.get("want_ref_logp")
+    if has_ref:
+        check_hidden(ref_hidden, "ref_hidden")  # None too, where the op needs the reference
+        if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])}; "
+                f"got {tuple(ref_hidden.shape[:-1])}"
+            )
+        if ref_hidden.device != hidden.device:
+            raise ValueError(f"ref_hidden must be on the device of hidden ({hidden.device}); got {ref_hidden.device}")
+        check_head(ref_hidden, ref_head_weight, ref_head_bias, "ref_", head_weight.shape[0], sharded)
+    op = op_spec(ignore_index=ignore_index if labels is not None else -100, **op_options)
+    if labels is not None or op.want_logp:
+        labels = check_labels(labels, hidden, ignore_index, owner_name="hidden")
+    div_weight = check_weight(div_weight, hidden, "div_weight", owner_name="hidden")
+    heads = (head_spec(hidden, head_bias, logit_scale, softcap, ""),)
+    per_head = [(hidden, head_weight, head_bias)]
+    if has_ref:
+        heads += (head_spec(ref_hidden, ref_head_bias, ref_logit_scale, ref_softcap, "ref_"),)
+        per_head.append((ref_hidden, ref_head_weight, ref_head_bias))
+    linear = LinearSpec(op=op, heads=heads, extras=check_extras(extras), memory_budget=check_budget(memory_budget),
+                        hidden_needs_grad=torch.is_grad_enabled() and hidden.requires_grad)
+    group = distributed.group_name(process_group, hidden.device)
+    outputs = torch.ops.prefopt_kernels.linear_forward(flat_head_tensors(per_head), labels, div_weight,
+                                                       specs.encode(linear), backend_selection(), group)
+    wanted = op.outputs()
+    result = dict(zip(wanted, outputs))
+    extra_values = dict(zip(linear.extras, outputs[len(wanted):len(wanted) + len(linear.extras)]))
+    return result, extra_values
+
+
+def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore_index: int = -100,
+                          temperature: float = 1.0, logit_scale: float = 1.0, softcap=None,
+                          return_entropy: bool = False, extras=(), memory_budget: Optional[int] = None,
+                          process_group=None):
+    r"""Label log-probabilities (and entropies) of ``softmax(z / T)`` with ``z`` from the LM head, in tiles.
+
+    ``z = logit_scale (h W^T + c)``, then ``softcap tanh(z / softcap)`` when ``softcap`` is
+    set; ``logp = z_y / T - lse(z / T)`` and ``H = lse(z / T) - sum_i p_i z_i / T`` exactly as
+    :func:`prefopt_kernels.token_logprobs` on ``z``, which is never materialised beyond one
+    ``[token chunk, vocab chunk]`` tile. Gradients flow to ``hidden``, ``head_weight`` and
+    ``head_bias``.
+
+    Args:
+        hidden: ``[..., H]`` fp32, bf16 or fp16 (any strides: a ``[B, T - 1, H]`` slice of the
+            last hidden state is read row by row, without a copy of the whole).
+        head_weight: ``[V, H]`` fp32, bf16 or fp16 on ``hidden``'s device (an FSDP2 ``DTensor``
+            or a ZeRO-3 partitioned parameter is gathered for the call).
+        labels: ``[...]`` integer in ``[0, V)`` or ``ignore_index``; ignored tokens are dropped
+            before any matmul and get 0.
+        head_bias: optional ``[V]``.
+        temperature: ``T``, as in :func:`prefopt_kernels.token_logprobs`.
+        logit_scale: finite multiplier of the projection (Cohere, Granite, ...); 0 gives
+            the uniform distribution, as TRL does.
+        softcap: ``None`` or a positive final-logit soft cap (Gemma).
+        return_entropy: also return ``H(p)``.
+        extras: names among ``"mean_logits"`` (``mean_i z_i / T``), ``"is_top1"`` (the label
+            is the first maximum of ``z``, bool) and ``"log_sum_sq_probs"``
+            (``log sum_i p_i^2``): TRL's ``FusedCausalLMOutput`` fields, not differentiable,
+            0 (``False``) at ignored tokens.
+        memory_budget: bytes for the tiles and their temporaries (default 64 MiB); sets the
+            token and vocabulary chunk sizes.
+        process_group: a ``torch.distributed`` group over which the head is sharded by
+            vocabulary (tensor parallelism): each rank passes its rows ``head_weight[V_r, H]``
+            (and ``head_bias[V_r]``), shards in rank order, any sizes (0 included), and the
+            replicated ``hidden``; labels are global ids. Every rank gets the global outputs,
+            its shard's weight and bias gradients, and the full ``hidden`` gradient (summed
+            over the ranks in the backward). Bytes per kept token: ``4 R F`` in the forward's
+            all-gather (``F`` as :func:`prefopt_kernels.token_logprobs` states, plus 1 for
+            ``mean_logits`` and 2 for ``log_sum_sq_probs``), ``4 H`` in the backward's
+            all-reduce, and the 29 int64 per rank of the call check.
+
+    Compute dtype: the autocast dtype when autocast is on for ``hidden``'s device, else
+    ``hidden.dtype``. Logit tiles are fp32: a half-precision GEMM on a CPU rounds its result to
+    the compute dtype (as PyTorch's own CPU matmul does) before it is widened; the bias, scale
+    and softcap then act in fp32 on every device.
+
+    Returns:
+        ``logp`` fp32 ``[...]``, or ``(logp, entropy)``; with ``extras``, a further last
+        element: a dict from each name asked for to its ``[...]`` tensor.
+    """
+    out, extra = _run(hidden, head_weight, head_bias, labels, None, None, None,
+                      op_options=dict(temperature=temperature, want_logp=True, return_entropy=return_entropy),
+                      ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, extras=extras,
+                      memory_budget=memory_budget, process_group=process_group)
+    result = (out["logp"], out["entropy"]) if return_entropy else (out["logp"],)
+    if extras:
+        result = result + (extra,)
+    return result if len(result) > 1 else result[0]
+
+
+def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *, head_bias=None,
+                            ref_head_bias=None, divergence: str = "forward_kl", beta: float = 0.5,
+                            alpha: float = 0.5, div_weight=None, temperature: float = 1.0,
+                            logit_scale: float = 1.0, ref_logit_scale: float = 1.0, softcap=None,
+                            ref_softcap=None, memory_budget: Optional[int] = None, process_group=None):
+    r"""Per-token ``D_f(p, q)`` between the policy's and the reference's heads, in tiles.
+
+    ``p = softmax(z / T)`` and ``q = softmax(z_ref / T)`` with each side's ``z`` formed from
+    its own hidden states, head, ``logit_scale`` and ``softcap``; the divergences and their
+    gradient are those of :func:`prefopt_kernels.token_divergence`. Tokens where
+    ``div_weight`` is 0 are dropped before any matmul and get 0.
+
+    Args:
+        hidden, head_weight, head_bias: the policy's ``[..., H]``, ``[V, H]``, ``[V]``.
+        ref_hidden, ref_head_weight, ref_head_bias: the reference's ``[..., H_ref]`` (same
+            leading shape; ``H_ref`` may differ), ``[V, H_ref]``, ``[V]``; no gradient.
+        divergence, beta, alpha, div_weight, temperature: as in
+            :func:`prefopt_kernels.token_divergence`.
+        logit_scale, ref_logit_scale, softcap, ref_softcap, memory_budget: as in
+            :func:`linear_token_logprobs`, per side.
+        process_group: as in :func:`linear_token_logprobs`, both heads sharded alike (``F`` as
+            :func:`prefopt_kernels.token_divergence` states).
+
+    Returns:
+        fp32 ``[...]`` per-token divergence.
+    """
+    out, _ = _run(hidden, head_weight, head_bias, None, ref_hidden, ref_head_weight, ref_head_bias,
+                  op_options=dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha),
+                  div_weight=div_weight, logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
+                  softcap=softcap, ref_softcap=ref_softcap, memory_budget=memory_budget,
+                  process_group=process_group)
+    return out["div"]
+
+
+def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight, *, head_bias=None,
+                       ref_head_bias=None, divergence: str = "forward_kl", div_weight=None,
+                       ignore_index: int = -100, temperature: float = 1.0, beta: float = 0.5,
+                       alpha: float = 0.5, return_entropy: bool = False, logit_scale: float = 1.0,
+                       ref_logit_scale: float = 1.0, softcap=None, ref_softcap=None, extras=(),
+                       memory_budget: Optional[int] = None, process_group=None):
+    r"""Everything a token-level preference loss needs, from one tiled pass over both heads.
+
+    :func:`prefopt_kernels.token_terms` on ``z`` and ``z_ref`` (see
+    :func:`linear_token_divergence`): ``logp``, ``ref_logp``, ``div`` (0 where
+    ``div_weight`` is 0) and optionally ``entropy``, each fp32 ``[...]``, 0 at ignored
+    tokens, which are dropped before any matmul. Gradients reach the policy's ``hidden``,
+    ``head_weight`` and ``head_bias``; ``ref_logp`` is not differentiable.
+
+    Args: as :func:`linear_token_logprobs` and :func:`linear_token_divergence`; ``extras``
+        are the policy's.
+
+    Returns:
+        :class:`~prefopt_kernels.TokenTerms`; with ``extras``, ``(TokenTerms, dict)``.
+    """
+    out, extra = _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
+                      op_options=dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha,
+                                      want_logp=True, want_ref_logp=True, return_entropy=return_entropy),
+                      div_weight=div_weight, ignore_index=ignore_index, logit_scale=logit_scale,
+                      ref_logit_scale=ref_logit_scale, softcap=softcap, ref_softcap=ref_softcap, extras=extras,
+                      memory_budget=memory_budget, process_group=process_group)
+    terms = TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
+    return (terms, extra) if extras else terms

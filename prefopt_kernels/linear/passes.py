@@ -1,0 +1,209 @@
+"""The two passes of a fused linear call over its tiles: the forward folds every projected tile
+into row states (and sweeps it again for a second-sweep divergence), the backward re-projects
+every tile and accumulates the gradients of the hidden states, the head weight and its bias."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import List, Optional
+
+import torch
+
+from .. import distributed
+from ..backends import RowStats, row_state
+from ..spec import LinearSpec
+from .heads import FP32, Head, accumulate, gather_rows, scatter_rows
+from .tiles import TilePlan, fp32_tile_count
+
+
+@dataclass
+class LinearCall:
+    """Everything one pass over the tiles needs; each registered op builds it from its arguments."""
+
+    spec: LinearSpec
+    heads: List[Head]  # the policy's, then the reference's when there is one
+    index: torch.Tensor  # [n] int64: the kept tokens, in flat order
+    labels: Optional[torch.Tensor]  # [n] int64 of the kept tokens
+    weight: Optional[torch.Tensor]  # [n] fp32 of the kept tokens
+    vocab: int  # this rank's (the local) vocabulary
+    backend: object
+    shard: distributed.Shard  # the vocabulary shard of this rank (the whole vocabulary unsharded)
+
+    @property
+    def policy(self) -> Head:
+        return self.heads[0]
+
+    @property
+    def reference(self) -> Optional[Head]:
+        return self.heads[1] if len(self.heads) > 1 else None
+
+    def plan(self, backward: bool) -> TilePlan:
+        return TilePlan(self.heads, self.index.numel(), self.vocab, self.spec.memory_budget, self.spec.extras,
+                        backward)
+
+
+def backend_rows(tile: torch.Tensor) -> torch.Tensor:
+    """The backend interface's ``[B, T, Vs]`` view of a ``[n, Vs]`` tile."""
+    return tile.unsqueeze(0)
+
+
+def _chunk_of(x: Optional[torch.Tensor], t0: int, t1: int) -> Optional[torch.Tensor]:
+    return None if x is None else x[t0:t1]
+
+
+def stats_rows(stats: RowStats, t0: int, t1: int) -> RowStats:
+    """The statistics of rows ``[t0, t1)``."""
+    return RowStats(**{f.name: _chunk_of(getattr(stats, f.name), t0, t1) for f in fields(RowStats)})
+
+
+def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
+    """Fold every tile of every kept row; return their :class:`RowStats` and the extras asked for.
+
+    ``hidden`` holds each head's hidden states. The per-chunk states are concatenated and
+    finished once (merged over the shards' group first, when sharded), so the collectives do
+    not depend on the tiling.
+    """
+    op, backend, shard, extras = call.spec.op, call.backend, call.shard, call.spec.extras
+    device = hidden[0].device
+    plan = call.plan(backward=False)
+    has_ref = call.reference is not None
+    inv_temperature = 1.0 / op.temperature
+    want_sum, want_squares = "mean_logits" in extras, "log_sum_sq_probs" in extras
+    n_rows = call.index.numel()
+    state = row_state.empty(n_rows, op, has_ref, device)
+    logit_sum = torch.zeros(n_rows, dtype=FP32, device=device)
+    square_sum = torch.zeros(n_rows, dtype=FP32, device=device)
+
+    def chunk_rows(t0, t1):
+        index = call.index[t0:t1]
+        return [gather_rows(h, index, head.gemm_dtype) for h, head in zip(hidden, call.heads)]
+
+    def project(rows, v0, v1):
+        a = plan.project(call.policy, rows[0], v0, v1, 0)
+        b = plan.project(call.reference, rows[1], v0, v1, 1) if has_ref else None
+        return a, b
+
+    for t0, t1 in plan.token_ranges:
+        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+        rows = chunk_rows(t0, t1)
+        chunk = row_state.empty(t1 - t0, op, has_ref, device)
+        for v0, v1 in plan.vocab_ranges:
+            a, b = project(rows, v0, v1)
+            previous_max = chunk.max
+            chunk = backend.fold(chunk, backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
+                                 shard.v0 + v0)
+            if want_sum:
+                logit_sum[t0:t1] += a.sum(-1, dtype=FP32)
+            if want_squares:
+                square_sum[t0:t1] = _fold_square_sum(square_sum[t0:t1], previous_max, chunk.max, a,
+                                                     inv_temperature)
+        for name, value in chunk.tensors().items():
+            getattr(state, name)[t0:t1] = value
+    if shard.group is not None:
+        # The extras travel with the state only when asked for.
+        extra = ((logit_sum,) if want_sum else ()) + ((state.max, square_sum) if want_squares else ())
+        state, gathered = distributed.merge_across(state, op, shard.group, extra=extra)
+        if want_sum:
+            logit_sum = gathered.pop(0).sum(0)
+        if want_squares:
+            local_maxima, square_sums = gathered
+            square_sum = (square_sums * _rescale(local_maxima, state.max, 2.0 * inv_temperature)).sum(0)
+    stats = row_state.finalize(state, call.labels, call.weight, op)
+    if op.member and op.member.second_sweep:
+        value_sum = torch.zeros(n_rows, dtype=FP32, device=device)
+        centred_sum = torch.zeros(n_rows, dtype=FP32, device=device)
+        for t0, t1 in plan.token_ranges:
+            labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+            rows = chunk_rows(t0, t1)
+            chunk_stats = stats_rows(stats, t0, t1)
+            for v0, v1 in plan.vocab_ranges:
+                a, b = project(rows, v0, v1)
+                value, centred = backend.sweep(chunk_stats, backend_rows(a), backend_rows(b), labels, weight, op,
+                                               shard.v0 + v0)
+                value_sum[t0:t1] += value
+                centred_sum[t0:t1] += centred
+        stats = distributed.finish_second_pass(stats, value_sum, centred_sum, call.labels, call.weight, op,
+                                               shard.group)
+    extra_values = {}
+    if want_sum:
+        extra_values["mean_logits"] = logit_sum * (inv_temperature / shard.vocab)
+    if "is_top1" in extras:
+        extra_values["is_top1"] = state.argmax == call.labels
+    if want_squares:
+        # log sum p^2 = log sum exp(2 (a - m) / T) - 2 log Z, both relative to the final max m.
+        extra_values["log_sum_sq_probs"] = torch.log(square_sum) - 2.0 * stats.log_norm
+    return stats, extra_values
+
+
+def _rescale(old_max: torch.Tensor, new_max: torch.Tensor, factor: float) -> torch.Tensor:
+    """``exp(factor (old_max - new_max))``, 0 where ``old_max`` is ``-inf`` (nothing folded there yet)."""
+    live = (old_max > -float("inf")) & (new_max > -float("inf"))
+    return torch.where(live, torch.exp((old_max - new_max) * factor), 0.0)
+
+
+def _fold_square_sum(acc, previous_max, new_max, tile, inv_temperature):
+    """``sum exp(2 (a - m) / T)`` carried from the running max ``previous_max`` to ``new_max``, plus this tile."""
+    shift = torch.where(new_max > -float("inf"), new_max, 0.0)
+    # One fp32 copy of the tile, exponentiated in place: the only temporary tile_costs counts.
+    powers = tile.to(FP32, copy=True).sub_(shift[:, None]).mul_(2.0 * inv_temperature).exp_()
+    tile_sum = powers.sum(-1)
+    return acc * _rescale(previous_max, new_max, 2.0 * inv_temperature) + tile_sum
+
+
+def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats, upstream: dict, needs):
+    """Re-project every tile, turn it into ``dL/d(h W^T + c)`` and accumulate the three gradients.
+
+    ``needs`` flags the gradients of the policy's hidden states, head weight and bias; returns
+    them (``None`` where not asked for).
+    """
+    op, backend, shard = call.spec.op, call.backend, call.shard
+    policy, reference = call.policy, call.reference
+    policy_hidden = hidden[0]
+    device = policy_hidden.device
+    needs_hidden, needs_weight, needs_bias = needs
+    plan = call.plan(backward=True)
+    has_ref = reference is not None
+    separate_grad = fp32_tile_count(call.heads, True) > len(call.heads)
+    # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
+    hidden_grad_dtype = policy_hidden.dtype if shard.group is None else FP32
+    grad_hidden = (torch.zeros(policy_hidden.shape, dtype=hidden_grad_dtype, device=device)
+                   if needs_hidden else None)
+    grad_weight = torch.zeros(policy.weight.shape, dtype=FP32, device=device) if needs_weight else None
+    grad_bias = torch.zeros(policy.bias.shape, dtype=FP32, device=device) if needs_bias else None
+    for t0, t1 in plan.token_ranges:
+        index = call.index[t0:t1]
+        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+        chunk_stats = stats_rows(stats, t0, t1)
+        g = {k: v[t0:t1] for k, v in upstream.items()}
+        h = gather_rows(policy_hidden, index, policy.gemm_dtype)
+        h_ref = gather_rows(hidden[1], index, reference.gemm_dtype) if has_ref else None
+        # A widened head's GEMMs run in fp32: its rows are widened once per chunk, not per tile.
+        h_weight_grad = h.float() if policy.widened and needs_weight else h
+        n = t1 - t0
+        grad_h = torch.zeros((n, policy_hidden.shape[-1]), dtype=FP32, device=device) if needs_hidden else None
+        for v0, v1 in plan.vocab_ranges:
+            width = v1 - v0
+            a = plan.project(policy, h, v0, v1, 0)
+            b = plan.project(reference, h_ref, v0, v1, 1) if has_ref else None
+            dz = plan.tile(1 + has_ref, n, width) if separate_grad else a
+            backend.slice_backward(backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
+                                   chunk_stats, g.get("logp"), g.get("entropy"), g.get("div"), backend_rows(dz),
+                                   shard.v0 + v0)
+            dz = policy.pre_transform_grad(dz, a)
+            dz_gemm = policy.gemm_operand(dz)
+            if grad_h is not None:
+                accumulate(grad_h, dz_gemm, policy.weight[v0:v1].to(policy.gemm_dtype))
+            if grad_weight is not None:
+                accumulate(grad_weight[v0:v1], dz_gemm.t(), h_weight_grad)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += dz.sum(0, dtype=FP32)
+        if grad_h is not None:
+            scatter_rows(grad_hidden, index, grad_h)
+    if grad_hidden is not None and shard.group is not None:
+        distributed.all_reduce_sum(grad_hidden, process_group=shard.group)
+        grad_hidden = grad_hidden.to(policy_hidden.dtype)
+    return (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(policy.weight.dtype),
+        None if grad_bias is None else grad_bias.to(policy.bias.dtype),
+    )

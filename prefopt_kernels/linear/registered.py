@@ -1,0 +1,183 @@
+"""The fused linear path's registered ops, ``linear_forward`` and ``linear_backward``, and the
+autograd formula that joins them.
+
+Both take the heads' tensors as one list, ``heads``: per head (policy first, then the
+reference when there is one) its hidden states ``[..., H]``, its weight ``[V, H]`` and, when
+its :class:`~prefopt_kernels.spec.HeadSpec` says ``has_bias``, its bias ``[V]``. The
+encoded :class:`~prefopt_kernels.spec.LinearSpec` says how to read the list.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import distributed, spec as specs
+from ..backends import RowStats, rows_read, saved_names
+from ..custom_ops import (LIBRARY, mark_outputs, named_arguments, on_device, refuse_double_backward,
+                          shard_checking_labels, upstream_gradients)
+from ..dispatch import pick_backend
+from ..layout import token_count
+from ..spec import LinearSpec
+from .heads import FP32, Head
+from .passes import LinearCall, backward_pass, forward_pass
+from .sharded_heads import gathered
+
+# The outputs a backward reads an upstream gradient of, in the order ``linear_backward`` takes them.
+GRADIENT_OUTPUTS = ("logp", "entropy", "div")
+
+
+def head_tensors(heads: List[torch.Tensor], spec: LinearSpec) -> list:
+    """``[(hidden, weight, bias or None)]`` per head, from the flat ``heads`` list."""
+    out, i = [], 0
+    for head in spec.heads:
+        bias = heads[i + 2] if head.has_bias else None
+        out.append((heads[i], heads[i + 1], bias))
+        i += 2 + head.has_bias
+    return out
+
+
+def flat_head_tensors(per_head) -> list:
+    """The inverse of :func:`head_tensors`: hidden, weight and bias (where present) of each head."""
+    return [t for hidden, weight, bias in per_head for t in (hidden, weight, bias) if t is not None]
+
+
+def _kept_tokens(labels, div_weight, spec: LinearSpec, n_tokens: int, device) -> torch.Tensor:
+    """Flat int64 indices of the tokens a call computes: an ignored label drops its token, and
+    without labels (the divergence alone) so does a zero ``div_weight``."""
+    keep, _ = rows_read(labels, div_weight, spec.op, n_tokens, device)
+    return keep.nonzero().reshape(-1)
+
+
+def _call(per_head, labels, weight, spec: LinearSpec, index, shard, backend: str) -> LinearCall:
+    """The :class:`LinearCall` of the kept tokens ``index``."""
+    heads = [Head(w, b, head_spec) for (_, w, b), head_spec in zip(per_head, spec.heads)]
+    weight_of_head = per_head[0][1]
+    return LinearCall(spec=spec, heads=heads, index=index, labels=None if labels is None else labels[index],
+                      weight=None if weight is None else weight[index], vocab=weight_of_head.shape[0],
+                      backend=pick_backend(weight_of_head.device, backend), shard=shard)
+
+
+def _scatter_tokens(value: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
+    """Zeros of ``shape`` holding the kept tokens' ``value`` at flat ``index``: a tensor of its own
+    (an op's output that is a view could not be modified in place by the caller)."""
+    out = torch.zeros(shape, dtype=value.dtype, device=value.device)
+    out.view(-1).index_copy_(0, index, value)
+    return out
+
+
+@torch.library.custom_op(f"{LIBRARY}::linear_forward", mutates_args=())
+def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], div_weight: Optional[torch.Tensor],
+                    spec: specs.Encoded, backend: str, group: str) -> List[torch.Tensor]:
+    """Fold projected tiles of the kept tokens into row states.
+
+    Returns the ``[...]`` outputs the spec asks for (``OpSpec.outputs`` order), its extras,
+    the saved statistics (flat ``[N]`` each: every output has a shape known without the data)
+    and, with a ``group``, the shard's ``[v0, V]`` int64; dropped tokens hold 0. Checks the
+    labels' range (every rank's, sharded) as it runs.
+    """
+    linear = specs.decode(LinearSpec, spec)
+    per_head = head_tensors(heads, linear)
+    hidden, head_weight = per_head[0][0], per_head[0][1]
+    has_ref = linear.reference is not None
+    n_tokens, device = token_count(hidden), hidden.device
+    shard = shard_checking_labels(group, linear, has_ref, head_weight.shape[0], n_tokens, device, labels,
+                                  div_weight, [h.shape[-1] for h, _, _ in per_head])
+    index = _kept_tokens(labels, div_weight, linear, n_tokens, device)
+    call = _call(per_head, labels, div_weight, linear, index, shard, backend)
+    # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
+    with torch.autocast(device.type, enabled=False), on_device(device):
+        stats, extra_values = forward_pass([h for h, _, _ in per_head], call)
+    values = [getattr(stats, k) for k in linear.op.outputs()] + [extra_values[k] for k in linear.extras]
+    outputs = [_scatter_tokens(value, index, hidden.shape[:-1]) for value in values]
+    saved = [_scatter_tokens(value, index, (n_tokens,)) for value in stats.saved(linear.op, has_ref)]
+    tail = [distributed.shard_to_tensor(shard)] if group else []
+    return outputs + saved + tail
+
+
+@_linear_forward.register_fake
+def _linear_forward_fake(*values):
+    arguments = named_arguments("linear_forward", values)
+    linear = specs.decode(LinearSpec, arguments["spec"])
+    hidden = arguments["heads"][0]
+    lead = hidden.shape[:-1]
+    outputs = [hidden.new_empty(lead, dtype=FP32) for _ in linear.op.outputs()]
+    outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else FP32) for k in linear.extras]
+    n_tokens = token_count(hidden)
+    saved = [hidden.new_empty(n_tokens, dtype=FP32) for _ in saved_names(linear.op, linear.reference is not None)]
+    tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
+    return outputs + saved + tail
+
+
+@torch.library.custom_op(f"{LIBRARY}::linear_backward", mutates_args=())
+def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], div_weight: Optional[torch.Tensor],
+                     saved: List[torch.Tensor], upstream: List[Optional[torch.Tensor]], needs: List[bool],
+                     spec: specs.Encoded, backend: str, group: str,
+                     shard_offsets: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """Re-project every tile of the kept tokens and accumulate the gradients asked for.
+
+    ``saved`` are the forward's ``[N]`` statistics; ``upstream`` holds ``(g_logp, g_entropy,
+    g_div)``, fp32 ``[...]`` or ``None`` (zero); ``needs`` flags the gradients of the policy's
+    hidden states, weight and bias. Returns those three gradients, each empty where not asked for.
+    """
+    linear = specs.decode(LinearSpec, spec)
+    per_head = head_tensors(heads, linear)
+    hidden, head_weight = per_head[0][0], per_head[0][1]
+    shard = distributed.shard_from_tensor(group, shard_offsets, head_weight.shape[0])
+    index = _kept_tokens(labels, div_weight, linear, token_count(hidden), hidden.device)
+    call = _call(per_head, labels, div_weight, linear, index, shard, backend)
+    # reshape: Inductor may hand the upstream gradients over in their outputs' [...] shape.
+    grads = {k: g.reshape(-1).index_select(0, index) for k, g in zip(GRADIENT_OUTPUTS, upstream) if g is not None}
+    stats = RowStats.from_saved([x.index_select(0, index) for x in saved], linear.op, linear.reference is not None)
+    with torch.autocast(hidden.device.type, enabled=False), on_device(hidden.device):
+        result = backward_pass([h for h, _, _ in per_head], call, stats, grads, needs)
+    return [hidden.new_empty(0) if g is None else g for g in result]
+
+
+@_linear_backward.register_fake
+def _linear_backward_fake(*values):
+    arguments = named_arguments("linear_backward", values)
+    hidden, weight, bias = head_tensors(arguments["heads"], specs.decode(LinearSpec, arguments["spec"]))[0]
+    return [x.new_empty(x.shape) if need else hidden.new_empty(0)
+            for x, need in zip((hidden, weight, bias), arguments["needs"])]
+
+
+def _linear_setup_context(ctx, inputs, output):
+    arguments = named_arguments("linear_forward", inputs)
+    linear = specs.decode(LinearSpec, arguments["spec"])
+    wanted = linear.op.outputs()
+    first_saved = len(wanted) + len(linear.extras)
+    n_saved = len(saved_names(linear.op, linear.reference is not None))
+    ctx.spec, ctx.backend, ctx.group = arguments["spec"], arguments["backend"], arguments["group"]
+    ctx.wanted, ctx.n_heads, ctx.has_bias = wanted, len(arguments["heads"]), linear.policy.has_bias
+    ctx.save_for_backward(*arguments["heads"], arguments["labels"], arguments["div_weight"],
+                          *output[first_saved:first_saved + n_saved], output[-1] if ctx.group else None)
+    mark_outputs(ctx, wanted, output)
+
+
+def _linear_autograd(ctx, grads):
+    refuse_double_backward()
+    # Read once: non-reentrant checkpointing unpacks each saved tensor a single time.
+    saved_tensors = ctx.saved_tensors
+    heads = list(saved_tensors[:ctx.n_heads])
+    labels, div_weight = saved_tensors[ctx.n_heads:ctx.n_heads + 2]
+    saved, shard_offsets = list(saved_tensors[ctx.n_heads + 2:-1]), saved_tensors[-1]
+    upstream = upstream_gradients(ctx.wanted, grads)
+    # The policy's hidden states, weight and bias lead the heads' list.
+    needs = list(ctx.needs_input_grad[0][:2]) + [ctx.has_bias and ctx.needs_input_grad[0][2]]
+    head_grads = [None] * ctx.n_heads
+    no_grads = (None,) * 5
+    if not upstream or not any(needs):
+        return (head_grads,) + no_grads
+    with gathered(*heads):
+        result = torch.ops.prefopt_kernels.linear_backward(
+            heads, labels, div_weight, saved, [upstream.get(k) for k in GRADIENT_OUTPUTS], needs, ctx.spec,
+            ctx.backend, ctx.group, shard_offsets)
+    for i, (gradient, need) in enumerate(zip(result, needs)):
+        if need:
+            head_grads[i] = gradient
+    return (head_grads,) + no_grads
+
+
+_linear_forward.register_autograd(_linear_autograd, setup_context=_linear_setup_context)

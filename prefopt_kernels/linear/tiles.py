@@ -1,0 +1,95 @@
+"""The tile plan of a fused linear pass: ``[token chunk, vocab chunk]`` from a memory budget,
+and the reused fp32 tile buffers."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .heads import FP32, Head
+
+MAX_TOKEN_CHUNK = 4096
+# A vocabulary chunk narrower than this makes the GEMMs inefficient: the planner shrinks
+# the token chunk first.
+MIN_VOCAB_CHUNK = 256
+
+
+def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: int, budget: int):
+    """``(token_chunk, vocab_chunk)`` whose tiles and temporaries fit ``budget`` bytes.
+
+    A tile of ``t x v`` costs ``t * v * bytes_per_entry`` (every ``[t, v]`` buffer and
+    temporary the call keeps at once) plus ``v * bytes_per_column`` (the head weight's
+    chunk converted to the GEMM dtype). Token chunks hold at most 4096 rows; the token chunk
+    shrinks before the vocabulary chunk drops below 256 entries. Both are at least 1.
+    """
+    token_chunk = max(1, min(rows, MAX_TOKEN_CHUNK))
+    while True:
+        vocab_chunk = budget // (token_chunk * bytes_per_entry + bytes_per_column)
+        if vocab_chunk >= min(vocab, MIN_VOCAB_CHUNK) or token_chunk == 1:
+            return token_chunk, max(1, min(vocab, vocab_chunk))
+        token_chunk = max(1, token_chunk // 2)
+
+
+def fp32_tile_count(heads: Sequence[Head], backward: bool) -> int:
+    """One fp32 logits tile per head, and in the backward a gradient tile of its own when the
+    softcap's derivative reads the logits after the kernel has written the gradient."""
+    return len(heads) + (backward and heads[0].spec.softcap is not None)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def tile_costs(heads: Sequence[Head], extras: tuple, backward: bool) -> Tuple[int, int]:
+    """``(bytes per tile entry, bytes per vocabulary column)`` of one pass's buffers and temporaries.
+
+    ``heads`` are the call's (policy first); ``extras`` the extra outputs the forward computes.
+    """
+    entry = 4 * fp32_tile_count(heads, backward)
+    entry += sum(_size(dtype) for dtype in {h.gemm_dtype for h in heads if h.widened})
+    policy = heads[0]
+    if backward:
+        if policy.spec.softcap is not None:
+            entry += 4  # the tanh temporary
+        if policy.gemm_dtype != FP32:
+            entry += _size(policy.gemm_dtype)  # the gradient rounded for a half-precision GEMM
+        if policy.widened:
+            entry += 4  # that gradient widened again for the fp32 GEMM
+    elif "log_sum_sq_probs" in extras:
+        entry += 4  # the fp32 copy of the tile that the square sum exponentiates
+    column = 0
+    for head in heads:
+        if head.weight.dtype != head.gemm_dtype:
+            column += head.weight.shape[1] * _size(head.gemm_dtype)
+    if backward and policy.widened:
+        column += policy.weight.shape[1] * 4  # the head's chunk widened for the fp32 accumulation
+    return entry, column
+
+
+class TilePlan:
+    """The token and vocabulary ranges of one pass over ``rows`` kept tokens, and its reused
+    tile buffers: contiguous ``[n, v]`` views of flat storage (``fp32_tile_count`` fp32 tiles,
+    and one tile per GEMM dtype of the heads whose GEMM result is widened to fp32 after)."""
+
+    def __init__(self, heads: Sequence[Head], rows: int, vocab: int, budget: int, extras: tuple, backward: bool):
+        entry, column = tile_costs(heads, extras, backward)
+        self.token_chunk, self.vocab_chunk = plan_tiles(rows, vocab, entry, column, budget)
+        self.token_ranges: List[Tuple[int, int]] = [(t0, min(t0 + self.token_chunk, rows))
+                                                    for t0 in range(0, rows, self.token_chunk)]
+        self.vocab_ranges: List[Tuple[int, int]] = [(v0, min(v0 + self.vocab_chunk, vocab))
+                                                    for v0 in range(0, vocab, self.vocab_chunk)]
+        device = heads[0].weight.device
+        size = self.token_chunk * self.vocab_chunk
+        self._fp32 = [torch.empty(size, dtype=FP32, device=device) for _ in range(fp32_tile_count(heads, backward))]
+        self._gemm = {h.gemm_dtype: torch.empty(size, dtype=h.gemm_dtype, device=device) for h in heads if h.widened}
+
+    def tile(self, i: int, n: int, v: int) -> torch.Tensor:
+        """fp32 tile ``i`` as a contiguous ``[n, v]`` view."""
+        return self._fp32[i][: n * v].view(n, v)
+
+    def project(self, head: Head, hidden: torch.Tensor, v0: int, v1: int, i: int) -> torch.Tensor:
+        """``head``'s fp32 logits of ``hidden`` ``[n, H]`` over ``[v0, v1)``, in fp32 tile ``i``."""
+        n, v = hidden.shape[0], v1 - v0
+        gemm_out = self._gemm[head.gemm_dtype][: n * v].view(n, v) if head.widened else None
+        return head.project(hidden, v0, v1, self.tile(i, n, v), gemm_out)
