@@ -77,6 +77,7 @@ import torch
 from torch.func import grad, jacrev, vmap
 
 import prefopt_kernels as pk
+from prefopt_kernels.linear import tiles as linear_tiles
 from prefopt_kernels.linear.tiles import plan_tiles
 
 from contract import ulp, with_cpu_isas
@@ -783,7 +784,7 @@ def tile_spy(monkeypatch):
         calls.append((args, out))
         return out
 
-    monkeypatch.setattr(pk_linear, "plan_tiles", spy)
+    monkeypatch.setattr(linear_tiles, "plan_tiles", spy)
     return calls
 
 

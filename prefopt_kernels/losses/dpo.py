@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ._common import (
+from .common import (
     check_lengths,
     check_per_sequence,
     check_positive,

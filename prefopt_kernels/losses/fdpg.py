@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import check_per_sequence, real_scalar
+from .common import check_per_sequence, real_scalar
 
 FDPG_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "tv", "chi2")
 

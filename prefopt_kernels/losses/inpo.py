@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (
+from .common import (
     check_per_sequence,
     check_positive,
     check_reduction,

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_ignore_index
-from ._common import check_positive, sequence_sum
+from .common import check_positive, sequence_sum
 from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .inpo import inpo_loss
 from .simpo import simpo_loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (
+from .common import (
     check_lengths,
     check_per_sequence,
     check_positive,

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (
+from .common import (
     check_positive,
     check_reduction,
     check_token_pairs,
