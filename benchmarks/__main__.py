@@ -245,7 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from . import report
     from .cases import default_cases, tiny_cases
-    from .runner import GEMM_BOUND_MIN_REPS, RunConfig, copy_bandwidth, implementations, run_cases
+    from .measure import copy_bandwidth
+    from .runner import GEMM_BOUND_MIN_REPS, RunConfig, implementations, run_cases
 
     notes: List[str] = []
     if args.backends is not None:

@@ -106,6 +106,12 @@ class Case:
         return d
 
 
+def case_key(row: dict) -> tuple:
+    """The case a result row measured (rows start with ``Case.as_dict``), as a hashable key:
+    ``(op, mode, n, h, v, dtype)``, ``h`` None for the logits ops."""
+    return (row["op"], row["mode"], row["n"], row.get("h"), row["v"], row["dtype"])
+
+
 def _elt(case: Case) -> int:
     return torch.tensor([], dtype=case.torch_dtype).element_size()
 

@@ -1,8 +1,8 @@
 """One DPO training step of a tiny Llama: stock TRL against ``PrefOptDPOTrainer``.
 
-``python -m benchmarks --dpo-step`` starts one child interpreter (``python -m
-benchmarks.dpo_step REQUEST``, with the memory probe's allocator settings) that runs every
-variant in turn on copies of the same two models and the same batch:
+``python -m benchmarks --dpo-step`` starts one child process (``child_process.run_children``
+of :func:`worker`) that runs every variant in turn on copies of the same two models and the
+same batch:
 
 ``trl:sigmoid``
     ``trl.DPOTrainer``, ``loss_type="sigmoid"``: what a TRL user runs. TRL 1.16 always scores
@@ -35,11 +35,11 @@ variant); the parameter gradients are set to ``None`` before each step, as
 on inside ``train()``, which the step bypasses, and with 2 layers it would only add the same
 backbone recompute to every variant.
 
-Measured per variant: the time of a step (CPU: wall clock, a warm-up step on a 2-row batch,
-then at least ``MIN_REPS`` steps and more within ``--budget``, the step whose memory is
-measured being the first; CUDA: ``runner.time_cuda``), its peak memory above what was
-allocated before it (CPU: the resident high-water mark, ``runner._measure_rss_peak``; CUDA:
-``max_memory_allocated``), which includes the parameter gradients the step creates
+Measured per variant: the time of a step (CPU: ``measure.time_cpu``, a warm-up step on a
+2-row batch, then at least ``MIN_REPS`` steps and more within ``--budget``, the step whose
+memory is measured being the first; CUDA: ``measure.time_cuda``), its peak memory above what
+was allocated before it (CPU: the resident high-water mark, ``measure.rss_peak_bytes``; CUDA:
+``measure.cuda_peak_bytes``), which includes the parameter gradients the step creates
 (``param_grad_bytes`` in the meta, the same for every variant but the learned mask's few
 parameters), and the loss of the measured step.
 """
@@ -49,12 +49,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -62,14 +57,15 @@ from typing import Dict, List, Optional
 import torch
 
 from . import report
-from .runner import (
-    _measure_rss_peak,
-    _probe_env,
-    _progress,
-    _repo_root,
+from .child_process import emit, run_children
+from .measure import (
+    add_ratios,
     cuda_peak_bytes,
+    load_average,
+    rss_peak_bytes,
     time_cpu,
     time_cuda,
+    timed,
 )
 
 PAIRS = 8
@@ -223,12 +219,10 @@ def _measure(variant: Variant, policy, reference, batch, warm_batch, request: di
         model = trainer.accelerator.prepare_model(trainer.model)
         model.train()
         step = Step(trainer, model, batch)
-        out: dict = {}
         if cuda:
             t = time_cuda(step.call, step.reset, min_reps=MIN_REPS)
             if request["memory"]:
-                out.update(mem_bytes=cuda_peak_bytes(step.call, step.reset),
-                           mem_method="max_memory_allocated")
+                t = t.with_memory(cuda_peak_bytes(step.call, step.reset), "max_memory_allocated")
         else:
             warm = Step(trainer, model, warm_batch)
 
@@ -236,22 +230,17 @@ def _measure(variant: Variant, policy, reference, batch, warm_batch, request: di
                 warm.reset(); warm.call()
             warm_up()
             elapsed: List[float] = []
-
-            def timed():
-                t0 = time.perf_counter()
-                step.call()
-                elapsed.append((time.perf_counter() - t0) * 1e3)
+            memory = None
             if request["memory"]:
                 step.reset()
                 gc.collect()
-                peak, method = _measure_rss_peak(timed)
-                out.update(mem_bytes=peak, mem_method=method)
+                memory = rss_peak_bytes(timed(step.call, elapsed))
             # A step is seconds of GEMMs: the measured one is a sample, warmed up like the rest.
             t = time_cpu(step.call, step.reset, budget_s=request["budget_s"], min_reps=MIN_REPS,
                          warmup=warm_up, samples=elapsed)
-        out.update(time_ms=t["median"], p20_ms=t["p20"], p80_ms=t["p80"], reps=t["reps"],
-                   loss=float(step.losses[0]))
-    return out
+            if memory is not None:
+                t = t.with_memory(*memory)
+        return {**t.row(), "loss": float(step.losses[0])}
 
 
 def _quiet() -> None:
@@ -266,21 +255,21 @@ def _quiet() -> None:
     datasets.disable_progress_bars()
 
 
-def worker(request: dict) -> int:
-    """Every variant of the request in turn; one JSON line per result on stdout (a variant that
-    fails gives an error line and the next one runs)."""
+def worker(request: dict) -> None:
+    """Child side: every variant of the request in turn; one JSON line per result (a variant
+    that fails gives an error line and the next one runs)."""
     _quiet()
     rows, seq, prompt = batch_shape(request["tokens"])
     policy = _model(request["vocab"], request["hidden"], seed=0)
     reference = _model(request["vocab"], request["hidden"], seed=1)
     batch = make_batch(request["vocab"], rows, seq, prompt)
     warm_batch = make_batch(request["vocab"], 2, min(seq, 16), min(prompt, 2))
-    print(json.dumps({"meta": {
+    emit({"meta": {
         "param_grad_bytes": sum(p.numel() * p.element_size() for p in policy.parameters()),
         "params": sum(p.numel() for p in policy.parameters()),
-        "threads": torch.get_num_threads()}}), flush=True)
+        "threads": torch.get_num_threads()}})
     names = request["variants"]
-    bar = _progress(len(names), request["progress"])
+    bar = report.progress_bar(len(names), request["progress"])
     for name in names:
         bar.set_description(f"dpo step {name}")
         try:
@@ -288,55 +277,16 @@ def worker(request: dict) -> int:
                                                  warm_batch, request)}
         except Exception as exc:  # noqa: BLE001 - reported in the row, the next variant runs
             result = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
-        print(json.dumps({"variant": name, **result}), flush=True)
+        emit({"variant": name, **result})
         bar.update(1)
         gc.collect()
         if request["device"] == "cuda":
             torch.cuda.empty_cache()
     bar.close()
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
 # the parent
-
-
-def _launch(request: dict, deadline_s: float) -> tuple:
-    """Run the child to completion (or the deadline); ``(its JSON lines, failure or None)``."""
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.dpo_step", json.dumps(request)],
-                            stdout=subprocess.PIPE, text=True, env=_probe_env(),
-                            cwd=_repo_root())
-    timer = threading.Timer(deadline_s, proc.kill)
-    timer.start()
-    try:
-        lines = [json.loads(ln) for ln in proc.stdout if ln.startswith("{")]
-        proc.wait()
-    finally:
-        timer.cancel()
-    failure = None
-    if proc.returncode != 0:
-        # Killed by the timer, or by the kernel when out of memory.
-        failure = f"the child process exited with code {proc.returncode}" + (
-            f" (stopped at the {deadline_s:.0f} s deadline, or out of memory)"
-            if proc.returncode < 0 else "")
-    return lines, failure
-
-
-def _add_ratios(results: List[dict]) -> None:
-    """``speedup_vs_trl`` / ``mem_vs_trl`` against ``trl:sigmoid``, and for a loss with a
-    same-loss baseline (SparsePO: ``full-logits:sparse_po``) ``speedup_vs_full_logits`` /
-    ``mem_vs_full_logits``; a speed-up is the baseline's time over this one, a memory ratio
-    this peak over the baseline's."""
-    ok = {r["variant"]: r for r in results if r["status"] == "ok"}
-    for r in ok.values():
-        for suffix, base_name in (("trl", TRL_SIGMOID),
-                                  ("full_logits", SAME_LOSS_BASELINE.get(r["loss_type"]))):
-            base = ok.get(base_name)
-            if base is None:
-                continue
-            r[f"speedup_vs_{suffix}"] = base["time_ms"] / r["time_ms"]
-            if r.get("mem_bytes") and base.get("mem_bytes"):
-                r[f"mem_vs_{suffix}"] = r["mem_bytes"] / base["mem_bytes"]
 
 
 def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int = DEFAULT_HIDDEN,
@@ -357,9 +307,11 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
     request = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "dtype": dtype,
                "device": device, "variants": names, "budget_s": budget_s,
                "memory": measure_memory, "progress": progress}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     t0 = time.time()
-    lines, failure = _launch(request, deadline_s)
+    child = run_children("benchmarks.dpo_step:worker", [request], deadline_s=deadline_s,
+                         show_stderr={0})[0]  # its progress on our stderr
+    lines, failure = child.lines, child.failure("the child process")
     child_meta = next((ln["meta"] for ln in lines if "meta" in ln), {})
     by_name = {ln["variant"]: ln for ln in lines if "variant" in ln}
     results = []
@@ -373,7 +325,11 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
             got = {"status": "error", "note": f"not run: {why}"}
         row.update({k: val for k, val in got.items() if k != "variant"})
         results.append(row)
-    _add_ratios(results)
+    # Each row against stock TRL and, for a loss with a same-loss baseline, against that.
+    rows_by_variant = {r["variant"]: r for r in results}
+    for r in results:
+        add_ratios(r, rows_by_variant.get(TRL_SIGMOID), "trl")
+        add_ratios(r, rows_by_variant.get(SAME_LOSS_BASELINE.get(r["loss_type"])), "full_logits")
     meta = {"device_name": report.device_name(torch.device(device)), "device": device,
             "torch": torch.__version__, "trl": md.version("trl"),
             "transformers": md.version("transformers"),
@@ -384,14 +340,8 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
             "dtype": dtype, "param_grad_bytes": child_meta.get("param_grad_bytes"),
             "threads": child_meta.get("threads"), "budget_s": budget_s,
             "load_average_before": load,
-            "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "load_average_after": load_average(),
             "wall_s": time.time() - t0, "complete": failure is None}
     notes = [] if failure is None else [failure]
     return {"meta": meta, "notes": notes, "results": results}
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 2:
-        sys.exit(worker(json.loads(sys.argv[1])))
-    sys.exit("usage: python -m benchmarks.dpo_step REQUEST_JSON (internal: started by "
-             "python -m benchmarks --dpo-step)")

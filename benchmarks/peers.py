@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here, found without importing it."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -126,7 +127,7 @@ def trl_chunked_builders() -> Dict[str, Callable]:
 
 def trl_chunked(device: torch.device) -> Tuple[Optional[Dict[str, Callable]], List[str]]:
     """``(builders, notes)`` for TRL's chunked functions; ``builders`` is None without TRL."""
-    if not _installed("trl"):
+    if not installed("trl"):
         return None, ["TRL not installed: trl-chunked skipped."]
     how = ("tiles folded by its Triton kernels" if device.type == "cuda"
            else "tiles folded by torch ops, as its Triton kernels need a GPU")
@@ -143,7 +144,7 @@ def available_peers(device: torch.device) -> Tuple[Dict[str, Dict[str, Callable]
     """``({peer_name: {op: builder}}, notes)`` for the peers usable on ``device``."""
     peers: Dict[str, Dict[str, Callable]] = {}
     notes: List[str] = []
-    if not _installed("liger_kernel"):
+    if not installed("liger_kernel"):
         notes.append("Liger-Kernel not installed: skipped.")
     elif device.type != "cuda":
         notes.append("Liger-Kernel: skipped (its Triton kernels need a CUDA device).")
@@ -152,7 +153,7 @@ def available_peers(device: torch.device) -> Tuple[Dict[str, Dict[str, Callable]
             peers["liger"] = liger_builders()
         except Exception as exc:  # an incompatible release: report it, keep benchmarking
             notes.append(f"Liger-Kernel present but unusable ({type(exc).__name__}: {exc}): skipped.")
-    if not _installed("cut_cross_entropy"):
+    if not installed("cut_cross_entropy"):
         notes.append("Cut Cross-Entropy not installed: skipped (it takes hidden states and the "
                      "head, never logits: linear:logprobs only).")
     elif device.type != "cuda":

@@ -1,4 +1,5 @@
-"""Write a run's results: JSON (everything), a markdown table (also printed), a PNG plot."""
+"""Write a run's results: JSON (everything), a markdown table (also printed), a PNG plot; and
+show its progress meanwhile."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import json
 import os
 import platform
 import re
+import sys
 from typing import Dict, List, Optional
 
 import torch
 
-from .cases import LINEAR_OPS
+from .cases import LINEAR_OPS, case_key
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model with its core and thread counts."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
@@ -28,6 +31,7 @@ def device_name(device: torch.device) -> str:
 
 
 def slug(text: str) -> str:
+    """``text`` as a directory name: lower case, runs of other characters as one dash."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "device"
 
 
@@ -167,10 +171,11 @@ TP_METRICS = (
     "largest peak over the ranks / gather+eager's. sent B/token: bytes of the tensors the rank "
     "passes into torch.distributed.all_gather (its input) and all_reduce (its tensor) during one "
     "call, over N, recorded by wrapping both. collective B/token: the same with all_gather "
-    "counted by its gathered result (R x the input), the convention of the package's "
-    "docstrings. formula B/token: prefopt rows: the docstrings' 4·R·F (+8 for a second sweep, "
-    "+4·H for a linear backward) plus the call's check (29 int64 per rank, over N); gather rows: "
-    "the [V] rows of the logits and reference logits (+ the [H] hidden gradient). max abs "
+    "counted by its gathered result (R x the input), as the package counts. formula B/token: "
+    "prefopt rows: the package's count, prefopt_kernels.distributed.exchange_bytes_per_token "
+    "(the row states' all-gather, a second sweep's all-reduce, a linear backward's all-reduce of "
+    "the hidden gradient, and the call check's all-gather spread over N); gather rows: the [V] "
+    "rows of the logits and reference logits (+ the [H] hidden gradient). max abs "
     "diff: largest difference of any output or gradient from gather+eager's on a small copy of "
     "the case (N=64, V<=512, H<=64).")
 
@@ -280,16 +285,12 @@ SECTIONS = {"tensor_parallel": tensor_parallel_markdown, "dpo_step": dpo_step_ma
 _BARS_PER_ROW = 5  # most cases in a row of the bar plot
 
 
-def _case_of(r: dict) -> tuple:
-    return (r["op"], r["mode"], r["n"], r.get("h"), r["v"], r["dtype"])
-
-
-def _layout(ok: List[dict]):
+def plot_layout(ok: List[dict]):
     """``(sweeps, singles)``: the series the grid varies (over V at fixed N, else over N at
     fixed V), each ``(axis, title, rows)``, and the cases measured at one shape only."""
     cases: Dict[tuple, List[dict]] = {}
     for r in ok:
-        cases.setdefault(_case_of(r), []).append(r)
+        cases.setdefault(case_key(r), []).append(r)
     sweeps, used = [], set()
     for axis, index in (("V", 4), ("N", 2)):
         series: Dict[tuple, List[tuple]] = {}
@@ -329,7 +330,7 @@ def plot(results: List[dict], path: str) -> Optional[str]:
     ok = [r for r in results if r["status"] == "ok"]
     if not ok:
         return "no successful results: no PNG plot written."
-    sweeps, singles = _layout(ok)
+    sweeps, singles = plot_layout(ok)
     rows = [("line", s) for s in sweeps[:6]]
     for linear in (False, True):
         part = [s for s in singles if (s[0][0] in LINEAR_OPS) == linear]
@@ -455,3 +456,31 @@ def _write_files(paths: Dict[str, str], meta: dict, notes: List[str], results: L
         json.dump(data, f, indent=1)
     with open(paths["md"], "w") as f:
         f.write(markdown(meta, notes, results, sections))
+
+
+class _PrintedProgress:
+    """The progress bar's interface, as one line on stderr per step (no tqdm, or disabled)."""
+
+    def __init__(self, total):
+        self.total, self.n = total, 0
+
+    def update(self, k):
+        self.n += k
+
+    def set_description(self, text):
+        print(f"[{self.n + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int, enabled: bool):
+    """A tqdm bar of ``total`` steps on stderr when ``enabled`` and tqdm is installed; else a
+    line on stderr per step (``set_description``)."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            pass
+    return _PrintedProgress(total)

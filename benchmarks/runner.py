@@ -1,20 +1,18 @@
-"""Run cases: time them, measure their peak memory, relate both to the device's bandwidth.
+"""Run cases: the implementations of each, timed and their peak memory measured (``measure``).
 
 Timing
-    CUDA: CUDA events around each call, the L2 cache flushed (a 256 MiB buffer zeroed) before
-    every call, warm-up by time, then the per-call samples (``triton.testing.do_bench``'s
-    method). CPU: wall clock around each call after one warm-up call. Both report the median
-    and the 20th/80th percentiles of the samples. The linear ops on a CPU take seconds per
-    call in their GEMMs: the call whose memory the child process measures is their first
-    sample (and counts toward the budget), a small copy of the case warms them up, and one
-    sample is enough (``GEMM_BOUND_MIN_REPS``): ``--budget`` buys more.
+    CUDA: ``measure.time_cuda``. CPU: ``measure.time_cpu``, one warm-up call, then calls within
+    ``--budget``. The linear ops on a CPU take seconds per call in their GEMMs: the call whose
+    memory the child process measures is their first sample (and counts toward the budget), a
+    small copy of the case warms them up, and one sample is enough (``GEMM_BOUND_MIN_REPS``):
+    ``--budget`` buys more.
 Memory
     Peak bytes allocated while the case runs, above what was allocated before it started
-    (the inputs, and in backward mode also what the forward left for the backward). CUDA: the
-    caching allocator's ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: a child
-    process per case (see ``_memory_probe``), because a process's resident set only grows.
-    Linear ops: also above the gradients of the hidden states and the head weight, which every
-    implementation returns (``cases.grad_bytes``, subtracted from the peak).
+    (the inputs, and in backward mode also what the forward left for the backward). CUDA:
+    ``measure.cuda_peak_bytes``. CPU: ``measure.rss_peak_bytes`` in a child process per case
+    (:func:`memory_probe`). Linear ops: also above the gradients of the hidden states and the
+    head weight, which every implementation returns (``cases.grad_bytes``, subtracted from the
+    peak).
 Bandwidth
     ``bytes_moved(case) / median time`` (see ``cases.bytes_moved``), and that as a fraction of
     a device-to-device copy (read + write) timed the same way in the same run. Linear ops:
@@ -25,33 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import math
-import os
-import re
-import resource
-import subprocess
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import eager
+from . import eager, measure
 from .cases import (
     LINEAR_OPS,
     LOGIT_OPS,
     SEQ_LEN,
     Case,
     bytes_moved,
+    case_key,
     gemm_flops,
     grad_bytes,
     input_bytes,
     make_inputs,
 )
+from .child_process import run_children
 from .peers import available_peers, trl_chunked
+from .report import progress_bar
 
 EAGER = "eager"  # the implementation every ratio is taken against
 UNFUSED = "-unfused"  # suffix of a backend's explicit-logits path for the linear ops
@@ -86,7 +78,7 @@ class Impl:
                 and (self.only is None or self.only(case)))
 
 
-def _prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[[dict], tuple]:
+def prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[[dict], tuple]:
     """The package's op for the case; ``process_group`` shards it by vocabulary (the inputs are
     then this rank's shards: see ``tensor_parallel``)."""
     import prefopt_kernels as pk
@@ -166,7 +158,8 @@ def _sparse_po_step(terms, x) -> tuple:
     return (loss,)
 
 
-def _eager_forward(case: Case) -> Callable[[dict], tuple]:
+def eager_forward(case: Case) -> Callable[[dict], tuple]:
+    """The suite's eager PyTorch code for the case (``eager``): the baseline of every ratio."""
     op, div = case.op, case.divergence
     if op == "logprobs":
         return lambda x: (eager.logprobs(x["logits"], x["labels"]),)
@@ -199,7 +192,7 @@ def _compiled_forward(case: Case) -> Callable[[dict], tuple]:
     """``torch.compile`` of the eager code, one compiled function per op (recompiled per shape)."""
     fn = _COMPILED.get(case.op)
     if fn is None:
-        eager_fn = _eager_forward(case)
+        eager_fn = eager_forward(case)
         fn = _COMPILED[case.op] = torch.compile(lambda x: eager_fn(x), dynamic=False)
     return fn
 
@@ -225,14 +218,14 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
             notes.append("triton on CPU runs under the Triton interpreter, only at tiny shapes: "
                          "its times measure the Python interpreter and say nothing about speed.")
         cap = _TINY if interpreted else None
-        impls.append(Impl(f"prefopt:{b}", lambda c: _prefopt_forward(c, False), all_ops,
+        impls.append(Impl(f"prefopt:{b}", lambda c: prefopt_forward(c, False), all_ops,
                           context=ctx, max_elems=cap))
-        impls.append(Impl(f"prefopt:{b}+inplace", lambda c: _prefopt_forward(c, True), logit_ops,
+        impls.append(Impl(f"prefopt:{b}+inplace", lambda c: prefopt_forward(c, True), logit_ops,
                           modes=frozenset({"fwd+bwd"}), context=ctx, mutates_input=True,
                           max_elems=cap))
         impls.append(Impl(f"prefopt:{b}{UNFUSED}", _unfused_forward, linear, context=ctx,
                           max_elems=cap))
-    impls.append(Impl(EAGER, _eager_forward, all_ops))
+    impls.append(Impl(EAGER, eager_forward, all_ops))
     impls.append(Impl("eager-trl", lambda c: (lambda x: (eager.logprobs_trl(x["logits"],
                                                                           x["labels"]),)),
                       frozenset({"logprobs"})))
@@ -308,94 +301,25 @@ class Runnable:
                 torch.autograd.grad(self._outs, self.grad_inputs, self._upstream(self._outs),
                                     retain_graph=True)
 
+    def outputs_and_grads(self) -> List[torch.Tensor]:
+        """Every tensor output of one forward, detached, then the gradients of its backward
+        (with the upstream gradients the timed calls use): what implementations are compared
+        on."""
+        with self.impl.context():
+            outs = [o for o in self.forward(self.inputs) if isinstance(o, torch.Tensor)]
+            differentiable = self._differentiable(outs)
+            grads = torch.autograd.grad(differentiable, self.grad_inputs,
+                                        self._upstream(differentiable))
+        return [o.detach() for o in outs] + list(grads)
+
 
 # --------------------------------------------------------------------------------------------
-# timing
-
-
-def _quantiles(samples: List[float]) -> Dict[str, float]:
-    s = sorted(samples)
-
-    def q(p):
-        pos = p * (len(s) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-    return {"median": q(0.5), "p20": q(0.2), "p80": q(0.8), "reps": len(s)}
-
-
-def time_cuda(call: Callable[[], None], reset: Callable[[], None], *, warmup_ms: float = 25,
-              rep_ms: float = 100, min_reps: int = 5, max_reps: int = 200) -> Dict[str, float]:
-    """Milliseconds per call from CUDA events, with the L2 cache flushed before each call."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    reset(); call(); torch.cuda.synchronize()  # first call: compilation, autotuning
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        flush.zero_(); reset(); call()
-    end.record(); torch.cuda.synchronize()
-    est = max(start.elapsed_time(end) / 3, 1e-3)
-    for _ in range(max(1, int(warmup_ms / est))):
-        reset(); call()
-    n = min(max(min_reps, int(rep_ms / est)), max_reps)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for i in range(n):
-        flush.zero_(); reset()
-        starts[i].record(); call(); ends[i].record()
-    torch.cuda.synchronize()
-    del flush
-    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
-
-
-def time_cpu(call: Callable[[], None], reset: Callable[[], None], *, budget_s: float = 1.0,
-             min_reps: int = 3, max_reps: int = 20,
-             warmup: Optional[Callable[[], None]] = None,
-             samples: Sequence[float] = ()) -> Dict[str, float]:
-    """Milliseconds per call by wall clock: a warm-up (one call, unless ``warmup`` is given),
-    then calls until there are at least ``min_reps`` samples (a median needs repeats, however
-    slow the call) and more while within ``budget_s``. ``samples`` timed elsewhere count as
-    samples and toward the budget; when they are enough, nothing runs here."""
-    samples = list(samples)
-    spent_s = sum(samples) * 1e-3
-    t_start = None
-
-    def more() -> bool:
-        elapsed = spent_s + (0.0 if t_start is None else time.perf_counter() - t_start)
-        return len(samples) < max_reps and (len(samples) < min_reps or elapsed < budget_s)
-    if not more():
-        return _quantiles(samples)
-    if warmup is None:
-        reset(); call()
-    else:
-        warmup()
-    t_start = time.perf_counter()
-    while more():
-        reset(); t0 = time.perf_counter(); call()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(samples)
-
-
-def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -> float:
-    """Bytes per second of ``dst.copy_(src)`` (read + write counted), timed like the cases."""
-    if nbytes is None:
-        nbytes = 1 << 30 if device.type == "cuda" else 256 << 20
-        if device.type == "cuda":
-            nbytes = min(nbytes, torch.cuda.mem_get_info()[0] // 4)
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    nbytes = src.numel() * 4
-    timer = time_cuda if device.type == "cuda" else time_cpu
-    t = timer(lambda: dst.copy_(src), lambda: None)
-    return 2 * nbytes / (t["median"] * 1e-3)
+# bandwidth and memory of a case
 
 
 def effective_bandwidth(case: Case, median_ms: float) -> float:
     """Bytes per second the case must move, at the measured median time."""
     return bytes_moved(case) / (median_ms * 1e-3)
-
-
-# --------------------------------------------------------------------------------------------
-# memory
 
 
 def above_grads(case: Case, peak: int) -> int:
@@ -404,112 +328,34 @@ def above_grads(case: Case, peak: int) -> int:
     return max(0, peak - grad_bytes(case))
 
 
-def cuda_peak_bytes(call: Callable[[], None], reset: Callable[[], None]) -> int:
-    """Peak bytes allocated during one ``call()`` above what was allocated before it."""
-    reset()
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    call()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def measure_cuda_memory(runnable: Runnable) -> int:
     """Peak bytes allocated during one call above what was allocated before it (and, for a
     linear op, above the gradients it returns)."""
-    return above_grads(runnable.case, cuda_peak_bytes(runnable.call, runnable.reset))
-
-
-def _proc_kib(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of resident memory (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _measure_rss_peak(call: Callable[[], None]) -> Tuple[int, str]:
-    """Peak resident bytes during ``call()`` above the resident set just before it."""
-    gc.collect()
-    base = _proc_kib("VmRSS")
-    if base is not None and _reset_peak_rss():
-        call()
-        return max(0, (_proc_kib("VmHWM") - base) * 1024), "VmHWM"
-    if base is not None:
-        # No resettable high-water mark: sample the resident set every millisecond.
-        peak, done = [base], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], _proc_kib("VmRSS") or 0)
-                time.sleep(1e-3)
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        call()
-        done.set(); th.join()
-        return max(0, (max(peak[0], _proc_kib("VmRSS") or 0) - base) * 1024), "sampled VmRSS"
-    # No /proc (macOS): ru_maxrss only grows, so this is a lower bound when the inputs
-    # were created at a higher peak than the resident set before the call.
-    scale = 1 if sys.platform == "darwin" else 1024
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    call()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(0, (after - before) * scale), "ru_maxrss delta"
-
-
-def _probe_env() -> Dict[str, str]:
-    """Child environment: glibc returns every large freed block to the OS at once, so a block
-    freed by a previous call is not silently reused (which would under-report the peak)."""
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 16))
-    return env
+    return above_grads(runnable.case, measure.cuda_peak_bytes(runnable.call, runnable.reset))
 
 
 def measure_cpu_memory(case: Case, impl_names: Sequence[str], config: dict,
                        timeout_s: Optional[float] = None) -> Dict[str, dict]:
-    """Run ``_memory_probe`` in a fresh interpreter for one case; ``{impl: {...}}``. The
+    """Run :func:`memory_probe` in a fresh interpreter for one case; ``{impl: {...}}``. The
     default timeout is 5 minutes, 15 for a linear op (seconds of GEMMs per call)."""
     if timeout_s is None:
         timeout_s = 900 if case.linear else 300
-    request = json.dumps({"case": case.as_dict(), "impls": list(impl_names), "config": config})
-    try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.runner", "--memory-probe",
-                               request], capture_output=True, text=True, timeout=timeout_s,
-                              env=_probe_env(), cwd=_repo_root())
-    except subprocess.TimeoutExpired:
-        return {n: {"error": f"memory probe timed out after {timeout_s:.0f} s"} for n in impl_names}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {n: {"error": f"memory probe failed: {tail[0][:200]}"} for n in impl_names}
-    return json.loads(lines[-1])
+    request = {"case": case.as_dict(), "impls": list(impl_names), "config": config}
+    probe = run_children("benchmarks.runner:memory_probe", [request], deadline_s=timeout_s)[0]
+    failure = probe.failure("memory probe")
+    if failure is None and not probe.lines:
+        failure = "memory probe printed no result"
+    if failure is not None:
+        return {n: {"error": failure} for n in impl_names}
+    return probe.lines[-1]
 
 
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _memory_probe(request: dict) -> Dict[str, dict]:
-    """Child side: for each implementation, warm it up on a tiny copy of the case (libraries
-    loaded, kernels compiled), create the inputs, build the call (in backward mode this runs
-    the forward), then measure one call's peak resident memory above the resident set at
-    that point (and, for a linear op, above the gradients it returns). A linear op's call is
-    also timed (``call_ms``): one of its timing samples."""
+def memory_probe(request: dict) -> Dict[str, dict]:
+    """Child side of :func:`measure_cpu_memory`: for each implementation, warm it up on a tiny
+    copy of the case (libraries loaded, kernels compiled), create the inputs, build the call
+    (in backward mode this runs the forward), then measure one call's peak resident memory
+    above the resident set at that point (and, for a linear op, above the gradients it
+    returns). A linear op's call is also timed (``call_ms``): one of its timing samples."""
     case = Case(**request["case"])
     cfg = request["config"]
     impls, _ = implementations(torch.device("cpu"), cfg["backends"],
@@ -526,13 +372,8 @@ def _memory_probe(request: dict) -> Dict[str, dict]:
             inputs = make_inputs(case, torch.device("cpu"))
             r = Runnable(case, impl, inputs)
             r.reset()
-            elapsed = []
-
-            def timed():
-                t0 = time.perf_counter()
-                r.call()
-                elapsed.append((time.perf_counter() - t0) * 1e3)
-            peak, method = _measure_rss_peak(timed)
+            elapsed: List[float] = []
+            peak, method = measure.rss_peak_bytes(measure.timed(r.call, elapsed))
             out[name] = {"mem_bytes": above_grads(case, peak), "mem_method": method}
             if case.linear:
                 out[name]["call_ms"] = elapsed[0]
@@ -549,13 +390,16 @@ def _memory_probe(request: dict) -> Dict[str, dict]:
 
 @dataclass
 class RunConfig:
+    """How :func:`run_cases` runs: the device, the package backends and whether the eager code
+    is compiled (the memory probe rebuilds the implementations from them), whether memory is
+    measured, the CPU time budget per case and implementation, and a progress bar."""
+
     device: torch.device
     backends: List[str]
     compile_eager: bool
     measure_memory: bool = True
     cpu_budget_s: float = 1.0
     progress: bool = True
-    notes: List[str] = field(default_factory=list)
 
 
 def _fits(case: Case, device: torch.device) -> Optional[str]:
@@ -581,7 +425,7 @@ def run_cases(cases: Sequence[Case], impls: Sequence[Impl], cfg: RunConfig,
     ordered = sorted(impls, key=lambda i: i.mutates_input)
     plan = [(c, [i for i in ordered if i.applies(c)]) for c in cases]
     total = sum(len(p[1]) for p in plan)
-    bar = _progress(total, cfg.progress)
+    bar = progress_bar(total, cfg.progress)
     for case, case_impls in plan:
         base = {**case.as_dict(), "bytes_moved": bytes_moved(case),
                 "input_bytes": input_bytes(case)}
@@ -609,46 +453,46 @@ def run_cases(cases: Sequence[Case], impls: Sequence[Impl], cfg: RunConfig,
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if on_case is not None:
-            _add_ratios(results)
+            _add_baseline_ratios(results)
             on_case(results)
     bar.close()
-    _add_ratios(results)
+    _add_baseline_ratios(results)
     return results
 
 
 def _run_one(case: Case, impl: Impl, inputs: dict, cfg: RunConfig, mem: Optional[dict]) -> dict:
+    """The status, measurement and throughput of one implementation on one case; ``mem`` is
+    what the CPU memory probe measured for it."""
     res: dict = {"status": "ok"}
     try:
         r = Runnable(case, impl, inputs)
         if cfg.device.type == "cuda":
-            t = time_cuda(r.call, r.reset)
+            t = measure.time_cuda(r.call, r.reset)
             if cfg.measure_memory:
-                res["mem_bytes"] = measure_cuda_memory(r)
-                res["mem_method"] = "max_memory_allocated"
+                t = t.with_memory(measure_cuda_memory(r), "max_memory_allocated")
         elif case.linear:
             # Seconds of GEMMs per call: a full-size warm-up call would warm nothing that a
             # small one does not (every large buffer is mapped afresh on each call anyway),
             # and the memory probe's call, warmed up the same way, is a sample already.
-            probed = [mem.pop("call_ms")] if mem and "call_ms" in mem else []
+            probed = [mem["call_ms"]] if mem and "call_ms" in mem else []
             small = case.small()
 
             def warm_up_small():
                 Runnable(small, impl, make_inputs(small, cfg.device)).call()
-            t = time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s,
-                         min_reps=GEMM_BOUND_MIN_REPS, samples=probed, warmup=warm_up_small)
+            t = measure.time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s,
+                                 min_reps=GEMM_BOUND_MIN_REPS, samples=probed,
+                                 warmup=warm_up_small)
         else:
-            t = time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s)
-        if mem:
-            res.update(mem)
-            if "error" in mem:
-                res["note"] = mem.pop("error")
-                res.pop("error", None)
-        res.update({"time_ms": t["median"], "p20_ms": t["p20"], "p80_ms": t["p80"],
-                    "reps": t["reps"]})
+            t = measure.time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s)
+        if mem and "error" in mem:
+            res["note"] = mem["error"]
+        elif mem:
+            t = t.with_memory(mem["mem_bytes"], mem["mem_method"])
+        res.update(t.row())
         if case.linear:
-            res["gflops"] = gemm_flops(case) / (t["median"] * 1e-3) / 1e9
+            res["gflops"] = gemm_flops(case) / (t.time_ms * 1e-3) / 1e9
         else:
-            res["gbps"] = effective_bandwidth(case, t["median"]) / 1e9
+            res["gbps"] = effective_bandwidth(case, t.time_ms) / 1e9
         del r
     except torch.cuda.OutOfMemoryError:
         res = {"status": "oom", "note": "out of device memory"}
@@ -662,58 +506,15 @@ def _run_one(case: Case, impl: Impl, inputs: dict, cfg: RunConfig, mem: Optional
     return res
 
 
-def _add_ratios(results: List[dict]) -> None:
+def _add_baseline_ratios(results: List[dict]) -> None:
     """Speed-up and memory ratio against the eager baseline of the same case in this run;
     for the package's linear ops also their time over that of the same backend's explicit
     logits path (``time_vs_unfused``) and of TRL's chunked functions (``time_vs_trl``)."""
-    ok = {(r_key(r), r["impl"]): r for r in results if r["status"] == "ok"}
+    ok = {(case_key(r), r["impl"]): r for r in results if r["status"] == "ok"}
     for r in results:
-        if r["status"] != "ok":
-            continue
-        e = ok.get((r_key(r), EAGER))
-        if e is not None:
-            r["speedup_vs_eager"] = e["time_ms"] / r["time_ms"]
-            if r.get("mem_bytes") is not None and e.get("mem_bytes"):
-                r["mem_vs_eager"] = r["mem_bytes"] / e["mem_bytes"]
+        measure.add_ratios(r, ok.get((case_key(r), EAGER)), "eager")
         fused = r["impl"].startswith("prefopt:") and not r["impl"].endswith(UNFUSED)
         if r["op"] in LINEAR_OPS and fused:
-            for column, other in (("time_vs_unfused", r["impl"] + UNFUSED),
-                                 ("time_vs_trl", TRL_CHUNKED)):
-                o = ok.get((r_key(r), other))
-                if o is not None:
-                    r[column] = r["time_ms"] / o["time_ms"]
-
-
-def r_key(r: dict) -> tuple:
-    return (r["op"], r["mode"], r["n"], r.get("h"), r["v"], r["dtype"])
-
-
-class _NoBar:
-    def __init__(self, total):
-        self.total, self.n = total, 0
-
-    def update(self, k):
-        self.n += k
-
-    def set_description(self, text):
-        print(f"[{self.n + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if enabled:
-        try:
-            from tqdm import tqdm
-            return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
-        except ImportError:
-            pass
-    return _NoBar(total)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory-probe":
-        print(json.dumps(_memory_probe(json.loads(sys.argv[2]))), flush=True)
-    else:
-        sys.exit("usage: python -m benchmarks.runner --memory-probe JSON (internal)")
+            for name, other in (("unfused", r["impl"] + UNFUSED), ("trl", TRL_CHUNKED)):
+                measure.add_ratios(r, ok.get((case_key(r), other)), name,
+                                   time_over_baseline=True)

@@ -1,7 +1,7 @@
 """Tensor parallelism on a CPU: the vocabulary-sharded ops against gathering the logits.
 
-``python -m benchmarks --distributed`` starts ``WORLD`` gloo ranks, each a fresh interpreter
-(``python -m benchmarks.tensor_parallel RANK REQUEST``), and runs every case on all of them at
+``python -m benchmarks --distributed`` starts ``WORLD`` gloo ranks, each a child process
+(``child_process.run_children`` of :func:`rank_worker`), and runs every case on all of them at
 once. The vocabulary is split evenly, in rank order: each rank holds ``logits[:, V/R]`` (and
 the reference's), or for a linear op the heads' rows ``[V/R, H]`` with the hidden states
 replicated; labels are global ids. Every implementation runs forward + backward and returns
@@ -20,25 +20,21 @@ full hidden states', summed over the ranks):
     the same gather, then the package's unsharded op (with ``inplace_backward``: the
     gathered logits are a private copy that nothing else reads).
 
-Measured on every rank: the time per call (wall clock), the peak resident memory of one call
-above the rank's inputs (the runner's ``VmHWM`` method; each rank is a child process started
-with the memory probe's allocator settings), the bytes of the tensors passed to
-``all_gather`` and ``all_reduce`` during that call (recorded by wrapping both), and the
-largest difference of the outputs and gradient from ``gather+eager``'s on a small copy of
-the case.
+Measured on every rank: the time per call (wall clock, ``measure.time_cpu`` with the ranks
+in step), the peak resident memory of one call above the rank's inputs
+(``measure.rss_peak_bytes``), the bytes of the tensors passed to ``all_gather`` and
+``all_reduce`` during that call (recorded by wrapping both), and the largest difference of the
+outputs and gradient from ``gather+eager``'s on a small copy of the case. The bytes the
+package's own count expects (``prefopt_kernels.distributed.exchange_bytes_per_token``) stand
+beside them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -48,23 +44,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from prefopt_kernels import distributed
+from prefopt_kernels.distributed import exchange_bytes_per_token
+from prefopt_kernels.divergences import Divergence
+from prefopt_kernels.spec import OpSpec
 
 from . import report
-from .cases import Case, grad_bytes, input_bytes, make_inputs
-from .runner import (
-    GEMM_BOUND_MIN_REPS,
-    Impl,
-    Runnable,
-    _eager_forward,
-    _measure_rss_peak,
-    _prefopt_forward,
-    _probe_env,
-    _progress,
-    _quantiles,
-    _repo_root,
-    above_grads,
-)
+from .cases import Case, case_key, grad_bytes, input_bytes, make_inputs
+from .child_process import emit, run_children
+from .measure import add_ratios, load_average, rss_peak_bytes, time_cpu, timed
+from .runner import GEMM_BOUND_MIN_REPS, Impl, Runnable, above_grads, eager_forward, prefopt_forward
 
 WORLD = 2
 DEFAULT_OPS = ("terms:forward_kl", "linear:terms")
@@ -72,12 +60,9 @@ GATHER_EAGER = "gather+eager"
 GATHER = "gather+"
 # The logits op a linear op's gathered logits go through.
 LOGITS_OP_OF = {"linear:logprobs": "logprobs", "linear:terms": "terms:forward_kl"}
-# Divergences with a second sweep over the vocabulary (see pk.token_divergence).
-SECOND_SWEEP = frozenset({"js", "tv", "hellinger", "chi2", "alpha"})
-# Fewest timed calls of a logits op (the memory probe's call among them); a linear op's
+# Fewest timed calls of a logits op (the memory-measured call among them); a linear op's
 # follow the suite's GEMM_BOUND_MIN_REPS. Gathering [N, V] over gloo takes seconds per call.
 MIN_REPS = 2
-MAX_REPS = 20
 COLLECTIVE_TIMEOUT_S = 300  # a rank may wait this long in a collective for a slower one
 DEADLINE_S = 900  # the whole run, after which the parent stops its ranks
 TINY_DEADLINE_S = 180
@@ -113,27 +98,22 @@ def shard_inputs(case: Case, rank: int, world: int) -> Dict[str, torch.Tensor]:
     return out
 
 
+def op_spec(case: Case) -> OpSpec:
+    """The ``OpSpec`` of the package's call for the case (see ``runner.prefopt_forward``): the
+    outputs it asks for and its divergence, which decide the row state the ranks exchange."""
+    divergence_only = case.op.startswith("divergence:")
+    return OpSpec(divergence=Divergence[case.divergence.upper()] if case.divergence else 0,
+                  want_logp=not divergence_only,
+                  want_ref_logp=case.has_ref and not divergence_only,
+                  want_entropy=case.op == "logprobs+entropy")
 
 
-def docstring_bytes_per_token(case: Case, world: int) -> float:
-    """Collective bytes per token of the sharded op, as the package's docstrings state them
-    (``prefopt_kernels.distributed``, ``token_logprobs``, ``token_divergence``,
-    ``linear_token_logprobs``): ``4 R F`` for the first pass's all-gather (``F`` = 4 for
-    log-probs, 5 with the entropy, 8 for a divergence or the terms, 9 for reverse KL), 8 for a
-    second sweep's all-reduce, ``4 H`` for a linear op's hidden-gradient all-reduce, and the
-    call's check, one all-gather of ``CALL_CHECK_INT64`` int64 per rank, spread over the N tokens."""
-    if case.op in ("logprobs", "linear:logprobs"):
-        f = 4
-    elif case.op == "logprobs+entropy":
-        f = 5
-    else:
-        f = 9 if case.divergence == "reverse_kl" else 8
-    per_token = 4 * world * f
-    if case.divergence in SECOND_SWEEP:
-        per_token += 8
-    if case.linear:
-        per_token += 4 * case.h
-    return per_token + distributed.CALL_CHECK_INT64 * 8 * world / case.n
+def sharded_bytes_per_token(case: Case, world: int) -> float:
+    """Collective bytes per token of the sharded op, forward and backward, on ``world`` ranks,
+    as the package counts them (``prefopt_kernels.distributed.exchange_bytes_per_token``); a
+    linear op's hidden states need a gradient."""
+    return exchange_bytes_per_token(op_spec(case), case.has_ref, world, case.n,
+                                    hidden_size=case.h if case.linear else None)
 
 
 def gather_bytes_per_token(case: Case) -> float:
@@ -216,11 +196,12 @@ def _gathered_inputs(case: Case, x: dict, group, v0: int) -> dict:
 
 
 def _gather_forward(case: Case, group, v0: int, prefopt: bool):
+    """Gathering the logits, then the package's unsharded op (``prefopt``) or the eager code."""
     logits_case = replace(case, op=LOGITS_OP_OF[case.op], h=None) if case.linear else case
     if prefopt:
-        op = _prefopt_forward(logits_case, inplace=True)
+        op = prefopt_forward(logits_case, inplace=True)
     else:
-        op = _eager_forward(logits_case)
+        op = eager_forward(logits_case)
     return lambda x: op(_gathered_inputs(case, x, group, v0))
 
 
@@ -232,7 +213,7 @@ def _implementations(backends: Sequence[str], group, rank: int, world: int) -> L
 
     def v0(case):
         return shard_range(case.v, rank, world)[0]
-    impls = [Impl(f"prefopt:{b}", lambda c: _prefopt_forward(c, False, process_group=group),
+    impls = [Impl(f"prefopt:{b}", lambda c: prefopt_forward(c, False, process_group=group),
                   context=lambda b=b: ctx(b)) for b in backends]
     impls += [Impl(f"{GATHER}prefopt:{b}", lambda c: _gather_forward(c, group, v0(c), True),
                    context=lambda b=b: ctx(b)) for b in backends]
@@ -276,35 +257,15 @@ def _collectives_summary(log: list) -> List[dict]:
             for (c, d, i, o), k in Counter(log).items()]
 
 
-def _time_in_step(call, reset, group, *, budget_s: float, min_reps: int,
-                  samples: Sequence[float] = ()) -> Dict[str, float]:
-    """``runner.time_cpu``'s rule (at least ``min_reps`` samples, more while within
-    ``budget_s``), with every rank timing the same number of calls: a rank that stopped alone
-    would leave the others waiting in a collective. The ranks agree before each call with an
-    all-reduce outside the timed region, which also starts them together."""
-    samples = list(samples)
-    while True:
-        more = len(samples) < MAX_REPS and (len(samples) < min_reps
-                                            or sum(samples) * 1e-3 < budget_s)
+def _ranks_agree(group):
+    """``agree(more)`` for ``measure.time_cpu``: another call is timed when any rank wants one,
+    so every rank times the same calls (an all-reduce outside the timed region, which also
+    starts the ranks together)."""
+    def agree(more: bool) -> bool:
         flag = torch.tensor([int(more)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if not flag.item():
-            return _quantiles(samples)
-        reset()
-        t0 = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - t0) * 1e3)
-
-
-def _small_run(small: Case, impl: Impl, inputs: dict) -> List[torch.Tensor]:
-    """Every output and the gradients of one call on the small copy of a case (which also
-    warms the implementation up: libraries loaded, the ranks' connections made)."""
-    r = Runnable(small, impl, inputs)
-    with impl.context():
-        outs = [o for o in r.forward(inputs) if isinstance(o, torch.Tensor)]
-        differentiable = r._differentiable(outs)
-        grads = torch.autograd.grad(differentiable, r.grad_inputs, r._upstream(differentiable))
-    return [o.detach() for o in outs] + list(grads)
+        return bool(flag.item())
+    return agree
 
 
 def _max_diff(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
@@ -317,53 +278,38 @@ def _measure(case: Case, impl: Impl, inputs: dict, world: int, group, request: d
     r = Runnable(case, impl, inputs)
     r.reset()
     elapsed: List[float] = []
-
-    def timed():
-        t0 = time.perf_counter()
-        r.call()
-        elapsed.append((time.perf_counter() - t0) * 1e3)
-    out: dict = {}
+    memory = None
     dist.barrier(group=group)
     with recording_collectives() as log:
         if request["memory"]:
-            peak, method = _measure_rss_peak(timed)
-            out.update(mem_bytes=above_grads(rank_case(case, world), peak), mem_method=method)
+            peak, method = rss_peak_bytes(timed(r.call, elapsed))
+            memory = (above_grads(rank_case(case, world), peak), method)
         else:
-            timed()
+            timed(r.call, elapsed)()
     # The small copy warmed everything up, so the measured call is a sample (as for the
-    # suite's linear ops): every call maps its large tensors afresh anyway.
-    t = _time_in_step(r.call, r.reset, group, budget_s=request["budget_s"],
-                      min_reps=GEMM_BOUND_MIN_REPS if case.linear else MIN_REPS, samples=elapsed)
-    out.update(time_ms=t["median"], p20_ms=t["p20"], p80_ms=t["p80"], reps=t["reps"],
-               collectives=_collectives_summary(log))
-    return out
+    # suite's linear ops) and no warm-up call follows: every call maps its large tensors
+    # afresh anyway.
+    t = time_cpu(r.call, r.reset, budget_s=request["budget_s"],
+                 min_reps=GEMM_BOUND_MIN_REPS if case.linear else MIN_REPS,
+                 warmup=lambda: None, samples=elapsed, agree=_ranks_agree(group))
+    if memory is not None:
+        t = t.with_memory(*memory)
+    return {**t.row(), "collectives": _collectives_summary(log)}
 
 
-def _emit(case: Case, impl: Optional[str], result: dict) -> None:
-    print(json.dumps({"key": case.key, "impl": impl, **result}), flush=True)
-
-
-def _exit_with_parent() -> None:
-    """Stop this rank when the parent is gone (its end of our stdin closes): no orphan waits
-    in a collective after the parent was killed."""
-    sys.stdin.read()
-    os._exit(3)
-
-
-def worker(rank: int, request: dict) -> int:
-    """One rank: every case, every implementation; one JSON line per result on stdout. On an
-    error it reports it and exits at once, so the other ranks fail fast in their next
-    collective instead of running out of step."""
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
+def rank_worker(request: dict) -> None:
+    """Child side: rank ``request["rank"]``, every case, every implementation; one JSON line
+    per result. On an error it reports it and exits at once, so the other ranks fail fast in
+    their next collective instead of running out of step."""
+    rank, world = request["rank"], request["world"]
     torch.set_num_threads(request["threads"])
-    world = request["world"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{request['port']}", rank=rank,
                             world_size=world,
                             timeout=timedelta(seconds=request["collective_timeout_s"]))
     group = dist.new_group(list(range(world)))
     impls = _implementations(request["backends"], group, rank, world)
     cases = [Case(**c) for c in request["cases"]]
-    bar = _progress(len(cases) * len(impls), request["progress"]) if rank == 0 else None
+    bar = report.progress_bar(len(cases) * len(impls), request["progress"]) if rank == 0 else None
     for case in cases:
         current = None
         try:
@@ -371,7 +317,9 @@ def worker(rank: int, request: dict) -> int:
             small_inputs = shard_inputs(small, rank, world)
             for impl in impls:
                 current = impl.name
-                checks[impl.name] = _small_run(small, impl, small_inputs)
+                # One call on the small copy: the outputs to compare, and a warm-up
+                # (libraries loaded, the ranks' connections made).
+                checks[impl.name] = Runnable(small, impl, small_inputs).outputs_and_grads()
             inputs = shard_inputs(case, rank, world)
             for impl in impls:
                 current = impl.name
@@ -379,18 +327,18 @@ def worker(rank: int, request: dict) -> int:
                     bar.set_description(f"{case.op} {impl.name} (rank 0 of {world})")
                 result = _measure(case, impl, inputs, world, group, request)
                 result["max_abs_diff"] = _max_diff(checks[impl.name], checks[GATHER_EAGER])
-                _emit(case, impl.name, {"status": "ok", **result})
+                emit({"key": case.key, "impl": impl.name, "status": "ok", **result})
                 if bar is not None:
                     bar.update(1)
                 gc.collect()
             del inputs, small_inputs
         except Exception as exc:  # noqa: BLE001 - reported, then this rank stops
-            _emit(case, current, {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]})
+            emit({"key": case.key, "impl": current, "status": "error",
+                  "note": f"{type(exc).__name__}: {exc}"[:300]})
             os._exit(1)
     if bar is not None:
         bar.close()
     dist.destroy_process_group()
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,52 +351,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(request: dict, world: int, tmp: str, deadline_s: float) -> tuple:
-    """Run the ranks to completion (or the deadline); ``(lines per rank, failure or None)``."""
-    procs = []
-    for rank in range(world):
-        out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
-        # Rank 0 shows its progress (and any traceback) on our stderr.
-        err = None if rank == 0 else open(os.path.join(tmp, f"rank{rank}.err"), "w+")
-        p = subprocess.Popen([sys.executable, "-m", "benchmarks.tensor_parallel", str(rank),
-                              json.dumps(request)], stdin=subprocess.PIPE, stdout=out,
-                             stderr=err, env=_probe_env(), cwd=_repo_root())
-        procs.append((p, out, err))
-    failure = None
-    deadline = time.monotonic() + deadline_s
-    try:
-        for p, _, _ in procs:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        failure = f"the ranks did not finish within {deadline_s:.0f} s"
-    finally:
-        for p, _, _ in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            p.stdin.close()
-    lines = []
-    for rank, (p, out, err) in enumerate(procs):
-        out.seek(0)
-        lines.append([json.loads(ln) for ln in out if ln.startswith("{")])
-        out.close()
-        if p.returncode not in (0, None) and failure is None:
-            tail = ""
-            if err is not None:
-                err.seek(0)
-                tail = (err.read().strip().splitlines() or [""])[-1][:200]
-            failure = f"rank {rank} exited with code {p.returncode}" + (f": {tail}" if tail else "")
-        if err is not None:
-            err.close()
-    return lines, failure
-
-
 def _combine(case: Case, name: str, per_rank: List[Optional[dict]], world: int,
              failure: Optional[str]) -> dict:
     """One result row from the ranks' lines for a case and implementation."""
     row = {**case.as_dict(), "impl": name, "ranks": world,
            "formula_bytes_per_token": (gather_bytes_per_token(case) if name.startswith(GATHER)
-                                       else docstring_bytes_per_token(case, world))}
+                                       else sharded_bytes_per_token(case, world))}
     errors = [r["note"] for r in per_rank if r is not None and r["status"] != "ok"]
     if errors or any(r is None for r in per_rank):
         note = errors[0] if errors else f"not run: {failure or 'a rank stopped before it'}"
@@ -470,18 +378,6 @@ def _combine(case: Case, name: str, per_rank: List[Optional[dict]], world: int,
     return row
 
 
-def _add_ratios(results: List[dict]) -> None:
-    base = {(r["op"], r["n"], r.get("h"), r["v"], r["dtype"]): r for r in results
-            if r["impl"] == GATHER_EAGER and r["status"] == "ok"}
-    for r in results:
-        b = base.get((r["op"], r["n"], r.get("h"), r["v"], r["dtype"]))
-        if r["status"] != "ok" or b is None:
-            continue
-        r["speedup_vs_gather_eager"] = b["time_ms"] / r["time_ms"]
-        if r.get("mem_bytes") is not None and b.get("mem_bytes"):
-            r["mem_vs_gather_eager"] = r["mem_bytes"] / b["mem_bytes"]
-
-
 def run(cases: Sequence[Case], backends: Sequence[str], *, budget_s: float = 1.0,
         measure_memory: bool = True, progress: bool = True, world: int = WORLD,
         deadline_s: Optional[float] = None) -> dict:
@@ -496,28 +392,26 @@ def run(cases: Sequence[Case], backends: Sequence[str], *, budget_s: float = 1.0
                "port": _free_port(), "threads": threads, "budget_s": budget_s,
                "memory": measure_memory, "progress": progress,
                "collective_timeout_s": min(COLLECTIVE_TIMEOUT_S, deadline_s)}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        lines, failure = _launch(request, world, tmp, deadline_s)
-    by_rank = [{(ln["key"], ln["impl"]): ln for ln in rank_lines} for rank_lines in lines]
+    ranks = run_children("benchmarks.tensor_parallel:rank_worker",
+                         [{**request, "rank": rank} for rank in range(world)],
+                         deadline_s=deadline_s, show_stderr={0})  # rank 0 shows its progress
+    failures = [child.failure(f"rank {rank}") for rank, child in enumerate(ranks)]
+    failure = next((f for f in failures if f is not None), None)
+    by_rank = [{(ln["key"], ln["impl"]): ln for ln in child.lines} for child in ranks]
     results = [_combine(case, name, [r.get((case.key, name)) for r in by_rank], world, failure)
                for case in cases for name in impl_names(backends)]
-    _add_ratios(results)
+    ok = {(case_key(r), r["impl"]): r for r in results if r["status"] == "ok"}
+    for r in results:
+        add_ratios(r, ok.get((case_key(r), GATHER_EAGER)), "gather_eager")
     meta = {"device_name": report.device_name(torch.device("cpu")), "torch": torch.__version__,
             "ranks": world, "threads_per_rank": threads, "backend": "gloo",
             "backends": list(backends), "load_average_before": load,
-            "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "load_average_after": load_average(),
             "wall_s": time.time() - t0, "complete": failure is None}
     notes = [f"each rank: a process with {threads} intra-op thread(s); gloo moves the tensors "
              "over loopback TCP with threads of its own."]
     if failure:
         notes.append(failure)
     return {"meta": meta, "notes": notes, "results": results}
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3:
-        sys.exit(worker(int(sys.argv[1]), json.loads(sys.argv[2])))
-    sys.exit("usage: python -m benchmarks.tensor_parallel RANK REQUEST_JSON (internal: started "
-             "by python -m benchmarks --distributed)")

@@ -254,6 +254,44 @@ def all_reduce_sum(*tensors: torch.Tensor, process_group) -> None:
         offset += t.numel()
 
 
-def state_floats(spec: OpSpec, has_ref: bool) -> int:
-    """fp32 values per token that one rank contributes to the first pass's all-gather."""
-    return len(row_state.empty(1, spec, has_ref, "cpu").tensors())
+# The fp32 values per token that the fused linear ops' extras add to the state's all-gather.
+_EXTRA_FLOATS = {"mean_logits": 1, "is_top1": 0, "log_sum_sq_probs": 2}
+
+
+def exchange_bytes_per_token(spec: OpSpec, has_ref: bool, ranks: int, tokens: int, *,
+                             hidden_size: Optional[int] = None, extras: Sequence[str] = ()) -> float:
+    """Bytes per token that the collectives of one sharded call move, forward and backward.
+
+    The one statement of the formula. A collective is counted by what each rank receives: an
+    all-gather by its gathered result (``R`` times its input), an all-reduce by its tensor. With
+    ``R = ranks`` and ``N = tokens``:
+
+    * forward, the all-gather of every rank's row state: ``4 R F`` bytes, ``F`` the fp32 fields
+      of the state ``spec`` needs (:func:`~prefopt_kernels.backends.row_state.empty`: 4 for
+      log-probs, one more with the entropy, 8 for a divergence or the terms, 9 for reverse KL),
+      plus, for the fused linear ops, 1 for the ``mean_logits`` extra and 2 for
+      ``log_sum_sq_probs``;
+    * a second-sweep divergence (``Divergence.second_sweep``: js, tv, hellinger, chi2, alpha):
+      one all-reduce of its 2 fp32 partial sums, 8 bytes;
+    * backward: nothing for the logits ops; the fused linear ops all-reduce the fp32 gradient of
+      the replicated hidden states, ``4 H`` bytes, when ``hidden`` needs one (pass its width as
+      ``hidden_size``; None otherwise);
+    * the call check, before all of that: one all-gather of :data:`CALL_CHECK_INT64` int64 per
+      rank, ``8 R CALL_CHECK_INT64`` bytes per call, spread here over the ``N`` tokens.
+
+    ``tokens`` are the rows whose states are exchanged (the fused linear ops drop ignored tokens
+    before any of this).
+    """
+    unknown = set(extras) - set(_EXTRA_FLOATS)
+    if unknown:
+        raise ValueError(f"extras must be among {sorted(_EXTRA_FLOATS)}; got {sorted(unknown)}")
+    if ranks < 1 or tokens < 1:
+        raise ValueError(f"ranks and tokens must be positive; got ranks={ranks}, tokens={tokens}")
+    state_floats = len(row_state.empty(1, spec, has_ref, "cpu").tensors())
+    state_floats += sum(_EXTRA_FLOATS[name] for name in extras)
+    per_token = 4 * ranks * state_floats
+    if spec.member is not None and spec.member.second_sweep:
+        per_token += 4 * 2
+    if hidden_size is not None:
+        per_token += 4 * hidden_size
+    return per_token + 8 * ranks * CALL_CHECK_INT64 / tokens

@@ -13,7 +13,8 @@ import torch
 
 from benchmarks import report
 from benchmarks.cases import Case, bytes_moved, gemm_flops, grad_bytes, input_bytes, make_inputs
-from benchmarks.peers import _installed
+from benchmarks.measure import time_cpu
+from benchmarks.peers import installed
 from benchmarks.runner import (
     EAGER,
     RunConfig,
@@ -22,7 +23,6 @@ from benchmarks.runner import (
     implementations,
     measure_cpu_memory,
     run_cases,
-    time_cpu,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,10 +82,10 @@ def test_time_cpu_counts_samples_timed_elsewhere():
     calls, warm = [], []
     t = time_cpu(lambda: calls.append(1), lambda: None, budget_s=1.0, min_reps=1,
                  warmup=lambda: warm.append(1), samples=[5000.0])
-    assert (calls, warm, t["median"], t["reps"]) == ([], [], 5000.0, 1)
+    assert (calls, warm, t.time_ms, t.reps) == ([], [], 5000.0, 1)
     t = time_cpu(lambda: calls.append(1), lambda: None, budget_s=1.0, min_reps=2,
                  warmup=lambda: warm.append(1), samples=[5000.0])
-    assert (len(calls), len(warm), t["reps"]) == (1, 1, 2)
+    assert (len(calls), len(warm), t.reps) == (1, 1, 2)
 
 
 def _backends():
@@ -171,19 +171,15 @@ def test_linear_implementations_agree(op):
     backends, impls = _linear_impls(case)
     names = {i.name for i in impls}
     expected = {EAGER, "gemm"} | {f"prefopt:{b}{s}" for b in backends for s in ("", "-unfused")}
-    if _installed("trl"):
+    if installed("trl"):
         expected.add("trl-chunked")
     assert names == expected
     results = {}
     for impl in impls:
         if impl.name == "gemm":
             continue
-        inputs = make_inputs(case, torch.device("cpu"))
-        r = Runnable(case, impl, inputs)
-        with impl.context():
-            outs = r._differentiable(impl.build(case)(inputs))
-            grads = torch.autograd.grad(outs, r.grad_inputs, r._upstream(outs))
-        results[impl.name] = [o.detach() for o in outs] + list(grads)
+        results[impl.name] = Runnable(case, impl,
+                                      make_inputs(case, torch.device("cpu"))).outputs_and_grads()
     for name, got in results.items():
         assert len(got) == len(results[EAGER]), name
         for g, e in zip(got, results[EAGER]):
@@ -193,16 +189,16 @@ def test_linear_implementations_agree(op):
 def test_linear_memory_is_above_the_gradients(monkeypatch):
     # The probe reports a linear op's peak less the gradients every implementation returns
     # (d hidden, d W), and times the measured call as a sample; a logits op's peak as it is.
-    from benchmarks import runner
+    from benchmarks import measure, runner
 
     def peak_of_100_mib(call):
         call()
         return 100 << 20, "fake"
-    monkeypatch.setattr(runner, "_measure_rss_peak", peak_of_100_mib)
+    monkeypatch.setattr(measure, "rss_peak_bytes", peak_of_100_mib)
     for case in (Case("linear:logprobs", "fwd+bwd", 64, 512, "fp32", h=32),
                  Case("logprobs", "fwd+bwd", 64, 512, "fp32")):
-        got = runner._memory_probe({"case": case.as_dict(), "impls": [EAGER],
-                                    "config": {"backends": [], "compile": False}})[EAGER]
+        got = runner.memory_probe({"case": case.as_dict(), "impls": [EAGER],
+                                   "config": {"backends": [], "compile": False}})[EAGER]
         assert got["mem_bytes"] == (100 << 20) - grad_bytes(case)
         assert (got.get("call_ms", 0) > 0) == case.linear
     assert grad_bytes(Case("linear:logprobs", "fwd+bwd", 64, 512, "fp32", h=32)) == \
@@ -218,7 +214,7 @@ def test_cli_tiny_linear(tmp_path):
     for op in ("linear:logprobs", "linear:terms"):
         names = {r["impl"] for r in rows if r["op"] == op}
         assert {EAGER, "gemm", "prefopt:native", "prefopt:native-unfused"} <= names
-        assert ("trl-chunked" in names) == _installed("trl")
+        assert ("trl-chunked" in names) == installed("trl")
         assert not names & {"eager-trl", "torch-ce", "prefopt:native+inplace"}
     for r in rows:
         assert r["gflops"] * 1e9 == pytest.approx(r["gemm_flops"] / (r["time_ms"] * 1e-3))
@@ -246,7 +242,7 @@ def test_plot_layout_lines_where_the_grid_varies(tmp_path):
     rows = [row("logprobs", 8192, v, i) for v in (32000, 128256) for i in (EAGER, "x")]
     rows += [row("terms:forward_kl", n, 32000, EAGER) for n in (4096, 8192)]
     rows += [row("linear:logprobs", 8192, 151936, i, h=4096) for i in (EAGER, "x")]
-    sweeps, singles = report._layout(rows)
+    sweeps, singles = report.plot_layout(rows)
     assert [(axis, len(r)) for axis, _, r in sweeps] == [("V", 4), ("N", 2)]
     assert [c for c, _ in singles] == [("linear:logprobs", "fwd+bwd", 8192, 4096, 151936, "bf16")]
     pytest.importorskip("matplotlib")
@@ -255,22 +251,24 @@ def test_plot_layout_lines_where_the_grid_varies(tmp_path):
 
 
 def test_tensor_parallel_formulas_by_hand():
-    from benchmarks.tensor_parallel import docstring_bytes_per_token, gather_bytes_per_token
+    from benchmarks.tensor_parallel import gather_bytes_per_token, sharded_bytes_per_token
+    from prefopt_kernels.distributed import CALL_CHECK_INT64
 
     # 2 ranks, N=64: the state all-gather is 4*R*F bytes per token (F=8 for the terms, 9 for
-    # the reverse KL divergence), plus the check's 29 int64 per rank (4 for the layout, 10 linear
-    # options, 8 op scalars, 2 label checksums, 3 for the weights, 2 for the labels' range):
-    # 2*232 bytes over 64 tokens.
+    # the reverse KL divergence), plus the call check's all-gather of CALL_CHECK_INT64 int64 per
+    # rank (the package's count of its fingerprint) over 64 tokens.
+    check = 2 * 8 * CALL_CHECK_INT64 / 64
     terms = Case("terms:forward_kl", "fwd+bwd", 64, 512, "fp32")
-    assert docstring_bytes_per_token(terms, 2) == 64 + 7.25
+    assert sharded_bytes_per_token(terms, 2) == 64 + check
     reverse = Case("divergence:reverse_kl", "fwd+bwd", 64, 512, "fp32")
-    assert docstring_bytes_per_token(reverse, 2) == 72 + 7.25
+    assert sharded_bytes_per_token(reverse, 2) == 72 + check
     # js: F=8 and a second sweep's all-reduce of 2 floats
-    assert docstring_bytes_per_token(Case("divergence:js", "fwd+bwd", 64, 512, "fp32"), 2) == 72 + 7.25
-    assert docstring_bytes_per_token(Case("logprobs", "fwd+bwd", 64, 512, "fp32"), 2) == 32 + 7.25
+    js = Case("divergence:js", "fwd+bwd", 64, 512, "fp32")
+    assert sharded_bytes_per_token(js, 2) == 72 + check
+    assert sharded_bytes_per_token(Case("logprobs", "fwd+bwd", 64, 512, "fp32"), 2) == 32 + check
     # linear: the backward all-reduces the [H] hidden gradient in fp32
     linear = Case("linear:terms", "fwd+bwd", 64, 512, "fp32", h=64)
-    assert docstring_bytes_per_token(linear, 2) == 64 + 4 * 64 + 7.25
+    assert sharded_bytes_per_token(linear, 2) == 64 + 4 * 64 + check
     # gathering: a [V] row of both logits per token; linear: and the [H] hidden gradient
     assert gather_bytes_per_token(terms) == 2 * 4 * 512
     assert gather_bytes_per_token(linear) == 2 * 4 * 512 + 4 * 64
