@@ -8,12 +8,9 @@ global results), a second sweep's partial sums are all-reduced, and each rank's 
 writes its own shard's gradient from the global statistics, with no communication at all
 (the fused linear ops then all-reduce the replicated hidden states' gradient).
 
-Bytes per token per pass, with ``R`` ranks (fp32 fields): the first pass all-gathers the state,
-``4 R F`` where ``F`` is the number of state fields the op needs (:func:`state_floats`: 4
-for log-probs, 8 for a divergence or the terms, 9 for reverse KL, one more with the entropy); a second
-sweep all-reduces 2 floats; the linear ops' backward all-reduces ``H`` floats per token
-(the hidden gradient). Before any of that, one all-gather of 29 int64 per rank checks that
-the ranks agree on the call.
+Before any of that, one all-gather checks that the ranks agree on the call (the spec's
+fingerprint and the call's facts). What each collective moves per token:
+:func:`exchange_bytes_per_token`.
 """
 
 from __future__ import annotations

@@ -212,10 +212,9 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
             (tensor parallelism): each rank passes its contiguous shard ``logits[..., V_r]``,
             shards in rank order, any sizes (0 included); ``labels`` are global ids and every
             rank gets the global per-token results; the gradient is the rank's shard. The
-            ranks exchange their per-row states: ``4 R F`` bytes per token in one all-gather
-            (``R`` ranks, ``F`` = 4 here, 5 with the entropy), plus one all-gather of 29 int64
-            per rank that checks the ranks agree; the backward communicates nothing. See
-            :mod:`prefopt_kernels.distributed`.
+            ranks first check that they agree on the call, then exchange their per-row states;
+            the backward communicates nothing. Bytes per token:
+            :func:`prefopt_kernels.distributed.exchange_bytes_per_token`.
 
     Returns:
         ``logp`` fp32 ``[...]`` (0 at ignored tokens), or ``(logp, entropy)``.
@@ -251,10 +250,7 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
         alpha: the order of ``alpha``, finite, ``|alpha| <= 1e6``, at least ``1e-30`` from 0
             and 1. Values near the edges stay accurate (``expm1``/``log1p`` forms).
         inplace_backward: as in :func:`token_logprobs`.
-        process_group: as in :func:`token_logprobs`, both logits sharded alike. Bytes per
-            token: ``4 R F`` with ``F`` = 8 (forward KL, js, tv, hellinger, chi2, alpha) or 9
-            (reverse KL), plus 8 bytes (one all-reduce of 2 floats) for the second sweep of
-            js, tv, hellinger, chi2 and alpha.
+        process_group: as in :func:`token_logprobs`, both logits sharded alike.
 
     Returns:
         fp32 ``[...]`` per-token divergence.

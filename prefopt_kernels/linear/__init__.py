@@ -142,10 +142,8 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
             (and ``head_bias[V_r]``), shards in rank order, any sizes (0 included), and the
             replicated ``hidden``; labels are global ids. Every rank gets the global outputs,
             its shard's weight and bias gradients, and the full ``hidden`` gradient (summed
-            over the ranks in the backward). Bytes per kept token: ``4 R F`` in the forward's
-            all-gather (``F`` as :func:`prefopt_kernels.token_logprobs` states, plus 1 for
-            ``mean_logits`` and 2 for ``log_sum_sq_probs``), ``4 H`` in the backward's
-            all-reduce, and the 29 int64 per rank of the call check.
+            over the ranks in the backward). Bytes per kept token:
+            :func:`prefopt_kernels.distributed.exchange_bytes_per_token`.
 
     Compute dtype: the autocast dtype when autocast is on for ``hidden``'s device, else
     ``hidden.dtype``. Logit tiles are fp32: a half-precision GEMM on a CPU rounds its result to
