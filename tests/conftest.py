@@ -1,14 +1,26 @@
 """Test configuration shared by the whole suite.
 
+The tests live in folders by area (``ops/``, ``linear/``, ``losses/``, ``integrations/``,
+``distributed/``, ``examples/``); the helpers they share (``contract.py``, ``strategies.py``,
+``dpo_rounding.py``, ``launch.py``) stay here and are imported by their plain names, so this
+directory is put on ``sys.path`` for every test module, whatever folder it is in. Test module
+names must be unique across the folders (they are imported by their plain names too).
+
 Without a CUDA device the Triton kernels run on CPU tensors in Triton's interpreter; the
 variable must be set before Triton compiles anything, so it is set here, before any test
 module imports the package.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -528,7 +528,7 @@ def test_token_level_losses_under_ddp(tmp_path):
     """Two gloo ranks under DDP with ``find_unused_parameters=True``: the token-level losses read the
     LM head and the learned mask inside the wrapped forward, so every step trains and the ranks,
     fed different examples, keep equal parameters (DDP all-reduced every gradient)."""
-    results = run_workers("trl_ddp_worker.py", tmp_path)
+    results = run_workers("integrations/trl_ddp_worker.py", tmp_path)
     assert sorted(results) == sorted(("tdpo1", "sparse_po_learned", "sparse_po_activation"))
     for case, result in results.items():
         assert result["wrapper"] == "DistributedDataParallel" and result["find_unused_parameters"], case
