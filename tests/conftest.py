@@ -11,6 +11,7 @@ variable must be set before Triton compiles anything, so it is set here, before 
 module imports the package.
 """
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -60,4 +61,33 @@ def _cpu_isa(request):
     from prefopt_kernels.backends import native
 
     with native.cpu_isa(marker.args[0]):
+        yield
+
+
+# Every function of a backend module that runs kernels: the logits ops' forward and backward,
+# the linear ops' fold, sweep and slice backward.
+KERNEL_ENTRY_POINTS = ("forward", "backward", "fold", "sweep", "slice_backward")
+
+
+@pytest.fixture
+def no_kernels(request, monkeypatch):
+    """Bad input must be refused before any kernel runs: every kernel entry point of every
+    available backend fails the test if reached. Parametrized indirectly with a backend name
+    (``@pytest.mark.parametrize("no_kernels", names, indirect=True)``), the fixture also
+    selects that backend for the test (``pk.use_backend``)."""
+    import prefopt_kernels as pk
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel ran on bad input")
+
+    for name in pk.available_backends():
+        module = importlib.import_module(f"prefopt_kernels.backends.{name}")
+        for entry_point in KERNEL_ENTRY_POINTS:
+            if hasattr(module, entry_point):
+                monkeypatch.setattr(module, entry_point, refuse)
+    backend = getattr(request, "param", None)
+    if backend is None:
+        yield
+        return
+    with pk.use_backend(backend):
         yield

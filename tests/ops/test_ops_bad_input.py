@@ -11,20 +11,6 @@ from contract import DEVICE, backends_under_test
 ALL_BACKENDS = backends_under_test() + ["reference"]
 
 
-@pytest.fixture(params=ALL_BACKENDS)
-def no_kernels(request, monkeypatch):
-    """Select a backend whose forward and backward must never be reached."""
-    module = __import__(f"prefopt_kernels.backends.{request.param}", fromlist=["forward"])
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a kernel ran on bad input")
-
-    monkeypatch.setattr(module, "forward", refuse)
-    monkeypatch.setattr(module, "backward", refuse)
-    with pk.use_backend(request.param):
-        yield
-
-
 def _inputs(dtype=torch.float32, shape=(2, 3, 50)):
     a = torch.randn(shape, device=DEVICE).to(dtype)
     b = torch.randn(shape, device=DEVICE).to(dtype)
@@ -109,6 +95,7 @@ else:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("no_kernels", ALL_BACKENDS, indirect=True)
 def test_bad_input_raises_naming_the_argument(no_kernels, name):
     call, error, fragment = CASES[name]
     a, b, labels = _inputs()
@@ -151,6 +138,7 @@ def _linear_inputs(labels, vocab=50, width=8):
 
 @pytest.mark.parametrize("value", [2 ** 63, -2 ** 63 - 1, 2 ** 70], ids=["2^63", "-2^63-1", "2^70"])
 @pytest.mark.parametrize("op", sorted(IGNORE_INDEX_CALLS))
+@pytest.mark.parametrize("no_kernels", ALL_BACKENDS, indirect=True)
 def test_ignore_index_beyond_int64_raises_naming_it(no_kernels, op, value):
     a, b, labels = _inputs()
     with pytest.raises(ValueError, match="ignore_index"):
