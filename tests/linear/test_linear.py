@@ -5,9 +5,10 @@ Every value/gradient check runs one fused op on a backend and compares it with
 * the same backend's logits op applied to ``z`` computed explicitly by torch ops
   (``z = logit_scale (h W^T + c)``, then ``softcap tanh(z / softcap)``), gradients by
   autograd through that explicit projection, and
-* an independent float64 oracle written here from the math (``log_softmax`` of the float64
-  logits of the float64 copies of the SAME rounded inputs, the divergences from their
-  definitions), gradients of hidden, head weight and head bias by float64 autograd.
+* the float64 oracle of the logits ops (``oracle`` of tests/contract.py) on the float64
+  logits of the float64 copies of the SAME rounded inputs: its values, and its gradient
+  ``dL/dz`` chained to hidden, head weight and head bias by float64 autograd through the
+  projection.
 
 Tolerance: the numerics contract of DESIGN.md (tests/contract.py) plus the projection's
 rounding bound. ``z`` itself is computed in finite precision, so the fused op meets the
@@ -67,7 +68,6 @@ three cases of test_uneven_tiles.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -79,7 +79,8 @@ from torch.func import grad, jacrev, vmap
 import prefopt_kernels as pk
 from prefopt_kernels import linear as pk_linear
 
-from contract import ulp, with_cpu_isas
+from contract import OUTPUTS, backends_on, divergence_terms, row_terms, ulp, with_cpu_isas
+from contract import oracle as logits_oracle
 
 CPU = torch.device("cpu")
 F64 = torch.float64
@@ -87,16 +88,7 @@ U32 = 2.0 ** -24  # unit roundoff of fp32
 U16 = 2.0 ** -8  # unit roundoff of bf16 (8-bit significand)
 
 
-def _cpu_backends():
-    names = []
-    for name in pk.available_backends():
-        module = importlib.import_module(f"prefopt_kernels.backends.{name}")
-        if module.supports(CPU):
-            names.append(name)
-    return names
-
-
-BACKENDS = _cpu_backends()
+BACKENDS = backends_on(CPU)
 # The core cases run once per native CPU variant (fold, sweep and the slice backward over
 # vocabulary tiles); the rest on the default variant.
 ISA_BACKENDS = with_cpu_isas(BACKENDS)
@@ -174,55 +166,21 @@ def make_weight(lead, *, seed, zero_every=3):
 
 
 # --------------------------------------------------------------------------- float64 oracle
-
-
-def _divergence_terms64(name, lp, lq, p, q, beta, alpha):
-    """The summands over the vocabulary of ``D(p, q)`` from its definition (DESIGN.md), p the
-    policy, q the reference; each a function of ``(lp_v, lq_v)`` alone."""
-    if name == "forward_kl":
-        return q * (lq - lp)
-    if name == "reverse_kl":
-        return p * (lp - lq)
-    if name == "js":
-        lm = torch.logaddexp(math.log(beta) + lq, math.log1p(-beta) + lp)
-        return beta * q * (lq - lm) + (1.0 - beta) * p * (lp - lm)
-    if name == "tv":
-        return 0.5 * (p - q).abs()
-    if name == "hellinger":
-        return (torch.exp(0.5 * lp) - torch.exp(0.5 * lq)) ** 2
-    if name == "chi2":
-        return (p - q) ** 2 / q
-    if name == "alpha":  # sum_v q f(p/q) with f(t) = (t^a - a t - (1 - a)) / (a (a - 1))
-        return (torch.exp(alpha * lp + (1.0 - alpha) * lq) - alpha * p - (1.0 - alpha) * q) / (alpha * (alpha - 1.0))
-    raise AssertionError(name)
-
-
-OUT = ("logp", "entropy", "ref_logp", "div")
-
-
-def _row_terms(z, zr, onehot, *, temperature, divergence, beta, alpha):
-    """``[..., 4]``: logp, entropy, ref_logp, div of rows of float64 logits (``zr`` the reference)."""
-    lp = torch.log_softmax(z / temperature, -1)
-    p = torch.exp(lp)
-    lq = torch.log_softmax(zr / temperature, -1)
-    q = torch.exp(lq)
-    logp = (onehot * lp).sum(-1)
-    entropy = -(p * lp).sum(-1)
-    ref_logp = (onehot * lq).sum(-1)
-    div = _divergence_terms64(divergence, lp, lq, p, q, beta, alpha).sum(-1) if divergence else torch.zeros_like(logp)
-    return torch.stack([logp, entropy, ref_logp, div], -1)
+#
+# Values and dL/dz come from the logits ops' oracle (tests/contract.py); the tolerances need
+# derivatives of the same math with respect to both logits tensors (contract.row_terms).
 
 
 def _row_loss(z, zr, onehot, g, **spec):
-    return (g * _row_terms(z, zr, onehot, **spec)).sum()
+    return (g * row_terms(z, zr, onehot, **spec)).sum()
 
 
 def _separable_loss(lp, lq, onehot, g, *, temperature, divergence, beta, alpha):
     """``[n, V]`` summands ``Phi_v(lp_v, lq_v)`` with ``L = sum_v Phi_v`` (ref_logp has no gradient)."""
-    p, q = lp.exp(), lq.exp()
+    p = lp.exp()
     phi = g[:, :1] * onehot * lp - g[:, 1:2] * p * lp
     if divergence:
-        phi = phi + g[:, 3:4] * _divergence_terms64(divergence, lp, lq, p, q, beta, alpha)
+        phi = phi + g[:, 3:4] * divergence_terms(divergence, lp, lq, beta, alpha)
     return phi
 
 
@@ -262,7 +220,7 @@ def _jacobians(z, zr, onehot, spec):
     """``d terms[:, k] / dz`` and ``/ dzr``, ``[n, 4, V]`` each (rows are independent)."""
     z = z.detach().requires_grad_(True)
     zr = zr.detach().requires_grad_(True)
-    terms = _row_terms(z, zr, onehot, **spec)
+    terms = row_terms(z, zr, onehot, **spec)
     jz, jzr = [], []
     for k in range(terms.shape[-1]):
         a, b = torch.autograd.grad(terms[:, k].sum(), (z, zr), retain_graph=True, materialize_grads=True)
@@ -312,6 +270,10 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
            divergence=None, beta=0.5, alpha=0.5, temperature=1.0, want=("logp",)) -> Expected:
     """Float64 values, gradients and tolerances of one fused call (see the module docstring).
 
+    The values and ``dL/dz`` are those of the logits ops' oracle (``contract.oracle``) on the
+    float64 logits ``z`` of the rounded inputs; the gradients of hidden, head weight and head
+    bias chain ``dL/dz`` through the float64 projection by autograd.
+
     ``gemm_dtype``: the dtype the GEMM's inputs are rounded to (the tile dtype on CPU);
     ``upstream``: name -> fp32 ``[lead]`` upstream gradient of each differentiable output.
     """
@@ -352,34 +314,39 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
     masks = torch.stack([kept, kept, kept, div_rows], -1).to(F64)  # [n, 4]
     gvec = torch.zeros(n, 4, dtype=F64)
     for key, g in upstream.items():
-        gvec[:, OUT.index(key)] = g.reshape(n).to(F64)
+        gvec[:, OUTPUTS.index(key)] = g.reshape(n).to(F64)
     gvec = gvec * masks
 
     spec = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha)
-    terms = _row_terms(z, zr, onehot, **spec)
-    # Autograd through the explicit float64 computation: the gradients of hidden, weight, bias.
-    loss = (gvec * terms).sum()
+    z0 = z.detach()
+    # The logits ops' oracle on the exact logits: the values (0 on the rows the op skips) and
+    # G = dL/dz for the upstream gradients.
+    rows, gz = logits_oracle(z0, flat_labels, None if ref is None else zr, w, divergence=divergence, beta=beta,
+                             alpha=alpha, temperature=temperature, want_logp="logp" in want,
+                             want_ref_logp="ref_logp" in want, want_entropy="entropy" in want,
+                             upstream={key: gvec[:, OUTPUTS.index(key)] for key in upstream})
+    if gz is None:  # no upstream gradient
+        gz = torch.zeros_like(z0)
+    flat_values = {key: rows.get(key, torch.zeros(n, dtype=F64)) for key in OUTPUTS if key in want}
+    # Autograd through the explicit float64 projection: the gradients of hidden, weight, bias.
     params = [t for t in (h64, w64, b64) if t is not None]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = torch.autograd.grad(z, params, grad_outputs=gz, allow_unused=True)
     grads = dict(zip(("hidden", "weight", "bias"), list(grads) + [None]))
     grads["hidden"] = grads["hidden"].reshape(*lead, hsize)
 
-    z0 = z.detach()
-    values = {key: (terms.detach()[:, i] * masks[:, i]).reshape(lead) for i, key in enumerate(OUT) if key in want}
+    values = {key: v.reshape(lead) for key, v in flat_values.items()}
     s = torch.clamp(torch.maximum(z0.abs().amax(-1), zr.abs().amax(-1)) / temperature, min=1.0)
     contract = 1e-5 + 1e-6 * s  # [n]
 
     # Values: contract + doubled first-order propagation of the projection's error.
     jz, jzr = _jacobians(z0, zr, onehot, spec)  # [n, 4, V]
     value_tol = {}
-    for i, key in enumerate(OUT):
+    for i, key in enumerate(OUTPUTS):
         if key in want:
             prop = (jz[:, i].abs() * dz).sum(-1) + (jzr[:, i].abs() * dzr).sum(-1)
-            value_tol[key] = (contract * (1 + terms.detach()[:, i].abs()) + 2 * prop).reshape(lead)
+            value_tol[key] = (contract * (1 + flat_values[key].abs()) + 2 * prop).reshape(lead)
 
     # Gradients. G = dL/dz per row and its error bound E_z (contract + doubled Hessian term).
-    zv = z0.clone().requires_grad_(True)
-    gz, = torch.autograd.grad(_row_loss(zv, zr, onehot, gvec, **spec), zv)  # [n, V]
     hess, gz_check = hessian_bound(z0, zr, onehot, gvec, dz, dzr, **spec)
     torch.testing.assert_close(gz_check, gz, rtol=1e-9, atol=1e-12)  # the bound's own derivatives
     g_out = gvec.abs().sum(-1)
@@ -1293,9 +1260,9 @@ def test_trl_logprob_parity(softcap, scale, temperature):
 
 
 def _js64(p, q, beta):
-    """Our js from its definition with the mixture formed explicitly: beta KL(q||m) + (1-beta) KL(p||m)."""
-    m = beta * q + (1 - beta) * p
-    return beta * (q * (q / m).log()).sum(-1) + (1 - beta) * (p * (p / m).log()).sum(-1)
+    """Our js of probabilities ``p`` (policy) and ``q`` (reference), the oracle's (tests/contract.py):
+    beta KL(q||m) + (1-beta) KL(p||m) with m = beta q + (1 - beta) p."""
+    return divergence_terms("js", p.log(), q.log(), beta).sum(-1)
 
 
 def _trl_jsd64(ps, pt, beta):
