@@ -18,13 +18,13 @@
 # The GPU tests' cost on a fresh machine is mostly Triton JIT compiles: one per distinct
 # specialisation (kernel, constexpr flags, pointer dtypes, BLOCK_V and num_warps, and
 # Triton's own keys on the integer arguments: 16-divisible, equal to 1). The flags and
-# dtypes alone give 330 variants per BLOCK_V (tests/test_triton_compile.py counts 220 for
+# dtypes alone give 330 variants per BLOCK_V (tests/ops/test_triton_compile.py counts 220 for
 # fp32 and bf16; fp16 adds half again), and BLOCK_V takes up to 14 values (the next power
 # of two of V, capped), but the tests reach only some: with the Hypothesis profile "gpu" (a
 # tenth of every property test's examples, tests/conftest.py) the GPU subset launches the
 # Triton kernels about 990 times in about 660 distinct specialisations (600 without the
 # integer keys; counted by recording each launch's GPU key in a dry run), plus about 15
-# in the tests that need CUDA (tests/test_gpu.py, test_graph_capture.py, test_compile.py's
+# in the tests that need CUDA (tests/ops/test_gpu.py, test_graph_capture.py, test_compile.py's
 # CUDA cases, which also compile with Inductor). At 0.2 to 2 s a compile (measured for
 # sm_90 on a small CPU; 0.7 s on average) that is 5 to 8 minutes in one process, so the tests
 # run in PREFOPT_GPU_CHECK_WORKERS pytest-xdist processes (default 8 of the 16 cores; they
@@ -141,7 +141,7 @@ else
     if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2> /dev/null; then
         ARGS+=(-n "$WORKERS")
     fi
-    # Only a build that made the CUDA kernels is expected to have them (tests/test_backends.py).
+    # Only a build that made the CUDA kernels is expected to have them (tests/ops/test_backends.py).
     [ "$NATIVE" = "built with CUDA kernels" ] && export PREFOPT_EXPECT_CUDA=1
     stamp "pytest ${ARGS[*]} (Hypothesis profile gpu, limit ${T_TESTS}s)"
     BEFORE=$(cubins)

@@ -1,14 +1,27 @@
 """Test configuration shared by the whole suite.
 
+The tests live in folders by area (``ops/``, ``linear/``, ``losses/``, ``integrations/``,
+``distributed/``, ``examples/``); the helpers they share (``contract.py``, ``strategies.py``,
+``dpo_rounding.py``, ``launch.py``) stay here and are imported by their plain names, so this
+directory is put on ``sys.path`` for every test module, whatever folder it is in. Test module
+names must be unique across the folders (they are imported by their plain names too).
+
 Without a CUDA device the Triton kernels run on CPU tensors in Triton's interpreter; the
 variable must be set before Triton compiles anything, so it is set here, before any test
 module imports the package.
 """
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,4 +61,33 @@ def _cpu_isa(request):
     from prefopt_kernels.backends import native
 
     with native.cpu_isa(marker.args[0]):
+        yield
+
+
+# Every function of a backend module that runs kernels: the logits ops' forward and backward,
+# the linear ops' fold, sweep and slice backward.
+KERNEL_ENTRY_POINTS = ("forward", "backward", "fold", "sweep", "slice_backward")
+
+
+@pytest.fixture
+def no_kernels(request, monkeypatch):
+    """Bad input must be refused before any kernel runs: every kernel entry point of every
+    available backend fails the test if reached. Parametrized indirectly with a backend name
+    (``@pytest.mark.parametrize("no_kernels", names, indirect=True)``), the fixture also
+    selects that backend for the test (``pk.use_backend``)."""
+    import prefopt_kernels as pk
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel ran on bad input")
+
+    for name in pk.available_backends():
+        module = importlib.import_module(f"prefopt_kernels.backends.{name}")
+        for entry_point in KERNEL_ENTRY_POINTS:
+            if hasattr(module, entry_point):
+                monkeypatch.setattr(module, entry_point, refuse)
+    backend = getattr(request, "param", None)
+    if backend is None:
+        yield
+        return
+    with pk.use_backend(backend):
         yield

@@ -4,6 +4,11 @@ Per-token outputs: ``|x - x_ref| <= (1e-5 + 1e-6 s)(1 + |x_ref|)``.
 Gradients, per row: ``|g - g_ref| <= (1e-5 + 1e-6 s) max_j |g_ref_j| + 2e-7 |g_out| +
 ulp_dtype(g_ref)``, with ``s = max(1, max|a|/T, max|b|/T)`` over the row's finite logits
 and ``g_out`` the upstream gradient of that token.
+
+``oracle`` gives the values and the logits' gradient of the same rounded inputs in float64,
+from ``backends/reference.py``; the linear ops' oracle (tests/linear/test_linear.py) applies
+it to the float64 logits of the projection. ``row_terms`` is the same math differentiable with
+respect to both logits tensors, for the sensitivities a tolerance needs.
 """
 
 from __future__ import annotations
@@ -16,20 +21,24 @@ import torch
 import prefopt_kernels as pk
 from prefopt_kernels.backends import native, reference
 from prefopt_kernels.backends import DIVERGENCE_CODES, OpSpec
+from prefopt_kernels.divergences import GENERATORS, Divergence
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def backends_under_test():
-    """Every backend that can run on ``DEVICE`` except the oracle itself."""
+def backends_on(device: torch.device):
+    """Every available backend that runs on ``device``, the reference included."""
     names = []
     for name in pk.available_backends():
-        if name == "reference":
-            continue
         module = __import__(f"prefopt_kernels.backends.{name}", fromlist=["supports"])
-        if module.supports(DEVICE):
+        if module.supports(device):
             names.append(name)
     return names
+
+
+def backends_under_test():
+    """Every backend that can run on ``DEVICE`` except the oracle itself."""
+    return [name for name in backends_on(DEVICE) if name != "reference"]
 
 
 def with_cpu_isas(names):
@@ -131,3 +140,27 @@ def oracle(a, labels, b, weight, *, divergence=None, beta=0.5, alpha=0.5, temper
     if upstream:
         grad = reference.gradient(a64, flat_labels, b64, flat_weight, spec, upstream).reshape(*lead, vocab)
     return {k: v.detach().reshape(lead) for k, v in values.items()}, grad
+
+
+# The per-token outputs of the ops, in the order of ``row_terms``' last axis.
+OUTPUTS = ("logp", "entropy", "ref_logp", "div")
+
+
+def divergence_terms(divergence: str, log_p, log_q, beta=0.5, alpha=0.5):
+    """The summands ``q_v f(p_v / q_v)`` of ``D(p, q)`` over the vocabulary (float64), each a function of
+    ``(log p_v, log q_v)`` alone: the generators of ``prefopt_kernels.divergences`` that the oracle sums."""
+    return GENERATORS[Divergence[divergence.upper()]](log_p, log_q, beta, alpha)[0]
+
+
+def row_terms(a, b, onehot, *, temperature=1.0, divergence=None, beta=0.5, alpha=0.5):
+    """``[..., 4]`` float64: the ``OUTPUTS`` of float64 policy logits ``a`` and reference logits ``b``
+    (``[..., V]``; the labels one-hot in ``onehot``), differentiable with respect to both (the oracle
+    detaches the reference). The oracle's math without its row skipping and NaN policy: for finite
+    logits, the derivatives of its values with respect to either logits tensor."""
+    log_p = torch.log_softmax(a / temperature, -1)
+    log_q = torch.log_softmax(b / temperature, -1)
+    logp = (onehot * log_p).sum(-1)
+    entropy = -(torch.exp(log_p) * log_p).sum(-1)
+    ref_logp = (onehot * log_q).sum(-1)
+    div = divergence_terms(divergence, log_p, log_q, beta, alpha).sum(-1) if divergence else torch.zeros_like(logp)
+    return torch.stack([logp, entropy, ref_logp, div], -1)

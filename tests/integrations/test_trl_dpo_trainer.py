@@ -25,7 +25,8 @@ in-memory preference pairs; nothing is downloaded. Skipped without TRL (or trans
 * ``tdpo2`` and learned-mask ``sparse_po``: the loss and the LM-head gradient of one batch
   equal the same loss written out over the full fp64 logits (``rel=1e-5`` on the loss: fp32
   tiles against fp64; a KL taken in the wrong direction moves it by ~4%).
-* INPO's ``prev_model`` enters the loss; the config and trainer reject unsupported combinations.
+* INPO's ``prev_model`` enters the loss; the trainer rejects unsupported combinations (the
+  config's are rows of test_integrations_bad_input.py).
 """
 
 from __future__ import annotations
@@ -449,20 +450,6 @@ def test_inpo_previous_iterate_enters_the_loss(tmp_path):
                           processing_class=tokenizer, prev_model=_model(seed=1))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(loss_type=["tdpo1", "sigmoid"]), "used alone"),
-    (dict(loss_type="sparse_po", loss_weights=[2.0]), "without loss_weights"),
-    (dict(loss_type="sparse_po", precompute_ref_log_probs=True), "precompute_ref_log_probs"),
-    (dict(loss_type="simpo", ld_alpha=0.5), "ld_alpha"),
-    (dict(loss_type="sparse_po", sparse_po_mask="dense"), "sparse_po_mask"),
-    (dict(loss_type="simpo", precompute_ref_log_probs=True), "no reference model"),
-    (dict(loss_type="simpo", sync_ref_model=True), "no reference model"),
-])
-def test_config_rejects_unsupported_combinations(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        PrefOptDPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs)
-
-
 def _refuse_trl_head(*args, **kwargs):
     raise AssertionError("TRL's own fused LM head was installed")
 
@@ -528,7 +515,7 @@ def test_token_level_losses_under_ddp(tmp_path):
     """Two gloo ranks under DDP with ``find_unused_parameters=True``: the token-level losses read the
     LM head and the learned mask inside the wrapped forward, so every step trains and the ranks,
     fed different examples, keep equal parameters (DDP all-reduced every gradient)."""
-    results = run_workers("trl_ddp_worker.py", tmp_path)
+    results = run_workers("integrations/trl_ddp_worker.py", tmp_path)
     assert sorted(results) == sorted(("tdpo1", "sparse_po_learned", "sparse_po_activation"))
     for case, result in results.items():
         assert result["wrapper"] == "DistributedDataParallel" and result["find_unused_parameters"], case

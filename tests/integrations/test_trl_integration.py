@@ -393,12 +393,6 @@ def test_moe_aux_loss_matches_trl():
     assert_grads_match(ours_model, trl_model)
 
 
-def test_unknown_output_name_rejected():
-    model = make_model("plain")
-    with pytest.raises(ValueError, match="outputs"):
-        pk_trl.add_fused_lm_head(model, outputs=("log_probs", "logits"))
-
-
 def test_explicit_zero_logit_scale_matches_trl():
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(logit_scale=0.0)).eval()

@@ -1,4 +1,10 @@
-"""Bad input fails loudly, naming the argument, on every backend, before any kernel runs."""
+"""Bad input to the logits ops fails loudly, naming the argument, on every backend, before any
+kernel runs (conftest.py's ``no_kernels``).
+
+``CASES`` is the logits ops' table of bad input: name -> (call, exception type, message
+fragment naming the argument); the linear ops' table is in tests/linear/, the losses' in
+tests/losses/, the integrations' in tests/integrations/.
+"""
 
 import math
 
@@ -9,20 +15,6 @@ import prefopt_kernels as pk
 from contract import DEVICE, backends_under_test
 
 ALL_BACKENDS = backends_under_test() + ["reference"]
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def no_kernels(request, monkeypatch):
-    """Select a backend whose forward and backward must never be reached."""
-    module = __import__(f"prefopt_kernels.backends.{request.param}", fromlist=["forward"])
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a kernel ran on bad input")
-
-    monkeypatch.setattr(module, "forward", refuse)
-    monkeypatch.setattr(module, "backward", refuse)
-    with pk.use_backend(request.param):
-        yield
 
 
 def _inputs(dtype=torch.float32, shape=(2, 3, 50)):
@@ -100,6 +92,18 @@ CASES = {
     "return_entropy a string (terms)": (lambda a, b, y: pk.token_terms(a, y, b, return_entropy="no"),
                                         TypeError, "return_entropy"),
     "unknown backend": (lambda a, b, y: pk.use_backend("cuda"), ValueError, "name"),
+    # The registered ops carry ignore_index as an int64: a wider int must fail the check (a
+    # ValueError naming it), not the op schema's conversion (a RuntimeError).
+    "ignore_index 2^63": (lambda a, b, y: pk.token_logprobs(a, y, ignore_index=2 ** 63), ValueError, "ignore_index"),
+    "ignore_index -2^63-1": (lambda a, b, y: pk.token_logprobs(a, y, ignore_index=-2 ** 63 - 1), ValueError,
+                             "ignore_index"),
+    "ignore_index 2^70": (lambda a, b, y: pk.token_logprobs(a, y, ignore_index=2 ** 70), ValueError, "ignore_index"),
+    "ignore_index 2^63 (terms)": (lambda a, b, y: pk.token_terms(a, y, b, ignore_index=2 ** 63), ValueError,
+                                  "ignore_index"),
+    "ignore_index -2^63-1 (terms)": (lambda a, b, y: pk.token_terms(a, y, b, ignore_index=-2 ** 63 - 1), ValueError,
+                                     "ignore_index"),
+    "ignore_index 2^70 (terms)": (lambda a, b, y: pk.token_terms(a, y, b, ignore_index=2 ** 70), ValueError,
+                                  "ignore_index"),
 }
 if DEVICE.type == "cuda":
     CASES["labels on another device"] = (lambda a, b, y: pk.token_logprobs(a, y.cpu()), ValueError, "labels")
@@ -108,22 +112,25 @@ else:
     CASES["meta device"] = (lambda a, b, y: pk.token_logprobs(a.to("meta"), y), ValueError, "logits")
 
 
+def _on_backend(name, op, *args):
+    with pk.use_backend(name):
+        return op(*args)
+
+
+# A backend that cannot run on this device is refused, naming it (the first such one, if any).
+MISSING = [n for n in ("triton", "native") if n not in backends_under_test()]
+if MISSING:
+    CASES[f"backend {MISSING[0]} that cannot run here"] = (
+        lambda a, b, y: _on_backend(MISSING[0], pk.token_logprobs, a, y), ValueError, MISSING[0])
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("no_kernels", ALL_BACKENDS, indirect=True)
 def test_bad_input_raises_naming_the_argument(no_kernels, name):
     call, error, fragment = CASES[name]
     a, b, labels = _inputs()
     with pytest.raises(error, match=fragment):
         call(a, b, labels)
-
-
-def test_backend_that_cannot_run_here_is_refused():
-    missing = [n for n in ("triton", "native") if n not in backends_under_test()]
-    if not missing:
-        pytest.skip("every backend runs on this device")
-    a, b, labels = _inputs()
-    with pk.use_backend(missing[0]):
-        with pytest.raises(ValueError, match=missing[0]):
-            pk.token_logprobs(a, labels)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -135,8 +142,7 @@ def test_empty_leading_shape_gives_empty_outputs(backend):
     assert logp.shape == (0, 7) and a.grad.shape == a.shape
 
 
-# The registered ops carry ignore_index as an int64: a wider int must fail the check (a
-# ValueError naming it), not the op schema's conversion (a RuntimeError).
+# Every op taking ignore_index, with the inputs of _inputs and _linear_inputs.
 IGNORE_INDEX_CALLS = {
     "token_logprobs": lambda a, b, y, h, w, i: pk.token_logprobs(a, y, ignore_index=i),
     "token_terms": lambda a, b, y, h, w, i: pk.token_terms(a, y, b, ignore_index=i),
@@ -147,19 +153,6 @@ IGNORE_INDEX_CALLS = {
 
 def _linear_inputs(labels, vocab=50, width=8):
     return torch.randn(*labels.shape, width, device=DEVICE), torch.randn(vocab, width, device=DEVICE)
-
-
-@pytest.mark.parametrize("value", [2 ** 63, -2 ** 63 - 1, 2 ** 70], ids=["2^63", "-2^63-1", "2^70"])
-@pytest.mark.parametrize("op", sorted(IGNORE_INDEX_CALLS))
-def test_ignore_index_beyond_int64_raises_naming_it(no_kernels, op, value):
-    a, b, labels = _inputs()
-    with pytest.raises(ValueError, match="ignore_index"):
-        IGNORE_INDEX_CALLS[op](a, b, labels, *_linear_inputs(labels), value)
-
-
-def test_preference_loss_ignore_index_beyond_int64_raises_naming_it():
-    with pytest.raises(ValueError, match="ignore_index"):
-        pk.losses.PreferenceLoss(ignore_index=2 ** 63)
 
 
 @pytest.mark.parametrize("value", [2 ** 63 - 1, -2 ** 63], ids=["2^63-1", "-2^63"])

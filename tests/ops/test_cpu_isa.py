@@ -18,7 +18,7 @@ from prefopt_kernels.backends import native
 from contract import DEVICE, with_cpu_isas
 
 ALL_ISAS = ["avx512", "avx2", "generic"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="native extension not built")
 

@@ -965,7 +965,7 @@ def test_linear_ops_on_fsdp2_sharded_heads(tmp_path):
     """Two gloo ranks, heads sharded by FSDP2 (``fully_shard``, DTensor parameters, the reference's
     requiring grad as an nn.Linear's do): outputs and gradients equal float64 of the full heads, the
     head's gradient arrives in its shards, and the reference head gets none."""
-    results = run_workers("linear_fsdp_worker.py", tmp_path)
+    results = run_workers("distributed/linear_fsdp_worker.py", tmp_path)
     assert results["sharded"] == "DTensor" and results["ref_grad"], results
     # fp32 tiles against float64: |logp| ~ 6, a few ulp; gradients relative to their largest entry.
     assert results["logp"] < 2e-5 and results["div"] < 2e-5, results

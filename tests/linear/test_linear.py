@@ -5,9 +5,10 @@ Every value/gradient check runs one fused op on a backend and compares it with
 * the same backend's logits op applied to ``z`` computed explicitly by torch ops
   (``z = logit_scale (h W^T + c)``, then ``softcap tanh(z / softcap)``), gradients by
   autograd through that explicit projection, and
-* an independent float64 oracle written here from the math (``log_softmax`` of the float64
-  logits of the float64 copies of the SAME rounded inputs, the divergences from their
-  definitions), gradients of hidden, head weight and head bias by float64 autograd.
+* the float64 oracle of the logits ops (``oracle`` of tests/contract.py) on the float64
+  logits of the float64 copies of the SAME rounded inputs: its values, and its gradient
+  ``dL/dz`` chained to hidden, head weight and head bias by float64 autograd through the
+  projection.
 
 Tolerance: the numerics contract of DESIGN.md (tests/contract.py) plus the projection's
 rounding bound. ``z`` itself is computed in finite precision, so the fused op meets the
@@ -67,7 +68,6 @@ three cases of test_uneven_tiles.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -80,7 +80,8 @@ import prefopt_kernels as pk
 from prefopt_kernels.linear import tiles as linear_tiles
 from prefopt_kernels.linear.tiles import plan_tiles
 
-from contract import ulp, with_cpu_isas
+from contract import OUTPUTS, backends_on, divergence_terms, row_terms, ulp, with_cpu_isas
+from contract import oracle as logits_oracle
 
 CPU = torch.device("cpu")
 F64 = torch.float64
@@ -88,16 +89,7 @@ U32 = 2.0 ** -24  # unit roundoff of fp32
 U16 = 2.0 ** -8  # unit roundoff of bf16 (8-bit significand)
 
 
-def _cpu_backends():
-    names = []
-    for name in pk.available_backends():
-        module = importlib.import_module(f"prefopt_kernels.backends.{name}")
-        if module.supports(CPU):
-            names.append(name)
-    return names
-
-
-BACKENDS = _cpu_backends()
+BACKENDS = backends_on(CPU)
 # The core cases run once per native CPU variant (fold, sweep and the slice backward over
 # vocabulary tiles); the rest on the default variant.
 ISA_BACKENDS = with_cpu_isas(BACKENDS)
@@ -175,55 +167,21 @@ def make_weight(lead, *, seed, zero_every=3):
 
 
 # --------------------------------------------------------------------------- float64 oracle
-
-
-def _divergence_terms64(name, lp, lq, p, q, beta, alpha):
-    """The summands over the vocabulary of ``D(p, q)`` from its definition (DESIGN.md), p the
-    policy, q the reference; each a function of ``(lp_v, lq_v)`` alone."""
-    if name == "forward_kl":
-        return q * (lq - lp)
-    if name == "reverse_kl":
-        return p * (lp - lq)
-    if name == "js":
-        lm = torch.logaddexp(math.log(beta) + lq, math.log1p(-beta) + lp)
-        return beta * q * (lq - lm) + (1.0 - beta) * p * (lp - lm)
-    if name == "tv":
-        return 0.5 * (p - q).abs()
-    if name == "hellinger":
-        return (torch.exp(0.5 * lp) - torch.exp(0.5 * lq)) ** 2
-    if name == "chi2":
-        return (p - q) ** 2 / q
-    if name == "alpha":  # sum_v q f(p/q) with f(t) = (t^a - a t - (1 - a)) / (a (a - 1))
-        return (torch.exp(alpha * lp + (1.0 - alpha) * lq) - alpha * p - (1.0 - alpha) * q) / (alpha * (alpha - 1.0))
-    raise AssertionError(name)
-
-
-OUT = ("logp", "entropy", "ref_logp", "div")
-
-
-def _row_terms(z, zr, onehot, *, temperature, divergence, beta, alpha):
-    """``[..., 4]``: logp, entropy, ref_logp, div of rows of float64 logits (``zr`` the reference)."""
-    lp = torch.log_softmax(z / temperature, -1)
-    p = torch.exp(lp)
-    lq = torch.log_softmax(zr / temperature, -1)
-    q = torch.exp(lq)
-    logp = (onehot * lp).sum(-1)
-    entropy = -(p * lp).sum(-1)
-    ref_logp = (onehot * lq).sum(-1)
-    div = _divergence_terms64(divergence, lp, lq, p, q, beta, alpha).sum(-1) if divergence else torch.zeros_like(logp)
-    return torch.stack([logp, entropy, ref_logp, div], -1)
+#
+# Values and dL/dz come from the logits ops' oracle (tests/contract.py); the tolerances need
+# derivatives of the same math with respect to both logits tensors (contract.row_terms).
 
 
 def _row_loss(z, zr, onehot, g, **spec):
-    return (g * _row_terms(z, zr, onehot, **spec)).sum()
+    return (g * row_terms(z, zr, onehot, **spec)).sum()
 
 
 def _separable_loss(lp, lq, onehot, g, *, temperature, divergence, beta, alpha):
     """``[n, V]`` summands ``Phi_v(lp_v, lq_v)`` with ``L = sum_v Phi_v`` (ref_logp has no gradient)."""
-    p, q = lp.exp(), lq.exp()
+    p = lp.exp()
     phi = g[:, :1] * onehot * lp - g[:, 1:2] * p * lp
     if divergence:
-        phi = phi + g[:, 3:4] * _divergence_terms64(divergence, lp, lq, p, q, beta, alpha)
+        phi = phi + g[:, 3:4] * divergence_terms(divergence, lp, lq, beta, alpha)
     return phi
 
 
@@ -263,7 +221,7 @@ def _jacobians(z, zr, onehot, spec):
     """``d terms[:, k] / dz`` and ``/ dzr``, ``[n, 4, V]`` each (rows are independent)."""
     z = z.detach().requires_grad_(True)
     zr = zr.detach().requires_grad_(True)
-    terms = _row_terms(z, zr, onehot, **spec)
+    terms = row_terms(z, zr, onehot, **spec)
     jz, jzr = [], []
     for k in range(terms.shape[-1]):
         a, b = torch.autograd.grad(terms[:, k].sum(), (z, zr), retain_graph=True, materialize_grads=True)
@@ -313,6 +271,10 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
            divergence=None, beta=0.5, alpha=0.5, temperature=1.0, want=("logp",)) -> Expected:
     """Float64 values, gradients and tolerances of one fused call (see the module docstring).
 
+    The values and ``dL/dz`` are those of the logits ops' oracle (``contract.oracle``) on the
+    float64 logits ``z`` of the rounded inputs; the gradients of hidden, head weight and head
+    bias chain ``dL/dz`` through the float64 projection by autograd.
+
     ``gemm_dtype``: the dtype the GEMM's inputs are rounded to (the tile dtype on CPU);
     ``upstream``: name -> fp32 ``[lead]`` upstream gradient of each differentiable output.
     """
@@ -353,34 +315,39 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
     masks = torch.stack([kept, kept, kept, div_rows], -1).to(F64)  # [n, 4]
     gvec = torch.zeros(n, 4, dtype=F64)
     for key, g in upstream.items():
-        gvec[:, OUT.index(key)] = g.reshape(n).to(F64)
+        gvec[:, OUTPUTS.index(key)] = g.reshape(n).to(F64)
     gvec = gvec * masks
 
     spec = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha)
-    terms = _row_terms(z, zr, onehot, **spec)
-    # Autograd through the explicit float64 computation: the gradients of hidden, weight, bias.
-    loss = (gvec * terms).sum()
+    z0 = z.detach()
+    # The logits ops' oracle on the exact logits: the values (0 on the rows the op skips) and
+    # G = dL/dz for the upstream gradients.
+    rows, gz = logits_oracle(z0, flat_labels, None if ref is None else zr, w, divergence=divergence, beta=beta,
+                             alpha=alpha, temperature=temperature, want_logp="logp" in want,
+                             want_ref_logp="ref_logp" in want, want_entropy="entropy" in want,
+                             upstream={key: gvec[:, OUTPUTS.index(key)] for key in upstream})
+    if gz is None:  # no upstream gradient
+        gz = torch.zeros_like(z0)
+    flat_values = {key: rows.get(key, torch.zeros(n, dtype=F64)) for key in OUTPUTS if key in want}
+    # Autograd through the explicit float64 projection: the gradients of hidden, weight, bias.
     params = [t for t in (h64, w64, b64) if t is not None]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = torch.autograd.grad(z, params, grad_outputs=gz, allow_unused=True)
     grads = dict(zip(("hidden", "weight", "bias"), list(grads) + [None]))
     grads["hidden"] = grads["hidden"].reshape(*lead, hsize)
 
-    z0 = z.detach()
-    values = {key: (terms.detach()[:, i] * masks[:, i]).reshape(lead) for i, key in enumerate(OUT) if key in want}
+    values = {key: v.reshape(lead) for key, v in flat_values.items()}
     s = torch.clamp(torch.maximum(z0.abs().amax(-1), zr.abs().amax(-1)) / temperature, min=1.0)
     contract = 1e-5 + 1e-6 * s  # [n]
 
     # Values: contract + doubled first-order propagation of the projection's error.
     jz, jzr = _jacobians(z0, zr, onehot, spec)  # [n, 4, V]
     value_tol = {}
-    for i, key in enumerate(OUT):
+    for i, key in enumerate(OUTPUTS):
         if key in want:
             prop = (jz[:, i].abs() * dz).sum(-1) + (jzr[:, i].abs() * dzr).sum(-1)
-            value_tol[key] = (contract * (1 + terms.detach()[:, i].abs()) + 2 * prop).reshape(lead)
+            value_tol[key] = (contract * (1 + flat_values[key].abs()) + 2 * prop).reshape(lead)
 
     # Gradients. G = dL/dz per row and its error bound E_z (contract + doubled Hessian term).
-    zv = z0.clone().requires_grad_(True)
-    gz, = torch.autograd.grad(_row_loss(zv, zr, onehot, gvec, **spec), zv)  # [n, V]
     hess, gz_check = hessian_bound(z0, zr, onehot, gvec, dz, dzr, **spec)
     torch.testing.assert_close(gz_check, gz, rtol=1e-9, atol=1e-12)  # the bound's own derivatives
     g_out = gvec.abs().sum(-1)
@@ -1171,103 +1138,6 @@ def test_extras_structure():
     assert extras["mean_logits"].dtype == torch.float32 and extras["mean_logits"].shape == (5,)
 
 
-# --------------------------------------------------------------------------- bad input
-
-
-def _bad_inputs():
-    g = torch.Generator().manual_seed(131)
-    h = torch.randn(2, 3, 8, generator=g)
-    w = torch.randn(50, 8, generator=g)
-    b = torch.randn(50, generator=g)
-    y = torch.randint(0, 50, (2, 3), generator=g)
-    rh = torch.randn(2, 3, 6, generator=g)
-    rw = torch.randn(50, 6, generator=g)
-    return h, w, b, y, rh, rw
-
-
-LP = pk.linear_token_logprobs
-DIV = pk.linear_token_divergence
-TERMS = pk.linear_token_terms
-BAD = {
-    "hidden float64": (lambda h, w, b, y, rh, rw: LP(h.double(), w, y), TypeError, "hidden"),
-    "hidden int": (lambda h, w, b, y, rh, rw: LP(h.long(), w, y), TypeError, "hidden"),
-    "hidden not a tensor": (lambda h, w, b, y, rh, rw: LP(h.tolist(), w, y), TypeError, "hidden"),
-    "ref_hidden float64": (lambda h, w, b, y, rh, rw: DIV(h, w, rh.double(), rw), TypeError, "ref_hidden"),
-    "head_weight wrong H": (lambda h, w, b, y, rh, rw: LP(h, w[:, :-1], y), ValueError, "head_weight"),
-    "head_weight 1-D": (lambda h, w, b, y, rh, rw: LP(h, w[0], y), ValueError, "head_weight"),
-    "head_weight float64": (lambda h, w, b, y, rh, rw: LP(h, w.double(), y), TypeError, "head_weight"),
-    "ref_head_weight wrong H": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, w), ValueError, "ref_head_weight"),
-    "ref_head_weight other V": (lambda h, w, b, y, rh, rw: TERMS(h, w, y, rh, rw[:-1]), ValueError,
-                                "ref_head_weight"),
-    "head_bias wrong shape": (lambda h, w, b, y, rh, rw: LP(h, w, y, head_bias=b[:-1]), ValueError, "head_bias"),
-    "head_bias 2-D": (lambda h, w, b, y, rh, rw: LP(h, w, y, head_bias=b[None]), ValueError, "head_bias"),
-    "head_bias integer": (lambda h, w, b, y, rh, rw: LP(h, w, y, head_bias=b.long()), TypeError, "head_bias"),
-    "ref_head_bias wrong shape": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, ref_head_bias=b[:7]), ValueError,
-                                  "ref_head_bias"),
-    "labels shape": (lambda h, w, b, y, rh, rw: LP(h, w, y[:, :2]), ValueError, "labels"),
-    "labels float": (lambda h, w, b, y, rh, rw: LP(h, w, y.float()), TypeError, "labels"),
-    "labels = V": (lambda h, w, b, y, rh, rw: LP(h, w, torch.full_like(y, 50)), ValueError, "labels"),
-    "labels negative": (lambda h, w, b, y, rh, rw: TERMS(h, w, torch.full_like(y, -1), rh, rw), ValueError, "labels"),
-    "softcap 0": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=0.0), ValueError, "softcap"),
-    "softcap negative": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=-30.0), ValueError, "softcap"),
-    "softcap inf": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=math.inf), ValueError, "softcap"),
-    "softcap string": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap="30"), TypeError, "softcap"),
-    # Past the fp32 range the tiles' softcap * tanh(z / softcap) is inf * 0 or 0 / 0.
-    "softcap beyond fp32": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=1e300), ValueError, "softcap"),
-    "softcap below fp32 normals": (lambda h, w, b, y, rh, rw: LP(h, w, y, softcap=1e-50), ValueError, "softcap"),
-    "labels None": (lambda h, w, b, y, rh, rw: LP(h, w, None), TypeError, "labels"),
-    "labels None (terms)": (lambda h, w, b, y, rh, rw: TERMS(h, w, None, rh, rw), TypeError, "labels"),
-    "ref_hidden None": (lambda h, w, b, y, rh, rw: DIV(h, w, None, rw), TypeError, "ref_hidden"),
-    "ref_hidden None (terms)": (lambda h, w, b, y, rh, rw: TERMS(h, w, y, None, None), TypeError, "ref_hidden"),
-    "ref_softcap negative": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, ref_softcap=-1.0), ValueError,
-                             "ref_softcap"),
-    # logit_scale 0 is legal (the uniform distribution, as TRL: test_logit_scale_zero_is_uniform).
-    "logit_scale inf": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=math.inf), ValueError, "logit_scale"),
-    "logit_scale -inf": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=-math.inf), ValueError, "logit_scale"),
-    "logit_scale nan": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=math.nan), ValueError, "logit_scale"),
-    "logit_scale None": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=None), TypeError, "logit_scale"),
-    "logit_scale beyond fp32": (lambda h, w, b, y, rh, rw: LP(h, w, y, logit_scale=1e39), ValueError, "logit_scale"),
-    "ref_logit_scale inf": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, ref_logit_scale=math.inf), ValueError,
-                            "ref_logit_scale"),
-    "return_entropy a string": (lambda h, w, b, y, rh, rw: LP(h, w, y, return_entropy="no"), TypeError,
-                                "return_entropy"),
-    "return_entropy a string (terms)": (lambda h, w, b, y, rh, rw: TERMS(h, w, y, rh, rw, return_entropy="no"),
-                                        TypeError, "return_entropy"),
-    "extras unknown": (lambda h, w, b, y, rh, rw: LP(h, w, y, extras=("entropy",)), ValueError, "extras"),
-    "extras bare string": (lambda h, w, b, y, rh, rw: LP(h, w, y, extras="is_top1"), TypeError, "extras"),
-    "memory_budget 0": (lambda h, w, b, y, rh, rw: LP(h, w, y, memory_budget=0), ValueError, "memory_budget"),
-    "memory_budget float": (lambda h, w, b, y, rh, rw: LP(h, w, y, memory_budget=1e6), ValueError, "memory_budget"),
-    "ref_hidden leading shape": (lambda h, w, b, y, rh, rw: DIV(h, w, rh[:, :2], rw), ValueError, "ref_hidden"),
-    "ref_hidden leading shape (terms)": (lambda h, w, b, y, rh, rw: TERMS(h, w, y, rh[:1], rw), ValueError,
-                                         "ref_hidden"),
-    "div_weight shape": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, div_weight=torch.ones(3)), ValueError,
-                         "div_weight"),
-    "divergence unknown": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, divergence="kl"), ValueError, "divergence"),
-    "temperature 0": (lambda h, w, b, y, rh, rw: LP(h, w, y, temperature=0.0), ValueError, "temperature"),
-    "js beta 1": (lambda h, w, b, y, rh, rw: DIV(h, w, rh, rw, divergence="js", beta=1.0), ValueError, "beta"),
-}
-
-
-@pytest.fixture
-def no_kernels(monkeypatch):
-    """Any backend kernel reached on bad input fails the test: validation comes first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a kernel ran on bad input")
-
-    for name in BACKENDS:
-        module = importlib.import_module(f"prefopt_kernels.backends.{name}")
-        for fn in ("fold", "sweep", "slice_backward", "forward", "backward"):
-            if hasattr(module, fn):
-                monkeypatch.setattr(module, fn, refuse)
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input(case, no_kernels):
-    fn, error, argument = BAD[case]
-    with pytest.raises(error, match=rf"^{argument}\b"):
-        fn(*_bad_inputs())
-
-
 # --------------------------------------------------------------------------- TRL parity
 
 
@@ -1307,9 +1177,9 @@ def test_trl_logprob_parity(softcap, scale, temperature):
 
 
 def _js64(p, q, beta):
-    """Our js from its definition with the mixture formed explicitly: beta KL(q||m) + (1-beta) KL(p||m)."""
-    m = beta * q + (1 - beta) * p
-    return beta * (q * (q / m).log()).sum(-1) + (1 - beta) * (p * (p / m).log()).sum(-1)
+    """Our js of probabilities ``p`` (policy) and ``q`` (reference), the oracle's (tests/contract.py):
+    beta KL(q||m) + (1-beta) KL(p||m) with m = beta q + (1 - beta) p."""
+    return divergence_terms("js", p.log(), q.log(), beta).sum(-1)
 
 
 def _trl_jsd64(ps, pt, beta):
