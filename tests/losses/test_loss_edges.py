@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefopt_kernels import losses as L
-from prefopt_kernels.losses._common import sequence_sum
+from prefopt_kernels.losses.common import sequence_sum
 
 INF, NAN = math.inf, math.nan
 
