@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .backends import RowStats, row_state
-from .spec import HeadSpec, LinearSpec, OpSpec, float_bits, fingerprint, op_of
+from .spec import HeadSpec, LinearSpec, OpSpec, float_bits, op_of
 
 # argmax travels with the fp32 state: exact for every index below 2**24.
 MAX_SHARDED_VOCAB = 2**24
@@ -163,7 +163,7 @@ def _widest_spec() -> LinearSpec:
 
 # int64 values each rank contributes to a call's check: every call sends this many, its
 # spec's fingerprint padded, so ranks on different ops still exchange tables of one size.
-CALL_CHECK_INT64 = len(_call_facts(OpSpec(), False, 1, 0, None, None, ())) + len(fingerprint(_widest_spec()))
+CALL_CHECK_INT64 = len(_call_facts(OpSpec(), False, 1, 0, None, None, ())) + len(_widest_spec().fingerprint())
 _PADDING = ("spec", -1)
 
 
@@ -180,7 +180,7 @@ def agree_on_call(spec, has_ref: bool, local_vocab: int, rows: int, process_grou
     """
     dist = _dist()
     facts = _call_facts(spec, has_ref, local_vocab, rows, labels, weight, hidden_sizes)
-    checked = fingerprint(spec)
+    checked = spec.fingerprint()
     checked += [_PADDING] * (CALL_CHECK_INT64 - len(facts) - len(checked))
     # The labels' range stays last: it is read from the table below.
     names, mine = zip(*(facts[:-2] + checked + facts[-2:]))

@@ -54,7 +54,7 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
     int64. Checks the labels' range (every rank's, sharded) as it runs. ``inplace_backward``
     is carried for the backward only.
     """
-    op = specs.decode(OpSpec, spec)
+    op = OpSpec.decode(spec)
     has_ref = ref_logits is not None
     shard = shard_checking_labels(group, op, has_ref, logits.shape[-1], token_count(logits), logits.device,
                                   labels, weight)
@@ -74,7 +74,7 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
 @_token_forward.register_fake
 def _token_forward_fake(*values):
     arguments = named_arguments("token_forward", values)
-    op, logits = specs.decode(OpSpec, arguments["spec"]), arguments["logits"]
+    op, logits = OpSpec.decode(arguments["spec"]), arguments["logits"]
     n = token_count(logits)
     count = len(op.outputs()) + len(saved_only(op, arguments["ref_logits"] is not None))
     tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
@@ -94,7 +94,7 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
     ``(g_logp, g_entropy, g_div)``, each fp32 ``[N]`` or ``None`` (zero). Sharded, each rank
     writes its own shard from the global statistics: no communication.
     """
-    op = specs.decode(OpSpec, spec)
+    op = OpSpec.decode(spec)
     stats = RowStats.from_saved(saved, op, ref_logits is not None)
     shard = distributed.shard_from_tensor(group, shard_offsets, logits.shape[-1])
     module = pick_backend(logits.device, backend)
@@ -122,7 +122,7 @@ GRADIENT_OUTPUTS = ("logp", "entropy", "div")
 
 def _token_setup_context(ctx, inputs, output):
     arguments = named_arguments("token_forward", inputs)
-    op, ref_logits = specs.decode(OpSpec, arguments["spec"]), arguments["ref_logits"]
+    op, ref_logits = OpSpec.decode(arguments["spec"]), arguments["ref_logits"]
     has_ref = ref_logits is not None
     wanted = op.outputs()
     by_name = dict(zip(wanted + saved_only(op, has_ref), output))
@@ -177,7 +177,7 @@ def _run(logits, labels, ref_logits, weight, op: OpSpec, inplace_backward: bool,
         # No tokens: zeros that still belong to the logits' graph (ref_logp never does).
         zeros = logits.sum(-1).float() * 0.0
         return {k: zeros.detach() if k == "ref_logp" else zeros for k in keys}
-    outputs = torch.ops.prefopt_kernels.token_forward(logits, ref_logits, labels, weight, specs.encode(op),
+    outputs = torch.ops.prefopt_kernels.token_forward(logits, ref_logits, labels, weight, op.encode(),
                                                       inplace_backward, backend_selection(), group)
     return {k: v.view(lead) for k, v in zip(keys, outputs)}
 

@@ -8,9 +8,9 @@ it is built (the public functions, through :mod:`prefopt_kernels.checks`) and ca
 to the kernels and the backward.
 
 Registered ops take tensors and scalars only, so a spec crosses them as one ``Scalar[]``
-argument: :func:`encode` and :func:`decode` walk the dataclass fields (their annotated types
-say how each is written), so a new field needs no plumbing. :func:`fingerprint` names every
-encoded value, which is what the ranks of a sharded call compare.
+argument: :meth:`Spec.encode` and :meth:`Spec.decode` walk the dataclass fields (their
+annotated types say how each is written), so a new field needs no plumbing.
+:meth:`Spec.fingerprint` names every encoded value: what the ranks of a sharded call compare.
 """
 
 from __future__ import annotations
@@ -36,8 +36,35 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Encoded = List[Union[int, float, bool]]
 
 
+class Spec:
+    """What every spec class can do: cross a registered op and be compared across ranks."""
+
+    def encode(self) -> list:
+        """This spec as the flat list of scalars a registered op's ``Scalar[]`` argument carries."""
+        return [value for _, value, _ in _leaves(self, _PLANS[type(self)], "", True)]
+
+    @classmethod
+    def decode(cls, values):
+        """The inverse of :meth:`encode`: a spec of this class from its encoded ``values``."""
+        values = tuple(values)
+        if any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in values):
+            # Symbolic values belong to one trace: a cached spec must never outlive it.
+            return _decode.__wrapped__(cls, values)
+        return _decode(cls, values)
+
+    def fingerprint(self) -> List[Tuple[str, int]]:
+        """``(name, int64)`` for every field the ranks of a sharded call must agree on.
+
+        Floats enter by their float64 bits (equal exactly when the floats are); fields marked
+        ``fingerprint=False`` (the memory budget: tiling never changes what is exchanged) are
+        left out.
+        """
+        return [(name, _as_int64(value)) for name, value, counted in _leaves(self, _PLANS[type(self)], "", True)
+                if counted]
+
+
 @dataclass(frozen=True)
-class OpSpec:
+class OpSpec(Spec):
     """The math of one call, handed to every backend's forward and backward.
 
     ``divergence`` is a :class:`~prefopt_kernels.divergences.Divergence` code (0 for none);
@@ -66,7 +93,7 @@ class OpSpec:
 
 
 @dataclass(frozen=True)
-class HeadSpec:
+class HeadSpec(Spec):
     """One LM head as a fused linear call applies it: ``z = scale (h W^T + c)``, then
     ``softcap tanh(z / softcap)`` when set; the GEMM runs in ``compute_dtype``."""
 
@@ -77,7 +104,7 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
-class LinearSpec:
+class LinearSpec(Spec):
     """One fused linear call: its math, its heads (policy, then reference when there is one)
     and how it tiles. ``hidden_needs_grad`` is the caller's ``hidden.requires_grad`` under
     grad mode: a sharded backward all-reduces the hidden gradient exactly where it is set."""
@@ -107,30 +134,6 @@ def op_of(spec) -> OpSpec:
 # Each spec class has a plan, made once from its annotated fields at import: a tuple of
 # ``(name, how, detail)`` steps. Encoding walks the plan with plain getattr and arithmetic, so
 # dynamo traces it inside a compiled step without a graph break.
-
-
-def encode(spec) -> list:
-    """``spec`` as the flat list of scalars a registered op's ``Scalar[]`` argument carries."""
-    return [value for _, value, _ in _leaves(spec, _PLANS[type(spec)], "", True)]
-
-
-def decode(cls, values):
-    """The inverse of :func:`encode`: a ``cls`` spec from its encoded ``values``."""
-    values = tuple(values)
-    if any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in values):
-        # Symbolic values belong to one trace: a cached spec must never outlive it.
-        return _decode.__wrapped__(cls, values)
-    return _decode(cls, values)
-
-
-def fingerprint(spec) -> List[Tuple[str, int]]:
-    """``(name, int64)`` for every field the ranks of a sharded call must agree on.
-
-    Floats enter by their float64 bits (equal exactly when the floats are); fields marked
-    ``fingerprint=False`` (the memory budget: tiling never changes what is exchanged) are left out.
-    """
-    return [(name, _as_int64(value)) for name, value, counted in _leaves(spec, _PLANS[type(spec)], "", True)
-            if counted]
 
 
 def float_bits(x: float) -> int:
@@ -197,7 +200,7 @@ def _decode(cls, values: tuple):
 
 
 def _read(plan: tuple, values: list):
-    """``(value, the values after it)``: one step of :func:`decode`."""
+    """``(value, the values after it)``: one step of :meth:`Spec.decode`."""
     how, detail = plan
     if how == "spec":
         fields = {}

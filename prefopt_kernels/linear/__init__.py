@@ -99,7 +99,7 @@ def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
                         hidden_needs_grad=torch.is_grad_enabled() and hidden.requires_grad)
     group = distributed.group_name(process_group, hidden.device)
     outputs = torch.ops.prefopt_kernels.linear_forward(flat_head_tensors(per_head), labels, div_weight,
-                                                       specs.encode(linear), backend_selection(), group)
+                                                       linear.encode(), backend_selection(), group)
     wanted = op.outputs()
     result = dict(zip(wanted, outputs))
     extra_values = dict(zip(linear.extras, outputs[len(wanted):len(wanted) + len(linear.extras)]))

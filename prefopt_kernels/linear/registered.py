@@ -77,7 +77,7 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
     and, with a ``group``, the shard's ``[v0, V]`` int64; dropped tokens hold 0. Checks the
     labels' range (every rank's, sharded) as it runs.
     """
-    linear = specs.decode(LinearSpec, spec)
+    linear = LinearSpec.decode(spec)
     per_head = head_tensors(heads, linear)
     hidden, head_weight = per_head[0][0], per_head[0][1]
     has_ref = linear.reference is not None
@@ -99,7 +99,7 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
 @_linear_forward.register_fake
 def _linear_forward_fake(*values):
     arguments = named_arguments("linear_forward", values)
-    linear = specs.decode(LinearSpec, arguments["spec"])
+    linear = LinearSpec.decode(arguments["spec"])
     hidden = arguments["heads"][0]
     lead = hidden.shape[:-1]
     outputs = [hidden.new_empty(lead, dtype=FP32) for _ in linear.op.outputs()]
@@ -121,7 +121,7 @@ def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], 
     g_div)``, fp32 ``[...]`` or ``None`` (zero); ``needs`` flags the gradients of the policy's
     hidden states, weight and bias. Returns those three gradients, each empty where not asked for.
     """
-    linear = specs.decode(LinearSpec, spec)
+    linear = LinearSpec.decode(spec)
     per_head = head_tensors(heads, linear)
     hidden, head_weight = per_head[0][0], per_head[0][1]
     shard = distributed.shard_from_tensor(group, shard_offsets, head_weight.shape[0])
@@ -138,14 +138,14 @@ def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], 
 @_linear_backward.register_fake
 def _linear_backward_fake(*values):
     arguments = named_arguments("linear_backward", values)
-    hidden, weight, bias = head_tensors(arguments["heads"], specs.decode(LinearSpec, arguments["spec"]))[0]
+    hidden, weight, bias = head_tensors(arguments["heads"], LinearSpec.decode(arguments["spec"]))[0]
     return [x.new_empty(x.shape) if need else hidden.new_empty(0)
             for x, need in zip((hidden, weight, bias), arguments["needs"])]
 
 
 def _linear_setup_context(ctx, inputs, output):
     arguments = named_arguments("linear_forward", inputs)
-    linear = specs.decode(LinearSpec, arguments["spec"])
+    linear = LinearSpec.decode(arguments["spec"])
     wanted = linear.op.outputs()
     first_saved = len(wanted) + len(linear.extras)
     n_saved = len(saved_names(linear.op, linear.reference is not None))

@@ -65,7 +65,7 @@ def _step(logits, ref_logits, labels, hidden, head, ref_hidden, ref_head, mask):
 def _token_forward_args(logits, ref_logits, labels, mask, **spec):
     labels = None if labels is None else labels.reshape(-1)
     mask = None if mask is None else mask.reshape(-1)
-    return (logits, ref_logits, labels, mask, specs.encode(OpSpec(**spec)), False, "auto", "")
+    return (logits, ref_logits, labels, mask, OpSpec(**spec).encode(), False, "auto", "")
 
 
 @pytest.mark.parametrize("case", ["logprobs_entropy", "terms_js_weighted", "divergence_chi2"])
@@ -87,7 +87,7 @@ def test_opcheck_token_backward():
                                                                                **spec))
     n = logits.shape[:-1].numel()
     args = (logits.detach(), None, labels.reshape(-1), None, [row_max, log_norm, entropy],
-            [torch.ones(n), torch.full((n,), 0.5), None], torch.empty_like(logits), specs.encode(OpSpec(**spec)),
+            [torch.ones(n), torch.full((n,), 0.5), None], torch.empty_like(logits), OpSpec(**spec).encode(),
             "auto", "", None)
     torch.library.opcheck(OPS.token_backward.default, args)
 
@@ -106,7 +106,7 @@ def test_opcheck_linear_forward(with_ref):
         tensors += [ref_hidden, ref_head]
     linear = LinearSpec(OpSpec(**spec), heads, extras=("mean_logits", "is_top1", "log_sum_sq_probs"),
                         memory_budget=4096, hidden_needs_grad=True)
-    args = (tensors, labels.reshape(-1), None, specs.encode(linear), "auto", "")
+    args = (tensors, labels.reshape(-1), None, linear.encode(), "auto", "")
     # The kept tokens are data-dependent: the fake implementation gives them an unbacked size.
     torch.library.opcheck(OPS.linear_forward.default, args)
 
