@@ -246,7 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import report
     from .cases import default_cases, tiny_cases
     from .measure import copy_bandwidth
-    from .runner import GEMM_BOUND_MIN_REPS, RunConfig, implementations, run_cases
+    from .implementations import implementations
+    from .runner import GEMM_BOUND_MIN_REPS, RunConfig, run_cases
 
     notes: List[str] = []
     if args.backends is not None:

@@ -52,7 +52,8 @@ from . import report
 from .cases import Case, case_key, grad_bytes, input_bytes, make_inputs
 from .child_process import emit, run_children
 from .measure import add_ratios, load_average, rss_peak_bytes, time_cpu, timed
-from .runner import GEMM_BOUND_MIN_REPS, Impl, Runnable, above_grads, eager_forward, prefopt_forward
+from .implementations import Impl, eager_forward, prefopt_forward
+from .runner import GEMM_BOUND_MIN_REPS, Runnable, above_grads
 
 WORLD = 2
 DEFAULT_OPS = ("terms:forward_kl", "linear:terms")

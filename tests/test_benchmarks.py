@@ -15,12 +15,11 @@ from benchmarks import report
 from benchmarks.cases import Case, bytes_moved, gemm_flops, grad_bytes, input_bytes, make_inputs
 from benchmarks.measure import time_cpu
 from benchmarks.peers import installed
+from benchmarks.implementations import EAGER, implementations
 from benchmarks.runner import (
-    EAGER,
     RunConfig,
     Runnable,
     effective_bandwidth,
-    implementations,
     measure_cpu_memory,
     run_cases,
 )
