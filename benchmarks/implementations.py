@@ -52,6 +52,7 @@ class Impl:
     only: Optional[Callable[[Case], bool]] = None  # a further restriction, e.g. to bound compiles
 
     def applies(self, case: Case) -> bool:
+        """Whether it runs ``case``: its op, mode and size, and any further restriction."""
         return ((self.ops is None or case.op in self.ops)
                 and (self.modes is None or case.mode in self.modes)
                 and (self.max_elems is None or case.n * case.v <= self.max_elems)

@@ -84,10 +84,13 @@ class Runnable:
         return self._grads
 
     def reset(self) -> None:
+        """Drop any ``.grad`` left on the differentiated inputs (called before each timed call)."""
         for x in self.grad_inputs:
             x.grad = None
 
     def call(self) -> None:
+        """One iteration of the case's mode: the forward, the forward and the backward, or the
+        backward alone through the graph of the forward run at construction."""
         with self.impl.context():
             if self.case.mode == "fwd":
                 self.forward(self.inputs)

@@ -67,8 +67,9 @@ def rank_case(case: Case, world: int) -> Case:
 
 
 def op_spec(case: Case) -> OpSpec:
-    """The ``OpSpec`` of the package's call for the case (see ``implementations.prefopt_forward``): the
-    outputs it asks for and its divergence, which decide the row state the ranks exchange."""
+    """The ``OpSpec`` of the package's call for the case (see
+    ``implementations.prefopt_forward``): the outputs it asks for and its divergence, which
+    decide the row state the ranks exchange."""
     divergence_only = case.op.startswith("divergence:")
     return OpSpec(divergence=Divergence[case.divergence.upper()] if case.divergence else 0,
                   want_logp=not divergence_only,
