@@ -25,6 +25,7 @@ def _csv(kind):
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``) as parsed options."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
@@ -96,6 +97,7 @@ def _expand_ops(ops):
 
 
 def explicit_axes(args) -> bool:
+    """Whether the command line names any axis of the case grid (ops, modes, N, V, dtype, H)."""
     return any(getattr(args, k) is not None
                for k in ("ops", "modes", "tokens", "vocab", "dtype", "hidden"))
 
@@ -227,6 +229,9 @@ def main_dpo_step(args, argv: Optional[List[str]] = None) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m benchmarks``: the suite (or ``--distributed``, ``--dpo-step``); writes the
+    results files and prints the markdown. Exit status 0 when any case ran (a section: when
+    every row ran), else 1."""
     args = parse_args(argv)
     if args.distributed and args.dpo_step:
         sys.exit("--distributed and --dpo-step: one section per run")
@@ -246,7 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import report
     from .cases import default_cases, tiny_cases
     from .measure import copy_bandwidth
-    from .runner import GEMM_BOUND_MIN_REPS, RunConfig, implementations, run_cases
+    from .implementations import implementations
+    from .runner import GEMM_BOUND_MIN_REPS, RunConfig, run_cases
 
     notes: List[str] = []
     if args.backends is not None:

@@ -65,14 +65,18 @@ class Case:
 
     @property
     def linear(self) -> bool:
+        """Whether the op starts from hidden states and the LM head (``LINEAR_OPS``)."""
         return self.op in LINEAR_OPS
 
     @property
     def has_ref(self) -> bool:
+        """Whether the op reads the reference's logits (linear ops: its hidden states and head)."""
         return OPS[self.op]
 
     @property
     def divergence(self) -> Optional[str]:
+        """The divergence the op computes (``forward_kl`` for the terms, SparsePO and
+        ``linear:terms``), None for the ops without one."""
         if self.linear:
             return "forward_kl" if self.has_ref else None
         if ":" in self.op:
@@ -81,6 +85,7 @@ class Case:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The inputs' dtype as a ``torch.dtype``."""
         return DTYPES[self.dtype]
 
     @property
@@ -90,6 +95,7 @@ class Case:
 
     @property
     def key(self) -> str:
+        """The case as one string, e.g. ``logprobs|fwd|N=4|V=10|fp32`` (``H=`` for a linear op)."""
         if self.linear:
             return f"{self.op}|{self.mode}|N={self.n}|H={self.h}|V={self.v}|{self.dtype}"
         return f"{self.op}|{self.mode}|N={self.n}|V={self.v}|{self.dtype}"
@@ -100,6 +106,7 @@ class Case:
         return replace(self, n=64, v=min(self.v, 512), h=h)
 
     def as_dict(self) -> dict:
+        """The fields a result row starts with (no ``h`` for the logits ops)."""
         d = asdict(self)
         if d["h"] is None:
             del d["h"]  # the logits ops' rows keep their fields

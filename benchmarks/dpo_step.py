@@ -201,9 +201,11 @@ class Step:
         self.losses: List[torch.Tensor] = []
 
     def reset(self) -> None:
+        """Set the parameter gradients to None, as ``Trainer.zero_grad`` leaves them."""
         self.model.zero_grad(set_to_none=True)
 
     def call(self) -> None:
+        """One step: ``compute_loss`` then ``accelerator.backward``; its loss is kept."""
         with self.trainer.compute_loss_context_manager():
             loss = self.trainer.compute_loss(self.model, self.inputs)
         self.trainer.accelerator.backward(loss)

@@ -11,16 +11,15 @@ import sys
 import pytest
 import torch
 
-from benchmarks import report
+from benchmarks import plotting, report
 from benchmarks.cases import Case, bytes_moved, gemm_flops, grad_bytes, input_bytes, make_inputs
 from benchmarks.measure import time_cpu
 from benchmarks.peers import installed
+from benchmarks.implementations import EAGER, implementations
 from benchmarks.runner import (
-    EAGER,
     RunConfig,
     Runnable,
     effective_bandwidth,
-    implementations,
     measure_cpu_memory,
     run_cases,
 )
@@ -242,11 +241,11 @@ def test_plot_layout_lines_where_the_grid_varies(tmp_path):
     rows = [row("logprobs", 8192, v, i) for v in (32000, 128256) for i in (EAGER, "x")]
     rows += [row("terms:forward_kl", n, 32000, EAGER) for n in (4096, 8192)]
     rows += [row("linear:logprobs", 8192, 151936, i, h=4096) for i in (EAGER, "x")]
-    sweeps, singles = report.plot_layout(rows)
+    sweeps, singles = plotting.plot_layout(rows)
     assert [(axis, len(r)) for axis, _, r in sweeps] == [("V", 4), ("N", 2)]
     assert [c for c, _ in singles] == [("linear:logprobs", "fwd+bwd", 8192, 4096, 151936, "bf16")]
     pytest.importorskip("matplotlib")
-    assert report.plot(rows, str(tmp_path / "p.png")) is None
+    assert plotting.plot(rows, str(tmp_path / "p.png")) is None
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
