@@ -24,7 +24,7 @@ from benchmarks.runner import (
     run_cases,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run_cli(out, *args, env=None, timeout=600):

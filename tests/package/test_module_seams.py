@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 OWN_PACKAGES = ("prefopt_kernels", "benchmarks")
 # The compiled extension is private to the package as a whole; only its bridge imports it.
 EXTENSION = {"prefopt_kernels.backends.native": "_C"}
