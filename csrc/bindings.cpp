@@ -69,7 +69,7 @@ void validate(const ForwardArgs& a) {
   if (a.divergence != prefopt::kNoDivergence &&
       (a.ref == nullptr || a.div == nullptr || a.div_s == nullptr))
     throw std::invalid_argument("prefopt._C: a divergence needs ref, div and div_s");
-  if (a.divergence > prefopt::kForwardKL && a.ref_at_argmax == nullptr)
+  if (prefopt::is_centred(a.divergence) && a.ref_at_argmax == nullptr)
     throw std::invalid_argument("prefopt._C: this divergence needs ref_at_argmax");
   if ((a.want_logp || a.want_ref_logp) && a.labels == nullptr)
     throw std::invalid_argument("prefopt._C: label log-probs need labels");
@@ -84,10 +84,10 @@ void validate(const BackwardArgs& a) {
     throw std::invalid_argument("prefopt._C: an entropy gradient needs the saved entropy");
   if (a.grad_div != nullptr && a.divergence != prefopt::kNoDivergence &&
       ((a.ref == nullptr && reads(a)) || a.ref_row_max == nullptr || a.ref_log_norm == nullptr ||
-       a.div_s == nullptr || (a.divergence > prefopt::kForwardKL && a.ref_at_argmax == nullptr)))
+       a.div_s == nullptr || (prefopt::is_centred(a.divergence) && a.ref_at_argmax == nullptr)))
     throw std::invalid_argument(
         "prefopt._C: a divergence gradient needs ref, ref_row_max, ref_log_norm, div_s and "
-        "(past forward KL) ref_at_argmax");
+        "(for a centred divergence) ref_at_argmax");
 }
 
 void validate(const FoldArgs& a) {
@@ -106,7 +106,7 @@ void validate(const FoldArgs& a) {
 
 void validate(const SweepArgs& a) {
   validate_rows(a);
-  if (a.divergence < prefopt::kJS)
+  if (!prefopt::needs_second_sweep(a.divergence))
     throw std::invalid_argument("prefopt._C: sweep is for js, tv, hellinger, chi2 and alpha");
   if ((a.ref == nullptr && reads(a)) || a.row_max == nullptr || a.log_norm == nullptr ||
       a.ref_row_max == nullptr || a.ref_log_norm == nullptr || a.ref_at_argmax == nullptr ||
@@ -217,6 +217,20 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SWEEP_STATS") = names({PREFOPT_SAVED_STATS(PREFOPT_NAME, PREFOPT_NO_FIELD, )});
   m.attr("TOKEN_OUTPUTS") = names({PREFOPT_TOKEN_OUTPUTS(PREFOPT_NAME)});
   m.attr("ROW_STATE_FIELDS") = names({PREFOPT_ROW_STATE_FIELDS(PREFOPT_NAME)});
+  m.def(
+      "divergence_traits",
+      [](int code) {
+        PREFOPT_DISPATCH_DIVERGENCE(code, DIV, (void)DIV);  // an unknown code: ValueError
+        py::dict traits;
+        traits["centred"] = prefopt::is_centred(code);
+        traits["second_sweep"] = prefopt::needs_second_sweep(code);
+        traits["first_pass_accumulator"] =
+            prefopt::first_pass_divergence(code) != prefopt::kNoDivergence;
+        return traits;
+      },
+      py::arg("code"),
+      "The kernels' rules for a divergence code (0: none), for the Python registry to check: "
+      "centred, second_sweep and first_pass_accumulator. ValueError for an unknown code.");
   m.def("has_cuda", []() {
 #if defined(PREFOPT_WITH_CUDA)
     return true;

@@ -43,26 +43,35 @@ class Divergence(enum.IntEnum):
     needs both log-sum-exps before it can sum (a second sweep over the row). ``centred``:
     the forward saves ``S`` centred at the policy's argmax and the reference logit there
     (``RowStats.div_s``, ``ref_at_argmax``); forward KL alone has ``S = -1`` exactly.
-    ``parameter``: the keyword argument the divergence reads, if any. The Triton
-    constexprs are taken from these members and the C++ enum is checked against them
-    (tests/test_registry.py).
+    ``parameter``: the keyword argument the divergence reads, if any. ``accumulator``: for
+    a divergence that finishes in the first sweep, the field of the first-pass state
+    (``backends.row_state.RowState``) that holds its sum. The Triton constexprs are taken
+    from these members, and the C++ enum and its traits are checked against them
+    (tests/test_registry.py). Every rule that follows from a divergence reads these
+    properties, never the order of the codes.
     """
 
-    def __new__(cls, code: int, second_sweep: bool, centred: bool, parameter: Optional[str]):
+    def __new__(cls, code: int, second_sweep: bool, centred: bool, parameter: Optional[str],
+                accumulator: Optional[str]):
         member = int.__new__(cls, code)
         member._value_ = code
         member.second_sweep = second_sweep
         member.centred = centred
         member.parameter = parameter
+        member.accumulator = accumulator
         return member
 
-    FORWARD_KL = (1, False, False, None)
-    REVERSE_KL = (2, False, True, None)
-    JS = (3, True, True, "beta")
-    TV = (4, True, True, None)
-    HELLINGER = (5, True, True, None)
-    CHI2 = (6, True, True, None)
-    ALPHA = (7, True, True, "alpha")
+    @classmethod
+    def _missing_(cls, value):
+        raise ValueError(f"unknown divergence code {value!r}")
+
+    FORWARD_KL = (1, False, False, None, "fkl_acc")
+    REVERSE_KL = (2, False, True, None, "rkl_acc")
+    JS = (3, True, True, "beta", None)
+    TV = (4, True, True, None, None)
+    HELLINGER = (5, True, True, None, None)
+    CHI2 = (6, True, True, None, None)
+    ALPHA = (7, True, True, "alpha", None)
 
     @property
     def key(self) -> str:

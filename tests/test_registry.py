@@ -1,5 +1,6 @@
-"""One registry: Python, Triton and C++ agree on every divergence code and on the lists of
-per-row statistics and row-state fields, and unknown codes fail."""
+"""One registry: Python, Triton and C++ agree on every divergence code, on the rules that
+follow from it (centred, second sweep, first-pass accumulator) and on the lists of per-row
+statistics and row-state fields, and unknown codes fail."""
 
 import re
 from dataclasses import fields
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 import prefopt_kernels as pk
-from prefopt_kernels.backends import SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, reference, row_state
+from prefopt_kernels.backends import (SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, present_stats, reference,
+                                      row_state, saved_names)
 from prefopt_kernels.divergences import DIVERGENCES, GENERATORS, Divergence, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +27,30 @@ def test_names_codes_and_generators_come_from_the_enum():
     assert [d for d in Divergence if not d.centred] == [Divergence.FORWARD_KL]
     assert {d for d in Divergence if not d.second_sweep} == {Divergence.FORWARD_KL, Divergence.REVERSE_KL}
     assert {d: d.parameter for d in Divergence if d.parameter} == {Divergence.JS: "beta", Divergence.ALPHA: "alpha"}
+    # Exactly the divergences without a second sweep keep a first-pass sum, in a RowState field.
+    assert {d: d.accumulator for d in Divergence if d.accumulator} == {
+        Divergence.FORWARD_KL: "fkl_acc", Divergence.REVERSE_KL: "rkl_acc"}
+    assert all(d.second_sweep == (d.accumulator is None) for d in Divergence)
+    assert {d.accumulator for d in Divergence if d.accumulator} <= {f.name for f in fields(row_state.RowState)}
+
+
+@pytest.mark.parametrize("has_labels", [False, True])
+@pytest.mark.parametrize("has_ref", [False, True])
+@pytest.mark.parametrize("code", [0] + [int(d) for d in Divergence])
+def test_the_present_statistics_follow_the_registry(code, has_ref, has_labels):
+    spec = OpSpec(divergence=code, want_logp=True, want_ref_logp=True, want_entropy=True)
+    member = spec.member if has_ref else None
+    stats = present_stats(spec, has_labels, has_ref)
+    assert list(stats) == [f.name for f in fields(RowStats) if f.name in stats]
+    assert ("div" in stats) == ("div_s" in stats) == (member is not None)
+    assert ("ref_at_argmax" in stats) == (member is not None and member.centred)
+    assert ("logp" in stats) == has_labels and ("ref_logp" in stats) == (has_labels and has_ref)
+    # The saved statistics are those of the forward, whatever the labels.
+    assert saved_names(spec, has_ref) == tuple(name for name in SAVED_STATS if name in stats)
+    state = row_state.present_fields(spec, has_ref)
+    assert ("ref_at_argmax" in state) == ("ref_at_argmax" in stats)
+    assert {"fkl_acc", "rkl_acc"} & set(state) == ({member.accumulator} if member and member.accumulator else set())
+    assert tuple(row_state.empty(2, spec, has_ref, "cpu").tensors()) == state
 
 
 def test_the_cpp_enum_matches():
@@ -35,15 +61,37 @@ def test_the_cpp_enum_matches():
     assert cpp == {d.name.replace("_", "").lower(): int(d) for d in Divergence}
 
 
+def test_the_cpp_traits_match_the_registry():
+    from prefopt_kernels.backends import native
+
+    if not native.is_available():
+        pytest.skip("native extension not built")
+    for d in Divergence:
+        assert native._C.divergence_traits(int(d)) == {
+            "centred": d.centred, "second_sweep": d.second_sweep, "first_pass_accumulator": d.accumulator is not None}
+    assert native._C.divergence_traits(0) == {"centred": False, "second_sweep": False, "first_pass_accumulator": False}
+    with pytest.raises(ValueError, match="unknown divergence code"):
+        native._C.divergence_traits(max(Divergence) + 1)
+
+
 def test_the_triton_constants_match():
     kernels = pytest.importorskip("prefopt_kernels.backends.triton.kernels")
     for d in Divergence:
         assert getattr(kernels, d.name).value == int(d)
 
+    def codes(bits):
+        return {c for c in range(bits.value.bit_length()) if (bits.value >> c) & 1}
+
+    assert codes(kernels.KNOWN_CODES) == {0} | {int(d) for d in Divergence}
+    assert codes(kernels.CENTRED_CODES) == {int(d) for d in Divergence if d.centred}
+    assert codes(kernels.SECOND_SWEEP_CODES) == {int(d) for d in Divergence if d.second_sweep}
+
 
 def test_an_unknown_code_fails_loudly():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown divergence code"):
         Divergence(len(Divergence) + 1)
+    with pytest.raises(ValueError, match="unknown divergence code"):
+        present_stats(OpSpec(divergence=len(Divergence) + 1), False, True)
     spec = OpSpec(divergence=len(Divergence) + 1)
     a = torch.randn(2, 5)
     with pytest.raises((KeyError, ValueError)):
@@ -78,8 +126,15 @@ def test_the_triton_kernels_refuse_unknown_codes():
     if not triton_backend.is_available():
         pytest.skip("triton cannot run here")
     rows = torch.randn(1, 2, 5, device="cuda" if torch.cuda.is_available() else "cpu")
+    unknown = OpSpec(divergence=len(Divergence) + 1)
+    # The forward's allocation (present_stats) refuses it before a launch...
+    with pytest.raises(ValueError, match="unknown divergence code"):
+        triton_backend.forward(rows, None, rows, None, unknown)
+    # ... and a kernel at compile time, as the backward (which allocates nothing) shows.
+    stats = triton_backend.forward(rows, None, rows, None, OpSpec(divergence=Divergence.JS))
     with pytest.raises(Exception, match="unknown DIVERGENCE code"):
-        triton_backend.forward(rows, None, rows, None, OpSpec(divergence=len(Divergence) + 1))
+        triton_backend.backward(rows, None, rows, None, unknown, stats, None, None,
+                                torch.ones(2, device=rows.device), torch.empty_like(rows))
 
 
 def test_the_cpp_lists_match_the_python_ones():

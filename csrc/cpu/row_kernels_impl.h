@@ -220,7 +220,7 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row,
   const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
   const T* rb = need_ref ? args.ref_row<T>(row) : nullptr;
   const bool use_div = plan.use_div;
-  const bool centred = use_div && DIV >= kReverseKL;
+  const bool centred = use_div && is_centred(DIV);
 
   const RowState<double> st =
       args.entropy != nullptr
@@ -251,7 +251,7 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row,
     } else if constexpr (DIV == kReverseKL) {
       out.div = state_reverse_kl(st, inv_temperature_d);
       out.div_s = state_reverse_kl_s(st);
-    } else if constexpr (DIV != kNoDivergence) {
+    } else if constexpr (needs_second_sweep(DIV)) {
       div_sums<DT, DIV>(ra, rb, vocab, inv_temperature, out.a, out.b, out.ref_at_argmax, prm,
                         out.div, out.div_s);
     }
@@ -404,7 +404,7 @@ PREFOPT_INLINE float grad_elem(const typename Elem<DT>::T* ra, const typename El
     g = r.gd * (p - fast_exp(lq));
   } else if constexpr (DIV == kReverseKL) {
     inner -= r.gd * (xr - (Elem<DT>::load(rb[j]) - r.centre) * r.inv_temperature - r.s);
-  } else if constexpr (DIV != kNoDivergence) {
+  } else if constexpr (needs_second_sweep(DIV)) {
     const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_temperature - r.sb.offset;
     g = lp > -kInf ? r.gd * div_centred<DIV>(lp, lq, p, r.fprime_k, r.s, r.prm) : 0.f;
   }
@@ -421,7 +421,7 @@ __attribute__((noinline)) void backward_row(const typename Elem<DT>::T* ra, cons
                   LogProbShift sb, float ref_at_argmax, float s, float c, float gl, float ge,
                   float gd, float guard, int64_t label, const DivParams& prm) {
   float fprime_k = 0.f;
-  if constexpr (DIV > kReverseKL)
+  if constexpr (needs_second_sweep(DIV))
     fprime_k = div_fprime<DIV>(-sa.offset, lq_at_argmax(ref_at_argmax, sb, inv_temperature), prm);
   const GradRow r{sa, sb, inv_temperature, kl_centre(ref_at_argmax), fprime_k, s, c, ge, gd, prm};
   const float g_label =
@@ -498,7 +498,7 @@ void backward_impl(const BackwardArgs& args) {
       if (use_div) {
         const T* rb = args.ref_row<T>(row);
         const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
-        const float ref_at_argmax = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
+        const float ref_at_argmax = is_centred(DIV) ? args.ref_at_argmax[row] : 0.f;
         backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s, c, gl,
                               ge, gd, guard, label, prm);
         continue;
@@ -536,7 +536,7 @@ void sweep(const SweepArgs& args) {
   PREFOPT_DISPATCH_DTYPE(
       args.dtype, DT,
       PREFOPT_DISPATCH_DIVERGENCE(args.divergence, DIV,
-                                  if constexpr (DIV >= kJS) sweep_impl<DT, DIV>(args);
+                                  if constexpr (needs_second_sweep(DIV)) sweep_impl<DT, DIV>(args);
                                   else throw std::invalid_argument(
                                       "prefopt: sweep is for js, tv, hellinger, chi2 and alpha")));
 }

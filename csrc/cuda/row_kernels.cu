@@ -263,14 +263,14 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
       entropy = state_entropy(st);
       if (need_ref) sb = shift_b(st);
       if (plan.use_div) {
-        if constexpr (DIV >= kReverseKL) ref_at_argmax = st.ref_at_argmax;
+        if constexpr (is_centred(DIV)) ref_at_argmax = st.ref_at_argmax;
         if constexpr (DIV == kForwardKL) {
           div = state_forward_kl(st);
           div_s = -1.f;
         } else if constexpr (DIV == kReverseKL) {
           div = state_reverse_kl(st, inv_temperature);
           div_s = state_reverse_kl_s(st);
-        } else if constexpr (DIV != kNoDivergence) {
+        } else if constexpr (needs_second_sweep(DIV)) {
           // S centred at the policy's argmax k: sum p (f'(t) - f'(t_k)).
           div_sums<DT, DIV>(ra, rb, vocab, inv_temperature, sa, sb, ref_at_argmax, prm, div, div_s,
                             sum_scratch);
@@ -392,7 +392,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              int64_t label, const DivParams& prm) {
   constexpr bool kRef = DIV_ROW != kNoDivergence;
   float fprime_k = 0.f;
-  if constexpr (DIV_ROW > kReverseKL) {
+  if constexpr (needs_second_sweep(DIV_ROW)) {
     const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
     fprime_k = div_fprime<DIV_ROW>(-sa.offset, lq_k, prm);
   }
@@ -406,7 +406,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
       g = gd * (p - fast_exp((z - sb.shift) * inv_temperature - sb.offset));
     } else if constexpr (DIV_ROW == kReverseKL) {
       inner -= gd * (xr - (z - kl_centre(ref_at_argmax)) * inv_temperature - s);
-    } else if constexpr (DIV_ROW != kNoDivergence) {
+    } else if constexpr (needs_second_sweep(DIV_ROW)) {
       const float lq = (z - sb.shift) * inv_temperature - sb.offset;
       g = lp > -kInf ? gd * div_centred<DIV_ROW>(lp, lq, p, fprime_k, s, prm) : 0.f;
     }
@@ -445,7 +445,7 @@ __global__ void backward_kernel(BackwardArgs args, DivParams prm) {
     if (use_div) {
       const T* rb = args.ref_row<T>(row);
       const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
-      const float ref_at_argmax = DIV >= kReverseKL ? args.ref_at_argmax[row] : 0.f;
+      const float ref_at_argmax = is_centred(DIV) ? args.ref_at_argmax[row] : 0.f;
       backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s,
                             gl + ge * h, gl, ge, gd, guard, label, prm);
     } else {
@@ -496,7 +496,7 @@ void fold_dt(const FoldArgs& a, cudaStream_t s) {
 template <int DT>
 void sweep_dt(const SweepArgs& a, cudaStream_t s) {
   PREFOPT_DISPATCH_DIVERGENCE(a.divergence, DIV,
-                              if constexpr (DIV >= kJS) launch_sweep<DT, DIV>(a, s);
+                              if constexpr (needs_second_sweep(DIV)) launch_sweep<DT, DIV>(a, s);
                               else throw std::invalid_argument(
                                   "prefopt: sweep is for js, tv, hellinger, chi2 and alpha"));
 }

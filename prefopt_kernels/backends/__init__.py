@@ -31,7 +31,7 @@ skipped entirely.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -80,6 +80,13 @@ class RowStats:
     div_s: Optional[torch.Tensor] = None
     ref_at_argmax: Optional[torch.Tensor] = None
 
+    @classmethod
+    def empty(cls, n: int, names, device) -> "RowStats":
+        """Uninitialised fp32 ``[n]`` tensors for the fields ``names`` (those of
+        :func:`present_stats`, for a forward to write), ``None`` elsewhere."""
+        return cls(**{f.name: torch.empty(n, dtype=torch.float32, device=device) if f.name in names else None
+                      for f in fields(cls)})
+
     def saved(self, spec: OpSpec, has_ref: bool) -> list:
         """The fields a backward pass reads: :func:`saved_names` of the call, in that order."""
         names = saved_names(spec, has_ref)
@@ -101,17 +108,39 @@ SAVED_STATS = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "entropy", 
 SWEEP_STATS = ("row_max", "log_norm", "ref_row_max", "ref_log_norm", "ref_at_argmax")
 
 
+def present_stats(spec: OpSpec, has_labels: bool, has_ref: bool) -> tuple:
+    """The :class:`RowStats` fields a forward of ``spec`` produces, in field order: the one rule
+    every backend allocates by and :func:`saved_names` selects from.
+
+    ``row_max`` and ``log_norm`` always; ``logp`` when asked for with labels, ``ref_logp``
+    when asked for with labels and a reference; ``entropy`` when asked for; with a reference,
+    ``ref_row_max`` and ``ref_log_norm``, and for a divergence ``div`` and ``div_s``, with
+    ``ref_at_argmax`` where the registry calls the divergence centred. An unknown divergence
+    code raises ``ValueError``.
+    """
+    member = spec.member if has_ref else None
+    present = {
+        "row_max": True, "log_norm": True,
+        "logp": spec.want_logp and has_labels,
+        "ref_logp": spec.want_ref_logp and has_labels and has_ref,
+        "entropy": spec.want_entropy,
+        "div": member is not None,
+        "ref_row_max": has_ref, "ref_log_norm": has_ref,
+        "div_s": member is not None,
+        "ref_at_argmax": member is not None and member.centred,
+    }
+    return tuple(f.name for f in fields(RowStats) if present[f.name])
+
+
 def saved_names(spec: OpSpec, has_ref: bool) -> tuple:
     """The :data:`SAVED_STATS` that a forward of ``spec`` produces (with a reference or not), in order.
 
-    Every backend follows this rule; the registered ops' fake implementations rely on it to
-    know their outputs without running a kernel.
+    The saved statistics of :func:`present_stats`, which labels never change. Every backend
+    follows this rule; the registered ops' fake implementations rely on it to know their
+    outputs without running a kernel.
     """
-    divergence = Divergence(spec.divergence) if has_ref and spec.divergence else None
-    present = {"row_max": True, "log_norm": True, "ref_row_max": has_ref, "ref_log_norm": has_ref,
-               "entropy": spec.want_entropy, "div_s": divergence is not None,
-               "ref_at_argmax": divergence is not None and divergence.centred}
-    return tuple(name for name in SAVED_STATS if present[name])
+    present = present_stats(spec, has_labels=False, has_ref=has_ref)
+    return tuple(name for name in SAVED_STATS if name in present)
 
 
 def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from . import DIVERGENCE_CODES, SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, row_state
+from . import SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, present_stats, row_state
 
 NAME = "native"
 
@@ -187,24 +187,7 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
 
-    def out(wanted: bool) -> Optional[torch.Tensor]:
-        return torch.empty(n, dtype=torch.float32, device=logits.device) if wanted else None
-
-    has_labels = labels is not None
-    has_ref = ref_logits is not None
-    has_div = has_ref and spec.divergence != 0
-    stats = RowStats(
-        row_max=out(True),
-        log_norm=out(True),
-        logp=out(spec.want_logp and has_labels),
-        ref_logp=out(spec.want_ref_logp and has_labels and has_ref),
-        entropy=out(spec.want_entropy),
-        div=out(has_div),
-        ref_row_max=out(has_ref),
-        ref_log_norm=out(has_ref),
-        div_s=out(has_div),
-        ref_at_argmax=out(has_div and spec.divergence != DIVERGENCE_CODES["forward_kl"]),
-    )
+    stats = RowStats.empty(n, present_stats(spec, labels is not None, ref_logits is not None), logits.device)
     _launch(
         "forward",
         logits.device,

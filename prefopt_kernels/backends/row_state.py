@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from ..divergences import Divergence
-from . import OpSpec, RowStats, nan_guard, rows_read
+from . import OpSpec, RowStats, nan_guard, present_stats, rows_read
 
 
 @dataclass
@@ -68,26 +68,36 @@ class RowState:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+def present_fields(spec: OpSpec, has_ref: bool) -> tuple:
+    """The :class:`RowState` fields a first pass of ``spec`` keeps (with a reference or not), in order.
+
+    Those of every row, the running statistics behind the forward's
+    :func:`~prefopt_kernels.backends.present_stats` (``ent_acc`` for ``entropy``, the
+    reference's maximum, sum and label logit for ``ref_row_max``, ``ref_at_argmax`` as
+    itself), and the divergence's first-pass sum, the registry's ``accumulator``.
+    """
+    stats = present_stats(spec, has_labels=False, has_ref=has_ref)
+    member = spec.member if has_ref else None
+    present = {
+        "max": True, "sum_exp": True, "argmax": True, "label_logit": True,
+        "ent_acc": "entropy" in stats,
+        "ref_max": "ref_row_max" in stats, "ref_sum_exp": "ref_row_max" in stats,
+        "ref_label_logit": "ref_row_max" in stats,
+        "ref_at_argmax": "ref_at_argmax" in stats,
+    }
+    if member is not None and member.accumulator is not None:
+        present[member.accumulator] = True
+    return tuple(f.name for f in fields(RowState) if present.get(f.name, False))
+
+
 def empty(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> RowState:
-    """The state of ``n`` rows before any slice is folded (the identity of :func:`merge`)."""
-    f32 = dict(dtype=dtype, device=device)
-    zeros = lambda: torch.zeros(n, **f32)  # noqa: E731
-    state = RowState(max=torch.full((n,), -math.inf, **f32), sum_exp=zeros(),
-                     argmax=torch.full((n,), -1, dtype=torch.int64, device=device), label_logit=zeros())
-    if spec.want_entropy:
-        state.ent_acc = zeros()
-    if has_ref:
-        state.ref_max = torch.full((n,), -math.inf, **f32)
-        state.ref_sum_exp = zeros()
-        state.ref_label_logit = zeros()
-        if spec.divergence:
-            if Divergence(spec.divergence).centred:
-                state.ref_at_argmax = zeros()
-            if spec.divergence == Divergence.FORWARD_KL:
-                state.fkl_acc = zeros()
-            if spec.divergence == Divergence.REVERSE_KL:
-                state.rkl_acc = zeros()
-    return state
+    """The state of ``n`` rows before any slice is folded (the identity of :func:`merge`):
+    the fields of :func:`present_fields`, maxima ``-inf``, ``argmax`` -1 and the rest 0."""
+    starts = {"max": -math.inf, "ref_max": -math.inf}
+    state = {name: torch.full((n,), starts.get(name, 0.0), dtype=dtype, device=device)
+             for name in present_fields(spec, has_ref)}
+    state["argmax"] = torch.full((n,), -1, dtype=torch.int64, device=device)
+    return RowState(**state)
 
 
 def _shift(m1: torch.Tensor, m2: torch.Tensor, inv_temperature: float):

@@ -1,4 +1,5 @@
-"""Every Triton kernel specialisation compiles for a GPU target, with no GPU present.
+"""Every Triton kernel specialisation compiles for a GPU target, with no GPU present, and a
+divergence code the registry does not know compiles in none.
 
 The interpreter runs kernels as Python, so it cannot catch what only the compiler rejects
 (non-constexpr globals, type mismatches across branches). Compiling each specialisation
@@ -22,7 +23,8 @@ SCRIPT = textwrap.dedent(
     from prefopt_kernels.backends.triton import kernels
     from prefopt_kernels.divergences import Divergence
 
-    FLOATS = {"inv_temperature", "beta", "one_m_beta", "log_beta", "log1m_beta", "alpha", "am1"}
+    FLOATS = {"inv_temperature", "beta", "one_minus_beta", "log_beta", "log_one_minus_beta", "alpha",
+              "alpha_minus_one"}
 
     def signature(fn, pointers, constants):
         sig = {}
@@ -64,6 +66,21 @@ SCRIPT = textwrap.dedent(
             compile_one(kernels.slice_sweep_kernel, rows, dict(
                 HAS_LABELS=labels, HAS_WEIGHT=weight, DIVERGENCE=divergence, BLOCK_V=4096))
             count += 1
+    # A code the registry does not know fails to compile in every kernel.
+    unknown = max(int(d) for d in Divergence) + 1
+    rows = {"a_ptr": "*fp32", "b_ptr": "*fp32", "labels_ptr": "*i64"}
+    for fn, pointers, flags in (
+            (kernels.token_forward_kernel, rows, dict(HAS_REF=True, WANT_ENTROPY=False, WANT_REF_LOGP=False)),
+            (kernels.token_backward_kernel, dict(rows, grad_ptr="*fp32"), dict(GRAD_LOGP=False, GRAD_ENTROPY=False)),
+            (kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(HAS_REF=True, WANT_ENTROPY=False)),
+            (kernels.slice_sweep_kernel, rows, {})):
+        try:
+            compile_one(fn, pointers, dict(HAS_LABELS=False, HAS_WEIGHT=False, DIVERGENCE=unknown, BLOCK_V=4096,
+                                           **flags))
+        except Exception as error:
+            assert "DIVERGENCE code" in repr(error) + repr(error.__cause__), repr(error)
+        else:
+            raise AssertionError(f"{fn.__name__} compiled the unknown code {unknown}")
     print("compiled", count)
     """
 )

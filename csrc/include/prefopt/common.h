@@ -78,8 +78,43 @@ enum Divergence : int {
       throw std::invalid_argument("prefopt: unknown divergence code " + std::to_string(code));  \
   }
 
-// The divergence whose accumulator the first pass keeps: forward and reverse KL have one,
-// the others none (their sums need a second sweep).
+// The registry's rules, one trait each, so that no kernel compares codes by their order;
+// each is false for kNoDivergence and for unknown codes. _C.divergence_traits exposes them
+// and tests/test_registry.py checks them against the Python registry.
+
+// Divergence.centred: the forward saves S centred at the policy's argmax, with the
+// reference logit there (ref_at_argmax); every divergence but forward KL (S = -1 exactly).
+PREFOPT_HD constexpr bool is_centred(int divergence) {
+  switch (divergence) {
+    case kReverseKL:
+    case kJS:
+    case kTV:
+    case kHellinger:
+    case kChi2:
+    case kAlpha:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Divergence.second_sweep: non-linear in the normalised probabilities, so its sums need
+// both log-sum-exps first, and a second sweep over the row.
+PREFOPT_HD constexpr bool needs_second_sweep(int divergence) {
+  switch (divergence) {
+    case kJS:
+    case kTV:
+    case kHellinger:
+    case kChi2:
+    case kAlpha:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The divergence whose accumulator the first pass keeps (Divergence.accumulator): forward
+// and reverse KL have one, the others none (their sums need a second sweep).
 PREFOPT_HD constexpr int first_pass_divergence(int divergence) {
   return divergence == kForwardKL || divergence == kReverseKL ? divergence : kNoDivergence;
 }

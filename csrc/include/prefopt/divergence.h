@@ -24,20 +24,20 @@ PREFOPT_MATH_BEGIN
 // the ends (alpha = 1 + 1e-9 is 1.f).
 struct DivParams {
   float beta;  // js: m = beta q + (1 - beta) p
-  float one_m_beta;
+  float one_minus_beta;
   float log_beta;
-  float log1m_beta;  // log(1 - beta)
+  float log_one_minus_beta;  // log(1 - beta)
   // js_logs expands around the side of the larger weight: q when js_q_main > 0 (beta > 1/2),
   // else p; js_b <= 1/2 is the other side's weight, js_log_b, js_log_1mb its logs. The
   // flags here are floats (1 or -1) because gcc does not vectorise a select on a bool
   // loaded from memory.
   float js_q_main;
   float js_b, js_log_b, js_log_1mb;
-  float alpha;       // alpha-divergence order
-  float am1;         // alpha - 1
-  float inv_am1;     // 1 / (alpha - 1)
-  float inv_alpha;   // 1 / alpha
-  float inv_aam1;    // 1 / (alpha (alpha - 1))
+  float alpha;                      // alpha-divergence order
+  float alpha_minus_one;            // alpha - 1
+  float inv_alpha_minus_one;        // 1 / (alpha - 1)
+  float inv_alpha;                  // 1 / alpha
+  float inv_alpha_alpha_minus_one;  // 1 / (alpha (alpha - 1))
   // alpha's interior terms are expanded around the nearer of alpha = 1 (near_one > 0) and
   // alpha = 0: c is alpha - 1 or alpha, inv_c its inverse, inv_o the other one's inverse.
   float near_one;
@@ -47,24 +47,24 @@ struct DivParams {
 inline DivParams make_div_params(double beta, double alpha) {
   DivParams p;
   p.beta = static_cast<float>(beta);
-  p.one_m_beta = static_cast<float>(1.0 - beta);
+  p.one_minus_beta = static_cast<float>(1.0 - beta);
   p.log_beta = static_cast<float>(std::log(beta));
-  p.log1m_beta = static_cast<float>(std::log1p(-beta));
+  p.log_one_minus_beta = static_cast<float>(std::log1p(-beta));
   const bool q_main = beta > 0.5;
   p.js_q_main = q_main ? 1.f : -1.f;
-  p.js_b = q_main ? p.one_m_beta : p.beta;
-  p.js_log_b = q_main ? p.log1m_beta : p.log_beta;
-  p.js_log_1mb = q_main ? p.log_beta : p.log1m_beta;
+  p.js_b = q_main ? p.one_minus_beta : p.beta;
+  p.js_log_b = q_main ? p.log_one_minus_beta : p.log_beta;
+  p.js_log_1mb = q_main ? p.log_beta : p.log_one_minus_beta;
   p.alpha = static_cast<float>(alpha);
-  p.am1 = static_cast<float>(alpha - 1.0);
-  p.inv_am1 = static_cast<float>(1.0 / (alpha - 1.0));
+  p.alpha_minus_one = static_cast<float>(alpha - 1.0);
+  p.inv_alpha_minus_one = static_cast<float>(1.0 / (alpha - 1.0));
   p.inv_alpha = static_cast<float>(1.0 / alpha);
-  p.inv_aam1 = static_cast<float>(1.0 / (alpha * (alpha - 1.0)));
+  p.inv_alpha_alpha_minus_one = static_cast<float>(1.0 / (alpha * (alpha - 1.0)));
   const bool near_one = std::fabs(alpha - 1.0) <= std::fabs(alpha);
   p.near_one = near_one ? 1.f : -1.f;
-  p.c = near_one ? p.am1 : p.alpha;
-  p.inv_c = near_one ? p.inv_am1 : p.inv_alpha;
-  p.inv_o = near_one ? p.inv_alpha : p.inv_am1;
+  p.c = near_one ? p.alpha_minus_one : p.alpha;
+  p.inv_c = near_one ? p.inv_alpha_minus_one : p.inv_alpha;
+  p.inv_o = near_one ? p.inv_alpha : p.inv_alpha_minus_one;
   return p;
 }
 
@@ -132,7 +132,7 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
     const JsLogs l = js_logs(lp, lq, prm);
     const float tq = has_q ? q * l.lqm : 0.f;
     const float tp = has_p ? p * l.lpm : 0.f;
-    return prm.beta * tq + prm.one_m_beta * tp;
+    return prm.beta * tq + prm.one_minus_beta * tp;
   } else if constexpr (DIV == kTV) {
     return 0.5f * (p > q ? p - q : q - p);
   } else if constexpr (DIV == kHellinger) {
@@ -154,7 +154,7 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
     const float p_only = prm.alpha > 1.f ? kInf : 0.f;
     const float q_only = prm.alpha < 0.f ? kInf : 0.f;
     const float mixed = has_p ? p_only : (has_q ? q_only : 0.f);
-    const float edge = mixed * prm.inv_aam1 - p * prm.inv_am1 + q * prm.inv_alpha;
+    const float edge = mixed * prm.inv_alpha_alpha_minus_one - p * prm.inv_alpha_minus_one + q * prm.inv_alpha;
     return has_p && has_q ? inner : edge;
   }
 }
@@ -165,7 +165,7 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
 template <int DIV>
 PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& prm) {
   if constexpr (DIV == kJS) {
-    return prm.one_m_beta * js_logs(lp, lq, prm).lpm;
+    return prm.one_minus_beta * js_logs(lp, lq, prm).lpm;
   } else if constexpr (DIV == kTV) {
     return (lp > lq ? 0.5f : 0.f) - (lp < lq ? 0.5f : 0.f);
   } else if constexpr (DIV == kHellinger) {
@@ -174,7 +174,7 @@ PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& 
     return 2.f * (fast_exp(lp - lq) - 1.f);
   } else {
     static_assert(DIV == kAlpha, "div_fprime: not a second-sweep divergence code");
-    return fast_expm1(prm.am1 * (lp - lq)) * prm.inv_am1;
+    return fast_expm1(prm.alpha_minus_one * (lp - lq)) * prm.inv_alpha_minus_one;
   }
 }
 
@@ -195,7 +195,7 @@ PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float f
   } else if constexpr (DIV == kChi2) {
     pfp = 2.f * (fast_exp(lp + (lp - lq)) - p);
   } else if constexpr (DIV == kAlpha) {
-    pfp = (fast_exp(alpha_log_mixed(lp, lq, prm)) - p) * prm.inv_am1;
+    pfp = (fast_exp(alpha_log_mixed(lp, lq, prm)) - p) * prm.inv_alpha_minus_one;
   }
   const bool direct = p > 0.f && fp - fp == 0.f;  // fp finite
   return direct ? p * ((fp - fprime_k) - s) : pfp - p * fprime_k - p * s;

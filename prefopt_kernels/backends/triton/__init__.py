@@ -14,7 +14,7 @@ from dataclasses import fields
 
 import torch
 
-from .. import DIVERGENCE_CODES, SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, row_state
+from .. import SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, present_stats, row_state
 from .config import launch_config
 
 NAME = "triton"
@@ -44,28 +44,13 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
 
     batches, tokens, vocab = logits.shape
     n = batches * tokens
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    stats = RowStats(row_max=torch.empty(n, **f32), log_norm=torch.empty(n, **f32))
-    spare = stats.log_norm
-    if labels is not None and spec.want_logp:
-        stats.logp = torch.empty(n, **f32)
-    if spec.want_entropy:
-        stats.entropy = torch.empty(n, **f32)
-    if ref_logits is not None:
-        stats.ref_row_max = torch.empty(n, **f32)
-        stats.ref_log_norm = torch.empty(n, **f32)
-        if spec.want_ref_logp:
-            stats.ref_logp = torch.empty(n, **f32)
-        if spec.divergence:
-            stats.div = torch.empty(n, **f32)
-            stats.div_s = torch.empty(n, **f32)
-        if spec.divergence not in (0, DIVERGENCE_CODES["forward_kl"]):
-            stats.ref_at_argmax = torch.empty(n, **f32)
+    stats = RowStats.empty(n, present_stats(spec, labels is not None, ref_logits is not None), logits.device)
+    placeholder = stats.log_norm
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)
     token_forward_kernel[(n,)](
-        **_rows(logits, ref, labels, weight, spare),
-        **_pointers(stats, [f.name for f in fields(RowStats)], spare),
+        **_rows(logits, ref, labels, weight, placeholder),
+        **_pointers(stats, [f.name for f in fields(RowStats)], placeholder),
         vocab=vocab, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
@@ -95,13 +80,14 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
         return
     has_div = bool(spec.divergence) and grad_div is not None
     ref = ref_logits if ref_logits is not None else logits
-    spare = stats.log_norm
+    placeholder = stats.log_norm
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=has_div)
     token_backward_kernel[(n,)](
-        **_rows(logits, ref, labels, weight, spare),
-        **_pointers(stats, SAVED_STATS, spare),
-        grad_logp_ptr=_or(grad_logp, spare), grad_entropy_ptr=_or(grad_entropy, spare),
-        grad_div_ptr=_or(grad_div, spare),
+        **_rows(logits, ref, labels, weight, placeholder),
+        **_pointers(stats, SAVED_STATS, placeholder),
+        grad_logp_ptr=_or_placeholder(grad_logp, placeholder),
+        grad_entropy_ptr=_or_placeholder(grad_entropy, placeholder),
+        grad_div_ptr=_or_placeholder(grad_div, placeholder),
         grad_ptr=grad_out, stride_gb=grad_out.stride(0), stride_gt=grad_out.stride(1),
         vocab=vocab, v0=v0, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         **_divergence_params(spec),
@@ -122,12 +108,12 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
     if width == 0:  # the empty state is merge's identity
         return state
     piece = row_state.empty(n, spec, ref_logits is not None, logits.device)
-    spare = piece.sum_exp
+    placeholder = piece.sum_exp
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(width, logits.element_size(), two_rows=ref_logits is not None)
     slice_state_kernel[(n,)](
-        **_rows(logits, ref, labels, weight, spare),
-        **_pointers(piece, [f.name for f in fields(row_state.RowState)], spare),
+        **_rows(logits, ref, labels, weight, placeholder),
+        **_pointers(piece, [f.name for f in fields(row_state.RowState)], placeholder),
         vocab=width, v0=v0, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
         WANT_ENTROPY=piece.ent_acc is not None,
@@ -169,23 +155,27 @@ def _divergence_params(spec: OpSpec) -> dict:
     beta, alpha = float(spec.beta), float(spec.alpha)
     if not 0.0 < beta < 1.0:  # only js reads beta, and validation keeps it inside (0, 1) there
         beta = 0.5
-    return dict(beta=beta, one_m_beta=1.0 - beta, log_beta=math.log(beta), log1m_beta=math.log1p(-beta),
-                alpha=alpha, am1=alpha - 1.0)
+    return dict(beta=beta, one_minus_beta=1.0 - beta, log_beta=math.log(beta), log_one_minus_beta=math.log1p(-beta),
+                alpha=alpha, alpha_minus_one=alpha - 1.0)
 
 
-def _rows(logits, ref, labels, weight, spare) -> dict:
+def _rows(logits, ref, labels, weight, placeholder) -> dict:
     """The row arguments of every kernel: both ``[B, T, V]`` views with their leading strides,
-    the labels and the weights (``spare`` where absent)."""
-    return dict(a_ptr=logits, b_ptr=ref, labels_ptr=_or(labels, spare), weight_ptr=_or(weight, spare),
+    the labels and the weights (``placeholder`` where absent)."""
+    return dict(a_ptr=logits, b_ptr=ref, labels_ptr=_or_placeholder(labels, placeholder),
+                weight_ptr=_or_placeholder(weight, placeholder),
                 tokens_per_batch=logits.shape[1], stride_ab=logits.stride(0), stride_at=logits.stride(1),
                 stride_bb=ref.stride(0), stride_bt=ref.stride(1))
 
 
-def _pointers(source, names, spare) -> dict:
-    """``{name + "_ptr": tensor}`` for the named fields of ``source``. Pointers that a
-    specialisation never touches point at the fp32 buffer ``spare``."""
-    return {f"{name}_ptr": _or(getattr(source, name), spare) for name in names}
+def _pointers(source, names, placeholder) -> dict:
+    """``{name + "_ptr": tensor}`` for the named fields of ``source``, ``placeholder`` where a
+    field is ``None``."""
+    return {f"{name}_ptr": _or_placeholder(getattr(source, name), placeholder) for name in names}
 
 
-def _or(tensor, fallback):
-    return tensor if tensor is not None else fallback
+def _or_placeholder(tensor, placeholder):
+    """``tensor``, or ``placeholder`` where it is ``None``: an fp32 buffer of the launch that
+    stands in for the pointer of an absent field, which the kernel's constexpr flags keep
+    it from using."""
+    return tensor if tensor is not None else placeholder

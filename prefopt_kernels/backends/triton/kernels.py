@@ -25,6 +25,13 @@ js and alpha take their parameters derived in float64 on the host and rounded on
 (``beta, 1 - beta, log beta, log(1 - beta)``; ``alpha, alpha - 1``): ``1 - beta`` or
 ``alpha - 1`` formed in fp32 from a rounded ``beta`` or ``alpha`` loses everything near the
 ends. Their terms use ``expm1``/``log1p`` forms (``_expm1``, ``_log1p``: ``tl`` has neither).
+The six travel as scalar arguments (``beta, one_minus_beta, log_beta, log_one_minus_beta,
+alpha, alpha_minus_one``) through every helper that evaluates a divergence: Triton 3.2, the
+oldest release supported, cannot pass a tuple to a jit function (it takes it for a
+constexpr), and a parameter buffer on the device would cost a copy per launch.
+
+Which divergences have a centred ``S`` or a second sweep is read from the registry's bit
+sets of codes (``CENTRED_CODES``, ``SECOND_SWEEP_CODES``), never from the order of the codes.
 
 NaN policy: ``log_norm`` is NaN exactly when a row holds a NaN or ``+inf`` (``inf - inf``
 in the sweep), so ``log_norm - log_norm`` (0 or NaN) is added to every output that reads
@@ -39,7 +46,7 @@ import triton.language as tl
 
 from ...divergences import Divergence
 
-# The DIVERGENCE constexpr codes, taken from the registry.
+# The DIVERGENCE constexpr codes, taken from the registry (0: no divergence).
 FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
 REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
 JS = tl.constexpr(int(Divergence.JS))
@@ -47,8 +54,21 @@ TV = tl.constexpr(int(Divergence.TV))
 HELLINGER = tl.constexpr(int(Divergence.HELLINGER))
 CHI2 = tl.constexpr(int(Divergence.CHI2))
 ALPHA = tl.constexpr(int(Divergence.ALPHA))
-# Codes run from 0 (none) to the last member: any other code fails to compile.
-LAST_CODE = tl.constexpr(max(int(d) for d in Divergence))
+
+
+def _codes_where(rule) -> int:
+    """The codes of the registry's members that satisfy ``rule``, as a bit set: bit ``c`` for code ``c``."""
+    return sum(1 << int(d) for d in Divergence if rule(d))
+
+
+# The registry's rules as bit sets of codes, read at compile time as
+# ``((CENTRED_CODES >> DIVERGENCE) & 1) == 1`` (Triton 3.2's constexprs shift and mask, but
+# do not index a table). KNOWN_CODES: 0 and every member; any other code fails to compile.
+# CENTRED_CODES: the divergences whose S is saved centred at the policy's argmax, with
+# ref_at_argmax. SECOND_SWEEP_CODES: those summed in a second sweep over the row.
+KNOWN_CODES = tl.constexpr(1 | _codes_where(lambda d: True))
+CENTRED_CODES = tl.constexpr(_codes_where(lambda d: d.centred))
+SECOND_SWEEP_CODES = tl.constexpr(_codes_where(lambda d: d.second_sweep))
 
 
 @triton.jit
@@ -130,7 +150,7 @@ def _log1p(x):
 
 
 @triton.jit
-def _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta):
+def _js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta):
     """js's ``(log(p / m), log(q / m))``, ``m = beta q + (1 - beta) p``, for ``lp``, ``lq`` not
     both ``-inf``, without cancelling ``lm`` against a nearly equal log (as ``js_logs`` in
     divergence.h).
@@ -146,9 +166,9 @@ def _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta):
     ``log(other / m) = -log b`` exactly, the other side = 0 gives ``log(main / m) = -log(1 - b)``.
     """
     q_main = beta > 0.5
-    b = tl.where(q_main, one_m_beta, beta)
-    log_b = tl.where(q_main, log1m_beta, log_beta)
-    log_1mb = tl.where(q_main, log_beta, log1m_beta)
+    b = tl.where(q_main, one_minus_beta, beta)
+    log_b = tl.where(q_main, log_one_minus_beta, log_beta)
+    log_1mb = tl.where(q_main, log_beta, log_one_minus_beta)
     w = tl.where(q_main, lp - lq, lq - lp)
     u = log_b + w
     other_side = u >= log_1mb
@@ -162,29 +182,30 @@ def _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta):
 
 
 @triton.jit
-def _alpha_expansion(alpha, am1):
+def _alpha_expansion(alpha, alpha_minus_one):
     """alpha's interior terms are expanded around the nearer of ``alpha = 1`` (``near_one``)
     and ``alpha = 0``: returns ``near_one``, ``c`` (``alpha - 1`` or ``alpha``), ``1 / c`` and
     the other one's inverse."""
-    near_one = tl.abs(am1) <= tl.abs(alpha)
-    c = tl.where(near_one, am1, alpha)
-    inv_c = tl.where(near_one, 1.0 / am1, 1.0 / alpha)
-    inv_o = tl.where(near_one, 1.0 / alpha, 1.0 / am1)
+    near_one = tl.abs(alpha_minus_one) <= tl.abs(alpha)
+    c = tl.where(near_one, alpha_minus_one, alpha)
+    inv_c = tl.where(near_one, 1.0 / alpha_minus_one, 1.0 / alpha)
+    inv_o = tl.where(near_one, 1.0 / alpha, 1.0 / alpha_minus_one)
     return near_one, c, inv_c, inv_o
 
 
 @triton.jit
-def _alpha_log_mixed(lp, lq, alpha, am1):
+def _alpha_log_mixed(lp, lq, alpha, alpha_minus_one):
     """``log(p^a q^(1-a))`` for ``lp > -inf`` from the nearer expansion point (``lp + (a-1) d``
     or ``lq + a d``, ``d = lp - lq``); ``q = 0`` gives the support's edge, ``inf`` for
     ``alpha > 1``, else ``-inf``."""
-    near_one, c, _, _ = _alpha_expansion(alpha, am1)
+    near_one, c, _, _ = _alpha_expansion(alpha, alpha_minus_one)
     edge = tl.where(alpha > 1.0, float("inf"), float("-inf"))
     return tl.where(lq > float("-inf"), tl.where(near_one, lp, lq) + c * (lp - lq), edge)
 
 
 @triton.jit
-def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE: tl.constexpr):
+def _f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+             DIVERGENCE: tl.constexpr):
     """``q f(t)`` of a non-linear divergence from ``lp = log p``, ``lq = log q`` (``-inf`` legal)."""
     has_p = lp > float("-inf")
     has_q = lq > float("-inf")
@@ -192,8 +213,8 @@ def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
     q = tl.exp(lq)
     zero = tl.zeros_like(lp)
     if DIVERGENCE == JS:
-        lpm, lqm = _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta)
-        value = beta * tl.where(has_q, q * lqm, zero) + one_m_beta * tl.where(has_p, p * lpm, zero)
+        lpm, lqm = _js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta)
+        value = beta * tl.where(has_q, q * lqm, zero) + one_minus_beta * tl.where(has_p, p * lpm, zero)
     elif DIVERGENCE == TV:
         value = 0.5 * tl.abs(p - q)
     elif DIVERGENCE == HELLINGER:
@@ -213,7 +234,7 @@ def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
         # rearranged so that nothing of size p or q cancels against the small divisor.
         # base expm1(c d) is formed as exp(lb + c d) - base where |c d| >= 1: nothing cancels
         # there, and it stays finite where expm1 alone would overflow.
-        near_one, c, inv_c, inv_o = _alpha_expansion(alpha, am1)
+        near_one, c, inv_c, inv_o = _alpha_expansion(alpha, alpha_minus_one)
         cd = c * (lp - lq)
         base = tl.where(near_one, p, q)
         rest = tl.where(tl.abs(cd) < 1.0, base * _expm1(cd), tl.exp(tl.where(near_one, lp, lq) + cd) - base)
@@ -222,7 +243,7 @@ def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
         p_only = tl.where(alpha > 1.0, float("inf"), 0.0)
         q_only = tl.where(alpha < 0.0, float("inf"), 0.0)
         mixed = tl.where(has_p, p_only, tl.where(has_q, q_only, zero))
-        edge = mixed * (1.0 / (alpha * am1)) - p / am1 + q / alpha
+        edge = mixed * (1.0 / (alpha * alpha_minus_one)) - p / alpha_minus_one + q / alpha
         value = tl.where(has_p & has_q, inner, edge)
     else:
         tl.static_assert(False, "unknown DIVERGENCE code")
@@ -230,11 +251,12 @@ def _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
 
 
 @triton.jit
-def _f_prime(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE: tl.constexpr):
+def _f_prime(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+             DIVERGENCE: tl.constexpr):
     """``f'(t)`` of a non-linear divergence where ``p > 0`` (callers weight it by ``p``)."""
     if DIVERGENCE == JS:
-        lpm, _ = _js_logs(lp, lq, beta, one_m_beta, log_beta, log1m_beta)
-        fprime = one_m_beta * lpm
+        lpm, _ = _js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta)
+        fprime = one_minus_beta * lpm
     elif DIVERGENCE == TV:
         fprime = tl.where(lp > lq, 0.5, tl.where(lp < lq, -0.5, 0.0))
     elif DIVERGENCE == HELLINGER:
@@ -242,14 +264,15 @@ def _f_prime(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGE
     elif DIVERGENCE == CHI2:
         fprime = 2.0 * (tl.exp(lp - lq) - 1.0)
     elif DIVERGENCE == ALPHA:
-        fprime = _expm1(am1 * (lp - lq)) / am1
+        fprime = _expm1(alpha_minus_one * (lp - lq)) / alpha_minus_one
     else:
         tl.static_assert(False, "unknown DIVERGENCE code")
     return fprime
 
 
 @triton.jit
-def _centred_slope(lp, lq, fprime_k, shift, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+def _centred_slope(lp, lq, fprime_k, shift,
+                   beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
                    DIVERGENCE: tl.constexpr):
     """``p (f'(t) - f'(t_k) - shift)``, 0 where ``p = 0``.
 
@@ -259,13 +282,14 @@ def _centred_slope(lp, lq, fprime_k, shift, beta, one_m_beta, log_beta, log1m_be
     ``(exp(a lp + (1-a) lq) - p) / (a - 1)`` (exponent from ``_alpha_log_mixed``).
     """
     p = tl.exp(lp)
-    fprime = _f_prime(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+    fprime = _f_prime(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                      DIVERGENCE)
     centred = tl.where(p > 0.0, p * (fprime - fprime_k - shift), 0.0)
     if DIVERGENCE == CHI2 or DIVERGENCE == ALPHA:
         if DIVERGENCE == CHI2:
             p_fprime = 2.0 * (tl.exp(lp + (lp - lq)) - p)
         else:
-            p_fprime = (tl.exp(_alpha_log_mixed(lp, lq, alpha, am1)) - p) / am1
+            p_fprime = (tl.exp(_alpha_log_mixed(lp, lq, alpha, alpha_minus_one)) - p) / alpha_minus_one
         direct = (p > 0.0) & (tl.abs(fprime) < float("inf"))
         centred = tl.where(direct, centred, p_fprime - p * (fprime_k + shift))
         centred = tl.where(lp > float("-inf"), centred, 0.0)
@@ -284,7 +308,7 @@ def _first_pass(a_row, b_row, vocab, inv_temperature,
     ``ref_at_argmax``); the reference logit ``ref_at_argmax`` at the policy's first argmax;
     and, with ``TRACK_ARGMAX``, that argmax's index (-1 while every policy logit is ``-inf``).
     """
-    tl.static_assert((DIVERGENCE >= 0) and (DIVERGENCE <= LAST_CODE), "unknown DIVERGENCE code")
+    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
     cols = tl.arange(0, BLOCK_V)
     ma = float("-inf")
     mb = float("-inf")
@@ -301,7 +325,7 @@ def _first_pass(a_row, b_row, vocab, inv_temperature,
         block_max, ma_new, scale_a, shift_a, x_rel, ea = _online_step(ma, x, inv_temperature)
         if WANT_ENTROPY:
             h = tl.where(scale_a > 0.0, scale_a * (h + shift_a * za), 0.0) + tl.where(ea > 0.0, ea * x_rel, 0.0)
-        if TRACK_ARGMAX or (HAS_REF and DIVERGENCE >= REVERSE_KL):
+        if TRACK_ARGMAX or (HAS_REF and CENTRED):
             # The policy's running argmax (the first on ties). NaN logits are left out (the
             # interpreter rejects an all-NaN tile); such a row is NaN anyway.
             k_block = tl.argmax(tl.where(x == x, x, float("-inf")), axis=0)
@@ -313,7 +337,7 @@ def _first_pass(a_row, b_row, vocab, inv_temperature,
             if DIVERGENCE == FORWARD_KL:
                 k = tl.where(scale_b > 0.0, scale_b * (k + (shift_b - shift_a) * zb), 0.0)
                 k += tl.where(eb > 0.0, eb * (y_rel - x_rel), 0.0)
-            if DIVERGENCE >= REVERSE_KL:
+            if CENTRED:
                 # The reference logit at the policy's running argmax: the centre of S.
                 ref_at_block_argmax = tl.sum(tl.where(cols == k_block, y, 0.0), axis=0)
                 new_ref_at_argmax = tl.where(block_max > ma, ref_at_block_argmax, ref_at_argmax)
@@ -326,7 +350,7 @@ def _first_pass(a_row, b_row, vocab, inv_temperature,
                 v = (y - new_centre) * inv_temperature
                 k = tl.where(scale_a > 0.0, scale_a * (k + (shift_a - shift_v) * za), 0.0)
                 k += tl.where(ea > 0.0, ea * (x_rel - v), 0.0)
-            if DIVERGENCE >= REVERSE_KL:
+            if CENTRED:
                 ref_at_argmax = new_ref_at_argmax
             zb = zb * scale_b + eb
             mb = mb_new
@@ -337,12 +361,13 @@ def _first_pass(a_row, b_row, vocab, inv_temperature,
 
 @triton.jit
 def _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
-                 beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+                 beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
                  DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` over ``vocab`` entries, given the row's final
     statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``."""
     lq_k = (ref_at_argmax - mb_s) * inv_temperature - log_zb
-    fprime_k = _f_prime(-log_za, lq_k, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+    fprime_k = _f_prime(-log_za, lq_k, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                        DIVERGENCE)
     cols = tl.arange(0, BLOCK_V)
     values = tl.zeros((BLOCK_V,), tl.float32)
     centred = tl.zeros((BLOCK_V,), tl.float32)
@@ -352,8 +377,10 @@ def _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_z
         y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         lp = (x - ma_s) * inv_temperature - log_za
         lq = (y - mb_s) * inv_temperature - log_zb
-        values += tl.where(mask, _f_value(lp, lq, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE), 0.0)
-        centred += _centred_slope(lp, lq, fprime_k, 0.0, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+        value = _f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
+        values += tl.where(mask, value, 0.0)
+        centred += _centred_slope(lp, lq, fprime_k, 0.0,
+                                  beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
     return tl.sum(values, axis=0), tl.sum(centred, axis=0)
 
 
@@ -382,12 +409,16 @@ def token_forward_kernel(
     row_max_ptr, log_norm_ptr, logp_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_logp_ptr,
     div_ptr, div_s_ptr, ref_at_argmax_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
-    vocab, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+    vocab, inv_temperature, ignore_index,
+    beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """A whole row: the first pass, finished in the program, and the second where needed."""
+    tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
+    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
+    SECOND_SWEEP: tl.constexpr = ((SECOND_SWEEP_CODES >> DIVERGENCE) & 1) == 1
     n = tl.program_id(0)
     label, needed, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
     label = tl.minimum(tl.maximum(label, 0), vocab - 1)
@@ -424,10 +455,10 @@ def token_forward_kernel(
                     div_s = tl.sum(k, axis=0) / sum_za
                     centre = tl.where(ref_at_argmax == float("-inf"), 0.0, ref_at_argmax)
                     div = div_s - log_za - (centre - mb_s) * inv_temperature + log_zb
-                elif DIVERGENCE != 0:
+                elif SECOND_SWEEP:
                     div, div_s = _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
-                                              ref_at_argmax, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
-                                              DIVERGENCE, BLOCK_V)
+                                              ref_at_argmax, beta, one_minus_beta, log_beta,
+                                              log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE, BLOCK_V)
         # NaN policy (module docstring): 0, or NaN for a row with a NaN or +inf logit.
         guard_a = log_za - log_za
         logp += guard_a
@@ -452,7 +483,7 @@ def token_forward_kernel(
         if DIVERGENCE != 0:
             tl.store(div_ptr + n, div)
             tl.store(div_s_ptr + n, div_s)
-        if DIVERGENCE >= REVERSE_KL:
+        if CENTRED:
             # 0 on rows without the divergence term, as for div and div_s.
             tl.store(ref_at_argmax_ptr + n, tl.where(div_on, ref_at_argmax, 0.0))
 
@@ -474,6 +505,8 @@ def slice_state_kernel(
     the label. ``fkl_acc`` / ``rkl_acc`` is the forward / reverse KL accumulator, 0 where
     the divergence is off. Rows that are not read get the empty state.
     """
+    tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
+    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
     n = tl.program_id(0)
     label, read, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
     owned = read & (label >= v0) & (label < v0 + vocab)
@@ -511,7 +544,7 @@ def slice_state_kernel(
         tl.store(ref_max_ptr + n, mb)
         tl.store(ref_sum_exp_ptr + n, sum_zb)
         tl.store(ref_label_logit_ptr + n, b_y)
-        if DIVERGENCE >= REVERSE_KL:
+        if CENTRED:
             tl.store(ref_at_argmax_ptr + n, tl.where(k_idx >= 0, ref_at_argmax, 0.0))
         if DIVERGENCE == FORWARD_KL:
             tl.store(fkl_acc_ptr + n, kl)
@@ -525,11 +558,14 @@ def slice_sweep_kernel(
     row_max_ptr, log_norm_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_at_argmax_ptr,
     value_ptr, centred_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
-    vocab, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+    vocab, inv_temperature, ignore_index,
+    beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """A slice's partial second-sweep sums, given the row's final statistics (0 where the
     divergence is off)."""
+    tl.static_assert(((SECOND_SWEEP_CODES >> DIVERGENCE) & 1) == 1,
+                     "the sweep takes the DIVERGENCE code of a second-sweep divergence")
     n = tl.program_id(0)
     _, read, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
     value = 0.0
@@ -541,7 +577,8 @@ def slice_sweep_kernel(
                                       tl.load(row_max_ptr + n), tl.load(log_norm_ptr + n),
                                       tl.load(ref_row_max_ptr + n), tl.load(ref_log_norm_ptr + n),
                                       tl.load(ref_at_argmax_ptr + n),
-                                      beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE, BLOCK_V)
+                                      beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                                      DIVERGENCE, BLOCK_V)
     tl.store(value_ptr + n, value)
     tl.store(centred_ptr + n, centred)
 
@@ -552,7 +589,8 @@ def token_backward_kernel(
     row_max_ptr, log_norm_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, div_s_ptr, ref_at_argmax_ptr,
     grad_logp_ptr, grad_entropy_ptr, grad_div_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt, stride_gb, stride_gt,
-    vocab, v0, inv_temperature, ignore_index, beta, one_m_beta, log_beta, log1m_beta, alpha, am1,
+    vocab, v0, inv_temperature, ignore_index,
+    beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -568,6 +606,9 @@ def token_backward_kernel(
     skipped gets ``log_norm - log_norm`` (and ``div_s - div_s`` where the divergence term is
     active) added to every element: NaN rows stay NaN whatever the upstream gradients.
     """
+    tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
+    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
+    SECOND_SWEEP: tl.constexpr = ((SECOND_SWEEP_CODES >> DIVERGENCE) & 1) == 1
     n = tl.program_id(0)
     label, needed, div_on = _row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
     label = label - v0
@@ -593,11 +634,12 @@ def token_backward_kernel(
         log_zb = tl.load(ref_log_norm_ptr + n)
     ref_at_argmax = 0.0
     fprime_k = 0.0
-    if DIVERGENCE >= REVERSE_KL:
+    if CENTRED:
         ref_at_argmax = tl.load(ref_at_argmax_ptr + n)
-    if DIVERGENCE > REVERSE_KL:
+    if SECOND_SWEEP:
         lq_k = (ref_at_argmax - mb) * inv_temperature - log_zb
-        fprime_k = _f_prime(-log_za, lq_k, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+        fprime_k = _f_prime(-log_za, lq_k, beta, one_minus_beta, log_beta, log_one_minus_beta,
+                            alpha, alpha_minus_one, DIVERGENCE)
     guard = log_za - log_za
     div_active = False
     if DIVERGENCE != 0:
@@ -635,6 +677,8 @@ def token_backward_kernel(
                         grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
                     else:
                         lq = (y - mb) * inv_temperature - log_zb
-                        grad += g_div * _centred_slope(lp, lq, fprime_k, div_s, beta, one_m_beta, log_beta, log1m_beta, alpha, am1, DIVERGENCE)
+                        grad += g_div * _centred_slope(lp, lq, fprime_k, div_s, beta, one_minus_beta,
+                                                       log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                                                       DIVERGENCE)
         grad = grad * inv_temperature + guard
         tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
