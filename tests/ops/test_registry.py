@@ -14,7 +14,7 @@ from prefopt_kernels.backends import (SAVED_STATS, SWEEP_STATS, OpSpec, RowStats
                                       row_state, saved_names)
 from prefopt_kernels.divergences import DIVERGENCES, GENERATORS, Divergence, resolve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_names_codes_and_generators_come_from_the_enum():
