@@ -239,8 +239,9 @@ def alpha_terms(lp, lq, beta, alpha):
     With ``d = lp - lq`` and ``e = a - 1``, ``p^a q^(1-a) = p exp(e d) = q exp(a d)``. Where
     ``|e d|`` (or ``|a d|``) is small the difference to ``p`` (or ``q``) cancels, so the terms
     are formed with ``expm1``: near a = 1, ``q f = (p expm1(e d)/e - (p - q)) / a``; near
-    a = 0, ``q f = (q expm1(a d)/a - (p - q)) / e``; ``p f' = p expm1(e d) / e``. Elsewhere the
-    product is one ``exp`` in log space, which cannot overflow where the true value does not.
+    a = 0, ``q f = (q expm1(a d)/a - (p - q)) / e``; ``p f' = p expm1(e d) / e`` where
+    ``|e d| <= 1``. Elsewhere the product is one ``exp`` in log space, which cannot overflow
+    where the true value does not.
     """
     has_p, has_q, lp_safe, lq_safe = _support(lp, lq)
     both = has_p & has_q
@@ -255,18 +256,21 @@ def alpha_terms(lp, lq, beta, alpha):
     growth = torch.expm1(rate * d_small) / rate  # (p^a q^(1-a) - base) / (rate base)
     base = p if near_one else q
     value_small = (base * growth - (p - q)) / (alpha if near_one else eps)
-    slope_small = p * torch.expm1(eps * d_small) / eps
-    # p^a q^(1-a) elsewhere: one exp in log space; at the support's edges 0 unless an
-    # exponent blows it up.
+    # The slope's own expansion holds where |e d| <= 1; beyond, e^(e d) is far from 1 and the
+    # log-space product below has no cancellation (while p expm1(e d) could overflow to inf * 0).
+    slope_small_ok = both & (torch.abs(eps * d) <= 1.0)
+    slope_small = p * torch.expm1(eps * torch.where(slope_small_ok, d, zero)) / eps
+    # p^a q^(1-a): one exp in log space, which cannot overflow where the true value does not;
+    # at the support's edges 0 unless an exponent blows it up.
     p_only = math.inf if alpha > 1.0 else 0.0
     q_only = math.inf if alpha < 0.0 else 0.0
     mixed = torch.where(
-        both & ~small,
-        torch.exp(torch.where(both & ~small, alpha * lp_safe + (1.0 - alpha) * lq_safe, zero)),
+        both,
+        torch.exp(torch.where(both, alpha * lp_safe + (1.0 - alpha) * lq_safe, zero)),
         torch.where(has_p, torch.full_like(lp, p_only), torch.where(has_q, torch.full_like(lp, q_only), zero)),
     )
     value = torch.where(small, value_small, (mixed - alpha * p - (1.0 - alpha) * q) / (alpha * eps))
-    slope = torch.where(small, slope_small, (mixed - p) / eps)
+    slope = torch.where(slope_small_ok, slope_small, (mixed - p) / eps)
     return value, slope
 
 

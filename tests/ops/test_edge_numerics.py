@@ -359,3 +359,21 @@ def test_forward_kl_gradient_of_nearly_equal_peaked_rows(backend):
     s = row_scale(a, b, temperature)
     assert_tokens_close(div, want["div"], s, "forward_kl")
     assert_grads_close(grad, want_grad, s, upstream, torch.float32, "forward_kl gradient")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+def test_alpha_near_zero_gradient_where_the_policy_underflows(backend):
+    """alpha = -1e-6, a peaked policy far from a peaked reference: p_1 underflows even in float64
+    while p_1 f'(t_1) = p_1^a q_1^(1-a) / (a - 1) stays near -1. Hand value: with d = a_0 - a_1,
+    p_1^a q_1^(1-a) = exp(-a d) to float64 accuracy (p_0, q_1 round to 1), so the gradient is
+    (+-exp(-a d) / (1 - a)) at (0, 1)."""
+    alpha = -1e-6
+    logits = torch.tensor([[15409.9609, -2934.2891]])
+    ref_logits = torch.tensor([[-21787.8945, 5684.3130]])
+    x = logits.to(DEVICE).requires_grad_(True)
+    with pk.use_backend(backend):
+        pk.token_divergence(x, ref_logits.to(DEVICE), divergence="alpha", alpha=alpha).sum().backward()
+    d = float(logits[0, 0].double() - logits[0, 1].double())
+    slope = mpmath.exp(-alpha * d) / (1 - alpha)
+    want = torch.tensor([[float(slope), -float(slope)]])
+    torch.testing.assert_close(x.grad.cpu(), want, rtol=2e-6, atol=0)
