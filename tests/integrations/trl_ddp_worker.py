@@ -1,4 +1,4 @@
-"""Run by ``torch.distributed.run`` from ``test_trl_dpo_trainer.py``: PrefOptDPOTrainer under DDP.
+"""Run by ``torch.distributed.run`` from ``test_trl_dpo_losses.py``: PrefOptDPOTrainer under DDP.
 
 Each token-level loss case trains two steps with ``find_unused_parameters=True`` (what TRL and
 transformers choose without gradient checkpointing); each rank sees its own examples. Rank 0
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from launch import finish_worker
-from test_trl_dpo_trainer import CASES, _args, _dataset, _model, _tokenizer
+from test_trl_dpo_losses import CASES, _args, _dataset, _model, _tokenizer
 
 from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
 
