@@ -3,8 +3,11 @@
 The tests live in folders by area (``ops/``, ``linear/``, ``losses/``, ``integrations/``,
 ``distributed/``, ``examples/``); the helpers they share (``contract.py``, ``strategies.py``,
 ``dpo_rounding.py``, ``launch.py``) stay here and are imported by their plain names, so this
-directory is put on ``sys.path`` for every test module, whatever folder it is in. Test module
-names must be unique across the folders (they are imported by their plain names too).
+directory is put on ``sys.path`` for every test module, whatever folder it is in. What the tests
+of one folder share is in one module of that folder (``linear/linear_cases.py``,
+``distributed/distributed_cases.py``, ``losses/losses_cases.py``, ``integrations/trl_cases.py``),
+which they import by its plain name too (pytest puts a test module's folder on ``sys.path``).
+Test module names must be unique across the folders (they are imported by their plain names too).
 
 Without a CUDA device the Triton kernels run on CPU tensors in Triton's interpreter; the
 variable must be set before Triton compiles anything, so it is set here, before any test
@@ -22,6 +25,10 @@ import torch
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+# Each folder's helper module (linear_cases.py, ...) holds checks the tests of that folder share:
+# pytest rewrites their asserts as it does a test module's, so that a failing one shows its values.
+pytest.register_assert_rewrite("linear_cases", "distributed_cases", "losses_cases", "trl_cases")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

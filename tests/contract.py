@@ -6,7 +6,7 @@ ulp_dtype(g_ref)``, with ``s = max(1, max|a|/T, max|b|/T)`` over the row's finit
 and ``g_out`` the upstream gradient of that token.
 
 ``oracle`` gives the values and the logits' gradient of the same rounded inputs in float64,
-from ``backends/reference.py``; the linear ops' oracle (tests/linear/test_linear.py) applies
+from ``backends/reference.py``; the linear ops' oracle (tests/linear/linear_cases.py) applies
 it to the float64 logits of the projection. ``row_terms`` is the same math differentiable with
 respect to both logits tensors, for the sensitivities a tolerance needs.
 """

@@ -1,4 +1,4 @@
-"""Run by ``torch.distributed.run`` from ``test_distributed.py``: the fused linear ops on an LM head
+"""Run by ``torch.distributed.run`` from ``test_distributed_training.py``: the fused linear ops on an LM head
 sharded by FSDP2 (``fully_shard``; gloo, CPU).
 
 Every rank calls ``linear_token_terms`` with its ``DTensor`` head weights and bias (a policy head

@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 from prefopt_kernels.integrations import trl as pk_trl  # noqa: E402
 from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig  # noqa: E402
 
-from test_trl_integration import make_model  # noqa: E402
+from trl_cases import make_model  # noqa: E402
 
 
 def _config(output_dir, **kwargs):

@@ -1,4 +1,4 @@
-"""Run by ``torch.distributed.run`` from ``test_trl_dpo_trainer.py``: PrefOptDPOTrainer under DDP.
+"""Run by ``torch.distributed.run`` from ``test_trl_dpo_losses.py``: PrefOptDPOTrainer under DDP.
 
 Each token-level loss case trains two steps with ``find_unused_parameters=True`` (what TRL and
 transformers choose without gradient checkpointing); each rank sees its own examples. Rank 0
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from launch import finish_worker
-from test_trl_dpo_trainer import CASES, _args, _dataset, _model, _tokenizer
+from trl_cases import LOSS_CASES, make_dataset, make_tokenizer, make_word_llama, training_args
 
 from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
 
@@ -23,10 +23,10 @@ WORKER_CASES = ("tdpo1", "sparse_po_learned", "sparse_po_activation")
 def main(out):
     results = {}
     for case in WORKER_CASES:
-        args = _args(PrefOptDPOConfig, os.path.join(out, case), 2, 0.1, beta=0.5, gradient_checkpointing=False,
-                     ddp_find_unused_parameters=True, **CASES[case])
-        trainer = PrefOptDPOTrainer(model=_model(), ref_model=_model(seed=1), args=args, train_dataset=_dataset(),
-                                    processing_class=_tokenizer())
+        args = training_args(PrefOptDPOConfig, os.path.join(out, case), 2, 0.1, beta=0.5,
+                             gradient_checkpointing=False, ddp_find_unused_parameters=True, **LOSS_CASES[case])
+        trainer = PrefOptDPOTrainer(model=make_word_llama(), ref_model=make_word_llama(seed=1), args=args,
+                                    train_dataset=make_dataset(), processing_class=make_tokenizer())
         trainer.train()
         gap = 0.0
         for param in trainer.accelerator.unwrap_model(trainer.model).parameters():

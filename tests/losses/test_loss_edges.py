@@ -1,7 +1,7 @@
 """Edge cases of the loss functions: empty batches, garbage at masked tokens, non-finite state
 updates, scalar arguments and adversarial shapes/dtypes (the bad ones are rows of the losses'
-bad-input table, test_losses_bad_input.py). Expected values are worked out here in float64 with
-``math``, never taken from the code under test."""
+bad-input tables, test_sequence_losses_bad_input.py and test_token_losses_bad_input.py). Expected
+values are worked out here in float64 with ``math``, never taken from the code under test."""
 
 import enum
 import math
@@ -13,12 +13,7 @@ import torch
 from prefopt_kernels import losses as L
 from prefopt_kernels.losses.common import sequence_sum
 
-INF, NAN = math.inf, math.nan
-
-
-def _t(rows, **kw):
-    return torch.tensor(rows, dtype=torch.float64, **kw)
-
+from losses_cases import INF, NAN, t64
 
 def _softplus(x):
     return math.log1p(math.exp(x))
@@ -73,7 +68,7 @@ def _tdpo1_expected(beta, alpha=None):
 @pytest.mark.parametrize("mask_dtype", [torch.float64, torch.float32, torch.bool, torch.int64])
 def test_tdpo_masked_garbage_neither_reaches_loss_nor_gradient(mask_dtype):
     beta = 0.5
-    lw, ll, kw, kl = (_t(x, requires_grad=True) for x in (LW, LL, KW, KL))
+    lw, ll, kw, kl = (t64(x, requires_grad=True) for x in (LW, LL, KW, KL))
     mw, ml = torch.tensor(MW).to(mask_dtype), torch.tensor(ML).to(mask_dtype)
     loss, metrics = L.tdpo_loss(lw, ll, kw, kl, mw, ml, beta=beta)
     expected, dz = _tdpo1_expected(beta)
@@ -81,7 +76,7 @@ def test_tdpo_masked_garbage_neither_reaches_loss_nor_gradient(mask_dtype):
     grads = torch.autograd.grad(loss, [lw, ll, kw, kl])
     # dz/dl_w = dz/dKL_w = +1, dz/dl_l = dz/dKL_l = -1 at valid tokens; exactly 0 elsewhere.
     for g, sign, mask in zip(grads, (1, -1, 1, -1), (MW, ML, MW, ML)):
-        want = _t([[sign * dz[b] * mask[b][t] for t in range(3)] for b in range(2)])
+        want = t64([[sign * dz[b] * mask[b][t] for t in range(3)] for b in range(2)])
         assert torch.equal(g == 0, want == 0)
         torch.testing.assert_close(g, want, rtol=1e-12, atol=0)
     assert metrics["kl/chosen"].item() == pytest.approx((0.15 + 0.22) / 2, rel=1e-12)
@@ -89,7 +84,7 @@ def test_tdpo_masked_garbage_neither_reaches_loss_nor_gradient(mask_dtype):
 
 def test_tdpo2_masked_garbage_packed_layout():
     beta, alpha = 0.4, 0.6
-    lw, ll, kw, kl = (_t(x, requires_grad=True) for x in (_flat(LW), _flat(LL), _flat(KW), _flat(KL)))
+    lw, ll, kw, kl = (t64(x, requires_grad=True) for x in (_flat(LW), _flat(LL), _flat(KW), _flat(KL)))
     mw, ml = torch.tensor(_flat(MW)).bool(), torch.tensor(_flat(ML)).bool()
     cu = torch.tensor([0, 3, 6])
     loss, _ = L.tdpo_loss(lw, ll, kw, kl, mw, ml, beta=beta, alpha=alpha, variant=2,
@@ -127,8 +122,8 @@ def test_forward_kl_scores_of_a_far_rejected_log_ratio_stay_finite():
 
 def test_tdpo2_alpha_zero_is_the_reward_margin_alone():
     """TDPO2 with alpha = 0: -log sigma(beta u), u the summed log-ratio margin; the KL gets no gradient."""
-    lw, ll = _t([[0.3, -0.2]], requires_grad=True), _t([[0.5, 0.1]], requires_grad=True)
-    kw, kl = _t([[0.4, 0.2]], requires_grad=True), _t([[0.7, 0.3]], requires_grad=True)
+    lw, ll = t64([[0.3, -0.2]], requires_grad=True), t64([[0.5, 0.1]], requires_grad=True)
+    kw, kl = t64([[0.4, 0.2]], requires_grad=True), t64([[0.7, 0.3]], requires_grad=True)
     loss, _ = L.tdpo_loss(lw, ll, kw, kl, beta=2.0, alpha=0.0, variant=2)
     u = (0.3 - 0.2) - (0.5 + 0.1)  # -0.5
     assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0 * u)), rel=1e-12)
@@ -137,12 +132,12 @@ def test_tdpo2_alpha_zero_is_the_reward_margin_alone():
 
 def test_sparse_po_masked_garbage_in_values_and_masks():
     beta, l1u, l1d = 0.3, 0.01, 0.02
-    lw, ll, kw, kl = (_t(x, requires_grad=True) for x in (LW, LL, KW, KL))
+    lw, ll, kw, kl = (t64(x, requires_grad=True) for x in (LW, LL, KW, KL))
     # Weight masks hold garbage at the invalid tokens, and a 0 at valid token (0, 1) of m_u(y_w).
-    uw = _t([[0.8, 0.0, NAN], [0.5, INF, 1.0]], requires_grad=True)
-    ul = _t([[0.2, 0.9, INF], [0.6, 0.4, NAN]], requires_grad=True)
-    dw = _t([[1.0, 0.5, NAN], [0.25, NAN, 0.75]], requires_grad=True)
-    dl = _t([[0.1, 0.3, -INF], [0.9, 0.2, INF]], requires_grad=True)
+    uw = t64([[0.8, 0.0, NAN], [0.5, INF, 1.0]], requires_grad=True)
+    ul = t64([[0.2, 0.9, INF], [0.6, 0.4, NAN]], requires_grad=True)
+    dw = t64([[1.0, 0.5, NAN], [0.25, NAN, 0.75]], requires_grad=True)
+    dl = t64([[0.1, 0.3, -INF], [0.9, 0.2, INF]], requires_grad=True)
     vw, vl = torch.tensor(MW, dtype=torch.float64), torch.tensor(ML, dtype=torch.float64)
     loss, m = L.sparse_po_loss(lw, ll, kw, kl, uw, ul, dw, dl, chosen_mask=vw, rejected_mask=vl,
                                beta=beta, l1_reward=l1u, l1_kl=l1d)
@@ -164,26 +159,26 @@ def test_sparse_po_masked_garbage_in_values_and_masks():
         assert torch.isfinite(g).all()
         assert (g[v == 0] == 0).all()
     # m_u(y_w) is 0 at the valid token (0, 1): the log-ratio gets no gradient there, the mask its
-    # term's (-c l_t, test_losses.py holds it to a reference).
+    # term's (-c l_t, test_token_losses.py holds it to a reference).
     assert grads[0][0, 1] == 0 and grads[4][0, 1] != 0
 
 
 def test_sequence_sum_uses_where_not_a_product():
-    x = _t([[1.5, INF, NAN], [-2.0, 0.25, -INF]], requires_grad=True)
-    w = _t([[2.0, 0.0, 0.0], [0.5, 4.0, 0.0]], requires_grad=True)
+    x = t64([[1.5, INF, NAN], [-2.0, 0.25, -INF]], requires_grad=True)
+    w = t64([[2.0, 0.0, 0.0], [0.5, 4.0, 0.0]], requires_grad=True)
     out = sequence_sum(x, w)
-    torch.testing.assert_close(out, _t([3.0, 0.0]), rtol=0, atol=0)
+    torch.testing.assert_close(out, t64([3.0, 0.0]), rtol=0, atol=0)
     gx, gw = torch.autograd.grad(out.sum(), [x, w])
-    torch.testing.assert_close(gx, _t([[2.0, 0.0, 0.0], [0.5, 4.0, 0.0]]), rtol=0, atol=0)
-    torch.testing.assert_close(gw, _t([[1.5, 0.0, 0.0], [-2.0, 0.25, 0.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(gx, t64([[2.0, 0.0, 0.0], [0.5, 4.0, 0.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(gw, t64([[1.5, 0.0, 0.0], [-2.0, 0.25, 0.0]]), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- non-finite state updates
 
 
 def _fdpg_batches():
-    good1 = (_t([-0.8, -0.6, -1.5]), _t([1.0, 2.0, 0.5]), _t([-1.0, -0.5, -2.0]))
-    good2 = (_t([-1.1, -0.3]), _t([0.2, 1.4]), _t([-0.9, -0.4]))
+    good1 = (t64([-0.8, -0.6, -1.5]), t64([1.0, 2.0, 0.5]), t64([-1.0, -0.5, -2.0]))
+    good2 = (t64([-1.1, -0.3]), t64([0.2, 1.4]), t64([-0.9, -0.4]))
     return good1, good2
 
 
@@ -242,7 +237,7 @@ def test_fdpg_state_skips_a_non_finite_batch(bad):
 
 def test_fdpg_skipped_first_batch_leaves_state_empty():
     state = L.FDPGState()
-    loss, _ = L.fdpg_loss(_t([NAN, -1.0], requires_grad=True), _t([0.0, 0.0]), state=state)
+    loss, _ = L.fdpg_loss(t64([NAN, -1.0], requires_grad=True), t64([0.0, 0.0]), state=state)
     assert not torch.isfinite(loss)
     assert state.count == 0 and state.baseline is None and state.skipped == 1
 
@@ -251,7 +246,7 @@ def test_fdpg_zero_target_probability_is_not_skipped():
     # P = (1, 0) on two on-policy samples with π = q = 1: Z = (1 + 0)/2; t = π/p = (½, ∞);
     # forward KL's R = 1/t = (2, 0); w = 1; mean(w R) = 1.
     state = L.FDPGState()
-    L.fdpg_loss(_t([0.0, 0.0], requires_grad=True), _t([0.0, -INF]), divergence="forward_kl", state=state)
+    L.fdpg_loss(t64([0.0, 0.0], requires_grad=True), t64([0.0, -INF]), divergence="forward_kl", state=state)
     assert state.skipped == 0 and state.count == 2
     assert state.log_z == pytest.approx(math.log(0.5), rel=1e-12)
     assert state.baseline == pytest.approx(1.0, rel=1e-12)
@@ -280,8 +275,8 @@ def test_running_mean_skips_non_finite_batch_means():
 def test_bco_pair_after_a_nan_batch_matches_without_it():
     beta = 0.5
     # rho_w = (0.4, -0.2), rho_l = (0.1, 0.3): batch mean of β·rho = 0.075 = δ.
-    good = [_t([-1.0, -2.0]), _t([-1.5, -0.7]), _t([-1.4, -1.8]), _t([-1.6, -1.0])]
-    bad = [_t([NAN, -2.0])] + good[1:]
+    good = [t64([-1.0, -2.0]), t64([-1.5, -0.7]), t64([-1.4, -1.8]), t64([-1.6, -1.0])]
+    bad = [t64([NAN, -2.0])] + good[1:]
     state = L.RunningMean()
     L.dpo_loss(*bad, beta=beta, loss_type="bco_pair", bco_delta="running_mean", bco_state=state)
     loss, m = L.dpo_loss(*good, beta=beta, loss_type="bco_pair", bco_delta="running_mean", bco_state=state)
@@ -295,7 +290,7 @@ def test_bco_pair_after_a_nan_batch_matches_without_it():
 
 # --------------------------------------------------------------------------- scalar arguments
 
-PAIR = [_t([-1.0]), _t([-2.0]), _t([-1.5]), _t([-1.5])]  # rho_w = 0.5, rho_l = -0.5
+PAIR = [t64([-1.0]), t64([-2.0]), t64([-1.5]), t64([-1.5])]  # rho_w = 0.5, rho_l = -0.5
 
 
 @pytest.mark.parametrize(
@@ -308,14 +303,14 @@ def test_real_scalars_of_every_kind_are_accepted(beta):
 
 
 def test_inpo_scalar_forms():
-    x = [_t([-1.0]), _t([-2.0]), _t([-1.5]), _t([-1.5]), _t([-1.2]), _t([-1.9])]
+    x = [t64([-1.0]), t64([-2.0]), t64([-1.5]), t64([-1.5]), t64([-1.2]), t64([-1.9])]
     # h = 1 - 0.25·0 - 0.75·0.7 = 0.475; (h - eta/2)² = 0.225²
     loss, _ = L.inpo_loss(*x, eta=np.float64(0.5), tau=torch.tensor(0.5))
     assert loss.item() == pytest.approx(0.225 ** 2, rel=1e-12)
 
 
 def test_tdpo_variant_accepts_numpy_ints():
-    x = [_t([[0.3, -0.1]]), _t([[0.2, 0.4]]), _t([[0.05, 0.1]]), _t([[0.2, 0.3]])]
+    x = [t64([[0.3, -0.1]]), t64([[0.2, 0.4]]), t64([[0.05, 0.1]]), t64([[0.2, 0.3]])]
     loss, _ = L.tdpo_loss(*x, beta=1.0, alpha=0.5, variant=np.int64(2))
     # z = (0.2 - 0.6) - 0.5 (0.5 - 0.15) = -0.575
     assert loss.item() == pytest.approx(_softplus(0.575), rel=1e-12)
@@ -342,7 +337,7 @@ def test_integer_and_bool_masks_equal_float_masks():
 
 def test_zero_lengths_clamp_to_one_as_trl():
     # rho_w = (0.5, 0.2), rho_l = (-0.5, 0.4); lengths 0 count as 1 (TRL's clamp(min=1)).
-    x = [_t([-1.0, -1.0]), _t([-2.0, -1.0]), _t([-1.5, -1.2]), _t([-1.5, -1.4])]
+    x = [t64([-1.0, -1.0]), t64([-2.0, -1.0]), t64([-1.5, -1.2]), t64([-1.5, -1.4])]
     beta = 0.5
     ipo, _ = L.dpo_loss(*x, beta=beta, loss_type="ipo", chosen_lengths=[0, 2], rejected_lengths=[4, 0])
     expected = ((0.5 / 1 + 0.5 / 4 - 1.0) ** 2 + (0.2 / 2 - 0.4 / 1 - 1.0) ** 2) / 2
@@ -354,7 +349,7 @@ def test_zero_lengths_clamp_to_one_as_trl():
     sft, _ = L.dpo_loss(*x, loss_type="sft", chosen_lengths=[0, 2])
     assert sft.item() == pytest.approx(2.0 / 2, rel=1e-12)
     # No chosen token at all: 0 (TRL's mean over no token is NaN).
-    empty, _ = L.dpo_loss(*[_t([0.0, 0.0])] * 4, loss_type="sft", chosen_lengths=[0, 0])
+    empty, _ = L.dpo_loss(*[t64([0.0, 0.0])] * 4, loss_type="sft", chosen_lengths=[0, 0])
     assert empty.item() == 0.0
     with pytest.raises(ValueError, match="chosen_lengths must be finite and > 0"):
         L.simpo_loss(x[0], x[1], [0, 2], [1, 1])

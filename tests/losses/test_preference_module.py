@@ -8,6 +8,8 @@ from prefopt_kernels import dispatch
 import prefopt_kernels as pk
 from prefopt_kernels import losses as L
 
+from losses_cases import logsig
+
 
 def _cpu_backends():
     return [n for n in pk.available_backends() if dispatch.backend_module(n).supports(torch.device("cpu"))]
@@ -43,10 +45,6 @@ def _eager_terms(logits, ref, labels):
     return logp, ref_logp, kl, valid.double()
 
 
-def _logsig(x):
-    return -torch.log1p(torch.exp(-x))
-
-
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "tdpo1", "tdpo2", "sparse_po"])
 def test_matches_eager(loss_type):
     logits, ref, labels = _batch()
@@ -66,20 +64,20 @@ def test_matches_eager(loss_type):
     s, r = slice(0, 2), slice(2, 4)
     n = valid.sum(1)
     if loss_type == "sigmoid":
-        ref_loss = -_logsig(beta * (lr[s].sum(1) - lr[r].sum(1))).mean()
+        ref_loss = -logsig(beta * (lr[s].sum(1) - lr[r].sum(1))).mean()
     elif loss_type == "ipo":
         ref_loss = ((lr[s].sum(1) / n[s] - lr[r].sum(1) / n[r] - 1 / (2 * beta)) ** 2).mean()
     elif loss_type == "simpo":
-        ref_loss = -_logsig(beta * (logp[s].sum(1) / n[s] - logp[r].sum(1) / n[r]) - 0.5).mean()
+        ref_loss = -logsig(beta * (logp[s].sum(1) / n[s] - logp[r].sum(1) / n[r]) - 0.5).mean()
     elif loss_type == "tdpo1":
-        ref_loss = -_logsig(beta * (lr[s].sum(1) - lr[r].sum(1) - (kl[r].sum(1) - kl[s].sum(1)))).mean()
+        ref_loss = -logsig(beta * (lr[s].sum(1) - lr[r].sum(1) - (kl[r].sum(1) - kl[s].sum(1)))).mean()
     elif loss_type == "tdpo2":
         d = kl[r].sum(1) - kl[s].sum(1).detach()
-        ref_loss = -_logsig(beta * (lr[s].sum(1) - lr[r].sum(1) - 0.5 * d)).mean()
+        ref_loss = -logsig(beta * (lr[s].sum(1) - lr[r].sum(1) - 0.5 * d)).mean()
     else:
         u = (reward_mask * lr).sum(1)
         dd = (kl_mask * kl).sum(1)
-        ref_loss = -_logsig(beta * ((u[s] - u[r]) - (dd[r] - dd[s]))).mean()
+        ref_loss = -logsig(beta * ((u[s] - u[r]) - (dd[r] - dd[s]))).mean()
     (ref_grad,) = torch.autograd.grad(ref_loss, x)
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
@@ -150,7 +148,7 @@ def test_rows_without_tokens_count_as_length_one():
     loss, _ = L.PreferenceLoss("simpo", beta=0.3)(logits, labels)
     logp, _, _, valid = _eager_terms(logits.detach(), ref, labels)
     score = logp.sum(1) / valid.sum(1).clamp(min=1)
-    expected = -_logsig(0.3 * (score[:2] - score[2:]) - 0.5).mean()
+    expected = -logsig(0.3 * (score[:2] - score[2:]) - 0.5).mean()
     assert score[0] == 0 and score[3] == 0 and torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
 
@@ -173,7 +171,7 @@ def test_beta_as_numpy_scalar_or_0d_tensor():
     logits, ref, labels = _batch(seed=6)
     logp, ref_logp, _, _ = _eager_terms(logits.detach(), ref, labels)
     lr = (logp - ref_logp).sum(1)
-    expected = -_logsig(0.25 * (lr[:2] - lr[2:])).mean()
+    expected = -logsig(0.25 * (lr[:2] - lr[2:])).mean()
     for beta in (np.float32(0.25), np.array(0.25), torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64)):
         loss, _ = L.PreferenceLoss(beta=beta)(logits, labels, ref)
         torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
@@ -189,7 +187,7 @@ def test_garbage_at_ignored_tokens_is_ignored():
     dirty[0, 0] = float("nan")
     lr = (logp - ref_logp).sum(1)
     loss, _ = L.PreferenceLoss("sigmoid", beta=0.2)(logits, labels, ref_logps=dirty)
-    torch.testing.assert_close(loss.double(), -_logsig(0.2 * (lr[:2] - lr[2:])).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double(), -logsig(0.2 * (lr[:2] - lr[2:])).mean(), atol=1e-5, rtol=1e-5)
     # SparsePO masks holding NaN/inf at ignored positions.
     g = torch.Generator().manual_seed(8)
     um, km = (torch.rand(B2, T, generator=g, dtype=torch.float64) for _ in range(2))
@@ -200,7 +198,7 @@ def test_garbage_at_ignored_tokens_is_ignored():
     (grad,) = torch.autograd.grad(loss, x)
     u = (um * (logp - ref_logp) * valid).sum(1)
     d = (km * kl * valid).sum(1)
-    expected = -_logsig(0.3 * ((u[:2] - u[2:]) - (d[2:] - d[:2]))).mean()
+    expected = -logsig(0.3 * ((u[:2] - u[2:]) - (d[2:] - d[:2]))).mean()
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(grad).all() and (grad[ignored] == 0).all()
 
@@ -221,7 +219,7 @@ def test_sparse_po_kl_mask_that_requires_grad_gets_the_kl_where_it_is_zero():
     expected_leaf = km.clone().requires_grad_(True)
     u = ((logp - ref_logp) * valid).sum(1)
     d = (expected_leaf * kl * valid).sum(1)
-    expected = -_logsig(0.3 * ((u[:2] - u[2:]) - (d[2:] - d[:2]))).mean()
+    expected = -logsig(0.3 * ((u[:2] - u[2:]) - (d[2:] - d[:2]))).mean()
     (expected_grad,) = torch.autograd.grad(expected, expected_leaf)
     assert (expected_grad[:, 3].abs() > 1e-3).all()
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)

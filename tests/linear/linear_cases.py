@@ -1,4 +1,11 @@
-r"""The fused linear ops (prefopt_kernels.linear) against the logits ops and float64 end to end.
+r"""What the tests of the fused linear ops (prefopt_kernels.linear) share: their inputs, the float64
+oracle and its tolerances, running the ops and checking them (``check``).
+
+The tests, by theme: test_linear_values.py (values and gradients of every op, leading shapes,
+bf16), test_linear_gradients.py (partial gradients, dropped rows, in-place use),
+test_linear_extras.py (TRL's extras), test_linear_tiles.py (tile planning, uneven tiles),
+test_linear_trl_parity.py (TRL's chunked kernels) and test_linear_oracle.py (the oracle's own
+premises); the bad-input table is test_linear_bad_input.py.
 
 Every value/gradient check runs one fused op on a backend and compares it with
 
@@ -59,7 +66,7 @@ contract on ITS logits, which are within ``dz`` of the exact ones:
   ``log_sum_sq_probs`` rescale, a 1e-4 relative error in the logits.
 
 Triton runs in its interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1),
-on the same tiny shapes as every other backend here (V 200-400, N <= 15). To keep the file
+on the same tiny shapes as every other backend here (V 200-400, N <= 15). To keep the tests
 fast, the interpreter runs the explicit-path comparison in test_logprobs only, four of the
 divergences in test_terms (every divergence runs on it in test_divergence) and two of the
 three cases of test_uneven_tiles.
@@ -67,14 +74,12 @@ three cases of test_uneven_tiles.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pytest
 import torch
-from torch.func import grad, jacrev, vmap
 
 import prefopt_kernels as pk
 from prefopt_kernels.linear import tiles as linear_tiles
@@ -96,14 +101,9 @@ ISA_BACKENDS = with_cpu_isas(BACKENDS)
 # (divergence, beta, alpha): every divergence; js and alpha also at non-default parameters.
 DIVERGENCE_CASES = [(d, 0.5, 0.5) for d in pk.DIVERGENCES] + [("js", 0.2, 0.5), ("alpha", 0.5, 1.7),
                                                               ("alpha", 0.5, -0.4)]
-TRITON_TERMS_CASES = [("forward_kl", 0.5, 0.5), ("js", 0.2, 0.5), ("tv", 0.5, 0.5), ("alpha", 0.5, -0.4)]
 
 
-def _ids(cases):
-    return [f"{d}-b{b}-a{a}" for d, b, a in cases]
-
-
-def _gamma(n: int, u: float = U32) -> float:
+def gamma(n: int, u: float = U32) -> float:
     return n * u / (1.0 - n * u)
 
 
@@ -166,13 +166,23 @@ def make_weight(lead, *, seed, zero_every=3):
     return w
 
 
+def make_pair(lead, *, seed, vocab=300, bias=True, sliced=False, dtype=torch.float32, softcaps=(None, None),
+              scales=(1.0, 1.0), ref_std=None):
+    """Policy (H = 32) and reference (H = 24) heads over the same vocabulary."""
+    policy = make_head(lead, 32, vocab, seed=seed, bias=bias, sliced=sliced, dtype=dtype, softcap=softcaps[0],
+                       scale=scales[0])
+    ref = make_head(lead, 24, vocab, seed=seed + 100, bias=bias, sliced=sliced, dtype=dtype, softcap=softcaps[1],
+                    scale=scales[1], z_std=ref_std or 3.0)
+    return policy, ref
+
+
 # --------------------------------------------------------------------------- float64 oracle
 #
 # Values and dL/dz come from the logits ops' oracle (tests/contract.py); the tolerances need
 # derivatives of the same math with respect to both logits tensors (contract.row_terms).
 
 
-def _row_loss(z, zr, onehot, g, **spec):
+def row_loss(z, zr, onehot, g, **spec):
     return (g * row_terms(z, zr, onehot, **spec)).sum()
 
 
@@ -230,7 +240,7 @@ def _jacobians(z, zr, onehot, spec):
     return torch.stack(jz, 1), torch.stack(jzr, 1)
 
 
-def _exact_logits(h, w, b, scale, softcap):
+def exact_logits(h, w, b, scale, softcap):
     u = h @ w.T
     if b is not None:
         u = u + b
@@ -248,7 +258,7 @@ def _projection_bound(h, w, b, scale, softcap, z, u_gemm):
     """
     a = h.abs() @ w.abs().T
     c = 0.0 if b is None else b.abs()
-    bound = abs(scale) * (_gamma(h.shape[-1] + 3) * a + u_gemm * a * (1 + _gamma(h.shape[-1])) + 4 * U32 * (a + c))
+    bound = abs(scale) * (gamma(h.shape[-1] + 3) * a + u_gemm * a * (1 + gamma(h.shape[-1])) + 4 * U32 * (a + c))
     if softcap is not None:
         bound = bound + U32 * (abs(scale) * (a + c) + 10 * z.abs())
     return bound
@@ -290,14 +300,14 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
     h64 = leaf(hidden.reshape(n, hsize), gemm_dtype)
     w64 = leaf(policy.weight, gemm_dtype)
     b64 = leaf(policy.bias, policy.bias.dtype) if policy.bias is not None else None
-    z = _exact_logits(h64, w64, b64, policy.scale, policy.softcap)
+    z = exact_logits(h64, w64, b64, policy.scale, policy.softcap)
     with torch.no_grad():
         dz = _projection_bound(h64, w64, b64, policy.scale, policy.softcap, z, u_gemm)
     if ref is not None:
         rh = ref.hidden.detach().reshape(n, ref.hidden.shape[-1]).to(gemm_dtype).to(F64)
         rw = ref.weight.detach().to(gemm_dtype).to(F64)
         rb = None if ref.bias is None else ref.bias.detach().to(F64)
-        zr = _exact_logits(rh, rw, rb, ref.scale, ref.softcap)
+        zr = exact_logits(rh, rw, rb, ref.scale, ref.softcap)
         dzr = _projection_bound(rh, rw, rb, ref.scale, ref.softcap, zr, u_gemm)
     else:
         zr = torch.zeros_like(z.detach())
@@ -374,9 +384,9 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
     kept_rows = int(kept.sum())
     h_abs, w_abs = h64.detach().abs(), w64.detach().abs()
     grad_tol = {
-        "hidden": (err_u @ w_abs + _gamma(vocab) * mag_u @ w_abs).reshape(*lead, hsize),
-        "weight": err_u.T @ h_abs + _gamma(max(kept_rows, 1)) * mag_u.T @ h_abs,
-        "bias": err_u.sum(0) + _gamma(max(kept_rows, 1)) * mag_u.sum(0),
+        "hidden": (err_u @ w_abs + gamma(vocab) * mag_u @ w_abs).reshape(*lead, hsize),
+        "weight": err_u.T @ h_abs + gamma(max(kept_rows, 1)) * mag_u.T @ h_abs,
+        "bias": err_u.sum(0) + gamma(max(kept_rows, 1)) * mag_u.sum(0),
     }
     grad_mag = {"hidden": (mag_u @ w_abs).reshape(*lead, hsize), "weight": mag_u.T @ h_abs, "bias": mag_u.sum(0)}
     out_dtypes = {"hidden": hidden.dtype, "weight": policy.weight.dtype,
@@ -399,7 +409,7 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
     sq = torch.exp(2 * lp - torch.logsumexp(2 * lp, -1, keepdim=True))  # p^2 / sum p^2
     extra_tol = {
         "mean_logits": (contract * (1 + extras["mean_logits"].reshape(n).abs())
-                        + (2 * dz.mean(-1) + _gamma(vocab) * z0.abs().mean(-1)) / temperature).reshape(lead),
+                        + (2 * dz.mean(-1) + gamma(vocab) * z0.abs().mean(-1)) / temperature).reshape(lead),
         "log_sum_sq_probs": (contract * (1 + extras["log_sum_sq_probs"].reshape(n).abs())
                              + 2 * (2 * (sq - p).abs() / temperature * dz).sum(-1)).reshape(lead),
     }
@@ -408,31 +418,6 @@ def oracle(policy: Head, labels, ref: Optional[Head], *, gemm_dtype, upstream: d
     extra_tol["is_top1_decided"] = ((top2[:, 0] - top2[:, 1]) > 4 * dz.amax(-1)).reshape(lead)
     return Expected(values, value_tol, grads, grad_tol, grad_mag, extras, extra_tol, kept.reshape(lead),
                     div_rows.reshape(lead))
-
-
-@pytest.mark.parametrize("divergence, beta, alpha", [(None, 0.5, 0.5)] + DIVERGENCE_CASES)
-def test_hessian_bound(divergence, beta, alpha):
-    """The structured bound of hessian_bound is >= the exact ``|H| dz`` (float64 Hessians by
-    torch.func) and within a small factor of it, so the gradient tolerances are sound and not
-    vacuous."""
-    g = torch.Generator().manual_seed(191)
-    n, vocab = 3, 40
-    z = torch.randn(n, vocab, generator=g, dtype=F64) * 3
-    zr = z + torch.randn(n, vocab, generator=g, dtype=F64) * 1.5
-    onehot = torch.nn.functional.one_hot(torch.randint(0, vocab, (n,), generator=g), vocab).to(F64)
-    gvec = torch.randn(n, 4, generator=g, dtype=F64)
-    dz = torch.rand(n, vocab, generator=g, dtype=F64) * 1e-5
-    dzr = torch.rand(n, vocab, generator=g, dtype=F64) * 1e-5
-    spec = dict(temperature=0.8, divergence=divergence, beta=beta, alpha=alpha)
-    if divergence is None:
-        gvec[:, 3] = 0.0
-    hzz, hzr = vmap(jacrev(grad(functools.partial(_row_loss, **spec)), argnums=(0, 1)))(z, zr, onehot, gvec)
-    exact = torch.einsum("nvi,ni->nv", hzz.abs(), dz) + torch.einsum("nvi,ni->nv", hzr.abs(), dzr)
-    bound, _ = hessian_bound(z, zr, onehot, gvec, dz, dzr, **spec)
-    assert (bound >= exact * (1 - 1e-9)).all()
-    # Not vacuous: measured 2-9x the exact value summed over a row (up to ~30x at single
-    # entries, where the exact rank-3 terms cancel).
-    assert (bound.sum(-1) <= 16 * exact.sum(-1)).all()
 
 
 def assert_close(got, want, tol, what):
@@ -521,7 +506,7 @@ def _unpack(call: Call, result):
     return values, extras
 
 
-def _upstream(call: Call, seed: int) -> dict:
+def make_upstream(call: Call, seed: int) -> dict:
     lead = call.policy.hidden.shape[:-1]
     g = torch.Generator().manual_seed(seed + 7)
     upstream = {k: torch.randn(tuple(lead), generator=g, dtype=F64).to(torch.float32) for k in call.outputs()}
@@ -610,6 +595,12 @@ def run_explicit(backend, call: Call, upstream: dict, gemm_dtype):
     return values, (root.grad, weight.grad, None if bias is None else bias.grad)
 
 
+def explicit_on(backend):
+    """The explicit-path comparison doubles a test's run time; in the Triton interpreter it runs
+    in test_logprobs only (the float64 comparison runs everywhere)."""
+    return backend != "triton"
+
+
 def _root_grad(head: Head, g_hidden):
     """The oracle's gradient of ``hidden`` placed in the root tensor's shape (0 outside the view)."""
     full = torch.zeros(head.root.shape, dtype=F64)
@@ -628,7 +619,7 @@ def check(backend, call: Call, *, seed=0, gemm_dtype=None, autocast=False, expli
     """
     if gemm_dtype is None:
         gemm_dtype = torch.bfloat16 if autocast else call.policy.root.dtype
-    upstream = _upstream(call, seed)
+    upstream = make_upstream(call, seed)
     values, extras, grads = run_fused(backend, call, upstream, autocast=autocast)
     exp = _ORACLE_CACHE.get(key) if key is not None else None
     if exp is None:
@@ -706,39 +697,8 @@ def check_extras(extras, exp: Expected, call: Call):
 # --------------------------------------------------------------------------- tile planning
 
 
-@pytest.mark.parametrize("args, expected", [
-    # 13 rows, fp32 single head (4 bytes/entry): 13 * 4 * 256 > 6500, so the token chunk halves
-    # to 6; then 6500 // 24 = 270 >= 256.
-    ((13, 300, 4, 0, 6500), (6, 270)),
-    # Plenty of budget: the token chunk is capped at 4096 rows; 2^26 // (4096 * 4) = 4096.
-    ((10000, 50000, 4, 0, 64 * 2**20), (4096, 4096)),
-    # Nothing fits: halve to one row, then the vocabulary chunk is what is left (10 // 4 = 2).
-    ((5, 100, 4, 0, 10), (1, 2)),
-    # Even less: both chunks are at least 1.
-    ((3, 10, 4, 0, 1), (1, 1)),
-    # A whole small vocabulary fits: vocab chunk = V, no token split (2 * 7 * 4 + 7 * 8 <= 1000).
-    ((2, 7, 4, 8, 1000), (2, 7)),
-    # Per-column cost: t=4: 600 // (4 * 4 + 8) = 25 < 50 = V; t=2: 600 // 16 = 37 < 50; t=1: 600 // 12 = 50.
-    ((4, 50, 4, 8, 600), (1, 50)),
-])
-def test_plan_tiles_hand_values(args, expected):
-    assert plan_tiles(*args) == expected
-
-
-def test_plan_tiles_fits_budget():
-    for rows in (1, 3, 13, 100, 5000):
-        for vocab in (1, 7, 300, 1000):
-            for entry, column in ((4, 0), (8, 64), (12, 128)):
-                for budget in (1, 100, 5000, 10**5, 10**7):
-                    t, v = plan_tiles(rows, vocab, entry, column, budget)
-                    assert 1 <= t <= min(rows, 4096) and 1 <= v <= vocab
-                    if budget >= entry + column:  # one entry fits: the tile fits
-                        assert t * v * entry + v * column <= budget, (rows, vocab, entry, column, budget, t, v)
-                    if t > 1:  # the token chunk shrinks first
-                        assert v >= min(vocab, 256)
-
-
-_PLAN_TILES = plan_tiles
+# The planner itself: tile_spy replaces the name the linear ops call.
+PLAN_TILES = plan_tiles
 
 
 @pytest.fixture
@@ -747,488 +707,9 @@ def tile_spy(monkeypatch):
     calls = []
 
     def spy(*args):
-        out = _PLAN_TILES(*args)
+        out = PLAN_TILES(*args)
         calls.append((args, out))
         return out
 
     monkeypatch.setattr(linear_tiles, "plan_tiles", spy)
     return calls
-
-
-# --------------------------------------------------------------------------- values and gradients
-
-
-LOGPROB_CASES = {
-    "plain": dict(),
-    "bias_scale_temperature_entropy": dict(bias=True, scale=0.7, temperature=0.7, return_entropy=True),
-    "softcap_entropy_ignored": dict(bias=True, softcap=4.0, temperature=1.3, return_entropy=True,
-                                    ignored=(0, 5, 6)),
-    "scale_softcap_negative_scale": dict(scale=-1.6, softcap=2.5, return_entropy=True, ignored=(3,)),
-}
-
-
-@pytest.mark.parametrize("case", list(LOGPROB_CASES))
-@pytest.mark.parametrize("backend", ISA_BACKENDS)
-def test_logprobs(backend, case):
-    cfg = dict(LOGPROB_CASES[case])
-    ignored = cfg.pop("ignored", ())
-    temperature = cfg.pop("temperature", 1.0)
-    entropy = cfg.pop("return_entropy", False)
-    policy = make_head((12,), 32, 300, seed=1, **cfg)
-    labels = make_labels((12,), 300, seed=2, ignored=ignored)
-    check(backend, Call("logprobs", policy, labels, temperature=temperature, return_entropy=entropy), seed=3,
-          key=("logprobs", case))
-
-
-def _pair(lead, *, seed, vocab=300, bias=True, sliced=False, dtype=torch.float32, softcaps=(None, None),
-          scales=(1.0, 1.0), ref_std=None):
-    """Policy (H = 32) and reference (H = 24) heads over the same vocabulary."""
-    policy = make_head(lead, 32, vocab, seed=seed, bias=bias, sliced=sliced, dtype=dtype, softcap=softcaps[0],
-                       scale=scales[0])
-    ref = make_head(lead, 24, vocab, seed=seed + 100, bias=bias, sliced=sliced, dtype=dtype, softcap=softcaps[1],
-                    scale=scales[1], z_std=ref_std or 3.0)
-    return policy, ref
-
-
-def _explicit_on(backend):
-    """The explicit-path comparison doubles a test's run time; in the Triton interpreter it runs
-    in test_logprobs only (the float64 comparison runs everywhere)."""
-    return backend != "triton"
-
-
-@pytest.mark.parametrize("divergence, beta, alpha", DIVERGENCE_CASES, ids=_ids(DIVERGENCE_CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_divergence(backend, divergence, beta, alpha):
-    # chi2 and alpha > 1 weigh p / q: keep the reference close enough that they stay moderate.
-    # The reference alone is soft-capped here (the policy is in test_terms).
-    policy, ref = _pair((8,), seed=11, vocab=200, scales=(1.3, 0.8), ref_std=2.0, softcaps=(None, 4.0))
-    weight = make_weight((8,), seed=12)
-    call = Call("divergence", policy, ref=ref, div_weight=weight, divergence=divergence, beta=beta, alpha=alpha,
-                temperature=1.2)
-    check(backend, call, seed=13, key=("divergence", divergence, beta, alpha), explicit=_explicit_on(backend))
-
-
-@pytest.mark.parametrize("divergence, beta, alpha", DIVERGENCE_CASES, ids=_ids(DIVERGENCE_CASES))
-@pytest.mark.parametrize("backend", ISA_BACKENDS)
-def test_terms(backend, divergence, beta, alpha):
-    if backend == "triton" and (divergence, beta, alpha) not in TRITON_TERMS_CASES:
-        pytest.skip("the Triton interpreter is slow: every divergence runs on it in test_divergence")
-    policy, ref = _pair((9,), seed=21, vocab=200, softcaps=(5.0, 6.0), scales=(1.0, 1.2), ref_std=2.0)
-    labels = make_labels((9,), 200, seed=22, ignored=(2,))
-    weight = make_weight((9,), seed=23)
-    call = Call("terms", policy, labels, ref, div_weight=weight, divergence=divergence, beta=beta, alpha=alpha,
-                temperature=0.9, return_entropy=True)
-    check(backend, call, seed=24, key=("terms", divergence, beta, alpha), explicit=_explicit_on(backend))
-
-
-def _uneven(rows, vocab, plan):
-    t, v = plan
-    return 1 < t < rows and rows % t != 0 and v < vocab and vocab % v != 0
-
-
-def _uneven_budget(call: Call, tile_spy):
-    """A ``memory_budget`` whose forward and backward plans both cut the kept rows and V unevenly.
-
-    The bytes per tile entry and per column are the op's own (recorded from a probe call on the
-    reference backend); the budget is the first that plan_tiles turns into uneven chunks for all.
-    """
-    probe = Call(**{**call.__dict__, "memory_budget": None})
-    run_fused("reference", probe, _upstream(probe, 0))
-    costs = [args for args, _ in tile_spy]
-    tile_spy.clear()
-    assert len(costs) >= 2, "expected a forward and a backward plan"
-    for budget in range(1000, 400000, 100):
-        if all(_uneven(rows, vocab, _PLAN_TILES(rows, vocab, entry, column, budget))
-               for rows, vocab, entry, column, _ in costs):
-            return budget
-    raise AssertionError(f"no budget cuts every pass unevenly: {costs}")
-
-
-UNEVEN = {
-    # op, divergence, policy softcap; 15 tokens, 2 ignored (or weight 0): 13 kept rows, V = 400.
-    # 13 rows: the token chunks the planner can pick (13, 6, 3, 1) include two that cut 13
-    # unevenly, so a forward and a backward with different bytes per entry can both be uneven.
-    "logprobs": ("logprobs", None, None),
-    "divergence_js": ("divergence", "js", None),
-    "terms_forward_kl_softcap": ("terms", "forward_kl", 5.0),
-}
-
-
-@pytest.mark.parametrize("case", list(UNEVEN))
-@pytest.mark.parametrize("backend", ISA_BACKENDS)
-def test_uneven_tiles(backend, case, tile_spy):
-    """V not a multiple of the vocabulary chunk and the kept rows not a multiple of the token chunk,
-    in the forward and the backward (checked on the plans the op really made)."""
-    if backend == "triton" and case == "logprobs":
-        pytest.skip("the Triton interpreter is slow: the other two cases cover its tiles")
-    op, divergence, softcap = UNEVEN[case]
-    policy, ref = _pair((15,), seed=31, vocab=400, softcaps=(softcap, None))
-    labels = make_labels((15,), 400, seed=32, ignored=(4, 11))
-    weight = None
-    if op == "divergence":
-        labels = None
-        weight = torch.ones(15)
-        weight[[4, 11]] = 0.0
-    call = Call(op, policy, labels, None if op == "logprobs" else ref, div_weight=weight, divergence=divergence,
-                return_entropy=op != "divergence",
-                extras=("mean_logits", "is_top1", "log_sum_sq_probs") if op != "divergence" else ())
-    call.memory_budget = _uneven_budget(call, tile_spy)
-    check(backend, call, seed=33, explicit=False, key=("uneven", case))
-    assert len(tile_spy) >= 2 and all(_uneven(rows, vocab, plan) for (rows, vocab, *_), plan in tile_spy), tile_spy
-
-
-LEADING = {
-    "slice_B_Tm1": dict(lead=(2, 3), sliced=True),  # [B, T-1, H] view of a [B, T, H] tensor
-    "flat_N": dict(lead=(5,)),  # 1-D leading shape
-    "three_d": dict(lead=(2, 2, 2)),
-    "single_token": dict(lead=()),
-}
-
-
-@pytest.mark.parametrize("shape", list(LEADING))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_leading_shapes(backend, shape):
-    cfg = LEADING[shape]
-    lead = cfg["lead"]
-    policy, ref = _pair(lead, seed=41, vocab=200, sliced=cfg.get("sliced", False))
-    n = int(torch.Size(lead).numel())
-    labels = make_labels(lead, 200, seed=42, ignored=(1,) if n > 1 else ())
-    weight = make_weight(lead, seed=43) if n > 1 else None
-    explicit = _explicit_on(backend)
-    check(backend, Call("logprobs", policy, labels, return_entropy=True), seed=44, key=("lead", shape, 1),
-          explicit=explicit)
-    check(backend, Call("terms", policy, labels, ref, div_weight=weight, divergence="reverse_kl"), seed=45,
-          key=("lead", shape, 2), explicit=explicit)
-
-
-def test_bf16_gemm_is_rounded_fp32():
-    """The premise of the bf16 bound: a CPU bf16 GEMM's result is the bf16 rounding of an
-    fp32-accumulated sum, within ``gamma_K (fp32) + u_bf16`` of the exact one."""
-    g = torch.Generator().manual_seed(5)
-    h = torch.randn(16, 64, generator=g).bfloat16()
-    w = torch.randn(300, 64, generator=g).bfloat16()
-    z = (h @ w.T).to(F64)
-    exact = h.to(F64) @ w.to(F64).T
-    bound = _gamma(64) * (h.to(F64).abs() @ w.to(F64).abs().T) + U16 * exact.abs() * (1 + _gamma(64))
-    assert ((z - exact).abs() <= bound).all()
-
-
-@pytest.mark.parametrize("op", ["logprobs", "terms_js", "divergence_alpha"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_inputs(backend, op):
-    """bf16 hidden and heads: bf16 tiles on CPU; against the explicit bf16 path and float64."""
-    softcaps = (6.0, None) if op == "terms_js" else (None, None)
-    policy, ref = _pair((8,), seed=51, vocab=200, dtype=torch.bfloat16, softcaps=softcaps, scales=(1.1, 1.0),
-                        ref_std=2.0)
-    labels = make_labels((8,), 200, seed=52, ignored=(3,))
-    if op == "logprobs":
-        call = Call("logprobs", policy, labels, return_entropy=True, temperature=0.8)
-    elif op == "terms_js":
-        call = Call("terms", policy, labels, ref, divergence="js", beta=0.3, div_weight=make_weight((8,), seed=53),
-                    return_entropy=True)
-    else:
-        call = Call("divergence", policy, ref=ref, divergence="alpha", alpha=0.3)
-    check(backend, call, seed=54, key=("bf16", op), explicit=_explicit_on(backend))
-
-
-@pytest.mark.parametrize("op", ["logprobs", "terms"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_bf16(backend, op):
-    """fp32 inputs under CPU bf16 autocast: bf16 GEMM inputs, fp32 gradients."""
-    policy, ref = _pair((8,), seed=61, vocab=200, scales=(0.9, 1.0), ref_std=2.0)
-    labels = make_labels((8,), 200, seed=62, ignored=(0,))
-    if op == "logprobs":
-        call = Call("logprobs", policy, labels, return_entropy=True)
-    else:
-        call = Call("terms", policy, labels, ref, divergence="forward_kl", temperature=1.5)
-    values, _, grads, _ = check(backend, call, seed=63, autocast=True, key=("autocast", op),
-                                explicit=_explicit_on(backend))
-    assert all(g.dtype == torch.float32 for g in grads if g is not None)
-    # Autocast really changed the computation: the fp32 oracle's bound is far tighter than
-    # the bf16 GEMM's error, so the result must differ from the fp32 explicit path.
-    e_values, _ = run_explicit(backend, call, _upstream(call, 63), torch.float32)
-    assert (values["logp"] - e_values["logp"]).abs().max() > 1e-4
-
-
-# --------------------------------------------------------------------------- gradients and rows
-
-
-PARTIAL = {
-    # The loss reads some outputs only, and only some policy tensors require grad.
-    "terms_div_only": dict(op="terms", loss_on=("div",)),
-    "terms_logp_only_bias_only": dict(op="terms", loss_on=("logp",), requires=("bias",)),
-    "logprobs_entropy_only_weight_only": dict(op="logprobs", loss_on=("entropy",), requires=("weight",)),
-    "divergence_hidden_only": dict(op="divergence", requires=("hidden",)),
-}
-
-
-@pytest.mark.parametrize("case", list(PARTIAL))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_partial_upstream_and_grads(backend, case):
-    cfg = dict(PARTIAL[case])
-    op = cfg.pop("op")
-    policy, ref = _pair((6,), seed=171, vocab=200, softcaps=(7.0, None))
-    labels = make_labels((6,), 200, seed=172, ignored=(4,))
-    call = Call(op, policy, None if op == "divergence" else labels, None if op == "logprobs" else ref,
-                divergence="hellinger", return_entropy=op != "divergence", **cfg)
-    check(backend, call, seed=173, key=("partial", case), explicit=_explicit_on(backend))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reference_gets_no_gradient(backend):
-    policy, ref = _pair((6,), seed=71)
-    labels = make_labels((6,), 300, seed=72)
-    for call in (Call("terms", policy, labels, ref, divergence="js", return_entropy=True),
-                 Call("divergence", policy, ref=ref, divergence="reverse_kl")):
-        upstream = _upstream(call, 73)
-        _, _, grads = run_fused(backend, call, upstream)  # asserts every reference .grad is None
-        assert grads[0] is not None and grads[0].abs().sum() > 0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_outputs_can_be_modified_in_place(backend):
-    """Each output is a tensor of its own, as the logits ops' are: a loss may mask it in place, and the
-    gradient is then that of the masked sum (float64 full logits)."""
-    g = torch.Generator().manual_seed(91)
-    h = torch.randn(2, 5, 16, generator=g, dtype=torch.float64).float().requires_grad_(True)
-    w = torch.randn(301, 16, generator=g, dtype=torch.float64).float()
-    labels = torch.randint(0, 301, (2, 5), generator=g)
-    keep = (torch.rand(2, 5, generator=g) > 0.4).float()
-    with pk.use_backend(backend):
-        logp = pk.linear_token_logprobs(h, w, labels)
-        logp.mul_(keep)
-        logp.sum().backward()
-    h64 = h.detach().double().requires_grad_(True)
-    expected = torch.log_softmax(h64 @ w.double().t(), -1).gather(-1, labels[..., None])[..., 0] * keep.double()
-    expected.sum().backward()
-    torch.testing.assert_close(logp.double(), expected.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_all_ignored(backend, op):
-    """Every token ignored (or every div_weight 0): zeros, zero gradients, no error, no NaN."""
-    policy, ref = _pair((2, 3), seed=81)
-    labels = torch.full((2, 3), -100)
-    weight = torch.zeros(2, 3)
-    call = Call(op, policy, None if op == "divergence" else labels, None if op == "logprobs" else ref,
-                div_weight=weight if op == "divergence" else None, divergence="js",
-                return_entropy=op != "divergence", extras=() if op == "divergence" else ("mean_logits", "is_top1"))
-    values, extras, grads = run_fused(backend, call, _upstream(call, 82))
-    for v in values.values():
-        assert v.shape == (2, 3) and v.dtype == torch.float32 and (v == 0).all()
-    for g in grads:
-        assert g is None or (g == 0).all()
-    if extras:
-        assert (extras["mean_logits"] == 0).all() and not extras["is_top1"].any()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ignore_index_custom(backend):
-    """A non-default ignore_index drops those rows; -100 is then an out-of-range label."""
-    policy = make_head((6,), 16, 300, seed=91)
-    labels = make_labels((6,), 300, seed=92, ignored=(1, 4))
-    custom = torch.where(labels == -100, 299, labels.clamp(max=298))
-    labels = torch.where(labels == -100, -100, custom)
-    with pk.use_backend(backend):
-        out = pk.linear_token_logprobs(policy.root, policy.weight, custom, ignore_index=299)
-        with pytest.raises(ValueError, match="^labels"):
-            pk.linear_token_logprobs(policy.root, policy.weight, torch.full((6,), -100), ignore_index=299)
-    exp = oracle(policy, labels, None, gemm_dtype=torch.float32, upstream={})
-    assert (out[[1, 4]] == 0).all()
-    assert_close(out, exp.values["logp"], exp.value_tol["logp"], "logp with ignore_index=299")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_logit_scale_zero_is_uniform(backend):
-    """logit_scale = 0 gives z = 0: the uniform distribution (by hand: logp = -log V, H = log V,
-    log sum p^2 = -log V, mean logit 0, top-1 only for label 0, the first of V equal maxima) and
-    every gradient is 0 (dz/dh carries the factor 0)."""
-    policy = make_head((5,), 16, 200, seed=181, bias=True)
-    labels = torch.tensor([0, 7, 199, -100, 0])
-    root, weight, bias = policy.leaves()
-    with pk.use_backend(backend):
-        logp, entropy, extras = pk.linear_token_logprobs(
-            root, weight, labels, head_bias=bias, logit_scale=0.0, return_entropy=True,
-            extras=("mean_logits", "is_top1", "log_sum_sq_probs"))
-    (logp.sum() + entropy.sum()).backward()
-    kept = labels != -100
-    log_v = torch.tensor(math.log(200.0))
-    contract = 1e-5 + 1e-6  # s = 1: every logit is 0
-    assert ((logp[kept] + log_v).abs() <= contract * (1 + log_v)).all() and logp[3] == 0
-    assert ((entropy[kept] - log_v).abs() <= contract * (1 + log_v)).all() and entropy[3] == 0
-    assert ((extras["log_sum_sq_probs"][kept] + log_v).abs() <= contract * (1 + log_v)).all()
-    assert (extras["mean_logits"] == 0).all()
-    assert extras["is_top1"].tolist() == [True, False, False, False, True]
-    for g in (root.grad, weight.grad, bias.grad):
-        assert g is None or (g == 0).all()
-
-
-# --------------------------------------------------------------------------- extras
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_extras_values(backend):
-    # Logits with a clear top-1 for some labels: the label is set to the argmax in every other row.
-    policy = make_head((8,), 32, 200, seed=101, bias=True, softcap=8.0)
-    z = _exact_logits(policy.root.to(F64), policy.weight.to(F64), policy.bias.to(F64), 1.0, 8.0)
-    labels = make_labels((8,), 200, seed=102, ignored=(7,))
-    labels[::2] = z.argmax(-1)[::2]
-    extras = ("mean_logits", "is_top1", "log_sum_sq_probs")
-    for entropy in (False, True):
-        _, got, _, exp = check(backend, Call("logprobs", policy, labels, temperature=0.6, return_entropy=entropy,
-                                             extras=extras), seed=103, key=("extras", entropy),
-                               explicit=_explicit_on(backend))
-        assert got["is_top1"][::2].all() and not got["is_top1"][7]
-    ref = make_head((8,), 24, 200, seed=104)
-    _, got, _, _ = check(backend, Call("terms", policy, labels, ref, divergence="tv", return_entropy=True,
-                                       extras=("log_sum_sq_probs", "is_top1")), seed=105,
-                         key=("extras", "terms"), explicit=_explicit_on(backend))
-    assert set(got) == {"log_sum_sq_probs", "is_top1"}
-
-
-def _tie_head(vocab=300, hidden_size=8):
-    """Integer-valued hidden states and weights, so every logit is exact in fp32 whatever the
-    summation order: rows 40 and 290 of the head are equal and give the largest logit. The
-    four tokens share one hidden state, so their rows of logits are identical."""
-    g = torch.Generator().manual_seed(111)
-    h = torch.randint(-2, 3, (1, hidden_size), generator=g).float().expand(4, -1).clone()
-    h[:, 0] = 4.0
-    w = torch.randint(-1, 2, (vocab, hidden_size), generator=g).float()
-    w[:, 0] = 0.0
-    w[[40, 290]] = 0.0
-    w[[40, 290], 0] = 10.0  # z = 40 there, |z| <= 2 * 7 = 14 elsewhere
-    return h, w
-
-
-@pytest.mark.parametrize("budget", [None, 1000])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_is_top1_first_argmax_tie(backend, budget, tile_spy):
-    """is_top1 is True only for the FIRST maximum: label 40 yes, its exact twin 290 no, 41 no;
-    with a small budget the twins fall in different vocabulary tiles."""
-    h, w = _tie_head()
-    z = h @ w.T
-    assert z[:, 40].eq(z.max(-1).values).all() and z[:, 290].eq(z[:, 40]).all()
-    labels = torch.tensor([40, 290, 41, -100])
-    with pk.use_backend(backend):
-        logp, extras = pk.linear_token_logprobs(h, w, labels, extras=("is_top1",), memory_budget=budget)
-    assert extras["is_top1"].tolist() == [True, False, False, False]
-    assert logp[0] == logp[1]  # the twins have the same probability
-    if budget is not None:
-        (_, vocab, *_), (_, v) = tile_spy[0]
-        assert v <= 290 and 40 // v != 290 // v, "the twins must be in different tiles"
-
-
-def test_extras_structure():
-    policy, ref = _pair((5,), seed=121)
-    labels = make_labels((5,), 300, seed=122)
-    h, w = policy.root, policy.weight
-    assert isinstance(pk.linear_token_logprobs(h, w, labels), torch.Tensor)
-    out = pk.linear_token_logprobs(h, w, labels, extras=["is_top1"])  # a list is accepted too
-    assert isinstance(out, tuple) and len(out) == 2 and list(out[1]) == ["is_top1"]
-    out = pk.linear_token_logprobs(h, w, labels, return_entropy=True, extras=("log_sum_sq_probs", "mean_logits"))
-    assert len(out) == 3 and isinstance(out[2], dict) and set(out[2]) == {"log_sum_sq_probs", "mean_logits"}
-    assert out[0].shape == out[1].shape == (5,)
-    terms = pk.linear_token_terms(h, w, labels, ref.root, ref.weight)
-    assert isinstance(terms, pk.TokenTerms) and terms.entropy is None
-    terms, extras = pk.linear_token_terms(h, w, labels, ref.root, ref.weight, return_entropy=True,
-                                          extras=("mean_logits",))
-    assert isinstance(terms, pk.TokenTerms) and terms.entropy is not None and set(extras) == {"mean_logits"}
-    assert extras["mean_logits"].dtype == torch.float32 and extras["mean_logits"].shape == (5,)
-
-
-# --------------------------------------------------------------------------- TRL parity
-
-
-def _trl(module):
-    return pytest.importorskip(f"trl.kernels.{module}")
-
-
-@pytest.mark.parametrize("softcap, scale, temperature", [(None, 1.0, 1.0), (5.0, 0.8, 0.7)])
-def test_trl_logprob_parity(softcap, scale, temperature):
-    trl_lp = _trl("chunked_logprob")
-    policy = make_head((14,), 32, 300, seed=141, bias=True, softcap=softcap, scale=scale)
-    labels = make_labels((14,), 300, seed=142, ignored=(1, 8))
-    kept = labels != -100
-    targets = torch.where(kept, labels, 0)  # TRL computes every row: ignored ones need a valid id
-    outputs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-    call = Call("logprobs", policy, labels, temperature=temperature, return_entropy=True,
-                extras=("mean_logits", "is_top1", "log_sum_sq_probs"))
-    upstream = _upstream(call, 143)
-    ours, our_extras, our_grads, exp = check("native" if "native" in BACKENDS else "reference", call, seed=143,
-                                             explicit=False)
-
-    h, w, b = policy.leaves()
-    trl_out = trl_lp.ChunkedLogProbFunction.apply(h, w, b, targets, temperature, 128, softcap, scale, outputs)
-    logp, entropy, lssp, mean_logits, is_top1 = trl_out
-    (((logp * upstream["logp"]) + entropy * upstream["entropy"]) * kept).sum().backward()
-    # Both are within the bound of the exact value: they agree within twice the bound.
-    assert_close(logp[kept], ours["logp"][kept], 2 * exp.value_tol["logp"][kept], "TRL logp")
-    assert_close(entropy[kept], ours["entropy"][kept], 2 * exp.value_tol["entropy"][kept], "TRL entropy")
-    assert_close(lssp[kept], our_extras["log_sum_sq_probs"][kept], 2 * exp.extra_tol["log_sum_sq_probs"][kept],
-                 "TRL log_sum_sq_probs")
-    assert_close(mean_logits[kept], our_extras["mean_logits"][kept], 2 * exp.extra_tol["mean_logits"][kept],
-                 "TRL mean_logits")
-    decided = exp.extra_tol["is_top1_decided"] & kept
-    assert torch.equal(is_top1[decided], our_extras["is_top1"][decided])
-    for name, got, ours_g in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), our_grads):
-        assert_close(got, ours_g, 2 * exp.grad_tol[name], f"TRL d {name}")
-
-
-def _js64(p, q, beta):
-    """Our js of probabilities ``p`` (policy) and ``q`` (reference), the oracle's (tests/contract.py):
-    beta KL(q||m) + (1-beta) KL(p||m) with m = beta q + (1 - beta) p."""
-    return divergence_terms("js", p.log(), q.log(), beta).sum(-1)
-
-
-def _trl_jsd64(ps, pt, beta):
-    """TRL's generalised JSD transcribed from chunked_divergence._jsd_tile (student ps, teacher pt)."""
-    log_ps, log_pt = ps.log(), pt.log()
-    log_m = torch.logaddexp(log_ps + math.log(1 - beta), log_pt + math.log(beta))
-    return (beta * pt * (log_pt - log_m) + (1 - beta) * ps * (log_ps - log_m)).sum(-1)
-
-
-def test_trl_js_beta_mapping():
-    """TRL's beta equals our js beta, with student = policy (p) and teacher = reference (q):
-    both mix ``m = beta q + (1 - beta) p`` and weigh ``KL(q||m)`` by ``beta``. Checked in float64
-    on the formulas, on TRL's fp32 kernel, and shown to be discriminating (beta -> 1 - beta fails)."""
-    trl_div = _trl("chunked_divergence")
-    g = torch.Generator().manual_seed(151)
-    p = torch.softmax(torch.randn(6, 300, generator=g, dtype=F64) * 2, -1)
-    q = torch.softmax(torch.randn(6, 300, generator=g, dtype=F64) * 2, -1)
-    for beta in (0.1, 0.3, 0.5, 0.8):
-        torch.testing.assert_close(_trl_jsd64(p, q, beta), _js64(p, q, beta), rtol=1e-12, atol=1e-14)
-        if beta != 0.5:
-            assert (_trl_jsd64(p, q, 1 - beta) - _js64(p, q, beta)).abs().max() > 1e-3
-    # The endpoints: TRL's 0 is KL(teacher||student) = our forward_kl, 1 is our reverse_kl.
-    policy, ref = _pair((6,), seed=152, bias=False, ref_std=1.0)
-    z = _exact_logits(policy.root.to(F64), policy.weight.to(F64), None, 1.0, None)
-    zr = _exact_logits(ref.root.to(F64), ref.weight.to(F64), None, 1.0, None)
-    lp, lq = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
-    want = {0.0: (lq.exp() * (lq - lp)).sum(-1), 1.0: (lp.exp() * (lp - lq)).sum(-1),
-            0.1: _js64(lp.exp(), lq.exp(), 0.1)}
-    # fp32 kernels are within ~1e-6 relative of these; the mirrored beta is 100x the tolerance away.
-    mirrored = _js64(lp.exp(), lq.exp(), 0.9)
-    assert ((mirrored - want[0.1]).abs() > 1e-2 * want[0.1].abs()).all()
-    for beta, expected in want.items():
-        div, _ = trl_div.ChunkedDivergenceFunction.apply(policy.root, policy.weight, None, ref.root, ref.weight, None,
-                                                          beta, 1.0, 1.0, None, 1.0, None)
-        torch.testing.assert_close(div.to(F64), expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("divergence, trl_beta", [("forward_kl", 0.0), ("reverse_kl", 1.0), ("js", 0.3)])
-def test_trl_divergence_parity(divergence, trl_beta):
-    trl_div = _trl("chunked_divergence")
-    policy, ref = _pair((12,), seed=161, softcaps=(6.0, None), scales=(1.2, 0.9))
-    beta = 0.3 if divergence == "js" else 0.5  # TRL's beta is ours (test_trl_js_beta_mapping)
-    call = Call("divergence", policy, ref=ref, divergence=divergence, beta=beta, temperature=0.8)
-    upstream = _upstream(call, 162)
-    ours, _, our_grads, exp = check("native" if "native" in BACKENDS else "reference", call, seed=162, explicit=False)
-    h, w, b = policy.leaves()
-    div, _ = trl_div.ChunkedDivergenceFunction.apply(h, w, b, ref.root, ref.weight, ref.bias, trl_beta, 0.8,
-                                                      policy.scale, policy.softcap, ref.scale, ref.softcap)
-    (div * upstream["div"]).sum().backward()
-    assert_close(div, ours["div"], 2 * exp.value_tol["div"], f"TRL {divergence}")
-    for name, got, ours_g in zip(("hidden", "weight", "bias"), (h.grad, w.grad, b.grad), our_grads):
-        assert_close(got, ours_g, 2 * exp.grad_tol[name], f"TRL d {name}")

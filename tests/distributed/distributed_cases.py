@@ -1,8 +1,13 @@
-"""Tensor parallelism (``process_group=``) and DistributedDataParallel, on CPU with gloo.
+"""The spawned process groups behind the tests of tensor parallelism (``process_group=``) and
+DistributedDataParallel, on CPU with gloo: the scenarios, what each rank checks, and the
+parent's side that spawns the groups and hands their verdicts to the tests.
 
 Each world size runs ONE spawned process group (spawning costs seconds) in which every
-rank runs every check and sends its verdicts to the parent through a queue; the tests
-below only read those verdicts. A hang cannot block CI: every collective has a 60 s
+rank runs every check and sends its verdicts to the parent through a queue; the tests only
+read those verdicts (``worker_payload``). The group of a world size is spawned once per
+session, by the first test that reads it, whichever of test_distributed_numerics.py,
+test_distributed_bad_input.py and test_distributed_training.py it is in: the verdicts are
+kept in this module (``_RUNS``). A hang cannot block CI: every collective has a 60 s
 timeout, the parent reads the queue with a deadline and kills the workers it still has to.
 
 What a rank checks (``_numerics``): the sharded op on its contiguous vocabulary shard
@@ -33,7 +38,6 @@ import torch.multiprocessing as mp
 
 import prefopt_kernels as pk
 from contract import assert_grads_close, assert_tokens_close, oracle, row_scale, ulp
-from launch import run_workers
 
 WORLDS = (2, 3)
 # Vocabulary shard sizes per rank, in rank order: uneven, an empty shard (first, middle,
@@ -59,7 +63,7 @@ def _phases(world):
 # --------------------------------------------------------------------------- scenarios
 
 
-def _scenarios(world):
+def scenarios(world):
     """``name -> (kind, layout index, op, divergence, backend, dtype)``; the same list on every process."""
     out = {}
     for li in range(len(LAYOUTS[world])):
@@ -414,7 +418,7 @@ def _numerics(rank, world):
     group = dist.group.WORLD
     verdicts, digests, kinds = {}, {}, {}
     subgroup = dist.new_group(ranks=[1, 2], timeout=COLLECTIVE_TIMEOUT) if world == 3 else None
-    for name, (kind, li, op, div, backend, dtype) in _scenarios(world).items():
+    for name, (kind, li, op, div, backend, dtype) in scenarios(world).items():
         try:
             params = PARAMS[li]
             if kind == "subgroup":
@@ -803,7 +807,10 @@ def _run(world):
     return _RUNS[world]
 
 
-def _payload(world, rank, phase, store="results"):
+def worker_payload(world, rank, phase, store="results"):
+    """What rank ``rank`` of the ``world``-rank group sent for ``phase`` (``store``: ``"results"``, or
+    ``"hazards"`` for the last check, which may kill the process); fails the calling test where the
+    group could not start, the rank sent nothing in time or its phase raised."""
     run = _run(world)
     key = (rank, phase)
     if ("init" in {p for _, p in run[store]}):
@@ -815,158 +822,3 @@ def _payload(world, rank, phase, store="results"):
         pytest.fail(f"rank {rank} phase {phase} raised:\n{payload['__phase_error__']}")
     return payload
 
-
-# --------------------------------------------------------------------------- tests
-
-
-NUMERIC_CASES = [(w, name) for w in WORLDS for name in _scenarios(w)]
-
-
-@pytest.mark.parametrize("world,scenario", NUMERIC_CASES, ids=[f"w{w}-{n}" for w, n in NUMERIC_CASES])
-def test_sharded_matches_single_process_and_float64(world, scenario):
-    """Outputs and gradients of the rank's shard meet the contract and match one process."""
-    failures = {}
-    for rank in range(world):
-        verdicts = _payload(world, rank, "numerics")[0]
-        assert scenario in verdicts, f"rank {rank} did not run {scenario}"
-        if verdicts[scenario] != OK:
-            failures[rank] = verdicts[scenario]
-    assert not failures, "\n".join(f"rank {r}:\n{msg}" for r, msg in failures.items())
-
-
-def _family(scenario):
-    """The group of scenarios a dtype or bit-identity test covers: a backend, linear or subgroup."""
-    kind, _, _, _, backend, _ = scenario
-    return "linear" if kind == "linear" else "subgroup" if kind == "subgroup" else backend
-
-
-FAMILIES = [(w, f) for w in WORLDS for f in dict.fromkeys(_family(sc) for sc in _scenarios(w).values())]
-FAMILY_PARAMS = [pytest.param(w, f, id=f"w{w}-{f}") for w, f in FAMILIES]
-
-
-@pytest.mark.parametrize("world,family", FAMILY_PARAMS)
-def test_every_rank_holds_bit_identical_outputs(world, family):
-    """Per-token outputs, extras and the linear ops' hidden gradient: the same bytes on every rank."""
-    digests = [_payload(world, rank, "numerics")[1] for rank in range(world)]
-    names = [n for n, sc in _scenarios(world).items() if _family(sc) == family]
-    assert names
-    differ = []
-    for name in names:
-        holders = [r for r in range(world) if name in digests[r]]
-        if name.startswith("subgroup"):
-            assert holders == [1, 2], (name, holders)
-        else:
-            assert holders == list(range(world)), f"{name}: ranks {holders} hold a result"
-        if len({digests[r][name] for r in holders}) != 1:
-            differ.append(name)
-    assert not differ, f"the ranks hold different outputs for {differ}"
-
-
-@pytest.mark.parametrize("world,family", FAMILY_PARAMS)
-def test_sharded_outputs_are_fp32_of_the_token_shape(world, family):
-    kinds = [_payload(world, rank, "numerics")[2] for rank in range(world)]
-    wrong = {}
-    for name, scenario in _scenarios(world).items():
-        if _family(scenario) != family:
-            continue
-        for rank in range(world):
-            for key, (dtype, shape) in kinds[rank].get(name, {}).items():
-                if dtype != "torch.float32" or shape != LEAD:
-                    wrong[(rank, name, key)] = (dtype, shape)
-    assert not wrong, f"{len(wrong)} outputs not fp32 {LEAD}: {list(wrong.items())[:6]}"
-
-
-@pytest.mark.parametrize("world", WORLDS)
-def test_checker_rejects_shards_in_the_wrong_order(world):
-    """Control: the checks above fail when each rank passes its neighbour's shard."""
-    for rank in range(world):
-        verdicts = _payload(world, rank, "numerics")[0]
-        assert verdicts["control"] == OK, f"rank {rank}: {verdicts['control']}"
-
-
-BAD_CASES = [(w, name) for w in WORLDS for name in BAD_INPUT_CASES]
-
-
-@pytest.mark.parametrize("world,case", BAD_CASES, ids=[f"w{w}-{n}" for w, n in BAD_CASES])
-def test_bad_input_raises_on_every_rank(world, case):
-    """Every rank raises a clear error (no rank hangs or returns) for the same bad call."""
-    exc_type, text = BAD_INPUT_CASES[case]
-    for rank in range(world):
-        payload = _payload(world, rank, "bad_input")
-        text_here = text.format(V=payload["vocab"])
-        outcome = payload[case]
-        assert outcome.startswith(f"{exc_type.__name__}: "), f"rank {rank}: {outcome}"
-        assert text_here in outcome, f"rank {rank}: {outcome!r} lacks {text_here!r}"
-        if text_here == "the ranks differ in: ":
-            assert DIFFERING_FIELD[case] in outcome.split(text_here)[1], f"rank {rank}: {outcome!r}"
-
-
-@pytest.mark.parametrize("world", WORLDS)
-def test_group_still_works_after_bad_inputs(world):
-    for rank in range(world):
-        payload = _payload(world, rank, "bad_input")
-        assert payload["good_call_after"] == OK, f"rank {rank}: {payload['good_call_after']}"
-
-
-@pytest.mark.parametrize("model", ["logits", "fused_linear"])
-def test_ddp_gradients_equal_single_process_full_batch(model):
-    """DDP over 2 ranks (half the pairs each, mean loss) == one process on the full batch."""
-    results = [_payload(2, rank, "ddp")[model] for rank in range(2)]
-    for rank, (verdict, _) in enumerate(results):
-        assert verdict == OK, f"rank {rank}:\n{verdict}"
-    assert results[0][1] == results[1][1], "DDP gradients differ between the ranks"
-
-
-def test_process_group_without_initialised_distributed():
-    """Single process: a process_group needs torch.distributed initialised (a clear error)."""
-    if dist.is_available() and dist.is_initialized():
-        pytest.skip("torch.distributed is initialised in this process")
-    logits, labels = torch.randn(3, 5), torch.tensor([0, 4, -100])
-    with pytest.raises(ValueError, match="init_process_group"):
-        pk.token_logprobs(logits, labels, process_group=object())
-    with pytest.raises(ValueError, match="init_process_group"):
-        pk.token_divergence(logits, logits, process_group="world")
-    with pytest.raises(ValueError, match="init_process_group"):
-        pk.linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 4), labels, process_group=object())
-
-
-@pytest.mark.parametrize("case", MISMATCH_CASES)
-def test_ranks_disagreeing_on_uncovered_inputs_raise(case):
-    for rank in range(2):
-        outcome = _payload(2, rank, "mismatch")[case]
-        field = {"temperature": "temperature", "js_beta": "beta", "labels": "labels", "div_weight": "weight"}[case]
-        assert outcome.startswith("ValueError: ") and field in outcome.split("differ in: ")[-1], \
-            f"rank {rank}: {outcome}"
-
-
-def test_label_out_of_range_on_one_rank_raises_on_every_rank():
-    for rank in range(2):
-        outcome = _payload(2, rank, "one_rank_bad_label")["outcome"]
-        assert outcome.startswith("ValueError: ") and "labels" in outcome, f"rank {rank}: {outcome}"
-
-
-@pytest.mark.parametrize("case", ["needs_grad", "hidden_size"])
-def test_linear_ranks_disagreeing_on_the_backward_raise_in_the_forward(case):
-    """What the backward's all-reduce depends on is in the call check: the same error on every rank."""
-    field = {"needs_grad": "hidden_needs_grad", "hidden_size": "hidden_size"}[case]
-    for rank in range(2):
-        outcome = _payload(2, rank, "backward_mismatch")[case]
-        assert outcome.startswith("ValueError: ") and field in outcome.split("differ in: ")[-1], \
-            f"rank {rank}: {outcome}"
-
-
-def test_linear_ranks_keeping_different_rows_raise_not_crash():
-    for rank in range(2):
-        outcome = _payload(2, rank, "linear_ignore_mismatch", store="hazards")["outcome"]
-        assert outcome.startswith("ValueError: "), f"rank {rank}: {outcome}"
-
-
-def test_linear_ops_on_fsdp2_sharded_heads(tmp_path):
-    """Two gloo ranks, heads sharded by FSDP2 (``fully_shard``, DTensor parameters, the reference's
-    requiring grad as an nn.Linear's do): outputs and gradients equal float64 of the full heads, the
-    head's gradient arrives in its shards, and the reference head gets none."""
-    results = run_workers("distributed/linear_fsdp_worker.py", tmp_path)
-    assert results["sharded"] == "DTensor" and results["ref_grad"], results
-    # fp32 tiles against float64: |logp| ~ 6, a few ulp; gradients relative to their largest entry.
-    assert results["logp"] < 2e-5 and results["div"] < 2e-5, results
-    assert max(results["hidden_grad"], results["weight_grad"], results["bias_grad"]) < 1e-5, results
