@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
             continue
         rows = {"a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "labels_ptr": "*i64"}
         compile_one(kernels.token_forward_kernel, rows, dict(
-            HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_ENTROPY=labels,
+            HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_LOGP=labels, WANT_ENTROPY=labels,
             WANT_REF_LOGP=labels and divergence > 0, DIVERGENCE=divergence, BLOCK_V=4096))
         compile_one(kernels.token_backward_kernel, dict(rows, grad_ptr="*" + dtype), dict(
             HAS_LABELS=labels, HAS_WEIGHT=weight, GRAD_LOGP=labels, GRAD_ENTROPY=labels,
@@ -70,7 +70,8 @@ SCRIPT = textwrap.dedent(
     unknown = max(int(d) for d in Divergence) + 1
     rows = {"a_ptr": "*fp32", "b_ptr": "*fp32", "labels_ptr": "*i64"}
     for fn, pointers, flags in (
-            (kernels.token_forward_kernel, rows, dict(HAS_REF=True, WANT_ENTROPY=False, WANT_REF_LOGP=False)),
+            (kernels.token_forward_kernel, rows, dict(HAS_REF=True, WANT_LOGP=False, WANT_ENTROPY=False,
+                                                       WANT_REF_LOGP=False)),
             (kernels.token_backward_kernel, dict(rows, grad_ptr="*fp32"), dict(GRAD_LOGP=False, GRAD_ENTROPY=False)),
             (kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(HAS_REF=True, WANT_ENTROPY=False)),
             (kernels.slice_sweep_kernel, rows, {})):

@@ -54,7 +54,8 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         vocab=vocab, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
-        WANT_ENTROPY=spec.want_entropy, WANT_REF_LOGP=stats.ref_logp is not None,
+        WANT_LOGP=stats.logp is not None, WANT_ENTROPY=stats.entropy is not None,
+        WANT_REF_LOGP=stats.ref_logp is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
         BLOCK_V=block_v, num_warps=num_warps,
     )

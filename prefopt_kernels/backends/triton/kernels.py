@@ -412,10 +412,14 @@ def token_forward_kernel(
     vocab, inv_temperature, ignore_index,
     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
+    WANT_LOGP: tl.constexpr, WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """A whole row: the first pass, finished in the program, and the second where needed."""
+    """A whole row: the first pass, finished in the program, and the second where needed.
+
+    Each ``WANT_*`` flag (and ``DIVERGENCE``) says whether its output was allocated: an output
+    not asked for has only the placeholder pointer, and is neither computed nor stored.
+    """
     tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
     CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
     SECOND_SWEEP: tl.constexpr = ((SECOND_SWEEP_CODES >> DIVERGENCE) & 1) == 1
@@ -439,7 +443,7 @@ def token_forward_kernel(
         ma, za, h, mb, zb, k, ref_at_argmax, _ = _first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
                                                              WANT_ENTROPY, DIVERGENCE, False, BLOCK_V)
         ma_s, sum_za, log_za = _finish(ma, za)
-        if HAS_LABELS:
+        if WANT_LOGP:
             logp = (tl.load(a_row + label).to(tl.float32) - ma_s) * inv_temperature - log_za
         if WANT_ENTROPY:
             entropy = log_za - tl.sum(h, axis=0) / sum_za
@@ -471,7 +475,7 @@ def token_forward_kernel(
                 div_s += div - div
     tl.store(row_max_ptr + n, ma_s)
     tl.store(log_norm_ptr + n, log_za)
-    if HAS_LABELS:
+    if WANT_LOGP:
         tl.store(logp_ptr + n, logp)
     if WANT_ENTROPY:
         tl.store(entropy_ptr + n, entropy)
