@@ -463,16 +463,18 @@ def token_forward_kernel(
                     div, div_s = _second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
                                               ref_at_argmax, beta, one_minus_beta, log_beta,
                                               log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE, BLOCK_V)
-        # NaN policy (module docstring): 0, or NaN for a row with a NaN or +inf logit.
-        guard_a = log_za - log_za
-        logp += guard_a
-        entropy += guard_a
-        if HAS_REF:
-            guard_b = log_zb - log_zb
-            ref_logp += guard_b
-            if div_on:
-                div += guard_a + guard_b
+                # NaN policy (module docstring), in the one branch that sets div and div_s.
+                # A second ``if div_on`` does not compile on Triton 3.2 (forward KL with
+                # weights): its combine-tensor-select-and-if pass folds the select that
+                # forward KL's constant div_s becomes into the first if, and leaves the
+                # second if's use of it undominated.
+                div += (log_za - log_za) + (log_zb - log_zb)
                 div_s += div - div
+        # NaN policy (module docstring): 0, or NaN for a row with a NaN or +inf logit.
+        logp += log_za - log_za
+        entropy += log_za - log_za
+        if HAS_REF:
+            ref_logp += log_zb - log_zb
     tl.store(row_max_ptr + n, ma_s)
     tl.store(log_norm_ptr + n, log_za)
     if WANT_LOGP:
