@@ -1,9 +1,9 @@
-"""Triton backend: launches the kernels of ``kernels.py``, one program per token row.
+"""Triton backend: launches the kernels of the ``kernels`` package, one program per token row.
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs the same
 kernels on CPU tensors, which is how they are tested without a GPU. js and alpha receive
 their parameters derived here in float64 (``_divergence_params``); the NaN policy and the
-``expm1``/``log1p`` forms are described in ``kernels.py``.
+``expm1``/``log1p`` forms are described in ``kernels.row_math``.
 """
 
 from __future__ import annotations
