@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import fields
 
 import pytest
 import torch
 
 import prefopt_kernels as pk
-from prefopt_kernels.backends import OpSpec, native, reference
+from prefopt_kernels.backends import OpSpec, RowStats, native, present_stats, reference
 from prefopt_kernels.divergences import DIVERGENCES, Divergence
 
 from contract import assert_grads_close, assert_tokens_close, backends_under_test, oracle, row_scale, with_cpu_isas
@@ -225,6 +226,38 @@ def test_bridge_row_stats(backend):
         keep = torch.tensor([True, False, field not in ("div", "div_s", "ref_at_argmax"), True])
         torch.testing.assert_close(got[keep], getattr(ref, field)[keep], rtol=1e-5, atol=1e-5)
     assert stats.div[2] == 0 and stats.div_s[2] == 0 and stats.ref_at_argmax[2] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("has_ref", [False, True])
+@pytest.mark.parametrize("want_logp,want_ref_logp,want_entropy",
+                         [(False, False, False), (False, True, True), (True, False, False)])
+def test_forward_writes_only_the_asked_outputs(backend, has_ref, want_logp, want_ref_logp, want_entropy):
+    """With labels given, an output the spec leaves out is neither returned nor written over
+    another field: exactly :func:`present_stats`' fields, each as the reference computes it.
+    (The public ops always ask for ``logp`` when they pass labels; a backend must not rely on it.)"""
+    n, v = 4, 300
+    a, b = _logits(n, v, torch.float32, seed=8)
+    a, b = a.view(2, 2, v), b.view(2, 2, v)
+    b = b if has_ref else None
+    labels = torch.tensor([3, -100, 7, 299])
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0]) if has_ref else None
+    spec = OpSpec(divergence=Divergence.REVERSE_KL if has_ref else 0, want_logp=want_logp,
+                  want_ref_logp=want_ref_logp, want_entropy=want_entropy)
+    module = __import__(f"prefopt_kernels.backends.{backend}", fromlist=["forward"])
+    stats = module.forward(a, labels, b, weight, spec)
+    want = reference.forward(a, labels, b, weight, spec)
+    present = present_stats(spec, True, has_ref)
+    for field in fields(RowStats):
+        got = getattr(stats, field.name)
+        if field.name not in present:
+            assert got is None, field.name
+            continue
+        assert got.dtype == torch.float32 and got.shape == (n,), field.name
+        expected = getattr(want, field.name)
+        if field.name in ("ref_row_max", "ref_log_norm"):  # unspecified where the divergence is off
+            got, expected = got[weight != 0], expected[weight != 0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=field.name)
 
 
 @needs_native

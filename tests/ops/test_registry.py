@@ -75,16 +75,16 @@ def test_the_cpp_traits_match_the_registry():
 
 
 def test_the_triton_constants_match():
-    kernels = pytest.importorskip("prefopt_kernels.backends.triton.kernels")
+    row_math = pytest.importorskip("prefopt_kernels.backends.triton.kernels.row_math")
     for d in Divergence:
-        assert getattr(kernels, d.name).value == int(d)
+        assert getattr(row_math, d.name).value == int(d)
 
     def codes(bits):
         return {c for c in range(bits.value.bit_length()) if (bits.value >> c) & 1}
 
-    assert codes(kernels.KNOWN_CODES) == {0} | {int(d) for d in Divergence}
-    assert codes(kernels.CENTRED_CODES) == {int(d) for d in Divergence if d.centred}
-    assert codes(kernels.SECOND_SWEEP_CODES) == {int(d) for d in Divergence if d.second_sweep}
+    assert codes(row_math.KNOWN_CODES) == {0} | {int(d) for d in Divergence}
+    assert codes(row_math.CENTRED_CODES) == {int(d) for d in Divergence if d.centred}
+    assert codes(row_math.SECOND_SWEEP_CODES) == {int(d) for d in Divergence if d.second_sweep}
 
 
 def test_an_unknown_code_fails_loudly():

@@ -1,9 +1,9 @@
-"""Triton backend: launches the kernels of ``kernels.py``, one program per token row.
+"""Triton backend: launches the kernels of the ``kernels`` package, one program per token row.
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs the same
 kernels on CPU tensors, which is how they are tested without a GPU. js and alpha receive
 their parameters derived here in float64 (``_divergence_params``); the NaN policy and the
-``expm1``/``log1p`` forms are described in ``kernels.py``.
+``expm1``/``log1p`` forms are described in ``kernels.row_math``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         vocab=vocab, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
-        WANT_ENTROPY=spec.want_entropy, WANT_REF_LOGP=stats.ref_logp is not None,
+        WANT_LOGP=stats.logp is not None, WANT_ENTROPY=stats.entropy is not None,
+        WANT_REF_LOGP=stats.ref_logp is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
         BLOCK_V=block_v, num_warps=num_warps,
     )

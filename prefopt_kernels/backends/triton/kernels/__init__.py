@@ -1,0 +1,8 @@
+"""The Triton kernels, one family per module over shared row math (``row_math``) and row sweeps
+(``passes``); see ``row_math`` for the arithmetic, the NaN policy and the divergence codes."""
+
+from .backward import token_backward_kernel
+from .forward import token_forward_kernel
+from .slices import slice_state_kernel, slice_sweep_kernel
+
+__all__ = ["slice_state_kernel", "slice_sweep_kernel", "token_backward_kernel", "token_forward_kernel"]

@@ -1,0 +1,118 @@
+"""The backward kernel: the gradient of one vocabulary slice of a row (a whole row is
+``v0 = 0``) from the forward's saved statistics."""
+
+import triton
+import triton.language as tl
+
+from .passes import row_plan
+from .row_math import (
+    CENTRED_CODES,
+    FORWARD_KL,
+    KNOWN_CODES,
+    REVERSE_KL,
+    SECOND_SWEEP_CODES,
+    centred_slope,
+    f_prime,
+    row_offset,
+)
+
+
+@triton.jit
+def token_backward_kernel(
+    a_ptr, b_ptr, grad_ptr, labels_ptr, weight_ptr,
+    row_max_ptr, log_norm_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, div_s_ptr, ref_at_argmax_ptr,
+    grad_logp_ptr, grad_entropy_ptr, grad_div_ptr,
+    tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt, stride_gb, stride_gt,
+    vocab, v0, inv_temperature, ignore_index,
+    beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+    HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``g_j = (1/T)[g_logp (1[j=y] - p_j) - g_H p_j (log p_j + H) + g_D p_j (f'(t_j) - S)]``.
+
+    ``f'(t_j) - S`` is formed as ``(f'(t_j) - f'(t_k)) - div_s`` with the centred ``div_s``
+    of ``RowStats`` (forward KL: ``p_j f'(t_j) - p_j S = p_j - q_j`` directly).
+    ``DIVERGENCE`` is 0 when no divergence gradient is needed. Every element of the row is
+    read before it is written, so ``grad_ptr`` may alias ``a_ptr``. The row may be the
+    slice ``[v0, v0 + vocab)`` of a wider vocabulary (a whole row has ``v0 = 0``): only the
+    statistics of the whole row enter. A row that is not
+    skipped gets ``log_norm - log_norm`` (and ``div_s - div_s`` where the divergence term is
+    active) added to every element: NaN rows stay NaN whatever the upstream gradients.
+    """
+    tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
+    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
+    SECOND_SWEEP: tl.constexpr = ((SECOND_SWEEP_CODES >> DIVERGENCE) & 1) == 1
+    n = tl.program_id(0)
+    label, needed, div_on = row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
+    label = label - v0
+
+    g_logp = 0.0
+    if GRAD_LOGP:
+        g_logp = tl.load(grad_logp_ptr + n)
+    g_entropy = 0.0
+    entropy = 0.0
+    if GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + n)
+        entropy = tl.load(entropy_ptr + n)
+    ma = tl.load(row_max_ptr + n)
+    log_za = tl.load(log_norm_ptr + n)
+    g_div = 0.0
+    div_s = 0.0
+    mb = 0.0
+    log_zb = 0.0
+    if DIVERGENCE != 0:
+        g_div = tl.where(div_on, tl.load(grad_div_ptr + n), 0.0)
+        div_s = tl.load(div_s_ptr + n)
+        mb = tl.load(ref_row_max_ptr + n)
+        log_zb = tl.load(ref_log_norm_ptr + n)
+    ref_at_argmax = 0.0
+    fprime_k = 0.0
+    if CENTRED:
+        ref_at_argmax = tl.load(ref_at_argmax_ptr + n)
+    if SECOND_SWEEP:
+        lq_k = (ref_at_argmax - mb) * inv_temperature - log_zb
+        fprime_k = f_prime(-log_za, lq_k, beta, one_minus_beta, log_beta, log_one_minus_beta,
+                            alpha, alpha_minus_one, DIVERGENCE)
+    guard = log_za - log_za
+    div_active = False
+    if DIVERGENCE != 0:
+        div_active = g_div != 0.0
+        guard += tl.where(div_active, div_s - div_s, 0.0)
+    guard = tl.where(needed, guard, 0.0)
+    # The row is read only where some term of its gradient is asked for.
+    compute = needed
+    if not (GRAD_LOGP or GRAD_ENTROPY):
+        compute = needed & div_active
+
+    a_row = a_ptr + row_offset(n, tokens_per_batch, stride_ab, stride_at)
+    b_row = b_ptr + row_offset(n, tokens_per_batch, stride_bb, stride_bt)
+    g_row = grad_ptr + row_offset(n, tokens_per_batch, stride_gb, stride_gt)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        mask = start + cols < vocab
+        grad = tl.zeros((BLOCK_V,), tl.float32)
+        if compute:
+            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            lp = (x - ma) * inv_temperature - log_za
+            p = tl.exp(lp)
+            if GRAD_LOGP:
+                grad += g_logp * (tl.where(start + cols == label, 1.0, 0.0) - p)
+            if GRAD_ENTROPY:
+                grad -= g_entropy * tl.where(p > 0.0, p * (lp + entropy), 0.0)
+            if DIVERGENCE != 0:
+                if div_active:
+                    y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    if DIVERGENCE == FORWARD_KL:
+                        # p f'(t) = -q and S = -1: the gradient is p - q.
+                        grad += g_div * (p - tl.exp((y - mb) * inv_temperature - log_zb))
+                    elif DIVERGENCE == REVERSE_KL:
+                        centred = (x - ma) * inv_temperature - (y - ref_at_argmax) * inv_temperature - div_s
+                        grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
+                    else:
+                        lq = (y - mb) * inv_temperature - log_zb
+                        grad += g_div * centred_slope(lp, lq, fprime_k, div_s, beta, one_minus_beta,
+                                                       log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                                                       DIVERGENCE)
+        grad = grad * inv_temperature + guard
+        tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,115 @@
+"""The sweeps over one row that the kernels share: the first pass (maxima, sums of
+exponentials, entropy and KL accumulators), the second pass of the non-linear divergences,
+and which rows a program reads."""
+
+import triton
+import triton.language as tl
+
+from .row_math import CENTRED_CODES, FORWARD_KL, REVERSE_KL, centred_slope, f_prime, f_value, online_step
+
+
+@triton.jit
+def first_pass(a_row, b_row, vocab, inv_temperature,
+                HAS_REF: tl.constexpr, WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
+                TRACK_ARGMAX: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The first sweep over ``vocab`` entries of one row (a whole row, or a slice of it).
+
+    Returns ``(ma, za, h, mb, zb, k, ref_at_argmax, k_idx)``: raw maxima ``ma``, ``mb``; the
+    lane sums ``za``, ``zb`` relative to them; the entropy lanes ``h`` (``WANT_ENTROPY``); the
+    KL lanes ``k`` (forward KL relative to both maxima, reverse KL to ``ma`` and the centre
+    ``ref_at_argmax``); the reference logit ``ref_at_argmax`` at the policy's first argmax;
+    and, with ``TRACK_ARGMAX``, that argmax's index (-1 while every policy logit is ``-inf``).
+    """
+    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
+    cols = tl.arange(0, BLOCK_V)
+    ma = float("-inf")
+    mb = float("-inf")
+    ref_at_argmax = 0.0
+    k_idx = -1
+    za = tl.zeros((BLOCK_V,), tl.float32)
+    zb = tl.zeros((BLOCK_V,), tl.float32)
+    h = tl.zeros((BLOCK_V,), tl.float32)
+    k = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        mask = start + cols < vocab
+        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        # Differences of raw logits first, then the temperature: exact where p is large.
+        block_max, ma_new, scale_a, shift_a, x_rel, ea = online_step(ma, x, inv_temperature)
+        if WANT_ENTROPY:
+            h = tl.where(scale_a > 0.0, scale_a * (h + shift_a * za), 0.0) + tl.where(ea > 0.0, ea * x_rel, 0.0)
+        if TRACK_ARGMAX or (HAS_REF and CENTRED):
+            # The policy's running argmax (the first on ties). NaN logits are left out (the
+            # interpreter rejects an all-NaN tile); such a row is NaN anyway.
+            k_block = tl.argmax(tl.where(x == x, x, float("-inf")), axis=0)
+            if TRACK_ARGMAX:
+                k_idx = tl.where(block_max > ma, start + k_block, k_idx)
+        if HAS_REF:
+            y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            _, mb_new, scale_b, shift_b, y_rel, eb = online_step(mb, y, inv_temperature)
+            if DIVERGENCE == FORWARD_KL:
+                k = tl.where(scale_b > 0.0, scale_b * (k + (shift_b - shift_a) * zb), 0.0)
+                k += tl.where(eb > 0.0, eb * (y_rel - x_rel), 0.0)
+            if CENTRED:
+                # The reference logit at the policy's running argmax: the centre of S.
+                ref_at_block_argmax = tl.sum(tl.where(cols == k_block, y, 0.0), axis=0)
+                new_ref_at_argmax = tl.where(block_max > ma, ref_at_block_argmax, ref_at_argmax)
+            if DIVERGENCE == REVERSE_KL:
+                # Terms u_a - v with v = (y - b_k) / T, shifted as b_k moves. A -inf b_k
+                # (q_k = 0: the KL is +inf) is centred at 0 instead, which keeps it +inf.
+                centre = tl.where(ref_at_argmax == float("-inf"), 0.0, ref_at_argmax)
+                new_centre = tl.where(new_ref_at_argmax == float("-inf"), 0.0, new_ref_at_argmax)
+                shift_v = (centre - new_centre) * inv_temperature
+                v = (y - new_centre) * inv_temperature
+                k = tl.where(scale_a > 0.0, scale_a * (k + (shift_a - shift_v) * za), 0.0)
+                k += tl.where(ea > 0.0, ea * (x_rel - v), 0.0)
+            if CENTRED:
+                ref_at_argmax = new_ref_at_argmax
+            zb = zb * scale_b + eb
+            mb = mb_new
+        za = za * scale_a + ea
+        ma = ma_new
+    return ma, za, h, mb, zb, k, ref_at_argmax, k_idx
+
+
+@triton.jit
+def second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
+                 beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                 DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` over ``vocab`` entries, given the row's final
+    statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``."""
+    lq_k = (ref_at_argmax - mb_s) * inv_temperature - log_zb
+    fprime_k = f_prime(-log_za, lq_k, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                        DIVERGENCE)
+    cols = tl.arange(0, BLOCK_V)
+    values = tl.zeros((BLOCK_V,), tl.float32)
+    centred = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        mask = start + cols < vocab
+        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        lp = (x - ma_s) * inv_temperature - log_za
+        lq = (y - mb_s) * inv_temperature - log_zb
+        value = f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
+        values += tl.where(mask, value, 0.0)
+        centred += centred_slope(lp, lq, fprime_k, 0.0,
+                                  beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
+    return tl.sum(values, axis=0), tl.sum(centred, axis=0)
+
+
+@triton.jit
+def row_plan(n, labels_ptr, weight_ptr, ignore_index,
+              HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """``(label, read, div_on)`` of row ``n``: an ignored label skips the row; a zero weight
+    drops the divergence, and skips the row when the op has no labels."""
+    valid = True
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + n)
+        valid = label != ignore_index
+    div_on = valid
+    if HAS_WEIGHT:
+        div_on = valid & (tl.load(weight_ptr + n) != 0.0)
+    read = div_on
+    if HAS_LABELS:
+        read = valid
+    return label, read, div_on
