@@ -28,12 +28,19 @@ def run_workers(script: str, out_dir, nproc: int = 2, timeout: int = 600) -> dic
 
 
 def finish_worker(out_dir, results: dict) -> None:
-    """A worker's last step: rank 0 writes ``results`` to ``out_dir/results.json``, then every rank
-    waits for the others before the group is torn down (a rank that exits while another is still
-    flushing the last collective aborts the process)."""
+    """A worker's last step: rank 0 writes ``results`` to ``out_dir/results.json``, every rank
+    waits for the others, and the process ends there.
+
+    After the barrier no rank communicates again, so each leaves with ``os._exit(0)`` instead of
+    tearing the group down: gloo's teardown, or the interpreter's shutdown with gloo's threads
+    alive, now and then left one rank waiting forever after the other had gone (and, before the
+    barrier, aborted a rank that exited while another still flushed the last collective).
+    """
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
         (Path(out_dir) / "results.json").write_text(json.dumps(results))
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
