@@ -14,14 +14,13 @@ import torch
 
 from .divergences import real_number, resolve
 from .layout import has_distinct_elements
-from .spec import EXTRAS, HeadSpec, OpSpec
+from .spec import DEFAULT_MEMORY_BUDGET, EXTRAS, HeadSpec, OpSpec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # fp32 limits a temperature (and a softcap) must respect: the kernels scale by 1/T in fp32,
 # so both T and 1/T must be normal fp32 numbers.
 FP32_TINY = float(torch.finfo(torch.float32).tiny)
 FP32_MAX = float(torch.finfo(torch.float32).max)
-DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of tiles and per-tile temporaries
 _INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
 

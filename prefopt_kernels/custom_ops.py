@@ -18,6 +18,8 @@ from .checks import check_label_range
 from .spec import op_of
 
 LIBRARY = "prefopt_kernels"
+# The outputs a backward op reads an upstream gradient of, in the order it takes them.
+GRADIENT_OUTPUTS = ("logp", "entropy", "div")
 
 
 @functools.lru_cache(maxsize=None)

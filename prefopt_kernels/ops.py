@@ -23,8 +23,8 @@ import torch
 from . import distributed, spec as specs
 from .backends import RowStats, saved_names
 from .checks import check_inplace, check_labels, check_logits, check_pair, check_weight, op_spec
-from .custom_ops import (LIBRARY, mark_outputs, named_arguments, on_device, refuse_double_backward,
-                         shard_checking_labels, upstream_gradients)
+from .custom_ops import (GRADIENT_OUTPUTS, LIBRARY, mark_outputs, named_arguments, on_device,
+                        refuse_double_backward, shard_checking_labels, upstream_gradients)
 from .dispatch import backend_selection, pick_backend
 from .layout import RowLayout, token_count
 from .spec import OpSpec
@@ -114,10 +114,6 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
 @_token_backward.register_fake
 def _token_backward_fake(*values):
     return None
-
-
-# The outputs a backward reads an upstream gradient of, in the order ``token_backward`` takes them.
-GRADIENT_OUTPUTS = ("logp", "entropy", "div")
 
 
 def _token_setup_context(ctx, inputs, output):

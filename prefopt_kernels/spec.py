@@ -29,6 +29,7 @@ from .divergences import Divergence
 OUTPUTS = ("logp", "ref_logp", "entropy", "div")
 # The extra per-token fields of the fused linear ops (TRL's ``FusedCausalLMOutput``).
 EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")
+DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of a fused linear call's tiles and per-tile temporaries
 # dtypes a spec may hold, by the index it is encoded as.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -112,7 +113,7 @@ class LinearSpec(Spec):
     op: OpSpec
     heads: Tuple[HeadSpec, ...]
     extras: Tuple[str, ...] = field(default=(), metadata={"choices": EXTRAS})
-    memory_budget: int = field(default=64 * 2**20, metadata={"fingerprint": False})
+    memory_budget: int = field(default=DEFAULT_MEMORY_BUDGET, metadata={"fingerprint": False})
     hidden_needs_grad: bool = False
 
     @property

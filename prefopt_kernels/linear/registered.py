@@ -15,18 +15,14 @@ import torch
 
 from .. import distributed, spec as specs
 from ..backends import RowStats, rows_read, saved_names
-from ..custom_ops import (LIBRARY, mark_outputs, named_arguments, on_device, refuse_double_backward,
-                          shard_checking_labels, upstream_gradients)
+from ..custom_ops import (GRADIENT_OUTPUTS, LIBRARY, mark_outputs, named_arguments, on_device,
+                          refuse_double_backward, shard_checking_labels, upstream_gradients)
 from ..dispatch import pick_backend
 from ..layout import token_count
 from ..spec import LinearSpec
 from .heads import FP32, Head
 from .passes import LinearCall, backward_pass, forward_pass
 from .sharded_heads import gathered
-
-# The outputs a backward reads an upstream gradient of, in the order ``linear_backward`` takes them.
-GRADIENT_OUTPUTS = ("logp", "entropy", "div")
-
 
 def head_tensors(heads: List[torch.Tensor], spec: LinearSpec) -> list:
     """``[(hidden, weight, bias or None)]`` per head, from the flat ``heads`` list."""
