@@ -4,11 +4,12 @@
 //
 // Exponentials of the hot loops use the MUFU unit: exp(u) = 2^(u log2 e) with the scaled
 // difference (a - max) * (log2 e / T) formed from the raw difference, as the shared state
-// forms (a - max) / T. ex2.approx.ftz is within 2 ulp (PTX ISA); the argument's own rounding
-// adds |u| ulp-of-1 relative error to a term exp(u), which is negligible against the sum of
-// the row's terms (every term <= 1, the max's term 1) and the 1e-5 contract; subnormal
-// results flush to 0, as fast_exp's do. Statistics leave the thread as a RowState of the
-// shared header (natural-log units), so the block and slice merges are the CPU's.
+// forms (a - max) / T. ex2.approx.ftz is within about 2 ulp (CUDA's exp2f, documented at
+// 2 ulp, is this instruction); the argument's own rounding adds |u| ulp-of-1 relative error
+// to a term exp(u), which is negligible against the row's sum (every term <= 1, the max's
+// term 1) and the 1e-5 contract; subnormal results flush to 0, as fast_exp's do.
+// Statistics leave the thread as a RowState of the shared header (natural-log units), so
+// the block and slice merges are the CPU's.
 #pragma once
 
 #include <cuda_bf16.h>

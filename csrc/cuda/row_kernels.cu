@@ -1,13 +1,15 @@
 // CUDA row kernels: one thread block per row (grid-stride over rows), the same math as the
-// CPU kernels from the shared headers.
+// CPU kernels from the shared headers; the hot loops and block reductions are in
+// row_device.cuh.
 //
-// Forward: every thread folds its strided share of the row into a RowState (online
-// softmax: running maxima, sums of exponentials, entropy and KL accumulators), the block
-// merges the states (warp shuffles, then one warp over the per-warp states). For
-// js/tv/hellinger/chi2/alpha a second sweep over the row, now read from L2, sums
+// Forward: every thread folds its strided share of the row, one 16-byte chunk at a time,
+// into an online-softmax state (running maxima, sums of exponentials, and only the entropy
+// and KL accumulators the call asks for: ENT and the divergence are template parameters),
+// the block merges the states as RowStates (warp shuffles, then one warp over the per-warp
+// states). For js/tv/hellinger/chi2/alpha a second sweep over the row, now read from L2, sums
 // q f(t) and p (f'(t) - f'(t_k)) with both log-sum-exps known (k the policy's argmax, whose
 // reference logit the merged state carries). Backward: one sweep that reads a (and b
-// when the divergence term is active) and writes g, element by element, so g may alias a.
+// when the divergence term is active) and writes g, chunk by chunk, so g may alias a.
 // Loads are 16 bytes wide when the rows share their alignment (the common case of
 // contiguous tensors), with scalar head and tail; otherwise scalar. The js/alpha parameters
 // come from make_div_params on the host; the NaN policy is the CPU kernels' (per-row
