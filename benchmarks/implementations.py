@@ -221,8 +221,7 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
     if compile_eager:
         impls.append(Impl("compile", _compiled_forward, all_ops, only=compile_only))
     else:
-        notes.append("torch.compile baseline: off on CPU by default (slow to compile); "
-                     "--compile turns it on.")
+        notes.append("torch.compile baseline: off (--no-compile, or --quick without --compile).")
     if peers:
         found, peer_notes = available_peers(device)
         notes.extend(peer_notes)
