@@ -6,7 +6,8 @@ instructions/s (132 SMs x 4 schedulers x 32 lanes x 1.755 GHz) and 3.7 T MUFU op
 (16 per SM and clock), and moves 3.0 TB/s, so a streaming loop keeps up with memory while it
 runs at most about 9.9 instructions and 1.2 MUFU per byte it loads or stores. A hot loop is
 an innermost loop of the SASS (a backward branch) that loads or stores global memory; its
-instructions, MUFU operations and global bytes are counted over one iteration of one thread.
+instructions, MUFU operations and global bytes are counted over one iteration of one thread,
+and the versions the compiler makes of one source loop count once (:func:`hot_loops`).
 The estimate is an upper bound from instruction issue: latency, occupancy and the memory
 system can only lower it. It is never a measurement.
 """
@@ -51,7 +52,8 @@ H100 = Card("H100 SXM (sm_90)", instructions_per_s=132 * 4 * 32 * 1.755e9, mufu_
 class Instruction:
     address: int
     opcode: str  # with its modifiers, e.g. "LDG.E.128.CONSTANT"
-    text: str
+    operands: str
+    source: str  # the innermost source position (with its inlining chain), "" without line info
 
 
 @dataclass(frozen=True)
@@ -73,24 +75,56 @@ class Loop:
                    self.mufu / card.mufu_per_s)
 
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
-_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+_FUNCTION = re.compile(r"^\.text\.(\S+):")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SOURCE = re.compile(r"^\s*//## File (.*)")
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 
 
 def parse_sass(text: str) -> Dict[str, List[Instruction]]:
-    """``cuobjdump -sass`` output as each function's instructions in address order."""
+    """``nvdisasm -c -gi`` output as each function's instructions in address order, each with
+    its source position; branch targets are resolved from labels to addresses."""
     functions: Dict[str, List[Instruction]] = {}
-    current = None
+    labels: Dict[str, Dict[str, int]] = {}
+    current, source, pending, in_comments = None, "", [], False
     for line in text.splitlines():
         header = _FUNCTION.match(line)
         if header:
-            current = functions.setdefault(header.group(1), [])
+            current = header.group(1)
+            functions[current], labels[current] = [], {}
             continue
-        found = _LINE.search(line)
-        if found and current is not None:
-            current.append(Instruction(int(found.group(1), 16), found.group(3), found.group(0)))
+        if current is None:
+            continue
+        position = _SOURCE.match(line)
+        if position:
+            # The first line of a block is the innermost position; the next ones are callers.
+            if not in_comments:
+                source = position.group(1)
+            in_comments = True
+            continue
+        in_comments = False
+        label = _LABEL.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        found = _INSTRUCTION.search(line)
+        if found:
+            address = int(found.group(1), 16)
+            for name in pending:
+                labels[current][name] = address
+            pending = []
+            functions[current].append(Instruction(address, found.group(3), found.group(4), source))
+    for name, code in functions.items():
+        functions[name] = [_resolved(i, labels[name]) for i in code]
     return functions
+
+
+def _resolved(instruction: Instruction, labels: Dict[str, int]) -> Instruction:
+    target = re.search(r"\((\.L_x_\d+)\)", instruction.operands)
+    if target and target.group(1) in labels:
+        return Instruction(instruction.address, instruction.opcode, hex(labels[target.group(1)]),
+                           instruction.source)
+    return instruction
 
 
 def global_bytes(opcode: str) -> Tuple[int, int]:
@@ -110,25 +144,36 @@ def global_bytes(opcode: str) -> Tuple[int, int]:
 
 
 def hot_loops(instructions: Sequence[Instruction]) -> List[Loop]:
-    """The innermost loops (a branch back to an earlier address, containing no other such
-    branch's range) that move global memory, in address order."""
+    """The kernel's sweeps over memory, in address order: one :class:`Loop` per source loop.
+
+    A loop is a branch back to an earlier address; the innermost ones (containing no other)
+    that move global memory are hot. The compiler may emit several versions of one source
+    loop (an unrolled body and its remainder, a copy per runtime branch); they share the
+    back branch's source position, and the one moving the most bytes per iteration (the
+    widest body) stands for them, the one with more instructions on a tie. Loops that move
+    fewer bytes per iteration than the kernel's widest are the scalar head and tail around
+    a vectorised body (a few elements of each row) and are left out: every sweep of a kernel
+    streams the same rows at the same width.
+    """
     ranges = []
     for ins in instructions:
-        if ins.opcode.split(".")[0] != "BRA":
-            continue
-        target = _BRANCH_TARGET.search(ins.text[ins.text.index(ins.opcode) + len(ins.opcode):])
-        if target and int(target.group(1), 16) < ins.address:
-            ranges.append((int(target.group(1), 16), ins.address))
-    innermost = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
-    loops = []
-    for start, end in sorted(innermost):
+        if ins.opcode.split(".")[0] == "BRA" and ins.operands.startswith("0x"):
+            target = int(ins.operands, 16)
+            if target < ins.address:
+                ranges.append((target, ins.address, ins.source))
+    innermost = [r for r in ranges
+                 if not any(o is not r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    sweeps: Dict[str, Loop] = {}
+    for start, end, source in sorted(innermost):
         body = [i for i in instructions if start <= i.address <= end and i.opcode.split(".")[0] != "NOP"]
         moved = [global_bytes(i.opcode) for i in body]
         loop = Loop(instructions=len(body), mufu=sum(i.opcode.startswith("MUFU") for i in body),
                     bytes_loaded=sum(m[0] for m in moved), bytes_stored=sum(m[1] for m in moved))
-        if loop.bytes:
-            loops.append(loop)
-    return loops
+        if loop.bytes and (source not in sweeps
+                           or (loop.bytes, loop.instructions) > (sweeps[source].bytes, sweeps[source].instructions)):
+            sweeps[source] = loop
+    widest = max((loop.bytes for loop in sweeps.values()), default=0)
+    return [loop for loop in sweeps.values() if loop.bytes == widest]
 
 
 def bandwidth_fraction(loops: Sequence[Loop], card: Card = H100) -> float:
@@ -158,7 +203,8 @@ def programs_per_sm(registers: int, threads: int, shared_bytes: int, card: Card 
 
 
 def cuda_tools() -> str:
-    """The folder of ``cuobjdump`` (Triton's wheel bundles one; else the CUDA toolkit's)."""
+    """The folder of ``cuobjdump`` and ``nvdisasm`` (Triton's wheel bundles them; else the CUDA
+    toolkit's)."""
     try:
         import triton
         bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -172,11 +218,10 @@ def cuda_tools() -> str:
     raise RuntimeError("cuobjdump not found: install triton (it bundles one) or a CUDA toolkit")
 
 
-def _cuobjdump(cubin_path: str, *flags: str) -> str:
-    done = subprocess.run([os.path.join(cuda_tools(), "cuobjdump"), *flags, cubin_path],
-                          capture_output=True, text=True)
+def _tool(name: str, *arguments: str) -> str:
+    done = subprocess.run([os.path.join(cuda_tools(), name), *arguments], capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"cuobjdump {' '.join(flags)} failed: {done.stderr.strip()}")
+        raise RuntimeError(f"{name} {' '.join(arguments)} failed: {done.stderr.strip()}")
     return done.stdout
 
 
@@ -191,7 +236,7 @@ def analyse_cubin(cubin_path: str) -> Dict[str, Tuple[Resources, List[Loop]]]:
     """Every function of a cubin: its resources and its hot loops."""
     usage: Dict[str, Resources] = {}
     current = None
-    for line in _cuobjdump(cubin_path, "--dump-resource-usage").splitlines():
+    for line in _tool("cuobjdump", "--dump-resource-usage", cubin_path).splitlines():
         name = re.search(r"Function (\S+):", line)
         if name:
             current = name.group(1)
@@ -202,5 +247,5 @@ def analyse_cubin(cubin_path: str) -> Dict[str, Tuple[Resources, List[Loop]]]:
                                        local_bytes=int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)),
                                        shared_bytes=int(fields.get("SHARED", 0)))
             current = None
-    code = parse_sass(_cuobjdump(cubin_path, "-sass"))
+    code = parse_sass(_tool("nvdisasm", "-c", "-gi", cubin_path))
     return {name: (usage[name], hot_loops(code.get(name, []))) for name in usage}

@@ -172,7 +172,7 @@ def _linear_calls():
     import torch
 
     from prefopt_kernels import divergences
-    from prefopt_kernels.backends import row_state
+    from prefopt_kernels.backends import RowStats, present_stats, row_state
     from prefopt_kernels.backends import triton as backend
     from prefopt_kernels.checks import op_spec
     from prefopt_kernels.linear.tiles import plan_tiles, tile_costs
@@ -192,6 +192,10 @@ def _linear_calls():
     labels, upstream = torch.zeros(rows, dtype=torch.int64), torch.zeros(rows)
 
     def fold_and_backward(spec, with_ref, grads):
+        def stats(with_ref):
+            # The finished statistics a forward pass leaves (their values do not matter here).
+            return RowStats.empty(rows, present_stats(spec, True, with_ref), "cpu")
+
         def run():
             heads = 1 + with_ref
             for width in widths[(heads, False)]:
@@ -199,12 +203,10 @@ def _linear_calls():
                 state = row_state.empty(rows, spec, with_ref, tile.device)
                 backend.fold(state, tile, labels, tile if with_ref else None, None, spec, 0)
                 if spec.member is not None and spec.member.second_sweep:
-                    stats = backend.forward(tile, labels, tile, None, spec)
-                    backend.sweep(stats, tile, tile, labels, None, spec, 0)
+                    backend.sweep(stats(with_ref), tile, tile, labels, None, spec, 0)
             for width in widths[(heads, True)]:
                 tile = torch.zeros(1, rows, width)
-                stats = backend.forward(tile, labels, tile if with_ref else None, None, spec)
-                backend.slice_backward(tile, labels, tile if with_ref else None, None, spec, stats,
+                backend.slice_backward(tile, labels, tile if with_ref else None, None, spec, stats(with_ref),
                                        *(upstream if g else None for g in grads), tile, 0)
         return run
 
@@ -279,7 +281,8 @@ def _specialisation_key(launch: Launch) -> tuple:
 
 # --------------------------------------------------------------------------- CUDA C++
 
-CUDA_FLAGS = ("-O3", "--fmad=false", "--expt-relaxed-constexpr", "-std=c++17", "-DPREFOPT_WITH_CUDA")
+# The build's flags (CMakeLists.txt), and line info to tell the sweeps of a kernel apart.
+CUDA_FLAGS = ("-O3", "--fmad=false", "--expt-relaxed-constexpr", "-std=c++17", "-DPREFOPT_WITH_CUDA", "-lineinfo")
 DTYPE_CODES = {0: ("fp32", 4), 1: ("bf16", 2), 2: ("fp16", 2)}  # csrc/include/prefopt/common.h DType
 # Threads per block where a kernel declares no __launch_bounds__: the launch for V >= 16384.
 CUDA_DEFAULT_THREADS = 512
@@ -346,10 +349,11 @@ def _demangled(mangled: str) -> Tuple[str, List[int]]:
     import re
 
     text = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip() or mangled
-    head = text.split("(")[0]
-    name = re.sub(r"<.*", "", head).split("::")[-1]
-    arguments = re.search(r"<([^<>]*)>", head)
-    values = [int(v) for v in arguments.group(1).split(",") if v.strip().lstrip("-").isdigit()] if arguments else []
+    found = re.search(r"(\w+)<([^<>]*)>\(", text)
+    if not found:
+        return text, []
+    name = found.group(1)
+    values = [int(v) for v in found.group(2).split(",") if v.strip().lstrip("-").isdigit()]
     return name, values
 
 

@@ -14,14 +14,23 @@ from benchmarks import sass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# A prologue, a loop from 0x0040 to 0x00c0 (9 instructions, one a NOP), a second loop with no
-# global memory (a reduction), an outer loop around the first (not innermost), and a trap loop.
+# nvdisasm -c -gi output. kernel_a: a prologue; a loop 0x40..0xc0 (9 instructions, one a NOP)
+# at loop.py:10 inlined in kernel.py:3; a second loop with no global memory (a reduction); an
+# outer loop around the first (not innermost); a trap loop on itself. kernel_b: two versions
+# of one source loop (a vectorised body, a scalar remainder), a second sweep as wide, and a
+# scalar tail loop of its own source line.
 SASS = """
-        Function : kernel_a
+//--------------------- .text.kernel_a --------------------------
+.text.kernel_a:
+	//## File "kernel.py", line 1
         /*0000*/                   LDC R1, c[0x0][0x28] ;
         /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_1:
         /*0020*/                   MOV R2, RZ ;
         /*0030*/                   NOP ;
+.L_x_0:
+	//## File "loop.py", line 10 inlined at "kernel.py", line 3
+	//## File "kernel.py", line 3
         /*0040*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
         /*0050*/                   LDG.E.U16 R8, desc[UR4][R2.64+0x10] ;
         /*0060*/                   FFMA R9, R4, R5, R6 ;
@@ -30,28 +39,60 @@ SASS = """
         /*0090*/                   MUFU.LG2 R11, R10 ;
         /*00a0*/                   STG.E.64 desc[UR4][R2.64], R10 ;
         /*00b0*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
-        /*00c0*/               @!P0 BRA 0x40 ;
+        /*00c0*/               @!P0 BRA `(.L_x_0) ;
+	//## File "kernel.py", line 4
         /*00d0*/                   IADD3 R0, R0, 0x1, RZ ;
         /*00e0*/                   ISETP.GE.AND P1, PT, R0, 0x20, PT ;
-        /*00f0*/               @!P1 BRA 0x20 ;
+        /*00f0*/               @!P1 BRA `(.L_x_1) ;
+.L_x_2:
         /*0100*/                   SHFL.BFLY PT, R12, R11, 0x1, 0x1f ;
         /*0110*/                   FADD R11, R11, R12 ;
-        /*0120*/               @!P0 BRA 0x100 ;
+        /*0120*/               @!P0 BRA `(.L_x_2) ;
         /*0130*/                   EXIT ;
-        /*0140*/                   BRA 0x140;
-        Function : kernel_b
-        /*0000*/                   EXIT ;
+.L_x_3:
+        /*0140*/                   BRA `(.L_x_3);
+//--------------------- .text.kernel_b --------------------------
+.text.kernel_b:
+.L_x_4:
+	//## File "kernel.py", line 20
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   FADD R9, R4, R5 ;
+        /*0020*/               @!P0 BRA `(.L_x_4) ;
+.L_x_5:
+        /*0030*/                   LDG.E.U16 R4, desc[UR4][R2.64] ;
+        /*0040*/                   FADD R9, R4, R9 ;
+        /*0050*/                   FADD R9, R4, R9 ;
+        /*0060*/               @!P0 BRA `(.L_x_5) ;
+.L_x_6:
+	//## File "kernel.py", line 30
+        /*0070*/                   LDG.E.64 R4, desc[UR4][R2.64] ;
+        /*0080*/                   LDG.E.64 R6, desc[UR4][R2.64+0x8] ;
+        /*0090*/               @!P0 BRA `(.L_x_6) ;
+.L_x_7:
+	//## File "kernel.py", line 40
+        /*00a0*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*00b0*/               @!P0 BRA `(.L_x_7) ;
+        /*00c0*/                   EXIT ;
 """
 
 
 def test_parse_and_hot_loops_count_one_iteration_by_hand():
     functions = sass.parse_sass(SASS)
     assert sorted(functions) == ["kernel_a", "kernel_b"]
-    assert [i.address for i in functions["kernel_a"]][:3] == [0x0, 0x10, 0x20]
-    loops = sass.hot_loops(functions["kernel_a"])
-    # Only 0x40..0xc0 moves memory and is innermost: 9 instructions, one of them a NOP.
-    assert loops == [sass.Loop(instructions=8, mufu=2, bytes_loaded=16 + 2, bytes_stored=8)]
-    assert sass.hot_loops(functions["kernel_b"]) == []
+    code = functions["kernel_a"]
+    assert [i.address for i in code][:3] == [0x0, 0x10, 0x20]
+    assert code[4].source == '"loop.py", line 10 inlined at "kernel.py", line 3'
+    assert code[12].operands == "0x40" and code[12].source == code[4].source
+    # Only 0x40..0xc0 moves memory and is innermost: 8 instructions besides the NOP.
+    assert sass.hot_loops(code) == [sass.Loop(instructions=8, mufu=2, bytes_loaded=16 + 2, bytes_stored=8)]
+
+
+def test_versions_of_one_source_loop_count_once():
+    loops = sass.hot_loops(sass.parse_sass(SASS)["kernel_b"])
+    # Line 20: the 16-byte body stands for its 2-byte remainder; line 30 is a sweep of its own;
+    # line 40 moves 4 bytes an iteration where the sweeps move 16: a tail, left out.
+    assert loops == [sass.Loop(instructions=3, mufu=0, bytes_loaded=16, bytes_stored=0),
+                     sass.Loop(instructions=3, mufu=0, bytes_loaded=16, bytes_stored=0)]
 
 
 @pytest.mark.parametrize("opcode, moved", [
