@@ -142,49 +142,41 @@ def finish(m, z):
 
 @triton.jit
 def expm1(x):
-    """``exp(x) - 1`` to about 1.5 ulp, also where it is tiny (as ``fast_expm1`` in fastmath.h).
+    """``exp(x) - 1``, also where it is tiny (as ``fast_expm1`` in fastmath.h, without its
+    range reduction).
 
-    ``x = k ln2 + r`` with ``|r| <= ln2 / 2``: ``expm1(x) = 2^k expm1(r) + (2^k - 1)``, with
-    ``expm1(r)`` from its Taylor series to degree 7 (leading ``r`` exact) and ``2^k`` built
-    from exponent bits in two factors (exact, where ``tl.exp`` is an approximation on GPUs).
-    Past ``k = 64`` the ``- 1`` is below rounding and the two factors keep ``x`` up to
-    the overflow threshold finite.
+    For ``|x| <= ln2 / 2``: the Taylor series to degree 7 with the leading ``x`` exact
+    (truncation below ``6e-9`` relative); elsewhere ``fast_exp(x) - 1``, which cancels at
+    most a factor ``e^x / (e^x - 1) < 3.4`` there: a few ulp.
     """
-    finite = x == x
-    xc = tl.where(finite, tl.minimum(tl.maximum(x, -88.0), 88.8), 0.0)
-    kf = tl.floor(xc * 1.4426950408889634 + 0.5)
-    r = (xc - kf * 0.693145751953125) - kf * 1.4286068203094173e-06
-    poly = r * 1.984126984126984e-04 + 1.388888888888889e-03
-    poly = poly * r + 8.333333333333333e-03
-    poly = poly * r + 4.1666666666666664e-02
-    poly = poly * r + 1.6666666666666666e-01
-    poly = poly * r + 0.5
-    em1 = r + (r * r) * poly
-    k = kf.to(tl.int32)
-    k1 = k >> 1
-    s1 = ((k1 + 127) << 23).to(tl.float32, bitcast=True)
-    s2 = ((k - k1 + 127) << 23).to(tl.float32, bitcast=True)
-    s = s1 * s2
-    y = tl.where(k > 64, ((1.0 + em1) * s1) * s2, s * em1 + (s - 1.0))
-    return tl.where(finite, y, x)
+    poly = x * 1.984126984126984e-04 + 1.388888888888889e-03
+    poly = poly * x + 8.333333333333333e-03
+    poly = poly * x + 4.1666666666666664e-02
+    poly = poly * x + 1.6666666666666666e-01
+    poly = poly * x + 0.5
+    return tl.where(tl.abs(x) <= 0.34657359, x + (x * x) * poly, fast_exp(x) - 1.0)
 
 
 @triton.jit
 def log1p(x):
-    """``log(1 + x)`` to about 1.5 ulp, also where it is tiny.
+    """``log(1 + x)`` to a few ulp, also where it is tiny.
 
     For ``1 + x`` in ``[sqrt(1/2), sqrt(2))``: ``2 atanh(s)``, ``s = x / (2 + x)``, as
     ``x - s (x - s^2 R(s^2))`` (fast_log's series, with ``x`` itself exact in the leading
     term, so no platform ``log`` enters); elsewhere ``log(u)`` of the rounded ``u = 1 + x``
-    plus that sum's rounding error ``(x - (u - 1)) / u``.
+    (``fast_log``: ``|log u| > 0.34`` there) plus that sum's rounding error
+    ``(x - (u - 1)) / u``. One quotient serves the branch taken.
     """
-    s = fast_div(x, 2.0 + x)
-    s2 = s * s
-    poly = ((0.2222222222222222 * s2 + 0.2857142857142857) * s2 + 0.4) * s2 + 0.6666666666666666
-    series = x - s * (x - s2 * poly)
     u = 1.0 + x
-    corr = tl.where((u > 0.0) & (u < float("inf")), fast_div(x - (u - 1.0), u), 0.0)
-    return tl.where((x > -0.29289322) & (x < 0.41421357), series, fast_log(u) + corr)
+    series_side = (x > -0.29289322) & (x < 0.41421357)
+    divisor = tl.where(series_side, 2.0 + x, u)
+    dividend = tl.where(series_side, x, x - (u - 1.0))
+    quotient = fast_div(dividend, divisor)
+    s2 = quotient * quotient
+    poly = ((0.2222222222222222 * s2 + 0.2857142857142857) * s2 + 0.4) * s2 + 0.6666666666666666
+    series = x - quotient * (x - s2 * poly)
+    corr = tl.where((u > 0.0) & (u < float("inf")), quotient, 0.0)
+    return tl.where(series_side, series, fast_log(u) + corr)
 
 
 @triton.jit
@@ -195,10 +187,11 @@ def js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta):
 
     The side of the larger weight, the "main" one (p for ``beta <= 1/2``, else q), is nearest
     to m. With ``b <= 1/2`` the other side's weight and ``w = log(other / main)``:
-    ``log(m / main) = log1p(b expm1(w))`` for ``-1 <= w <= 30``, else
+    ``log(m / main) = log1p(b expm1(w))`` for ``-1 <= w < -log b``, else
     ``logaddexp(log(1 - b), log b + w) = hi + log1p(exp(lo - hi))``;
     ``log(other / m) = w - log(m / main)``, or ``-log b - log1p(exp(lo - hi))`` once
-    ``w >= -log b``. The logaddexp forms keep a row-constant part exact, so entries on the
+    ``w >= -log b`` (there ``hi = log b + w`` moves with ``w``, so nothing cancels). Each
+    entry takes one of the two ``log1p``, so one is evaluated, on the chosen argument. The logaddexp forms keep a row-constant part exact, so entries on the
     plateaus of the logs keep the small differences that the gradient's
     ``f'(t_j) - f'(t_k)`` is made of. The main side = 0 (``w = inf``) gives
     ``log(other / m) = -log b`` exactly, the other side = 0 gives ``log(main / m) = -log(1 - b)``.
@@ -212,10 +205,11 @@ def js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta):
     other_side = u >= log_1mb
     hi = tl.where(other_side, u, log_1mb)
     lo = tl.where(other_side, log_1mb, u)
-    tail = log1p(fast_exp(lo - hi))
-    near = (w >= -1.0) & (w <= 30.0)
-    g = tl.where(near, log1p(b * expm1(w)), hi + tail)  # log(m / main)
-    other = tl.where(w >= -log_b, -log_b - tail, w - g)
+    near = (w >= -1.0) & (w < -log_b)
+    # log(m / main) near, else the tail log1p(exp(lo - hi)) of the logaddexp form.
+    both = log1p(tl.where(near, b * expm1(w), fast_exp(lo - hi)))
+    g = tl.where(near, both, hi + both)  # log(m / main)
+    other = tl.where(w >= -log_b, -log_b - both, w - g)
     return tl.where(q_main, other, -g), tl.where(q_main, -g, other)
 
 
