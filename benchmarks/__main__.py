@@ -9,6 +9,7 @@ Examples::
     python -m benchmarks --full --out /tmp/bench  # GPU: every op, mode, N, V and dtype
     python -m benchmarks --distributed            # tensor parallel: 2 gloo ranks on the CPU
     python -m benchmarks --dpo-step               # one DPO step: stock TRL vs PrefOptDPOTrainer
+    python -m benchmarks --static-gpu             # no GPU needed: sm_90 code of every GPU kernel
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "triton on a CPU runs interpreted at tiny shapes only")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument("--compile", dest="compile_eager", action="store_true", default=None,
-                   help="include torch.compile of the eager code (default: on for CUDA only)")
+                   help="torch.compile of the eager code on every case (default: on the headline "
+                        "cases, off with --quick)")
     p.add_argument("--no-compile", dest="compile_eager", action="store_false")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-peers", action="store_true", help="skip Liger-Kernel and CCE")
@@ -74,6 +76,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "each of --vocab, --tokens, --hidden, --dtype (fp32, bf16) applies, and "
                         "--device, --tiny, --budget, --no-memory. Needs trl. Written as a "
                         "section of the same results files")
+    p.add_argument("--static-gpu", action="store_true",
+                   help="instead of the suite, and without a GPU: compile every Triton "
+                        "specialisation the package launches and the CUDA C++ kernels for sm_90, "
+                        "and report registers, spills, programs per SM, hot-loop SASS and MUFU "
+                        "instructions per element and the fraction of H100 bandwidth they allow "
+                        "(an estimate; about 10 minutes on 2 cores, --quick: one shape of the "
+                        "Triton kernels). Written to --out (default "
+                        "benchmarks/results/static-sm90/)")
     return p.parse_args(argv)
 
 
@@ -233,8 +243,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     results files and prints the markdown. Exit status 0 when any case ran (a section: when
     every row ran), else 1."""
     args = parse_args(argv)
-    if args.distributed and args.dpo_step:
-        sys.exit("--distributed and --dpo-step: one section per run")
+    if sum((args.distributed, args.dpo_step, args.static_gpu)) > 1:
+        sys.exit("--distributed, --dpo-step and --static-gpu: one section per run")
+    if args.static_gpu:
+        from . import static_gpu
+        return static_gpu.main(args.out, quick=args.quick)
     if args.distributed:
         return main_distributed(args, argv)
     if args.dpo_step:
@@ -260,16 +273,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         backends, more = _default_backends(device)
         notes += more
-    compile_eager = args.compile_eager if args.compile_eager is not None else device.type == "cuda"
+    # torch.compile of the eager code is what a user would pick instead of the package: the
+    # default runs compare to it on the headline ops (each shape compiles for tens of seconds).
+    compile_eager = args.compile_eager if args.compile_eager is not None else not args.quick
     compile_only = None
     if args.compile_eager is None and not args.full:
-        # Default GPU suite: compile the headline ops at one shape; --compile compiles all.
-        compile_only = lambda c: (c.op in ("logprobs", "terms:forward_kl")
-                                  and c.mode == "fwd+bwd" and c.v == 128256
-                                  and c.dtype == "bf16")
+        if device.type == "cuda":
+            compile_only = lambda c: (c.op in ("logprobs", "terms:forward_kl")
+                                      and c.mode == "fwd+bwd" and c.v == 128256
+                                      and c.dtype == "bf16")
+            shapes = "fwd+bwd, V=128256 bf16 only"
+        else:
+            compile_only = lambda c: (c.op in ("logprobs", "terms:forward_kl", "linear:logprobs")
+                                      and c.mode == "fwd+bwd" and c.dtype == "fp32")
+            shapes = "logprobs, terms:forward_kl and linear:logprobs, fwd+bwd fp32 only"
         if compile_eager:
-            notes.append("torch.compile baseline: headline ops, fwd+bwd, V=128256 bf16 only "
-                         "(each shape compiles for tens of seconds); --compile runs it everywhere.")
+            notes.append(f"torch.compile baseline: headline ops, {shapes} (each shape compiles "
+                         "for tens of seconds); --compile runs it everywhere.")
     impls, more = implementations(device, backends, compile_eager=compile_eager,
                                   compile_only=compile_only, peers=not args.no_peers)
     notes += more

@@ -50,6 +50,13 @@ class Impl:
     mutates_input: bool = False  # overwrites the logits: runs after the others in a case
     max_elems: Optional[int] = None  # largest N*V it runs at (interpreted Triton)
     only: Optional[Callable[[Case], bool]] = None  # a further restriction, e.g. to bound compiles
+    # Specialised to each shape (torch.compile, dynamic=False): warmed up on the case itself.
+    compiles_per_shape: bool = False
+
+    def warm_up_case(self, case: Case) -> Case:
+        """The case to warm up on before ``case`` is measured: a tiny copy, or ``case`` itself
+        when a new shape would compile again."""
+        return case if self.compiles_per_shape else case.small()
 
     def applies(self, case: Case) -> bool:
         """Whether it runs ``case``: its op, mode and size, and any further restriction."""
@@ -219,10 +226,9 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
     if trl is not None:
         impls.append(Impl(TRL_CHUNKED, lambda c: trl[c.op](c), frozenset(trl)))
     if compile_eager:
-        impls.append(Impl("compile", _compiled_forward, all_ops, only=compile_only))
+        impls.append(Impl("compile", _compiled_forward, all_ops, only=compile_only, compiles_per_shape=True))
     else:
-        notes.append("torch.compile baseline: off on CPU by default (slow to compile); "
-                     "--compile turns it on.")
+        notes.append("torch.compile baseline: off (--no-compile, or --quick without --compile).")
     if peers:
         found, peer_notes = available_peers(device)
         notes.extend(peer_notes)

@@ -5,8 +5,8 @@ Timing
     CUDA: ``measure.time_cuda``. CPU: ``measure.time_cpu``, one warm-up call, then calls within
     ``--budget``. The linear ops on a CPU take seconds per call in their GEMMs: the call whose
     memory the child process measures is their first sample (and counts toward the budget), a
-    small copy of the case warms them up, and one sample is enough (``GEMM_BOUND_MIN_REPS``):
-    ``--budget`` buys more.
+    small copy of the case warms them up (the case itself for ``torch.compile``, which compiles
+    each shape), and one sample is enough (``GEMM_BOUND_MIN_REPS``): ``--budget`` buys more.
 Memory
     Peak bytes allocated while the case runs, above what was allocated before it started
     (the inputs, and in backward mode also what the forward left for the backward). CUDA:
@@ -152,7 +152,8 @@ def measure_cpu_memory(case: Case, impl_names: Sequence[str], config: dict,
 
 def memory_probe(request: dict) -> Dict[str, dict]:
     """Child side of :func:`measure_cpu_memory`: for each implementation, warm it up on a tiny
-    copy of the case (libraries loaded, kernels compiled), create the inputs, build the call
+    copy of the case (libraries loaded, kernels compiled; the case itself where each shape
+    compiles), create the inputs, build the call
     (in backward mode this runs the forward), then measure one call's peak resident memory
     above the resident set at that point (and, for a linear op, above the gradients it
     returns). A linear op's call is also timed (``call_ms``): one of its timing samples."""
@@ -165,7 +166,7 @@ def memory_probe(request: dict) -> Dict[str, dict]:
     for name in request["impls"]:
         impl = by_name[name]
         try:
-            warm = case.small()
+            warm = impl.warm_up_case(case)
             r = Runnable(warm, impl, make_inputs(warm, torch.device("cpu")))
             r.call()
             del r
@@ -273,15 +274,16 @@ def _run_one(case: Case, impl: Impl, inputs: dict, cfg: RunConfig, mem: Optional
         elif case.linear:
             # Seconds of GEMMs per call: a full-size warm-up call would warm nothing that a
             # small one does not (every large buffer is mapped afresh on each call anyway),
-            # and the memory probe's call, warmed up the same way, is a sample already.
+            # unless the implementation compiles each shape; the memory probe's call, warmed
+            # up the same way, is a sample already.
             probed = [mem["call_ms"]] if mem and "call_ms" in mem else []
-            small = case.small()
+            warm = impl.warm_up_case(case)
 
-            def warm_up_small():
-                Runnable(small, impl, make_inputs(small, cfg.device)).call()
+            def warm_up():
+                Runnable(warm, impl, inputs if warm is case else make_inputs(warm, cfg.device)).call()
             t = measure.time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s,
                                  min_reps=GEMM_BOUND_MIN_REPS, samples=probed,
-                                 warmup=warm_up_small)
+                                 warmup=warm_up)
         else:
             t = measure.time_cpu(r.call, r.reset, budget_s=cfg.cpu_budget_s)
         if mem and "error" in mem:

@@ -12,6 +12,7 @@ from .row_math import (
     REVERSE_KL,
     SECOND_SWEEP_CODES,
     centred_slope,
+    fast_exp,
     f_prime,
     row_offset,
 )
@@ -95,7 +96,7 @@ def token_backward_kernel(
         if compute:
             x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             lp = (x - ma) * inv_temperature - log_za
-            p = tl.exp(lp)
+            p = fast_exp(lp)
             if GRAD_LOGP:
                 grad += g_logp * (tl.where(start + cols == label, 1.0, 0.0) - p)
             if GRAD_ENTROPY:
@@ -105,7 +106,7 @@ def token_backward_kernel(
                     y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                     if DIVERGENCE == FORWARD_KL:
                         # p f'(t) = -q and S = -1: the gradient is p - q.
-                        grad += g_div * (p - tl.exp((y - mb) * inv_temperature - log_zb))
+                        grad += g_div * (p - fast_exp((y - mb) * inv_temperature - log_zb))
                     elif DIVERGENCE == REVERSE_KL:
                         centred = (x - ma) * inv_temperature - (y - ref_at_argmax) * inv_temperature - div_s
                         grad += g_div * tl.where(p > 0.0, p * centred, 0.0)

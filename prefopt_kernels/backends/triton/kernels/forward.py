@@ -1,4 +1,8 @@
-"""The whole-row forward kernel: one program per token row, both sweeps inside it."""
+"""The whole-row forward kernel: one program per token row, both sweeps inside it.
+
+At large V the second sweep re-reads both rows from HBM, not from L2: the resident programs'
+row pairs (608 KB each at V = 151936 in bf16) outgrow a 50 MB L2, so a second-sweep
+divergence moves each row twice and its second loop is costed as a read of its own."""
 
 import triton
 import triton.language as tl

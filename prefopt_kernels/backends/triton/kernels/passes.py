@@ -30,21 +30,30 @@ def first_pass(a_row, b_row, vocab, inv_temperature,
     zb = tl.zeros((BLOCK_V,), tl.float32)
     h = tl.zeros((BLOCK_V,), tl.float32)
     k = tl.zeros((BLOCK_V,), tl.float32)
+    # Each tile's loads are issued before the previous tile's cross-warp reductions.
+    x_next = tl.load(a_row + cols, mask=cols < vocab, other=float("-inf"))
+    y_next = x_next
+    if HAS_REF:
+        y_next = tl.load(b_row + cols, mask=cols < vocab, other=float("-inf"))
     for start in range(0, vocab, BLOCK_V):
-        mask = start + cols < vocab
-        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x = x_next.to(tl.float32)
+        y = y_next.to(tl.float32)
+        ahead = start + BLOCK_V + cols
+        x_next = tl.load(a_row + ahead, mask=ahead < vocab, other=float("-inf"))
+        if HAS_REF:
+            y_next = tl.load(b_row + ahead, mask=ahead < vocab, other=float("-inf"))
         # Differences of raw logits first, then the temperature: exact where p is large.
         block_max, ma_new, scale_a, shift_a, x_rel, ea = online_step(ma, x, inv_temperature)
         if WANT_ENTROPY:
             h = tl.where(scale_a > 0.0, scale_a * (h + shift_a * za), 0.0) + tl.where(ea > 0.0, ea * x_rel, 0.0)
         if TRACK_ARGMAX or (HAS_REF and CENTRED):
-            # The policy's running argmax (the first on ties). NaN logits are left out (the
-            # interpreter rejects an all-NaN tile); such a row is NaN anyway.
-            k_block = tl.argmax(tl.where(x == x, x, float("-inf")), axis=0)
+            # The policy's running argmax (the first on ties): the least column holding the
+            # tile's max, one integer reduction. A tile whose max is NaN matches no column;
+            # it never moves the argmax (NaN > ma is false), and such a row is NaN anyway.
+            k_block = tl.min(tl.where(x == block_max, cols, BLOCK_V), axis=0)
             if TRACK_ARGMAX:
                 k_idx = tl.where(block_max > ma, start + k_block, k_idx)
         if HAS_REF:
-            y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             _, mb_new, scale_b, shift_b, y_rel, eb = online_step(mb, y, inv_temperature)
             if DIVERGENCE == FORWARD_KL:
                 k = tl.where(scale_b > 0.0, scale_b * (k + (shift_b - shift_a) * zb), 0.0)

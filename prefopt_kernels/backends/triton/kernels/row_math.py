@@ -40,6 +40,8 @@ the row, and a divergence that is not finite stores ``div_s = NaN``. The backwar
 where the divergence term is active (weight and upstream gradient non-zero): per-row
 scalars, nothing per element but one add."""
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -70,6 +72,43 @@ CENTRED_CODES = tl.constexpr(codes_where(lambda d: d.centred))
 SECOND_SWEEP_CODES = tl.constexpr(codes_where(lambda d: d.second_sweep))
 
 
+# Triton's interpreter runs no inline PTX: there the fast forms fall back to ``tl``'s own.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def fast_exp(x):
+    """``exp(x)`` as one ``ex2`` of ``x log2(e)``: what ``tl.exp`` computes on GPUs, less its
+    rescaling of results below ``2^-126`` (flushed to 0, far under every sum's rounding)."""
+    return tl.math.exp2(x * LOG2E)
+
+
+@triton.jit
+def fast_log(x):
+    """``log(x)`` as one ``lg2.approx`` times ``ln 2`` (absolute error about ``1e-7``, so
+    callers use it only where ``|log x|`` is not small); ``tl.log`` in the interpreter."""
+    if INTERPRETED:
+        y = tl.log(x)
+    else:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1) * LN2
+    return y
+
+
+@triton.jit
+def fast_div(x, y):
+    """``x / y`` to 2 ulp for ``|y|`` in ``[2^-126, 2^126]`` (``div.approx``; outside it, callers
+    discard the result); ``/`` in the interpreter."""
+    if INTERPRETED:
+        z = x / y
+    else:
+        z = tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return z
+
+
 @triton.jit
 def row_offset(n, tokens_per_batch, stride_batch, stride_token):
     """Element offset of token ``n`` in a ``[B, T, V]`` view, in int64."""
@@ -88,10 +127,10 @@ def online_step(m, x, inv_temperature):
     tile_max = tl.max(x, axis=0)
     m_new = tl.maximum(m, tile_max)
     m_new_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp((m - m_new_s) * inv_temperature)
+    scale = fast_exp((m - m_new_s) * inv_temperature)
     shift = tl.where(m == float("-inf"), 0.0, (m - m_new_s) * inv_temperature)
     rel = (x - m_new_s) * inv_temperature
-    return tile_max, m_new, scale, shift, rel, tl.exp(rel)
+    return tile_max, m_new, scale, shift, rel, fast_exp(rel)
 
 
 @triton.jit
@@ -103,49 +142,41 @@ def finish(m, z):
 
 @triton.jit
 def expm1(x):
-    """``exp(x) - 1`` to about 1.5 ulp, also where it is tiny (as ``fast_expm1`` in fastmath.h).
+    """``exp(x) - 1``, also where it is tiny (as ``fast_expm1`` in fastmath.h, without its
+    range reduction).
 
-    ``x = k ln2 + r`` with ``|r| <= ln2 / 2``: ``expm1(x) = 2^k expm1(r) + (2^k - 1)``, with
-    ``expm1(r)`` from its Taylor series to degree 7 (leading ``r`` exact) and ``2^k`` built
-    from exponent bits in two factors (exact, where ``tl.exp`` is an approximation on GPUs).
-    Past ``k = 64`` the ``- 1`` is below rounding and the two factors keep ``x`` up to
-    the overflow threshold finite.
+    For ``|x| <= ln2 / 2``: the Taylor series to degree 7 with the leading ``x`` exact
+    (truncation below ``6e-9`` relative); elsewhere ``fast_exp(x) - 1``, which cancels at
+    most a factor ``e^x / (e^x - 1) < 3.4`` there: a few ulp.
     """
-    finite = x == x
-    xc = tl.where(finite, tl.minimum(tl.maximum(x, -88.0), 88.8), 0.0)
-    kf = tl.floor(xc * 1.4426950408889634 + 0.5)
-    r = (xc - kf * 0.693145751953125) - kf * 1.4286068203094173e-06
-    poly = r * 1.984126984126984e-04 + 1.388888888888889e-03
-    poly = poly * r + 8.333333333333333e-03
-    poly = poly * r + 4.1666666666666664e-02
-    poly = poly * r + 1.6666666666666666e-01
-    poly = poly * r + 0.5
-    em1 = r + (r * r) * poly
-    k = kf.to(tl.int32)
-    k1 = k >> 1
-    s1 = ((k1 + 127) << 23).to(tl.float32, bitcast=True)
-    s2 = ((k - k1 + 127) << 23).to(tl.float32, bitcast=True)
-    s = s1 * s2
-    y = tl.where(k > 64, ((1.0 + em1) * s1) * s2, s * em1 + (s - 1.0))
-    return tl.where(finite, y, x)
+    poly = x * 1.984126984126984e-04 + 1.388888888888889e-03
+    poly = poly * x + 8.333333333333333e-03
+    poly = poly * x + 4.1666666666666664e-02
+    poly = poly * x + 1.6666666666666666e-01
+    poly = poly * x + 0.5
+    return tl.where(tl.abs(x) <= 0.34657359, x + (x * x) * poly, fast_exp(x) - 1.0)
 
 
 @triton.jit
 def log1p(x):
-    """``log(1 + x)`` to about 1.5 ulp, also where it is tiny.
+    """``log(1 + x)`` to a few ulp, also where it is tiny.
 
     For ``1 + x`` in ``[sqrt(1/2), sqrt(2))``: ``2 atanh(s)``, ``s = x / (2 + x)``, as
     ``x - s (x - s^2 R(s^2))`` (fast_log's series, with ``x`` itself exact in the leading
     term, so no platform ``log`` enters); elsewhere ``log(u)`` of the rounded ``u = 1 + x``
-    plus that sum's rounding error ``(x - (u - 1)) / u``.
+    (``fast_log``: ``|log u| > 0.34`` there) plus that sum's rounding error
+    ``(x - (u - 1)) / u``. One quotient serves the branch taken.
     """
-    s = x / (2.0 + x)
-    s2 = s * s
-    poly = ((0.2222222222222222 * s2 + 0.2857142857142857) * s2 + 0.4) * s2 + 0.6666666666666666
-    series = x - s * (x - s2 * poly)
     u = 1.0 + x
-    corr = tl.where((u > 0.0) & (u < float("inf")), (x - (u - 1.0)) / u, 0.0)
-    return tl.where((x > -0.29289322) & (x < 0.41421357), series, tl.log(u) + corr)
+    series_side = (x > -0.29289322) & (x < 0.41421357)
+    divisor = tl.where(series_side, 2.0 + x, u)
+    dividend = tl.where(series_side, x, x - (u - 1.0))
+    quotient = fast_div(dividend, divisor)
+    s2 = quotient * quotient
+    poly = ((0.2222222222222222 * s2 + 0.2857142857142857) * s2 + 0.4) * s2 + 0.6666666666666666
+    series = x - quotient * (x - s2 * poly)
+    corr = tl.where((u > 0.0) & (u < float("inf")), quotient, 0.0)
+    return tl.where(series_side, series, fast_log(u) + corr)
 
 
 @triton.jit
@@ -156,10 +187,11 @@ def js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta):
 
     The side of the larger weight, the "main" one (p for ``beta <= 1/2``, else q), is nearest
     to m. With ``b <= 1/2`` the other side's weight and ``w = log(other / main)``:
-    ``log(m / main) = log1p(b expm1(w))`` for ``-1 <= w <= 30``, else
+    ``log(m / main) = log1p(b expm1(w))`` for ``-1 <= w < -log b``, else
     ``logaddexp(log(1 - b), log b + w) = hi + log1p(exp(lo - hi))``;
     ``log(other / m) = w - log(m / main)``, or ``-log b - log1p(exp(lo - hi))`` once
-    ``w >= -log b``. The logaddexp forms keep a row-constant part exact, so entries on the
+    ``w >= -log b`` (there ``hi = log b + w`` moves with ``w``, so nothing cancels). Each
+    entry takes one of the two ``log1p``, so one is evaluated, on the chosen argument. The logaddexp forms keep a row-constant part exact, so entries on the
     plateaus of the logs keep the small differences that the gradient's
     ``f'(t_j) - f'(t_k)`` is made of. The main side = 0 (``w = inf``) gives
     ``log(other / m) = -log b`` exactly, the other side = 0 gives ``log(main / m) = -log(1 - b)``.
@@ -173,10 +205,11 @@ def js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta):
     other_side = u >= log_1mb
     hi = tl.where(other_side, u, log_1mb)
     lo = tl.where(other_side, log_1mb, u)
-    tail = log1p(tl.exp(lo - hi))
-    near = (w >= -1.0) & (w <= 30.0)
-    g = tl.where(near, log1p(b * expm1(w)), hi + tail)  # log(m / main)
-    other = tl.where(w >= -log_b, -log_b - tail, w - g)
+    near = (w >= -1.0) & (w < -log_b)
+    # log(m / main) near, else the tail log1p(exp(lo - hi)) of the logaddexp form.
+    both = log1p(tl.where(near, b * expm1(w), fast_exp(lo - hi)))
+    g = tl.where(near, both, hi + both)  # log(m / main)
+    other = tl.where(w >= -log_b, -log_b - both, w - g)
     return tl.where(q_main, other, -g), tl.where(q_main, -g, other)
 
 
@@ -208,8 +241,8 @@ def f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, a
     """``q f(t)`` of a non-linear divergence from ``lp = log p``, ``lq = log q`` (``-inf`` legal)."""
     has_p = lp > float("-inf")
     has_q = lq > float("-inf")
-    p = tl.exp(lp)
-    q = tl.exp(lq)
+    p = fast_exp(lp)
+    q = fast_exp(lq)
     zero = tl.zeros_like(lp)
     if DIVERGENCE == JS:
         lpm, lqm = js_logs(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta)
@@ -217,15 +250,15 @@ def f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, a
     elif DIVERGENCE == TV:
         value = 0.5 * tl.abs(p - q)
     elif DIVERGENCE == HELLINGER:
-        diff = tl.exp(0.5 * lp) - tl.exp(0.5 * lq)
+        diff = fast_exp(0.5 * lp) - fast_exp(0.5 * lq)
         value = diff * diff
     elif DIVERGENCE == CHI2:
         # q (t - 1)^2 in log space, each branch on its own side of d = 0: t can overflow
         # where q underflows.
         d = lp - lq
-        shrink = 1.0 - tl.exp(-tl.maximum(d, 0.0))
-        grow = tl.exp(tl.minimum(d, 0.0)) - 1.0
-        value = tl.where(d > 0.0, tl.exp(lp + d) * shrink * shrink, q * grow * grow)
+        shrink = 1.0 - fast_exp(-tl.maximum(d, 0.0))
+        grow = fast_exp(tl.minimum(d, 0.0)) - 1.0
+        value = tl.where(d > 0.0, fast_exp(lp + d) * shrink * shrink, q * grow * grow)
         value = tl.where(has_q, value, tl.where(has_p, float("inf"), zero))
     elif DIVERGENCE == ALPHA:
         # Amari alpha inside the support: near alpha = 1, (p expm1((a-1) d) / (a-1) - (p - q)) / a;
@@ -236,13 +269,13 @@ def f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, a
         near_one, c, inv_c, inv_o = alpha_expansion(alpha, alpha_minus_one)
         cd = c * (lp - lq)
         base = tl.where(near_one, p, q)
-        rest = tl.where(tl.abs(cd) < 1.0, base * expm1(cd), tl.exp(tl.where(near_one, lp, lq) + cd) - base)
+        rest = tl.where(tl.abs(cd) < 1.0, base * expm1(cd), fast_exp(tl.where(near_one, lp, lq) + cd) - base)
         inner = (rest * inv_c - (p - q)) * inv_o
         # At the support's edges p^a q^(1-a) is 0 unless an exponent blows it up.
         p_only = tl.where(alpha > 1.0, float("inf"), 0.0)
         q_only = tl.where(alpha < 0.0, float("inf"), 0.0)
         mixed = tl.where(has_p, p_only, tl.where(has_q, q_only, zero))
-        edge = mixed * (1.0 / (alpha * alpha_minus_one)) - p / alpha_minus_one + q / alpha
+        edge = mixed * (1.0 / (alpha * alpha_minus_one)) - p * (1.0 / alpha_minus_one) + q * (1.0 / alpha)
         value = tl.where(has_p & has_q, inner, edge)
     else:
         tl.static_assert(False, "unknown DIVERGENCE code")
@@ -259,11 +292,11 @@ def f_prime(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, a
     elif DIVERGENCE == TV:
         fprime = tl.where(lp > lq, 0.5, tl.where(lp < lq, -0.5, 0.0))
     elif DIVERGENCE == HELLINGER:
-        fprime = 1.0 - tl.exp(0.5 * (lq - lp))
+        fprime = 1.0 - fast_exp(0.5 * (lq - lp))
     elif DIVERGENCE == CHI2:
-        fprime = 2.0 * (tl.exp(lp - lq) - 1.0)
+        fprime = 2.0 * (fast_exp(lp - lq) - 1.0)
     elif DIVERGENCE == ALPHA:
-        fprime = expm1(alpha_minus_one * (lp - lq)) / alpha_minus_one
+        fprime = expm1(alpha_minus_one * (lp - lq)) * (1.0 / alpha_minus_one)
     else:
         tl.static_assert(False, "unknown DIVERGENCE code")
     return fprime
@@ -280,15 +313,15 @@ def centred_slope(lp, lq, fprime_k, shift,
     product is formed in log space instead: chi2 ``2 (exp(2 lp - lq) - p)``, alpha
     ``(exp(a lp + (1-a) lq) - p) / (a - 1)`` (exponent from ``alpha_log_mixed``).
     """
-    p = tl.exp(lp)
+    p = fast_exp(lp)
     fprime = f_prime(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
                       DIVERGENCE)
     centred = tl.where(p > 0.0, p * (fprime - fprime_k - shift), 0.0)
     if DIVERGENCE == CHI2 or DIVERGENCE == ALPHA:
         if DIVERGENCE == CHI2:
-            p_fprime = 2.0 * (tl.exp(lp + (lp - lq)) - p)
+            p_fprime = 2.0 * (fast_exp(lp + (lp - lq)) - p)
         else:
-            p_fprime = (tl.exp(alpha_log_mixed(lp, lq, alpha, alpha_minus_one)) - p) / alpha_minus_one
+            p_fprime = (fast_exp(alpha_log_mixed(lp, lq, alpha, alpha_minus_one)) - p) * (1.0 / alpha_minus_one)
         direct = (p > 0.0) & (tl.abs(fprime) < float("inf"))
         centred = tl.where(direct, centred, p_fprime - p * (fprime_k + shift))
         centred = tl.where(lp > float("-inf"), centred, 0.0)
