@@ -25,6 +25,7 @@
 
 #include "cuda/row_device.cuh"
 #include "cuda/row_kernels.h"
+#include "cuda/sweep_terms.h"
 #include "prefopt/common.h"
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
@@ -66,7 +67,9 @@ __device__ RowState<float> first_pass(const typename Elem<DT>::T* ra,
 // The second sweep for js/tv/hellinger/chi2/alpha: block sums of q f(t) and of
 // p (f'(t) - f'(t_k)) over the row (or slice), given the whole row's shifts and the reference
 // logit ref_at_argmax at the policy's argmax k; every thread gets them. `scratch` holds 64
-// floats. p = 2^((a - shift) log2(e) / T) exp(-offset): one MUFU exponential and the row's
+// floats. tv, hellinger and chi2 take their terms from base-2 log-probabilities
+// (sweep_terms.h); js and alpha from the shared generators with
+// p = 2^((a - shift) log2(e) / T) exp(-offset): one MUFU exponential and the row's
 // exp(-offset) (<= 1) from fast_exp.
 template <int DT, int DIV>
 __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
@@ -76,8 +79,31 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
   const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
   const float fprime_k = div_fprime<DIV>(-sa.offset, lq_k, prm);
   const float scale = kLog2e * inv_temperature;
-  const float norm_a = fast_exp(-sa.offset);
   float sq = 0.f, sp = 0.f;
+  if constexpr (has_sweep_terms(DIV)) {
+    // log2 p = (a - shift) log2(e) / T - offset log2(e), and log2 q alike.
+    const float off_a = sa.offset * kLog2e;
+    const float off_b = sb.offset * kLog2e;
+    const SweepConsts c = sweep_consts(fprime_k);
+    const float ref_minus_max = ref_at_argmax - sa.shift;  // b_k - a_k
+    row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
+                                [&](int64_t, const auto& x, const auto& z, auto&) {
+      constexpr int N = sizeof(x) / sizeof(float);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float ap = fmaf(x[i] - sa.shift, scale, -off_a);
+        const float aq = fmaf(z[i] - sb.shift, scale, -off_b);
+        const float dl = ((z[i] - x[i]) - ref_minus_max) * inv_temperature;
+        sweep_term<DIV>(ap, aq, ex2(ap), ex2(aq), dl, c, sq, sp);
+      }
+    });
+    sweep_finish<DIV>(sq, sp);
+    block_sum2(sq, sp, scratch);
+    value = sq;
+    centred = sp;
+    return;
+  }
+  const float norm_a = fast_exp(-sa.offset);
   row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
                               [&](int64_t, const auto& x, const auto& z, auto&) {
     constexpr int N = sizeof(x) / sizeof(float);
