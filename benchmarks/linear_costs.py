@@ -42,9 +42,11 @@ GEMM_OPS = frozenset(f"aten::{name}" for name in ("mm", "addmm", "addmm_", "bmm"
 
 
 def _subtree_names(event):
+    """The names of ``event`` and of the aten ops it calls, at any depth."""
     yield event.name
     for child in event.cpu_children:
-        yield from _subtree_names(child)
+        if child.name.startswith("aten::"):
+            yield from _subtree_names(child)
 
 
 def _has_aten_ancestor(event) -> bool:

@@ -129,8 +129,8 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
                 a, b = project(rows, v0, v1)
                 value, centred = backend.sweep(chunk_stats, backend_rows(a), backend_rows(b), labels, weight, op,
                                                shard.v0 + v0)
-                value_sum[t0:t1] += value
-                centred_sum[t0:t1] += centred
+                value_sum[t0:t1].add_(value)
+                centred_sum[t0:t1].add_(centred)
         stats = distributed.finish_second_pass(stats, value_sum, centred_sum, call.labels, call.weight, op,
                                                shard.group)
     extra_values = {}

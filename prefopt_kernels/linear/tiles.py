@@ -92,9 +92,10 @@ class TilePlan:
         self._fp32 = [torch.empty(size, dtype=FP32, device=device) for _ in range(fp32_tile_count(heads, backward))]
         self._gemm = {h.gemm_dtype: torch.empty(size, dtype=h.gemm_dtype, device=device) for h in heads if h.widened}
         policy = heads[0]
+        self._hidden_size = policy.weight.shape[1]
         self._weight_grad = None
         if backward and weight_grad and policy.weight.dtype != FP32:
-            self._weight_grad = torch.empty(self.vocab_chunk * policy.weight.shape[1], dtype=FP32, device=device)
+            self._weight_grad = torch.empty(self.vocab_chunk * self._hidden_size, dtype=FP32, device=device)
 
     def workspace_bytes(self) -> int:
         """The bytes of the plan's buffers and temporaries at their largest tile: at most the budget
@@ -107,7 +108,7 @@ class TilePlan:
 
     def weight_grad(self, v: int) -> torch.Tensor:
         """The fp32 weight-gradient accumulator of a ``v``-row vocabulary chunk, ``[v, H]`` (uninitialised)."""
-        return self._weight_grad[: v * (self._weight_grad.numel() // self.vocab_chunk)].view(v, -1)
+        return self._weight_grad[: v * self._hidden_size].view(v, self._hidden_size)
 
     def project(self, head: Head, hidden: torch.Tensor, v0: int, v1: int, i: int,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
