@@ -10,7 +10,8 @@ depend on timing:
   no-op ``.to(same dtype)`` therefore does not count, a ``.to`` that copies does.
 * **gemms**: the launches whose op, or an op it calls, is a matrix product (:data:`GEMM_OPS`).
 * **kernels**: the native backend's kernel calls (``fold``, ``sweep``, ``backward``), which go
-  through pybind and are not aten ops: counted by wrapping the backend's launcher.
+  through pybind and are not aten ops: counted by their profiler labels
+  (``native.PROFILER_LABEL``).
 * **workspace**: the peak of the bytes allocated (the profiler's memory events, summed in
   order) over the call, less the bytes of the gradients it returns.
 
@@ -22,11 +23,12 @@ budget for the backward's workspace.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from typing import Callable, Dict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from prefopt_kernels.backends import native
 
 NON_LAUNCH_OPS = frozenset(
     f"aten::{name}" for name in (
@@ -58,31 +60,13 @@ def _has_aten_ancestor(event) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _counting_native_kernels(counter: Dict[str, int]):
-    """Count the native backend's kernel calls by name while the block runs."""
-    from prefopt_kernels.backends import native
-
-    launch = native._launch
-
-    def counted(fn_name, device, **kwargs):
-        counter[fn_name] = counter.get(fn_name, 0) + 1
-        return launch(fn_name, device, **kwargs)
-
-    native._launch = counted
-    try:
-        yield
-    finally:
-        native._launch = launch
-
-
 def launch_counts(call: Callable[[], object]) -> Dict[str, int]:
     """``{"launches", "gemms", "kernels"}`` of one run of ``call`` (see the module docstring)."""
-    kernels: Dict[str, int] = {}
-    with _counting_native_kernels(kernels), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
-    launches = gemms = 0
+    launches = gemms = kernels = 0
     for event in prof.events():
+        kernels += event.name.startswith(native.PROFILER_LABEL)
         if not event.name.startswith("aten::") or _has_aten_ancestor(event):
             continue
         names = set(_subtree_names(event))
@@ -90,7 +74,7 @@ def launch_counts(call: Callable[[], object]) -> Dict[str, int]:
             continue
         launches += 1
         gemms += bool(names & GEMM_OPS)
-    return {"launches": launches, "gemms": gemms, "kernels": sum(kernels.values())}
+    return {"launches": launches, "gemms": gemms, "kernels": kernels}
 
 
 def peak_allocated_bytes(call: Callable[[], object]) -> int:

@@ -149,12 +149,18 @@ def _common(logits: torch.Tensor, labels, ref_logits, weight, spec: OpSpec) -> d
     )
 
 
+# The prefix of the profiler label of each extension call (``prefopt_kernels::native_fold``, ...):
+# they are not aten ops, so a trace would not show them otherwise.
+PROFILER_LABEL = "prefopt_kernels::native_"
+
+
 def _launch(fn_name: str, device: torch.device, **kwargs) -> None:
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(_C, f"cuda_{fn_name}")(stream=stream, **kwargs)
-    else:
-        getattr(_C, f"cpu_{fn_name}")(num_threads=torch.get_num_threads(), **kwargs)
+    with torch.profiler.record_function(PROFILER_LABEL + fn_name):
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device).cuda_stream
+            getattr(_C, f"cuda_{fn_name}")(stream=stream, **kwargs)
+        else:
+            getattr(_C, f"cpu_{fn_name}")(num_threads=torch.get_num_threads(), **kwargs)
 
 
 def _contiguous(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
