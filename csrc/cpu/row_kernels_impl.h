@@ -10,9 +10,10 @@
 //   pass 2, only for js/tv/hellinger/chi2/alpha: with both log-sum-exps known, sums of
 //   q f(t) and p (f'(t) - f'(t_k)) over the row (k the policy's argmax, found in pass 1),
 //   again blocked; the row is re-read from cache.
-// Vocabulary slices (row states): fold runs pass 1 over a slice [v0, v0 + vocab) and stores
-// its RowState; sweep runs pass 2 over a slice with the whole row's final statistics; the
-// backward takes the slice offset v0 for the label's index. The whole row is the slice at
+// Vocabulary slices (row states): fold runs pass 1 over a slice [v0, v0 + vocab) and merges
+// its RowState into the row's running state (fold_state.h); sweep runs pass 2 over a slice
+// with the whole row's final statistics; the backward takes the slice offset v0 for the
+// label's index. The whole row is the slice at
 // v0 = 0, so every path runs the same loops.
 // Backward, per row: one vectorised loop reading a (and b when the divergence term is
 // active) and writing g in the output dtype, with log p from the saved row_max/log_norm;
@@ -42,6 +43,7 @@
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
+#include "prefopt/fold_state.h"
 #include "prefopt/softmax_state.h"
 
 #ifndef PREFOPT_CPU_VARIANT
@@ -310,8 +312,9 @@ void forward_impl(const ForwardArgs& args) {
 }
 
 // Pass 1 over a vocabulary slice (FoldArgs): the forward's first pass with the argmax always
-// tracked, stored as the slice's RowState. Skipped rows store the empty state (k = -1,
-// ref_at_argmax = 0). DIV only selects the forward / reverse KL accumulators.
+// tracked, merged into the row's running state in place (fold_state.h). Skipped rows fold
+// the empty state, which leaves the running state as it is. DIV only selects the forward /
+// reverse KL accumulators.
 template <int DT, int DIV>
 void fold_impl(const FoldArgs& args) {
   using T = typename Elem<DT>::T;
@@ -338,17 +341,8 @@ void fold_impl(const FoldArgs& args) {
         if (need_ref) label_b = Elem<DT>::load(rb[y]);
       }
     }
-    args.max[row] = static_cast<float>(st.ma);
-    args.sum_exp[row] = static_cast<float>(st.sa);
-    args.argmax[row] = st.k >= 0 ? args.v0 + st.k : -1;
-    args.label_logit[row] = label_a;
-    store_opt(args.ent_acc, row, st.ua);
-    store_opt(args.ref_max, row, st.mb);
-    store_opt(args.ref_sum_exp, row, st.sb);
-    store_opt(args.ref_label_logit, row, label_b);
-    store_opt(args.ref_at_argmax, row, st.ref_at_argmax);
-    store_opt(args.fkl_acc, row, st.wf);
-    store_opt(args.rkl_acc, row, st.wr);
+    st.k = st.k >= 0 ? args.v0 + st.k : -1;
+    merge_into_row<double>(args, row, st, label_a, label_b, 1.0 / args.temperature);
   }
 }
 
