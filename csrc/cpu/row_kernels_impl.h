@@ -93,12 +93,12 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
 #pragma omp simd reduction(+ : sa, ua, sb, wf, wr)
   for (int64_t j = 0; j < n; ++j) {
     const float da = (xa[j] - sha) * inv_temperature;
-    const float ea = fast_exp(da);
+    const float ea = fast_exp_nonpositive(da);
     sa += ea;
     if constexpr (ENT) ua += ea > 0.f ? ea * da : 0.f;
     if constexpr (REF) {
       const float db = (xb[j] - shb) * inv_temperature;
-      const float eb = fast_exp(db);
+      const float eb = fast_exp_nonpositive(db);
       sb += eb;
       if constexpr (DIV == kForwardKL) wf += eb > 0.f ? eb * (db - da) : 0.f;
       if constexpr (DIV == kReverseKL)
@@ -196,9 +196,9 @@ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, in
     for (int64_t j = 0; j < n; ++j) {
       const float lp = (Elem<DT>::load(a[j]) - sa.shift) * inv_temperature - sa.offset;
       const float lq = (Elem<DT>::load(b[j]) - sb.shift) * inv_temperature - sb.offset;
-      bv += div_value<DIV>(lp, lq, prm);
-      const float p = fast_exp(lp);
-      bc += lp > -kInf ? div_centred<DIV>(lp, lq, p, fprime_k, 0.f, prm) : 0.f;
+      const DivSumTerms t = div_sum_terms<DIV>(lp, lq, fprime_k, prm);
+      bv += t.value;
+      bc += t.centred;
     }
     sum_value += bv;
     sum_centred += bc;
@@ -390,12 +390,12 @@ PREFOPT_INLINE float grad_elem(const typename Elem<DT>::T* ra, const typename El
                                int64_t j, const GradRow& r) {
   const float xr = (Elem<DT>::load(ra[j]) - r.sa.shift) * r.inv_temperature;
   const float lp = xr - r.sa.offset;
-  const float p = fast_exp(lp);
+  const float p = fast_exp_nonpositive(lp);
   float inner = r.c + r.ge * lp;  // the p-weighted part of -g
   float g = 0.f;
   if constexpr (DIV == kForwardKL) {
     const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_temperature - r.sb.offset;
-    g = r.gd * (p - fast_exp(lq));
+    g = r.gd * (p - fast_exp_nonpositive(lq));
   } else if constexpr (DIV == kReverseKL) {
     inner -= r.gd * (xr - (Elem<DT>::load(rb[j]) - r.centre) * r.inv_temperature - r.s);
   } else if constexpr (needs_second_sweep(DIV)) {
