@@ -13,6 +13,9 @@ MAX_TOKEN_CHUNK = 4096
 # A vocabulary chunk narrower than this makes the GEMMs inefficient: the planner shrinks
 # the token chunk first.
 MIN_VOCAB_CHUNK = 256
+# Vocabulary chunks narrower than the vocabulary are a multiple of this: every tile row then
+# starts 64-byte aligned in fp32, so the kernels stream it with full-width vector loads.
+VOCAB_CHUNK_ALIGN = 16
 
 
 def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: int, budget: int):
@@ -21,12 +24,15 @@ def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: in
     A tile of ``t x v`` costs ``t * v * bytes_per_entry`` (every ``[t, v]`` buffer and
     temporary the call keeps at once) plus ``v * bytes_per_column`` (the head weight's
     chunk converted to the GEMM dtype). Token chunks hold at most 4096 rows; the token chunk
-    shrinks before the vocabulary chunk drops below 256 entries. Both are at least 1.
+    shrinks before the vocabulary chunk drops below 256 entries. A vocabulary chunk narrower
+    than ``vocab`` is a multiple of 16 entries where the budget allows one. Both are at least 1.
     """
     token_chunk = max(1, min(rows, MAX_TOKEN_CHUNK))
     while True:
         vocab_chunk = budget // (token_chunk * bytes_per_entry + bytes_per_column)
         if vocab_chunk >= min(vocab, MIN_VOCAB_CHUNK) or token_chunk == 1:
+            if VOCAB_CHUNK_ALIGN <= vocab_chunk < vocab:
+                vocab_chunk -= vocab_chunk % VOCAB_CHUNK_ALIGN
             return token_chunk, max(1, min(vocab, vocab_chunk))
         token_chunk = max(1, token_chunk // 2)
 

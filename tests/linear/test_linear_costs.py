@@ -29,9 +29,12 @@ def native_backend():
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_at_most_one_and_a_half_launches_per_gemm(op):
+def test_at_most_one_other_host_op_per_gemm(op):
+    """Besides its GEMMs a call launches at most one op per GEMM: backend kernels and aten ops
+    together (before the kernels merged the row states in place: 8 per GEMM for logprobs)."""
     counts = step_counts(op, 1024, 256, 32000, torch.float32, 4 << 20)
-    assert counts["launches"] <= 1.5 * counts["gemms"], counts
+    others = counts["launches"] - counts["gemms"] + counts["kernels"]
+    assert others <= counts["gemms"], counts
 
 
 def _plans(monkeypatch):
