@@ -14,9 +14,9 @@
 // contiguous tensors), with scalar head and tail; otherwise scalar. The js/alpha parameters
 // come from make_div_params on the host; the NaN policy is the CPU kernels' (per-row
 // guards log_norm - log_norm and div_s - div_s).
-// Vocabulary slices (row states): fold_kernel stores the first pass's merged state of a
-// slice [v0, v0 + vocab), sweep_kernel runs the second sweep over a slice from the whole
-// row's statistics, and the backward takes v0 for the label's index; the whole row is the
+// Vocabulary slices (row states): fold_kernel merges the first pass's state of a slice
+// [v0, v0 + vocab) into the row's running state, sweep_kernel runs the second sweep over a
+// slice from the whole row's statistics, and the backward takes v0 for the label's index; the whole row is the
 // slice at v0 = 0, so both run the forward's and backward's own loops.
 #include <cuda_runtime.h>
 
@@ -30,6 +30,7 @@
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
+#include "prefopt/fold_state.h"
 #include "prefopt/softmax_state.h"
 
 namespace prefopt {
@@ -193,9 +194,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs arg
   }
 }
 
-// First pass over a vocabulary slice (FoldArgs): the forward's row state with the argmax
-// stored as a global index. DIV only selects the forward / reverse KL accumulators; ENT the
-// entropy accumulator (ent_acc asked for).
+// First pass over a vocabulary slice (FoldArgs): the forward's row state with the argmax as
+// a global index, merged by thread 0 into the row's running state in place (fold_state.h).
+// DIV only selects the forward / reverse KL accumulators; ENT the entropy accumulator
+// (ent_acc asked for).
 template <int DT, int DIV, bool ENT>
 __global__ void __launch_bounds__(kMaxThreads, 2) fold_kernel(FoldArgs args) {
   using T = typename Elem<DT>::T;
@@ -221,17 +223,9 @@ __global__ void __launch_bounds__(kMaxThreads, 2) fold_kernel(FoldArgs args) {
     }
     if (threadIdx.x == 0) {
       const bool found = st.ma > -kInf;
-      args.max[row] = st.ma;
-      args.sum_exp[row] = st.sa;
-      args.argmax[row] = found ? args.v0 + st.k : -1;
-      args.label_logit[row] = label_a;
-      if (args.ent_acc) args.ent_acc[row] = st.ua;
-      if (args.ref_max) args.ref_max[row] = st.mb;
-      if (args.ref_sum_exp) args.ref_sum_exp[row] = st.sb;
-      if (args.ref_label_logit) args.ref_label_logit[row] = label_b;
-      if (args.ref_at_argmax) args.ref_at_argmax[row] = found ? st.ref_at_argmax : 0.f;
-      if (args.fkl_acc) args.fkl_acc[row] = st.wf;
-      if (args.rkl_acc) args.rkl_acc[row] = st.wr;
+      st.k = found ? args.v0 + st.k : -1;
+      st.ref_at_argmax = found ? st.ref_at_argmax : 0.f;
+      merge_into_row<float>(args, row, st, label_a, label_b, inv_temperature);
     }
   }
 }
