@@ -17,7 +17,8 @@ scale ``log2(e)``: exact where ``p`` is large) and accumulates lane sums from wh
 * chi2: ``u = 2^-|d2|``, ``d2 = lp2 - lq2``, the larger of ``p``, ``q`` from one ``ex2`` and
   the smaller as its product with ``u``; ``p t = p^2 / q`` as ``ex2(2 lp2 - lq2)`` where
   ``p > q`` (it may exceed fp32 only where the divergence does), else ``small u``. Sums:
-  ``q (t - 1)^2 = (p > q ? p t : q) (1 - u)^2`` and ``p t - p t_k``.
+  ``q (t - 1)^2 = (p > q ? p t : q) (1 - u)^2`` and ``p (t - t_k)``, ``t = ex2(d2)`` formed as
+  ``t_k`` is (so the argmax's term is exactly 0), or ``p t - p t_k`` where ``t`` overflows.
 * alpha: with ``c`` the nearer of ``alpha - 1`` and ``alpha`` and ``base`` the matching side
   (``p`` near 1, else ``q``), ``M = p^a q^(1-a) = ex2(log2 base + c d2)`` and
   ``rest = M - base = base expm1(c d)`` (the Taylor series where ``|c d| < ln2 / 2``).
@@ -134,7 +135,9 @@ def log2_tile(x, y, m_main, m_other, scale2, lz_main, lz_other, js_b, js_one_min
         pt = tl.where(p_big, tl.math.exp2(l1 + d2), small * u)
         shortfall = 1.0 - u
         t1 = tl.where(p_big, pt, big) * (shortfall * shortfall)
-        t2 = pt - p * chi2_t_k
+        # p (t - t_k) with t formed as t_k is: exactly 0 at the argmax; p t - p t_k where t overflows.
+        t = tl.math.exp2(d2)
+        t2 = tl.where(t < float("inf"), p * (t - chi2_t_k), pt - p * chi2_t_k)
         t3 = t1
         t4 = t2
     else:
