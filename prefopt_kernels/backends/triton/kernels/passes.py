@@ -99,7 +99,7 @@ def second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` over ``vocab`` entries, given the row's final
     statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``.
     js, chi2 and alpha take the base-2 forms of ``sweep_math``."""
-    if DIVERGENCE == JS or DIVERGENCE == CHI2 or DIVERGENCE == ALPHA:
+    if (DIVERGENCE == JS or DIVERGENCE == CHI2) or DIVERGENCE == ALPHA:
         value, centred = log2_sweep(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
                                     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
                                     DIVERGENCE, BLOCK_V)

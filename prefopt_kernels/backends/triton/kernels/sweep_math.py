@@ -44,11 +44,11 @@ LOG2_FLOOR = tl.constexpr(-1.2676506002282294e30)  # -2^100
 @triton.jit
 def widen(x):
     """``x`` as fp32; bf16 pairs as one shift and one mask each (one instruction an element)."""
-    if x.dtype == tl.bfloat16 and not INTERPRETED:
-        y = tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
-                                      dtype=tl.float32, is_pure=True, pack=2)
-    else:
-        y = x.to(tl.float32)
+    y = x.to(tl.float32)
+    if not INTERPRETED:  # two ifs: Triton 3.2 cannot combine a dtype test with ``and``
+        if x.dtype == tl.bfloat16:
+            y = tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=2)
     return y
 
 
