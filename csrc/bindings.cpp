@@ -189,8 +189,8 @@ py::tuple names(std::initializer_list<const char*> list) {
   "Gradient wrt logits on CPU, written into grad ([n_rows, vocab] in the logits dtype, "  \
   "may alias logits); the rows' vocabulary slice [v0, v0 + vocab) with global labels."
 #define PREFOPT_DOC_fold                                                                     \
-  "First pass over the vocabulary slice [v0, v0 + vocab) of CPU rows: writes the slice's " \
-  "row state (fp32 [n_rows], argmax int64 global) into the non-zero output pointers."
+  "First pass over the vocabulary slice [v0, v0 + vocab) of CPU rows, merged into the "     \
+  "running row state (fp32 [n_rows], argmax int64 global) at the non-zero pointers, in place."
 #define PREFOPT_DOC_sweep                                                                      \
   "Second sweep of js/tv/hellinger/chi2/alpha over a vocabulary slice of CPU rows from the " \
   "final statistics: fp32 [n_rows] value_sum and centred_sum."

@@ -10,9 +10,10 @@
 //   pass 2, only for js/tv/hellinger/chi2/alpha: with both log-sum-exps known, sums of
 //   q f(t) and p (f'(t) - f'(t_k)) over the row (k the policy's argmax, found in pass 1),
 //   again blocked; the row is re-read from cache.
-// Vocabulary slices (row states): fold runs pass 1 over a slice [v0, v0 + vocab) and stores
-// its RowState; sweep runs pass 2 over a slice with the whole row's final statistics; the
-// backward takes the slice offset v0 for the label's index. The whole row is the slice at
+// Vocabulary slices (row states): fold runs pass 1 over a slice [v0, v0 + vocab) and merges
+// its RowState into the row's running state (fold_state.h); sweep runs pass 2 over a slice
+// with the whole row's final statistics; the backward takes the slice offset v0 for the
+// label's index. The whole row is the slice at
 // v0 = 0, so every path runs the same loops.
 // Backward, per row: one vectorised loop reading a (and b when the divergence term is
 // active) and writing g in the output dtype, with log p from the saved row_max/log_norm;
@@ -42,6 +43,7 @@
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
+#include "prefopt/fold_state.h"
 #include "prefopt/softmax_state.h"
 
 #ifndef PREFOPT_CPU_VARIANT
@@ -91,12 +93,12 @@ PREFOPT_INLINE RowState<double> block_state(const float* __restrict xa,
 #pragma omp simd reduction(+ : sa, ua, sb, wf, wr)
   for (int64_t j = 0; j < n; ++j) {
     const float da = (xa[j] - sha) * inv_temperature;
-    const float ea = fast_exp(da);
+    const float ea = fast_exp_nonpositive(da);
     sa += ea;
     if constexpr (ENT) ua += ea > 0.f ? ea * da : 0.f;
     if constexpr (REF) {
       const float db = (xb[j] - shb) * inv_temperature;
-      const float eb = fast_exp(db);
+      const float eb = fast_exp_nonpositive(db);
       sb += eb;
       if constexpr (DIV == kForwardKL) wf += eb > 0.f ? eb * (db - da) : 0.f;
       if constexpr (DIV == kReverseKL)
@@ -194,9 +196,9 @@ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb, in
     for (int64_t j = 0; j < n; ++j) {
       const float lp = (Elem<DT>::load(a[j]) - sa.shift) * inv_temperature - sa.offset;
       const float lq = (Elem<DT>::load(b[j]) - sb.shift) * inv_temperature - sb.offset;
-      bv += div_value<DIV>(lp, lq, prm);
-      const float p = fast_exp(lp);
-      bc += lp > -kInf ? div_centred<DIV>(lp, lq, p, fprime_k, 0.f, prm) : 0.f;
+      const DivSumTerms t = div_sum_terms<DIV>(lp, lq, fprime_k, prm);
+      bv += t.value;
+      bc += t.centred;
     }
     sum_value += bv;
     sum_centred += bc;
@@ -310,8 +312,9 @@ void forward_impl(const ForwardArgs& args) {
 }
 
 // Pass 1 over a vocabulary slice (FoldArgs): the forward's first pass with the argmax always
-// tracked, stored as the slice's RowState. Skipped rows store the empty state (k = -1,
-// ref_at_argmax = 0). DIV only selects the forward / reverse KL accumulators.
+// tracked, merged into the row's running state in place (fold_state.h). Skipped rows fold
+// the empty state, which leaves the running state as it is. DIV only selects the forward /
+// reverse KL accumulators.
 template <int DT, int DIV>
 void fold_impl(const FoldArgs& args) {
   using T = typename Elem<DT>::T;
@@ -338,17 +341,8 @@ void fold_impl(const FoldArgs& args) {
         if (need_ref) label_b = Elem<DT>::load(rb[y]);
       }
     }
-    args.max[row] = static_cast<float>(st.ma);
-    args.sum_exp[row] = static_cast<float>(st.sa);
-    args.argmax[row] = st.k >= 0 ? args.v0 + st.k : -1;
-    args.label_logit[row] = label_a;
-    store_opt(args.ent_acc, row, st.ua);
-    store_opt(args.ref_max, row, st.mb);
-    store_opt(args.ref_sum_exp, row, st.sb);
-    store_opt(args.ref_label_logit, row, label_b);
-    store_opt(args.ref_at_argmax, row, st.ref_at_argmax);
-    store_opt(args.fkl_acc, row, st.wf);
-    store_opt(args.rkl_acc, row, st.wr);
+    st.k = st.k >= 0 ? args.v0 + st.k : -1;
+    merge_into_row<double>(args, row, st, label_a, label_b, 1.0 / args.temperature);
   }
 }
 
@@ -396,12 +390,12 @@ PREFOPT_INLINE float grad_elem(const typename Elem<DT>::T* ra, const typename El
                                int64_t j, const GradRow& r) {
   const float xr = (Elem<DT>::load(ra[j]) - r.sa.shift) * r.inv_temperature;
   const float lp = xr - r.sa.offset;
-  const float p = fast_exp(lp);
+  const float p = fast_exp_nonpositive(lp);
   float inner = r.c + r.ge * lp;  // the p-weighted part of -g
   float g = 0.f;
   if constexpr (DIV == kForwardKL) {
     const float lq = (Elem<DT>::load(rb[j]) - r.sb.shift) * r.inv_temperature - r.sb.offset;
-    g = r.gd * (p - fast_exp(lq));
+    g = r.gd * (p - fast_exp_nonpositive(lq));
   } else if constexpr (DIV == kReverseKL) {
     inner -= r.gd * (xr - (Elem<DT>::load(rb[j]) - r.centre) * r.inv_temperature - r.s);
   } else if constexpr (needs_second_sweep(DIV)) {

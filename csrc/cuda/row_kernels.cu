@@ -1,225 +1,74 @@
 // CUDA row kernels: one thread block per row (grid-stride over rows), the same math as the
-// CPU kernels from the shared headers.
+// CPU kernels from the shared headers; the hot loops and block reductions are in
+// row_device.cuh.
 //
-// Forward: every thread folds its strided share of the row into a RowState (online
-// softmax: running maxima, sums of exponentials, entropy and KL accumulators), the block
-// merges the states (warp shuffles, then one warp over the per-warp states). For
-// js/tv/hellinger/chi2/alpha a second sweep over the row, now read from L2, sums
+// Forward: every thread folds its strided share of the row, one 16-byte chunk at a time,
+// into an online-softmax state (running maxima, sums of exponentials, and only the entropy
+// and KL accumulators the call asks for: ENT and the divergence are template parameters),
+// the block merges the states as RowStates (warp shuffles, then one warp over the per-warp
+// states). For js/tv/hellinger/chi2/alpha a second sweep over the row, now read from L2, sums
 // q f(t) and p (f'(t) - f'(t_k)) with both log-sum-exps known (k the policy's argmax, whose
 // reference logit the merged state carries). Backward: one sweep that reads a (and b
-// when the divergence term is active) and writes g, element by element, so g may alias a.
+// when the divergence term is active) and writes g, chunk by chunk, so g may alias a.
 // Loads are 16 bytes wide when the rows share their alignment (the common case of
 // contiguous tensors), with scalar head and tail; otherwise scalar. The js/alpha parameters
 // come from make_div_params on the host; the NaN policy is the CPU kernels' (per-row
 // guards log_norm - log_norm and div_s - div_s).
-// Vocabulary slices (row states): fold_kernel stores the first pass's merged state of a
-// slice [v0, v0 + vocab), sweep_kernel runs the second sweep over a slice from the whole
-// row's statistics, and the backward takes v0 for the label's index; the whole row is the
+// Vocabulary slices (row states): fold_kernel merges the first pass's state of a slice
+// [v0, v0 + vocab) into the row's running state, sweep_kernel runs the second sweep over a
+// slice from the whole row's statistics, and the backward takes v0 for the label's index; the whole row is the
 // slice at v0 = 0, so both run the forward's and backward's own loops.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
+#include "cuda/row_device.cuh"
 #include "cuda/row_kernels.h"
 #include "prefopt/common.h"
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
+#include "prefopt/fold_state.h"
 #include "prefopt/softmax_state.h"
 
 namespace prefopt {
 namespace cuda {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+// Threads per block at most (threads_for); every kernel is compiled for two such blocks per
+// SM, i.e. at most 64 registers per thread.
+constexpr int kMaxThreads = 512;
 
-// Element `i` (0 <= i < 16 / sizeof(T)) of a 16-byte vector.
-template <int DT>
-__device__ __forceinline__ float unpack(const uint4& v, int i) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-  if constexpr (DT == kFloat32) {
-    return bits_to_float(w[i]);
-  } else {
-    const uint32_t word = w[i >> 1];
-    return Elem<DT>::load(static_cast<uint16_t>((i & 1) ? word >> 16 : word & 0xffffu));
-  }
-}
-
-template <int DT>
-__device__ __forceinline__ void pack(uint4& v, int i, float g) {
-  uint32_t* w = reinterpret_cast<uint32_t*>(&v);
-  if constexpr (DT == kFloat32) {
-    w[i] = float_to_bits(g);
-  } else {
-    const uint32_t h = Elem<DT>::store(g);
-    w[i >> 1] = (i & 1) ? ((w[i >> 1] & 0xffffu) | (h << 16)) : ((w[i >> 1] & 0xffff0000u) | h);
-  }
-}
-
-// Calls f(j, a_j, b_j) for this thread's share of the row (raw logits in fp32; b = 0
-// without REF). With STORE, f's return value is written to rg[j] in the element type. The
-// 16-byte path runs when every row pointer used has the same offset modulo 16.
-template <int DT, bool REF, bool STORE, class F>
-__device__ __forceinline__ void row_loop(const typename Elem<DT>::T* ra,
-                                         const typename Elem<DT>::T* rb,
-                                         typename Elem<DT>::T* rg, int64_t vocab, F&& f) {
-  using T = typename Elem<DT>::T;
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t tid = threadIdx.x;
-  const int64_t nth = blockDim.x;
-  const uintptr_t off = reinterpret_cast<uintptr_t>(ra) % 16;
-  const bool vec = (!REF || reinterpret_cast<uintptr_t>(rb) % 16 == off) &&
-                   (!STORE || reinterpret_cast<uintptr_t>(rg) % 16 == off) && off % sizeof(T) == 0;
-  const int64_t head_len = vec ? static_cast<int64_t>(((16 - off) % 16) / sizeof(T)) : vocab;
-  const int64_t head = head_len < vocab ? head_len : vocab;
-  auto scalar = [&](int64_t j) {
-    const float x = Elem<DT>::load(ra[j]);
-    const float z = REF ? Elem<DT>::load(rb[j]) : 0.f;
-    const float g = f(j, x, z);
-    if constexpr (STORE) rg[j] = Elem<DT>::store(g);
-  };
-  for (int64_t j = tid; j < head; j += nth) scalar(j);
-  if (!vec) return;
-  const int64_t n_vec = (vocab - head) / kVec;
-  const uint4* va = reinterpret_cast<const uint4*>(ra + head);
-  const uint4* vb = reinterpret_cast<const uint4*>(REF ? rb + head : ra + head);
-  uint4* vg = reinterpret_cast<uint4*>(STORE ? rg + head : nullptr);
-  for (int64_t k = tid; k < n_vec; k += nth) {
-    const uint4 A = va[k];
-    uint4 B = A;
-    if constexpr (REF) B = vb[k];
-    uint4 G = A;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      const float x = unpack<DT>(A, i);
-      const float z = REF ? unpack<DT>(B, i) : 0.f;
-      const float g = f(head + k * kVec + i, x, z);
-      if constexpr (STORE) pack<DT>(G, i, g);
-    }
-    if constexpr (STORE) vg[k] = G;
-  }
-  for (int64_t j = head + n_vec * kVec + tid; j < vocab; j += nth) scalar(j);
-}
-
-// TRACK: carry the argmax index k; without it k stays -1, a constant the compiler folds away
-// (the whole-row forward, which needs no index, keeps its registers).
-template <bool TRACK>
-__device__ __forceinline__ void warp_merge(RowState<float>& s, float inv_temperature) {
-#pragma unroll
-  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) {
-    RowState<float> o;
-    o.ma = __shfl_xor_sync(kFullMask, s.ma, lane_mask);
-    o.sa = __shfl_xor_sync(kFullMask, s.sa, lane_mask);
-    o.ua = __shfl_xor_sync(kFullMask, s.ua, lane_mask);
-    o.mb = __shfl_xor_sync(kFullMask, s.mb, lane_mask);
-    o.sb = __shfl_xor_sync(kFullMask, s.sb, lane_mask);
-    o.wf = __shfl_xor_sync(kFullMask, s.wf, lane_mask);
-    o.wr = __shfl_xor_sync(kFullMask, s.wr, lane_mask);
-    o.ref_at_argmax = __shfl_xor_sync(kFullMask, s.ref_at_argmax, lane_mask);
-    o.k = TRACK ? __shfl_xor_sync(kFullMask, s.k, lane_mask) : int64_t(-1);
-    merge_state(s, o, inv_temperature);
-  }
-}
-
-// Merged state of the whole block; every thread gets it. `scratch` holds 32 states.
-template <bool TRACK>
-__device__ RowState<float> block_merge(RowState<float> s, float inv_temperature,
-                                       RowState<float>* scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int n_warps = (blockDim.x + 31) >> 5;
-  warp_merge<TRACK>(s, inv_temperature);
-  if (lane == 0) scratch[warp] = s;
-  __syncthreads();
-  s = lane < n_warps ? scratch[lane] : RowState<float>::empty();
-  warp_merge<TRACK>(s, inv_temperature);
-  __syncthreads();  // scratch is reused by the next row
-  return s;
-}
-
-// Block-wide sum of two floats; every thread gets them. `scratch` holds 64 floats.
-__device__ void block_sum2(float& a, float& b, float* scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int n_warps = (blockDim.x + 31) >> 5;
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) {
-    a += __shfl_xor_sync(kFullMask, a, m);
-    b += __shfl_xor_sync(kFullMask, b, m);
-  }
-  if (lane == 0) {
-    scratch[warp] = a;
-    scratch[32 + warp] = b;
-  }
-  __syncthreads();
-  a = lane < n_warps ? scratch[lane] : 0.f;
-  b = lane < n_warps ? scratch[32 + lane] : 0.f;
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) {
-    a += __shfl_xor_sync(kFullMask, a, m);
-    b += __shfl_xor_sync(kFullMask, b, m);
-  }
-  __syncthreads();
-}
-
-// The state of one element (raw logits x, z), merged into the thread's running state. An
-// element with a -inf logit is an empty piece of that distribution; the KL term it adds is
-// the +inf of a support mismatch, as in the CPU block states. A NaN or +inf logit gets the
-// sum NaN (1 + (x - x)), which every merge keeps, so log_norm is NaN as on the CPU (NaN
-// policy). The element is its own argmax (index k = j with TRACK, so that merges keep the
-// first index of the max), so its ref_at_argmax is z, raw (merge_state centres reverse KL at
-// kl_centre(z)).
-template <bool REF, int DIV, bool TRACK>
-__device__ __forceinline__ void push(RowState<float>& st, int64_t j, float x, float z,
-                                     float inv_temperature) {
-  RowState<float> e = RowState<float>::empty();
-  e.ma = x;
-  if constexpr (TRACK) e.k = j;
-  e.sa = x == -kInf ? 0.f : 1.f + (x - x);
-  if constexpr (REF) {
-    e.mb = z;
-    e.sb = z == -kInf ? 0.f : 1.f + (z - z);
-    e.ref_at_argmax = z;
-    if constexpr (DIV == kForwardKL) e.wf = (e.sb > 0.f && e.sa == 0.f) ? kInf : 0.f;
-    if constexpr (DIV == kReverseKL) e.wr = (e.sa > 0.f && e.sb == 0.f) ? kInf : 0.f;
-  }
-  merge_state(st, e, inv_temperature);
-}
-
-// The merged state of the row (or slice); every thread gets it. With TRACK, k is the first
-// index of the policy's max, but an arbitrary one when that max is -inf (callers store -1
-// there); without it k = -1 and ties of the max leave ref_at_argmax to the merge order.
-template <int DT, bool REF, int DIV, bool TRACK>
-__device__ RowState<float> row_state(const typename Elem<DT>::T* ra,
-                                     const typename Elem<DT>::T* rb, int64_t vocab,
-                                     float inv_temperature, RowState<float>* scratch) {
-  RowState<float> st = RowState<float>::empty();
-  row_loop<DT, REF, false>(ra, rb, nullptr, vocab, [&](int64_t j, float x, float z) {
-    push<REF, DIV, TRACK>(st, j, x, z, inv_temperature);
-    return 0.f;
-  });
-  return block_merge<TRACK>(st, inv_temperature, scratch);
-}
-
-// The first pass of a row: with the reference when need_ref, and forward or reverse KL's
-// accumulator when DIV is one of them and the row has its divergence term (use_div).
-template <int DT, int DIV, bool TRACK>
+// The first pass of a row: with the reference when need_ref, and where the row has its
+// divergence term (use_div) forward or reverse KL's accumulator and, for the centred
+// divergences, the reference logit at the policy's argmax. ENT: the entropy accumulator.
+// TRACK (vocabulary slices): the argmax's index, and its reference logit whenever the
+// reference is read.
+template <int DT, int DIV, bool ENT, bool TRACK>
 __device__ RowState<float> first_pass(const typename Elem<DT>::T* ra,
                                       const typename Elem<DT>::T* rb, int64_t vocab,
                                       float inv_temperature, bool need_ref, bool use_div,
                                       RowState<float>* scratch) {
   if (!need_ref)
-    return row_state<DT, false, kNoDivergence, TRACK>(ra, rb, vocab, inv_temperature, scratch);
+    return row_state<DT, ThreadState<false, ENT, kNoDivergence, false, TRACK>, TRACK>(
+        ra, rb, vocab, inv_temperature, scratch);
   constexpr int kAcc = first_pass_divergence(DIV);
-  if (kAcc != kNoDivergence && use_div)
-    return row_state<DT, true, kAcc, TRACK>(ra, rb, vocab, inv_temperature, scratch);
-  return row_state<DT, true, kNoDivergence, TRACK>(ra, rb, vocab, inv_temperature, scratch);
+  constexpr bool kCentre = is_centred(DIV);
+  if constexpr (kAcc != kNoDivergence || kCentre) {
+    if (use_div)
+      return row_state<DT, ThreadState<true, ENT, kAcc, kCentre || TRACK, TRACK>, TRACK>(
+          ra, rb, vocab, inv_temperature, scratch);
+  }
+  return row_state<DT, ThreadState<true, ENT, kNoDivergence, TRACK, TRACK>, TRACK>(
+      ra, rb, vocab, inv_temperature, scratch);
 }
 
 // The second sweep for js/tv/hellinger/chi2/alpha: block sums of q f(t) and of
 // p (f'(t) - f'(t_k)) over the row (or slice), given the whole row's shifts and the reference
 // logit ref_at_argmax at the policy's argmax k; every thread gets them. `scratch` holds 64
-// floats.
+// floats. p = 2^((a - shift) log2(e) / T) exp(-offset): one MUFU exponential and the row's
+// exp(-offset) (<= 1) from fast_exp.
 template <int DT, int DIV>
 __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                          int64_t vocab, float inv_temperature, LogProbShift sa, LogProbShift sb,
@@ -227,14 +76,21 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
                          float* scratch) {
   const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
   const float fprime_k = div_fprime<DIV>(-sa.offset, lq_k, prm);
+  const float scale = kLog2e * inv_temperature;
+  const float norm_a = fast_exp(-sa.offset);
   float sq = 0.f, sp = 0.f;
-  row_loop<DT, true, false>(ra, rb, nullptr, vocab, [&](int64_t, float x, float z) {
-    const float lp = (x - sa.shift) * inv_temperature - sa.offset;
-    const float lq = (z - sb.shift) * inv_temperature - sb.offset;
-    sq += div_value<DIV>(lp, lq, prm);
-    const float p = fast_exp(lp);
-    sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fprime_k, 0.f, prm) : 0.f;
-    return 0.f;
+  row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
+                              [&](int64_t, const auto& x, const auto& z, auto&) {
+    constexpr int N = sizeof(x) / sizeof(float);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float dx = x[i] - sa.shift;
+      const float lp = dx * inv_temperature - sa.offset;
+      const float lq = (z[i] - sb.shift) * inv_temperature - sb.offset;
+      sq += div_value<DIV>(lp, lq, prm);
+      const float p = ex2(dx * scale) * norm_a;
+      sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fprime_k, 0.f, prm) : 0.f;
+    }
   });
   block_sum2(sq, sp, scratch);
   value = sq;
@@ -242,8 +98,8 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
 }
 
 // prm comes from make_div_params on the host (double arithmetic, rounded once).
-template <int DT, int DIV>
-__global__ void forward_kernel(ForwardArgs args, DivParams prm) {
+template <int DT, int DIV, bool ENT>
+__global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
   __shared__ RowState<float> state_scratch[32];
   __shared__ float sum_scratch[64];
@@ -257,10 +113,10 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
       const T* ra = args.logits_row<T>(row);
       const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
       const T* rb = need_ref ? args.ref_row<T>(row) : ra;
-      const RowState<float> st = first_pass<DT, DIV, false>(ra, rb, vocab, inv_temperature,
-                                                            need_ref, plan.use_div, state_scratch);
+      const RowState<float> st = first_pass<DT, DIV, ENT, false>(
+          ra, rb, vocab, inv_temperature, need_ref, plan.use_div, state_scratch);
       sa = shift_a(st);
-      entropy = state_entropy(st);
+      if constexpr (ENT) entropy = state_entropy(st);
       if (need_ref) sb = shift_b(st);
       if (plan.use_div) {
         if constexpr (is_centred(DIV)) ref_at_argmax = st.ref_at_argmax;
@@ -312,10 +168,12 @@ __global__ void forward_kernel(ForwardArgs args, DivParams prm) {
   }
 }
 
-// First pass over a vocabulary slice (FoldArgs): the forward's row state with the argmax
-// stored as a global index. DIV only selects the forward / reverse KL accumulators.
-template <int DT, int DIV>
-__global__ void fold_kernel(FoldArgs args) {
+// First pass over a vocabulary slice (FoldArgs): the forward's row state with the argmax as
+// a global index, merged by thread 0 into the row's running state in place (fold_state.h).
+// DIV only selects the forward / reverse KL accumulators; ENT the entropy accumulator
+// (ent_acc asked for).
+template <int DT, int DIV, bool ENT>
+__global__ void __launch_bounds__(kMaxThreads, 2) fold_kernel(FoldArgs args) {
   using T = typename Elem<DT>::T;
   __shared__ RowState<float> state_scratch[32];
   const float inv_temperature = static_cast<float>(1.0 / args.temperature);
@@ -329,8 +187,8 @@ __global__ void fold_kernel(FoldArgs args) {
     if (!plan.skip && vocab > 0) {  // an empty slice's views may be null
       const T* ra = args.logits_row<T>(row);
       const T* rb = need_ref ? args.ref_row<T>(row) : ra;
-      st = first_pass<DT, DIV, true>(ra, rb, vocab, inv_temperature, need_ref, plan.use_div,
-                                     state_scratch);
+      st = first_pass<DT, DIV, ENT, true>(ra, rb, vocab, inv_temperature, need_ref,
+                                          plan.use_div, state_scratch);
       const int64_t y = slice_label(plan.label, args.v0, vocab);
       if (threadIdx.x == 0 && y >= 0) {
         label_a = Elem<DT>::load(ra[y]);
@@ -339,24 +197,16 @@ __global__ void fold_kernel(FoldArgs args) {
     }
     if (threadIdx.x == 0) {
       const bool found = st.ma > -kInf;
-      args.max[row] = st.ma;
-      args.sum_exp[row] = st.sa;
-      args.argmax[row] = found ? args.v0 + st.k : -1;
-      args.label_logit[row] = label_a;
-      if (args.ent_acc) args.ent_acc[row] = st.ua;
-      if (args.ref_max) args.ref_max[row] = st.mb;
-      if (args.ref_sum_exp) args.ref_sum_exp[row] = st.sb;
-      if (args.ref_label_logit) args.ref_label_logit[row] = label_b;
-      if (args.ref_at_argmax) args.ref_at_argmax[row] = found ? st.ref_at_argmax : 0.f;
-      if (args.fkl_acc) args.fkl_acc[row] = st.wf;
-      if (args.rkl_acc) args.rkl_acc[row] = st.wr;
+      st.k = found ? args.v0 + st.k : -1;
+      st.ref_at_argmax = found ? st.ref_at_argmax : 0.f;
+      merge_into_row<float>(args, row, st, label_a, label_b, inv_temperature);
     }
   }
 }
 
 // Second sweep over a vocabulary slice (SweepArgs), DIV one of js/tv/hellinger/chi2/alpha.
 template <int DT, int DIV>
-__global__ void sweep_kernel(SweepArgs args, DivParams prm) {
+__global__ void __launch_bounds__(kMaxThreads, 2) sweep_kernel(SweepArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
   __shared__ float sum_scratch[64];
   const float inv_temperature = static_cast<float>(1.0 / args.temperature);
@@ -396,28 +246,42 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
     const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
     fprime_k = div_fprime<DIV_ROW>(-sa.offset, lq_k, prm);
   }
-  row_loop<DT, kRef, true>(ra, rb, rg, vocab, [&](int64_t j, float x, float z) {
-    const float xr = (x - sa.shift) * inv_temperature;
-    const float lp = xr - sa.offset;
-    const float p = fast_exp(lp);
-    float inner = c + ge * lp;  // the p-weighted part of -g
-    float g = 0.f;
-    if constexpr (DIV_ROW == kForwardKL) {
-      g = gd * (p - fast_exp((z - sb.shift) * inv_temperature - sb.offset));
-    } else if constexpr (DIV_ROW == kReverseKL) {
-      inner -= gd * (xr - (z - kl_centre(ref_at_argmax)) * inv_temperature - s);
-    } else if constexpr (needs_second_sweep(DIV_ROW)) {
-      const float lq = (z - sb.shift) * inv_temperature - sb.offset;
-      g = lp > -kInf ? gd * div_centred<DIV_ROW>(lp, lq, p, fprime_k, s, prm) : 0.f;
+  // p = 2^((a - shift) log2(e) / T) exp(-offset) on the MUFU unit, q alike (see div_sums).
+  const float scale = kLog2e * inv_temperature;
+  const float norm_a = fast_exp(-sa.offset);
+  const float norm_b = DIV_ROW == kForwardKL ? fast_exp(-sb.offset) : 0.f;
+  const float centre = kl_centre(ref_at_argmax);
+  row_chunks<DT, kRef, true>(ra, rb, rg, vocab,
+                             [&](int64_t j0, const auto& x, const auto& z, auto& out) {
+    constexpr int N = sizeof(x) / sizeof(float);
+    // The label's position in this chunk (-1: not in it), compared in 32 bits per element.
+    const int64_t at = label - j0;
+    const int label_at = label >= 0 && at >= 0 && at < N ? static_cast<int>(at) : -1;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float dx = x[i] - sa.shift;
+      const float xr = dx * inv_temperature;
+      const float lp = xr - sa.offset;
+      const float p = ex2(dx * scale) * norm_a;
+      float inner = fmaf(ge, lp, c);  // the p-weighted part of -g
+      float g = 0.f;
+      if constexpr (DIV_ROW == kForwardKL) {
+        g = gd * (p - ex2((z[i] - sb.shift) * scale) * norm_b);
+      } else if constexpr (DIV_ROW == kReverseKL) {
+        inner -= gd * (xr - (z[i] - centre) * inv_temperature - s);
+      } else if constexpr (needs_second_sweep(DIV_ROW)) {
+        const float lq = (z[i] - sb.shift) * inv_temperature - sb.offset;
+        g = lp > -kInf ? gd * div_centred<DIV_ROW>(lp, lq, p, fprime_k, s, prm) : 0.f;
+      }
+      g += p > 0.f ? -p * inner : 0.f;
+      g = i == label_at ? g + gl : g;
+      out[i] = fmaf(g, inv_temperature, guard);
     }
-    g += p > 0.f ? -p * inner : 0.f;
-    g = j == label ? g + gl : g;
-    return g * inv_temperature + guard;
   });
 }
 
 template <int DT, int DIV>
-__global__ void backward_kernel(BackwardArgs args, DivParams prm) {
+__global__ void __launch_bounds__(kMaxThreads, 2) backward_kernel(BackwardArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
   const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const int64_t vocab = args.vocab;
@@ -455,17 +319,30 @@ __global__ void backward_kernel(BackwardArgs args, DivParams prm) {
   }
 }
 
-int threads_for(int64_t vocab) { return vocab >= 16384 ? 512 : (vocab >= 2048 ? 256 : 128); }
+int threads_for(int64_t vocab) {
+  return vocab >= 16384 ? kMaxThreads : (vocab >= 2048 ? 256 : 128);
+}
 
 unsigned grid_for(int64_t n_rows) {
   const int64_t cap = int64_t(1) << 20;  // rows beyond it are visited grid-stride
   return static_cast<unsigned>(n_rows < cap ? n_rows : cap);
 }
 
+// Calls f with std::true_type or std::false_type for a run-time flag.
+template <class F>
+void dispatch_flag(bool flag, F&& f) {
+  if (flag)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 template <int DT, int DIV>
 void launch_forward(const ForwardArgs& a, cudaStream_t s) {
-  forward_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(
-      a, make_div_params(a.beta, a.alpha));
+  dispatch_flag(a.entropy != nullptr, [&](auto ent) {
+    forward_kernel<DT, DIV, decltype(ent)::value>
+        <<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a, make_div_params(a.beta, a.alpha));
+  });
 }
 
 template <int DT, int DIV>
@@ -476,7 +353,10 @@ void launch_backward(const BackwardArgs& a, cudaStream_t s) {
 
 template <int DT, int DIV>
 void launch_fold(const FoldArgs& a, cudaStream_t s) {
-  fold_kernel<DT, DIV><<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a);
+  dispatch_flag(a.ent_acc != nullptr, [&](auto ent) {
+    fold_kernel<DT, DIV, decltype(ent)::value>
+        <<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a);
+  });
 }
 
 template <int DT, int DIV>

@@ -149,12 +149,18 @@ def _common(logits: torch.Tensor, labels, ref_logits, weight, spec: OpSpec) -> d
     )
 
 
+# The prefix of the profiler label of each extension call (``prefopt_kernels::native_fold``, ...):
+# they are not aten ops, so a trace would not show them otherwise.
+PROFILER_LABEL = "prefopt_kernels::native_"
+
+
 def _launch(fn_name: str, device: torch.device, **kwargs) -> None:
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(_C, f"cuda_{fn_name}")(stream=stream, **kwargs)
-    else:
-        getattr(_C, f"cpu_{fn_name}")(num_threads=torch.get_num_threads(), **kwargs)
+    with torch.profiler.record_function(PROFILER_LABEL + fn_name):
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device).cuda_stream
+            getattr(_C, f"cuda_{fn_name}")(stream=stream, **kwargs)
+        else:
+            getattr(_C, f"cpu_{fn_name}")(num_threads=torch.get_num_threads(), **kwargs)
 
 
 def _contiguous(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -222,37 +228,31 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
 def fold(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch.Tensor],
          ref_logits: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec,
          v0: int) -> row_state.RowState:
-    """``state`` merged with the first-pass state of the vocabulary slice ``[v0, v0 + Vs)``.
+    """Merge the first-pass state of the vocabulary slice ``[v0, v0 + Vs)`` into ``state`` in
+    place (one kernel launch), and return ``state``.
 
     ``logits``/``ref_logits``: ``[B, T, Vs]`` views of the slice (vocab stride 1, any batch
     and token strides, as :func:`forward`), ``labels`` ``[N]`` int64 global ids or ``None``,
     ``weight`` ``[N]`` fp32 or ``None``; ``state`` a :class:`~row_state.RowState` of ``N``
-    rows. The kernel runs the forward's first pass over the slice and writes its state, per
-    row with ``u = (a - m_a) / T``: ``max = m_a``, ``sum_exp = sum exp(u)``, ``argmax`` the
-    global index ``v0 + j`` of the slice's first max (int64, -1 where ``m_a = -inf``),
-    ``label_logit``/``ref_label_logit`` the raw ``a_y``/``b_y`` where ``v0 <= y < v0 + Vs``
-    (else 0), ``ref_at_argmax`` the raw ``b`` at ``argmax`` (0 at -1), and the accumulators
-    ``state`` carries (``ent_acc``; ``fkl_acc``/``rkl_acc`` on rows with the divergence
-    term, ``rkl_acc`` centred at the slice's own ``b_k``). Rows that are not read give the
-    empty state. Every field fp32 ``[N]`` but ``argmax``; merged by :func:`row_state.merge`.
+    rows whose fields are contiguous (fp32, ``argmax`` int64). The kernel runs the forward's
+    first pass over the slice, per row with ``u = (a - m_a) / T``: ``m_a``, ``sum exp(u)``,
+    the global index ``v0 + j`` of the slice's first max (-1 where ``m_a = -inf``), the raw
+    ``a_y``/``b_y`` where ``v0 <= y < v0 + Vs``, the raw ``b`` at that max, and the
+    accumulators ``state`` carries (``ent_acc``; ``fkl_acc``/``rkl_acc`` on rows with the
+    divergence term, ``rkl_acc`` centred at the slice's own ``b_k``), in double on the CPU;
+    its epilogue merges them into the row's running state as :func:`row_state.merge` does
+    (``csrc/include/prefopt/fold_state.h``). Rows that are not read are left as they are.
     """
-    n = state.max.shape[0]
-    device = logits.device
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
-
-    def out(field: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        # The slice's state has the fields ``state`` has: fp32, the argmax int64.
-        if field is None:
-            return None
-        return torch.empty(n, dtype=torch.float32 if field.is_floating_point() else field.dtype, device=device)
-
     names = [f.name for f in fields(row_state.RowState)]
-    piece = row_state.RowState(**{name: out(getattr(state, name)) for name in names})
+    for name, field in state.tensors().items():
+        if not field.is_contiguous():
+            raise ValueError(f"fold: state.{name} must be contiguous (the kernel updates it in place)")
     has_ref = state.ref_max is not None
-    _launch("fold", device, **_common(logits, labels, ref_logits if has_ref else None, weight, spec),
-            v0=int(v0), **_pointers(vars(piece), names))
-    return row_state.merge(state, piece, spec)
+    _launch("fold", logits.device, **_common(logits, labels, ref_logits if has_ref else None, weight, spec),
+            v0=int(v0), **_pointers(vars(state), names))
+    return state
 
 
 def sweep(stats: RowStats, logits: torch.Tensor, ref_logits: torch.Tensor, labels: Optional[torch.Tensor],

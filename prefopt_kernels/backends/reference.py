@@ -212,10 +212,12 @@ def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
 
 
 def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int):
-    """``state`` merged with the first-pass state of the slice ``[v0, v0 + Vs)`` of every row.
+    """Merge the first-pass state of the slice ``[v0, v0 + Vs)`` of every row into ``state`` in
+    place (:func:`row_state.merge_into`), and return ``state``.
 
     ``logits``/``ref_logits``: ``[..., Vs]`` slices (flattened to ``[N, Vs]``); ``labels``
-    ``[N]`` global ids. The slice's state is formed in float64 and stored in the state's dtype.
+    ``[N]`` global ids. The slice's state is formed in float64 and rounded to the state's
+    dtype before the merge.
     """
     n, width = state.max.shape[0], logits.shape[-1]
     x = logits.reshape(n, width).to(torch.float64)
@@ -261,7 +263,7 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
             centre = torch.where(piece.ref_at_argmax == -math.inf, 0.0, piece.ref_at_argmax.to(torch.float64))
             rel = u - (y - centre[:, None]) * inv_temperature
             piece.rkl_acc = torch.where(div_on[:, None] & (e > 0), e * rel, 0.0).sum(-1).to(dtype)
-    return row_state.merge(state, piece, spec)
+    return row_state.merge_into(state, piece, spec)
 
 
 def _log_probs(x, shift, offset, inv_temperature):

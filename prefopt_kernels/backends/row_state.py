@@ -1,7 +1,9 @@
 r"""Mergeable per-row states: one protocol for whole rows, vocabulary tiles and vocabulary shards.
 
 A row's first pass over any slice ``[v0, v1)`` of the vocabulary yields a :class:`RowState`;
-states of disjoint slices merge associatively and commutatively (:func:`merge`), and
+states of disjoint slices merge associatively and commutatively (:func:`merge`); a backend's
+``fold(state, slice...)`` merges a slice's state into a running ``state`` in place (the native
+and Triton kernels in their epilogue, so a slice costs one launch), and
 :func:`finalize` turns the state of the whole vocabulary into the forward's
 :class:`~prefopt_kernels.backends.RowStats`. The divergences with a second sweep (js, tv,
 hellinger, chi2, alpha) then sum ``q f(t)`` and the centred ``p (f'(t) - f'(t_k))`` per slice
@@ -154,6 +156,17 @@ def merge(s1: RowState, s2: RowState, spec: OpSpec) -> RowState:
             shift2 = d2 - (_centre(s2.ref_at_argmax) - centre) * inv_temperature
             out.rkl_acc = _scaled(c1, s1.rkl_acc, shift1, s1.sum_exp) + _scaled(c2, s2.rkl_acc, shift2, s2.sum_exp)
     return out
+
+
+def merge_into(state: RowState, piece: RowState, spec: OpSpec) -> RowState:
+    """``state`` set to :func:`merge` ``(state, piece)`` in place (each field copied back); returns ``state``.
+
+    The fold contract of every backend: the native and Triton kernels do this merge in their
+    epilogue, the reference backend here.
+    """
+    for name, value in merge(state, piece, spec).tensors().items():
+        getattr(state, name).copy_(value)
+    return state
 
 
 def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[torch.Tensor],

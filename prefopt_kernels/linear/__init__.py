@@ -16,15 +16,18 @@ How a call runs (the same for every op and divergence):
 * **Tiles.** The kept rows go in token chunks; each chunk's logits are produced one
   vocabulary chunk at a time by ``torch.mm`` into one reused fp32 buffer (a half-precision
   GEMM writes fp32 directly on CUDA; on a CPU its half result is widened) and the bias,
-  scale and softcap act on fp32 values; the tile is then folded into mergeable per-row
-  states by the backend's ``fold`` kernel (:mod:`prefopt_kernels.backends.row_state`).
-  The tile shape comes from ``memory_budget``. Divergences with a second sweep (js, tv,
-  hellinger, chi2, alpha) project every tile once more, after the normalisers are known.
-* **Backward.** Each tile is projected again and turned into ``dL/dz`` in place by the
-  backend's ``slice_backward`` (from the saved per-row statistics alone), then into the
-  gradient of ``h W^T + c``; ``d h = dz W`` and ``d W = dz^T h`` accumulate in fp32 and are
-  cast once at the end. Gradients reach the policy's ``hidden``, ``head_weight`` and
-  ``head_bias`` only.
+  scale and softcap act on fp32 values; the backend's ``fold`` kernel then merges the tile
+  into the rows' running states in place (:mod:`prefopt_kernels.backends.row_state`): per
+  tile, one GEMM per head and one launch. The tile shape comes from ``memory_budget``.
+  Divergences with a second sweep (js, tv, hellinger, chi2, alpha) project every tile once
+  more, after the normalisers are known.
+* **Backward.** Vocabulary chunks outside, token chunks inside: each tile is projected
+  again and turned into ``dL/dz`` in place by the backend's ``slice_backward`` (from the
+  saved per-row statistics alone), then into the gradient of ``h W^T + c``; ``d h = dz W``
+  and ``d W = dz^T h`` accumulate in fp32, a bf16/fp16 head's weight gradient one vocabulary
+  chunk at a time (cast into the output when the chunk is done), so the workspace stays
+  within ``memory_budget + 16 N H`` bytes. Gradients reach the policy's ``hidden``,
+  ``head_weight`` and ``head_bias`` only.
 
 Head weights that are FSDP2 ``DTensor``\ s are gathered with ``full_tensor()`` before the
 call (its backward reduces the gradient); DeepSpeed ZeRO-3 partitioned weights are gathered

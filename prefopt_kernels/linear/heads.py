@@ -37,15 +37,20 @@ class Head:
         half-precision GEMM on a device that cannot write it in fp32 (a CPU; CUDA before torch 2.8)."""
         return self.gemm_dtype != FP32 and not (self.weight.device.type == "cuda" and _GEMM_OUT_DTYPE)
 
+    def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
+        """``W[v0:v1]`` in ``gemm_dtype`` (a view when the weight already has it)."""
+        return self.weight[v0:v1].to(self.gemm_dtype)
+
     def project(self, hidden: torch.Tensor, v0: int, v1: int, out: torch.Tensor,
-                gemm_out: Optional[torch.Tensor]) -> torch.Tensor:
+                gemm_out: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``out = transform(hidden @ W[v0:v1]^T + c[v0:v1])`` in fp32: ``hidden`` ``[n, H]`` in ``gemm_dtype``.
 
         ``out`` is an fp32 ``[n, v1 - v0]`` tile; ``gemm_out`` a tile of the same shape in
-        ``gemm_dtype`` when the head is ``widened``. Bias, scale and softcap act on fp32
-        values whatever the GEMM's dtype.
+        ``gemm_dtype`` when the head is ``widened``; ``weight`` the :meth:`weight_chunk` when
+        the caller holds it already. Bias, scale and softcap act on fp32 values whatever the
+        GEMM's dtype.
         """
-        weight = self.weight[v0:v1].to(self.gemm_dtype)
+        weight = self.weight_chunk(v0, v1) if weight is None else weight
         if self.gemm_dtype == FP32:
             torch.mm(hidden, weight.t(), out=out)
         elif self.widened:
@@ -77,7 +82,11 @@ class Head:
 
 
 def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` in fp32 (``acc`` fp32), without rounding the product to ``a``'s dtype."""
+    """``acc += a @ b`` in fp32 (``acc`` fp32), without rounding the product to ``a``'s dtype.
+
+    One GEMM: half operands go to an fp32-output GEMM where the device has one (CUDA), and
+    are otherwise passed here already widened to fp32 by the caller.
+    """
     if a.dtype == FP32 and b.dtype == FP32:
         acc.addmm_(a, b)
     elif acc.device.type == "cuda" and _GEMM_OUT_DTYPE and a.dtype == b.dtype:

@@ -1,6 +1,7 @@
 """The two passes of a fused linear call over its tiles: the forward folds every projected tile
-into row states (and sweeps it again for a second-sweep divergence), the backward re-projects
-every tile and accumulates the gradients of the hidden states, the head weight and its bias."""
+into the rows' running states in place (and sweeps it again for a second-sweep divergence), the
+backward re-projects every tile, vocabulary chunk by vocabulary chunk, and accumulates the
+gradients of the hidden states, the head weight and its bias."""
 
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ class LinearCall:
     def reference(self) -> Optional[Head]:
         return self.heads[1] if len(self.heads) > 1 else None
 
-    def plan(self, backward: bool) -> TilePlan:
+    def plan(self, backward: bool, weight_grad: bool = False) -> TilePlan:
+        """The tile plan of a forward or backward pass (``weight_grad``: the backward
+        accumulates the head weight's gradient)."""
         return TilePlan(self.heads, self.index.numel(), self.vocab, self.spec.memory_budget, self.spec.extras,
-                        backward)
+                        backward, weight_grad)
 
 
 def backend_rows(tile: torch.Tensor) -> torch.Tensor:
@@ -56,12 +59,19 @@ def stats_rows(stats: RowStats, t0: int, t1: int) -> RowStats:
     return RowStats(**{f.name: _chunk_of(getattr(stats, f.name), t0, t1) for f in fields(RowStats)})
 
 
+def state_rows(state: row_state.RowState, t0: int, t1: int) -> row_state.RowState:
+    """The running state of rows ``[t0, t1)``: contiguous views that a ``fold`` updates in place."""
+    return row_state.RowState(**{name: value[t0:t1] for name, value in state.tensors().items()})
+
+
 def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
     """Fold every tile of every kept row; return their :class:`RowStats` and the extras asked for.
 
-    ``hidden`` holds each head's hidden states. The per-chunk states are concatenated and
-    finished once (merged over the shards' group first, when sharded), so the collectives do
-    not depend on the tiling.
+    ``hidden`` holds each head's hidden states. Per tile: one GEMM per head and one ``fold``
+    launch, which merges the tile into the rows' running state in place; ``mean_logits``
+    adds one GEMV, ``log_sum_sq_probs`` a few elementwise ops. The state is finished once
+    (merged over the shards' group first, when sharded), so the collectives do not depend on
+    the tiling.
     """
     op, backend, shard, extras = call.spec.op, call.backend, call.shard, call.spec.extras
     device = hidden[0].device
@@ -71,8 +81,9 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
     want_sum, want_squares = "mean_logits" in extras, "log_sum_sq_probs" in extras
     n_rows = call.index.numel()
     state = row_state.empty(n_rows, op, has_ref, device)
-    logit_sum = torch.zeros(n_rows, dtype=FP32, device=device)
-    square_sum = torch.zeros(n_rows, dtype=FP32, device=device)
+    logit_sum = torch.zeros(n_rows, dtype=FP32, device=device) if want_sum else None
+    ones = torch.ones(plan.vocab_chunk, dtype=FP32, device=device) if want_sum else None
+    square_sum = torch.zeros(n_rows, dtype=FP32, device=device) if want_squares else None
 
     def chunk_rows(t0, t1):
         index = call.index[t0:t1]
@@ -86,19 +97,17 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
     for t0, t1 in plan.token_ranges:
         labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
         rows = chunk_rows(t0, t1)
-        chunk = row_state.empty(t1 - t0, op, has_ref, device)
+        chunk = state_rows(state, t0, t1)
         for v0, v1 in plan.vocab_ranges:
             a, b = project(rows, v0, v1)
-            previous_max = chunk.max
-            chunk = backend.fold(chunk, backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
-                                 shard.v0 + v0)
+            previous_max = chunk.max.clone() if want_squares else None
+            backend.fold(chunk, backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
+                         shard.v0 + v0)
             if want_sum:
-                logit_sum[t0:t1] += a.sum(-1, dtype=FP32)
+                logit_sum[t0:t1].addmv_(a, ones[:v1 - v0])
             if want_squares:
                 square_sum[t0:t1] = _fold_square_sum(square_sum[t0:t1], previous_max, chunk.max, a,
                                                      inv_temperature)
-        for name, value in chunk.tensors().items():
-            getattr(state, name)[t0:t1] = value
     if shard.group is not None:
         # The extras travel with the state only when asked for.
         extra = ((logit_sum,) if want_sum else ()) + ((state.max, square_sum) if want_squares else ())
@@ -120,8 +129,8 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
                 a, b = project(rows, v0, v1)
                 value, centred = backend.sweep(chunk_stats, backend_rows(a), backend_rows(b), labels, weight, op,
                                                shard.v0 + v0)
-                value_sum[t0:t1] += value
-                centred_sum[t0:t1] += centred
+                value_sum[t0:t1].add_(value)
+                centred_sum[t0:t1].add_(centred)
         stats = distributed.finish_second_pass(stats, value_sum, centred_sum, call.labels, call.weight, op,
                                                shard.group)
     extra_values = {}
@@ -154,56 +163,80 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
     """Re-project every tile, turn it into ``dL/d(h W^T + c)`` and accumulate the three gradients.
 
     ``needs`` flags the gradients of the policy's hidden states, head weight and bias; returns
-    them (``None`` where not asked for).
+    them (``None`` where not asked for). The loop runs over vocabulary chunks, and inside over
+    token chunks: a chunk's weight gradient ``sum_t dz_t^T h_t`` is complete when its token
+    loop ends, so a bf16/fp16 head accumulates it in one fp32 ``[vocab chunk, H]`` buffer of
+    the plan and casts it into its rows of the output once, never in an fp32 ``[V, H]``
+    (an fp32 head accumulates straight into its output). Per tile: one GEMM per head, one
+    ``slice_backward`` launch and the two gradient GEMMs, and the logit transform's
+    derivative only where a softcap or scale asks for it. Workspace besides the plan's tiles
+    (:func:`~prefopt_kernels.linear.tiles.tile_costs`): the kept rows of each head's hidden
+    states in the GEMM dtype (and widened to fp32 for a widened head's weight gradient), and
+    the fp32 ``[n, H]`` gradient of the kept rows, at most ``16 n H`` bytes with equal hidden
+    sizes.
     """
     op, backend, shard = call.spec.op, call.backend, call.shard
     policy, reference = call.policy, call.reference
     policy_hidden = hidden[0]
     device = policy_hidden.device
     needs_hidden, needs_weight, needs_bias = needs
-    plan = call.plan(backward=True)
+    plan = call.plan(backward=True, weight_grad=needs_weight)
     has_ref = reference is not None
     separate_grad = fp32_tile_count(call.heads, True) > len(call.heads)
-    # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
-    hidden_grad_dtype = policy_hidden.dtype if shard.group is None else FP32
-    grad_hidden = (torch.zeros(policy_hidden.shape, dtype=hidden_grad_dtype, device=device)
-                   if needs_hidden else None)
-    grad_weight = torch.zeros(policy.weight.shape, dtype=FP32, device=device) if needs_weight else None
+    n_rows = call.index.numel()
+    h = gather_rows(policy_hidden, call.index, policy.gemm_dtype)
+    h_ref = gather_rows(hidden[1], call.index, reference.gemm_dtype) if has_ref else None
+    # A widened head's GEMMs run in fp32: its rows are widened once, not per tile.
+    h_weight_grad = h.float() if policy.widened and needs_weight else h
+    grad_h = torch.zeros((n_rows, policy_hidden.shape[-1]), dtype=FP32, device=device) if needs_hidden else None
+    # The weight gradient of an fp32 head is its own accumulator; a half one's rows are cast into it.
+    grad_weight = None
+    if needs_weight:
+        make = torch.zeros if policy.weight.dtype == FP32 else torch.empty
+        grad_weight = make(policy.weight.shape, dtype=policy.weight.dtype, device=device)
     grad_bias = torch.zeros(policy.bias.shape, dtype=FP32, device=device) if needs_bias else None
-    for t0, t1 in plan.token_ranges:
-        index = call.index[t0:t1]
-        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
-        chunk_stats = stats_rows(stats, t0, t1)
-        g = {k: v[t0:t1] for k, v in upstream.items()}
-        h = gather_rows(policy_hidden, index, policy.gemm_dtype)
-        h_ref = gather_rows(hidden[1], index, reference.gemm_dtype) if has_ref else None
-        # A widened head's GEMMs run in fp32: its rows are widened once per chunk, not per tile.
-        h_weight_grad = h.float() if policy.widened and needs_weight else h
-        n = t1 - t0
-        grad_h = torch.zeros((n, policy_hidden.shape[-1]), dtype=FP32, device=device) if needs_hidden else None
-        for v0, v1 in plan.vocab_ranges:
-            width = v1 - v0
-            a = plan.project(policy, h, v0, v1, 0)
-            b = plan.project(reference, h_ref, v0, v1, 1) if has_ref else None
+    ones = torch.ones(plan.token_chunk, dtype=FP32, device=device) if needs_bias else None
+    for v0, v1 in plan.vocab_ranges:
+        width = v1 - v0
+        w_gemm = policy.weight_chunk(v0, v1)
+        w_hidden_grad = w_gemm.float() if policy.widened and needs_hidden else w_gemm
+        w_ref = reference.weight_chunk(v0, v1) if has_ref else None
+        weight_acc = None
+        if needs_weight:
+            weight_acc = grad_weight[v0:v1] if grad_weight.dtype == FP32 else plan.weight_grad(width).zero_()
+        for t0, t1 in plan.token_ranges:
+            n = t1 - t0
+            labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+            g = {k: v[t0:t1] for k, v in upstream.items()}
+            a = plan.project(policy, h[t0:t1], v0, v1, 0, w_gemm)
+            b = plan.project(reference, h_ref[t0:t1], v0, v1, 1, w_ref) if has_ref else None
             dz = plan.tile(1 + has_ref, n, width) if separate_grad else a
             backend.slice_backward(backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
-                                   chunk_stats, g.get("logp"), g.get("entropy"), g.get("div"), backend_rows(dz),
-                                   shard.v0 + v0)
+                                   stats_rows(stats, t0, t1), g.get("logp"), g.get("entropy"), g.get("div"),
+                                   backend_rows(dz), shard.v0 + v0)
             dz = policy.pre_transform_grad(dz, a)
             dz_gemm = policy.gemm_operand(dz)
+            if policy.widened:
+                dz_gemm = dz_gemm.float()  # the rounded gradient, widened once for both fp32 GEMMs
             if grad_h is not None:
-                accumulate(grad_h, dz_gemm, policy.weight[v0:v1].to(policy.gemm_dtype))
-            if grad_weight is not None:
-                accumulate(grad_weight[v0:v1], dz_gemm.t(), h_weight_grad)
+                accumulate(grad_h[t0:t1], dz_gemm, w_hidden_grad)
+            if weight_acc is not None:
+                accumulate(weight_acc, dz_gemm.t(), h_weight_grad[t0:t1])
             if grad_bias is not None:
-                grad_bias[v0:v1] += dz.sum(0, dtype=FP32)
-        if grad_h is not None:
-            scatter_rows(grad_hidden, index, grad_h)
-    if grad_hidden is not None and shard.group is not None:
-        distributed.all_reduce_sum(grad_hidden, process_group=shard.group)
-        grad_hidden = grad_hidden.to(policy_hidden.dtype)
+                grad_bias[v0:v1].addmv_(dz.t(), ones[:n])
+        if weight_acc is not None and grad_weight.dtype != FP32:
+            grad_weight[v0:v1].copy_(weight_acc)
+    grad_hidden = None
+    if grad_h is not None:
+        # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
+        grad_hidden = torch.zeros(policy_hidden.shape, dtype=policy_hidden.dtype if shard.group is None else FP32,
+                                  device=device)
+        scatter_rows(grad_hidden, call.index, grad_h)
+        if shard.group is not None:
+            distributed.all_reduce_sum(grad_hidden, process_group=shard.group)
+            grad_hidden = grad_hidden.to(policy_hidden.dtype)
     return (
         grad_hidden,
-        None if grad_weight is None else grad_weight.to(policy.weight.dtype),
+        grad_weight,
         None if grad_bias is None else grad_bias.to(policy.bias.dtype),
     )

@@ -3,7 +3,7 @@ and the reused fp32 tile buffers."""
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,6 +13,9 @@ MAX_TOKEN_CHUNK = 4096
 # A vocabulary chunk narrower than this makes the GEMMs inefficient: the planner shrinks
 # the token chunk first.
 MIN_VOCAB_CHUNK = 256
+# Vocabulary chunks narrower than the vocabulary are a multiple of this: every tile row then
+# starts 64-byte aligned in fp32, so the kernels stream it with full-width vector loads.
+VOCAB_CHUNK_ALIGN = 16
 
 
 def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: int, budget: int):
@@ -21,12 +24,15 @@ def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: in
     A tile of ``t x v`` costs ``t * v * bytes_per_entry`` (every ``[t, v]`` buffer and
     temporary the call keeps at once) plus ``v * bytes_per_column`` (the head weight's
     chunk converted to the GEMM dtype). Token chunks hold at most 4096 rows; the token chunk
-    shrinks before the vocabulary chunk drops below 256 entries. Both are at least 1.
+    shrinks before the vocabulary chunk drops below 256 entries. A vocabulary chunk narrower
+    than ``vocab`` is a multiple of 16 entries where the budget allows one. Both are at least 1.
     """
     token_chunk = max(1, min(rows, MAX_TOKEN_CHUNK))
     while True:
         vocab_chunk = budget // (token_chunk * bytes_per_entry + bytes_per_column)
         if vocab_chunk >= min(vocab, MIN_VOCAB_CHUNK) or token_chunk == 1:
+            if VOCAB_CHUNK_ALIGN <= vocab_chunk < vocab:
+                vocab_chunk -= vocab_chunk % VOCAB_CHUNK_ALIGN
             return token_chunk, max(1, min(vocab, vocab_chunk))
         token_chunk = max(1, token_chunk // 2)
 
@@ -41,10 +47,12 @@ def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def tile_costs(heads: Sequence[Head], extras: tuple, backward: bool) -> Tuple[int, int]:
+def tile_costs(heads: Sequence[Head], extras: tuple, backward: bool, weight_grad: bool = False) -> Tuple[int, int]:
     """``(bytes per tile entry, bytes per vocabulary column)`` of one pass's buffers and temporaries.
 
-    ``heads`` are the call's (policy first); ``extras`` the extra outputs the forward computes.
+    ``heads`` are the call's (policy first); ``extras`` the extra outputs the forward computes;
+    ``weight_grad``: the backward accumulates the policy weight's gradient, which costs a
+    bf16/fp16 head an fp32 row per vocabulary column (an fp32 head accumulates in its output).
     """
     entry = 4 * fp32_tile_count(heads, backward)
     entry += sum(_size(dtype) for dtype in {h.gemm_dtype for h in heads if h.widened})
@@ -55,7 +63,7 @@ def tile_costs(heads: Sequence[Head], extras: tuple, backward: bool) -> Tuple[in
         if policy.gemm_dtype != FP32:
             entry += _size(policy.gemm_dtype)  # the gradient rounded for a half-precision GEMM
         if policy.widened:
-            entry += 4  # that gradient widened again for the fp32 GEMM
+            entry += 4  # that gradient widened again for the fp32 GEMMs
     elif "log_sum_sq_probs" in extras:
         entry += 4  # the fp32 copy of the tile that the square sum exponentiates
     column = 0
@@ -64,17 +72,23 @@ def tile_costs(heads: Sequence[Head], extras: tuple, backward: bool) -> Tuple[in
             column += head.weight.shape[1] * _size(head.gemm_dtype)
     if backward and policy.widened:
         column += policy.weight.shape[1] * 4  # the head's chunk widened for the fp32 accumulation
+    if backward and weight_grad and policy.weight.dtype != FP32:
+        column += policy.weight.shape[1] * 4  # the chunk's fp32 weight-gradient accumulator
     return entry, column
 
 
 class TilePlan:
     """The token and vocabulary ranges of one pass over ``rows`` kept tokens, and its reused
-    tile buffers: contiguous ``[n, v]`` views of flat storage (``fp32_tile_count`` fp32 tiles,
-    and one tile per GEMM dtype of the heads whose GEMM result is widened to fp32 after)."""
+    buffers: contiguous ``[n, v]`` views of flat storage (``fp32_tile_count`` fp32 tiles,
+    and one tile per GEMM dtype of the heads whose GEMM result is widened to fp32 after), and
+    in a backward with ``weight_grad`` for a bf16/fp16 head, the fp32 ``[vocab chunk, H]``
+    weight-gradient accumulator. Every buffer and temporary of a pass fits ``budget`` bytes
+    (:func:`tile_costs`, :func:`plan_tiles`): :meth:`workspace_bytes` of them."""
 
-    def __init__(self, heads: Sequence[Head], rows: int, vocab: int, budget: int, extras: tuple, backward: bool):
-        entry, column = tile_costs(heads, extras, backward)
-        self.token_chunk, self.vocab_chunk = plan_tiles(rows, vocab, entry, column, budget)
+    def __init__(self, heads: Sequence[Head], rows: int, vocab: int, budget: int, extras: tuple, backward: bool,
+                 weight_grad: bool = False):
+        self.entry_bytes, self.column_bytes = tile_costs(heads, extras, backward, weight_grad)
+        self.token_chunk, self.vocab_chunk = plan_tiles(rows, vocab, self.entry_bytes, self.column_bytes, budget)
         self.token_ranges: List[Tuple[int, int]] = [(t0, min(t0 + self.token_chunk, rows))
                                                     for t0 in range(0, rows, self.token_chunk)]
         self.vocab_ranges: List[Tuple[int, int]] = [(v0, min(v0 + self.vocab_chunk, vocab))
@@ -83,13 +97,29 @@ class TilePlan:
         size = self.token_chunk * self.vocab_chunk
         self._fp32 = [torch.empty(size, dtype=FP32, device=device) for _ in range(fp32_tile_count(heads, backward))]
         self._gemm = {h.gemm_dtype: torch.empty(size, dtype=h.gemm_dtype, device=device) for h in heads if h.widened}
+        policy = heads[0]
+        self._hidden_size = policy.weight.shape[1]
+        self._weight_grad = None
+        if backward and weight_grad and policy.weight.dtype != FP32:
+            self._weight_grad = torch.empty(self.vocab_chunk * self._hidden_size, dtype=FP32, device=device)
+
+    def workspace_bytes(self) -> int:
+        """The bytes of the plan's buffers and temporaries at their largest tile: at most the budget
+        (unless even a ``1 x 1`` tile does not fit)."""
+        return self.token_chunk * self.vocab_chunk * self.entry_bytes + self.vocab_chunk * self.column_bytes
 
     def tile(self, i: int, n: int, v: int) -> torch.Tensor:
         """fp32 tile ``i`` as a contiguous ``[n, v]`` view."""
         return self._fp32[i][: n * v].view(n, v)
 
-    def project(self, head: Head, hidden: torch.Tensor, v0: int, v1: int, i: int) -> torch.Tensor:
-        """``head``'s fp32 logits of ``hidden`` ``[n, H]`` over ``[v0, v1)``, in fp32 tile ``i``."""
+    def weight_grad(self, v: int) -> torch.Tensor:
+        """The fp32 weight-gradient accumulator of a ``v``-row vocabulary chunk, ``[v, H]`` (uninitialised)."""
+        return self._weight_grad[: v * self._hidden_size].view(v, self._hidden_size)
+
+    def project(self, head: Head, hidden: torch.Tensor, v0: int, v1: int, i: int,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``head``'s fp32 logits of ``hidden`` ``[n, H]`` over ``[v0, v1)``, in fp32 tile ``i``
+        (``weight``: the head's :meth:`~Head.weight_chunk`, when the caller holds it)."""
         n, v = hidden.shape[0], v1 - v0
         gemm_out = self._gemm[head.gemm_dtype][: n * v].view(n, v) if head.widened else None
-        return head.project(hidden, v0, v1, self.tile(i, n, v), gemm_out)
+        return head.project(hidden, v0, v1, self.tile(i, n, v), gemm_out, weight)

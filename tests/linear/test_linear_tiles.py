@@ -12,8 +12,10 @@ from linear_cases import tile_spy  # noqa: F401 - a fixture: pytest finds it amo
 
 @pytest.mark.parametrize("args, expected", [
     # 13 rows, fp32 single head (4 bytes/entry): 13 * 4 * 256 > 6500, so the token chunk halves
-    # to 6; then 6500 // 24 = 270 >= 256.
-    ((13, 300, 4, 0, 6500), (6, 270)),
+    # to 6; then 6500 // 24 = 270 >= 256, rounded down to a multiple of 16: 256.
+    ((13, 300, 4, 0, 6500), (6, 256)),
+    # t = 1: 1000 // 4 = 250 < 300 = V, rounded down to 240; below 16 entries no rounding (10 // 4 = 2 above).
+    ((1, 300, 4, 0, 1000), (1, 240)),
     # Plenty of budget: the token chunk is capped at 4096 rows; 2^26 // (4096 * 4) = 4096.
     ((10000, 50000, 4, 0, 64 * 2**20), (4096, 4096)),
     # Nothing fits: halve to one row, then the vocabulary chunk is what is left (10 // 4 = 2).
@@ -40,6 +42,8 @@ def test_plan_tiles_fits_budget():
                         assert t * v * entry + v * column <= budget, (rows, vocab, entry, column, budget, t, v)
                     if t > 1:  # the token chunk shrinks first
                         assert v >= min(vocab, 256)
+                    if 16 <= v < vocab:  # a partial vocabulary chunk keeps tile rows aligned
+                        assert v % 16 == 0
 
 
 def _uneven(rows, vocab, plan):

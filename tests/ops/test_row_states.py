@@ -1,8 +1,9 @@
 """Row states: any cut of the vocabulary, folded and merged in any order, gives the whole-row result.
 
 Every row is cut into k random slices (k = 1..7, uneven, empty ones included, and slices
-whose logits are all ``-inf``); the slices are folded into states in a random order and the
-states merged in a random order; the second sweep's partial sums are added in a random
+whose logits are all ``-inf``); the slices are folded in a random order, some one after
+another into one running state (in place: the kernels' merge epilogue), the others into
+states of their own, and the states merged in a random order; the second sweep's partial sums are added in a random
 order; each slice's gradient comes from the final statistics alone. Values and gradients
 must meet the numerics contract against the float64 oracle and agree with the backend's own
 whole-row op.
@@ -54,12 +55,18 @@ def _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng):
     n = rows.shape[0] * rows.shape[1]
     order = list(range(len(cuts)))
     rng.shuffle(order)
-    pieces = []
+    # A random share of the slices is folded one after another into one running state (the
+    # kernels' merge epilogue), each of the others into an empty state of its own.
+    running = row_state.empty(n, spec, ref_rows is not None, rows.device)
+    pieces = [running]
     for idx in order:
         v0, v1 = cuts[idx]
-        state = row_state.empty(n, spec, ref_rows is not None, rows.device)
-        pieces.append(module.fold(state, rows[..., v0:v1], labels,
-                                  None if ref_rows is None else ref_rows[..., v0:v1], weight, spec, v0))
+        state = running if rng.random() < 0.5 else row_state.empty(n, spec, ref_rows is not None, rows.device)
+        folded = module.fold(state, rows[..., v0:v1], labels,
+                             None if ref_rows is None else ref_rows[..., v0:v1], weight, spec, v0)
+        assert folded is state
+        if state is not running:
+            pieces.append(state)
     stats = row_state.finalize(_merge_in_random_order(pieces, spec, rng), labels, weight, spec)
     if spec.divergence and Divergence(spec.divergence).second_sweep:
         rng.shuffle(order)

@@ -157,14 +157,15 @@ struct BackwardArgs : SavedStatsArgs {
   }
 };
 
-// The first pass over one vocabulary slice [v0, v0 + vocab) of every row: the slice's own
-// RowState (softmax_state.h) per row, to be merged with the other slices' states. The logits
-// are the slice's [B, T, vocab] view; labels hold global ids. Outputs, [n_rows]: fp32, but
-// argmax int64 (global index of the slice's first policy max, -1 when that max is -inf or
-// the row is skipped). Skipped rows get the empty state (maxima -inf, sums 0, labels 0).
-// label_logit / ref_label_logit are the raw logits at the label where the slice holds it,
-// else 0; ref_at_argmax the raw reference logit at argmax (0 at -1); fkl_acc / rkl_acc are
-// accumulated only on rows with the divergence term. Null outputs are not computed.
+// The first pass over one vocabulary slice [v0, v0 + vocab) of every row, merged into the
+// row's running RowState (softmax_state.h), whose fields are read and written in place
+// (fold_state.h has the merge). The logits are the slice's [B, T, vocab] view; labels hold
+// global ids. Fields, [n_rows]: fp32, but argmax int64 (global index of the first policy max,
+// -1 while that max is -inf). Skipped rows fold the empty state (maxima -inf, sums 0, labels
+// 0): their running state is left as it is. The slice adds its raw logits at the label to
+// label_logit / ref_label_logit where it holds the label; ref_at_argmax is the raw reference
+// logit at argmax (0 at -1); fkl_acc / rkl_acc are accumulated only on rows with the
+// divergence term. Null fields are not kept.
 struct FoldArgs : RowInputs {
   PREFOPT_FOLD_FIELDS(PREFOPT_DECLARE_FIELD)
 };

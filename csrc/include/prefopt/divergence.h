@@ -71,14 +71,19 @@ inline DivParams make_div_params(double beta, double alpha) {
 // js's logs against the mixture m = beta q + (1 - beta) p, lpm = log(p / m) and
 // lqm = log(q / m), for lp, lq not both -inf, without cancelling lm against a nearly equal
 // log. The side of the larger weight, the "main" one (p for beta <= 1/2, else q), is
-// nearest to m; with b <= 1/2 the other side's weight and w = log(other / main),
-//   log(m / main) = log1p(b expm1(w)) for -1 <= w <= 30, where it is small or grows with w;
-//                   logaddexp(log(1 - b), log b + w) = hi + log1p(exp(lo - hi)) elsewhere;
-//   log(other / m) = w - log(m / main), or -log b - log1p(exp(lo - hi)) once w >= -log b.
+// nearest to m; with b <= 1/2 the other side's weight, w = log(other / main) and
+// u = log b + w = log(b other / main):
+//   log(m / main) = log1p(b expm1(w)) for -1 <= w <= 30 and u < 0, where it is small or
+//                   grows with w ("near");
+//                   logaddexp(log(1 - b), u) = hi + log1p(exp(lo - hi)) elsewhere, a sum of
+//                   two positive terms where u >= 0;
+//   log(other / m) = w - log(m / main), or -log b - log1p(exp(lo - hi)) once u >= 0.
 // The logaddexp forms keep a row-constant part exact, so entries on the plateaus of the
 // logs (q far below or above p) keep their small differences, which the gradient's
 // f'(t_j) - f'(t_k) is made of. The main side = 0 (w = inf) gives log(other / m) = -log b
 // exactly, the other side = 0 gives log(main / m) = -log(1 - b).
+// Each entry takes one form, so one exponential (expm1(w) or exp(lo - hi) <= 1, from one
+// range reduction) and one log1p serve it.
 struct JsLogs {
   float lpm, lqm;
 };
@@ -89,10 +94,18 @@ PREFOPT_HD PREFOPT_INLINE JsLogs js_logs(float lp, float lq, const DivParams& pr
   const bool other_side = u >= prm.js_log_1mb;
   const float hi = other_side ? u : prm.js_log_1mb;
   const float lo = other_side ? prm.js_log_1mb : u;
-  const float tail = fast_log1p(fast_exp(lo - hi));
-  const bool near = w >= -1.f && w <= 30.f;
-  const float g = near ? fast_log1p(prm.js_b * fast_expm1(w)) : hi + tail;  // log(m / main)
-  const float other = w >= -prm.js_log_b ? -prm.js_log_b - tail : w - g;
+  const bool other_large = w >= -prm.js_log_b;  // u >= 0
+  const bool near = w >= -1.f && w <= 30.f && !other_large;
+  const float x = near ? w : lo - hi;
+  // 2^k (1 + expm1(r)) - 1 or 2^k (1 + expm1(r)), as fast_expm1 and fast_exp form them
+  // (k <= 43 on the near side; exp(x) <= 1 flushed to 0 below -87.3 on the other).
+  const Ln2Split s = split_ln2(x);
+  const float em1 = expm1_reduced(s.r);
+  const float scale = exp2_int(s.k);
+  const float e = near ? fmadd(scale, em1, scale - 1.f) : (x < -87.3f ? 0.f : (1.f + em1) * scale);
+  const float l = fast_log1p(near ? prm.js_b * e : e);
+  const float g = near ? l : hi + l;  // log(m / main)
+  const float other = other_large ? -prm.js_log_b - l : w - g;
   return JsLogs{prm.js_q_main > 0.f ? other : -g, prm.js_q_main > 0.f ? -g : other};
 }
 
@@ -114,6 +127,18 @@ PREFOPT_HD PREFOPT_INLINE float alpha_log_mixed(float lp, float lq, const DivPar
   return lq > -kInf ? (prm.near_one > 0.f ? lp : lq) + prm.c * (lp - lq) : edge;
 }
 
+// js's b q log(q/m) + (1-b) p log(p/m) and f'(t) = (1-b) log(p/m) from its logs.
+PREFOPT_HD PREFOPT_INLINE float js_value(float lp, float lq, float p, float q, JsLogs l,
+                                         const DivParams& prm) {
+  const float tq = lq > -kInf ? q * l.lqm : 0.f;
+  const float tp = lp > -kInf ? p * l.lpm : 0.f;
+  return prm.beta * tq + prm.one_minus_beta * tp;
+}
+
+PREFOPT_HD PREFOPT_INLINE float js_fprime(JsLogs l, const DivParams& prm) {
+  return prm.one_minus_beta * l.lpm;
+}
+
 // q f(t) of the non-linear divergences:
 //   js(b)      b q log(q/m) + (1-b) p log(p/m), m = b q + (1-b) p (logs from js_logs)
 //   tv         |p - q| / 2
@@ -126,22 +151,19 @@ template <int DIV>
 PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& prm) {
   const bool has_p = lp > -kInf;
   const bool has_q = lq > -kInf;
-  const float p = fast_exp(lp);
-  const float q = fast_exp(lq);
+  const float p = fast_exp_nonpositive(lp);
+  const float q = fast_exp_nonpositive(lq);
   if constexpr (DIV == kJS) {
-    const JsLogs l = js_logs(lp, lq, prm);
-    const float tq = has_q ? q * l.lqm : 0.f;
-    const float tp = has_p ? p * l.lpm : 0.f;
-    return prm.beta * tq + prm.one_minus_beta * tp;
+    return js_value(lp, lq, p, q, js_logs(lp, lq, prm), prm);
   } else if constexpr (DIV == kTV) {
     return 0.5f * (p > q ? p - q : q - p);
   } else if constexpr (DIV == kHellinger) {
-    const float d = fast_exp(0.5f * lp) - fast_exp(0.5f * lq);
+    const float d = fast_exp_nonpositive(0.5f * lp) - fast_exp_nonpositive(0.5f * lq);
     return d * d;
   } else if constexpr (DIV == kChi2) {
     const float d = lp - lq;
-    const float shrink = 1.f - fast_exp(-(d > 0.f ? d : 0.f));
-    const float grow = fast_exp(d < 0.f ? d : 0.f) - 1.f;
+    const float shrink = 1.f - fast_exp_nonpositive(-(d > 0.f ? d : 0.f));
+    const float grow = fast_exp_nonpositive(d < 0.f ? d : 0.f) - 1.f;
     const float v = d > 0.f ? fast_exp(lp + d) * shrink * shrink : q * grow * grow;
     return has_q ? v : (has_p ? kInf : 0.f);
   } else {
@@ -165,7 +187,7 @@ PREFOPT_HD PREFOPT_INLINE float div_value(float lp, float lq, const DivParams& p
 template <int DIV>
 PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& prm) {
   if constexpr (DIV == kJS) {
-    return prm.one_minus_beta * js_logs(lp, lq, prm).lpm;
+    return js_fprime(js_logs(lp, lq, prm), prm);
   } else if constexpr (DIV == kTV) {
     return (lp > lq ? 0.5f : 0.f) - (lp < lq ? 0.5f : 0.f);
   } else if constexpr (DIV == kHellinger) {
@@ -185,13 +207,13 @@ PREFOPT_HD PREFOPT_INLINE float div_fprime(float lp, float lq, const DivParams& 
 // (or p underflows) long before the product does, e.g. chi2's 2 p (t - 1) =
 // 2 (exp(2 lp - lq) - p) where q is far below p, alpha's (p^a q^(1-a) - p) / (a-1)
 // (alpha_log_mixed).
+// div_centred_from takes fp = f'(t) already formed.
 template <int DIV>
-PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float fprime_k,
-                                            float s, const DivParams& prm) {
-  const float fp = div_fprime<DIV>(lp, lq, prm);
+PREFOPT_HD PREFOPT_INLINE float div_centred_from(float lp, float lq, float p, float fp,
+                                                 float fprime_k, float s, const DivParams& prm) {
   float pfp = p * fp;
   if constexpr (DIV == kHellinger) {
-    pfp = p - fast_exp(0.5f * (lp + lq));
+    pfp = p - fast_exp_nonpositive(0.5f * (lp + lq));
   } else if constexpr (DIV == kChi2) {
     pfp = 2.f * (fast_exp(lp + (lp - lq)) - p);
   } else if constexpr (DIV == kAlpha) {
@@ -199,6 +221,36 @@ PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float f
   }
   const bool direct = p > 0.f && fp - fp == 0.f;  // fp finite
   return direct ? p * ((fp - fprime_k) - s) : pfp - p * fprime_k - p * s;
+}
+
+template <int DIV>
+PREFOPT_HD PREFOPT_INLINE float div_centred(float lp, float lq, float p, float fprime_k,
+                                            float s, const DivParams& prm) {
+  return div_centred_from<DIV>(lp, lq, p, div_fprime<DIV>(lp, lq, prm), fprime_k, s, prm);
+}
+
+// One entry's terms of the forward's two sums: q f(t) and p (f'(t) - f'(t_k)) (0 where
+// p = 0). js's logs are formed once for both (a compiler does not reliably share them
+// between div_value and div_centred once it has vectorised them under different masks).
+struct DivSumTerms {
+  float value, centred;
+};
+
+template <int DIV>
+PREFOPT_HD PREFOPT_INLINE DivSumTerms div_sum_terms(float lp, float lq, float fprime_k,
+                                                    const DivParams& prm) {
+  const float p = fast_exp_nonpositive(lp);
+  float value, fp;
+  if constexpr (DIV == kJS) {
+    const JsLogs l = js_logs(lp, lq, prm);
+    value = js_value(lp, lq, p, fast_exp_nonpositive(lq), l, prm);
+    fp = js_fprime(l, prm);
+  } else {
+    value = div_value<DIV>(lp, lq, prm);
+    fp = div_fprime<DIV>(lp, lq, prm);
+  }
+  const float centred = div_centred_from<DIV>(lp, lq, p, fp, fprime_k, 0.f, prm);
+  return DivSumTerms{value, lp > -kInf ? centred : 0.f};
 }
 
 PREFOPT_MATH_END

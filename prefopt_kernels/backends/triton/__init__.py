@@ -100,28 +100,31 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
 
 
 def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int):
-    """``state`` merged with the first-pass state of the slice ``[v0, v0 + Vs)`` (``logits``
-    ``[B, T, Vs]``, labels global ids): the whole-row forward's first pass, left unfinished."""
+    """Merge the first-pass state of the slice ``[v0, v0 + Vs)`` (``logits`` ``[B, T, Vs]``,
+    labels global ids) into ``state`` in place, and return ``state``: the whole-row forward's
+    first pass, left unfinished, with :func:`row_state.merge` as the kernel's epilogue.
+
+    ``state``'s fields are contiguous ``[N]`` tensors (fp32, ``argmax`` int64): one launch.
+    """
     from .kernels import slice_state_kernel
 
     batches, tokens, width = logits.shape
     n = batches * tokens
     if width == 0:  # the empty state is merge's identity
         return state
-    piece = row_state.empty(n, spec, ref_logits is not None, logits.device)
-    placeholder = piece.sum_exp
+    placeholder = state.sum_exp
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(width, logits.element_size(), two_rows=ref_logits is not None)
     slice_state_kernel[(n,)](
         **_rows(logits, ref, labels, weight, placeholder),
-        **_pointers(piece, [f.name for f in fields(row_state.RowState)], placeholder),
+        **_pointers(state, [f.name for f in fields(row_state.RowState)], placeholder),
         vocab=width, v0=v0, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
-        WANT_ENTROPY=piece.ent_acc is not None,
+        WANT_ENTROPY=state.ent_acc is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
         BLOCK_V=block_v, num_warps=num_warps,
     )
-    return row_state.merge(state, piece, spec)
+    return state
 
 
 def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int):

@@ -1,5 +1,6 @@
-"""The row-state kernels over a vocabulary slice: the first pass's unfinished state, and the
-second pass's partial sums (see ``prefopt_kernels.backends.row_state``)."""
+"""The row-state kernels over a vocabulary slice: the first pass's unfinished state merged into
+the running state of the row, and the second pass's partial sums (see
+``prefopt_kernels.backends.row_state``)."""
 
 import triton
 import triton.language as tl
@@ -18,15 +19,16 @@ def slice_state_kernel(
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """The first-pass state (``backends/row_state.py``) of the slice ``[v0, v0 + vocab)``.
+    """The first-pass state (``backends/row_state.py``) of the slice ``[v0, v0 + vocab)``,
+    merged into the running state of each row that the pointers hold (read and written in place).
 
     The same first pass as a whole row, left unfinished: raw maxima, lane sums reduced to
     one per row, the argmax as a global index, and the label logits when the slice holds
-    the label. ``fkl_acc`` / ``rkl_acc`` is the forward / reverse KL accumulator, 0 where
-    the divergence is off. Rows that are not read get the empty state.
+    the label; then :func:`merge_into_row`. ``fkl_acc`` / ``rkl_acc`` is the forward /
+    reverse KL accumulator, 0 where the divergence is off. Rows that are not read fold the
+    empty state, which leaves theirs as it is.
     """
     tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
-    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
     n = tl.program_id(0)
     label, read, div_on = row_plan(n, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT)
     owned = read & (label >= v0) & (label < v0 + vocab)
@@ -54,22 +56,80 @@ def slice_state_kernel(
             a_y = tl.load(a_row + local).to(tl.float32)
             if HAS_REF:
                 b_y = tl.load(b_row + local).to(tl.float32)
-    tl.store(max_ptr + n, ma)
-    tl.store(sum_exp_ptr + n, sum_za)
-    tl.store(argmax_ptr + n, tl.where(k_idx >= 0, k_idx + v0, -1).to(tl.int64))
-    tl.store(label_logit_ptr + n, a_y)
+    merge_into_row(n, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
+                   ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr,
+                   ma, sum_za, ent, tl.where(k_idx >= 0, k_idx + v0, -1).to(tl.int64), a_y,
+                   mb, sum_zb, b_y, tl.where(k_idx >= 0, ref_at_argmax, 0.0), kl, inv_temperature,
+                   HAS_REF, WANT_ENTROPY, DIVERGENCE)
+
+
+@triton.jit
+def merge_shift(m1, m2, inv_temperature):
+    """``(m, d1, d2, c1, c2)``: the merged max, each side's ``(m_i - m) / T`` and ``exp`` of it;
+    equal maxima (both ``-inf`` included) give ``d = 0``, the larger side ``c = 1``."""
+    m = tl.maximum(m1, m2)
+    same = m1 == m2
+    d1 = tl.where(same | (m1 >= m2), 0.0, (m1 - m) * inv_temperature)
+    d2 = tl.where(same | (m2 > m1), 0.0, (m2 - m) * inv_temperature)
+    return m, d1, d2, tl.exp(d1), tl.exp(d2)
+
+
+@triton.jit
+def carried(c, acc, shift, weight):
+    """One side's accumulator at the merged max: ``c (acc + shift * weight)``, 0 where its
+    ``weight`` (sum of exponentials) or scale ``c`` is 0 (no ``0 * inf``)."""
+    live = (weight > 0.0) & (c > 0.0)
+    return tl.where(live, c * (acc + tl.where(live, shift, 0.0) * weight), 0.0)
+
+
+@triton.jit
+def kl_centre(ref_at_argmax):
+    """Reverse KL's ``-inf``-safe centre: 0 in place of a ``-inf`` reference logit at the argmax."""
+    return tl.where(ref_at_argmax == float("-inf"), 0.0, ref_at_argmax)
+
+
+@triton.jit
+def merge_into_row(n, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
+                   ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr,
+                   ma, za, ent, k, a_y, mb, zb, b_y, ref_at_argmax, kl, inv_temperature,
+                   HAS_REF: tl.constexpr, WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """The fold's epilogue: a slice's state (``k`` its global argmax, -1 where nothing finite
+    was folded) merged into row ``n`` of the running state, in place. The math of
+    ``row_state.merge``: rescale to the larger max, the larger max (the smaller index on
+    ties) owns the argmax and its reference logit, a side with argmax -1 never owns them,
+    label logits add."""
+    CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
+    r_max = tl.load(max_ptr + n)
+    r_sum = tl.load(sum_exp_ptr + n)
+    r_k = tl.load(argmax_ptr + n)
+    m, d1, d2, c1, c2 = merge_shift(r_max, ma, inv_temperature)
+    running_owns = (k < 0) | ((r_k >= 0) & ((r_max > ma) | ((r_max == ma) & (r_k < k))))
+    tl.store(max_ptr + n, m)
+    tl.store(sum_exp_ptr + n, r_sum * c1 + za * c2)
+    tl.store(argmax_ptr + n, tl.where(running_owns, r_k, k))
+    tl.store(label_logit_ptr + n, tl.load(label_logit_ptr + n) + a_y)
     if WANT_ENTROPY:
-        tl.store(ent_acc_ptr + n, ent)
+        tl.store(ent_acc_ptr + n, carried(c1, tl.load(ent_acc_ptr + n), d1, r_sum) + carried(c2, ent, d2, za))
     if HAS_REF:
-        tl.store(ref_max_ptr + n, mb)
-        tl.store(ref_sum_exp_ptr + n, sum_zb)
-        tl.store(ref_label_logit_ptr + n, b_y)
+        r_ref_max = tl.load(ref_max_ptr + n)
+        r_ref_sum = tl.load(ref_sum_exp_ptr + n)
+        mb_new, e1, e2, k1, k2 = merge_shift(r_ref_max, mb, inv_temperature)
+        tl.store(ref_max_ptr + n, mb_new)
+        tl.store(ref_sum_exp_ptr + n, r_ref_sum * k1 + zb * k2)
+        tl.store(ref_label_logit_ptr + n, tl.load(ref_label_logit_ptr + n) + b_y)
         if CENTRED:
-            tl.store(ref_at_argmax_ptr + n, tl.where(k_idx >= 0, ref_at_argmax, 0.0))
+            r_ref_at_argmax = tl.load(ref_at_argmax_ptr + n)
+            merged_ref_at_argmax = tl.where(running_owns, r_ref_at_argmax, ref_at_argmax)
+            tl.store(ref_at_argmax_ptr + n, merged_ref_at_argmax)
         if DIVERGENCE == FORWARD_KL:
-            tl.store(fkl_acc_ptr + n, kl)
+            tl.store(fkl_acc_ptr + n, carried(k1, tl.load(fkl_acc_ptr + n), e1 - d1, r_ref_sum)
+                     + carried(k2, kl, e2 - d2, zb))
         if DIVERGENCE == REVERSE_KL:
-            tl.store(rkl_acc_ptr + n, kl)
+            centre = kl_centre(merged_ref_at_argmax)
+            shift1 = d1 - (kl_centre(r_ref_at_argmax) - centre) * inv_temperature
+            shift2 = d2 - (kl_centre(ref_at_argmax) - centre) * inv_temperature
+            tl.store(rkl_acc_ptr + n, carried(c1, tl.load(rkl_acc_ptr + n), shift1, r_sum)
+                     + carried(c2, kl, shift2, za))
 
 
 @triton.jit
