@@ -5,7 +5,19 @@ and which rows a program reads."""
 import triton
 import triton.language as tl
 
-from .row_math import CENTRED_CODES, FORWARD_KL, REVERSE_KL, centred_slope, f_prime, f_value, online_step
+from .row_math import (
+    ALPHA,
+    CENTRED_CODES,
+    CHI2,
+    FORWARD_KL,
+    JS,
+    REVERSE_KL,
+    centred_slope,
+    f_prime,
+    f_value,
+    online_step,
+)
+from .sweep_math import log2_sweep
 
 
 @triton.jit
@@ -85,24 +97,33 @@ def second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb
                  beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
                  DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` over ``vocab`` entries, given the row's final
-    statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``."""
-    lq_k = (ref_at_argmax - mb_s) * inv_temperature - log_zb
-    fprime_k = f_prime(-log_za, lq_k, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
-                        DIVERGENCE)
-    cols = tl.arange(0, BLOCK_V)
-    values = tl.zeros((BLOCK_V,), tl.float32)
-    centred = tl.zeros((BLOCK_V,), tl.float32)
-    for start in range(0, vocab, BLOCK_V):
-        mask = start + cols < vocab
-        x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        lp = (x - ma_s) * inv_temperature - log_za
-        lq = (y - mb_s) * inv_temperature - log_zb
-        value = f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
-        values += tl.where(mask, value, 0.0)
-        centred += centred_slope(lp, lq, fprime_k, 0.0,
-                                  beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
-    return tl.sum(values, axis=0), tl.sum(centred, axis=0)
+    statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``.
+    js, chi2 and alpha take the base-2 forms of ``sweep_math``."""
+    if (DIVERGENCE == JS or DIVERGENCE == CHI2) or DIVERGENCE == ALPHA:
+        value, centred = log2_sweep(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
+                                    beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                                    DIVERGENCE, BLOCK_V)
+    else:
+        lq_k = (ref_at_argmax - mb_s) * inv_temperature - log_zb
+        fprime_k = f_prime(-log_za, lq_k, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha,
+                            alpha_minus_one, DIVERGENCE)
+        cols = tl.arange(0, BLOCK_V)
+        values = tl.zeros((BLOCK_V,), tl.float32)
+        centred_lanes = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            mask = start + cols < vocab
+            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            lp = (x - ma_s) * inv_temperature - log_za
+            lq = (y - mb_s) * inv_temperature - log_zb
+            value = f_value(lp, lq, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                            DIVERGENCE)
+            values += tl.where(mask, value, 0.0)
+            centred_lanes += centred_slope(lp, lq, fprime_k, 0.0, beta, one_minus_beta, log_beta,
+                                           log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
+        value = tl.sum(values, axis=0)
+        centred = tl.sum(centred_lanes, axis=0)
+    return value, centred
 
 
 @triton.jit
