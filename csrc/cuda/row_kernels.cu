@@ -85,7 +85,7 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
     // log2 p = (a - shift) log2(e) / T - offset log2(e), and log2 q alike.
     const float off_a = sa.offset * kLog2e;
     const float off_b = sb.offset * kLog2e;
-    const SweepConsts c = sweep_consts(fprime_k);
+    const SweepConsts c = sweep_consts(fprime_k, prm);
     const float ref_minus_max = ref_at_argmax - sa.shift;  // b_k - a_k
     row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
                                 [&](int64_t, const auto& x, const auto& z, auto&) {
@@ -98,7 +98,7 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
         sweep_term<DIV>(ap, aq, ex2(ap), ex2(aq), dl, c, sq, sp);
       }
     });
-    sweep_finish<DIV>(sq, sp);
+    sweep_finish<DIV>(c, sq, sp);
     block_sum2(sq, sp, scratch);
     value = sq;
     centred = sp;
