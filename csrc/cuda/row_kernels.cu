@@ -274,6 +274,35 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
   }
   // p = 2^((a - shift) log2(e) / T) exp(-offset) on the MUFU unit, q alike (see div_sums).
   const float scale = kLog2e * inv_temperature;
+  if constexpr (DIV_ROW == kAlpha) {
+    // From base-2 log-probabilities as in div_sums (sweep_terms.h): g = gd / (a-1) C -
+    // p (ge lp + c + gd s) with C the centred term times a - 1.
+    const float off_a = sa.offset * kLog2e;
+    const float off_b = sb.offset * kLog2e;
+    const SweepConsts k = sweep_consts(fprime_k, prm);
+    const float ref_minus_max = ref_at_argmax - sa.shift;
+    const float gd_c = gd * prm.inv_alpha_minus_one;
+    const float c_s = fmaf(gd, s, c);
+    row_chunks<DT, true, true>(ra, rb, rg, vocab,
+                               [&](int64_t j0, const auto& x, const auto& z, auto& out) {
+      constexpr int N = sizeof(x) / sizeof(float);
+      const int64_t at = label - j0;
+      const int label_at = label >= 0 && at >= 0 && at < N ? static_cast<int>(at) : -1;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float ap = fmaf(x[i] - sa.shift, scale, -off_a);
+        const float aq = fmaf(z[i] - sb.shift, scale, -off_b);
+        const float dl = ((z[i] - x[i]) - ref_minus_max) * inv_temperature;
+        const float p = ex2(ap);
+        const float inner = fmaf(ge * kLn2, ap, c_s);
+        float g = gd_c * alpha_centred(ap, p, alpha_mixed(ap, aq, k), dl, k);
+        g += p > 0.f ? -p * inner : 0.f;
+        g = i == label_at ? g + gl : g;
+        out[i] = fmaf(g, inv_temperature, guard);
+      }
+    });
+    return;
+  }
   const float norm_a = fast_exp(-sa.offset);
   const float norm_b = DIV_ROW == kForwardKL ? fast_exp(-sb.offset) : 0.f;
   const float centre = kl_centre(ref_at_argmax);

@@ -90,6 +90,21 @@ PREFOPT_HD PREFOPT_INLINE SweepConsts sweep_consts(float fprime_k, const DivPara
                      prm.near_one > 0.f ? 0.f : 1.f};
 }
 
+// alpha's m = p^a q^(1-a) (0 where the exponent is inf - inf).
+PREFOPT_HD PREFOPT_INLINE float alpha_mixed(float ap, float aq, const SweepConsts& c) {
+  return sweep_ex2(fmaxf(fmaf(c.alpha, ap, c.one_minus_alpha * aq), -kInf));
+}
+
+// alpha's centred term times a - 1: t_k^(a-1) p expm1(-(a-1) dl) or m - t_k^(a-1) p. p = 0
+// gives dl = inf or NaN, so the far form, with m taken as 0 there.
+PREFOPT_HD PREFOPT_INLINE float alpha_centred(float ap, float p, float mixed, float dl,
+                                              const SweepConsts& c) {
+  const float y = -c.alpha_minus_one * dl;
+  const float near = c.alpha_k * (p * expm1_small(y));
+  const float far = fmaf(-c.alpha_k, p, ap > -kInf ? mixed : 0.f);
+  return fabsf(y) < 0.25f ? near : far;
+}
+
 // Adds the element's value and centred terms (before the per-row factors of
 // sweep_finish) to the running sums.
 template <int DIV>
@@ -106,16 +121,12 @@ PREFOPT_HD PREFOPT_INLINE void sweep_term(float ap, float aq, float p, float q, 
     const float near = -c.hellinger_k * (p * expm1_small(h));
     centred += fabsf(h) < 0.25f ? near : fmaf(p, c.hellinger_k, -root);
   } else if constexpr (DIV == kAlpha) {
-    const float mixed = sweep_ex2(fmaxf(fmaf(c.alpha, ap, c.one_minus_alpha * aq), -kInf));
+    const float mixed = alpha_mixed(ap, aq, c);
     const float base = fmaf(c.base_p, p, c.base_q * q);
     const float cd = c.c_ln2 * (ap - aq);
     const float rest = fabsf(cd) < 0.25f ? base * expm1_small(cd) : mixed - base;
     value += fmaf(rest, c.inv_c, q - p);
-    const float y = -c.alpha_minus_one * dl;
-    const float near = c.alpha_k * (p * expm1_small(y));
-    // p = 0 gives dl = inf or NaN, so the far form, with m taken as 0 there.
-    const float far = fmaf(-c.alpha_k, p, ap > -kInf ? mixed : 0.f);
-    centred += fabsf(y) < 0.25f ? near : far;
+    centred += alpha_centred(ap, p, mixed, dl, c);
   } else {
     static_assert(DIV == kChi2, "sweep_term: tv, hellinger, chi2 or alpha");
     const float ratio = sweep_ex2(fmaxf(fmaf(2.f, ap, -aq), -kInf));  // p^2 / q
