@@ -85,7 +85,7 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
     // log2 p = (a - shift) log2(e) / T - offset log2(e), and log2 q alike.
     const float off_a = sa.offset * kLog2e;
     const float off_b = sb.offset * kLog2e;
-    const SweepConsts c = sweep_consts(fprime_k);
+    const SweepConsts c = sweep_consts(fprime_k, prm);
     const float ref_minus_max = ref_at_argmax - sa.shift;  // b_k - a_k
     row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
                                 [&](int64_t, const auto& x, const auto& z, auto&) {
@@ -98,7 +98,7 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
         sweep_term<DIV>(ap, aq, ex2(ap), ex2(aq), dl, c, sq, sp);
       }
     });
-    sweep_finish<DIV>(sq, sp);
+    sweep_finish<DIV>(c, sq, sp);
     block_sum2(sq, sp, scratch);
     value = sq;
     centred = sp;
@@ -123,6 +123,19 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
   centred = sp;
 }
 
+// Thread 0's stores of the first pass's per-row outputs.
+__device__ __forceinline__ void store_first_pass(const ForwardArgs& args, int64_t row,
+                                                 LogProbShift sa, LogProbShift sb, float logp,
+                                                 float ref_logp, float entropy) {
+  args.row_max[row] = sa.shift;
+  args.log_norm[row] = sa.offset;
+  if (args.logp) args.logp[row] = logp;
+  if (args.ref_logp) args.ref_logp[row] = ref_logp;
+  if (args.entropy) args.entropy[row] = entropy;
+  if (args.ref_row_max) args.ref_row_max[row] = sb.shift;
+  if (args.ref_log_norm) args.ref_log_norm[row] = sb.offset;
+}
+
 // prm comes from make_div_params on the host (double arithmetic, rounded once).
 template <int DT, int DIV, bool ENT>
 __global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs args, DivParams prm) {
@@ -144,20 +157,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs arg
       sa = shift_a(st);
       if constexpr (ENT) entropy = state_entropy(st);
       if (need_ref) sb = shift_b(st);
-      if (plan.use_div) {
-        if constexpr (is_centred(DIV)) ref_at_argmax = st.ref_at_argmax;
-        if constexpr (DIV == kForwardKL) {
-          div = state_forward_kl(st);
-          div_s = -1.f;
-        } else if constexpr (DIV == kReverseKL) {
-          div = state_reverse_kl(st, inv_temperature);
-          div_s = state_reverse_kl_s(st);
-        } else if constexpr (needs_second_sweep(DIV)) {
-          // S centred at the policy's argmax k: sum p (f'(t) - f'(t_k)).
-          div_sums<DT, DIV>(ra, rb, vocab, inv_temperature, sa, sb, ref_at_argmax, prm, div, div_s,
-                            sum_scratch);
-        }
-      }
+      if (plan.use_div && is_centred(DIV)) ref_at_argmax = st.ref_at_argmax;
       if (plan.label >= 0) {
         if (plan.label < vocab) {
           logp = (Elem<DT>::load(ra[plan.label]) - sa.shift) * inv_temperature - sa.offset;
@@ -171,23 +171,30 @@ __global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs arg
       // holds a NaN or +inf; a divergence that is not finite stores div_s = NaN.
       const float guard_a = sa.offset - sa.offset;
       const float guard_b = sb.offset - sb.offset;
-      logp += guard_a;
-      entropy += guard_a;
-      ref_logp += guard_b;
+      // The per-row outputs of the first pass leave before the second sweep, so that none of
+      // them (nor the label) stays live through its loop.
+      if (threadIdx.x == 0) store_first_pass(args, row, sa, sb, logp + guard_a, ref_logp + guard_b,
+                                             entropy + guard_a);
       if (plan.use_div) {
+        if constexpr (DIV == kForwardKL) {
+          div = state_forward_kl(st);
+          div_s = -1.f;
+        } else if constexpr (DIV == kReverseKL) {
+          div = state_reverse_kl(st, inv_temperature);
+          div_s = state_reverse_kl_s(st);
+        } else if constexpr (needs_second_sweep(DIV)) {
+          // S centred at the policy's argmax k: sum p (f'(t) - f'(t_k)).
+          div_sums<DT, DIV>(ra, rb, vocab, inv_temperature, sa, sb, ref_at_argmax, prm, div, div_s,
+                            sum_scratch);
+        }
         div += guard_a + guard_b;
         div_s += div - div;
       }
+    } else if (threadIdx.x == 0) {
+      store_first_pass(args, row, sa, sb, logp, ref_logp, entropy);
     }
     if (threadIdx.x == 0) {
-      args.row_max[row] = sa.shift;
-      args.log_norm[row] = sa.offset;
-      if (args.logp) args.logp[row] = logp;
-      if (args.ref_logp) args.ref_logp[row] = ref_logp;
-      if (args.entropy) args.entropy[row] = entropy;
       if (args.div) args.div[row] = div;
-      if (args.ref_row_max) args.ref_row_max[row] = sb.shift;
-      if (args.ref_log_norm) args.ref_log_norm[row] = sb.offset;
       if (args.div_s) args.div_s[row] = div_s;
       if (args.ref_at_argmax) args.ref_at_argmax[row] = ref_at_argmax;
     }
@@ -274,6 +281,35 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
   }
   // p = 2^((a - shift) log2(e) / T) exp(-offset) on the MUFU unit, q alike (see div_sums).
   const float scale = kLog2e * inv_temperature;
+  if constexpr (DIV_ROW == kAlpha) {
+    // From base-2 log-probabilities as in div_sums (sweep_terms.h): g = gd / (a-1) C -
+    // p (ge lp + c + gd s) with C the centred term times a - 1.
+    const float off_a = sa.offset * kLog2e;
+    const float off_b = sb.offset * kLog2e;
+    const SweepConsts k = sweep_consts(fprime_k, prm);
+    const float ref_minus_max = ref_at_argmax - sa.shift;
+    const float gd_c = gd * prm.inv_alpha_minus_one;
+    const float c_s = fmaf(gd, s, c);
+    row_chunks<DT, true, true>(ra, rb, rg, vocab,
+                               [&](int64_t j0, const auto& x, const auto& z, auto& out) {
+      constexpr int N = sizeof(x) / sizeof(float);
+      const int64_t at = label - j0;
+      const int label_at = label >= 0 && at >= 0 && at < N ? static_cast<int>(at) : -1;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float ap = fmaf(x[i] - sa.shift, scale, -off_a);
+        const float aq = fmaf(z[i] - sb.shift, scale, -off_b);
+        const float dl = ((z[i] - x[i]) - ref_minus_max) * inv_temperature;
+        const float p = ex2(ap);
+        const float inner = fmaf(ge * kLn2, ap, c_s);
+        float g = gd_c * alpha_centred(ap, p, alpha_mixed(ap, aq, k), dl, k);
+        g += p > 0.f ? -p * inner : 0.f;
+        g = i == label_at ? g + gl : g;
+        out[i] = fmaf(g, inv_temperature, guard);
+      }
+    });
+    return;
+  }
   const float norm_a = fast_exp(-sa.offset);
   const float norm_b = DIV_ROW == kForwardKL ? fast_exp(-sb.offset) : 0.f;
   const float centre = kl_centre(ref_at_argmax);
