@@ -41,6 +41,13 @@ namespace {
 // SM, i.e. at most 64 registers per thread.
 constexpr int kMaxThreads = 512;
 
+// The label's position in the chunk of n elements at j0 (-1: not in it), so that the element
+// loop compares it in 32 bits.
+__device__ __forceinline__ int label_in_chunk(int64_t label, int64_t j0, int n) {
+  const int64_t at = label - j0;
+  return label >= 0 && at >= 0 && at < n ? static_cast<int>(at) : -1;
+}
+
 // The first pass of a row: with the reference when need_ref, and where the row has its
 // divergence term (use_div) forward or reverse KL's accumulator and, for the centred
 // divergences, the reference logit at the policy's argmax. ENT: the entropy accumulator.
@@ -293,8 +300,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
     row_chunks<DT, true, true>(ra, rb, rg, vocab,
                                [&](int64_t j0, const auto& x, const auto& z, auto& out) {
       constexpr int N = sizeof(x) / sizeof(float);
-      const int64_t at = label - j0;
-      const int label_at = label >= 0 && at >= 0 && at < N ? static_cast<int>(at) : -1;
+      const int label_at = label_in_chunk(label, j0, N);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         const float ap = fmaf(x[i] - sa.shift, scale, -off_a);
@@ -316,9 +322,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
   row_chunks<DT, kRef, true>(ra, rb, rg, vocab,
                              [&](int64_t j0, const auto& x, const auto& z, auto& out) {
     constexpr int N = sizeof(x) / sizeof(float);
-    // The label's position in this chunk (-1: not in it), compared in 32 bits per element.
-    const int64_t at = label - j0;
-    const int label_at = label >= 0 && at >= 0 && at < N ? static_cast<int>(at) : -1;
+    const int label_at = label_in_chunk(label, j0, N);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const float dx = x[i] - sa.shift;
