@@ -75,24 +75,40 @@ __device__ RowState<float> first_pass(const typename Elem<DT>::T* ra,
 // The second sweep for js/tv/hellinger/chi2/alpha: block sums of q f(t) and of
 // p (f'(t) - f'(t_k)) over the row (or slice), given the whole row's shifts and the reference
 // logit ref_at_argmax at the policy's argmax k; every thread gets them. `scratch` holds 64
-// floats. tv, hellinger and chi2 take their terms from base-2 log-probabilities
-// (sweep_terms.h); js and alpha from the shared generators with
-// p = 2^((a - shift) log2(e) / T) exp(-offset): one MUFU exponential and the row's
-// exp(-offset) (<= 1) from fast_exp.
+// floats. The terms come from base-2 log-probabilities (sweep_terms.h),
+// log2 p = (a - shift) log2(e) / T - offset log2(e) and log2 q alike: one FMA each.
 template <int DT, int DIV>
 __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                          int64_t vocab, float inv_temperature, LogProbShift sa, LogProbShift sb,
                          float ref_at_argmax, const DivParams& prm, float& value, float& centred,
                          float* scratch) {
-  const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
-  const float fprime_k = div_fprime<DIV>(-sa.offset, lq_k, prm);
   const float scale = kLog2e * inv_temperature;
+  const float off_a = sa.offset * kLog2e;
+  const float off_b = sb.offset * kLog2e;
   float sq = 0.f, sp = 0.f;
-  if constexpr (has_sweep_terms(DIV)) {
-    // log2 p = (a - shift) log2(e) / T - offset log2(e), and log2 q alike.
-    const float off_a = sa.offset * kLog2e;
-    const float off_b = sb.offset * kLog2e;
-    const SweepConsts c = sweep_consts(fprime_k, prm);
+  if constexpr (DIV == kJS) {
+    // Read the main side (sweep_terms.h) as the first row.
+    const bool q_main = prm.js_q_main > 0.f;
+    // log2 p_k = -offset log2(e) as the loop forms it (a_k = shift).
+    const JsSweepConsts c =
+        js_sweep_consts(prm, -off_a, fmaf(ref_at_argmax - sb.shift, scale, -off_b));
+    const float shift_main = q_main ? sb.shift : sa.shift;
+    const float shift_other = q_main ? sa.shift : sb.shift;
+    const float off_main = q_main ? off_b : off_a;
+    const float off_other = q_main ? off_a : off_b;
+    JsSums sums{0.f, 0.f, 0.f, 0.f};
+    row_chunks<DT, true, false>(q_main ? rb : ra, q_main ? ra : rb, nullptr, vocab,
+                                [&](int64_t, const auto& x, const auto& z, auto&) {
+      constexpr int N = sizeof(x) / sizeof(float);
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        js_term(fmaf(x[i] - shift_main, scale, -off_main),
+                fmaf(z[i] - shift_other, scale, -off_other), c, sums);
+    });
+    js_finish(sums, c, q_main, prm.one_minus_beta, sq, sp);
+  } else {
+    const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
+    const SweepConsts c = sweep_consts(div_fprime<DIV>(-sa.offset, lq_k, prm), prm);
     const float ref_minus_max = ref_at_argmax - sa.shift;  // b_k - a_k
     row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
                                 [&](int64_t, const auto& x, const auto& z, auto&) {
@@ -106,25 +122,7 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
       }
     });
     sweep_finish<DIV>(c, sq, sp);
-    block_sum2(sq, sp, scratch);
-    value = sq;
-    centred = sp;
-    return;
   }
-  const float norm_a = fast_exp(-sa.offset);
-  row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
-                              [&](int64_t, const auto& x, const auto& z, auto&) {
-    constexpr int N = sizeof(x) / sizeof(float);
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const float dx = x[i] - sa.shift;
-      const float lp = dx * inv_temperature - sa.offset;
-      const float lq = (z[i] - sb.shift) * inv_temperature - sb.offset;
-      sq += div_value<DIV>(lp, lq, prm);
-      const float p = ex2(dx * scale) * norm_a;
-      sp += lp > -kInf ? div_centred<DIV>(lp, lq, p, fprime_k, 0.f, prm) : 0.f;
-    }
-  });
   block_sum2(sq, sp, scratch);
   value = sq;
   centred = sp;

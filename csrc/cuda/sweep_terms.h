@@ -1,7 +1,8 @@
-// Second-sweep terms of tv, hellinger and chi2 from base-2 log-probabilities, for the CUDA
-// row loops (host-compilable so that the same code can be checked against a double
-// reference on the CPU). With ap = log2 p and aq = log2 q formed once per element from the
-// raw logit difference (one FMA each) and p = 2^ap, q = 2^aq:
+// Second-sweep terms of js (below, with its own constants and sums), tv, hellinger, chi2
+// and alpha from base-2 log-probabilities, for the CUDA row loops (host-compilable so that
+// the same code can be checked against a double reference on the CPU). With ap = log2 p and
+// aq = log2 q formed once per element from the raw logit difference (one FMA each) and
+// p = 2^ap, q = 2^aq:
 //   tv         value |p - q| (halved once per row), centred p (sign(p - q) / 2 - f'(t_k))
 //   hellinger  value p + q - 2 sqrt(pq), sqrt(pq) = 2^((ap + aq) / 2); centred
 //              p (f'(t) - f'(t_k)) = -sqrt(q_k / p_k) p expm1(h), h = dl / 2
@@ -45,9 +46,16 @@ PREFOPT_HD PREFOPT_INLINE float sweep_ex2(float x) {
 #endif
 }
 
-// The divergences whose terms are here.
-constexpr bool has_sweep_terms(int div) {
-  return div == kTV || div == kHellinger || div == kChi2 || div == kAlpha;
+// log2 x: the MUFU unit on the GPU (absolute error about 2^-22, so used only where
+// |log2 x| is not small).
+PREFOPT_HD PREFOPT_INLINE float sweep_lg2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::log2(x);
+#endif
 }
 
 // expm1(y) for |y| <= 1/4 by its Taylor series to degree 6 (truncation < 5e-8 relative).
@@ -134,6 +142,87 @@ PREFOPT_HD PREFOPT_INLINE void sweep_term(float ap, float aq, float p, float q, 
     const float near = c.chi2_k * (p * expm1_small(-dl));
     centred += fabsf(dl) < 0.25f ? near : fmaf(-c.chi2_k, p, ratio);
   }
+}
+
+// js in base-2 logs, m = beta q + (1 - beta) p. "main" is the side of the larger weight (p
+// for beta <= 1/2, else q), b <= 1/2 the other side's weight; with lm2, lo2 the base-2 logs
+// of main and other and w2 = lo2 - lm2: A = log2(m / main) = log2(1 + z), z = b (2^w2 - 1),
+// by a polynomial while |z| <= 0.2 (where lg2's absolute error would be a large relative
+// one), else by lg2; once far (w2 >= log2(1 / b), the other side dominates) from
+// y = m / other = b + (1 - b) 2^-w2 as A = w2 + log2 y and log2(other / m) = -log2 y, so that
+// neither cancels against w2. -inf logs are clamped to -2^100 first: ex2 of the clamp is 0
+// and every product keeps a finite factor, so no NaN.
+constexpr float kJsLog2Floor = -0x1p100f;
+
+struct JsSweepConsts {
+  float b, one_minus_b;
+  float far_from;        // log2(1 / b)
+  float b_one_minus_b;   // b (1 - b)
+  float log_m_main_k, log_other_m_k;  // at the policy's argmax k
+};
+
+// (log2(m / main), log2(other / m)) from clamped (finite) lm2, lo2.
+PREFOPT_HD PREFOPT_INLINE void js_logs2(float lm2, float lo2, const JsSweepConsts& c,
+                                        float& log_m_main, float& log_other_m) {
+  const float w2 = lo2 - lm2;
+  const bool far = w2 >= c.far_from;
+  // 2^w2, or 2^(log2(1 / b) - w2) = 1 / (b 2^w2) <= 1 once far.
+  const float e = sweep_ex2(far ? c.far_from - w2 : w2);
+  const float z = fmaf(c.b, e, -c.b);
+  const float log_y = sweep_lg2(far ? fmaf(c.b_one_minus_b, e, c.b) : fmaf(c.b, e, c.one_minus_b));
+  // log2(1 + z) / z on |z| <= 0.2: Chebyshev fit, relative error below 1.4e-7 in fp32.
+  float r = fmaf(0.2195388525724411f, z, -0.2536127269268036f);
+  r = fmaf(r, z, 0.288197785615921f);
+  r = fmaf(r, z, -0.3604068160057068f);
+  r = fmaf(r, z, 0.4809010922908783f);
+  r = fmaf(r, z, -0.7213488817214966f);
+  r = fmaf(r, z, 1.4426950216293335f);
+  const bool small = fabsf(z) <= 0.2f && !far;
+  log_m_main = small ? z * r : (far ? w2 + log_y : log_y);
+  log_other_m = far ? -log_y : w2 - log_m_main;
+}
+
+// js's constants from the base-2 logs lp2_k, lq2_k at the policy's argmax k.
+PREFOPT_HD PREFOPT_INLINE JsSweepConsts js_sweep_consts(const DivParams& prm, float lp2_k,
+                                                        float lq2_k) {
+  const bool q_main = prm.js_q_main > 0.f;
+  const float one_minus_b = q_main ? prm.beta : prm.one_minus_beta;
+  JsSweepConsts c{prm.js_b, one_minus_b, -prm.js_log_b * 1.44269504088896341f,
+                  prm.js_b * one_minus_b, 0.f, 0.f};
+  js_logs2(fmaxf(q_main ? lq2_k : lp2_k, kJsLog2Floor), fmaxf(q_main ? lp2_k : lq2_k, kJsLog2Floor),
+           c, c.log_m_main_k, c.log_other_m_k);
+  return c;
+}
+
+// js's per-thread sums: main log2(m / main), other log2(other / m), and the centred terms
+// of either side, main (A_k - A) and other (log2(other / m) - its value at k), formed per
+// element so that the argmax's own term is exactly 0 and nothing of size f'(t_k) cancels.
+struct JsSums {
+  float main_log, other_log, main_centred, other_centred;
+};
+
+PREFOPT_HD PREFOPT_INLINE void js_term(float lm2, float lo2, const JsSweepConsts& c,
+                                       JsSums& s) {
+  lm2 = fmaxf(lm2, kJsLog2Floor);
+  lo2 = fmaxf(lo2, kJsLog2Floor);
+  const float main = sweep_ex2(lm2);
+  const float other = sweep_ex2(lo2);
+  float log_m_main, log_other_m;
+  js_logs2(lm2, lo2, c, log_m_main, log_other_m);
+  s.main_log = fmaf(main, log_m_main, s.main_log);
+  s.other_log = fmaf(other, log_other_m, s.other_log);
+  s.main_centred = fmaf(main, c.log_m_main_k - log_m_main, s.main_centred);
+  s.other_centred = fmaf(other, log_other_m - c.log_other_m_k, s.other_centred);
+}
+
+// The value sum q f(t) = ln2 (b sum other log2(other / m) - (1 - b) sum main log2(m / main))
+// and the centred sum p (f'(t) - f'(t_k)) with f' = (1 - beta) ln2 log2(p / m) (-A where p
+// is main, log2(other / m) where q is).
+PREFOPT_HD PREFOPT_INLINE void js_finish(const JsSums& s, const JsSweepConsts& c, bool q_main,
+                                         float one_minus_beta, float& value, float& centred) {
+  const float ln2 = 0.693147180559945309f;
+  value = ln2 * fmaf(c.b, s.other_log, -c.one_minus_b * s.main_log);
+  centred = (one_minus_beta * ln2) * (q_main ? s.other_centred : s.main_centred);
 }
 
 // The per-row factors left out of sweep_term.
