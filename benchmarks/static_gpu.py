@@ -345,16 +345,16 @@ def _declared_threads(cubin: str) -> Dict[str, int]:
 
 
 def _demangled(mangled: str) -> Tuple[str, List[int]]:
-    """``(kernel name, integer template arguments)`` of a mangled kernel name."""
+    """``(kernel name, template arguments)`` of a mangled kernel name, booleans as 0 and 1."""
     import re
 
     text = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip() or mangled
     found = re.search(r"(\w+)<([^<>]*)>\(", text)
     if not found:
         return text, []
-    name = found.group(1)
-    values = [int(v) for v in found.group(2).split(",") if v.strip().lstrip("-").isdigit()]
-    return name, values
+    words = {"false": 0, "true": 1}
+    values = [words.get(v.strip(), v.strip()) for v in found.group(2).split(",")]
+    return found.group(1), [int(v) for v in values if isinstance(v, int) or v.lstrip("-").isdigit()]
 
 
 # --------------------------------------------------------------------------- report
