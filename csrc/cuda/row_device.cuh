@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "prefopt/common.h"
@@ -34,11 +35,28 @@ constexpr float kLn2 = 0.693147180559945309f;
 // sum. NaN rows keep their NaN in the sums, never in the exponents.
 constexpr float kExpFloor = 160.f;
 
-// 2^x on the MUFU unit; -inf gives +0, NaN stays NaN.
-__device__ __forceinline__ float ex2(float x) {
+// 2^x on the MUFU unit (about 2 ulp; -inf gives +0, subnormals flush to 0, NaN stays NaN);
+// std::exp2 where the same code is compiled for the host.
+PREFOPT_HD PREFOPT_INLINE float ex2(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  return std::exp2(x);
+#endif
+}
+
+// log2 x on the MUFU unit (absolute error about 2^-22, so used only where |log2 x| is not
+// small); std::log2 on the host.
+PREFOPT_HD PREFOPT_INLINE float lg2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::log2(x);
+#endif
 }
 
 // Elements of one 16-byte vector as fp32 (exact conversions, as Elem<DT>::load).

@@ -28,35 +28,13 @@
 
 #include <cmath>
 
+#include "cuda/row_device.cuh"
 #include "prefopt/common.h"
 #include "prefopt/divergence.h"
 #include "prefopt/fastmath.h"
 
 namespace prefopt {
 namespace cuda {
-
-// 2^x: the MUFU unit on the GPU (about 2 ulp, -inf gives 0, subnormals flush to 0).
-PREFOPT_HD PREFOPT_INLINE float sweep_ex2(float x) {
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return std::exp2(x);
-#endif
-}
-
-// log2 x: the MUFU unit on the GPU (absolute error about 2^-22, so used only where
-// |log2 x| is not small).
-PREFOPT_HD PREFOPT_INLINE float sweep_lg2(float x) {
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return std::log2(x);
-#endif
-}
 
 // expm1(y) for |y| <= 1/4 by its Taylor series to degree 6 (truncation < 5e-8 relative).
 PREFOPT_HD PREFOPT_INLINE float expm1_small(float y) {
@@ -100,7 +78,7 @@ PREFOPT_HD PREFOPT_INLINE SweepConsts sweep_consts(float fprime_k, const DivPara
 
 // alpha's m = p^a q^(1-a) (0 where the exponent is inf - inf).
 PREFOPT_HD PREFOPT_INLINE float alpha_mixed(float ap, float aq, const SweepConsts& c) {
-  return sweep_ex2(fmaxf(fmaf(c.alpha, ap, c.one_minus_alpha * aq), -kInf));
+  return ex2(fmaxf(fmaf(c.alpha, ap, c.one_minus_alpha * aq), -kInf));
 }
 
 // alpha's centred term times a - 1: t_k^(a-1) p expm1(-(a-1) dl) or m - t_k^(a-1) p. p = 0
@@ -123,7 +101,7 @@ PREFOPT_HD PREFOPT_INLINE void sweep_term(float ap, float aq, float p, float q, 
     const float side = ap > aq ? c.c_above : (ap < aq ? c.c_below : c.c_equal);
     centred = fmaf(p, side, centred);
   } else if constexpr (DIV == kHellinger) {
-    const float root = sweep_ex2(0.5f * (ap + aq));  // sqrt(pq)
+    const float root = ex2(0.5f * (ap + aq));  // sqrt(pq)
     value += fmaf(-2.f, root, p + q);
     const float h = 0.5f * dl;
     const float near = -c.hellinger_k * (p * expm1_small(h));
@@ -137,7 +115,7 @@ PREFOPT_HD PREFOPT_INLINE void sweep_term(float ap, float aq, float p, float q, 
     centred += alpha_centred(ap, p, mixed, dl, c);
   } else {
     static_assert(DIV == kChi2, "sweep_term: tv, hellinger, chi2 or alpha");
-    const float ratio = sweep_ex2(fmaxf(fmaf(2.f, ap, -aq), -kInf));  // p^2 / q
+    const float ratio = ex2(fmaxf(fmaf(2.f, ap, -aq), -kInf));  // p^2 / q
     value += fmaf(-2.f, p, ratio) + q;
     const float near = c.chi2_k * (p * expm1_small(-dl));
     centred += fabsf(dl) < 0.25f ? near : fmaf(-c.chi2_k, p, ratio);
@@ -167,9 +145,9 @@ PREFOPT_HD PREFOPT_INLINE void js_logs2(float lm2, float lo2, const JsSweepConst
   const float w2 = lo2 - lm2;
   const bool far = w2 >= c.far_from;
   // 2^w2, or 2^(log2(1 / b) - w2) = 1 / (b 2^w2) <= 1 once far.
-  const float e = sweep_ex2(far ? c.far_from - w2 : w2);
+  const float e = ex2(far ? c.far_from - w2 : w2);
   const float z = fmaf(c.b, e, -c.b);
-  const float log_y = sweep_lg2(far ? fmaf(c.b_one_minus_b, e, c.b) : fmaf(c.b, e, c.one_minus_b));
+  const float log_y = lg2(far ? fmaf(c.b_one_minus_b, e, c.b) : fmaf(c.b, e, c.one_minus_b));
   // log2(1 + z) / z on |z| <= 0.2: Chebyshev fit, relative error below 1.4e-7 in fp32.
   float r = fmaf(0.2195388525724411f, z, -0.2536127269268036f);
   r = fmaf(r, z, 0.288197785615921f);
@@ -205,8 +183,8 @@ PREFOPT_HD PREFOPT_INLINE void js_term(float lm2, float lo2, const JsSweepConsts
                                        JsSums& s) {
   lm2 = fmaxf(lm2, kJsLog2Floor);
   lo2 = fmaxf(lo2, kJsLog2Floor);
-  const float main = sweep_ex2(lm2);
-  const float other = sweep_ex2(lo2);
+  const float main = ex2(lm2);
+  const float other = ex2(lo2);
   float log_m_main, log_other_m;
   js_logs2(lm2, lo2, c, log_m_main, log_other_m);
   s.main_log = fmaf(main, log_m_main, s.main_log);
