@@ -14,7 +14,7 @@ import torch
 
 from .backends import RowStats, nan_guard
 from .sampling import (Candidates, find_kept_set, kept_outputs, kept_statistics, logp_gradient_, outside_kept_set,
-                       relative_logits)
+                       raw_threshold, relative_logits)
 from .spec import OpSpec
 
 ROW_BLOCK_BYTES = 32 * 2**20  # fp32 temporaries of one block of rows (about two per element)
@@ -82,6 +82,7 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
     (``inplace_backward``).
     """
     threshold, kept_log_norm = kept
+    raw = raw_threshold(threshold, stats.row_max, op.temperature)
     read = labels != op.ignore_index
     others = grad_entropy is not None or grad_div is not None
     n_batch, per_row, width = rows.shape
@@ -97,8 +98,7 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
             block = (rows[b:b + 1, t0:t1], labels[f0:f1], None if ref_rows is None else ref_rows[b:b + 1, t0:t1],
                      part(weight, f0, f1), op)
             if not others:
-                outside = outside_kept_set(rows[b, t0:t1], stats.row_max[f0:f1], stats.log_norm[f0:f1],
-                                           threshold[f0:f1], op.temperature)
+                outside = outside_kept_set(rows[b, t0:t1], raw[f0:f1], stats.log_norm[f0:f1])
                 kept_block = kept_statistics(_stats_rows(stats, f0, f1), kept_log_norm[f0:f1])
                 # slice_backward (v0 = 0 for a whole row): the gradient from the statistics alone.
                 backend.slice_backward(*block, kept_block, grad_logp[f0:f1], None, None, grad_rows[b:b + 1, t0:t1],

@@ -212,11 +212,39 @@ def kept_statistics(stats, kept_log_norm: torch.Tensor):
     return dataclasses.replace(stats, log_norm=kept_log_norm)
 
 
-def outside_kept_set(x: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor, threshold: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
-    """Bool ``[n, Vs]``: the entries of raw logits ``x`` outside ``K`` (none on a NaN row, whose
-    gradient stays NaN as a whole)."""
-    return (relative_logits(x, row_max, temperature) < threshold[:, None]) & (log_norm == log_norm)[:, None]
+def _ordered(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns (int32) mapped to ints in the floats' order, and back (the map is its own inverse)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def raw_threshold(threshold: torch.Tensor, row_max: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row the smallest fp32 ``x_t`` with ``relative_logits(x_t) >= t``, so that ``K = {x >= x_t}``.
+
+    ``u(x) = fl(fl(x - row_max) / T)`` never decreases as ``x`` grows, so the set is a threshold
+    on the raw logits too: a bisection over the fp32 values in their order (32 steps on ``[n]``
+    tensors, once per call) finds it, and the backward compares raw logits without forming
+    ``u``. ``-inf`` where ``t`` is (the whole row kept).
+    """
+    def value(key):  # int64 keys, so that the gap between two of them never overflows
+        return _ordered(key.to(torch.int32)).view(torch.float32)
+
+    def kept(key):
+        return relative_logits(value(key)[:, None], row_max, temperature)[:, 0] >= threshold
+
+    infinity = torch.tensor([math.inf], dtype=torch.float32, device=threshold.device)
+    lo = _ordered((-infinity).view(torch.int32)).to(torch.int64).expand_as(threshold).clone()
+    hi = _ordered(infinity.view(torch.int32)).to(torch.int64).expand_as(threshold).clone()
+    for _ in range(32):  # hi is kept, lo is not (where t > -inf): halve the gap
+        mid = lo + (hi - lo) // 2
+        take = kept(mid)
+        hi, lo = torch.where(take, mid, hi), torch.where(take, lo, mid)
+    return torch.where(threshold == NEG_INF, NEG_INF, value(hi))
+
+
+def outside_kept_set(x: torch.Tensor, raw: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+    """Bool ``[n, Vs]``: the entries of raw logits ``x`` below ``raw`` (:func:`raw_threshold`), that is
+    outside ``K``; none on a NaN row, whose gradient stays NaN as a whole."""
+    return (x < raw[:, None]) & (log_norm == log_norm)[:, None]
 
 
 def logp_gradient_(u: torch.Tensor, threshold: torch.Tensor, kept_log_norm: torch.Tensor,

@@ -66,7 +66,7 @@ def kept_tile_gradient(backend, a, b, labels, weight, op, stats: RowStats, kept:
     grad_logp = upstream.get("logp")
     if upstream.get("entropy") is None and upstream.get("div") is None:
         # The backend's own tile gradient from lse_K, zeroed outside K: four host ops and the kernel.
-        outside = outside_kept_set(a, stats.row_max, stats.log_norm, kept[0], op.temperature)
+        outside = outside_kept_set(a, kept[2], stats.log_norm)
         backend.slice_backward(a.unsqueeze(0), labels, None if b is None else b.unsqueeze(0), weight, op,
                                kept_statistics(stats, kept[1]), grad_logp, None, None, dz.unsqueeze(0), v0)
         dz.masked_fill_(outside, 0.0)
