@@ -41,6 +41,7 @@ DEFAULT_CANDIDATES = 1024  # candidates per row without top_k: nuclei up to this
 # The per-row statistics a sampled forward adds to what its backward reads, in this order.
 KEPT_STATS = ("kept_threshold", "kept_log_norm")
 NEG_INF = float("-inf")
+DECIDE_BLOCK_BYTES = 32 * 2**20  # one float64 [rows, C] temporary of the decision
 
 
 def kept_stat_count(op: OpSpec) -> int:
@@ -171,6 +172,22 @@ def decide(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec, vocab: in
     return KeptSet(threshold.float(), kept_lse.float(), settled)
 
 
+def decide_in_blocks(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec, vocab: int) -> KeptSet:
+    """:func:`decide` over blocks of rows, so that its float64 ``[rows, C]`` temporaries stay within
+    :data:`DECIDE_BLOCK_BYTES` each."""
+    n, count = candidates.values.shape
+    step = max(1, DECIDE_BLOCK_BYTES // (8 * count))
+    parts = []
+    for s in range(0, n, step):
+        rows = slice(s, s + step)
+        mass = None if candidates.minp_mass is None else candidates.minp_mass[rows]
+        parts.append(decide(Candidates(candidates.values[rows], candidates.label_u[rows], mass), log_norm[rows], op,
+                            vocab))
+    if not parts:
+        return decide(candidates, log_norm, op, vocab)
+    return KeptSet(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(KeptSet)))
+
+
 def find_kept_set(sweep: Callable[[torch.Tensor, int], Candidates], log_norm: torch.Tensor, op: OpSpec,
                   vocab: int):
     """``(KeptSet, label_u)`` of ``n`` rows, reading them again only where the set is not settled.
@@ -183,12 +200,12 @@ def find_kept_set(sweep: Callable[[torch.Tensor, int], Candidates], log_norm: to
     count = candidate_count(op, vocab)
     n = log_norm.numel()
     first = sweep(torch.arange(n, device=log_norm.device), count)
-    kept = decide(first, log_norm, op, vocab)
+    kept = decide_in_blocks(first, log_norm, op, vocab)
     pending = ~kept.settled
     while count < vocab and bool(pending.any()):
         count = min(2 * count, vocab)
         positions = pending.nonzero().reshape(-1)
-        again = decide(sweep(positions, count), log_norm[positions], op, vocab)
+        again = decide_in_blocks(sweep(positions, count), log_norm[positions], op, vocab)
         kept.threshold[positions] = again.threshold
         kept.log_norm[positions] = again.log_norm
         pending = torch.zeros_like(pending)
