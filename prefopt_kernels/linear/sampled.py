@@ -6,6 +6,10 @@ rows' :class:`~prefopt_kernels.sampling.Candidates` (one GEMM and one candidate 
 merges them over the shards, and re-reads only the rows whose kept set is not settled
 (:func:`~prefopt_kernels.sampling.find_kept_set`). The backward turns each re-projected tile
 into ``dz`` with :func:`kept_tile_gradient`. The math is :mod:`prefopt_kernels.sampling`'s.
+
+Host ops per tile of the candidate read: the GEMM (and the transform), two for the relative
+logits, three for the candidates' merge (``topk``, ``cat``, ``topk``), about seven for the
+label's ``u`` and, with min-p, five for its mass.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def kept_tile_gradient(backend, a, b, labels, weight, op, stats: RowStats, kept:
 
     With ``logp``'s upstream gradient alone (the RL case): the backend's ``slice_backward``
     from :func:`~prefopt_kernels.sampling.kept_statistics`, then the entries outside ``K``
-    zeroed (5 host ops per tile besides the kernel: relative logits, compare, mask, fill).
+    zeroed (3 host ops per tile besides the kernel: the compare with the raw threshold, the
+    NaN-row mask, the fill).
     With the entropy or divergence too: ``logp``'s term formed in fp32 from ``a``
     (:func:`~prefopt_kernels.sampling.logp_gradient_`, about 15 host ops), the others by the
     backend's ``slice_backward`` with no ``logp`` term, added in fp32. ``dz`` may be ``a``.
