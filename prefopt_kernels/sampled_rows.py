@@ -32,23 +32,18 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
     the backend's forward (global when sharded). Ignored rows are never read and hold 0.
     """
     n_tokens, width, device = labels.numel(), rows.shape[2], rows.device
-    per_row = rows.shape[1]
     read = (labels != op.ignore_index).nonzero().reshape(-1)
     row_max, log_norm = stats.row_max[read], stats.log_norm[read]
     labels_local = labels[read] - shard.v0
     step = rows_per_block(width)
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
-        out = Candidates.empty(positions.numel(), count, op, device)
+        out = Candidates.empty(positions.numel(), count, device)
         for s in range(0, positions.numel(), step):
             at = positions[s:s + step]
-            flat = read[at]
-            block = Candidates.empty(at.numel(), count, op, device)
-            block.fold(relative_logits(rows[flat // per_row, flat % per_row], row_max[at], op.temperature),
-                       labels_local[at], op)
+            block = Candidates.empty(at.numel(), count, device)
+            block.fold(_gather_rows(rows, read[at]), row_max[at], op.temperature, labels_local[at])
             out.values[s:s + step], out.label_u[s:s + step] = block.values, block.label_u
-            if out.minp_mass is not None:
-                out.minp_mass[s:s + step] = block.minp_mass
         out.merge_across(shard.group)
         return out
 
@@ -61,6 +56,16 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
         out[name] = torch.zeros(n_tokens, dtype=torch.float32, device=device)
         out[name][read] = value
     return out
+
+
+def _gather_rows(rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Rows ``flat`` (flat token order) of ``[B, T, Vs]`` as ``[n, Vs]``: a view when they are
+    consecutive within one sequence, a copy otherwise."""
+    per_row = rows.shape[1]
+    first, last = int(flat[0]), int(flat[-1])
+    if last - first == flat.numel() - 1 and first // per_row == last // per_row:
+        return rows[first // per_row, first % per_row:last % per_row + 1]
+    return rows[flat // per_row, flat % per_row]
 
 
 def _stats_rows(stats: RowStats, f0: int, f1: int) -> RowStats:

@@ -7,9 +7,9 @@ merges them over the shards, and re-reads only the rows whose kept set is not se
 (:func:`~prefopt_kernels.sampling.find_kept_set`). The backward turns each re-projected tile
 into ``dz`` with :func:`kept_tile_gradient`. The math is :mod:`prefopt_kernels.sampling`'s.
 
-Host ops per tile of the candidate read: the GEMM (and the transform), two for the relative
-logits, three for the candidates' merge (``topk``, ``cat``, ``topk``), about seven for the
-label's ``u`` and, with min-p, five for its mass.
+Host ops per tile of the candidate read: the GEMM (and the transform), the ``topk`` of the
+tile and the candidates' merge (two for ``u``, ``cat``, ``topk``), about eight for the label's
+``u``.
 """
 
 from __future__ import annotations
@@ -35,18 +35,15 @@ def forward(hidden: List[torch.Tensor], call, stats: RowStats) -> dict:
     device = hidden[0].device
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
-        out = Candidates.empty(positions.numel(), count, op, device)
+        out = Candidates.empty(positions.numel(), count, device)
         for s in range(0, positions.numel(), plan.token_chunk):
             at = positions[s:s + plan.token_chunk]
             rows = gather_rows(hidden[0], call.index[at], policy.gemm_dtype)
-            block = Candidates.empty(at.numel(), count, op, device)
+            block = Candidates.empty(at.numel(), count, device)
             labels, row_max = call.labels[at], stats.row_max[at]
             for v0, v1 in plan.vocab_ranges:
-                tile = plan.project(policy, rows, v0, v1, 0)
-                block.fold(relative_logits(tile, row_max, op.temperature), labels - (shard.v0 + v0), op)
+                block.fold(plan.project(policy, rows, v0, v1, 0), row_max, op.temperature, labels - (shard.v0 + v0))
             out.values[s:s + plan.token_chunk], out.label_u[s:s + plan.token_chunk] = block.values, block.label_u
-            if out.minp_mass is not None:
-                out.minp_mass[s:s + plan.token_chunk] = block.minp_mass
         out.merge_across(shard.group)
         return out
 
