@@ -145,11 +145,11 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
         batch_invariant: a token's outputs and its row of ``hidden``'s gradient are then
             bit-identical whatever else the call holds (number of tokens, the token's position,
             ignored neighbours, ``memory_budget``): every GEMM runs on one fixed tile,
-            ``[1024, H] x [H, 2048]``, the kept rows padded to whole 1024-row chunks with rows
+            ``[1024, H] x [H, 4096]``, the kept rows padded to whole 1024-row chunks with rows
             no kernel reads, and each row's reductions fold the same vocabulary chunks in the
-            same order. ``memory_budget`` then does not change the tiles (their workspace stays
-            under the 64 MiB default). The weight and bias gradients are sums over tokens and
-            are not batch-invariant.
+            same order. ``memory_budget`` then does not change the tiles: their workspace is
+            16 MiB per fp32 tile (one per head, and one more in the backward with ``softcap``).
+            The weight and bias gradients are sums over tokens and are not batch-invariant.
         process_group: a ``torch.distributed`` group over which the head is sharded by
             vocabulary (tensor parallelism): each rank passes its rows ``head_weight[V_r, H]``
             (and ``head_bias[V_r]``), shards in rank order, any sizes (0 included), and the

@@ -6,7 +6,7 @@ gradients, all per token) is run whole and in other batches: one token, three, a
 reverse order, a thousand permuted, as a ``[B, T]`` batch, with ignored neighbours (labels set
 to ``ignore_index``, or ``div_weight`` 0 for the divergence alone) and under a small memory
 budget. Every tracked token must get the bits it gets in the whole pool. The pool spans several
-1024-row token chunks and two 2048-wide vocabulary chunks (V = 2300, the last chunk 252 wide).
+1024-row token chunks and two 4096-wide vocabulary chunks (V = 4300, the last chunk 204 wide).
 
 The premise, checked first: on this CPU, torch's matmul gives a row the same bits at every
 position of a GEMM of fixed shape (while a 1-row GEMM, a GEMV, rounds differently). The
@@ -23,7 +23,7 @@ from prefopt_kernels.linear.tiles import INVARIANT_TOKEN_CHUNK, INVARIANT_VOCAB_
 from prefopt_kernels.linear.heads import Head
 from prefopt_kernels.spec import HeadSpec
 
-VOCAB = 2300
+VOCAB = 4300
 TRACKED = (0, 5, 777, 1099)
 # The native pool spans five token chunks; the float64 reference backend's, two (it runs the
 # batches that move a token across chunks, ignore neighbours or change the budget, and leaves
@@ -112,7 +112,7 @@ def _compare(pool_run, index, run):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fixed_shape_gemm_rows_do_not_depend_on_position(dtype):
-    """The premise: a row gets the same bits at every position of a ``[1024, H] x [H, 2048]``
+    """The premise: a row gets the same bits at every position of a ``[1024, H] x [H, 4096]``
     GEMM (the forward's projection) and of the backward's ``acc += dz W`` at that shape, while a
     1-row GEMM (what the plain path runs for a batch of one) rounds the fp32 row differently."""
     g = torch.Generator().manual_seed(0)
@@ -141,7 +141,7 @@ def test_fixed_shape_gemm_rows_do_not_depend_on_position(dtype):
 @pytest.mark.parametrize("backend", list(POOL_SIZE))
 def test_token_bits_do_not_depend_on_the_batch(backend, op):
     if backend == "reference" and op == "js":
-        pytest.skip("the float64 second sweep over 1024 x 2048 tiles is slow; js runs on the native backend")
+        pytest.skip("the float64 second sweep over 1024 x 4096 tiles is slow; js runs on the native backend")
     n = POOL_SIZE[backend]
     pool = _pool(n)
     whole = torch.arange(n)
@@ -217,17 +217,17 @@ def test_triton_interpreter_token_bits_do_not_depend_on_the_batch():
 
 
 def test_invariant_tile_plan_is_fixed():
-    """Every pass runs ``[1024, 2048]`` tiles (``[1024, V]`` for a smaller V) over whole padded
+    """Every pass runs ``[1024, 4096]`` tiles (``[1024, V]`` for a smaller V) over whole padded
     token chunks, whatever the number of rows and the budget."""
-    weight = torch.zeros(5000, 8)
+    weight = torch.zeros(9000, 8)
     heads = [Head(weight, None, HeadSpec())]
     for rows in (1, 1023, 1024, 1025, 4100):
         for budget in (2**12, 2**20, 2**30):
-            plan = TilePlan(heads, rows, 5000, budget, (), backward=False, batch_invariant=True)
-            assert (plan.token_chunk, plan.vocab_chunk) == (1024, 2048)
+            plan = TilePlan(heads, rows, 9000, budget, (), backward=False, batch_invariant=True)
+            assert (plan.token_chunk, plan.vocab_chunk) == (1024, 4096)
             assert plan.rows == padded_row_count(rows, True) == 1024 * ((rows + 1023) // 1024)
             assert all(t1 - t0 == 1024 for t0, t1 in plan.token_ranges)
-            assert plan.vocab_ranges == [(0, 2048), (2048, 4096), (4096, 5000)]
+            assert plan.vocab_ranges == [(0, 4096), (4096, 8192), (8192, 9000)]
     small = TilePlan(heads, 3, 700, 2**12, (), backward=True, batch_invariant=True)
     assert (small.token_chunk, small.vocab_chunk, small.token_ranges) == (1024, 700, [(0, 1024)])
     assert padded_row_count(0, True) == 0 and padded_row_count(5, False) == 5
