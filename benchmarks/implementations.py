@@ -3,10 +3,10 @@
 :func:`implementations` lists them for a run, each an :class:`Impl` whose ``build(case)``
 returns ``forward(inputs) -> outputs``:
 
-``prefopt:B``, ``prefopt:B+inplace``, ``prefopt:B-unfused``
+``prefopt:B``, ``prefopt:B+inplace``, ``prefopt:B-unfused``, ``prefopt:B+batch_invariant``
     the package's op on backend ``B`` (:func:`prefopt_forward`); the logits ops with
     ``inplace_backward`` in fwd+bwd mode; the linear ops as explicit logits and the package's
-    logits op on them.
+    logits op on them; the linear ops with ``batch_invariant=True``.
 ``eager`` (the baseline of every ratio), ``eager-trl``, ``torch-ce``
     the suite's eager PyTorch code (:func:`eager_forward`, ``eager``); for ``logprobs`` also
     TRL's ``selective_log_softmax`` strategy and PyTorch's cross-entropy.
@@ -66,9 +66,10 @@ class Impl:
                 and (self.only is None or self.only(case)))
 
 
-def prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[[dict], tuple]:
+def prefopt_forward(case: Case, inplace: bool, process_group=None, batch_invariant: bool = False
+                    ) -> Callable[[dict], tuple]:
     """The package's op for the case; ``process_group`` shards it by vocabulary (the inputs are
-    then this rank's shards: see ``tensor_parallel``)."""
+    then this rank's shards: see ``tensor_parallel``); ``batch_invariant`` goes to the linear ops."""
     import prefopt_kernels as pk
 
     op, div, group = case.op, case.divergence, process_group
@@ -96,14 +97,15 @@ def prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[[
             inplace_backward=inplace, process_group=group), x)
     if op == "linear:logprobs":
         return lambda x: (pk.linear_token_logprobs(x["hidden"], x["weight"], x["labels"],
-                                                   process_group=group),)
+                                                   batch_invariant=batch_invariant, process_group=group),)
     if op == "linear:logprobs+sampler":
         return lambda x: (pk.linear_token_logprobs(x["hidden"], x["weight"], x["labels"],
-                                                   process_group=group, **SAMPLER),)
+                                                   batch_invariant=batch_invariant, process_group=group,
+                                                   **SAMPLER),)
     if op == "linear:terms":
         return lambda x: _given(pk.linear_token_terms(x["hidden"], x["weight"], x["labels"],
-                                                      x["ref_hidden"], x["ref_weight"],
-                                                      divergence=div, process_group=group))
+                                                      x["ref_hidden"], x["ref_weight"], divergence=div,
+                                                      batch_invariant=batch_invariant, process_group=group))
     raise ValueError(op)
 
 
@@ -229,6 +231,8 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
                           max_elems=cap))
         impls.append(Impl(f"prefopt:{b}{UNFUSED}", _unfused_forward, linear, context=ctx,
                           max_elems=cap))
+        impls.append(Impl(f"prefopt:{b}+batch_invariant", lambda c: prefopt_forward(c, False, batch_invariant=True),
+                          linear, context=ctx, max_elems=cap))
     impls.append(Impl(EAGER, eager_forward, all_ops))
     impls.append(Impl("eager-trl", lambda c: (lambda x: (eager.logprobs_trl(x["logits"],
                                                                           x["labels"]),)),

@@ -59,7 +59,9 @@ LINEAR_HEADER = (
     "eager: hidden @ W.T, then fp32 log_softmax and gather (terms: the reference's logits too, "
     "its log_softmax and KL(q||p)). prefopt:B-unfused: the same logits, then this package's "
     "logits op on backend B (token_logprobs / token_terms, inplace_backward in fwd+bwd). "
-    "prefopt:B: linear_token_logprobs / linear_token_terms (default memory_budget). gemm: the "
+    "prefopt:B: linear_token_logprobs / linear_token_terms (default memory_budget); "
+    "prefopt:B+batch_invariant: the same with batch_invariant=True (fixed [1024, 4096] tiles, the "
+    "kept rows padded to whole 1024-row chunks). gemm: the "
     "head's GEMMs alone, a floor: hidden @ W.T forward (terms: the reference's projection "
     "too), dZ @ W and dZ.T @ hidden backward.")
 LINEAR_METRICS = (

@@ -118,13 +118,16 @@ class HeadSpec(Spec):
 @dataclass(frozen=True)
 class LinearSpec(Spec):
     """One fused linear call: its math, its heads (policy, then reference when there is one)
-    and how it tiles. ``hidden_needs_grad`` is the caller's ``hidden.requires_grad`` under
-    grad mode: a sharded backward all-reduces the hidden gradient exactly where it is set."""
+    and how it tiles. ``batch_invariant``: one fixed tile shape, so a token's outputs and hidden
+    gradient do not depend on the rest of the batch. ``hidden_needs_grad`` is the caller's
+    ``hidden.requires_grad`` under grad mode: a sharded backward all-reduces the hidden gradient
+    exactly where it is set."""
 
     op: OpSpec
     heads: Tuple[HeadSpec, ...]
     extras: Tuple[str, ...] = field(default=(), metadata={"choices": EXTRAS})
     memory_budget: int = field(default=DEFAULT_MEMORY_BUDGET, metadata={"fingerprint": False})
+    batch_invariant: bool = False
     hidden_needs_grad: bool = False
 
     @property

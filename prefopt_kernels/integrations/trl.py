@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_flag
 from ..linear import linear_token_logprobs
 
 # The FusedCausalLMOutput fields TRL can ask for, and what our op computes for each.
@@ -95,7 +96,7 @@ def _aux_loss_coefficient(text_config) -> float:
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                      outputs: tuple = ("log_probs",)) -> None:
+                      outputs: tuple = ("log_probs",), batch_invariant: bool = False) -> None:
     r"""Patch ``model`` so that ``model(..., labels=labels, fused_lm_head=True)`` never builds logits.
 
     The same protocol as TRL 1.16's ``add_fused_lm_head``: with ``fused_lm_head=True`` the
@@ -118,12 +119,16 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         cast_lm_head_to_fp32: run the projection in fp32, outside autocast.
         outputs: names among ``log_probs``, ``entropy``, ``log_sum_sq_probs``,
             ``mean_logits``, ``is_top1``; ``log_probs`` is always computed.
+        batch_invariant: a token's fields and its hidden state's gradient do not depend on
+            the rest of the batch (``linear_token_logprobs``'s ``batch_invariant``; the backbone
+            is the model's own).
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
     unknown = [name for name in outputs if name not in FUSED_OUTPUTS]
     if unknown:
         raise ValueError(f"outputs must name only {', '.join(FUSED_OUTPUTS)}; got {unknown}")
+    check_flag(batch_invariant, "batch_invariant")
     text_config = model.config.get_text_config()
     logit_scale, softcap = head_transform(text_config)
     backbone_name = backbone_attr(model)
@@ -158,7 +163,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         with autocast:
             result = linear_token_logprobs(hidden, head.weight, targets, head_bias=head.bias, temperature=temperature,
                                            logit_scale=logit_scale, softcap=softcap,
-                                           return_entropy=want_entropy, extras=extras)
+                                           return_entropy=want_entropy, extras=extras,
+                                           batch_invariant=batch_invariant)
         result = result if isinstance(result, tuple) else (result,)
         log_probs = result[0]
         entropy = result[1] if want_entropy else None
@@ -178,20 +184,24 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = types.MethodType(fused_forward, model)
 
 
-def use_in_trl() -> None:
+def use_in_trl(batch_invariant: bool = False) -> None:
     """Make every TRL trainer built from now on patch its models with :func:`add_fused_lm_head` here.
 
     TRL's trainer modules import ``add_fused_lm_head`` by name; this rebinds that name in
     each of them (:data:`TRL_TRAINER_MODULES`), so DPO, KTO, GRPO, RLOO and SFT run their
-    fused LM head on our kernels. Idempotent.
+    fused LM head on our kernels. ``batch_invariant``: the heads are patched with it (see
+    :func:`add_fused_lm_head`). Idempotent.
     """
+    head = add_fused_lm_head
+    if check_flag(batch_invariant, "batch_invariant"):
+        head = functools.partial(add_fused_lm_head, batch_invariant=True)
     for name in TRL_TRAINER_MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:  # an optional TRL module whose own dependencies are absent
             continue
         if hasattr(module, "add_fused_lm_head"):
-            module.add_fused_lm_head = add_fused_lm_head
+            module.add_fused_lm_head = head
 
 
 def apply_to_trainer(trainer, outputs: Optional[tuple] = None) -> None:

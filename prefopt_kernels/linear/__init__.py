@@ -45,8 +45,8 @@ from typing import Optional
 import torch
 
 from .. import distributed, spec as specs
-from ..checks import (check_budget, check_extras, check_head, check_hidden, check_labels, check_weight,
-                      head_spec, op_spec)
+from ..checks import (check_budget, check_extras, check_flag, check_head, check_hidden, check_labels,
+                      check_weight, head_spec, op_spec)
 from ..dispatch import backend_selection
 from ..ops import TokenTerms
 from ..spec import LinearSpec
@@ -70,7 +70,8 @@ def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, re
 
 def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
                   op_options: dict, div_weight=None, ignore_index=-100, logit_scale=1.0, ref_logit_scale=1.0,
-                  softcap=None, ref_softcap=None, extras=(), memory_budget=None, process_group=None):
+                  softcap=None, ref_softcap=None, extras=(), memory_budget=None, batch_invariant=False,
+                  process_group=None):
     """Check every input once, build the call's :class:`LinearSpec` and run ``linear_forward``.
 
     No data-dependent branch: the registered op checks the labels' range.
@@ -99,6 +100,7 @@ def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
         heads += (head_spec(ref_hidden, ref_head_bias, ref_logit_scale, ref_softcap, "ref_"),)
         per_head.append((ref_hidden, ref_head_weight, ref_head_bias))
     linear = LinearSpec(op=op, heads=heads, extras=check_extras(extras), memory_budget=check_budget(memory_budget),
+                        batch_invariant=check_flag(batch_invariant, "batch_invariant"),
                         hidden_needs_grad=torch.is_grad_enabled() and hidden.requires_grad)
     group = distributed.group_name(process_group, hidden.device)
     outputs = torch.ops.prefopt_kernels.linear_forward(flat_head_tensors(per_head), labels, div_weight,
@@ -113,7 +115,7 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
                           temperature: float = 1.0, logit_scale: float = 1.0, softcap=None,
                           return_entropy: bool = False, top_k=None, top_p=None, min_p=None,
                           return_kept_mass: bool = False, extras=(), memory_budget: Optional[int] = None,
-                          process_group=None):
+                          batch_invariant: bool = False, process_group=None):
     r"""Label log-probabilities (and entropies) of ``softmax(z / T)`` with ``z`` from the LM head, in tiles.
 
     ``z = logit_scale (h W^T + c)``, then ``softcap tanh(z / softcap)`` when ``softcap`` is
@@ -144,6 +146,14 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
             0 (``False``) at ignored tokens.
         memory_budget: bytes for the tiles and their temporaries (default 64 MiB); sets the
             token and vocabulary chunk sizes.
+        batch_invariant: a token's outputs and its row of ``hidden``'s gradient are then
+            bit-identical whatever else the call holds (number of tokens, the token's position,
+            ignored neighbours, ``memory_budget``): every GEMM runs on one fixed tile,
+            ``[1024, H] x [H, 4096]``, the kept rows padded to whole 1024-row chunks with rows
+            no kernel reads, and each row's reductions fold the same vocabulary chunks in the
+            same order. ``memory_budget`` then does not change the tiles: their workspace is
+            16 MiB per fp32 tile (one per head, and one more in the backward with ``softcap``).
+            The weight and bias gradients are sums over tokens and are not batch-invariant.
         process_group: a ``torch.distributed`` group over which the head is sharded by
             vocabulary (tensor parallelism): each rank passes its rows ``head_weight[V_r, H]``
             (and ``head_bias[V_r]``), shards in rank order, any sizes (0 included), and the
@@ -166,7 +176,7 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
                       op_options=dict(temperature=temperature, want_logp=True, return_entropy=return_entropy,
                                       top_k=top_k, top_p=top_p, min_p=min_p, return_kept_mass=return_kept_mass),
                       ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, extras=extras,
-                      memory_budget=memory_budget, process_group=process_group)
+                      memory_budget=memory_budget, batch_invariant=batch_invariant, process_group=process_group)
     result = (out["logp"], out["entropy"]) if return_entropy else (out["logp"],)
     if extras:
         result = result + (extra,)
@@ -179,7 +189,8 @@ def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *,
                             ref_head_bias=None, divergence: str = "forward_kl", beta: float = 0.5,
                             alpha: float = 0.5, div_weight=None, temperature: float = 1.0,
                             logit_scale: float = 1.0, ref_logit_scale: float = 1.0, softcap=None,
-                            ref_softcap=None, memory_budget: Optional[int] = None, process_group=None):
+                            ref_softcap=None, memory_budget: Optional[int] = None, batch_invariant: bool = False,
+                            process_group=None):
     r"""Per-token ``D_f(p, q)`` between the policy's and the reference's heads, in tiles.
 
     ``p = softmax(z / T)`` and ``q = softmax(z_ref / T)`` with each side's ``z`` formed from
@@ -193,7 +204,7 @@ def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *,
             leading shape; ``H_ref`` may differ), ``[V, H_ref]``, ``[V]``; no gradient.
         divergence, beta, alpha, div_weight, temperature: as in
             :func:`prefopt_kernels.token_divergence`.
-        logit_scale, ref_logit_scale, softcap, ref_softcap, memory_budget: as in
+        logit_scale, ref_logit_scale, softcap, ref_softcap, memory_budget, batch_invariant: as in
             :func:`linear_token_logprobs`, per side.
         process_group: as in :func:`linear_token_logprobs`, both heads sharded alike (``F`` as
             :func:`prefopt_kernels.token_divergence` states).
@@ -205,7 +216,7 @@ def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *,
                   op_options=dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha),
                   div_weight=div_weight, logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
                   softcap=softcap, ref_softcap=ref_softcap, memory_budget=memory_budget,
-                  process_group=process_group)
+                  batch_invariant=batch_invariant, process_group=process_group)
     return out["div"]
 
 
@@ -215,7 +226,7 @@ def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight,
                        alpha: float = 0.5, return_entropy: bool = False, top_k=None, top_p=None, min_p=None,
                        return_kept_mass: bool = False, logit_scale: float = 1.0,
                        ref_logit_scale: float = 1.0, softcap=None, ref_softcap=None, extras=(),
-                       memory_budget: Optional[int] = None, process_group=None):
+                       memory_budget: Optional[int] = None, batch_invariant: bool = False, process_group=None):
     r"""Everything a token-level preference loss needs, from one tiled pass over both heads.
 
     :func:`prefopt_kernels.token_terms` on ``z`` and ``z_ref`` (see
@@ -238,6 +249,6 @@ def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight,
                                       top_k=top_k, top_p=top_p, min_p=min_p, return_kept_mass=return_kept_mass),
                       div_weight=div_weight, ignore_index=ignore_index, logit_scale=logit_scale,
                       ref_logit_scale=ref_logit_scale, softcap=softcap, ref_softcap=ref_softcap, extras=extras,
-                      memory_budget=memory_budget, process_group=process_group)
+                      memory_budget=memory_budget, batch_invariant=batch_invariant, process_group=process_group)
     terms = TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"), out.get("log_kept_mass"))
     return (terms, extra) if extras else terms

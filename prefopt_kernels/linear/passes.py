@@ -43,7 +43,28 @@ class LinearCall:
         """The tile plan of a forward or backward pass (``weight_grad``: the backward
         accumulates the head weight's gradient)."""
         return TilePlan(self.heads, self.index.numel(), self.vocab, self.spec.memory_budget, self.spec.extras,
-                        backward, weight_grad)
+                        backward, weight_grad, self.spec.batch_invariant)
+
+    def targets(self, rows: int):
+        """``(labels, weight)`` over ``rows >= n`` rows, the padding rows unread by every kernel:
+        an ignored label, or for the divergence alone a zero weight (batch-invariant, the
+        divergence alone always carries a weight, 1 where none was given, so that a token's
+        kernel path does not depend on whether its call is padded)."""
+        if not self.spec.batch_invariant:
+            return self.labels, self.weight
+        labels, weight = self.labels, self.weight
+        if weight is None and labels is None:
+            weight = torch.ones(self.index.numel(), dtype=FP32, device=self.index.device)
+        return pad_rows(labels, rows, self.spec.op.ignore_index), pad_rows(weight, rows, 0.0)
+
+
+def pad_rows(x: Optional[torch.Tensor], rows: int, value) -> Optional[torch.Tensor]:
+    """``x`` ``[n, ...]`` followed by ``rows - n`` rows filled with ``value`` (``x`` itself when ``rows == n``)."""
+    if x is None or x.shape[0] == rows:
+        return x
+    out = x.new_full((rows,) + tuple(x.shape[1:]), value)
+    out[: x.shape[0]] = x
+    return out
 
 
 def backend_rows(tile: torch.Tensor) -> torch.Tensor:
@@ -80,7 +101,8 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
     has_ref = call.reference is not None
     inv_temperature = 1.0 / op.temperature
     want_sum, want_squares = "mean_logits" in extras, "log_sum_sq_probs" in extras
-    n_rows = call.index.numel()
+    n_kept, n_rows = call.index.numel(), plan.rows
+    all_labels, all_weight = call.targets(n_rows)
     state = row_state.empty(n_rows, op, has_ref, device)
     logit_sum = torch.zeros(n_rows, dtype=FP32, device=device) if want_sum else None
     ones = torch.ones(plan.vocab_chunk, dtype=FP32, device=device) if want_sum else None
@@ -88,7 +110,7 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
 
     def chunk_rows(t0, t1):
         index = call.index[t0:t1]
-        return [gather_rows(h, index, head.gemm_dtype) for h, head in zip(hidden, call.heads)]
+        return [pad_rows(gather_rows(h, index, head.gemm_dtype), t1 - t0, 0.0) for h, head in zip(hidden, call.heads)]
 
     def project(rows, v0, v1):
         a = plan.project(call.policy, rows[0], v0, v1, 0)
@@ -96,7 +118,7 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
         return a, b
 
     for t0, t1 in plan.token_ranges:
-        labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+        labels, weight = _chunk_of(all_labels, t0, t1), _chunk_of(all_weight, t0, t1)
         rows = chunk_rows(t0, t1)
         chunk = state_rows(state, t0, t1)
         for v0, v1 in plan.vocab_ranges:
@@ -118,12 +140,12 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
         if want_squares:
             local_maxima, square_sums = gathered
             square_sum = (square_sums * _rescale(local_maxima, state.max, 2.0 * inv_temperature)).sum(0)
-    stats = row_state.finalize(state, call.labels, call.weight, op)
+    stats = row_state.finalize(state, all_labels, all_weight, op)
     if op.member and op.member.second_sweep:
         value_sum = torch.zeros(n_rows, dtype=FP32, device=device)
         centred_sum = torch.zeros(n_rows, dtype=FP32, device=device)
         for t0, t1 in plan.token_ranges:
-            labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+            labels, weight = _chunk_of(all_labels, t0, t1), _chunk_of(all_weight, t0, t1)
             rows = chunk_rows(t0, t1)
             chunk_stats = stats_rows(stats, t0, t1)
             for v0, v1 in plan.vocab_ranges:
@@ -132,17 +154,18 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
                                                shard.v0 + v0)
                 value_sum[t0:t1].add_(value)
                 centred_sum[t0:t1].add_(centred)
-        stats = distributed.finish_second_pass(stats, value_sum, centred_sum, call.labels, call.weight, op,
+        stats = distributed.finish_second_pass(stats, value_sum, centred_sum, all_labels, all_weight, op,
                                                shard.group)
     extra_values = {}
     if want_sum:
         extra_values["mean_logits"] = logit_sum * (inv_temperature / shard.vocab)
     if "is_top1" in extras:
-        extra_values["is_top1"] = state.argmax == call.labels
+        extra_values["is_top1"] = state.argmax == all_labels
     if want_squares:
         # log sum p^2 = log sum exp(2 (a - m) / T) - 2 log Z, both relative to the final max m.
         extra_values["log_sum_sq_probs"] = torch.log(square_sum) - 2.0 * stats.log_norm
-    return stats, extra_values
+    # The kept rows lead the padded ones.
+    return stats_rows(stats, 0, n_kept), {name: value[:n_kept] for name, value in extra_values.items()}
 
 
 def _rescale(old_max: torch.Tensor, new_max: torch.Tensor, factor: float) -> torch.Tensor:
@@ -187,9 +210,13 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
     plan = call.plan(backward=True, weight_grad=needs_weight)
     has_ref = reference is not None
     separate_grad = fp32_tile_count(call.heads, True) > len(call.heads)
-    n_rows = call.index.numel()
-    h = gather_rows(policy_hidden, call.index, policy.gemm_dtype)
-    h_ref = gather_rows(hidden[1], call.index, reference.gemm_dtype) if has_ref else None
+    n_kept, n_rows = call.index.numel(), plan.rows
+    all_labels, all_weight = call.targets(n_rows)
+    # Padding rows: zero hidden states, zero upstream gradients and statistics; no kernel reads them.
+    stats = RowStats(**{f.name: pad_rows(getattr(stats, f.name), n_rows, 0.0) for f in fields(RowStats)})
+    upstream = {k: pad_rows(v, n_rows, 0.0) for k, v in upstream.items()}
+    h = pad_rows(gather_rows(policy_hidden, call.index, policy.gemm_dtype), n_rows, 0.0)
+    h_ref = pad_rows(gather_rows(hidden[1], call.index, reference.gemm_dtype), n_rows, 0.0) if has_ref else None
     # A widened head's GEMMs run in fp32: its rows are widened once, not per tile.
     h_weight_grad = h.float() if policy.widened and needs_weight else h
     grad_h = torch.zeros((n_rows, policy_hidden.shape[-1]), dtype=FP32, device=device) if needs_hidden else None
@@ -210,7 +237,7 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
             weight_acc = grad_weight[v0:v1] if grad_weight.dtype == FP32 else plan.weight_grad(width).zero_()
         for t0, t1 in plan.token_ranges:
             n = t1 - t0
-            labels, weight = _chunk_of(call.labels, t0, t1), _chunk_of(call.weight, t0, t1)
+            labels, weight = _chunk_of(all_labels, t0, t1), _chunk_of(all_weight, t0, t1)
             g = {k: v[t0:t1] for k, v in upstream.items()}
             a = plan.project(policy, h[t0:t1], v0, v1, 0, w_gemm)
             b = plan.project(reference, h_ref[t0:t1], v0, v1, 1, w_ref) if has_ref else None
@@ -239,7 +266,7 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
         # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
         grad_hidden = torch.zeros(policy_hidden.shape, dtype=policy_hidden.dtype if shard.group is None else FP32,
                                   device=device)
-        scatter_rows(grad_hidden, call.index, grad_h)
+        scatter_rows(grad_hidden, call.index, grad_h[:n_kept])
         if shard.group is not None:
             distributed.all_reduce_sum(grad_hidden, process_group=shard.group)
             grad_hidden = grad_hidden.to(policy_hidden.dtype)

@@ -1,5 +1,5 @@
-"""The tile plan of a fused linear pass: ``[token chunk, vocab chunk]`` from a memory budget,
-and the reused fp32 tile buffers."""
+"""The tile plan of a fused linear pass: ``[token chunk, vocab chunk]`` from a memory budget (or,
+batch-invariant, one fixed shape), and the reused fp32 tile buffers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ MIN_VOCAB_CHUNK = 256
 # Vocabulary chunks narrower than the vocabulary are a multiple of this: every tile row then
 # starts 64-byte aligned in fp32, so the kernels stream it with full-width vector loads.
 VOCAB_CHUNK_ALIGN = 16
+# The one tile shape of a batch-invariant call: every GEMM sees [1024, H] x [H, 4096] (the last
+# vocabulary chunk V mod 4096 wide), whatever the number of tokens or the budget. 1024 rows bound
+# the padding; a CPU's GEMM runs 1024 x 2048 tiles about 25% below its 4096 x 4096 rate, 1024 x 4096
+# about 12%. Workspace (TilePlan.workspace_bytes): 16 MiB per fp32 tile, and in the backward of a
+# bf16/fp16 head the fp32 [4096, H] weight-gradient rows (64 MiB at H = 4096).
+INVARIANT_TOKEN_CHUNK = 1024
+INVARIANT_VOCAB_CHUNK = 4096
 
 
 def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: int, budget: int):
@@ -35,6 +42,15 @@ def plan_tiles(rows: int, vocab: int, bytes_per_entry: int, bytes_per_column: in
                 vocab_chunk -= vocab_chunk % VOCAB_CHUNK_ALIGN
             return token_chunk, max(1, min(vocab, vocab_chunk))
         token_chunk = max(1, token_chunk // 2)
+
+
+def padded_row_count(rows: int, batch_invariant: bool) -> int:
+    """The rows a pass runs: ``rows``, or batch-invariant, ``rows`` rounded up to whole
+    :data:`INVARIANT_TOKEN_CHUNK` chunks (the padding rows are zero hidden states with an
+    ignored label, which no kernel reads)."""
+    if not batch_invariant:
+        return rows
+    return -(-rows // INVARIANT_TOKEN_CHUNK) * INVARIANT_TOKEN_CHUNK
 
 
 def fp32_tile_count(heads: Sequence[Head], backward: bool) -> int:
@@ -83,14 +99,23 @@ class TilePlan:
     and one tile per GEMM dtype of the heads whose GEMM result is widened to fp32 after), and
     in a backward with ``weight_grad`` for a bf16/fp16 head, the fp32 ``[vocab chunk, H]``
     weight-gradient accumulator. Every buffer and temporary of a pass fits ``budget`` bytes
-    (:func:`tile_costs`, :func:`plan_tiles`): :meth:`workspace_bytes` of them."""
+    (:func:`tile_costs`, :func:`plan_tiles`): :meth:`workspace_bytes` of them.
+
+    ``batch_invariant``: the tile is :data:`INVARIANT_TOKEN_CHUNK` x
+    :data:`INVARIANT_VOCAB_CHUNK` whatever ``rows`` and ``budget``, and the token ranges cover
+    :func:`padded_row_count` rows in whole chunks, so every GEMM and kernel launch of the call
+    has a shape fixed by the model alone. :attr:`rows` is the count the passes run (padded)."""
 
     def __init__(self, heads: Sequence[Head], rows: int, vocab: int, budget: int, extras: tuple, backward: bool,
-                 weight_grad: bool = False):
+                 weight_grad: bool = False, batch_invariant: bool = False):
         self.entry_bytes, self.column_bytes = tile_costs(heads, extras, backward, weight_grad)
-        self.token_chunk, self.vocab_chunk = plan_tiles(rows, vocab, self.entry_bytes, self.column_bytes, budget)
-        self.token_ranges: List[Tuple[int, int]] = [(t0, min(t0 + self.token_chunk, rows))
-                                                    for t0 in range(0, rows, self.token_chunk)]
+        if batch_invariant:
+            self.token_chunk, self.vocab_chunk = INVARIANT_TOKEN_CHUNK, max(1, min(vocab, INVARIANT_VOCAB_CHUNK))
+        else:
+            self.token_chunk, self.vocab_chunk = plan_tiles(rows, vocab, self.entry_bytes, self.column_bytes, budget)
+        self.rows = padded_row_count(rows, batch_invariant)
+        self.token_ranges: List[Tuple[int, int]] = [(t0, min(t0 + self.token_chunk, self.rows))
+                                                    for t0 in range(0, self.rows, self.token_chunk)]
         self.vocab_ranges: List[Tuple[int, int]] = [(v0, min(v0 + self.vocab_chunk, vocab))
                                                     for v0 in range(0, vocab, self.vocab_chunk)]
         device = heads[0].weight.device

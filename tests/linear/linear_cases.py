@@ -453,6 +453,7 @@ class Call:
     return_entropy: bool = False
     extras: tuple = ()
     memory_budget: Optional[int] = None
+    batch_invariant: bool = False
     loss_on: Optional[tuple] = None  # the outputs the test's loss uses (default: every differentiable one)
     requires: tuple = ("hidden", "weight", "bias")  # the policy tensors that require grad
 
@@ -469,7 +470,7 @@ class Call:
 
     def kwargs(self):
         kw = dict(temperature=self.temperature, logit_scale=self.policy.scale, softcap=self.policy.softcap,
-                  memory_budget=self.memory_budget)
+                  memory_budget=self.memory_budget, batch_invariant=self.batch_invariant)
         if self.op != "logprobs":
             kw.update(divergence=self.divergence, beta=self.beta, alpha=self.alpha, div_weight=self.div_weight,
                       ref_logit_scale=self.ref.scale, ref_softcap=self.ref.softcap)
