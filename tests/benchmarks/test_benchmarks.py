@@ -169,7 +169,7 @@ def test_linear_implementations_agree(op):
     case = Case(op, "fwd+bwd", 48, 300, "fp32", h=40)
     backends, impls = _linear_impls(case)
     names = {i.name for i in impls}
-    expected = {EAGER, "gemm"} | {f"prefopt:{b}{s}" for b in backends for s in ("", "-unfused")}
+    expected = {EAGER, "gemm"} | {f"prefopt:{b}{s}" for b in backends for s in ("", "-unfused", "+batch_invariant")}
     if installed("trl"):
         expected.add("trl-chunked")
     assert names == expected
