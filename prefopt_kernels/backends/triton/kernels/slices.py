@@ -153,7 +153,7 @@ def slice_sweep_kernel(
     centred = 0.0
     if div_on:
         a_base, lead = aligned_row(a_ptr, n, tokens_per_batch, stride_ab, stride_at, ALIGN)
-        b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
+        b_base, b_lead = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
         value, centred = second_pass(a_base, b_base, lead, vocab, inv_temperature,
                                       tl.load(row_max_ptr + n), tl.load(log_norm_ptr + n),
                                       tl.load(ref_row_max_ptr + n), tl.load(ref_log_norm_ptr + n),
