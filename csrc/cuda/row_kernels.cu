@@ -108,17 +108,20 @@ __device__ void div_sums(const typename Elem<DT>::T* ra, const typename Elem<DT>
     js_finish(sums, c, q_main, prm.one_minus_beta, sq, sp);
   } else {
     const float lq_k = lq_at_argmax(ref_at_argmax, sb, inv_temperature);
-    const SweepConsts c = sweep_consts(div_fprime<DIV>(-sa.offset, lq_k, prm), prm);
-    const float ref_minus_max = ref_at_argmax - sa.shift;  // b_k - a_k
+    const SweepConsts c = sweep_consts<DIV>(div_fprime<DIV>(-sa.offset, lq_k, prm), prm, inv_temperature,
+                                            ref_at_argmax, sb.shift);
+    // log2 q = (b - ref_centre) scale - off_bc.
+    const float off_bc = fmaf(sb.shift - c.ref_centre, scale, off_b);
     row_chunks<DT, true, false>(ra, rb, nullptr, vocab,
                                 [&](int64_t, const auto& x, const auto& z, auto&) {
       constexpr int N = sizeof(x) / sizeof(float);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        const float ap = fmaf(x[i] - sa.shift, scale, -off_a);
-        const float aq = fmaf(z[i] - sb.shift, scale, -off_b);
-        const float dl = ((z[i] - x[i]) - ref_minus_max) * inv_temperature;
-        sweep_term<DIV>(ap, aq, ex2(ap), ex2(aq), dl, c, sq, sp);
+        const float xs = x[i] - sa.shift;
+        const float zs = z[i] - c.ref_centre;
+        const float ap = fmaf(xs, scale, -off_a);
+        const float aq = fmaf(zs, scale, -off_bc);
+        sweep_term<DIV>(ap, aq, ex2(ap), ex2(aq), zs - xs, c, sq, sp);
       }
     });
     sweep_finish<DIV>(c, sq, sp);
@@ -291,9 +294,37 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
     // p (ge lp + c + gd s) with C the centred term times a - 1.
     const float off_a = sa.offset * kLog2e;
     const float off_b = sb.offset * kLog2e;
-    const SweepConsts k = sweep_consts(fprime_k, prm);
-    const float ref_minus_max = ref_at_argmax - sa.shift;
+    const SweepConsts k = sweep_consts<kAlpha>(fprime_k, prm, inv_temperature, ref_at_argmax, sb.shift);
+    const float off_bc = fmaf(sb.shift - k.ref_centre, scale, off_b);
     const float gd_c = gd * prm.inv_alpha_minus_one;
+    const float c_s = fmaf(gd, s, c);
+    row_chunks<DT, true, true>(ra, rb, rg, vocab,
+                               [&](int64_t j0, const auto& x, const auto& z, auto& out) {
+      constexpr int N = sizeof(x) / sizeof(float);
+      const int label_at = label_in_chunk(label, j0, N);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float xs = x[i] - sa.shift;
+        const float zs = z[i] - k.ref_centre;
+        const float ap = fmaf(xs, scale, -off_a);
+        const float aq = fmaf(zs, scale, -off_bc);
+        const float p = ex2(ap);
+        const float inner = fmaf(ge * kLn2, ap, c_s);
+        float g = gd_c * alpha_centred(ap, p, alpha_mixed(ap, aq, ap - aq, k), zs - xs, k);
+        g += p > 0.f ? -p * inner : 0.f;
+        g = i == label_at ? g + gl : g;
+        out[i] = fmaf(g, inv_temperature, guard);
+      }
+    });
+    return;
+  }
+  if constexpr (DIV_ROW == kJS) {
+    // From base-2 log-probabilities as the js sweep forms them (sweep_terms.h): g =
+    // gd (1 - beta) ln2 p G - p (ge lp + c + gd s), G = js_fprime_gap.
+    const float off_a = sa.offset * kLog2e;
+    const float off_b = sb.offset * kLog2e;
+    const JsSweepConsts k = js_sweep_consts(prm, -off_a, fmaf(ref_at_argmax - sb.shift, scale, -off_b));
+    const float gd_js = gd * (prm.one_minus_beta * kLn2);
     const float c_s = fmaf(gd, s, c);
     row_chunks<DT, true, true>(ra, rb, rg, vocab,
                                [&](int64_t j0, const auto& x, const auto& z, auto& out) {
@@ -303,11 +334,9 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
       for (int i = 0; i < N; ++i) {
         const float ap = fmaf(x[i] - sa.shift, scale, -off_a);
         const float aq = fmaf(z[i] - sb.shift, scale, -off_b);
-        const float dl = ((z[i] - x[i]) - ref_minus_max) * inv_temperature;
         const float p = ex2(ap);
         const float inner = fmaf(ge * kLn2, ap, c_s);
-        float g = gd_c * alpha_centred(ap, p, alpha_mixed(ap, aq, k), dl, k);
-        g += p > 0.f ? -p * inner : 0.f;
+        float g = p > 0.f ? p * fmaf(gd_js, js_fprime_gap(ap, aq, k), -inner) : 0.f;
         g = i == label_at ? g + gl : g;
         out[i] = fmaf(g, inv_temperature, guard);
       }

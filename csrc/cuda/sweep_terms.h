@@ -1,32 +1,39 @@
 // Second-sweep terms of js (below, with its own constants and sums), tv, hellinger, chi2
 // and alpha from base-2 log-probabilities, for the CUDA row loops (host-compilable so that
 // the same code can be checked against a double reference on the CPU). With ap = log2 p and
-// aq = log2 q formed once per element from the raw logit difference (one FMA each) and
-// p = 2^ap, q = 2^aq:
+// aq = log2 q formed once per element from the raw logits less a centre (one FMA each: the
+// policy's max a_k, the reference's logit b_k at the policy's argmax k, or its max where b_k
+// is -inf), p = 2^ap, q = 2^aq, and dr = (b - b_k) - (a - a_k) (exact but for one rounding,
+// exactly 0 at k; dl = dr / T = log t_k - log t):
 //   tv         value |p - q| (halved once per row), centred p (sign(p - q) / 2 - f'(t_k))
 //   hellinger  value p + q - 2 sqrt(pq), sqrt(pq) = 2^((ap + aq) / 2); centred
 //              p (f'(t) - f'(t_k)) = -sqrt(q_k / p_k) p expm1(h), h = dl / 2
 //   chi2       value p^2/q - 2p + q, p^2/q = 2^(2 ap - aq); centred (halved until the row's
 //              end) t_k p expm1(-dl)
-// with dl = (log q - log p) - (log q_k - log p_k) = ((b - a) - (b_k - a_k)) / T from the raw
-// logits, exact but for one rounding. The value sums need only 1e-5 absolute, so their
-// per-element cancellation (a few ulp of p or q) is harmless. The centred sums feed the
-// gradient and must stay accurate where policy ~ reference, i.e. f'(t) - f'(t_k) small: there
-// (|dl| < 1/4; |h| < 1/4 for hellinger) the terms are expm1 by its Taylor series, elsewhere the plain forms
-// p (1 - f'(t_k)) - sqrt(pq) and p^2/q - t_k p, which lose at most a factor 1/(1 - e^-1/4) ~ 4.5
-// of ulp to cancellation and stay finite where t overflows. Entries with p = 0 contribute 0 to
-// the centred sums; p = q = 0 contributes 0 to the values (chi2's 2^(2ap - aq) is 2^NaN
-// there, taken as 0 by the fmax).
-// alpha (a) with m = p^a q^(1-a) = 2^(a ap + (1-a) aq) (one ex2; an inf - inf exponent is a
-// p = q = 0 entry or a 0^0 edge, taken as 0): value (m - a p - (1-a) q) / (a (a-1)) as
-// (base expm1(c d) / c - (p - q)) / o with d = log p - log q and, as alpha_rest does, base,
-// c, o = p, a-1, a near a = 1 or q, a, a-1 near a = 0: base expm1(c d) by the series where
-// |c d| < 1/4, else m - base (so nothing of size p or q meets the small divisor); centred
-// p (f'(t) - f'(t_k)) = t_k^(a-1) p expm1(-(a-1) dl) / (a-1) by the series where
-// |(a-1) dl| < 1/4, else (m - t_k^(a-1) p) / (a-1), the divisors applied once per row.
+// Each divergence scales dr to its series argument with one FMA (SweepConsts). The
+// value sums need only 1e-5 absolute, so their per-element cancellation (a few ulp of p or q)
+// is harmless. The centred sums feed the gradient and must stay accurate where policy ~
+// reference, i.e. f'(t) - f'(t_k) small: there (|dl| < 1/4; |h| < 1/4 for hellinger) the
+// terms are expm1 by its Taylor series, elsewhere the plain forms p (1 - f'(t_k)) - sqrt(pq)
+// and p^2/q - t_k p, which lose at most a factor 1/(1 - e^-1/4) ~ 4.5 of ulp to cancellation
+// and stay finite where t overflows. Entries with p = 0 contribute 0 to the centred sums;
+// p = q = 0 contributes 0 to the values (chi2's 2^(2ap - aq) is 2^NaN there, taken as 0 by
+// the fmax).
+// alpha (a): with c, o and the base side as make_div_params has them (c = a-1, o = a, base p
+// near a = 1; c = a, o = a-1, base q near a = 0) and d2 = ap - aq, m = p^a q^(1-a) =
+// 2^(log2 base + c d2) (one ex2; an inf - inf exponent is a p = q = 0 entry or a 0^0 edge,
+// taken as 0); value (m - a p - (1-a) q) / (a (a-1)) = sum base expm1(c d2 ln2) / (c o) -
+// sum (p - q) / o, where the second sum is 0 over a row (the slices' sweeps add up to the
+// row's) and is left out: that costs |sum p - sum q| / |o| <= 2 |sum p - sum q| of the
+// rounded p and q (their normalisers' rounding, a few 1e-7). base expm1(c d2 ln2) by its
+// series where |c d2 ln2| < 1/4, else m - base (so nothing of size p or q meets the small
+// divisor c); centred p (f'(t) - f'(t_k)) = t_k^(a-1) p expm1(y) / (a-1), y = -(a-1) dl, by
+// the series where |y| < 1/4, else (m - t_k^(a-1) p) / (a-1); the divisors applied once per
+// row. Both series are minimax fits of degree 5 with the row's factors in their coefficients.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "cuda/row_device.cuh"
 #include "prefopt/common.h"
@@ -46,55 +53,124 @@ PREFOPT_HD PREFOPT_INLINE float expm1_small(float y) {
   return fmaf(y * y, r, y);
 }
 
-// Per-row constants of the terms: from f'(t_k) (fprime_k) at the policy's argmax k.
+// Minimax fits of degree 5 on |y| <= 1/4, relative error below 8.5e-8 (1.4 ulp):
+// expm1(y) ~ y (a1 + y (a2 + ...)) and 2^u - 1 ~ u (b1 + u (b2 + ...)) on |u ln2| <= 1/4.
+// alpha takes them with its per-row factors folded into the coefficients (sweep_consts).
+#define PREFOPT_EXPM1_FIT \
+  {0.9999999924506011f, 0.49999830897088915f, 0.16666739318205245f, 0.04177515051192451f, \
+   0.008333329885882259f}
+#define PREFOPT_EXP2M1_FIT \
+  {0.693147175327101f, 0.24022569449906733f, 0.055504350612352094f, 0.009643170986747716f, \
+   0.001333355263071212f}
+
+// x (k[0] + x (k[1] + ... + x k[4])).
+PREFOPT_HD PREFOPT_INLINE float series5(float x, const float (&k)[5]) {
+  float r = fmaf(k[4], x, k[3]);
+  r = fmaf(r, x, k[2]);
+  r = fmaf(r, x, k[1]);
+  r = fmaf(r, x, k[0]);
+  return x * r;
+}
+
+// All ones where the row-wide flag (+1 or -1) is positive, else 0: its sign bit spread,
+// inverted. Not a comparison, on which the compiler would unswitch the loop; with select_bits
+// a per-element choice of side is one bitwise select and the loop is not duplicated.
+PREFOPT_HD PREFOPT_INLINE uint32_t flag_bits(float flag) {
+  return ~static_cast<uint32_t>(static_cast<int32_t>(float_to_bits(flag)) >> 31);
+}
+
+// if_set where mask is all ones, else if_clear.
+PREFOPT_HD PREFOPT_INLINE float select_bits(float if_set, float if_clear, uint32_t mask) {
+  return bits_to_float((float_to_bits(if_set) & mask) | (float_to_bits(if_clear) & ~mask));
+}
+
+// Per-row constants of the terms: from f'(t_k) (fprime_k) at the policy's argmax k, and each
+// divergence's series argument fma(dr, arg_scale, arg_offset) (header).
 struct SweepConsts {
   float c_above, c_below, c_equal;  // tv: sign(p - q) / 2 - f'(t_k) on each side
   float hellinger_k;                // 1 - f'(t_k) = sqrt(q_k / p_k)
   float chi2_k;                     // 1 + f'(t_k) / 2 = t_k
-  // alpha: a, 1 - a, a - 1, t_k^(a-1) = 1 + (a-1) f'(t_k), c ln 2 and 1 / c (c, o and the
-  // base side from make_div_params), 1 / o and 1 / (a-1); base = base_p p + base_q q with
-  // weights 0 and 1 (arithmetic, so that the loop is not duplicated for the two sides).
-  float alpha, one_minus_alpha, alpha_minus_one, alpha_k, c_ln2, inv_c, inv_o, inv_am1;
-  float base_p, base_q;
+  float ref_centre, arg_scale, arg_offset;
+  // alpha (a; c, o and the base side as make_div_params has them): 1 / c, 1 / o, 1 / (a-1),
+  // t_k^(a-1) = 1 + (a-1) f'(t_k); c and the series of base expm1(c d2 ln2) in d2 = ap - aq
+  // (coefficients c^j b_j) with its range |d2| < value_near; the series of t_k^(a-1)
+  // expm1(y) (coefficients t_k^(a-1) a_j); which side is the base (flag_bits; all ones: p).
+  float inv_c, inv_o, inv_am1, alpha_k;
+  float alpha_c, value_near;
+  float value_fit[5], centred_fit[5];
+  uint32_t base_p_bits;
 };
 
-PREFOPT_HD PREFOPT_INLINE SweepConsts sweep_consts(float fprime_k, const DivParams& prm) {
-  return SweepConsts{0.5f - fprime_k,
-                     -0.5f - fprime_k,
-                     -fprime_k,
-                     1.f - fprime_k,
-                     1.f + 0.5f * fprime_k,
-                     prm.alpha,
-                     -prm.alpha_minus_one,
-                     prm.alpha_minus_one,
-                     fmaf(prm.alpha_minus_one, fprime_k, 1.f),
-                     prm.c * 0.693147180559945309f,
-                     prm.inv_c,
-                     prm.inv_o,
-                     prm.inv_alpha_minus_one,
-                     prm.near_one > 0.f ? 1.f : 0.f,
-                     prm.near_one > 0.f ? 0.f : 1.f};
+// dr's scale in each divergence's series argument: h = dl / 2 (hellinger), -dl (chi2) and
+// y = -(a-1) dl (alpha), dl = dr / T.
+template <int DIV>
+PREFOPT_HD PREFOPT_INLINE float arg_scale(const DivParams& prm, float inv_temperature) {
+  if constexpr (DIV == kHellinger) return 0.5f * inv_temperature;
+  if constexpr (DIV == kChi2) return -inv_temperature;
+  if constexpr (DIV == kAlpha) return -prm.alpha_minus_one * inv_temperature;
+  return 0.f;
 }
 
-// alpha's m = p^a q^(1-a) (0 where the exponent is inf - inf).
-PREFOPT_HD PREFOPT_INLINE float alpha_mixed(float ap, float aq, const SweepConsts& c) {
-  return ex2(fmaxf(fmaf(c.alpha, ap, c.one_minus_alpha * aq), -kInf));
+// ref_at_argmax = b_k, ref_shift the reference row's max; ref_centre (SweepConsts) the
+// reference logit the loop subtracts: b_k, or ref_shift where b_k = -inf.
+template <int DIV>
+PREFOPT_HD PREFOPT_INLINE SweepConsts sweep_consts(float fprime_k, const DivParams& prm,
+                                                   float inv_temperature, float ref_at_argmax,
+                                                   float ref_shift) {
+  SweepConsts c{};
+  const bool finite_k = ref_at_argmax > -kInf;
+  c.ref_centre = finite_k ? ref_at_argmax : ref_shift;
+  c.c_above = 0.5f - fprime_k;
+  c.c_below = -0.5f - fprime_k;
+  c.c_equal = -fprime_k;
+  c.hellinger_k = 1.f - fprime_k;
+  c.chi2_k = 1.f + 0.5f * fprime_k;
+  c.arg_scale = arg_scale<DIV>(prm, inv_temperature);
+  // The argument's offset, -(b_k - ref_centre) times the scale: 0 for a finite b_k (k's own
+  // dr and argument are exactly 0), else infinite, which takes every entry to the plain forms.
+  c.arg_offset = finite_k ? 0.f : kInf * c.arg_scale;
+  c.inv_c = prm.inv_c;
+  c.inv_o = prm.inv_o;
+  c.inv_am1 = prm.inv_alpha_minus_one;
+  c.alpha_k = fmaf(prm.alpha_minus_one, fprime_k, 1.f);
+  c.alpha_c = prm.c;
+  c.value_near = 0.25f / (0.693147180559945309f * fabsf(prm.c));
+  const float expm1_fit[5] = PREFOPT_EXPM1_FIT;
+  const float exp2m1_fit[5] = PREFOPT_EXP2M1_FIT;
+  float power = 1.f;
+  for (int j = 0; j < 5; ++j) {
+    power *= prm.c;
+    c.value_fit[j] = power * exp2m1_fit[j];
+    c.centred_fit[j] = c.alpha_k * expm1_fit[j];
+  }
+  c.base_p_bits = flag_bits(prm.near_one);
+  return c;
 }
 
-// alpha's centred term times a - 1: t_k^(a-1) p expm1(-(a-1) dl) or m - t_k^(a-1) p. p = 0
-// gives dl = inf or NaN, so the far form, with m taken as 0 there.
-PREFOPT_HD PREFOPT_INLINE float alpha_centred(float ap, float p, float mixed, float dl,
+// The base side of alpha's terms: from_p where base_p_bits is all ones, else from_q.
+PREFOPT_HD PREFOPT_INLINE float alpha_base(float from_p, float from_q, const SweepConsts& c) {
+  return select_bits(from_p, from_q, c.base_p_bits);
+}
+
+// alpha's m = p^a q^(1-a) = 2^(log2 base + c d2) (0 where the exponent is inf - inf).
+PREFOPT_HD PREFOPT_INLINE float alpha_mixed(float ap, float aq, float d2, const SweepConsts& c) {
+  return ex2(fmaxf(fmaf(c.alpha_c, d2, alpha_base(ap, aq, c)), -kInf));
+}
+
+// alpha's centred term times a - 1: t_k^(a-1) p expm1(y) or m - t_k^(a-1) p, y = -(a-1) dl
+// from dr. p = 0 gives y = inf or NaN, so the plain form, with m taken as 0 there.
+PREFOPT_HD PREFOPT_INLINE float alpha_centred(float ap, float p, float mixed, float dr,
                                               const SweepConsts& c) {
-  const float y = -c.alpha_minus_one * dl;
-  const float near = c.alpha_k * (p * expm1_small(y));
+  const float y = fmaf(dr, c.arg_scale, c.arg_offset);
+  const float near = p * series5(y, c.centred_fit);
   const float far = fmaf(-c.alpha_k, p, ap > -kInf ? mixed : 0.f);
   return fabsf(y) < 0.25f ? near : far;
 }
 
 // Adds the element's value and centred terms (before the per-row factors of
-// sweep_finish) to the running sums.
+// sweep_finish) to the running sums; dr as in the header.
 template <int DIV>
-PREFOPT_HD PREFOPT_INLINE void sweep_term(float ap, float aq, float p, float q, float dl,
+PREFOPT_HD PREFOPT_INLINE void sweep_term(float ap, float aq, float p, float q, float dr,
                                           const SweepConsts& c, float& value, float& centred) {
   if constexpr (DIV == kTV) {
     value += fabsf(p - q);
@@ -103,22 +179,23 @@ PREFOPT_HD PREFOPT_INLINE void sweep_term(float ap, float aq, float p, float q, 
   } else if constexpr (DIV == kHellinger) {
     const float root = ex2(0.5f * (ap + aq));  // sqrt(pq)
     value += fmaf(-2.f, root, p + q);
-    const float h = 0.5f * dl;
+    const float h = fmaf(dr, c.arg_scale, c.arg_offset);
     const float near = -c.hellinger_k * (p * expm1_small(h));
     centred += fabsf(h) < 0.25f ? near : fmaf(p, c.hellinger_k, -root);
   } else if constexpr (DIV == kAlpha) {
-    const float mixed = alpha_mixed(ap, aq, c);
-    const float base = fmaf(c.base_p, p, c.base_q * q);
-    const float cd = c.c_ln2 * (ap - aq);
-    const float rest = fabsf(cd) < 0.25f ? base * expm1_small(cd) : mixed - base;
-    value += fmaf(rest, c.inv_c, q - p);
-    centred += alpha_centred(ap, p, mixed, dl, c);
+    const float d2 = ap - aq;
+    const float mixed = alpha_mixed(ap, aq, d2, c);
+    const float base = alpha_base(p, q, c);
+    const float rest = fabsf(d2) < c.value_near ? base * series5(d2, c.value_fit) : mixed - base;
+    value += rest;
+    centred += alpha_centred(ap, p, mixed, dr, c);
   } else {
     static_assert(DIV == kChi2, "sweep_term: tv, hellinger, chi2 or alpha");
     const float ratio = ex2(fmaxf(fmaf(2.f, ap, -aq), -kInf));  // p^2 / q
     value += fmaf(-2.f, p, ratio) + q;
-    const float near = c.chi2_k * (p * expm1_small(-dl));
-    centred += fabsf(dl) < 0.25f ? near : fmaf(-c.chi2_k, p, ratio);
+    const float y = fmaf(dr, c.arg_scale, c.arg_offset);  // -dl
+    const float near = c.chi2_k * (p * expm1_small(y));
+    centred += fabsf(y) < 0.25f ? near : fmaf(-c.chi2_k, p, ratio);
   }
 }
 
@@ -137,6 +214,7 @@ struct JsSweepConsts {
   float far_from;        // log2(1 / b)
   float b_one_minus_b;   // b (1 - b)
   float log_m_main_k, log_other_m_k;  // at the policy's argmax k
+  uint32_t q_main_bits;               // flag_bits: all ones where q is the main side
 };
 
 // (log2(m / main), log2(other / m)) from clamped (finite) lm2, lo2.
@@ -166,7 +244,7 @@ PREFOPT_HD PREFOPT_INLINE JsSweepConsts js_sweep_consts(const DivParams& prm, fl
   const bool q_main = prm.js_q_main > 0.f;
   const float one_minus_b = q_main ? prm.beta : prm.one_minus_beta;
   JsSweepConsts c{prm.js_b, one_minus_b, -prm.js_log_b * 1.44269504088896341f,
-                  prm.js_b * one_minus_b, 0.f, 0.f};
+                  prm.js_b * one_minus_b, 0.f, 0.f, flag_bits(prm.js_q_main)};
   js_logs2(fmaxf(q_main ? lq2_k : lp2_k, kJsLog2Floor), fmaxf(q_main ? lp2_k : lq2_k, kJsLog2Floor),
            c, c.log_m_main_k, c.log_other_m_k);
   return c;
@@ -193,6 +271,18 @@ PREFOPT_HD PREFOPT_INLINE void js_term(float lm2, float lo2, const JsSweepConsts
   s.other_centred = fmaf(other, log_other_m - c.log_other_m_k, s.other_centred);
 }
 
+// (f'(t) - f'(t_k)) / ((1 - beta) ln2) of the policy's entry with base-2 logs ap, aq, from
+// the sweep's forms: A_k - A where p is the main side, log2(other / m) less its value at k
+// where q is; exactly 0 at k, and no difference of nearly equal large logs.
+PREFOPT_HD PREFOPT_INLINE float js_fprime_gap(float ap, float aq, const JsSweepConsts& c) {
+  ap = fmaxf(ap, kJsLog2Floor);
+  aq = fmaxf(aq, kJsLog2Floor);
+  float log_m_main, log_other_m;
+  js_logs2(select_bits(aq, ap, c.q_main_bits), select_bits(ap, aq, c.q_main_bits), c, log_m_main,
+           log_other_m);
+  return select_bits(log_other_m - c.log_other_m_k, c.log_m_main_k - log_m_main, c.q_main_bits);
+}
+
 // The value sum q f(t) = ln2 (b sum other log2(other / m) - (1 - b) sum main log2(m / main))
 // and the centred sum p (f'(t) - f'(t_k)) with f' = (1 - beta) ln2 log2(p / m) (-A where p
 // is main, log2(other / m) where q is).
@@ -209,7 +299,7 @@ PREFOPT_HD PREFOPT_INLINE void sweep_finish(const SweepConsts& c, float& value, 
   if constexpr (DIV == kTV) value *= 0.5f;
   if constexpr (DIV == kChi2) centred *= 2.f;
   if constexpr (DIV == kAlpha) {
-    value *= c.inv_o;
+    value *= c.inv_c * c.inv_o;
     centred *= c.inv_am1;
   }
 }

@@ -61,19 +61,21 @@ SCRIPT = textwrap.dedent(
         if not labels and divergence == 0:
             continue
         rows = {"a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "labels_ptr": "*i64"}
+        # Rows aligned by the kernels (as at an odd vocabulary): 16 bytes of elements.
+        align = 8 if dtype == "bf16" else 4
         compile_one(kernels.token_forward_kernel, rows, dict(
             HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_LOGP=labels, WANT_ENTROPY=labels,
-            WANT_REF_LOGP=labels and divergence > 0, DIVERGENCE=divergence, BLOCK_V=4096))
+            WANT_REF_LOGP=labels and divergence > 0, DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))
         compile_one(kernels.token_backward_kernel, dict(rows, grad_ptr="*" + dtype), dict(
             HAS_LABELS=labels, HAS_WEIGHT=weight, GRAD_LOGP=labels, GRAD_ENTROPY=labels,
-            DIVERGENCE=divergence, BLOCK_V=4096))
+            DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))
         compile_one(kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(
             HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_ENTROPY=labels,
-            DIVERGENCE=divergence, BLOCK_V=4096))
+            DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))
         count += 3
         if divergence and Divergence(divergence).second_sweep:
             compile_one(kernels.slice_sweep_kernel, rows, dict(
-                HAS_LABELS=labels, HAS_WEIGHT=weight, DIVERGENCE=divergence, BLOCK_V=4096))
+                HAS_LABELS=labels, HAS_WEIGHT=weight, DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))
             count += 1
     # A code the registry does not know fails to compile in every kernel.
     unknown = max(int(d) for d in Divergence) + 1
@@ -86,7 +88,7 @@ SCRIPT = textwrap.dedent(
             (kernels.slice_sweep_kernel, rows, {})):
         try:
             compile_one(fn, pointers, dict(HAS_LABELS=False, HAS_WEIGHT=False, DIVERGENCE=unknown, BLOCK_V=4096,
-                                           **flags))
+                                           ALIGN=4, **flags))
         except Exception as error:
             assert "DIVERGENCE code" in repr(error) + repr(error.__cause__), repr(error)
         else:

@@ -15,7 +15,7 @@ from dataclasses import fields
 import torch
 
 from .. import SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, present_stats, row_state
-from .config import launch_config
+from .config import launch_config, row_alignment
 
 NAME = "triton"
 
@@ -57,7 +57,7 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         WANT_LOGP=stats.logp is not None, WANT_ENTROPY=stats.entropy is not None,
         WANT_REF_LOGP=stats.ref_logp is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
     )
     return stats
 
@@ -95,7 +95,7 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
         HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None,
         GRAD_LOGP=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
         DIVERGENCE=spec.divergence if has_div else 0,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref, grad_out), num_warps=num_warps,
     )
 
 
@@ -122,7 +122,7 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
         WANT_ENTROPY=state.ent_acc is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
     )
     return state
 
@@ -146,7 +146,7 @@ def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0:
         vocab=width, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, DIVERGENCE=spec.divergence,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref_logits), num_warps=num_warps,
     )
     return value, centred
 

@@ -11,10 +11,13 @@ from .row_math import (
     KNOWN_CODES,
     REVERSE_KL,
     SECOND_SWEEP_CODES,
+    aligned_row,
     centred_slope,
-    fast_exp,
+    edge_tile,
     f_prime,
-    row_offset,
+    fast_exp,
+    load_tile,
+    tile_count,
 )
 
 
@@ -28,14 +31,15 @@ def token_backward_kernel(
     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """``g_j = (1/T)[g_logp (1[j=y] - p_j) - g_H p_j (log p_j + H) + g_D p_j (f'(t_j) - S)]``.
 
     ``f'(t_j) - S`` is formed as ``(f'(t_j) - f'(t_k)) - div_s`` with the centred ``div_s``
     of ``RowStats`` (forward KL: ``p_j f'(t_j) - p_j S = p_j - q_j`` directly).
     ``DIVERGENCE`` is 0 when no divergence gradient is needed. Every element of the row is
-    read before it is written, so ``grad_ptr`` may alias ``a_ptr``. The row may be the
+    read before it is written, so ``grad_ptr`` may alias ``a_ptr``. The three rows share
+    their misalignment (``ALIGN``, ``row_math.aligned_row``). The row may be the
     slice ``[v0, v0 + vocab)`` of a wider vocabulary (a whole row has ``v0 = 0``): only the
     statistics of the whole row enter. A row that is not
     skipped gets ``log_norm - log_norm`` (and ``div_s - div_s`` where the divergence term is
@@ -86,34 +90,63 @@ def token_backward_kernel(
     if not (GRAD_LOGP or GRAD_ENTROPY):
         compute = needed & div_active
 
-    a_row = a_ptr + row_offset(n, tokens_per_batch, stride_ab, stride_at)
-    b_row = b_ptr + row_offset(n, tokens_per_batch, stride_bb, stride_bt)
-    g_row = grad_ptr + row_offset(n, tokens_per_batch, stride_gb, stride_gt)
+    a_base, lead = aligned_row(a_ptr, n, tokens_per_batch, stride_ab, stride_at, ALIGN)
+    b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
+    g_base, _ = aligned_row(grad_ptr, n, tokens_per_batch, stride_gb, stride_gt, ALIGN)
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab, BLOCK_V):
-        mask = start + cols < vocab
-        grad = tl.zeros((BLOCK_V,), tl.float32)
-        if compute:
-            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            lp = (x - ma) * inv_temperature - log_za
-            p = fast_exp(lp)
-            if GRAD_LOGP:
-                grad += g_logp * (tl.where(start + cols == label, 1.0, 0.0) - p)
-            if GRAD_ENTROPY:
-                grad -= g_entropy * tl.where(p > 0.0, p * (lp + entropy), 0.0)
-            if DIVERGENCE != 0:
-                if div_active:
-                    y = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                    if DIVERGENCE == FORWARD_KL:
-                        # p f'(t) = -q and S = -1: the gradient is p - q.
-                        grad += g_div * (p - fast_exp((y - mb) * inv_temperature - log_zb))
-                    elif DIVERGENCE == REVERSE_KL:
-                        centred = (x - ma) * inv_temperature - (y - ref_at_argmax) * inv_temperature - div_s
-                        grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
-                    else:
-                        lq = (y - mb) * inv_temperature - log_zb
-                        grad += g_div * centred_slope(lp, lq, fprime_k, div_s, beta, one_minus_beta,
-                                                       log_beta, log_one_minus_beta, alpha, alpha_minus_one,
-                                                       DIVERGENCE)
-        grad = grad * inv_temperature + guard
-        tl.store(g_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    last = tile_count(vocab, lead, BLOCK_V)
+    columns, mask = edge_tile(0, lead, vocab, BLOCK_V)
+    gradient_tile(a_base + cols, b_base + cols, g_base + cols, columns, mask, True, compute, label, ma, log_za,
+                  mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp, g_entropy, g_div, div_active, guard,
+                  inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                  GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE)
+    for tile in range(1, last):
+        start = tile * BLOCK_V
+        gradient_tile(a_base + start + cols, b_base + start + cols, g_base + start + cols, start - lead + cols,
+                      mask, False, compute, label, ma, log_za, mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s,
+                      g_logp, g_entropy, g_div, div_active, guard, inv_temperature, beta, one_minus_beta, log_beta,
+                      log_one_minus_beta, alpha, alpha_minus_one, GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE)
+    if last > 0:
+        start = last * BLOCK_V
+        columns, mask = edge_tile(last, lead, vocab, BLOCK_V)
+        gradient_tile(a_base + start + cols, b_base + start + cols, g_base + start + cols, columns, mask, True,
+                      compute, label, ma, log_za, mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp,
+                      g_entropy, g_div, div_active, guard, inv_temperature, beta, one_minus_beta, log_beta,
+                      log_one_minus_beta, alpha, alpha_minus_one, GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE)
+
+
+@triton.jit
+def gradient_tile(a_tile, b_tile, g_tile, columns, mask, MASKED: tl.constexpr, compute, label, ma, log_za, mb,
+                   log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp, g_entropy, g_div, div_active, guard,
+                   inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+                   GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """One tile of :func:`token_backward_kernel`'s gradient (pointers ``a_tile``, ``b_tile``,
+    ``g_tile``; the row's ``columns``), stored in the gradient's dtype; a masked tile
+    (``MASKED``) reads and writes only the lanes of ``mask``."""
+    grad = tl.zeros(columns.shape, tl.float32)
+    if compute:
+        x = load_tile(a_tile, mask, MASKED).to(tl.float32)
+        lp = (x - ma) * inv_temperature - log_za
+        p = fast_exp(lp)
+        if GRAD_LOGP:
+            grad += g_logp * (tl.where(columns == label, 1.0, 0.0) - p)
+        if GRAD_ENTROPY:
+            grad -= g_entropy * tl.where(p > 0.0, p * (lp + entropy), 0.0)
+        if DIVERGENCE != 0:
+            if div_active:
+                y = load_tile(b_tile, mask, MASKED).to(tl.float32)
+                if DIVERGENCE == FORWARD_KL:
+                    # p f'(t) = -q and S = -1: the gradient is p - q.
+                    grad += g_div * (p - fast_exp((y - mb) * inv_temperature - log_zb))
+                elif DIVERGENCE == REVERSE_KL:
+                    centred = (x - ma) * inv_temperature - (y - ref_at_argmax) * inv_temperature - div_s
+                    grad += g_div * tl.where(p > 0.0, p * centred, 0.0)
+                else:
+                    lq = (y - mb) * inv_temperature - log_zb
+                    grad += g_div * centred_slope(lp, lq, fprime_k, div_s, beta, one_minus_beta, log_beta,
+                                                   log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
+    grad = (grad * inv_temperature + guard).to(g_tile.dtype.element_ty)
+    if MASKED:
+        tl.store(g_tile, grad, mask=mask)
+    else:
+        tl.store(g_tile, grad)

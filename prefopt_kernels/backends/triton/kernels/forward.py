@@ -14,8 +14,8 @@ from .row_math import (
     KNOWN_CODES,
     REVERSE_KL,
     SECOND_SWEEP_CODES,
+    aligned_row,
     finish,
-    row_offset,
 )
 
 
@@ -29,12 +29,13 @@ def token_forward_kernel(
     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_LOGP: tl.constexpr, WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """A whole row: the first pass, finished in the program, and the second where needed.
 
     Each ``WANT_*`` flag (and ``DIVERGENCE``) says whether its output was allocated: an output
-    not asked for has only the placeholder pointer, and is neither computed nor stored.
+    not asked for has only the placeholder pointer, and is neither computed nor stored. Both
+    rows share their misalignment (``ALIGN``, ``row_math.aligned_row``).
     """
     tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
     CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
@@ -54,19 +55,19 @@ def token_forward_kernel(
     div = 0.0
     div_s = 0.0
     if needed:
-        a_row = a_ptr + row_offset(n, tokens_per_batch, stride_ab, stride_at)
-        b_row = b_ptr + row_offset(n, tokens_per_batch, stride_bb, stride_bt)
-        ma, za, h, mb, zb, k, ref_at_argmax, _ = first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
+        a_base, lead = aligned_row(a_ptr, n, tokens_per_batch, stride_ab, stride_at, ALIGN)
+        b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
+        ma, za, h, mb, zb, k, ref_at_argmax, _ = first_pass(a_base, b_base, lead, vocab, inv_temperature, HAS_REF,
                                                              WANT_ENTROPY, DIVERGENCE, False, BLOCK_V)
         ma_s, sum_za, log_za = finish(ma, za)
         if WANT_LOGP:
-            logp = (tl.load(a_row + label).to(tl.float32) - ma_s) * inv_temperature - log_za
+            logp = (tl.load(a_base + lead + label).to(tl.float32) - ma_s) * inv_temperature - log_za
         if WANT_ENTROPY:
             entropy = log_za - tl.sum(h, axis=0) / sum_za
         if HAS_REF:
             mb_s, sum_zb, log_zb = finish(mb, zb)
             if WANT_REF_LOGP:
-                ref_logp = (tl.load(b_row + label).to(tl.float32) - mb_s) * inv_temperature - log_zb
+                ref_logp = (tl.load(b_base + lead + label).to(tl.float32) - mb_s) * inv_temperature - log_zb
             if div_on:
                 if DIVERGENCE == FORWARD_KL:
                     div = tl.sum(k, axis=0) / sum_zb - log_zb + log_za
@@ -76,7 +77,7 @@ def token_forward_kernel(
                     centre = tl.where(ref_at_argmax == float("-inf"), 0.0, ref_at_argmax)
                     div = div_s - log_za - (centre - mb_s) * inv_temperature + log_zb
                 elif SECOND_SWEEP:
-                    div, div_s = second_pass(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
+                    div, div_s = second_pass(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
                                               ref_at_argmax, beta, one_minus_beta, log_beta,
                                               log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE, BLOCK_V)
                 # NaN policy (module docstring), in the one branch that sets div and div_s.

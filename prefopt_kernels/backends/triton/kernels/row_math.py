@@ -117,6 +117,44 @@ def row_offset(n, tokens_per_batch, stride_batch, stride_token):
 
 
 @triton.jit
+def aligned_row(ptr, n, tokens_per_batch, stride_batch, stride_token, ALIGN: tl.constexpr):
+    """``(base, lead)`` of token ``n``'s row: ``base`` lies ``lead`` elements before the row's
+    first one, at a multiple of ``ALIGN`` elements from ``ptr``. Tile ``t`` of a sweep covers
+    the columns ``[t BLOCK_V - lead, (t + 1) BLOCK_V - lead)`` and, read from ``base``, loads
+    as aligned vectors whatever the row's stride; only the first and last tiles are masked.
+    ``ALIGN`` is 1 where the launch cannot promise aligned row pairs (``config.row_alignment``),
+    and at most a tile: the first tile covers the lead."""
+    offset = row_offset(n, tokens_per_batch, stride_batch, stride_token)
+    lead = offset % ALIGN
+    return ptr + tl.multiple_of(offset - lead, ALIGN), lead.to(tl.int32)
+
+
+@triton.jit
+def tile_count(vocab, lead, BLOCK_V: tl.constexpr):
+    """The index of the last tile of a row of ``vocab`` entries that starts ``lead`` into its
+    first tile (``aligned_row``); tiles ``1 .. last - 1`` are whole and read unmasked."""
+    return tl.cdiv(vocab + lead, BLOCK_V) - 1
+
+
+@triton.jit
+def edge_tile(tile, lead, vocab, BLOCK_V: tl.constexpr):
+    """``(columns, mask)`` of a first or last tile: the row's columns it covers, and which
+    lanes hold one."""
+    columns = tile * BLOCK_V - lead + tl.arange(0, BLOCK_V)
+    return columns, (columns >= 0) & (columns < vocab)
+
+
+@triton.jit
+def load_tile(ptr, mask, MASKED: tl.constexpr):
+    """A tile's logits: masked lanes read as ``-inf``; a whole tile unmasked (aligned vectors)."""
+    if MASKED:
+        x = tl.load(ptr, mask=mask, other=float("-inf"))
+    else:
+        x = tl.load(ptr)
+    return x
+
+
+@triton.jit
 def online_step(m, x, inv_temperature):
     """Fold one tile of raw logits ``x`` into a running row max ``m``.
 

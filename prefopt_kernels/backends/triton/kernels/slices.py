@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .passes import first_pass, row_plan, second_pass
-from .row_math import CENTRED_CODES, FORWARD_KL, KNOWN_CODES, REVERSE_KL, SECOND_SWEEP_CODES, row_offset
+from .row_math import CENTRED_CODES, FORWARD_KL, KNOWN_CODES, REVERSE_KL, SECOND_SWEEP_CODES, aligned_row
 
 
 @triton.jit
@@ -17,7 +17,7 @@ def slice_state_kernel(
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
     vocab, v0, inv_temperature, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """The first-pass state (``backends/row_state.py``) of the slice ``[v0, v0 + vocab)``,
     merged into the running state of each row that the pointers hold (read and written in place).
@@ -44,18 +44,18 @@ def slice_state_kernel(
     ref_at_argmax = 0.0
     kl = 0.0
     if read:
-        a_row = a_ptr + row_offset(n, tokens_per_batch, stride_ab, stride_at)
-        b_row = b_ptr + row_offset(n, tokens_per_batch, stride_bb, stride_bt)
-        ma, za, h, mb, zb, k, ref_at_argmax, k_idx = first_pass(a_row, b_row, vocab, inv_temperature, HAS_REF,
-                                                                 WANT_ENTROPY, DIVERGENCE, True, BLOCK_V)
+        a_base, lead = aligned_row(a_ptr, n, tokens_per_batch, stride_ab, stride_at, ALIGN)
+        b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
+        ma, za, h, mb, zb, k, ref_at_argmax, k_idx = first_pass(a_base, b_base, lead, vocab, inv_temperature,
+                                                                 HAS_REF, WANT_ENTROPY, DIVERGENCE, True, BLOCK_V)
         sum_za = tl.sum(za, axis=0)
         ent = tl.sum(h, axis=0)
         sum_zb = tl.sum(zb, axis=0)
         kl = tl.where(div_on, tl.sum(k, axis=0), 0.0)
         if owned:
-            a_y = tl.load(a_row + local).to(tl.float32)
+            a_y = tl.load(a_base + lead + local).to(tl.float32)
             if HAS_REF:
-                b_y = tl.load(b_row + local).to(tl.float32)
+                b_y = tl.load(b_base + lead + local).to(tl.float32)
     merge_into_row(n, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
                    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr,
                    ma, sum_za, ent, tl.where(k_idx >= 0, k_idx + v0, -1).to(tl.int64), a_y,
@@ -141,6 +141,7 @@ def slice_sweep_kernel(
     vocab, inv_temperature, ignore_index,
     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """A slice's partial second-sweep sums, given the row's final statistics (0 where the
     divergence is off)."""
@@ -151,9 +152,9 @@ def slice_sweep_kernel(
     value = 0.0
     centred = 0.0
     if div_on:
-        a_row = a_ptr + row_offset(n, tokens_per_batch, stride_ab, stride_at)
-        b_row = b_ptr + row_offset(n, tokens_per_batch, stride_bb, stride_bt)
-        value, centred = second_pass(a_row, b_row, vocab, inv_temperature,
+        a_base, lead = aligned_row(a_ptr, n, tokens_per_batch, stride_ab, stride_at, ALIGN)
+        b_base, b_lead = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
+        value, centred = second_pass(a_base, b_base, lead, vocab, inv_temperature,
                                       tl.load(row_max_ptr + n), tl.load(log_norm_ptr + n),
                                       tl.load(ref_row_max_ptr + n), tl.load(ref_log_norm_ptr + n),
                                       tl.load(ref_at_argmax_ptr + n),

@@ -34,7 +34,7 @@ kernels' row-level policy."""
 import triton
 import triton.language as tl
 
-from .row_math import CHI2, INTERPRETED, JS, LN2, LOG2E, expm1
+from .row_math import CHI2, INTERPRETED, JS, LN2, LOG2E, edge_tile, expm1, load_tile, tile_count
 
 # log2(1 + z) / z on |z| <= 0.2: Chebyshev fit, relative error below 1.4e-7 in fp32.
 JS_SMALL_Z = tl.constexpr(0.2)
@@ -156,20 +156,21 @@ def log2_tile(x, y, m_main, m_other, scale2, lz_main, lz_other, js_b, js_one_min
 
 
 @triton.jit
-def log2_sweep(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
+def log2_sweep(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
                 beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
                 DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` of js, chi2 or alpha (``DIVERGENCE``) over
-    ``vocab`` entries, given the row's final statistics. Whole tiles are read unmasked; the
-    last, partial one with a mask."""
+    ``vocab`` entries, given the row's final statistics. The rows start ``lead`` entries past
+    the aligned ``a_base``, ``b_base`` (``row_math.aligned_row``): whole tiles are read
+    unmasked as aligned vectors, the first and the last with a mask."""
     scale2 = inv_temperature * LOG2E
     lza2 = log_za * LOG2E
     lzb2 = log_zb * LOG2E
     lp2_k = -lza2
     lq2_k = (ref_at_argmax - mb_s) * scale2 - lzb2
     # Rows of the main and the other side (js), else the policy and the reference.
-    main_row = a_row
-    other_row = b_row
+    main_row = a_base
+    other_row = b_base
     m_main = ma_s
     m_other = mb_s
     lz_main = lza2
@@ -186,8 +187,8 @@ def log2_sweep(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
     if DIVERGENCE == JS:
         q_main, b, one_minus_b, far_from, b_one_minus_b = js_row_constants(beta, one_minus_beta, log_beta,
                                                                            log_one_minus_beta)
-        main_row = tl.where(q_main, b_row, a_row)
-        other_row = tl.where(q_main, a_row, b_row)
+        main_row = tl.where(q_main, b_base, a_base)
+        other_row = tl.where(q_main, a_base, b_base)
         m_main = tl.where(q_main, mb_s, ma_s)
         m_other = tl.where(q_main, ma_s, mb_s)
         lz_main = tl.where(q_main, lzb2, lza2)
@@ -200,12 +201,13 @@ def log2_sweep(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
         c_k = alpha_minus_one * (lp2_k - lq2_k)
         centre = tl.where(near_one, expm1(c_k * LN2), tl.math.exp2(c_k))
     cols = tl.arange(0, BLOCK_V)
-    s1 = tl.zeros((BLOCK_V,), tl.float32)
-    s2 = tl.zeros((BLOCK_V,), tl.float32)
-    s3 = tl.zeros((BLOCK_V,), tl.float32)
-    s4 = tl.zeros((BLOCK_V,), tl.float32)
-    whole = vocab - vocab % BLOCK_V
-    for start in range(0, whole, BLOCK_V):
+    last = tile_count(vocab, lead, BLOCK_V)
+    _, mask = edge_tile(0, lead, vocab, BLOCK_V)
+    s1, s2, s3, s4 = log2_tile(load_tile(main_row + cols, mask, True), load_tile(other_row + cols, mask, True),
+                               m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
+                               b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
+    for tile in range(1, last):
+        start = tile * BLOCK_V
         t1, t2, t3, t4 = log2_tile(tl.load(main_row + start + cols), tl.load(other_row + start + cols),
                                    m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                    b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
@@ -213,10 +215,10 @@ def log2_sweep(a_row, b_row, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
         s2 += t2
         s3 += t3
         s4 += t4
-    if whole < vocab:
-        mask = whole + cols < vocab
-        t1, t2, t3, t4 = log2_tile(tl.load(main_row + whole + cols, mask=mask, other=float("-inf")),
-                                   tl.load(other_row + whole + cols, mask=mask, other=float("-inf")),
+    if last > 0:
+        _, mask = edge_tile(last, lead, vocab, BLOCK_V)
+        t1, t2, t3, t4 = log2_tile(load_tile(main_row + last * BLOCK_V + cols, mask, True),
+                                   load_tile(other_row + last * BLOCK_V + cols, mask, True),
                                    m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                    b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
         s1 += t1
