@@ -1,6 +1,6 @@
 """Rows whose starts are not 16-byte aligned: the Triton kernels read each row from the aligned
-element before it (a masked first tile, whole tiles, a masked last tile) when every row tensor
-of a launch shares the rows' misalignment, and from the row's own start otherwise
+element before it (a masked first tile, whole tiles, a masked last tile) when every row of every
+row tensor of a launch sits at one offset from alignment, and from the row's own start otherwise
 (``backends/triton/config.row_alignment``). Both meet the float64 oracle at every misalignment,
 with tile counts from one tile to several."""
 
@@ -26,19 +26,39 @@ def _rows(n, v, dtype, seed, shift=0):
 
 
 def test_alignment_rule():
-    a = torch.zeros(2, 3, 50257, dtype=torch.bfloat16)
-    assert row_alignment(2048, a, torch.zeros_like(a)) == 8
-    assert row_alignment(1024, a.float(), torch.zeros_like(a.float())) == 4
-    # Same strides but a base one element past alignment: rows cannot be aligned together.
-    wide = torch.zeros(2 * 3 * 50257 + 1, dtype=torch.bfloat16)
-    assert row_alignment(2048, a, wide[1:].view(2, 3, 50257)) == 1
-    # Strides that differ modulo 8 elements put the pair's rows at different offsets.
-    assert row_alignment(2048, a, torch.zeros(2, 3, 50258, dtype=torch.bfloat16)[..., :50257]) == 1
-    assert row_alignment(2048, a, torch.zeros(2, 3, 50265, dtype=torch.bfloat16)[..., :50257]) == 8
-    assert row_alignment(2048, a, torch.zeros(2, 3, 50257, dtype=torch.float16)) == 8
-    assert row_alignment(2048, a, a.float()) == 1
+    aligned = torch.zeros(2, 3, 4096, dtype=torch.bfloat16)
+    assert row_alignment(2048, aligned, torch.zeros_like(aligned)) == 8
+    assert row_alignment(1024, aligned.float(), torch.zeros_like(aligned.float())) == 4
+    # Strides that are multiples of 16 bytes and bases at one offset: every row sits one
+    # element past alignment, so the rows are read aligned together.
+    wide = torch.zeros(2 * 3 * 4096 + 1, dtype=torch.bfloat16)
+    shifted = wide[1:].view(2, 3, 4096)
+    assert row_alignment(2048, shifted, torch.zeros(2 * 3 * 4096 + 1, dtype=torch.float16)[1:].view(2, 3, 4096)) == 8
+    # Bases at different offsets.
+    assert row_alignment(2048, aligned, shifted) == 1
+    # GPT-2's V: consecutive rows sit at different offsets, so each is read from its own start
+    # (aligning them would tie a token's rounding to its position in the batch).
+    odd = torch.zeros(2, 3, 50257, dtype=torch.bfloat16)
+    assert row_alignment(2048, odd, torch.zeros_like(odd)) == 1
+    assert row_alignment(2048, aligned, aligned.float()) == 1
     # A tile narrower than a vector reads each row from its own start.
-    assert row_alignment(4, a, torch.zeros_like(a)) == 1
+    assert row_alignment(4, aligned, torch.zeros_like(aligned)) == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("v", [1029, 2999])
+def test_a_token_keeps_its_bits_at_every_position(v):
+    """The same row at every position of a batch of an odd vocabulary (each position at another
+    offset from alignment) gives the same bits."""
+    row = _rows(1, v, torch.bfloat16, seed=v)
+    ref = _rows(1, v, torch.bfloat16, seed=v + 1)
+    n = 9
+    a, b = row.expand(n, v).contiguous(), ref.expand(n, v).contiguous()
+    labels = torch.full((n,), v // 3)
+    with pk.use_backend("triton"):
+        t = pk.token_terms(a, labels, b, divergence="js", return_entropy=True)
+    for out in (t.logp, t.ref_logp, t.div, t.entropy):
+        assert torch.equal(out, out[:1].expand(n)), out
 
 
 @needs_triton

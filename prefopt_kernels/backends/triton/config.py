@@ -8,10 +8,12 @@ reductions of the first; 16 lanes a thread amortise those reductions over enough
 The interpreter runs tiles as numpy arrays, where narrower tiles keep multi-tile paths
 exercised at test sizes.
 
-Rows whose starts are not 16-byte aligned (a vocabulary or stride that is not a multiple of 8
-16-bit or 4 fp32 elements, e.g. GPT-2's V = 50257) are still read as aligned vectors: the kernels
-start each row's tiles at the aligned element before it (``row_math.aligned_row``), which needs
-every row a program reads or writes to sit at the same offset from alignment.
+Every row of a launch whose strides are multiples of 16 bytes sits at the offset from
+alignment of the tensor's base; the kernels start each row's tiles at the aligned element before
+it (``row_math.aligned_row``), so whole tiles load as aligned vectors even from a view whose base
+is not aligned. Rows at different offsets (a stride that is not a multiple of 16 bytes, e.g.
+GPT-2's V = 50257) are read from their own starts instead: aligning them would give a token's
+elements different lanes, and so different rounding, at different positions in the batch.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ def launch_config(vocab: int, element_size: int, two_rows: bool):
 
 def row_alignment(block: int, *rows) -> int:
     """``ALIGN`` of a launch with tiles of ``block`` over the ``[B, T, V]`` views ``rows``
-    (logits, reference, gradient): the elements per 16 bytes when every row of every view
-    starts at the same offset from a 16-byte boundary as the same row of the others (aligned
-    bases, strides congruent modulo it, one element size) and a tile holds that many, else 1
-    (each row read from its own start, as Triton aligns it)."""
+    (logits, reference, gradient): the elements per 16 bytes when every row of every view sits
+    at one offset from a 16-byte boundary (one element size, bases at one offset, both strides
+    multiples of it) and a tile holds that many, else 1 (each row read from its own start, as
+    Triton aligns it). One offset for every row keeps a token's lane sums, and so its bits,
+    independent of its position in the batch."""
     size = rows[0].element_size()
     vector = 16 // size
-    if vector == 1 or block < vector or any(r.element_size() != size or r.data_ptr() % 16 for r in rows):
+    if vector == 1 or block < vector or any(r.element_size() != size for r in rows):
         return 1
-    strides = {(r.stride(0) % vector, r.stride(1) % vector) for r in rows}
-    return vector if len(strides) == 1 else 1
+    if len({r.data_ptr() % 16 for r in rows}) != 1:
+        return 1
+    return vector if all(r.stride(0) % vector == 0 and r.stride(1) % vector == 0 for r in rows) else 1
