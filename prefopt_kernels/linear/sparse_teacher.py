@@ -56,93 +56,106 @@ def _ids_in_tile(ids: torch.Tensor, present: torch.Tensor, v0: int, v1: int):
     return local.clamp(0, v1 - v0 - 1), inside
 
 
+def _forward(ctx, h, weight, bias, ids, spec, temperature, budget):
+    """The forward tile pass (see the module docstring); saves what the backward needs on ``ctx``."""
+    head = Head(weight, bias, spec)
+    n, k = ids.shape
+    present = ids != ABSENT_ID
+    plan = TilePlan([head], n, weight.shape[0], budget, (), backward=False)
+    h_gemm = h.to(head.gemm_dtype).contiguous()
+    u_ids = torch.full((n, k), -math.inf, dtype=FP32, device=h.device)
+    rest_max = torch.full((n,), -math.inf, dtype=FP32, device=h.device)
+    rest_sum = torch.zeros(n, dtype=FP32, device=h.device)
+    for t0, t1 in plan.token_ranges:
+        for v0, v1 in plan.vocab_ranges:
+            u = plan.project(head, h_gemm[t0:t1], v0, v1, 0).mul_(1.0 / temperature)
+            column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], v0, v1)
+            u_ids[t0:t1] = torch.where(inside, u.gather(1, column), u_ids[t0:t1])
+            # -inf at the ids (adding 0 elsewhere): what remains is the tail's part of the tile.
+            u.scatter_add_(1, column, torch.where(inside, -math.inf, 0.0))
+            new_max = torch.maximum(rest_max[t0:t1], u.amax(dim=1))
+            shift = torch.where(new_max == -math.inf, 0.0, new_max)
+            rest_sum[t0:t1].mul_(torch.exp(rest_max[t0:t1] - shift)).add_(u.sub_(shift[:, None]).exp_().sum(1))
+            rest_max[t0:t1] = new_max
+    lse_rest = rest_max + torch.log(rest_sum)
+    log_norm = torch.logaddexp(lse_rest, torch.logsumexp(u_ids, dim=1))
+    s_ids = u_ids - log_norm[:, None]
+    tail = lse_rest - log_norm
+    floored = tail < TAIL_FLOOR
+    ctx.save_for_backward(h, weight, bias, ids, s_ids, log_norm, lse_rest, floored)
+    ctx.spec, ctx.temperature, ctx.budget = spec, temperature, budget
+    return torch.cat([s_ids, tail.clamp(min=TAIL_FLOOR)[:, None]], dim=1)
+
+
+def _backward(ctx, grad):
+    """The backward tile pass: the gradients of ``h``, ``weight`` and ``bias``."""
+    h, weight, bias, ids, s_ids, log_norm, lse_rest, floored = ctx.saved_tensors
+    head = Head(weight, bias, ctx.spec)
+    inv_t = 1.0 / ctx.temperature
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    present = ids != ABSENT_ID
+    grad = grad.float()
+    g_ids = torch.where(present, grad[:, :-1], 0.0)
+    # TRL's clamp passes no gradient to a floored tail.
+    g_tail = torch.where(floored, 0.0, grad[:, -1])
+    total = g_ids.sum(1) + g_tail
+    tail_share = torch.where(g_tail == 0, 0.0, g_tail * torch.exp(log_norm - lse_rest))
+    # dL/du_j = p_j * rest_coef off the ids; at an id, g_k - total p_j = p_j rest_coef + id_fix.
+    rest_coef = (tail_share - total) * inv_t
+    id_fix = (g_ids - s_ids.exp() * tail_share[:, None]) * inv_t
+    n = ids.shape[0]
+    plan = TilePlan([head], n, weight.shape[0], ctx.budget, (), backward=True, weight_grad=needs_weight)
+    separate = fp32_tile_count([head], True) > 1
+    h_gemm = h.to(head.gemm_dtype).contiguous()
+    h_wide = h_gemm.float() if head.widened else h_gemm
+    grad_h = torch.zeros((n, h.shape[1]), dtype=FP32, device=h.device) if needs_hidden else None
+    grad_w = None
+    if needs_weight:
+        # An fp32 head accumulates in its output; a half one per vocabulary chunk, cast in once.
+        grad_w = (torch.zeros if weight.dtype == FP32 else torch.empty)(weight.shape, dtype=weight.dtype,
+                                                                        device=h.device)
+    grad_b = torch.zeros(bias.shape, dtype=FP32, device=h.device) if needs_bias else None
+    for v0, v1 in plan.vocab_ranges:
+        w_gemm = head.weight_chunk(v0, v1)
+        w_wide = w_gemm.float() if head.widened else w_gemm
+        weight_acc = None
+        if grad_w is not None:
+            weight_acc = grad_w[v0:v1] if weight.dtype == FP32 else plan.weight_grad(v1 - v0).zero_()
+        for t0, t1 in plan.token_ranges:
+            z = plan.project(head, h_gemm[t0:t1], v0, v1, 0, w_gemm)
+            dz = plan.tile(1, t1 - t0, v1 - v0) if separate else z
+            torch.mul(z, inv_t, out=dz).sub_(log_norm[t0:t1, None]).exp_().mul_(rest_coef[t0:t1, None])
+            column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], v0, v1)
+            dz.scatter_add_(1, column, torch.where(inside, id_fix[t0:t1], 0.0))
+            dz = head.pre_transform_grad(dz, z)
+            dz_gemm = head.gemm_operand(dz)
+            if head.widened:
+                dz_gemm = dz_gemm.float()
+            if grad_h is not None:
+                accumulate(grad_h[t0:t1], dz_gemm, w_wide)
+            if weight_acc is not None:
+                accumulate(weight_acc, dz_gemm.t(), h_wide[t0:t1])
+            if grad_b is not None:
+                grad_b[v0:v1].add_(dz.sum(0))
+        if weight_acc is not None and weight.dtype != FP32:
+            grad_w[v0:v1].copy_(weight_acc)
+    return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
+            None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
 class SparseStudentLogprobs(torch.autograd.Function):
     """The student's ``[n, k + 1]`` log-probabilities at the ids and the tail, from kept rows ``h`` ``[n, H]``."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, ids, spec, temperature, budget):
-        head = Head(weight, bias, spec)
-        n, k = ids.shape
-        present = ids != ABSENT_ID
-        plan = TilePlan([head], n, weight.shape[0], budget, (), backward=False)
-        h_gemm = h.to(head.gemm_dtype).contiguous()
-        u_ids = torch.full((n, k), -math.inf, dtype=FP32, device=h.device)
-        rest_max = torch.full((n,), -math.inf, dtype=FP32, device=h.device)
-        rest_sum = torch.zeros(n, dtype=FP32, device=h.device)
-        for t0, t1 in plan.token_ranges:
-            for v0, v1 in plan.vocab_ranges:
-                u = plan.project(head, h_gemm[t0:t1], v0, v1, 0).mul_(1.0 / temperature)
-                column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], v0, v1)
-                u_ids[t0:t1] = torch.where(inside, u.gather(1, column), u_ids[t0:t1])
-                # -inf at the ids (adding 0 elsewhere): what remains is the tail's part of the tile.
-                u.scatter_add_(1, column, torch.where(inside, -math.inf, 0.0))
-                new_max = torch.maximum(rest_max[t0:t1], u.amax(dim=1))
-                shift = torch.where(new_max == -math.inf, 0.0, new_max)
-                rest_sum[t0:t1].mul_(torch.exp(rest_max[t0:t1] - shift)).add_(u.sub_(shift[:, None]).exp_().sum(1))
-                rest_max[t0:t1] = new_max
-        lse_rest = rest_max + torch.log(rest_sum)
-        log_norm = torch.logaddexp(lse_rest, torch.logsumexp(u_ids, dim=1))
-        s_ids = u_ids - log_norm[:, None]
-        tail = lse_rest - log_norm
-        floored = tail < TAIL_FLOOR
-        ctx.save_for_backward(h, weight, bias, ids, s_ids, log_norm, lse_rest, floored)
-        ctx.spec, ctx.temperature, ctx.budget = spec, temperature, budget
-        return torch.cat([s_ids, tail.clamp(min=TAIL_FLOOR)[:, None]], dim=1)
+        # The tiles are fp32 and the GEMM dtype is in ``spec``: autocast must not recast them.
+        with torch.autocast(h.device.type, enabled=False):
+            return _forward(ctx, h, weight, bias, ids, spec, temperature, budget)
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, bias, ids, s_ids, log_norm, lse_rest, floored = ctx.saved_tensors
-        head = Head(weight, bias, ctx.spec)
-        inv_t = 1.0 / ctx.temperature
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        present = ids != ABSENT_ID
-        grad = grad.float()
-        g_ids = torch.where(present, grad[:, :-1], 0.0)
-        # TRL's clamp passes no gradient to a floored tail.
-        g_tail = torch.where(floored, 0.0, grad[:, -1])
-        total = g_ids.sum(1) + g_tail
-        tail_share = torch.where(g_tail == 0, 0.0, g_tail * torch.exp(log_norm - lse_rest))
-        # dL/du_j = p_j * rest_coef off the ids; at an id, g_k - total p_j = p_j rest_coef + id_fix.
-        rest_coef = (tail_share - total) * inv_t
-        id_fix = (g_ids - s_ids.exp() * tail_share[:, None]) * inv_t
-        n = ids.shape[0]
-        plan = TilePlan([head], n, weight.shape[0], ctx.budget, (), backward=True, weight_grad=needs_weight)
-        separate = fp32_tile_count([head], True) > 1
-        h_gemm = h.to(head.gemm_dtype).contiguous()
-        h_wide = h_gemm.float() if head.widened else h_gemm
-        grad_h = torch.zeros((n, h.shape[1]), dtype=FP32, device=h.device) if needs_hidden else None
-        grad_w = None
-        if needs_weight:
-            # An fp32 head accumulates in its output; a half one per vocabulary chunk, cast in once.
-            grad_w = (torch.zeros if weight.dtype == FP32 else torch.empty)(weight.shape, dtype=weight.dtype,
-                                                                            device=h.device)
-        grad_b = torch.zeros(bias.shape, dtype=FP32, device=h.device) if needs_bias else None
-        for v0, v1 in plan.vocab_ranges:
-            w_gemm = head.weight_chunk(v0, v1)
-            w_wide = w_gemm.float() if head.widened else w_gemm
-            weight_acc = None
-            if grad_w is not None:
-                weight_acc = grad_w[v0:v1] if weight.dtype == FP32 else plan.weight_grad(v1 - v0).zero_()
-            for t0, t1 in plan.token_ranges:
-                z = plan.project(head, h_gemm[t0:t1], v0, v1, 0, w_gemm)
-                dz = plan.tile(1, t1 - t0, v1 - v0) if separate else z
-                torch.mul(z, inv_t, out=dz).sub_(log_norm[t0:t1, None]).exp_().mul_(rest_coef[t0:t1, None])
-                column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], v0, v1)
-                dz.scatter_add_(1, column, torch.where(inside, id_fix[t0:t1], 0.0))
-                dz = head.pre_transform_grad(dz, z)
-                dz_gemm = head.gemm_operand(dz)
-                if head.widened:
-                    dz_gemm = dz_gemm.float()
-                if grad_h is not None:
-                    accumulate(grad_h[t0:t1], dz_gemm, w_wide)
-                if weight_acc is not None:
-                    accumulate(weight_acc, dz_gemm.t(), h_wide[t0:t1])
-                if grad_b is not None:
-                    grad_b[v0:v1].add_(dz.sum(0))
-            if weight_acc is not None and weight.dtype != FP32:
-                grad_w[v0:v1].copy_(weight_acc)
-        return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+        with torch.autocast(grad.device.type, enabled=False):
+            return _backward(ctx, grad)
 
 
 def _gathered_student_logprobs(h, weight, bias, ids, spec, temperature):

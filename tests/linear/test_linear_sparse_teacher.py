@@ -229,3 +229,28 @@ def test_rounding_above_zero_is_accepted_and_masked_rows_are_not_checked():
     ids[1, 2] = 10_000  # a masked token's ids are never read
     out = linear_sparse_teacher_divergence(args["hidden"], args["head_weight"], ids, lp, mask=args["mask"])
     assert torch.isfinite(out).all() and out[1, 2] == 0
+
+
+def test_no_tensor_of_tokens_by_vocabulary():
+    # Every tensor the forward and backward create, recorded at the dispatcher: none is [N, V].
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(x, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, x.numel())
+            return out
+
+    tokens, vocab, hidden_size = 64, 2000, 8
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(tokens, hidden_size, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=g, requires_grad=True)
+    lp, ids = torch.randn(tokens, vocab, generator=g).log_softmax(-1).topk(8, dim=-1)
+    with LargestTensor():
+        linear_sparse_teacher_divergence(hidden, weight, ids, lp, divergence="js", memory_budget=64 * 1024
+                                         ).sum().backward()
+    assert vocab * hidden_size <= LargestTensor.largest < tokens * vocab // 4
