@@ -174,9 +174,11 @@ def _gathered_student_logprobs(h, weight, bias, ids, spec, temperature):
 
 def check_teacher(teacher_ids, teacher_logprobs, hidden: torch.Tensor, vocab: int, teacher_vocab_size) -> None:
     """Shapes, dtypes and devices of the teacher's top-k; its vocabulary against the head's."""
-    if not isinstance(teacher_ids, torch.Tensor) or teacher_ids.dtype.is_floating_point or \
-            teacher_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise TypeError(f"teacher_ids must be an integer torch.Tensor; got {getattr(teacher_ids, 'dtype', teacher_ids)!r:.60}")
+    integer = isinstance(teacher_ids, torch.Tensor) and not teacher_ids.dtype.is_floating_point and \
+        not teacher_ids.dtype.is_complex and teacher_ids.dtype != torch.bool
+    if not integer:
+        got = teacher_ids.dtype if isinstance(teacher_ids, torch.Tensor) else type(teacher_ids).__name__
+        raise TypeError(f"teacher_ids must be an integer torch.Tensor; got {got}")
     lead = tuple(hidden.shape[:-1])
     if teacher_ids.dim() != hidden.dim() or tuple(teacher_ids.shape[:-1]) != lead or teacher_ids.shape[-1] < 1:
         raise ValueError(f"teacher_ids must have shape [..., k] with [...] = hidden's {lead} and k >= 1; "

@@ -125,7 +125,8 @@ def _check(backend, divergence, seed, vocab, k, budget, *, temperature=1.0, scal
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_every_divergence_on_every_backend(backend, divergence):
-    _check(backend, divergence, seed=DIVERGENCES.index(divergence), vocab=301, k=4, budget=1200)  # tiles of 1 x 288 and 1 x 13
+    # A 1200-byte budget: tiles of 1 x 288 and 1 x 13.
+    _check(backend, divergence, seed=DIVERGENCES.index(divergence), vocab=301, k=4, budget=1200)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -195,8 +196,8 @@ BAD_INPUTS = {
     "id above the vocabulary": (_with_ids(lambda ids: ids[0, 0].fill_(40)), "teacher_ids must lie in"),
     "negative id other than -1": (_with_ids(lambda ids: ids[2, 1, 0].fill_(-2)), "teacher_ids must lie in"),
     "duplicate id": (_with_ids(lambda ids: ids[1, 1, 2].copy_(ids[1, 1, 0])), "teacher_ids must not repeat"),
-    "k = 0": (lambda a: a.update(teacher_ids=a["teacher_ids"][..., :0], teacher_logprobs=a["teacher_logprobs"][..., :0]),
-              "k >= 1"),
+    "k = 0": (lambda a: a.update(teacher_ids=a["teacher_ids"][..., :0],
+                                 teacher_logprobs=a["teacher_logprobs"][..., :0]), "k >= 1"),
     "float ids": (lambda a: a.update(teacher_ids=a["teacher_ids"].float()), "teacher_ids must be an integer"),
     "log-prob above 0": (_with_logprobs(lambda lp: lp[0, 0, 0].fill_(0.01)), "teacher_logprobs must be log-prob"),
     "log-probs summing above 1": (_with_logprobs(lambda lp: lp.fill_(-0.5)), "teacher_logprobs must be log-prob"),
