@@ -56,8 +56,10 @@ def _ids_in_tile(ids: torch.Tensor, present: torch.Tensor, v0: int, v1: int):
     return local.clamp(0, v1 - v0 - 1), inside
 
 
-def _forward(ctx, h, weight, bias, ids, spec, temperature, budget):
-    """The forward tile pass (see the module docstring); saves what the backward needs on ``ctx``."""
+def _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy):
+    """The forward tile pass (see the module docstring); saves what the backward needs on ``ctx``.
+    With ``want_entropy`` also ``H(p)`` of the full tempered distribution, from ``sum_j p_j u_j``
+    accumulated beside the normaliser (one temporary tile per tile)."""
     head = Head(weight, bias, spec)
     n, k = ids.shape
     present = ids != ABSENT_ID
@@ -66,6 +68,7 @@ def _forward(ctx, h, weight, bias, ids, spec, temperature, budget):
     u_ids = torch.full((n, k), -math.inf, dtype=FP32, device=h.device)
     rest_max = torch.full((n,), -math.inf, dtype=FP32, device=h.device)
     rest_sum = torch.zeros(n, dtype=FP32, device=h.device)
+    rest_xsum = torch.zeros(n, dtype=FP32, device=h.device)  # sum e^(u - max) (u - max) off the ids
     for t0, t1 in plan.token_ranges:
         for v0, v1 in plan.vocab_ranges:
             u = plan.project(head, h_gemm[t0:t1], v0, v1, 0).mul_(1.0 / temperature)
@@ -73,22 +76,38 @@ def _forward(ctx, h, weight, bias, ids, spec, temperature, budget):
             u_ids[t0:t1] = torch.where(inside, u.gather(1, column), u_ids[t0:t1])
             # -inf at the ids (adding 0 elsewhere): what remains is the tail's part of the tile.
             u.scatter_add_(1, column, torch.where(inside, -math.inf, 0.0))
-            new_max = torch.maximum(rest_max[t0:t1], u.amax(dim=1))
+            old_max = rest_max[t0:t1]
+            new_max = torch.maximum(old_max, u.amax(dim=1))
             shift = torch.where(new_max == -math.inf, 0.0, new_max)
-            rest_sum[t0:t1].mul_(torch.exp(rest_max[t0:t1] - shift)).add_(u.sub_(shift[:, None]).exp_().sum(1))
+            rescale = torch.exp(old_max - shift)
+            if want_entropy:
+                moved = torch.where(old_max == -math.inf, 0.0, old_max - shift)
+                rest_xsum[t0:t1].add_(moved * rest_sum[t0:t1]).mul_(rescale)
+            e = u.sub_(shift[:, None]).exp_()
+            rest_sum[t0:t1].mul_(rescale).add_(e.sum(1))
+            if want_entropy:
+                rest_xsum[t0:t1].add_(torch.xlogy(e, e).sum(1))
             rest_max[t0:t1] = new_max
     lse_rest = rest_max + torch.log(rest_sum)
     log_norm = torch.logaddexp(lse_rest, torch.logsumexp(u_ids, dim=1))
     s_ids = u_ids - log_norm[:, None]
     tail = lse_rest - log_norm
     floored = tail < TAIL_FLOOR
+    entropy = torch.zeros(n, dtype=FP32, device=h.device)
+    if want_entropy:
+        # H = L - sum_j p_j u_j, the sum split into the rest (relative to its max) and the ids.
+        rest_max_safe = torch.where(rest_max == -math.inf, 0.0, rest_max)
+        rest_mean = torch.exp(rest_max_safe - log_norm) * (rest_xsum + rest_max_safe * rest_sum)
+        at_ids = torch.where(s_ids > -math.inf, s_ids.exp() * u_ids, 0.0).sum(1)
+        entropy = log_norm - rest_mean - at_ids
     ctx.save_for_backward(h, weight, bias, ids, s_ids, log_norm, lse_rest, floored)
     ctx.spec, ctx.temperature, ctx.budget = spec, temperature, budget
-    return torch.cat([s_ids, tail.clamp(min=TAIL_FLOOR)[:, None]], dim=1)
+    ctx.mark_non_differentiable(entropy)
+    return torch.cat([s_ids, tail.clamp(min=TAIL_FLOOR)[:, None]], dim=1), entropy
 
 
-def _backward(ctx, grad):
-    """The backward tile pass: the gradients of ``h``, ``weight`` and ``bias``."""
+def _backward(ctx, grad, _entropy_grad):
+    """The backward tile pass: the gradients of ``h``, ``weight`` and ``bias`` (the entropy has none)."""
     h, weight, bias, ids, s_ids, log_norm, lse_rest, floored = ctx.saved_tensors
     head = Head(weight, bias, ctx.spec)
     inv_t = 1.0 / ctx.temperature
@@ -140,22 +159,23 @@ def _backward(ctx, grad):
         if weight_acc is not None and weight.dtype != FP32:
             grad_w[v0:v1].copy_(weight_acc)
     return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
-            None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+            None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 class SparseStudentLogprobs(torch.autograd.Function):
-    """The student's ``[n, k + 1]`` log-probabilities at the ids and the tail, from kept rows ``h`` ``[n, H]``."""
+    """The student's ``[n, k + 1]`` log-probabilities at the ids and the tail, from kept rows ``h`` ``[n, H]``,
+    and (``want_entropy``; else zeros) the entropy ``[n]`` of its full distribution, not differentiable."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, ids, spec, temperature, budget):
+    def forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy):
         # The tiles are fp32 and the GEMM dtype is in ``spec``: autocast must not recast them.
         with torch.autocast(h.device.type, enabled=False):
-            return _forward(ctx, h, weight, bias, ids, spec, temperature, budget)
+            return _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, entropy_grad):
         with torch.autocast(grad.device.type, enabled=False):
-            return _backward(ctx, grad)
+            return _backward(ctx, grad, entropy_grad)
 
 
 def _gathered_student_logprobs(h, weight, bias, ids, spec, temperature):
@@ -223,7 +243,7 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
                                      divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.5,
                                      mask=None, temperature: float = 1.0, logit_scale: float = 1.0, softcap=None,
                                      add_tail: bool = True, teacher_vocab_size: Optional[int] = None,
-                                     memory_budget: Optional[int] = None):
+                                     return_entropy: bool = False, memory_budget: Optional[int] = None):
     r"""Per-token ``D_f(s, t)`` between the student and a top-k teacher on ``k + 1`` points, in tiles.
 
     The student's logits ``z`` are those of :func:`prefopt_kernels.linear_token_logprobs`
@@ -255,12 +275,15 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
             :func:`prefopt_kernels.linear_token_logprobs`; the temperature acts on the student
             only (the teacher's log-probs come tempered as served).
         add_tail: append the tail bucket (TRL's default); without it the head's rows at the
-            ids alone are read.
+            ids alone are read, and a token whose ids are all absent gets 0.
         teacher_vocab_size: the teacher's vocabulary, if known: it must equal ``V``.
+        return_entropy: also return the entropy ``H(p)`` of the student's full tempered
+            distribution (not differentiable); the tiled pass then runs without ``add_tail`` too.
 
     Returns:
-        fp32 ``[...]`` per-token divergence; gradients reach ``hidden``, ``head_weight`` and
-        ``head_bias`` (the tail's share spread over the whole vocabulary in the backward's tiles).
+        fp32 ``[...]`` per-token divergence, or ``(divergence, entropy)``; 0 at masked tokens;
+        gradients reach ``hidden``, ``head_weight`` and ``head_bias`` (the tail's share spread
+        over the whole vocabulary in the backward's tiles).
     """
     check_hidden(hidden, "hidden")
     check_head(hidden, head_weight, head_bias, "", None, False)
@@ -268,8 +291,9 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
     check_teacher(teacher_ids, teacher_logprobs, hidden, vocab, teacher_vocab_size)
     temperature = check_temperature(temperature)
     budget = check_budget(memory_budget)
-    if not isinstance(add_tail, bool):
-        raise TypeError(f"add_tail must be a bool; got {add_tail!r:.60}")
+    for name, flag in (("add_tail", add_tail), ("return_entropy", return_entropy)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {flag!r:.60}")
     spec = head_spec(hidden, head_bias, logit_scale, softcap, "")
     k = teacher_ids.shape[-1]
     lead = tuple(hidden.shape[:-1])
@@ -284,11 +308,24 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
     check_teacher_values(ids, logprobs, vocab)
     out = torch.zeros(lead, dtype=FP32, device=hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    if add_tail:
-        student = SparseStudentLogprobs.apply(h, head_weight, head_bias, ids, spec, temperature, budget)
+    entropy = None
+    if add_tail or return_entropy:
+        student, entropy = SparseStudentLogprobs.apply(h, head_weight, head_bias, ids, spec, temperature, budget,
+                                                       return_entropy)
+        if not add_tail:
+            at_ids = student[:, :-1]
+            student = at_ids - torch.logsumexp(at_ids, dim=1, keepdim=True)
     else:
         student = _gathered_student_logprobs(h, head_weight, head_bias, ids, spec, temperature)
     teacher = teacher_sparse_logprobs(logprobs, ids != ABSENT_ID, add_tail)
+    if not add_tail:
+        # Without a tail a token whose ids are all absent has no distribution: it contributes 0, as in TRL.
+        has_support = (ids != ABSENT_ID).any(dim=1, keepdim=True)
+        student = torch.where(has_support, student, 0.0)
+        teacher = torch.where(has_support, teacher, 0.0)
     div = token_divergence(student.contiguous(), teacher.contiguous(), divergence=divergence, beta=beta,
                            alpha=alpha)
-    return out.reshape(-1).index_put((index,), div).reshape(lead)
+    div = out.reshape(-1).index_put((index,), div).reshape(lead)
+    if not return_entropy:
+        return div
+    return div, out.reshape(-1).index_put((index,), entropy).reshape(lead)

@@ -255,3 +255,20 @@ def test_no_tensor_of_tokens_by_vocabulary():
         linear_sparse_teacher_divergence(hidden, weight, ids, lp, divergence="js", memory_budget=64 * 1024
                                          ).sum().backward()
     assert vocab * hidden_size <= LargestTensor.largest < tokens * vocab // 4
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_entropy_of_the_full_student_distribution(add_tail):
+    hidden, weight, bias, ids, lp, mask = _case(7, 1237, 5, absent=True)
+    div, entropy = linear_sparse_teacher_divergence(hidden, weight, ids, lp, head_bias=bias, mask=mask,
+                                                    temperature=0.7, softcap=4.0, add_tail=add_tail,
+                                                    return_entropy=True, memory_budget=4096)
+    z = hidden.double() @ weight.double().t() + bias.double()
+    log_p = (4.0 * torch.tanh(z / 4.0) / 0.7).log_softmax(-1)
+    expected = torch.where(mask, -(log_p.exp() * log_p).sum(-1), 0.0)
+    assert not entropy.requires_grad
+    assert ((entropy.double() - expected).abs() <= 1e-5 * (1 + expected.abs())).all()
+    # Without the tail, asking for the entropy takes the tiled path instead of the gathered rows.
+    alone = linear_sparse_teacher_divergence(hidden, weight, ids, lp, head_bias=bias, mask=mask, temperature=0.7,
+                                             softcap=4.0, add_tail=add_tail, memory_budget=4096)
+    torch.testing.assert_close(div, alone, rtol=1e-5, atol=1e-7)
