@@ -10,6 +10,7 @@ Examples::
     python -m benchmarks --full --out /tmp/bench  # GPU: every op, mode, N, V and dtype
     python -m benchmarks --distributed            # tensor parallel: 2 gloo ranks on the CPU
     python -m benchmarks --dpo-step               # one DPO step: stock TRL vs PrefOptDPOTrainer
+    python -m benchmarks --distill-step           # one distillation step: stock TRL vs ours, dense and sparse
     python -m benchmarks --static-gpu             # no GPU needed: sm_90 code of every GPU kernel
 """
 
@@ -79,6 +80,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "each of --vocab, --tokens, --hidden, --dtype (fp32, bf16) applies, and "
                         "--device, --tiny, --budget, --no-memory. Needs trl. Written as a "
                         "section of the same results files")
+    p.add_argument("--distill-step", action="store_true",
+                   help="instead of the suite: one distillation step (forward + backward), stock "
+                        "DistillationTrainer and ServerDistillationTrainer against ours, and the dense "
+                        "divergence op against TRL's ChunkedDivergenceFunction; time and peak memory "
+                        "(default V=32000, N=2048 tokens, H=256, bf16). One value each of --vocab, "
+                        "--tokens, --hidden, --dtype applies, and --device, --tiny, --budget, --no-memory, "
+                        "--out. Needs trl. Writes distill_step.{json,md}")
     p.add_argument("--static-gpu", action="store_true",
                    help="instead of the suite, and without a GPU: compile every Triton "
                         "specialisation the package launches and the CUDA C++ kernels for sm_90, "
@@ -243,13 +251,45 @@ def main_dpo_step(args, argv: Optional[List[str]] = None) -> int:
     return 0 if all(r["status"] == "ok" for r in section["results"]) else 1
 
 
+def main_distill_step(args, argv: Optional[List[str]] = None) -> int:
+    """``--distill-step``: one distillation step per trainer, and the dense op (see ``distill_step``)."""
+    import importlib.util
+
+    import torch
+
+    from . import distill_step, report
+
+    if importlib.util.find_spec("trl") is None:
+        sys.exit("--distill-step: needs trl (pip install -e '.[trl]')")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    sizes = dict(distill_step.TINY) if args.tiny else {}
+    for key in ("vocab", "tokens", "hidden", "dtype"):
+        given = getattr(args, key)
+        if given is not None:
+            if len(given) != 1:
+                sys.exit(f"--distill-step: one value of --{key}")
+            sizes[key] = given[0]
+    try:
+        section = distill_step.run(**sizes, device=device, budget_s=args.budget if args.budget is not None else 1.0,
+                                   measure_memory=not args.no_memory, progress=not args.no_progress)
+    except ValueError as exc:
+        sys.exit(f"--distill-step: {exc}")
+    section["meta"]["argv"] = sys.argv[1:] if argv is None else list(argv)
+    paths = distill_step.write(_out_dir(args, report.device_name(torch.device(device))), section)
+    print(distill_step.markdown(section))
+    print(f"wrote {', '.join(sorted(paths.values()))} in {section['meta']['wall_s']:.0f} s")
+    return 0 if all(r["status"] == "ok" for r in section["results"]) else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m benchmarks``: the suite (or ``--distributed``, ``--dpo-step``); writes the
     results files and prints the markdown. Exit status 0 when any case ran (a section: when
     every row ran), else 1."""
     args = parse_args(argv)
-    if sum((args.distributed, args.dpo_step, args.static_gpu)) > 1:
-        sys.exit("--distributed, --dpo-step and --static-gpu: one section per run")
+    if sum((args.distributed, args.dpo_step, args.distill_step, args.static_gpu)) > 1:
+        sys.exit("--distributed, --dpo-step, --distill-step and --static-gpu: one section per run")
     if args.static_gpu:
         from . import static_gpu
         return static_gpu.main(args.out, quick=args.quick)
@@ -257,6 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return main_distributed(args, argv)
     if args.dpo_step:
         return main_dpo_step(args, argv)
+    if args.distill_step:
+        return main_distill_step(args, argv)
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -8,6 +8,7 @@ writes an ``[N, V]`` softmax; gradients are recomputed from the saved statistics
 from . import losses, masks
 from .divergences import DIVERGENCES
 from .linear import linear_token_divergence, linear_token_logprobs, linear_token_terms
+from .linear.sparse_teacher import linear_sparse_teacher_divergence
 from .dispatch import available_backends, use_backend
 from .ops import TokenTerms, token_divergence, token_logprobs, token_terms
 
@@ -19,6 +20,7 @@ __all__ = [
     "masks",
     "TokenTerms",
     "available_backends",
+    "linear_sparse_teacher_divergence",
     "linear_token_divergence",
     "linear_token_logprobs",
     "linear_token_terms",
