@@ -229,15 +229,48 @@ def check_budget(memory_budget) -> int:
     return memory_budget
 
 
+def check_top_k(top_k) -> int:
+    """``None`` or a non-bool int ``>= 0`` (0: no top-k filter), as an int."""
+    if top_k is None:
+        return 0
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be None or an int >= 0; got {top_k!r:.60}")
+    if not 0 <= top_k <= _INT64_MAX:
+        raise ValueError(f"top_k must be None or an int >= 0; got {top_k}")
+    return top_k
+
+
+def check_top_p(top_p) -> float:
+    """``None`` or a real number in ``(0, 1]`` (1: no top-p filter), as a float."""
+    if top_p is None:
+        return 1.0
+    top_p = real_number(top_p, "top_p")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or lie in (0, 1]; got {top_p!r}")
+    return top_p
+
+
+def check_min_p(min_p) -> float:
+    """``None`` or a real number in ``[0, 1]`` (0: no min-p filter), as a float."""
+    if min_p is None:
+        return 0.0
+    min_p = real_number(min_p, "min_p")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be None or lie in [0, 1]; got {min_p!r}")
+    return min_p
+
+
 # --------------------------------------------------------------------------- specs
 
 
 def op_spec(*, temperature, ignore_index=-100, divergence: Optional[str] = None, beta=0.5, alpha=0.5,
-            want_logp: bool = False, want_ref_logp: bool = False, return_entropy=False) -> OpSpec:
+            want_logp: bool = False, want_ref_logp: bool = False, return_entropy=False, top_k=None,
+            top_p=None, min_p=None, return_kept_mass=False) -> OpSpec:
     """The checked :class:`~prefopt_kernels.spec.OpSpec` of a call from its public arguments.
 
-    ``divergence`` is a public name (``None``: the call computes none); ``return_entropy`` is
-    the caller's flag, checked to be a bool.
+    ``divergence`` is a public name (``None``: the call computes none); ``return_entropy`` and
+    ``return_kept_mass`` are the caller's flags, checked to be bools; ``top_k``, ``top_p`` and
+    ``min_p`` the sampler's filters (``None``: off).
     """
     code = 0
     if divergence is not None:
@@ -245,7 +278,9 @@ def op_spec(*, temperature, ignore_index=-100, divergence: Optional[str] = None,
         code = int(member)
     return OpSpec(temperature=check_temperature(temperature), ignore_index=ignore_index, divergence=code,
                   beta=beta, alpha=alpha, want_logp=want_logp, want_ref_logp=want_ref_logp,
-                  want_entropy=check_flag(return_entropy, "return_entropy"))
+                  want_entropy=check_flag(return_entropy, "return_entropy"), top_k=check_top_k(top_k),
+                  top_p=check_top_p(top_p), min_p=check_min_p(min_p),
+                  want_kept_mass=check_flag(return_kept_mass, "return_kept_mass"))
 
 
 def head_spec(hidden: torch.Tensor, bias, logit_scale, softcap, prefix: str) -> HeadSpec:

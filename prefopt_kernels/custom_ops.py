@@ -48,16 +48,22 @@ def shard_checking_labels(group: str, spec, has_ref: bool, local_vocab: int, row
     return shard
 
 
+# Outputs that never carry a gradient.
+NON_DIFFERENTIABLE = ("ref_logp", "log_kept_mass")
+
+
 def mark_outputs(ctx, wanted: tuple, output) -> None:
-    """Only the wanted outputs but ``ref_logp`` carry gradient; the rest (extras, statistics) do not."""
+    """Only the wanted outputs but :data:`NON_DIFFERENTIABLE` carry gradient; the rest (extras,
+    statistics) do not."""
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(*(o for k, o in zip(wanted, output) if k == "ref_logp"), *output[len(wanted):])
+    ctx.mark_non_differentiable(*(o for k, o in zip(wanted, output) if k in NON_DIFFERENTIABLE),
+                                *output[len(wanted):])
 
 
 def upstream_gradients(wanted: tuple, grads) -> dict:
     """Flat fp32 upstream gradients of the differentiable outputs that received one."""
     return {k: g.reshape(-1).to(torch.float32).contiguous()
-            for k, g in zip(wanted, grads) if g is not None and k != "ref_logp"}
+            for k, g in zip(wanted, grads) if g is not None and k not in NON_DIFFERENTIABLE}
 
 
 def refuse_double_backward() -> None:

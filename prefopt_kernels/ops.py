@@ -20,13 +20,14 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from . import distributed, spec as specs
+from . import distributed, sampled_rows, spec as specs
 from .backends import RowStats, saved_names
 from .checks import check_inplace, check_labels, check_logits, check_pair, check_weight, op_spec
 from .custom_ops import (GRADIENT_OUTPUTS, LIBRARY, mark_outputs, named_arguments, on_device,
                         refuse_double_backward, shard_checking_labels, upstream_gradients)
 from .dispatch import backend_selection, pick_backend
 from .layout import RowLayout, token_count
+from .sampling import KEPT_STATS, kept_stat_count
 from .spec import OpSpec
 
 
@@ -37,6 +38,7 @@ class TokenTerms(NamedTuple):
     ref_logp: torch.Tensor
     div: torch.Tensor
     entropy: Optional[torch.Tensor]
+    log_kept_mass: Optional[torch.Tensor] = None  # with return_kept_mass: lse_K(z) - lse_V(z)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -65,10 +67,18 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
             stats = module.forward(rows, labels, ref_rows, weight, op)
         else:
             stats = distributed.sharded_stats(module, rows, labels, ref_rows, weight, op, shard)
-    outputs = [getattr(stats, k) for k in op.outputs()]
+    found = {k: getattr(stats, k) for k in op.outputs() if k != "log_kept_mass"}
+    kept = []
+    if op.samples:
+        with on_device(logits.device):
+            sampled = sampled_rows.forward(rows, labels, stats, op, shard)
+        found.update(logp=sampled["logp"], log_kept_mass=sampled["log_kept_mass"])
+        kept = [sampled[name] for name in KEPT_STATS]
+    elif op.want_kept_mass:
+        found["log_kept_mass"] = torch.zeros_like(stats.log_norm)
     saved = dict(zip(saved_names(op, has_ref), stats.saved(op, has_ref)))
     tail = [distributed.shard_to_tensor(shard)] if group else []
-    return outputs + [saved[name] for name in saved_only(op, has_ref)] + tail
+    return [found[k] for k in op.outputs()] + [saved[name] for name in saved_only(op, has_ref)] + kept + tail
 
 
 @_token_forward.register_fake
@@ -76,7 +86,7 @@ def _token_forward_fake(*values):
     arguments = named_arguments("token_forward", values)
     op, logits = OpSpec.decode(arguments["spec"]), arguments["logits"]
     n = token_count(logits)
-    count = len(op.outputs()) + len(saved_only(op, arguments["ref_logits"] is not None))
+    count = len(op.outputs()) + len(saved_only(op, arguments["ref_logits"] is not None)) + kept_stat_count(op)
     tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
     return [logits.new_empty(n, dtype=torch.float32) for _ in range(count)] + tail
 
@@ -90,12 +100,14 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
 
     ``grad_out`` has the logits' shape and dtype: a fresh contiguous tensor, or the logits
     themselves (``inplace_backward``, when their rows need no copy). ``saved`` and
-    ``shard_offsets`` are what :func:`_token_forward` returned; ``upstream`` holds
+    ``shard_offsets`` are what :func:`_token_forward` returned (``saved``: the statistics, then
+    the kept set's with ``top_k`` / ``top_p`` / ``min_p``); ``upstream`` holds
     ``(g_logp, g_entropy, g_div)``, each fp32 ``[N]`` or ``None`` (zero). Sharded, each rank
     writes its own shard from the global statistics: no communication.
     """
     op = OpSpec.decode(spec)
-    stats = RowStats.from_saved(saved, op, ref_logits is not None)
+    n_stats = len(saved_names(op, ref_logits is not None))
+    stats, kept = RowStats.from_saved(saved[:n_stats], op, ref_logits is not None), saved[n_stats:]
     shard = distributed.shard_from_tensor(group, shard_offsets, logits.shape[-1])
     module = pick_backend(logits.device, backend)
     # A fresh gradient is contiguous, so it adds no break to the logits' layout; the logits
@@ -105,7 +117,10 @@ def _token_backward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], la
     # contiguous [N]: Inductor may hand the upstream gradients over in their outputs' [...] shape.
     grads = tuple(None if g is None else g.reshape(-1).contiguous() for g in upstream) + (grad_rows,)
     with on_device(logits.device):
-        if shard.group is None:
+        if op.samples:
+            if shard.group is None or rows.shape[2]:
+                sampled_rows.backward(module, rows, labels, ref_rows, weight, op, stats, kept, *grads, shard)
+        elif shard.group is None:
             module.backward(rows, labels, ref_rows, weight, op, stats, *grads)
         elif rows.shape[2]:
             module.slice_backward(rows, labels, ref_rows, weight, op, stats, *grads, shard.v0)
@@ -121,8 +136,9 @@ def _token_setup_context(ctx, inputs, output):
     op, ref_logits = OpSpec.decode(arguments["spec"]), arguments["ref_logits"]
     has_ref = ref_logits is not None
     wanted = op.outputs()
-    by_name = dict(zip(wanted + saved_only(op, has_ref), output))
-    saved = [by_name[name] for name in saved_names(op, has_ref)]
+    kept_names = KEPT_STATS if op.samples else ()
+    by_name = dict(zip(wanted + saved_only(op, has_ref) + kept_names, output))
+    saved = [by_name[name] for name in saved_names(op, has_ref) + kept_names]
     ctx.spec, ctx.wanted, ctx.n_saved, ctx.n_inputs = arguments["spec"], wanted, len(saved), len(inputs)
     ctx.inplace, ctx.backend, ctx.group = arguments["inplace_backward"], arguments["backend"], arguments["group"]
     ctx.save_for_backward(arguments["logits"], ref_logits, arguments["labels"], arguments["weight"], *saved,
@@ -182,7 +198,8 @@ def _run(logits, labels, ref_logits, weight, op: OpSpec, inplace_backward: bool,
 
 
 def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: float = 1.0,
-                   return_entropy: bool = False, inplace_backward: bool = False, process_group=None):
+                   return_entropy: bool = False, top_k=None, top_p=None, min_p=None,
+                   return_kept_mass: bool = False, inplace_backward: bool = False, process_group=None):
     r"""Label log-probabilities (and optionally entropies) of the policy, one read of each row.
 
     ``logp = a_y / T - lse(a / T)``, ``H(p) = lse(a / T) - sum_i p_i a_i / T``, computed
@@ -198,7 +215,20 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
             the int64 range.
         temperature: ``T`` with ``T`` and ``1/T`` normal fp32 numbers (about
             ``[1.2e-38, 8.5e37]``).
-        return_entropy: also return ``H(p)`` per token.
+        return_entropy: also return ``H(p)`` per token (always the full distribution's).
+        top_k, top_p, min_p: score the label under the sampler's distribution instead (vLLM's
+            ``processed_logprobs``): with ``z = a / T`` the kept set ``K`` is built by min-p
+            (keep ``z_i >= max z + log(min_p)``), then top-k (keep ``z_i`` at least the k-th
+            largest, ties kept), then top-p (over what is left, renormalised, the smallest set
+            of largest tokens whose mass reaches ``top_p``, ties of the last one kept), and
+            ``logp = z_y - lse_K(z)``: ``-inf`` when ``y`` is not in ``K`` (never NaN; count
+            them with ``torch.isinf(logp).sum()``). Gradient ``(1[j = y] - p_K(j)) / T`` on
+            ``K``, 0 outside (the set held fixed). ``None``, ``top_k=0``, ``top_p=1`` and
+            ``min_p=0`` keep the whole vocabulary (the plain path, bit for bit). ``top_k`` a
+            non-bool int ``>= 0``, ``top_p`` in ``(0, 1]``, ``min_p`` in ``[0, 1]``. Cost and
+            mechanism: :mod:`prefopt_kernels.sampling`.
+        return_kept_mass: also return ``log_kept_mass = lse_K(z) - lse_V(z)`` (0 without a
+            filter and at ignored tokens); not differentiable.
         inplace_backward: write the logits' gradient into the logits' own storage (the
             logits are consumed; backward then allocates nothing of size ``[N, V]``). The
             logits' version counter is bumped, so PyTorch raises its usual in-place error if
@@ -213,13 +243,16 @@ def token_logprobs(logits, labels, *, ignore_index: int = -100, temperature: flo
             :func:`prefopt_kernels.distributed.exchange_bytes_per_token`.
 
     Returns:
-        ``logp`` fp32 ``[...]`` (0 at ignored tokens), or ``(logp, entropy)``.
+        ``logp`` fp32 ``[...]`` (0 at ignored tokens), or the tuple ``(logp, entropy,
+        log_kept_mass)`` of those asked for, in that order.
     """
     check_logits(logits, "logits", sharded=process_group is not None)
     labels = check_labels(labels, logits, ignore_index)
-    op = op_spec(temperature=temperature, ignore_index=ignore_index, want_logp=True, return_entropy=return_entropy)
+    op = op_spec(temperature=temperature, ignore_index=ignore_index, want_logp=True, return_entropy=return_entropy,
+                 top_k=top_k, top_p=top_p, min_p=min_p, return_kept_mass=return_kept_mass)
     out = _run(logits, labels, None, None, op, inplace_backward, process_group)
-    return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
+    result = tuple(out[k] for k in op.outputs())
+    return result if len(result) > 1 else result[0]
 
 
 def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta: float = 0.5,
@@ -261,8 +294,8 @@ def token_divergence(logits, ref_logits, *, divergence: str = "forward_kl", beta
 
 def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", div_weight=None,
                 ignore_index: int = -100, temperature: float = 1.0, beta: float = 0.5,
-                alpha: float = 0.5, return_entropy: bool = False,
-                inplace_backward: bool = False, process_group=None) -> TokenTerms:
+                alpha: float = 0.5, return_entropy: bool = False, top_k=None, top_p=None, min_p=None,
+                return_kept_mass: bool = False, inplace_backward: bool = False, process_group=None) -> TokenTerms:
     r"""Everything a token-level preference loss needs, from ONE read of both logits rows.
 
     ``logp = a_y/T - lse(a/T)``, ``ref_logp = b_y/T - lse(b/T)``, ``div = D_f(p, q)`` (as in
@@ -275,11 +308,14 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
         logits, ref_logits: ``[..., V]`` fp32, bf16 or fp16, same shape, dtype and device.
         labels: ``[...]`` integer in ``[0, V)`` or ``ignore_index``.
         div_weight: optional ``[...]`` divergence selector (see :func:`token_divergence`).
+        top_k, top_p, min_p, return_kept_mass: as in :func:`token_logprobs`, for the policy's
+            ``logp`` only (``ref_logp``, ``div`` and ``entropy`` stay the full distributions').
         divergence, beta, alpha, temperature, inplace_backward, process_group: as in
             :func:`token_divergence` (``F`` one more with the entropy).
 
     Returns:
-        :class:`TokenTerms` ``(logp, ref_logp, div, entropy | None)``, fp32 ``[...]`` each.
+        :class:`TokenTerms` ``(logp, ref_logp, div, entropy | None, log_kept_mass | None)``,
+        fp32 ``[...]`` each.
     """
     sharded = process_group is not None
     check_logits(logits, "logits", sharded=sharded)
@@ -288,7 +324,8 @@ def token_terms(logits, labels, ref_logits, *, divergence: str = "forward_kl", d
     labels = check_labels(labels, logits, ignore_index)
     weight = check_weight(div_weight, logits, "div_weight")
     op = op_spec(temperature=temperature, ignore_index=ignore_index, divergence=divergence, beta=beta,
-                 alpha=alpha, want_logp=True, want_ref_logp=True, return_entropy=return_entropy)
+                 alpha=alpha, want_logp=True, want_ref_logp=True, return_entropy=return_entropy, top_k=top_k,
+                 top_p=top_p, min_p=min_p, return_kept_mass=return_kept_mass)
     out = _run(logits, labels, ref_logits, weight, op, inplace_backward, process_group)
-    return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
+    return TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"), out.get("log_kept_mass"))
 

@@ -26,7 +26,7 @@ import torch
 from .divergences import Divergence
 
 # The per-token outputs an op can return, in the order it returns them.
-OUTPUTS = ("logp", "ref_logp", "entropy", "div")
+OUTPUTS = ("logp", "ref_logp", "entropy", "div", "log_kept_mass")
 # The extra per-token fields of the fused linear ops (TRL's ``FusedCausalLMOutput``).
 EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of a fused linear call's tiles and per-tile temporaries
@@ -70,6 +70,8 @@ class OpSpec(Spec):
 
     ``divergence`` is a :class:`~prefopt_kernels.divergences.Divergence` code (0 for none);
     ``beta`` (js) and ``alpha`` (alpha) are its parameters, read only by those divergences.
+    ``top_k``, ``top_p`` and ``min_p`` restrict the policy's log-prob to the sampler's kept set
+    (:mod:`prefopt_kernels.sampling`); their neutral values keep the whole vocabulary.
     """
 
     temperature: float = 1.0
@@ -80,6 +82,15 @@ class OpSpec(Spec):
     want_logp: bool = False  # the label's log-prob under the policy (needs labels)
     want_ref_logp: bool = False  # the label's log-prob under the reference
     want_entropy: bool = False  # the policy's entropy
+    top_k: int = 0  # keep the tokens at least the k-th largest (ties kept); 0: no top-k filter
+    top_p: float = 1.0  # then the smallest nucleus of that mass (ties of the last kept); 1: none
+    min_p: float = 0.0  # first keep z >= max z + log(min_p); 0: no min-p filter
+    want_kept_mass: bool = False  # log of the kept set's share of the full distribution
+
+    @property
+    def samples(self) -> bool:
+        """Whether the policy's log-prob is taken over a sampler's kept set, not the whole vocabulary."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
     @property
     def member(self) -> Optional[Divergence]:
@@ -89,7 +100,7 @@ class OpSpec(Spec):
     def outputs(self) -> Tuple[str, ...]:
         """The per-token outputs a call of this spec returns, in :data:`OUTPUTS` order."""
         wanted = {"logp": self.want_logp, "ref_logp": self.want_ref_logp, "entropy": self.want_entropy,
-                  "div": bool(self.divergence)}
+                  "div": bool(self.divergence), "log_kept_mass": self.want_kept_mass}
         return tuple(name for name in OUTPUTS if wanted[name])
 
 

@@ -111,7 +111,8 @@ def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_w
 
 def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore_index: int = -100,
                           temperature: float = 1.0, logit_scale: float = 1.0, softcap=None,
-                          return_entropy: bool = False, extras=(), memory_budget: Optional[int] = None,
+                          return_entropy: bool = False, top_k=None, top_p=None, min_p=None,
+                          return_kept_mass: bool = False, extras=(), memory_budget: Optional[int] = None,
                           process_group=None):
     r"""Label log-probabilities (and entropies) of ``softmax(z / T)`` with ``z`` from the LM head, in tiles.
 
@@ -133,7 +134,10 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
         logit_scale: finite multiplier of the projection (Cohere, Granite, ...); 0 gives
             the uniform distribution, as TRL does.
         softcap: ``None`` or a positive final-logit soft cap (Gemma).
-        return_entropy: also return ``H(p)``.
+        return_entropy: also return ``H(p)`` (always the full distribution's).
+        top_k, top_p, min_p, return_kept_mass: the sampler's kept set, as in
+            :func:`prefopt_kernels.token_logprobs`, on ``z / T`` with ``z`` after the scale and
+            softcap; gradients reach the head through the kept set only.
         extras: names among ``"mean_logits"`` (``mean_i z_i / T``), ``"is_top1"`` (the label
             is the first maximum of ``z``, bool) and ``"log_sum_sq_probs"``
             (``log sum_i p_i^2``): TRL's ``FusedCausalLMOutput`` fields, not differentiable,
@@ -154,16 +158,20 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
     and softcap then act in fp32 on every device.
 
     Returns:
-        ``logp`` fp32 ``[...]``, or ``(logp, entropy)``; with ``extras``, a further last
-        element: a dict from each name asked for to its ``[...]`` tensor.
+        ``logp`` fp32 ``[...]``, or ``(logp, entropy)``; with ``extras``, a further element: a
+        dict from each name asked for to its ``[...]`` tensor; with ``return_kept_mass``,
+        ``log_kept_mass`` last.
     """
     out, extra = _run(hidden, head_weight, head_bias, labels, None, None, None,
-                      op_options=dict(temperature=temperature, want_logp=True, return_entropy=return_entropy),
+                      op_options=dict(temperature=temperature, want_logp=True, return_entropy=return_entropy,
+                                      top_k=top_k, top_p=top_p, min_p=min_p, return_kept_mass=return_kept_mass),
                       ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, extras=extras,
                       memory_budget=memory_budget, process_group=process_group)
     result = (out["logp"], out["entropy"]) if return_entropy else (out["logp"],)
     if extras:
         result = result + (extra,)
+    if return_kept_mass:
+        result = result + (out["log_kept_mass"],)
     return result if len(result) > 1 else result[0]
 
 
@@ -204,7 +212,8 @@ def linear_token_divergence(hidden, head_weight, ref_hidden, ref_head_weight, *,
 def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight, *, head_bias=None,
                        ref_head_bias=None, divergence: str = "forward_kl", div_weight=None,
                        ignore_index: int = -100, temperature: float = 1.0, beta: float = 0.5,
-                       alpha: float = 0.5, return_entropy: bool = False, logit_scale: float = 1.0,
+                       alpha: float = 0.5, return_entropy: bool = False, top_k=None, top_p=None, min_p=None,
+                       return_kept_mass: bool = False, logit_scale: float = 1.0,
                        ref_logit_scale: float = 1.0, softcap=None, ref_softcap=None, extras=(),
                        memory_budget: Optional[int] = None, process_group=None):
     r"""Everything a token-level preference loss needs, from one tiled pass over both heads.
@@ -216,16 +225,19 @@ def linear_token_terms(hidden, head_weight, labels, ref_hidden, ref_head_weight,
     ``head_weight`` and ``head_bias``; ``ref_logp`` is not differentiable.
 
     Args: as :func:`linear_token_logprobs` and :func:`linear_token_divergence`; ``extras``
-        are the policy's.
+        are the policy's; ``top_k``, ``top_p``, ``min_p`` and ``return_kept_mass`` act on the
+        policy's ``logp`` only.
 
     Returns:
-        :class:`~prefopt_kernels.TokenTerms`; with ``extras``, ``(TokenTerms, dict)``.
+        :class:`~prefopt_kernels.TokenTerms` (``log_kept_mass`` set with ``return_kept_mass``);
+        with ``extras``, ``(TokenTerms, dict)``.
     """
     out, extra = _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
                       op_options=dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha,
-                                      want_logp=True, want_ref_logp=True, return_entropy=return_entropy),
+                                      want_logp=True, want_ref_logp=True, return_entropy=return_entropy,
+                                      top_k=top_k, top_p=top_p, min_p=min_p, return_kept_mass=return_kept_mass),
                       div_weight=div_weight, ignore_index=ignore_index, logit_scale=logit_scale,
                       ref_logit_scale=ref_logit_scale, softcap=softcap, ref_softcap=ref_softcap, extras=extras,
                       memory_budget=memory_budget, process_group=process_group)
-    terms = TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"))
+    terms = TokenTerms(out["logp"], out["ref_logp"], out["div"], out.get("entropy"), out.get("log_kept_mass"))
     return (terms, extra) if extras else terms

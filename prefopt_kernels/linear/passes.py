@@ -14,6 +14,7 @@ from .. import distributed
 from ..backends import RowStats, row_state
 from ..spec import LinearSpec
 from .heads import FP32, Head, accumulate, gather_rows, scatter_rows
+from .sampled import kept_tile_gradient
 from .tiles import TilePlan, fp32_tile_count
 
 
@@ -159,11 +160,14 @@ def _fold_square_sum(acc, previous_max, new_max, tile, inv_temperature):
     return acc * _rescale(previous_max, new_max, 2.0 * inv_temperature) + tile_sum
 
 
-def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats, upstream: dict, needs):
+def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats, upstream: dict, needs,
+                  kept: Optional[list] = None):
     """Re-project every tile, turn it into ``dL/d(h W^T + c)`` and accumulate the three gradients.
 
     ``needs`` flags the gradients of the policy's hidden states, head weight and bias; returns
-    them (``None`` where not asked for). The loop runs over vocabulary chunks, and inside over
+    them (``None`` where not asked for); ``kept``, the kept set's statistics of a sampled call,
+    makes ``logp``'s term the kept set's (:func:`~prefopt_kernels.linear.sampled.kept_tile_gradient`).
+    The loop runs over vocabulary chunks, and inside over
     token chunks: a chunk's weight gradient ``sum_t dz_t^T h_t`` is complete when its token
     loop ends, so a bf16/fp16 head accumulates it in one fp32 ``[vocab chunk, H]`` buffer of
     the plan and casts it into its rows of the output once, never in an fp32 ``[V, H]``
@@ -211,9 +215,13 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
             a = plan.project(policy, h[t0:t1], v0, v1, 0, w_gemm)
             b = plan.project(reference, h_ref[t0:t1], v0, v1, 1, w_ref) if has_ref else None
             dz = plan.tile(1 + has_ref, n, width) if separate_grad else a
-            backend.slice_backward(backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
-                                   stats_rows(stats, t0, t1), g.get("logp"), g.get("entropy"), g.get("div"),
-                                   backend_rows(dz), shard.v0 + v0)
+            if kept is None:
+                backend.slice_backward(backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
+                                       stats_rows(stats, t0, t1), g.get("logp"), g.get("entropy"), g.get("div"),
+                                       backend_rows(dz), shard.v0 + v0)
+            else:
+                kept_tile_gradient(backend, a, b, labels, weight, op, stats_rows(stats, t0, t1),
+                                   [k[t0:t1] for k in kept], g, dz, shard.v0 + v0)
             dz = policy.pre_transform_grad(dz, a)
             dz_gemm = policy.gemm_operand(dz)
             if policy.widened:

@@ -21,6 +21,8 @@ from ..dispatch import pick_backend
 from ..layout import token_count
 from ..spec import LinearSpec
 from .heads import FP32, Head
+from ..sampling import KEPT_STATS, kept_stat_count
+from . import sampled
 from .passes import LinearCall, backward_pass, forward_pass
 from .sharded_heads import gathered
 
@@ -85,9 +87,17 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
     # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
     with torch.autocast(device.type, enabled=False), on_device(device):
         stats, extra_values = forward_pass([h for h, _, _ in per_head], call)
-    values = [getattr(stats, k) for k in linear.op.outputs()] + [extra_values[k] for k in linear.extras]
+        found = {k: getattr(stats, k) for k in linear.op.outputs() if k != "log_kept_mass"}
+        kept = []
+        if linear.op.samples:
+            sampled_values = sampled.forward([h for h, _, _ in per_head], call, stats)
+            found.update(logp=sampled_values["logp"], log_kept_mass=sampled_values["log_kept_mass"])
+            kept = [sampled_values[name] for name in KEPT_STATS]
+        elif linear.op.want_kept_mass:
+            found["log_kept_mass"] = torch.zeros_like(stats.log_norm)
+    values = [found[k] for k in linear.op.outputs()] + [extra_values[k] for k in linear.extras]
     outputs = [_scatter_tokens(value, index, hidden.shape[:-1]) for value in values]
-    saved = [_scatter_tokens(value, index, (n_tokens,)) for value in stats.saved(linear.op, has_ref)]
+    saved = [_scatter_tokens(value, index, (n_tokens,)) for value in stats.saved(linear.op, has_ref) + kept]
     tail = [distributed.shard_to_tensor(shard)] if group else []
     return outputs + saved + tail
 
@@ -101,7 +111,8 @@ def _linear_forward_fake(*values):
     outputs = [hidden.new_empty(lead, dtype=FP32) for _ in linear.op.outputs()]
     outputs += [hidden.new_empty(lead, dtype=torch.bool if k == "is_top1" else FP32) for k in linear.extras]
     n_tokens = token_count(hidden)
-    saved = [hidden.new_empty(n_tokens, dtype=FP32) for _ in saved_names(linear.op, linear.reference is not None)]
+    n_saved = len(saved_names(linear.op, linear.reference is not None)) + kept_stat_count(linear.op)
+    saved = [hidden.new_empty(n_tokens, dtype=FP32) for _ in range(n_saved)]
     tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
     return outputs + saved + tail
 
@@ -125,9 +136,12 @@ def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], 
     call = _call(per_head, labels, div_weight, linear, index, shard, backend)
     # reshape: Inductor may hand the upstream gradients over in their outputs' [...] shape.
     grads = {k: g.reshape(-1).index_select(0, index) for k, g in zip(GRADIENT_OUTPUTS, upstream) if g is not None}
-    stats = RowStats.from_saved([x.index_select(0, index) for x in saved], linear.op, linear.reference is not None)
+    saved = [x.index_select(0, index) for x in saved]
+    n_stats = len(saved_names(linear.op, linear.reference is not None))
+    stats = RowStats.from_saved(saved[:n_stats], linear.op, linear.reference is not None)
+    kept = saved[n_stats:] if linear.op.samples else None
     with torch.autocast(hidden.device.type, enabled=False), on_device(hidden.device):
-        result = backward_pass([h for h, _, _ in per_head], call, stats, grads, needs)
+        result = backward_pass([h for h, _, _ in per_head], call, stats, grads, needs, kept)
     return [hidden.new_empty(0) if g is None else g for g in result]
 
 
@@ -144,7 +158,7 @@ def _linear_setup_context(ctx, inputs, output):
     linear = LinearSpec.decode(arguments["spec"])
     wanted = linear.op.outputs()
     first_saved = len(wanted) + len(linear.extras)
-    n_saved = len(saved_names(linear.op, linear.reference is not None))
+    n_saved = len(saved_names(linear.op, linear.reference is not None)) + kept_stat_count(linear.op)
     ctx.spec, ctx.backend, ctx.group = arguments["spec"], arguments["backend"], arguments["group"]
     ctx.wanted, ctx.n_heads, ctx.has_bias = wanted, len(arguments["heads"]), linear.policy.has_bias
     ctx.save_for_backward(*arguments["heads"], arguments["labels"], arguments["div_weight"],
