@@ -25,47 +25,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
-import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from prefopt_kernels.integrations import trl as pk_trl  # noqa: E402
 from prefopt_kernels.integrations.trl_grpo import PrefOptGRPOConfig, PrefOptGRPOTrainer  # noqa: E402
-from trl_cases import make_tokenizer, make_word_llama  # noqa: E402
 from trl_cases import restore_trl  # noqa: E402,F401 - a fixture: pytest finds it among the module's names
-
-PROMPTS = ["w1 w2", "w3", "w4 w5 w6", "w7"]
-TEMPERATURE = 0.7
-
-
-def reward(completions, **kwargs):
-    """A reward that varies across completions, so that advantages (hence losses) are non-zero."""
-    return [float(sum(map(ord, text)) % 7) for text in completions]
-
-
-def grpo_args(config_class, output_dir, steps=3, **kwargs):
-    # Plain SGD, constant lr: the parameters are a deterministic function of the gradients.
-    options = dict(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2, logging_steps=1,
-                   optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", report_to=[], use_cpu=True,
-                   bf16=False, save_strategy="no", seed=0, disable_tqdm=True, num_generations=2, max_completion_length=4,
-                   beta=0.1, temperature=TEMPERATURE)
-    options.update(kwargs)
-    return config_class(**options)
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    """The tiny policy saved to a directory: GRPO loads its reference (beta > 0) from the policy's name."""
-    path = tmp_path_factory.mktemp("grpo_policy")
-    make_word_llama().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
-def build(trainer_class, args, policy_dir):
-    torch.manual_seed(0)
-    return trainer_class(model=str(policy_dir), reward_funcs=reward, args=args,
-                         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
-                         processing_class=make_tokenizer())
+from trl_grpo_cases import TEMPERATURE, build, grpo_args, policy_dir  # noqa: E402,F401 - policy_dir: a fixture
 
 
 # --------------------------------------------------------------------------- k3: the stock trainer
