@@ -10,7 +10,8 @@ Tiny Llamas over the WordLevel vocabulary of trl_cases.py, built in code; skippe
   completion, old log-probs away from the current ones so that ratios clip) against the GRPO
   loss written out in float64 from a float64 copy of both models' full ``[B, T, V]`` logits:
   ``KL_t = Σ_v p_v (log p_v - log q_v)``, the clipped surrogate, the importance-ratio
-  correction of the KL term, the loss type's reduction. The loss, the logged ``kl`` and every
+  correction of the KL term, the reduction of each loss type with that surrogate (grpo, bnpo,
+  dr_grpo, dapo; luspo with sequence-level ratios). The loss, the logged ``kl`` and every
   parameter gradient agree to fp32 rounding of the 2-layer backbone: ``2e-5`` relative on the
   loss and the metric (measured 1e-6), ``3e-5 · max|g|`` per gradient tensor (measured 3e-6);
   half of the tokens' ratios lie outside the clip range.
@@ -85,28 +86,39 @@ def float64_logprobs(model, inputs):
 
 
 def float64_grpo_loss(policy, reference, inputs, args):
-    """TRL's GRPO loss with the exact per-token KL in place of k3, written out in float64.
+    """TRL's GRPO loss with the exact per-token KL in place of k3, written out in float64 from
+    TRL 1.16's documented formulas (clipped surrogate, ``use_bias_correction_kl``, the loss
+    type's reduction of one gradient-accumulation step on one process).
 
     Returns ``(loss, the masked mean of the KL term)``."""
     log_p, log_q = float64_logprobs(policy, inputs), float64_logprobs(reference, inputs)
     logp = log_p.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    ratio = torch.exp(logp - inputs["old_per_token_logps"].double())
-    kl = kl * ratio  # use_bias_correction_kl
+    mask = inputs["completion_mask"].double()
+    log_ratio = logp - inputs["old_per_token_logps"].double()
+    if args.importance_sampling_level == "sequence":  # one ratio per sequence, of the mean log-ratio
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+    kl = kl * ratio
     advantages = inputs["advantages"].double().unsqueeze(1)
     clipped = ratio.clamp(1 - args.epsilon, 1 + args.epsilon)
-    per_token = -torch.minimum(ratio * advantages, clipped * advantages) + args.beta * kl
-    mask = inputs["completion_mask"].double()
-    if args.loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
-    else:  # dapo: one gradient-accumulation step of one generation step on one process
-        loss = (per_token * mask).sum() / inputs["num_items_in_batch"]
+    per_token = (-torch.minimum(ratio * advantages, clipped * advantages) + args.beta * kl) * mask
+    rows = per_token.size(0)
+    loss = {
+        "grpo": lambda: (per_token.sum(-1) / mask.sum(-1)).mean(),
+        "bnpo": lambda: per_token.sum() / mask.sum(),
+        "dr_grpo": lambda: per_token.sum() / (rows * args.max_completion_length),
+        "dapo": lambda: per_token.sum() / inputs["num_items_in_batch"],
+        "luspo": lambda: per_token.sum(-1).mean(),
+    }[args.loss_type]()
     return loss, ((kl * mask).sum() / mask.sum()).item()
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_full_kl_loss_and_gradient_match_float64(tmp_path, policy_dir, loss_type):
-    args = grpo_args(PrefOptGRPOConfig, tmp_path, kl_estimator="full", beta=0.3, loss_type=loss_type)
+@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("bnpo", "token"), ("dr_grpo", "token"),
+                                              ("dapo", "token"), ("luspo", "sequence")])
+def test_full_kl_loss_and_gradient_match_float64(tmp_path, policy_dir, loss_type, level):
+    args = grpo_args(PrefOptGRPOConfig, tmp_path, kl_estimator="full", beta=0.3, loss_type=loss_type,
+                     importance_sampling_level=level)
     trainer = build(PrefOptGRPOTrainer, args, policy_dir)
     assert args.use_bias_correction_kl and args.epsilon == 0.2
     # A reference away from the policy (it is loaded as a copy of it).

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import trl  # noqa: E402
 
 from prefopt_kernels.integrations import trl as pk_trl  # noqa: E402
-from prefopt_kernels.integrations.trl_grpo import PrefOptGRPOConfig, PrefOptGRPOTrainer  # noqa: E402
+from prefopt_kernels.integrations.trl_grpo import PrefOptGRPOConfig, PrefOptGRPOTrainer, full_kl_terms  # noqa: E402
 from trl_cases import restore_trl  # noqa: E402,F401 - a fixture: pytest finds it among the module's names
 from trl_grpo_cases import build, grpo_args, policy_dir  # noqa: E402,F401 - policy_dir: a fixture
 
@@ -111,3 +111,32 @@ def test_sampler_matched_ratio_is_one_where_stock_is_the_kept_mass(tmp_path, pol
         assert (stock_ratio >= TOP_P - 1e-5).all() and (stock_ratio < 1).all() and stock_ratio.mean() < 0.95
         for ratio in (on_ratio, full_ratio):
             assert (ratio - 1).abs().max() <= 1e-5, ratio
+
+
+def test_full_kl_terms_score_the_kept_set_and_keep_the_full_kl():
+    """With the sampler's top-p, ``full_kl_terms``' log-prob is the processed distribution's (the
+    float64 sort above; -inf for a label outside the kept set) while the entropy and the KL stay
+    the full distributions' (those of the call without top-p)."""
+    torch.manual_seed(0)
+    head, ref_head = torch.nn.Linear(8, 301), torch.nn.Linear(8, 301)
+    hidden, ref_hidden = 2 * torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    temperature = 0.7
+    with torch.no_grad():
+        processed = top_p_logprobs(head(hidden), temperature, TOP_P)
+        full = torch.log_softmax(head(hidden).double() / temperature, dim=-1)
+    labels = torch.multinomial(processed.exp().view(-1, 301), 1, generator=torch.Generator().manual_seed(1))
+    labels = labels.view(3, 4)
+    labels[2, 3] = int(processed[2, 3].argmin())  # outside the kept set
+    labels[0, 0] = -100
+    logp, entropy, kl = full_kl_terms(hidden, head, labels, ref_hidden, ref_head, temperature=temperature,
+                                      top_p=TOP_P)
+    _, full_entropy, full_kl = full_kl_terms(hidden, head, labels, ref_hidden, ref_head, temperature=temperature)
+    index = labels.clamp(min=0).unsqueeze(-1)
+    expected, unprocessed = processed.gather(-1, index).squeeze(-1), full.gather(-1, index).squeeze(-1)
+    kept = labels != -100
+    kept[2, 3] = False
+    assert logp[2, 3] == float("-inf") and logp[0, 0] == 0
+    torch.testing.assert_close(logp[kept].double(), expected[kept], rtol=0, atol=1e-5)
+    assert (expected[kept] > unprocessed[kept] + 0.05).all()  # the renormalisation is not lost in rounding
+    torch.testing.assert_close(entropy, full_entropy, rtol=0, atol=0)
+    torch.testing.assert_close(kl, full_kl, rtol=0, atol=0)
