@@ -91,12 +91,12 @@ def full_kl_terms(hidden, head, labels, ref_hidden, ref_head, *, temperature: fl
 
 
 @contextlib.contextmanager
-def _grpo_constructor(policy_head_options: dict):
+def _grpo_constructor(policy_sampler: dict, process_group):
     """``GRPOTrainer.__init__`` with our fused LM head in place of TRL's.
 
-    TRL 1.16 installs the policy's head first, then the reference's; the policy's gets
-    ``policy_head_options`` (the sampler's kept set, a process group), the reference's the
-    process group alone. The name is rebound under a lock, as in the DPO trainer.
+    TRL 1.16 installs the policy's head first, then the reference's; both get ``process_group``,
+    the policy's also ``policy_sampler`` (the sampler's kept set). The name is rebound under a
+    lock, as in the DPO trainer.
     """
     with _CONSTRUCTION:
         install = trl_grpo.add_fused_lm_head
@@ -104,9 +104,9 @@ def _grpo_constructor(policy_head_options: dict):
 
         def install_ours(model, **head_options):
             nonlocal installed
-            extra = policy_head_options if installed == 0 else {"process_group": policy_head_options["process_group"]}
+            sampler = policy_sampler if installed == 0 else {}
             installed += 1
-            add_fused_lm_head(model, **head_options, **extra)
+            add_fused_lm_head(model, **head_options, **sampler, process_group=process_group)
 
         trl_grpo.add_fused_lm_head = install_ours
         try:
@@ -135,7 +135,7 @@ class PrefOptGRPOTrainer(GRPOTrainer):
         sampler = {}
         if options["sampler_matched_logprobs"]:
             sampler = sampler_options(args.top_k, args.top_p, args.min_p)
-        with _grpo_constructor({**sampler, "process_group": process_group}):
+        with _grpo_constructor(sampler, process_group):
             super().__init__(model, reward_funcs, args, *more, **kwargs)
         self.kl_estimator = options["kl_estimator"]
         self.process_group = process_group

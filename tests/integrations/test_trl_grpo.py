@@ -170,6 +170,25 @@ def test_full_kl_trains_and_logs_what_stock_logs(tmp_path, policy_dir):
     assert full.state.log_history[2]["kl"] > 0
 
 
+def test_full_kl_with_a_lora_policy_uses_the_adapter_free_model_as_reference(tmp_path, policy_dir):
+    """Under PEFT there is no reference model: the policy with its adapter off is the reference. LoRA
+    starts with B = 0, so the first step's policy is the reference (KL exactly 0); then it is not."""
+    import datasets
+
+    from trl_cases import lora_config, make_tokenizer
+    from trl_grpo_cases import PROMPTS, reward
+
+    torch.manual_seed(0)
+    trainer = PrefOptGRPOTrainer(model=str(policy_dir), reward_funcs=reward,
+                                 args=grpo_args(PrefOptGRPOConfig, tmp_path, kl_estimator="full"),
+                                 train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                                 processing_class=make_tokenizer(), peft_config=lora_config())
+    assert trainer.ref_model is None
+    trainer.train()
+    logs = trainer.state.log_history
+    assert logs[0]["kl"] == 0.0 and logs[2]["kl"] > 0.0, [step.get("kl") for step in logs]
+
+
 # --------------------------------------------------------------------------- bad options
 
 
