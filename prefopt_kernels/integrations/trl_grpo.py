@@ -207,8 +207,8 @@ class PrefOptGRPOTrainer(GRPOTrainer):
                              if value is not None and name not in ("num_images", "num_tiles")})
         labels = input_ids[:, -logits_to_keep:].masked_fill(attention_mask[:, -logits_to_keep:] == 0, -100)
         reference_call = self.ref_model if self.ref_model is not None else model
-        with (torch.no_grad(), trl_grpo.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              self._reference_context(), self.accelerator.autocast()):
+        no_checkpointing = trl_grpo.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+        with torch.no_grad(), no_checkpointing, self._reference_context(), self.accelerator.autocast():
             ref_out = reference_call(**model_inputs, prefopt_head=backbone_output)
         # The hidden state at t predicts the token at t + 1.
         ref_hidden = ref_out.last_hidden_state[:, -logits_to_keep - 1:-1]
@@ -257,7 +257,8 @@ class PrefOptGRPOTrainer(GRPOTrainer):
             # TRL's policy_loss metric includes its KL term.
             policy_loss = self._metrics[mode]["policy_loss"]
             policy_loss[-1] += self.accelerator.gather(unscaled.detach()).nanmean().item()
-        totals = self.accelerator.reduce(torch.stack([(per_token_kl * mask).sum(), mask.sum().float()]), reduction="sum")
+        sums = torch.stack([(per_token_kl * mask).sum(), mask.sum().float()])
+        totals = self.accelerator.reduce(sums, reduction="sum")
         self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss + penalty
 

@@ -12,8 +12,9 @@ before the step), so the trainer's log-probs should equal the sampler's:
 * stock (and ``sampler_matched_logprobs=False``, bit for bit the same ratios): the trainer scores
   the full tempered softmax, so each token's ratio is the kept mass ``top_p ≤ Σ_K p < 1``
   (measured 0.80 to 0.81 at top_p = 0.8);
-* ``sampler_matched_logprobs=True``, with either KL estimator: every ratio is 1 to fp32 rounding (``|r - 1| ≤ 1e-5``; the
-  sampler's float64 log-probs of the model's fp32 logits against the fused fp32 tiles).
+* ``sampler_matched_logprobs=True``, with either KL estimator: every ratio is 1 to fp32 rounding
+  (``|r - 1| ≤ 1e-5``; the sampler's float64 log-probs of the model's fp32 logits against the
+  fused fp32 tiles).
 """
 
 from __future__ import annotations
