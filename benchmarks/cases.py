@@ -21,6 +21,7 @@ from prefopt_kernels.divergences import DIVERGENCES
 LOGIT_OPS = {
     "logprobs": False,
     "logprobs+entropy": False,
+    "logprobs+sampler": False,
     **{f"divergence:{d}": True for d in DIVERGENCES},
     "terms:forward_kl": True,
     "sparse_po": True,
@@ -30,9 +31,12 @@ LOGIT_OPS = {
 # forward KL (logp, ref_logp, KL(q||p)).
 LINEAR_OPS = {
     "linear:logprobs": False,
+    "linear:logprobs+sampler": False,
     "linear:terms": True,
 }
 OPS = {**LOGIT_OPS, **LINEAR_OPS}
+# The sampler of the ``+sampler`` ops (sampler-matched log-probs: vLLM's processed_logprobs).
+SAMPLER = dict(top_k=50, top_p=0.9, min_p=0.05)
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,7 +83,7 @@ class Case:
         ``linear:terms``), None for the ops without one."""
         if self.linear:
             return "forward_kl" if self.has_ref else None
-        if ":" in self.op:
+        if self.op.startswith(("divergence:", "terms:")):
             return self.op.split(":", 1)[1]
         return "forward_kl" if self.op == "sparse_po" else None
 

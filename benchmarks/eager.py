@@ -23,6 +23,20 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
 
 
+def sampled_logprobs(logits: torch.Tensor, labels: torch.Tensor, top_k: int, top_p: float,
+                     min_p: float) -> torch.Tensor:
+    """vLLM's processed log-probs the way a sampler forms them: fp32 logits masked by min-p, top-k
+    (``topk``) and top-p (a full sort and a cumulative sum), then ``log_softmax`` and a gather."""
+    z = logits.float()
+    z = z.masked_fill(z < z.amax(-1, keepdim=True) + math.log(min_p), -math.inf)
+    z = z.masked_fill(z < z.topk(top_k, -1).values[:, -1:], -math.inf)
+    ordered, order = z.sort(-1)
+    drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    z = z.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return torch.log_softmax(z, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
 def logprobs_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """PyTorch's fused cross-entropy kernel, negated (what ``model(labels=...)`` uses)."""
     return -F.cross_entropy(logits.float(), labels, reduction="none")

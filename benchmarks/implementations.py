@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import eager
-from .cases import LINEAR_OPS, LOGIT_OPS, SEQ_LEN, Case
+from .cases import LINEAR_OPS, LOGIT_OPS, SAMPLER, SEQ_LEN, Case
 from .peers import available_peers, trl_chunked
 
 EAGER = "eager"  # the implementation every ratio is taken against
@@ -78,6 +78,9 @@ def prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[[
     if op == "logprobs+entropy":
         return lambda x: tuple(pk.token_logprobs(x["logits"], x["labels"], return_entropy=True,
                                                  inplace_backward=inplace, process_group=group))
+    if op == "logprobs+sampler":
+        return lambda x: (pk.token_logprobs(x["logits"], x["labels"], inplace_backward=inplace,
+                                            process_group=group, **SAMPLER),)
     if op.startswith("divergence:"):
         return lambda x: (pk.token_divergence(x["logits"], x["ref_logits"], divergence=div,
                                               inplace_backward=inplace, process_group=group),)
@@ -94,6 +97,9 @@ def prefopt_forward(case: Case, inplace: bool, process_group=None) -> Callable[[
     if op == "linear:logprobs":
         return lambda x: (pk.linear_token_logprobs(x["hidden"], x["weight"], x["labels"],
                                                    process_group=group),)
+    if op == "linear:logprobs+sampler":
+        return lambda x: (pk.linear_token_logprobs(x["hidden"], x["weight"], x["labels"],
+                                                   process_group=group, **SAMPLER),)
     if op == "linear:terms":
         return lambda x: _given(pk.linear_token_terms(x["hidden"], x["weight"], x["labels"],
                                                       x["ref_hidden"], x["ref_weight"],
@@ -117,6 +123,9 @@ def _unfused_forward(case: Case) -> Callable[[dict], tuple]:
     if case.op == "linear:logprobs":
         return lambda x: (pk.token_logprobs(x["hidden"] @ x["weight"].t(), x["labels"],
                                             inplace_backward=inplace),)
+    if case.op == "linear:logprobs+sampler":
+        return lambda x: (pk.token_logprobs(x["hidden"] @ x["weight"].t(), x["labels"],
+                                            inplace_backward=inplace, **SAMPLER),)
     if case.op == "linear:terms":
         return lambda x: _given(pk.token_terms(
             x["hidden"] @ x["weight"].t(), x["labels"], x["ref_hidden"] @ x["ref_weight"].t(),
@@ -153,6 +162,8 @@ def eager_forward(case: Case) -> Callable[[dict], tuple]:
         return lambda x: (eager.logprobs(x["logits"], x["labels"]),)
     if op == "logprobs+entropy":
         return lambda x: eager.logprobs_entropy(x["logits"], x["labels"])
+    if op == "logprobs+sampler":
+        return lambda x: (eager.sampled_logprobs(x["logits"], x["labels"], **SAMPLER),)
     if op.startswith("divergence:"):
         return lambda x: (eager.divergence(x["logits"], x["ref_logits"], div),)
     if op.startswith("terms:"):
@@ -162,6 +173,8 @@ def eager_forward(case: Case) -> Callable[[dict], tuple]:
             eager.terms_forward_kl(x["logits"], x["labels"], x["ref_logits"]), x)
     if op == "linear:logprobs":
         return lambda x: (eager.linear_logprobs(x["hidden"], x["weight"], x["labels"]),)
+    if op == "linear:logprobs+sampler":
+        return lambda x: (eager.sampled_logprobs(x["hidden"] @ x["weight"].t(), x["labels"], **SAMPLER),)
     if op == "linear:terms":
         return lambda x: eager.linear_terms(x["hidden"], x["weight"], x["labels"],
                                             x["ref_hidden"], x["ref_weight"])

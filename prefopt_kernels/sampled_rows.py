@@ -13,7 +13,8 @@ from dataclasses import fields
 import torch
 
 from .backends import RowStats, nan_guard
-from .sampling import Candidates, find_kept_set, kept_outputs, logp_gradient_, relative_logits
+from .sampling import (Candidates, find_kept_set, kept_outputs, kept_statistics, logp_gradient_, outside_kept_set,
+                       relative_logits)
 from .spec import OpSpec
 
 ROW_BLOCK_BYTES = 32 * 2**20  # fp32 temporaries of one block of rows (about two per element)
@@ -74,8 +75,11 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
     ``logp`` is the kept set's (``kept`` = the saved ``[threshold, log_norm]``): its term is
     formed here in fp32, block by block; the entropy and divergence terms are the backend's
     (``backward``, or ``slice_backward`` on a shard), run on the same block and added in fp32,
-    so with those terms a half-precision gradient is rounded twice. Each block is read before
-    it is written, so ``grad_rows`` may be the logits (``inplace_backward``).
+    so with those terms a half-precision gradient is rounded twice. With the logp term alone
+    the backend's ``slice_backward`` writes it from :func:`~prefopt_kernels.sampling.kept_statistics`
+    and the entries outside ``K`` are zeroed (one kernel, one compare, one fill per block).
+    Each block is read before it is written, so ``grad_rows`` may be the logits
+    (``inplace_backward``).
     """
     threshold, kept_log_norm = kept
     read = labels != op.ignore_index
@@ -90,6 +94,17 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
         for t0 in range(0, per_row, step):
             t1 = min(per_row, t0 + step)
             f0, f1 = b * per_row + t0, b * per_row + t1
+            block = (rows[b:b + 1, t0:t1], labels[f0:f1], None if ref_rows is None else ref_rows[b:b + 1, t0:t1],
+                     part(weight, f0, f1), op)
+            if not others:
+                outside = outside_kept_set(rows[b, t0:t1], stats.row_max[f0:f1], stats.log_norm[f0:f1],
+                                           threshold[f0:f1], op.temperature)
+                kept_block = kept_statistics(_stats_rows(stats, f0, f1), kept_log_norm[f0:f1])
+                # slice_backward (v0 = 0 for a whole row): the gradient from the statistics alone.
+                backend.slice_backward(*block, kept_block, grad_logp[f0:f1], None, None, grad_rows[b:b + 1, t0:t1],
+                                       shard.v0)
+                grad_rows[b, t0:t1].masked_fill_(outside, 0.0)
+                continue
             dz = None
             if grad_logp is not None:
                 upstream = torch.where(read[f0:f1], grad_logp[f0:f1], 0.0)
@@ -97,15 +112,10 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
                                     threshold[f0:f1], kept_log_norm[f0:f1], labels[f0:f1] - shard.v0, upstream,
                                     op.temperature)
                 dz = torch.where(read[f0:f1, None], dz + nan_guard(stats.log_norm[f0:f1])[:, None], 0.0)
-            if not others:
-                grad_rows[b, t0:t1].copy_(dz)
-                continue
-            block = (rows[b:b + 1, t0:t1], labels[f0:f1], None if ref_rows is None else ref_rows[b:b + 1, t0:t1],
-                     part(weight, f0, f1), op, _stats_rows(stats, f0, f1), None, part(grad_entropy, f0, f1),
-                     part(grad_div, f0, f1), grad_rows[b:b + 1, t0:t1])
+            gradients = (None, part(grad_entropy, f0, f1), part(grad_div, f0, f1), grad_rows[b:b + 1, t0:t1])
             if shard.group is None:
-                backend.backward(*block)
+                backend.backward(*block, _stats_rows(stats, f0, f1), *gradients)
             else:
-                backend.slice_backward(*block, shard.v0)
+                backend.slice_backward(*block, _stats_rows(stats, f0, f1), *gradients, shard.v0)
             if dz is not None:
                 grad_rows[b, t0:t1].copy_(dz.add_(grad_rows[b, t0:t1].float()))

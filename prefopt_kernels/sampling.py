@@ -27,6 +27,7 @@ in 1024 tokens. ``log_kept_mass`` is not differentiable (the set is held fixed).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -164,7 +165,8 @@ def decide(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec, vocab: in
     kept_lse = torch.where(within(threshold), lse_above(threshold), left_lse)
     # The whole row kept: its normaliser is the backend's own, and log_kept_mass exactly 0.
     whole = (threshold == NEG_INF) | (complete & ((values >= threshold[:, None]).sum(1) >= vocab))
-    kept_lse = torch.where(whole, full_lse, kept_lse)
+    # NaN on a row holding a NaN or +inf: a backend's backward fed lse_K then keeps the NaN policy.
+    kept_lse = torch.where(whole, full_lse, kept_lse) + nan_guard(full_lse)
     settled |= full_lse.isnan()
     return KeptSet(threshold.float(), kept_lse.float(), settled)
 
@@ -202,6 +204,19 @@ def kept_outputs(threshold: torch.Tensor, kept_log_norm: torch.Tensor, label_u: 
     logp = torch.where(label_u >= threshold, (label_u.double() - kept_log_norm.double()), NEG_INF).float()
     mass = (kept_log_norm.double() - log_norm.double()).float()
     return logp + guard, mass + guard
+
+
+def kept_statistics(stats, kept_log_norm: torch.Tensor):
+    """``stats`` with ``log_norm`` replaced by ``lse_K`` (relative to the same ``row_max``): a backend's
+    logp gradient from them is ``(1[i = y] - p_K(i)) g / T`` at every ``i``, right on ``K``."""
+    return dataclasses.replace(stats, log_norm=kept_log_norm)
+
+
+def outside_kept_set(x: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor, threshold: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """Bool ``[n, Vs]``: the entries of raw logits ``x`` outside ``K`` (none on a NaN row, whose
+    gradient stays NaN as a whole)."""
+    return (relative_logits(x, row_max, temperature) < threshold[:, None]) & (log_norm == log_norm)[:, None]
 
 
 def logp_gradient_(u: torch.Tensor, threshold: torch.Tensor, kept_log_norm: torch.Tensor,

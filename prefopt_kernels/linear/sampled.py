@@ -15,7 +15,8 @@ from typing import List
 import torch
 
 from ..backends import RowStats, nan_guard
-from ..sampling import Candidates, find_kept_set, kept_outputs, logp_gradient_, relative_logits
+from ..sampling import (Candidates, find_kept_set, kept_outputs, kept_statistics, logp_gradient_, outside_kept_set,
+                        relative_logits)
 from .heads import gather_rows
 
 
@@ -55,20 +56,26 @@ def kept_tile_gradient(backend, a, b, labels, weight, op, stats: RowStats, kept:
                        dz: torch.Tensor, v0: int) -> None:
     """Write ``dL/dz`` of one ``[n, Vs]`` tile (offset ``v0`` in the global vocabulary) into ``dz``.
 
-    ``logp``'s term is the kept set's, formed in fp32 from ``a`` (relative logits, five
-    elementwise passes and a scatter: about 15 host ops per tile); the entropy and
-    divergence terms, where they have an upstream gradient, are the backend's
-    ``slice_backward`` with no ``logp`` term, added in fp32. ``dz`` may be ``a`` itself.
+    With ``logp``'s upstream gradient alone (the RL case): the backend's ``slice_backward``
+    from :func:`~prefopt_kernels.sampling.kept_statistics`, then the entries outside ``K``
+    zeroed (5 host ops per tile besides the kernel: relative logits, compare, mask, fill).
+    With the entropy or divergence too: ``logp``'s term formed in fp32 from ``a``
+    (:func:`~prefopt_kernels.sampling.logp_gradient_`, about 15 host ops), the others by the
+    backend's ``slice_backward`` with no ``logp`` term, added in fp32. ``dz`` may be ``a``.
     """
     grad_logp = upstream.get("logp")
+    if upstream.get("entropy") is None and upstream.get("div") is None:
+        # The backend's own tile gradient from lse_K, zeroed outside K: four host ops and the kernel.
+        outside = outside_kept_set(a, stats.row_max, stats.log_norm, kept[0], op.temperature)
+        backend.slice_backward(a.unsqueeze(0), labels, None if b is None else b.unsqueeze(0), weight, op,
+                               kept_statistics(stats, kept[1]), grad_logp, None, None, dz.unsqueeze(0), v0)
+        dz.masked_fill_(outside, 0.0)
+        return
     part = None
     if grad_logp is not None:
         part = logp_gradient_(relative_logits(a, stats.row_max, op.temperature), kept[0], kept[1], labels - v0,
                               grad_logp, op.temperature)
         part.add_(nan_guard(stats.log_norm)[:, None])
-    if upstream.get("entropy") is None and upstream.get("div") is None:
-        dz.copy_(part)
-        return
     backend.slice_backward(a.unsqueeze(0), labels, None if b is None else b.unsqueeze(0), weight, op, stats, None,
                            upstream.get("entropy"), upstream.get("div"), dz.unsqueeze(0), v0)
     if part is not None:
