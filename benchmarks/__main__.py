@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --quick                  # about a minute
     python -m benchmarks --ops logprobs,divergence --vocab 32000,128256 --dtype bf16
     python -m benchmarks --ops linear --tokens 1024 --hidden 1024  # from hidden states
+    python -m benchmarks --ops sampler --tokens 1024 --hidden 256  # sampler-matched vs plain
     python -m benchmarks --full --out /tmp/bench  # GPU: every op, mode, N, V and dtype
     python -m benchmarks --distributed            # tensor parallel: 2 gloo ranks on the CPU
     python -m benchmarks --dpo-step               # one DPO step: stock TRL vs PrefOptDPOTrainer
@@ -36,7 +37,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ops", type=_csv(str),
                    help="comma list: logprobs, logprobs+entropy, divergence (all seven) or "
                         "divergence:NAME, terms:forward_kl, sparse_po; from hidden states and "
-                        "the LM head: linear (both) or linear:logprobs, linear:terms")
+                        "the LM head: linear (both) or linear:logprobs, linear:terms; "
+                        "sampler-matched (top_k=50, top_p=0.9, min_p=0.05): logprobs+sampler, "
+                        "linear:logprobs+sampler, or sampler (both beside their plain ops)")
     p.add_argument("--modes", type=_csv(str), help="comma list of fwd, bwd, fwd+bwd")
     p.add_argument("--vocab", type=_csv(int), help="comma list of vocabulary sizes V")
     p.add_argument("--tokens", type=_csv(int), help="comma list of token counts N")
@@ -95,7 +98,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def _expand_ops(ops):
-    from .cases import DIVERGENCES, LINEAR_OPS, OPS
+    from .cases import DIVERGENCES, OPS, PLAIN_LINEAR_OPS, SAMPLER_OPS
     if ops is None:
         return None
     out = []
@@ -105,7 +108,9 @@ def _expand_ops(ops):
         elif op == "terms":
             out.append("terms:forward_kl")
         elif op == "linear":
-            out += list(LINEAR_OPS)
+            out += list(PLAIN_LINEAR_OPS)
+        elif op == "sampler":
+            out += list(SAMPLER_OPS)
         elif op in OPS:
             out.append(op)
         else:

@@ -37,6 +37,10 @@ LINEAR_OPS = {
 OPS = {**LOGIT_OPS, **LINEAR_OPS}
 # The sampler of the ``+sampler`` ops (sampler-matched log-probs: vLLM's processed_logprobs).
 SAMPLER = dict(top_k=50, top_p=0.9, min_p=0.05)
+# ``--ops sampler``: the sampled ops beside their plain counterparts. Named only: the default
+# grids and ``--ops linear`` leave them out.
+SAMPLER_OPS = ("logprobs", "logprobs+sampler", "linear:logprobs", "linear:logprobs+sampler")
+PLAIN_LINEAR_OPS = tuple(op for op in LINEAR_OPS if not op.endswith("+sampler"))
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -261,7 +265,7 @@ def default_cases(device_type: str, *, quick: bool = False, full: bool = False,
     ``full`` on GPU: the whole grid (all N, all V, bf16 and fp32, every op and mode).
     """
     headline = ["logprobs", "terms:forward_kl"]
-    linear = list(LINEAR_OPS)
+    linear = list(PLAIN_LINEAR_OPS)
     explicit = any(x is not None for x in (ops, modes, tokens, vocabs, dtypes, hiddens))
     if ops is None and hiddens is not None:
         ops = linear

@@ -221,7 +221,10 @@ def implementations(device: torch.device, backends: Sequence[str], *, compile_ea
         cap = INTERPRETED_MAX_ELEMS if interpreted else None
         impls.append(Impl(f"prefopt:{b}", lambda c: prefopt_forward(c, False), all_ops,
                           context=ctx, max_elems=cap))
-        impls.append(Impl(f"prefopt:{b}+inplace", lambda c: prefopt_forward(c, True), logit_ops,
+        # Not the sampled op: its repeats would read logits overwritten by the previous gradient,
+        # rows of ties whose kept set grows to the whole vocabulary, not the op on real logits.
+        impls.append(Impl(f"prefopt:{b}+inplace", lambda c: prefopt_forward(c, True),
+                          frozenset(op for op in logit_ops if not op.endswith("+sampler")),
                           modes=frozenset({"fwd+bwd"}), context=ctx, mutates_input=True,
                           max_elems=cap))
         impls.append(Impl(f"prefopt:{b}{UNFUSED}", _unfused_forward, linear, context=ctx,

@@ -14,7 +14,7 @@ import torch
 
 from .backends import RowStats, nan_guard
 from .sampling import (Candidates, find_kept_set, kept_outputs, kept_statistics, logp_gradient_, outside_kept_set,
-                       relative_logits)
+                       raw_threshold, relative_logits)
 from .spec import OpSpec
 
 ROW_BLOCK_BYTES = 32 * 2**20  # fp32 temporaries of one block of rows (about two per element)
@@ -32,23 +32,18 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
     the backend's forward (global when sharded). Ignored rows are never read and hold 0.
     """
     n_tokens, width, device = labels.numel(), rows.shape[2], rows.device
-    per_row = rows.shape[1]
     read = (labels != op.ignore_index).nonzero().reshape(-1)
     row_max, log_norm = stats.row_max[read], stats.log_norm[read]
     labels_local = labels[read] - shard.v0
     step = rows_per_block(width)
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
-        out = Candidates.empty(positions.numel(), count, op, device)
+        out = Candidates.empty(positions.numel(), count, device)
         for s in range(0, positions.numel(), step):
             at = positions[s:s + step]
-            flat = read[at]
-            block = Candidates.empty(at.numel(), count, op, device)
-            block.fold(relative_logits(rows[flat // per_row, flat % per_row], row_max[at], op.temperature),
-                       labels_local[at], op)
+            block = Candidates.empty(at.numel(), count, device)
+            block.fold(_gather_rows(rows, read[at]), row_max[at], op.temperature, labels_local[at])
             out.values[s:s + step], out.label_u[s:s + step] = block.values, block.label_u
-            if out.minp_mass is not None:
-                out.minp_mass[s:s + step] = block.minp_mass
         out.merge_across(shard.group)
         return out
 
@@ -61,6 +56,16 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
         out[name] = torch.zeros(n_tokens, dtype=torch.float32, device=device)
         out[name][read] = value
     return out
+
+
+def _gather_rows(rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Rows ``flat`` (flat token order) of ``[B, T, Vs]`` as ``[n, Vs]``: a view when they are
+    consecutive within one sequence, a copy otherwise."""
+    per_row = rows.shape[1]
+    first, last = int(flat[0]), int(flat[-1])
+    if last - first == flat.numel() - 1 and first // per_row == last // per_row:
+        return rows[first // per_row, first % per_row:last % per_row + 1]
+    return rows[flat // per_row, flat % per_row]
 
 
 def _stats_rows(stats: RowStats, f0: int, f1: int) -> RowStats:
@@ -82,6 +87,7 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
     (``inplace_backward``).
     """
     threshold, kept_log_norm = kept
+    raw = raw_threshold(threshold, stats.row_max, op.temperature)
     read = labels != op.ignore_index
     others = grad_entropy is not None or grad_div is not None
     n_batch, per_row, width = rows.shape
@@ -97,8 +103,7 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
             block = (rows[b:b + 1, t0:t1], labels[f0:f1], None if ref_rows is None else ref_rows[b:b + 1, t0:t1],
                      part(weight, f0, f1), op)
             if not others:
-                outside = outside_kept_set(rows[b, t0:t1], stats.row_max[f0:f1], stats.log_norm[f0:f1],
-                                           threshold[f0:f1], op.temperature)
+                outside = outside_kept_set(rows[b, t0:t1], raw[f0:f1], stats.log_norm[f0:f1])
                 kept_block = kept_statistics(_stats_rows(stats, f0, f1), kept_log_norm[f0:f1])
                 # slice_backward (v0 = 0 for a whole row): the gradient from the statistics alone.
                 backend.slice_backward(*block, kept_block, grad_logp[f0:f1], None, None, grad_rows[b:b + 1, t0:t1],

@@ -13,16 +13,17 @@ lse_K(u) - lse_V(u)``; gradient of ``logp``: ``(1[i = y] - p_K(i)) / T`` on ``K`
 
 Mechanism. The backend's own first pass gives ``row_max`` and ``lse_V`` (every backend runs
 the option). One more read of the row (in row blocks for the logits ops, in projected tiles
-for the fused linear ops) keeps the ``C`` largest ``u`` per row (:class:`Candidates`; a
-``topk`` over the concatenation merges two slices, so vocabulary tiles and tensor-parallel
-shards merge like the row states), the label's ``u`` and, with ``min_p``, the mass above the
-min-p threshold (known before the read: ``log(min_p)`` in ``u``). :func:`decide` then finds
-``t`` in float64 from the candidates; the set is *settled* when ``{u >= t}`` provably lies
-within them (``t`` above the smallest candidate, that candidate ``-inf``, or ``C >= V``).
-Rows that are not settled are read again with ``2 C`` candidates, and so on: at most
-``ceil(log2(V / C))`` further reads of those rows only. ``C`` is ``top_k + 1`` with ``top_k``,
-else :data:`DEFAULT_CANDIDATES`: one further read whenever ``top_k <= V`` or the nucleus fits
-in 1024 tokens. ``log_kept_mass`` is not differentiable (the set is held fixed).
+for the fused linear ops) keeps the ``C`` largest logits per row as ``u`` (:class:`Candidates`;
+a ``topk`` over the concatenation merges two slices, so vocabulary tiles and tensor-parallel
+shards merge like the row states) and the label's ``u``. :func:`decide` then finds ``t`` in
+float64 from the candidates (top-p's masses normalised by ``lse_V`` without min-p or top-k, by
+the candidates otherwise); the set is *settled* when ``{u >= t}`` (and what min-p and top-k
+leave for top-p) provably lies among them: ``t`` above the smallest candidate, that candidate
+``-inf``, or ``C >= V``. Rows that are not settled are read again with ``2 C`` candidates, and
+so on: at most ``ceil(log2(V / C))`` further reads of those rows only. ``C`` is ``top_k + 1``
+with ``top_k``, else :data:`DEFAULT_CANDIDATES`: no further read whenever ``top_k < C`` or the
+nucleus and the min-p set fit in 1024 tokens. ``log_kept_mass`` is not differentiable (the set
+is held fixed).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -41,6 +42,7 @@ DEFAULT_CANDIDATES = 1024  # candidates per row without top_k: nuclei up to this
 # The per-row statistics a sampled forward adds to what its backward reads, in this order.
 KEPT_STATS = ("kept_threshold", "kept_log_norm")
 NEG_INF = float("-inf")
+DECIDE_BLOCK_BYTES = 32 * 2**20  # one float64 [rows, C] temporary of the decision
 
 
 def kept_stat_count(op: OpSpec) -> int:
@@ -70,33 +72,28 @@ class Candidates:
     """The running candidates of ``n`` rows over the slices read so far; merges by :meth:`fold`.
 
     ``values`` ``[n, C]`` fp32, the largest ``u`` in descending order (``-inf`` padded);
-    ``label_u`` ``[n]`` fp32, ``u`` at the label (``-inf`` until the slice holding it is read);
-    ``minp_mass`` ``[n]`` float64, ``sum exp(u_i)`` over ``u_i >= log(min_p)`` (``None``
-    without min-p).
+    ``label_u`` ``[n]`` fp32, ``u`` at the label (``-inf`` until the slice holding it is read).
     """
 
     values: torch.Tensor
     label_u: torch.Tensor
-    minp_mass: Optional[torch.Tensor]
 
     @classmethod
-    def empty(cls, n: int, count: int, op: OpSpec, device) -> "Candidates":
-        mass = torch.zeros(n, dtype=torch.float64, device=device) if op.min_p > 0 else None
-        return cls(torch.full((n, count), NEG_INF, device=device), torch.full((n,), NEG_INF, device=device), mass)
+    def empty(cls, n: int, count: int, device) -> "Candidates":
+        return cls(torch.full((n, count), NEG_INF, device=device), torch.full((n,), NEG_INF, device=device))
 
-    def fold(self, u: torch.Tensor, labels_local: torch.Tensor, op: OpSpec) -> None:
-        """Merge the slice ``u`` ``[n, Vs]`` (``labels_local``: the labels less the slice's offset)."""
-        count, width = self.values.shape[1], u.shape[1]
+    def fold(self, x: torch.Tensor, row_max: torch.Tensor, temperature: float, labels_local: torch.Tensor) -> None:
+        """Merge the slice of raw logits ``x`` ``[n, Vs]`` (``labels_local``: the labels less the slice's
+        offset). ``u`` never decreases as ``x`` grows, so the ``topk`` runs on ``x`` itself and only the
+        ``C`` values it keeps (and the label's) are turned into ``u``: one read of the slice."""
+        count, width = self.values.shape[1], x.shape[1]
         if width == 0:
             return
-        top = u.topk(min(count, width), dim=1).values
+        top = relative_logits(x.topk(min(count, width), dim=1).values, row_max, temperature)
         self.values = torch.cat([self.values, top], 1).topk(count, dim=1).values
         inside = (labels_local >= 0) & (labels_local < width)
-        at_label = u.gather(1, labels_local.clamp(0, width - 1)[:, None]).squeeze(1)
-        self.label_u = torch.maximum(self.label_u, torch.where(inside, at_label, NEG_INF))
-        if self.minp_mass is not None:
-            kept = torch.where(u >= minp_threshold(op), u, NEG_INF)
-            self.minp_mass += kept.exp_().sum(1, dtype=torch.float64)
+        at_label = relative_logits(x.gather(1, labels_local.clamp(0, width - 1)[:, None]), row_max, temperature)
+        self.label_u = torch.maximum(self.label_u, torch.where(inside, at_label[:, 0], NEG_INF))
 
     def merge_across(self, group) -> None:
         """Merge every rank's candidates of the same rows (all ranks end with the same values)."""
@@ -107,8 +104,6 @@ class Candidates:
         dist.all_gather(parts, self.values.contiguous(), group=group)
         self.values = torch.cat(parts, 1).topk(self.values.shape[1], dim=1).values
         dist.all_reduce(self.label_u, op=dist.ReduceOp.MAX, group=group)
-        if self.minp_mass is not None:
-            dist.all_reduce(self.minp_mass, group=group)
 
 
 @dataclass
@@ -141,18 +136,13 @@ def decide(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec, vocab: in
         return torch.logsumexp(torch.where(values >= t[:, None], values, NEG_INF), 1)
 
     full_lse = log_norm.double()
-    threshold = torch.full((n,), NEG_INF, dtype=torch.float64, device=device)
-    left_lse = full_lse
-    settled = torch.ones(n, dtype=torch.bool, device=device)
-    if op.min_p > 0:
-        threshold = torch.full_like(threshold, minp_threshold(op))
-        left_lse = candidates.minp_mass.log()
+    threshold = torch.full((n,), minp_threshold(op), dtype=torch.float64, device=device)
     if 0 < op.top_k < vocab:
-        kth = values[:, op.top_k - 1]
-        tighter = kth > threshold
-        threshold = torch.where(tighter, kth, threshold)
-        left_lse = torch.where(tighter, lse_above(threshold), left_lse)
-        settled &= ~tighter | within(kth)
+        threshold = torch.maximum(threshold, values[:, op.top_k - 1])
+    # What min-p and top-k leave: all of the row, or a set that must lie among the candidates.
+    unfiltered = threshold == NEG_INF
+    settled = unfiltered | within(threshold)
+    left_lse = torch.where(unfiltered, full_lse, lse_above(threshold))
     if op.top_p < 1.0:
         mass = torch.where(values >= threshold[:, None], (values - left_lse[:, None]).exp(), 0.0)
         reached = mass.cumsum(1) >= op.top_p
@@ -161,7 +151,6 @@ def decide(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec, vocab: in
         # Not reached only by rounding when everything left is among the candidates: keep it all.
         settled &= torch.where(found, within(cutoff), within(threshold))
         threshold = torch.where(found, torch.maximum(cutoff, threshold), threshold)
-    # Beyond the candidates only a settled min-p set can be: its mass was summed in the read.
     kept_lse = torch.where(within(threshold), lse_above(threshold), left_lse)
     # The whole row kept: its normaliser is the backend's own, and log_kept_mass exactly 0.
     whole = (threshold == NEG_INF) | (complete & ((values >= threshold[:, None]).sum(1) >= vocab))
@@ -169,6 +158,21 @@ def decide(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec, vocab: in
     kept_lse = torch.where(whole, full_lse, kept_lse) + nan_guard(full_lse)
     settled |= full_lse.isnan()
     return KeptSet(threshold.float(), kept_lse.float(), settled)
+
+
+def decide_in_blocks(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec, vocab: int) -> KeptSet:
+    """:func:`decide` over blocks of rows, so that its float64 ``[rows, C]`` temporaries stay within
+    :data:`DECIDE_BLOCK_BYTES` each."""
+    n, count = candidates.values.shape
+    step = max(1, DECIDE_BLOCK_BYTES // (8 * count))
+    parts = []
+    for s in range(0, n, step):
+        rows = slice(s, s + step)
+        parts.append(decide(Candidates(candidates.values[rows], candidates.label_u[rows]), log_norm[rows], op,
+                            vocab))
+    if not parts:
+        return decide(candidates, log_norm, op, vocab)
+    return KeptSet(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(KeptSet)))
 
 
 def find_kept_set(sweep: Callable[[torch.Tensor, int], Candidates], log_norm: torch.Tensor, op: OpSpec,
@@ -183,12 +187,12 @@ def find_kept_set(sweep: Callable[[torch.Tensor, int], Candidates], log_norm: to
     count = candidate_count(op, vocab)
     n = log_norm.numel()
     first = sweep(torch.arange(n, device=log_norm.device), count)
-    kept = decide(first, log_norm, op, vocab)
+    kept = decide_in_blocks(first, log_norm, op, vocab)
     pending = ~kept.settled
     while count < vocab and bool(pending.any()):
         count = min(2 * count, vocab)
         positions = pending.nonzero().reshape(-1)
-        again = decide(sweep(positions, count), log_norm[positions], op, vocab)
+        again = decide_in_blocks(sweep(positions, count), log_norm[positions], op, vocab)
         kept.threshold[positions] = again.threshold
         kept.log_norm[positions] = again.log_norm
         pending = torch.zeros_like(pending)
@@ -212,11 +216,39 @@ def kept_statistics(stats, kept_log_norm: torch.Tensor):
     return dataclasses.replace(stats, log_norm=kept_log_norm)
 
 
-def outside_kept_set(x: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor, threshold: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
-    """Bool ``[n, Vs]``: the entries of raw logits ``x`` outside ``K`` (none on a NaN row, whose
-    gradient stays NaN as a whole)."""
-    return (relative_logits(x, row_max, temperature) < threshold[:, None]) & (log_norm == log_norm)[:, None]
+def _ordered(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns (int32) mapped to ints in the floats' order, and back (the map is its own inverse)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def raw_threshold(threshold: torch.Tensor, row_max: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row the smallest fp32 ``x_t`` with ``relative_logits(x_t) >= t``, so that ``K = {x >= x_t}``.
+
+    ``u(x) = fl(fl(x - row_max) / T)`` never decreases as ``x`` grows, so the set is a threshold
+    on the raw logits too: a bisection over the fp32 values in their order (32 steps on ``[n]``
+    tensors, once per call) finds it, and the backward compares raw logits without forming
+    ``u``. ``-inf`` where ``t`` is (the whole row kept).
+    """
+    def value(key):  # int64 keys, so that the gap between two of them never overflows
+        return _ordered(key.to(torch.int32)).view(torch.float32)
+
+    def kept(key):
+        return relative_logits(value(key)[:, None], row_max, temperature)[:, 0] >= threshold
+
+    infinity = torch.tensor([math.inf], dtype=torch.float32, device=threshold.device)
+    lo = _ordered((-infinity).view(torch.int32)).to(torch.int64).expand_as(threshold).clone()
+    hi = _ordered(infinity.view(torch.int32)).to(torch.int64).expand_as(threshold).clone()
+    for _ in range(32):  # hi is kept, lo is not (where t > -inf): halve the gap
+        mid = lo + (hi - lo) // 2
+        take = kept(mid)
+        hi, lo = torch.where(take, mid, hi), torch.where(take, lo, mid)
+    return torch.where(threshold == NEG_INF, NEG_INF, value(hi))
+
+
+def outside_kept_set(x: torch.Tensor, raw: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+    """Bool ``[n, Vs]``: the entries of raw logits ``x`` below ``raw`` (:func:`raw_threshold`), that is
+    outside ``K``; none on a NaN row, whose gradient stays NaN as a whole."""
+    return (x < raw[:, None]) & (log_norm == log_norm)[:, None]
 
 
 def logp_gradient_(u: torch.Tensor, threshold: torch.Tensor, kept_log_norm: torch.Tensor,

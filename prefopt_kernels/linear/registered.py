@@ -21,7 +21,7 @@ from ..dispatch import pick_backend
 from ..layout import token_count
 from ..spec import LinearSpec
 from .heads import FP32, Head
-from ..sampling import KEPT_STATS, kept_stat_count
+from ..sampling import KEPT_STATS, kept_stat_count, raw_threshold
 from . import sampled
 from .passes import LinearCall, backward_pass, forward_pass
 from .sharded_heads import gathered
@@ -139,7 +139,10 @@ def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], 
     saved = [x.index_select(0, index) for x in saved]
     n_stats = len(saved_names(linear.op, linear.reference is not None))
     stats = RowStats.from_saved(saved[:n_stats], linear.op, linear.reference is not None)
-    kept = saved[n_stats:] if linear.op.samples else None
+    kept = None
+    if linear.op.samples:
+        threshold, kept_log_norm = saved[n_stats:]
+        kept = [threshold, kept_log_norm, raw_threshold(threshold, stats.row_max, linear.op.temperature)]
     with torch.autocast(hidden.device.type, enabled=False), on_device(hidden.device):
         result = backward_pass([h for h, _, _ in per_head], call, stats, grads, needs, kept)
     return [hidden.new_empty(0) if g is None else g for g in result]

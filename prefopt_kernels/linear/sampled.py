@@ -6,6 +6,10 @@ rows' :class:`~prefopt_kernels.sampling.Candidates` (one GEMM and one candidate 
 merges them over the shards, and re-reads only the rows whose kept set is not settled
 (:func:`~prefopt_kernels.sampling.find_kept_set`). The backward turns each re-projected tile
 into ``dz`` with :func:`kept_tile_gradient`. The math is :mod:`prefopt_kernels.sampling`'s.
+
+Host ops per tile of the candidate read: the GEMM (and the transform), the ``topk`` of the
+tile and the candidates' merge (two for ``u``, ``cat``, ``topk``), about eight for the label's
+``u``.
 """
 
 from __future__ import annotations
@@ -31,18 +35,15 @@ def forward(hidden: List[torch.Tensor], call, stats: RowStats) -> dict:
     device = hidden[0].device
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
-        out = Candidates.empty(positions.numel(), count, op, device)
+        out = Candidates.empty(positions.numel(), count, device)
         for s in range(0, positions.numel(), plan.token_chunk):
             at = positions[s:s + plan.token_chunk]
             rows = gather_rows(hidden[0], call.index[at], policy.gemm_dtype)
-            block = Candidates.empty(at.numel(), count, op, device)
+            block = Candidates.empty(at.numel(), count, device)
             labels, row_max = call.labels[at], stats.row_max[at]
             for v0, v1 in plan.vocab_ranges:
-                tile = plan.project(policy, rows, v0, v1, 0)
-                block.fold(relative_logits(tile, row_max, op.temperature), labels - (shard.v0 + v0), op)
+                block.fold(plan.project(policy, rows, v0, v1, 0), row_max, op.temperature, labels - (shard.v0 + v0))
             out.values[s:s + plan.token_chunk], out.label_u[s:s + plan.token_chunk] = block.values, block.label_u
-            if out.minp_mass is not None:
-                out.minp_mass[s:s + plan.token_chunk] = block.minp_mass
         out.merge_across(shard.group)
         return out
 
@@ -58,7 +59,8 @@ def kept_tile_gradient(backend, a, b, labels, weight, op, stats: RowStats, kept:
 
     With ``logp``'s upstream gradient alone (the RL case): the backend's ``slice_backward``
     from :func:`~prefopt_kernels.sampling.kept_statistics`, then the entries outside ``K``
-    zeroed (5 host ops per tile besides the kernel: relative logits, compare, mask, fill).
+    zeroed (3 host ops per tile besides the kernel: the compare with the raw threshold, the
+    NaN-row mask, the fill).
     With the entropy or divergence too: ``logp``'s term formed in fp32 from ``a``
     (:func:`~prefopt_kernels.sampling.logp_gradient_`, about 15 host ops), the others by the
     backend's ``slice_backward`` with no ``logp`` term, added in fp32. ``dz`` may be ``a``.
@@ -66,7 +68,7 @@ def kept_tile_gradient(backend, a, b, labels, weight, op, stats: RowStats, kept:
     grad_logp = upstream.get("logp")
     if upstream.get("entropy") is None and upstream.get("div") is None:
         # The backend's own tile gradient from lse_K, zeroed outside K: four host ops and the kernel.
-        outside = outside_kept_set(a, stats.row_max, stats.log_norm, kept[0], op.temperature)
+        outside = outside_kept_set(a, kept[2], stats.log_norm)
         backend.slice_backward(a.unsqueeze(0), labels, None if b is None else b.unsqueeze(0), weight, op,
                                kept_statistics(stats, kept[1]), grad_logp, None, None, dz.unsqueeze(0), v0)
         dz.masked_fill_(outside, 0.0)

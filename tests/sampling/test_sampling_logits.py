@@ -215,3 +215,15 @@ def test_bad_sampler_options_name_the_argument(kwargs, argument):
     for call in calls:
         with pytest.raises((TypeError, ValueError), match=argument):
             call()
+
+
+def test_decision_in_row_blocks_equals_one_block(monkeypatch):
+    """The float64 decision runs in blocks of rows (bounded temporaries): any block size, the same bits."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 1501, generator=gen) * 0.3
+    labels = torch.randint(0, 1501, (7,), generator=gen)
+    whole = pk.token_logprobs(x, labels, top_p=0.9, min_p=0.01, return_kept_mass=True)
+    monkeypatch.setattr(sampling, "DECIDE_BLOCK_BYTES", 3 * 8 * 1024)  # 3 rows of 1024 candidates
+    blocked = pk.token_logprobs(x, labels, top_p=0.9, min_p=0.01, return_kept_mass=True)
+    for a, b in zip(whole, blocked):
+        assert torch.equal(a, b)
