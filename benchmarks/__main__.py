@@ -11,6 +11,7 @@ Examples::
     python -m benchmarks --distributed            # tensor parallel: 2 gloo ranks on the CPU
     python -m benchmarks --dpo-step               # one DPO step: stock TRL vs PrefOptDPOTrainer
     python -m benchmarks --distill-step           # one distillation step: stock TRL vs ours, dense and sparse
+    python -m benchmarks --grpo-step              # one GRPO step: stock TRL vs PrefOptGRPOTrainer
     python -m benchmarks --static-gpu             # no GPU needed: sm_90 code of every GPU kernel
 """
 
@@ -87,6 +88,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(default V=32000, N=2048 tokens, H=256, bf16). One value each of --vocab, "
                         "--tokens, --hidden, --dtype applies, and --device, --tiny, --budget, --no-memory, "
                         "--out. Needs trl. Writes distill_step.{json,md}")
+    p.add_argument("--grpo-step", action="store_true",
+                   help="instead of the suite: one GRPO training step (reference scoring, "
+                        "forward + backward) of a tiny Llama, stock trl.GRPOTrainer (k3 KL) "
+                        "against PrefOptGRPOTrainer (k3 on its fused head, the exact full KL) and "
+                        "the full KL on full logits; time and peak memory. Sizes and options as "
+                        "--dpo-step. Needs trl. Written as a section of the same results files")
     p.add_argument("--static-gpu", action="store_true",
                    help="instead of the suite, and without a GPU: compile every Triton "
                         "specialisation the package launches and the CUDA C++ kernels for sm_90, "
@@ -210,43 +217,47 @@ def main_distributed(args, argv: Optional[List[str]] = None) -> int:
     return 0 if all(r["status"] == "ok" for r in section["results"]) else 1
 
 
-def main_dpo_step(args, argv: Optional[List[str]] = None) -> int:
-    """``--dpo-step``: one DPO training step per trainer and loss (see ``dpo_step``)."""
-    unsupported = [flag for flag, given in (
-        ("--quick", args.quick), ("--full", args.full), ("--ops", args.ops is not None),
-        ("--modes", args.modes is not None), ("--backends", args.backends is not None),
-        ("--compile", bool(args.compile_eager))) if given]
-    if unsupported:
-        sys.exit(f"--dpo-step: {', '.join(unsupported)} not supported (one training step of "
-                 "each trainer)")
+def main_trainer_step(args, argv: Optional[List[str]] = None, section_key: str = "dpo_step") -> int:
+    """``--dpo-step`` / ``--grpo-step``: one training step per trainer variant (see ``dpo_step``,
+    ``grpo_step``); ``section_key`` names the module and the results' section."""
+    import importlib
     import importlib.util
 
     import torch
 
-    from . import dpo_step, report
+    from . import report
 
+    flag = "--" + section_key.replace("_", "-")
+    unsupported = [name for name, given in (
+        ("--quick", args.quick), ("--full", args.full), ("--ops", args.ops is not None),
+        ("--modes", args.modes is not None), ("--backends", args.backends is not None),
+        ("--compile", bool(args.compile_eager))) if given]
+    if unsupported:
+        sys.exit(f"{flag}: {', '.join(unsupported)} not supported (one training step of "
+                 "each trainer)")
     if importlib.util.find_spec("trl") is None:
-        sys.exit("--dpo-step: needs trl (pip install -e '.[trl]')")
+        sys.exit(f"{flag}: needs trl (pip install -e '.[trl]')")
+    step = importlib.import_module(f"{__package__}.{section_key}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
-    sizes = dict(dpo_step.TINY) if args.tiny else {}
+    sizes = dict(step.TINY) if args.tiny else {}
     for key, given in (("vocab", args.vocab), ("tokens", args.tokens), ("hidden", args.hidden),
                        ("dtype", args.dtype)):
         if given is not None:
             if len(given) != 1:
-                sys.exit(f"--dpo-step: one value of --{key}")
+                sys.exit(f"{flag}: one value of --{key}")
             sizes[key] = given[0]
     try:
-        section = dpo_step.run(**sizes, device=device,
-                               budget_s=args.budget if args.budget is not None else 1.0,
-                               measure_memory=not args.no_memory, progress=not args.no_progress)
+        section = step.run(**sizes, device=device,
+                           budget_s=args.budget if args.budget is not None else 1.0,
+                           measure_memory=not args.no_memory, progress=not args.no_progress)
     except ValueError as exc:
-        sys.exit(f"--dpo-step: {exc}")
+        sys.exit(f"{flag}: {exc}")
     section["meta"]["argv"] = sys.argv[1:] if argv is None else list(argv)
-    paths = report.write_section(_out_dir(args, section["meta"]["device_name"]), "dpo_step",
+    paths = report.write_section(_out_dir(args, section["meta"]["device_name"]), section_key,
                                  section)
-    print(report.dpo_step_markdown(section))
+    print(report.SECTIONS[section_key](section))
     print(f"wrote {', '.join(sorted(paths.values()))} in {section['meta']['wall_s']:.0f} s")
     return 0 if all(r["status"] == "ok" for r in section["results"]) else 1
 
@@ -284,19 +295,21 @@ def main_distill_step(args, argv: Optional[List[str]] = None) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m benchmarks``: the suite (or ``--distributed``, ``--dpo-step``); writes the
+    """``python -m benchmarks``: the suite (or ``--distributed``, ``--dpo-step``, ``--grpo-step``); writes the
     results files and prints the markdown. Exit status 0 when any case ran (a section: when
     every row ran), else 1."""
     args = parse_args(argv)
-    if sum((args.distributed, args.dpo_step, args.distill_step, args.static_gpu)) > 1:
-        sys.exit("--distributed, --dpo-step, --distill-step and --static-gpu: one section per run")
+    if sum((args.distributed, args.dpo_step, args.grpo_step, args.distill_step, args.static_gpu)) > 1:
+        sys.exit("--distributed, --dpo-step, --grpo-step, --distill-step and --static-gpu: one section per run")
     if args.static_gpu:
         from . import static_gpu
         return static_gpu.main(args.out, quick=args.quick)
     if args.distributed:
         return main_distributed(args, argv)
     if args.dpo_step:
-        return main_dpo_step(args, argv)
+        return main_trainer_step(args, argv, "dpo_step")
+    if args.grpo_step:
+        return main_trainer_step(args, argv, "grpo_step")
     if args.distill_step:
         return main_distill_step(args, argv)
     import torch

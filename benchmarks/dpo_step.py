@@ -116,7 +116,7 @@ def batch_shape(tokens: int) -> tuple:
 # the child: models, trainers, the step
 
 
-def _tokenizer():
+def word_tokenizer():
     """A word-level tokenizer built in code: the trainers need one for pad and EOS ids only."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -128,7 +128,8 @@ def _tokenizer():
                                   unk_token="<unk>")
 
 
-def _model(vocab: int, hidden: int, seed: int):
+def tiny_llama(vocab: int, hidden: int, seed: int):
+    """A ``LlamaForCausalLM`` of ``LAYERS`` layers, MLP ``4 hidden``, from ``seed``, built in code."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -168,7 +169,7 @@ def _trainer(variant: Variant, policy, reference, request: dict, out_dir: str):
     # The constructor wants a dataset; the step is fed the batch directly.
     dataset = datasets.Dataset.from_dict({"prompt": ["w"], "chosen": [" w"], "rejected": [" w"]})
     trainer = trainer_class(model=policy, ref_model=reference, args=args, train_dataset=dataset,
-                            processing_class=_tokenizer())
+                            processing_class=word_tokenizer())
     return trainer
 
 
@@ -245,7 +246,7 @@ def _measure(variant: Variant, policy, reference, batch, warm_batch, request: di
         return {**t.row(), "loss": float(step.losses[0])}
 
 
-def _quiet() -> None:
+def quiet_libraries() -> None:
     """The libraries' deprecation warnings and progress bars would bury the progress lines."""
     import warnings
 
@@ -260,10 +261,10 @@ def _quiet() -> None:
 def worker(request: dict) -> None:
     """Child side: every variant of the request in turn; one JSON line per result (a variant
     that fails gives an error line and the next one runs)."""
-    _quiet()
+    quiet_libraries()
     rows, seq, prompt = batch_shape(request["tokens"])
-    policy = _model(request["vocab"], request["hidden"], seed=0)
-    reference = _model(request["vocab"], request["hidden"], seed=1)
+    policy = tiny_llama(request["vocab"], request["hidden"], seed=0)
+    reference = tiny_llama(request["vocab"], request["hidden"], seed=1)
     batch = make_batch(request["vocab"], rows, seq, prompt)
     warm_batch = make_batch(request["vocab"], 2, min(seq, 16), min(prompt, 2))
     emit({"meta": {

@@ -281,8 +281,16 @@ def dpo_step_markdown(section: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grpo_step_markdown(section: dict) -> str:
+    """The section of ``python -m benchmarks --grpo-step`` as markdown (``grpo_step.markdown``)."""
+    from .grpo_step import markdown  # grpo_step imports this module
+
+    return markdown(section)
+
+
 # The sections other commands add to the results files, in the order the markdown shows them.
-SECTIONS = {"tensor_parallel": tensor_parallel_markdown, "dpo_step": dpo_step_markdown}
+SECTIONS = {"tensor_parallel": tensor_parallel_markdown, "dpo_step": dpo_step_markdown,
+            "grpo_step": grpo_step_markdown}
 
 
 def write(out_dir: str, meta: dict, notes: List[str], results: List[dict],

@@ -95,8 +95,28 @@ def _aux_loss_coefficient(text_config) -> float:
     return 0.0
 
 
+def sampler_options(top_k: Optional[int] = None, top_p: Optional[float] = None,
+                    min_p: Optional[float] = None) -> dict:
+    """The keywords of :func:`prefopt_kernels.linear_token_logprobs` that restrict the scored distribution
+    to a sampler's kept set, with the values that keep the whole vocabulary left out.
+
+    ``top_k`` of ``None`` or 0, ``top_p`` of ``None`` or 1 and ``min_p`` of ``None`` or 0 keep every
+    token (TRL's and vLLM's conventions), so they are dropped: a call with none left is the plain op.
+    """
+    options = {}
+    if top_k is not None and top_k != 0:
+        options["top_k"] = top_k
+    if top_p is not None and top_p != 1.0:
+        options["top_p"] = top_p
+    if min_p is not None and min_p != 0.0:
+        options["min_p"] = min_p
+    return options
+
+
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                      outputs: tuple = ("log_probs",), batch_invariant: bool = False) -> None:
+                      outputs: tuple = ("log_probs",), top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, min_p: Optional[float] = None, process_group=None,
+                      batch_invariant: bool = False) -> None:
     r"""Patch ``model`` so that ``model(..., labels=labels, fused_lm_head=True)`` never builds logits.
 
     The same protocol as TRL 1.16's ``add_fused_lm_head``: with ``fused_lm_head=True`` the
@@ -119,6 +139,13 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         cast_lm_head_to_fp32: run the projection in fp32, outside autocast.
         outputs: names among ``log_probs``, ``entropy``, ``log_sum_sq_probs``,
             ``mean_logits``, ``is_top1``; ``log_probs`` is always computed.
+        top_k, top_p, min_p: score the label under the sampler's processed distribution, the
+            tempered softmax renormalised on the tokens a vLLM sampler with these settings keeps
+            (DESIGN.md "Sampler-matched log-probs"): ``log_probs`` is then ``-inf`` at a label
+            outside that set. ``None`` (or 0, 1, 0) keeps the whole vocabulary, TRL's behaviour.
+            The entropy stays the full distribution's.
+        process_group: for a vocabulary-sharded LM head, its ``torch.distributed`` group (each
+            rank's head holds its contiguous vocabulary shard, in rank order); ``None``: a whole head.
         batch_invariant: a token's fields and its hidden state's gradient do not depend on
             the rest of the batch (``linear_token_logprobs``'s ``batch_invariant``; the backbone
             is the model's own).
@@ -135,6 +162,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     original_forward = model.forward
     want_entropy = "entropy" in outputs
     extras = tuple(name for name in _EXTRA_OUTPUTS if name in outputs)
+    sampler = sampler_options(top_k, top_p, min_p)
 
     @functools.wraps(type(model).forward)
     def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
@@ -164,7 +192,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             result = linear_token_logprobs(hidden, head.weight, targets, head_bias=head.bias, temperature=temperature,
                                            logit_scale=logit_scale, softcap=softcap,
                                            return_entropy=want_entropy, extras=extras,
-                                           batch_invariant=batch_invariant)
+                                           batch_invariant=batch_invariant, process_group=process_group,
+                                           **sampler)
         result = result if isinstance(result, tuple) else (result,)
         log_probs = result[0]
         entropy = result[1] if want_entropy else None
@@ -250,3 +279,29 @@ def _add_beneath_autocast(model, accelerator, **head_options) -> None:
             return fused(*args, **kwargs)
 
     model.forward = types.MethodType(autocast_forward, model)
+
+
+def add_head_route(model) -> None:
+    """Let ``model(..., prefopt_head=fn)`` run the backbone and return ``fn(model, backbone_outputs)``.
+
+    Losses that read a model's last hidden state and LM head themselves (token-level DPO losses,
+    GRPO's full-vocabulary KL) go through this route, so reading them happens inside ``model``'s
+    own forward and a distributed wrapper (DDP, FSDP) stays in charge of every parameter the
+    loss uses: DDP's ``find_unused_parameters`` sees them used in the forward, FSDP has them
+    gathered. Without ``prefopt_head`` the forward is unchanged.
+    """
+    attr = backbone_attr(model)
+    forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def routed_forward(self, *args, prefopt_head=None, **kwargs):
+        if prefopt_head is None:
+            return forward(*args, **kwargs)
+        return prefopt_head(self, getattr(self, attr)(*args, **kwargs))
+
+    model.forward = types.MethodType(routed_forward, model)
+
+
+def backbone_output(model, backbone_outputs):
+    """The route's function that returns the backbone's output as it is (a reference's pass)."""
+    return backbone_outputs

@@ -28,9 +28,7 @@ Needs ``transformers`` and ``trl`` (the ``[trl]`` extra).
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
-import types
 import warnings
 
 import torch
@@ -41,7 +39,7 @@ from ..linear import linear_token_terms
 from ..losses import inpo_loss, simpo_loss, sparse_po_loss, tdpo_loss
 from ..losses.sparse_po import kl_row_selector
 from ..masks import ActivationTokenMask, LearnedTokenMask
-from .trl import add_fused_lm_head, backbone_attr, head_transform
+from .trl import add_fused_lm_head, add_head_route, backbone_output, head_transform
 from .trl_dpo_config import (
     MASK_MODULE_NAME,
     PREFOPT_LOSS_TYPES,
@@ -50,33 +48,8 @@ from .trl_dpo_config import (
     PrefOptDPOConfig,
 )
 
-def _add_head_route(model) -> None:
-    """Let ``model(..., prefopt_head=fn)`` run the backbone and return ``fn(model, backbone_outputs)``.
-
-    The token-level losses read the policy's last hidden state, its LM head and the learned
-    mask. Reading all of them inside ``model``'s own forward keeps a distributed wrapper (DDP,
-    FSDP) in charge of every parameter the loss uses: DDP's ``find_unused_parameters`` sees
-    them used in the forward, FSDP has them gathered.
-    """
-    attr = backbone_attr(model)
-    forward = model.forward
-
-    @functools.wraps(type(model).forward)
-    def routed_forward(self, *args, prefopt_head=None, **kwargs):
-        if prefopt_head is None:
-            return forward(*args, **kwargs)
-        return prefopt_head(self, getattr(self, attr)(*args, **kwargs))
-
-    model.forward = types.MethodType(routed_forward, model)
-
-
 # TRL's module names are rebound for one construction at a time.
 _CONSTRUCTION = threading.Lock()
-
-
-def _backbone_output(model, backbone_outputs):
-    """The route's function that returns the backbone's output as it is (the reference's pass)."""
-    return backbone_outputs
 
 
 @contextlib.contextmanager
@@ -164,9 +137,9 @@ class PrefOptDPOTrainer(DPOTrainer):
                              "set router_aux_loss_coef=0.0")
         policy = self._policy_module()
         if self.prefopt_loss in TOKEN_LOSS_TYPES:
-            _add_head_route(policy)
+            add_head_route(policy)
             if self.ref_model is not None:
-                _add_head_route(self._reference_module())
+                add_head_route(self._reference_module())
         self._activation_mask = None
         if self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "learned":
             text_config = self._reference_module().config.get_text_config()
@@ -270,7 +243,7 @@ class PrefOptDPOTrainer(DPOTrainer):
         reference_call = self.ref_model if self.ref_model is not None else model
         with (torch.no_grad(), trl_dpo.disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
               self._reference_context(), record, self.accelerator.autocast()):
-            ref_out = reference_call(**model_kwargs, output_hidden_states=learned, prefopt_head=_backbone_output)
+            ref_out = reference_call(**model_kwargs, output_hidden_states=learned, prefopt_head=backbone_output)
         ref_hidden = ref_out.last_hidden_state[:, :-1][:, -seq_len:]
         # Masks are built in the input layout [B, T], then shifted like the labels.
         activation_mask = None

@@ -245,8 +245,8 @@ class PreferenceLoss(nn.Module):
             # where, not a product: the mask may hold garbage (inf/NaN) at ignored tokens.
             selector = kl_row_selector(kl_mask)
             div_weight = None if selector is None else torch.where(is_valid, selector.float(), 0.0)
-            logp, ref_tok, div, _ = token_terms(logits, labels, ref_logits, divergence="forward_kl",
-                                                div_weight=div_weight, **common)
+            terms = token_terms(logits, labels, ref_logits, divergence="forward_kl", div_weight=div_weight, **common)
+            logp, ref_tok, div = terms.logp, terms.ref_logp, terms.div
         else:
             logp = token_logprobs(logits, labels, **common)
             if ref_logits is not None and self.loss_type != "simpo":
