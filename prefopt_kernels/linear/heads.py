@@ -109,6 +109,15 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, dtype) -> torch.Tensor:
     return rows.to(dtype).contiguous()
 
 
+def pad_rows(x: Optional[torch.Tensor], rows: int, value) -> Optional[torch.Tensor]:
+    """``x`` ``[n, ...]`` followed by ``rows - n`` rows filled with ``value`` (``x`` itself when ``rows == n``)."""
+    if x is None or x.shape[0] == rows:
+        return x
+    out = x.new_full((rows,) + tuple(x.shape[1:]), value)
+    out[: x.shape[0]] = x
+    return out
+
+
 def scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """``out[token index] = rows`` for ``out`` ``[..., H]`` (contiguous) and ``rows`` ``[n, H]``."""
     out.view(-1, out.shape[-1]).index_copy_(0, index, rows.to(out.dtype))

@@ -13,7 +13,7 @@ import torch
 from .. import distributed
 from ..backends import RowStats, row_state
 from ..spec import LinearSpec
-from .heads import FP32, Head, accumulate, gather_rows, scatter_rows
+from .heads import FP32, Head, accumulate, gather_rows, pad_rows, scatter_rows
 from .sampled import kept_tile_gradient
 from .tiles import TilePlan, fp32_tile_count
 
@@ -56,15 +56,6 @@ class LinearCall:
         if weight is None and labels is None:
             weight = torch.ones(self.index.numel(), dtype=FP32, device=self.index.device)
         return pad_rows(labels, rows, self.spec.op.ignore_index), pad_rows(weight, rows, 0.0)
-
-
-def pad_rows(x: Optional[torch.Tensor], rows: int, value) -> Optional[torch.Tensor]:
-    """``x`` ``[n, ...]`` followed by ``rows - n`` rows filled with ``value`` (``x`` itself when ``rows == n``)."""
-    if x is None or x.shape[0] == rows:
-        return x
-    out = x.new_full((rows,) + tuple(x.shape[1:]), value)
-    out[: x.shape[0]] = x
-    return out
 
 
 def backend_rows(tile: torch.Tensor) -> torch.Tensor:
@@ -215,6 +206,7 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
     # Padding rows: zero hidden states, zero upstream gradients and statistics; no kernel reads them.
     stats = RowStats(**{f.name: pad_rows(getattr(stats, f.name), n_rows, 0.0) for f in fields(RowStats)})
     upstream = {k: pad_rows(v, n_rows, 0.0) for k, v in upstream.items()}
+    kept = None if kept is None else [pad_rows(k, n_rows, 0.0) for k in kept]
     h = pad_rows(gather_rows(policy_hidden, call.index, policy.gemm_dtype), n_rows, 0.0)
     h_ref = pad_rows(gather_rows(hidden[1], call.index, reference.gemm_dtype), n_rows, 0.0) if has_ref else None
     # A widened head's GEMMs run in fp32: its rows are widened once, not per tile.

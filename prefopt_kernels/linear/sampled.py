@@ -21,7 +21,7 @@ import torch
 from ..backends import RowStats, nan_guard
 from ..sampling import (Candidates, find_kept_set, kept_outputs, kept_statistics, logp_gradient_, outside_kept_set,
                         relative_logits)
-from .heads import gather_rows
+from .heads import gather_rows, pad_rows
 
 
 def forward(hidden: List[torch.Tensor], call, stats: RowStats) -> dict:
@@ -38,11 +38,14 @@ def forward(hidden: List[torch.Tensor], call, stats: RowStats) -> dict:
         out = Candidates.empty(positions.numel(), count, device)
         for s in range(0, positions.numel(), plan.token_chunk):
             at = positions[s:s + plan.token_chunk]
-            rows = gather_rows(hidden[0], call.index[at], policy.gemm_dtype)
+            # Batch-invariant, the GEMM keeps its fixed shape: padding rows, projected and left out.
+            rows = pad_rows(gather_rows(hidden[0], call.index[at], policy.gemm_dtype),
+                            plan.token_chunk if call.spec.batch_invariant else at.numel(), 0.0)
             block = Candidates.empty(at.numel(), count, device)
             labels, row_max = call.labels[at], stats.row_max[at]
             for v0, v1 in plan.vocab_ranges:
-                block.fold(plan.project(policy, rows, v0, v1, 0), row_max, op.temperature, labels - (shard.v0 + v0))
+                tile = plan.project(policy, rows, v0, v1, 0)[: at.numel()]
+                block.fold(tile, row_max, op.temperature, labels - (shard.v0 + v0))
             out.values[s:s + plan.token_chunk], out.label_u[s:s + plan.token_chunk] = block.values, block.label_u
         out.merge_across(shard.group)
         return out

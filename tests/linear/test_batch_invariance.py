@@ -65,6 +65,9 @@ def _run(backend, op, pool, index, *, invariant=True, budget=None, lead=None, ig
         if op == "logprobs":
             outputs = pk.linear_token_logprobs(hidden, pool["weight"], labels, softcap=20.0, return_entropy=True,
                                                **options)
+        elif op == "sampled":
+            outputs = pk.linear_token_logprobs(hidden, pool["weight"], labels, temperature=0.7, top_p=0.9,
+                                               min_p=0.01, return_kept_mass=True, **options)
         elif op == "js":
             outputs = (pk.linear_token_divergence(hidden, pool["weight"], ref_hidden, pool["ref_weight"],
                                                   divergence="js", beta=0.3, div_weight=div_weight, **options),)
@@ -108,6 +111,16 @@ def _compare(pool_run, index, run):
         if not (same and torch.equal(grad[i], pool_grad[token])):
             differ.append(token)
     return differ
+
+
+def test_sampled_token_bits_do_not_depend_on_the_batch():
+    """Sampler-matched log-probs: the candidate read and its re-reads project the same fixed
+    tiles, so the kept set, ``logp`` and ``log_kept_mass`` keep their bits too."""
+    n = POOL_SIZE["native"]
+    pool = _pool(n)
+    pool_run = _run("native", "sampled", pool, torch.arange(n))
+    for name, index, options in _batches(n)[:4]:
+        assert _compare(pool_run, index, _run("native", "sampled", pool, index, **options)) == [], name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
