@@ -36,13 +36,14 @@ import json
 import os
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 
 from . import report
 from .child_process import emit, run_children
-from .measure import add_ratios, cuda_peak_bytes, load_average, rss_peak_bytes, time_cpu, time_cuda, timed
+from .dpo_step import Step, measure_step
+from .measure import add_ratios, load_average
 
 ROWS = 8
 LAYERS = 2
@@ -50,7 +51,6 @@ TOP_K = 20
 BETA = 0.5  # TRL's generalised JSD: its dense path's most expensive divergence
 DEFAULT = {"vocab": 32000, "tokens": 2048, "hidden": 256}
 TINY = {"vocab": 512, "tokens": 128, "hidden": 32}
-MIN_REPS = 3
 DEADLINE_S = 1800
 VARIANTS = ("trl:dense", "prefopt:dense", "trl:sparse", "prefopt:sparse", "op:trl_chunked", "op:prefopt_linear")
 # Each row's baseline: the stock row of the same teacher.
@@ -142,24 +142,6 @@ def _trainer(name: str, student, teacher, request: dict, out_dir: str):
         vllm_client.VLLMClient = client
 
 
-class Step:
-    """``call()``: ``compute_loss`` and ``accelerator.backward`` of one batch; its loss is kept."""
-
-    def __init__(self, trainer, model, batch: Dict[str, torch.Tensor]):
-        self.trainer, self.model = trainer, model
-        self.inputs = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
-        self.losses: List[torch.Tensor] = []
-
-    def reset(self) -> None:
-        self.model.zero_grad(set_to_none=True)
-
-    def call(self) -> None:
-        with self.trainer.compute_loss_context_manager():
-            loss = self.trainer.compute_loss(self.model, self.inputs)
-        self.trainer.accelerator.backward(loss)
-        self.losses.append(loss.detach())
-
-
 class OpStep:
     """Forward and backward of the dense divergence op alone, on the models' hidden states and heads."""
 
@@ -192,7 +174,7 @@ class OpStep:
 
 
 def _measure(name: str, student, teacher, batch, warm_batch, answer, request: dict) -> dict:
-    cuda = request["device"] == "cuda"
+    """Time, peak memory and loss of one row's step."""
     with tempfile.TemporaryDirectory() as out_dir:
         if name.startswith("op:"):
             dtype = torch.bfloat16 if request["dtype"] == "bf16" else torch.float32
@@ -211,26 +193,7 @@ def _measure(name: str, student, teacher, batch, warm_batch, answer, request: di
             model = trainer.accelerator.prepare_model(trainer.model)
             model.train()
             step, warm = Step(trainer, model, batch), Step(trainer, model, warm_batch)
-        if cuda:
-            t = time_cuda(step.call, step.reset, min_reps=MIN_REPS)
-            if request["memory"]:
-                t = t.with_memory(cuda_peak_bytes(step.call, step.reset), "max_memory_allocated")
-        else:
-            def warm_up():
-                warm.reset()
-                warm.call()
-            warm_up()
-            elapsed: List[float] = []
-            memory = None
-            if request["memory"]:
-                step.reset()
-                gc.collect()
-                memory = rss_peak_bytes(timed(step.call, elapsed))
-            t = time_cpu(step.call, step.reset, budget_s=request["budget_s"], min_reps=MIN_REPS, warmup=warm_up,
-                         samples=elapsed)
-            if memory is not None:
-                t = t.with_memory(*memory)
-        return {**t.row(), "loss": float(step.losses[0])}
+        return measure_step(step, warm, request)
 
 
 def worker(request: dict) -> None:

@@ -215,35 +215,40 @@ class Step:
 
 def _measure(variant: Variant, policy, reference, batch, warm_batch, request: dict) -> dict:
     """Time, peak memory and loss of the variant's step."""
-    cuda = request["device"] == "cuda"
     with tempfile.TemporaryDirectory() as out_dir, _lm_head(variant):
         trainer = _trainer(variant, copy.deepcopy(policy), copy.deepcopy(reference), request,
                            out_dir)
         model = trainer.accelerator.prepare_model(trainer.model)
         model.train()
-        step = Step(trainer, model, batch)
-        if cuda:
-            t = time_cuda(step.call, step.reset, min_reps=MIN_REPS)
-            if request["memory"]:
-                t = t.with_memory(cuda_peak_bytes(step.call, step.reset), "max_memory_allocated")
-        else:
-            warm = Step(trainer, model, warm_batch)
+        return measure_step(Step(trainer, model, batch), Step(trainer, model, warm_batch), request)
 
-            def warm_up():
-                warm.reset(); warm.call()
-            warm_up()
-            elapsed: List[float] = []
-            memory = None
-            if request["memory"]:
-                step.reset()
-                gc.collect()
-                memory = rss_peak_bytes(timed(step.call, elapsed))
-            # A step is seconds of GEMMs: the measured one is a sample, warmed up like the rest.
-            t = time_cpu(step.call, step.reset, budget_s=request["budget_s"], min_reps=MIN_REPS,
-                         warmup=warm_up, samples=elapsed)
-            if memory is not None:
-                t = t.with_memory(*memory)
+
+def measure_step(step, warm, request: dict) -> dict:
+    """Time, peak memory and first loss of ``step`` (a :class:`Step`-like object: ``call``,
+    ``reset``, ``losses``); on a CPU ``warm``, the same step on a small batch, warms up before
+    every sample, so each sample starts from the same cache state."""
+    if request["device"] == "cuda":
+        t = time_cuda(step.call, step.reset, min_reps=MIN_REPS)
+        if request["memory"]:
+            t = t.with_memory(cuda_peak_bytes(step.call, step.reset), "max_memory_allocated")
         return {**t.row(), "loss": float(step.losses[0])}
+
+    def warm_up():
+        warm.reset()
+        warm.call()
+    warm_up()
+    elapsed: List[float] = []
+    memory = None
+    if request["memory"]:
+        step.reset()
+        gc.collect()
+        memory = rss_peak_bytes(timed(step.call, elapsed))
+    # A step is seconds of GEMMs: the measured one is a sample, warmed up like the rest.
+    t = time_cpu(step.call, step.reset, budget_s=request["budget_s"], min_reps=MIN_REPS,
+                 warmup=warm_up, samples=elapsed)
+    if memory is not None:
+        t = t.with_memory(*memory)
+    return {**t.row(), "loss": float(step.losses[0])}
 
 
 def quiet_libraries() -> None:

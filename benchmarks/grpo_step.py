@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from . import report
 from .child_process import emit, run_children
-from .dpo_step import LAYERS, MIN_REPS, quiet_libraries, tiny_llama, word_tokenizer
-from .measure import add_ratios, cuda_peak_bytes, load_average, rss_peak_bytes, time_cpu, time_cuda, timed
+from .dpo_step import LAYERS, Step, measure_step, quiet_libraries, tiny_llama, word_tokenizer
+from .measure import add_ratios, load_average
 
 ROWS = 16
 BETA = 0.04
@@ -175,31 +175,24 @@ def _lm_heads(variant: Variant):
         trl_grpo.full_kl_terms = fused
 
 
-class Step:
-    """``call()``: the variant's step on ``batch`` (see the module docstring); ``model`` is the
-    trainer's model as ``train()`` wraps it."""
+class ReferenceScoringStep(Step):
+    """A DPO-step :class:`~benchmarks.dpo_step.Step` that first scores the reference's log-probs
+    when ``score_reference`` (k3: what TRL's generation does before ``compute_loss``)."""
 
     def __init__(self, trainer, model, batch: Dict[str, torch.Tensor], score_reference: bool):
-        self.trainer, self.model, self.score_reference = trainer, model, score_reference
-        self.inputs = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
-        self.losses = []
-
-    def reset(self) -> None:
-        """Set the parameter gradients to None, as ``Trainer.zero_grad`` leaves them."""
-        self.model.zero_grad(set_to_none=True)
+        super().__init__(trainer, model, batch)
+        self.score_reference = score_reference
+        if score_reference:
+            inputs = self.inputs
+            self.ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            self.mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
 
     def call(self) -> None:
-        inputs = dict(self.inputs)
         if self.score_reference:
-            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
             with torch.no_grad():
-                inputs["ref_per_token_logps"] = self.trainer._get_per_token_logps_and_entropies(
-                    self.trainer.ref_model, input_ids, attention_mask, inputs["completion_ids"].size(1))[0]
-        with self.trainer.compute_loss_context_manager():
-            loss = self.trainer.compute_loss(self.model, inputs)
-        self.trainer.accelerator.backward(loss)
-        self.losses.append(loss.detach())
+                self.inputs["ref_per_token_logps"] = self.trainer._get_per_token_logps_and_entropies(
+                    self.trainer.ref_model, self.ids, self.mask, self.inputs["completion_ids"].size(1))[0]
+        super().call()
 
 
 def _measure(variant: Variant, policy_dir: str, reference, batch, warm_batch, request: dict) -> dict:
@@ -208,27 +201,9 @@ def _measure(variant: Variant, policy_dir: str, reference, batch, warm_batch, re
         trainer = _trainer(variant, policy_dir, reference, request, out_dir)
         model = trainer.accelerator.prepare_model(trainer.model)
         model.train()
-        step = Step(trainer, model, batch, score_reference=variant.kl_estimator == "k3")
-        if request["device"] == "cuda":
-            t = time_cuda(step.call, step.reset, min_reps=MIN_REPS)
-            if request["memory"]:
-                t = t.with_memory(cuda_peak_bytes(step.call, step.reset), "max_memory_allocated")
-        else:
-            warm = Step(trainer, model, warm_batch, score_reference=step.score_reference)
-
-            def warm_up():
-                warm.reset(); warm.call()
-            warm_up()
-            elapsed, memory = [], None
-            if request["memory"]:
-                step.reset()
-                gc.collect()
-                memory = rss_peak_bytes(timed(step.call, elapsed))
-            t = time_cpu(step.call, step.reset, budget_s=request["budget_s"], min_reps=MIN_REPS,
-                         warmup=warm_up, samples=elapsed)
-            if memory is not None:
-                t = t.with_memory(*memory)
-        return {**t.row(), "loss": float(step.losses[0])}
+        score = variant.kl_estimator == "k3"
+        return measure_step(ReferenceScoringStep(trainer, model, batch, score),
+                            ReferenceScoringStep(trainer, model, warm_batch, score), request)
 
 
 def worker(request: dict) -> None:

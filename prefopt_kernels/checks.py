@@ -240,27 +240,16 @@ def check_top_k(top_k) -> int:
     return top_k
 
 
-def check_top_p(top_p) -> float:
-    """``None`` or a real number in ``(0, 1]`` (1: no top-p filter), as a float."""
-    if top_p is None:
-        return 1.0
-    top_p = real_number(top_p, "top_p")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be None or lie in (0, 1]; got {top_p!r}")
-    return top_p
-
-
-def check_min_p(min_p) -> float:
-    """``None`` or a real number in ``[0, 1]`` (0: no min-p filter), as a float."""
-    if min_p is None:
-        return 0.0
-    min_p = real_number(min_p, "min_p")
-    if not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p must be None or lie in [0, 1]; got {min_p!r}")
-    return min_p
-
-
-# --------------------------------------------------------------------------- specs
+def check_fraction(value, argument: str, neutral: float, open_at_zero: bool) -> float:
+    """``None`` (the filter off: ``neutral``) or a real number in ``[0, 1]``, or ``(0, 1]`` when
+    ``open_at_zero``, as a float; a ValueError naming ``argument`` otherwise."""
+    if value is None:
+        return neutral
+    value = real_number(value, argument)
+    if not (0.0 < value if open_at_zero else 0.0 <= value) or not value <= 1.0:
+        interval = "(0, 1]" if open_at_zero else "[0, 1]"
+        raise ValueError(f"{argument} must be None or lie in {interval}; got {value!r}")
+    return value
 
 
 def op_spec(*, temperature, ignore_index=-100, divergence: Optional[str] = None, beta=0.5, alpha=0.5,
@@ -279,7 +268,8 @@ def op_spec(*, temperature, ignore_index=-100, divergence: Optional[str] = None,
     return OpSpec(temperature=check_temperature(temperature), ignore_index=ignore_index, divergence=code,
                   beta=beta, alpha=alpha, want_logp=want_logp, want_ref_logp=want_ref_logp,
                   want_entropy=check_flag(return_entropy, "return_entropy"), top_k=check_top_k(top_k),
-                  top_p=check_top_p(top_p), min_p=check_min_p(min_p),
+                  top_p=check_fraction(top_p, "top_p", 1.0, True),
+                  min_p=check_fraction(min_p, "min_p", 0.0, False),
                   want_kept_mass=check_flag(return_kept_mass, "return_kept_mass"))
 
 

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_cli_distill_step_tiny(tmp_path):
     for module in ("trl", "transformers", "datasets"):
         pytest.importorskip(module)
-    from benchmarks.distill_step import BASELINE, MIN_REPS, VARIANTS
+    from benchmarks.distill_step import BASELINE, VARIANTS
+    from benchmarks.dpo_step import MIN_REPS
 
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--distill-step", "--tiny", "--device", "cpu",
                            "--no-progress", "--budget", "0.01", "--out", str(tmp_path)],
