@@ -213,6 +213,35 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = types.MethodType(fused_forward, model)
 
 
+class PolicyAndReference:
+    """Mixed into our TRL trainers that score a policy and a reference (``self.model``,
+    ``self.ref_model``, ``self.accelerator`` as TRL's trainers hold them): each as its
+    transformers model, and the context that turns the policy into the reference under PEFT."""
+
+    def policy_module(self):
+        """The policy's transformers model: unwrapped, and the base model under PEFT."""
+        from accelerate.utils import is_peft_model
+
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
+
+    def reference_module(self):
+        """The reference's transformers model (the PEFT base model when there is no ``ref_model``)."""
+        if self.ref_model is not None:
+            return self.accelerator.unwrap_model(self.ref_model)
+        return self.policy_module()
+
+    def reference_context(self):
+        """Under PEFT without a ``ref_model``, the adapter context that turns the policy into the reference."""
+        from accelerate.utils import is_peft_model
+        from trl.trainer.utils import use_adapter
+
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return nullcontext()
+
+
 def use_in_trl(batch_invariant: bool = False) -> None:
     """Make every TRL trainer built from now on patch its models with :func:`add_fused_lm_head` here.
 

@@ -39,7 +39,7 @@ from ..linear import linear_token_terms
 from ..losses import inpo_loss, simpo_loss, sparse_po_loss, tdpo_loss
 from ..losses.sparse_po import kl_row_selector
 from ..masks import ActivationTokenMask, LearnedTokenMask
-from .trl import add_fused_lm_head, add_head_route, backbone_output, head_transform
+from .trl import PolicyAndReference, add_fused_lm_head, add_head_route, backbone_output, head_transform
 from .trl_dpo_config import (
     MASK_MODULE_NAME,
     PREFOPT_LOSS_TYPES,
@@ -85,7 +85,7 @@ def _dpo_constructor(policy_by_name: bool, load_reference: bool):
             trl_dpo.add_fused_lm_head, trl_dpo.create_model_from_path = install, create
 
 
-class PrefOptDPOTrainer(DPOTrainer):
+class PrefOptDPOTrainer(PolicyAndReference, DPOTrainer):
     r"""``DPOTrainer`` whose ``loss_type`` also takes ``sparse_po``, ``tdpo1``, ``tdpo2``, ``simpo``, ``inpo``.
 
     The losses and their parameters are those of :class:`PrefOptDPOConfig`. For the token-level
@@ -135,21 +135,21 @@ class PrefOptDPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError(f"loss_type {self.prefopt_loss!r} does not add the MoE auxiliary loss; "
                              "set router_aux_loss_coef=0.0")
-        policy = self._policy_module()
+        policy = self.policy_module()
         if self.prefopt_loss in TOKEN_LOSS_TYPES:
             add_head_route(policy)
             if self.ref_model is not None:
-                add_head_route(self._reference_module())
+                add_head_route(self.reference_module())
         self._activation_mask = None
         if self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "learned":
-            text_config = self._reference_module().config.get_text_config()
+            text_config = self.reference_module().config.get_text_config()
             # output_hidden_states gives the embeddings and every layer's output.
             mask = LearnedTokenMask(text_config.hidden_size, text_config.num_hidden_layers + 1,
                                     separate_kl=self.args.sparse_po_separate_kl_mask,
                                     dropout=self.args.sparse_po_mask_dropout)
             policy.add_module(MASK_MODULE_NAME, mask.to(policy.get_output_embeddings().weight.device))
         elif self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "activation":
-            reference = self._reference_module()
+            reference = self.reference_module()
             # The language decoder's layers only: a vision-language model also names its vision
             # tower's layers in _no_split_modules.
             layer_names = set(getattr(reference, "_no_split_modules", None) or ())
@@ -175,26 +175,6 @@ class PrefOptDPOTrainer(DPOTrainer):
         if self.is_fsdp_enabled:
             return trl_dpo.prepare_fsdp(model, self.accelerator)
         return self.accelerator.prepare_model(model, evaluation_mode=True)
-
-    # ------------------------------------------------------------------ model access
-
-    def _policy_module(self):
-        """The policy's transformers model: unwrapped, and the base model under PEFT."""
-        model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if trl_dpo.is_peft_model(model) else model
-
-    def _reference_module(self):
-        """The reference's transformers model (the PEFT base model when there is no ``ref_model``)."""
-        if self.ref_model is not None:
-            return self.accelerator.unwrap_model(self.ref_model)
-        return self._policy_module()
-
-    def _reference_context(self):
-        """Under PEFT without a ``ref_model``, the adapter context that turns the policy into the reference."""
-        if self.ref_model is None and trl_dpo.is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            return trl_dpo.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ loss
 
@@ -231,7 +211,7 @@ class PrefOptDPOTrainer(DPOTrainer):
         args = self.args
         seq_len = labels.size(1) - 1
         shift_mask = completion_mask[:, 1:]
-        reference = self._reference_module()
+        reference = self.reference_module()
         learned = self.prefopt_loss == "sparse_po" and args.sparse_po_mask == "learned"
 
         record = (self._activation_mask.record(reference.get_decoder()) if self._activation_mask is not None
@@ -242,7 +222,7 @@ class PrefOptDPOTrainer(DPOTrainer):
         # wrapper (and the policy's, around its own forward) applies it.
         reference_call = self.ref_model if self.ref_model is not None else model
         with (torch.no_grad(), trl_dpo.disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs),
-              self._reference_context(), record, self.accelerator.autocast()):
+              self.reference_context(), record, self.accelerator.autocast()):
             ref_out = reference_call(**model_kwargs, output_hidden_states=learned, prefopt_head=backbone_output)
         ref_hidden = ref_out.last_hidden_state[:, :-1][:, -seq_len:]
         # Masks are built in the input layout [B, T], then shifted like the labels.

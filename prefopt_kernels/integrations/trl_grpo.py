@@ -41,7 +41,8 @@ import trl.trainer.grpo_trainer as trl_grpo
 from trl import GRPOTrainer
 
 from ..linear import linear_token_terms
-from .trl import add_fused_lm_head, add_head_route, backbone_output, head_transform, sampler_options
+from .trl import (PolicyAndReference, add_fused_lm_head, add_head_route, backbone_output, head_transform,
+                  sampler_options)
 from .trl_grpo_config import KL_ESTIMATORS, PrefOptGRPOConfig
 
 # TRL's module name is rebound for one construction at a time.
@@ -115,7 +116,7 @@ def _grpo_constructor(policy_sampler: dict, process_group):
             trl_grpo.add_fused_lm_head = install
 
 
-class PrefOptGRPOTrainer(GRPOTrainer):
+class PrefOptGRPOTrainer(PolicyAndReference, GRPOTrainer):
     r"""``GRPOTrainer`` on our fused LM head, with ``kl_estimator`` and ``sampler_matched_logprobs``.
 
     ``kl_estimator="k3"`` runs TRL's ``_compute_loss`` unchanged. ``kl_estimator="full"`` scores
@@ -146,29 +147,9 @@ class PrefOptGRPOTrainer(GRPOTrainer):
             return
         if self.aux_loss_enabled:
             raise ValueError("kl_estimator='full' does not add the MoE auxiliary loss; set router_aux_loss_coef=0.0")
-        add_head_route(self._policy_module())
+        add_head_route(self.policy_module())
         if self.ref_model is not None:
             add_head_route(self.accelerator.unwrap_model(self.ref_model))
-
-    # ------------------------------------------------------------------ model access
-
-    def _policy_module(self):
-        """The policy's transformers model: unwrapped, and the base model under PEFT."""
-        model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if trl_grpo.is_peft_model(model) else model
-
-    def _reference_module(self):
-        """The reference's transformers model (the PEFT base model when there is no ``ref_model``)."""
-        if self.ref_model is not None:
-            return self.accelerator.unwrap_model(self.ref_model)
-        return self._policy_module()
-
-    def _reference_context(self):
-        """Under PEFT without a ``ref_model``, the adapter context that turns the policy into the reference."""
-        if self.ref_model is None and trl_grpo.is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            return trl_grpo.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _without_k3_term(self):
@@ -208,11 +189,11 @@ class PrefOptGRPOTrainer(GRPOTrainer):
         labels = input_ids[:, -logits_to_keep:].masked_fill(attention_mask[:, -logits_to_keep:] == 0, -100)
         reference_call = self.ref_model if self.ref_model is not None else model
         no_checkpointing = trl_grpo.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-        with torch.no_grad(), no_checkpointing, self._reference_context(), self.accelerator.autocast():
+        with torch.no_grad(), no_checkpointing, self.reference_context(), self.accelerator.autocast():
             ref_out = reference_call(**model_inputs, prefopt_head=backbone_output)
         # The hidden state at t predicts the token at t + 1.
         ref_hidden = ref_out.last_hidden_state[:, -logits_to_keep - 1:-1]
-        reference = self._reference_module()
+        reference = self.reference_module()
         ref_head = reference.get_output_embeddings()
         ref_scale, ref_softcap = head_transform(reference.config.get_text_config())
         cast = self.args.cast_lm_head_to_fp32
