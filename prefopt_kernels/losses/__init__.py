@@ -7,6 +7,7 @@ None of them depends on a kernel backend: the fused ops produce their per-token 
 from .dpo import BCO_DELTAS, DPO_LOSS_TYPES, F_DIVERGENCES, RunningMean, dpo_loss
 from .fdpg import FDPG_DIVERGENCES, FDPGState, fdpg_loss, fdpg_pseudo_rewards
 from .inpo import inpo_loss
+from .kto import KTO_LOSS_TYPES, kto_loss
 from .module import PREFERENCE_LOSS_TYPES, PreferenceLoss
 from .simpo import simpo_loss
 from .sparse_po import sparse_po_loss
@@ -18,6 +19,7 @@ __all__ = [
     "F_DIVERGENCES",
     "FDPG_DIVERGENCES",
     "FDPGState",
+    "KTO_LOSS_TYPES",
     "PREFERENCE_LOSS_TYPES",
     "PreferenceLoss",
     "RunningMean",
@@ -25,6 +27,7 @@ __all__ = [
     "fdpg_loss",
     "fdpg_pseudo_rewards",
     "inpo_loss",
+    "kto_loss",
     "simpo_loss",
     "sparse_po_loss",
     "tdpo_loss",
