@@ -12,6 +12,7 @@ Examples::
     python -m benchmarks --dpo-step               # one DPO step: stock TRL vs PrefOptDPOTrainer
     python -m benchmarks --distill-step           # one distillation step: stock TRL vs ours, dense and sparse
     python -m benchmarks --grpo-step              # one GRPO step: stock TRL vs PrefOptGRPOTrainer
+    python -m benchmarks --kto-step               # one KTO step: stock TRL vs PrefOptKTOTrainer
     python -m benchmarks --static-gpu             # no GPU needed: sm_90 code of every GPU kernel
 """
 
@@ -94,6 +95,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "against PrefOptGRPOTrainer (k3 on its fused head, the exact full KL) and "
                         "the full KL on full logits; time and peak memory. Sizes and options as "
                         "--dpo-step. Needs trl. Written as a section of the same results files")
+    p.add_argument("--kto-step", action="store_true",
+                   help="instead of the suite: one KTO training step (KL pairs, reference passes, "
+                        "forward + backward) of a tiny Llama, stock trl.KTOTrainer against "
+                        "PrefOptKTOTrainer and against full logits; time and peak memory. Sizes and "
+                        "options as --dpo-step. Needs trl. Written as a section of the same results files")
     p.add_argument("--static-gpu", action="store_true",
                    help="instead of the suite, and without a GPU: compile every Triton "
                         "specialisation the package launches and the CUDA C++ kernels for sm_90, "
@@ -218,8 +224,8 @@ def main_distributed(args, argv: Optional[List[str]] = None) -> int:
 
 
 def main_trainer_step(args, argv: Optional[List[str]] = None, section_key: str = "dpo_step") -> int:
-    """``--dpo-step`` / ``--grpo-step``: one training step per trainer variant (see ``dpo_step``,
-    ``grpo_step``); ``section_key`` names the module and the results' section."""
+    """``--dpo-step`` / ``--grpo-step`` / ``--kto-step``: one training step per trainer variant (see
+    ``dpo_step``, ``grpo_step``, ``kto_step``); ``section_key`` names the module and the results' section."""
     import importlib
     import importlib.util
 
@@ -299,8 +305,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     results files and prints the markdown. Exit status 0 when any case ran (a section: when
     every row ran), else 1."""
     args = parse_args(argv)
-    if sum((args.distributed, args.dpo_step, args.grpo_step, args.distill_step, args.static_gpu)) > 1:
-        sys.exit("--distributed, --dpo-step, --grpo-step, --distill-step and --static-gpu: one section per run")
+    if sum((args.distributed, args.dpo_step, args.grpo_step, args.kto_step, args.distill_step, args.static_gpu)) > 1:
+        sys.exit("--distributed, --dpo-step, --grpo-step, --kto-step, --distill-step and --static-gpu: "
+                 "one section per run")
     if args.static_gpu:
         from . import static_gpu
         return static_gpu.main(args.out, quick=args.quick)
@@ -310,6 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return main_trainer_step(args, argv, "dpo_step")
     if args.grpo_step:
         return main_trainer_step(args, argv, "grpo_step")
+    if args.kto_step:
+        return main_trainer_step(args, argv, "kto_step")
     if args.distill_step:
         return main_distill_step(args, argv)
     import torch

@@ -288,9 +288,16 @@ def grpo_step_markdown(section: dict) -> str:
     return markdown(section)
 
 
+def kto_step_markdown(section: dict) -> str:
+    """The section of ``python -m benchmarks --kto-step`` as markdown (``kto_step.markdown``)."""
+    from .kto_step import markdown  # kto_step imports this module
+
+    return markdown(section)
+
+
 # The sections other commands add to the results files, in the order the markdown shows them.
 SECTIONS = {"tensor_parallel": tensor_parallel_markdown, "dpo_step": dpo_step_markdown,
-            "grpo_step": grpo_step_markdown}
+            "grpo_step": grpo_step_markdown, "kto_step": kto_step_markdown}
 
 
 def write(out_dir: str, meta: dict, notes: List[str], results: List[dict],
