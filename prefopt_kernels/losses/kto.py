@@ -59,7 +59,8 @@ def kto_loss(
     Inputs: summed log-probs, floating ``[Bd]`` (chosen = desirable) and ``[Bu]`` (rejected =
     undesirable) on one device, one side may be empty but not both; ``[M]``, ``M >= 1``, for the
     KL pairs, required by ``"kto"`` and refused by ``"apo_zero_unpaired"``. Computed in at
-    least fp32. ``beta`` > 0 and the weights >= 0 are finite real scalars.
+    least fp32. ``beta`` > 0 and the weights >= 0 are finite real scalars. A NaN log-prob gives a
+    NaN loss (TRL's ``nanmean`` would drop that completion instead).
 
     Returns ``(loss, metrics)``. ``loss``: the mean (``reduction="mean"``), sum (``"sum"``) or
     the ``[Bd + Bu]`` per-completion losses, desirable first (``"none"``), as TRL concatenates

@@ -9,6 +9,8 @@ unpaired completions (trl_cases.py); nothing is downloaded. Skipped without TRL 
   test_trl_trainers.py) and leave the same policy (updates within ``1e-5`` of their largest
   entry plus ``4 eps |p|``: each run rounds ``p + update`` once per step). The batches hold one
   desirable and one undesirable, two desirable, and two undesirable completions, so a step with an empty side is run.
+* A LoRA policy without a reference model (the reference is its base model, adapter off) logs the
+  same values as stock too.
 * The first step's loss and ``kl`` are the KTO formula on float64 full-logit log-probs of both
   models over that step's batch, completions and mismatched KL pairs as TRL's collator builds them.
 """
@@ -30,7 +32,8 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from trl import KTOConfig, KTOTrainer  # noqa: E402
 
 from prefopt_kernels.integrations.trl_kto import PrefOptKTOConfig, PrefOptKTOTrainer  # noqa: E402
-from trl_cases import OURS_FILE, TRL_FILE, WORDS, head_file, llama_config, make_tokenizer, training_args  # noqa: E402
+from trl_cases import (OURS_FILE, TRL_FILE, WORDS, head_file, llama_config, lora_config,  # noqa: E402
+                       make_tokenizer, training_args)
 
 STEPS = 3
 LABELS = [True, False, True, True, False, False]
@@ -59,14 +62,29 @@ def _models():
     return policy, reference
 
 
-def _train(trainer_class, config_class, output_dir, options):
+def _train(trainer_class, config_class, output_dir, options, peft_config=None):
+    """``STEPS`` steps; with ``peft_config`` a LoRA policy whose reference is its base model (no ``ref_model``)."""
     policy, reference = _models()
     args = training_args(config_class, output_dir, STEPS, learning_rate=0.5, **options)
-    trainer = trainer_class(model=policy, ref_model=reference, args=args, train_dataset=_dataset(),
-                            processing_class=make_tokenizer())
-    heads = (head_file(trainer.model), head_file(trainer.accelerator.unwrap_model(trainer.ref_model)))
+    trainer = trainer_class(model=policy, ref_model=None if peft_config else reference, args=args,
+                            train_dataset=_dataset(), processing_class=make_tokenizer(), peft_config=peft_config)
+    if peft_config is None:
+        heads = (head_file(trainer.model), head_file(trainer.accelerator.unwrap_model(trainer.ref_model)))
+    else:
+        heads = (head_file(trainer.model.get_base_model()),)
     trainer.train()
     return trainer, heads
+
+
+def _assert_logs_match(ours, stock):
+    logs_stock, logs_ours = stock.state.log_history, ours.state.log_history
+    assert len(logs_stock) == len(logs_ours) == STEPS + 1
+    for step, (a, b) in enumerate(zip(logs_ours, logs_stock)):
+        assert a.keys() == b.keys(), step
+        for key, value in b.items():
+            if isinstance(value, float) and "runtime" not in key and "per_second" not in key and key != "step_time":
+                assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (step, key, a[key], value)
+    return logs_stock
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -77,13 +95,7 @@ def test_kto_trainer_matches_stock(tmp_path, case):
     assert stock_heads == (TRL_FILE, TRL_FILE) and our_heads == (OURS_FILE, OURS_FILE)
     assert trl_kto_module.add_fused_lm_head.__code__.co_filename == TRL_FILE  # rebound for construction only
 
-    logs_stock, logs_ours = stock.state.log_history, ours.state.log_history
-    assert len(logs_stock) == len(logs_ours) == STEPS + 1
-    for step, (a, b) in enumerate(zip(logs_ours, logs_stock)):
-        assert a.keys() == b.keys(), step
-        for key, value in b.items():
-            if isinstance(value, float) and "runtime" not in key and "per_second" not in key and key != "step_time":
-                assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (step, key, a[key], value)
+    logs_stock = _assert_logs_match(ours, stock)
     assert "rewards/margins" in logs_stock[0] and "rewards/margins" not in logs_stock[1]  # one-sided batches
     assert "logps/chosen" in logs_stock[1] and "logps/rejected" not in logs_stock[1]
     assert "logps/rejected" in logs_stock[2] and "logps/chosen" not in logs_stock[2]
@@ -98,6 +110,15 @@ def test_kto_trainer_matches_stock(tmp_path, case):
         assert (update_ours - update_stock).abs().max() <= tol, name
     head_update = final_stock["lm_head.weight"] - initial["lm_head.weight"]
     assert head_update.abs().max() > 1e3 * 4 * eps * initial["lm_head.weight"].abs().max()
+
+
+def test_kto_trainer_with_lora_matches_stock(tmp_path):
+    """A LoRA policy, no ref_model: the reference is the base model with the adapter off, on our head too."""
+    stock, stock_heads = _train(KTOTrainer, KTOConfig, tmp_path / "stock", CASES["kto"], lora_config())
+    ours, our_heads = _train(PrefOptKTOTrainer, PrefOptKTOConfig, tmp_path / "ours", CASES["kto"], lora_config())
+    assert stock_heads == (TRL_FILE,) and our_heads == (OURS_FILE,) and ours.ref_model is None
+    logs_stock = _assert_logs_match(ours, stock)
+    assert logs_stock[1]["kl"] > 0.0 and logs_stock[1]["rewards/chosen"] != 0.0  # the adapter has trained
 
 
 def _float64_logps(model, ids, attention_mask, completion_mask):

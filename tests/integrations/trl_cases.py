@@ -15,8 +15,8 @@ The tests: test_trl_fused_head.py (our head against TRL's, field by field), test
 (``head_transform``, what patching leaves alone, ``use_in_trl`` and ``apply_to_trainer``),
 test_trl_trainers.py (stock DPO, SFT, KTO, GRPO and RLOO trainers on our head),
 test_trl_dpo_parity.py (``PrefOptDPOTrainer`` against TRL's ``DPOTrainer``),
-test_trl_dpo_losses.py (the package's loss types in ``PrefOptDPOTrainer``) and
-test_integrations_bad_input.py.
+test_trl_dpo_losses.py (the package's loss types in ``PrefOptDPOTrainer``), test_trl_kto.py
+(``PrefOptKTOTrainer`` against TRL's ``KTOTrainer``) and test_integrations_bad_input.py.
 """
 
 from __future__ import annotations

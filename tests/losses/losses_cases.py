@@ -2,8 +2,9 @@
 token-level log-ratios, KLs and masks), the float64 formulas' building blocks, the check of a
 loss against its formula, and the running of a bad-input table's rows.
 
-The tests: test_sequence_losses.py (the DPO family, SimPO, INPO, f-DPG) and
-test_token_losses.py (TDPO, SparsePO) against formulas written out in float64; the bad-input
+The tests: test_sequence_losses.py (the DPO family, SimPO, INPO, f-DPG),
+test_token_losses.py (TDPO, SparsePO) and test_kto.py (KTO, with its bad input, and against
+TRL's KTOTrainer) against formulas written out in float64; the bad-input
 tables test_sequence_losses_bad_input.py, test_token_losses_bad_input.py and
 test_preference_loss_bad_input.py.
 """
