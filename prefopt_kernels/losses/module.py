@@ -19,16 +19,11 @@ PREFERENCE_LOSS_TYPES = tuple(LOSSES)
 _SET_BY_MODULE = frozenset({"beta", "chosen_cu_seqlens", "rejected_cu_seqlens"})
 
 
-def _parameters(entry: LossEntry) -> dict:
-    fn = entry.function
-    return {p.name: p for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
 def _check_loss_kwargs(entry: LossEntry, loss_type, kwargs: dict) -> None:
     """Unknown, module-owned or missing required ``loss_kwargs`` fail at construction, not in forward."""
     fn = entry.function
-    params = {n: p for n, p in _parameters(entry).items() if n not in entry.inputs}
+    params = {p.name: p for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in entry.inputs}
     owned = (_SET_BY_MODULE | set(entry.options)) & set(params)
     allowed = sorted(set(params) - owned)
     for key in kwargs:
@@ -263,9 +258,7 @@ class PreferenceLoss(nn.Module):
                 inputs.update(ref_chosen_logps=ref_seq[:n], ref_rejected_logps=ref_seq[n:])
             if prev_logps is not None:
                 inputs.update(prev_chosen_logps=prev_logps[:n].detach(), prev_rejected_logps=prev_logps[n:].detach())
-        beta = {"beta": self.beta} if "beta" in _parameters(entry) else {}
-        loss, metrics = entry.function(**{k: inputs[k] for k in entry.inputs}, **entry.options, **beta,
-                                       **self.loss_kwargs)
+        loss, metrics = entry(inputs, beta=self.beta, **self.loss_kwargs)
         for key, value in metrics_logps.items():
             metrics.setdefault(key, value)
         return loss, metrics

@@ -20,6 +20,7 @@ Input names (keyword arguments of the loss functions):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable, Mapping, Optional
 
 from .cpo import cpo_loss
@@ -84,6 +85,13 @@ class LossEntry:
             raise ValueError(f"loss {self.name!r}: needs_kl is a token-level term of a reference")
         if self.formula is None:
             object.__setattr__(self, "formula", self.function)
+
+    def __call__(self, inputs: Mapping, *, beta: float, **kwargs):
+        """``function`` on the inputs it reads (picked from ``inputs``), its ``options``, ``beta`` where
+        it takes one (INPO does not) and ``kwargs``."""
+        if "beta" in inspect.signature(self.function).parameters:
+            kwargs["beta"] = beta
+        return self.function(**{name: inputs[name] for name in self.inputs}, **self.options, **kwargs)
 
 
 LOSSES: dict = {}
