@@ -80,3 +80,30 @@ def test_matches_stock_trainer(tmp_path, monkeypatch, case):
         assert error <= 1e-5 * value.norm(), f"{name}: |mine - theirs| = {error:.3g}, |theirs| = {value.norm():.3g}"
     moved = sum(float((value - base.state_dict()[name]).norm()) for name, value in theirs.items())
     assert moved > 0.0
+
+
+def test_reference_free_loss_refuses_a_reference(tmp_path):
+    args = training_args(PrefOptDPOConfig, tmp_path, 1, loss_type="orpo")
+    with pytest.raises(ValueError, match="ref_model"):
+        PrefOptDPOTrainer(model=make_word_llama(), ref_model=make_word_llama(seed=1), args=args,
+                          train_dataset=make_dataset(), processing_class=make_tokenizer())
+
+
+def test_a_registered_toy_loss_trains_through_the_trainer(tmp_path):
+    """One file (toy_margin_loss.py) and one register line: the trainer runs it with no other change."""
+    from prefopt_kernels.losses.registry import LENGTH_INPUTS, LOSSES, POLICY_INPUTS, LossEntry, register
+    from toy_margin_loss import toy_margin_loss
+
+    register(LossEntry("toy_margin", toy_margin_loss, POLICY_INPUTS + LENGTH_INPUTS, needs_reference=False,
+                       min_length=1))
+    try:
+        args = training_args(PrefOptDPOConfig, tmp_path, 3, 0.5, loss_type="toy_margin", beta=2.0)
+        trainer = PrefOptDPOTrainer(model=make_word_llama(), args=args, train_dataset=make_dataset(),
+                                    processing_class=make_tokenizer())
+        trainer.train()
+    finally:
+        del LOSSES["toy_margin"]
+    logs = trainer.state.log_history[:3]
+    assert trainer.ref_model is None
+    assert all("toy/gap" in step for step in logs)
+    assert logs[2]["toy/gap"] > logs[0]["toy/gap"]  # the margin it pushes grew
