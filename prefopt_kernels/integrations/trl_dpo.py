@@ -111,7 +111,8 @@ class PrefOptDPOTrainer(PolicyAndReference, DPOTrainer):
     evaluation and the ``precompute_ref_log_probs`` pass over the datasets.
 
     Args: as ``DPOTrainer``, plus ``prev_model``: the previous INPO iterate ``π_t``, frozen
-    (``None``: the reference). ``simpo`` has no reference: ``ref_model`` must be ``None``, and
+    (``None``: the reference). The reference-free losses (``simpo``, ``orpo``, ``cpo*``: their
+    registry entry's ``needs_reference`` is False) have none: ``ref_model`` must be ``None``, and
     none is loaded from the policy's name.
     """
 
