@@ -82,6 +82,8 @@ class PrefOptDPOConfig(DPOConfig):
         if not ours:
             return
         name = ours[0].name
+        if not ours[0].paired:
+            raise ValueError(f"loss_type {name!r} is unpaired; DPOTrainer's batches are chosen/rejected pairs")
         if len(self.loss_type) != 1 or self.loss_weights is not None:
             raise ValueError(f"loss_type {name!r} must be used alone, without loss_weights; got loss_type "
                              f"{self.loss_type}, loss_weights {self.loss_weights}")

@@ -115,6 +115,8 @@ class PreferenceLoss(nn.Module):
     ):
         super().__init__()
         entry = loss_entry(loss_type)
+        if not entry.paired:
+            raise ValueError(f"loss_type {loss_type!r} is unpaired; PreferenceLoss takes stacked chosen/rejected pairs")
         check_ignore_index(ignore_index)
         if not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be a bool, got {shift_labels!r}")

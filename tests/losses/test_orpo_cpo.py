@@ -197,6 +197,24 @@ def test_bad_input_raises_naming_the_argument():
 
 # ---------------------------------------------------------------- a toy loss, registered
 
+def test_an_unpaired_entry_is_refused_by_the_pairwise_module():
+    register(LossEntry("toy_unpaired", toy_margin_loss, POLICY_INPUTS, paired=False, needs_reference=False))
+    try:
+        with pytest.raises(ValueError, match="loss_type 'toy_unpaired' is unpaired"):
+            L.PreferenceLoss("toy_unpaired")
+    finally:
+        del LOSSES["toy_unpaired"]
+
+
+def test_registry_refuses_a_taken_name_and_a_bad_level():
+    with pytest.raises(ValueError, match="'orpo' is registered already"):
+        register(LossEntry("orpo", toy_margin_loss, POLICY_INPUTS))
+    with pytest.raises(ValueError, match="level"):
+        LossEntry("toy", toy_margin_loss, POLICY_INPUTS, level="document")
+    assert L.PREFERENCE_LOSS_TYPES == tuple(LOSSES)
+    assert set(L.DPO_LOSS_TYPES) == {name for name, entry in LOSSES.items() if entry.trl_dpo}
+
+
 @pytest.fixture
 def toy_registered():
     register(LossEntry("toy_margin", toy_margin_loss, POLICY_INPUTS + LENGTH_INPUTS, needs_reference=False,
