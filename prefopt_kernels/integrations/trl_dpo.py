@@ -40,7 +40,7 @@ import trl.trainer.dpo_trainer as trl_dpo
 from trl import DPOTrainer
 
 from ..linear import linear_token_terms
-from ..losses.registry import LOSSES
+from ..losses.registry import LOSSES, stacked_token_inputs
 from ..losses.sparse_po import kl_row_selector
 from ..masks import ActivationTokenMask, LearnedTokenMask
 from .trl import PolicyAndReference, add_fused_lm_head, add_head_route, backbone_output, head_transform
@@ -252,13 +252,7 @@ class PrefOptDPOTrainer(PolicyAndReference, DPOTrainer):
             return terms, extra, reward_mask, kl_mask
 
         terms, extra, reward_mask, kl_mask = model(**model_kwargs, prefopt_head=policy_terms)
-        loss_inputs = {}
-        for side, rows in zip(("chosen", "rejected"), (slice(None, len(labels) // 2), slice(len(labels) // 2, None))):
-            loss_inputs.update({
-                f"{side}_logratios": (terms.logp - terms.ref_logp)[rows], f"{side}_kl": terms.div[rows],
-                f"{side}_mask": shift_mask[rows],
-                f"{side}_reward_mask": None if reward_mask is None else reward_mask[rows],
-                f"{side}_kl_mask": None if kl_mask is None else kl_mask[rows]})
+        loss_inputs = stacked_token_inputs(terms.logp - terms.ref_logp, terms.div, shift_mask, reward_mask, kl_mask)
         loss, metrics = self.prefopt_loss(loss_inputs, beta=self.beta, **self._config_options())
         # logp is 0 at ignored tokens, so the row sums are the completions' log-probs.
         chosen_logps, rejected_logps = terms.logp.detach().sum(dim=1).chunk(2, dim=0)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..checks import check_ignore_index
 from .common import check_positive, sequence_sum
-from .registry import LOSSES, LossEntry, entries_reading, loss_entry
+from .registry import LOSSES, LossEntry, entries_reading, loss_entry, stacked_token_inputs
 from .sparse_po import kl_row_selector
 
 # The registered names at import; a loss registered later is accepted too (the registry is read per call).
@@ -234,7 +234,7 @@ class PreferenceLoss(nn.Module):
             div_weight = None if selector is None else torch.where(is_valid, selector.float(), 0.0)
             terms = token_terms(logits, labels, ref_logits, divergence="forward_kl", div_weight=div_weight, **common)
             logp, ref_tok = terms.logp, terms.ref_logp
-            inputs = _token_inputs(logp - ref_tok, terms.div, valid, reward_mask, kl_mask, n)
+            inputs = stacked_token_inputs(logp - ref_tok, terms.div, valid, reward_mask, kl_mask)
         else:
             logp = token_logprobs(logits, labels, **common)
             if ref_logits is not None and entry.needs_reference:
@@ -265,12 +265,3 @@ class PreferenceLoss(nn.Module):
             metrics.setdefault(key, value)
         return loss, metrics
 
-
-def _token_inputs(logratios, div, valid, reward_mask, kl_mask, n: int) -> dict:
-    """The token-level inputs of a stacked batch: rows ``[0, n)`` chosen, ``[n, 2n)`` rejected."""
-    inputs = {}
-    for side, rows in (("chosen", slice(None, n)), ("rejected", slice(n, None))):
-        inputs.update({f"{side}_logratios": logratios[rows], f"{side}_kl": div[rows], f"{side}_mask": valid[rows],
-                       f"{side}_reward_mask": None if reward_mask is None else reward_mask[rows],
-                       f"{side}_kl_mask": None if kl_mask is None else kl_mask[rows]})
-    return inputs

@@ -127,6 +127,17 @@ def entries_reading(input_name: str) -> tuple:
     return tuple(name for name, entry in LOSSES.items() if input_name in entry.inputs)
 
 
+def stacked_token_inputs(logratios, kl, valid, reward_mask=None, kl_mask=None) -> dict:
+    """The token-level inputs of a stacked batch ``[2B, T]`` (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected)."""
+    n = logratios.shape[0] // 2
+    inputs = {}
+    for side, rows in (("chosen", slice(None, n)), ("rejected", slice(n, None))):
+        inputs.update({f"{side}_logratios": logratios[rows], f"{side}_kl": kl[rows], f"{side}_mask": valid[rows],
+                       f"{side}_reward_mask": None if reward_mask is None else reward_mask[rows],
+                       f"{side}_kl_mask": None if kl_mask is None else kl_mask[rows]})
+    return inputs
+
+
 _PAIR = POLICY_INPUTS + REFERENCE_INPUTS + LENGTH_INPUTS
 for _name, _pair_formula in DPO_FORMULAS.items():
     register(LossEntry(_name, dpo_loss, _PAIR, formula=_pair_formula.formula, options={"loss_type": _name},
