@@ -19,6 +19,14 @@ same batch:
     the same trainer and loss with that call replaced by ``eager.linear_token_terms_full``:
     both models' ``[B, T, V]`` logits projected in full, then fp32 ``log_softmax``. TRL has no
     SparsePO; this is the loss as its eager implementations compute it.
+``trl:orpo``, ``trl:cpo``
+    TRL 1.16's stock ``ORPOTrainer`` and ``CPOTrainer`` (``loss_type="sigmoid"``,
+    ``cpo_alpha=1``): reference-free; they project the policy's ``[B, T, V]`` logits in full
+    (their ``concatenated_forward``), fed the same batch in their collator's
+    ``chosen_*``/``rejected_*`` layout.
+``prefopt:orpo``, ``prefopt:cpo``
+    ``PrefOptDPOTrainer`` with ``loss_type="orpo"`` / ``"cpo"``: the policy only, on the fused
+    head (ORPO's head call also scores the prompt tokens, for its NLL).
 
 The model is a ``LlamaForCausalLM`` (vocabulary V, hidden size H, 2 layers, MLP 4H) built in
 code; the reference is a second one from another seed, so that the loss of the step is not
@@ -96,10 +104,17 @@ VARIANTS = (
     Variant("prefopt:sigmoid", "prefopt", "sigmoid", "prefopt linear_token_logprobs"),
     Variant("prefopt:sparse_po", "prefopt", "sparse_po", "prefopt linear_token_terms"),
     Variant(FULL_LOGITS_SPARSE_PO, "prefopt", "sparse_po", "full logits, fp32 log_softmax"),
+    Variant("trl:orpo", "trl-orpo", "orpo", "full logits (ORPOTrainer)"),
+    Variant("prefopt:orpo", "prefopt", "orpo", "prefopt linear_token_logprobs"),
+    Variant("trl:cpo", "trl-cpo", "cpo", "full logits (CPOTrainer)"),
+    Variant("prefopt:cpo", "prefopt", "cpo", "prefopt linear_token_logprobs"),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
-# Each row's ratios: against stock TRL, and for SparsePO against its full-logits computation.
-SAME_LOSS_BASELINE = {"sparse_po": FULL_LOGITS_SPARSE_PO}
+# Each row's ratios: against stock TRL's DPO step, and for a loss that a full-logits
+# computation also runs (SparsePO eagerly, ORPO and CPO in TRL's own trainers) against that.
+SAME_LOSS_BASELINE = {"sparse_po": FULL_LOGITS_SPARSE_PO, "orpo": "trl:orpo", "cpo": "trl:cpo"}
+# The reference-free trainers: no reference model is given to them.
+REFERENCE_FREE = {"orpo", "cpo"}
 
 
 def batch_shape(tokens: int) -> tuple:
@@ -153,24 +168,42 @@ def make_batch(vocab: int, rows: int, seq: int, prompt: int) -> Dict[str, torch.
             "completion_mask": completion_mask}
 
 
+def stock_pairwise_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``batch`` in the layout of TRL's ORPO/CPO collator: ``chosen_*`` and ``rejected_*`` rows,
+    ``*_labels`` holding the completion tokens (-100 on the prompt)."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = {}
+    for side, rows in zip(("chosen", "rejected"), batch["input_ids"].chunk(2, dim=0)):
+        half = slice(0, rows.shape[0]) if side == "chosen" else slice(rows.shape[0], None)
+        out.update({f"{side}_input_ids": rows, f"{side}_attention_mask": batch["attention_mask"][half],
+                    f"{side}_labels": labels[half]})
+    return out
+
+
 def _trainer(variant: Variant, policy, reference, request: dict, out_dir: str):
     """The variant's trainer on ``policy`` and ``reference`` (which it patches: pass copies)."""
     import datasets
     from trl import DPOConfig, DPOTrainer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     from prefopt_kernels.integrations.trl_dpo import PrefOptDPOConfig, PrefOptDPOTrainer
 
-    config_class, trainer_class = ((DPOConfig, DPOTrainer) if variant.trainer == "trl"
-                                   else (PrefOptDPOConfig, PrefOptDPOTrainer))
-    args = config_class(output_dir=out_dir, loss_type=variant.loss_type,
-                        bf16=request["dtype"] == "bf16", activation_checkpointing=False,
+    config_class, trainer_class, fields = {
+        "trl": (DPOConfig, DPOTrainer, {"loss_type": variant.loss_type}),
+        "trl-orpo": (ORPOConfig, ORPOTrainer, {}),
+        "trl-cpo": (CPOConfig, CPOTrainer, {"loss_type": "sigmoid"}),
+        "prefopt": (PrefOptDPOConfig, PrefOptDPOTrainer, {"loss_type": variant.loss_type}),
+    }[variant.trainer]
+    args = config_class(output_dir=out_dir, bf16=request["dtype"] == "bf16", activation_checkpointing=False,
                         use_cpu=request["device"] == "cpu", report_to=[], save_strategy="no",
-                        disable_tqdm=True, seed=0)
+                        disable_tqdm=True, seed=0, **fields)
     # The constructor wants a dataset; the step is fed the batch directly.
     dataset = datasets.Dataset.from_dict({"prompt": ["w"], "chosen": [" w"], "rejected": [" w"]})
-    trainer = trainer_class(model=policy, ref_model=reference, args=args, train_dataset=dataset,
-                            processing_class=word_tokenizer())
-    return trainer
+    models = {"model": policy}
+    if variant.loss_type not in REFERENCE_FREE:
+        models["ref_model"] = reference
+    return trainer_class(**models, args=args, train_dataset=dataset, processing_class=word_tokenizer())
 
 
 @contextlib.contextmanager
@@ -220,6 +253,8 @@ def _measure(variant: Variant, policy, reference, batch, warm_batch, request: di
                            out_dir)
         model = trainer.accelerator.prepare_model(trainer.model)
         model.train()
+        if variant.trainer in ("trl-orpo", "trl-cpo"):
+            batch, warm_batch = stock_pairwise_batch(batch), stock_pairwise_batch(warm_batch)
         return measure_step(Step(trainer, model, batch), Step(trainer, model, warm_batch), request)
 
 

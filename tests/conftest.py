@@ -2,7 +2,7 @@
 
 The tests live in folders by area (``ops/``, ``linear/``, ``losses/``, ``integrations/``,
 ``distributed/``, ``examples/``); the helpers they share (``contract.py``, ``strategies.py``,
-``dpo_rounding.py``, ``launch.py``) stay here and are imported by their plain names, so this
+``dpo_rounding.py``, ``launch.py``, ``toy_margin_loss.py``) stay here and are imported by their plain names, so this
 directory is put on ``sys.path`` for every test module, whatever folder it is in. What the tests
 of one folder share is in one module of that folder (``linear/linear_cases.py``,
 ``distributed/distributed_cases.py``, ``losses/losses_cases.py``, ``integrations/trl_cases.py``),

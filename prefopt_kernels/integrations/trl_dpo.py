@@ -7,7 +7,11 @@ r"""TRL's ``DPOTrainer`` with the preference losses of :mod:`prefopt_kernels.los
   token masks;
 * ``"tdpo1"``, ``"tdpo2"``: :func:`~prefopt_kernels.losses.tdpo_loss`;
 * ``"simpo"``: :func:`~prefopt_kernels.losses.simpo_loss` (no reference forward);
-* ``"inpo"``: :func:`~prefopt_kernels.losses.inpo_loss`.
+* ``"inpo"``: :func:`~prefopt_kernels.losses.inpo_loss`;
+* ``"orpo"``: :func:`~prefopt_kernels.losses.orpo_loss`, ``"cpo"``, ``"cpo_hinge"``,
+  ``"cpo_ipo"``, ``"cpo_simpo"``: :func:`~prefopt_kernels.losses.cpo_loss` (no reference forward);
+* any loss registered in :data:`prefopt_kernels.losses.registry.LOSSES`: the trainer reads its
+  entry (level, reference, inputs, config fields) and calls it.
 
 Every other ``loss_type`` runs TRL's own ``_compute_loss`` unchanged, on this package's fused
 LM head (:func:`prefopt_kernels.integrations.trl.add_fused_lm_head` replaces TRL's on the
@@ -36,17 +40,11 @@ import trl.trainer.dpo_trainer as trl_dpo
 from trl import DPOTrainer
 
 from ..linear import linear_token_terms
-from ..losses import inpo_loss, simpo_loss, sparse_po_loss, tdpo_loss
+from ..losses.registry import LOSSES, stacked_token_inputs
 from ..losses.sparse_po import kl_row_selector
 from ..masks import ActivationTokenMask, LearnedTokenMask
 from .trl import PolicyAndReference, add_fused_lm_head, add_head_route, backbone_output, head_transform
-from .trl_dpo_config import (
-    MASK_MODULE_NAME,
-    PREFOPT_LOSS_TYPES,
-    REFERENCE_FREE_LOSS_TYPES,
-    TOKEN_LOSS_TYPES,
-    PrefOptDPOConfig,
-)
+from .trl_dpo_config import MASK_MODULE_NAME, PrefOptDPOConfig
 
 # TRL's module names are rebound for one construction at a time.
 _CONSTRUCTION = threading.Lock()
@@ -113,42 +111,46 @@ class PrefOptDPOTrainer(PolicyAndReference, DPOTrainer):
     evaluation and the ``precompute_ref_log_probs`` pass over the datasets.
 
     Args: as ``DPOTrainer``, plus ``prev_model``: the previous INPO iterate ``π_t``, frozen
-    (``None``: the reference). ``simpo`` has no reference: ``ref_model`` must be ``None``, and
+    (``None``: the reference). The reference-free losses (``simpo``, ``orpo``, ``cpo*``: their
+    registry entry's ``needs_reference`` is False) have none: ``ref_model`` must be ``None``, and
     none is loaded from the policy's name.
     """
 
     def __init__(self, model, ref_model=None, args=None, *more, prev_model=None, **kwargs):
-        loss_types = getattr(args, "loss_type", ())
-        reference_free = any(name in REFERENCE_FREE_LOSS_TYPES for name in loss_types)
+        entries = [LOSSES[name] for name in getattr(args, "loss_type", ()) if name in LOSSES]
+        reference_free = any(not entry.needs_reference for entry in entries)
         if reference_free and ref_model is not None:
-            raise ValueError(f"ref_model: loss_type {loss_types} has no reference model; pass ref_model=None")
+            raise ValueError(f"ref_model: loss_type {args.loss_type} has no reference model; pass ref_model=None")
         with _dpo_constructor(policy_by_name=isinstance(model, str), load_reference=not reference_free):
             super().__init__(model, ref_model, args, *more, **kwargs)
-        self.prefopt_loss = self.loss_types[0] if self.loss_types[0] in PREFOPT_LOSS_TYPES else None
+        entry = LOSSES.get(self.loss_types[0])
+        # The package's losses; TRL's own loss types run TRL's _compute_loss.
+        self.prefopt_loss = None if entry is None or entry.trl_dpo else entry
         self.prev_model = None
-        if prev_model is not None and self.prefopt_loss != "inpo":
+        if prev_model is not None and (self.prefopt_loss is None
+                                       or "prev_chosen_logps" not in self.prefopt_loss.inputs):
             raise ValueError(f"prev_model is the previous INPO iterate; loss_type is {self.loss_types}")
         if self.prefopt_loss is None:
             return
         if not isinstance(self.args, PrefOptDPOConfig):
-            raise TypeError(f"loss_type {self.prefopt_loss!r} needs a PrefOptDPOConfig")
+            raise TypeError(f"loss_type {entry.name!r} needs a PrefOptDPOConfig")
         if self.aux_loss_enabled:
-            raise ValueError(f"loss_type {self.prefopt_loss!r} does not add the MoE auxiliary loss; "
+            raise ValueError(f"loss_type {entry.name!r} does not add the MoE auxiliary loss; "
                              "set router_aux_loss_coef=0.0")
         policy = self.policy_module()
-        if self.prefopt_loss in TOKEN_LOSS_TYPES:
+        if entry.level == "token":
             add_head_route(policy)
             if self.ref_model is not None:
                 add_head_route(self.reference_module())
         self._activation_mask = None
-        if self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "learned":
+        if entry.token_masks and self.args.sparse_po_mask == "learned":
             text_config = self.reference_module().config.get_text_config()
             # output_hidden_states gives the embeddings and every layer's output.
             mask = LearnedTokenMask(text_config.hidden_size, text_config.num_hidden_layers + 1,
                                     separate_kl=self.args.sparse_po_separate_kl_mask,
                                     dropout=self.args.sparse_po_mask_dropout)
             policy.add_module(MASK_MODULE_NAME, mask.to(policy.get_output_embeddings().weight.device))
-        elif self.prefopt_loss == "sparse_po" and self.args.sparse_po_mask == "activation":
+        elif entry.token_masks and self.args.sparse_po_mask == "activation":
             reference = self.reference_module()
             # The language decoder's layers only: a vision-language model also names its vision
             # tower's layers in _no_split_modules.
@@ -188,7 +190,7 @@ class PrefOptDPOTrainer(PolicyAndReference, DPOTrainer):
         completion_mask = inputs["completion_mask"]
         shift_mask = completion_mask[:, 1:]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        if self.prefopt_loss in TOKEN_LOSS_TYPES:
+        if self.prefopt_loss.level == "token":
             loss, metrics, token_stats = self._token_level_loss(model, model_kwargs, labels, completion_mask)
         else:
             loss, metrics, token_stats = self._sequence_level_loss(model, model_kwargs, labels, shift_mask, inputs)
@@ -212,7 +214,7 @@ class PrefOptDPOTrainer(PolicyAndReference, DPOTrainer):
         seq_len = labels.size(1) - 1
         shift_mask = completion_mask[:, 1:]
         reference = self.reference_module()
-        learned = self.prefopt_loss == "sparse_po" and args.sparse_po_mask == "learned"
+        learned = self.prefopt_loss.token_masks and args.sparse_po_mask == "learned"
 
         record = (self._activation_mask.record(reference.get_decoder()) if self._activation_mask is not None
                   else contextlib.nullcontext())
@@ -250,48 +252,59 @@ class PrefOptDPOTrainer(PolicyAndReference, DPOTrainer):
             return terms, extra, reward_mask, kl_mask
 
         terms, extra, reward_mask, kl_mask = model(**model_kwargs, prefopt_head=policy_terms)
-        logratios = (terms.logp - terms.ref_logp).chunk(2, dim=0)
-        kl = terms.div.chunk(2, dim=0)
-        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-        if self.prefopt_loss == "sparse_po":
-            reward_masks = (None, None) if reward_mask is None else reward_mask.chunk(2, dim=0)
-            kl_masks = (None, None) if kl_mask is None else kl_mask.chunk(2, dim=0)
-            loss, metrics = sparse_po_loss(*logratios, *kl, *reward_masks, *kl_masks, chosen_mask=chosen_mask,
-                                           rejected_mask=rejected_mask, beta=self.beta,
-                                           l1_reward=args.sparse_po_l1_reward, l1_kl=args.sparse_po_l1_kl)
-        else:
-            loss, metrics = tdpo_loss(*logratios, *kl, chosen_mask, rejected_mask, beta=self.beta,
-                                      alpha=args.tdpo_alpha, variant=1 if self.prefopt_loss == "tdpo1" else 2)
+        loss_inputs = stacked_token_inputs(terms.logp - terms.ref_logp, terms.div, shift_mask, reward_mask, kl_mask)
+        loss, metrics = self.prefopt_loss(loss_inputs, beta=self.beta, **self._config_options())
         # logp is 0 at ignored tokens, so the row sums are the completions' log-probs.
         chosen_logps, rejected_logps = terms.logp.detach().sum(dim=1).chunk(2, dim=0)
         metrics["logps/chosen"], metrics["logps/rejected"] = chosen_logps, rejected_logps
         return loss, metrics, (terms.entropy, extra["mean_logits"], extra["is_top1"])
 
+    def _config_options(self) -> dict:
+        """The loss's keyword arguments that its registry entry reads from the config."""
+        return {option: getattr(self.args, field) for option, field in self.prefopt_loss.config.items()}
+
     def _sequence_level_loss(self, model, model_kwargs, labels, shift_mask, inputs):
-        """SimPO / INPO from the summed completion log-probs of the fused LM head (``fused_lm_head=True``)."""
-        args = self.args
+        """A sequence-level loss (SimPO, INPO, ORPO, CPO, ...) from the completion log-probs of the fused LM head.
+
+        With ``nll_over_prompt`` (ORPO) the head also scores the prompt tokens, whose mean
+        negative log-likelihood over the chosen rows is the loss's ``chosen_nll``, as TRL's
+        ``ORPOTrainer`` takes it.
+        """
+        entry = self.prefopt_loss
         seq_len = shift_mask.size(1)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-        if self.prefopt_loss == "simpo":
-            # A completion truncated away has no token; its length is taken as 1 (its log-prob is 0).
-            lengths = shift_mask.sum(dim=1).clamp(min=1).to(logps.dtype)
-            chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
-            loss, metrics = simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-                                       beta=self.beta, gamma=args.simpo_gamma, label_smoothing=self.label_smoothing)
+        extra = {}
+        if entry.nll_over_prompt:
+            scored = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+            outputs = model(**model_kwargs, labels=scored, fused_lm_head=True)
+            token_logps = outputs.log_probs[:, -seq_len:]
+            logps = torch.where(shift_mask.bool(), token_logps, 0.0).sum(dim=1)
+            chosen_scored = (scored[:, 1:][:, -seq_len:] != -100).chunk(2, dim=0)[0]
+            chosen_token_logps = token_logps.chunk(2, dim=0)[0]
+            extra["chosen_nll"] = (-torch.where(chosen_scored, chosen_token_logps, 0.0).sum()
+                                   / chosen_scored.sum().clamp(min=1))
         else:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        # A completion truncated away has no token; its length is taken as min_length (its log-prob is 0).
+        lengths = shift_mask.sum(dim=1).clamp(min=entry.min_length).to(logps.dtype)
+        chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+        loss_inputs = dict(policy_chosen_logps=chosen_logps, policy_rejected_logps=rejected_logps,
+                           chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+        if "ref_chosen_logps" in entry.inputs:
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 reference = self.ref_model if self.ref_model is not None else self.model
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+            loss_inputs.update(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+        if "prev_chosen_logps" in entry.inputs:
             if self.prev_model is None:
                 prev_chosen, prev_rejected = ref_chosen, ref_rejected
             else:
                 prev_chosen, prev_rejected = self.compute_ref_log_probs(self.prev_model, inputs)
-            loss, metrics = inpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, prev_chosen,
-                                      prev_rejected, eta=args.inpo_eta, tau=args.inpo_tau)
+            loss_inputs.update(prev_chosen_logps=prev_chosen, prev_rejected_logps=prev_rejected)
+        loss, metrics = entry(loss_inputs, beta=self.beta, **self._config_options(), **extra)
         return loss, metrics, (outputs.entropy, outputs.mean_logits, outputs.is_top1)
 
     def _log_token_metrics(self, mode, inputs, shift_mask, entropy, mean_logits, is_top1):

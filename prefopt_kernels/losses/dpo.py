@@ -19,33 +19,10 @@ from .common import (
     real_scalar,
     reduce,
 )
+from .dpo_formulas import DPO_FORMULAS, DPO_LOSS_TYPES, PairTerms
 
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 BCO_DELTAS = (None, "batch_mean", "running_mean")
-# Loss types that accept another f-divergence than reverse KL (TRL's list): the f-DPO
-# reparameterisation leaves a β log Z(x) term that cancels only in the chosen-rejected difference.
-_F_DIVERGENCE_LOSS_TYPES = frozenset(
-    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
-)
-_CHOSEN_LENGTH_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm", "sft"})
-_REJECTED_LENGTH_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm"})
 
 
 class RunningMean:
@@ -98,10 +75,6 @@ def _scores(logratios: torch.Tensor, f_divergence: str, f_alpha: float) -> torch
         return logratios
     # The exponent is capped at 80 so that exp stays finite in fp32 (TRL does the same).
     return torch.expm1(((f_alpha - 1.0) * logratios).clamp(max=80.0)) / (f_alpha - 1.0)
-
-
-def _smoothed_logistic(logits: torch.Tensor, eps: float) -> torch.Tensor:
-    return -F.logsigmoid(logits) * (1.0 - eps) - F.logsigmoid(-logits) * eps
 
 
 def _divergence(name: str, value) -> str:
@@ -239,34 +212,15 @@ def dpo_loss(
     check_per_sequence("pair", **dict(zip(names, inputs)))
     beta = check_positive("beta", beta)
     check_reduction(reduction)
-    if isinstance(loss_type, str):
-        loss_types = [loss_type]
-    elif isinstance(loss_type, (list, tuple)):
-        loss_types = list(loss_type)
-    else:
-        raise TypeError(f"loss_type must be a str or a list of str, got {type(loss_type).__name__}")
-    if not loss_types:
-        raise ValueError("loss_type must name at least one loss type")
-    for lt in loss_types:
-        if not isinstance(lt, str) or lt not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type {lt!r} is unknown; expected one of {DPO_LOSS_TYPES}")
-    if loss_weights is None:
-        loss_weights = [1.0] * len(loss_types)
-    if isinstance(loss_weights, (str, bytes)) or not hasattr(loss_weights, "__len__"):
-        raise TypeError(f"loss_weights must be a sequence of numbers, got {loss_weights!r}")
-    if len(loss_weights) != len(loss_types):
-        raise ValueError(
-            f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}"
-        )
-    loss_weights = [real_scalar(f"loss_weights[{i}]", w, 0.0) for i, w in enumerate(loss_weights)]
+    loss_types, loss_weights = _weighted_loss_types(loss_type, loss_weights)
     f_divergence = _aliased("f_divergence", f_divergence, "f_divergence_type", f_divergence_type,
                             _divergence, "reverse_kl")
     f_alpha = _aliased("f_alpha", f_alpha, "f_alpha_divergence_coef", f_alpha_divergence_coef,
                        real_scalar, 0.5)
-    if f_divergence != "reverse_kl" and not set(loss_types) <= _F_DIVERGENCE_LOSS_TYPES:
+    if f_divergence != "reverse_kl" and not all(DPO_FORMULAS[lt].f_divergence for lt in loss_types):
+        accepting = sorted(lt for lt, formula in DPO_FORMULAS.items() if formula.f_divergence)
         raise ValueError(
-            f"f_divergence={f_divergence!r} is only supported with loss types "
-            f"{sorted(_F_DIVERGENCE_LOSS_TYPES)}, got {loss_types}"
+            f"f_divergence={f_divergence!r} is only supported with loss types {accepting}, got {loss_types}"
         )
     eps = real_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
     if "robust" in loss_types and not eps < 0.5:
@@ -278,6 +232,62 @@ def dpo_loss(
         raise TypeError(f"sigmoid_label_smoothing must be a bool, got {sigmoid_label_smoothing!r}")
     if sigmoid_label_smoothing and "sigmoid" not in loss_types:
         raise ValueError(f"sigmoid_label_smoothing applies to loss_type 'sigmoid' only, got {loss_types}")
+    _check_bco(bco_delta, bco_state, loss_types)
+
+    dtype = compute_dtype(*inputs)
+    pc, pr, rc, rr = (t.to(dtype) for t in inputs)
+    rho_w, rho_l = pc - rc, pr - rr
+    s_w, s_l = _scores(rho_w, f_divergence, f_alpha), _scores(rho_l, f_divergence, f_alpha)
+    length_uses = {DPO_FORMULAS[lt].lengths for lt in loss_types}
+    len_w = delta_norm = None
+    if length_uses & {"chosen", "both"}:
+        len_w = check_lengths("chosen_lengths", chosen_lengths, pc, allow_zero=True)
+    if "both" in length_uses:
+        len_l = check_lengths("rejected_lengths", rejected_lengths, pc, allow_zero=True)
+        # TRL divides by the token count clamped at 1: an empty completion keeps its score.
+        delta_norm = s_w / len_w.clamp(min=1.0) - s_l / len_l.clamp(min=1.0)
+
+    extra = {}
+    bco_mean = None
+    if bco_delta is not None:
+        batch_mean = torch.cat([beta * rho_w, beta * rho_l]).detach().mean()
+        bco_mean = bco_state.update(batch_mean) if bco_delta == "running_mean" else float(batch_mean)
+        extra["bco__delta"] = torch.tensor(bco_mean, dtype=torch.float64)
+    terms = PairTerms(pc, pr, rc, rr, rho_w, rho_l, s_w - s_l, delta_norm, len_w, beta, eps, discopop_tau,
+                      sigmoid_label_smoothing, bco_mean)
+    total = 0.0
+    for lt, weight in zip(loss_types, loss_weights):
+        total = total + weight * DPO_FORMULAS[lt].formula(terms)
+
+    metrics = preference_metrics(beta * rho_w, beta * rho_l, pc, pr, **extra)
+    return reduce(total, reduction), metrics
+
+
+def _weighted_loss_types(loss_type, loss_weights):
+    """``loss_type`` (a name or a list of names of :data:`DPO_LOSS_TYPES`) and its checked weights."""
+    if isinstance(loss_type, str):
+        loss_types = [loss_type]
+    elif isinstance(loss_type, (list, tuple)):
+        loss_types = list(loss_type)
+    else:
+        raise TypeError(f"loss_type must be a str or a list of str, got {type(loss_type).__name__}")
+    if not loss_types:
+        raise ValueError("loss_type must name at least one loss type")
+    for lt in loss_types:
+        if not isinstance(lt, str) or lt not in DPO_FORMULAS:
+            raise ValueError(f"loss_type {lt!r} is unknown; expected one of {DPO_LOSS_TYPES}")
+    if loss_weights is None:
+        loss_weights = [1.0] * len(loss_types)
+    if isinstance(loss_weights, (str, bytes)) or not hasattr(loss_weights, "__len__"):
+        raise TypeError(f"loss_weights must be a sequence of numbers, got {loss_weights!r}")
+    if len(loss_weights) != len(loss_types):
+        raise ValueError(
+            f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}"
+        )
+    return loss_types, [real_scalar(f"loss_weights[{i}]", w, 0.0) for i, w in enumerate(loss_weights)]
+
+
+def _check_bco(bco_delta, bco_state, loss_types) -> None:
     if bco_delta is not None and (not isinstance(bco_delta, str) or bco_delta not in BCO_DELTAS):
         raise ValueError(f"bco_delta {bco_delta!r} is unknown; expected one of {BCO_DELTAS}")
     if bco_state is not None and not isinstance(bco_state, RunningMean):
@@ -289,70 +299,3 @@ def dpo_loss(
             "bco_delta='running_mean' and bco_state (a RunningMean kept across steps) go together; "
             f"got bco_delta={bco_delta!r} and bco_state={bco_state!r}"
         )
-
-    dtype = compute_dtype(*inputs)
-    pc, pr, rc, rr = (t.to(dtype) for t in inputs)
-    rho_w, rho_l = pc - rc, pr - rr
-    s_w, s_l = _scores(rho_w, f_divergence, f_alpha), _scores(rho_l, f_divergence, f_alpha)
-    delta = s_w - s_l
-    if _CHOSEN_LENGTH_LOSS_TYPES & set(loss_types):
-        len_w = check_lengths("chosen_lengths", chosen_lengths, pc, allow_zero=True)
-    if _REJECTED_LENGTH_LOSS_TYPES & set(loss_types):
-        len_l = check_lengths("rejected_lengths", rejected_lengths, pc, allow_zero=True)
-        # TRL divides by the token count clamped at 1: an empty completion keeps its score.
-        delta_norm = s_w / len_w.clamp(min=1.0) - s_l / len_l.clamp(min=1.0)
-
-    extra = {}
-    total = 0.0
-    for lt, weight in zip(loss_types, loss_weights):
-        z = beta * delta
-        if lt == "sigmoid":
-            per_pair = _smoothed_logistic(z, eps) if sigmoid_label_smoothing else -F.logsigmoid(z)
-        elif lt == "hinge":
-            per_pair = torch.relu(1.0 - z)
-        elif lt == "ipo":
-            per_pair = (delta_norm - 1.0 / (2.0 * beta)) ** 2
-        elif lt == "exo_pair":
-            per_pair = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
-                F.logsigmoid(-z) - math.log(eps)
-            )
-        elif lt == "nca_pair":
-            cw, cl = beta * rho_w, beta * rho_l
-            per_pair = -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-cl)
-        elif lt == "robust":
-            per_pair = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
-        elif lt == "bco_pair":
-            cw, cl = beta * rho_w, beta * rho_l
-            if bco_delta is None:
-                per_pair = -F.logsigmoid(cw) - F.logsigmoid(-cl)
-            else:
-                batch_mean = torch.cat([cw, cl]).detach().mean()
-                bco_mean = bco_state.update(batch_mean) if bco_delta == "running_mean" else float(batch_mean)
-                extra["bco__delta"] = torch.tensor(bco_mean, dtype=torch.float64)
-                per_pair = -F.logsigmoid(cw - bco_mean) - F.logsigmoid(-(cl - bco_mean))
-        elif lt == "sppo_hard":
-            per_pair = (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2
-        elif lt == "aot":
-            d = torch.sort(pc - pr).values - torch.sort(rc - rr).values
-            per_pair = _smoothed_logistic(beta * d, eps)
-        elif lt == "aot_unpaired":
-            d = torch.sort(rho_w).values - torch.sort(rho_l).values
-            per_pair = _smoothed_logistic(beta * d, eps)
-        elif lt == "apo_zero":
-            per_pair = 1.0 - torch.sigmoid(beta * rho_w) + torch.sigmoid(beta * rho_l)
-        elif lt == "apo_down":
-            per_pair = torch.sigmoid(beta * rho_w) + 1.0 - torch.sigmoid(beta * (rho_w - rho_l))
-        elif lt == "discopop":
-            m = torch.sigmoid(z / discopop_tau)
-            # m exp(-z) as one exponential: m underflows to 0 where exp(-z) overflows.
-            per_pair = (1.0 - m) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
-        elif lt == "sft":
-            n_tokens = len_w.sum()
-            # A batch without chosen tokens sums nothing: 0, where TRL's empty mean is NaN.
-            per_pair = (-pc.sum() / torch.where(n_tokens > 0, n_tokens, 1.0)).expand(pc.shape)
-        else:  # sigmoid_norm
-            per_pair = -F.logsigmoid(beta * delta_norm)
-        total = total + weight * per_pair
-
-    metrics = preference_metrics(beta * rho_w, beta * rho_l, pc, pr, **extra)
-    return reduce(total, reduction), metrics

@@ -24,10 +24,10 @@ KL_LOSS_TYPES = ("kto",)
 def kto_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
     policy_kl_logps: Optional[torch.Tensor] = None,
-    reference_kl_logps: Optional[torch.Tensor] = None,
+    ref_kl_logps: Optional[torch.Tensor] = None,
     *,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
@@ -51,7 +51,7 @@ def kto_loss(
 
     ``z`` is KTO's estimate of ``KL(π ‖ π_ref)`` as TRL 1.16's ``KTOTrainer`` forms it: over
     ``M`` mismatched (prompt, completion) pairs of the batch (TRL shifts the completions by one
-    within the batch), ``z = max(0, mean_j(policy_kl_logps_j - reference_kl_logps_j))``,
+    within the batch), ``z = max(0, mean_j(policy_kl_logps_j - ref_kl_logps_j))``,
     detached (no gradient flows through it), averaged over processes by ``kl_gather`` first
     (``accelerator.gather_for_metrics`` in TRL: a function from the local 0-d mean to the
     gathered values; ``None`` for one process). The clamp comes after the gather.
@@ -75,22 +75,22 @@ def kto_loss(
     desirable_weight = real_scalar("desirable_weight", desirable_weight, 0.0)
     undesirable_weight = real_scalar("undesirable_weight", undesirable_weight, 0.0)
     check_reduction(reduction)
-    sides = dict(policy_chosen_logps=policy_chosen_logps, reference_chosen_logps=reference_chosen_logps,
-                 policy_rejected_logps=policy_rejected_logps, reference_rejected_logps=reference_rejected_logps)
+    sides = dict(policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps,
+                 policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps)
     for name, t in sides.items():
         check_tensor(name, t, ndim=1)
-    check_same_shape(policy_chosen_logps=policy_chosen_logps, reference_chosen_logps=reference_chosen_logps)
-    check_same_shape(policy_rejected_logps=policy_rejected_logps, reference_rejected_logps=reference_rejected_logps)
+    check_same_shape(policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps)
+    check_same_shape(policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps)
     check_same_device(**sides)
     if policy_chosen_logps.shape[0] + policy_rejected_logps.shape[0] == 0:
         raise ValueError("policy_chosen_logps and policy_rejected_logps are both empty: "
                          "the batch must hold at least one completion")
     dtype = compute_dtype(*sides.values())
-    kl = _reference_point(loss_type, policy_kl_logps, reference_kl_logps, kl_gather, policy_chosen_logps, dtype)
+    kl = _reference_point(loss_type, policy_kl_logps, ref_kl_logps, kl_gather, policy_chosen_logps, dtype)
 
     chosen_logps, rejected_logps = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
-    chosen_ratios = chosen_logps - reference_chosen_logps.to(dtype)
-    rejected_ratios = rejected_logps - reference_rejected_logps.to(dtype)
+    chosen_ratios = chosen_logps - ref_chosen_logps.to(dtype)
+    rejected_ratios = rejected_logps - ref_rejected_logps.to(dtype)
     if loss_type == "kto":
         chosen_losses = 1 - torch.sigmoid(beta * (chosen_ratios - kl))
         rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_ratios))
@@ -109,25 +109,25 @@ def kto_loss(
     return reduce(losses, reduction), metrics
 
 
-def _reference_point(loss_type, policy_kl_logps, reference_kl_logps, kl_gather, like, dtype) -> torch.Tensor:
+def _reference_point(loss_type, policy_kl_logps, ref_kl_logps, kl_gather, like, dtype) -> torch.Tensor:
     """KTO's ``z``: the detached, gathered, clamped mean log-ratio of the KL pairs (0-d); 0 without a KL."""
     if loss_type not in KL_LOSS_TYPES:
-        for name, value in (("policy_kl_logps", policy_kl_logps), ("reference_kl_logps", reference_kl_logps),
+        for name, value in (("policy_kl_logps", policy_kl_logps), ("ref_kl_logps", ref_kl_logps),
                             ("kl_gather", kl_gather)):
             if value is not None:
                 raise ValueError(f"{name} must be None for loss_type {loss_type!r}, which has no KL term")
         return torch.zeros((), dtype=dtype, device=like.device)
-    for name, value in (("policy_kl_logps", policy_kl_logps), ("reference_kl_logps", reference_kl_logps)):
+    for name, value in (("policy_kl_logps", policy_kl_logps), ("ref_kl_logps", ref_kl_logps)):
         if value is None:
             raise ValueError(f"{name} is required for loss_type {loss_type!r}: it estimates the KL reference point")
         check_tensor(name, value, ndim=1)
-    check_same_shape(policy_kl_logps=policy_kl_logps, reference_kl_logps=reference_kl_logps)
+    check_same_shape(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
     check_same_device(policy_kl_logps=policy_kl_logps, policy_chosen_logps=like)
     if policy_kl_logps.shape[0] == 0:
         raise ValueError("policy_kl_logps must hold at least one KL pair; got shape (0,)")
     if kl_gather is not None and not callable(kl_gather):
         raise TypeError(f"kl_gather must be a callable (e.g. accelerator.gather_for_metrics); got {kl_gather!r}")
-    kl = (policy_kl_logps.detach().to(dtype) - reference_kl_logps.detach().to(dtype)).mean()
+    kl = (policy_kl_logps.detach().to(dtype) - ref_kl_logps.detach().to(dtype)).mean()
     if kl_gather is not None:
         kl = kl_gather(kl).to(dtype).mean()
     return kl.clamp(min=0)

@@ -10,51 +10,24 @@ import torch.nn as nn
 
 from ..checks import check_ignore_index
 from .common import check_positive, sequence_sum
-from .dpo import DPO_LOSS_TYPES, dpo_loss
-from .inpo import inpo_loss
-from .simpo import simpo_loss
-from .sparse_po import kl_row_selector, sparse_po_loss
-from .tdpo import tdpo_loss
+from .registry import LOSSES, LossEntry, entries_reading, loss_entry, stacked_token_inputs
+from .sparse_po import kl_row_selector
 
-# Losses that need the per-token KL (and therefore reference logits, not log-probs).
-_KL_LOSSES = ("tdpo1", "tdpo2", "sparse_po")
-PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "inpo") + _KL_LOSSES
-# Keyword arguments of the loss functions that PreferenceLoss fills in itself.
-_SET_BY_MODULE = frozenset({
-    "beta", "loss_type", "variant", "chosen_lengths", "rejected_lengths", "chosen_mask",
-    "rejected_mask", "chosen_cu_seqlens", "rejected_cu_seqlens",
-})
+# The registered names at import; a loss registered later is accepted too (the registry is read per call).
+PREFERENCE_LOSS_TYPES = tuple(LOSSES)
+# Keyword arguments that PreferenceLoss fills in itself, besides an entry's inputs and options.
+_SET_BY_MODULE = frozenset({"beta", "chosen_cu_seqlens", "rejected_cu_seqlens"})
 
 
-def _loss_function(loss_type):
-    if isinstance(loss_type, list):  # a weighted mix: DPOTrainer loss types only
-        return dpo_loss
-    if loss_type in ("tdpo1", "tdpo2"):
-        return tdpo_loss
-    return {"sparse_po": sparse_po_loss, "simpo": simpo_loss, "inpo": inpo_loss}.get(loss_type, dpo_loss)
-
-
-def _check_loss_type(loss_type):
-    """``loss_type`` as a str, or as a list for a mix of DPOTrainer loss types (TRL's form)."""
-    if isinstance(loss_type, (list, tuple)):
-        bad = [lt for lt in loss_type if not isinstance(lt, str) or lt not in DPO_LOSS_TYPES]
-        if not loss_type or bad:
-            raise ValueError(
-                f"a list loss_type mixes DPOTrainer loss types {DPO_LOSS_TYPES}; got {list(loss_type)}"
-            )
-        return list(loss_type)
-    if not isinstance(loss_type, str) or loss_type not in PREFERENCE_LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is unknown; expected one of {PREFERENCE_LOSS_TYPES}")
-    return loss_type
-
-
-def _check_loss_kwargs(loss_type, kwargs: dict) -> None:
+def _check_loss_kwargs(entry: LossEntry, loss_type, kwargs: dict) -> None:
     """Unknown, module-owned or missing required ``loss_kwargs`` fail at construction, not in forward."""
-    fn = _loss_function(loss_type)
-    params = {p.name: p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
-    allowed = sorted(set(params) - _SET_BY_MODULE)
+    fn = entry.function
+    params = {p.name: p for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in entry.inputs}
+    owned = (_SET_BY_MODULE | set(entry.options)) & set(params)
+    allowed = sorted(set(params) - owned)
     for key in kwargs:
-        if key in _SET_BY_MODULE and key in params:
+        if key in owned:
             raise TypeError(f"loss_kwargs must not set {key!r}: PreferenceLoss passes it to {fn.__name__}")
         if key not in params:
             raise TypeError(
@@ -64,6 +37,10 @@ def _check_loss_kwargs(loss_type, kwargs: dict) -> None:
     missing = [n for n in allowed if params[n].default is inspect.Parameter.empty and n not in kwargs]
     if missing:
         raise TypeError(f"loss_type {loss_type!r} needs loss_kwargs {missing}")
+
+
+def _owners(names) -> str:
+    return " or ".join(repr(name) for name in names)
 
 
 def _check_float_tensor(name: str, x, device) -> None:
@@ -99,16 +76,21 @@ class PreferenceLoss(nn.Module):
     valid token: its gradient there is ``±c KL_t`` even where it is 0 (:func:`sparse_po_loss`).
     Other losses use ``pk.token_logprobs`` (the reference's under no_grad).
     Sequence log-probs are sums over the tokens whose label is not ``ignore_index``; those
-    counts are the lengths of ``ipo``, ``sigmoid_norm``, ``sft`` and ``simpo`` (a row without
-    such a token has length 0, which ``dpo_loss`` and ``simpo`` take as 1, as TRL does).
+    counts are the lengths (of ``ipo``, ``sigmoid_norm``, ``sft``, ``simpo``, ``orpo``, the
+    ``cpo`` types; a row without such a token has length 0, which ``dpo_loss`` takes as 1, as TRL
+    does, and the reference-free losses are given as 1: ``LossEntry.min_length``).
 
+    What a loss type reads and whether it needs a reference or the KL is its entry in
+    :data:`~prefopt_kernels.losses.registry.LOSSES`; a loss registered there (one
+    :func:`~prefopt_kernels.losses.registry.register` call) is available here by its name.
     ``loss_type`` is any of :data:`PREFERENCE_LOSS_TYPES`, or a list of DPOTrainer loss types
     (:data:`DPO_LOSS_TYPES`) combined with ``loss_weights``, as TRL's ``loss_type=[...]``;
     ``beta`` and ``loss_kwargs`` go to the loss function (e.g. ``label_smoothing``,
     ``loss_weights``, ``f_divergence_type``, ``gamma``, ``alpha``, ``l1_reward``,
     ``eta``/``tau`` for ``inpo``, whose ``beta`` is unused). ``metrics`` are those of the loss
     plus ``logps/chosen``, ``logps/rejected`` (summed policy log-probs) where the loss does not
-    report them.
+    report them. Reference-free losses (``simpo``, ``orpo``, ``cpo*``) take neither reference
+    argument (one given is not read).
 
     Checks, each an error naming the argument: at construction, ``beta`` and ``temperature``
     (finite real scalars > 0: Python or numpy numbers, 0-d tensors), ``ignore_index`` (an
@@ -132,12 +114,15 @@ class PreferenceLoss(nn.Module):
         **loss_kwargs,
     ):
         super().__init__()
-        loss_type = _check_loss_type(loss_type)
+        entry = loss_entry(loss_type)
+        if not entry.paired:
+            raise ValueError(f"loss_type {loss_type!r} is unpaired; PreferenceLoss takes stacked chosen/rejected pairs")
         check_ignore_index(ignore_index)
         if not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be a bool, got {shift_labels!r}")
-        _check_loss_kwargs(loss_type, loss_kwargs)
-        self.loss_type = loss_type
+        _check_loss_kwargs(entry, loss_type, loss_kwargs)
+        self.loss_type = list(loss_type) if isinstance(loss_type, (list, tuple)) else loss_type
+        self.entry = entry
         self.beta = check_positive("beta", beta)
         self.ignore_index = ignore_index
         self.shift_labels = shift_labels
@@ -192,9 +177,10 @@ class PreferenceLoss(nn.Module):
                 f"labels must be [2B, T] = {tuple(logits.shape[:2])} like the logits, "
                 f"got {getattr(labels, 'shape', labels)}"
             )
-        if (ref_logits is None) == (ref_logps is None) and self.loss_type != "simpo":
+        entry = self.entry
+        if (ref_logits is None) == (ref_logps is None) and entry.needs_reference:
             raise ValueError("give exactly one of ref_logits and ref_logps")
-        if self.loss_type in _KL_LOSSES and ref_logits is None:
+        if entry.needs_kl and ref_logits is None:
             raise ValueError(f"loss_type {self.loss_type!r} needs ref_logits (its KL sums over the vocabulary)")
         if ref_logits is not None and (
             not isinstance(ref_logits, torch.Tensor) or ref_logits.shape != logits.shape
@@ -203,11 +189,12 @@ class PreferenceLoss(nn.Module):
                 f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
                 f"got {getattr(ref_logits, 'shape', ref_logits)}"
             )
-        owners = (("reward_mask", reward_mask, "sparse_po"), ("kl_mask", kl_mask, "sparse_po"),
-                  ("prev_logps", prev_logps, "inpo"))
-        for name, value, owner in owners:
-            if value is not None and self.loss_type != owner:
-                raise ValueError(f"{name} is only used by loss_type {owner!r}, not {self.loss_type!r}")
+        owners = (("reward_mask", reward_mask, "chosen_reward_mask"), ("kl_mask", kl_mask, "chosen_kl_mask"),
+                  ("prev_logps", prev_logps, "prev_chosen_logps"))
+        for name, value, input_name in owners:
+            if value is not None and input_name not in entry.inputs:
+                raise ValueError(f"{name} is only used by loss_type {_owners(entries_reading(input_name))}, "
+                                 f"not {self.loss_type!r}")
         n_rows = logits.shape[0]
         full_labels_shape = tuple(labels.shape)
         if reward_mask is not None:
@@ -224,9 +211,9 @@ class PreferenceLoss(nn.Module):
                     )
             else:
                 ref_logps = self._token_arg("ref_logps", ref_logps, full_labels_shape, logits.device)
-        if self.loss_type == "inpo":
+        if "prev_chosen_logps" in entry.inputs:
             if prev_logps is None:
-                raise ValueError("loss_type 'inpo' needs prev_logps ([2B] previous-iterate log-probs)")
+                raise ValueError(f"loss_type {self.loss_type!r} needs prev_logps ([2B] previous-iterate log-probs)")
             _check_float_tensor("prev_logps", prev_logps, logits.device)
             if tuple(prev_logps.shape) != (n_rows,):
                 raise ValueError(f"prev_logps must be [2B] = [{n_rows}], got {tuple(prev_logps.shape)}")
@@ -240,57 +227,41 @@ class PreferenceLoss(nn.Module):
         valid = is_valid.to(torch.float32)
         common = dict(ignore_index=self.ignore_index, temperature=self.temperature,
                       inplace_backward=self.inplace_backward)
-        div = None
-        if self.loss_type in _KL_LOSSES:
+        n = logits.shape[0] // 2
+        if entry.needs_kl:
             # where, not a product: the mask may hold garbage (inf/NaN) at ignored tokens.
             selector = kl_row_selector(kl_mask)
             div_weight = None if selector is None else torch.where(is_valid, selector.float(), 0.0)
             terms = token_terms(logits, labels, ref_logits, divergence="forward_kl", div_weight=div_weight, **common)
-            logp, ref_tok, div = terms.logp, terms.ref_logp, terms.div
+            logp, ref_tok = terms.logp, terms.ref_logp
+            inputs = stacked_token_inputs(logp - ref_tok, terms.div, valid, reward_mask, kl_mask)
         else:
             logp = token_logprobs(logits, labels, **common)
-            if ref_logits is not None and self.loss_type != "simpo":
+            if ref_logits is not None and entry.needs_reference:
                 with torch.no_grad():
                     ref_tok = token_logprobs(ref_logits, labels, ignore_index=self.ignore_index,
                                              temperature=self.temperature)
             else:
                 ref_tok = ref_logps
 
-        n = logits.shape[0] // 2
         seq_logps = sequence_sum(logp, valid)
-        lengths = valid.sum(dim=1)
         metrics_logps = {"logps/chosen": seq_logps[:n].detach().mean(),
                          "logps/rejected": seq_logps[n:].detach().mean()}
-
-        if self.loss_type in _KL_LOSSES:
-            logratios = logp - ref_tok
-            v_w, v_l = valid[:n], valid[n:]
-            if self.loss_type == "sparse_po":
-                um = (None, None) if reward_mask is None else (reward_mask[:n], reward_mask[n:])
-                km = (None, None) if kl_mask is None else (kl_mask[:n], kl_mask[n:])
-                loss, metrics = sparse_po_loss(
-                    logratios[:n], logratios[n:], div[:n], div[n:], um[0], um[1], km[0], km[1],
-                    chosen_mask=v_w, rejected_mask=v_l, beta=self.beta, **self.loss_kwargs)
-            else:
-                loss, metrics = tdpo_loss(
-                    logratios[:n], logratios[n:], div[:n], div[n:], v_w, v_l, beta=self.beta,
-                    variant=1 if self.loss_type == "tdpo1" else 2, **self.loss_kwargs)
-        elif self.loss_type == "simpo":
-            # A row without a kept label has log-prob 0; its length is taken as 1, as dpo_loss does.
-            simpo_lengths = lengths.clamp(min=1)
-            loss, metrics = simpo_loss(seq_logps[:n], seq_logps[n:], simpo_lengths[:n], simpo_lengths[n:],
-                                       beta=self.beta, **self.loss_kwargs)
-        else:
-            ref_seq = ref_tok if ref_tok.dim() == 1 else sequence_sum(ref_tok.to(torch.float32), valid)
-            ref_seq = ref_seq.detach()
-            if self.loss_type == "inpo":
-                loss, metrics = inpo_loss(seq_logps[:n], seq_logps[n:], ref_seq[:n], ref_seq[n:],
-                                          prev_logps[:n].detach(), prev_logps[n:].detach(), **self.loss_kwargs)
-            else:
-                loss, metrics = dpo_loss(seq_logps[:n], seq_logps[n:], ref_seq[:n], ref_seq[n:],
-                                         beta=self.beta, loss_type=self.loss_type,
-                                         chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
-                                         **self.loss_kwargs)
+        if entry.level == "sequence":
+            lengths = valid.sum(dim=1)
+            if entry.min_length:
+                # A row without a kept label has log-prob 0; its length is taken as min_length.
+                lengths = lengths.clamp(min=entry.min_length)
+            inputs = {"policy_chosen_logps": seq_logps[:n], "policy_rejected_logps": seq_logps[n:],
+                      "chosen_lengths": lengths[:n], "rejected_lengths": lengths[n:]}
+            if entry.needs_reference:
+                ref_seq = ref_tok if ref_tok.dim() == 1 else sequence_sum(ref_tok.to(torch.float32), valid)
+                ref_seq = ref_seq.detach()
+                inputs.update(ref_chosen_logps=ref_seq[:n], ref_rejected_logps=ref_seq[n:])
+            if prev_logps is not None:
+                inputs.update(prev_chosen_logps=prev_logps[:n].detach(), prev_rejected_logps=prev_logps[n:].detach())
+        loss, metrics = entry(inputs, beta=self.beta, **self.loss_kwargs)
         for key, value in metrics_logps.items():
             metrics.setdefault(key, value)
         return loss, metrics
+

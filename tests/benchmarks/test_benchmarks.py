@@ -382,18 +382,23 @@ def test_cli_dpo_step_tiny(tmp_path):
         assert (r["v"], r["n"], r["h"], r["dtype"]) == (512, 256, 32, "bf16")
     trl = rows["trl:sigmoid"]
     full = rows["full-logits:sparse_po"]
+    same_loss = {"sparse_po": full, "orpo": rows["trl:orpo"], "cpo": rows["trl:cpo"]}
     for r in rows.values():
         assert r["speedup_vs_trl"] == pytest.approx(trl["time_ms"] / r["time_ms"])
         assert r["mem_vs_trl"] == pytest.approx(r["mem_bytes"] / trl["mem_bytes"])
-        if r["loss_type"] == "sparse_po":
-            assert r["speedup_vs_full_logits"] == pytest.approx(full["time_ms"] / r["time_ms"])
-            assert r["mem_vs_full_logits"] == pytest.approx(r["mem_bytes"] / full["mem_bytes"])
+        if r["loss_type"] in same_loss:
+            baseline = same_loss[r["loss_type"]]
+            assert r["speedup_vs_full_logits"] == pytest.approx(baseline["time_ms"] / r["time_ms"])
+            assert r["mem_vs_full_logits"] == pytest.approx(r["mem_bytes"] / baseline["mem_bytes"])
         else:
             assert "speedup_vs_full_logits" not in r
     assert trl["speedup_vs_trl"] == 1.0
     # The reference differs from the policy, so the loss is not log 2; bf16 autocast.
     assert rows["prefopt:sigmoid"]["loss"] == pytest.approx(trl["loss"], rel=5e-3)
     assert rows["prefopt:sparse_po"]["loss"] == pytest.approx(full["loss"], rel=5e-3)
+    # ORPO and CPO: our trainer on the fused head computes the stock trainers' loss.
+    assert rows["prefopt:orpo"]["loss"] == pytest.approx(rows["trl:orpo"]["loss"], rel=5e-3)
+    assert rows["prefopt:cpo"]["loss"] == pytest.approx(rows["trl:cpo"]["loss"], rel=5e-3)
     assert abs(trl["loss"] - 0.6931) > 1e-3
     md = (tmp_path / "results.md").read_text()
     assert "| logprobs | fwd | 4 | 10 | fp32 | eager |" in md

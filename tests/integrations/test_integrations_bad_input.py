@@ -37,6 +37,12 @@ CASES = {
         lambda out: _config(out, loss_type="simpo", precompute_ref_log_probs=True), ValueError, "no reference model"),
     "PrefOptDPOConfig: sync_ref_model for simpo": (
         lambda out: _config(out, loss_type="simpo", sync_ref_model=True), ValueError, "no reference model"),
+    "PrefOptDPOConfig: unknown loss_type": (lambda out: _config(out, loss_type="orpo2"), ValueError,
+                                            "loss_type 'orpo2' is unknown"),
+    "PrefOptDPOConfig: orpo in a list": (lambda out: _config(out, loss_type=["orpo", "sft"]), ValueError,
+                                         "loss_type 'orpo' must be used alone"),
+    "PrefOptDPOConfig: precompute_ref_log_probs for cpo": (
+        lambda out: _config(out, loss_type="cpo", precompute_ref_log_probs=True), ValueError, "no reference model"),
     # The fused LM head computes the outputs it knows only.
     "add_fused_lm_head: unknown output": (
         lambda out: pk_trl.add_fused_lm_head(make_model("plain"), outputs=("log_probs", "logits")), ValueError,

@@ -214,8 +214,8 @@ def test_kto_matches_trl(loss_type, kl_shift, labels):
 
 def _good():
     pc, pr, rc, rr, pk, rk = _inputs(2, 3, 0.5)
-    return dict(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
-                reference_rejected_logps=rr, policy_kl_logps=pk, reference_kl_logps=rk)
+    return dict(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc,
+                ref_rejected_logps=rr, policy_kl_logps=pk, ref_kl_logps=rk)
 
 
 def _empty():
@@ -223,8 +223,8 @@ def _empty():
 
 
 BAD = [
-    ({"policy_chosen_logps": _empty(), "reference_chosen_logps": _empty(),
-      "policy_rejected_logps": _empty(), "reference_rejected_logps": _empty()}, ValueError, "both empty"),
+    ({"policy_chosen_logps": _empty(), "ref_chosen_logps": _empty(),
+      "policy_rejected_logps": _empty(), "ref_rejected_logps": _empty()}, ValueError, "both empty"),
     ({"beta": math.nan}, ValueError, "beta must be finite"),
     ({"beta": math.inf}, ValueError, "beta must be finite"),
     ({"beta": 0.0}, ValueError, "beta must be > 0"),
@@ -233,20 +233,20 @@ BAD = [
     ({"undesirable_weight": math.nan}, ValueError, "undesirable_weight must be finite"),
     ({"loss_type": "bco"}, ValueError, "loss_type must be one of"),
     ({"reduction": "max"}, ValueError, "reduction must be one of"),
-    ({"reference_chosen_logps": torch.zeros(3, dtype=torch.float64)}, ValueError, "reference_chosen_logps has shape"),
-    ({"reference_rejected_logps": torch.zeros(2, dtype=torch.float64)}, ValueError,
-     "reference_rejected_logps has shape"),
+    ({"ref_chosen_logps": torch.zeros(3, dtype=torch.float64)}, ValueError, "ref_chosen_logps has shape"),
+    ({"ref_rejected_logps": torch.zeros(2, dtype=torch.float64)}, ValueError,
+     "ref_rejected_logps has shape"),
     ({"policy_chosen_logps": torch.zeros(2, 1, dtype=torch.float64)}, ValueError,
      "policy_chosen_logps must have 1 dimension"),
     ({"policy_rejected_logps": torch.zeros(3, dtype=torch.long)}, TypeError,
      "policy_rejected_logps must be a floating-point tensor"),
     ({"policy_kl_logps": None}, ValueError, "policy_kl_logps is required"),
-    ({"reference_kl_logps": torch.zeros(4, dtype=torch.float64)}, ValueError, "reference_kl_logps has shape"),
-    ({"policy_kl_logps": _empty(), "reference_kl_logps": _empty()}, ValueError,
+    ({"ref_kl_logps": torch.zeros(4, dtype=torch.float64)}, ValueError, "ref_kl_logps has shape"),
+    ({"policy_kl_logps": _empty(), "ref_kl_logps": _empty()}, ValueError,
      "policy_kl_logps must hold at least one"),
     ({"kl_gather": 3}, TypeError, "kl_gather must be a callable"),
     ({"loss_type": "apo_zero_unpaired"}, ValueError, "policy_kl_logps must be None"),
-    ({"loss_type": "apo_zero_unpaired", "policy_kl_logps": None, "reference_kl_logps": None,
+    ({"loss_type": "apo_zero_unpaired", "policy_kl_logps": None, "ref_kl_logps": None,
       "kl_gather": lambda x: x}, ValueError, "kl_gather must be None"),
 ]
 
@@ -255,3 +255,26 @@ BAD = [
 def test_kto_bad_input(change, error, message):
     with pytest.raises(error, match=message):
         L.kto_loss(**{**_good(), **change})
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("loss_type", L.KTO_LOSS_TYPES)
+def test_registry_entry_is_kto_loss(loss_type):
+    """Each KTO type is one unpaired registry entry: called on the named inputs it picks exactly
+    the ones its type reads (the KL pairs for ``kto`` only) and gives ``kto_loss``'s result; the
+    pairwise module refuses it."""
+    entry = L.LOSSES[loss_type]
+    assert not entry.paired and entry.needs_reference and entry.level == "sequence"
+    inputs = _good()
+    expected_inputs = dict(inputs)
+    if loss_type != "kto":
+        expected_inputs.update(policy_kl_logps=None, ref_kl_logps=None)
+    loss, metrics = entry(inputs, beta=BETA, desirable_weight=LAMBDA_D, undesirable_weight=LAMBDA_U)
+    want, want_metrics = L.kto_loss(**expected_inputs, beta=BETA, desirable_weight=LAMBDA_D,
+                                    undesirable_weight=LAMBDA_U, loss_type=loss_type)
+    assert torch.equal(loss, want)
+    assert metrics.keys() == want_metrics.keys()
+    with pytest.raises(ValueError, match=f"loss_type '{loss_type}' is unpaired"):
+        L.PreferenceLoss(loss_type)
