@@ -222,8 +222,8 @@ def tensor_parallel_markdown(section: dict) -> str:
 
 
 DPO_COLUMNS = ["variant", "trainer", "loss_type", "LM head", "time ms (p20-p80)",
-               "x trl:sigmoid", "peak MiB", "mem / trl:sigmoid", "x full logits",
-               "mem / full logits", "loss", "note"]
+               "x trl:sigmoid", "peak MiB", "mem / trl:sigmoid", "x same-loss baseline",
+               "mem / same-loss baseline", "loss", "note"]
 DPO_HEADER = (
     "One training step (compute_loss on the model as train() prepares it, then "
     "accelerator.backward; no optimizer step) on the same batch and the same two models. "
@@ -233,10 +233,14 @@ DPO_HEADER = (
     "prefopt:sparse_po: PrefOptDPOTrainer's SparsePO (learned mask) from one "
     "linear_token_terms call over both models' hidden states. full-logits:sparse_po: the same "
     "with that call replaced by both models' logits projected in full and fp32 log_softmax, "
-    "as eager SparsePO code computes it (TRL has no SparsePO).")
+    "as eager SparsePO code computes it (TRL has no SparsePO). trl:orpo, trl:cpo: TRL's "
+    "ORPOTrainer and CPOTrainer (sigmoid); prefopt:orpo, prefopt:cpo: PrefOptDPOTrainer's "
+    "reference-free loss types of the same names on the fused head.")
 DPO_METRICS = (
     "time: median per step (20th-80th percentile). x trl:sigmoid: trl:sigmoid's time / this "
-    "time; x full logits: full-logits:sparse_po's time / this time (SparsePO rows). peak MiB: "
+    "time; x same-loss baseline: the time of the row that computes the same loss the stock "
+    "way / this time (full-logits:sparse_po for SparsePO, trl:orpo and trl:cpo for ORPO and "
+    "CPO). peak MiB: "
     "peak memory during one step above what was allocated before it (models and batch); it "
     "includes the parameter gradients the step creates. mem / ...: this peak / that row's "
     "peak. loss: the loss of the measured step; rows of the same loss_type compute the same "
