@@ -1,23 +1,171 @@
 """Head weights that a training framework shards across ranks by parameter (not by vocabulary):
-FSDP2 ``DTensor``\\ s and DeepSpeed ZeRO-3 partitioned parameters, gathered for a call.
-Neither library is imported unless such a weight is passed."""
+FSDP2 ``DTensor``\\ s and DeepSpeed ZeRO-3 partitioned parameters.
+
+An FSDP2 head (``fully_shard`` on a ``Linear`` ``[V, H]``: placements ``(Shard(0),)`` on a 1-D
+mesh) already holds a vocabulary shard per rank, so a call runs vocabulary-sharded over the mesh's
+group instead of gathering the head (:func:`vocab_shard_group`, :class:`TokensOfAllRanks`): every
+rank's tokens are all-gathered (``N_total`` rows of ``H``, against the head's ``V H``), each rank
+computes with its own rows of the head, keeps its own tokens' outputs, and its rows of the head's
+gradient are those FSDP2 would hold after its own reduce-scatter: averaged over the ranks.
+Other ``DTensor`` heads are gathered whole (:func:`unsharded`), ZeRO-3 parameters too
+(:func:`gathered`). Neither library is imported unless such a weight is passed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
+
+import torch
+
+
+def _is_dtensor(t) -> bool:
+    return t is not None and hasattr(t, "full_tensor") and hasattr(t, "placements")
 
 
 def unsharded(weight, bias, differentiable: bool = True):
-    """FSDP2 ``DTensor`` head parameters as plain tensors; the gather's backward reduces the gradient.
+    """``DTensor`` head parameters as plain tensors, gathered whole.
 
-    A reference head (``differentiable=False``) is gathered outside autograd: it receives no
-    gradient, and a gather in the graph would expect one in the backward.
+    The gradient flows back as FSDP2's own reduce-scatter would leave it: averaged over the
+    mesh (each rank's gradient is of its own tokens). A reference head (``differentiable=False``)
+    is gathered outside autograd: it receives no gradient, and a gather in the graph would
+    expect one in the backward.
     """
     def full(t):
-        if t is None or not (hasattr(t, "full_tensor") and hasattr(t, "placements")):
+        if not _is_dtensor(t):
             return t
-        return (t if differentiable else t.detach()).full_tensor()
+        if not differentiable:
+            return t.detach().full_tensor()
+        from torch.distributed.tensor import Partial
+
+        return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
     return full(weight), full(bias)
+
+
+def vocab_shard_group(weight, *others):
+    """The process group over which ``weight`` is sharded by vocabulary, or None.
+
+    That is an FSDP2 ``DTensor`` ``[V, H]`` with placements ``(Shard(0),)`` on a 1-D mesh, and
+    every tensor of ``others`` (bias, reference head) None or a ``DTensor`` placed alike on the
+    same mesh. Shards follow ``torch.chunk``: contiguous, in rank order, the last ones shorter
+    or empty.
+    """
+    if not _is_dtensor(weight) or weight.device_mesh.ndim != 1:
+        return None
+    from torch.distributed.tensor import Shard
+
+    for t in (weight,) + others:
+        if t is not None and not (_is_dtensor(t) and t.device_mesh == weight.device_mesh
+                                  and tuple(t.placements) == (Shard(0),)):
+            return None
+    return weight.device_mesh.get_group()
+
+
+def local_rows(param, differentiable: bool = True) -> Optional[torch.Tensor]:
+    """This rank's rows of a vocabulary-sharded ``DTensor`` (None stays None). Its gradient reaches
+    ``param`` divided by the mesh's size: FSDP2 averages its reduce-scatter over the ranks by
+    default (``gradient_divide_factor`` None), and each rank's rows here receive the gradient of
+    every rank's tokens."""
+    if param is None:
+        return None
+    if not differentiable:
+        return param.detach().to_local()
+    return _ScaledGradient.apply(param.to_local(), 1.0 / param.device_mesh.size())
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """The identity; its backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class _GradientSummedOverRanks(torch.autograd.Function):
+    """The identity; its backward sums the gradient over ``group`` (each rank's loss reads its own
+    tokens' outputs, and every rank's backward needs all of them)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .. import distributed
+
+        grad = grad.to(torch.float32).contiguous()
+        distributed.all_reduce_sum(grad, process_group=ctx.group)
+        return grad, None
+
+
+class _RowsOfAllRanks(torch.autograd.Function):
+    """Every rank's ``[n_r, ...]`` rows, in rank order; the backward keeps this rank's rows of the
+    gradient (the sharded ops' hidden gradient is already summed over the ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, tokens):
+        ctx.start, ctx.count = tokens.start, tokens.count
+        return tokens.gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start:ctx.start + ctx.count], None
+
+
+class TokensOfAllRanks:
+    """Where this rank's tokens sit among every rank's on ``group``: one all-gather of the counts.
+
+    :meth:`rows` gathers a per-token tensor (``[..., *trailing]`` with the call's leading shape,
+    differentiable), :meth:`own` takes this rank's tokens of a gathered ``[N_total]`` output back.
+    """
+
+    def __init__(self, lead, group, device):
+        from .. import distributed
+
+        self.lead, self.group = tuple(lead), group
+        self.count = 1
+        for size in self.lead:
+            self.count *= size
+        counts = distributed.all_gather(torch.tensor([self.count], dtype=torch.int64, device=device), group)
+        self.counts = [int(c) for c in counts.reshape(-1).tolist()]
+        rank = torch.distributed.get_rank(group)
+        self.start, self.total = sum(self.counts[:rank]), sum(self.counts)
+
+    def gather(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[N_total, ...]`` from every rank's ``[n_r, ...]`` (padded to the largest ``n_r`` to travel)."""
+        from .. import distributed
+
+        widest = max(self.counts)
+        padded = flat.new_zeros((widest,) + tuple(flat.shape[1:]))
+        padded[:flat.shape[0]] = flat
+        parts = distributed.all_gather(padded, self.group)
+        return torch.cat([part[:n] for part, n in zip(parts, self.counts)])
+
+    def rows(self, x: Optional[torch.Tensor], trailing: int) -> Optional[torch.Tensor]:
+        """Every rank's ``x`` (``[*lead, *trailing dims]``) as ``[1, N_total, *trailing dims]``;
+        a bool tensor travels as uint8."""
+        if x is None:
+            return None
+        shape = tuple(x.shape[x.dim() - trailing:]) if trailing else ()
+        flat = x.reshape((self.count,) + shape)
+        if x.dtype == torch.bool:
+            return self.gather(flat.to(torch.uint8)).to(torch.bool).unsqueeze(0)
+        if x.requires_grad:
+            return _RowsOfAllRanks.apply(flat, self).unsqueeze(0)
+        return self.gather(flat).unsqueeze(0)
+
+    def own(self, value: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a gathered ``[1, N_total]`` output, in its leading shape; a
+        differentiable one gets the gradient of every rank's loss in the backward."""
+        if value.requires_grad:
+            value = _GradientSummedOverRanks.apply(value, self.group)
+        return value.reshape(-1)[self.start:self.start + self.count].reshape(self.lead)
 
 
 def gathered(*params):

@@ -28,6 +28,7 @@ from .. import distributed
 from ..checks import check_budget, check_head, check_hidden, check_temperature, head_spec
 from ..ops import token_divergence
 from .heads import FP32, Head, accumulate
+from .sharded_heads import TokensOfAllRanks, local_rows, vocab_shard_group
 from .sparse_checks import (ABSENT_ID, LOGPROB_TOLERANCE, check_teacher, check_teacher_values, check_teacher_vocab,
                             teacher_shard)
 from .tiles import TilePlan, fp32_tile_count
@@ -280,6 +281,8 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
             states' gradient is summed over the ranks. Per kept token the forward moves
             ``4 R (k + 3)`` bytes, the backward ``4 H``. Ranks that disagree on the call raise
             the same error naming the argument. Without ``add_tail`` the tiled pass runs.
+            An FSDP2 head (a ``DTensor`` placed ``Shard(0)`` on a 1-D mesh) runs so over its
+            mesh with every rank's tokens gathered, as the other fused linear ops do.
 
     Returns:
         fp32 ``[...]`` per-token divergence, or ``(divergence, entropy)``; 0 at masked tokens;
@@ -287,6 +290,17 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
         over the whole vocabulary in the backward's tiles; sharded, the rank's rows of the head).
     """
     check_hidden(hidden, "hidden")
+    fsdp_group = None if process_group is not None else vocab_shard_group(head_weight, head_bias)
+    if fsdp_group is not None:
+        tokens = TokensOfAllRanks(hidden.shape[:-1], fsdp_group, hidden.device)
+        check_teacher(teacher_ids, teacher_logprobs, hidden, teacher_vocab_size)
+        out = linear_sparse_teacher_divergence(
+            tokens.rows(hidden, 1), local_rows(head_weight), tokens.rows(teacher_ids, 1),
+            tokens.rows(teacher_logprobs, 1), head_bias=local_rows(head_bias), divergence=divergence, beta=beta,
+            alpha=alpha, mask=tokens.rows(mask, 0), temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap, add_tail=add_tail, teacher_vocab_size=teacher_vocab_size,
+            return_entropy=return_entropy, memory_budget=memory_budget, process_group=fsdp_group)
+        return tuple(tokens.own(x) for x in out) if return_entropy else tokens.own(out)
     check_head(hidden, head_weight, head_bias, "", None, process_group is not None)
     check_teacher(teacher_ids, teacher_logprobs, hidden, teacher_vocab_size)
     temperature = check_temperature(temperature)
