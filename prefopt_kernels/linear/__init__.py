@@ -33,7 +33,8 @@ Head weights that FSDP2 shards by rows (``fully_shard``: a ``DTensor`` placed ``
 1-D mesh) are used where they lie: every rank's tokens are all-gathered and the call runs
 vocabulary-sharded over the mesh's group, each rank keeping its own tokens' outputs and
 receiving its rows of the head's gradient averaged over the ranks, as FSDP2's reduce-scatter
-leaves them; a rank holds ``N_total H`` gathered hidden states instead of the ``V H`` head.
+leaves them; a rank holds ``N_total H`` gathered hidden states instead of the ``V H`` head. A
+reference head may be sharded alike or whole (its rows are then sliced).
 Other ``DTensor`` heads are gathered with ``full_tensor()`` (the gradient averaged alike);
 DeepSpeed ZeRO-3 partitioned weights are gathered for the checks and the forward, and again
 for the backward (:mod:`.sharded_heads`).
@@ -63,7 +64,7 @@ def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, re
     """Run an FSDP2 head by vocabulary, or gather sharded heads, check everything, run the registered
     op: ``(outputs, extras)`` by name."""
     group = None if options.get("process_group") is not None else \
-        vocab_shard_group(head_weight, head_bias, ref_head_weight, ref_head_bias)
+        vocab_shard_group(head_weight, head_bias, (ref_head_weight, ref_head_bias))
     if group is not None:
         return _run_fsdp_vocab_sharded(group, hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight,
                                        ref_head_bias, **options)
@@ -82,12 +83,14 @@ def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, re
 def _run_fsdp_vocab_sharded(group, hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
                             div_weight=None, process_group=None, **options):
     """``_run`` on FSDP2 heads without gathering them: every rank's tokens gathered, this rank's rows
-    of the heads, the call sharded by vocabulary over ``group``, this rank's tokens' outputs kept."""
+    of the heads (of a whole reference head too), the call sharded by vocabulary over ``group``, this
+    rank's tokens' outputs kept."""
     check_hidden(hidden, "hidden")
-    tokens = TokensOfAllRanks(hidden.shape[:-1], group, hidden.device)
+    tokens = TokensOfAllRanks(hidden.shape[:-1], head_weight, group, hidden.device)
+    rows = tokens.vocab_rows
     result, extras = _run_gathered(
         tokens.rows(hidden, 1), local_rows(head_weight), local_rows(head_bias), tokens.rows(labels, 0),
-        tokens.rows(ref_hidden, 1), local_rows(ref_head_weight, False), local_rows(ref_head_bias, False),
+        tokens.rows(ref_hidden, 1), local_rows(ref_head_weight, False, rows), local_rows(ref_head_bias, False, rows),
         div_weight=tokens.rows(div_weight, 0), process_group=group, **options)
     return ({name: tokens.own(value) for name, value in result.items()},
             {name: tokens.own(value) for name, value in extras.items()})

@@ -42,32 +42,43 @@ def unsharded(weight, bias, differentiable: bool = True):
     return full(weight), full(bias)
 
 
-def vocab_shard_group(weight, *others):
-    """The process group over which ``weight`` is sharded by vocabulary, or None.
+def vocab_shard_group(weight, bias, references=()):
+    """The process group over which the head ``weight`` is sharded by vocabulary, or None.
 
-    That is an FSDP2 ``DTensor`` ``[V, H]`` with placements ``(Shard(0),)`` on a 1-D mesh, and
-    every tensor of ``others`` (bias, reference head) None or a ``DTensor`` placed alike on the
-    same mesh. Shards follow ``torch.chunk``: contiguous, in rank order, the last ones shorter
-    or empty.
+    That is an FSDP2 ``DTensor`` ``[V, H]`` with placements ``(Shard(0),)`` on a 1-D mesh, its
+    ``bias`` None or placed alike on the same mesh, and each of ``references`` (a reference
+    head's weight and bias: no gradient) None, placed alike, or a plain tensor of all ``V``
+    rows (:func:`local_rows` slices it). Shards follow ``torch.chunk``: contiguous, in rank
+    order, the last ones shorter or empty.
     """
     if not _is_dtensor(weight) or weight.device_mesh.ndim != 1:
         return None
     from torch.distributed.tensor import Shard
 
-    for t in (weight,) + others:
-        if t is not None and not (_is_dtensor(t) and t.device_mesh == weight.device_mesh
-                                  and tuple(t.placements) == (Shard(0),)):
+    def placed_alike(t):
+        return _is_dtensor(t) and t.device_mesh == weight.device_mesh and tuple(t.placements) == (Shard(0),)
+
+    if not placed_alike(weight) or not (bias is None or placed_alike(bias)):
+        return None
+    for t in references:
+        whole = isinstance(t, torch.Tensor) and not _is_dtensor(t) and t.dim() >= 1 and t.shape[0] == weight.shape[0]
+        if not (t is None or placed_alike(t) or whole):
             return None
     return weight.device_mesh.get_group()
 
 
-def local_rows(param, differentiable: bool = True) -> Optional[torch.Tensor]:
-    """This rank's rows of a vocabulary-sharded ``DTensor`` (None stays None). Its gradient reaches
-    ``param`` divided by the mesh's size: FSDP2 averages its reduce-scatter over the ranks by
-    default (``gradient_divide_factor`` None), and each rank's rows here receive the gradient of
-    every rank's tokens."""
+def local_rows(param, differentiable: bool = True, rows: Optional[slice] = None) -> Optional[torch.Tensor]:
+    """This rank's rows of a vocabulary-sharded ``DTensor`` (None stays None), or ``rows`` of a plain
+    tensor holding all of them (a reference head, not differentiable).
+
+    A differentiable one's gradient reaches ``param`` divided by the mesh's size: FSDP2 averages
+    its reduce-scatter over the ranks by default (``gradient_divide_factor`` None), and each
+    rank's rows here receive the gradient of every rank's tokens.
+    """
     if param is None:
         return None
+    if not _is_dtensor(param):
+        return param.detach()[rows]
     if not differentiable:
         return param.detach().to_local()
     return _ScaledGradient.apply(param.to_local(), 1.0 / param.device_mesh.size())
@@ -119,23 +130,27 @@ class _RowsOfAllRanks(torch.autograd.Function):
 
 
 class TokensOfAllRanks:
-    """Where this rank's tokens sit among every rank's on ``group``: one all-gather of the counts.
+    """Where this rank's tokens (of leading shape ``lead``) sit among every rank's on ``group``, and
+    its rows ``vocab_rows`` of the head ``weight``: one all-gather of both counts.
 
     :meth:`rows` gathers a per-token tensor (``[..., *trailing]`` with the call's leading shape,
     differentiable), :meth:`own` takes this rank's tokens of a gathered ``[N_total]`` output back.
     """
 
-    def __init__(self, lead, group, device):
+    def __init__(self, lead, weight, group, device):
         from .. import distributed
 
         self.lead, self.group = tuple(lead), group
         self.count = 1
         for size in self.lead:
             self.count *= size
-        counts = distributed.all_gather(torch.tensor([self.count], dtype=torch.int64, device=device), group)
-        self.counts = [int(c) for c in counts.reshape(-1).tolist()]
+        mine = torch.tensor([self.count, weight.to_local().shape[0]], dtype=torch.int64, device=device)
+        counts = distributed.all_gather(mine, group).cpu()
+        self.counts = [int(c) for c in counts[:, 0].tolist()]
         rank = torch.distributed.get_rank(group)
-        self.start, self.total = sum(self.counts[:rank]), sum(self.counts)
+        self.start = sum(self.counts[:rank])
+        v0 = int(counts[:rank, 1].sum())
+        self.vocab_rows = slice(v0, v0 + int(counts[rank, 1]))
 
     def gather(self, flat: torch.Tensor) -> torch.Tensor:
         """``[N_total, ...]`` from every rank's ``[n_r, ...]`` (padded to the largest ``n_r`` to travel)."""

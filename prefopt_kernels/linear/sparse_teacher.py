@@ -292,7 +292,7 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
     check_hidden(hidden, "hidden")
     fsdp_group = None if process_group is not None else vocab_shard_group(head_weight, head_bias)
     if fsdp_group is not None:
-        tokens = TokensOfAllRanks(hidden.shape[:-1], fsdp_group, hidden.device)
+        tokens = TokensOfAllRanks(hidden.shape[:-1], head_weight, fsdp_group, hidden.device)
         check_teacher(teacher_ids, teacher_logprobs, hidden, teacher_vocab_size)
         out = linear_sparse_teacher_divergence(
             tokens.rows(hidden, 1), local_rows(head_weight), tokens.rows(teacher_ids, 1),

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Partial
+from torch.distributed.tensor import DTensor, Partial
 
 import prefopt_kernels as pk
 
@@ -25,13 +25,15 @@ from sparse_teacher_oracle import sparse_oracle
 H = 16
 
 
-def heads(vocab, ref_hidden_size):
-    """A policy head with bias and a reference head, the same on every rank, before and after fully_shard."""
+def heads(vocab, ref_hidden_size, shard_ref=True):
+    """A policy head with bias and a reference head, the same on every rank, both sharded by
+    fully_shard (the reference whole with ``shard_ref=False``); and their float64 values."""
     torch.manual_seed(0)
     head, ref_head = torch.nn.Linear(H, vocab), torch.nn.Linear(ref_hidden_size, vocab)
     full = [p.detach().double().clone() for p in (head.weight, head.bias, ref_head.weight, ref_head.bias)]
     fully_shard(head)
-    fully_shard(ref_head)
+    if shard_ref:
+        fully_shard(ref_head)
     return head, ref_head, full
 
 
@@ -72,10 +74,14 @@ def relative(ours, expected):
     return ((ours.double() - expected).abs().max() / expected.abs().max()).item()
 
 
-def terms_case(vocab, rank):
+def whole(t):
+    return t.detach().full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def terms_case(vocab, rank, shard_ref=True):
     """linear_token_terms on FSDP2 heads by vocabulary, against float64 and the whole-head gather."""
     ref_size = 24
-    head, ref_head, full = heads(vocab, ref_size)
+    head, ref_head, full = heads(vocab, ref_size, shard_ref)
     hidden, ref_hidden, labels = tokens(rank, vocab, ref_size)
     local_shape = tuple(head.weight.to_local().shape)
 
@@ -86,14 +92,20 @@ def terms_case(vocab, rank):
         loss_of(t.logp, t.div, t.entropy).backward()
         return t, h.grad
 
-    terms, hidden_grad = run(head.weight, head.bias, ref_head.weight, ref_head.bias)
+    gathers = []
+    full_tensor = DTensor.full_tensor
+    DTensor.full_tensor = lambda *a, **k: gathers.append(1) or full_tensor(*a, **k)
+    try:
+        terms, hidden_grad = run(head.weight, head.bias, ref_head.weight, ref_head.bias)
+    finally:
+        DTensor.full_tensor = full_tensor
     grads = [head.weight.grad.full_tensor(), head.bias.grad.full_tensor()]
     ref_gets_none = ref_head.weight.grad is None
     head.weight.grad = head.bias.grad = None
     avg = [Partial("avg")]
     gathered_terms, gathered_hidden_grad = run(head.weight.full_tensor(grad_placements=avg),
                                                head.bias.full_tensor(grad_placements=avg),
-                                               ref_head.weight.detach().full_tensor(), ref_head.bias.detach().full_tensor())
+                                               whole(ref_head.weight), whole(ref_head.bias))
     gathered_grads = [head.weight.grad.full_tensor(), head.bias.grad.full_tensor()]
 
     h64 = hidden.double().requires_grad_(True)
@@ -115,6 +127,7 @@ def terms_case(vocab, rank):
         "vs_gathered_grads": max(relative(hidden_grad, gathered_hidden_grad.double()),
                                  relative(grads[0], gathered_grads[0].double())),
         "ref_grad_none": ref_gets_none,
+        "whole_head_gathers": len(gathers),
         "shape": list(terms.logp.shape) == list(labels.shape),
     }
 
@@ -164,6 +177,7 @@ def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mine = {f"terms_V{v}": terms_case(v, rank) for v in (301, 4)}
+    mine["terms_V301_whole_ref"] = terms_case(301, rank, shard_ref=False)
     mine["logprobs_V301"] = logprobs_case(301, rank)
     mine["sparse_V301"] = sparse_case(301, rank)
     everyone = [None] * dist.get_world_size()

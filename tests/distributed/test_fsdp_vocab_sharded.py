@@ -1,7 +1,8 @@
 """FSDP2 heads run by vocabulary, without gathering the head (fsdp_vocab_worker.py under
 ``torch.distributed.run``, 3 gloo ranks, each with its own tokens): outputs and hidden gradients
 equal float64 on each rank's tokens, the head's gradient equals FSDP2's (the mean over the ranks)
-and the whole-head gather's, for V = 301 (shards 101, 101, 99) and V = 4 (shards 2, 2, 0)."""
+and the whole-head gather's, for V = 301 (shards 101, 101, 99) and V = 4 (shards 2, 2, 0), with the
+reference head sharded alike or whole (its rows sliced)."""
 
 import pytest
 
@@ -22,7 +23,7 @@ def test_shards_are_fsdp2s_uneven_ones_with_an_empty_one(ranks):
     assert [r["terms_V4"]["local_rows"] for r in ranks] == [2, 2, 0]
 
 
-@pytest.mark.parametrize("case", ["terms_V301", "terms_V4", "logprobs_V301", "sparse_V301"])
+@pytest.mark.parametrize("case", ["terms_V301", "terms_V4", "terms_V301_whole_ref", "logprobs_V301", "sparse_V301"])
 def test_outputs_and_gradients_match_float64_and_fsdp2s_mean(ranks, case):
     for rank, mine in enumerate(ranks):
         found = mine[case]
@@ -32,7 +33,7 @@ def test_outputs_and_gradients_match_float64_and_fsdp2s_mean(ranks, case):
         assert max(values) < VALUE_TOLERANCE and max(gradients) < GRADIENT_TOLERANCE, (rank, found)
 
 
-@pytest.mark.parametrize("case", ["terms_V301", "terms_V4"])
+@pytest.mark.parametrize("case", ["terms_V301", "terms_V4", "terms_V301_whole_ref"])
 def test_same_as_the_whole_head_gather(ranks, case):
     """The vocabulary-sharded call and the ``full_tensor`` call agree: outputs to fp32 rounding, the
     hidden and head gradients relative to their largest entry; the reference head gets no gradient."""
@@ -40,3 +41,8 @@ def test_same_as_the_whole_head_gather(ranks, case):
         found = mine[case]
         assert found["vs_gathered_outputs"] < 1e-6 and found["vs_gathered_grads"] < GRADIENT_TOLERANCE, (rank, found)
         assert found["ref_grad_none"] and found["shape"], (rank, found)
+
+
+@pytest.mark.parametrize("case", ["terms_V301", "terms_V4", "terms_V301_whole_ref"])
+def test_no_head_is_gathered_whole(ranks, case):
+    assert all(mine[case]["whole_head_gathers"] == 0 for mine in ranks)
