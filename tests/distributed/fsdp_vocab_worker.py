@@ -11,6 +11,7 @@ whole (``full_tensor``). Rank 0 writes every rank's verdicts to ``OUT/results.js
 """
 
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from torch.distributed.tensor import DTensor, Partial
 import prefopt_kernels as pk
 
 from launch import finish_worker
-from sparse_teacher_oracle import sparse_oracle
+from sparse_teacher_oracle import sparse_divergence, sparse_oracle
 
 H = 16
 
@@ -173,6 +174,40 @@ def sparse_case(vocab, rank):
             "bias_grad": relative(head.bias.grad.full_tensor(), mean_over_ranks(b64.grad))}
 
 
+def distill_case(vocab, rank):
+    """The dense distillation trainer's loss (``distillation_loss``, what ``PrefOptDistillationTrainer``
+    calls with the models' output embeddings) on an FSDP2 student head without bias, a whole
+    teacher head, the student's config soft-capped, js at beta 0.4, temperature 0.9, the loss over
+    the global count of tokens: against float64."""
+    from prefopt_kernels.integrations.trl_distill import distillation_loss
+
+    ref_size, beta, temperature, cap = 24, 0.4, 0.9, 5.0
+    head, teacher_head, full = heads(vocab, ref_size, shard_ref=False)
+    head.bias = None
+    hidden, teacher_hidden, labels = tokens(rank, vocab, ref_size)
+    loss_mask = (labels != -100).long()
+    count = loss_mask.sum().reshape(1)
+    dist.all_reduce(count)
+    h = hidden.clone().requires_grad_(True)
+    loss, entropy_sum, _ = distillation_loss(h, head, SimpleNamespace(final_logit_softcapping=cap), teacher_hidden,
+                                             teacher_head, SimpleNamespace(), labels.clamp(min=0), loss_mask,
+                                             divergence="js", beta=beta, alpha=0.5, temperature=temperature,
+                                             num_items_in_batch=count)
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(True), full[0].clone().requires_grad_(True)
+    z = h64 @ w64.t()
+    ls = (cap * torch.tanh(z / cap) / temperature).log_softmax(-1)
+    lt = ((teacher_hidden.double() @ full[2].t() + full[3]) / temperature).log_softmax(-1)
+    js = sparse_divergence(ls, lt, "js", beta, 0.5) * loss_mask
+    loss64 = js.sum() / count.double()
+    loss64.backward()
+    entropy64 = (-(ls.exp() * ls).sum(-1) * loss_mask).sum()
+    return {"loss": abs(loss.item() - loss64.item()) / abs(loss64.item()),
+            "entropy": abs(entropy_sum.item() - entropy64.item()) / abs(entropy64.item()),
+            "hidden_grad": relative(h.grad, h64.grad),
+            "weight_grad": relative(head.weight.grad.full_tensor(), mean_over_ranks(w64.grad))}
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -180,6 +215,7 @@ def main(out):
     mine["terms_V301_whole_ref"] = terms_case(301, rank, shard_ref=False)
     mine["logprobs_V301"] = logprobs_case(301, rank)
     mine["sparse_V301"] = sparse_case(301, rank)
+    mine["distill_V301"] = distill_case(301, rank)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     finish_worker(out, {"ranks": everyone})

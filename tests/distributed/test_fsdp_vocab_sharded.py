@@ -23,11 +23,12 @@ def test_shards_are_fsdp2s_uneven_ones_with_an_empty_one(ranks):
     assert [r["terms_V4"]["local_rows"] for r in ranks] == [2, 2, 0]
 
 
-@pytest.mark.parametrize("case", ["terms_V301", "terms_V4", "terms_V301_whole_ref", "logprobs_V301", "sparse_V301"])
+@pytest.mark.parametrize("case", ["terms_V301", "terms_V4", "terms_V301_whole_ref", "logprobs_V301", "sparse_V301",
+                                  "distill_V301"])
 def test_outputs_and_gradients_match_float64_and_fsdp2s_mean(ranks, case):
     for rank, mine in enumerate(ranks):
         found = mine[case]
-        values = [found[k] for k in ("logp", "div", "entropy") if k in found]
+        values = [found[k] for k in ("logp", "div", "entropy", "loss") if k in found]
         gradients = [found[k] for k in ("hidden_grad", "weight_grad", "bias_grad", "gathered_weight_grad")
                      if k in found]
         assert max(values) < VALUE_TOLERANCE and max(gradients) < GRADIENT_TOLERANCE, (rank, found)
