@@ -92,8 +92,7 @@ def _run_fsdp_vocab_sharded(group, hidden, head_weight, head_bias, labels, ref_h
         tokens.rows(hidden, 1), local_rows(head_weight), local_rows(head_bias), tokens.rows(labels, 0),
         tokens.rows(ref_hidden, 1), local_rows(ref_head_weight, False, rows), local_rows(ref_head_bias, False, rows),
         div_weight=tokens.rows(div_weight, 0), process_group=group, **options)
-    return ({name: tokens.own(value) for name, value in result.items()},
-            {name: tokens.own(value) for name, value in extras.items()})
+    return tokens.own(result), tokens.own(extras)
 
 
 def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,

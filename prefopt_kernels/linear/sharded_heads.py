@@ -1,5 +1,5 @@
-"""Head weights that a training framework shards across ranks by parameter (not by vocabulary):
-FSDP2 ``DTensor``\\ s and DeepSpeed ZeRO-3 partitioned parameters.
+"""Head weights that a training framework shards across ranks: FSDP2 ``DTensor``\\ s and DeepSpeed
+ZeRO-3 partitioned parameters.
 
 An FSDP2 head (``fully_shard`` on a ``Linear`` ``[V, H]``: placements ``(Shard(0),)`` on a 1-D
 mesh) already holds a vocabulary shard per rank, so a call runs vocabulary-sharded over the mesh's
@@ -78,7 +78,7 @@ def local_rows(param, differentiable: bool = True, rows: Optional[slice] = None)
     if param is None:
         return None
     if not _is_dtensor(param):
-        return param.detach()[rows]
+        return param.detach() if rows is None else param.detach()[rows]
     if not differentiable:
         return param.detach().to_local()
     return _ScaledGradient.apply(param.to_local(), 1.0 / param.device_mesh.size())
@@ -97,22 +97,23 @@ class _ScaledGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-class _GradientSummedOverRanks(torch.autograd.Function):
-    """The identity; its backward sums the gradient over ``group`` (each rank's loss reads its own
-    tokens' outputs, and every rank's backward needs all of them)."""
+class _GradientsSummedOverRanks(torch.autograd.Function):
+    """The identity on fp32 tensors; its backward sums their gradients over ``group``, in one
+    all-reduce (each rank's loss reads its own tokens' outputs, and every rank's backward needs
+    all of them)."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, group, *values):
         ctx.group = group
-        return x.view_as(x)
+        return tuple(x.view_as(x) for x in values)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         from .. import distributed
 
-        grad = grad.to(torch.float32).contiguous()
-        distributed.all_reduce_sum(grad, process_group=ctx.group)
-        return grad, None
+        grads = [g.to(torch.float32).contiguous() for g in grads]
+        distributed.all_reduce_sum(*grads, process_group=ctx.group)
+        return (None,) + tuple(grads)
 
 
 class _RowsOfAllRanks(torch.autograd.Function):
@@ -175,12 +176,15 @@ class TokensOfAllRanks:
             return _RowsOfAllRanks.apply(flat, self).unsqueeze(0)
         return self.gather(flat).unsqueeze(0)
 
-    def own(self, value: torch.Tensor) -> torch.Tensor:
-        """This rank's tokens of a gathered ``[1, N_total]`` output, in its leading shape; a
-        differentiable one gets the gradient of every rank's loss in the backward."""
-        if value.requires_grad:
-            value = _GradientSummedOverRanks.apply(value, self.group)
-        return value.reshape(-1)[self.start:self.start + self.count].reshape(self.lead)
+    def own(self, values: dict) -> dict:
+        """This rank's tokens of gathered ``[1, N_total]`` outputs (by name), in its leading shape; the
+        differentiable ones get the gradient of every rank's loss in the backward."""
+        names = [name for name, value in values.items() if value.requires_grad]
+        values = dict(values)
+        if names:
+            values.update(zip(names, _GradientsSummedOverRanks.apply(self.group, *(values[n] for n in names))))
+        return {name: value.reshape(-1)[self.start:self.start + self.count].reshape(self.lead)
+                for name, value in values.items()}
 
 
 def gathered(*params):

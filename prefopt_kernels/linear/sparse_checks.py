@@ -44,6 +44,14 @@ def check_teacher(teacher_ids, teacher_logprobs, hidden: torch.Tensor, teacher_v
         raise TypeError(f"teacher_vocab_size must be an int or None; got {teacher_vocab_size!r:.60}")
 
 
+def check_mask(mask, hidden: torch.Tensor) -> None:
+    """``mask``: None, or a tensor of ``hidden``'s leading shape on its device."""
+    lead = tuple(hidden.shape[:-1])
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != lead
+                             or mask.device != hidden.device):
+        raise ValueError(f"mask must be a tensor of shape {lead} on {hidden.device}")
+
+
 def check_teacher_vocab(teacher_vocab_size: Optional[int], vocab: int) -> None:
     """The teacher's vocabulary, if given, against the student head's (global) ``vocab``."""
     if teacher_vocab_size is not None and teacher_vocab_size != vocab:

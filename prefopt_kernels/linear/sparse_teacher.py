@@ -29,8 +29,8 @@ from ..checks import check_budget, check_head, check_hidden, check_temperature, 
 from ..ops import token_divergence
 from .heads import FP32, Head, accumulate
 from .sharded_heads import TokensOfAllRanks, local_rows, vocab_shard_group
-from .sparse_checks import (ABSENT_ID, LOGPROB_TOLERANCE, check_teacher, check_teacher_values, check_teacher_vocab,
-                            teacher_shard)
+from .sparse_checks import (ABSENT_ID, LOGPROB_TOLERANCE, check_mask, check_teacher, check_teacher_values,
+                            check_teacher_vocab, teacher_shard)
 from .tiles import TilePlan, fp32_tile_count
 
 __all__ = ["ABSENT_ID", "LOGPROB_TOLERANCE", "TAIL_FLOOR", "linear_sparse_teacher_divergence",
@@ -292,15 +292,17 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
     check_hidden(hidden, "hidden")
     fsdp_group = None if process_group is not None else vocab_shard_group(head_weight, head_bias)
     if fsdp_group is not None:
-        tokens = TokensOfAllRanks(hidden.shape[:-1], head_weight, fsdp_group, hidden.device)
         check_teacher(teacher_ids, teacher_logprobs, hidden, teacher_vocab_size)
+        check_mask(mask, hidden)
+        tokens = TokensOfAllRanks(hidden.shape[:-1], head_weight, fsdp_group, hidden.device)
         out = linear_sparse_teacher_divergence(
             tokens.rows(hidden, 1), local_rows(head_weight), tokens.rows(teacher_ids, 1),
             tokens.rows(teacher_logprobs, 1), head_bias=local_rows(head_bias), divergence=divergence, beta=beta,
             alpha=alpha, mask=tokens.rows(mask, 0), temperature=temperature, logit_scale=logit_scale,
             softcap=softcap, add_tail=add_tail, teacher_vocab_size=teacher_vocab_size,
             return_entropy=return_entropy, memory_budget=memory_budget, process_group=fsdp_group)
-        return tuple(tokens.own(x) for x in out) if return_entropy else tokens.own(out)
+        mine = tokens.own(dict(zip(("div", "entropy"), out if return_entropy else (out,))))
+        return (mine["div"], mine["entropy"]) if return_entropy else mine["div"]
     check_head(hidden, head_weight, head_bias, "", None, process_group is not None)
     check_teacher(teacher_ids, teacher_logprobs, hidden, teacher_vocab_size)
     temperature = check_temperature(temperature)
@@ -311,11 +313,10 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
     spec = head_spec(hidden, head_bias, logit_scale, softcap, "")
     k = teacher_ids.shape[-1]
     lead = tuple(hidden.shape[:-1])
+    check_mask(mask, hidden)
     if mask is None:
         index = torch.arange(math.prod(lead), device=hidden.device)
     else:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != lead or mask.device != hidden.device:
-            raise ValueError(f"mask must be a tensor of shape {lead} on {hidden.device}")
         index = (mask.reshape(-1) != 0).nonzero().squeeze(1)
     ids = teacher_ids.reshape(-1, k).index_select(0, index).long()
     logprobs = teacher_logprobs.reshape(-1, k).index_select(0, index)
