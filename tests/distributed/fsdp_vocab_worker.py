@@ -7,7 +7,9 @@ tokens per rank). Heads with a vocabulary that 3 does not divide (FSDP2's last s
 one empty). Each rank's outputs and hidden gradient are compared with float64 on its own tokens
 and the full heads; the head's gradient (gathered from its shards) with FSDP2's semantics, the
 mean over the ranks of each rank's float64 gradient, and with the same call on the head gathered
-whole (``full_tensor``). Rank 0 writes every rank's verdicts to ``OUT/results.json``.
+whole (``full_tensor``). Also the dense distillation loss on an FSDP2 student head, and a head
+replicated as a ``DTensor`` (gathered whole, its gradient averaged). Rank 0 writes every rank's
+verdicts to ``OUT/results.json``.
 """
 
 import sys
@@ -16,7 +18,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 
 import prefopt_kernels as pk
 
@@ -208,6 +211,20 @@ def distill_case(vocab, rank):
             "weight_grad": relative(head.weight.grad.full_tensor(), mean_over_ranks(w64.grad))}
 
 
+def replicated_case(vocab, rank):
+    """A head replicated as a ``DTensor`` (not a vocabulary shard): gathered whole, its gradient the
+    mean over the ranks of each rank's own-batch gradient, as data parallelism averages."""
+    _, _, full = heads(vocab, H)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    weight = torch.nn.Parameter(distribute_tensor(full[0].float(), mesh, [Replicate()]))
+    hidden, _, labels = tokens(rank, vocab, H)
+    pk.linear_token_logprobs(hidden, weight, labels).sum().backward()
+    w64 = full[0].clone().requires_grad_(True)
+    lp = torch.log_softmax(hidden.double() @ w64.t(), -1)
+    (lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum().backward()
+    return {"weight_grad": relative(weight.grad.full_tensor(), mean_over_ranks(w64.grad))}
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -216,6 +233,7 @@ def main(out):
     mine["logprobs_V301"] = logprobs_case(301, rank)
     mine["sparse_V301"] = sparse_case(301, rank)
     mine["distill_V301"] = distill_case(301, rank)
+    mine["replicated_V301"] = replicated_case(301, rank)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     finish_worker(out, {"ranks": everyone})
