@@ -37,9 +37,9 @@ class Shard(NamedTuple):
 
 def shard_for_call(process_group, spec, has_ref: bool, local_vocab: int, rows: int, device,
                    labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                   hidden_sizes: Sequence[int] = ()) -> Shard:
+                   hidden_sizes: Sequence[int] = (), **naming) -> Shard:
     """The :class:`Shard` of a call of ``spec`` (an ``OpSpec`` or a ``LinearSpec``; ``hidden_sizes``
-    are the latter's heads' H).
+    are the latter's heads' H; ``naming``: :func:`agree_on_call`'s ``names`` and ``extra``).
 
     No communication without a group; with one, the call check first (:func:`agree_on_call`).
     """
@@ -47,7 +47,7 @@ def shard_for_call(process_group, spec, has_ref: bool, local_vocab: int, rows: i
         return Shard(None, 0, local_vocab)
     check_group(process_group, device)
     v0, vocab = agree_on_call(spec, has_ref, local_vocab, rows, process_group, device, labels, weight,
-                              hidden_sizes)
+                              hidden_sizes, **naming)
     return Shard(process_group, v0, vocab)
 
 
@@ -131,11 +131,12 @@ def check_group(process_group, device: torch.device) -> None:
         raise ValueError(f"process_group uses nccl, which cannot communicate {device.type} tensors; use gloo")
 
 
-def _call_facts(spec, has_ref: bool, local_vocab: int, rows: int, labels, weight, hidden_sizes) -> list:
+def _call_facts(spec, has_ref: bool, local_vocab: int, rows: int, labels, weight, hidden_sizes,
+                names: Tuple[str, str] = ("labels", "weight")) -> list:
     """What every rank must agree on beyond the spec, as ``(name, int64)`` pairs: the local V
     first (the one entry that may differ), the rows, the heads' hidden sizes (what the linear
-    backward's all-reduce depends on), checksums of labels and weights, and the kept labels'
-    range last."""
+    backward's all-reduce depends on), checksums of labels and weights (named by ``names``), and
+    the kept labels' range last."""
     ignore_index = op_of(spec).ignore_index
     label_sum = label_moment = weight_nonzero = weight_sum = 0
     label_min, label_max = 0, -1
@@ -148,11 +149,12 @@ def _call_facts(spec, has_ref: bool, local_vocab: int, rows: int, labels, weight
     if weight is not None and weight.numel():
         weight_nonzero, weight_sum = int((weight != 0).sum()), float_bits(float(weight.double().sum()))
     sizes = list(hidden_sizes) + [-1] * (2 - len(hidden_sizes))
+    label_name, weight_name = names
     return [("local vocabulary", local_vocab), ("rows", rows), ("reference", int(has_ref)),
             ("linear op", int(isinstance(spec, LinearSpec))), ("heads[0].hidden_size", sizes[0]),
-            ("heads[1].hidden_size", sizes[1]), ("labels", label_sum), ("labels", label_moment),
-            ("weight", weight_nonzero), ("weight", weight_sum), ("weight", int(weight is not None)),
-            ("labels", label_min), ("labels", label_max)]
+            ("heads[1].hidden_size", sizes[1]), (label_name, label_sum), (label_name, label_moment),
+            (weight_name, weight_nonzero), (weight_name, weight_sum), (weight_name, int(weight is not None)),
+            (label_name, label_min), (label_name, label_max)]
 
 
 def _widest_spec() -> LinearSpec:
@@ -169,7 +171,8 @@ _PADDING = ("spec", -1)
 
 def agree_on_call(spec, has_ref: bool, local_vocab: int, rows: int, process_group, device,
                   labels: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                  hidden_sizes: Sequence[int] = ()):
+                  hidden_sizes: Sequence[int] = (), names: Tuple[str, str] = ("labels", "weight"),
+                  extra: Sequence[Tuple[str, int]] = ()):
     """``(v0, vocab)``: this rank's shard offset and the global vocabulary, after checking the ranks agree.
 
     Every rank contributes its local V, the call's facts (rows, reference, hidden sizes, checksums of
@@ -177,16 +180,24 @@ def agree_on_call(spec, has_ref: bool, local_vocab: int, rows: int, process_grou
     :func:`~prefopt_kernels.spec.fingerprint`; every rank then sees the same table, so a
     disagreement, or a label outside the global vocabulary, raises the same ``ValueError`` on
     every rank instead of hanging in a later collective or returning different numbers per rank.
+
+    An op whose arguments are not the labels and weights of the token ops names what it passes
+    there by ``names`` (in the errors too), and adds its own ``(name, int64)`` facts as ``extra``:
+    they take the place of the padding, so the table keeps its one size.
     """
     dist = _dist()
-    facts = _call_facts(spec, has_ref, local_vocab, rows, labels, weight, hidden_sizes)
-    checked = spec.fingerprint()
+    facts = _call_facts(spec, has_ref, local_vocab, rows, labels, weight, hidden_sizes, names)
+    label_name = names[0]
+    checked = spec.fingerprint() + list(extra)
+    if len(facts) + len(checked) > CALL_CHECK_INT64:
+        raise ValueError(f"a call check holds at most {CALL_CHECK_INT64} facts; this call has "
+                         f"{len(facts) + len(checked)}")
     checked += [_PADDING] * (CALL_CHECK_INT64 - len(facts) - len(checked))
     # The labels' range stays last: it is read from the table below.
-    names, mine = zip(*(facts[:-2] + checked + facts[-2:]))
-    table = _all_gather(torch.tensor(mine, dtype=torch.int64, device=device), process_group).cpu()
+    fields, mine = zip(*(facts[:-2] + checked + facts[-2:]))
+    table = all_gather(torch.tensor(mine, dtype=torch.int64, device=device), process_group).cpu()
     rank = dist.get_rank(process_group)
-    differing = {names[j] for j in range(1, table.shape[1]) if bool((table[:, j] != table[0, j]).any())}
+    differing = {fields[j] for j in range(1, table.shape[1]) if bool((table[:, j] != table[0, j]).any())}
     if differing:
         raise ValueError(
             "every rank of process_group must call the same op with the same tokens, labels, weights "
@@ -202,8 +213,8 @@ def agree_on_call(spec, has_ref: bool, local_vocab: int, rows: int, process_grou
     if label_max >= 0 and (label_min < 0 or label_max >= vocab):
         bad = label_min if label_min < 0 else label_max
         raise ValueError(
-            f"labels must lie in [0, {vocab}) (the sharded vocabulary) or equal "
-            f"ignore_index={op_of(spec).ignore_index}; found {bad}"
+            f"{label_name} must lie in [0, {vocab}) (the sharded vocabulary) or equal "
+            f"{op_of(spec).ignore_index} (ignored); found {bad}"
         )
     return int(sizes[:rank].sum()), vocab
 
@@ -217,7 +228,7 @@ def merge_across(state: row_state.RowState, spec: OpSpec, process_group, extra=(
     names = [f.name for f in dataclasses.fields(state) if getattr(state, f.name) is not None]
     rows = state.max.shape[0]
     packed = torch.stack([getattr(state, name).to(torch.float32) for name in names] + list(extra))
-    gathered = _all_gather(packed, process_group)
+    gathered = all_gather(packed, process_group)
     world = gathered.shape[0]
     merged: Optional[row_state.RowState] = None
     for r in range(world):
@@ -229,7 +240,7 @@ def merge_across(state: row_state.RowState, spec: OpSpec, process_group, extra=(
     return merged, tail
 
 
-def _all_gather(tensor: torch.Tensor, process_group) -> torch.Tensor:
+def all_gather(tensor: torch.Tensor, process_group) -> torch.Tensor:
     """``[R, *tensor.shape]``: every rank's ``tensor``, in rank order."""
     dist = _dist()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(process_group))]

@@ -29,9 +29,15 @@ How a call runs (the same for every op and divergence):
   within ``memory_budget + 16 N H`` bytes. Gradients reach the policy's ``hidden``,
   ``head_weight`` and ``head_bias`` only.
 
-Head weights that are FSDP2 ``DTensor``\ s are gathered with ``full_tensor()`` before the
-call (its backward reduces the gradient); DeepSpeed ZeRO-3 partitioned weights are gathered
-for the checks and the forward, and again for the backward (:mod:`.sharded_heads`).
+Head weights that FSDP2 shards by rows (``fully_shard``: a ``DTensor`` placed ``Shard(0)`` on a
+1-D mesh) are used where they lie: every rank's tokens are all-gathered and the call runs
+vocabulary-sharded over the mesh's group, each rank keeping its own tokens' outputs and
+receiving its rows of the head's gradient averaged over the ranks, as FSDP2's reduce-scatter
+leaves them; a rank holds ``N_total H`` gathered hidden states instead of the ``V H`` head. A
+reference head may be sharded alike or whole (its rows are then sliced).
+Other ``DTensor`` heads are gathered with ``full_tensor()`` (the gradient averaged alike);
+DeepSpeed ZeRO-3 partitioned weights are gathered for the checks and the forward, and again
+for the backward (:mod:`.sharded_heads`).
 
 Modules: :mod:`.heads` (a head's GEMM and transform), :mod:`.tiles` (the tile plan),
 :mod:`.passes` (forward and backward over the tiles), :mod:`.registered` (the registered ops
@@ -51,11 +57,17 @@ from ..dispatch import backend_selection
 from ..ops import TokenTerms
 from ..spec import LinearSpec
 from .registered import flat_head_tensors
-from .sharded_heads import gathered, partitioned, unsharded
+from .sharded_heads import TokensOfAllRanks, gathered, local_rows, partitioned, unsharded, vocab_shard_group
 
 
 def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, **options):
-    """Gather sharded heads, check everything, run the registered op: ``(outputs, extras)`` by name."""
+    """Run an FSDP2 head by vocabulary, or gather sharded heads, check everything, run the registered
+    op: ``(outputs, extras)`` by name."""
+    group = None if options.get("process_group") is not None else \
+        vocab_shard_group(head_weight, head_bias, (ref_head_weight, ref_head_bias))
+    if group is not None:
+        return _run_fsdp_vocab_sharded(group, hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight,
+                                       ref_head_bias, **options)
     head_weight, head_bias = unsharded(head_weight, head_bias)
     if ref_hidden is not None:
         ref_head_weight, ref_head_bias = unsharded(ref_head_weight, ref_head_bias, differentiable=False)
@@ -66,6 +78,21 @@ def _run(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, re
     with gathered(head_weight, head_bias, ref_head_weight, ref_head_bias):
         return _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight,
                              ref_head_bias, **options)
+
+
+def _run_fsdp_vocab_sharded(group, hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias,
+                            div_weight=None, process_group=None, **options):
+    """``_run`` on FSDP2 heads without gathering them: every rank's tokens gathered, this rank's rows
+    of the heads (of a whole reference head too), the call sharded by vocabulary over ``group``, this
+    rank's tokens' outputs kept."""
+    check_hidden(hidden, "hidden")
+    tokens = TokensOfAllRanks(hidden.shape[:-1], head_weight, group, hidden.device)
+    rows = tokens.vocab_rows
+    result, extras = _run_gathered(
+        tokens.rows(hidden, 1), local_rows(head_weight), local_rows(head_bias), tokens.rows(labels, 0),
+        tokens.rows(ref_hidden, 1), local_rows(ref_head_weight, False, rows), local_rows(ref_head_bias, False, rows),
+        div_weight=tokens.rows(div_weight, 0), process_group=group, **options)
+    return tokens.own(result), tokens.own(extras)
 
 
 def _run_gathered(hidden, head_weight, head_bias, labels, ref_hidden, ref_head_weight, ref_head_bias, *,
@@ -128,7 +155,8 @@ def linear_token_logprobs(hidden, head_weight, labels, *, head_bias=None, ignore
         hidden: ``[..., H]`` fp32, bf16 or fp16 (any strides: a ``[B, T - 1, H]`` slice of the
             last hidden state is read row by row, without a copy of the whole).
         head_weight: ``[V, H]`` fp32, bf16 or fp16 on ``hidden``'s device (an FSDP2 ``DTensor``
-            or a ZeRO-3 partitioned parameter is gathered for the call).
+            runs vocabulary-sharded over its mesh, see the module's docstring; a ZeRO-3
+            partitioned parameter is gathered for the call).
         labels: ``[...]`` integer in ``[0, V)`` or ``ignore_index``; ignored tokens are dropped
             before any matmul and get 0.
         head_bias: optional ``[V]``.

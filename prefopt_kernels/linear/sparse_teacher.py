@@ -24,18 +24,20 @@ from typing import Optional
 
 import torch
 
+from .. import distributed
 from ..checks import check_budget, check_head, check_hidden, check_temperature, head_spec
 from ..ops import token_divergence
 from .heads import FP32, Head, accumulate
+from .sharded_heads import TokensOfAllRanks, local_rows, vocab_shard_group
+from .sparse_checks import (ABSENT_ID, LOGPROB_TOLERANCE, check_mask, check_teacher, check_teacher_values,
+                            check_teacher_vocab, teacher_shard)
 from .tiles import TilePlan, fp32_tile_count
+
+__all__ = ["ABSENT_ID", "LOGPROB_TOLERANCE", "TAIL_FLOOR", "linear_sparse_teacher_divergence",
+           "teacher_sparse_logprobs"]
 
 # TRL's ``_add_tail_bucket`` clamps the top-k log-mass at -1e-7, so a tail is never below this.
 TAIL_FLOOR = math.log(-math.expm1(-1e-7))
-# Teacher log-probabilities may exceed 0 (and their log-sum 0) by this much: fp32 rounding of a
-# log-softmax whose logits reach ~1e3 in magnitude (ulp(1e3) = 6e-5) stays below it.
-LOGPROB_TOLERANCE = 1e-4
-# The id of an absent entry (TRL's top-1 path drops the sampled token where it is the top-1).
-ABSENT_ID = -1
 
 
 def teacher_sparse_logprobs(teacher_logprobs: torch.Tensor, present: torch.Tensor, add_tail: bool) -> torch.Tensor:
@@ -56,10 +58,39 @@ def _ids_in_tile(ids: torch.Tensor, present: torch.Tensor, v0: int, v1: int):
     return local.clamp(0, v1 - v0 - 1), inside
 
 
-def _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy):
+def _merge_rest(first, second):
+    """The ``(max, sum, xsum)`` of the logits off the ids over two disjoint vocabulary slices, from
+    each slice's: the online softmax's rescaling, ``xsum`` (``sum e^(u - max) (u - max)``) shifted
+    to the new max as well."""
+    new_max = torch.maximum(first[0], second[0])
+    shift = torch.where(new_max == -math.inf, 0.0, new_max)
+    total, xsum = torch.zeros_like(new_max), torch.zeros_like(new_max)
+    for old_max, old_sum, old_xsum in (first, second):
+        rescale = torch.exp(old_max - shift)
+        moved = torch.where(old_max == -math.inf, 0.0, old_max - shift)
+        total += old_sum * rescale
+        xsum += (old_xsum + moved * old_sum) * rescale
+    return new_max, total, xsum
+
+
+def _merge_shards(u_ids, rest_max, rest_sum, rest_xsum, group):
+    """Every rank's ids' logits and off-id state all-gathered and merged in rank order, so every
+    rank holds the same bits: an id's logit comes from the one shard that holds it (-inf elsewhere)."""
+    k = u_ids.shape[1]
+    packed = torch.cat([u_ids.t(), torch.stack([rest_max, rest_sum, rest_xsum])])
+    gathered = distributed.all_gather(packed, group)
+    u_ids, rest = gathered[0, :k].t().contiguous(), tuple(gathered[0, k:])
+    for part in gathered[1:]:
+        u_ids = torch.maximum(u_ids, part[:k].t())
+        rest = _merge_rest(rest, tuple(part[k:]))
+    return (u_ids,) + rest
+
+
+def _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy, shard):
     """The forward tile pass (see the module docstring); saves what the backward needs on ``ctx``.
     With ``want_entropy`` also ``H(p)`` of the full tempered distribution, from ``sum_j p_j u_j``
-    accumulated beside the normaliser (one temporary tile per tile)."""
+    accumulated beside the normaliser (one temporary tile per tile). Sharded, ``weight`` holds the
+    vocabulary rows ``[shard.v0, shard.v0 + V_r)`` and the shards' states merge before the end."""
     head = Head(weight, bias, spec)
     n, k = ids.shape
     present = ids != ABSENT_ID
@@ -72,7 +103,7 @@ def _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy)
     for t0, t1 in plan.token_ranges:
         for v0, v1 in plan.vocab_ranges:
             u = plan.project(head, h_gemm[t0:t1], v0, v1, 0).mul_(1.0 / temperature)
-            column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], v0, v1)
+            column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], shard.v0 + v0, shard.v0 + v1)
             u_ids[t0:t1] = torch.where(inside, u.gather(1, column), u_ids[t0:t1])
             # -inf at the ids (adding 0 elsewhere): what remains is the tail's part of the tile.
             u.scatter_add_(1, column, torch.where(inside, -math.inf, 0.0))
@@ -88,6 +119,8 @@ def _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy)
             if want_entropy:
                 rest_xsum[t0:t1].add_(torch.xlogy(e, e).sum(1))
             rest_max[t0:t1] = new_max
+    if shard.group is not None:
+        u_ids, rest_max, rest_sum, rest_xsum = _merge_shards(u_ids, rest_max, rest_sum, rest_xsum, shard.group)
     lse_rest = rest_max + torch.log(rest_sum)
     log_norm = torch.logaddexp(lse_rest, torch.logsumexp(u_ids, dim=1))
     s_ids = u_ids - log_norm[:, None]
@@ -101,14 +134,16 @@ def _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy)
         at_ids = torch.where(s_ids > -math.inf, s_ids.exp() * u_ids, 0.0).sum(1)
         entropy = log_norm - rest_mean - at_ids
     ctx.save_for_backward(h, weight, bias, ids, s_ids, log_norm, lse_rest, floored)
-    ctx.spec, ctx.temperature, ctx.budget = spec, temperature, budget
+    ctx.spec, ctx.temperature, ctx.budget, ctx.shard = spec, temperature, budget, shard
     ctx.mark_non_differentiable(entropy)
     return torch.cat([s_ids, tail.clamp(min=TAIL_FLOOR)[:, None]], dim=1), entropy
 
 
 def _backward(ctx, grad, _entropy_grad):
-    """The backward tile pass: the gradients of ``h``, ``weight`` and ``bias`` (the entropy has none)."""
+    """The backward tile pass: the gradients of ``h``, ``weight`` and ``bias`` (the entropy has none).
+    Sharded, from the global statistics alone; the hidden states' gradient is summed over the ranks."""
     h, weight, bias, ids, s_ids, log_norm, lse_rest, floored = ctx.saved_tensors
+    shard = ctx.shard
     head = Head(weight, bias, ctx.spec)
     inv_t = 1.0 / ctx.temperature
     needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
@@ -144,7 +179,7 @@ def _backward(ctx, grad, _entropy_grad):
             z = plan.project(head, h_gemm[t0:t1], v0, v1, 0, w_gemm)
             dz = plan.tile(1, t1 - t0, v1 - v0) if separate else z
             torch.mul(z, inv_t, out=dz).sub_(log_norm[t0:t1, None]).exp_().mul_(rest_coef[t0:t1, None])
-            column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], v0, v1)
+            column, inside = _ids_in_tile(ids[t0:t1], present[t0:t1], shard.v0 + v0, shard.v0 + v1)
             dz.scatter_add_(1, column, torch.where(inside, id_fix[t0:t1], 0.0))
             dz = head.pre_transform_grad(dz, z)
             dz_gemm = head.gemm_operand(dz)
@@ -158,19 +193,22 @@ def _backward(ctx, grad, _entropy_grad):
                 grad_b[v0:v1].add_(dz.sum(0))
         if weight_acc is not None and weight.dtype != FP32:
             grad_w[v0:v1].copy_(weight_acc)
+    if grad_h is not None and shard.group is not None:
+        distributed.all_reduce_sum(grad_h, process_group=shard.group)
     return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
-            None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+            None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 class SparseStudentLogprobs(torch.autograd.Function):
     """The student's ``[n, k + 1]`` log-probabilities at the ids and the tail, from kept rows ``h`` ``[n, H]``,
-    and (``want_entropy``; else zeros) the entropy ``[n]`` of its full distribution, not differentiable."""
+    and (``want_entropy``; else zeros) the entropy ``[n]`` of its full distribution, not differentiable;
+    ``shard`` (a :class:`~prefopt_kernels.distributed.Shard`) says which vocabulary rows ``weight`` holds."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy):
+    def forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy, shard):
         # The tiles are fp32 and the GEMM dtype is in ``spec``: autocast must not recast them.
         with torch.autocast(h.device.type, enabled=False):
-            return _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy)
+            return _forward(ctx, h, weight, bias, ids, spec, temperature, budget, want_entropy, shard)
 
     @staticmethod
     def backward(ctx, grad, entropy_grad):
@@ -192,58 +230,12 @@ def _gathered_student_logprobs(h, weight, bias, ids, spec, temperature):
     return u - torch.logsumexp(u, dim=1, keepdim=True)
 
 
-def check_teacher(teacher_ids, teacher_logprobs, hidden: torch.Tensor, vocab: int, teacher_vocab_size) -> None:
-    """Shapes, dtypes and devices of the teacher's top-k; its vocabulary against the head's."""
-    integer = isinstance(teacher_ids, torch.Tensor) and not teacher_ids.dtype.is_floating_point and \
-        not teacher_ids.dtype.is_complex and teacher_ids.dtype != torch.bool
-    if not integer:
-        got = teacher_ids.dtype if isinstance(teacher_ids, torch.Tensor) else type(teacher_ids).__name__
-        raise TypeError(f"teacher_ids must be an integer torch.Tensor; got {got}")
-    lead = tuple(hidden.shape[:-1])
-    if teacher_ids.dim() != hidden.dim() or tuple(teacher_ids.shape[:-1]) != lead or teacher_ids.shape[-1] < 1:
-        raise ValueError(f"teacher_ids must have shape [..., k] with [...] = hidden's {lead} and k >= 1; "
-                         f"got {tuple(teacher_ids.shape)}")
-    if not isinstance(teacher_logprobs, torch.Tensor) or not teacher_logprobs.dtype.is_floating_point:
-        raise TypeError("teacher_logprobs must be a floating-point torch.Tensor")
-    if teacher_logprobs.shape != teacher_ids.shape:
-        raise ValueError(f"teacher_logprobs must have teacher_ids' shape {tuple(teacher_ids.shape)}; "
-                         f"got {tuple(teacher_logprobs.shape)}")
-    for name, x in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
-        if x.device != hidden.device:
-            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}); got {x.device}")
-    if teacher_vocab_size is not None and teacher_vocab_size != vocab:
-        raise ValueError(f"teacher_vocab_size must equal the student head's vocabulary V = {vocab}; "
-                         f"got {teacher_vocab_size!r}")
-
-
-def check_teacher_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
-    """The kept rows' ids in ``[0, V)`` (or ``-1``, absent), no id twice in a row, log-probs at most
-    :data:`LOGPROB_TOLERANCE` (each and their log-sum) and not NaN. One host sync."""
-    present = ids != ABSENT_ID
-    ordered = ids.sort(dim=1).values
-    lp = torch.where(present, logprobs.double(), -math.inf)
-    bad = torch.stack([
-        ((ids < ABSENT_ID) | (ids >= vocab)).any(),
-        ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != ABSENT_ID)).any(),
-        torch.isnan(lp).any(),
-        (lp > LOGPROB_TOLERANCE).any() | (torch.logsumexp(lp, dim=1) > LOGPROB_TOLERANCE).any(),
-    ]).tolist()
-    if bad[0]:
-        raise ValueError(f"teacher_ids must lie in [0, {vocab}) (or be {ABSENT_ID}, absent) at kept tokens")
-    if bad[1]:
-        raise ValueError("teacher_ids must not repeat an id within a token's top-k")
-    if bad[2]:
-        raise ValueError("teacher_logprobs must not be NaN at kept tokens")
-    if bad[3]:
-        raise ValueError(f"teacher_logprobs must be log-probabilities: each, and their log-sum over a token's "
-                         f"top-k, at most {LOGPROB_TOLERANCE:g} (fp32 rounding) at kept tokens")
-
-
 def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_logprobs, *, head_bias=None,
                                      divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.5,
                                      mask=None, temperature: float = 1.0, logit_scale: float = 1.0, softcap=None,
                                      add_tail: bool = True, teacher_vocab_size: Optional[int] = None,
-                                     return_entropy: bool = False, memory_budget: Optional[int] = None):
+                                     return_entropy: bool = False, memory_budget: Optional[int] = None,
+                                     process_group=None):
     r"""Per-token ``D_f(s, t)`` between the student and a top-k teacher on ``k + 1`` points, in tiles.
 
     The student's logits ``z`` are those of :func:`prefopt_kernels.linear_token_logprobs`
@@ -279,16 +271,40 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
         teacher_vocab_size: the teacher's vocabulary, if known: it must equal ``V``.
         return_entropy: also return the entropy ``H(p)`` of the student's full tempered
             distribution (not differentiable); the tiled pass then runs without ``add_tail`` too.
+        process_group: a ``torch.distributed`` group over which the student head is sharded by
+            vocabulary (as :func:`prefopt_kernels.linear_token_logprobs`): each rank passes its
+            rows ``head_weight[V_r, H]`` (and ``head_bias[V_r]``), shards in rank order, any
+            sizes (0 included), and the replicated ``hidden``, teacher and ``mask``;
+            ``teacher_ids`` are global. Each rank folds its shard into the ids' logits and the
+            off-id log-sum-exp, those are all-gathered and merged in rank order (every rank
+            gets the same bits), and the backward needs only the merged statistics; the hidden
+            states' gradient is summed over the ranks. Per kept token the forward moves
+            ``4 R (k + 3)`` bytes, the backward ``4 H``. Ranks that disagree on the call raise
+            the same error naming the argument. Without ``add_tail`` the tiled pass runs.
+            An FSDP2 head (a ``DTensor`` placed ``Shard(0)`` on a 1-D mesh) runs so over its
+            mesh with every rank's tokens gathered, as the other fused linear ops do.
 
     Returns:
         fp32 ``[...]`` per-token divergence, or ``(divergence, entropy)``; 0 at masked tokens;
         gradients reach ``hidden``, ``head_weight`` and ``head_bias`` (the tail's share spread
-        over the whole vocabulary in the backward's tiles).
+        over the whole vocabulary in the backward's tiles; sharded, the rank's rows of the head).
     """
     check_hidden(hidden, "hidden")
-    check_head(hidden, head_weight, head_bias, "", None, False)
-    vocab = head_weight.shape[0]
-    check_teacher(teacher_ids, teacher_logprobs, hidden, vocab, teacher_vocab_size)
+    fsdp_group = None if process_group is not None else vocab_shard_group(head_weight, head_bias)
+    if fsdp_group is not None:
+        check_teacher(teacher_ids, teacher_logprobs, hidden, teacher_vocab_size)
+        check_mask(mask, hidden)
+        tokens = TokensOfAllRanks(hidden.shape[:-1], head_weight, fsdp_group, hidden.device)
+        out = linear_sparse_teacher_divergence(
+            tokens.rows(hidden, 1), local_rows(head_weight), tokens.rows(teacher_ids, 1),
+            tokens.rows(teacher_logprobs, 1), head_bias=local_rows(head_bias), divergence=divergence, beta=beta,
+            alpha=alpha, mask=tokens.rows(mask, 0), temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap, add_tail=add_tail, teacher_vocab_size=teacher_vocab_size,
+            return_entropy=return_entropy, memory_budget=memory_budget, process_group=fsdp_group)
+        mine = tokens.own(dict(zip(("div", "entropy"), out if return_entropy else (out,))))
+        return (mine["div"], mine["entropy"]) if return_entropy else mine["div"]
+    check_head(hidden, head_weight, head_bias, "", None, process_group is not None)
+    check_teacher(teacher_ids, teacher_logprobs, hidden, teacher_vocab_size)
     temperature = check_temperature(temperature)
     budget = check_budget(memory_budget)
     for name, flag in (("add_tail", add_tail), ("return_entropy", return_entropy)):
@@ -297,21 +313,26 @@ def linear_sparse_teacher_divergence(hidden, head_weight, teacher_ids, teacher_l
     spec = head_spec(hidden, head_bias, logit_scale, softcap, "")
     k = teacher_ids.shape[-1]
     lead = tuple(hidden.shape[:-1])
+    check_mask(mask, hidden)
     if mask is None:
         index = torch.arange(math.prod(lead), device=hidden.device)
     else:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != lead or mask.device != hidden.device:
-            raise ValueError(f"mask must be a tensor of shape {lead} on {hidden.device}")
         index = (mask.reshape(-1) != 0).nonzero().squeeze(1)
     ids = teacher_ids.reshape(-1, k).index_select(0, index).long()
     logprobs = teacher_logprobs.reshape(-1, k).index_select(0, index)
-    check_teacher_values(ids, logprobs, vocab)
+    shard = teacher_shard(process_group, spec, ids, logprobs, index, head_weight.shape[0], hidden,
+                          divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+                          return_entropy=return_entropy, add_tail=add_tail, teacher_vocab_size=teacher_vocab_size,
+                          budget=budget)
+    check_teacher_vocab(teacher_vocab_size, shard.vocab)
+    check_teacher_values(ids, logprobs, shard.vocab)
     out = torch.zeros(lead, dtype=FP32, device=hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     entropy = None
-    if add_tail or return_entropy:
+    # Sharded, the rows at the ids are spread over the ranks: the tiled pass serves the no-tail case too.
+    if add_tail or return_entropy or shard.group is not None:
         student, entropy = SparseStudentLogprobs.apply(h, head_weight, head_bias, ids, spec, temperature, budget,
-                                                       return_entropy)
+                                                       return_entropy, shard)
         if not add_tail:
             at_ids = student[:, :-1]
             student = at_ids - torch.logsumexp(at_ids, dim=1, keepdim=True)

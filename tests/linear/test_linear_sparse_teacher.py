@@ -20,48 +20,9 @@ import torch
 import prefopt_kernels as pk
 from prefopt_kernels import DIVERGENCES, linear_sparse_teacher_divergence
 
+from sparse_teacher_oracle import sparse_oracle
+
 BACKENDS = pk.available_backends()
-
-
-def _points(lp_full, ids, add_tail):
-    """(k [+ 1])-point log-probs of a full float64 log-distribution at ``ids`` (-1 absent), as TRL forms them."""
-    present = ids >= 0
-    at_ids = torch.where(present, lp_full.gather(-1, ids.clamp(min=0)), -math.inf)
-    log_mass = torch.logsumexp(at_ids, dim=-1, keepdim=True)
-    if not add_tail:
-        return at_ids - log_mass
-    return torch.cat([at_ids, torch.log(-torch.expm1(log_mass.clamp(max=-1e-7)))], dim=-1)
-
-
-def _divergence(ls, lt, divergence, beta, alpha):
-    """D_f(p = exp(ls), q = exp(lt)) per row, float64, terms with p = q = 0 left out."""
-    p, q = ls.exp(), lt.exp()
-    both = (p > 0) | (q > 0)
-    # Logs where the probability is 0 are replaced before use: autograd never meets -inf - -inf.
-    ls = torch.where(p > 0, ls, torch.zeros_like(ls))
-    lt = torch.where(q > 0, lt, torch.zeros_like(lt))
-
-    def total(x):
-        return torch.where(both, x, torch.zeros_like(x)).sum(-1)
-
-    if divergence == "forward_kl":
-        return total(torch.where(q > 0, q * (lt - ls), torch.zeros_like(q)))
-    if divergence == "reverse_kl":
-        return total(torch.where(p > 0, p * (ls - lt), torch.zeros_like(p)))
-    if divergence == "js":
-        lm = torch.where(both, beta * q + (1 - beta) * p, torch.ones_like(p)).log()
-        kl_q = torch.where(q > 0, q * (lt - lm), torch.zeros_like(q))
-        kl_p = torch.where(p > 0, p * (ls - lm), torch.zeros_like(p))
-        return total(beta * kl_q + (1 - beta) * kl_p)
-    if divergence == "tv":
-        return total(0.5 * (p - q).abs())
-    if divergence == "hellinger":
-        return total(p + q - 2 * torch.where(p * q > 0, 0.5 * (ls + lt), torch.full_like(p, -math.inf)).exp())
-    if divergence == "chi2":
-        return total((p - q) ** 2 / torch.where(q > 0, q, torch.ones_like(q)))
-    both_positive = (p > 0) & (q > 0)
-    overlap = torch.where(both_positive, alpha * ls + (1 - alpha) * lt, torch.full_like(p, -math.inf)).exp()
-    return (total(overlap) - 1) / (alpha * (alpha - 1))
 
 
 def _case(seed, vocab, k, absent=False, biased=True):
@@ -82,22 +43,6 @@ def _case(seed, vocab, k, absent=False, biased=True):
     return hidden, weight, bias, ids, lp, mask
 
 
-def _oracle(hidden, weight, bias, ids, lp, mask, *, divergence, beta, alpha, temperature, scale, softcap, add_tail):
-    h = hidden.double().requires_grad_()
-    w = weight.double().requires_grad_()
-    b = None if bias is None else bias.double().requires_grad_()
-    z = h @ w.t() + (0 if b is None else b)
-    z = scale * z
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    student = _points((z / temperature).log_softmax(-1), ids, add_tail)
-    teacher_full = torch.full(z.shape, -math.inf, dtype=torch.float64)
-    teacher_full.scatter_(-1, ids.clamp(min=0), torch.where(ids >= 0, lp.double(), -math.inf))
-    teacher = _points(teacher_full, ids, add_tail)
-    per_token = torch.where(mask, _divergence(student, teacher, divergence, beta, alpha), 0.0)
-    return per_token, (h, w, b)
-
-
 def _check(backend, divergence, seed, vocab, k, budget, *, temperature=1.0, scale=1.0, softcap=None,
            add_tail=True, absent=False, beta=0.3, alpha=1.7):
     hidden, weight, bias, ids, lp, mask = _case(seed, vocab, k, absent)
@@ -109,7 +54,7 @@ def _check(backend, divergence, seed, vocab, k, budget, *, temperature=1.0, scal
                                                add_tail=add_tail, memory_budget=budget)
         upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed + 1))
         (out * upstream).sum().backward()
-    expected, oracle_leaves = _oracle(hidden, weight, bias, ids, lp, mask, divergence=divergence, beta=beta,
+    expected, oracle_leaves = sparse_oracle(hidden, weight, bias, ids, lp, mask, divergence=divergence, beta=beta,
                                       alpha=alpha, temperature=temperature, scale=scale, softcap=softcap,
                                       add_tail=add_tail)
     (expected * upstream.double()).sum().backward()
