@@ -65,12 +65,13 @@ def _call(per_head, labels, weight, spec: LinearSpec, index, shard, backend: str
                       backend=pick_backend(weight_of_head.device, backend), shard=shard)
 
 
-def _token_outputs(values, call: LinearCall, shape) -> List[torch.Tensor]:
-    """Each kept-token ``value`` as an output of ``shape``, 0 at dropped tokens: a tensor of its own
-    (an op's output that is a view could not be modified in place by the caller), so where every
-    token is kept a fresh ``value`` of that shape is returned as it is, and otherwise copied."""
+def _token_outputs(values, call: LinearCall, shapes) -> List[torch.Tensor]:
+    """Each kept-token ``value`` as an output of its ``shape``, 0 at dropped tokens: a tensor of its
+    own (an op's output that is a view could not be modified in place by the caller, and no two
+    outputs may share memory), so where every token is kept a fresh ``value`` of that shape is
+    returned as it is, and otherwise copied."""
     outputs, storages = [], set()
-    for value in values:
+    for value, shape in zip(values, shapes, strict=True):
         storage = value.untyped_storage().data_ptr()
         if call.every_token and value._base is None and value.shape == shape and storage not in storages:
             out = value
@@ -118,10 +119,10 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
         elif linear.op.want_kept_mass:
             found["log_kept_mass"] = torch.zeros_like(stats.log_norm)
     values = [found[k] for k in linear.op.outputs()] + [extra_values[k] for k in linear.extras]
-    outputs = _token_outputs(values, call, hidden.shape[:-1])
-    saved = _token_outputs(stats.saved(linear.op, has_ref) + kept, call, (n_tokens,))
+    saved = stats.saved(linear.op, has_ref) + kept
+    shapes = [hidden.shape[:-1]] * len(values) + [(n_tokens,)] * len(saved)
     tail = [distributed.shard_to_tensor(shard)] if group else []
-    return outputs + saved + tail
+    return _token_outputs(values + saved, call, shapes) + tail
 
 
 @_linear_forward.register_fake
