@@ -23,7 +23,8 @@ budget for the backward's workspace.
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Dict
+from collections import Counter
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -60,11 +61,13 @@ def _has_aten_ancestor(event) -> bool:
     return False
 
 
-def launch_counts(call: Callable[[], object]) -> Dict[str, int]:
-    """``{"launches", "gemms", "kernels"}`` of one run of ``call`` (see the module docstring)."""
+def launched_ops(call: Callable[[], object]) -> Tuple[Counter, int, int]:
+    """``(others, gemms, kernels)`` of one run of ``call`` (see the module docstring): the launches
+    that are not GEMMs counted by op name (``"sum"`` for ``aten::sum``), the GEMM launches and the
+    native kernel calls."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
-    launches = gemms = kernels = 0
+    others, gemms, kernels = Counter(), 0, 0
     for event in prof.events():
         kernels += event.name.startswith(native.PROFILER_LABEL)
         if not event.name.startswith("aten::") or _has_aten_ancestor(event):
@@ -72,9 +75,17 @@ def launch_counts(call: Callable[[], object]) -> Dict[str, int]:
         names = set(_subtree_names(event))
         if names <= NON_LAUNCH_OPS:
             continue
-        launches += 1
-        gemms += bool(names & GEMM_OPS)
-    return {"launches": launches, "gemms": gemms, "kernels": kernels}
+        if names & GEMM_OPS:
+            gemms += 1
+        else:
+            others[event.name[len("aten::"):]] += 1
+    return others, gemms, kernels
+
+
+def launch_counts(call: Callable[[], object]) -> Dict[str, int]:
+    """``{"launches", "gemms", "kernels"}`` of one run of ``call`` (see the module docstring)."""
+    others, gemms, kernels = launched_ops(call)
+    return {"launches": sum(others.values()) + gemms, "gemms": gemms, "kernels": kernels}
 
 
 def peak_allocated_bytes(call: Callable[[], object]) -> int:
@@ -116,6 +127,12 @@ def step_counts(op: str, n: int, hidden: int, vocab: int, dtype: torch.dtype, bu
     """:func:`launch_counts` of one forward and backward of :func:`linear_call`."""
     forward, _ = linear_call(op, n, hidden, vocab, dtype, budget)
     return launch_counts(lambda: forward().backward())
+
+
+def step_ops(op: str, n: int, hidden: int, vocab: int, dtype: torch.dtype, budget: int) -> Tuple[Counter, int, int]:
+    """:func:`launched_ops` of one forward and backward of :func:`linear_call`."""
+    forward, _ = linear_call(op, n, hidden, vocab, dtype, budget)
+    return launched_ops(lambda: forward().backward())
 
 
 def backward_workspace(op: str, n: int, hidden: int, vocab: int, dtype: torch.dtype, budget: int) -> int:

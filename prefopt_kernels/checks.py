@@ -97,6 +97,16 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
+def check_kept_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """:func:`check_label_range` for labels of which none is ``ignore_index`` (the kept tokens of
+    a call), with one reduction and one read back to the host: their minimum and maximum."""
+    if not labels.numel() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    low, high = torch.stack(torch.aminmax(labels)).tolist()
+    if low < 0 or high >= vocab:
+        check_label_range(labels, vocab, ignore_index)  # names the first label out of range
+
+
 def check_weight(weight, owner: torch.Tensor, argument: str, owner_name: str = "logits") -> Optional[torch.Tensor]:
     """Flat fp32 per-token weights of the tokens of ``owner``, or ``None``."""
     if weight is None:

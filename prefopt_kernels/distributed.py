@@ -88,12 +88,14 @@ def finish_first_pass(state: row_state.RowState, labels, weight, spec: OpSpec, g
     return row_state.finalize(state, labels, weight, spec)
 
 
-def finish_second_pass(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec, group) -> RowStats:
-    """A second-sweep divergence from this rank's partial sums: summed over the group first, if any."""
+def finish_second_pass(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec, group,
+                       every_row_read: bool = False) -> RowStats:
+    """A second-sweep divergence from this rank's partial sums: summed over the group first, if any
+    (``every_row_read``: as :func:`~prefopt_kernels.backends.row_state.finish_sweep`)."""
     value_sum, centred_sum = value_sum.to(torch.float32), centred_sum.to(torch.float32)
     if group is not None:
         all_reduce_sum(value_sum, centred_sum, process_group=group)
-    return row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec)
+    return row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec, every_row_read)
 
 
 def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: Shard) -> RowStats:

@@ -149,11 +149,11 @@ def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], sp
     An ignored label skips its row; a zero weight drops the divergence, and skips the row
     when the op has no labels (the backend interface's rule).
     """
-    read = torch.ones(n, dtype=torch.bool, device=device)
-    if labels is not None:
-        read = labels != spec.ignore_index
-    div_on = read if weight is None else read & (weight != 0)
-    return (read if labels is not None else div_on), div_on
+    if labels is None:
+        div_on = torch.ones(n, dtype=torch.bool, device=device) if weight is None else weight != 0
+        return div_on, div_on
+    read = labels != spec.ignore_index
+    return read, (read if weight is None else read & (weight != 0))
 
 
 def nan_guard(log_norm: torch.Tensor) -> torch.Tensor:

@@ -92,12 +92,24 @@ def present_fields(spec: OpSpec, has_ref: bool) -> tuple:
     return tuple(f.name for f in fields(RowState) if present.get(f.name, False))
 
 
+# The fields that start at -inf; every other floating field starts at 0.
+_NEGATIVE_INFINITE_STARTS = ("max", "ref_max")
+
+
 def empty(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> RowState:
     """The state of ``n`` rows before any slice is folded (the identity of :func:`merge`):
-    the fields of :func:`present_fields`, maxima ``-inf``, ``argmax`` -1 and the rest 0."""
-    starts = {"max": -math.inf, "ref_max": -math.inf}
-    state = {name: torch.full((n,), starts.get(name, 0.0), dtype=dtype, device=device)
-             for name in present_fields(spec, has_ref)}
+    the fields of :func:`present_fields`, maxima ``-inf``, ``argmax`` -1 and the rest 0.
+
+    The floating fields are the rows of one ``[fields, n]`` buffer, maxima first, so the
+    whole state is set by three fills (zeros, the maxima's ``-inf``, ``argmax``) whatever
+    the number of fields; each field is a contiguous ``[n]`` row of it.
+    """
+    names = [name for name in present_fields(spec, has_ref) if name != "argmax"]
+    names.sort(key=lambda name: name not in _NEGATIVE_INFINITE_STARTS)
+    maxima = sum(name in _NEGATIVE_INFINITE_STARTS for name in names)
+    buffer = torch.zeros((len(names), n), dtype=dtype, device=device)
+    buffer[:maxima].fill_(-math.inf)
+    state = dict(zip(names, buffer.unbind(0)))
     state["argmax"] = torch.full((n,), -1, dtype=torch.int64, device=device)
     return RowState(**state)
 
@@ -169,38 +181,48 @@ def merge_into(state: RowState, piece: RowState, spec: OpSpec) -> RowState:
     return state
 
 
+def _tempered(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """``x * (1 / T)``; ``x`` itself at ``T = 1``, where the product is exactly ``x`` (one launch fewer)."""
+    return x if inv_temperature == 1.0 else x * inv_temperature
+
+
 def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-             spec: OpSpec) -> RowStats:
+             spec: OpSpec, every_row_read: bool = False) -> RowStats:
     """The forward's :class:`RowStats` from the state of the whole vocabulary.
 
     Forward and reverse KL are complete here; for a second-sweep divergence ``div`` and
     ``div_s`` are left for :func:`finish_sweep`. Rows that are not computed hold 0 (skipped
     rows everywhere, the divergence fields where ``weight`` is 0), and the NaN policy of
-    ``prefopt_kernels.ops`` is applied.
+    ``prefopt_kernels.ops`` is applied. ``every_row_read``: the caller knows that no row is
+    skipped (its rows were compacted), so only the divergence's zero weights are masked.
     """
     inv_temperature = 1.0 / spec.temperature
-    read, div_on = rows_read(labels, weight, spec, state.max.shape[0], state.max.device)
-    zero = torch.zeros_like(state.max)
+    if every_row_read:
+        read = None
+        div_on = None if weight is None or labels is None else weight != 0
+    else:
+        read, div_on = rows_read(labels, weight, spec, state.max.shape[0], state.max.device)
 
     def kept(x, rows=read):
-        return torch.where(rows, x, zero)
+        return x if rows is None else torch.where(rows, x, 0.0)
 
-    row_max = torch.where(state.max == -math.inf, zero, state.max)
+    row_max = torch.where(state.max == -math.inf, 0.0, state.max)
     log_norm = torch.log(state.sum_exp)
     guard_a = nan_guard(log_norm)
     stats = RowStats(row_max=kept(row_max), log_norm=kept(log_norm))
     if labels is not None and spec.want_logp:
-        stats.logp = kept((state.label_logit - row_max) * inv_temperature - log_norm + guard_a)
+        stats.logp = kept(_tempered(state.label_logit - row_max, inv_temperature) - log_norm + guard_a)
     if spec.want_entropy:
         stats.entropy = kept(log_norm - state.ent_acc / state.sum_exp + guard_a)
     if state.ref_max is None:
         return stats
-    ref_row_max = torch.where(state.ref_max == -math.inf, zero, state.ref_max)
+    ref_row_max = torch.where(state.ref_max == -math.inf, 0.0, state.ref_max)
     ref_log_norm = torch.log(state.ref_sum_exp)
     guard_b = nan_guard(ref_log_norm)
     stats.ref_row_max, stats.ref_log_norm = kept(ref_row_max), kept(ref_log_norm)
     if spec.want_ref_logp:
-        stats.ref_logp = kept((state.ref_label_logit - ref_row_max) * inv_temperature - ref_log_norm + guard_b)
+        stats.ref_logp = kept(_tempered(state.ref_label_logit - ref_row_max, inv_temperature) - ref_log_norm
+                              + guard_b)
     if not spec.divergence:
         return stats
     divergence = Divergence(spec.divergence)
@@ -211,26 +233,31 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
         return _set_divergence(stats, div + guard_a + guard_b, torch.full_like(div, -1.0), div_on)
     if divergence == Divergence.REVERSE_KL:
         div_s = state.rkl_acc / state.sum_exp
-        div = div_s - log_norm - (_centre(state.ref_at_argmax) - ref_row_max) * inv_temperature + ref_log_norm
+        div = div_s - log_norm - _tempered(_centre(state.ref_at_argmax) - ref_row_max, inv_temperature) + ref_log_norm
         return _set_divergence(stats, div + guard_a + guard_b, div_s, div_on)
     return stats
 
 
 def _set_divergence(stats: RowStats, div, div_s, div_on) -> RowStats:
-    """Store ``div`` and ``div_s`` where the divergence is computed; ``div_s`` NaN where ``div`` is not finite."""
-    zero = torch.zeros_like(div)
-    stats.div = torch.where(div_on, div, zero)
-    stats.div_s = torch.where(div_on, torch.where(torch.isfinite(div), div_s, math.nan), zero)
+    """Store ``div`` and ``div_s`` where the divergence is computed (``div_on`` ``None``: every row);
+    ``div_s`` NaN where ``div`` is not finite."""
+    div_s = torch.where(torch.isfinite(div), div_s, math.nan)
+    stats.div = div if div_on is None else torch.where(div_on, div, 0.0)
+    stats.div_s = div_s if div_on is None else torch.where(div_on, div_s, 0.0)
     return stats
 
 
 def finish_sweep(stats: RowStats, value_sum: torch.Tensor, centred_sum: torch.Tensor,
-                 labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec) -> RowStats:
+                 labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec,
+                 every_row_read: bool = False) -> RowStats:
     """Complete a second-sweep divergence from the summed partial sweeps of every slice.
 
     ``value_sum = sum_i q_i f(t_i)`` and ``centred_sum = sum_i p_i (f'(t_i) - f'(t_k))``, fp32
-    ``[N]``, each the sum of the slices' partial sums.
+    ``[N]``, each the sum of the slices' partial sums. ``every_row_read`` as in :func:`finalize`.
     """
-    _, div_on = rows_read(labels, weight, spec, value_sum.shape[0], value_sum.device)
+    if every_row_read:
+        div_on = None if weight is None or labels is None else weight != 0
+    else:
+        _, div_on = rows_read(labels, weight, spec, value_sum.shape[0], value_sum.device)
     guard = nan_guard(stats.log_norm) + nan_guard(stats.ref_log_norm)
     return _set_divergence(stats, value_sum + guard, centred_sum, div_on)

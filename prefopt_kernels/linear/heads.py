@@ -109,6 +109,15 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, dtype) -> torch.Tensor:
     return rows.to(dtype).contiguous()
 
 
+def token_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x`` ``[..., H]`` as a ``[N, H]`` view in flat token order, or ``None`` where its strides
+    do not allow one (a gather then reads the rows without a copy of the whole)."""
+    lead = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size != 1]
+    if any(outer != inner_size * inner for (_, outer), (inner_size, inner) in zip(lead, lead[1:])):
+        return None
+    return x.view(-1, x.shape[-1])
+
+
 def pad_rows(x: Optional[torch.Tensor], rows: int, value) -> Optional[torch.Tensor]:
     """``x`` ``[n, ...]`` followed by ``rows - n`` rows filled with ``value`` (``x`` itself when ``rows == n``)."""
     if x is None or x.shape[0] == rows:

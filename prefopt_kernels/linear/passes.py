@@ -13,7 +13,7 @@ import torch
 from .. import distributed
 from ..backends import RowStats, row_state
 from ..spec import LinearSpec
-from .heads import FP32, Head, accumulate, gather_rows, pad_rows, scatter_rows
+from .heads import FP32, Head, accumulate, gather_rows, pad_rows, scatter_rows, token_rows
 from .sampled import kept_tile_gradient
 from .tiles import TilePlan, fp32_tile_count
 
@@ -25,6 +25,7 @@ class LinearCall:
     spec: LinearSpec
     heads: List[Head]  # the policy's, then the reference's when there is one
     index: torch.Tensor  # [n] int64: the kept tokens, in flat order
+    every_token: bool  # every token is kept: ``index`` is ``0, 1, ..., N - 1``
     labels: Optional[torch.Tensor]  # [n] int64 of the kept tokens
     weight: Optional[torch.Tensor]  # [n] fp32 of the kept tokens
     vocab: int  # this rank's (the local) vocabulary
@@ -38,6 +39,15 @@ class LinearCall:
     @property
     def reference(self) -> Optional[Head]:
         return self.heads[1] if len(self.heads) > 1 else None
+
+    def rows(self, x: torch.Tensor, t0: int, t1: int, dtype) -> torch.Tensor:
+        """Kept rows ``[t0, t1)`` of ``x`` ``[..., H]`` as a contiguous ``[m, H]`` in ``dtype``
+        (``m <= t1 - t0``: the kept rows end at ``n``): a view of ``x`` where every token is
+        kept and its strides allow, otherwise gathered."""
+        flat = token_rows(x) if self.every_token else None
+        if flat is None:
+            return gather_rows(x, self.index[t0:t1], dtype)
+        return flat[t0:t1].to(dtype).contiguous()
 
     def plan(self, backward: bool, weight_grad: bool = False) -> TilePlan:
         """The tile plan of a forward or backward pass (``weight_grad``: the backward
@@ -100,8 +110,7 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
     square_sum = torch.zeros(n_rows, dtype=FP32, device=device) if want_squares else None
 
     def chunk_rows(t0, t1):
-        index = call.index[t0:t1]
-        return [pad_rows(gather_rows(h, index, head.gemm_dtype), t1 - t0, 0.0) for h, head in zip(hidden, call.heads)]
+        return [pad_rows(call.rows(h, t0, t1, head.gemm_dtype), t1 - t0, 0.0) for h, head in zip(hidden, call.heads)]
 
     def project(rows, v0, v1):
         a = plan.project(call.policy, rows[0], v0, v1, 0)
@@ -131,7 +140,9 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
         if want_squares:
             local_maxima, square_sums = gathered
             square_sum = (square_sums * _rescale(local_maxima, state.max, 2.0 * inv_temperature)).sum(0)
-    stats = row_state.finalize(state, all_labels, all_weight, op)
+    # The kept rows are the rows read; only padding rows are not.
+    every_row_read = n_rows == n_kept
+    stats = row_state.finalize(state, all_labels, all_weight, op, every_row_read)
     if op.member and op.member.second_sweep:
         value_sum = torch.zeros(n_rows, dtype=FP32, device=device)
         centred_sum = torch.zeros(n_rows, dtype=FP32, device=device)
@@ -146,7 +157,7 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
                 value_sum[t0:t1].add_(value)
                 centred_sum[t0:t1].add_(centred)
         stats = distributed.finish_second_pass(stats, value_sum, centred_sum, all_labels, all_weight, op,
-                                               shard.group)
+                                               shard.group, every_row_read)
     extra_values = {}
     if want_sum:
         extra_values["mean_logits"] = logit_sum * (inv_temperature / shard.vocab)
@@ -155,6 +166,8 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
     if want_squares:
         # log sum p^2 = log sum exp(2 (a - m) / T) - 2 log Z, both relative to the final max m.
         extra_values["log_sum_sq_probs"] = torch.log(square_sum) - 2.0 * stats.log_norm
+    if n_rows == n_kept:
+        return stats, extra_values
     # The kept rows lead the padded ones.
     return stats_rows(stats, 0, n_kept), {name: value[:n_kept] for name, value in extra_values.items()}
 
@@ -207,11 +220,18 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
     stats = RowStats(**{f.name: pad_rows(getattr(stats, f.name), n_rows, 0.0) for f in fields(RowStats)})
     upstream = {k: pad_rows(v, n_rows, 0.0) for k, v in upstream.items()}
     kept = None if kept is None else [pad_rows(k, n_rows, 0.0) for k in kept]
-    h = pad_rows(gather_rows(policy_hidden, call.index, policy.gemm_dtype), n_rows, 0.0)
-    h_ref = pad_rows(gather_rows(hidden[1], call.index, reference.gemm_dtype), n_rows, 0.0) if has_ref else None
+    h = pad_rows(call.rows(policy_hidden, 0, n_kept, policy.gemm_dtype), n_rows, 0.0)
+    h_ref = pad_rows(call.rows(hidden[1], 0, n_kept, reference.gemm_dtype), n_rows, 0.0) if has_ref else None
     # A widened head's GEMMs run in fp32: its rows are widened once, not per tile.
     h_weight_grad = h.float() if policy.widened and needs_weight else h
-    grad_h = torch.zeros((n_rows, policy_hidden.shape[-1]), dtype=FP32, device=device) if needs_hidden else None
+    # Every token kept and none padded: the kept rows' gradient has the layout of ``hidden`` itself.
+    hidden_layout = call.every_token and n_rows == n_kept
+    grad_h = grad_rows = None
+    if needs_hidden:
+        hidden_size = policy_hidden.shape[-1]
+        grad_h = torch.zeros(policy_hidden.shape if hidden_layout else (n_rows, hidden_size), dtype=FP32,
+                             device=device)
+        grad_rows = grad_h.view(-1, hidden_size)
     # The weight gradient of an fp32 head is its own accumulator; a half one's rows are cast into it.
     grad_weight = None
     if needs_weight:
@@ -245,23 +265,24 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
             dz_gemm = policy.gemm_operand(dz)
             if policy.widened:
                 dz_gemm = dz_gemm.float()  # the rounded gradient, widened once for both fp32 GEMMs
-            if grad_h is not None:
-                accumulate(grad_h[t0:t1], dz_gemm, w_hidden_grad)
+            if grad_rows is not None:
+                accumulate(grad_rows[t0:t1], dz_gemm, w_hidden_grad)
             if weight_acc is not None:
                 accumulate(weight_acc, dz_gemm.t(), h_weight_grad[t0:t1])
             if grad_bias is not None:
                 grad_bias[v0:v1].addmv_(dz.t(), ones[:n])
         if weight_acc is not None and grad_weight.dtype != FP32:
             grad_weight[v0:v1].copy_(weight_acc)
-    grad_hidden = None
-    if grad_h is not None:
-        # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
+    grad_hidden = grad_h
+    if grad_h is not None and not hidden_layout:
         grad_hidden = torch.zeros(policy_hidden.shape, dtype=policy_hidden.dtype if shard.group is None else FP32,
                                   device=device)
         scatter_rows(grad_hidden, call.index, grad_h[:n_kept])
+    if grad_hidden is not None:
+        # Sharded, the hidden states' gradient is a sum over the ranks: reduced once, in fp32.
         if shard.group is not None:
             distributed.all_reduce_sum(grad_hidden, process_group=shard.group)
-            grad_hidden = grad_hidden.to(policy_hidden.dtype)
+        grad_hidden = grad_hidden.to(policy_hidden.dtype)
     return (
         grad_hidden,
         grad_weight,

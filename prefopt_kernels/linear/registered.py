@@ -15,6 +15,7 @@ import torch
 
 from .. import distributed, spec as specs
 from ..backends import RowStats, rows_read, saved_names
+from ..checks import check_kept_label_range
 from ..custom_ops import (GRADIENT_OUTPUTS, LIBRARY, mark_outputs, named_arguments, on_device,
                           refuse_double_backward, shard_checking_labels, upstream_gradients)
 from ..dispatch import pick_backend
@@ -44,25 +45,44 @@ def flat_head_tensors(per_head) -> list:
 def _kept_tokens(labels, div_weight, spec: LinearSpec, n_tokens: int, device) -> torch.Tensor:
     """Flat int64 indices of the tokens a call computes: an ignored label drops its token, and
     without labels (the divergence alone) so does a zero ``div_weight``."""
+    if labels is None and div_weight is None:
+        return torch.arange(n_tokens, device=device)
     keep, _ = rows_read(labels, div_weight, spec.op, n_tokens, device)
     return keep.nonzero().reshape(-1)
 
 
 def _call(per_head, labels, weight, spec: LinearSpec, index, shard, backend: str) -> LinearCall:
-    """The :class:`LinearCall` of the kept tokens ``index``."""
+    """The :class:`LinearCall` of the kept tokens ``index`` (flat, of ``labels``' and ``weight``'s
+    ``N`` tokens); where ``index`` holds all ``N``, the per-token tensors are used as they are."""
     heads = [Head(w, b, head_spec) for (_, w, b), head_spec in zip(per_head, spec.heads)]
     weight_of_head = per_head[0][1]
-    return LinearCall(spec=spec, heads=heads, index=index, labels=None if labels is None else labels[index],
-                      weight=None if weight is None else weight[index], vocab=weight_of_head.shape[0],
+    every_token = index.numel() == token_count(per_head[0][0])
+
+    def kept(x):
+        return x if x is None or every_token else x[index]
+    return LinearCall(spec=spec, heads=heads, index=index, every_token=every_token, labels=kept(labels),
+                      weight=kept(weight), vocab=weight_of_head.shape[0],
                       backend=pick_backend(weight_of_head.device, backend), shard=shard)
 
 
-def _scatter_tokens(value: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
-    """Zeros of ``shape`` holding the kept tokens' ``value`` at flat ``index``: a tensor of its own
-    (an op's output that is a view could not be modified in place by the caller)."""
-    out = torch.zeros(shape, dtype=value.dtype, device=value.device)
-    out.view(-1).index_copy_(0, index, value)
-    return out
+def _token_outputs(values, call: LinearCall, shapes) -> List[torch.Tensor]:
+    """Each kept-token ``value`` as an output of its ``shape``, 0 at dropped tokens: a tensor of its
+    own (an op's output that is a view could not be modified in place by the caller, and no two
+    outputs may share memory), so where every token is kept a fresh ``value`` of that shape is
+    returned as it is, and otherwise copied."""
+    outputs, storages = [], set()
+    for value, shape in zip(values, shapes, strict=True):
+        storage = value.untyped_storage().data_ptr()
+        if call.every_token and value._base is None and value.shape == shape and storage not in storages:
+            out = value
+        elif call.every_token:
+            out = value.reshape(shape).clone()
+        else:
+            out = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            out.view(-1).index_copy_(0, call.index, value)
+        storages.add(out.untyped_storage().data_ptr())
+        outputs.append(out)
+    return outputs
 
 
 @torch.library.custom_op(f"{LIBRARY}::linear_forward", mutates_args=())
@@ -80,10 +100,13 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
     hidden, head_weight = per_head[0][0], per_head[0][1]
     has_ref = linear.reference is not None
     n_tokens, device = token_count(hidden), hidden.device
-    shard = shard_checking_labels(group, linear, has_ref, head_weight.shape[0], n_tokens, device, labels,
-                                  div_weight, [h.shape[-1] for h, _, _ in per_head])
+    # Unsharded, the kept labels' range is checked below: they exclude the ignored ones.
+    shard = shard_checking_labels(group, linear, has_ref, head_weight.shape[0], n_tokens, device,
+                                  labels if group else None, div_weight, [h.shape[-1] for h, _, _ in per_head])
     index = _kept_tokens(labels, div_weight, linear, n_tokens, device)
     call = _call(per_head, labels, div_weight, linear, index, shard, backend)
+    if not group and call.labels is not None:
+        check_kept_label_range(call.labels, head_weight.shape[0], linear.op.ignore_index)
     # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
     with torch.autocast(device.type, enabled=False), on_device(device):
         stats, extra_values = forward_pass([h for h, _, _ in per_head], call)
@@ -96,10 +119,10 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
         elif linear.op.want_kept_mass:
             found["log_kept_mass"] = torch.zeros_like(stats.log_norm)
     values = [found[k] for k in linear.op.outputs()] + [extra_values[k] for k in linear.extras]
-    outputs = [_scatter_tokens(value, index, hidden.shape[:-1]) for value in values]
-    saved = [_scatter_tokens(value, index, (n_tokens,)) for value in stats.saved(linear.op, has_ref) + kept]
+    saved = stats.saved(linear.op, has_ref) + kept
+    shapes = [hidden.shape[:-1]] * len(values) + [(n_tokens,)] * len(saved)
     tail = [distributed.shard_to_tensor(shard)] if group else []
-    return outputs + saved + tail
+    return _token_outputs(values + saved, call, shapes) + tail
 
 
 @_linear_forward.register_fake
@@ -135,8 +158,10 @@ def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], 
     index = _kept_tokens(labels, div_weight, linear, token_count(hidden), hidden.device)
     call = _call(per_head, labels, div_weight, linear, index, shard, backend)
     # reshape: Inductor may hand the upstream gradients over in their outputs' [...] shape.
-    grads = {k: g.reshape(-1).index_select(0, index) for k, g in zip(GRADIENT_OUTPUTS, upstream) if g is not None}
-    saved = [x.index_select(0, index) for x in saved]
+    grads = {k: g.reshape(-1) for k, g in zip(GRADIENT_OUTPUTS, upstream) if g is not None}
+    if not call.every_token:
+        grads = {k: g.index_select(0, index) for k, g in grads.items()}
+        saved = [x.index_select(0, index) for x in saved]
     n_stats = len(saved_names(linear.op, linear.reference is not None))
     stats = RowStats.from_saved(saved[:n_stats], linear.op, linear.reference is not None)
     kept = None

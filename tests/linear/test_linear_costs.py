@@ -2,18 +2,21 @@
 
 Launches: the top-level aten ops that would each launch work on a GPU, as
 ``benchmarks.linear_costs`` defines them (views, metadata and allocations do not count), and
-the native backend's kernel calls. Per tile a call may cost its GEMMs and its backend kernels
+the native backend's kernel calls. Per tile a call costs its GEMMs and its backend kernels
 (a fold in the forward, a sweep for a second-sweep divergence, a ``slice_backward`` in the
 backward) and, for the second sweep, the two adds of its partial sums; everything else is
-paid once per call. Workspace: the backward's peak allocation above the gradients it returns,
-against ``memory_budget + 16 N H`` bytes. Both counts are deterministic.
+paid once per call, and is exactly the ops listed below. Workspace: the backward's peak
+allocation above the gradients it returns, against ``memory_budget + 16 N H`` bytes. Both
+counts are deterministic.
 """
+
+from collections import Counter
 
 import pytest
 import torch
 
 import prefopt_kernels as pk
-from benchmarks.linear_costs import backward_workspace, step_counts
+from benchmarks.linear_costs import backward_workspace, step_ops
 from prefopt_kernels.backends import native
 from prefopt_kernels.linear import tiles as linear_tiles
 
@@ -21,20 +24,58 @@ pytestmark = pytest.mark.skipif(not native.is_available(), reason="counts the na
 
 OPS = ["logprobs", "terms:forward_kl", "terms:js"]
 
+# The aten ops a call launches once, whatever its tiling: fp32 heads without bias, every label
+# kept, ``linear_call``'s inputs (``[N, H]`` hidden states, temperature 1, no extras). Each entry
+# is (what it is for, its ops); the counts below are the lengths of these lists.
+FORWARD_ONCE = [
+    ("the kept tokens", ["ne", "nonzero"]),
+    ("the kept labels' range, read back once", ["aminmax", "stack"]),
+    ("the running row state: zero fields, -inf maxima, argmax -1", ["zeros", "fill_", "full"]),
+]
+# finalize, per head (the reference's log-prob is asked for by the terms).
+FINALIZE_HEAD = [
+    ("row max, 0 for an empty row", ["eq", "where"]),
+    ("log normaliser", ["log"]),
+    ("NaN guard", ["sub"]),
+    ("label log-prob (z_y - m) / T - log Z + guard, no multiply at T = 1", ["sub", "sub", "add"]),
+]
+DIVERGENCE_ONCE = {
+    "logprobs": [],
+    "terms:forward_kl": [
+        ("KL(q||p) = fkl_acc / Z_q - log Z_q + log Z_p + both guards", ["div", "sub", "add", "add", "add"]),
+        ("its saved S = -1, NaN where KL is not finite", ["full_like", "isfinite", "where"]),
+    ],
+    "terms:js": [
+        ("the partial sweep sums' accumulators", ["zeros", "zeros"]),
+        ("both NaN guards", ["sub", "sub", "add"]),
+        ("js = value sum + guards; S, NaN where js is not finite", ["add", "isfinite", "where"]),
+        ("the saved reference logit at the policy's argmax, a row of the state buffer", ["clone"]),
+    ],
+}
+BACKWARD_ONCE = [
+    ("the kept tokens", ["ne", "nonzero"]),
+    ("the fp32 accumulators of the hidden states' and the weight's gradients", ["zeros", "zeros"]),
+]
+# ``loss = logp.sum() (+ div.sum())`` and its backward: the seed, and each ``sum``'s gradient, an
+# expanded (stride 0) tensor that the op makes contiguous for its kernels.
+HARNESS = {
+    "logprobs": ["sum", "ones_like", "contiguous"],
+    "terms:forward_kl": ["sum", "sum", "add", "ones_like", "contiguous", "contiguous"],
+    "terms:js": ["sum", "sum", "add", "ones_like", "contiguous", "contiguous"],
+}
+
+
+def per_call_ops(op: str) -> Counter:
+    """The aten ops, by name, that a forward and backward of ``op`` launches once: the lists above."""
+    heads = 1 if op == "logprobs" else 2
+    listed = FORWARD_ONCE + FINALIZE_HEAD * heads + DIVERGENCE_ONCE[op] + BACKWARD_ONCE + [("harness", HARNESS[op])]
+    return Counter(name for _, ops in listed for name in ops)
+
 
 @pytest.fixture(autouse=True)
 def native_backend():
     with pk.use_backend("native"):
         yield
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_at_most_one_other_host_op_per_gemm(op):
-    """Besides its GEMMs a call launches at most one op per GEMM: backend kernels and aten ops
-    together (before the kernels merged the row states in place: 8 per GEMM for logprobs)."""
-    counts = step_counts(op, 1024, 256, 32000, torch.float32, 4 << 20)
-    others = counts["launches"] - counts["gemms"] + counts["kernels"]
-    assert others <= counts["gemms"], counts
 
 
 def _plans(monkeypatch):
@@ -50,27 +91,51 @@ def _plans(monkeypatch):
     return made
 
 
+def _tile_counts(plans) -> list:
+    """Tiles of the forward plan and of the backward plan (the second sweep reuses the forward's)."""
+    forward_plan, backward_plan = plans
+    return [len(p.token_ranges) * len(p.vocab_ranges) for p in (forward_plan, backward_plan)]
+
+
+def _check_tiles_and_call(op, others, gemms, kernels, tiles):
+    """Per tile: the GEMMs, the backend kernels and (second sweep) two adds; the rest is :func:`per_call_ops`."""
+    sweeps = op == "terms:js"
+    heads = 1 if op == "logprobs" else 2
+    assert kernels == tiles[0] * (1 + sweeps) + tiles[1], (kernels, tiles)
+    assert gemms == tiles[0] * heads * (1 + sweeps) + tiles[1] * (heads + 2), (gemms, tiles)
+    per_tile = Counter({"add_": 2 * tiles[0]} if sweeps else {})
+    assert others == per_call_ops(op) + per_tile, (others - per_tile, per_call_ops(op))
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_per_tile_cost_is_the_gemms_and_the_backend_kernels(op, monkeypatch):
     """Halving the budget adds vocabulary chunks; each added tile adds only its GEMMs, its kernel
-    and (second sweep) its two adds: the rest of the call costs the same whatever the tiling."""
+    and (second sweep) its two adds: the rest of the call is the listed per-call ops at both."""
     plans = _plans(monkeypatch)
-    results = []
+    tile_counts = []
     for budget in (320 << 10, 160 << 10):
         plans.clear()
-        counts = step_counts(op, 64, 32, 1500, torch.float32, budget)
-        # A forward plan, and for the backward a second one; the second sweep reuses the forward's.
-        forward_plan, backward_plan = plans
-        tiles = [len(p.token_ranges) * len(p.vocab_ranges) for p in (forward_plan, backward_plan)]
-        sweeps = op == "terms:js"
-        assert counts["kernels"] == tiles[0] * (1 + sweeps) + tiles[1], (counts, tiles)
-        heads = 1 if op == "logprobs" else 2
-        assert counts["gemms"] == tiles[0] * heads * (1 + sweeps) + tiles[1] * (heads + 2), (counts, tiles)
+        others, gemms, kernels = step_ops(op, 64, 32, 1500, torch.float32, budget)
+        tiles = _tile_counts(plans)
         assert [len(p.token_ranges) for p in plans] == [1, 1]  # the same token chunks at both budgets
-        results.append((counts["launches"] - counts["gemms"] - 2 * sweeps * tiles[0], tiles))
-    (overhead_a, tiles_a), (overhead_b, tiles_b) = results
-    assert tiles_b[0] > tiles_a[0] and tiles_b[1] > tiles_a[1]
-    assert overhead_a == overhead_b
+        _check_tiles_and_call(op, others, gemms, kernels, tiles)
+        tile_counts.append(tiles)
+    assert tile_counts[1][0] > tile_counts[0][0] and tile_counts[1][1] > tile_counts[0][1]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_host_ops_per_gemm_at_the_benchmark_shape(op, monkeypatch):
+    """``python -m benchmarks.linear_costs``' shape: its tiles and the listed per-call ops, nothing
+    more. For logprobs, with T tiles each way, 4T GEMMs and 2T kernels: host ops per GEMM are
+    1.5 + (per-call ops) / 4T (it was 8 other ops per GEMM before the kernels merged the row
+    states in place, and 0.41 per GEMM above 1.5 before the per-call ops were cut)."""
+    plans = _plans(monkeypatch)
+    others, gemms, kernels = step_ops(op, 1024, 256, 32000, torch.float32, 4 << 20)
+    tiles = _tile_counts(plans)
+    _check_tiles_and_call(op, others, gemms, kernels, tiles)
+    if op == "logprobs":
+        ratio = (sum(others.values()) + gemms + kernels) / gemms
+        assert ratio == 1.5 + sum(per_call_ops(op).values()) / (4 * tiles[0]) and tiles[0] == tiles[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
