@@ -55,7 +55,7 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
     if largest is not None and read.numel():
         per_row = rows.shape[1]
         at_label = rows[read // per_row, read % per_row, labels_local]  # one element per row
-        first = Candidates.of_whole_rows(largest[read], at_label, row_max, op.temperature)
+        first = Candidates.of_largest(largest[read], at_label, row_max, op.temperature)
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
         out = Candidates.empty(positions.numel(), count, device)

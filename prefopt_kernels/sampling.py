@@ -83,12 +83,13 @@ class Candidates:
         return cls(torch.full((n, count), NEG_INF, device=device), torch.full((n,), NEG_INF, device=device))
 
     @classmethod
-    def of_whole_rows(cls, largest: torch.Tensor, at_label: torch.Tensor, row_max: torch.Tensor,
-                      temperature: float) -> "Candidates":
-        """The candidates of whole rows from their ``C`` largest raw logits ``largest`` ``[n, C]``
-        (descending, ``-inf`` padded, as a backend's ``forward_with_candidates`` gives them) and
-        the raw logits at the labels ``at_label`` ``[n]``: the values :meth:`fold` gives for the
-        same rows, with no read of the rows."""
+    def of_largest(cls, largest: torch.Tensor, at_label: torch.Tensor, row_max: torch.Tensor,
+                   temperature: float) -> "Candidates":
+        """The candidates of rows from their ``C`` largest raw logits ``largest`` ``[n, C]`` read so
+        far (descending, ``-inf`` padded: a backend's ``forward_with_candidates``, or the fused
+        linear forward's tiles) and the raw logits at the labels ``at_label`` ``[n]`` (``-inf``
+        where not read): the values :meth:`fold` gives for the same slices, since ``u`` never
+        decreases as ``x`` grows, with no read of the rows."""
         return cls(relative_logits(largest, row_max, temperature),
                    relative_logits(at_label[:, None], row_max, temperature)[:, 0])
 

@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 import prefopt_kernels as pk
 from prefopt_kernels import sampled_rows, sampling
 from prefopt_kernels.backends import native
+from prefopt_kernels.linear import sampled as linear_sampled
+from prefopt_kernels.linear.tiles import TilePlan
 from prefopt_kernels.spec import OpSpec
 
+from contract import backends_on
 from strategies import scaled
 from test_sampling_logits import sampled_cases
 
 GATHERING = [name for name in ("native",) if name in pk.available_backends()]
-pytestmark = pytest.mark.skipif(not GATHERING, reason="no backend gathers candidates in its forward here")
+needs_gathering = pytest.mark.skipif(not GATHERING, reason="no backend gathers candidates in its forward here")
 
 
 @st.composite
@@ -43,6 +46,7 @@ def rows_with_ties(draw):
     return x, labels, count
 
 
+@needs_gathering
 @settings(max_examples=scaled(60))
 @given(case=rows_with_ties())
 def test_gathered_candidates_are_the_rows_topk(case):
@@ -63,6 +67,7 @@ def test_gathered_candidates_are_the_rows_topk(case):
     assert largest.shape == (rows.shape[0], count) and torch.equal(largest, want)
 
 
+@needs_gathering
 def test_nan_never_enters_the_candidates():
     x = torch.randn(2, 1, 2000)
     x[0, 0, ::3] = math.nan
@@ -71,6 +76,7 @@ def test_nan_never_enters_the_candidates():
     assert torch.equal(largest[0], finite.topk(100).values)
 
 
+@needs_gathering
 def test_candidate_count_is_checked():
     x = torch.randn(1, 1, 10)
     with pytest.raises(ValueError, match="candidates"):
@@ -125,9 +131,65 @@ def test_settled_rows_are_read_once(backend, monkeypatch):
     assert sum(folded) == 3 + 3  # read with 2048, then with 3001 candidates
 
 
+@needs_gathering
 def test_first_read_falls_back_beyond_the_gathered_count():
     """A top_k whose candidates exceed what the kernel gathers reads the rows again, as before."""
     op = OpSpec(want_logp=True, top_k=native.max_candidates("cpu"))
     x = torch.randn(1, 2, 5000)
     stats, largest = sampled_rows.first_read(native, x, torch.tensor([0, 1]), None, None, op)
     assert largest is None and stats.row_max.shape == (2,)
+
+
+@st.composite
+def linear_sampled_cases(draw):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    vocab = draw(st.sampled_from([300, 1031, 2053]))
+    tokens = draw(st.integers(1, 5))
+    hidden = torch.randn(tokens, 16, generator=gen)
+    weight = torch.randn(vocab, 16, generator=gen) * draw(st.sampled_from([0.02, 1.0]))  # 0.02: flat, growth
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels[torch.rand(tokens, generator=gen) > 0.8] = -100
+    options = dict(top_k=draw(st.sampled_from([None, 1, 60, 1100])), top_p=draw(st.sampled_from([None, 0.9, 0.97])),
+                   min_p=draw(st.sampled_from([None, 0.01])))
+    return hidden, weight, labels, options, draw(st.sampled_from([3000, 150000])), draw(st.booleans())
+
+
+@pytest.mark.parametrize("backend", backends_on(torch.device("cpu")))
+@settings(max_examples=scaled(8), deadline=None)
+@given(case=linear_sampled_cases())
+def test_linear_candidates_from_the_fold_equal_a_second_projection(backend, case):
+    """The fused linear forward takes its candidates from the fold's own tiles: its outputs and
+    gradients are bit for bit those of the path that projects every tile once more."""
+    hidden, weight, labels, options, budget, invariant = case
+
+    def run():
+        h = hidden.clone().requires_grad_()
+        with pk.use_backend(backend):
+            logp, mass = pk.linear_token_logprobs(h, weight, labels, memory_budget=budget, batch_invariant=invariant,
+                                                  return_kept_mass=True, **options)
+        logp.sum().backward()
+        return logp, mass, h.grad
+
+    one = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear_sampled, "TileCandidates", lambda call: None)
+        two = run()
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_linear_forward_projects_each_tile_once(monkeypatch):
+    """With the kept set settled by the first candidates, a sampled forward projects as many tiles as
+    the plain one: the candidates need no projection of their own."""
+    projected = []
+    project = TilePlan.project
+    monkeypatch.setattr(TilePlan, "project", lambda self, *a, **k: projected.append(a[1].shape[0]) or project(self, *a, **k))
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(6, 16, generator=gen), torch.randn(3001, 16, generator=gen)
+    labels = torch.randint(0, 3001, (6,), generator=gen)
+    counts = []
+    for options in ({}, dict(top_k=50, top_p=0.9, min_p=0.05)):
+        projected.clear()
+        pk.linear_token_logprobs(hidden, weight, labels, memory_budget=20000, **options)
+        counts.append(len(projected))
+    assert counts[0] > 1 and counts[1] == counts[0]
