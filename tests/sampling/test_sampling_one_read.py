@@ -154,7 +154,9 @@ def linear_sampled_cases(draw):
     return hidden, weight, labels, options, draw(st.sampled_from([3000, 150000])), draw(st.booleans())
 
 
-@pytest.mark.parametrize("backend", backends_on(torch.device("cpu")))
+# The candidates are gathered on the host from the fold's tiles whatever the backend folds them:
+# the compiled backends suffice (the interpreted Triton fold of many small tiles takes minutes).
+@pytest.mark.parametrize("backend", [b for b in backends_on(torch.device("cpu")) if b != "triton"])
 @settings(max_examples=scaled(8), deadline=None)
 @given(case=linear_sampled_cases())
 def test_linear_candidates_from_the_fold_equal_a_second_projection(backend, case):
