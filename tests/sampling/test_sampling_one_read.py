@@ -21,7 +21,7 @@ from contract import backends_on
 from strategies import scaled
 from test_sampling_logits import sampled_cases
 
-GATHERING = [name for name in ("native",) if name in pk.available_backends()]
+GATHERING = [name for name in ("native", "triton") if name in backends_on(torch.device("cpu"))]
 needs_gathering = pytest.mark.skipif(not GATHERING, reason="no backend gathers candidates in its forward here")
 
 
@@ -47,16 +47,18 @@ def rows_with_ties(draw):
 
 
 @needs_gathering
-@settings(max_examples=scaled(60))
+@pytest.mark.parametrize("backend", GATHERING)
+@settings(max_examples=scaled(60), deadline=None)
 @given(case=rows_with_ties())
-def test_gathered_candidates_are_the_rows_topk(case):
+def test_gathered_candidates_are_the_rows_topk(backend, case):
     """The forward's candidates are each row's ``count`` largest logits in descending order, the
     multiset ``torch.topk`` keeps (ties and ``-inf`` included), ``-inf`` padded past V and on ignored
     rows; the forward's own statistics are bit for bit those of the forward without candidates."""
     x, labels, count = case
+    module = __import__(f"prefopt_kernels.backends.{backend}", fromlist=["forward"])
     op = OpSpec(want_logp=True, want_entropy=True)
-    plain = native.forward(x, labels, None, None, op)
-    stats, largest = native.forward_with_candidates(x, labels, None, None, op, count)
+    plain = module.forward(x, labels, None, None, op)
+    stats, largest = module.forward_with_candidates(x, labels, None, None, op, count)
     for name in ("row_max", "log_norm", "logp", "entropy"):  # bits: an all -inf row's NaN included
         assert torch.equal(getattr(stats, name).view(torch.int32), getattr(plain, name).view(torch.int32)), name
     rows = x.reshape(-1, x.shape[-1]).float()
@@ -85,7 +87,7 @@ def test_candidate_count_is_checked():
 
 def _without_gathering(monkeypatch):
     """The path that reads the rows again: the backend's forward gathers no candidates."""
-    monkeypatch.setattr(native, "max_candidates", lambda device: 0)
+    monkeypatch.setattr(sampled_rows, "candidate_count", lambda op, vocab: 0)
 
 
 @pytest.mark.parametrize("backend", GATHERING)

@@ -29,7 +29,7 @@ def offer(x, top_ptr, size, threshold, CANDIDATES: tl.constexpr, CAP: tl.constex
     return size, threshold
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def compact(top_ptr, size, CANDIDATES: tl.constexpr, CAP: tl.constexpr):
     """Keep the ``CANDIDATES`` largest of the ``size`` values at ``top_ptr`` in its first slots;
     returns ``(CANDIDATES, the smallest of them)``."""
