@@ -41,6 +41,9 @@ def supports(device: torch.device) -> bool:
 
 # The most candidates per row the forward gathers: its buffer row holds them and one whole tile.
 MAX_CANDIDATES = 2048
+# Interpreted, each compaction's tl.topk over the buffer takes seconds: the ops gather only this
+# many there (top_k < 64) and read the rows again beyond; forward_with_candidates takes any count.
+INTERPRETED_CANDIDATES = 64
 
 
 def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
@@ -49,8 +52,8 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
 
 
 def max_candidates(device: torch.device) -> int:
-    """The most candidates per row :func:`forward_with_candidates` gathers (on every device it runs)."""
-    return MAX_CANDIDATES
+    """The most candidates per row the ops have :func:`forward_with_candidates` gather on ``device``."""
+    return INTERPRETED_CANDIDATES if _interpreted() else MAX_CANDIDATES
 
 
 def forward_with_candidates(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
