@@ -15,6 +15,7 @@ measurement.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def _logits_calls(dtype_name: str, vocab: int):
     from prefopt_kernels import divergences
     from prefopt_kernels.backends import triton as backend
     from prefopt_kernels.checks import op_spec
+    from prefopt_kernels.sampling import candidate_count
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     # Three tokens of two sequences: no stride or count specialises to 1.
@@ -156,6 +158,14 @@ def _logits_calls(dtype_name: str, vocab: int):
     yield "logprobs", FAST_TARGET, op(op_spec(temperature=1.0, want_logp=True), True, False, (1, 0, 0))
     yield "logprobs+entropy", FAST_TARGET, op(op_spec(temperature=1.0, want_logp=True, return_entropy=True),
                                               True, False, (1, 1, 0))
+    # The sampler-matched forward gathers its first candidates in the same read (its backward is
+    # logprobs'): top_k = 50 (51 candidates) and top_p or min_p alone (the default 1024).
+    for name, sampler in (("k50", dict(top_k=50)), ("p", dict(top_p=0.9))):
+        spec = op_spec(temperature=1.0, want_logp=True, **sampler)
+
+        def gather(spec=spec):
+            backend.forward_with_candidates(logits, labels, None, None, spec, candidate_count(spec, vocab))
+        yield f"logprobs+sampler:{name}", FAST_TARGET, gather
     for member in divergences.Divergence:
         target = SWEEP_TARGET if member.second_sweep else FAST_TARGET
         yield f"divergence:{member.key}", target, op(
@@ -254,6 +264,10 @@ def triton_rows(shapes: Sequence[Tuple[str, int]] = LOGITS_SHAPES, linear: bool 
                         path, name, threads = compile_sm90(launch, workdir)
                         compiled[key] = (name, threads, sass.analyse_cubin(path)[name])
                     name, threads, (resources, loops) = compiled[key]
+                    if case.startswith("logprobs+sampler"):
+                        # The candidates' stores are predicated on the values that enter (a few per
+                        # tile): the streamed bytes of the row are its loads.
+                        loops = [dataclasses.replace(loop, bytes_stored=0) for loop in loops]
                     streamed = 1 + launch.arguments.get("HAS_REF", launch.arguments.get("DIVERGENCE", 0) != 0)
                     written = "grad_ptr" in launch.arguments
                     size = {"bf16": 2, "fp32": 4}[dtype]

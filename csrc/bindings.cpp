@@ -73,6 +73,10 @@ void validate(const ForwardArgs& a) {
     throw std::invalid_argument("prefopt._C: this divergence needs ref_at_argmax");
   if ((a.want_logp || a.want_ref_logp) && a.labels == nullptr)
     throw std::invalid_argument("prefopt._C: label log-probs need labels");
+  if (a.candidates < 0 || a.candidates > prefopt::kMaxCandidates ||
+      (a.candidates > 0 && a.candidate_values == nullptr))
+    throw std::invalid_argument(
+        "prefopt._C: candidates must be in [0, MAX_CANDIDATES], with candidate_values");
 }
 
 void validate(const BackwardArgs& a) {
@@ -217,6 +221,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SWEEP_STATS") = names({PREFOPT_SAVED_STATS(PREFOPT_NAME, PREFOPT_NO_FIELD, )});
   m.attr("TOKEN_OUTPUTS") = names({PREFOPT_TOKEN_OUTPUTS(PREFOPT_NAME)});
   m.attr("ROW_STATE_FIELDS") = names({PREFOPT_ROW_STATE_FIELDS(PREFOPT_NAME)});
+  m.attr("MAX_CANDIDATES") = prefopt::kMaxCandidates;
   m.def(
       "divergence_traits",
       [](int code) {

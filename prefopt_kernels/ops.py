@@ -63,15 +63,16 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
     module = pick_backend(logits.device, backend)
     rows, ref_rows = RowLayout.of(logits, ref_logits).rows(logits, ref_logits)
     with on_device(logits.device):
+        largest = None  # the sampled forward's candidates, where the backend gathers them in its read
         if shard.group is None:
-            stats = module.forward(rows, labels, ref_rows, weight, op)
+            stats, largest = sampled_rows.first_read(module, rows, labels, ref_rows, weight, op)
         else:
             stats = distributed.sharded_stats(module, rows, labels, ref_rows, weight, op, shard)
     found = {k: getattr(stats, k) for k in op.outputs() if k != "log_kept_mass"}
     kept = []
     if op.samples:
         with on_device(logits.device):
-            sampled = sampled_rows.forward(rows, labels, stats, op, shard)
+            sampled = sampled_rows.forward(rows, labels, stats, op, shard, largest)
         found.update(logp=sampled["logp"], log_kept_mass=sampled["log_kept_mass"])
         kept = [sampled[name] for name in KEPT_STATS]
     elif op.want_kept_mass:

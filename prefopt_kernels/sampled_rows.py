@@ -13,8 +13,8 @@ from dataclasses import fields
 import torch
 
 from .backends import RowStats, nan_guard
-from .sampling import (Candidates, find_kept_set, kept_outputs, kept_statistics, logp_gradient_, outside_kept_set,
-                       raw_threshold, relative_logits)
+from .sampling import (Candidates, candidate_count, find_kept_set, kept_outputs, kept_statistics, logp_gradient_,
+                       outside_kept_set, raw_threshold, relative_logits)
 from .spec import OpSpec
 
 ROW_BLOCK_BYTES = 32 * 2**20  # fp32 temporaries of one block of rows (about two per element)
@@ -25,17 +25,37 @@ def rows_per_block(width: int) -> int:
     return max(1, ROW_BLOCK_BYTES // (8 * max(width, 1)))
 
 
-def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpec, shard) -> dict:
+def first_read(backend, rows: torch.Tensor, labels, ref_rows, weight, op: OpSpec):
+    """``(RowStats, largest)``: the backend's forward of whole rows and, when the call samples and the
+    backend gathers its first :func:`~prefopt_kernels.sampling.candidate_count` candidates in that
+    same read (``forward_with_candidates``), each row's largest raw logits ``[N, C]``; else
+    ``(RowStats, None)`` and :func:`forward` reads the rows once more."""
+    count = candidate_count(op, rows.shape[2]) if op.samples else 0
+    max_candidates = getattr(backend, "max_candidates", None)
+    if count and max_candidates is not None and count <= max_candidates(rows.device):
+        return backend.forward_with_candidates(rows, labels, ref_rows, weight, op, count)
+    return backend.forward(rows, labels, ref_rows, weight, op), None
+
+
+def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpec, shard,
+            largest: torch.Tensor = None) -> dict:
     """``logp``, ``log_kept_mass`` and the :data:`~prefopt_kernels.sampling.KEPT_STATS`, fp32 ``[N]`` each.
 
     ``rows`` ``[B, T, Vs]`` (this rank's shard ``[v0, v0 + Vs)`` of ``shard.vocab``), ``stats``
-    the backend's forward (global when sharded). Ignored rows are never read and hold 0.
+    the backend's forward (global when sharded), ``largest`` the whole rows' candidates from
+    :func:`first_read` or ``None``. Ignored rows are never read and hold 0; with ``largest`` the
+    others are read again only where their kept set is not settled (growth).
     """
     n_tokens, width, device = labels.numel(), rows.shape[2], rows.device
     read = (labels != op.ignore_index).nonzero().reshape(-1)
     row_max, log_norm = stats.row_max[read], stats.log_norm[read]
     labels_local = labels[read] - shard.v0
     step = rows_per_block(width)
+    first = None
+    if largest is not None and read.numel():
+        per_row = rows.shape[1]
+        at_label = rows[read // per_row, read % per_row, labels_local]  # one element per row
+        first = Candidates.of_largest(largest[read], at_label, row_max, op.temperature)
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
         out = Candidates.empty(positions.numel(), count, device)
@@ -47,7 +67,7 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
         out.merge_across(shard.group)
         return out
 
-    kept, label_u = find_kept_set(sweep, log_norm, op, shard.vocab)
+    kept, label_u = find_kept_set(sweep, log_norm, op, shard.vocab, first)
     logp, log_kept_mass = kept_outputs(kept.threshold, kept.log_norm, label_u, log_norm)
     values = {"logp": logp, "log_kept_mass": log_kept_mass, "kept_threshold": kept.threshold,
               "kept_log_norm": kept.log_norm}

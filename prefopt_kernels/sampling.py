@@ -82,6 +82,17 @@ class Candidates:
     def empty(cls, n: int, count: int, device) -> "Candidates":
         return cls(torch.full((n, count), NEG_INF, device=device), torch.full((n,), NEG_INF, device=device))
 
+    @classmethod
+    def of_largest(cls, largest: torch.Tensor, at_label: torch.Tensor, row_max: torch.Tensor,
+                   temperature: float) -> "Candidates":
+        """The candidates of rows from their ``C`` largest raw logits ``largest`` ``[n, C]`` read so
+        far (descending, ``-inf`` padded: a backend's ``forward_with_candidates``, or the fused
+        linear forward's tiles) and the raw logits at the labels ``at_label`` ``[n]`` (``-inf``
+        where not read): the values :meth:`fold` gives for the same slices, since ``u`` never
+        decreases as ``x`` grows, with no read of the rows."""
+        return cls(relative_logits(largest, row_max, temperature),
+                   relative_logits(at_label[:, None], row_max, temperature)[:, 0])
+
     def fold(self, x: torch.Tensor, row_max: torch.Tensor, temperature: float, labels_local: torch.Tensor) -> None:
         """Merge the slice of raw logits ``x`` ``[n, Vs]`` (``labels_local``: the labels less the slice's
         offset). ``u`` never decreases as ``x`` grows, so the ``topk`` runs on ``x`` itself and only the
@@ -176,17 +187,20 @@ def decide_in_blocks(candidates: Candidates, log_norm: torch.Tensor, op: OpSpec,
 
 
 def find_kept_set(sweep: Callable[[torch.Tensor, int], Candidates], log_norm: torch.Tensor, op: OpSpec,
-                  vocab: int):
+                  vocab: int, first: Candidates = None):
     """``(KeptSet, label_u)`` of ``n`` rows, reading them again only where the set is not settled.
 
     ``sweep(positions, count)`` reads the rows ``positions`` (int64 into the ``n``) and returns
     their :class:`Candidates` with ``count`` per row, merged over every slice (and rank). The
     loop's condition is a host sync, identical on every rank of a sharded call (the merged
-    candidates are).
+    candidates are). ``first``, when given, holds the :func:`candidate_count` candidates of
+    every row already (gathered by the backend's own forward): no row is read unless it is
+    not settled.
     """
     count = candidate_count(op, vocab)
     n = log_norm.numel()
-    first = sweep(torch.arange(n, device=log_norm.device), count)
+    if first is None:
+        first = sweep(torch.arange(n, device=log_norm.device), count)
     kept = decide_in_blocks(first, log_norm, op, vocab)
     pending = ~kept.settled
     while count < vocab and bool(pending.any()):

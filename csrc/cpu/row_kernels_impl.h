@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -56,6 +57,8 @@ namespace PREFOPT_CPU_VARIANT {
 namespace {
 
 constexpr int64_t kBlock = 512;
+
+#include "cpu/top_values.h"
 
 template <int DT>
 PREFOPT_INLINE void load_block(const typename Elem<DT>::T* __restrict src, int64_t n,
@@ -133,10 +136,11 @@ PREFOPT_INLINE const float* block_view(const typename Elem<DT>::T* src, int64_t 
 // Pass 1 over a whole row (or slice): the merged state of all its blocks. With `track`, the
 // state's k follows the first index of the policy's max and ref_at_argmax the reference
 // logit there (the centre of the divergence's S); without it k stays -1 and ref_at_argmax 0.
-// ENT: accumulate ua (only the entropy needs it).
+// ENT: accumulate ua (only the entropy needs it). `top`, when not null, is offered every block
+// of the policy's row (the sampler-matched forward's candidates).
 template <int DT, bool REF, int DIV, bool ENT>
 RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
-                           int64_t vocab, float inv_temperature, bool track) {
+                           int64_t vocab, float inv_temperature, bool track, TopValues* top) {
   alignas(64) float buf_a[kBlock];
   alignas(64) float buf_b[kBlock];
   RowState<double> st = RowState<double>::empty();
@@ -149,6 +153,7 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
     const float* xa = block_view<DT>(ra + c0, n, buf_a);
     const float* xb = REF ? block_view<DT>(rb + c0, n, buf_b) : buf_b;
     const float ma = block_max(xa, n);
+    if (top != nullptr) top->offer(xa, n, ma);
     // Strictly larger: an equal max in a later block keeps the first occurrence.
     if (track && ma > st.ma) {  // rare after the first blocks: a short scan
       int64_t j = 0;
@@ -167,13 +172,13 @@ RowState<double> row_state(const typename Elem<DT>::T* ra, const typename Elem<D
 template <int DT, bool ENT, int DIV>
 RowState<double> first_pass(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                             int64_t vocab, float inv_temperature, bool need_ref, bool use_div,
-                            bool track) {
+                            bool track, TopValues* top = nullptr) {
   constexpr int kAcc = first_pass_divergence(DIV);
   if (!need_ref)
-    return row_state<DT, false, kNoDivergence, ENT>(ra, rb, vocab, inv_temperature, track);
+    return row_state<DT, false, kNoDivergence, ENT>(ra, rb, vocab, inv_temperature, track, top);
   if (kAcc != kNoDivergence && use_div)
-    return row_state<DT, true, kAcc, ENT>(ra, rb, vocab, inv_temperature, track);
-  return row_state<DT, true, kNoDivergence, ENT>(ra, rb, vocab, inv_temperature, track);
+    return row_state<DT, true, kAcc, ENT>(ra, rb, vocab, inv_temperature, track, top);
+  return row_state<DT, true, kNoDivergence, ENT>(ra, rb, vocab, inv_temperature, track, top);
 }
 
 // Pass 2 for the divergences that are non-linear in p and q: sums of q f(t) and of
@@ -212,10 +217,11 @@ struct RowOut {
   LogProbShift a{0.f, 0.f}, b{0.f, 0.f};
 };
 
-// DIV is the call's divergence; plan.use_div says whether this row has its term.
+// DIV is the call's divergence; plan.use_div says whether this row has its term. `top` (null
+// when the call asks for no candidates) gathers the row's largest values.
 template <int DT, int DIV>
 RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row,
-                   float inv_temperature, const DivParams& prm) {
+                   float inv_temperature, const DivParams& prm, TopValues* top) {
   using T = typename Elem<DT>::T;
   const int64_t vocab = args.vocab;
   const T* ra = args.logits_row<T>(row);
@@ -226,8 +232,8 @@ RowOut forward_row(const ForwardArgs& args, const RowPlan& plan, int64_t row,
 
   const RowState<double> st =
       args.entropy != nullptr
-          ? first_pass<DT, true, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, centred)
-          : first_pass<DT, false, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, centred);
+          ? first_pass<DT, true, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, centred, top)
+          : first_pass<DT, false, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, centred, top);
 
   RowOut out;
   const double inv_temperature_d = 1.0 / args.temperature;
@@ -293,8 +299,12 @@ void forward_impl(const ForwardArgs& args) {
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(thread_count(args.num_threads))
   for (int64_t row = 0; row < args.n_rows; ++row) {
     const RowPlan plan = plan_row(args.labels, args.weight, args.ignore_index, DIV, row);
+    alignas(64) float top_storage[2 * kMaxCandidates];
+    TopValues top(args.candidates, top_storage);
+    TopValues* wanted = args.candidates > 0 && !plan.skip ? &top : nullptr;
     RowOut out;
-    if (!plan.skip) out = forward_row<DT, DIV>(args, plan, row, inv_temperature, prm);
+    if (!plan.skip) out = forward_row<DT, DIV>(args, plan, row, inv_temperature, prm, wanted);
+    if (args.candidates > 0) top.finish(args.candidate_values + row * args.candidates);
     store_opt(args.row_max, row, out.a.shift);
     store_opt(args.log_norm, row, out.a.offset);
     store_opt(args.logp, row, out.logp);

@@ -492,6 +492,7 @@ const char* launch_error() {
 }  // namespace
 
 const char* forward(const ForwardArgs& args, void* stream) {
+  if (args.candidates > 0) throw std::invalid_argument("prefopt: candidates are CPU only");
   if (args.n_rows == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   PREFOPT_DISPATCH_DTYPE(args.dtype, DT, forward_dt<DT>(args, s));

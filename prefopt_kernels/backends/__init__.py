@@ -9,6 +9,12 @@ A backend is a module with
     backward(logits, labels, ref_logits, weight, spec, stats,
              grad_logp, grad_entropy, grad_div, grad_out) -> None
 
+and optionally, for the sampler-matched forward's one read of the row,
+
+    max_candidates(device) -> int   (0 where the next one does not run)
+    forward_with_candidates(logits, labels, ref_logits, weight, spec, count)
+        -> (RowStats, fp32 [N, count] largest raw policy logits per row, descending, -inf padded)
+
 All tensors reaching a backend are already checked by ``prefopt_kernels.ops``:
 
 * ``logits`` / ``ref_logits``: ``[B, T, V]`` views of the caller's tensors (never copies),

@@ -189,11 +189,33 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
     ``N = B * T`` in row-major token order. Returns :class:`RowStats` of fp32 ``[N]``
     tensors; skipped rows hold 0.
     """
+    return _forward(logits, labels, ref_logits, weight, spec, 0)[0]
+
+
+def max_candidates(device: torch.device) -> int:
+    """The most candidates per row :func:`forward_with_candidates` gathers on ``device`` (0: none)."""
+    return int(_C.MAX_CANDIDATES) if _C is not None and torch.device(device).type == "cpu" else 0
+
+
+def forward_with_candidates(logits: torch.Tensor, labels: Optional[torch.Tensor],
+                            ref_logits: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec,
+                            count: int):
+    """:func:`forward` and, from the same read of each row, its ``count`` largest policy logits.
+
+    Returns ``(RowStats, values)``: ``values`` fp32 ``[N, count]``, each row's largest raw logits
+    in descending order (the multiset ``torch.topk`` gives), ``-inf`` padded past ``V`` and on
+    skipped rows; NaN never enters. CPU tensors, ``1 <= count <= max_candidates``.
+    """
+    return _forward(logits, labels, ref_logits, weight, spec, count)
+
+
+def _forward(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
     n = logits.shape[0] * logits.shape[1]
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
 
     stats = RowStats.empty(n, present_stats(spec, labels is not None, ref_logits is not None), logits.device)
+    values = torch.empty(n, count, dtype=torch.float32, device=logits.device) if count else None
     _launch(
         "forward",
         logits.device,
@@ -202,8 +224,10 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
         want_ref_logp=stats.ref_logp is not None,
         want_entropy=stats.entropy is not None,
         **_pointers(vars(stats), [f.name for f in fields(RowStats)]),
+        candidates=count,
+        candidate_values=_ptr(values),
     )
-    return stats
+    return stats, values
 
 
 def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],

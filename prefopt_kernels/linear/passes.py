@@ -87,9 +87,12 @@ def state_rows(state: row_state.RowState, t0: int, t1: int) -> row_state.RowStat
     return row_state.RowState(**{name: value[t0:t1] for name, value in state.tensors().items()})
 
 
-def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
+def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None):
     """Fold every tile of every kept row; return their :class:`RowStats` and the extras asked for.
 
+    ``policy_tiles``, when given, is called as ``policy_tiles(t0, t1, v0, a)`` with each projected
+    policy tile (rows ``[t0, t1)`` of the plan, columns from ``v0``) after its fold: the sampled
+    forward's candidates come from the same projection.
     ``hidden`` holds each head's hidden states. Per tile: one GEMM per head and one ``fold``
     launch, which merges the tile into the rows' running state in place; ``mean_logits``
     adds one GEMV, ``log_sum_sq_probs`` a few elementwise ops. The state is finished once
@@ -126,6 +129,8 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall):
             previous_max = chunk.max.clone() if want_squares else None
             backend.fold(chunk, backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
                          shard.v0 + v0)
+            if policy_tiles is not None:
+                policy_tiles(t0, t1, v0, a)
             if want_sum:
                 logit_sum[t0:t1].addmv_(a, ones[:v1 - v0])
             if want_squares:

@@ -109,11 +109,12 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
         check_kept_label_range(call.labels, head_weight.shape[0], linear.op.ignore_index)
     # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
     with torch.autocast(device.type, enabled=False), on_device(device):
-        stats, extra_values = forward_pass([h for h, _, _ in per_head], call)
+        tile_candidates = sampled.TileCandidates(call) if linear.op.samples else None
+        stats, extra_values = forward_pass([h for h, _, _ in per_head], call, tile_candidates)
         found = {k: getattr(stats, k) for k in linear.op.outputs() if k != "log_kept_mass"}
         kept = []
         if linear.op.samples:
-            sampled_values = sampled.forward([h for h, _, _ in per_head], call, stats)
+            sampled_values = sampled.forward([h for h, _, _ in per_head], call, stats, tile_candidates)
             found.update(logp=sampled_values["logp"], log_kept_mass=sampled_values["log_kept_mass"])
             kept = [sampled_values[name] for name in KEPT_STATS]
         elif linear.op.want_kept_mass:

@@ -1,15 +1,17 @@
 """The sampled (``top_k`` / ``top_p`` / ``min_p``) forward and tile gradient of the fused linear ops.
 
-The forward runs after :func:`~prefopt_kernels.linear.passes.forward_pass` has the global
-``row_max`` and ``lse_V``: it projects the policy's tiles once more and folds each into the
-rows' :class:`~prefopt_kernels.sampling.Candidates` (one GEMM and one candidate fold per tile),
-merges them over the shards, and re-reads only the rows whose kept set is not settled
-(:func:`~prefopt_kernels.sampling.find_kept_set`). The backward turns each re-projected tile
-into ``dz`` with :func:`kept_tile_gradient`. The math is :mod:`prefopt_kernels.sampling`'s.
+The first candidates come from :func:`~prefopt_kernels.linear.passes.forward_pass`'s own
+projection of each policy tile (:class:`TileCandidates`: each tile's largest raw logits merged
+into the rows' running ones, and the label's raw logit), so the forward projects and reads each
+tile once, as the plain op does. Once the pass has the global ``row_max`` and ``lse_V``,
+:func:`forward` turns them into the rows' :class:`~prefopt_kernels.sampling.Candidates`, merges
+them over the shards, and projects again only the rows whose kept set is not settled
+(:func:`~prefopt_kernels.sampling.find_kept_set`: the growth reads). The backward turns each
+re-projected tile into ``dz`` with :func:`kept_tile_gradient`. The math is
+:mod:`prefopt_kernels.sampling`'s.
 
-Host ops per tile of the candidate read: the GEMM (and the transform), the ``topk`` of the
-tile and the candidates' merge (two for ``u``, ``cat``, ``topk``), about eight for the label's
-``u``.
+Host ops per tile for the candidates: the ``topk`` of the tile and the merge (``cat``,
+``topk``), about five for the label's logit.
 """
 
 from __future__ import annotations
@@ -19,20 +21,57 @@ from typing import List
 import torch
 
 from ..backends import RowStats, nan_guard
-from ..sampling import (Candidates, find_kept_set, kept_outputs, kept_statistics, logp_gradient_, outside_kept_set,
-                        relative_logits)
+from ..sampling import (NEG_INF, Candidates, candidate_count, find_kept_set, kept_outputs, kept_statistics,
+                        logp_gradient_, outside_kept_set, relative_logits)
 from .heads import gather_rows, pad_rows
 
 
-def forward(hidden: List[torch.Tensor], call, stats: RowStats) -> dict:
+class TileCandidates:
+    """The rows' first candidates, gathered from the forward pass's projected policy tiles.
+
+    Called as ``(t0, t1, v0, a)`` per tile (rows ``[t0, t1)`` of the plan, ``a`` ``[t1 - t0, Vs]``
+    the raw logits of columns ``[v0, v0 + Vs)`` of this rank's shard). Keeps ``largest``, fp32
+    ``[rows, C]``, each row's ``C`` largest raw logits so far (descending, ``-inf`` padded; ``C``
+    of :func:`~prefopt_kernels.sampling.candidate_count`), and ``at_label`` ``[rows]``, the raw
+    logit at the label once a tile holds it (``-inf`` before).
+    """
+
+    def __init__(self, call):
+        plan = call.plan(backward=False)
+        device = call.index.device
+        self.count = candidate_count(call.spec.op, call.shard.vocab)
+        self.labels = call.targets(plan.rows)[0]
+        self.offset = call.shard.v0
+        self.largest = torch.full((plan.rows, self.count), NEG_INF, device=device)
+        self.at_label = torch.full((plan.rows,), NEG_INF, device=device)
+
+    def __call__(self, t0: int, t1: int, v0: int, a: torch.Tensor) -> None:
+        width = a.shape[1]
+        if width == 0:
+            return
+        top = a.topk(min(self.count, width), dim=1).values.float()
+        self.largest[t0:t1] = torch.cat([self.largest[t0:t1], top], 1).topk(self.count, dim=1).values
+        local = self.labels[t0:t1] - (self.offset + v0)
+        inside = (local >= 0) & (local < width)
+        value = a.gather(1, local.clamp(0, width - 1)[:, None])[:, 0].float()
+        self.at_label[t0:t1] = torch.where(inside, value, self.at_label[t0:t1])
+
+
+def forward(hidden: List[torch.Tensor], call, stats: RowStats, gathered: TileCandidates = None) -> dict:
     """``logp``, ``log_kept_mass`` and the kept set's statistics, fp32 ``[n]`` over the call's kept rows.
 
     ``call`` is the :class:`~prefopt_kernels.linear.passes.LinearCall` of the forward, ``stats``
-    its finished (global) statistics.
+    its finished (global) statistics, ``gathered`` the candidates its pass gathered (``None``:
+    the tiles are projected once more for them).
     """
     op, shard, policy = call.spec.op, call.shard, call.policy
     plan = call.plan(backward=False)
     device = hidden[0].device
+    first = None
+    if gathered is not None:
+        n = stats.row_max.numel()
+        first = Candidates.of_largest(gathered.largest[:n], gathered.at_label[:n], stats.row_max, op.temperature)
+        first.merge_across(shard.group)
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
         out = Candidates.empty(positions.numel(), count, device)
@@ -50,7 +89,7 @@ def forward(hidden: List[torch.Tensor], call, stats: RowStats) -> dict:
         out.merge_across(shard.group)
         return out
 
-    kept, label_u = find_kept_set(sweep, stats.log_norm, op, shard.vocab)
+    kept, label_u = find_kept_set(sweep, stats.log_norm, op, shard.vocab, first)
     logp, log_kept_mass = kept_outputs(kept.threshold, kept.log_norm, label_u, stats.log_norm)
     return {"logp": logp, "log_kept_mass": log_kept_mass, "kept_threshold": kept.threshold,
             "kept_log_norm": kept.log_norm}

@@ -65,7 +65,14 @@ SCRIPT = textwrap.dedent(
         align = 8 if dtype == "bf16" else 4
         compile_one(kernels.token_forward_kernel, rows, dict(
             HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_LOGP=labels, WANT_ENTROPY=labels,
-            WANT_REF_LOGP=labels and divergence > 0, DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))
+            WANT_REF_LOGP=labels and divergence > 0, DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align,
+            CANDIDATES=0, CAP=1))
+        if labels and divergence == 0:  # the sampled forward, gathering its first candidates
+            for candidates in (51, 1024):
+                compile_one(kernels.token_forward_kernel, rows, dict(
+                    HAS_LABELS=True, HAS_REF=False, HAS_WEIGHT=weight, WANT_LOGP=True, WANT_ENTROPY=False,
+                    WANT_REF_LOGP=False, DIVERGENCE=0, BLOCK_V=4096, ALIGN=align, CANDIDATES=candidates,
+                    CAP=triton.next_power_of_2(candidates + 4096)))
         compile_one(kernels.token_backward_kernel, dict(rows, grad_ptr="*" + dtype), dict(
             HAS_LABELS=labels, HAS_WEIGHT=weight, GRAD_LOGP=labels, GRAD_ENTROPY=labels,
             DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))

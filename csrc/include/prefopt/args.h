@@ -78,12 +78,17 @@
 #define PREFOPT_NO_FIELD(type, name)
 #define PREFOPT_DECLARE_FIELD(type, name) type name{};
 
-// What each entry point adds to the row inputs.
+// What each entry point adds to the row inputs. The forward's candidates (CPU only, 0 = none,
+// at most kMaxCandidates): the `candidates` largest policy logits of each row as fp32, in
+// descending order and -inf padded, into candidate_values [n_rows, candidates] (all -inf on
+// skipped rows), gathered by the same read of the row.
 #define PREFOPT_FORWARD_FIELDS(X) \
   X(bool, want_logp)              \
   X(bool, want_ref_logp)          \
   X(bool, want_entropy)           \
-  PREFOPT_SAVED_STATS(X, X, float*) PREFOPT_TOKEN_OUTPUTS(X)
+  PREFOPT_SAVED_STATS(X, X, float*) PREFOPT_TOKEN_OUTPUTS(X) \
+  X(int64_t, candidates)          \
+  X(float*, candidate_values)
 #define PREFOPT_BACKWARD_FIELDS(X)     \
   X(const float*, grad_logp)           \
   X(const float*, grad_entropy)        \
@@ -113,6 +118,9 @@
   X(sweep, SweepArgs, PREFOPT_SWEEP_PARAMS)
 
 namespace prefopt {
+
+// The most candidates per row a CPU forward gathers (its buffer, 2 per candidate, is on the stack).
+constexpr int64_t kMaxCandidates = 2048;
 
 struct RowInputs {
   PREFOPT_ROW_INPUTS(PREFOPT_DECLARE_FIELD)

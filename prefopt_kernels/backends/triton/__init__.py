@@ -13,6 +13,7 @@ import os
 from dataclasses import fields
 
 import torch
+import triton
 
 from .. import SAVED_STATS, SWEEP_STATS, OpSpec, RowStats, present_stats, row_state
 from .config import launch_config, row_alignment
@@ -38,8 +39,35 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" or (_interpreted() and device.type == "cpu")
 
 
+# The most candidates per row the forward gathers: its buffer row holds them and one whole tile.
+MAX_CANDIDATES = 2048
+# Interpreted, each compaction's tl.topk over the buffer takes seconds: the ops gather only this
+# many there (top_k < 64) and read the rows again beyond; forward_with_candidates takes any count.
+INTERPRETED_CANDIDATES = 64
+
+
 def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
     """Per-row statistics of one read of every row (``prefopt_kernels.backends`` has the contract)."""
+    return _forward(logits, labels, ref_logits, weight, spec, 0)[0]
+
+
+def max_candidates(device: torch.device) -> int:
+    """The most candidates per row the ops have :func:`forward_with_candidates` gather on ``device``."""
+    return INTERPRETED_CANDIDATES if _interpreted() else MAX_CANDIDATES
+
+
+def forward_with_candidates(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
+    """:func:`forward` and, from the same read of each row, its ``count`` largest policy logits.
+
+    Returns ``(RowStats, values)``, ``values`` fp32 ``[N, count]`` (a view of the kernel's
+    ``[N, CAP]`` buffer, ``CAP = next_power_of_2(count + BLOCK_V)``): each row's largest raw
+    logits in descending order, the multiset ``torch.topk`` gives, ``-inf`` padded past ``V``
+    and on skipped rows; NaN never enters. ``1 <= count <= MAX_CANDIDATES``.
+    """
+    return _forward(logits, labels, ref_logits, weight, spec, count)
+
+
+def _forward(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
     from .kernels import token_forward_kernel
 
     batches, tokens, vocab = logits.shape
@@ -48,9 +76,13 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
     placeholder = stats.log_norm
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)
+    if not 0 <= count <= MAX_CANDIDATES:
+        raise ValueError(f"candidates: count must be in [0, {MAX_CANDIDATES}], got {count}")
+    cap = triton.next_power_of_2(count + block_v) if count else 1
+    top = torch.full((n, cap), float("-inf"), device=logits.device) if count else placeholder
     token_forward_kernel[(n,)](
         **_rows(logits, ref, labels, weight, placeholder),
-        **_pointers(stats, [f.name for f in fields(RowStats)], placeholder),
+        **_pointers(stats, [f.name for f in fields(RowStats)], placeholder), top_ptr=top,
         vocab=vocab, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
@@ -58,8 +90,9 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
         WANT_REF_LOGP=stats.ref_logp is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
+        **(dict(CANDIDATES=count, CAP=cap) if count else {}),
     )
-    return stats
+    return stats, top[:, :count] if count else None
 
 
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,

@@ -23,19 +23,22 @@ from .row_math import (
 def token_forward_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
     row_max_ptr, log_norm_ptr, logp_ptr, entropy_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_logp_ptr,
-    div_ptr, div_s_ptr, ref_at_argmax_ptr,
+    div_ptr, div_s_ptr, ref_at_argmax_ptr, top_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
     vocab, inv_temperature, ignore_index,
     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_LOGP: tl.constexpr, WANT_ENTROPY: tl.constexpr, WANT_REF_LOGP: tl.constexpr, DIVERGENCE: tl.constexpr,
-    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, CANDIDATES: tl.constexpr = 0, CAP: tl.constexpr = 1,
 ):
     """A whole row: the first pass, finished in the program, and the second where needed.
 
     Each ``WANT_*`` flag (and ``DIVERGENCE``) says whether its output was allocated: an output
     not asked for has only the placeholder pointer, and is neither computed nor stored. Both
-    rows share their misalignment (``ALIGN``, ``row_math.aligned_row``).
+    rows share their misalignment (``ALIGN``, ``row_math.aligned_row``). With ``CANDIDATES > 0``
+    (the sampler-matched log-probs) the first pass also leaves the row's ``CANDIDATES`` largest
+    policy logits in the first slots of its row of ``top_ptr`` (``[N, CAP]`` fp32,
+    ``candidates.py``; skipped rows are not touched).
     """
     tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
     CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
@@ -58,7 +61,8 @@ def token_forward_kernel(
         a_base, lead = aligned_row(a_ptr, n, tokens_per_batch, stride_ab, stride_at, ALIGN)
         b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
         ma, za, h, mb, zb, k, ref_at_argmax, _ = first_pass(a_base, b_base, lead, vocab, inv_temperature, HAS_REF,
-                                                             WANT_ENTROPY, DIVERGENCE, False, BLOCK_V)
+                                                             WANT_ENTROPY, DIVERGENCE, False, BLOCK_V,
+                                                             top_ptr + n.to(tl.int64) * CAP, CANDIDATES, CAP)
         ma_s, sum_za, log_za = finish(ma, za)
         if WANT_LOGP:
             logp = (tl.load(a_base + lead + label).to(tl.float32) - ma_s) * inv_temperature - log_za

@@ -20,13 +20,15 @@ from .row_math import (
     online_step,
     tile_count,
 )
+from .candidates import offer, store_largest
 from .sweep_math import log2_sweep
 
 
 @triton.jit
 def first_pass(a_base, b_base, lead, vocab, inv_temperature,
                 HAS_REF: tl.constexpr, WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
-                TRACK_ARGMAX: tl.constexpr, BLOCK_V: tl.constexpr):
+                TRACK_ARGMAX: tl.constexpr, BLOCK_V: tl.constexpr, top_ptr, CANDIDATES: tl.constexpr,
+                CAP: tl.constexpr):
     """The first sweep over ``vocab`` entries of one row (a whole row, or a slice of it), read
     from the aligned bases ``a_base``, ``b_base`` whose row starts ``lead`` entries in
     (``row_math.aligned_row``): a masked first tile, whole tiles, a masked last tile.
@@ -36,6 +38,8 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
     KL lanes ``k`` (forward KL relative to both maxima, reverse KL to ``ma`` and the centre
     ``ref_at_argmax``); the reference logit ``ref_at_argmax`` at the policy's first argmax;
     and, with ``TRACK_ARGMAX``, that argmax's index (-1 while every policy logit is ``-inf``).
+    With ``CANDIDATES > 0`` the row's ``CANDIDATES`` largest policy logits go to its buffer of
+    ``CAP`` slots at ``top_ptr`` (``candidates.py``) from the same loads.
     """
     cols = tl.arange(0, BLOCK_V)
     ma = float("-inf")
@@ -46,6 +50,8 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
     zb = tl.zeros((BLOCK_V,), tl.float32)
     h = tl.zeros((BLOCK_V,), tl.float32)
     k = tl.zeros((BLOCK_V,), tl.float32)
+    size = 0
+    threshold = float("-inf")
     last = tile_count(vocab, lead, BLOCK_V)
     _, mask = edge_tile(0, lead, vocab, BLOCK_V)
     x = load_tile(a_base + cols, mask, True).to(tl.float32)
@@ -55,6 +61,8 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
     ma, za, h, mb, zb, k, ref_at_argmax, k_idx = fold_tile(
         ma, za, h, mb, zb, k, ref_at_argmax, k_idx, x, y, -lead, inv_temperature,
         HAS_REF, WANT_ENTROPY, DIVERGENCE, TRACK_ARGMAX, BLOCK_V)
+    if CANDIDATES > 0:
+        size, threshold = offer(x, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V)
     # Whole tiles: each one's loads are issued before the previous one's cross-warp reductions
     # (``whole``: all lanes or none, so the loads stay vectors; none past the last whole tile).
     whole = cols < tl.where(last > 1, BLOCK_V, 0)
@@ -73,6 +81,8 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
         ma, za, h, mb, zb, k, ref_at_argmax, k_idx = fold_tile(
             ma, za, h, mb, zb, k, ref_at_argmax, k_idx, x, y, tile * BLOCK_V - lead, inv_temperature,
             HAS_REF, WANT_ENTROPY, DIVERGENCE, TRACK_ARGMAX, BLOCK_V)
+        if CANDIDATES > 0:
+            size, threshold = offer(x, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V)
     if last > 0:
         _, mask = edge_tile(last, lead, vocab, BLOCK_V)
         x = load_tile(a_base + last * BLOCK_V + cols, mask, True).to(tl.float32)
@@ -82,6 +92,10 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
         ma, za, h, mb, zb, k, ref_at_argmax, k_idx = fold_tile(
             ma, za, h, mb, zb, k, ref_at_argmax, k_idx, x, y, last * BLOCK_V - lead, inv_temperature,
             HAS_REF, WANT_ENTROPY, DIVERGENCE, TRACK_ARGMAX, BLOCK_V)
+        if CANDIDATES > 0:
+            size, threshold = offer(x, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V)
+    if CANDIDATES > 0:
+        store_largest(top_ptr, size, CANDIDATES, CAP)
     return ma, za, h, mb, zb, k, ref_at_argmax, k_idx
 
 

@@ -47,7 +47,8 @@ def slice_state_kernel(
         a_base, lead = aligned_row(a_ptr, n, tokens_per_batch, stride_ab, stride_at, ALIGN)
         b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
         ma, za, h, mb, zb, k, ref_at_argmax, k_idx = first_pass(a_base, b_base, lead, vocab, inv_temperature,
-                                                                 HAS_REF, WANT_ENTROPY, DIVERGENCE, True, BLOCK_V)
+                                                                 HAS_REF, WANT_ENTROPY, DIVERGENCE, True, BLOCK_V,
+                                                                 a_ptr, 0, 1)
         sum_za = tl.sum(za, axis=0)
         ent = tl.sum(h, axis=0)
         sum_zb = tl.sum(zb, axis=0)
