@@ -31,7 +31,6 @@ the parameter gradients the step creates), and the loss.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 import tempfile
@@ -41,9 +40,10 @@ from typing import Dict
 import torch
 
 from . import report
-from .child_process import emit, run_children
-from .dpo_step import Step, measure_step
+from .child_process import emit
+from .dpo_step import Step, measure_step, quiet_libraries
 from .measure import add_ratios, load_average
+from .step_runs import check_step_dtype, measure_variants, variant_rows
 
 ROWS = 8
 LAYERS = 2
@@ -198,14 +198,7 @@ def _measure(name: str, student, teacher, batch, warm_batch, answer, request: di
 
 def worker(request: dict) -> None:
     """Child side: every variant in turn; one JSON line per result (a failure is a row too)."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    quiet_libraries()
     rows, seq, prompt = batch_shape(request["tokens"])
     student = _model(request["vocab"], request["hidden"], seed=0)
     teacher = _model(request["vocab"], request["hidden"] * 3 // 2, seed=1)
@@ -214,17 +207,8 @@ def worker(request: dict) -> None:
     answer = teacher_answer(teacher, batch)
     emit({"meta": {"threads": torch.get_num_threads(),
                    "params": sum(p.numel() for p in student.parameters())}})
-    bar = report.progress_bar(len(request["variants"]), request["progress"])
-    for name in request["variants"]:
-        bar.set_description(f"distill step {name}")
-        try:
-            result = {"status": "ok", **_measure(name, student, teacher, batch, warm_batch, answer, request)}
-        except Exception as exc:  # noqa: BLE001 - reported in the row, the next variant runs
-            result = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
-        emit({"variant": name, **result})
-        bar.update(1)
-        gc.collect()
-    bar.close()
+    measure_variants("distill step", lambda name: _measure(name, student, teacher, batch, warm_batch, answer,
+                                                            request), request)
 
 
 def run(*, vocab: int = DEFAULT["vocab"], tokens: int = DEFAULT["tokens"], hidden: int = DEFAULT["hidden"],
@@ -234,20 +218,13 @@ def run(*, vocab: int = DEFAULT["vocab"], tokens: int = DEFAULT["tokens"], hidde
     import importlib.metadata as md
 
     rows, seq, prompt = batch_shape(tokens)
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype {dtype!r}: fp32 or bf16 (mixed precision)")
+    check_step_dtype(dtype)
     request = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "dtype": dtype, "device": device,
                "variants": list(VARIANTS), "budget_s": budget_s, "memory": measure_memory, "progress": progress}
     load, t0 = load_average(), time.time()
-    child = run_children("benchmarks.distill_step:worker", [request], deadline_s=DEADLINE_S, show_stderr={0})[0]
-    failure = child.failure("the child process")
-    child_meta = next((line["meta"] for line in child.lines if "meta" in line), {})
-    by_name = {line["variant"]: line for line in child.lines if "variant" in line}
-    results = []
-    for name in VARIANTS:
-        got = by_name.get(name) or {"status": "error", "note": f"not run: {failure or 'the child stopped before it'}"}
-        results.append({"variant": name, "v": vocab, "n": tokens, "h": hidden, "dtype": dtype,
-                        **{k: v for k, v in got.items() if k != "variant"}})
+    child_meta, results, failure = variant_rows(
+        "benchmarks.distill_step:worker", request,
+        lambda name: {"variant": name, "v": vocab, "n": tokens, "h": hidden, "dtype": dtype}, DEADLINE_S)
     rows_by_name = {r["variant"]: r for r in results}
     for r in results:
         add_ratios(r, rows_by_name.get(BASELINE.get(r["variant"])), "stock")

@@ -65,7 +65,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import report
-from .child_process import emit, run_children
+from .child_process import emit
 from .measure import (
     add_ratios,
     cuda_peak_bytes,
@@ -75,6 +75,7 @@ from .measure import (
     time_cuda,
     timed,
 )
+from .step_runs import check_step_dtype, measure_variants, variant_rows
 
 PAIRS = 8
 LAYERS = 2
@@ -311,21 +312,8 @@ def worker(request: dict) -> None:
         "param_grad_bytes": sum(p.numel() * p.element_size() for p in policy.parameters()),
         "params": sum(p.numel() for p in policy.parameters()),
         "threads": torch.get_num_threads()}})
-    names = request["variants"]
-    bar = report.progress_bar(len(names), request["progress"])
-    for name in names:
-        bar.set_description(f"dpo step {name}")
-        try:
-            result = {"status": "ok", **_measure(BY_NAME[name], policy, reference, batch,
-                                                 warm_batch, request)}
-        except Exception as exc:  # noqa: BLE001 - reported in the row, the next variant runs
-            result = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
-        emit({"variant": name, **result})
-        bar.update(1)
-        gc.collect()
-        if request["device"] == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
+    measure_variants("dpo step", lambda name: _measure(BY_NAME[name], policy, reference, batch, warm_batch,
+                                                        request), request)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,8 +331,7 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
 
     rows, seq, prompt = batch_shape(tokens)
     names = [v.name for v in VARIANTS]
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype {dtype!r}: fp32 or bf16 (mixed precision)")
+    check_step_dtype(dtype)
     if deadline_s is None:
         deadline_s = TINY_DEADLINE_S if tokens * vocab <= 64 * 4096 else DEADLINE_S
     request = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "dtype": dtype,
@@ -352,22 +339,12 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
                "memory": measure_memory, "progress": progress}
     load = load_average()
     t0 = time.time()
-    child = run_children("benchmarks.dpo_step:worker", [request], deadline_s=deadline_s,
-                         show_stderr={0})[0]  # its progress on our stderr
-    lines, failure = child.lines, child.failure("the child process")
-    child_meta = next((ln["meta"] for ln in lines if "meta" in ln), {})
-    by_name = {ln["variant"]: ln for ln in lines if "variant" in ln}
-    results = []
-    for name in names:
+    def describe(name: str) -> dict:
         v = BY_NAME[name]
-        row = {"variant": name, "trainer": v.trainer, "loss_type": v.loss_type, "head": v.head,
-               "v": vocab, "n": tokens, "h": hidden, "dtype": dtype}
-        got = by_name.get(name)
-        if got is None:
-            why = failure or "the child stopped before it"
-            got = {"status": "error", "note": f"not run: {why}"}
-        row.update({k: val for k, val in got.items() if k != "variant"})
-        results.append(row)
+        return {"variant": name, "trainer": v.trainer, "loss_type": v.loss_type, "head": v.head,
+                "v": vocab, "n": tokens, "h": hidden, "dtype": dtype}
+
+    child_meta, results, failure = variant_rows("benchmarks.dpo_step:worker", request, describe, deadline_s)
     # Each row against stock TRL and, for a loss with a same-loss baseline, against that.
     rows_by_variant = {r["variant"]: r for r in results}
     for r in results:

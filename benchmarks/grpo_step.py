@@ -35,7 +35,6 @@ memory above what was allocated before the step (parameter gradients included), 
 from __future__ import annotations
 
 import contextlib
-import gc
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,9 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from . import report
-from .child_process import emit, run_children
+from .child_process import emit
 from .dpo_step import LAYERS, Step, measure_step, quiet_libraries, tiny_llama, word_tokenizer
 from .measure import add_ratios, load_average
+from .step_runs import check_step_dtype, measure_variants, variant_rows
 
 ROWS = 16
 BETA = 0.04
@@ -218,24 +218,12 @@ def worker(request: dict) -> None:
     emit({"meta": {"param_grad_bytes": sum(p.numel() * p.element_size() for p in policy.parameters()),
                    "params": sum(p.numel() for p in policy.parameters()),
                    "threads": torch.get_num_threads()}})
-    bar = report.progress_bar(len(request["variants"]), request["progress"])
     with tempfile.TemporaryDirectory() as policy_dir:
         policy.save_pretrained(policy_dir)  # GRPO loads its reference from the policy's name
         word_tokenizer().save_pretrained(policy_dir)
         del policy
-        for name in request["variants"]:
-            bar.set_description(f"grpo step {name}")
-            try:
-                result = {"status": "ok", **_measure(BY_NAME[name], policy_dir, reference, batch, warm_batch,
-                                                     {**request, "completion": seq - prompt})}
-            except Exception as exc:  # noqa: BLE001 - reported in the row, the next variant runs
-                result = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
-            emit({"variant": name, **result})
-            bar.update(1)
-            gc.collect()
-            if request["device"] == "cuda":
-                torch.cuda.empty_cache()
-    bar.close()
+        measure_variants("grpo step", lambda name: _measure(BY_NAME[name], policy_dir, reference, batch, warm_batch,
+                                                             {**request, "completion": seq - prompt}), request)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,26 +239,19 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
 
     rows, seq, prompt = batch_shape(tokens)
     names = [v.name for v in VARIANTS]
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype {dtype!r}: fp32 or bf16 (mixed precision)")
+    check_step_dtype(dtype)
     if deadline_s is None:
         deadline_s = TINY_DEADLINE_S if tokens * vocab <= 64 * 4096 else DEADLINE_S
     request = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "dtype": dtype, "device": device,
                "variants": names, "budget_s": budget_s, "memory": measure_memory, "progress": progress}
     load = load_average()
     t0 = time.time()
-    child = run_children("benchmarks.grpo_step:worker", [request], deadline_s=deadline_s, show_stderr={0})[0]
-    lines, failure = child.lines, child.failure("the child process")
-    child_meta = next((ln["meta"] for ln in lines if "meta" in ln), {})
-    by_name = {ln["variant"]: ln for ln in lines if "variant" in ln}
-    results = []
-    for name in names:
+    def describe(name: str) -> dict:
         v = BY_NAME[name]
-        row = {"variant": name, "trainer": v.trainer, "kl_estimator": v.kl_estimator, "head": v.head,
-               "v": vocab, "n": tokens, "h": hidden, "dtype": dtype}
-        got = by_name.get(name) or {"status": "error", "note": f"not run: {failure or 'the child stopped before it'}"}
-        row.update({k: val for k, val in got.items() if k != "variant"})
-        results.append(row)
+        return {"variant": name, "trainer": v.trainer, "kl_estimator": v.kl_estimator, "head": v.head,
+                "v": vocab, "n": tokens, "h": hidden, "dtype": dtype}
+
+    child_meta, results, failure = variant_rows("benchmarks.grpo_step:worker", request, describe, deadline_s)
     rows_by_variant = {r["variant"]: r for r in results}
     for r in results:
         add_ratios(r, rows_by_variant.get(TRL_K3), "trl")
