@@ -75,7 +75,7 @@ from .measure import (
     time_cuda,
     timed,
 )
-from .step_runs import check_step_dtype, measure_variants, variant_rows
+from .step_runs import check_step_dtype, measure_variants, step_deadline, variant_rows
 
 PAIRS = 8
 LAYERS = 2
@@ -84,8 +84,6 @@ DEFAULT_TOKENS = 4096  # chosen + rejected tokens of the batch: 16 rows of 256
 DEFAULT_HIDDEN = 256
 TINY = {"vocab": 512, "tokens": 256, "hidden": 32}
 MIN_REPS = 3  # a median of at least three steps, however slow one is
-DEADLINE_S = 1800
-TINY_DEADLINE_S = 300
 TRL_SIGMOID = "trl:sigmoid"
 FULL_LOGITS_SPARSE_PO = "full-logits:sparse_po"
 
@@ -333,7 +331,7 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
     names = [v.name for v in VARIANTS]
     check_step_dtype(dtype)
     if deadline_s is None:
-        deadline_s = TINY_DEADLINE_S if tokens * vocab <= 64 * 4096 else DEADLINE_S
+        deadline_s = step_deadline(tokens, vocab)
     request = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "dtype": dtype,
                "device": device, "variants": names, "budget_s": budget_s,
                "memory": measure_memory, "progress": progress}

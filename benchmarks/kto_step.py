@@ -41,15 +41,13 @@ from . import report
 from .child_process import emit
 from .dpo_step import LAYERS, Step, measure_step, quiet_libraries, tiny_llama, word_tokenizer
 from .measure import add_ratios, load_average
-from .step_runs import check_step_dtype, measure_variants, variant_rows
+from .step_runs import check_step_dtype, measure_variants, ratio_table, step_deadline, variant_rows
 
 ROWS = 16
 DEFAULT_VOCAB = 32000
 DEFAULT_TOKENS = 4096  # 16 completions of 256 tokens, prompt included (the KL pairs the same again)
 DEFAULT_HIDDEN = 256
 TINY = {"vocab": 512, "tokens": 256, "hidden": 32}
-DEADLINE_S = 1800
-TINY_DEADLINE_S = 300
 TRL_KTO = "trl:kto"
 FULL_LOGITS = "full-logits:kto"
 
@@ -203,7 +201,7 @@ def run(*, vocab: int = DEFAULT_VOCAB, tokens: int = DEFAULT_TOKENS, hidden: int
     names = [v.name for v in VARIANTS]
     check_step_dtype(dtype)
     if deadline_s is None:
-        deadline_s = TINY_DEADLINE_S if tokens * vocab <= 64 * 4096 else DEADLINE_S
+        deadline_s = step_deadline(tokens, vocab)
     request = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "dtype": dtype, "device": device,
                "variants": names, "budget_s": budget_s, "memory": measure_memory, "progress": progress}
     load = load_average()
@@ -248,10 +246,6 @@ METRICS = (
     "every row computes the same loss.")
 
 
-def _cell(value, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
 def markdown(section: dict) -> str:
     """The section of ``python -m benchmarks --kto-step`` as markdown (also printed)."""
     meta = section["meta"]
@@ -265,16 +259,5 @@ def markdown(section: dict) -> str:
              f"(prompt {batch['prompt_len']}) and as many KL pairs: {batch['completion_tokens']} completion "
              f"tokens each. {precision}.", "", HEADER, "", METRICS]
     lines += [f"- {n}" for n in section["notes"]]
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in section["results"]:
-        head = [r["variant"], r["trainer"], r["head"]]
-        if r["status"] != "ok":
-            cells = [r["status"]] + [""] * (len(COLUMNS) - len(head) - 2) + [r.get("note", "")]
-        else:
-            mem = r.get("mem_bytes")
-            cells = [f"{r['time_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f})",
-                     _cell(r.get("speedup_vs_trl"), ".2f"), _cell(None if mem is None else mem / 2**20, ".1f"),
-                     _cell(r.get("mem_vs_trl"), ".2f"), _cell(r.get("speedup_vs_full_logits"), ".2f"),
-                     _cell(r.get("mem_vs_full_logits"), ".2f"), format(r["loss"], ".5f"), r.get("note", "")]
-        lines.append("| " + " | ".join(head + cells) + " |")
+    lines += [""] + ratio_table(COLUMNS, ("variant", "trainer", "head"), section["results"])
     return "\n".join(lines) + "\n"

@@ -5,12 +5,21 @@ parent's table of one row per variant."""
 from __future__ import annotations
 
 import gc
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import report
 from .child_process import emit, run_children
+
+
+DEADLINE_S = 1800  # the child's bound at benchmark sizes
+TINY_DEADLINE_S = 300  # and at tiny ones (tokens * vocab <= 64 * 4096)
+
+
+def step_deadline(tokens: int, vocab: int) -> float:
+    """The child's default deadline in seconds for a step of ``tokens`` tokens over ``vocab`` entries."""
+    return TINY_DEADLINE_S if tokens * vocab <= 64 * 4096 else DEADLINE_S
 
 
 def check_step_dtype(dtype: str) -> None:
@@ -55,3 +64,27 @@ def variant_rows(worker: str, request: dict, describe: Callable[[str], dict],
         row.update({k: val for k, val in got.items() if k != "variant"})
         rows.append(row)
     return child_meta, rows, failure
+
+
+def _cell(value: Optional[float], spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def ratio_table(columns: Sequence[str], head_keys: Sequence[str], results: List[dict]) -> List[str]:
+    """The markdown table of a step section against a stock row and a full-logits row: header,
+    rule and one line per row, ``head_keys``' fields then time (p20-p80), x stock, peak MiB,
+    mem / stock, x full logits, mem / full logits, loss and note; a failed row shows its status
+    and note."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results:
+        head = [r[key] for key in head_keys]
+        if r["status"] != "ok":
+            cells = [r["status"]] + [""] * (len(columns) - len(head) - 2) + [r.get("note", "")]
+        else:
+            mem = r.get("mem_bytes")
+            cells = [f"{r['time_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f})",
+                     _cell(r.get("speedup_vs_trl"), ".2f"), _cell(None if mem is None else mem / 2**20, ".1f"),
+                     _cell(r.get("mem_vs_trl"), ".2f"), _cell(r.get("speedup_vs_full_logits"), ".2f"),
+                     _cell(r.get("mem_vs_full_logits"), ".2f"), format(r["loss"], ".5f"), r.get("note", "")]
+        lines.append("| " + " | ".join(head + cells) + " |")
+    return lines
