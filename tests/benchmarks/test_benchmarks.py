@@ -23,6 +23,7 @@ from benchmarks.runner import (
     measure_cpu_memory,
     run_cases,
 )
+from step_cli import SUITE, SUITE_META, run_tiny_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -358,28 +359,9 @@ def test_cli_dpo_step_tiny(tmp_path):
     # One DPO step per trainer and loss at tiny sizes, through the CLI: every row measured, the
     # ratios taken from this run's rows, the rows of one loss computing the same loss, and the
     # section written beside a suite's results.
-    for module in ("trl", "transformers", "datasets"):
-        pytest.importorskip(module)
-    from benchmarks.dpo_step import MIN_REPS, VARIANTS
+    from benchmarks.dpo_step import VARIANTS
 
-    suite = [{"op": "logprobs", "mode": "fwd", "n": 4, "v": 10, "dtype": "fp32", "impl": EAGER,
-              "status": "ok", "time_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "gbps": 0.00016}]
-    meta = {"device": "cpu", "device_name": "t", "torch": "-", "triton": "-", "copy_gbps": 1.0}
-    report.write(str(tmp_path), meta, [], suite, with_plot=False)
-    proc = _run_cli(tmp_path, "--dpo-step", "--tiny", "--device", "cpu", "--no-progress", "--budget", "0.01",
-                    timeout=300)
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["results"] == suite
-    section = data["dpo_step"]
-    assert section["meta"]["complete"] and section["meta"]["model"]["vocab"] == 512
-    assert section["meta"]["batch"]["tokens"] == 256 and section["meta"]["param_grad_bytes"] > 0
-    rows = {r["variant"]: r for r in section["results"]}
-    assert list(rows) == [v.name for v in VARIANTS]
-    for r in rows.values():
-        assert r["status"] == "ok", r
-        assert r["reps"] >= MIN_REPS and 0 < r["p20_ms"] <= r["time_ms"] <= r["p80_ms"]
-        assert r["mem_bytes"] > 0 and r["mem_method"]
-        assert (r["v"], r["n"], r["h"], r["dtype"]) == (512, 256, 32, "bf16")
+    rows, section, md, stdout = run_tiny_step(tmp_path, "--dpo-step", "dpo_step", VARIANTS)
     trl = rows["trl:sigmoid"]
     full = rows["full-logits:sparse_po"]
     same_loss = {"sparse_po": full, "orpo": rows["trl:orpo"], "cpo": rows["trl:cpo"]}
@@ -400,9 +382,7 @@ def test_cli_dpo_step_tiny(tmp_path):
     assert rows["prefopt:orpo"]["loss"] == pytest.approx(rows["trl:orpo"]["loss"], rel=5e-3)
     assert rows["prefopt:cpo"]["loss"] == pytest.approx(rows["trl:cpo"]["loss"], rel=5e-3)
     assert abs(trl["loss"] - 0.6931) > 1e-3
-    md = (tmp_path / "results.md").read_text()
-    assert "| logprobs | fwd | 4 | 10 | fp32 | eager |" in md
-    assert "## One DPO step (TRL DPOTrainer)" in md and "## One DPO step" in proc.stdout
+    assert "## One DPO step (TRL DPOTrainer)" in md and "## One DPO step" in stdout
     assert "| prefopt:sparse_po | prefopt | sparse_po | prefopt linear_token_terms |" in md
-    report.write(str(tmp_path), meta, [], suite, with_plot=False)
+    report.write(str(tmp_path), SUITE_META, [], SUITE, with_plot=False)
     assert json.loads((tmp_path / "results.json").read_text())["dpo_step"] == section

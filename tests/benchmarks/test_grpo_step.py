@@ -1,16 +1,9 @@
 """``python -m benchmarks --grpo-step``: one GRPO step per trainer variant (benchmarks/grpo_step.py)."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from benchmarks import report
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from step_cli import run_tiny_step
 
 
 def test_full_logits_terms_equal_the_fused_terms():
@@ -39,31 +32,10 @@ def test_cli_grpo_step_tiny(tmp_path):
     # One GRPO step per variant at tiny sizes, through the CLI: every row measured, the ratios
     # taken from this run's rows, the rows of one KL estimator computing the same loss, and the
     # section written beside a suite's results.
-    for module in ("trl", "transformers", "datasets"):
-        pytest.importorskip(module)
-    from benchmarks.dpo_step import MIN_REPS
     from benchmarks.grpo_step import VARIANTS
 
-    suite = [{"op": "logprobs", "mode": "fwd", "n": 4, "v": 10, "dtype": "fp32", "impl": "eager",
-              "status": "ok", "time_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "gbps": 0.00016}]
-    meta = {"device": "cpu", "device_name": "t", "torch": "-", "triton": "-", "copy_gbps": 1.0}
-    report.write(str(tmp_path), meta, [], suite, with_plot=False)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--grpo-step", "--tiny", "--device", "cpu",
-                           "--no-progress", "--budget", "0.01", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["results"] == suite
-    section = data["grpo_step"]
-    assert section["meta"]["complete"] and section["meta"]["model"]["vocab"] == 512
-    assert section["meta"]["batch"]["tokens"] == 256 and section["meta"]["param_grad_bytes"] > 0
-    rows = {r["variant"]: r for r in section["results"]}
-    assert list(rows) == [v.name for v in VARIANTS]
+    rows, _, md, stdout = run_tiny_step(tmp_path, "--grpo-step", "grpo_step", VARIANTS)
     for r in rows.values():
-        assert r["status"] == "ok", r
-        assert r["reps"] >= MIN_REPS and 0 < r["p20_ms"] <= r["time_ms"] <= r["p80_ms"]
-        assert r["mem_bytes"] > 0 and r["mem_method"]
-        assert (r["v"], r["n"], r["h"], r["dtype"]) == (512, 256, 32, "bf16")
         assert r["speedup_vs_trl"] == pytest.approx(rows["trl:k3"]["time_ms"] / r["time_ms"])
         assert r["mem_vs_trl"] == pytest.approx(r["mem_bytes"] / rows["trl:k3"]["mem_bytes"])
     full = rows["full-logits:full"]
@@ -73,7 +45,5 @@ def test_cli_grpo_step_tiny(tmp_path):
     # bf16 autocast: the same loss to bf16 rounding of the logits.
     assert rows["prefopt:k3"]["loss"] == pytest.approx(rows["trl:k3"]["loss"], rel=5e-3)
     assert rows["prefopt:full"]["loss"] == pytest.approx(full["loss"], rel=5e-3)
-    md = (tmp_path / "results.md").read_text()
-    assert "| logprobs | fwd | 4 | 10 | fp32 | eager |" in md
-    assert "## One GRPO step (TRL GRPOTrainer)" in md and "## One GRPO step" in proc.stdout
+    assert "## One GRPO step (TRL GRPOTrainer)" in md and "## One GRPO step" in stdout
     assert "| prefopt:full | prefopt | full | prefopt linear_token_terms |" in md

@@ -1,16 +1,9 @@
 """``python -m benchmarks --kto-step``: one KTO step per trainer variant (benchmarks/kto_step.py)."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from benchmarks import report
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from step_cli import run_tiny_step
 
 
 def test_full_logits_head_equals_the_fused_head():
@@ -45,36 +38,13 @@ def test_cli_kto_step_tiny(tmp_path):
     # One KTO step per variant at tiny sizes, through the CLI: every row measured, the ratios
     # taken from this run's rows, every row computing the same loss, and the section written
     # beside a suite's results.
-    for module in ("trl", "transformers", "datasets"):
-        pytest.importorskip(module)
-    from benchmarks.dpo_step import MIN_REPS
     from benchmarks.kto_step import VARIANTS
 
-    suite = [{"op": "logprobs", "mode": "fwd", "n": 4, "v": 10, "dtype": "fp32", "impl": "eager",
-              "status": "ok", "time_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "gbps": 0.00016}]
-    meta = {"device": "cpu", "device_name": "t", "torch": "-", "triton": "-", "copy_gbps": 1.0}
-    report.write(str(tmp_path), meta, [], suite, with_plot=False)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--kto-step", "--tiny", "--device", "cpu",
-                           "--no-progress", "--budget", "0.01", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["results"] == suite
-    section = data["kto_step"]
-    assert section["meta"]["complete"] and section["meta"]["model"]["vocab"] == 512
-    assert section["meta"]["batch"]["tokens"] == 256 and section["meta"]["param_grad_bytes"] > 0
-    rows = {r["variant"]: r for r in section["results"]}
-    assert list(rows) == [v.name for v in VARIANTS]
+    rows, _, md, stdout = run_tiny_step(tmp_path, "--kto-step", "kto_step", VARIANTS)
     for r in rows.values():
-        assert r["status"] == "ok", r
-        assert r["reps"] >= MIN_REPS and 0 < r["p20_ms"] <= r["time_ms"] <= r["p80_ms"]
-        assert r["mem_bytes"] > 0 and r["mem_method"]
-        assert (r["v"], r["n"], r["h"], r["dtype"]) == (512, 256, 32, "bf16")
         assert r["speedup_vs_trl"] == pytest.approx(rows["trl:kto"]["time_ms"] / r["time_ms"])
         assert r["speedup_vs_full_logits"] == pytest.approx(rows["full-logits:kto"]["time_ms"] / r["time_ms"])
         # bf16 autocast: the same loss to bf16 rounding of the logits.
         assert r["loss"] == pytest.approx(rows["trl:kto"]["loss"], rel=5e-3)
-    md = (tmp_path / "results.md").read_text()
-    assert "| logprobs | fwd | 4 | 10 | fp32 | eager |" in md
-    assert "## One KTO step (TRL KTOTrainer)" in md and "## One KTO step" in proc.stdout
+    assert "## One KTO step (TRL KTOTrainer)" in md and "## One KTO step" in stdout
     assert "| prefopt:kto | prefopt | prefopt linear_token_logprobs |" in md
