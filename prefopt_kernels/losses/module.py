@@ -13,8 +13,9 @@ from .common import check_positive, sequence_sum
 from .registry import LOSSES, LossEntry, entries_reading, loss_entry, stacked_token_inputs
 from .sparse_po import kl_row_selector
 
-# The registered names at import; a loss registered later is accepted too (the registry is read per call).
-PREFERENCE_LOSS_TYPES = tuple(LOSSES)
+# The paired loss types registered at import, the ones PreferenceLoss takes; a loss registered later
+# is accepted too (the registry is read per call). Unpaired ones (KTO) are kto_loss's.
+PREFERENCE_LOSS_TYPES = tuple(name for name, entry in LOSSES.items() if entry.paired)
 # Keyword arguments that PreferenceLoss fills in itself, besides an entry's inputs and options.
 _SET_BY_MODULE = frozenset({"beta", "chosen_cu_seqlens", "rejected_cu_seqlens"})
 

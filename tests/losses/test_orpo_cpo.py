@@ -211,7 +211,10 @@ def test_registry_refuses_a_taken_name_and_a_bad_level():
         register(LossEntry("orpo", toy_margin_loss, POLICY_INPUTS))
     with pytest.raises(ValueError, match="level"):
         LossEntry("toy", toy_margin_loss, POLICY_INPUTS, level="document")
-    assert L.PREFERENCE_LOSS_TYPES == tuple(LOSSES)
+    assert L.PREFERENCE_LOSS_TYPES == tuple(name for name, entry in LOSSES.items() if entry.paired)
+    assert {"kto", "apo_zero_unpaired"} <= set(LOSSES) - set(L.PREFERENCE_LOSS_TYPES)
+    with pytest.raises(ValueError, match="unpaired"):
+        L.PreferenceLoss("kto")
     assert set(L.DPO_LOSS_TYPES) == {name for name, entry in LOSSES.items() if entry.trl_dpo}
 
 
