@@ -96,11 +96,10 @@ def _at_labels(rows: torch.Tensor, flat: torch.Tensor, labels_local: torch.Tenso
     """The raw logits of rows ``flat`` of ``[B, T, Vs]`` at ``labels_local`` (one element per row),
     ``-inf`` where the label lies outside this slice of the vocabulary."""
     per_row, width = rows.shape[1], rows.shape[2]
-    inside = (labels_local >= 0) & (labels_local < width)
     if width == 0:
         return torch.full(labels_local.shape, NEG_INF, device=rows.device)
     at = rows[flat // per_row, flat % per_row, labels_local.clamp(0, width - 1)].float()
-    return torch.where(inside, at, NEG_INF)
+    return torch.where((labels_local >= 0) & (labels_local < width), at, NEG_INF)
 
 
 def _gather_rows(rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
