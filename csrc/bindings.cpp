@@ -59,6 +59,13 @@ void validate_rows(const RowInputs& a) {
   if (!(a.temperature > 0.0)) throw std::invalid_argument("prefopt._C: temperature must be > 0");
 }
 
+// The candidates a forward or a fold gathers: a count within the stack buffer, and somewhere to put them.
+void validate_candidates(int64_t candidates, const float* values) {
+  if (candidates < 0 || candidates > prefopt::kMaxCandidates || (candidates > 0 && values == nullptr))
+    throw std::invalid_argument(
+        "prefopt._C: candidates must be in [0, MAX_CANDIDATES], with candidate_values");
+}
+
 void validate(const ForwardArgs& a) {
   validate_rows(a);
   if (a.vocab == 0) throw std::invalid_argument("prefopt._C: bad shape (forward needs vocab > 0)");
@@ -73,10 +80,7 @@ void validate(const ForwardArgs& a) {
     throw std::invalid_argument("prefopt._C: this divergence needs ref_at_argmax");
   if ((a.want_logp || a.want_ref_logp) && a.labels == nullptr)
     throw std::invalid_argument("prefopt._C: label log-probs need labels");
-  if (a.candidates < 0 || a.candidates > prefopt::kMaxCandidates ||
-      (a.candidates > 0 && a.candidate_values == nullptr))
-    throw std::invalid_argument(
-        "prefopt._C: candidates must be in [0, MAX_CANDIDATES], with candidate_values");
+  validate_candidates(a.candidates, a.candidate_values);
 }
 
 void validate(const BackwardArgs& a) {
@@ -106,6 +110,7 @@ void validate(const FoldArgs& a) {
       (a.rkl_acc != nullptr && a.divergence != prefopt::kReverseKL))
     throw std::invalid_argument("prefopt._C: fkl_acc / rkl_acc need forward / reverse KL");
   if (a.v0 < 0) throw std::invalid_argument("prefopt._C: v0 must be >= 0");
+  validate_candidates(a.candidates, a.candidate_values);
 }
 
 void validate(const SweepArgs& a) {
@@ -135,6 +140,9 @@ template <typename Args, typename Kernel>
 void run_cuda(Kernel kernel, const char* name, const Args& args, std::uintptr_t stream) {
 #if defined(PREFOPT_WITH_CUDA)
   validate(args);
+  if constexpr (std::is_same_v<Args, FoldArgs>) {
+    if (args.candidates > 0) throw std::invalid_argument("prefopt._C: fold candidates are CPU only");
+  }
   const char* err;
   {
     py::gil_scoped_release nogil;

@@ -98,21 +98,33 @@ def finish_second_pass(stats: RowStats, value_sum, centred_sum, labels, weight, 
     return row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec, every_row_read)
 
 
-def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: Shard) -> RowStats:
-    """The forward of a logits op over a vocabulary shard ``rows`` ``[B, T, V_r]``: global statistics."""
+def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: Shard,
+                  candidates: int = 0) -> Tuple[RowStats, Optional[torch.Tensor]]:
+    """The forward of a logits op over a vocabulary shard ``rows`` ``[B, T, V_r]``: ``(stats, largest)``.
+
+    ``stats`` are the global statistics. With ``candidates > 0`` the backend's fold also gathers,
+    in its one read of the shard (``fold_with_candidates``), each row's ``candidates`` largest raw
+    policy logits of this shard: ``largest`` fp32 ``[N, candidates]``, descending, ``-inf`` padded
+    (all ``-inf`` for an empty shard and on skipped rows), not yet merged across the ranks
+    (:meth:`~prefopt_kernels.sampling.Candidates.merge_across` does that); ``None`` otherwise.
+    """
     n = rows.shape[0] * rows.shape[1]
     state = row_state.empty(n, spec, ref_rows is not None, rows.device)
-    if rows.shape[2]:
+    largest = None
+    if candidates:
+        state, largest = backend.fold_with_candidates(state, rows, labels, ref_rows, weight, spec, shard.v0,
+                                                      candidates)
+    elif rows.shape[2]:
         state = backend.fold(state, rows, labels, ref_rows, weight, spec, shard.v0)
     stats = finish_first_pass(state, labels, weight, spec, shard.group)
     if not (spec.member and spec.member.second_sweep):
-        return stats
+        return stats, largest
     if rows.shape[2]:
         value_sum, centred_sum = backend.sweep(stats, rows, ref_rows, labels, weight, spec, shard.v0)
     else:
         value_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
         centred_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
-    return finish_second_pass(stats, value_sum, centred_sum, labels, weight, spec, shard.group)
+    return finish_second_pass(stats, value_sum, centred_sum, labels, weight, spec, shard.group), largest
 
 
 def _dist():

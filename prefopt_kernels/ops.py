@@ -67,7 +67,8 @@ def _token_forward(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], lab
         if shard.group is None:
             stats, largest = sampled_rows.first_read(module, rows, labels, ref_rows, weight, op)
         else:
-            stats = distributed.sharded_stats(module, rows, labels, ref_rows, weight, op, shard)
+            count = sampled_rows.gathered_count(module, op, shard.vocab, logits.device, "fold_with_candidates")
+            stats, largest = distributed.sharded_stats(module, rows, labels, ref_rows, weight, op, shard, count)
     found = {k: getattr(stats, k) for k in op.outputs() if k != "log_kept_mass"}
     kept = []
     if op.samples:

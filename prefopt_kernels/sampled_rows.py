@@ -13,26 +13,39 @@ from dataclasses import fields
 import torch
 
 from .backends import RowStats, nan_guard
-from .sampling import (Candidates, candidate_count, find_kept_set, kept_outputs, kept_statistics, logp_gradient_,
-                       outside_kept_set, raw_threshold, relative_logits)
+from .sampling import (NEG_INF, Candidates, candidate_count, find_kept_set, kept_outputs, kept_statistics,
+                       logp_gradient_, outside_kept_set, raw_threshold, relative_logits)
 from .spec import OpSpec
 
-ROW_BLOCK_BYTES = 32 * 2**20  # fp32 temporaries of one block of rows (about two per element)
+ROW_BLOCK_BYTES = 32 * 2**20  # fp32 temporaries of one block of rows
+# fp32 temporaries per element: the sampled forward's and backward's; the backward's with the
+# backend's entropy or divergence term beside a half-precision logp term (the rows and the
+# reference widened to fp32, the backend's term, the logp term).
+BLOCK_FLOATS, WIDENED_BLOCK_FLOATS = 2, 4
 
 
-def rows_per_block(width: int) -> int:
-    """Rows of ``width`` entries whose fp32 temporaries fit :data:`ROW_BLOCK_BYTES`."""
-    return max(1, ROW_BLOCK_BYTES // (8 * max(width, 1)))
+def rows_per_block(width: int, floats: int = BLOCK_FLOATS) -> int:
+    """Rows of ``width`` entries whose ``floats`` fp32 temporaries per entry fit :data:`ROW_BLOCK_BYTES`."""
+    return max(1, ROW_BLOCK_BYTES // (4 * floats * max(width, 1)))
+
+
+def gathered_count(backend, op: OpSpec, vocab: int, device, entry: str) -> int:
+    """The first :func:`~prefopt_kernels.sampling.candidate_count` candidates of a call over ``vocab``
+    entries (global: a shard's rows gather as many), when the call samples and ``backend`` gathers
+    that many in the read of its ``entry`` (``forward_with_candidates`` or ``fold_with_candidates``)
+    on ``device``; else 0, and :func:`forward` reads the rows once more."""
+    count = candidate_count(op, vocab) if op.samples else 0
+    max_candidates = getattr(backend, "max_candidates", None)
+    if count and hasattr(backend, entry) and max_candidates is not None and count <= max_candidates(device):
+        return count
+    return 0
 
 
 def first_read(backend, rows: torch.Tensor, labels, ref_rows, weight, op: OpSpec):
-    """``(RowStats, largest)``: the backend's forward of whole rows and, when the call samples and the
-    backend gathers its first :func:`~prefopt_kernels.sampling.candidate_count` candidates in that
-    same read (``forward_with_candidates``), each row's largest raw logits ``[N, C]``; else
-    ``(RowStats, None)`` and :func:`forward` reads the rows once more."""
-    count = candidate_count(op, rows.shape[2]) if op.samples else 0
-    max_candidates = getattr(backend, "max_candidates", None)
-    if count and max_candidates is not None and count <= max_candidates(rows.device):
+    """``(RowStats, largest)``: the backend's forward of whole rows and, where :func:`gathered_count`
+    allows, each row's largest raw logits ``[N, C]`` from that same read; else ``(RowStats, None)``."""
+    count = gathered_count(backend, op, rows.shape[2], rows.device, "forward_with_candidates")
+    if count:
         return backend.forward_with_candidates(rows, labels, ref_rows, weight, op, count)
     return backend.forward(rows, labels, ref_rows, weight, op), None
 
@@ -42,9 +55,11 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
     """``logp``, ``log_kept_mass`` and the :data:`~prefopt_kernels.sampling.KEPT_STATS`, fp32 ``[N]`` each.
 
     ``rows`` ``[B, T, Vs]`` (this rank's shard ``[v0, v0 + Vs)`` of ``shard.vocab``), ``stats``
-    the backend's forward (global when sharded), ``largest`` the whole rows' candidates from
-    :func:`first_read` or ``None``. Ignored rows are never read and hold 0; with ``largest`` the
-    others are read again only where their kept set is not settled (growth).
+    the backend's forward (global when sharded), ``largest`` the candidates of the rows as this
+    rank read them (:func:`first_read`, or the shard's from
+    :func:`~prefopt_kernels.distributed.sharded_stats`, merged across the ranks here) or ``None``.
+    Ignored rows are never read and hold 0; with ``largest`` the others are read again only where
+    their kept set is not settled (growth).
     """
     n_tokens, width, device = labels.numel(), rows.shape[2], rows.device
     read = (labels != op.ignore_index).nonzero().reshape(-1)
@@ -53,9 +68,8 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
     step = rows_per_block(width)
     first = None
     if largest is not None and read.numel():
-        per_row = rows.shape[1]
-        at_label = rows[read // per_row, read % per_row, labels_local]  # one element per row
-        first = Candidates.of_largest(largest[read], at_label, row_max, op.temperature)
+        first = Candidates.of_largest(largest[read], _at_labels(rows, read, labels_local), row_max, op.temperature)
+        first.merge_across(shard.group)
 
     def sweep(positions: torch.Tensor, count: int) -> Candidates:
         out = Candidates.empty(positions.numel(), count, device)
@@ -76,6 +90,16 @@ def forward(rows: torch.Tensor, labels: torch.Tensor, stats: RowStats, op: OpSpe
         out[name] = torch.zeros(n_tokens, dtype=torch.float32, device=device)
         out[name][read] = value
     return out
+
+
+def _at_labels(rows: torch.Tensor, flat: torch.Tensor, labels_local: torch.Tensor) -> torch.Tensor:
+    """The raw logits of rows ``flat`` of ``[B, T, Vs]`` at ``labels_local`` (one element per row),
+    ``-inf`` where the label lies outside this slice of the vocabulary."""
+    per_row, width = rows.shape[1], rows.shape[2]
+    if width == 0:
+        return torch.full(labels_local.shape, NEG_INF, device=rows.device)
+    at = rows[flat // per_row, flat % per_row, labels_local.clamp(0, width - 1)].float()
+    return torch.where((labels_local >= 0) & (labels_local < width), at, NEG_INF)
 
 
 def _gather_rows(rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -99,8 +123,9 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
 
     ``logp`` is the kept set's (``kept`` = the saved ``[threshold, log_norm]``): its term is
     formed here in fp32, block by block; the entropy and divergence terms are the backend's
-    (``backward``, or ``slice_backward`` on a shard), run on the same block and added in fp32,
-    so with those terms a half-precision gradient is rounded twice. With the logp term alone
+    (``backward``, or ``slice_backward`` on a shard), run on the same block and added in fp32.
+    Half-precision logits are widened to fp32 for that call, so that the backend writes its
+    terms in fp32 and the sum is rounded to the logits' dtype once. With the logp term alone
     the backend's ``slice_backward`` writes it from :func:`~prefopt_kernels.sampling.kept_statistics`
     and the entries outside ``K`` are zeroed (one kernel, one compare, one fill per block).
     Each block is read before it is written, so ``grad_rows`` may be the logits
@@ -110,8 +135,9 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
     raw = raw_threshold(threshold, stats.row_max, op.temperature)
     read = labels != op.ignore_index
     others = grad_entropy is not None or grad_div is not None
+    widened = others and grad_logp is not None and grad_rows.dtype != torch.float32
     n_batch, per_row, width = rows.shape
-    step = rows_per_block(width)
+    step = rows_per_block(width, WIDENED_BLOCK_FLOATS if widened else BLOCK_FLOATS)
 
     def part(x, f0, f1):
         return None if x is None else x[f0:f1]
@@ -120,8 +146,8 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
         for t0 in range(0, per_row, step):
             t1 = min(per_row, t0 + step)
             f0, f1 = b * per_row + t0, b * per_row + t1
-            block = (rows[b:b + 1, t0:t1], labels[f0:f1], None if ref_rows is None else ref_rows[b:b + 1, t0:t1],
-                     part(weight, f0, f1), op)
+            x_block, ref_block = rows[b:b + 1, t0:t1], None if ref_rows is None else ref_rows[b:b + 1, t0:t1]
+            block = (x_block, labels[f0:f1], ref_block, part(weight, f0, f1), op)
             if not others:
                 outside = outside_kept_set(rows[b, t0:t1], raw[f0:f1], stats.log_norm[f0:f1])
                 kept_block = kept_statistics(_stats_rows(stats, f0, f1), kept_log_norm[f0:f1])
@@ -136,11 +162,16 @@ def backward(backend, rows, labels, ref_rows, weight, op: OpSpec, stats: RowStat
                 dz = logp_gradient_(relative_logits(rows[b, t0:t1], stats.row_max[f0:f1], op.temperature),
                                     threshold[f0:f1], kept_log_norm[f0:f1], labels[f0:f1] - shard.v0, upstream,
                                     op.temperature)
-                dz = torch.where(read[f0:f1, None], dz + nan_guard(stats.log_norm[f0:f1])[:, None], 0.0)
-            gradients = (None, part(grad_entropy, f0, f1), part(grad_div, f0, f1), grad_rows[b:b + 1, t0:t1])
+                dz.add_(nan_guard(stats.log_norm[f0:f1])[:, None]).masked_fill_(~read[f0:f1, None], 0.0)
+            terms = grad_rows[b:b + 1, t0:t1]
+            if widened:  # copies taken before grad_rows (which may be the logits) is written
+                block = (x_block.float(), labels[f0:f1], None if ref_block is None else ref_block.float(),
+                         part(weight, f0, f1), op)
+                terms = torch.empty(x_block.shape, dtype=torch.float32, device=rows.device)
+            gradients = (None, part(grad_entropy, f0, f1), part(grad_div, f0, f1), terms)
             if shard.group is None:
                 backend.backward(*block, _stats_rows(stats, f0, f1), *gradients)
             else:
                 backend.slice_backward(*block, _stats_rows(stats, f0, f1), *gradients, shard.v0)
             if dz is not None:
-                grad_rows[b, t0:t1].copy_(dz.add_(grad_rows[b, t0:t1].float()))
+                grad_rows[b, t0:t1].copy_(dz.add_(terms[0]))

@@ -12,8 +12,9 @@ way everywhere, so that forward and backward agree on ``K`` element by element. 
 lse_K(u) - lse_V(u)``; gradient of ``logp``: ``(1[i = y] - p_K(i)) / T`` on ``K``, 0 outside.
 
 Mechanism. The backend's own first pass gives ``row_max`` and ``lse_V`` (every backend runs
-the option). One more read of the row (in row blocks for the logits ops, in projected tiles
-for the fused linear ops) keeps the ``C`` largest logits per row as ``u`` (:class:`Candidates`;
+the option). Where the backend gathers them in that same read (its forward on whole rows, its
+fold on a vocabulary shard; the fused linear ops from their projected tiles), and otherwise in
+one more read of the row (in row blocks), the ``C`` largest logits per row become ``u`` (:class:`Candidates`;
 a ``topk`` over the concatenation merges two slices, so vocabulary tiles and tensor-parallel
 shards merge like the row states) and the label's ``u``. :func:`decide` then finds ``t`` in
 float64 from the candidates (top-p's masses normalised by ``lse_V`` without min-p or top-k, by

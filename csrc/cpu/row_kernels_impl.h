@@ -324,7 +324,8 @@ void forward_impl(const ForwardArgs& args) {
 // Pass 1 over a vocabulary slice (FoldArgs): the forward's first pass with the argmax always
 // tracked, merged into the row's running state in place (fold_state.h). Skipped rows fold
 // the empty state, which leaves the running state as it is. DIV only selects the forward /
-// reverse KL accumulators.
+// reverse KL accumulators. With args.candidates the same read gathers the slice's largest
+// policy logits, as forward_impl does for a whole row.
 template <int DT, int DIV>
 void fold_impl(const FoldArgs& args) {
   using T = typename Elem<DT>::T;
@@ -337,20 +338,24 @@ void fold_impl(const FoldArgs& args) {
         plan_row(args.labels, args.weight, args.ignore_index, args.divergence, row);
     RowState<double> st = RowState<double>::empty();
     float label_a = 0.f, label_b = 0.f;
+    alignas(64) float top_storage[2 * kMaxCandidates];
+    TopValues top(args.candidates, top_storage);
     if (!plan.skip && vocab > 0) {  // an empty slice's views may be null
       const T* ra = args.logits_row<T>(row);
       const T* rb = args.ref != nullptr ? args.ref_row<T>(row) : nullptr;
       const bool need_ref = rb != nullptr;
       const bool use_div = plan.use_div;
+      TopValues* wanted = args.candidates > 0 ? &top : nullptr;
       st = args.ent_acc != nullptr
-               ? first_pass<DT, true, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, true)
-               : first_pass<DT, false, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, true);
+               ? first_pass<DT, true, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, true, wanted)
+               : first_pass<DT, false, DIV>(ra, rb, vocab, inv_temperature, need_ref, use_div, true, wanted);
       const int64_t y = slice_label(plan.label, args.v0, vocab);
       if (y >= 0) {
         label_a = Elem<DT>::load(ra[y]);
         if (need_ref) label_b = Elem<DT>::load(rb[y]);
       }
     }
+    if (args.candidates > 0) top.finish(args.candidate_values + row * args.candidates);
     st.k = st.k >= 0 ? args.v0 + st.k : -1;
     merge_into_row<double>(args, row, st, label_a, label_b, 1.0 / args.temperature);
   }

@@ -267,6 +267,23 @@ def fold(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch
     its epilogue merges them into the row's running state as :func:`row_state.merge` does
     (``csrc/include/prefopt/fold_state.h``). Rows that are not read are left as they are.
     """
+    return _fold(state, logits, labels, ref_logits, weight, spec, v0, 0)[0]
+
+
+def fold_with_candidates(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch.Tensor],
+                         ref_logits: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, v0: int,
+                         count: int):
+    """:func:`fold` and, from the same read of the slice, its ``count`` largest policy logits.
+
+    Returns ``(state, values)``: ``values`` fp32 ``[N, count]``, each row's largest raw logits of
+    this slice alone (not merged with earlier folds) in descending order, the multiset
+    ``torch.topk`` gives, ``-inf`` padded past the slice's width and on skipped rows; NaN never
+    enters. CPU tensors, ``1 <= count <= max_candidates``; a slice of width 0 gives all ``-inf``.
+    """
+    return _fold(state, logits, labels, ref_logits, weight, spec, v0, count)
+
+
+def _fold(state, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, count: int):
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
     names = [f.name for f in fields(row_state.RowState)]
@@ -274,9 +291,11 @@ def fold(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch
         if not field.is_contiguous():
             raise ValueError(f"fold: state.{name} must be contiguous (the kernel updates it in place)")
     has_ref = state.ref_max is not None
+    n = logits.shape[0] * logits.shape[1]
+    values = torch.empty(n, count, dtype=torch.float32, device=logits.device) if count else None
     _launch("fold", logits.device, **_common(logits, labels, ref_logits if has_ref else None, weight, spec),
-            v0=int(v0), **_pointers(vars(state), names))
-    return state
+            v0=int(v0), **_pointers(vars(state), names), candidates=count, candidate_values=_ptr(values))
+    return state, values
 
 
 def sweep(stats: RowStats, logits: torch.Tensor, ref_logits: torch.Tensor, labels: Optional[torch.Tensor],

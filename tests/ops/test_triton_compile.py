@@ -78,7 +78,11 @@ SCRIPT = textwrap.dedent(
             DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))
         compile_one(kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(
             HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_ENTROPY=labels,
-            DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align))
+            DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align, CANDIDATES=0, CAP=1))
+        if labels and divergence == 0:  # a sharded sampled forward's fold, gathering its first candidates
+            compile_one(kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(
+                HAS_LABELS=True, HAS_REF=False, HAS_WEIGHT=weight, WANT_ENTROPY=False, DIVERGENCE=0,
+                BLOCK_V=4096, ALIGN=align, CANDIDATES=51, CAP=triton.next_power_of_2(51 + 4096)))
         count += 3
         if divergence and Divergence(divergence).second_sweep:
             compile_one(kernels.slice_sweep_kernel, rows, dict(
@@ -91,7 +95,8 @@ SCRIPT = textwrap.dedent(
             (kernels.token_forward_kernel, rows, dict(HAS_REF=True, WANT_LOGP=False, WANT_ENTROPY=False,
                                                        WANT_REF_LOGP=False)),
             (kernels.token_backward_kernel, dict(rows, grad_ptr="*fp32"), dict(GRAD_LOGP=False, GRAD_ENTROPY=False)),
-            (kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(HAS_REF=True, WANT_ENTROPY=False)),
+            (kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(HAS_REF=True, WANT_ENTROPY=False,
+                                                                             CANDIDATES=0, CAP=1)),
             (kernels.slice_sweep_kernel, rows, {})):
         try:
             compile_one(fn, pointers, dict(HAS_LABELS=False, HAS_WEIGHT=False, DIVERGENCE=unknown, BLOCK_V=4096,

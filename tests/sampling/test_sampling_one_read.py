@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import prefopt_kernels as pk
 from prefopt_kernels import sampled_rows, sampling
-from prefopt_kernels.backends import native
+from prefopt_kernels.backends import native, row_state
 from prefopt_kernels.linear import sampled as linear_sampled
 from prefopt_kernels.linear.tiles import TilePlan
 from prefopt_kernels.spec import OpSpec
@@ -65,11 +65,52 @@ def check_gathered(backend, case):
     assert largest.shape == (rows.shape[0], count) and torch.equal(largest, want)
 
 
+def check_fold_gathered(backend, case, start, stop):
+    """A fold's candidates are its slice's ``count`` largest logits (``torch.topk``'s multiset,
+    descending, ``-inf`` padded past the slice and on ignored rows, all ``-inf`` for an empty
+    slice); the state it folds is bit for bit the fold's without candidates."""
+    x, labels, count = case
+    module = __import__(f"prefopt_kernels.backends.{backend}", fromlist=["fold"])
+    op = OpSpec(want_logp=True, want_entropy=True)
+    vocab = x.shape[-1]
+    v0, v1 = sorted((int(start * vocab), int(stop * vocab)))
+    piece = x[..., v0:v1]
+    n = labels.numel()
+    plain = module.fold(row_state.empty(n, op, False, "cpu"), piece, labels, None, None, op, v0)
+    state, largest = module.fold_with_candidates(row_state.empty(n, op, False, "cpu"), piece, labels, None, None, op,
+                                                 v0, count)
+    for name, field in plain.tensors().items():  # bits: NaN included
+        bits = (lambda t: t.view(torch.int32)) if field.is_floating_point() else (lambda t: t)
+        assert torch.equal(bits(getattr(state, name)), bits(field)), name
+    want = torch.full((n, count), -math.inf)
+    kept = min(count, v1 - v0)
+    if kept:
+        want[:, :kept] = piece.reshape(n, v1 - v0).float().topk(kept, dim=1).values
+    want[labels == -100] = -math.inf
+    assert largest.shape == (n, count) and torch.equal(largest, want)
+
+
 @pytest.mark.skipif("native" not in GATHERING, reason="the native extension is not built")
 @settings(max_examples=scaled(60), deadline=None)
 @given(case=rows_with_ties())
 def test_native_gathered_candidates_are_the_rows_topk(case):
     check_gathered("native", case)
+
+
+@pytest.mark.skipif("native" not in GATHERING, reason="the native extension is not built")
+@settings(max_examples=scaled(40), deadline=None)
+@given(case=rows_with_ties(), start=st.sampled_from([0.0, 0.3, 0.5]), stop=st.sampled_from([0.5, 0.9, 1.0]))
+def test_native_fold_gathers_its_slice_topk(case, start, stop):
+    check_fold_gathered("native", case, start, stop)
+
+
+# Interpreted, a compaction's tl.topk over thousands of slots takes minutes: few candidates there.
+@pytest.mark.skipif("triton" not in GATHERING, reason="Triton does not run here")
+@settings(max_examples=scaled(3), deadline=None)
+@given(case=rows_with_ties(), start=st.sampled_from([0.0, 0.3, 0.5]), stop=st.sampled_from([0.5, 0.9, 1.0]))
+def test_triton_fold_gathers_its_slice_topk(case, start, stop):
+    x, labels, count = case
+    check_fold_gathered("triton", (x, labels, min(count, 51)), start, stop)
 
 
 # Interpreted, every compaction's tl.topk over the buffer is slow: fewer draws.

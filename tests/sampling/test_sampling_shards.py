@@ -12,7 +12,7 @@ def test_sharded_sampled_ops_match_the_oracle_on_every_rank(tmp_path):
     failures = {f"rank {r} {key}": msg for r, result in enumerate(ranks)
                 for key, msg in result["verdicts"].items() if msg != "ok"}
     assert not failures, "\n".join(f"{k}:\n{v}" for k, v in failures.items())
-    assert len(ranks[0]["verdicts"]) == 12
+    assert len(ranks[0]["verdicts"]) >= 12 + 6  # the logits ops on two backends at least, the linear ops
     for key, values in ranks[0]["digests"].items():
         for other in ranks[1:]:
             same = all(a == b or (math.isnan(a) and math.isnan(b)) for x, y in zip(values, other["digests"][key])

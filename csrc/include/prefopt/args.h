@@ -97,7 +97,11 @@
   X(int64_t, grad_batch_stride)        \
   X(int64_t, grad_token_stride)        \
   X(int64_t, v0)
-#define PREFOPT_FOLD_FIELDS(X) X(int64_t, v0) PREFOPT_ROW_STATE_FIELDS(X)
+#define PREFOPT_FOLD_FIELDS(X) \
+  X(int64_t, v0)               \
+  PREFOPT_ROW_STATE_FIELDS(X)  \
+  X(int64_t, candidates)       \
+  X(float*, candidate_values)
 #define PREFOPT_SWEEP_FIELDS(X) X(float*, value_sum) X(float*, centred_sum)
 
 // The keyword parameters of each entry point, in order: the row inputs, then its own.
@@ -173,7 +177,10 @@ struct BackwardArgs : SavedStatsArgs {
 // 0): their running state is left as it is. The slice adds its raw logits at the label to
 // label_logit / ref_label_logit where it holds the label; ref_at_argmax is the raw reference
 // logit at argmax (0 at -1); fkl_acc / rkl_acc are accumulated only on rows with the
-// divergence term. Null fields are not kept.
+// divergence term. Null fields are not kept. With candidates > 0 (CPU only, at most
+// kMaxCandidates) the slice's own `candidates` largest policy logits, as the forward's, go to
+// candidate_values [n_rows, candidates] from the same read (all -inf on skipped rows); they
+// are not merged with any earlier slice's.
 struct FoldArgs : RowInputs {
   PREFOPT_FOLD_FIELDS(PREFOPT_DECLARE_FIELD)
 };

@@ -139,25 +139,49 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
 
     ``state``'s fields are contiguous ``[N]`` tensors (fp32, ``argmax`` int64): one launch.
     """
+    return _fold(state, logits, labels, ref_logits, weight, spec, v0, 0)[0]
+
+
+def fold_with_candidates(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int,
+                         count: int):
+    """:func:`fold` and, from the same read of the slice, its ``count`` largest policy logits.
+
+    Returns ``(state, values)``, ``values`` fp32 ``[N, count]`` (a view of the kernel's
+    ``[N, CAP]`` buffer, as :func:`forward_with_candidates`): each row's largest raw logits of
+    this slice alone (not merged with earlier folds), descending, the multiset ``torch.topk``
+    gives, ``-inf`` padded past the slice's width and on skipped rows; NaN never enters.
+    ``1 <= count <= MAX_CANDIDATES``; a slice of width 0 gives all ``-inf``.
+    """
+    return _fold(state, logits, labels, ref_logits, weight, spec, v0, count)
+
+
+def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, count: int):
     from .kernels import slice_state_kernel
 
     batches, tokens, width = logits.shape
     n = batches * tokens
+    if not 0 <= count <= MAX_CANDIDATES:
+        raise ValueError(f"candidates: count must be in [0, {MAX_CANDIDATES}], got {count}")
+    block_v, num_warps = launch_config(max(width, 1), logits.element_size(), two_rows=ref_logits is not None)
+    cap = triton.next_power_of_2(count + block_v) if count else 1
+    top = torch.full((n, cap), float("-inf"), device=logits.device) if count else None
+    values = top[:, :count] if count else None
     if width == 0:  # the empty state is merge's identity
-        return state
+        return state, values
     placeholder = state.sum_exp
     ref = ref_logits if ref_logits is not None else logits
-    block_v, num_warps = launch_config(width, logits.element_size(), two_rows=ref_logits is not None)
     slice_state_kernel[(n,)](
         **_rows(logits, ref, labels, weight, placeholder),
         **_pointers(state, [f.name for f in fields(row_state.RowState)], placeholder),
+        top_ptr=top if count else placeholder,
         vocab=width, v0=v0, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
         WANT_ENTROPY=state.ent_acc is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
+        **(dict(CANDIDATES=count, CAP=cap) if count else {}),
     )
-    return state
+    return state, values
 
 
 def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int):

@@ -13,11 +13,12 @@ from .row_math import CENTRED_CODES, FORWARD_KL, KNOWN_CODES, REVERSE_KL, SECOND
 def slice_state_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
     max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
-    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr,
+    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr, top_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
     vocab, v0, inv_temperature, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    CANDIDATES: tl.constexpr = 0, CAP: tl.constexpr = 1,
 ):
     """The first-pass state (``backends/row_state.py``) of the slice ``[v0, v0 + vocab)``,
     merged into the running state of each row that the pointers hold (read and written in place).
@@ -26,7 +27,10 @@ def slice_state_kernel(
     one per row, the argmax as a global index, and the label logits when the slice holds
     the label; then :func:`merge_into_row`. ``fkl_acc`` / ``rkl_acc`` is the forward /
     reverse KL accumulator, 0 where the divergence is off. Rows that are not read fold the
-    empty state, which leaves theirs as it is.
+    empty state, which leaves theirs as it is. With ``CANDIDATES > 0`` the same loads also
+    leave the slice's ``CANDIDATES`` largest policy logits in the first slots of the row's
+    ``CAP`` slots of ``top_ptr`` (as the whole-row forward, ``candidates.py``; rows not read
+    are not touched).
     """
     tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
     n = tl.program_id(0)
@@ -48,7 +52,7 @@ def slice_state_kernel(
         b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
         ma, za, h, mb, zb, k, ref_at_argmax, k_idx = first_pass(a_base, b_base, lead, vocab, inv_temperature,
                                                                  HAS_REF, WANT_ENTROPY, DIVERGENCE, True, BLOCK_V,
-                                                                 a_ptr, 0, 1)
+                                                                 top_ptr + n.to(tl.int64) * CAP, CANDIDATES, CAP)
         sum_za = tl.sum(za, axis=0)
         ent = tl.sum(h, axis=0)
         sum_zb = tl.sum(zb, axis=0)
