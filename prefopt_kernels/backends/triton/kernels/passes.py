@@ -19,6 +19,7 @@ from .row_math import (
     load_tile,
     online_step,
     tile_count,
+    tile_pointers,
 )
 from .candidates import offer, store_largest
 from .sweep_math import log2_sweep
@@ -166,15 +167,20 @@ def second_pass(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s
         values = tl.zeros((BLOCK_V,), tl.float32)
         centred_lanes = tl.zeros((BLOCK_V,), tl.float32)
         last = tile_count(vocab, lead, BLOCK_V)
-        _, mask = edge_tile(0, lead, vocab, BLOCK_V)
+        mask = edge_tile(0, lead, vocab, BLOCK_V)[1]
         values, centred_lanes = sweep_tile(values, centred_lanes, a_base + cols, b_base + cols, mask, True,
                                            inv_temperature, ma_s, log_za, mb_s, log_zb, fprime_k, DIVERGENCE)
-        for tile in range(1, last):
-            values, centred_lanes = sweep_tile(values, centred_lanes, a_base + tile * BLOCK_V + cols,
-                                               b_base + tile * BLOCK_V + cols, mask, False, inv_temperature,
+        # Whole tiles as ``sweep_math.log2_sweep`` reads them.
+        a_tile = a_base + BLOCK_V
+        b_tile = b_base + BLOCK_V
+        for _ in range(1, last):
+            values, centred_lanes = sweep_tile(values, centred_lanes, tile_pointers(a_tile, BLOCK_V),
+                                               tile_pointers(b_tile, BLOCK_V), mask, False, inv_temperature,
                                                ma_s, log_za, mb_s, log_zb, fprime_k, DIVERGENCE)
+            a_tile += BLOCK_V
+            b_tile += BLOCK_V
         if last > 0:
-            _, mask = edge_tile(last, lead, vocab, BLOCK_V)
+            mask = edge_tile(last, lead, vocab, BLOCK_V)[1]
             values, centred_lanes = sweep_tile(values, centred_lanes, a_base + last * BLOCK_V + cols,
                                                b_base + last * BLOCK_V + cols, mask, True, inv_temperature,
                                                ma_s, log_za, mb_s, log_zb, fprime_k, DIVERGENCE)

@@ -34,7 +34,7 @@ kernels' row-level policy."""
 import triton
 import triton.language as tl
 
-from .row_math import CHI2, INTERPRETED, JS, LN2, LOG2E, edge_tile, expm1, load_tile, tile_count
+from .row_math import CHI2, INTERPRETED, JS, LN2, LOG2E, edge_tile, expm1, load_tile, tile_count, tile_pointers
 
 # log2(1 + z) / z on |z| <= 0.2: Chebyshev fit, relative error below 1.4e-7 in fp32.
 JS_SMALL_Z = tl.constexpr(0.2)
@@ -43,12 +43,11 @@ LOG2_FLOOR = tl.constexpr(-1.2676506002282294e30)  # -2^100
 
 @triton.jit
 def widen(x):
-    """``x`` as fp32; bf16 pairs as one shift and one mask each (one instruction an element)."""
+    """``x`` as fp32; bf16 as its bits shifted into the top half (one instruction an element,
+    whether it was loaded alone or in a vector)."""
     y = x.to(tl.float32)
-    if not INTERPRETED:  # two ifs: Triton 3.2 cannot combine a dtype test with ``and``
-        if x.dtype == tl.bfloat16:
-            y = tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
-                                          dtype=tl.float32, is_pure=True, pack=2)
+    if x.dtype == tl.bfloat16:
+        y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     return y
 
 
@@ -79,6 +78,7 @@ def js_logs2(lm2, lo2, b, one_minus_b, far_from, b_one_minus_b):
     """``(log2(m / main), log2(other / m))`` from finite ``lm2 = log2 main``, ``lo2 = log2 other``."""
     w2 = lo2 - lm2
     far = w2 >= far_from
+    w_far = tl.where(far, w2, 0.0)
     # 2^w2 = r, or 2^(log2(1/b) - w2) = 1 / (b r) <= 1 once far.
     e = tl.math.exp2(tl.where(far, far_from - w2, w2))
     z = b * e - b
@@ -90,10 +90,10 @@ def js_logs2(lm2, lo2, b, one_minus_b, far_from, b_one_minus_b):
     poly = poly * z + 0.4809010922908783
     poly = poly * z - 0.7213488817214966
     poly = poly * z + 1.4426950216293335
-    small = (tl.abs(z) <= JS_SMALL_Z) & (w2 < far_from)
-    log_m_main = tl.where(small, z * poly, tl.where(far, w2 + log_y, log_y))
-    log_other_m = tl.where(far, -log_y, w2 - log_m_main)
-    return log_m_main, log_other_m
+    # Where far, w2 >= log2(1 / b) >= 1 keeps |z| + w_far above the polynomial's range, and
+    # (w2 - w_far) is exactly 0: no predicate is held past the ``ex2`` (they would spill).
+    log_near = tl.where(tl.abs(z) + w_far <= JS_SMALL_Z, z * poly, log_y)
+    return log_near + w_far, (w2 - w_far) - log_near
 
 
 @triton.jit
@@ -202,21 +202,27 @@ def log2_sweep(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s,
         centre = tl.where(near_one, expm1(c_k * LN2), tl.math.exp2(c_k))
     cols = tl.arange(0, BLOCK_V)
     last = tile_count(vocab, lead, BLOCK_V)
-    _, mask = edge_tile(0, lead, vocab, BLOCK_V)
+    mask = edge_tile(0, lead, vocab, BLOCK_V)[1]
     s1, s2, s3, s4 = log2_tile(load_tile(main_row + cols, mask, True), load_tile(other_row + cols, mask, True),
                                m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
-    for tile in range(1, last):
-        start = tile * BLOCK_V
-        t1, t2, t3, t4 = log2_tile(tl.load(main_row + start + cols), tl.load(other_row + start + cols),
+    # Whole tiles: the start advances as a pointer and tile_pointers addresses the lanes (a
+    # column index tile * BLOCK_V + lane would be widened and added per element).
+    main_tile = main_row + BLOCK_V
+    other_tile = other_row + BLOCK_V
+    for _ in range(1, last):
+        t1, t2, t3, t4 = log2_tile(tl.load(tile_pointers(main_tile, BLOCK_V)),
+                                   tl.load(tile_pointers(other_tile, BLOCK_V)),
                                    m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                    b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
         s1 += t1
         s2 += t2
         s3 += t3
         s4 += t4
+        main_tile += BLOCK_V
+        other_tile += BLOCK_V
     if last > 0:
-        _, mask = edge_tile(last, lead, vocab, BLOCK_V)
+        mask = edge_tile(last, lead, vocab, BLOCK_V)[1]
         t1, t2, t3, t4 = log2_tile(load_tile(main_row + last * BLOCK_V + cols, mask, True),
                                    load_tile(other_row + last * BLOCK_V + cols, mask, True),
                                    m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
