@@ -139,15 +139,20 @@ def tile_count(vocab, lead, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def tile_pointers(tile_start, BLOCK_V: tl.constexpr):
-    """``tile_start + tl.arange(0, BLOCK_V)``, formed as a per-register constant plus the thread's
-    lane (``TILE_LANES`` lanes, the threads of a program). A row read element by element (not
-    16-byte aligned) then addresses all of a thread's elements from one base register with
-    immediate offsets; from the plain ``arange`` the compiler builds a 64-bit address per element."""
-    LANES: tl.constexpr = min(TILE_LANES, BLOCK_V)
-    in_register = tl.arange(0, BLOCK_V // LANES)[:, None] * LANES
-    lane = tl.arange(0, LANES)[None, :]
-    return tl.reshape(tile_start + in_register + lane, [BLOCK_V])
+def tile_pointers(tile_start, BLOCK_V: tl.constexpr, UNALIGNED: tl.constexpr):
+    """``tile_start + tl.arange(0, BLOCK_V)``. ``UNALIGNED`` (rows read from their own starts,
+    ``ALIGN`` 1: element by element) forms it as a per-register constant plus the thread's lane
+    (``TILE_LANES`` lanes, the threads of a program), so that a thread addresses all its elements
+    from one base register with immediate offsets; from the plain ``arange`` the compiler builds
+    a 64-bit address per element. Aligned rows load whole vectors and keep the plain form."""
+    if UNALIGNED:
+        LANES: tl.constexpr = min(TILE_LANES, BLOCK_V)
+        in_register = tl.arange(0, BLOCK_V // LANES)[:, None] * LANES
+        lane = tl.arange(0, LANES)[None, :]
+        pointers = tl.reshape(tile_start + in_register + lane, [BLOCK_V])
+    else:
+        pointers = tile_start + tl.arange(0, BLOCK_V)
+    return pointers
 
 
 @triton.jit

@@ -90,8 +90,9 @@ def js_logs2(lm2, lo2, b, one_minus_b, far_from, b_one_minus_b):
     poly = poly * z + 0.4809010922908783
     poly = poly * z - 0.7213488817214966
     poly = poly * z + 1.4426950216293335
-    # Where far, w2 >= log2(1 / b) >= 1 keeps |z| + w_far above the polynomial's range, and
-    # (w2 - w_far) is exactly 0: no predicate is held past the ``ex2`` (they would spill).
+    # Far: w2 >= log2(1 / b) >= 1 keeps |z| + w_far out of the polynomial's range, and
+    # w2 - w_far is exactly 0 (log2(other / m) = -log2 y, uncancelled). Nothing reads ``far``
+    # past y: predicates held across the lg2 and the polynomial spilled to a register.
     log_near = tl.where(tl.abs(z) + w_far <= JS_SMALL_Z, z * poly, log_y)
     return log_near + w_far, (w2 - w_far) - log_near
 
@@ -158,11 +159,12 @@ def log2_tile(x, y, m_main, m_other, scale2, lz_main, lz_other, js_b, js_one_min
 @triton.jit
 def log2_sweep(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
                 beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
-                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, UNALIGNED: tl.constexpr):
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` of js, chi2 or alpha (``DIVERGENCE``) over
     ``vocab`` entries, given the row's final statistics. The rows start ``lead`` entries past
     the aligned ``a_base``, ``b_base`` (``row_math.aligned_row``): whole tiles are read
-    unmasked as aligned vectors, the first and the last with a mask."""
+    unmasked (as aligned vectors unless ``UNALIGNED``, ``row_math.tile_pointers``), the
+    first and the last with a mask."""
     scale2 = inv_temperature * LOG2E
     lza2 = log_za * LOG2E
     lzb2 = log_zb * LOG2E
@@ -202,27 +204,21 @@ def log2_sweep(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s,
         centre = tl.where(near_one, expm1(c_k * LN2), tl.math.exp2(c_k))
     cols = tl.arange(0, BLOCK_V)
     last = tile_count(vocab, lead, BLOCK_V)
-    mask = edge_tile(0, lead, vocab, BLOCK_V)[1]
+    _, mask = edge_tile(0, lead, vocab, BLOCK_V)
     s1, s2, s3, s4 = log2_tile(load_tile(main_row + cols, mask, True), load_tile(other_row + cols, mask, True),
                                m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
-    # Whole tiles: the start advances as a pointer and tile_pointers addresses the lanes (a
-    # column index tile * BLOCK_V + lane would be widened and added per element).
-    main_tile = main_row + BLOCK_V
-    other_tile = other_row + BLOCK_V
-    for _ in range(1, last):
-        t1, t2, t3, t4 = log2_tile(tl.load(tile_pointers(main_tile, BLOCK_V)),
-                                   tl.load(tile_pointers(other_tile, BLOCK_V)),
+    for tile in range(1, last):
+        t1, t2, t3, t4 = log2_tile(tl.load(tile_pointers(main_row + tile * BLOCK_V, BLOCK_V, UNALIGNED)),
+                                   tl.load(tile_pointers(other_row + tile * BLOCK_V, BLOCK_V, UNALIGNED)),
                                    m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                    b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
         s1 += t1
         s2 += t2
         s3 += t3
         s4 += t4
-        main_tile += BLOCK_V
-        other_tile += BLOCK_V
     if last > 0:
-        mask = edge_tile(last, lead, vocab, BLOCK_V)[1]
+        _, mask = edge_tile(last, lead, vocab, BLOCK_V)
         t1, t2, t3, t4 = log2_tile(load_tile(main_row + last * BLOCK_V + cols, mask, True),
                                    load_tile(other_row + last * BLOCK_V + cols, mask, True),
                                    m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
