@@ -88,3 +88,29 @@ def test_misaligned_rows_meet_the_oracle(dtype, v, ref_shift):
         assert_tokens_close(got[k].detach(), want[k], s, f"js {k} V={v}")
     g_out = torch.stack([u.abs() for u in up.values()]).amax(0)
     assert_grads_close(x.grad, grad_ref, s, g_out, dtype, f"js grad V={v}")
+
+
+@needs_triton
+@pytest.mark.parametrize("divergence, params", [("alpha", dict(alpha=0.7)), ("chi2", {}), ("tv", {}),
+                                                ("hellinger", {}), ("js", dict(beta=0.8))])
+def test_second_sweeps_read_misaligned_rows_by_position_free_lanes(divergence, params):
+    """The second sweeps' whole tiles on rows each read from its own start (V = 2999, three
+    tiles under the interpreter; reference rows at other offsets than the policy's): the
+    divergence and its gradient meet the float64 oracle, and a row's divergence has the same
+    bits at every position. js with beta > 1/2 sweeps with the reference as its main side."""
+    n, v, temperature = 9, 2999, 0.9
+    a = _rows(n, v, torch.bfloat16, seed=7)
+    b = _rows(n, v, torch.bfloat16, seed=8, shift=3)
+    up = torch.randn(n, generator=torch.Generator().manual_seed(9))
+    x = a.detach().clone().requires_grad_(True)
+    with pk.use_backend("triton"):
+        div = pk.token_divergence(x, b, divergence=divergence, temperature=temperature, **params)
+        (up * div).sum().backward()
+        repeated = pk.token_divergence(a[:1].expand(n, v).contiguous(), b[:1].expand(n, v).contiguous(),
+                                       divergence=divergence, temperature=temperature, **params)
+    want, grad_ref = oracle(a, None, b, None, divergence=divergence, temperature=temperature,
+                            upstream={"div": up}, **params)
+    s = row_scale(a, b, temperature)
+    assert_tokens_close(div.detach(), want["div"], s, f"{divergence} div")
+    assert_grads_close(x.grad, grad_ref, s, up.abs(), torch.bfloat16, f"{divergence} grad")
+    assert torch.equal(repeated, repeated[:1].expand(n)), repeated

@@ -25,6 +25,8 @@ import triton
 _INTERPRETER_BLOCK = 1024
 _NUM_WARPS = 4
 _BYTES_PER_THREAD = 32
+# The threads of a compiled program (``row_math.tile_pointers`` lays a tile's lanes over them).
+PROGRAM_THREADS = 32 * _NUM_WARPS
 
 
 def launch_config(vocab: int, element_size: int, two_rows: bool):

@@ -83,7 +83,8 @@ def token_forward_kernel(
                 elif SECOND_SWEEP:
                     div, div_s = second_pass(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
                                               ref_at_argmax, beta, one_minus_beta, log_beta,
-                                              log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE, BLOCK_V)
+                                              log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE, BLOCK_V,
+                                              ALIGN == 1)
                 # NaN policy (module docstring), in the one branch that sets div and div_s.
                 # A second ``if div_on`` does not compile on Triton 3.2 (forward KL with
                 # weights): its combine-tensor-select-and-if pass folds the select that

@@ -19,6 +19,7 @@ from .row_math import (
     load_tile,
     online_step,
     tile_count,
+    tile_pointers,
 )
 from .candidates import offer, store_largest
 from .sweep_math import log2_sweep
@@ -149,15 +150,16 @@ def fold_tile(ma, za, h, mb, zb, k, ref_at_argmax, k_idx, x, y, first_column, in
 @triton.jit
 def second_pass(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
                  beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
-                 DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+                 DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, UNALIGNED: tl.constexpr = False):
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` over ``vocab`` entries, given the row's final
     statistics; ``f'(t_k)`` at the policy's argmax, whose ``log p`` is exactly ``-log_za``.
-    The rows are read as :func:`first_pass` reads them. js, chi2 and alpha take the base-2
-    forms of ``sweep_math``."""
+    The rows are read as :func:`first_pass` reads them; ``UNALIGNED``: read from their own
+    starts (``ALIGN`` 1), whole tiles addressed as ``row_math.tile_pointers`` says. js, chi2
+    and alpha take the base-2 forms of ``sweep_math``."""
     if (DIVERGENCE == JS or DIVERGENCE == CHI2) or DIVERGENCE == ALPHA:
         value, centred = log2_sweep(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb,
                                     ref_at_argmax, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha,
-                                    alpha_minus_one, DIVERGENCE, BLOCK_V)
+                                    alpha_minus_one, DIVERGENCE, BLOCK_V, UNALIGNED)
     else:
         lq_k = (ref_at_argmax - mb_s) * inv_temperature - log_zb
         fprime_k = f_prime(-log_za, lq_k, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha,
@@ -170,9 +172,11 @@ def second_pass(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s
         values, centred_lanes = sweep_tile(values, centred_lanes, a_base + cols, b_base + cols, mask, True,
                                            inv_temperature, ma_s, log_za, mb_s, log_zb, fprime_k, DIVERGENCE)
         for tile in range(1, last):
-            values, centred_lanes = sweep_tile(values, centred_lanes, a_base + tile * BLOCK_V + cols,
-                                               b_base + tile * BLOCK_V + cols, mask, False, inv_temperature,
-                                               ma_s, log_za, mb_s, log_zb, fprime_k, DIVERGENCE)
+            values, centred_lanes = sweep_tile(values, centred_lanes,
+                                               tile_pointers(a_base + tile * BLOCK_V, BLOCK_V, UNALIGNED),
+                                               tile_pointers(b_base + tile * BLOCK_V, BLOCK_V, UNALIGNED), mask,
+                                               False, inv_temperature, ma_s, log_za, mb_s, log_zb, fprime_k,
+                                               DIVERGENCE)
         if last > 0:
             _, mask = edge_tile(last, lead, vocab, BLOCK_V)
             values, centred_lanes = sweep_tile(values, centred_lanes, a_base + last * BLOCK_V + cols,

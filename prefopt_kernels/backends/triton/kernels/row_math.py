@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ....divergences import Divergence
+from ..config import PROGRAM_THREADS
 
 # The DIVERGENCE constexpr codes, taken from the registry (0: no divergence).
 FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
@@ -74,6 +75,7 @@ SECOND_SWEEP_CODES = tl.constexpr(codes_where(lambda d: d.second_sweep))
 
 # Triton's interpreter runs no inline PTX: there the fast forms fall back to ``tl``'s own.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+TILE_LANES = tl.constexpr(PROGRAM_THREADS)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -134,6 +136,23 @@ def tile_count(vocab, lead, BLOCK_V: tl.constexpr):
     """The index of the last tile of a row of ``vocab`` entries that starts ``lead`` into its
     first tile (``aligned_row``); tiles ``1 .. last - 1`` are whole and read unmasked."""
     return tl.cdiv(vocab + lead, BLOCK_V) - 1
+
+
+@triton.jit
+def tile_pointers(tile_start, BLOCK_V: tl.constexpr, UNALIGNED: tl.constexpr):
+    """``tile_start + tl.arange(0, BLOCK_V)``. ``UNALIGNED`` (rows read from their own starts,
+    ``ALIGN`` 1: element by element) forms it as a per-register constant plus the thread's lane
+    (``TILE_LANES`` lanes, the threads of a program), so that a thread addresses all its elements
+    from one base register with immediate offsets; from the plain ``arange`` the compiler builds
+    a 64-bit address per element. Aligned rows load whole vectors and keep the plain form."""
+    if UNALIGNED:
+        LANES: tl.constexpr = min(TILE_LANES, BLOCK_V)
+        in_register = tl.arange(0, BLOCK_V // LANES)[:, None] * LANES
+        lane = tl.arange(0, LANES)[None, :]
+        pointers = tl.reshape(tile_start + in_register + lane, [BLOCK_V])
+    else:
+        pointers = tile_start + tl.arange(0, BLOCK_V)
+    return pointers
 
 
 @triton.jit

@@ -34,7 +34,7 @@ kernels' row-level policy."""
 import triton
 import triton.language as tl
 
-from .row_math import CHI2, INTERPRETED, JS, LN2, LOG2E, edge_tile, expm1, load_tile, tile_count
+from .row_math import CHI2, INTERPRETED, JS, LN2, LOG2E, edge_tile, expm1, load_tile, tile_count, tile_pointers
 
 # log2(1 + z) / z on |z| <= 0.2: Chebyshev fit, relative error below 1.4e-7 in fp32.
 JS_SMALL_Z = tl.constexpr(0.2)
@@ -43,12 +43,11 @@ LOG2_FLOOR = tl.constexpr(-1.2676506002282294e30)  # -2^100
 
 @triton.jit
 def widen(x):
-    """``x`` as fp32; bf16 pairs as one shift and one mask each (one instruction an element)."""
+    """``x`` as fp32; bf16 as its bits shifted into the top half (one instruction an element,
+    whether it was loaded alone or in a vector)."""
     y = x.to(tl.float32)
-    if not INTERPRETED:  # two ifs: Triton 3.2 cannot combine a dtype test with ``and``
-        if x.dtype == tl.bfloat16:
-            y = tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
-                                          dtype=tl.float32, is_pure=True, pack=2)
+    if x.dtype == tl.bfloat16:
+        y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     return y
 
 
@@ -79,6 +78,7 @@ def js_logs2(lm2, lo2, b, one_minus_b, far_from, b_one_minus_b):
     """``(log2(m / main), log2(other / m))`` from finite ``lm2 = log2 main``, ``lo2 = log2 other``."""
     w2 = lo2 - lm2
     far = w2 >= far_from
+    w_far = tl.where(far, w2, 0.0)
     # 2^w2 = r, or 2^(log2(1/b) - w2) = 1 / (b r) <= 1 once far.
     e = tl.math.exp2(tl.where(far, far_from - w2, w2))
     z = b * e - b
@@ -90,10 +90,11 @@ def js_logs2(lm2, lo2, b, one_minus_b, far_from, b_one_minus_b):
     poly = poly * z + 0.4809010922908783
     poly = poly * z - 0.7213488817214966
     poly = poly * z + 1.4426950216293335
-    small = (tl.abs(z) <= JS_SMALL_Z) & (w2 < far_from)
-    log_m_main = tl.where(small, z * poly, tl.where(far, w2 + log_y, log_y))
-    log_other_m = tl.where(far, -log_y, w2 - log_m_main)
-    return log_m_main, log_other_m
+    # Far: w2 >= log2(1 / b) >= 1 keeps |z| + w_far out of the polynomial's range, and
+    # w2 - w_far is exactly 0 (log2(other / m) = -log2 y, uncancelled). Nothing reads ``far``
+    # past y: predicates held across the lg2 and the polynomial spilled to a register.
+    log_near = tl.where(tl.abs(z) + w_far <= JS_SMALL_Z, z * poly, log_y)
+    return log_near + w_far, (w2 - w_far) - log_near
 
 
 @triton.jit
@@ -158,11 +159,12 @@ def log2_tile(x, y, m_main, m_other, scale2, lz_main, lz_other, js_b, js_one_min
 @triton.jit
 def log2_sweep(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s, log_zb, ref_at_argmax,
                 beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
-                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, UNALIGNED: tl.constexpr):
     """``(sum q f(t), sum p (f'(t) - f'(t_k)))`` of js, chi2 or alpha (``DIVERGENCE``) over
     ``vocab`` entries, given the row's final statistics. The rows start ``lead`` entries past
     the aligned ``a_base``, ``b_base`` (``row_math.aligned_row``): whole tiles are read
-    unmasked as aligned vectors, the first and the last with a mask."""
+    unmasked (as aligned vectors unless ``UNALIGNED``, ``row_math.tile_pointers``), the
+    first and the last with a mask."""
     scale2 = inv_temperature * LOG2E
     lza2 = log_za * LOG2E
     lzb2 = log_zb * LOG2E
@@ -207,8 +209,8 @@ def log2_sweep(a_base, b_base, lead, vocab, inv_temperature, ma_s, log_za, mb_s,
                                m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
     for tile in range(1, last):
-        start = tile * BLOCK_V
-        t1, t2, t3, t4 = log2_tile(tl.load(main_row + start + cols), tl.load(other_row + start + cols),
+        t1, t2, t3, t4 = log2_tile(tl.load(tile_pointers(main_row + tile * BLOCK_V, BLOCK_V, UNALIGNED)),
+                                   tl.load(tile_pointers(other_row + tile * BLOCK_V, BLOCK_V, UNALIGNED)),
                                    m_main, m_other, scale2, lz_main, lz_other, b, one_minus_b, far_from,
                                    b_one_minus_b, t_k, near_one, c, centre, DIVERGENCE)
         s1 += t1
