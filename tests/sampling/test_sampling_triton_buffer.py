@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif("triton" not in backends_on(torch.device("cpu"))
 
 
 def rows_of(style: str, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[2, 3, vocab]`` logits whose first two tokens are the rows under test (a strided view)."""
+    """``[1, 3, vocab]`` logits, a strided view (its rows are not contiguous with each other)."""
     gen = torch.Generator().manual_seed(vocab)
-    x = torch.randn(2, 4, vocab, generator=gen)
+    x = torch.randn(1, 4, vocab, generator=gen)
     if style == "ascending":  # every chunk of every tile beats the threshold: settles keep the largest
-        x = torch.linspace(-3, 3, vocab).expand(2, 4, vocab) + 1e-3 * x
+        x = torch.linspace(-3, 3, vocab).expand(1, 4, vocab) + 1e-3 * x
     elif style == "records":  # one rising value per chunk: settles drop the rest of each chunk and pack
         x = x - 10
         x[..., ::8] = torch.linspace(0, 3, x[..., ::8].shape[-1])
@@ -42,15 +42,15 @@ def expected(x: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
     return want
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("vocab", [9000, 9001])  # aligned rows (chunks) and unaligned ones (single values)
-@pytest.mark.parametrize("style", ["random", "ascending", "records", "ties", "holes"])
-@pytest.mark.parametrize("count", [1, 51])
-def test_triton_buffer_keeps_each_rows_largest(dtype, vocab, style, count):
+# Interpreted, each settle's tl.topk takes seconds: five tiles of 1024 per row, three rows.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # chunks of 8 and of 4
+@pytest.mark.parametrize("vocab", [5000, 5001])  # aligned rows (chunks) and unaligned ones (single values)
+@pytest.mark.parametrize("style", ["ascending", "records", "ties", "holes"])
+def test_triton_buffer_keeps_each_rows_largest(dtype, vocab, style, count=51):
     from prefopt_kernels.backends import triton as backend
 
     x = rows_of(style, vocab, dtype)
-    labels = torch.tensor([0, 1, -100, 2, 3, 4])
+    labels = torch.tensor([0, -100, 1])
     stats, largest = backend.forward_with_candidates(x, labels, None, None, OpSpec(want_logp=True), count)
     plain = backend.forward(x, labels, None, None, OpSpec(want_logp=True))
     assert torch.equal(stats.logp.view(torch.int32), plain.logp.view(torch.int32))
