@@ -1,24 +1,25 @@
 """The sampler-matched forward's candidates, gathered by the first pass's own read of the row.
 
 Each row keeps candidates for its ``CANDIDATES`` largest logits in a buffer of ``CAP`` slots in
-global memory (its row of the launch's ``[N, CAP]`` output), of the dtype the tiles are loaded in,
-so a logit is stored as it was loaded; ``CAP >= CANDIDATES + 2 * BLOCK_V``. The buffer's first
-``size`` slots are taken, ``size`` a multiple of ``CHUNK``, the elements of one 16-byte vector of
-the tile (8 of a 16-bit dtype, 4 of fp32), which each thread holds whole.
+global memory (its row of the launch's ``[N, CAP]`` output) of the dtype the tiles are loaded
+in, so a logit is stored as it was loaded; ``CAP`` is a power of two ``>= CANDIDATES + BLOCK_V``.
+Its first ``size`` slots are taken, ``size`` a multiple of ``CHUNK``: the elements of one 16-byte
+vector of the tile (8 of a 16-bit dtype, 4 of fp32), which each thread holds whole.
 
 Per tile (:func:`offer`): the tile's max, which the first pass has already reduced, against the
 running ``threshold``; only where it beats it, each chunk whose max beats it is appended whole,
-one vector store, its place a prefix sum over the tile's chunks. The chunk's other values are
+one vector store, placed by a prefix sum over the tile's chunks. The chunk's other values are
 genuine logits of the row, so keeping them never changes the row's largest; storing whole chunks
 keeps the tile in the registers it was loaded into (a scatter of single values would have the
 compiler move the tile, its addresses and its mask across threads through shared memory).
 When fewer than ``BLOCK_V`` slots are left, :func:`settle` drops what is below the threshold
-(and ``-inf``, NaN) and packs the rest; only when that leaves more than half the room does it
-keep the ``CANDIDATES`` largest (``tl.topk``) and raise ``threshold`` to the smallest of them: a
-logit equal to it cannot change the multiset of the largest, so only chunks holding a larger one
-enter afterwards, and the values equal to it stay. :func:`store_largest` writes the row's
-``CANDIDATES`` largest in descending order, ``-inf`` padded; NaN never enters them. The buffer
-is written and read back by different threads of the program, hence the barriers.
+(and ``-inf``, NaN) and packs the rest; only when that fills more than three quarters of the
+room (``CAP - BLOCK_V``) does it keep the ``CANDIDATES`` largest (``tl.topk``) and raise
+``threshold`` to the smallest of them: a logit equal to it cannot change the multiset of the
+largest, so only chunks holding a larger one enter afterwards, and the values equal to it stay.
+:func:`store_largest` writes the row's ``CANDIDATES`` largest in descending order, ``-inf``
+padded; NaN never enters them. The buffer is written and read back by different threads of the
+program, hence the barriers.
 """
 
 import triton
@@ -74,7 +75,7 @@ def settle(top_ptr, size, threshold, CANDIDATES: tl.constexpr, CAP: tl.constexpr
            CHUNK: tl.constexpr):
     """Make room for a whole tile in the buffer ``top_ptr`` holding ``size`` values: keep those
     at least ``threshold`` (none ``-inf`` or NaN) in its first slots, or, when they would fill more
-    than half the room, only the ``CANDIDATES`` largest. Returns the new ``(size, threshold)``,
+    than three quarters of the room, only the ``CANDIDATES`` largest. Returns the new ``(size, threshold)``,
     ``size`` rounded up to a whole chunk with ``-inf``."""
     ROOM: tl.constexpr = (CAP - BLOCK_V) * 3 // 4 // CHUNK * CHUNK
     KEEP: tl.constexpr = triton.next_power_of_2(CANDIDATES)
