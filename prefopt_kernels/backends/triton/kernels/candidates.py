@@ -12,11 +12,13 @@ one vector store, placed by a prefix sum over the tile's chunks. The chunk's oth
 genuine logits of the row, so keeping them never changes the row's largest; storing whole chunks
 keeps the tile in the registers it was loaded into (a scatter of single values would have the
 compiler move the tile, its addresses and its mask across threads through shared memory).
-When fewer than ``BLOCK_V`` slots are left, :func:`settle` drops what is below the threshold
-(and ``-inf``, NaN) and packs the rest; only when that fills more than three quarters of the
-room (``CAP - BLOCK_V``) does it keep the ``CANDIDATES`` largest (``tl.topk``) and raise
-``threshold`` to the smallest of them: a logit equal to it cannot change the multiset of the
-largest, so only chunks holding a larger one enter afterwards, and the values equal to it stay.
+When fewer than ``BLOCK_V`` slots are left, :func:`settle` raises the threshold by bisection to
+a value at least ``CANDIDATES`` buffered logits reach (chunks only), drops what is below it (and
+``-inf``, NaN) and packs the rest; only when that fills more than three quarters of the room
+(``CAP - BLOCK_V``: ties) does it keep the ``CANDIDATES`` largest (``tl.topk``) and raise
+``threshold`` to the smallest of them. A logit equal to the threshold cannot change the
+multiset of the largest, so only chunks holding a larger one enter afterwards, and the values
+equal to it stay.
 :func:`store_largest` writes the row's ``CANDIDATES`` largest in descending order, ``-inf``
 padded; NaN never enters them. The buffer is written and read back by different threads of the
 program, hence the barriers.
@@ -74,10 +76,12 @@ def lane_count(bits, block):
 def settle(top_ptr, size, threshold, CANDIDATES: tl.constexpr, CAP: tl.constexpr, BLOCK_V: tl.constexpr,
            CHUNK: tl.constexpr):
     """Make room for a whole tile in the buffer ``top_ptr`` holding ``size`` values: keep those
-    at least ``threshold`` (none ``-inf`` or NaN) in its first slots, or, when they would fill more
-    than three quarters of the room, only the ``CANDIDATES`` largest. Returns the new ``(size, threshold)``,
+    at least ``threshold``, raised by bisection when ``CHUNK > 1`` (none ``-inf`` or NaN), in its
+    first slots, or, when they would fill more than three quarters of the room, only the
+    ``CANDIDATES`` largest. Returns the new ``(size, threshold)``,
     ``size`` rounded up to a whole chunk with ``-inf``."""
     ROOM: tl.constexpr = (CAP - BLOCK_V) * 3 // 4 // CHUNK * CHUNK
+    BISECTIONS: tl.constexpr = 8
     KEEP: tl.constexpr = triton.next_power_of_2(CANDIDATES)
     tl.debug_barrier()
     slots = tl.arange(0, CAP)
@@ -85,6 +89,21 @@ def settle(top_ptr, size, threshold, CANDIDATES: tl.constexpr, CAP: tl.constexpr
     values = raw.to(tl.float32)
     keep = (values >= threshold) & (values > float("-inf"))  # NaN fails both
     kept_count = tl.sum(keep.to(tl.int32), axis=0)
+    if CHUNK > 1 and kept_count >= CANDIDATES:
+        # Chunks bring values below the threshold along, so the room fills faster than the
+        # largest change: raise the threshold toward the CANDIDATES-th largest by bisection. It
+        # moves only to a value that at least CANDIDATES kept ones reach, so dropping what is
+        # below stays exact.
+        low = tl.min(tl.where(keep, values, float("inf")), axis=0)
+        high = tl.max(tl.where(keep, values, float("-inf")), axis=0)
+        for _ in range(BISECTIONS):
+            middle = low + (high - low) * 0.5
+            enough = tl.sum((keep & (values >= middle)).to(tl.int32), axis=0) >= CANDIDATES
+            low = tl.where(enough, middle, low)
+            high = tl.where(enough, high, middle)
+        threshold = tl.maximum(threshold, low)
+        keep = keep & (values >= threshold)
+        kept_count = tl.sum(keep.to(tl.int32), axis=0)
     if kept_count <= ROOM:
         tl.debug_barrier()
         tl.store(top_ptr + tl.cumsum(keep.to(tl.int32), axis=0) - 1, raw, mask=keep)
