@@ -265,8 +265,11 @@ def triton_rows(shapes: Sequence[Tuple[str, int]] = LOGITS_SHAPES, linear: bool 
                         compiled[key] = (name, threads, sass.analyse_cubin(path)[name])
                     name, threads, (resources, loops) = compiled[key]
                     if case.startswith("logprobs+sampler"):
-                        # The candidates' stores are predicated on the values that enter (a few per
-                        # tile): the streamed bytes of the row are its loads.
+                        # The candidates' stores are predicated on the chunks (single values on
+                        # unaligned rows) that beat the running threshold: a random-order row at
+                        # V = 151936 stages about a twentieth (top_k = 50) to a fifth (1024
+                        # candidates) of the bytes it reads. The streamed bytes of the row are its
+                        # loads.
                         loops = [dataclasses.replace(loop, bytes_stored=0) for loop in loops]
                     streamed = 1 + launch.arguments.get("HAS_REF", launch.arguments.get("DIVERGENCE", 0) != 0)
                     written = "grad_ptr" in launch.arguments

@@ -59,10 +59,11 @@ def max_candidates(device: torch.device) -> int:
 def forward_with_candidates(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
     """:func:`forward` and, from the same read of each row, its ``count`` largest policy logits.
 
-    Returns ``(RowStats, values)``, ``values`` fp32 ``[N, count]`` (a view of the kernel's
-    ``[N, CAP]`` buffer, ``CAP = next_power_of_2(count + BLOCK_V)``): each row's largest raw
-    logits in descending order, the multiset ``torch.topk`` gives, ``-inf`` padded past ``V``
-    and on skipped rows; NaN never enters. ``1 <= count <= MAX_CANDIDATES``.
+    Returns ``(RowStats, values)``, ``values`` fp32 ``[N, count]`` (the first columns of the
+    kernel's ``[N, CAP]`` buffer of the logits' dtype, ``CAP = next_power_of_2(count + BLOCK_V)``,
+    widened): each row's largest raw logits in descending order, the multiset ``torch.topk``
+    gives, ``-inf`` padded past ``V`` and on skipped rows; NaN never enters.
+    ``1 <= count <= MAX_CANDIDATES``.
     """
     return _forward(logits, labels, ref_logits, weight, spec, count)
 
@@ -79,7 +80,7 @@ def _forward(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
     if not 0 <= count <= MAX_CANDIDATES:
         raise ValueError(f"candidates: count must be in [0, {MAX_CANDIDATES}], got {count}")
     cap = triton.next_power_of_2(count + block_v) if count else 1
-    top = torch.full((n, cap), float("-inf"), device=logits.device) if count else placeholder
+    top = torch.full((n, cap), float("-inf"), dtype=logits.dtype, device=logits.device) if count else placeholder
     token_forward_kernel[(n,)](
         **_rows(logits, ref, labels, weight, placeholder),
         **_pointers(stats, [f.name for f in fields(RowStats)], placeholder), top_ptr=top,
@@ -92,7 +93,7 @@ def _forward(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
         **(dict(CANDIDATES=count, CAP=cap) if count else {}),
     )
-    return stats, top[:, :count] if count else None
+    return stats, top[:, :count].float() if count else None
 
 
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,

@@ -62,7 +62,8 @@ def token_forward_kernel(
         b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
         ma, za, h, mb, zb, k, ref_at_argmax, _ = first_pass(a_base, b_base, lead, vocab, inv_temperature, HAS_REF,
                                                              WANT_ENTROPY, DIVERGENCE, False, BLOCK_V,
-                                                             top_ptr + n.to(tl.int64) * CAP, CANDIDATES, CAP)
+                                                             top_ptr + n.to(tl.int64) * CAP, CANDIDATES, CAP,
+                                                             ALIGN == 1)
         ma_s, sum_za, log_za = finish(ma, za)
         if WANT_LOGP:
             logp = (tl.load(a_base + lead + label).to(tl.float32) - ma_s) * inv_temperature - log_za

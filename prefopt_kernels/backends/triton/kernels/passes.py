@@ -29,7 +29,7 @@ from .sweep_math import log2_sweep
 def first_pass(a_base, b_base, lead, vocab, inv_temperature,
                 HAS_REF: tl.constexpr, WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
                 TRACK_ARGMAX: tl.constexpr, BLOCK_V: tl.constexpr, top_ptr, CANDIDATES: tl.constexpr,
-                CAP: tl.constexpr):
+                CAP: tl.constexpr, UNALIGNED: tl.constexpr = False):
     """The first sweep over ``vocab`` entries of one row (a whole row, or a slice of it), read
     from the aligned bases ``a_base``, ``b_base`` whose row starts ``lead`` entries in
     (``row_math.aligned_row``): a masked first tile, whole tiles, a masked last tile.
@@ -40,7 +40,8 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
     ``ref_at_argmax``); the reference logit ``ref_at_argmax`` at the policy's first argmax;
     and, with ``TRACK_ARGMAX``, that argmax's index (-1 while every policy logit is ``-inf``).
     With ``CANDIDATES > 0`` the row's ``CANDIDATES`` largest policy logits go to its buffer of
-    ``CAP`` slots at ``top_ptr`` (``candidates.py``) from the same loads.
+    ``CAP`` slots at ``top_ptr``, of the policy row's dtype (``candidates.py``), from the same loads;
+    ``UNALIGNED``: the rows are read from their own starts (``ALIGN == 1``), element by element.
     """
     cols = tl.arange(0, BLOCK_V)
     ma = float("-inf")
@@ -55,7 +56,8 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
     threshold = float("-inf")
     last = tile_count(vocab, lead, BLOCK_V)
     _, mask = edge_tile(0, lead, vocab, BLOCK_V)
-    x = load_tile(a_base + cols, mask, True).to(tl.float32)
+    raw = load_tile(a_base + cols, mask, True)
+    x = raw.to(tl.float32)
     y = x
     if HAS_REF:
         y = load_tile(b_base + cols, mask, True).to(tl.float32)
@@ -63,7 +65,7 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
         ma, za, h, mb, zb, k, ref_at_argmax, k_idx, x, y, -lead, inv_temperature,
         HAS_REF, WANT_ENTROPY, DIVERGENCE, TRACK_ARGMAX, BLOCK_V)
     if CANDIDATES > 0:
-        size, threshold = offer(x, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V)
+        size, threshold = offer(raw, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V, UNALIGNED)
     # Whole tiles: each one's loads are issued before the previous one's cross-warp reductions
     # (``whole``: all lanes or none, so the loads stay vectors; none past the last whole tile).
     whole = cols < tl.where(last > 1, BLOCK_V, 0)
@@ -72,7 +74,8 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
     if HAS_REF:
         y_next = tl.load(b_base + BLOCK_V + cols, mask=whole, other=float("-inf"))
     for tile in range(1, last):
-        x = x_next.to(tl.float32)
+        raw = x_next
+        x = raw.to(tl.float32)
         y = y_next.to(tl.float32)
         ahead = (tile + 1) * BLOCK_V + cols
         whole = cols < tl.where(tile + 1 < last, BLOCK_V, 0)
@@ -83,10 +86,11 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
             ma, za, h, mb, zb, k, ref_at_argmax, k_idx, x, y, tile * BLOCK_V - lead, inv_temperature,
             HAS_REF, WANT_ENTROPY, DIVERGENCE, TRACK_ARGMAX, BLOCK_V)
         if CANDIDATES > 0:
-            size, threshold = offer(x, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V)
+            size, threshold = offer(raw, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V, UNALIGNED)
     if last > 0:
         _, mask = edge_tile(last, lead, vocab, BLOCK_V)
-        x = load_tile(a_base + last * BLOCK_V + cols, mask, True).to(tl.float32)
+        raw = load_tile(a_base + last * BLOCK_V + cols, mask, True)
+        x = raw.to(tl.float32)
         y = x
         if HAS_REF:
             y = load_tile(b_base + last * BLOCK_V + cols, mask, True).to(tl.float32)
@@ -94,7 +98,7 @@ def first_pass(a_base, b_base, lead, vocab, inv_temperature,
             ma, za, h, mb, zb, k, ref_at_argmax, k_idx, x, y, last * BLOCK_V - lead, inv_temperature,
             HAS_REF, WANT_ENTROPY, DIVERGENCE, TRACK_ARGMAX, BLOCK_V)
         if CANDIDATES > 0:
-            size, threshold = offer(x, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V)
+            size, threshold = offer(raw, top_ptr, size, threshold, CANDIDATES, CAP, BLOCK_V, UNALIGNED)
     if CANDIDATES > 0:
         store_largest(top_ptr, size, CANDIDATES, CAP)
     return ma, za, h, mb, zb, k, ref_at_argmax, k_idx

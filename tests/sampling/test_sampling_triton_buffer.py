@@ -1,0 +1,57 @@
+"""The Triton forward's candidate buffer over long rows (``kernels/candidates.py``): chunks of the
+aligned rows and single values of the unaligned ones, every way the buffer settles (packing what
+the threshold keeps, keeping only the largest), ties at the threshold, ``-inf`` and NaN; each
+row's gathered values against ``torch.topk`` of the row with NaN taken as ``-inf``."""
+
+import math
+
+import pytest
+import torch
+
+from prefopt_kernels.spec import OpSpec
+
+from contract import backends_on
+
+pytestmark = pytest.mark.skipif("triton" not in backends_on(torch.device("cpu")), reason="Triton does not run here")
+
+
+def rows_of(style: str, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[1, 3, vocab]`` logits, a strided view (its rows are not contiguous with each other)."""
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(1, 4, vocab, generator=gen)
+    if style == "ascending":  # every chunk of every tile beats the threshold: settles keep the largest
+        x = torch.linspace(-3, 3, vocab).expand(1, 4, vocab) + 1e-3 * x
+    elif style == "records":  # one rising value per chunk: settles drop the rest of each chunk and pack
+        x = x - 10
+        x[..., ::8] = torch.linspace(0, 3, x[..., ::8].shape[-1])
+    elif style == "ties":  # most values equal the threshold once it is set
+        x = torch.round(x)
+    elif style == "holes":
+        x[torch.rand(x.shape, generator=gen) < 0.3] = -math.inf
+        x[torch.rand(x.shape, generator=gen) < 0.1] = math.nan
+    return x.to(dtype)[:, :3]
+
+
+def expected(x: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).float()
+    rows = torch.where(rows.isnan(), -math.inf, rows)
+    want = torch.full((rows.shape[0], count), -math.inf)
+    kept = min(count, rows.shape[1])
+    want[:, :kept] = rows.topk(kept, dim=1).values
+    want[labels == -100] = -math.inf
+    return want
+
+
+# Interpreted, each settle's tl.topk takes seconds: five tiles of 1024 per row, three rows.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # chunks of 8 and of 4
+@pytest.mark.parametrize("vocab", [5000, 5001])  # aligned rows (chunks) and unaligned ones (single values)
+@pytest.mark.parametrize("style", ["ascending", "records", "ties", "holes"])
+def test_triton_buffer_keeps_each_rows_largest(dtype, vocab, style, count=51):
+    from prefopt_kernels.backends import triton as backend
+
+    x = rows_of(style, vocab, dtype)
+    labels = torch.tensor([0, -100, 1])
+    stats, largest = backend.forward_with_candidates(x, labels, None, None, OpSpec(want_logp=True), count)
+    plain = backend.forward(x, labels, None, None, OpSpec(want_logp=True))
+    assert torch.equal(stats.logp.view(torch.int32), plain.logp.view(torch.int32))
+    assert largest.dtype == torch.float32 and torch.equal(largest, expected(x, labels, count))
