@@ -327,6 +327,10 @@ def cuda_rows() -> List[Row]:
                 name, arguments = _demangled(mangled)
                 if len(arguments) < 2 or not loops:
                     continue
+                if name == "candidates_forward_kernel":
+                    rows += _cuda_candidate_rows(name, arguments, threads.get(mangled, CUDA_DEFAULT_THREADS),
+                                                 resources, loops)
+                    continue
                 dtype, size = DTYPE_CODES[arguments[0]]
                 code = arguments[1]
                 member = divergences.Divergence(code) if code else None
@@ -337,6 +341,34 @@ def cuda_rows() -> List[Row]:
                                 + (f" {member.key}" if member else ""), dtype, 0,
                                 threads.get(mangled, CUDA_DEFAULT_THREADS), resources, loops,
                                 size * (streamed + written), SWEEP_TARGET if sweeps else FAST_TARGET))
+    return rows
+
+
+# The sampled forward's candidates per row: top_k = 50 (51 candidates) and top_p or min_p alone
+# (prefopt_kernels.sampling's default 1024).
+CUDA_CANDIDATE_COUNTS = (("k50", 51), ("p", 1024))
+
+
+def _cuda_candidate_rows(name: str, arguments: List[int], threads: int, resources: sass.Resources,
+                         loops: List[sass.Loop]) -> List[Row]:
+    """Rows of one instantiation of the CUDA sampled forward: the logits cases of its dtype at each
+    count of :data:`CUDA_CANDIDATE_COUNTS` for the logprobs forward (no divergence), else one row at
+    the top_p default. Its code and shared memory do not depend on the count; its hot loop reads
+    the row and appends to shared memory only on the tiles where a value enters."""
+    from prefopt_kernels import divergences
+
+    dtype, size = DTYPE_CODES[arguments[0]]
+    code = arguments[1]
+    member = divergences.Divergence(code) if code else None
+    vocabs = [v for d, v in LOGITS_SHAPES[:3] if d == dtype] if member is None else []
+    counts = CUDA_CANDIDATE_COUNTS if vocabs else CUDA_CANDIDATE_COUNTS[1:]
+    case = f"<{', '.join(map(str, arguments))}>" + (f" {member.key}" if member else "")
+    target = SWEEP_TARGET if member is not None and member.second_sweep else FAST_TARGET
+    rows = []
+    for vocab in vocabs or [0]:
+        for sampler, count in counts:
+            rows.append(Row("cuda", name, f"{case} logprobs+sampler:{sampler}", dtype, vocab, threads,
+                            resources, loops, size * (2 if code else 1), target, config=f"C={count}"))
     return rows
 
 
