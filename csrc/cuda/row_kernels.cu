@@ -18,6 +18,9 @@
 // [v0, v0 + vocab) into the row's running state, sweep_kernel runs the second sweep over a
 // slice from the whole row's statistics, and the backward takes v0 for the label's index; the whole row is the
 // slice at v0 = 0, so both run the forward's and backward's own loops.
+// Sampler-matched forwards (args.candidates > 0) run candidates_forward_kernel: the same rows,
+// with each row's largest policy logits gathered by the first pass's own read
+// (candidates_device.cuh); forward_kernel's code does not change.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -563,6 +566,8 @@ const char* launch_error() {
 }  // namespace
 
 const char* forward(const ForwardArgs& args, void* stream) {
+  if (args.candidates < 0 || args.candidates > kMaxCandidates)
+    throw std::invalid_argument("prefopt: candidates must be in [0, kMaxCandidates]");
   if (args.n_rows == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   PREFOPT_DISPATCH_DTYPE(args.dtype, DT, forward_dt<DT>(args, s));

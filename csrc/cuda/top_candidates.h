@@ -83,10 +83,11 @@ PREFOPT_HD PREFOPT_INLINE int64_t kept_slot(uint32_t key, uint32_t kth, uint32_t
   return -1;
 }
 
-// The slots a buffer of `count` kept keys needs for gathering in tiles of at most `tile`
-// values: a whole tile always fits after a compaction.
+// The slots of the buffer for `count` kept keys gathered in tiles of at most `tile` values:
+// the kept keys, a whole tile, and as many again as the larger of the two, so that after the
+// first compaction the next one waits for max(count, tile) more values to enter.
 PREFOPT_HD constexpr int64_t candidate_capacity(int64_t count, int64_t tile) {
-  return count + tile;
+  return count + tile + (count > tile ? count : tile);
 }
 
 // Whether the buffer must be compacted before the next tile is offered.

@@ -237,3 +237,14 @@ def test_row_kernels_compile_for_sm90_without_spills(tmp_path):
     assert len(frames) >= entries
     assert all(line.split()[0] == "0" and "0 bytes spill stores, 0 bytes spill loads" in line for line in frames), \
         [line for line in frames if "0 bytes spill stores, 0 bytes spill loads" not in line][:5]
+
+
+def test_native_gathers_candidates_on_cuda_when_built_with_it():
+    from prefopt_kernels.backends import native
+
+    if not native.is_available():
+        pytest.skip("native extension not built")
+    on_cpu = native.max_candidates("cpu")
+    assert on_cpu == 2048  # csrc/include/prefopt/args.h kMaxCandidates
+    assert native.max_candidates("cuda") == (on_cpu if native.has_cuda() else 0)
+    assert native.max_candidates("meta") == 0

@@ -120,7 +120,7 @@
 namespace prefopt {
 
 // The most candidates per row a forward gathers (the CPU's buffer, 2 per candidate, is on the
-// stack; a CUDA block's, about 3 per candidate and a tile, in shared memory).
+// stack; a CUDA block's buffers are static shared memory sized for it).
 constexpr int64_t kMaxCandidates = 2048;
 
 struct RowInputs {
