@@ -378,15 +378,18 @@ def _declared_threads(cubin: str) -> Dict[str, int]:
 
     text = subprocess.run([os.path.join(sass.cuda_tools(), "cuobjdump"), "-elf", cubin], capture_output=True,
                           text=True).stdout
-    found, current = {}, None
+    found, current, attribute = {}, None, None
     for line in text.splitlines():
         section = re.search(r"\.nv\.info\.(\S+)", line)
         if section:
-            current = section.group(1)
-        elif current and "EIATTR_MAX_THREADS" in line:
-            values = re.findall(r"0x([0-9a-f]+)", line)
+            current, attribute = section.group(1), None
+        elif "Attribute:" in line:
+            attribute = line.split()[-1]
+        elif current and attribute == "EIATTR_MAX_THREADS" and "Value:" in line:
+            values = re.findall(r"0x([0-9a-f]+)", line)  # x, y, z on the line after the attribute
             if values:
                 found[current] = int(values[0], 16)
+            attribute = None
     return found
 
 
