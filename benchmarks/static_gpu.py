@@ -353,8 +353,9 @@ def _cuda_candidate_rows(name: str, arguments: List[int], threads: int, resource
                          loops: List[sass.Loop]) -> List[Row]:
     """Rows of one instantiation of the CUDA sampled forward: the logits cases of its dtype at each
     count of :data:`CUDA_CANDIDATE_COUNTS` for the logprobs forward (no divergence), else one row at
-    the top_p default. Its code and shared memory do not depend on the count; its hot loop reads
-    the row and appends to shared memory only on the tiles where a value enters."""
+    the top_p default. Its code and shared memory do not depend on the count. Its hot loop is the
+    first pass over tiles where no value beats the threshold (csrc/cuda/candidates_device.cuh,
+    tile_loop); appends and compactions run outside it, on the few tiles where values enter."""
     from prefopt_kernels import divergences
 
     dtype, size = DTYPE_CODES[arguments[0]]
