@@ -330,6 +330,10 @@ def cuda_rows() -> List[Row]:
                 name, arguments = _demangled(mangled)
                 if len(arguments) < 2 or not loops:
                     continue
+                if name == "candidates_forward_kernel":
+                    rows += _cuda_candidate_rows(name, arguments, threads.get(mangled, CUDA_DEFAULT_THREADS),
+                                                 resources, loops)
+                    continue
                 dtype, size = DTYPE_CODES[arguments[0]]
                 code = arguments[1]
                 member = divergences.Divergence(code) if code else None
@@ -343,21 +347,53 @@ def cuda_rows() -> List[Row]:
     return rows
 
 
+# The sampled forward's candidates per row: top_k = 50 (51 candidates) and top_p or min_p alone
+# (prefopt_kernels.sampling's default 1024).
+CUDA_CANDIDATE_COUNTS = (("k50", 51), ("p", 1024))
+
+
+def _cuda_candidate_rows(name: str, arguments: List[int], threads: int, resources: sass.Resources,
+                         loops: List[sass.Loop]) -> List[Row]:
+    """Rows of one instantiation of the CUDA sampled forward: the logits cases of its dtype at each
+    count of :data:`CUDA_CANDIDATE_COUNTS` for the logprobs forward (no divergence), else one row at
+    the top_p default. Its code and shared memory do not depend on the count. Its hot loop is the
+    first pass over tiles where no value beats the threshold (csrc/cuda/candidates_device.cuh,
+    tile_loop); appends and compactions run outside it, on the few tiles where values enter."""
+    from prefopt_kernels import divergences
+
+    dtype, size = DTYPE_CODES[arguments[0]]
+    code = arguments[1]
+    member = divergences.Divergence(code) if code else None
+    vocabs = [v for d, v in LOGITS_SHAPES[:3] if d == dtype] if member is None else []
+    counts = CUDA_CANDIDATE_COUNTS if vocabs else CUDA_CANDIDATE_COUNTS[1:]
+    case = f"<{', '.join(map(str, arguments))}>" + (f" {member.key}" if member else "")
+    target = SWEEP_TARGET if member is not None and member.second_sweep else FAST_TARGET
+    rows = []
+    for vocab in vocabs or [0]:
+        for sampler, count in counts:
+            rows.append(Row("cuda", name, f"{case} logprobs+sampler:{sampler}", dtype, vocab, threads,
+                            resources, loops, size * (2 if code else 1), target, config=f"C={count}"))
+    return rows
+
+
 def _declared_threads(cubin: str) -> Dict[str, int]:
     """The ``__launch_bounds__`` of each function that declares one."""
     import re
 
     text = subprocess.run([os.path.join(sass.cuda_tools(), "cuobjdump"), "-elf", cubin], capture_output=True,
                           text=True).stdout
-    found, current = {}, None
+    found, current, attribute = {}, None, None
     for line in text.splitlines():
         section = re.search(r"\.nv\.info\.(\S+)", line)
         if section:
-            current = section.group(1)
-        elif current and "EIATTR_MAX_THREADS" in line:
-            values = re.findall(r"0x([0-9a-f]+)", line)
+            current, attribute = section.group(1), None
+        elif "Attribute:" in line:
+            attribute = line.split()[-1]
+        elif current and attribute == "EIATTR_MAX_THREADS" and "Value:" in line:
+            values = re.findall(r"0x([0-9a-f]+)", line)  # x, y, z on the line after the attribute
             if values:
                 found[current] = int(values[0], 16)
+            attribute = None
     return found
 
 

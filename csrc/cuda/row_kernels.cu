@@ -18,14 +18,19 @@
 // [v0, v0 + vocab) into the row's running state, sweep_kernel runs the second sweep over a
 // slice from the whole row's statistics, and the backward takes v0 for the label's index; the whole row is the
 // slice at v0 = 0, so both run the forward's and backward's own loops.
+// Sampler-matched forwards (args.candidates > 0) run candidates_forward_kernel: the same rows,
+// with each row's largest policy logits gathered by the first pass's own read
+// (candidates_device.cuh); forward_kernel's code does not change.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/candidates_device.cuh"
 #include "cuda/row_device.cuh"
 #include "cuda/row_kernels.h"
 #include "cuda/sweep_terms.h"
+#include "cuda/top_candidates.h"
 #include "prefopt/common.h"
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
@@ -48,28 +53,68 @@ __device__ __forceinline__ int label_in_chunk(int64_t label, int64_t j0, int n) 
   return label >= 0 && at >= 0 && at < n ? static_cast<int>(at) : -1;
 }
 
+// The forward's first pass when it gathers no candidates (the plain forward and the folds).
+struct NoCandidates {
+  __device__ __forceinline__ void start_row() {}
+  __device__ __forceinline__ void finish(float*) {}
+  __device__ __forceinline__ void skip(float*) {}
+};
+
+// The merged first-pass state of the row under State, with `gather` offered every chunk of the
+// policy's row when it gathers candidates (row_tiles), else row_state's own loop.
+template <int DT, class State, bool TRACK, class Gather>
+__device__ __forceinline__ RowState<float> read_row(const typename Elem<DT>::T* ra,
+                                                    const typename Elem<DT>::T* rb, int64_t vocab,
+                                                    float inv_temperature, RowState<float>* scratch,
+                                                    Gather& gather) {
+  if constexpr (std::is_same<Gather, NoCandidates>::value) {
+    return row_state<DT, State, TRACK>(ra, rb, vocab, inv_temperature, scratch);
+  } else {
+    State st(kLog2e * inv_temperature);
+    row_tiles<DT, State::kRef>(
+        ra, rb, vocab,
+        [&](int64_t j0, const auto& x, const auto& z, bool valid) {
+          if (valid) st.add(j0, x, z);
+          return gather.tile_enters(x, valid);
+        },
+        [&](const auto& x, bool valid) { gather.append(x, valid); });
+    return block_merge<TRACK>(st.to_row_state(), inv_temperature, scratch);
+  }
+}
+
 // The first pass of a row: with the reference when need_ref, and where the row has its
 // divergence term (use_div) forward or reverse KL's accumulator and, for the centred
 // divergences, the reference logit at the policy's argmax. ENT: the entropy accumulator.
 // TRACK (vocabulary slices): the argmax's index, and its reference logit whenever the
-// reference is read.
+// reference is read. `gather` sees the policy's row (NoCandidates: nothing).
+template <int DT, int DIV, bool ENT, bool TRACK, class Gather>
+__device__ RowState<float> first_pass(const typename Elem<DT>::T* ra,
+                                      const typename Elem<DT>::T* rb, int64_t vocab,
+                                      float inv_temperature, bool need_ref, bool use_div,
+                                      RowState<float>* scratch, Gather& gather) {
+  if (!need_ref)
+    return read_row<DT, ThreadState<false, ENT, kNoDivergence, false, TRACK>, TRACK>(
+        ra, rb, vocab, inv_temperature, scratch, gather);
+  constexpr int kAcc = first_pass_divergence(DIV);
+  constexpr bool kCentre = is_centred(DIV);
+  if constexpr (kAcc != kNoDivergence || kCentre) {
+    if (use_div)
+      return read_row<DT, ThreadState<true, ENT, kAcc, kCentre || TRACK, TRACK>, TRACK>(
+          ra, rb, vocab, inv_temperature, scratch, gather);
+  }
+  return read_row<DT, ThreadState<true, ENT, kNoDivergence, TRACK, TRACK>, TRACK>(
+      ra, rb, vocab, inv_temperature, scratch, gather);
+}
+
+// The first pass without candidates (the plain forward and the folds).
 template <int DT, int DIV, bool ENT, bool TRACK>
 __device__ RowState<float> first_pass(const typename Elem<DT>::T* ra,
                                       const typename Elem<DT>::T* rb, int64_t vocab,
                                       float inv_temperature, bool need_ref, bool use_div,
                                       RowState<float>* scratch) {
-  if (!need_ref)
-    return row_state<DT, ThreadState<false, ENT, kNoDivergence, false, TRACK>, TRACK>(
-        ra, rb, vocab, inv_temperature, scratch);
-  constexpr int kAcc = first_pass_divergence(DIV);
-  constexpr bool kCentre = is_centred(DIV);
-  if constexpr (kAcc != kNoDivergence || kCentre) {
-    if (use_div)
-      return row_state<DT, ThreadState<true, ENT, kAcc, kCentre || TRACK, TRACK>, TRACK>(
-          ra, rb, vocab, inv_temperature, scratch);
-  }
-  return row_state<DT, ThreadState<true, ENT, kNoDivergence, TRACK, TRACK>, TRACK>(
-      ra, rb, vocab, inv_temperature, scratch);
+  NoCandidates none;
+  return first_pass<DT, DIV, ENT, TRACK>(ra, rb, vocab, inv_temperature, need_ref, use_div,
+                                         scratch, none);
 }
 
 // The second sweep for js/tv/hellinger/chi2/alpha: block sums of q f(t) and of
@@ -144,9 +189,11 @@ __device__ __forceinline__ void store_first_pass(const ForwardArgs& args, int64_
   if (args.ref_log_norm) args.ref_log_norm[row] = sb.offset;
 }
 
-// prm comes from make_div_params on the host (double arithmetic, rounded once).
-template <int DT, int DIV, bool ENT>
-__global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs args, DivParams prm) {
+// The rows of a forward; `gather` collects each row's candidates (NoCandidates: none). prm
+// comes from make_div_params on the host (double arithmetic, rounded once).
+template <int DT, int DIV, bool ENT, class Gather>
+__device__ __forceinline__ void forward_rows(ForwardArgs args, DivParams prm,
+                                             Gather& gather) {
   using T = typename Elem<DT>::T;
   __shared__ RowState<float> state_scratch[32];
   __shared__ float sum_scratch[64];
@@ -160,8 +207,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs arg
       const T* ra = args.logits_row<T>(row);
       const bool need_ref = args.ref != nullptr && (plan.use_div || args.want_ref_logp);
       const T* rb = need_ref ? args.ref_row<T>(row) : ra;
+      gather.start_row();
       const RowState<float> st = first_pass<DT, DIV, ENT, false>(
-          ra, rb, vocab, inv_temperature, need_ref, plan.use_div, state_scratch);
+          ra, rb, vocab, inv_temperature, need_ref, plan.use_div, state_scratch, gather);
+      gather.finish(args.candidate_values + row * args.candidates);
       sa = shift_a(st);
       if constexpr (ENT) entropy = state_entropy(st);
       if (need_ref) sb = shift_b(st);
@@ -198,8 +247,9 @@ __global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs arg
         div += guard_a + guard_b;
         div_s += div - div;
       }
-    } else if (threadIdx.x == 0) {
-      store_first_pass(args, row, sa, sb, logp, ref_logp, entropy);
+    } else {
+      gather.skip(args.candidate_values + row * args.candidates);
+      if (threadIdx.x == 0) store_first_pass(args, row, sa, sb, logp, ref_logp, entropy);
     }
     if (threadIdx.x == 0) {
       if (args.div) args.div[row] = div;
@@ -207,6 +257,23 @@ __global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs arg
       if (args.ref_at_argmax) args.ref_at_argmax[row] = ref_at_argmax;
     }
   }
+}
+
+template <int DT, int DIV, bool ENT>
+__global__ void __launch_bounds__(kMaxThreads, 2) forward_kernel(ForwardArgs args, DivParams prm) {
+  NoCandidates none;
+  forward_rows<DT, DIV, ENT>(args, prm, none);
+}
+
+// The forward that also writes each row's args.candidates largest policy logits
+// (candidates_device.cuh). At most kCandidateThreads threads, so that the first pass keeps its
+// registers across the gathering's calls: three blocks per SM at up to 80 registers.
+template <int DT, int DIV, bool ENT>
+__global__ void __launch_bounds__(kCandidateThreads, 3)
+    candidates_forward_kernel(ForwardArgs args, DivParams prm) {
+  CandidateGather gather(static_cast<int>(args.candidates),
+                         static_cast<int>(blockDim.x) * (16 / static_cast<int>(sizeof(typename Elem<DT>::T))));
+  forward_rows<DT, DIV, ENT>(args, prm, gather);
 }
 
 // First pass over a vocabulary slice (FoldArgs): the forward's row state with the argmax as
@@ -432,9 +499,16 @@ void dispatch_flag(bool flag, F&& f) {
 
 template <int DT, int DIV>
 void launch_forward(const ForwardArgs& a, cudaStream_t s) {
+  const int threads = threads_for(a.vocab);
+  const DivParams prm = make_div_params(a.beta, a.alpha);
   dispatch_flag(a.entropy != nullptr, [&](auto ent) {
-    forward_kernel<DT, DIV, decltype(ent)::value>
-        <<<grid_for(a.n_rows), threads_for(a.vocab), 0, s>>>(a, make_div_params(a.beta, a.alpha));
+    if (a.candidates > 0) {
+      candidates_forward_kernel<DT, DIV, decltype(ent)::value>
+          <<<grid_for(a.n_rows), threads < kCandidateThreads ? threads : kCandidateThreads, 0, s>>>(
+              a, prm);
+    } else {
+      forward_kernel<DT, DIV, decltype(ent)::value><<<grid_for(a.n_rows), threads, 0, s>>>(a, prm);
+    }
   });
 }
 
@@ -492,7 +566,8 @@ const char* launch_error() {
 }  // namespace
 
 const char* forward(const ForwardArgs& args, void* stream) {
-  if (args.candidates > 0) throw std::invalid_argument("prefopt: candidates are CPU only");
+  if (args.candidates < 0 || args.candidates > kMaxCandidates)
+    throw std::invalid_argument("prefopt: candidates must be in [0, kMaxCandidates]");
   if (args.n_rows == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   PREFOPT_DISPATCH_DTYPE(args.dtype, DT, forward_dt<DT>(args, s));

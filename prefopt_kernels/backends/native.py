@@ -193,8 +193,12 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
 
 
 def max_candidates(device: torch.device) -> int:
-    """The most candidates per row :func:`forward_with_candidates` gathers on ``device`` (0: none)."""
-    return int(_C.MAX_CANDIDATES) if _C is not None and torch.device(device).type == "cpu" else 0
+    """The most candidates per row :func:`forward_with_candidates` gathers on ``device`` (0: none):
+    ``_C.MAX_CANDIDATES`` on CPU, and on CUDA where the extension was built with its CUDA kernels."""
+    kind = torch.device(device).type
+    if _C is None or kind not in ("cpu", "cuda") or (kind == "cuda" and not _C.has_cuda()):
+        return 0
+    return int(_C.MAX_CANDIDATES)
 
 
 def forward_with_candidates(logits: torch.Tensor, labels: Optional[torch.Tensor],
@@ -204,7 +208,7 @@ def forward_with_candidates(logits: torch.Tensor, labels: Optional[torch.Tensor]
 
     Returns ``(RowStats, values)``: ``values`` fp32 ``[N, count]``, each row's largest raw logits
     in descending order (the multiset ``torch.topk`` gives), ``-inf`` padded past ``V`` and on
-    skipped rows; NaN never enters. CPU tensors, ``1 <= count <= max_candidates``.
+    skipped rows; NaN never enters. CPU or CUDA tensors, ``1 <= count <= max_candidates``.
     """
     return _forward(logits, labels, ref_logits, weight, spec, count)
 

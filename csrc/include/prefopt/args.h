@@ -78,7 +78,7 @@
 #define PREFOPT_NO_FIELD(type, name)
 #define PREFOPT_DECLARE_FIELD(type, name) type name{};
 
-// What each entry point adds to the row inputs. The forward's candidates (CPU only, 0 = none,
+// What each entry point adds to the row inputs. The forward's candidates (0 = none,
 // at most kMaxCandidates): the `candidates` largest policy logits of each row as fp32, in
 // descending order and -inf padded, into candidate_values [n_rows, candidates] (all -inf on
 // skipped rows), gathered by the same read of the row.
@@ -123,7 +123,8 @@
 
 namespace prefopt {
 
-// The most candidates per row a CPU forward gathers (its buffer, 2 per candidate, is on the stack).
+// The most candidates per row a forward gathers (the CPU's buffer, 2 per candidate, is on the
+// stack; a CUDA block's buffers are static shared memory sized for it).
 constexpr int64_t kMaxCandidates = 2048;
 
 struct RowInputs {
