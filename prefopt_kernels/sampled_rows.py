@@ -36,7 +36,7 @@ def gathered_count(backend, op: OpSpec, vocab: int, device, entry: str) -> int:
     on ``device``; else 0, and :func:`forward` reads the rows once more."""
     count = candidate_count(op, vocab) if op.samples else 0
     max_candidates = getattr(backend, "max_candidates", None)
-    if count and hasattr(backend, entry) and max_candidates is not None and count <= max_candidates(device):
+    if count and hasattr(backend, entry) and max_candidates is not None and count <= max_candidates(device, entry):
         return count
     return 0
 

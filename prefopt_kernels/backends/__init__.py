@@ -11,9 +11,11 @@ A backend is a module with
 
 and optionally, for the sampler-matched forward's one read of the row,
 
-    max_candidates(device) -> int   (0 where the next one does not run)
+    max_candidates(device, entry) -> int   (0 where ``entry``, one of the two below, does not run)
     forward_with_candidates(logits, labels, ref_logits, weight, spec, count)
         -> (RowStats, fp32 [N, count] largest raw policy logits per row, descending, -inf padded)
+    fold_with_candidates(state, logits, labels, ref_logits, weight, spec, v0, count)
+        -> (RowState, fp32 [N, count] the slice's largest raw policy logits, as above)
 
 All tensors reaching a backend are already checked by ``prefopt_kernels.ops``:
 

@@ -192,11 +192,17 @@ def forward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: Op
     return _forward(logits, labels, ref_logits, weight, spec, 0)[0]
 
 
-def max_candidates(device: torch.device) -> int:
-    """The most candidates per row :func:`forward_with_candidates` gathers on ``device`` (0: none):
-    ``_C.MAX_CANDIDATES`` on CPU, and on CUDA where the extension was built with its CUDA kernels."""
+def max_candidates(device: torch.device, entry: str = "forward_with_candidates") -> int:
+    """The most candidates per row ``entry`` gathers on ``device`` (0: none): ``_C.MAX_CANDIDATES``
+    on CPU for :func:`forward_with_candidates` and :func:`fold_with_candidates`, and for the
+    forward on CUDA where the extension was built with its CUDA kernels (the CUDA fold gathers
+    none: a sharded call on CUDA reads its rows once more)."""
     kind = torch.device(device).type
+    if entry not in ("forward_with_candidates", "fold_with_candidates"):
+        raise ValueError(f"entry must be forward_with_candidates or fold_with_candidates, got {entry!r}")
     if _C is None or kind not in ("cpu", "cuda") or (kind == "cuda" and not _C.has_cuda()):
+        return 0
+    if kind == "cuda" and entry == "fold_with_candidates":
         return 0
     return int(_C.MAX_CANDIDATES)
 

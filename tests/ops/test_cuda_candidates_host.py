@@ -248,3 +248,5 @@ def test_native_gathers_candidates_on_cuda_when_built_with_it():
     assert on_cpu == 2048  # csrc/include/prefopt/args.h kMaxCandidates
     assert native.max_candidates("cuda") == (on_cpu if native.has_cuda() else 0)
     assert native.max_candidates("meta") == 0
+    assert native.max_candidates("cuda", "fold_with_candidates") == 0  # the CUDA fold gathers none
+    assert native.max_candidates("cpu", "fold_with_candidates") == on_cpu

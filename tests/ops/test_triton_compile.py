@@ -68,8 +68,8 @@ SCRIPT = textwrap.dedent(
             WANT_REF_LOGP=labels and divergence > 0, DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align,
             CANDIDATES=0, CAP=1))
         if labels and divergence == 0:  # the sampled forward, gathering its first candidates
-            for candidates in (51, 1024):
-                compile_one(kernels.token_forward_kernel, rows, dict(
+            for candidates in (51, 1024):  # the candidate buffer is in the logits' dtype
+                compile_one(kernels.token_forward_kernel, dict(rows, top_ptr="*" + dtype), dict(
                     HAS_LABELS=True, HAS_REF=False, HAS_WEIGHT=weight, WANT_LOGP=True, WANT_ENTROPY=False,
                     WANT_REF_LOGP=False, DIVERGENCE=0, BLOCK_V=4096, ALIGN=align, CANDIDATES=candidates,
                     CAP=triton.next_power_of_2(candidates + 4096)))
@@ -80,9 +80,10 @@ SCRIPT = textwrap.dedent(
             HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_ENTROPY=labels,
             DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align, CANDIDATES=0, CAP=1))
         if labels and divergence == 0:  # a sharded sampled forward's fold, gathering its first candidates
-            compile_one(kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64"), dict(
-                HAS_LABELS=True, HAS_REF=False, HAS_WEIGHT=weight, WANT_ENTROPY=False, DIVERGENCE=0,
-                BLOCK_V=4096, ALIGN=align, CANDIDATES=51, CAP=triton.next_power_of_2(51 + 4096)))
+            for fold_align in (align, 1):  # rows read from an aligned start, and from their own starts
+                compile_one(kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64", top_ptr="*" + dtype), dict(
+                    HAS_LABELS=True, HAS_REF=False, HAS_WEIGHT=weight, WANT_ENTROPY=False, DIVERGENCE=0,
+                    BLOCK_V=4096, ALIGN=fold_align, CANDIDATES=51, CAP=triton.next_power_of_2(51 + 4096)))
         count += 3
         if divergence and Divergence(divergence).second_sweep:
             compile_one(kernels.slice_sweep_kernel, rows, dict(

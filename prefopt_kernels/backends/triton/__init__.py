@@ -51,8 +51,9 @@ def forward(logits, labels, ref_logits, weight, spec: OpSpec) -> RowStats:
     return _forward(logits, labels, ref_logits, weight, spec, 0)[0]
 
 
-def max_candidates(device: torch.device) -> int:
-    """The most candidates per row the ops have :func:`forward_with_candidates` gather on ``device``."""
+def max_candidates(device: torch.device, entry: str = "forward_with_candidates") -> int:
+    """The most candidates per row the ops have ``entry`` (:func:`forward_with_candidates` or
+    :func:`fold_with_candidates`, the same for both) gather on ``device``."""
     return INTERPRETED_CANDIDATES if _interpreted() else MAX_CANDIDATES
 
 
@@ -147,8 +148,8 @@ def fold_with_candidates(state: row_state.RowState, logits, labels, ref_logits, 
                          count: int):
     """:func:`fold` and, from the same read of the slice, its ``count`` largest policy logits.
 
-    Returns ``(state, values)``, ``values`` fp32 ``[N, count]`` (a view of the kernel's
-    ``[N, CAP]`` buffer, as :func:`forward_with_candidates`): each row's largest raw logits of
+    Returns ``(state, values)``, ``values`` fp32 ``[N, count]`` (the first columns of the
+    kernel's ``[N, CAP]`` buffer, widened, as :func:`forward_with_candidates`): each row's largest raw logits of
     this slice alone (not merged with earlier folds), descending, the multiset ``torch.topk``
     gives, ``-inf`` padded past the slice's width and on skipped rows; NaN never enters.
     ``1 <= count <= MAX_CANDIDATES``; a slice of width 0 gives all ``-inf``.
@@ -165,10 +166,9 @@ def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: O
         raise ValueError(f"candidates: count must be in [0, {MAX_CANDIDATES}], got {count}")
     block_v, num_warps = launch_config(max(width, 1), logits.element_size(), two_rows=ref_logits is not None)
     cap = triton.next_power_of_2(count + block_v) if count else 1
-    top = torch.full((n, cap), float("-inf"), device=logits.device) if count else None
-    values = top[:, :count] if count else None
+    top = torch.full((n, cap), float("-inf"), dtype=logits.dtype, device=logits.device) if count else None
     if width == 0:  # the empty state is merge's identity
-        return state, values
+        return state, top[:, :count].float() if count else None
     placeholder = state.sum_exp
     ref = ref_logits if ref_logits is not None else logits
     slice_state_kernel[(n,)](
@@ -182,7 +182,7 @@ def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: O
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
         **(dict(CANDIDATES=count, CAP=cap) if count else {}),
     )
-    return state, values
+    return state, top[:, :count].float() if count else None
 
 
 def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int):

@@ -52,7 +52,8 @@ def slice_state_kernel(
         b_base, _ = aligned_row(b_ptr, n, tokens_per_batch, stride_bb, stride_bt, ALIGN)
         ma, za, h, mb, zb, k, ref_at_argmax, k_idx = first_pass(a_base, b_base, lead, vocab, inv_temperature,
                                                                  HAS_REF, WANT_ENTROPY, DIVERGENCE, True, BLOCK_V,
-                                                                 top_ptr + n.to(tl.int64) * CAP, CANDIDATES, CAP)
+                                                                 top_ptr + n.to(tl.int64) * CAP, CANDIDATES, CAP,
+                                                                 ALIGN == 1)
         sum_za = tl.sum(za, axis=0)
         ent = tl.sum(h, axis=0)
         sum_zb = tl.sum(zb, axis=0)
