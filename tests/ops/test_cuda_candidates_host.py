@@ -213,7 +213,11 @@ def test_order_key_is_monotone_and_inverted_by_key_value(driver):
     assert np.signbit(got[4])
 
 
+# Several minutes of nvcc on two cores, so opt-in (PREFOPT_CUDA_COMPILE_TEST=1); the committed
+# static report (python -m benchmarks --static-gpu) shows the same registers and spills.
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PREFOPT_CUDA_COMPILE_TEST") != "1",
+                    reason="set PREFOPT_CUDA_COMPILE_TEST=1 to compile all of row_kernels.cu for sm_90a")
 def test_row_kernels_compile_for_sm90_without_spills(tmp_path):
     # Every instantiation of csrc/cuda/row_kernels.cu, the 48 gathering forwards included, with
     # the build's flags for sm_90a: no warning, no spill, no stack frame.

@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent(
             HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_ENTROPY=labels,
             DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align, CANDIDATES=0, CAP=1))
         if labels and divergence == 0:  # a sharded sampled forward's fold, gathering its first candidates
-            for fold_align in (align, 1):  # rows read from an aligned start, and from their own starts
+            for fold_align in (align,) if weight else (align, 1):  # aligned rows; rows read from their starts
                 compile_one(kernels.slice_state_kernel, dict(rows, argmax_ptr="*i64", top_ptr="*" + dtype), dict(
                     HAS_LABELS=True, HAS_REF=False, HAS_WEIGHT=weight, WANT_ENTROPY=False, DIVERGENCE=0,
                     BLOCK_V=4096, ALIGN=fold_align, CANDIDATES=51, CAP=triton.next_power_of_2(51 + 4096)))
