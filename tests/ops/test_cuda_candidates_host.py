@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from cuda_host import build_host_driver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DRIVER = r"""
@@ -126,17 +128,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    work = tmp_path_factory.mktemp("candidates")
-    source, binary = work / "driver.cu", work / "driver"
-    source.write_text(DRIVER)
-    done = subprocess.run([nvcc, "-O2", "-std=c++17", "--expt-relaxed-constexpr", "-x", "cu",
-                           "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "csrc", "include"),
-                           str(source), "-o", str(binary)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return str(binary)
+    return build_host_driver(tmp_path_factory, "candidates", DRIVER)
 
 
 def _run(driver, cases, mode=0):

@@ -6,14 +6,12 @@ logs). The device code cannot run here; this checks its arithmetic and series. N
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cuda_host import build_host_driver
 
 DRIVER = r"""
 #include <cstdio>
@@ -91,17 +89,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    work = tmp_path_factory.mktemp("sweep_terms")
-    source, binary = work / "driver.cu", work / "driver"
-    source.write_text(DRIVER)
-    done = subprocess.run([nvcc, "-O2", "-std=c++17", "--expt-relaxed-constexpr", "-x", "cu",
-                           "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "csrc", "include"),
-                           str(source), "-o", str(binary)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return str(binary)
+    return build_host_driver(tmp_path_factory, "sweep_terms", DRIVER)
 
 
 def _rows(seed, v=1501):
