@@ -21,7 +21,7 @@ from ..custom_ops import (GRADIENT_OUTPUTS, LIBRARY, mark_outputs, named_argumen
 from ..dispatch import pick_backend
 from ..layout import token_count
 from ..spec import LinearSpec
-from .heads import FP32, Head
+from .heads import FP32, Head, pad_rows
 from ..sampling import KEPT_STATS, kept_stat_count, raw_threshold
 from . import sampled
 from .passes import LinearCall, backward_pass, forward_pass
@@ -49,6 +49,19 @@ def _kept_tokens(labels, div_weight, spec: LinearSpec, n_tokens: int, device) ->
         return torch.arange(n_tokens, device=device)
     keep, _ = rows_read(labels, div_weight, spec.op, n_tokens, device)
     return keep.nonzero().reshape(-1)
+
+
+def _saved_kept_tokens(index: torch.Tensor, n_tokens: int) -> List[torch.Tensor]:
+    """The kept tokens ``index`` (``[n]`` int64) as the backward reuses them: ``[N]`` int64 on
+    their device, ``index`` then -1, and ``n``, an int64 scalar on the CPU. A size found from
+    the data cannot be an output's shape without a graph break under ``torch.compile``; a CPU
+    count is read by the backward without a device sync (finding the tokens again would be one)."""
+    return [pad_rows(index, n_tokens, -1), torch.tensor(index.numel(), dtype=torch.int64)]
+
+
+def _reused_kept_tokens(kept_tokens: torch.Tensor, kept_count: torch.Tensor) -> torch.Tensor:
+    """The ``[n]`` kept tokens of :func:`_saved_kept_tokens`' two tensors (a view)."""
+    return kept_tokens[:kept_count.tolist()]
 
 
 def _call(per_head, labels, weight, spec: LinearSpec, index, shard, backend: str) -> LinearCall:
@@ -91,9 +104,9 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
     """Fold projected tiles of the kept tokens into row states.
 
     Returns the ``[...]`` outputs the spec asks for (``OpSpec.outputs`` order), its extras,
-    the saved statistics (flat ``[N]`` each: every output has a shape known without the data)
-    and, with a ``group``, the shard's ``[v0, V]`` int64; dropped tokens hold 0. Checks the
-    labels' range (every rank's, sharded) as it runs.
+    the saved statistics (flat ``[N]`` each: every output has a shape known without the data),
+    the kept tokens (:func:`_saved_kept_tokens`) and, with a ``group``, the shard's ``[v0, V]``
+    int64; dropped tokens hold 0. Checks the labels' range (every rank's, sharded) as it runs.
     """
     linear = LinearSpec.decode(spec)
     per_head = head_tensors(heads, linear)
@@ -123,7 +136,7 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
     saved = stats.saved(linear.op, has_ref) + kept
     shapes = [hidden.shape[:-1]] * len(values) + [(n_tokens,)] * len(saved)
     tail = [distributed.shard_to_tensor(shard)] if group else []
-    return _token_outputs(values + saved, call, shapes) + tail
+    return _token_outputs(values + saved, call, shapes) + _saved_kept_tokens(index, n_tokens) + tail
 
 
 @_linear_forward.register_fake
@@ -137,26 +150,28 @@ def _linear_forward_fake(*values):
     n_tokens = token_count(hidden)
     n_saved = len(saved_names(linear.op, linear.reference is not None)) + kept_stat_count(linear.op)
     saved = [hidden.new_empty(n_tokens, dtype=FP32) for _ in range(n_saved)]
+    kept_tokens = [hidden.new_empty(n_tokens, dtype=torch.int64), torch.empty((), dtype=torch.int64)]
     tail = [torch.empty(2, dtype=torch.int64)] if arguments["group"] else []
-    return outputs + saved + tail
+    return outputs + saved + kept_tokens + tail
 
 
 @torch.library.custom_op(f"{LIBRARY}::linear_backward", mutates_args=())
 def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], div_weight: Optional[torch.Tensor],
-                     saved: List[torch.Tensor], upstream: List[Optional[torch.Tensor]], needs: List[bool],
-                     spec: specs.Encoded, backend: str, group: str,
-                     shard_offsets: Optional[torch.Tensor]) -> List[torch.Tensor]:
+                     saved: List[torch.Tensor], kept_tokens: torch.Tensor, kept_count: torch.Tensor,
+                     upstream: List[Optional[torch.Tensor]], needs: List[bool], spec: specs.Encoded, backend: str,
+                     group: str, shard_offsets: Optional[torch.Tensor]) -> List[torch.Tensor]:
     """Re-project every tile of the kept tokens and accumulate the gradients asked for.
 
-    ``saved`` are the forward's ``[N]`` statistics; ``upstream`` holds ``(g_logp, g_entropy,
-    g_div)``, fp32 ``[...]`` or ``None`` (zero); ``needs`` flags the gradients of the policy's
-    hidden states, weight and bias. Returns those three gradients, each empty where not asked for.
+    ``saved`` are the forward's ``[N]`` statistics, ``kept_tokens`` and ``kept_count`` its kept
+    tokens (:func:`_saved_kept_tokens`); ``upstream`` holds ``(g_logp, g_entropy, g_div)``, fp32 ``[...]`` or ``None`` (zero);
+    ``needs`` flags the gradients of the policy's hidden states, weight and bias. Returns those
+    three gradients, each empty where not asked for.
     """
     linear = LinearSpec.decode(spec)
     per_head = head_tensors(heads, linear)
     hidden, head_weight = per_head[0][0], per_head[0][1]
     shard = distributed.shard_from_tensor(group, shard_offsets, head_weight.shape[0])
-    index = _kept_tokens(labels, div_weight, linear, token_count(hidden), hidden.device)
+    index = _reused_kept_tokens(kept_tokens, kept_count)
     call = _call(per_head, labels, div_weight, linear, index, shard, backend)
     # reshape: Inductor may hand the upstream gradients over in their outputs' [...] shape.
     grads = {k: g.reshape(-1) for k, g in zip(GRADIENT_OUTPUTS, upstream) if g is not None}
@@ -190,8 +205,9 @@ def _linear_setup_context(ctx, inputs, output):
     n_saved = len(saved_names(linear.op, linear.reference is not None)) + kept_stat_count(linear.op)
     ctx.spec, ctx.backend, ctx.group = arguments["spec"], arguments["backend"], arguments["group"]
     ctx.wanted, ctx.n_heads, ctx.has_bias = wanted, len(arguments["heads"]), linear.policy.has_bias
+    # The statistics, then the kept tokens and their count.
     ctx.save_for_backward(*arguments["heads"], arguments["labels"], arguments["div_weight"],
-                          *output[first_saved:first_saved + n_saved], output[-1] if ctx.group else None)
+                          *output[first_saved:first_saved + n_saved + 2], output[-1] if ctx.group else None)
     mark_outputs(ctx, wanted, output)
 
 
@@ -201,7 +217,8 @@ def _linear_autograd(ctx, grads):
     saved_tensors = ctx.saved_tensors
     heads = list(saved_tensors[:ctx.n_heads])
     labels, div_weight = saved_tensors[ctx.n_heads:ctx.n_heads + 2]
-    saved, shard_offsets = list(saved_tensors[ctx.n_heads + 2:-1]), saved_tensors[-1]
+    saved, shard_offsets = list(saved_tensors[ctx.n_heads + 2:-3]), saved_tensors[-1]
+    kept_tokens, kept_count = saved_tensors[-3:-1]
     upstream = upstream_gradients(ctx.wanted, grads)
     # The policy's hidden states, weight and bias lead the heads' list.
     needs = list(ctx.needs_input_grad[0][:2]) + [ctx.has_bias and ctx.needs_input_grad[0][2]]
@@ -211,7 +228,7 @@ def _linear_autograd(ctx, grads):
         return (head_grads,) + no_grads
     with gathered(*heads):
         result = torch.ops.prefopt_kernels.linear_backward(
-            heads, labels, div_weight, saved, [upstream.get(k) for k in GRADIENT_OUTPUTS], needs, ctx.spec,
+            heads, labels, div_weight, saved, kept_tokens, kept_count, [upstream.get(k) for k in GRADIENT_OUTPUTS], needs, ctx.spec,
             ctx.backend, ctx.group, shard_offsets)
     for i, (gradient, need) in enumerate(zip(result, needs)):
         if need:
