@@ -81,21 +81,33 @@ class Head:
         return grad if self.gemm_dtype == FP32 else grad.to(self.gemm_dtype)
 
 
-def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` in fp32 (``acc`` fp32), without rounding the product to ``a``'s dtype.
+def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
+    """``acc += a @ b`` in fp32 (``acc`` fp32), without rounding the product to ``a``'s dtype;
+    ``first``: ``acc = a @ b``, the first product into ``acc``, which needs no zero fill before.
 
     One GEMM: half operands go to an fp32-output GEMM where the device has one (CUDA), and
-    are otherwise passed here already widened to fp32 by the caller.
+    are otherwise passed here already widened to fp32 by the caller. ``first`` leaves ``acc``
+    bit-identical to a zero fill and an accumulation: ``0 + x`` is ``x`` for every ``x`` but
+    ``-0.0``, which a sum of two or more products starting from ``+0`` does not give; a
+    one-term product (inner size 1) can, so it is still accumulated into zeros.
     """
+    if first and a.shape[1] == 1:
+        acc.zero_()
+        first = False
     if a.dtype == FP32 and b.dtype == FP32:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
     elif acc.device.type == "cuda" and _GEMM_OUT_DTYPE and a.dtype == b.dtype:
-        if _ADDMM_OUT_DTYPE:
+        if first:
+            torch.mm(a, b, out_dtype=FP32, out=acc)
+        elif _ADDMM_OUT_DTYPE:
             torch.addmm(acc, a, b, out_dtype=FP32, out=acc)
         else:
             acc.add_(torch.mm(a, b, out_dtype=FP32))
     else:
-        acc.addmm_(a.float(), b.float())
+        accumulate(acc, a.float(), b.float(), first)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, dtype) -> torch.Tensor:

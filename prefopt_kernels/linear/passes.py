@@ -203,7 +203,9 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
     token chunks: a chunk's weight gradient ``sum_t dz_t^T h_t`` is complete when its token
     loop ends, so a bf16/fp16 head accumulates it in one fp32 ``[vocab chunk, H]`` buffer of
     the plan and casts it into its rows of the output once, never in an fp32 ``[V, H]``
-    (an fp32 head accumulates straight into its output). Per tile: one GEMM per head, one
+    (an fp32 head accumulates straight into its output). Each accumulator's rows are written,
+    not added to, by the first GEMM that reaches them, so none is zero-filled first (unless
+    no tile runs: no kept token or an empty vocabulary shard). Per tile: one GEMM per head, one
     ``slice_backward`` launch and the two gradient GEMMs, and the logit transform's
     derivative only where a softcap or scale asks for it. Workspace besides the plan's tiles
     (:func:`~prefopt_kernels.linear.tiles.tile_costs`): the kept rows of each head's hidden
@@ -231,27 +233,26 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
     h_weight_grad = h.float() if policy.widened and needs_weight else h
     # Every token kept and none padded: the kept rows' gradient has the layout of ``hidden`` itself.
     hidden_layout = call.every_token and n_rows == n_kept
+    # The tiles cover every row and every vocabulary column of the accumulators, or there are none.
+    vocab_ranges = plan.vocab_ranges if plan.token_ranges else []
+    make = torch.empty if vocab_ranges else torch.zeros
     grad_h = grad_rows = None
     if needs_hidden:
         hidden_size = policy_hidden.shape[-1]
-        grad_h = torch.zeros(policy_hidden.shape if hidden_layout else (n_rows, hidden_size), dtype=FP32,
-                             device=device)
+        grad_h = make(policy_hidden.shape if hidden_layout else (n_rows, hidden_size), dtype=FP32, device=device)
         grad_rows = grad_h.view(-1, hidden_size)
     # The weight gradient of an fp32 head is its own accumulator; a half one's rows are cast into it.
-    grad_weight = None
-    if needs_weight:
-        make = torch.zeros if policy.weight.dtype == FP32 else torch.empty
-        grad_weight = make(policy.weight.shape, dtype=policy.weight.dtype, device=device)
+    grad_weight = make(policy.weight.shape, dtype=policy.weight.dtype, device=device) if needs_weight else None
     grad_bias = torch.zeros(policy.bias.shape, dtype=FP32, device=device) if needs_bias else None
     ones = torch.ones(plan.token_chunk, dtype=FP32, device=device) if needs_bias else None
-    for v0, v1 in plan.vocab_ranges:
+    for v0, v1 in vocab_ranges:
         width = v1 - v0
         w_gemm = policy.weight_chunk(v0, v1)
         w_hidden_grad = w_gemm.float() if policy.widened and needs_hidden else w_gemm
         w_ref = reference.weight_chunk(v0, v1) if has_ref else None
         weight_acc = None
         if needs_weight:
-            weight_acc = grad_weight[v0:v1] if grad_weight.dtype == FP32 else plan.weight_grad(width).zero_()
+            weight_acc = grad_weight[v0:v1] if grad_weight.dtype == FP32 else plan.weight_grad(width)
         for t0, t1 in plan.token_ranges:
             n = t1 - t0
             labels, weight = _chunk_of(all_labels, t0, t1), _chunk_of(all_weight, t0, t1)
@@ -271,9 +272,9 @@ def backward_pass(hidden: List[torch.Tensor], call: LinearCall, stats: RowStats,
             if policy.widened:
                 dz_gemm = dz_gemm.float()  # the rounded gradient, widened once for both fp32 GEMMs
             if grad_rows is not None:
-                accumulate(grad_rows[t0:t1], dz_gemm, w_hidden_grad)
+                accumulate(grad_rows[t0:t1], dz_gemm, w_hidden_grad, first=v0 == 0)
             if weight_acc is not None:
-                accumulate(weight_acc, dz_gemm.t(), h_weight_grad[t0:t1])
+                accumulate(weight_acc, dz_gemm.t(), h_weight_grad[t0:t1], first=t0 == 0)
             if grad_bias is not None:
                 grad_bias[v0:v1].addmv_(dz.t(), ones[:n])
         if weight_acc is not None and grad_weight.dtype != FP32:

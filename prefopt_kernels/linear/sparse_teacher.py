@@ -162,19 +162,19 @@ def _backward(ctx, grad, _entropy_grad):
     separate = fp32_tile_count([head], True) > 1
     h_gemm = h.to(head.gemm_dtype).contiguous()
     h_wide = h_gemm.float() if head.widened else h_gemm
-    grad_h = torch.zeros((n, h.shape[1]), dtype=FP32, device=h.device) if needs_hidden else None
-    grad_w = None
-    if needs_weight:
-        # An fp32 head accumulates in its output; a half one per vocabulary chunk, cast in once.
-        grad_w = (torch.zeros if weight.dtype == FP32 else torch.empty)(weight.shape, dtype=weight.dtype,
-                                                                        device=h.device)
+    # The first GEMM into each accumulator row writes it: no zero fill, unless no tile runs.
+    vocab_ranges = plan.vocab_ranges if plan.token_ranges else []
+    make = torch.empty if vocab_ranges else torch.zeros
+    grad_h = make((n, h.shape[1]), dtype=FP32, device=h.device) if needs_hidden else None
+    # An fp32 head accumulates in its output; a half one per vocabulary chunk, cast in once.
+    grad_w = make(weight.shape, dtype=weight.dtype, device=h.device) if needs_weight else None
     grad_b = torch.zeros(bias.shape, dtype=FP32, device=h.device) if needs_bias else None
-    for v0, v1 in plan.vocab_ranges:
+    for v0, v1 in vocab_ranges:
         w_gemm = head.weight_chunk(v0, v1)
         w_wide = w_gemm.float() if head.widened else w_gemm
         weight_acc = None
         if grad_w is not None:
-            weight_acc = grad_w[v0:v1] if weight.dtype == FP32 else plan.weight_grad(v1 - v0).zero_()
+            weight_acc = grad_w[v0:v1] if weight.dtype == FP32 else plan.weight_grad(v1 - v0)
         for t0, t1 in plan.token_ranges:
             z = plan.project(head, h_gemm[t0:t1], v0, v1, 0, w_gemm)
             dz = plan.tile(1, t1 - t0, v1 - v0) if separate else z
@@ -186,9 +186,9 @@ def _backward(ctx, grad, _entropy_grad):
             if head.widened:
                 dz_gemm = dz_gemm.float()
             if grad_h is not None:
-                accumulate(grad_h[t0:t1], dz_gemm, w_wide)
+                accumulate(grad_h[t0:t1], dz_gemm, w_wide, first=v0 == 0)
             if weight_acc is not None:
-                accumulate(weight_acc, dz_gemm.t(), h_wide[t0:t1])
+                accumulate(weight_acc, dz_gemm.t(), h_wide[t0:t1], first=t0 == 0)
             if grad_b is not None:
                 grad_b[v0:v1].add_(dz.sum(0))
         if weight_acc is not None and weight.dtype != FP32:

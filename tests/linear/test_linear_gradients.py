@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prefopt_kernels as pk
+from prefopt_kernels.linear.heads import accumulate
 
 from linear_cases import (BACKENDS, OPS, Call, assert_close, check, explicit_on, make_head, make_labels, make_pair,
                           make_upstream, oracle, run_fused)
@@ -65,11 +66,13 @@ def test_outputs_can_be_modified_in_place(backend):
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_ignored(backend, op):
-    """Every token ignored (or every div_weight 0): zeros, zero gradients, no error, no NaN."""
-    policy, ref = make_pair((2, 3), seed=81)
+def test_all_ignored(backend, op, dtype):
+    """Every token ignored (or every div_weight 0): zeros, zero gradients, no error, no NaN (no
+    tile runs, so no GEMM writes the gradients' accumulators: fp32 and half heads alike)."""
+    policy, ref = make_pair((2, 3), seed=81, dtype=dtype)
     labels = torch.full((2, 3), -100)
     weight = torch.zeros(2, 3)
     call = Call(op, policy, None if op == "divergence" else labels, None if op == "logprobs" else ref,
@@ -82,6 +85,27 @@ def test_all_ignored(backend, op):
         assert g is None or (g == 0).all()
     if extras:
         assert (extras["mean_logits"] == 0).all() and not extras["is_top1"].any()
+
+
+@pytest.mark.parametrize("widened", [False, True])
+@pytest.mark.parametrize("inner", [1, 2, 7])
+def test_first_product_writes_the_bits_of_a_zero_fill_and_an_accumulation(inner, widened):
+    """``accumulate(first=True)`` into garbage, then once more, gives the bits of a zero-filled
+    accumulator and two accumulations, ``-0.0`` products included: a row of ``-0.0`` times
+    positive values sums to ``-0.0`` term by term, where ``0 + (-0.0)`` is ``+0.0``."""
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16 if widened else torch.float32
+    a = [torch.randn(6, inner, generator=g).to(dtype) for _ in range(2)]
+    b = [(torch.rand(inner, 5, generator=g) + 0.5).to(dtype) for _ in range(2)]
+    a[0][2] = -0.0
+    a[1][2] = -0.0
+    expected = torch.zeros(6, 5)
+    got = torch.full((6, 5), float("nan"))
+    for i in range(2):
+        accumulate(expected, a[i], b[i])
+        accumulate(got, a[i], b[i], first=i == 0)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), i
+    assert (expected[2] == 0).all() and not torch.signbit(expected[2]).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
