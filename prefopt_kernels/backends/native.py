@@ -261,7 +261,7 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
 
 def fold(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch.Tensor],
          ref_logits: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec,
-         v0: int) -> row_state.RowState:
+         v0: int, first_slice: bool = False) -> row_state.RowState:
     """Merge the first-pass state of the vocabulary slice ``[v0, v0 + Vs)`` into ``state`` in
     place (one kernel launch), and return ``state``.
 
@@ -276,8 +276,12 @@ def fold(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch
     divergence term, ``rkl_acc`` centred at the slice's own ``b_k``), in double on the CPU;
     its epilogue merges them into the row's running state as :func:`row_state.merge` does
     (``csrc/include/prefopt/fold_state.h``). Rows that are not read are left as they are.
+    ``first_slice``: the rows' first slice: ``state`` is not read but taken as
+    :func:`row_state.empty`, and every row is written (the empty state where not read), so it
+    may come from :func:`row_state.unfilled`; the result is bit-identical to a fold into an
+    empty state.
     """
-    return _fold(state, logits, labels, ref_logits, weight, spec, v0, 0)[0]
+    return _fold(state, logits, labels, ref_logits, weight, spec, v0, 0, first_slice)[0]
 
 
 def fold_with_candidates(state: row_state.RowState, logits: torch.Tensor, labels: Optional[torch.Tensor],
@@ -293,7 +297,7 @@ def fold_with_candidates(state: row_state.RowState, logits: torch.Tensor, labels
     return _fold(state, logits, labels, ref_logits, weight, spec, v0, count)
 
 
-def _fold(state, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, count: int):
+def _fold(state, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, count: int, first_slice: bool = False):
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
     names = [f.name for f in fields(row_state.RowState)]
@@ -304,7 +308,8 @@ def _fold(state, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, coun
     n = logits.shape[0] * logits.shape[1]
     values = torch.empty(n, count, dtype=torch.float32, device=logits.device) if count else None
     _launch("fold", logits.device, **_common(logits, labels, ref_logits if has_ref else None, weight, spec),
-            v0=int(v0), **_pointers(vars(state), names), candidates=count, candidate_values=_ptr(values))
+            v0=int(v0), first_slice=int(first_slice), **_pointers(vars(state), names), candidates=count,
+            candidate_values=_ptr(values))
     return state, values
 
 

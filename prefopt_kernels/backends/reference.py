@@ -211,9 +211,11 @@ def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
 # --------------------------------------------------------------------------- row states
 
 
-def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int):
+def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int,
+         first_slice: bool = False):
     """Merge the first-pass state of the slice ``[v0, v0 + Vs)`` of every row into ``state`` in
-    place (:func:`row_state.merge_into`), and return ``state``.
+    place (:func:`row_state.merge_into`), and return ``state``; ``first_slice``: into the empty
+    state, whatever ``state`` holds (it may come from :func:`row_state.unfilled`).
 
     ``logits``/``ref_logits``: ``[..., Vs]`` slices (flattened to ``[N, Vs]``); ``labels``
     ``[N]`` global ids. The slice's state is formed in float64 and rounded to the state's
@@ -263,6 +265,8 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
             centre = torch.where(piece.ref_at_argmax == -math.inf, 0.0, piece.ref_at_argmax.to(torch.float64))
             rel = u - (y - centre[:, None]) * inv_temperature
             piece.rkl_acc = torch.where(div_on[:, None] & (e > 0), e * rel, 0.0).sum(-1).to(dtype)
+    if first_slice:
+        row_state.reset(state)
     return row_state.merge_into(state, piece, spec)
 
 

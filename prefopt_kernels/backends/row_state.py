@@ -104,14 +104,34 @@ def empty(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> R
     whole state is set by three fills (zeros, the maxima's ``-inf``, ``argmax``) whatever
     the number of fields; each field is a contiguous ``[n]`` row of it.
     """
+    return _allocate(n, spec, has_ref, device, dtype, filled=True)
+
+
+def unfilled(n: int, spec: OpSpec, has_ref: bool, device, dtype=torch.float32) -> RowState:
+    """:func:`empty`'s fields and layout, allocated but not filled: for a fold of the rows'
+    first slice (``first_slice``), which writes every field of every row without reading it."""
+    return _allocate(n, spec, has_ref, device, dtype, filled=False)
+
+
+def _allocate(n: int, spec: OpSpec, has_ref: bool, device, dtype, filled: bool) -> RowState:
     names = [name for name in present_fields(spec, has_ref) if name != "argmax"]
     names.sort(key=lambda name: name not in _NEGATIVE_INFINITE_STARTS)
-    maxima = sum(name in _NEGATIVE_INFINITE_STARTS for name in names)
-    buffer = torch.zeros((len(names), n), dtype=dtype, device=device)
-    buffer[:maxima].fill_(-math.inf)
-    state = dict(zip(names, buffer.unbind(0)))
-    state["argmax"] = torch.full((n,), -1, dtype=torch.int64, device=device)
-    return RowState(**state)
+    if not filled:
+        buffer = torch.empty((len(names), n), dtype=dtype, device=device)
+        argmax = torch.empty((n,), dtype=torch.int64, device=device)
+    else:
+        maxima = sum(name in _NEGATIVE_INFINITE_STARTS for name in names)
+        buffer = torch.zeros((len(names), n), dtype=dtype, device=device)
+        buffer[:maxima].fill_(-math.inf)
+        argmax = torch.full((n,), -1, dtype=torch.int64, device=device)
+    return RowState(**dict(zip(names, buffer.unbind(0))), argmax=argmax)
+
+
+def reset(state: RowState) -> RowState:
+    """``state`` set in place to the empty state of :func:`empty`; returns it."""
+    for name, value in state.tensors().items():
+        value.fill_(-1 if name == "argmax" else -math.inf if name in _NEGATIVE_INFINITE_STARTS else 0)
+    return state
 
 
 def _shift(m1: torch.Tensor, m2: torch.Tensor, inv_temperature: float):

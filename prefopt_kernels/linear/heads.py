@@ -88,8 +88,9 @@ def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool 
     One GEMM: half operands go to an fp32-output GEMM where the device has one (CUDA), and
     are otherwise passed here already widened to fp32 by the caller. ``first`` leaves ``acc``
     bit-identical to a zero fill and an accumulation: ``0 + x`` is ``x`` for every ``x`` but
-    ``-0.0``, which a sum of two or more products starting from ``+0`` does not give; a
-    one-term product (inner size 1) can, so it is still accumulated into zeros.
+    ``-0.0``, which a GEMM summing two or more products from ``+0`` does not give (a test
+    checks the GEMMs at hand); a one-term product (inner size 1) can, so it is still
+    accumulated into zeros.
     """
     if first and a.shape[1] == 1:
         acc.zero_()

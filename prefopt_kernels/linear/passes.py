@@ -94,7 +94,8 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None
     policy tile (rows ``[t0, t1)`` of the plan, columns from ``v0``) after its fold: the sampled
     forward's candidates come from the same projection.
     ``hidden`` holds each head's hidden states. Per tile: one GEMM per head and one ``fold``
-    launch, which merges the tile into the rows' running state in place; ``mean_logits``
+    launch, which merges the tile into the rows' running state in place (the first vocabulary
+    chunk's fold writes it whole, so it is never filled before); ``mean_logits``
     adds one GEMV, ``log_sum_sq_probs`` a few elementwise ops. The state is finished once
     (merged over the shards' group first, when sharded), so the collectives do not depend on
     the tiling.
@@ -107,7 +108,8 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None
     want_sum, want_squares = "mean_logits" in extras, "log_sum_sq_probs" in extras
     n_kept, n_rows = call.index.numel(), plan.rows
     all_labels, all_weight = call.targets(n_rows)
-    state = row_state.empty(n_rows, op, has_ref, device)
+    # No vocabulary chunk (an empty shard): no fold writes the state, which stays empty.
+    state = (row_state.unfilled if plan.vocab_ranges else row_state.empty)(n_rows, op, has_ref, device)
     logit_sum = torch.zeros(n_rows, dtype=FP32, device=device) if want_sum else None
     ones = torch.ones(plan.vocab_chunk, dtype=FP32, device=device) if want_sum else None
     square_sum = torch.zeros(n_rows, dtype=FP32, device=device) if want_squares else None
@@ -126,9 +128,10 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None
         chunk = state_rows(state, t0, t1)
         for v0, v1 in plan.vocab_ranges:
             a, b = project(rows, v0, v1)
-            previous_max = chunk.max.clone() if want_squares else None
+            # Before the first fold the running max is -inf, whatever the unfilled state holds.
+            previous_max = chunk.max.clone() if want_squares and v0 > 0 else None
             backend.fold(chunk, backend_rows(a), labels, None if b is None else backend_rows(b), weight, op,
-                         shard.v0 + v0)
+                         shard.v0 + v0, first_slice=v0 == 0)
             if policy_tiles is not None:
                 policy_tiles(t0, t1, v0, a)
             if want_sum:
@@ -184,11 +187,14 @@ def _rescale(old_max: torch.Tensor, new_max: torch.Tensor, factor: float) -> tor
 
 
 def _fold_square_sum(acc, previous_max, new_max, tile, inv_temperature):
-    """``sum exp(2 (a - m) / T)`` carried from the running max ``previous_max`` to ``new_max``, plus this tile."""
+    """``sum exp(2 (a - m) / T)`` carried from the running max ``previous_max`` to ``new_max``, plus
+    this tile; ``previous_max`` ``None``: the first tile, nothing to carry (``acc`` is 0)."""
     shift = torch.where(new_max > -float("inf"), new_max, 0.0)
     # One fp32 copy of the tile, exponentiated in place: the only temporary tile_costs counts.
     powers = tile.to(FP32, copy=True).sub_(shift[:, None]).mul_(2.0 * inv_temperature).exp_()
     tile_sum = powers.sum(-1)
+    if previous_max is None:
+        return tile_sum
     return acc * _rescale(previous_max, new_max, 2.0 * inv_temperature) + tile_sum
 
 

@@ -163,9 +163,9 @@ def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], 
     """Re-project every tile of the kept tokens and accumulate the gradients asked for.
 
     ``saved`` are the forward's ``[N]`` statistics, ``kept_tokens`` and ``kept_count`` its kept
-    tokens (:func:`_saved_kept_tokens`); ``upstream`` holds ``(g_logp, g_entropy, g_div)``, fp32 ``[...]`` or ``None`` (zero);
-    ``needs`` flags the gradients of the policy's hidden states, weight and bias. Returns those
-    three gradients, each empty where not asked for.
+    tokens (:func:`_saved_kept_tokens`); ``upstream`` holds ``(g_logp, g_entropy, g_div)``,
+    fp32 ``[...]`` or ``None`` (zero); ``needs`` flags the gradients of the policy's hidden
+    states, weight and bias. Returns those three gradients, each empty where not asked for.
     """
     linear = LinearSpec.decode(spec)
     per_head = head_tensors(heads, linear)
@@ -228,8 +228,8 @@ def _linear_autograd(ctx, grads):
         return (head_grads,) + no_grads
     with gathered(*heads):
         result = torch.ops.prefopt_kernels.linear_backward(
-            heads, labels, div_weight, saved, kept_tokens, kept_count, [upstream.get(k) for k in GRADIENT_OUTPUTS], needs, ctx.spec,
-            ctx.backend, ctx.group, shard_offsets)
+            heads, labels, div_weight, saved, kept_tokens, kept_count, [upstream.get(k) for k in GRADIENT_OUTPUTS],
+            needs, ctx.spec, ctx.backend, ctx.group, shard_offsets)
     for i, (gradient, need) in enumerate(zip(result, needs)):
         if need:
             head_grads[i] = gradient

@@ -1,12 +1,16 @@
 """Tile planning of the fused linear ops: ``plan_tiles`` by hand and against its budget, and the
 ops on tiles that cut the rows and the vocabulary unevenly (checked on the plans they made)."""
 
+import math
+
 import pytest
 import torch
 
+from prefopt_kernels.backends import row_state
 from prefopt_kernels.linear.tiles import plan_tiles
 
-from linear_cases import ISA_BACKENDS, PLAN_TILES, Call, check, make_labels, make_pair, make_upstream, run_fused
+from linear_cases import (BACKENDS, ISA_BACKENDS, PLAN_TILES, Call, check, make_labels, make_pair, make_upstream,
+                          run_fused)
 from linear_cases import tile_spy  # noqa: F401 - a fixture: pytest finds it among the module's names
 
 
@@ -100,3 +104,37 @@ def test_uneven_tiles(backend, case, tile_spy):
     call.memory_budget = _uneven_budget(call, tile_spy)
     check(backend, call, seed=33, explicit=False, key=("uneven", case))
     assert len(tile_spy) >= 2 and all(_uneven(rows, vocab, plan) for (rows, vocab, *_), plan in tile_spy), tile_spy
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32) if x.dtype == torch.float32 else x
+
+
+@pytest.mark.parametrize("op, divergence", [("logprobs", None), ("terms", "reverse_kl"), ("terms", "js")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_vocabulary_chunk_writes_the_running_state(backend, op, divergence, monkeypatch, tile_spy):
+    """The forward's running state is not filled before the first vocabulary chunk's fold, which
+    writes every row: the same bits when the unfilled state holds NaN and an argmax beyond the
+    vocabulary (ignored tokens, two vocabulary chunks, the extras that read the running max)."""
+    policy, ref = make_pair((15,), seed=41, vocab=400)
+    labels = make_labels((15,), 400, seed=42, ignored=(4, 11))
+    call = Call(op, policy, labels, ref if op == "terms" else None, divergence=divergence, return_entropy=True,
+                extras=("mean_logits", "is_top1", "log_sum_sq_probs"), memory_budget=3000)
+    upstream = make_upstream(call, 43)
+    want = run_fused(backend, call, upstream)
+    forward_vocab_chunk = tile_spy[0][1][1]
+    assert forward_vocab_chunk < 400, tile_spy
+    unfilled = row_state.unfilled
+
+    def garbage(*args, **kwargs):
+        state = unfilled(*args, **kwargs)
+        for name, value in state.tensors().items():
+            value.fill_(12345 if name == "argmax" else math.nan)
+        return state
+
+    monkeypatch.setattr(row_state, "unfilled", garbage)
+    got = run_fused(backend, call, upstream)
+    for mine, expected in zip(got, want):
+        pairs = zip(mine.values(), expected.values()) if isinstance(mine, dict) else zip(mine, expected)
+        for m, e in pairs:
+            assert (m is None) == (e is None) and (m is None or torch.equal(_bits(m), _bits(e)))

@@ -183,3 +183,42 @@ def test_merge_is_associative_and_commutative_on_hand_built_states():
     q = torch.softmax(b[0].double() / 0.5, -1)
     assert abs(stats.logp.item() - math.log(p[2].item())) < 1e-5
     assert abs(stats.div.item() - (p * (p.log() - q.log())).sum().item()) < 1e-5
+
+
+def _garbage(state: row_state.RowState) -> row_state.RowState:
+    """``state`` filled with what no fold may read: NaN, and an argmax out of any vocabulary."""
+    for name, value in state.tensors().items():
+        value.fill_(12345 if name == "argmax" else math.nan)
+    return state
+
+
+@pytest.mark.parametrize("backend", ROW_STATE_BACKENDS)
+@pytest.mark.parametrize("divergence", [None, "forward_kl", "reverse_kl", "js"])
+@pytest.mark.parametrize("width", [0, 37])
+def test_first_slice_fold_writes_what_a_fold_into_the_empty_state_gives(backend, divergence, width):
+    """``first_slice``: the state is not read and every row is written, bit for bit as a fold
+    into :func:`row_state.empty`: read rows, an all ``-inf`` row, an ignored label and a zero
+    weight (rows not read get the empty state), and a slice of width 0."""
+    module = _backend(backend)
+    gen = torch.Generator().manual_seed(11)
+    n, v0, has_ref = 6, 5, divergence is not None
+    a = torch.randn(1, n, width, generator=gen) * 3
+    b = torch.randn(1, n, width, generator=gen) * 3
+    a[0, 3] = -math.inf
+    # In the slice, before it, ignored, in the slice, past it, at its last entry.
+    labels = torch.tensor([v0 + 1, 0, -100, v0 + 2, v0 + width + 3, v0 + width - 1]).to(DEVICE)
+    weight = torch.tensor([1.0, 0.5, 1.0, 1.0, 0.0, 2.0]).to(DEVICE) if has_ref else None
+    spec = OpSpec(temperature=0.7, divergence=Divergence[divergence.upper()] if has_ref else 0,
+                  want_logp=True, want_ref_logp=has_ref, want_entropy=True)
+    rows, ref_rows = RowLayout.of(a.to(DEVICE), b.to(DEVICE)).rows(a.to(DEVICE), b.to(DEVICE))
+    ref_rows = ref_rows if has_ref else None
+
+    want = module.fold(row_state.empty(n, spec, has_ref, DEVICE), rows, labels, ref_rows, weight, spec, v0)
+    got = module.fold(_garbage(row_state.unfilled(n, spec, has_ref, DEVICE)), rows, labels, ref_rows, weight,
+                      spec, v0, first_slice=True)
+    for name, value in want.tensors().items():
+        mine = got.tensors()[name]
+        bits = (value, mine) if name == "argmax" else (value.view(torch.int32), mine.view(torch.int32))
+        assert torch.equal(*bits), (backend, name, value, mine)
+    # The skipped row holds the empty state.
+    assert got.max[2] == -math.inf and got.sum_exp[2] == 0 and got.argmax[2] == -1 and got.label_logit[2] == 0

@@ -99,6 +99,7 @@
   X(int64_t, v0)
 #define PREFOPT_FOLD_FIELDS(X) \
   X(int64_t, v0)               \
+  X(int64_t, first_slice)      \
   PREFOPT_ROW_STATE_FIELDS(X)  \
   X(int64_t, candidates)       \
   X(float*, candidate_values)
@@ -178,7 +179,9 @@ struct BackwardArgs : SavedStatsArgs {
 // 0): their running state is left as it is. The slice adds its raw logits at the label to
 // label_logit / ref_label_logit where it holds the label; ref_at_argmax is the raw reference
 // logit at argmax (0 at -1); fkl_acc / rkl_acc are accumulated only on rows with the
-// divergence term. Null fields are not kept. With candidates > 0 (CPU only, at most
+// divergence term. Null fields are not kept. first_slice != 0: the running state is not read
+// but taken to be the empty one, so every row's fields are written (a skipped row's with the
+// empty state): the rows' first slice needs no state filled before. With candidates > 0 (CPU only, at most
 // kMaxCandidates) the slice's own `candidates` largest policy logits, as the forward's, go to
 // candidate_values [n_rows, candidates] from the same read (all -inf on skipped rows); they
 // are not merged with any earlier slice's.

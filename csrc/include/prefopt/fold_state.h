@@ -37,20 +37,27 @@ PREFOPT_HD PREFOPT_INLINE void store_if(float* field, int64_t row, Acc value) {
 }
 
 // Merge the slice's state `o` (its k already the global index, -1 where nothing finite was
-// folded) and label logits into row `row` of the running state that `args` points at.
+// folded) and label logits into row `row` of the running state that `args` points at; with
+// args.first_slice, into the empty state instead of the stored one (the same values the
+// stored empty state would load, so the result is bit-identical).
 template <typename Acc>
 PREFOPT_HD PREFOPT_INLINE void merge_into_row(const FoldArgs& args, int64_t row, const RowState<Acc>& o,
                                               float label_a, float label_b, Acc inv_temperature) {
-  RowState<Acc> r;
-  r.ma = static_cast<Acc>(args.max[row]);
-  r.sa = static_cast<Acc>(args.sum_exp[row]);
-  r.k = args.argmax[row];
-  r.ua = load_or_zero<Acc>(args.ent_acc, row);
-  r.mb = args.ref_max != nullptr ? static_cast<Acc>(args.ref_max[row]) : -static_cast<Acc>(kInf);
-  r.sb = load_or_zero<Acc>(args.ref_sum_exp, row);
-  r.ref_at_argmax = load_or_zero<Acc>(args.ref_at_argmax, row);
-  r.wf = load_or_zero<Acc>(args.fkl_acc, row);
-  r.wr = load_or_zero<Acc>(args.rkl_acc, row);
+  RowState<Acc> r = RowState<Acc>::empty();
+  float r_label_a = 0.f, r_label_b = 0.f;
+  if (args.first_slice == 0) {
+    r.ma = static_cast<Acc>(args.max[row]);
+    r.sa = static_cast<Acc>(args.sum_exp[row]);
+    r.k = args.argmax[row];
+    r.ua = load_or_zero<Acc>(args.ent_acc, row);
+    r.mb = args.ref_max != nullptr ? static_cast<Acc>(args.ref_max[row]) : -static_cast<Acc>(kInf);
+    r.sb = load_or_zero<Acc>(args.ref_sum_exp, row);
+    r.ref_at_argmax = load_or_zero<Acc>(args.ref_at_argmax, row);
+    r.wf = load_or_zero<Acc>(args.fkl_acc, row);
+    r.wr = load_or_zero<Acc>(args.rkl_acc, row);
+    r_label_a = args.label_logit[row];
+    if (args.ref_label_logit != nullptr) r_label_b = args.ref_label_logit[row];
+  }
 
   const Shift<Acc> A = merge_shift(r.ma, o.ma, inv_temperature);
   const bool running_owns =
@@ -58,13 +65,13 @@ PREFOPT_HD PREFOPT_INLINE void merge_into_row(const FoldArgs& args, int64_t row,
   args.max[row] = static_cast<float>(A.m);
   args.sum_exp[row] = static_cast<float>(r.sa * A.c1 + o.sa * A.c2);
   args.argmax[row] = running_owns ? r.k : o.k;
-  args.label_logit[row] += label_a;
+  args.label_logit[row] = r_label_a + label_a;
   store_if(args.ent_acc, row, carried(A.c1, r.ua, A.d1, r.sa) + carried(A.c2, o.ua, A.d2, o.sa));
   if (args.ref_max == nullptr) return;
   const Shift<Acc> B = merge_shift(r.mb, o.mb, inv_temperature);
   args.ref_max[row] = static_cast<float>(B.m);
   args.ref_sum_exp[row] = static_cast<float>(r.sb * B.c1 + o.sb * B.c2);
-  args.ref_label_logit[row] += label_b;
+  args.ref_label_logit[row] = r_label_b + label_b;
   const Acc ref_at_argmax = running_owns ? r.ref_at_argmax : o.ref_at_argmax;
   store_if(args.ref_at_argmax, row, ref_at_argmax);
   store_if(args.fkl_acc, row, carried(B.c1, r.wf, B.d1 - A.d1, r.sb) + carried(B.c2, o.wf, B.d2 - A.d2, o.sb));

@@ -134,14 +134,17 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
     )
 
 
-def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int):
+def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int,
+         first_slice: bool = False):
     """Merge the first-pass state of the slice ``[v0, v0 + Vs)`` (``logits`` ``[B, T, Vs]``,
     labels global ids) into ``state`` in place, and return ``state``: the whole-row forward's
     first pass, left unfinished, with :func:`row_state.merge` as the kernel's epilogue.
 
     ``state``'s fields are contiguous ``[N]`` tensors (fp32, ``argmax`` int64): one launch.
+    ``first_slice``: the kernel merges into the empty state instead of reading ``state``
+    (which may come from :func:`row_state.unfilled`) and writes every row.
     """
-    return _fold(state, logits, labels, ref_logits, weight, spec, v0, 0)[0]
+    return _fold(state, logits, labels, ref_logits, weight, spec, v0, 0, first_slice)[0]
 
 
 def fold_with_candidates(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int,
@@ -157,7 +160,8 @@ def fold_with_candidates(state: row_state.RowState, logits, labels, ref_logits, 
     return _fold(state, logits, labels, ref_logits, weight, spec, v0, count)
 
 
-def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, count: int):
+def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, count: int,
+          first_slice: bool = False):
     from .kernels import slice_state_kernel
 
     batches, tokens, width = logits.shape
@@ -168,6 +172,8 @@ def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: O
     cap = triton.next_power_of_2(count + block_v) if count else 1
     top = torch.full((n, cap), float("-inf"), dtype=logits.dtype, device=logits.device) if count else None
     if width == 0:  # the empty state is merge's identity
+        if first_slice:
+            row_state.reset(state)
         return state, top[:, :count].float() if count else None
     placeholder = state.sum_exp
     ref = ref_logits if ref_logits is not None else logits
@@ -175,7 +181,8 @@ def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: O
         **_rows(logits, ref, labels, weight, placeholder),
         **_pointers(state, [f.name for f in fields(row_state.RowState)], placeholder),
         top_ptr=top if count else placeholder,
-        vocab=width, v0=v0, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
+        vocab=width, v0=v0, first_slice=int(first_slice), inv_temperature=1.0 / spec.temperature,
+        ignore_index=spec.ignore_index,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
         WANT_ENTROPY=state.ent_acc is not None,
         DIVERGENCE=spec.divergence if ref_logits is not None else 0,

@@ -15,7 +15,7 @@ def slice_state_kernel(
     max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
     ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr, top_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
-    vocab, v0, inv_temperature, ignore_index,
+    vocab, v0, first_slice, inv_temperature, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
     CANDIDATES: tl.constexpr = 0, CAP: tl.constexpr = 1,
@@ -27,7 +27,8 @@ def slice_state_kernel(
     one per row, the argmax as a global index, and the label logits when the slice holds
     the label; then :func:`merge_into_row`. ``fkl_acc`` / ``rkl_acc`` is the forward /
     reverse KL accumulator, 0 where the divergence is off. Rows that are not read fold the
-    empty state, which leaves theirs as it is. With ``CANDIDATES > 0`` the same loads also
+    empty state, which leaves theirs as it is. ``first_slice`` (non-zero): the running state
+    is not read but taken as the empty one, so every row is written. With ``CANDIDATES > 0`` the same loads also
     leave the slice's ``CANDIDATES`` largest policy logits in the first slots of the row's
     ``CAP`` slots of ``top_ptr`` (as the whole-row forward, ``candidates.py``; rows not read
     are not touched).
@@ -62,7 +63,7 @@ def slice_state_kernel(
             a_y = tl.load(a_base + lead + local).to(tl.float32)
             if HAS_REF:
                 b_y = tl.load(b_base + lead + local).to(tl.float32)
-    merge_into_row(n, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
+    merge_into_row(n, first_slice == 0, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
                    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr,
                    ma, sum_za, ent, tl.where(k_idx >= 0, k_idx + v0, -1).to(tl.int64), a_y,
                    mb, sum_zb, b_y, tl.where(k_idx >= 0, ref_at_argmax, 0.0), kl, inv_temperature,
@@ -95,7 +96,7 @@ def kl_centre(ref_at_argmax):
 
 
 @triton.jit
-def merge_into_row(n, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
+def merge_into_row(n, stored, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
                    ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_at_argmax_ptr, fkl_acc_ptr, rkl_acc_ptr,
                    ma, za, ent, k, a_y, mb, zb, b_y, ref_at_argmax, kl, inv_temperature,
                    HAS_REF: tl.constexpr, WANT_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr):
@@ -103,38 +104,40 @@ def merge_into_row(n, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit
     was folded) merged into row ``n`` of the running state, in place. The math of
     ``row_state.merge``: rescale to the larger max, the larger max (the smaller index on
     ties) owns the argmax and its reference logit, a side with argmax -1 never owns them,
-    label logits add."""
+    label logits add. Where not ``stored``, the running state is the empty one (each load's
+    ``other``, the values an empty state holds: the result is bit-identical)."""
     CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
-    r_max = tl.load(max_ptr + n)
-    r_sum = tl.load(sum_exp_ptr + n)
-    r_k = tl.load(argmax_ptr + n)
+    r_max = tl.load(max_ptr + n, mask=stored, other=float("-inf"))
+    r_sum = tl.load(sum_exp_ptr + n, mask=stored, other=0.0)
+    r_k = tl.load(argmax_ptr + n, mask=stored, other=-1)
     m, d1, d2, c1, c2 = merge_shift(r_max, ma, inv_temperature)
     running_owns = (k < 0) | ((r_k >= 0) & ((r_max > ma) | ((r_max == ma) & (r_k < k))))
     tl.store(max_ptr + n, m)
     tl.store(sum_exp_ptr + n, r_sum * c1 + za * c2)
     tl.store(argmax_ptr + n, tl.where(running_owns, r_k, k))
-    tl.store(label_logit_ptr + n, tl.load(label_logit_ptr + n) + a_y)
+    tl.store(label_logit_ptr + n, tl.load(label_logit_ptr + n, mask=stored, other=0.0) + a_y)
     if WANT_ENTROPY:
-        tl.store(ent_acc_ptr + n, carried(c1, tl.load(ent_acc_ptr + n), d1, r_sum) + carried(c2, ent, d2, za))
+        r_ent = tl.load(ent_acc_ptr + n, mask=stored, other=0.0)
+        tl.store(ent_acc_ptr + n, carried(c1, r_ent, d1, r_sum) + carried(c2, ent, d2, za))
     if HAS_REF:
-        r_ref_max = tl.load(ref_max_ptr + n)
-        r_ref_sum = tl.load(ref_sum_exp_ptr + n)
+        r_ref_max = tl.load(ref_max_ptr + n, mask=stored, other=float("-inf"))
+        r_ref_sum = tl.load(ref_sum_exp_ptr + n, mask=stored, other=0.0)
         mb_new, e1, e2, k1, k2 = merge_shift(r_ref_max, mb, inv_temperature)
         tl.store(ref_max_ptr + n, mb_new)
         tl.store(ref_sum_exp_ptr + n, r_ref_sum * k1 + zb * k2)
-        tl.store(ref_label_logit_ptr + n, tl.load(ref_label_logit_ptr + n) + b_y)
+        tl.store(ref_label_logit_ptr + n, tl.load(ref_label_logit_ptr + n, mask=stored, other=0.0) + b_y)
         if CENTRED:
-            r_ref_at_argmax = tl.load(ref_at_argmax_ptr + n)
+            r_ref_at_argmax = tl.load(ref_at_argmax_ptr + n, mask=stored, other=0.0)
             merged_ref_at_argmax = tl.where(running_owns, r_ref_at_argmax, ref_at_argmax)
             tl.store(ref_at_argmax_ptr + n, merged_ref_at_argmax)
         if DIVERGENCE == FORWARD_KL:
-            tl.store(fkl_acc_ptr + n, carried(k1, tl.load(fkl_acc_ptr + n), e1 - d1, r_ref_sum)
-                     + carried(k2, kl, e2 - d2, zb))
+            r_fkl = tl.load(fkl_acc_ptr + n, mask=stored, other=0.0)
+            tl.store(fkl_acc_ptr + n, carried(k1, r_fkl, e1 - d1, r_ref_sum) + carried(k2, kl, e2 - d2, zb))
         if DIVERGENCE == REVERSE_KL:
             centre = kl_centre(merged_ref_at_argmax)
             shift1 = d1 - (kl_centre(r_ref_at_argmax) - centre) * inv_temperature
             shift2 = d2 - (kl_centre(ref_at_argmax) - centre) * inv_temperature
-            tl.store(rkl_acc_ptr + n, carried(c1, tl.load(rkl_acc_ptr + n), shift1, r_sum)
+            tl.store(rkl_acc_ptr + n, carried(c1, tl.load(rkl_acc_ptr + n, mask=stored, other=0.0), shift1, r_sum)
                      + carried(c2, kl, shift2, za))
 
 
