@@ -2,8 +2,10 @@ r"""Mergeable per-row states: one protocol for whole rows, vocabulary tiles and 
 
 A row's first pass over any slice ``[v0, v1)`` of the vocabulary yields a :class:`RowState`;
 states of disjoint slices merge associatively and commutatively (:func:`merge`); a backend's
-``fold(state, slice...)`` merges a slice's state into a running ``state`` in place (the native
-and Triton kernels in their epilogue, so a slice costs one launch), and
+``fold(state, slice..., first_slice=False)`` merges a slice's state into a running ``state``
+in place (the native and Triton kernels in their epilogue, so a slice costs one launch; with
+``first_slice`` into the empty state, without reading ``state``, which then need not be
+filled: :func:`unfilled`), and
 :func:`finalize` turns the state of the whole vocabulary into the forward's
 :class:`~prefopt_kernels.backends.RowStats`. The divergences with a second sweep (js, tv,
 hellinger, chi2, alpha) then sum ``q f(t)`` and the centred ``p (f'(t) - f'(t_k))`` per slice

@@ -9,7 +9,9 @@ from .passes import first_pass, row_plan, second_pass
 from .row_math import CENTRED_CODES, FORWARD_KL, KNOWN_CODES, REVERSE_KL, SECOND_SWEEP_CODES, aligned_row
 
 
-@triton.jit
+# first_slice is 1 on a call's first vocabulary chunk and 0 after: not specialised on its value
+# (1) or its divisibility (0), both launches run one compiled kernel.
+@triton.jit(do_not_specialize=["first_slice"])
 def slice_state_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
     max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, label_logit_ptr,
