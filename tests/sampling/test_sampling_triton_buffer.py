@@ -79,3 +79,26 @@ def test_triton_buffer_unaligned_chunks_settle_by_bisection(dtype, vocab=5001, c
     labels = torch.tensor([0, -100, 1])
     stats, largest = backend.forward_with_candidates(x, labels, None, None, OpSpec(want_logp=True), count)
     assert torch.equal(largest, expected(x, labels, count))
+
+
+@pytest.mark.parametrize("count", [-1, 2049])
+def test_triton_candidate_count_outside_the_limit_is_refused(count):
+    from prefopt_kernels.backends import row_state
+    from prefopt_kernels.backends import triton as backend
+
+    assert backend.MAX_CANDIDATES == 2048
+    x, spec = torch.zeros(1, 2, 100), OpSpec(want_logp=True)
+    with pytest.raises(ValueError, match="count must be in"):
+        backend.forward_with_candidates(x, None, None, None, spec, count)
+    with pytest.raises(ValueError, match="count must be in"):
+        backend.fold_with_candidates(row_state.empty(2, spec, False, x.device), x, None, None, None, spec, 0, count)
+
+
+def test_triton_fold_of_an_empty_slice_gathers_only_minus_infinity(count=3):
+    from prefopt_kernels.backends import row_state
+    from prefopt_kernels.backends import triton as backend
+
+    x, spec = torch.zeros(1, 2, 0, dtype=torch.bfloat16), OpSpec(want_logp=True)
+    _, largest = backend.fold_with_candidates(row_state.empty(2, spec, False, x.device), x, None, None, None, spec,
+                                              0, count)
+    assert largest.dtype == torch.float32 and torch.equal(largest, torch.full((2, count), -math.inf))
