@@ -42,8 +42,9 @@ def offer(x, top_ptr, size, threshold, CANDIDATES: tl.constexpr, CAP: tl.constex
     values = x.to(tl.float32)
     if tl.max(values, axis=0) > threshold:
         if UNALIGNED:
-            # Chunk l is column l of [CHUNK, LANES], split into 16-byte vectors: the store's
-            # coalesced layout then gives each vector to the thread that loaded its values.
+            # Chunk l, thread l's columns l, l + LANES, ... (LANES = BLOCK_V // CHUNK), is
+            # column l of the tile seen as [CHUNK, LANES], here split into 16-byte vectors: the
+            # store's coalesced layout then gives each vector to the thread that loaded it.
             VECTOR: tl.constexpr = chunk_size(BITS, CHUNK)
             SHAPE: tl.constexpr = [CHUNK // VECTOR, VECTOR, BLOCK_V // CHUNK]
             enters = tl.max(tl.max(tl.reshape(values, SHAPE), axis=1), axis=0) > threshold
@@ -82,9 +83,9 @@ def settle(top_ptr, size, threshold, CANDIDATES: tl.constexpr, CAP: tl.constexpr
            CHUNK: tl.constexpr):
     """Make room for a whole tile in the buffer ``top_ptr`` holding ``size`` values: keep those
     at least ``threshold``, raised by bisection when ``CHUNK > 1`` (none ``-inf`` or NaN), packed
-    in order into its first slots, or, when they would fill more than three quarters of the room, only the
-    ``CANDIDATES`` largest. Returns the new ``(size, threshold)``,
-    ``size`` rounded up to a whole chunk with ``-inf``."""
+    in order into its first slots, or, when they would fill more than three quarters of the room,
+    only the ``CANDIDATES`` largest. Returns the new ``(size, threshold)``, ``size`` rounded up to
+    a whole chunk with ``-inf``."""
     ROOM: tl.constexpr = (CAP - BLOCK_V) * 3 // 4 // CHUNK * CHUNK
     BISECTIONS: tl.constexpr = 8
     KEEP: tl.constexpr = triton.next_power_of_2(CANDIDATES)
