@@ -265,8 +265,8 @@ def triton_rows(shapes: Sequence[Tuple[str, int]] = LOGITS_SHAPES, linear: bool 
                         compiled[key] = (name, threads, sass.analyse_cubin(path)[name])
                     name, threads, (resources, loops) = compiled[key]
                     if case.startswith("logprobs+sampler"):
-                        # The candidates' stores are predicated on the chunks (single values on
-                        # unaligned rows) that beat the running threshold: a random-order row at
+                        # The candidates' stores are predicated on the chunks (all of a thread's
+                        # values on unaligned rows) that beat the running threshold: a random-order row at
                         # V = 151936 stages about a twentieth (top_k = 50) to a fifth (1024
                         # candidates) of the bytes it reads. The streamed bytes of the row are its
                         # loads.

@@ -78,13 +78,10 @@ def _forward(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
     placeholder = stats.log_norm
     ref = ref_logits if ref_logits is not None else logits
     block_v, num_warps = launch_config(vocab, logits.element_size(), two_rows=ref_logits is not None)
-    if not 0 <= count <= MAX_CANDIDATES:
-        raise ValueError(f"candidates: count must be in [0, {MAX_CANDIDATES}], got {count}")
-    cap = triton.next_power_of_2(count + block_v) if count else 1
-    top = torch.full((n, cap), float("-inf"), dtype=logits.dtype, device=logits.device) if count else placeholder
+    top, cap = _candidate_buffer(n, count, block_v, logits)
     token_forward_kernel[(n,)](
         **_rows(logits, ref, labels, weight, placeholder),
-        **_pointers(stats, [f.name for f in fields(RowStats)], placeholder), top_ptr=top,
+        **_pointers(stats, [f.name for f in fields(RowStats)], placeholder), top_ptr=_or_placeholder(top, placeholder),
         vocab=vocab, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
         **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
@@ -94,7 +91,7 @@ def _forward(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
         **(dict(CANDIDATES=count, CAP=cap) if count else {}),
     )
-    return stats, top[:, :count].float() if count else None
+    return stats, _gathered(top, count)
 
 
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
@@ -166,21 +163,18 @@ def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: O
 
     batches, tokens, width = logits.shape
     n = batches * tokens
-    if not 0 <= count <= MAX_CANDIDATES:
-        raise ValueError(f"candidates: count must be in [0, {MAX_CANDIDATES}], got {count}")
     block_v, num_warps = launch_config(max(width, 1), logits.element_size(), two_rows=ref_logits is not None)
-    cap = triton.next_power_of_2(count + block_v) if count else 1
-    top = torch.full((n, cap), float("-inf"), dtype=logits.dtype, device=logits.device) if count else None
+    top, cap = _candidate_buffer(n, count, block_v, logits)
     if width == 0:  # the empty state is merge's identity
         if first_slice:
             row_state.reset(state)
-        return state, top[:, :count].float() if count else None
+        return state, _gathered(top, count)
     placeholder = state.sum_exp
     ref = ref_logits if ref_logits is not None else logits
     slice_state_kernel[(n,)](
         **_rows(logits, ref, labels, weight, placeholder),
         **_pointers(state, [f.name for f in fields(row_state.RowState)], placeholder),
-        top_ptr=top if count else placeholder,
+        top_ptr=_or_placeholder(top, placeholder),
         vocab=width, v0=v0, first_slice=int(first_slice), inv_temperature=1.0 / spec.temperature,
         ignore_index=spec.ignore_index,
         HAS_LABELS=labels is not None, HAS_REF=ref_logits is not None, HAS_WEIGHT=weight is not None,
@@ -189,7 +183,26 @@ def _fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: O
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref), num_warps=num_warps,
         **(dict(CANDIDATES=count, CAP=cap) if count else {}),
     )
-    return state, top[:, :count].float() if count else None
+    return state, _gathered(top, count)
+
+
+def _candidate_buffer(n: int, count: int, block_v: int, logits):
+    """``(buffer, CAP)`` of a launch that gathers each row's ``count`` largest logits with tiles of
+    ``block_v``: ``buffer`` ``[n, CAP]`` of ``-inf`` in the logits' dtype, ``CAP =
+    next_power_of_2(count + block_v)`` (the candidates and a whole tile, ``kernels/candidates.py``);
+    ``(None, 1)`` when ``count`` is 0. Raises ``ValueError`` unless ``0 <= count <= MAX_CANDIDATES``."""
+    if not 0 <= count <= MAX_CANDIDATES:
+        raise ValueError(f"candidates: count must be in [0, {MAX_CANDIDATES}], got {count}")
+    if not count:
+        return None, 1
+    cap = triton.next_power_of_2(count + block_v)
+    return torch.full((n, cap), float("-inf"), dtype=logits.dtype, device=logits.device), cap
+
+
+def _gathered(buffer, count: int):
+    """The first ``count`` columns of a launch's candidate ``buffer`` widened to fp32 ``[n, count]``
+    (the rows' largest, descending); ``None`` without a buffer."""
+    return buffer[:, :count].float() if buffer is not None else None
 
 
 def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int):
