@@ -11,6 +11,7 @@ run this test with that release first on ``PYTHONPATH``.
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,12 +26,20 @@ def test_every_specialisation_compiles_for_sm90():
     except ImportError:
         pytest.skip("this Triton build has no NVIDIA backend")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, WORKER], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # A session of its own, so that a timeout ends the script's compiling processes with it.
+    worker = subprocess.Popen([sys.executable, WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        stdout, stderr = worker.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.communicate()
+        raise
+    assert worker.returncode == 0, stderr[-4000:]
     from prefopt_kernels.divergences import Divergence
 
     # Forward, backward and slice state for every (dtype, divergence or none, labels,
     # weight) but the label-less, divergence-less four; the sweep for second-sweep divergences.
     specialisations = 2 * (len(Divergence) + 1) * 4 - 2 * 2
     sweeps = 2 * sum(d.second_sweep for d in Divergence) * 4
-    assert f"compiled {3 * specialisations + sweeps}" in result.stdout, result.stdout
+    assert f"compiled {3 * specialisations + sweeps}" in stdout, stdout
