@@ -26,6 +26,7 @@ namespace py = pybind11;
 using prefopt::BackwardArgs;
 using prefopt::FoldArgs;
 using prefopt::ForwardArgs;
+using prefopt::KeptTokensArgs;
 using prefopt::RowInputs;
 using prefopt::SweepArgs;
 
@@ -125,6 +126,12 @@ void validate(const SweepArgs& a) {
         "ref_at_argmax, value_sum and centred_sum");
 }
 
+void validate(const KeptTokensArgs& a) {
+  if (a.n_tokens < 0) throw std::invalid_argument("prefopt._C: n_tokens must be >= 0");
+  if (a.summary == nullptr || (a.n_tokens > 0 && a.index == nullptr))
+    throw std::invalid_argument("prefopt._C: kept_tokens needs index and summary");
+}
+
 // Runs a CPU entry point on `num_threads` threads (0: the OpenMP default), without the GIL.
 template <typename Args>
 void run_cpu(void (*kernel)(const Args&), Args args, int num_threads) {
@@ -181,6 +188,7 @@ void run_cuda(Kernel kernel, const char* name, const Args& args, std::uintptr_t 
     run_cuda(PREFOPT_CUDA_ENTRY(name), "cuda_" #name, args, stream);    \
   }
 PREFOPT_ENTRY_POINTS(PREFOPT_DEFINE_ENTRY)
+PREFOPT_TOKEN_ENTRY_POINTS(PREFOPT_DEFINE_ENTRY)
 #undef PREFOPT_DEFINE_ENTRY
 
 // A tuple of the field names of one list, for the Python side to check its own lists by.
@@ -207,6 +215,11 @@ py::tuple names(std::initializer_list<const char*> list) {
   "Second sweep of js/tv/hellinger/chi2/alpha over a vocabulary slice of CPU rows from the " \
   "final statistics: fp32 [n_rows] value_sum and centred_sum."
 
+#define PREFOPT_DOC_kept_tokens                                                                \
+  "The kept tokens of a fused linear call over CPU int64 labels / fp32 weight [n_tokens]: "  \
+  "their indices in order into index (int64 [n_tokens], -1 after them) and count, least and " \
+  "greatest kept label into summary (int64 [3]; INT64_MAX, INT64_MIN when none)."
+
 #define PREFOPT_PY_ARG(type, name) py::arg(#name),
 #define PREFOPT_NAME(type, name) #name,
 
@@ -223,6 +236,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_" #name, &cuda_##name, PARAMS(PREFOPT_PY_ARG) py::arg("stream"),                 \
         "As cpu_" #name ", for CUDA device pointers, enqueued on the given cudaStream_t handle.");
   PREFOPT_ENTRY_POINTS(PREFOPT_DEF_ENTRY)
+  PREFOPT_TOKEN_ENTRY_POINTS(PREFOPT_DEF_ENTRY)
 #undef PREFOPT_DEF_ENTRY
   m.attr("ROW_INPUTS") = names({PREFOPT_ROW_INPUTS(PREFOPT_NAME)});
   m.attr("SAVED_STATS") = names({PREFOPT_SAVED_STATS(PREFOPT_NAME, PREFOPT_NAME, )});

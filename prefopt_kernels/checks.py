@@ -73,6 +73,11 @@ def check_labels(labels, owner: torch.Tensor, ignore_index, owner_name: str = "l
     return labels.reshape(-1).to(torch.int64).contiguous()
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream captures a graph: a read back to the host would fail."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Raise unless every flat label lies in ``[0, vocab)`` or equals ``ignore_index``.
 
@@ -87,7 +92,7 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
     one) and give the gradient a label term only then; the reference backend clamps the
     index it gathers at. That token's outputs are unspecified; the other tokens' are exact.
     """
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing():
         return
     out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if labels.numel() and bool(out_of_range.any()):
@@ -97,14 +102,13 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
-def check_kept_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """:func:`check_label_range` for labels of which none is ``ignore_index`` (the kept tokens of
-    a call), with one reduction and one read back to the host: their minimum and maximum."""
-    if not labels.numel() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return
-    low, high = torch.stack(torch.aminmax(labels)).tolist()
+def check_kept_label_range(low: int, high: int, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """:func:`check_label_range` of the flat ``labels`` given the least and greatest label of the
+    kept ones (those not ``ignore_index``), already read back to the host: nothing more is
+    read unless ``[low, high]`` leaves ``[0, vocab)``, and then the error names the first label
+    out of range. ``low > high`` (no label kept) passes."""
     if low < 0 or high >= vocab:
-        check_label_range(labels, vocab, ignore_index)  # names the first label out of range
+        check_label_range(labels, vocab, ignore_index)
 
 
 def check_weight(weight, owner: torch.Tensor, argument: str, owner_name: str = "logits") -> Optional[torch.Tensor]:

@@ -17,6 +17,10 @@ namespace cpu {
 #define PREFOPT_DECLARE_ENTRY(name, Args, params) void name(const Args& args);
 PREFOPT_ENTRY_POINTS(PREFOPT_DECLARE_ENTRY)
 
+// The kept tokens of a fused linear call (KeptTokensArgs): one pass on the calling thread,
+// the same on every instruction-set variant.
+void kept_tokens(const KeptTokensArgs& args);
+
 // Name of the instruction-set variant the entry points run now: generic, avx2 or avx512.
 // The first use reads PREFOPT_CPU_ISA and throws std::invalid_argument naming it when its
 // value is unknown or cannot run here.

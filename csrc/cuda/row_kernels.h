@@ -11,6 +11,7 @@ namespace cuda {
 // returns nullptr on success, otherwise the CUDA error string of the launch.
 #define PREFOPT_DECLARE_ENTRY(name, Args, params) const char* name(const Args& args, void* stream);
 PREFOPT_ENTRY_POINTS(PREFOPT_DECLARE_ENTRY)
+PREFOPT_TOKEN_ENTRY_POINTS(PREFOPT_DECLARE_ENTRY)  // kept_tokens.cu: one thread block
 #undef PREFOPT_DECLARE_ENTRY
 
 }  // namespace cuda

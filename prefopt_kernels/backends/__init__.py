@@ -8,6 +8,9 @@ A backend is a module with
     forward(logits, labels, ref_logits, weight, spec) -> RowStats
     backward(logits, labels, ref_logits, weight, spec, stats,
              grad_logp, grad_entropy, grad_div, grad_out) -> None
+    kept_tokens(labels, weight, ignore_index, n_tokens, device)
+        -> (int64 [N] kept token indices in increasing order then -1,
+            int64 [3] on the device: their count, least and greatest kept label)
 
 and optionally, for the sampler-matched forward's one read of the row,
 
@@ -151,17 +154,27 @@ def saved_names(spec: OpSpec, has_ref: bool) -> tuple:
     return tuple(name for name in SAVED_STATS if name in present)
 
 
-def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):
-    """``(read, div_on)``, bool ``[N]``: the rows a pass reads, and those with the divergence term.
+def kept_rows(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], ignore_index: int, n: int,
+              device) -> torch.Tensor:
+    """bool ``[N]``: the rows a pass reads (the backend interface's rule). With labels, those whose
+    label is not ``ignore_index`` (a zero weight only drops the divergence term); without,
+    those whose weight is non-zero (NaN counts as non-zero, ``-0.0`` does not); without
+    either, every row."""
+    if labels is not None:
+        return labels != ignore_index
+    return torch.ones(n, dtype=torch.bool, device=device) if weight is None else weight != 0
 
-    An ignored label skips its row; a zero weight drops the divergence, and skips the row
-    when the op has no labels (the backend interface's rule).
-    """
-    if labels is None:
-        div_on = torch.ones(n, dtype=torch.bool, device=device) if weight is None else weight != 0
-        return div_on, div_on
-    read = labels != spec.ignore_index
-    return read, (read if weight is None else read & (weight != 0))
+
+# The summary of kept_tokens where no label is kept (none kept, or no labels): the identities
+# of min and max, which no range check rejects.
+NO_KEPT_LABEL = (2 ** 63 - 1, -2 ** 63)
+
+
+def rows_read(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec, n: int, device):
+    """``(read, div_on)``, bool ``[N]``: the rows a pass reads (:func:`kept_rows`), and those with
+    the divergence term: a zero weight drops it."""
+    read = kept_rows(labels, weight, spec.ignore_index, n, device)
+    return read, (read if labels is None or weight is None else read & (weight != 0))
 
 
 def nan_guard(log_norm: torch.Tensor) -> torch.Tensor:

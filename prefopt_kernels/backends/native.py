@@ -256,6 +256,30 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
                    grad_out, 0)
 
 
+# --------------------------------------------------------------------------- kept tokens
+
+
+def kept_tokens(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], ignore_index: int, n_tokens: int,
+                device) -> tuple:
+    """The kept tokens of a fused linear call in one kernel launch: ``(index, summary)``.
+
+    ``index`` int64 ``[N]``: the rows a pass reads (:func:`~prefopt_kernels.backends.kept_rows`:
+    label not ``ignore_index``; without labels, a non-zero weight; without either, all) in
+    increasing order, then -1. ``summary`` int64 ``[3]`` on ``device``: their count and the least
+    and greatest kept label (``NO_KEPT_LABEL``, ``(2**63 - 1, -2**63)``, where no label is
+    kept). ``labels`` int64 and ``weight`` fp32 ``[N]`` or ``None``, on ``device`` (CPU: one
+    sequential pass; CUDA: one thread block).
+    """
+    device = torch.device(device)
+    labels = _contiguous(labels, torch.int64)
+    weight = _contiguous(weight, torch.float32)
+    index = torch.empty(n_tokens, dtype=torch.int64, device=device)
+    summary = torch.empty(3, dtype=torch.int64, device=device)
+    _launch("kept_tokens", device, n_tokens=int(n_tokens), labels=_ptr(labels), weight=_ptr(weight),
+            ignore_index=int(ignore_index), index=_ptr(index), summary=_ptr(summary))
+    return index, summary
+
+
 # --------------------------------------------------------------------------- row states
 
 

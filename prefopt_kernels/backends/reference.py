@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from ..divergences import GENERATORS, Divergence
-from . import OpSpec, RowStats, nan_guard, row_state, rows_read
+from . import NO_KEPT_LABEL, OpSpec, RowStats, kept_rows, nan_guard, row_state, rows_read
 
 NAME = "reference"
 
@@ -28,6 +28,23 @@ def is_available() -> bool:
 def supports(device: torch.device) -> bool:
     """Every device PyTorch runs on."""
     return True
+
+
+def kept_tokens(labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], ignore_index: int, n_tokens: int,
+                device):
+    """The rows a pass reads (:func:`~prefopt_kernels.backends.kept_rows`) as a fused linear call
+    keeps them: ``(index, summary)``, ``index`` int64 ``[N]`` their indices in increasing order
+    then -1, ``summary`` int64 ``[3]`` their count ``n`` and the least and greatest of their
+    labels (``NO_KEPT_LABEL``, ``(2**63 - 1, -2**63)``, without labels or with ``n = 0``).
+    ``labels`` int64 ``[N]`` or ``None``, ``weight`` fp32 ``[N]`` or ``None``; on ``device``."""
+    kept = kept_rows(labels, weight, ignore_index, n_tokens, device).nonzero().reshape(-1)
+    index = torch.full((n_tokens,), -1, dtype=torch.int64, device=device)
+    index[:kept.numel()] = kept
+    span = torch.tensor(NO_KEPT_LABEL, dtype=torch.int64, device=device)
+    if labels is not None and kept.numel():
+        span = torch.stack(torch.aminmax(labels[kept]))
+    count = torch.tensor([kept.numel()], dtype=torch.int64, device=device)
+    return index, torch.cat([count, span])
 
 
 def evaluate(

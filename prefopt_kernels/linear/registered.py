@@ -9,19 +9,18 @@ encoded :class:`~prefopt_kernels.spec.LinearSpec` says how to read the list.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
-from .. import distributed, spec as specs
-from ..backends import RowStats, rows_read, saved_names
-from ..checks import check_kept_label_range
+from .. import checks, distributed, spec as specs
+from ..backends import NO_KEPT_LABEL, RowStats, kept_rows, saved_names
 from ..custom_ops import (GRADIENT_OUTPUTS, LIBRARY, mark_outputs, named_arguments, on_device,
                           refuse_double_backward, shard_checking_labels, upstream_gradients)
 from ..dispatch import pick_backend
 from ..layout import token_count
 from ..spec import LinearSpec
-from .heads import FP32, Head, pad_rows
+from .heads import FP32, Head
 from ..sampling import KEPT_STATS, kept_stat_count, raw_threshold
 from . import sampled
 from .passes import LinearCall, backward_pass, forward_pass
@@ -42,25 +41,51 @@ def flat_head_tensors(per_head) -> list:
     return [t for hidden, weight, bias in per_head for t in (hidden, weight, bias) if t is not None]
 
 
-def _kept_tokens(labels, div_weight, spec: LinearSpec, n_tokens: int, device) -> torch.Tensor:
-    """Flat int64 indices of the tokens a call computes: an ignored label drops its token, and
-    without labels (the divergence alone) so does a zero ``div_weight``."""
-    if labels is None and div_weight is None:
-        return torch.arange(n_tokens, device=device)
-    keep, _ = rows_read(labels, div_weight, spec.op, n_tokens, device)
-    return keep.nonzero().reshape(-1)
+class KeptTokens(NamedTuple):
+    """The tokens a call computes (:func:`_kept_tokens`).
+
+    ``index``: their flat int64 indices ``[n]``, increasing. ``saved``: the two tensors the
+    backward reuses them from, ``[N]`` int64 on their device (``index`` then -1) and ``n``, an
+    int64 scalar on the CPU: a size found from the data cannot be an output's shape without a
+    graph break under ``torch.compile``, and a CPU count is read by the backward without a
+    device sync. ``low``, ``high``: the kept labels' least and greatest value
+    (``NO_KEPT_LABEL`` where none is kept or read). ``dropped``: ``None``, or while a graph is
+    captured, bool ``[N]``, the tokens computed only to be zeroed.
+    """
+
+    index: torch.Tensor
+    saved: List[torch.Tensor]
+    low: int
+    high: int
+    dropped: Optional[torch.Tensor]
 
 
-def _saved_kept_tokens(index: torch.Tensor, n_tokens: int) -> List[torch.Tensor]:
-    """The kept tokens ``index`` (``[n]`` int64) as the backward reuses them: ``[N]`` int64 on
-    their device, ``index`` then -1, and ``n``, an int64 scalar on the CPU. A size found from
-    the data cannot be an output's shape without a graph break under ``torch.compile``; a CPU
-    count is read by the backward without a device sync (finding the tokens again would be one)."""
-    return [pad_rows(index, n_tokens, -1), torch.tensor(index.numel(), dtype=torch.int64)]
+def _kept_tokens(labels, div_weight, spec: LinearSpec, n_tokens: int, backend: str, device) -> KeptTokens:
+    """The :class:`KeptTokens` of a call: an ignored label drops its token, and without labels
+    (the divergence alone) so does a zero ``div_weight``.
+
+    One backend launch writes the indices, -1 padded (saved as they are, ``index`` a view of
+    them), and ``[n, low, high]``, read back to the host once. Without labels or weights every
+    token is kept: ``arange``, nothing read back. While a CUDA stream captures a graph nothing
+    can be read back, so every token is computed: the kernels skip the dropped ones' rows
+    (gradient rows 0), the forward zeroes their outputs (the empty row state would finalize
+    to NaN) and the labels' range goes unchecked
+    (:func:`~prefopt_kernels.checks.check_label_range`).
+    """
+    if (labels is None and div_weight is None) or checks.capturing():
+        index = torch.arange(n_tokens, device=device)
+        dropped = None
+        if labels is not None or div_weight is not None:
+            dropped = kept_rows(labels, div_weight, spec.op.ignore_index, n_tokens, device).logical_not()
+        return KeptTokens(index, [index, torch.tensor(n_tokens, dtype=torch.int64)], *NO_KEPT_LABEL, dropped)
+    padded, summary = pick_backend(device, backend).kept_tokens(labels, div_weight, spec.op.ignore_index,
+                                                                 n_tokens, device)
+    count, low, high = summary.tolist()
+    return KeptTokens(padded[:count], [padded, torch.tensor(count, dtype=torch.int64)], low, high, None)
 
 
 def _reused_kept_tokens(kept_tokens: torch.Tensor, kept_count: torch.Tensor) -> torch.Tensor:
-    """The ``[n]`` kept tokens of :func:`_saved_kept_tokens`' two tensors (a view)."""
+    """The ``[n]`` kept tokens of the two tensors of :attr:`KeptTokens.saved` (a view)."""
     return kept_tokens[:kept_count.tolist()]
 
 
@@ -105,7 +130,7 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
 
     Returns the ``[...]`` outputs the spec asks for (``OpSpec.outputs`` order), its extras,
     the saved statistics (flat ``[N]`` each: every output has a shape known without the data),
-    the kept tokens (:func:`_saved_kept_tokens`) and, with a ``group``, the shard's ``[v0, V]``
+    the kept tokens (:attr:`KeptTokens.saved`) and, with a ``group``, the shard's ``[v0, V]``
     int64; dropped tokens hold 0. Checks the labels' range (every rank's, sharded) as it runs.
     """
     linear = LinearSpec.decode(spec)
@@ -116,10 +141,11 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
     # Unsharded, the kept labels' range is checked below: they exclude the ignored ones.
     shard = shard_checking_labels(group, linear, has_ref, head_weight.shape[0], n_tokens, device,
                                   labels if group else None, div_weight, [h.shape[-1] for h, _, _ in per_head])
-    index = _kept_tokens(labels, div_weight, linear, n_tokens, device)
-    call = _call(per_head, labels, div_weight, linear, index, shard, backend)
-    if not group and call.labels is not None:
-        check_kept_label_range(call.labels, head_weight.shape[0], linear.op.ignore_index)
+    kept_tokens = _kept_tokens(labels, div_weight, linear, n_tokens, backend, device)
+    if not group and labels is not None:
+        checks.check_kept_label_range(kept_tokens.low, kept_tokens.high, labels, head_weight.shape[0],
+                                      linear.op.ignore_index)
+    call = _call(per_head, labels, div_weight, linear, kept_tokens.index, shard, backend)
     # Autocast stays on inside a registered op: the tiles choose their dtypes themselves.
     with torch.autocast(device.type, enabled=False), on_device(device):
         tile_candidates = sampled.TileCandidates(call) if linear.op.samples else None
@@ -136,7 +162,9 @@ def _linear_forward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], d
     saved = stats.saved(linear.op, has_ref) + kept
     shapes = [hidden.shape[:-1]] * len(values) + [(n_tokens,)] * len(saved)
     tail = [distributed.shard_to_tensor(shard)] if group else []
-    return _token_outputs(values + saved, call, shapes) + _saved_kept_tokens(index, n_tokens) + tail
+    if kept_tokens.dropped is not None:
+        values = [value.masked_fill(kept_tokens.dropped, 0) for value in values]
+    return _token_outputs(values + saved, call, shapes) + kept_tokens.saved + tail
 
 
 @_linear_forward.register_fake
@@ -163,7 +191,7 @@ def _linear_backward(heads: List[torch.Tensor], labels: Optional[torch.Tensor], 
     """Re-project every tile of the kept tokens and accumulate the gradients asked for.
 
     ``saved`` are the forward's ``[N]`` statistics, ``kept_tokens`` and ``kept_count`` its kept
-    tokens (:func:`_saved_kept_tokens`); ``upstream`` holds ``(g_logp, g_entropy, g_div)``,
+    tokens (:attr:`KeptTokens.saved`); ``upstream`` holds ``(g_logp, g_entropy, g_div)``,
     fp32 ``[...]`` or ``None`` (zero); ``needs`` flags the gradients of the policy's hidden
     states, weight and bias. Returns those three gradients, each empty where not asked for.
     """

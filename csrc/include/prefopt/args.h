@@ -122,6 +122,21 @@
   X(fold, FoldArgs, PREFOPT_FOLD_PARAMS)                         \
   X(sweep, SweepArgs, PREFOPT_SWEEP_PARAMS)
 
+// The kept tokens of a fused linear call (prefopt/kept_tokens.h), one pass over the flat
+// tokens: labels (int64) and weight (fp32) are [n_tokens] or null; index, int64 [n_tokens],
+// receives the kept tokens' indices in increasing order, then -1 to the end; summary, int64
+// [3], receives their count and the least and greatest kept label (INT64_MAX and INT64_MIN
+// when there are none, or no labels). Not a row entry point: no logits, no instruction-set
+// variants.
+#define PREFOPT_KEPT_TOKENS_PARAMS(X) \
+  X(int64_t, n_tokens)                \
+  X(const int64_t*, labels)           \
+  X(const float*, weight)             \
+  X(int64_t, ignore_index)            \
+  X(int64_t*, index)                  \
+  X(int64_t*, summary)
+#define PREFOPT_TOKEN_ENTRY_POINTS(X) X(kept_tokens, KeptTokensArgs, PREFOPT_KEPT_TOKENS_PARAMS)
+
 namespace prefopt {
 
 // The most candidates per row a forward gathers (the CPU's buffer, 2 per candidate, is on the
@@ -195,6 +210,12 @@ struct FoldArgs : RowInputs {
 // divergence term.
 struct SweepArgs : SavedStatsArgs {
   PREFOPT_SWEEP_FIELDS(PREFOPT_DECLARE_FIELD)
+};
+
+// Everything one kept_tokens call needs (PREFOPT_KEPT_TOKENS_PARAMS).
+struct KeptTokensArgs {
+  PREFOPT_KEPT_TOKENS_PARAMS(PREFOPT_DECLARE_FIELD)
+  int num_threads = 0;  // CPU only; the scan runs on one thread
 };
 
 }  // namespace prefopt

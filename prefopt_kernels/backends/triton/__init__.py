@@ -229,6 +229,26 @@ def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0:
     return value, centred
 
 
+# Tokens per step of the kept-tokens program (one program: a step is a block scan).
+KEPT_TOKENS_BLOCK = 2048
+
+
+def kept_tokens(labels, weight, ignore_index: int, n_tokens: int, device) -> tuple:
+    """The kept tokens of a fused linear call in one launch of one program: ``(index, summary)``,
+    ``index`` int64 ``[N]`` the rows a pass reads (``backends.kept_rows``) in increasing order then
+    -1, ``summary`` int64 ``[3]`` their count and least and greatest kept label (``NO_KEPT_LABEL``
+    where no label is kept). ``labels`` int64 / ``weight`` fp32 ``[N]`` or ``None``."""
+    from .kernels import kept_tokens_kernel
+
+    index = torch.empty(n_tokens, dtype=torch.int64, device=device)
+    summary = torch.empty(3, dtype=torch.int64, device=device)
+    kept_tokens_kernel[(1,)](
+        _or_placeholder(labels, index), _or_placeholder(weight, index), index, summary, n_tokens, ignore_index,
+        HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, BLOCK=KEPT_TOKENS_BLOCK, num_warps=8,
+    )
+    return index, summary
+
+
 def _divergence_params(spec: OpSpec) -> dict:
     """``beta, 1 - beta, log beta, log(1 - beta), alpha, alpha - 1`` by kernel argument name,
     computed in float64 here and rounded to fp32 once at the launch: formed in fp32 from a

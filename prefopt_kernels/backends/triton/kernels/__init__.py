@@ -3,6 +3,7 @@
 
 from .backward import token_backward_kernel
 from .forward import token_forward_kernel
+from .kept_tokens import kept_tokens_kernel
 from .slices import slice_state_kernel, slice_sweep_kernel
 
-__all__ = ["slice_state_kernel", "slice_sweep_kernel", "token_backward_kernel", "token_forward_kernel"]
+__all__ = ["kept_tokens_kernel", "slice_state_kernel", "slice_sweep_kernel", "token_backward_kernel", "token_forward_kernel"]
