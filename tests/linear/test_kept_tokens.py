@@ -6,6 +6,11 @@ of it: the first bad label named, the range left unchecked while a graph is capt
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,6 +18,18 @@ import prefopt_kernels as pk
 from prefopt_kernels import checks
 from prefopt_kernels.backends import native, reference
 from prefopt_kernels.backends import triton as triton_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cuda_tools_available() -> bool:
+    from benchmarks import sass
+    try:
+        sass.cuda_tools()
+        return True
+    except RuntimeError:
+        return False
+
 
 BACKENDS = [
     pytest.param(native, id="native", marks=pytest.mark.skipif(not native.is_available(), reason="needs the native build")),
@@ -172,3 +189,33 @@ def test_while_capturing_every_token_is_computed(monkeypatch):
     assert (eager[0][::4] == 0).all() and (eager[1][1::3] == 0).all()
     for a, b in zip(eager, captured):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+# Each specialisation of the launch: labels (an ignore_index within 32 bits and past them),
+# weight alone, neither.
+SM90_SCRIPT = """
+import sys, tempfile, torch
+from benchmarks import static_gpu
+from prefopt_kernels.backends import triton as backend
+n = 5000
+for labels, weight, ignore_index in ((torch.zeros(n, dtype=torch.int64), None, -100), (None, torch.ones(n), -100),
+                                     (torch.zeros(n, dtype=torch.int64), None, 2 ** 40), (None, None, -100)):
+    with static_gpu.recorded_launches() as launches:
+        backend.kept_tokens(labels, weight, ignore_index, n, torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as workdir:
+        _, name, threads = static_gpu.compile_sm90(launches[0], workdir)
+    print(name, threads)
+"""
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None and not _cuda_tools_available(),
+                    reason="no CUDA binary tools (Triton's wheel bundles them)")
+def test_triton_kernel_compiles_for_sm90():
+    """The interpreter runs what the compiler may refuse (a global that is not a constexpr, say):
+    each specialisation of the launch is compiled for sm_90, without a GPU, outside the
+    interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SM90_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["kept_tokens_kernel", "256"] * 4

@@ -243,7 +243,8 @@ def kept_tokens(labels, weight, ignore_index: int, n_tokens: int, device) -> tup
     index = torch.empty(n_tokens, dtype=torch.int64, device=device)
     summary = torch.empty(3, dtype=torch.int64, device=device)
     kept_tokens_kernel[(1,)](
-        _or_placeholder(labels, index), _or_placeholder(weight, index), index, summary, n_tokens, ignore_index,
+        labels_ptr=_or_placeholder(labels, index), weight_ptr=_or_placeholder(weight, index), index_ptr=index,
+        summary_ptr=summary, n_tokens=n_tokens, ignore_index=ignore_index,
         HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, BLOCK=KEPT_TOKENS_BLOCK, num_warps=8,
     )
     return index, summary

@@ -6,8 +6,8 @@ value; then it writes -1 after the last kept index and stores ``[count, low, hig
 import triton
 import triton.language as tl
 
-INT64_MAX: tl.constexpr = 2 ** 63 - 1
-INT64_MIN: tl.constexpr = -2 ** 63
+INT64_MAX = tl.constexpr(2 ** 63 - 1)
+INT64_MIN = tl.constexpr(-2 ** 63)
 
 
 @triton.jit
