@@ -7,8 +7,9 @@
 #include "prefopt/common.h"
 
 namespace prefopt {
+PREFOPT_MATH_BEGIN
 
-// Whether token n is computed (the rule of rows_read in backends/__init__.py): its label is
+// Whether token n is computed (the rule of kept_rows in backends/__init__.py): its label is
 // not ignore_index; without labels, its weight is non-zero (a NaN weight is kept, -0 is not);
 // without either, every token.
 PREFOPT_HD PREFOPT_INLINE bool is_kept(const int64_t* labels, const float* weight, int64_t ignore_index,
@@ -35,4 +36,5 @@ struct KeptSummary {
   }
 };
 
+PREFOPT_MATH_END
 }  // namespace prefopt
