@@ -16,8 +16,9 @@
 // guards log_norm - log_norm and div_s - div_s).
 // Vocabulary slices (row states): fold_kernel merges the first pass's state of a slice
 // [v0, v0 + vocab) into the row's running state, sweep_kernel runs the second sweep over a
-// slice from the whole row's statistics and adds its sums into the running ones, and the backward takes v0 for the label's index; the whole row is the
-// slice at v0 = 0, so both run the forward's and backward's own loops.
+// slice from the whole row's statistics and adds its sums into the running ones, and the
+// backward takes v0 for the label's index; the whole row is the slice at v0 = 0, so both run
+// the forward's and backward's own loops.
 // Sampler-matched forwards (args.candidates > 0) run candidates_forward_kernel: the same rows,
 // with each row's largest policy logits gathered by the first pass's own read
 // (candidates_device.cuh); forward_kernel's code does not change.
