@@ -213,7 +213,8 @@ def _linear_calls():
                 state = row_state.empty(rows, spec, with_ref, tile.device)
                 backend.fold(state, tile, labels, tile if with_ref else None, None, spec, 0)
                 if spec.member is not None and spec.member.second_sweep:
-                    backend.sweep(stats(with_ref), tile, tile, labels, None, spec, 0)
+                    backend.sweep(stats(with_ref), tile, tile, labels, None, spec, 0, torch.empty(rows),
+                                  torch.empty(rows), first_slice=True)
             for width in widths[(heads, True)]:
                 tile = torch.zeros(1, rows, width)
                 backend.slice_backward(tile, labels, tile if with_ref else None, None, spec, stats(with_ref),

@@ -213,7 +213,8 @@ py::tuple names(std::initializer_list<const char*> list) {
   "running row state (fp32 [n_rows], argmax int64 global) at the non-zero pointers, in place."
 #define PREFOPT_DOC_sweep                                                                      \
   "Second sweep of js/tv/hellinger/chi2/alpha over a vocabulary slice of CPU rows from the " \
-  "final statistics: fp32 [n_rows] value_sum and centred_sum."
+  "final statistics, added into the fp32 [n_rows] value_sum and centred_sum in place "        \
+  "(taken as 0 when first_slice is non-zero)."
 
 #define PREFOPT_DOC_kept_tokens                                                                \
   "The kept tokens of a fused linear call over CPU int64 labels / fp32 weight [n_tokens]: "  \

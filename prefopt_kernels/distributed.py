@@ -120,7 +120,10 @@ def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: 
     if not (spec.member and spec.member.second_sweep):
         return stats, largest
     if rows.shape[2]:
-        value_sum, centred_sum = backend.sweep(stats, rows, ref_rows, labels, weight, spec, shard.v0)
+        value_sum, centred_sum = backend.sweep(stats, rows, ref_rows, labels, weight, spec, shard.v0,
+                                               torch.empty(n, dtype=torch.float32, device=rows.device),
+                                               torch.empty(n, dtype=torch.float32, device=rows.device),
+                                               first_slice=True)
     else:
         value_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
         centred_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)

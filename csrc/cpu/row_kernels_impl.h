@@ -12,9 +12,9 @@
 //   again blocked; the row is re-read from cache.
 // Vocabulary slices (row states): fold runs pass 1 over a slice [v0, v0 + vocab) and merges
 // its RowState into the row's running state (fold_state.h); sweep runs pass 2 over a slice
-// with the whole row's final statistics; the backward takes the slice offset v0 for the
-// label's index. The whole row is the slice at
-// v0 = 0, so every path runs the same loops.
+// with the whole row's final statistics and adds its sums into the running ones
+// (SweepArgs::accumulate); the backward takes the slice offset v0 for the label's index.
+// The whole row is the slice at v0 = 0, so every path runs the same loops.
 // Backward, per row: one vectorised loop reading a (and b when the divergence term is
 // active) and writing g in the output dtype, with log p from the saved row_max/log_norm;
 // each element is read before it is written, so g may alias a.
@@ -381,8 +381,7 @@ void sweep_impl(const SweepArgs& args) {
                         LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
                         args.ref_at_argmax[row], prm, value, centred);
     }
-    args.value_sum[row] = static_cast<float>(value);
-    args.centred_sum[row] = static_cast<float>(centred);
+    args.accumulate(row, static_cast<float>(value), static_cast<float>(centred));
   }
 }
 

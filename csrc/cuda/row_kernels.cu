@@ -16,8 +16,9 @@
 // guards log_norm - log_norm and div_s - div_s).
 // Vocabulary slices (row states): fold_kernel merges the first pass's state of a slice
 // [v0, v0 + vocab) into the row's running state, sweep_kernel runs the second sweep over a
-// slice from the whole row's statistics, and the backward takes v0 for the label's index; the whole row is the
-// slice at v0 = 0, so both run the forward's and backward's own loops.
+// slice from the whole row's statistics and adds its sums into the running ones, and the
+// backward takes v0 for the label's index; the whole row is the slice at v0 = 0, so both run
+// the forward's and backward's own loops.
 // Sampler-matched forwards (args.candidates > 0) run candidates_forward_kernel: the same rows,
 // with each row's largest policy logits gathered by the first pass's own read
 // (candidates_device.cuh); forward_kernel's code does not change.
@@ -312,7 +313,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) fold_kernel(FoldArgs args) {
   }
 }
 
-// Second sweep over a vocabulary slice (SweepArgs), DIV one of js/tv/hellinger/chi2/alpha.
+// Second sweep over a vocabulary slice (SweepArgs), DIV one of js/tv/hellinger/chi2/alpha; its
+// sums are added into the running ones (SweepArgs::accumulate).
 template <int DT, int DIV>
 __global__ void __launch_bounds__(kMaxThreads, 2) sweep_kernel(SweepArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
@@ -330,10 +332,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) sweep_kernel(SweepArgs args, D
                         LogProbShift{args.ref_row_max[row], args.ref_log_norm[row]},
                         args.ref_at_argmax[row], prm, value, centred, sum_scratch);
     }
-    if (threadIdx.x == 0) {
-      args.value_sum[row] = value;
-      args.centred_sum[row] = centred;
-    }
+    if (threadIdx.x == 0) args.accumulate(row, value, centred);
   }
 }
 

@@ -338,25 +338,29 @@ def _fold(state, logits, labels, ref_logits, weight, spec: OpSpec, v0: int, coun
 
 
 def sweep(stats: RowStats, logits: torch.Tensor, ref_logits: torch.Tensor, labels: Optional[torch.Tensor],
-          weight: Optional[torch.Tensor], spec: OpSpec, v0: int):
-    """The second sweep over one vocabulary slice: ``(value_sum, centred_sum)``, fp32 ``[N]``.
+          weight: Optional[torch.Tensor], spec: OpSpec, v0: int, value_sum: torch.Tensor, centred_sum: torch.Tensor,
+          first_slice: bool = False):
+    """The second sweep over one vocabulary slice, its sums added into ``value_sum`` and
+    ``centred_sum`` in place (one kernel launch); returns ``(value_sum, centred_sum)``.
 
     For js/tv/hellinger/chi2/alpha, with ``log p = (a - row_max) / T - log_norm``, ``log q``
-    likewise and ``k`` the whole row's policy argmax (``ref_at_argmax = b_k``):
-    ``value_sum = sum_j q_j f(t_j)`` and ``centred_sum = sum_j p_j (f'(t_j) - f'(t_k))`` over
-    the slice, from the final ``stats`` of :func:`row_state.finalize`; 0 on rows without the
-    divergence term. ``logits``/``ref_logits`` ``[B, T, Vs]`` slice views as in :func:`fold`.
-    ``v0`` is not needed (nothing here depends on global indices); it keeps the interface.
+    likewise and ``k`` the whole row's policy argmax (``ref_at_argmax = b_k``), the slice's
+    ``sum_j q_j f(t_j)`` and ``sum_j p_j (f'(t_j) - f'(t_k))``, from the final ``stats`` of
+    :func:`row_state.finalize`, 0 on rows without the divergence term; every row becomes
+    ``acc = (first_slice ? 0 : acc) + slice sum`` in fp32, bit for bit the slices' sums added
+    into zero-filled accumulators in slice order. ``value_sum``/``centred_sum``: contiguous fp32
+    ``[N]``; with ``first_slice`` they are not read, so they may come from ``torch.empty``.
+    ``logits``/``ref_logits`` ``[B, T, Vs]`` slice views as in :func:`fold`. ``v0`` is not
+    needed (nothing here depends on global indices); it keeps the interface.
     """
-    n = stats.log_norm.shape[0]
     device = logits.device
+    row_state.check_sweep_sums(value_sum, centred_sum, stats.log_norm.shape[0], device)
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
     inputs = _saved(stats, SWEEP_STATS)
-    value_sum = torch.empty(n, dtype=torch.float32, device=device)
-    centred_sum = torch.empty(n, dtype=torch.float32, device=device)
     _launch("sweep", device, **_common(logits, labels, ref_logits, weight, spec),
-            **_pointers(inputs, SWEEP_STATS), value_sum=_ptr(value_sum), centred_sum=_ptr(centred_sum))
+            **_pointers(inputs, SWEEP_STATS), first_slice=int(first_slice), value_sum=_ptr(value_sum),
+            centred_sum=_ptr(centred_sum))
     return value_sum, centred_sum
 
 

@@ -301,11 +301,15 @@ def _fprime_at_argmax(stats: RowStats, spec: OpSpec):
     return (slope_k / torch.exp(lp_k))[:, 0]
 
 
-def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int):
-    """The second sweep over one slice: ``(sum q f(t), sum p (f'(t) - f'(t_k)))`` per row, float64 ``[N]``.
+def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int, value_sum, centred_sum,
+          first_slice: bool = False):
+    """The second sweep over one slice: ``sum q f(t)`` and ``sum p (f'(t) - f'(t_k))`` per row in
+    float64, added into ``value_sum`` and ``centred_sum`` (``[N]``, any floating dtype: float64
+    keeps the sums exact) as ``acc = (first_slice ? 0 : acc) + sum`` (:func:`row_state.add_sweep_sums`);
+    returns them.
 
     Needs the final ``row_max``, ``log_norm``, ``ref_row_max``, ``ref_log_norm`` and
-    ``ref_at_argmax`` of :func:`row_state.finalize`. Rows without the divergence give 0.
+    ``ref_at_argmax`` of :func:`row_state.finalize`. Rows without the divergence add 0.
     """
     n, width = stats.log_norm.shape[0], logits.shape[-1]
     _, div_on = rows_read(labels, weight, spec, n, stats.log_norm.device)
@@ -318,7 +322,8 @@ def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0:
     value, slope = GENERATORS[spec.divergence](lp, lq, spec.beta, spec.alpha)
     centred = slope - torch.exp(lp) * _fprime_at_argmax(stats, spec)[:, None]
     centred = torch.where(lp > -math.inf, centred, 0.0)
-    return torch.where(on, value, 0.0).sum(-1), torch.where(on, centred, 0.0).sum(-1)
+    return row_state.add_sweep_sums(value_sum, centred_sum, torch.where(on, value, 0.0).sum(-1),
+                                    torch.where(on, centred, 0.0).sum(-1), first_slice)
 
 
 def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,

@@ -9,7 +9,10 @@ filled: :func:`unfilled`), and
 :func:`finalize` turns the state of the whole vocabulary into the forward's
 :class:`~prefopt_kernels.backends.RowStats`. The divergences with a second sweep (js, tv,
 hellinger, chi2, alpha) then sum ``q f(t)`` and the centred ``p (f'(t) - f'(t_k))`` per slice
-given the final normalisers; those partial sums merge by addition (:func:`finish_sweep`).
+given the final normalisers; those partial sums merge by addition: a backend's
+``sweep(stats, slice..., value_sum, centred_sum, first_slice=False)`` adds them into running
+accumulators in place (:func:`add_sweep_sums`; with ``first_slice`` without reading them, so
+they may be allocated unfilled), and :func:`finish_sweep` completes the divergence.
 The backward of a slice needs only the final statistics.
 
 The state holds, per row, with ``u_a = (a - m_a) / T``, ``u_b = (b - m_b) / T`` and
@@ -134,6 +137,29 @@ def reset(state: RowState) -> RowState:
     for name, value in state.tensors().items():
         value.fill_(-1 if name == "argmax" else -math.inf if name in _NEGATIVE_INFINITE_STARTS else 0)
     return state
+
+
+def check_sweep_sums(value_sum: torch.Tensor, centred_sum: torch.Tensor, n: int, device) -> None:
+    """Refuse, naming the argument, a second sweep's accumulators that are not contiguous fp32
+    ``[n]`` tensors on ``device``: the sweep kernels add into them in place through raw pointers."""
+    device = torch.device(device)
+    for name, acc in (("value_sum", value_sum), ("centred_sum", centred_sum)):
+        if (acc.dtype != torch.float32 or tuple(acc.shape) != (n,) or not acc.is_contiguous()
+                or acc.device != device):
+            raise ValueError(f"sweep: {name} must be a contiguous fp32 [{n}] tensor on {device}, got "
+                             f"{acc.dtype} {tuple(acc.shape)} on {acc.device}")
+
+
+def add_sweep_sums(value_sum: torch.Tensor, centred_sum: torch.Tensor, value, centred,
+                   first_slice: bool):
+    """``acc = (first_slice ? 0 : acc) + part`` in place for both accumulators (``value`` into
+    ``value_sum``, ``centred`` into ``centred_sum``; ``[N]`` tensors, or a number for every row),
+    rounded once to the accumulators' dtype: the sweep kernels' epilogue in torch ops. Returns them."""
+    for acc, part in ((value_sum, value), (centred_sum, centred)):
+        if first_slice:
+            acc.zero_()
+        acc.add_(part)
+    return value_sum, centred_sum
 
 
 def _shift(m1: torch.Tensor, m2: torch.Tensor, inv_temperature: float):

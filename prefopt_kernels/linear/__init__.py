@@ -20,7 +20,8 @@ How a call runs (the same for every op and divergence):
   into the rows' running states in place (:mod:`prefopt_kernels.backends.row_state`): per
   tile, one GEMM per head and one launch. The tile shape comes from ``memory_budget``.
   Divergences with a second sweep (js, tv, hellinger, chi2, alpha) project every tile once
-  more, after the normalisers are known.
+  more, after the normalisers are known, and one ``sweep`` launch adds its partial sums into
+  the rows' in place.
 * **Backward.** Vocabulary chunks outside, token chunks inside: each tile is projected
   again and turned into ``dL/dz`` in place by the backend's ``slice_backward`` (from the
   saved per-row statistics alone), then into the gradient of ``h W^T + c``; ``d h = dz W``

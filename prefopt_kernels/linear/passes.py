@@ -152,18 +152,19 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None
     every_row_read = n_rows == n_kept
     stats = row_state.finalize(state, all_labels, all_weight, op, every_row_read)
     if op.member and op.member.second_sweep:
-        value_sum = torch.zeros(n_rows, dtype=FP32, device=device)
-        centred_sum = torch.zeros(n_rows, dtype=FP32, device=device)
+        # Each token chunk's first sweep writes its rows' sums and the later ones add into them,
+        # so the sums are zero-filled only when no chunk runs (an empty shard).
+        allocate = torch.empty if plan.vocab_ranges else torch.zeros
+        value_sum = allocate(n_rows, dtype=FP32, device=device)
+        centred_sum = allocate(n_rows, dtype=FP32, device=device)
         for t0, t1 in plan.token_ranges:
             labels, weight = _chunk_of(all_labels, t0, t1), _chunk_of(all_weight, t0, t1)
             rows = chunk_rows(t0, t1)
             chunk_stats = stats_rows(stats, t0, t1)
             for v0, v1 in plan.vocab_ranges:
                 a, b = project(rows, v0, v1)
-                value, centred = backend.sweep(chunk_stats, backend_rows(a), backend_rows(b), labels, weight, op,
-                                               shard.v0 + v0)
-                value_sum[t0:t1].add_(value)
-                centred_sum[t0:t1].add_(centred)
+                backend.sweep(chunk_stats, backend_rows(a), backend_rows(b), labels, weight, op, shard.v0 + v0,
+                              value_sum[t0:t1], centred_sum[t0:t1], first_slice=v0 == 0)
         stats = distributed.finish_second_pass(stats, value_sum, centred_sum, all_labels, all_weight, op,
                                                shard.group, every_row_read)
     extra_values = {}

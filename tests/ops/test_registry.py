@@ -110,11 +110,14 @@ def test_the_native_dispatch_refuses_unknown_codes(monkeypatch):
     with pytest.raises(ValueError, match="unknown divergence code"):
         native.backward(rows, None, rows, None, OpSpec(divergence=len(Divergence) + 1), stats,
                         None, None, torch.ones(2), torch.empty_like(rows))
+    sums = torch.empty(2), torch.empty(2)
     with pytest.raises(ValueError, match="unknown divergence code"):
-        native.sweep(stats, rows, rows, None, None, OpSpec(divergence=len(Divergence) + 1), 0)
+        native.sweep(stats, rows, rows, None, None, OpSpec(divergence=len(Divergence) + 1), 0, *sums,
+                     first_slice=True)
     # A known code that has no second sweep is refused too, never summed as something else.
     with pytest.raises(ValueError, match="sweep is for"):
-        native.sweep(stats, rows, rows, None, None, OpSpec(divergence=Divergence.REVERSE_KL), 0)
+        native.sweep(stats, rows, rows, None, None, OpSpec(divergence=Divergence.REVERSE_KL), 0, *sums,
+                     first_slice=True)
     monkeypatch.setitem(native.DTYPE_CODES, torch.float32, len(native.DTYPE_CODES))
     with pytest.raises(ValueError, match="unknown dtype code"):
         native.forward(rows, None, rows, None, OpSpec(divergence=Divergence.JS))

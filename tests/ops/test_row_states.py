@@ -3,10 +3,10 @@
 Every row is cut into k random slices (k = 1..7, uneven, empty ones included, and slices
 whose logits are all ``-inf``); the slices are folded in a random order, some one after
 another into one running state (in place: the kernels' merge epilogue), the others into
-states of their own, and the states merged in a random order; the second sweep's partial sums are added in a random
-order; each slice's gradient comes from the final statistics alone. Values and gradients
-must meet the numerics contract against the float64 oracle and agree with the backend's own
-whole-row op.
+states of their own, and the states merged in a random order; the slices' second-sweep sums
+are added in a random order, by the sweeps themselves, into one pair of accumulators; each
+slice's gradient comes from the final statistics alone. Values and gradients must meet the
+numerics contract against the float64 oracle and agree with the backend's own whole-row op.
 """
 
 import math
@@ -70,14 +70,15 @@ def _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng):
     stats = row_state.finalize(_merge_in_random_order(pieces, spec, rng), labels, weight, spec)
     if spec.divergence and Divergence(spec.divergence).second_sweep:
         rng.shuffle(order)
-        value = torch.zeros(n, dtype=torch.float64, device=rows.device)
-        centred = torch.zeros(n, dtype=torch.float64, device=rows.device)
-        for idx in order:
+        # The slices' sums added into one pair of accumulators in place, NaN before the first
+        # slice writes them (the reference's in float64, which it keeps exact).
+        dtype = torch.float64 if module.NAME == "reference" else torch.float32
+        value, centred = (torch.full((n,), math.nan, dtype=dtype, device=rows.device) for _ in range(2))
+        for position, idx in enumerate(order):
             v0, v1 = cuts[idx]
-            part_value, part_centred = module.sweep(stats, rows[..., v0:v1], ref_rows[..., v0:v1],
-                                                    labels, weight, spec, v0)
-            value += part_value.to(torch.float64)
-            centred += part_centred.to(torch.float64)
+            sums = module.sweep(stats, rows[..., v0:v1], ref_rows[..., v0:v1], labels, weight, spec, v0,
+                                value, centred, first_slice=position == 0)
+            assert sums[0] is value and sums[1] is centred
         stats = row_state.finish_sweep(stats, value.to(torch.float32), centred.to(torch.float32),
                                        labels, weight, spec)
     return stats
@@ -222,3 +223,95 @@ def test_first_slice_fold_writes_what_a_fold_into_the_empty_state_gives(backend,
         assert torch.equal(*bits), (backend, name, value, mine)
     # The skipped row holds the empty state.
     assert got.max[2] == -math.inf and got.sum_exp[2] == 0 and got.argmax[2] == -1 and got.label_logit[2] == 0
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32)
+
+
+@pytest.mark.parametrize("backend", ROW_STATE_BACKENDS)
+@pytest.mark.parametrize("divergence", [d.key for d in Divergence if d.second_sweep])
+def test_sweep_adds_its_sums_into_the_accumulators_bit_for_bit(backend, divergence):
+    """``sweep`` adds each slice's sums into the accumulators in place, bit for bit what the
+    sums of each slice, swept on their own, added into zero-filled fp32 accumulators in slice
+    order give (the accumulation before the sweep did it). The accumulators are NaN before the
+    first slice (``first_slice``: not read); the slices include an empty one and one where a
+    row's logits are all ``-inf`` (a ``-0.0`` sum on some backends, whose first-slice sum is
+    ``0.0 + -0.0 = +0.0``); an ignored label and a zero weight have no divergence term and end
+    at exactly ``+0.0``."""
+    module = _backend(backend)
+    gen = torch.Generator().manual_seed(5)
+    n, vocab = 6, 40
+    cuts = [(0, 17), (17, 17), (17, 40)]
+    a = torch.randn(1, n, vocab, generator=gen) * 3
+    b = torch.randn(1, n, vocab, generator=gen) * 3
+    a[0, 3, 17:] = -math.inf  # the last slice is all -inf in both rows
+    b[0, 3, 17:] = -math.inf
+    a[0, 4, :17] = -math.inf  # the first slice is all -inf in the policy's row alone
+    labels = torch.tensor([1, 30, -100, 2, 20, 5]).to(DEVICE)
+    weight = torch.tensor([1.0, 0.5, 1.0, 1.0, 2.0, 0.0]).to(DEVICE)
+    spec = OpSpec(temperature=0.7, divergence=Divergence[divergence.upper()], beta=0.3, alpha=0.6,
+                  want_logp=True, want_ref_logp=True)
+    rows, ref_rows = RowLayout.of(a.to(DEVICE), b.to(DEVICE)).rows(a.to(DEVICE), b.to(DEVICE))
+    state = module.fold(row_state.empty(n, spec, True, DEVICE), rows, labels, ref_rows, weight, spec, 0)
+    stats = row_state.finalize(state, labels, weight, spec)
+
+    def nans():
+        return torch.full((n,), math.nan, device=DEVICE)
+
+    def swept(v0, v1, value, centred, first_slice):
+        return module.sweep(stats, rows[..., v0:v1], ref_rows[..., v0:v1], labels, weight, spec, v0, value,
+                            centred, first_slice=first_slice)
+
+    # Each slice on its own (the reference's sums in float64, as it gave them), added into zeros.
+    part_dtype = torch.float64 if module.NAME == "reference" else torch.float32
+    want = [torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)]
+    for v0, v1 in cuts:
+        parts = (torch.full((n,), math.nan, dtype=part_dtype, device=DEVICE) for _ in range(2))
+        for acc, part in zip(want, swept(v0, v1, *parts, True)):
+            acc.add_(part)
+    got = nans(), nans()
+    for position, (v0, v1) in enumerate(cuts):
+        value, centred = swept(v0, v1, *got, position == 0)
+        assert value is got[0] and centred is got[1]
+    for name, mine, old in zip(("value_sum", "centred_sum"), got, want):
+        assert not mine.isnan().any(), (backend, name, mine)
+        assert torch.equal(_bits(mine), _bits(old)), (backend, name, mine, old)
+        # No divergence term (an ignored label, a zero weight): exactly +0.0.
+        assert _bits(mine)[[2, 5]].tolist() == [0, 0], (backend, name, mine)
+
+    # Hand-derived: a first slice takes the accumulators as +0.0 and adds (+0.0 + -0.0 = +0.0);
+    # a later slice adds into what they hold (-0.0 + +0.0 = +0.0, NaN stays NaN).
+    for first_slice, held, want_bits in ((True, math.nan, 0), (False, -0.0, 0)):
+        acc = [torch.full((n,), held, device=DEVICE) for _ in range(2)]
+        swept(17, 17, *acc, first_slice)
+        for name, mine in zip(("value_sum", "centred_sum"), acc):
+            assert _bits(mine).tolist() == [want_bits] * n, (backend, name, first_slice, mine)
+    acc = [torch.full((n,), math.nan, device=DEVICE) for _ in range(2)]
+    swept(17, 17, *acc, False)
+    assert all(mine.isnan().all() for mine in acc), (backend, acc)
+    # The all -inf slice of row 3, swept first: its sums, +0.0 or below, never -0.0.
+    acc = nans(), nans()
+    swept(17, 40, *acc, True)
+    for name, mine in zip(("value_sum", "centred_sum"), acc):
+        assert not (mine[3] == 0 and torch.signbit(mine[3])), (backend, name, mine)
+
+
+@pytest.mark.parametrize("backend", [name for name in ROW_STATE_BACKENDS if name != "reference"])
+def test_sweep_refuses_accumulators_it_cannot_write_naming_them(backend):
+    """The kernels add into the accumulators through raw pointers: a wrong dtype, length or a
+    non-contiguous view is refused with the argument's name."""
+    module = _backend(backend)
+    n = 4
+    spec = OpSpec(divergence=Divergence.JS, want_logp=True, want_ref_logp=True)
+    rows = torch.randn(1, n, 8, device=DEVICE)
+    labels = torch.zeros(n, dtype=torch.int64, device=DEVICE)
+    state = module.fold(row_state.empty(n, spec, True, DEVICE), rows, labels, rows, None, spec, 0)
+    stats = row_state.finalize(state, labels, None, spec)
+    good = torch.empty(n, device=DEVICE)
+    for bad in (torch.empty(n, dtype=torch.float64, device=DEVICE), torch.empty(n + 1, device=DEVICE),
+                torch.empty(2 * n, device=DEVICE)[::2]):
+        with pytest.raises(ValueError, match="value_sum"):
+            module.sweep(stats, rows, rows, labels, None, spec, 0, bad, good, first_slice=True)
+        with pytest.raises(ValueError, match="centred_sum"):
+            module.sweep(stats, rows, rows, labels, None, spec, 0, good, bad, first_slice=True)

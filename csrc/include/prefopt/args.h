@@ -103,7 +103,10 @@
   PREFOPT_ROW_STATE_FIELDS(X)  \
   X(int64_t, candidates)       \
   X(float*, candidate_values)
-#define PREFOPT_SWEEP_FIELDS(X) X(float*, value_sum) X(float*, centred_sum)
+#define PREFOPT_SWEEP_FIELDS(X) \
+  X(int64_t, first_slice)       \
+  X(float*, value_sum)          \
+  X(float*, centred_sum)
 
 // The keyword parameters of each entry point, in order: the row inputs, then its own.
 #define PREFOPT_FORWARD_PARAMS(X) PREFOPT_ROW_INPUTS(X) PREFOPT_FORWARD_FIELDS(X)
@@ -205,11 +208,19 @@ struct FoldArgs : RowInputs {
 };
 
 // The second sweep of js/tv/hellinger/chi2/alpha over one vocabulary slice, given the final
-// statistics of the whole row (entropy and div_s are not read): value_sum = sum q f(t),
-// centred_sum = sum p (f'(t) - f'(t_k)) over the slice, fp32 [n_rows], 0 on rows without the
-// divergence term.
+// statistics of the whole row (entropy and div_s are not read): the slice's sums
+// sum q f(t) and sum p (f'(t) - f'(t_k)) (0 on rows without the divergence term) are added
+// into the running fp32 [n_rows] accumulators value_sum and centred_sum in place, every row.
+// first_slice != 0: the accumulators are not read but taken as 0, so they need no fill.
 struct SweepArgs : SavedStatsArgs {
   PREFOPT_SWEEP_FIELDS(PREFOPT_DECLARE_FIELD)
+
+  // acc = (first_slice ? 0 : acc) + slice sum, in fp32: the bits of adding each slice's sums
+  // into zero-filled accumulators (a -0.0 sum of a first slice becomes +0.0 there too).
+  PREFOPT_HD PREFOPT_INLINE void accumulate(int64_t row, float value, float centred) const {
+    value_sum[row] = (first_slice != 0 ? 0.0f : value_sum[row]) + value;
+    centred_sum[row] = (first_slice != 0 ? 0.0f : centred_sum[row]) + centred;
+  }
 };
 
 // Everything one kept_tokens call needs (PREFOPT_KEPT_TOKENS_PARAMS).

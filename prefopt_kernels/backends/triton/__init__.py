@@ -205,28 +205,32 @@ def _gathered(buffer, count: int):
     return buffer[:, :count].float() if buffer is not None else None
 
 
-def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int):
+def sweep(stats: RowStats, logits, ref_logits, labels, weight, spec: OpSpec, v0: int, value_sum, centred_sum,
+          first_slice: bool = False):
     """The second-sweep partial sums ``(sum q f(t), sum p (f'(t) - f'(t_k)))`` of one slice,
-    fp32 ``[N]``, given the whole row's final statistics."""
+    given the whole row's final statistics, added into the fp32 ``[N]`` accumulators
+    ``value_sum`` and ``centred_sum`` in place (one launch); returns them. Every row becomes
+    ``acc = (first_slice ? 0 : acc) + slice sum`` in fp32 (0 sums on rows without the
+    divergence term), as the native :func:`~prefopt_kernels.backends.native.sweep`; with
+    ``first_slice`` the accumulators are not read."""
     from .kernels import slice_sweep_kernel
 
     batches, tokens, width = logits.shape
     n = batches * tokens
-    value = torch.zeros(n, dtype=torch.float32, device=logits.device)
-    centred = torch.zeros_like(value)
-    if width == 0:
-        return value, centred
+    row_state.check_sweep_sums(value_sum, centred_sum, n, logits.device)
+    if width == 0:  # every slice sum is 0
+        return row_state.add_sweep_sums(value_sum, centred_sum, 0.0, 0.0, first_slice)
     block_v, num_warps = launch_config(width, logits.element_size(), two_rows=True)
     slice_sweep_kernel[(n,)](
-        **_rows(logits, ref_logits, labels, weight, value),
-        **_pointers(stats, SWEEP_STATS, value),
-        value_ptr=value, centred_ptr=centred,
-        vocab=width, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
-        **_divergence_params(spec),
+        **_rows(logits, ref_logits, labels, weight, value_sum),
+        **_pointers(stats, SWEEP_STATS, value_sum),
+        value_ptr=value_sum, centred_ptr=centred_sum,
+        vocab=width, first_slice=int(first_slice), inv_temperature=1.0 / spec.temperature,
+        ignore_index=spec.ignore_index, **_divergence_params(spec),
         HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, DIVERGENCE=spec.divergence,
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref_logits), num_warps=num_warps,
     )
-    return value, centred
+    return value_sum, centred_sum
 
 
 # Tokens per step of the kept-tokens program (one program: a step is a block scan).

@@ -143,19 +143,21 @@ def merge_into_row(n, stored, max_ptr, sum_exp_ptr, ent_acc_ptr, argmax_ptr, lab
                      + carried(c2, kl, shift2, za))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_slice"])
 def slice_sweep_kernel(
     a_ptr, b_ptr, labels_ptr, weight_ptr,
     row_max_ptr, log_norm_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_at_argmax_ptr,
     value_ptr, centred_ptr,
     tokens_per_batch, stride_ab, stride_at, stride_bb, stride_bt,
-    vocab, inv_temperature, ignore_index,
+    vocab, first_slice, inv_temperature, ignore_index,
     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     """A slice's partial second-sweep sums, given the row's final statistics (0 where the
-    divergence is off)."""
+    divergence is off), added into the row's running sums at ``value_ptr`` / ``centred_ptr``:
+    ``acc = (first_slice ? 0 : acc) + sum`` in fp32, the stored sums not read on a first slice.
+    ``first_slice`` is not specialised, as in :func:`slice_state_kernel`."""
     tl.static_assert(((SECOND_SWEEP_CODES >> DIVERGENCE) & 1) == 1,
                      "the sweep takes the DIVERGENCE code of a second-sweep divergence")
     n = tl.program_id(0)
@@ -171,5 +173,6 @@ def slice_sweep_kernel(
                                       tl.load(ref_at_argmax_ptr + n),
                                       beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
                                       DIVERGENCE, BLOCK_V)
-    tl.store(value_ptr + n, value)
-    tl.store(centred_ptr + n, centred)
+    stored = first_slice == 0
+    tl.store(value_ptr + n, tl.load(value_ptr + n, mask=stored, other=0.0) + value)
+    tl.store(centred_ptr + n, tl.load(centred_ptr + n, mask=stored, other=0.0) + centred)
