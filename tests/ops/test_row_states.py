@@ -3,8 +3,9 @@
 Every row is cut into k random slices (k = 1..7, uneven, empty ones included, and slices
 whose logits are all ``-inf``); the slices are folded in a random order, some one after
 another into one running state (in place: the kernels' merge epilogue), the others into
-states of their own, and the states merged in a random order; the second sweep's partial sums are added in a random
-order; each slice's gradient comes from the final statistics alone. Values and gradients
+states of their own, and the states merged in a random order and finished by the backend's
+``finalize``; the second sweep's partial sums are added in a random order and finished by its
+``finish_sweep``; each slice's gradient comes from the final statistics alone. Values and gradients
 must meet the numerics contract against the float64 oracle and agree with the backend's own
 whole-row op.
 """
@@ -67,7 +68,7 @@ def _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng):
         assert folded is state
         if state is not running:
             pieces.append(state)
-    stats = row_state.finalize(_merge_in_random_order(pieces, spec, rng), labels, weight, spec)
+    stats = module.finalize(_merge_in_random_order(pieces, spec, rng), labels, weight, spec)
     if spec.divergence and Divergence(spec.divergence).second_sweep:
         rng.shuffle(order)
         value = torch.zeros(n, dtype=torch.float64, device=rows.device)
@@ -78,8 +79,8 @@ def _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng):
                                                     labels, weight, spec, v0)
             value += part_value.to(torch.float64)
             centred += part_centred.to(torch.float64)
-        stats = row_state.finish_sweep(stats, value.to(torch.float32), centred.to(torch.float32),
-                                       labels, weight, spec)
+        stats = module.finish_sweep(stats, value.to(torch.float32), centred.to(torch.float32),
+                                    labels, weight, spec)
     return stats
 
 

@@ -2,7 +2,9 @@
 (``passes``); see ``row_math`` for the arithmetic, the NaN policy and the divergence codes."""
 
 from .backward import token_backward_kernel
+from .finish import finalize_kernel, finish_sweep_kernel
 from .forward import token_forward_kernel
 from .slices import slice_state_kernel, slice_sweep_kernel
 
-__all__ = ["slice_state_kernel", "slice_sweep_kernel", "token_backward_kernel", "token_forward_kernel"]
+__all__ = ["finalize_kernel", "finish_sweep_kernel", "slice_state_kernel", "slice_sweep_kernel", "token_backward_kernel",
+           "token_forward_kernel"]
