@@ -4,7 +4,8 @@
 // (n_rows = B * T, tokens = T, vocab = V) with batch and token strides in elements, dtype
 // codes and, for CUDA, the stream handle, all as integers. A pointer of 0 means "absent"
 // (optional inputs and outputs not asked for). fold, sweep and backward also take a
-// vocabulary slice [v0, v0 + vocab) of the rows (vocab may be 0 there: an empty slice).
+// vocabulary slice [v0, v0 + vocab) of the rows (vocab may be 0 there: an empty slice);
+// finalize and finish_sweep read no logits, only n_rows and the rows' rules.
 // Every entry point's keyword parameters are the fields of its argument struct, expanded
 // from the lists of prefopt/args.h.
 #include <pybind11/pybind11.h>

@@ -5,6 +5,8 @@ all ``-inf`` rows (``Z = 0``), NaN and ``+inf`` sums (a NaN or ``+inf`` logit), 
 logit at the argmax that is ``-inf``, ignored labels, zero weights; every mask (labels or not,
 weight or not, ``every_row_read``) and two temperatures. The expected statistics are formed
 here in float64 from the formulas of ``backends/row_state.py``'s docstring, not from its code.
+The CUDA kernels' per-row math (``csrc/include/prefopt/finalize_state.h`` in fp32 with
+``fast_log``) cannot run here: it is compiled for the host by nvcc and held to the same values.
 """
 
 import itertools
@@ -224,3 +226,109 @@ def test_finalize_by_hand(backend):
                 div=3.0 - ln2 + 0.5 + 2 * ln2)
     for name, value in want.items():
         assert abs(float(getattr(stats, name)[0]) - value) <= 4e-7 * (1 + abs(value)), name
+
+
+# The CUDA kernels' per-row math (csrc/include/prefopt/finalize_state.h in fp32 with fast_log)
+# compiled for the host: reads the state fields and rules from a file, writes every statistic.
+CUDA_DRIVER = r"""
+#include <cstdio>
+#include <vector>
+#include "prefopt/finalize_state.h"
+using namespace prefopt;
+
+int main(int argc, char** argv) {
+  FILE* in = std::fopen(argv[1], "rb");
+  int64_t head[9];
+  double temperature;
+  std::fread(head, sizeof(int64_t), 9, in);
+  std::fread(&temperature, sizeof(double), 1, in);
+  const int64_t n = head[0];
+  std::vector<int64_t> labels(n);
+  std::vector<float> weight(n), fields(10 * n), out(10 * n, 0.f);
+  std::fread(labels.data(), sizeof(int64_t), n, in);
+  std::fread(weight.data(), sizeof(float), n, in);
+  std::fread(fields.data(), sizeof(float), 10 * n, in);
+  std::fclose(in);
+  auto field = [&](int i, bool on) { return on ? fields.data() + i * n : nullptr; };
+  auto output = [&](int i, bool on) { return on ? out.data() + i * n : nullptr; };
+  const int divergence = int(head[1]);
+  const bool has_labels = head[3], has_ref = head[5], logp = head[6] && has_labels;
+  const bool ref_logp = head[7] && has_labels && has_ref, entropy = head[8];
+  const bool first_pass_div = has_ref && first_pass_divergence(divergence) != kNoDivergence;
+  FinalizeArgs a;
+  a.n_rows = n;
+  a.labels = has_labels ? labels.data() : nullptr;
+  a.weight = head[4] ? weight.data() : nullptr;
+  a.temperature = temperature;
+  a.ignore_index = -100;
+  a.divergence = has_ref ? divergence : 0;
+  a.every_row_read = head[2];
+  a.max = field(0, true);
+  a.sum_exp = field(1, true);
+  a.label_logit = field(2, true);
+  a.ent_acc = field(3, entropy);
+  a.ref_max = field(4, has_ref);
+  a.ref_sum_exp = field(5, has_ref);
+  a.ref_label_logit = field(6, has_ref);
+  a.ref_at_argmax = field(7, has_ref);
+  a.fkl_acc = field(8, has_ref && divergence == kForwardKL);
+  a.rkl_acc = field(9, has_ref && divergence == kReverseKL);
+  a.row_max = output(0, true);
+  a.log_norm = output(1, true);
+  a.logp = output(2, logp);
+  a.entropy = output(3, entropy);
+  a.ref_row_max = output(4, has_ref);
+  a.ref_log_norm = output(5, has_ref);
+  a.ref_logp = output(6, ref_logp);
+  a.div = output(7, first_pass_div);
+  a.div_s = output(8, first_pass_div);
+  for (int64_t row = 0; row < n; ++row) finalize_row<float>(a, row, static_cast<float>(1.0 / temperature));
+  for (int64_t i = 0; i < n; ++i) out[9 * n + i] = fields[7 * n + i];  // ref_at_argmax, masked in place
+  FILE* o = std::fopen(argv[2], "wb");
+  std::fwrite(out.data(), sizeof(float), 10 * n, o);
+  std::fclose(o);
+  return 0;
+}
+"""
+STATE_ORDER = ["max", "sum_exp", "label_logit", "ent_acc", "ref_max", "ref_sum_exp", "ref_label_logit",
+               "ref_at_argmax", "fkl_acc", "rkl_acc"]
+STATS_ORDER = ["row_max", "log_norm", "logp", "entropy", "ref_row_max", "ref_log_norm", "ref_logp", "div", "div_s",
+               "ref_at_argmax"]
+
+
+@pytest.fixture(scope="module")
+def cuda_finalize_driver(tmp_path_factory):
+    from cuda_host import build_host_driver
+
+    return build_host_driver(tmp_path_factory, "finalize", CUDA_DRIVER), tmp_path_factory.mktemp("finalize_io")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES, ids=lambda d: "none" if d is None else d.key)
+def test_cuda_finalize_rows_on_the_host(cuda_finalize_driver, divergence):
+    """The CUDA kernels' fp32 math with ``fast_log``, every mask, against the same float64 values."""
+    import subprocess
+
+    binary, work = cuda_finalize_driver
+    for has_labels, has_weight, every_row_read in LAYOUTS:
+        seed = 50 + DIVERGENCES.index(divergence) * 8 + LAYOUTS.index((has_labels, has_weight, every_row_read))
+        gen = torch.Generator().manual_seed(seed)
+        temperature = 0.7 if seed % 2 else 1.0
+        spec = OpSpec(temperature=temperature, ignore_index=IGNORE, divergence=int(divergence or 0), want_logp=True,
+                      want_ref_logp=seed % 3 != 0, want_entropy=seed % 4 != 1)
+        has_ref = divergence is not None or seed % 5 != 0
+        state = _random_state(gen, N, spec, has_ref)
+        labels, weight = _inputs(gen, N, has_labels, has_weight)
+        want = _expected(state, labels, weight, spec, every_row_read)
+        head = torch.tensor([N, int(divergence or 0), every_row_read, has_labels, has_weight, has_ref,
+                             spec.want_logp, spec.want_ref_logp, spec.want_entropy], dtype=torch.int64)
+        fields = torch.stack([getattr(state, name) if getattr(state, name, None) is not None else torch.zeros(N)
+                              for name in STATE_ORDER])
+        source, result = work / "in.bin", work / "out.bin"
+        source.write_bytes(head.numpy().tobytes() + torch.tensor([temperature], dtype=torch.float64).numpy().tobytes()
+                           + (labels if labels is not None else torch.zeros(N, dtype=torch.int64)).numpy().tobytes()
+                           + (weight if weight is not None else torch.zeros(N)).numpy().tobytes()
+                           + fields.to(torch.float32).numpy().tobytes())
+        subprocess.run([binary, str(source), str(result)], check=True)
+        got = torch.frombuffer(bytearray(result.read_bytes()), dtype=torch.float32).view(10, N)
+        for name, (value, scale) in want.items():
+            _assert_matches(got[STATS_ORDER.index(name)], value, scale, name)
