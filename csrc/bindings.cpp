@@ -137,6 +137,7 @@ void validate_finish(const RowInputs& a) {
 
 void validate(const FinalizeArgs& a) {
   validate_finish(a);
+  if (a.n_rows == 0) return;  // nothing is read or written; empty tensors may have null pointers
   if (a.max == nullptr || a.sum_exp == nullptr || a.row_max == nullptr || a.log_norm == nullptr)
     throw std::invalid_argument("prefopt._C: finalize needs max, sum_exp, row_max and log_norm");
   if (a.ref_max != nullptr && (a.ref_sum_exp == nullptr || a.ref_row_max == nullptr || a.ref_log_norm == nullptr))
@@ -159,6 +160,7 @@ void validate(const FinalizeArgs& a) {
 
 void validate(const FinishSweepArgs& a) {
   validate_finish(a);
+  if (a.n_rows == 0) return;
   if (a.log_norm == nullptr || a.ref_log_norm == nullptr || a.value_sum == nullptr || a.centred_sum == nullptr ||
       a.div == nullptr || a.div_s == nullptr)
     throw std::invalid_argument(

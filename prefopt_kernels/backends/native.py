@@ -402,10 +402,11 @@ def finalize(state: row_state.RowState, labels: Optional[torch.Tensor], weight: 
     later = ("ref_at_argmax", "div", "div_s") if member is not None and member.second_sweep else ("ref_at_argmax",)
     names = [name for name in present_stats(spec, labels is not None, has_ref) if name not in later]
     stats = RowStats.empty(n, names, device)
-    _launch("finalize", device, **_finish_inputs(n, labels, weight, spec, has_ref),
-            every_row_read=int(every_row_read),
-            **_pointers(vars(state), [f.name for f in fields(row_state.RowState)]),
-            **_pointers(vars(stats), [f.name for f in fields(RowStats) if f.name != "ref_at_argmax"]))
+    if n:  # no row: nothing to launch (and empty tensors may have null data pointers)
+        _launch("finalize", device, **_finish_inputs(n, labels, weight, spec, has_ref),
+                every_row_read=int(every_row_read),
+                **_pointers(vars(state), [f.name for f in fields(row_state.RowState)]),
+                **_pointers(vars(stats), [f.name for f in fields(RowStats) if f.name != "ref_at_argmax"]))
     if member is not None and member.centred:
         stats.ref_at_argmax = state.ref_at_argmax
     return stats
@@ -427,7 +428,8 @@ def finish_sweep(stats: RowStats, value_sum: torch.Tensor, centred_sum: torch.Te
     inputs = {name: _contiguous(value, torch.float32) for name, value in inputs.items()}
     stats.div = torch.empty(n, dtype=torch.float32, device=device)
     stats.div_s = torch.empty(n, dtype=torch.float32, device=device)
-    _launch("finish_sweep", device, **_finish_inputs(n, labels, weight, spec, True),
-            every_row_read=int(every_row_read), **_pointers(inputs, list(inputs)),
-            div=_ptr(stats.div), div_s=_ptr(stats.div_s))
+    if n:
+        _launch("finish_sweep", device, **_finish_inputs(n, labels, weight, spec, True),
+                every_row_read=int(every_row_read), **_pointers(inputs, list(inputs)),
+                div=_ptr(stats.div), div_s=_ptr(stats.div_s))
     return stats

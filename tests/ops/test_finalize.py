@@ -332,3 +332,16 @@ def test_cuda_finalize_rows_on_the_host(cuda_finalize_driver, divergence):
         got = torch.frombuffer(bytearray(result.read_bytes()), dtype=torch.float32).view(10, N)
         for name, (value, scale) in want.items():
             _assert_matches(got[STATS_ORDER.index(name)], value, scale, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finalize_of_no_rows(backend):
+    """No row (every token ignored, compacted away): empty statistics, no error."""
+    spec = OpSpec(ignore_index=IGNORE, divergence=int(Divergence.JS), want_logp=True, want_entropy=True)
+    module = _backend(backend)
+    labels, weight = torch.zeros(0, dtype=torch.int64, device=DEVICE), torch.zeros(0, device=DEVICE)
+    stats = module.finalize(row_state.empty(0, spec, True, DEVICE), labels, weight, spec, True)
+    stats = module.finish_sweep(stats, torch.zeros(0, device=DEVICE), torch.zeros(0, device=DEVICE), labels, weight,
+                                spec, True)
+    names = pk.backends.present_stats(spec, True, True)
+    assert all(getattr(stats, name).shape == (0,) for name in names)
