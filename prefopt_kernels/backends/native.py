@@ -399,8 +399,7 @@ def finalize(state: row_state.RowState, labels: Optional[torch.Tensor], weight: 
     weight = _contiguous(weight, torch.float32)
     has_ref = state.ref_max is not None
     member = spec.member if has_ref else None
-    later = ("ref_at_argmax", "div", "div_s") if member is not None and member.second_sweep else ("ref_at_argmax",)
-    names = [name for name in present_stats(spec, labels is not None, has_ref) if name not in later]
+    names = row_state.kernel_outputs(spec, labels is not None, has_ref)
     stats = RowStats.empty(n, names, device)
     if n:  # no row: nothing to launch (and empty tensors may have null data pointers)
         _launch("finalize", device, **_finish_inputs(n, labels, weight, spec, has_ref),

@@ -281,8 +281,7 @@ def finalize(state: row_state.RowState, labels, weight, spec: OpSpec, every_row_
     n = state.max.shape[0]
     has_ref = state.ref_max is not None
     member = spec.member if has_ref else None
-    later = ("ref_at_argmax", "div", "div_s") if member is not None and member.second_sweep else ("ref_at_argmax",)
-    names = [name for name in present_stats(spec, labels is not None, has_ref) if name not in later]
+    names = row_state.kernel_outputs(spec, labels is not None, has_ref)
     stats = RowStats.empty(n, names, state.max.device)
     if n:
         placeholder = state.sum_exp
