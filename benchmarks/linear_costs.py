@@ -9,9 +9,10 @@ depend on timing:
   :data:`NON_LAUNCH_OPS` (views, metadata and allocations from the caching allocator). A
   no-op ``.to(same dtype)`` therefore does not count, a ``.to`` that copies does.
 * **gemms**: the launches whose op, or an op it calls, is a matrix product (:data:`GEMM_OPS`).
-* **kernels**: the native backend's kernel calls (``kept_tokens``, ``fold``, ``sweep``,
-  ``backward``), which go through pybind and are not aten ops: counted by their profiler
-  labels (``native.PROFILER_LABEL``).
+* **kernels**: the native backend's kernel calls (``fold``, ``sweep``, ``backward`` per tile;
+  ``kept_tokens``, ``finalize`` and, for a second sweep, ``finish_sweep`` once per call), which
+  go through pybind and are not aten ops: counted by their profiler labels
+  (``native.PROFILER_LABEL``).
 * **workspace**: the peak of the bytes allocated (the profiler's memory events, summed in
   order) over the call, less the bytes of the gradients it returns.
 

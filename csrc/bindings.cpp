@@ -4,7 +4,8 @@
 // (n_rows = B * T, tokens = T, vocab = V) with batch and token strides in elements, dtype
 // codes and, for CUDA, the stream handle, all as integers. A pointer of 0 means "absent"
 // (optional inputs and outputs not asked for). fold, sweep and backward also take a
-// vocabulary slice [v0, v0 + vocab) of the rows (vocab may be 0 there: an empty slice).
+// vocabulary slice [v0, v0 + vocab) of the rows (vocab may be 0 there: an empty slice);
+// finalize and finish_sweep read no logits, only n_rows and the rows' rules.
 // Every entry point's keyword parameters are the fields of its argument struct, expanded
 // from the lists of prefopt/args.h.
 #include <pybind11/pybind11.h>
@@ -24,6 +25,8 @@
 
 namespace py = pybind11;
 using prefopt::BackwardArgs;
+using prefopt::FinalizeArgs;
+using prefopt::FinishSweepArgs;
 using prefopt::FoldArgs;
 using prefopt::ForwardArgs;
 using prefopt::KeptTokensArgs;
@@ -132,6 +135,45 @@ void validate(const KeptTokensArgs& a) {
     throw std::invalid_argument("prefopt._C: kept_tokens needs index and summary");
 }
 
+// The checks of the entry points that finish a row state (no logits are read).
+void validate_finish(const RowInputs& a) {
+  if (a.n_rows < 0) throw std::invalid_argument("prefopt._C: bad shape (n_rows < 0)");
+  PREFOPT_DISPATCH_DIVERGENCE(a.divergence, DIV, (void)DIV);
+  if (!(a.temperature > 0.0)) throw std::invalid_argument("prefopt._C: temperature must be > 0");
+}
+
+void validate(const FinalizeArgs& a) {
+  validate_finish(a);
+  if (a.n_rows == 0) return;  // nothing is read or written; empty tensors may have null pointers
+  if (a.max == nullptr || a.sum_exp == nullptr || a.row_max == nullptr || a.log_norm == nullptr)
+    throw std::invalid_argument("prefopt._C: finalize needs max, sum_exp, row_max and log_norm");
+  if (a.ref_max != nullptr && (a.ref_sum_exp == nullptr || a.ref_row_max == nullptr || a.ref_log_norm == nullptr))
+    throw std::invalid_argument("prefopt._C: a reference needs ref_sum_exp, ref_row_max and ref_log_norm");
+  if ((a.logp != nullptr && (a.labels == nullptr || a.label_logit == nullptr)) ||
+      (a.ref_logp != nullptr && (a.labels == nullptr || a.ref_max == nullptr || a.ref_label_logit == nullptr)))
+    throw std::invalid_argument("prefopt._C: label log-probs need labels and the label logits");
+  if (a.entropy != nullptr && a.ent_acc == nullptr)
+    throw std::invalid_argument("prefopt._C: entropy needs ent_acc");
+  if (prefopt::is_centred(a.divergence) && a.ref_max != nullptr && a.ref_at_argmax == nullptr)
+    throw std::invalid_argument("prefopt._C: this divergence needs ref_at_argmax");
+  if (a.div != nullptr &&
+      (a.div_s == nullptr || a.ref_max == nullptr ||
+       (a.divergence == prefopt::kForwardKL && a.fkl_acc == nullptr) ||
+       (a.divergence == prefopt::kReverseKL && a.rkl_acc == nullptr) ||
+       prefopt::first_pass_divergence(a.divergence) == prefopt::kNoDivergence))
+    throw std::invalid_argument(
+        "prefopt._C: finalize's div is for forward / reverse KL, with div_s, the reference and its accumulator");
+}
+
+void validate(const FinishSweepArgs& a) {
+  validate_finish(a);
+  if (a.n_rows == 0) return;
+  if (a.log_norm == nullptr || a.ref_log_norm == nullptr || a.value_sum == nullptr || a.centred_sum == nullptr ||
+      a.div == nullptr || a.div_s == nullptr)
+    throw std::invalid_argument(
+        "prefopt._C: finish_sweep needs log_norm, ref_log_norm, value_sum, centred_sum, div and div_s");
+}
+
 // Runs a CPU entry point on `num_threads` threads (0: the OpenMP default), without the GIL.
 template <typename Args>
 void run_cpu(void (*kernel)(const Args&), Args args, int num_threads) {
@@ -220,6 +262,13 @@ py::tuple names(std::initializer_list<const char*> list) {
   "The kept tokens of a fused linear call over CPU int64 labels / fp32 weight [n_tokens]: "  \
   "their indices in order into index (int64 [n_tokens], -1 after them) and count, least and " \
   "greatest kept label into summary (int64 [3]; INT64_MAX, INT64_MIN when none)."
+
+#define PREFOPT_DOC_finalize                                                                  \
+  "The forward's fp32 [n_rows] statistics from CPU row states over the whole vocabulary, "   \
+  "written at the non-zero pointers (a centred divergence's ref_at_argmax masked in place)."
+#define PREFOPT_DOC_finish_sweep                                                            \
+  "A second-sweep divergence's fp32 [n_rows] div and div_s from the summed CPU sweeps and " \
+  "the final log_norm / ref_log_norm."
 
 #define PREFOPT_PY_ARG(type, name) py::arg(#name),
 #define PREFOPT_NAME(type, name) #name,

@@ -81,21 +81,25 @@ def group_named(name: str):
     return _resolve_process_group(name)
 
 
-def finish_first_pass(state: row_state.RowState, labels, weight, spec: OpSpec, group) -> RowStats:
-    """The forward's statistics from this rank's state: merged over the group first, if any."""
+def finish_first_pass(backend, state: row_state.RowState, labels, weight, spec: OpSpec, group,
+                      every_row_read: bool = False) -> RowStats:
+    """The forward's statistics from this rank's state: merged over the group first, if any, then
+    finished by ``backend.finalize`` in one launch (``every_row_read``: as
+    :func:`~prefopt_kernels.backends.row_state.finalize`)."""
     if group is not None:
         state, _ = merge_across(state, spec, group)
-    return row_state.finalize(state, labels, weight, spec)
+    return backend.finalize(state, labels, weight, spec, every_row_read)
 
 
-def finish_second_pass(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec, group,
+def finish_second_pass(backend, stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec, group,
                        every_row_read: bool = False) -> RowStats:
-    """A second-sweep divergence from this rank's partial sums: summed over the group first, if any
-    (``every_row_read``: as :func:`~prefopt_kernels.backends.row_state.finish_sweep`)."""
+    """A second-sweep divergence from this rank's partial sums: summed over the group first, if any,
+    then finished by ``backend.finish_sweep`` in one launch (``every_row_read``: as
+    :func:`~prefopt_kernels.backends.row_state.finish_sweep`)."""
     value_sum, centred_sum = value_sum.to(torch.float32), centred_sum.to(torch.float32)
     if group is not None:
         all_reduce_sum(value_sum, centred_sum, process_group=group)
-    return row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec, every_row_read)
+    return backend.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec, every_row_read)
 
 
 def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: Shard,
@@ -116,7 +120,7 @@ def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: 
                                                       candidates)
     elif rows.shape[2]:
         state = backend.fold(state, rows, labels, ref_rows, weight, spec, shard.v0)
-    stats = finish_first_pass(state, labels, weight, spec, shard.group)
+    stats = finish_first_pass(backend, state, labels, weight, spec, shard.group)
     if not (spec.member and spec.member.second_sweep):
         return stats, largest
     if rows.shape[2]:
@@ -127,7 +131,7 @@ def sharded_stats(backend, rows, labels, ref_rows, weight, spec: OpSpec, shard: 
     else:
         value_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
         centred_sum = torch.zeros(n, dtype=torch.float32, device=rows.device)
-    return finish_second_pass(stats, value_sum, centred_sum, labels, weight, spec, shard.group), largest
+    return finish_second_pass(backend, stats, value_sum, centred_sum, labels, weight, spec, shard.group), largest
 
 
 def _dist():

@@ -72,8 +72,8 @@ def _cpu_isa(request):
 
 
 # Every function of a backend module that runs kernels: the logits ops' forward and backward,
-# the linear ops' fold, sweep and slice backward.
-KERNEL_ENTRY_POINTS = ("forward", "backward", "fold", "sweep", "slice_backward")
+# the linear ops' fold, sweep and slice backward, and the row states' finish.
+KERNEL_ENTRY_POINTS = ("forward", "backward", "fold", "sweep", "slice_backward", "finalize", "finish_sweep")
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
+#include "prefopt/finalize_state.h"
 #include "prefopt/fold_state.h"
 #include "prefopt/softmax_state.h"
 
@@ -547,6 +548,21 @@ void sweep(const SweepArgs& args) {
                                   if constexpr (needs_second_sweep(DIV)) sweep_impl<DT, DIV>(args);
                                   else throw std::invalid_argument(
                                       "prefopt: sweep is for js, tv, hellinger, chi2 and alpha")));
+}
+
+// The finishing entry points read a few floats per row: OpenMP work items of this many rows.
+constexpr int64_t kFinishChunk = 4096;
+
+// In double, as the forward's own log_norm (finalize_state.h).
+void finalize(const FinalizeArgs& args) {
+  const double inv_temperature = 1.0 / args.temperature;
+#pragma omp parallel for schedule(static, kFinishChunk) num_threads(thread_count(args.num_threads))
+  for (int64_t row = 0; row < args.n_rows; ++row) finalize_row<double>(args, row, inv_temperature);
+}
+
+void finish_sweep(const FinishSweepArgs& args) {
+#pragma omp parallel for schedule(static, kFinishChunk) num_threads(thread_count(args.num_threads))
+  for (int64_t row = 0; row < args.n_rows; ++row) finish_sweep_row(args, row);
 }
 
 }  // namespace PREFOPT_CPU_VARIANT

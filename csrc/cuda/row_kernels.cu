@@ -36,6 +36,7 @@
 #include "prefopt/divergence.h"
 #include "prefopt/elem.h"
 #include "prefopt/fastmath.h"
+#include "prefopt/finalize_state.h"
 #include "prefopt/fold_state.h"
 #include "prefopt/softmax_state.h"
 
@@ -487,6 +488,31 @@ unsigned grid_for(int64_t n_rows) {
   return static_cast<unsigned>(n_rows < cap ? n_rows : cap);
 }
 
+// The finish of the rows' states (finalize_state.h), one thread per row, in fp32 with the
+// fast_log of the forward's own log_norm.
+__global__ void finalize_kernel(FinalizeArgs args) {
+  const float inv_temperature = static_cast<float>(1.0 / args.temperature);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < args.n_rows;
+       row += stride)
+    finalize_row<float>(args, row, inv_temperature);
+}
+
+__global__ void finish_sweep_kernel(FinishSweepArgs args) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < args.n_rows;
+       row += stride)
+    finish_sweep_row(args, row);
+}
+
+constexpr int kFinishThreads = 256;
+
+// Blocks of kFinishThreads rows, as many as the grid limit allows (the kernels stride).
+unsigned finish_blocks(int64_t n_rows) {
+  const int64_t blocks = (n_rows + kFinishThreads - 1) / kFinishThreads;
+  return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+}
+
 // Calls f with std::true_type or std::false_type for a run-time flag.
 template <class F>
 void dispatch_flag(bool flag, F&& f) {
@@ -591,6 +617,19 @@ const char* sweep(const SweepArgs& args, void* stream) {
   if (args.n_rows == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   PREFOPT_DISPATCH_DTYPE(args.dtype, DT, sweep_dt<DT>(args, s));
+  return launch_error();
+}
+
+const char* finalize(const FinalizeArgs& args, void* stream) {
+  if (args.n_rows == 0) return nullptr;
+  finalize_kernel<<<finish_blocks(args.n_rows), kFinishThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return launch_error();
+}
+
+const char* finish_sweep(const FinishSweepArgs& args, void* stream) {
+  if (args.n_rows == 0) return nullptr;
+  finish_sweep_kernel<<<finish_blocks(args.n_rows), kFinishThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      args);
   return launch_error();
 }
 

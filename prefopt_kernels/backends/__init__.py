@@ -12,6 +12,13 @@ A backend is a module with
         -> (int64 [N] kept token indices in increasing order then -1,
             int64 [3] on the device: their count, least and greatest kept label)
 
+and, for the row states of vocabulary slices (``row_state``: the fused linear path and the
+sharded ops), ``fold``, ``sweep`` and ``slice_backward``, and the finish of a whole row's
+state, one launch each:
+
+    finalize(state, labels, weight, spec, every_row_read) -> RowStats
+    finish_sweep(stats, value_sum, centred_sum, labels, weight, spec, every_row_read) -> RowStats
+
 and optionally, for the sampler-matched forward's one read of the row,
 
     max_candidates(device, entry) -> int   (0 where ``entry``, one of the two below, does not run)

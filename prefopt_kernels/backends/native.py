@@ -38,6 +38,8 @@ variable or the argument, never falling back. :func:`supported_cpu_isas` lists t
 Row states (``prefopt_kernels.backends.row_state``): :func:`fold`, :func:`sweep` and
 :func:`slice_backward` run the same kernels over a vocabulary slice ``[v0, v0 + Vs)`` of
 every row; the whole-row ops are the slice ``v0 = 0, Vs = V`` (the forward in one call).
+:func:`finalize` and :func:`finish_sweep` finish the states of the whole vocabulary, one
+launch each.
 """
 
 from __future__ import annotations
@@ -394,3 +396,67 @@ def slice_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_log
         grad_token_stride=grad_out.stride(1),
         v0=int(v0),
     )
+
+
+def _finish_inputs(n: int, labels, weight, spec: OpSpec, has_ref: bool) -> dict:
+    """The row inputs of the finishing entry points: the rows' rules, no logits."""
+    return dict(n_rows=n, labels=_ptr(labels), weight=_ptr(weight), temperature=float(spec.temperature),
+                ignore_index=int(spec.ignore_index), divergence=int(spec.divergence) if has_ref else 0)
+
+
+def finalize(state: row_state.RowState, labels: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+             spec: OpSpec, every_row_read: bool = False) -> RowStats:
+    """The forward's :class:`RowStats` from the state of the whole vocabulary, in one launch.
+
+    :func:`row_state.finalize`'s math and rules per row (``csrc/include/prefopt/finalize_state.h``):
+    ``row_max = m_a`` (0 for ``-inf``), ``log_norm = log Z_a``, ``logp = (a_y - row_max) / T -
+    log_norm``, ``entropy = log_norm - ent_acc / Z_a``, the reference's likewise, and forward /
+    reverse KL's ``div`` and ``div_s`` complete (a second-sweep divergence's are left to
+    :func:`finish_sweep`); the NaN guards; rows not read hold 0, and the divergence's fields 0
+    where its weight is 0. In double on the CPU, in fp32 with the forward's ``fast_log`` on CUDA.
+    ``state``: contiguous fp32 ``[N]`` fields; ``labels`` ``[N]`` int64 or ``None``, ``weight``
+    ``[N]`` fp32 or ``None``. A centred divergence's ``ref_at_argmax`` statistic is the state's
+    own field, masked in place (the state is spent). ``every_row_read``: the caller knows that
+    no row is skipped.
+    """
+    n, device = state.max.shape[0], state.max.device
+    for name, field in state.tensors().items():
+        if not field.is_contiguous():
+            raise ValueError(f"finalize: state.{name} must be contiguous")
+    labels = _contiguous(labels, torch.int64)
+    weight = _contiguous(weight, torch.float32)
+    has_ref = state.ref_max is not None
+    member = spec.member if has_ref else None
+    names = row_state.kernel_outputs(spec, labels is not None, has_ref)
+    stats = RowStats.empty(n, names, device)
+    if n:  # no row: nothing to launch (and empty tensors may have null data pointers)
+        _launch("finalize", device, **_finish_inputs(n, labels, weight, spec, has_ref),
+                every_row_read=int(every_row_read),
+                **_pointers(vars(state), [f.name for f in fields(row_state.RowState)]),
+                **_pointers(vars(stats), [f.name for f in fields(RowStats) if f.name != "ref_at_argmax"]))
+    if member is not None and member.centred:
+        stats.ref_at_argmax = state.ref_at_argmax
+    return stats
+
+
+def finish_sweep(stats: RowStats, value_sum: torch.Tensor, centred_sum: torch.Tensor,
+                 labels: Optional[torch.Tensor], weight: Optional[torch.Tensor], spec: OpSpec,
+                 every_row_read: bool = False) -> RowStats:
+    """A second-sweep divergence completed from the summed sweeps, in one launch: ``stats`` with
+    ``div = value_sum`` plus the NaN guards of ``log_norm`` and ``ref_log_norm``, ``div_s =
+    centred_sum`` (NaN where ``div`` is not finite), both 0 where the divergence's term is off, as
+    :func:`row_state.finish_sweep`. ``value_sum``, ``centred_sum``: fp32 ``[N]``.
+    """
+    n, device = value_sum.shape[0], value_sum.device
+    labels = _contiguous(labels, torch.int64)
+    weight = _contiguous(weight, torch.float32)
+    inputs = {"log_norm": stats.log_norm, "ref_log_norm": stats.ref_log_norm,
+              "value_sum": value_sum, "centred_sum": centred_sum}
+    inputs = {name: _contiguous(value, torch.float32) for name, value in inputs.items()}
+    stats.div = torch.empty(n, dtype=torch.float32, device=device)
+    stats.div_s = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        _launch("finish_sweep", device, **_finish_inputs(n, labels, weight, spec, True),
+                every_row_read=int(every_row_read), **_pointers(inputs, list(inputs)),
+                div=_ptr(stats.div), div_s=_ptr(stats.div_s))
+    return stats

@@ -287,6 +287,18 @@ def fold(state: row_state.RowState, logits, labels, ref_logits, weight, spec: Op
     return row_state.merge_into(state, piece, spec)
 
 
+def finalize(state: row_state.RowState, labels, weight, spec: OpSpec, every_row_read: bool = False) -> RowStats:
+    """The forward's :class:`RowStats` from the state of the whole vocabulary: :func:`row_state.finalize`
+    (torch ops in the state's dtype)."""
+    return row_state.finalize(state, labels, weight, spec, every_row_read)
+
+
+def finish_sweep(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec,
+                 every_row_read: bool = False) -> RowStats:
+    """A second-sweep divergence completed from the summed sweeps: :func:`row_state.finish_sweep`."""
+    return row_state.finish_sweep(stats, value_sum, centred_sum, labels, weight, spec, every_row_read)
+
+
 def _log_probs(x, shift, offset, inv_temperature):
     return (x - shift[:, None].to(torch.float64)) * inv_temperature - offset[:, None].to(torch.float64)
 

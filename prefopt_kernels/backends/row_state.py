@@ -13,6 +13,9 @@ given the final normalisers; those partial sums merge by addition: a backend's
 ``sweep(stats, slice..., value_sum, centred_sum, first_slice=False)`` adds them into running
 accumulators in place (:func:`add_sweep_sums`; with ``first_slice`` without reading them, so
 they may be allocated unfilled), and :func:`finish_sweep` completes the divergence.
+:func:`finalize` and :func:`finish_sweep` here are the reference backend's; every backend has
+both as ``backend.finalize`` / ``backend.finish_sweep``, one launch each on the native and
+Triton backends, which the fused linear path and the sharded ops call.
 The backward of a slice needs only the final statistics.
 
 The state holds, per row, with ``u_a = (a - m_a) / T``, ``u_b = (b - m_b) / T`` and
@@ -284,6 +287,16 @@ def finalize(state: RowState, labels: Optional[torch.Tensor], weight: Optional[t
         div = div_s - log_norm - _tempered(_centre(state.ref_at_argmax) - ref_row_max, inv_temperature) + ref_log_norm
         return _set_divergence(stats, div + guard_a + guard_b, div_s, div_on)
     return stats
+
+
+def kernel_outputs(spec: OpSpec, has_labels: bool, has_ref: bool) -> tuple:
+    """The :class:`RowStats` fields a backend's finalize kernel writes, in field order:
+    :func:`~prefopt_kernels.backends.present_stats` less ``ref_at_argmax`` (a centred divergence's
+    statistic is the state's own field, masked in place) and, for a second-sweep divergence,
+    less ``div`` and ``div_s`` (:func:`finish_sweep` writes them)."""
+    member = spec.member if has_ref else None
+    later = {"ref_at_argmax"} | ({"div", "div_s"} if member is not None and member.second_sweep else set())
+    return tuple(name for name in present_stats(spec, has_labels, has_ref) if name not in later)
 
 
 def _set_divergence(stats: RowStats, div, div_s, div_on) -> RowStats:

@@ -18,7 +18,8 @@ How a call runs (the same for every op and divergence):
   GEMM writes fp32 directly on CUDA; on a CPU its half result is widened) and the bias,
   scale and softcap act on fp32 values; the backend's ``fold`` kernel then merges the tile
   into the rows' running states in place (:mod:`prefopt_kernels.backends.row_state`): per
-  tile, one GEMM per head and one launch. The tile shape comes from ``memory_budget``.
+  tile, one GEMM per head and one launch; the backend's ``finalize`` turns the states into
+  the statistics in one more launch per call. The tile shape comes from ``memory_budget``.
   Divergences with a second sweep (js, tv, hellinger, chi2, alpha) project every tile once
   more, after the normalisers are known, and one ``sweep`` launch adds its partial sums into
   the rows' in place.

@@ -97,8 +97,9 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None
     launch, which merges the tile into the rows' running state in place (the first vocabulary
     chunk's fold writes it whole, so it is never filled before); ``mean_logits``
     adds one GEMV, ``log_sum_sq_probs`` a few elementwise ops. The state is finished once
-    (merged over the shards' group first, when sharded), so the collectives do not depend on
-    the tiling.
+    (merged over the shards' group first, when sharded) by the backend's ``finalize``, one
+    launch (a second sweep's sums by its ``finish_sweep``, one more), so the collectives do
+    not depend on the tiling.
     """
     op, backend, shard, extras = call.spec.op, call.backend, call.shard, call.spec.extras
     device = hidden[0].device
@@ -150,7 +151,7 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None
             square_sum = (square_sums * _rescale(local_maxima, state.max, 2.0 * inv_temperature)).sum(0)
     # The kept rows are the rows read; only padding rows are not.
     every_row_read = n_rows == n_kept
-    stats = row_state.finalize(state, all_labels, all_weight, op, every_row_read)
+    stats = backend.finalize(state, all_labels, all_weight, op, every_row_read)
     if op.member and op.member.second_sweep:
         # Each token chunk's first sweep writes its rows' sums and the later ones add into them,
         # so the sums are zero-filled only when no chunk runs (an empty shard).
@@ -165,7 +166,7 @@ def forward_pass(hidden: List[torch.Tensor], call: LinearCall, policy_tiles=None
                 a, b = project(rows, v0, v1)
                 backend.sweep(chunk_stats, backend_rows(a), backend_rows(b), labels, weight, op, shard.v0 + v0,
                               value_sum[t0:t1], centred_sum[t0:t1], first_slice=v0 == 0)
-        stats = distributed.finish_second_pass(stats, value_sum, centred_sum, all_labels, all_weight, op,
+        stats = distributed.finish_second_pass(backend, stats, value_sum, centred_sum, all_labels, all_weight, op,
                                                shard.group, every_row_read)
     extra_values = {}
     if want_sum:

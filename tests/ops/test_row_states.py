@@ -3,10 +3,11 @@
 Every row is cut into k random slices (k = 1..7, uneven, empty ones included, and slices
 whose logits are all ``-inf``); the slices are folded in a random order, some one after
 another into one running state (in place: the kernels' merge epilogue), the others into
-states of their own, and the states merged in a random order; the slices' second-sweep sums
-are added in a random order, by the sweeps themselves, into one pair of accumulators; each
-slice's gradient comes from the final statistics alone. Values and gradients must meet the
-numerics contract against the float64 oracle and agree with the backend's own whole-row op.
+states of their own, and the states merged in a random order and finished by the backend's
+``finalize``; the slices' second-sweep sums are added in a random order, by the sweeps
+themselves, into one pair of accumulators and finished by its ``finish_sweep``; each slice's
+gradient comes from the final statistics alone. Values and gradients must meet the numerics
+contract against the float64 oracle and agree with the backend's own whole-row op.
 """
 
 import math
@@ -67,7 +68,7 @@ def _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng):
         assert folded is state
         if state is not running:
             pieces.append(state)
-    stats = row_state.finalize(_merge_in_random_order(pieces, spec, rng), labels, weight, spec)
+    stats = module.finalize(_merge_in_random_order(pieces, spec, rng), labels, weight, spec)
     if spec.divergence and Divergence(spec.divergence).second_sweep:
         rng.shuffle(order)
         # The slices' sums added into one pair of accumulators in place, NaN before the first
@@ -79,8 +80,8 @@ def _by_slices(module, rows, labels, ref_rows, weight, spec, cuts, rng):
             sums = module.sweep(stats, rows[..., v0:v1], ref_rows[..., v0:v1], labels, weight, spec, v0,
                                 value, centred, first_slice=position == 0)
             assert sums[0] is value and sums[1] is centred
-        stats = row_state.finish_sweep(stats, value.to(torch.float32), centred.to(torch.float32),
-                                       labels, weight, spec)
+        stats = module.finish_sweep(stats, value.to(torch.float32), centred.to(torch.float32),
+                                    labels, weight, spec)
     return stats
 
 

@@ -2,7 +2,7 @@
 kernel specialisation for sm_90 to a cubin, and checks that a divergence code the registry does
 not know compiles in none. Prints ``compiled N``, N the forward, backward, slice-state and sweep
 specialisations of the (dtype, divergence or none, labels, weight) grid (the sampled forwards and
-folds compile too, uncounted).
+folds and the row states' finish compile too, uncounted).
 
 The specialisations are independent, so a pool of one process per CPU compiles them, each once.
 
@@ -120,6 +120,26 @@ def specialisations() -> List[Specialisation]:
         if divergence and Divergence(divergence).second_sweep:
             cases.append(Specialisation("slice_sweep_kernel", rows, dict(
                 HAS_LABELS=labels, HAS_WEIGHT=weight, DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align)))
+    return cases + finish_specialisations()
+
+
+def finish_specialisations() -> List[Specialisation]:
+    """The row states' finish (uncounted): finalize for every divergence code (0 with and without
+    a reference), with labels (rows skipped by them) and without (every row read); finish_sweep
+    with and without labels."""
+    from prefopt_kernels.divergences import Divergence
+
+    cases = []
+    labels_ptr = {"labels_ptr": "*i64"}
+    for divergence, labels in itertools.product([0] + [int(d) for d in Divergence], (True, False)):
+        for has_ref in (True, False) if divergence == 0 else (True,):
+            cases.append(Specialisation("finalize_kernel", labels_ptr, dict(
+                HAS_LABELS=labels, HAS_WEIGHT=True, EVERY_ROW_READ=not labels, WANT_LOGP=labels, WANT_ENTROPY=True,
+                HAS_REF=has_ref, WANT_REF_LOGP=labels and has_ref, DIVERGENCE=divergence, BLOCK=1024),
+                counted=False))
+    for labels in (True, False):
+        cases.append(Specialisation("finish_sweep_kernel", labels_ptr, dict(
+            HAS_LABELS=labels, HAS_WEIGHT=True, EVERY_ROW_READ=not labels, BLOCK=1024), counted=False))
     return cases
 
 
@@ -139,6 +159,9 @@ def unknown_code_cases() -> List[Specialisation]:
                                                                                  WANT_ENTROPY=False, CANDIDATES=0,
                                                                                  CAP=1)),
         Specialisation("slice_sweep_kernel", rows, common),
+        Specialisation("finalize_kernel", {"labels_ptr": "*i64"}, dict(
+            HAS_LABELS=False, HAS_WEIGHT=False, EVERY_ROW_READ=False, WANT_LOGP=False, WANT_ENTROPY=False,
+            HAS_REF=True, WANT_REF_LOGP=False, DIVERGENCE=unknown, BLOCK=1024)),
     ]
 
 

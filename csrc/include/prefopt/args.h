@@ -1,4 +1,5 @@
-// The arguments of the four row entry points (forward, backward, fold, sweep), each field
+// The arguments of the row entry points (forward, backward, fold, sweep) and of the two
+// that finish a row state (finalize, finish_sweep), each field
 // declared once. The field lists are X-macros: X(type, name). The structs below, the
 // bindings' keyword parameters and their conversion from Python integers
 // (csrc/bindings.cpp), and the name tuples the module exports (_C.SAVED_STATS, ...) all
@@ -107,12 +108,45 @@
   X(int64_t, first_slice)       \
   X(float*, value_sum)          \
   X(float*, centred_sum)
+// The finish of a whole row's state: the state's fields (read; ref_at_argmax rewritten in
+// place as the statistic), then the statistics it writes where their pointers are non-null.
+#define PREFOPT_FINALIZE_FIELDS(X) \
+  X(int64_t, every_row_read)       \
+  PREFOPT_ROW_STATE_FIELDS(X)      \
+  X(float*, row_max)               \
+  X(float*, log_norm)              \
+  X(float*, ref_row_max)           \
+  X(float*, ref_log_norm)          \
+  X(float*, entropy)               \
+  X(float*, div_s)                 \
+  PREFOPT_TOKEN_OUTPUTS(X)
+// The finish of a second sweep: the summed partial sums and the final log-normalisers in,
+// div and div_s out.
+#define PREFOPT_FINISH_SWEEP_FIELDS(X) \
+  X(int64_t, every_row_read)           \
+  X(const float*, log_norm)            \
+  X(const float*, ref_log_norm)        \
+  X(const float*, value_sum)           \
+  X(const float*, centred_sum)         \
+  X(float*, div)                       \
+  X(float*, div_s)
+
+// The row inputs the finishing entry points read: no logits, only the rows' rules.
+#define PREFOPT_FINISH_INPUTS(X) \
+  X(int64_t, n_rows)             \
+  X(const int64_t*, labels)      \
+  X(const float*, weight)        \
+  X(double, temperature)         \
+  X(int64_t, ignore_index)       \
+  X(int, divergence)
 
 // The keyword parameters of each entry point, in order: the row inputs, then its own.
 #define PREFOPT_FORWARD_PARAMS(X) PREFOPT_ROW_INPUTS(X) PREFOPT_FORWARD_FIELDS(X)
 #define PREFOPT_BACKWARD_PARAMS(X) \
   PREFOPT_ROW_INPUTS(X) PREFOPT_SAVED_STATS(X, X, const float*) PREFOPT_BACKWARD_FIELDS(X)
 #define PREFOPT_FOLD_PARAMS(X) PREFOPT_ROW_INPUTS(X) PREFOPT_FOLD_FIELDS(X)
+#define PREFOPT_FINALIZE_PARAMS(X) PREFOPT_FINISH_INPUTS(X) PREFOPT_FINALIZE_FIELDS(X)
+#define PREFOPT_FINISH_SWEEP_PARAMS(X) PREFOPT_FINISH_INPUTS(X) PREFOPT_FINISH_SWEEP_FIELDS(X)
 #define PREFOPT_SWEEP_PARAMS(X)                                   \
   PREFOPT_ROW_INPUTS(X)                                           \
   PREFOPT_SAVED_STATS(X, PREFOPT_NO_FIELD, const float*)          \
@@ -123,7 +157,9 @@
   X(forward, ForwardArgs, PREFOPT_FORWARD_PARAMS)                \
   X(backward, BackwardArgs, PREFOPT_BACKWARD_PARAMS)             \
   X(fold, FoldArgs, PREFOPT_FOLD_PARAMS)                         \
-  X(sweep, SweepArgs, PREFOPT_SWEEP_PARAMS)
+  X(sweep, SweepArgs, PREFOPT_SWEEP_PARAMS)                      \
+  X(finalize, FinalizeArgs, PREFOPT_FINALIZE_PARAMS)             \
+  X(finish_sweep, FinishSweepArgs, PREFOPT_FINISH_SWEEP_PARAMS)
 
 // The kept tokens of a fused linear call (prefopt/kept_tokens.h), one pass over the flat
 // tokens: labels (int64) and weight (fp32) are [n_tokens] or null; index, int64 [n_tokens],
@@ -227,6 +263,24 @@ struct SweepArgs : SavedStatsArgs {
 struct KeptTokensArgs {
   PREFOPT_KEPT_TOKENS_PARAMS(PREFOPT_DECLARE_FIELD)
   int num_threads = 0;  // CPU only; the scan runs on one thread
+};
+
+// The forward's statistics from the state of the whole vocabulary (finalize_state.h has the
+// per-row math): of the row inputs only n_rows, labels, weight, temperature, ignore_index and
+// divergence (0 without a reference) are read, no logits; vocab stays 0. The state's fields
+// as FoldArgs (ref_max null without a reference). Written where non-null: row_max,
+// log_norm, ref_row_max, ref_log_norm, entropy, logp, ref_logp, and div / div_s for forward
+// and reverse KL (a second-sweep divergence leaves them to finish_sweep); a centred
+// divergence's ref_at_argmax statistic is the state's field itself, masked in place.
+// every_row_read != 0: the caller knows that no row is skipped.
+struct FinalizeArgs : RowInputs {
+  PREFOPT_FINALIZE_FIELDS(PREFOPT_DECLARE_FIELD)
+};
+
+// A second-sweep divergence's div and div_s from the summed sweeps (value_sum, centred_sum)
+// and the final log_norm / ref_log_norm, fp32 [n_rows]; row inputs as FinalizeArgs.
+struct FinishSweepArgs : RowInputs {
+  PREFOPT_FINISH_SWEEP_FIELDS(PREFOPT_DECLARE_FIELD)
 };
 
 }  // namespace prefopt

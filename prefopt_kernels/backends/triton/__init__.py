@@ -286,3 +286,62 @@ def _or_placeholder(tensor, placeholder):
     stands in for the pointer of an absent field, which the kernel's constexpr flags keep
     it from using."""
     return tensor if tensor is not None else placeholder
+
+
+# Rows per program of the finishing kernels (a few floats per row).
+FINISH_BLOCK = 1024
+
+
+def finalize(state: row_state.RowState, labels, weight, spec: OpSpec, every_row_read: bool = False) -> RowStats:
+    """The forward's :class:`RowStats` from the state of the whole vocabulary in one launch
+    (``kernels/finish.py``), with :func:`row_state.finalize`'s math, NaN guards and masks.
+
+    ``state``: contiguous fp32 ``[N]`` fields; ``labels`` ``[N]`` int64 or ``None``, ``weight``
+    ``[N]`` fp32 or ``None``. A centred divergence's ``ref_at_argmax`` statistic is the state's own
+    field, masked in place (the state is spent); a second-sweep divergence's ``div`` and ``div_s``
+    are left to :func:`finish_sweep`. ``every_row_read``: the caller knows that no row is skipped.
+    """
+    from .kernels import finalize_kernel
+
+    n = state.max.shape[0]
+    has_ref = state.ref_max is not None
+    member = spec.member if has_ref else None
+    names = row_state.kernel_outputs(spec, labels is not None, has_ref)
+    stats = RowStats.empty(n, names, state.max.device)
+    if n:
+        placeholder = state.sum_exp
+        finalize_kernel[(triton.cdiv(n, FINISH_BLOCK),)](
+            labels_ptr=_or_placeholder(labels, placeholder), weight_ptr=_or_placeholder(weight, placeholder),
+            **_pointers(state, [f.name for f in fields(row_state.RowState) if f.name != "argmax"], placeholder),
+            **_pointers(stats, [f.name for f in fields(RowStats) if f.name != "ref_at_argmax"], placeholder),
+            n_rows=n, inv_temperature=1.0 / spec.temperature, ignore_index=spec.ignore_index,
+            HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, EVERY_ROW_READ=every_row_read,
+            WANT_LOGP=stats.logp is not None, WANT_ENTROPY=stats.entropy is not None, HAS_REF=has_ref,
+            WANT_REF_LOGP=stats.ref_logp is not None,
+            DIVERGENCE=spec.divergence if has_ref else 0,
+            BLOCK=FINISH_BLOCK,
+        )
+    if member is not None and member.centred:
+        stats.ref_at_argmax = state.ref_at_argmax
+    return stats
+
+
+def finish_sweep(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec,
+                 every_row_read: bool = False) -> RowStats:
+    """A second-sweep divergence completed from the summed sweeps (fp32 ``[N]``) in one launch:
+    :func:`row_state.finish_sweep`'s ``div`` and ``div_s``, set on ``stats`` and returned."""
+    from .kernels import finish_sweep_kernel
+
+    n = value_sum.shape[0]
+    stats.div = torch.empty(n, dtype=torch.float32, device=value_sum.device)
+    stats.div_s = torch.empty_like(stats.div)
+    if n:
+        finish_sweep_kernel[(triton.cdiv(n, FINISH_BLOCK),)](
+            labels_ptr=_or_placeholder(labels, value_sum), weight_ptr=_or_placeholder(weight, value_sum),
+            log_norm_ptr=stats.log_norm, ref_log_norm_ptr=stats.ref_log_norm, value_sum_ptr=value_sum,
+            centred_sum_ptr=centred_sum, div_ptr=stats.div, div_s_ptr=stats.div_s,
+            n_rows=n, ignore_index=spec.ignore_index,
+            HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, EVERY_ROW_READ=every_row_read,
+            BLOCK=FINISH_BLOCK,
+        )
+    return stats
