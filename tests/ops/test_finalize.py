@@ -159,11 +159,9 @@ def _inputs(gen, n, has_labels, has_weight):
     return labels, weight
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES, ids=lambda d: "none" if d is None else d.key)
-@pytest.mark.parametrize("has_labels,has_weight,every_row_read", LAYOUTS)
-def test_finalize_matches_float64(backend, divergence, has_labels, has_weight, every_row_read):
-    seed = DIVERGENCES.index(divergence) * 8 + LAYOUTS.index((has_labels, has_weight, every_row_read))
+def _finalize_case(seed, divergence, has_labels, has_weight, every_row_read):
+    """``(spec, has_ref, state, labels, weight, want)`` of one drawn case: the seed picks the
+    temperature, the asked-for outputs and whether there is a reference."""
     gen = torch.Generator().manual_seed(seed)
     temperature = 0.7 if seed % 2 else 1.0
     spec = OpSpec(temperature=temperature, ignore_index=IGNORE, divergence=int(divergence or 0), want_logp=True,
@@ -171,7 +169,16 @@ def test_finalize_matches_float64(backend, divergence, has_labels, has_weight, e
     has_ref = divergence is not None or seed % 5 != 0
     state = _random_state(gen, N, spec, has_ref)
     labels, weight = _inputs(gen, N, has_labels, has_weight)
-    want = _expected(state, labels, weight, spec, every_row_read)
+    return spec, has_ref, state, labels, weight, _expected(state, labels, weight, spec, every_row_read)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES, ids=lambda d: "none" if d is None else d.key)
+@pytest.mark.parametrize("has_labels,has_weight,every_row_read", LAYOUTS)
+def test_finalize_matches_float64(backend, divergence, has_labels, has_weight, every_row_read):
+    seed = DIVERGENCES.index(divergence) * 8 + LAYOUTS.index((has_labels, has_weight, every_row_read))
+    spec, has_ref, state, labels, weight, want = _finalize_case(seed, divergence, has_labels, has_weight,
+                                                                every_row_read)
     on_device = row_state.RowState(**{name: t.to(DEVICE) for name, t in state.tensors().items()})
     to_device = (lambda t: None if t is None else t.to(DEVICE))
     stats = _backend(backend).finalize(on_device, to_device(labels), to_device(weight), spec, every_row_read)
@@ -311,20 +318,14 @@ def test_cuda_finalize_rows_on_the_host(cuda_finalize_driver, divergence):
     binary, work = cuda_finalize_driver
     for has_labels, has_weight, every_row_read in LAYOUTS:
         seed = 50 + DIVERGENCES.index(divergence) * 8 + LAYOUTS.index((has_labels, has_weight, every_row_read))
-        gen = torch.Generator().manual_seed(seed)
-        temperature = 0.7 if seed % 2 else 1.0
-        spec = OpSpec(temperature=temperature, ignore_index=IGNORE, divergence=int(divergence or 0), want_logp=True,
-                      want_ref_logp=seed % 3 != 0, want_entropy=seed % 4 != 1)
-        has_ref = divergence is not None or seed % 5 != 0
-        state = _random_state(gen, N, spec, has_ref)
-        labels, weight = _inputs(gen, N, has_labels, has_weight)
-        want = _expected(state, labels, weight, spec, every_row_read)
+        spec, has_ref, state, labels, weight, want = _finalize_case(seed, divergence, has_labels, has_weight,
+                                                                    every_row_read)
         head = torch.tensor([N, int(divergence or 0), every_row_read, has_labels, has_weight, has_ref,
                              spec.want_logp, spec.want_ref_logp, spec.want_entropy], dtype=torch.int64)
         fields = torch.stack([getattr(state, name) if getattr(state, name, None) is not None else torch.zeros(N)
                               for name in STATE_ORDER])
         source, result = work / "in.bin", work / "out.bin"
-        source.write_bytes(head.numpy().tobytes() + torch.tensor([temperature], dtype=torch.float64).numpy().tobytes()
+        source.write_bytes(head.numpy().tobytes() + torch.tensor([spec.temperature], dtype=torch.float64).numpy().tobytes()
                            + (labels if labels is not None else torch.zeros(N, dtype=torch.int64)).numpy().tobytes()
                            + (weight if weight is not None else torch.zeros(N)).numpy().tobytes()
                            + fields.to(torch.float32).numpy().tobytes())

@@ -62,36 +62,45 @@ PREFOPT_HD PREFOPT_INLINE void store_divergence(float* div_field, float* div_s_f
   div_s_field[row] = div_on ? (finite ? div_s : __builtin_nanf("")) : 0.f;
 }
 
+// One head's finish: row_max (0 for a -inf max), log_norm = log Z and, where `logp` is
+// non-null, (z_y - row_max) / T - log_norm + guard, each stored where the row is read.
+template <typename Acc>
+struct HeadFinish {
+  Acc row_max, log_norm, guard, sum_exp;
+};
+
+template <typename Acc>
+PREFOPT_HD PREFOPT_INLINE HeadFinish<Acc> finish_head(const float* max, const float* sum_exp,
+                                                      const float* label_logit, float* row_max_field,
+                                                      float* log_norm_field, float* logp, int64_t row,
+                                                      Acc inv_temperature, bool read) {
+  const Acc m = max[row];
+  HeadFinish<Acc> head;
+  head.row_max = m == -static_cast<Acc>(kInf) ? Acc(0) : m;
+  head.sum_exp = sum_exp[row];
+  head.log_norm = acc_log(head.sum_exp);
+  head.guard = nan_guard(head.log_norm);
+  store_kept(row_max_field, row, head.row_max, read);
+  store_kept(log_norm_field, row, head.log_norm, read);
+  if (logp != nullptr)
+    store_kept(logp, row,
+               (static_cast<Acc>(label_logit[row]) - head.row_max) * inv_temperature - head.log_norm + head.guard,
+               read);
+  return head;
+}
+
 template <typename Acc>
 PREFOPT_HD PREFOPT_INLINE void finalize_row(const FinalizeArgs& args, int64_t row, Acc inv_temperature) {
   const RowsRead rr = rows_read(args.labels, args.weight, args.ignore_index, args.every_row_read, row);
-  const Acc ninf = -static_cast<Acc>(kInf);
-  const Acc ma = args.max[row];
-  const Acc row_max = ma == ninf ? Acc(0) : ma;
-  const Acc za = args.sum_exp[row];
-  const Acc log_norm = acc_log(za);
-  const Acc guard_a = nan_guard(log_norm);
-  store_kept(args.row_max, row, row_max, rr.read);
-  store_kept(args.log_norm, row, log_norm, rr.read);
-  if (args.logp != nullptr)
-    store_kept(args.logp, row,
-               (static_cast<Acc>(args.label_logit[row]) - row_max) * inv_temperature - log_norm + guard_a,
-               rr.read);
+  const HeadFinish<Acc> a = finish_head(args.max, args.sum_exp, args.label_logit, args.row_max, args.log_norm,
+                                        args.logp, row, inv_temperature, rr.read);
+  const Acc log_norm = a.log_norm, guard_a = a.guard, za = a.sum_exp;
   if (args.entropy != nullptr)
     store_kept(args.entropy, row, log_norm - static_cast<Acc>(args.ent_acc[row]) / za + guard_a, rr.read);
   if (args.ref_max == nullptr) return;
-  const Acc mb = args.ref_max[row];
-  const Acc ref_row_max = mb == ninf ? Acc(0) : mb;
-  const Acc zb = args.ref_sum_exp[row];
-  const Acc ref_log_norm = acc_log(zb);
-  const Acc guard_b = nan_guard(ref_log_norm);
-  store_kept(args.ref_row_max, row, ref_row_max, rr.read);
-  store_kept(args.ref_log_norm, row, ref_log_norm, rr.read);
-  if (args.ref_logp != nullptr)
-    store_kept(args.ref_logp, row,
-               (static_cast<Acc>(args.ref_label_logit[row]) - ref_row_max) * inv_temperature - ref_log_norm +
-                   guard_b,
-               rr.read);
+  const HeadFinish<Acc> b = finish_head(args.ref_max, args.ref_sum_exp, args.ref_label_logit, args.ref_row_max,
+                                        args.ref_log_norm, args.ref_logp, row, inv_temperature, rr.read);
+  const Acc ref_row_max = b.row_max, ref_log_norm = b.log_norm, guard_b = b.guard, zb = b.sum_exp;
   const Acc ref_at_argmax = args.ref_at_argmax != nullptr ? static_cast<Acc>(args.ref_at_argmax[row]) : Acc(0);
   if (args.ref_at_argmax != nullptr && is_centred(args.divergence))
     args.ref_at_argmax[row] = rr.div_on ? static_cast<float>(ref_at_argmax) : 0.f;

@@ -40,6 +40,26 @@ def _finish_div(div_ptr, div_s_ptr, rows, live, div, div_s, div_on):
 
 
 @triton.jit
+def _finish_head(max_ptr, sum_exp_ptr, label_logit_ptr, row_max_ptr, log_norm_ptr, logp_ptr, rows, live, read,
+                 inv_temperature, WANT_LOGP: tl.constexpr):
+    """One head's ``row_max`` (0 for a ``-inf`` max), ``log_norm = log Z`` and, asked for, its label
+    log-prob ``(z_y - row_max) / T - log_norm``, stored where ``read`` (else 0); returns
+    ``(row_max, log_norm, its NaN guard log Z - log Z, Z)``."""
+    m = tl.load(max_ptr + rows, mask=live, other=0.0)
+    row_max = tl.where(m == float("-inf"), 0.0, m)
+    z = tl.load(sum_exp_ptr + rows, mask=live, other=1.0)
+    log_norm = tl.log(z)
+    guard = log_norm - log_norm
+    tl.store(row_max_ptr + rows, tl.where(read, row_max, 0.0), mask=live)
+    tl.store(log_norm_ptr + rows, tl.where(read, log_norm, 0.0), mask=live)
+    if WANT_LOGP:
+        z_y = tl.load(label_logit_ptr + rows, mask=live, other=0.0)
+        logp = (z_y - row_max) * inv_temperature - log_norm + guard
+        tl.store(logp_ptr + rows, tl.where(read, logp, 0.0), mask=live)
+    return row_max, log_norm, guard, z
+
+
+@triton.jit
 def finalize_kernel(
     labels_ptr, weight_ptr,
     max_ptr, sum_exp_ptr, ent_acc_ptr, label_logit_ptr,
@@ -66,32 +86,15 @@ def finalize_kernel(
     live = rows < n_rows
     read, div_on = _rows_read(rows, live, labels_ptr, weight_ptr, ignore_index, HAS_LABELS, HAS_WEIGHT,
                               EVERY_ROW_READ)
-    ma = tl.load(max_ptr + rows, mask=live, other=0.0)
-    row_max = tl.where(ma == float("-inf"), 0.0, ma)
-    za = tl.load(sum_exp_ptr + rows, mask=live, other=1.0)
-    log_norm = tl.log(za)
-    guard_a = log_norm - log_norm
-    tl.store(row_max_ptr + rows, tl.where(read, row_max, 0.0), mask=live)
-    tl.store(log_norm_ptr + rows, tl.where(read, log_norm, 0.0), mask=live)
-    if WANT_LOGP:
-        a_y = tl.load(label_logit_ptr + rows, mask=live, other=0.0)
-        logp = (a_y - row_max) * inv_temperature - log_norm + guard_a
-        tl.store(logp_ptr + rows, tl.where(read, logp, 0.0), mask=live)
+    _, log_norm, guard_a, za = _finish_head(max_ptr, sum_exp_ptr, label_logit_ptr, row_max_ptr, log_norm_ptr,
+                                            logp_ptr, rows, live, read, inv_temperature, WANT_LOGP)
     if WANT_ENTROPY:
         h = log_norm - tl.load(ent_acc_ptr + rows, mask=live, other=0.0) / za + guard_a
         tl.store(entropy_ptr + rows, tl.where(read, h, 0.0), mask=live)
     if HAS_REF:
-        mb = tl.load(ref_max_ptr + rows, mask=live, other=0.0)
-        ref_row_max = tl.where(mb == float("-inf"), 0.0, mb)
-        zb = tl.load(ref_sum_exp_ptr + rows, mask=live, other=1.0)
-        ref_log_norm = tl.log(zb)
-        guard_b = ref_log_norm - ref_log_norm
-        tl.store(ref_row_max_ptr + rows, tl.where(read, ref_row_max, 0.0), mask=live)
-        tl.store(ref_log_norm_ptr + rows, tl.where(read, ref_log_norm, 0.0), mask=live)
-        if WANT_REF_LOGP:
-            b_y = tl.load(ref_label_logit_ptr + rows, mask=live, other=0.0)
-            ref_logp = (b_y - ref_row_max) * inv_temperature - ref_log_norm + guard_b
-            tl.store(ref_logp_ptr + rows, tl.where(read, ref_logp, 0.0), mask=live)
+        ref_row_max, ref_log_norm, guard_b, zb = _finish_head(
+            ref_max_ptr, ref_sum_exp_ptr, ref_label_logit_ptr, ref_row_max_ptr, ref_log_norm_ptr, ref_logp_ptr, rows,
+            live, read, inv_temperature, WANT_REF_LOGP)
         if ((CENTRED_CODES >> DIVERGENCE) & 1) == 1:
             b_k = tl.load(ref_at_argmax_ptr + rows, mask=live, other=0.0)
             tl.store(ref_at_argmax_ptr + rows, tl.where(div_on, b_k, 0.0), mask=live)
