@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from .. import distributed, spec as specs
+from .. import distributed
 from ..checks import (check_budget, check_extras, check_flag, check_head, check_hidden, check_labels,
                       check_weight, head_spec, op_spec)
 from ..dispatch import backend_selection
