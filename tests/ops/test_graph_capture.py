@@ -167,6 +167,44 @@ def test_token_logprobs_captured_in_a_cuda_graph(backend):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", ["triton", "native"])
+def test_linear_logprobs_captured_in_a_cuda_graph(backend):
+    """A fused linear call captures with nothing read back (every token computed, the dropped
+    ones zeroed); replays follow new labels, newly ignored ones included, bit for bit with
+    eager calls under ``batch_invariant`` (whose tiles do not depend on the kept count)."""
+    _skip_unless_on_cuda(backend)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab, ignore = 32_000, -100
+    hidden = torch.randn(256, 64, device="cuda", generator=gen)
+    head = torch.randn(vocab, 64, device="cuda", generator=gen) * 0.1
+    labels = torch.randint(0, vocab, (256,), device="cuda", generator=gen)
+    labels[::5] = ignore
+
+    def call():
+        return pk.linear_token_logprobs(hidden, head, labels, return_entropy=True, batch_invariant=True)
+
+    with pk.use_backend(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logp, entropy = call()
+        for every in (5, 3):
+            fresh = torch.randint(0, vocab, (256,), device="cuda", generator=gen)
+            fresh[::every] = ignore
+            labels.copy_(fresh)
+            graph.replay()
+            want_logp, want_entropy = call()
+            torch.testing.assert_close(logp, want_logp, **EXACT)
+            torch.testing.assert_close(entropy, want_entropy, **EXACT)
+            assert bool((logp[labels == ignore] == 0).all()) and bool((entropy[labels == ignore] == 0).all())
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "native"])
 def test_token_logprobs_compiled_with_reduce_overhead(backend):
     """Inductor's CUDA graph trees run a compiled function once without a graph (warm-up),
     capture it on the second call and replay it from the third: only the warm-up checks the
