@@ -167,14 +167,15 @@ def row_terms(a, b, onehot, *, temperature=1.0, divergence=None, beta=0.5, alpha
 
 
 def in_forward_kl_argmax_gap(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> bool:
-    """True when a row lies in the kernels' one known gap of the contract (forward KL only).
+    """True when a row lies where forward KL's gradient at the argmax, formed directly, would miss
+    the contract.
 
-    Every kernel adds a row's exponentials in fp32 with the maximum's ``exp(0) = 1`` among them,
+    The kernels add a row's exponentials in fp32 with the maximum's ``exp(0) = 1`` among them,
     so ``log_norm`` carries up to a few eps; where the policy's argmax holds ``p_k > 1/2`` and the
-    reference's ``q_k`` is within 1e-5 of it, the gradient ``(p_k - q_k) / T`` at ``k`` is then
-    off by more than the contract's ``2e-7 |g_out|``. The strict expected failure
-    ``tests/ops/test_edge_numerics.py::test_forward_kl_gradient_in_the_argmax_gap`` holds the
-    kernels to it; property tests leave such rows out until the kernels sum the maximum apart.
+    reference's ``q_k`` is within 1e-5 of it, ``(p_k - q_k) / T`` formed at ``k`` is then off by
+    more than the contract's ``2e-7 |g_out|``. The whole-row backward writes that entry from the
+    row's zero sum instead; ``tests/ops/test_edge_numerics.py::test_forward_kl_gradient_in_the_argmax_gap``
+    uses this to check that its cases lie in the region.
     """
     a = logits.detach().double().reshape(-1, logits.shape[-1]) / temperature
     b = ref_logits.detach().double().reshape(-1, ref_logits.shape[-1]) / temperature

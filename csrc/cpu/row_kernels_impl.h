@@ -422,28 +422,55 @@ PREFOPT_INLINE float grad_elem(const typename Elem<DT>::T* ra, const typename El
 
 // The label's element is computed first (it is read before anything is written, as g may
 // alias a) and stored last, so that the loop carries no index comparison. `guard` (0 or
-// NaN, see backward_impl) is added to every element. Kept out of line: inlined into
-// backward_impl's row loop, gcc emits a longer element loop for some divergences.
+// NaN, see backward_impl) is added to every element. `zero_sum` (fp32 only, zero_sum_row):
+// the loop also sums the row but its maximum k, which it finds, and g_k is rewritten as
+// -sum_{j != k} g_j. Kept out of line: inlined into backward_impl's row loop, gcc emits a
+// longer element loop for some divergences.
 template <int DT, int DIV>
 __attribute__((noinline)) void backward_row(const typename Elem<DT>::T* ra, const typename Elem<DT>::T* rb,
                   typename Elem<DT>::T* rg, int64_t vocab, float inv_temperature, LogProbShift sa,
                   LogProbShift sb, float ref_at_argmax, float s, float c, float gl, float ge,
-                  float gd, float guard, int64_t label, const DivParams& prm) {
+                  float gd, float guard, int64_t label, const DivParams& prm, bool zero_sum) {
   float fprime_k = 0.f;
   if constexpr (needs_second_sweep(DIV))
     fprime_k = div_fprime<DIV>(-sa.offset, lq_at_argmax(ref_at_argmax, sb, inv_temperature), prm);
   const GradRow r{sa, sb, inv_temperature, kl_centre(ref_at_argmax), fprime_k, s, c, ge, gd, prm};
   const float g_label =
       label >= 0 ? (grad_elem<DT, DIV>(ra, rb, label, r) + gl) * inv_temperature + guard : 0.f;
+  // k + 1 summed over the row's maxima: k + 1 where the row is peaked. A float, as row_sum (exact
+  // below 2^24 columns, zero_sum_row): gcc's AVX-512 code for an int64 sum beside a float one in
+  // one simd reduction came out wrong.
+  float row_sum = 0.f, top = 0.f;
   for (int64_t c0 = 0; c0 < vocab; c0 += kBlock) {
     const int64_t end = std::min(c0 + kBlock, vocab);
     prefetch_block<DT>(ra, c0, vocab);
     if constexpr (DIV != kNoDivergence) prefetch_block<DT>(rb, c0, vocab);
+    if constexpr (DT == kFloat32) {
+      if (zero_sum) {
+#pragma omp simd reduction(+ : row_sum, top)
+        for (int64_t j = c0; j < end; ++j) {
+          const bool is_top = ra[j] == sa.shift;
+          const float g = grad_elem<DT, DIV>(ra, rb, j, r) * inv_temperature + guard;
+          rg[j] = g;
+          top += is_top ? static_cast<float>(j + 1) : 0.f;
+          row_sum += is_top ? 0.f : g;
+        }
+        continue;
+      }
+    }
 #pragma omp simd
     for (int64_t j = c0; j < end; ++j)
       rg[j] = Elem<DT>::store(grad_elem<DT, DIV>(ra, rb, j, r) * inv_temperature + guard);
   }
-  if (label >= 0) rg[label] = Elem<DT>::store(g_label);
+  const int64_t k = static_cast<int64_t>(top) - 1;  // the row's one maximum where zero_sum
+  if (label >= 0) {
+    // The loop's sum holds the label's element without its gl term.
+    if constexpr (DT == kFloat32) row_sum += label != k ? g_label - rg[label] : 0.f;
+    rg[label] = Elem<DT>::store(g_label);
+  }
+  if constexpr (DT == kFloat32) {
+    if (zero_sum && k >= 0) rg[k] = -row_sum;
+  }
 }
 
 // A fresh gradient buffer (torch.empty of N x V) is untouched memory: every 4 KiB page
@@ -503,19 +530,20 @@ void backward_impl(const BackwardArgs& args) {
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const float c = gl + ge * h;
     const int64_t label = slice_label(plan.label, args.v0, vocab);
+    const bool zero_sum = zero_sum_row(DT == kFloat32 && args.whole_row != 0, vocab, sa.offset);
     if constexpr (DIV != kNoDivergence) {
       if (use_div) {
         const T* rb = args.ref_row<T>(row);
         const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
         const float ref_at_argmax = is_centred(DIV) ? args.ref_at_argmax[row] : 0.f;
         backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s, c, gl,
-                              ge, gd, guard, label, prm);
+                              ge, gd, guard, label, prm, zero_sum);
         continue;
       }
     }
     backward_row<DT, kNoDivergence>(ra, nullptr, rg, vocab, inv_temperature, sa,
                                     LogProbShift{0.f, 0.f}, 0.f, 0.f, c, gl, ge, 0.f, guard, label,
-                                    prm);
+                                    prm, zero_sum);
   }
 }
 

@@ -337,9 +337,23 @@ __global__ void __launch_bounds__(kMaxThreads, 2) sweep_kernel(SweepArgs args, D
   }
 }
 
+// One fp32 element's share of a zero-sum row (zero_sum_row): column + 1 into `top` where the
+// logit is the row's maximum (exact as a float below 2^24 columns; only read where the maximum
+// is unique), its stored gradient into the thread's row sum elsewhere.
+template <int DT>
+__device__ __forceinline__ void tally_zero_sum(float& row_sum, float& top, float g, float x,
+                                               float row_max, int64_t column) {
+  if constexpr (DT == kFloat32) {
+    const bool is_top = x == row_max;
+    top += is_top ? static_cast<float>(column + 1) : 0.f;
+    row_sum += is_top ? 0.f : g;
+  }
+}
+
 // g_j = [ gl (1[j = y] - p_j) - ge p_j (log p_j + H) + gd p_j (f'(t_j) - S) ] / T with
 // c = gl + ge H and the centred div_s s (see the CPU kernels); DIV_ROW is the divergence of
-// this row (none when it has no divergence term).
+// this row (none when it has no divergence term). An fp32 row also tallies this thread's
+// share of the zero-sum rewrite (tally_zero_sum) into row_sum and top.
 template <int DT, int DIV_ROW>
 __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              const typename Elem<DT>::T* rb,
@@ -347,7 +361,8 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              float inv_temperature, LogProbShift sa,
                                              LogProbShift sb, float ref_at_argmax, float s,
                                              float c, float gl, float ge, float gd, float guard,
-                                             int64_t label, const DivParams& prm) {
+                                             int64_t label, const DivParams& prm, float& row_sum,
+                                             float& top) {
   constexpr bool kRef = DIV_ROW != kNoDivergence;
   float fprime_k = 0.f;
   if constexpr (needs_second_sweep(DIV_ROW)) {
@@ -381,6 +396,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
         g += p > 0.f ? -p * inner : 0.f;
         g = i == label_at ? g + gl : g;
         out[i] = fmaf(g, inv_temperature, guard);
+        tally_zero_sum<DT>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
       }
     });
     return;
@@ -406,6 +422,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
         float g = p > 0.f ? p * fmaf(gd_js, js_fprime_gap(ap, aq, k), -inner) : 0.f;
         g = i == label_at ? g + gl : g;
         out[i] = fmaf(g, inv_temperature, guard);
+        tally_zero_sum<DT>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
       }
     });
     return;
@@ -436,6 +453,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
       g += p > 0.f ? -p * inner : 0.f;
       g = i == label_at ? g + gl : g;
       out[i] = fmaf(g, inv_temperature, guard);
+      tally_zero_sum<DT>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
     }
   });
 }
@@ -443,6 +461,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
 template <int DT, int DIV>
 __global__ void __launch_bounds__(kMaxThreads, 2) backward_kernel(BackwardArgs args, DivParams prm) {
   using T = typename Elem<DT>::T;
+  __shared__ float sum_scratch[64];
   const float inv_temperature = static_cast<float>(1.0 / args.temperature);
   const int64_t vocab = args.vocab;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
@@ -466,15 +485,24 @@ __global__ void __launch_bounds__(kMaxThreads, 2) backward_kernel(BackwardArgs a
     const LogProbShift sa{args.row_max[row], args.log_norm[row]};
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const int64_t label = slice_label(plan.label, args.v0, vocab);
+    float row_sum = 0.f, top = 0.f;
     if (use_div) {
       const T* rb = args.ref_row<T>(row);
       const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
       const float ref_at_argmax = is_centred(DIV) ? args.ref_at_argmax[row] : 0.f;
       backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s,
-                            gl + ge * h, gl, ge, gd, guard, label, prm);
+                            gl + ge * h, gl, ge, gd, guard, label, prm, row_sum, top);
     } else {
       backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_temperature, sa, sa, 0.f, 0.f,
-                                      gl + ge * h, gl, ge, 0.f, guard, label, prm);
+                                      gl + ge * h, gl, ge, 0.f, guard, label, prm, row_sum, top);
+    }
+    if constexpr (DT == kFloat32) {
+      // Uniform over the block (one row); block_sum2's barrier orders every thread's stores
+      // before the argmax entry is overwritten.
+      if (zero_sum_row(args.whole_row != 0, vocab, sa.offset)) {
+        block_sum2(row_sum, top, sum_scratch);
+        if (threadIdx.x == 0 && top > 0.f) rg[static_cast<int64_t>(top) - 1] = -row_sum;
+      }
     }
   }
 }

@@ -252,10 +252,13 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
     ``logits`` itself (each element is read before it is written). Every element is written (0 on
     skipped rows). ``grad_*`` are fp32 ``[N]`` or ``None`` (zero); ``div`` is unweighted,
     so ``grad_div`` already carries any weighting, and rows with weight 0 get no divergence
-    term. The whole row is the slice ``v0 = 0`` of :func:`slice_backward`.
+    term. The whole row is the slice ``v0 = 0`` of :func:`slice_backward`, except that an fp32
+    gradient's row sums to 0 (softmax is shift invariant): where the policy is peaked
+    (``p_k > e^-0.6``), its argmax entry is written as ``-sum_{j != k} g_j`` from the same pass,
+    which is accurate where ``(p_k - q_k) / T`` or ``1 - p_k`` would cancel.
     """
-    slice_backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div,
-                   grad_out, 0)
+    _backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div, grad_out, 0,
+              whole_row=True)
 
 
 # --------------------------------------------------------------------------- kept tokens
@@ -379,6 +382,12 @@ def slice_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_log
     ``logits``/``ref_logits``/``grad_out``: ``[B, T, Vs]`` slice views (``grad_out`` in the
     logits' dtype, may alias ``logits``); ``labels`` global ids; ``stats`` fp32 ``[N]``.
     """
+    _backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div, grad_out, v0,
+              whole_row=False)
+
+
+def _backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats, grad_logp, grad_entropy, grad_div,
+              grad_out, v0: int, whole_row: bool) -> None:
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
     saved = _saved(stats, SAVED_STATS)
@@ -395,6 +404,7 @@ def slice_backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_log
         grad_batch_stride=grad_out.stride(0),
         grad_token_stride=grad_out.stride(1),
         v0=int(v0),
+        whole_row=int(whole_row),
     )
 
 

@@ -351,11 +351,8 @@ def _argmax_gap_inputs(name):
     return torch.tensor([[6.1640, -1.1737]]), torch.tensor([[6.0768, -1.1510]]), 0.5
 
 
-# Strict on CPU, where it is measured; the CUDA kernels sum alike but have not run on a GPU yet.
-@pytest.mark.xfail(strict=DEVICE.type == "cpu", reason=(
-    "known defect: the forward's sums of exponentials are added in fp32 with the row maximum's "
-    "exp(0) = 1 among them, which rounds the other terms; log_norm is then a few eps off, and "
-    "(p_k - q_k) / T misses the contract's 2e-7 |g_out| where p_k ~ q_k > 1/2"))
+# The whole-row backward writes a peaked row's argmax entry as minus the sum of the others (the
+# gradient sums to 0): (p_k - q_k) / T there no longer rides on log_norm's few eps.
 @pytest.mark.parametrize("inputs", ["peaked_rows", "two_entries"])
 @pytest.mark.parametrize("backend", KERNELS)
 def test_forward_kl_gradient_in_the_argmax_gap(backend, inputs):
@@ -368,6 +365,36 @@ def test_forward_kl_gradient_in_the_argmax_gap(backend, inputs):
     s = row_scale(a, b, temperature)
     assert_tokens_close(div, want["div"], s, "forward_kl")
     assert_grads_close(grad, want_grad, s, upstream, torch.float32, "forward_kl gradient")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_confident_label_gradient_is_accurate_relative_to_its_size(backend, temperature, inplace):
+    """One logit L above V - 1 zeros, the label on it: by hand, ``p_y = e^(L/T) / (e^(L/T) + V - 1)``
+    and ``dlogp/da_y = (1 - p_y) / T = (V - 1) / (T (e^(L/T) + V - 1))``, about 2e-6 here. Formed as
+    ``1 - p_y`` in fp32 it would carry ``log_norm``'s few eps: a few percent of its size. Every
+    other entry is ``-p_j / T = -1 / (T (e^(L/T) + V - 1))``."""
+    vocab, top = 1000, 20.0 * temperature
+    logits = torch.zeros(2, vocab)
+    logits[:, 7] = top
+    labels = torch.tensor([7, 3])  # the second row's label is not its argmax
+    leaf = logits.to(DEVICE).requires_grad_(True)
+    x = leaf.clone() if inplace else leaf  # in place, the gradient is written over x's own storage
+    with pk.use_backend(backend):
+        logp = pk.token_logprobs(x, labels.to(DEVICE), temperature=temperature, inplace_backward=inplace)
+    logp.sum().backward()
+    grad = leaf.grad.cpu().double()
+    denominator = temperature * (mpmath.exp(20) + vocab - 1)
+    other = -1 / denominator
+    want_top = [(vocab - 1) / denominator, mpmath.exp(20) * other]
+    for row in range(2):
+        torch.testing.assert_close(grad[row, 7].item(), float(want_top[row]), rtol=1e-5, atol=0)
+    want_rest = torch.full((vocab,), float(other), dtype=torch.float64)
+    want_rest[3] += 1 / temperature
+    torch.testing.assert_close(grad[1, :7], want_rest[:7], rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad[0, 8:], torch.full((vocab - 8,), float(other), dtype=torch.float64),
+                               rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNELS)

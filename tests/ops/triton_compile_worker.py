@@ -106,7 +106,7 @@ def specialisations() -> List[Specialisation]:
                     CAP=triton.next_power_of_2(candidates + 4096)), counted=False))
         cases.append(Specialisation("token_backward_kernel", dict(rows, grad_ptr="*" + dtype), dict(
             HAS_LABELS=labels, HAS_WEIGHT=weight, GRAD_LOGP=labels, GRAD_ENTROPY=labels,
-            DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align)))
+            DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align, ZERO_SUM=dtype == "fp32")))
         cases.append(Specialisation("slice_state_kernel", dict(rows, argmax_ptr="*i64"), dict(
             HAS_LABELS=labels, HAS_REF=divergence > 0, HAS_WEIGHT=weight, WANT_ENTROPY=labels,
             DIVERGENCE=divergence, BLOCK_V=4096, ALIGN=align, CANDIDATES=0, CAP=1)))
@@ -154,7 +154,8 @@ def unknown_code_cases() -> List[Specialisation]:
         Specialisation("token_forward_kernel", rows, dict(common, HAS_REF=True, WANT_LOGP=False, WANT_ENTROPY=False,
                                                           WANT_REF_LOGP=False)),
         Specialisation("token_backward_kernel", dict(rows, grad_ptr="*fp32"), dict(common, GRAD_LOGP=False,
-                                                                                   GRAD_ENTROPY=False)),
+                                                                                   GRAD_ENTROPY=False,
+                                                                                   ZERO_SUM=True)),
         Specialisation("slice_state_kernel", dict(rows, argmax_ptr="*i64"), dict(common, HAS_REF=True,
                                                                                  WANT_ENTROPY=False, CANDIDATES=0,
                                                                                  CAP=1)),

@@ -97,7 +97,8 @@
   X(void*, grad)                       \
   X(int64_t, grad_batch_stride)        \
   X(int64_t, grad_token_stride)        \
-  X(int64_t, v0)
+  X(int64_t, v0)                       \
+  X(int64_t, whole_row)
 #define PREFOPT_FOLD_FIELDS(X) \
   X(int64_t, v0)               \
   X(int64_t, first_slice)      \
@@ -214,7 +215,8 @@ struct SavedStatsArgs : RowInputs {
 // those of the whole row, and labels global ids: the label's term lands on local index
 // label - v0 when the slice holds it. grad_* are the upstream per-token gradients, fp32
 // [n_rows], null meaning zero; grad is a [B, T, vocab] view in `dtype` with the strides
-// given, vocab stride 1.
+// given, vocab stride 1. whole_row != 0 (v0 = 0 and the whole vocabulary): an fp32 gradient
+// row sums to 0, and a peaked row's argmax entry is written from the others (zero_sum_row).
 struct BackwardArgs : SavedStatsArgs {
   PREFOPT_BACKWARD_FIELDS(PREFOPT_DECLARE_FIELD)
 

@@ -96,15 +96,22 @@ def _forward(logits, labels, ref_logits, weight, spec: OpSpec, count: int):
 
 def backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
              grad_logp, grad_entropy, grad_div, grad_out) -> None:
-    """The gradient wrt ``logits`` into ``grad_out``: the whole row is the slice ``v0 = 0``."""
-    slice_backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div,
-                   grad_out, 0)
+    """The gradient wrt ``logits`` into ``grad_out``: the whole row is the slice ``v0 = 0``, and
+    an fp32 gradient's argmax entry comes from the row's zero sum (``token_backward_kernel``)."""
+    _backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div, grad_out, 0,
+              whole_row=True)
 
 
 def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
                    grad_logp, grad_entropy, grad_div, grad_out, v0: int) -> None:
     """The gradient of the slice ``[v0, v0 + Vs)`` (``logits`` ``[B, T, Vs]``) from the whole
     row's statistics, into ``grad_out``; a whole row is ``v0 = 0``. See ``row_state``."""
+    _backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div, grad_out, v0,
+              whole_row=False)
+
+
+def _backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
+              grad_logp, grad_entropy, grad_div, grad_out, v0: int, whole_row: bool) -> None:
     from .kernels import token_backward_kernel
 
     batches, tokens, vocab = logits.shape
@@ -128,6 +135,7 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
         GRAD_LOGP=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
         DIVERGENCE=spec.divergence if has_div else 0,
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref, grad_out), num_warps=num_warps,
+        ZERO_SUM=whole_row and grad_out.dtype == torch.float32,
     )
 
 

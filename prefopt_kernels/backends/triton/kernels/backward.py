@@ -21,6 +21,10 @@ from .row_math import (
 )
 
 
+# log_norm below this: p_k = exp(-log_norm) > 0.55, so the row's maximum is unique.
+PEAKED_LOG_NORM: tl.constexpr = 0.6
+
+
 @triton.jit
 def token_backward_kernel(
     a_ptr, b_ptr, grad_ptr, labels_ptr, weight_ptr,
@@ -31,7 +35,7 @@ def token_backward_kernel(
     beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
     HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
-    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, ZERO_SUM: tl.constexpr,
 ):
     """``g_j = (1/T)[g_logp (1[j=y] - p_j) - g_H p_j (log p_j + H) + g_D p_j (f'(t_j) - S)]``.
 
@@ -44,6 +48,12 @@ def token_backward_kernel(
     statistics of the whole row enter. A row that is not
     skipped gets ``log_norm - log_norm`` (and ``div_s - div_s`` where the divergence term is
     active) added to every element: NaN rows stay NaN whatever the upstream gradients.
+
+    ``ZERO_SUM`` (a whole row, fp32 gradient): the gradient of any function of ``softmax(a / T)``
+    sums to 0 over the row. Where the policy is peaked (``p_k > e^-0.6``, so ``k`` is its one
+    maximum), ``g_k`` is a difference of two numbers near ``1 / T`` whose fp32 ``log_norm`` carries
+    a few eps, while every other ``g_j`` is accurate relative to its size; ``g_k`` is rewritten as
+    ``-sum_{j != k} g_j``, summed in the same pass (a compare, a select and an add per element).
     """
     tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
     CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
@@ -96,36 +106,58 @@ def token_backward_kernel(
     cols = tl.arange(0, BLOCK_V)
     last = tile_count(vocab, lead, BLOCK_V)
     columns, mask = edge_tile(0, lead, vocab, BLOCK_V)
-    gradient_tile(a_base + cols, b_base + cols, g_base + cols, columns, mask, True, compute, label, ma, log_za,
-                  mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp, g_entropy, g_div, div_active, guard,
-                  inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
-                  GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE)
+    row_sum, top = gradient_tile(a_base + cols, b_base + cols, g_base + cols, columns, mask, True, compute, label,
+                                 ma, log_za, mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp, g_entropy,
+                                 g_div, div_active, guard, inv_temperature, beta, one_minus_beta, log_beta,
+                                 log_one_minus_beta, alpha, alpha_minus_one, GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE,
+                                 ZERO_SUM)
     for tile in range(1, last):
         start = tile * BLOCK_V
-        gradient_tile(a_base + start + cols, b_base + start + cols, g_base + start + cols, start - lead + cols,
-                      mask, False, compute, label, ma, log_za, mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s,
-                      g_logp, g_entropy, g_div, div_active, guard, inv_temperature, beta, one_minus_beta, log_beta,
-                      log_one_minus_beta, alpha, alpha_minus_one, GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE)
+        tile_sum, tile_top = gradient_tile(
+            a_base + start + cols, b_base + start + cols, g_base + start + cols, start - lead + cols, mask, False,
+            compute, label, ma, log_za, mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp, g_entropy,
+            g_div, div_active, guard, inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha,
+            alpha_minus_one, GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE, ZERO_SUM)
+        if ZERO_SUM:
+            row_sum += tile_sum
+            top += tile_top
     if last > 0:
         start = last * BLOCK_V
         columns, mask = edge_tile(last, lead, vocab, BLOCK_V)
-        gradient_tile(a_base + start + cols, b_base + start + cols, g_base + start + cols, columns, mask, True,
-                      compute, label, ma, log_za, mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp,
-                      g_entropy, g_div, div_active, guard, inv_temperature, beta, one_minus_beta, log_beta,
-                      log_one_minus_beta, alpha, alpha_minus_one, GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE)
+        tile_sum, tile_top = gradient_tile(
+            a_base + start + cols, b_base + start + cols, g_base + start + cols, columns, mask, True, compute, label,
+            ma, log_za, mb, log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp, g_entropy, g_div, div_active,
+            guard, inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
+            GRAD_LOGP, GRAD_ENTROPY, DIVERGENCE, ZERO_SUM)
+        if ZERO_SUM:
+            row_sum += tile_sum
+            top += tile_top
+    if ZERO_SUM:
+        # k + 1 summed over the row's maxima: exactly k + 1 where the row is peaked.
+        k = tl.sum(top, axis=0) - 1
+        if compute & (log_za < PEAKED_LOG_NORM) & (k >= 0):
+            # Every thread's stores of this row land before the argmax entry is overwritten.
+            tl.debug_barrier()
+            tl.store(g_base + lead + k, -tl.sum(row_sum, axis=0))
 
 
 @triton.jit
 def gradient_tile(a_tile, b_tile, g_tile, columns, mask, MASKED: tl.constexpr, compute, label, ma, log_za, mb,
                    log_zb, entropy, ref_at_argmax, fprime_k, div_s, g_logp, g_entropy, g_div, div_active, guard,
                    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, alpha, alpha_minus_one,
-                   GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr):
+                   GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr,
+                   ZERO_SUM: tl.constexpr):
     """One tile of :func:`token_backward_kernel`'s gradient (pointers ``a_tile``, ``b_tile``,
     ``g_tile``; the row's ``columns``), stored in the gradient's dtype; a masked tile
-    (``MASKED``) reads and writes only the lanes of ``mask``."""
+    (``MASKED``) reads and writes only the lanes of ``mask``. Returns, for ``ZERO_SUM``, the
+    stored fp32 values (0 off ``mask`` and where the logit is the row's max) and ``column + 1``
+    where it is the max (else 0); zeros otherwise."""
     grad = tl.zeros(columns.shape, tl.float32)
+    top = tl.zeros(columns.shape, tl.int32)
     if compute:
         x = load_tile(a_tile, mask, MASKED).to(tl.float32)
+        if ZERO_SUM:
+            top = tl.where(x == ma, columns + 1, 0)
         lp = (x - ma) * inv_temperature - log_za
         p = fast_exp(lp)
         if GRAD_LOGP:
@@ -145,8 +177,14 @@ def gradient_tile(a_tile, b_tile, g_tile, columns, mask, MASKED: tl.constexpr, c
                     lq = (y - mb) * inv_temperature - log_zb
                     grad += g_div * centred_slope(lp, lq, fprime_k, div_s, beta, one_minus_beta, log_beta,
                                                    log_one_minus_beta, alpha, alpha_minus_one, DIVERGENCE)
-    grad = (grad * inv_temperature + guard).to(g_tile.dtype.element_ty)
+    grad = grad * inv_temperature + guard
     if MASKED:
-        tl.store(g_tile, grad, mask=mask)
+        tl.store(g_tile, grad.to(g_tile.dtype.element_ty), mask=mask)
+        grad = tl.where(mask, grad, 0.0)
     else:
-        tl.store(g_tile, grad)
+        tl.store(g_tile, grad.to(g_tile.dtype.element_ty))
+    if ZERO_SUM:
+        grad = tl.where(top > 0, 0.0, grad)
+    else:
+        grad = tl.zeros(columns.shape, tl.float32)
+    return grad, top
