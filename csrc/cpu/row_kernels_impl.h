@@ -469,7 +469,7 @@ __attribute__((noinline)) void backward_row(const typename Elem<DT>::T* ra, cons
     rg[label] = Elem<DT>::store(g_label);
   }
   if constexpr (DT == kFloat32) {
-    if (zero_sum && k >= 0) rg[k] = -row_sum;
+    if (zero_sum && k >= 0) rg[k] = guard - row_sum;  // the guard, for a row of one entry
   }
 }
 

@@ -501,7 +501,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) backward_kernel(BackwardArgs a
       // before the argmax entry is overwritten.
       if (zero_sum_row(args.whole_row != 0, vocab, sa.offset)) {
         block_sum2(row_sum, top, sum_scratch);
-        if (threadIdx.x == 0 && top > 0.f) rg[static_cast<int64_t>(top) - 1] = -row_sum;
+        // The guard too, which a row of one entry has nowhere else.
+        if (threadIdx.x == 0 && top > 0.f) rg[static_cast<int64_t>(top) - 1] = guard - row_sum;
       }
     }
   }

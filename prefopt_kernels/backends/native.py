@@ -429,24 +429,17 @@ def finalize(state: row_state.RowState, labels: Optional[torch.Tensor], weight: 
     own field, masked in place (the state is spent). ``every_row_read``: the caller knows that
     no row is skipped.
     """
-    n, device = state.max.shape[0], state.max.device
-    for name, field in state.tensors().items():
-        if not field.is_contiguous():
-            raise ValueError(f"finalize: state.{name} must be contiguous")
     labels = _contiguous(labels, torch.int64)
     weight = _contiguous(weight, torch.float32)
-    has_ref = state.ref_max is not None
-    member = spec.member if has_ref else None
-    names = row_state.kernel_outputs(spec, labels is not None, has_ref)
-    stats = RowStats.empty(n, names, device)
-    if n:  # no row: nothing to launch (and empty tensors may have null data pointers)
-        _launch("finalize", device, **_finish_inputs(n, labels, weight, spec, has_ref),
+    n, has_ref = state.max.shape[0], state.ref_max is not None
+
+    def launch(stats: RowStats) -> None:
+        _launch("finalize", state.max.device, **_finish_inputs(n, labels, weight, spec, has_ref),
                 every_row_read=int(every_row_read),
                 **_pointers(vars(state), [f.name for f in fields(row_state.RowState)]),
                 **_pointers(vars(stats), [f.name for f in fields(RowStats) if f.name != "ref_at_argmax"]))
-    if member is not None and member.centred:
-        stats.ref_at_argmax = state.ref_at_argmax
-    return stats
+
+    return row_state.finalize_launch(state, labels is not None, spec, launch)
 
 
 def finish_sweep(stats: RowStats, value_sum: torch.Tensor, centred_sum: torch.Tensor,

@@ -299,6 +299,26 @@ def kernel_outputs(spec: OpSpec, has_labels: bool, has_ref: bool) -> tuple:
     return tuple(name for name in present_stats(spec, has_labels, has_ref) if name not in later)
 
 
+def finalize_launch(state: RowState, has_labels: bool, spec: OpSpec, launch) -> RowStats:
+    """What a backend's ``finalize`` does around its one launch: refuse a state field that is not
+    contiguous (the kernels take raw pointers), allocate the fields the kernel writes
+    (:func:`kernel_outputs`), call ``launch(stats)`` to fill them (not with no row: empty tensors
+    may have null data pointers), and hand a centred divergence's ``ref_at_argmax`` over as the
+    state's own field (masked in place by the kernel: the state is spent)."""
+    for name, field in state.tensors().items():
+        if not field.is_contiguous():
+            raise ValueError(f"finalize: state.{name} must be contiguous")
+    n = state.max.shape[0]
+    has_ref = state.ref_max is not None
+    stats = RowStats.empty(n, kernel_outputs(spec, has_labels, has_ref), state.max.device)
+    if n:
+        launch(stats)
+    member = spec.member if has_ref else None
+    if member is not None and member.centred:
+        stats.ref_at_argmax = state.ref_at_argmax
+    return stats
+
+
 def _set_divergence(stats: RowStats, div, div_s, div_on) -> RowStats:
     """Store ``div`` and ``div_s`` where the divergence is computed (``div_on`` ``None``: every row);
     ``div_s`` NaN where ``div`` is not finite."""

@@ -367,6 +367,15 @@ def test_forward_kl_gradient_in_the_argmax_gap(backend, inputs):
     assert_grads_close(grad, want_grad, s, upstream, torch.float32, "forward_kl gradient")
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_one_entry_row_keeps_the_nan_policy(backend):
+    """A row of one entry is its own peaked argmax, with no other entry to sum: its gradient is
+    still NaN where the reference is NaN, and 0 (p = q = 1) where it is finite."""
+    div, grad = _div_and_grad(backend, torch.tensor([[0.25], [0.25]]), torch.tensor([[NAN], [3.0]]), "forward_kl")
+    assert torch.isnan(div[0]) and div[1] == 0
+    assert torch.isnan(grad[0]).all() and (grad[1] == 0).all()
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize("backend", KERNELS)

@@ -311,13 +311,10 @@ def finalize(state: row_state.RowState, labels, weight, spec: OpSpec, every_row_
     """
     from .kernels import finalize_kernel
 
-    n = state.max.shape[0]
-    has_ref = state.ref_max is not None
-    member = spec.member if has_ref else None
-    names = row_state.kernel_outputs(spec, labels is not None, has_ref)
-    stats = RowStats.empty(n, names, state.max.device)
-    if n:
-        placeholder = state.sum_exp
+    n, has_ref = state.max.shape[0], state.ref_max is not None
+    placeholder = state.sum_exp
+
+    def launch(stats: RowStats) -> None:
         finalize_kernel[(triton.cdiv(n, FINISH_BLOCK),)](
             labels_ptr=_or_placeholder(labels, placeholder), weight_ptr=_or_placeholder(weight, placeholder),
             **_pointers(state, [f.name for f in fields(row_state.RowState) if f.name != "argmax"], placeholder),
@@ -329,9 +326,8 @@ def finalize(state: row_state.RowState, labels, weight, spec: OpSpec, every_row_
             DIVERGENCE=spec.divergence if has_ref else 0,
             BLOCK=FINISH_BLOCK,
         )
-    if member is not None and member.centred:
-        stats.ref_at_argmax = state.ref_at_argmax
-    return stats
+
+    return row_state.finalize_launch(state, labels is not None, spec, launch)
 
 
 def finish_sweep(stats: RowStats, value_sum, centred_sum, labels, weight, spec: OpSpec,

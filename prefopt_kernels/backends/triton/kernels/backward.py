@@ -53,7 +53,8 @@ def token_backward_kernel(
     sums to 0 over the row. Where the policy is peaked (``p_k > e^-0.6``, so ``k`` is its one
     maximum), ``g_k`` is a difference of two numbers near ``1 / T`` whose fp32 ``log_norm`` carries
     a few eps, while every other ``g_j`` is accurate relative to its size; ``g_k`` is rewritten as
-    ``-sum_{j != k} g_j``, summed in the same pass (a compare, a select and an add per element).
+    ``-sum_{j != k} g_j`` (plus the row's NaN guard, which a one-entry row has nowhere else),
+    summed in the same pass (a compare, a select and an add per element).
     """
     tl.static_assert(((KNOWN_CODES >> DIVERGENCE) & 1) == 1, "unknown DIVERGENCE code")
     CENTRED: tl.constexpr = ((CENTRED_CODES >> DIVERGENCE) & 1) == 1
@@ -138,7 +139,7 @@ def token_backward_kernel(
         if compute & (log_za < PEAKED_LOG_NORM) & (k >= 0):
             # Every thread's stores of this row land before the argmax entry is overwritten.
             tl.debug_barrier()
-            tl.store(g_base + lead + k, -tl.sum(row_sum, axis=0))
+            tl.store(g_base + lead + k, guard - tl.sum(row_sum, axis=0))
 
 
 @triton.jit
