@@ -22,7 +22,7 @@ from .row_math import (
 
 
 # log_norm below this: p_k = exp(-log_norm) > 0.55, so the row's maximum is unique.
-PEAKED_LOG_NORM: tl.constexpr = 0.6
+PEAKED_LOG_NORM = tl.constexpr(0.6)
 
 
 @triton.jit
