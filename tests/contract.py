@@ -166,23 +166,50 @@ def row_terms(a, b, onehot, *, temperature=1.0, divergence=None, beta=0.5, alpha
     return torch.stack([logp, entropy, ref_logp, div], -1)
 
 
-def in_forward_kl_argmax_gap(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> bool:
-    """True when a row lies where forward KL's gradient at the argmax, formed directly, would miss
-    the contract.
-
-    The kernels add a row's exponentials in fp32 with the maximum's ``exp(0) = 1`` among them,
-    so ``log_norm`` carries up to a few eps; where the policy's argmax holds ``p_k > 1/2`` and the
-    reference's ``q_k`` is within 1e-5 of it, ``(p_k - q_k) / T`` formed at ``k`` is then off by
-    more than the contract's ``2e-7 |g_out|``. The whole-row backward writes that entry from the
-    row's zero sum instead; ``tests/ops/test_edge_numerics.py::test_forward_kl_gradient_in_the_argmax_gap``
-    uses this to check that its cases lie in the region.
-    """
+def _softmax_pairs(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float):
+    """``(p, q)`` float64 ``[rows, V]`` of the rows whose logits are all finite (``None`` if none)."""
     a = logits.detach().double().reshape(-1, logits.shape[-1]) / temperature
     b = ref_logits.detach().double().reshape(-1, ref_logits.shape[-1]) / temperature
     finite = torch.isfinite(a).all(-1) & torch.isfinite(b).all(-1)
     if not finite.any():
+        return None
+    return torch.softmax(a[finite], -1), torch.softmax(b[finite], -1)
+
+
+def in_forward_kl_argmax_gap(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> bool:
+    """True when a row's forward KL gradient at the argmax, formed there directly, would miss the
+    contract: ``p_k > 1/2`` and ``q_k`` within 1e-5 of it.
+
+    The kernels add a row's exponentials in fp32 with the maximum's ``exp(0) = 1`` among them, so
+    ``log_norm`` carries a few eps ``delta`` and ``(p_k - q_k) / T`` formed at ``k`` carries about
+    ``p_k delta / T``, more than the contract's ``2e-7 |g_out|``. The whole-row backward writes that
+    entry from the row's zero sum instead (:func:`in_forward_kl_rounding_gap` has what is left).
+    """
+    pairs = _softmax_pairs(logits, ref_logits, temperature)
+    if pairs is None:
         return False
-    p, q = torch.softmax(a[finite], -1), torch.softmax(b[finite], -1)
+    p, q = pairs
     k = p.argmax(-1, keepdim=True)
     p_k, q_k = p.gather(-1, k), q.gather(-1, k)
     return bool(((p_k > 0.5) & ((p_k - q_k).abs() < 1e-5)).any())
+
+
+def in_forward_kl_rounding_gap(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> bool:
+    """True when a row lies where the kernels' forward KL gradient can still miss the contract's
+    ``2e-7 |g_out|`` term.
+
+    ``log_norm``'s few eps ``delta`` (up to about 3e-7 measured) make each ``p_j`` off by
+    ``p_j delta``; forward KL's ``(p_j - q_j) / T`` has no term of that size to hide it where
+    ``q_j`` is within 1e-5 of ``p_j``. Entry ``j`` is then off by about ``w_j delta / T``, with
+    ``w_j = p_j``, except at a peaked argmax (``p_k > 1/2``), which the whole-row backward writes
+    from the row's zero sum: ``w_k = 1 - p_k`` (the sum of the others' errors). The row is in
+    the gap where some such entry has ``w_j / T > 0.5``: moderately peaked rows at ``T < 1``.
+    Summing the row's exponentials with the maximum apart (``log_norm = log1p(...)``) in every
+    forward would close it.
+    """
+    pairs = _softmax_pairs(logits, ref_logits, temperature)
+    if pairs is None:
+        return False
+    p, q = pairs
+    weight = torch.where(p > 0.5, 1.0 - p, p)
+    return bool((((p - q).abs() < 1e-5) & (weight / temperature > 0.5)).any())

@@ -254,7 +254,7 @@ def backward(logits: torch.Tensor, labels: Optional[torch.Tensor], ref_logits: O
     so ``grad_div`` already carries any weighting, and rows with weight 0 get no divergence
     term. The whole row is the slice ``v0 = 0`` of :func:`slice_backward`, except that an fp32
     gradient's row sums to 0 (softmax is shift invariant): where the policy is peaked
-    (``p_k > e^-0.6``), its argmax entry is written as ``-sum_{j != k} g_j`` from the same pass,
+    (``p_k > e^-0.69``, just over 1/2), its argmax entry is written as ``-sum_{j != k} g_j`` from the same pass,
     which is accurate where ``(p_k - q_k) / T`` or ``1 - p_k`` would cancel.
     """
     _backward(logits, labels, ref_logits, weight, spec, stats, grad_logp, grad_entropy, grad_div, grad_out, 0,

@@ -159,12 +159,13 @@ PREFOPT_HD PREFOPT_INLINE int64_t slice_label(int64_t label, int64_t v0, int64_t
 }
 
 // The gradient of any function of softmax(a / T) sums to 0 over a whole row. Where the policy
-// is peaked (log_norm < 0.6: p_k > 0.55, so its maximum k is unique), g_k is a difference of
-// two numbers near 1 / T that carry log_norm's few eps, while every other g_j is accurate
-// relative to its size: the backward writes g_k = -sum_{j != k} g_j for an fp32 gradient of
-// a whole row (the Triton kernel uses the same bound, PEAKED_LOG_NORM). The kernels find k as a
-// float sum of k + 1, exact below 2^24 columns.
-constexpr float kPeakedLogNorm = 0.6f;
+// is peaked (log_norm < 0.69: p_k > 0.5016; tied maxima each add exactly 1 to the sum of
+// exponentials, so they give log_norm >= fl(ln 2) and k is unique below the bound), g_k is a
+// difference of two numbers near p_k / T, each carrying p_k times log_norm's few eps, while
+// the other entries carry 1 - p_k times it in all: the backward writes
+// g_k = -sum_{j != k} g_j for an fp32 gradient of a whole row (the Triton kernel uses the same
+// bound, PEAKED_LOG_NORM). The kernels find k as a float sum of k + 1, exact below 2^24 columns.
+constexpr float kPeakedLogNorm = 0.69f;
 
 PREFOPT_HD PREFOPT_INLINE bool zero_sum_row(bool whole_row_fp32, int64_t vocab, float log_norm) {
   return whole_row_fp32 && vocab < (int64_t(1) << 24) && log_norm < kPeakedLogNorm;

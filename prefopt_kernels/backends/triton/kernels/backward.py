@@ -21,8 +21,9 @@ from .row_math import (
 )
 
 
-# log_norm below this: p_k = exp(-log_norm) > 0.55, so the row's maximum is unique.
-PEAKED_LOG_NORM = tl.constexpr(0.6)
+# log_norm below this: p_k = exp(-log_norm) > 0.5016. Tied maxima each add exactly 1 to the row's
+# sum of exponentials, so log_norm >= fl(ln 2) = 0.6931...: below the bound the maximum is unique.
+PEAKED_LOG_NORM = tl.constexpr(0.69)
 
 
 @triton.jit
@@ -50,8 +51,8 @@ def token_backward_kernel(
     active) added to every element: NaN rows stay NaN whatever the upstream gradients.
 
     ``ZERO_SUM`` (a whole row, fp32 gradient): the gradient of any function of ``softmax(a / T)``
-    sums to 0 over the row. Where the policy is peaked (``p_k > e^-0.6``, so ``k`` is its one
-    maximum), ``g_k`` is a difference of two numbers near ``1 / T`` whose fp32 ``log_norm`` carries
+    sums to 0 over the row. Where the policy is peaked (``p_k > e^-0.69``, just over 1/2, so ``k`` is its
+    one maximum), ``g_k`` is a difference of two numbers near ``1 / T`` whose fp32 ``log_norm`` carries
     a few eps, while every other ``g_j`` is accurate relative to its size; ``g_k`` is rewritten as
     ``-sum_{j != k} g_j`` (plus the row's NaN guard, which a one-entry row has nowhere else),
     summed in the same pass (a compare, a select and an add per element).
