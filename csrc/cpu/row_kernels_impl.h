@@ -465,7 +465,9 @@ __attribute__((noinline)) void backward_row(const typename Elem<DT>::T* ra, cons
   const int64_t k = static_cast<int64_t>(top) - 1;  // the row's one maximum where zero_sum
   if (label >= 0) {
     // The loop's sum holds the label's element without its gl term.
-    if constexpr (DT == kFloat32) row_sum += label != k ? g_label - rg[label] : 0.f;
+    if constexpr (DT == kFloat32) {
+      if (zero_sum && label != k) row_sum += g_label - rg[label];
+    }
     rg[label] = Elem<DT>::store(g_label);
   }
   if constexpr (DT == kFloat32) {
