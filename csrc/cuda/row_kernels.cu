@@ -337,13 +337,13 @@ __global__ void __launch_bounds__(kMaxThreads, 2) sweep_kernel(SweepArgs args, D
   }
 }
 
-// One fp32 element's share of a zero-sum row (zero_sum_row): column + 1 into `top` where the
+// One element's share of a zero-sum row (zero_sum_row): column + 1 into `top` where the
 // logit is the row's maximum (exact as a float below 2^24 columns; only read where the maximum
 // is unique), its stored gradient into the thread's row sum elsewhere.
-template <int DT>
+template <bool ZERO_SUM>
 __device__ __forceinline__ void tally_zero_sum(float& row_sum, float& top, float g, float x,
                                                float row_max, int64_t column) {
-  if constexpr (DT == kFloat32) {
+  if constexpr (ZERO_SUM) {
     const bool is_top = x == row_max;
     top += is_top ? static_cast<float>(column + 1) : 0.f;
     row_sum += is_top ? 0.f : g;
@@ -352,9 +352,9 @@ __device__ __forceinline__ void tally_zero_sum(float& row_sum, float& top, float
 
 // g_j = [ gl (1[j = y] - p_j) - ge p_j (log p_j + H) + gd p_j (f'(t_j) - S) ] / T with
 // c = gl + ge H and the centred div_s s (see the CPU kernels); DIV_ROW is the divergence of
-// this row (none when it has no divergence term). An fp32 row also tallies this thread's
-// share of the zero-sum rewrite (tally_zero_sum) into row_sum and top.
-template <int DT, int DIV_ROW>
+// this row (none when it has no divergence term). ZERO_SUM (a row that takes the zero-sum
+// rewrite, zero_sum_row) also tallies this thread's share of it into row_sum and top.
+template <int DT, int DIV_ROW, bool ZERO_SUM>
 __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
                                              const typename Elem<DT>::T* rb,
                                              typename Elem<DT>::T* rg, int64_t vocab,
@@ -396,7 +396,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
         g += p > 0.f ? -p * inner : 0.f;
         g = i == label_at ? g + gl : g;
         out[i] = fmaf(g, inv_temperature, guard);
-        tally_zero_sum<DT>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
+        tally_zero_sum<ZERO_SUM>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
       }
     });
     return;
@@ -422,7 +422,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
         float g = p > 0.f ? p * fmaf(gd_js, js_fprime_gap(ap, aq, k), -inner) : 0.f;
         g = i == label_at ? g + gl : g;
         out[i] = fmaf(g, inv_temperature, guard);
-        tally_zero_sum<DT>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
+        tally_zero_sum<ZERO_SUM>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
       }
     });
     return;
@@ -453,7 +453,7 @@ __device__ __forceinline__ void backward_row(const typename Elem<DT>::T* ra,
       g += p > 0.f ? -p * inner : 0.f;
       g = i == label_at ? g + gl : g;
       out[i] = fmaf(g, inv_temperature, guard);
-      tally_zero_sum<DT>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
+      tally_zero_sum<ZERO_SUM>(row_sum, top, out[i], x[i], sa.shift, j0 + i);
     }
   });
 }
@@ -486,25 +486,33 @@ __global__ void __launch_bounds__(kMaxThreads, 2) backward_kernel(BackwardArgs a
     const float h = ge != 0.f ? args.entropy[row] : 0.f;
     const int64_t label = slice_label(plan.label, args.v0, vocab);
     float row_sum = 0.f, top = 0.f;
-    if (use_div) {
-      const T* rb = args.ref_row<T>(row);
-      const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
-      const float ref_at_argmax = is_centred(DIV) ? args.ref_at_argmax[row] : 0.f;
-      backward_row<DT, DIV>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s,
-                            gl + ge * h, gl, ge, gd, guard, label, prm, row_sum, top);
-    } else {
-      backward_row<DT, kNoDivergence>(ra, ra, rg, vocab, inv_temperature, sa, sa, 0.f, 0.f,
-                                      gl + ge * h, gl, ge, 0.f, guard, label, prm, row_sum, top);
-    }
+    const auto sweep = [&](auto zero_sum) {
+      constexpr bool kZeroSum = decltype(zero_sum)::value;
+      if (use_div) {
+        const T* rb = args.ref_row<T>(row);
+        const LogProbShift sb{args.ref_row_max[row], args.ref_log_norm[row]};
+        const float ref_at_argmax = is_centred(DIV) ? args.ref_at_argmax[row] : 0.f;
+        backward_row<DT, DIV, kZeroSum>(ra, rb, rg, vocab, inv_temperature, sa, sb, ref_at_argmax, s,
+                                        gl + ge * h, gl, ge, gd, guard, label, prm, row_sum, top);
+      } else {
+        backward_row<DT, kNoDivergence, kZeroSum>(ra, ra, rg, vocab, inv_temperature, sa, sa, 0.f,
+                                                  0.f, gl + ge * h, gl, ge, 0.f, guard, label, prm,
+                                                  row_sum, top);
+      }
+    };
+    // Only a peaked fp32 row of a whole-row launch tallies; every other row (half gradients,
+    // slices, the rest of the rows) runs the plain sweep. Uniform over the block (one row).
     if constexpr (DT == kFloat32) {
-      // Uniform over the block (one row); block_sum2's barrier orders every thread's stores
-      // before the argmax entry is overwritten.
       if (zero_sum_row(args.whole_row != 0, vocab, sa.offset)) {
+        sweep(std::true_type{});
+        // block_sum2's barrier orders every thread's stores before the argmax entry is
+        // overwritten; the guard too, which a row of one entry has nowhere else.
         block_sum2(row_sum, top, sum_scratch);
-        // The guard too, which a row of one entry has nowhere else.
         if (threadIdx.x == 0 && top > 0.f) rg[static_cast<int64_t>(top) - 1] = guard - row_sum;
+        continue;
       }
     }
+    sweep(std::false_type{});
   }
 }
 

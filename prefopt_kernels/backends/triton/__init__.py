@@ -113,6 +113,7 @@ def slice_backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowS
 def _backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
               grad_logp, grad_entropy, grad_div, grad_out, v0: int, whole_row: bool) -> None:
     from .kernels import token_backward_kernel
+    from .kernels.backward import ZERO_SUM_MAX_VOCAB
 
     batches, tokens, vocab = logits.shape
     n = batches * tokens
@@ -135,7 +136,7 @@ def _backward(logits, labels, ref_logits, weight, spec: OpSpec, stats: RowStats,
         GRAD_LOGP=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
         DIVERGENCE=spec.divergence if has_div else 0,
         BLOCK_V=block_v, ALIGN=row_alignment(block_v, logits, ref, grad_out), num_warps=num_warps,
-        ZERO_SUM=whole_row and grad_out.dtype == torch.float32,
+        ZERO_SUM=whole_row and grad_out.dtype == torch.float32 and vocab < ZERO_SUM_MAX_VOCAB,
     )
 
 

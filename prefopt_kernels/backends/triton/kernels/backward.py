@@ -24,6 +24,9 @@ from .row_math import (
 # log_norm below this: p_k = exp(-log_norm) > 0.5016. Tied maxima each add exactly 1 to the row's
 # sum of exponentials, so log_norm >= fl(ln 2) = 0.6931...: below the bound the maximum is unique.
 PEAKED_LOG_NORM = tl.constexpr(0.69)
+# Rows this wide or wider are not rewritten, as in the native kernels (zero_sum_row), whose float
+# sum of column + 1 is exact only below it.
+ZERO_SUM_MAX_VOCAB = 1 << 24
 
 
 @triton.jit
